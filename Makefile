@@ -1,0 +1,61 @@
+# vta-sam: `make demo` sets everything up and runs the pipeline on the bundled synthetic set;
+# `make test` runs the tests. Both work on a fresh machine (Python 3.11, Debian).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: help setup demo features weights verify test test-slow lint bench clean
+
+help:
+	@echo "make demo       set up, then run stage one on the bundled synthetic demo set"
+	@echo "make test       fast CPU tests (slow ones: make test-slow)"
+	@echo "make features   stage one (ARGS='--csv ... --videos ... --out ... --preset paper')"
+	@echo "make weights    fetch real checkpoints into weights/ (needs network access to the model hub)"
+	@echo "make verify     check the demo shards against their schema"
+	@echo "make lint       ruff + mypy"
+	@echo "make bench      CPU benchmarks -> benchmarks/RESULTS.md"
+
+$(STAMP): requirements.txt setup.cfg pyproject.toml
+	@command -v ffmpeg >/dev/null || { echo "installing Debian's ffmpeg"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null) \
+		|| echo "warning: could not install ffmpeg (needed by the tests' media generator and vta-sam generate)"; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: features verify
+
+data/demo/vggsound.csv: | $(STAMP)
+	$(PY) -m preprocess.demo --out data/demo
+
+features: $(STAMP) $(if $(ARGS),,data/demo/vggsound.csv)
+	$(PY) -m preprocess $(ARGS)
+
+verify: $(STAMP)
+	$(PY) -m shards verify data/shards/demo
+
+weights: $(STAMP)
+	$(PY) -m preprocess.weights fetch --out weights
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy preprocess shards
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.features_cpu
+	$(PY) -m benchmarks.audio_decode
+
+clean:
+	rm -rf data/shards/demo runs/demo

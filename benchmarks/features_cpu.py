@@ -1,0 +1,72 @@
+"""Stage-one throughput on the demo set: end to end vs the encoders alone on pre-decoded clips.
+
+`python -m benchmarks.features_cpu [--preset tiny] [--clips 30] [--no-write]` prints both numbers and their
+ratio (what decoding, I/O and shard writing cost) and records them in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.results import machine_name, write_section
+from preprocess import manifest
+from preprocess.config import PRESETS
+from preprocess.demo import make_demo_set
+from preprocess.nouns import NounCache
+from preprocess.pipeline import DecodeDataset, Encoders, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--clips", type=int, default=30, help="demo clips to generate and process")
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--no-write", dest="write", action="store_false", help="do not record the result in benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    cfg = PRESETS[args.preset].replace(num_workers=args.num_workers, random_init=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_demo_set(root / "demo", n_train=args.clips, n_test=0)
+        clips = manifest.from_vggsound_csv(root / "demo" / "vggsound.csv", root / "demo" / "videos")
+        from preprocess.encoders import resolve_device
+
+        encoders = Encoders(cfg, None, resolve_device(cfg))
+        summary = run(cfg, clips, root / "warmup", None, progress=False, encoders=encoders)  # warm-up (first-call costs)
+        summary = run(cfg, clips, root / "shards", None, progress=False, encoders=encoders)
+        end_to_end = summary.written / summary.wall_seconds
+
+        dataset = DecodeDataset(clips, cfg)
+        decode_start = time.perf_counter()
+        decoded = [dataset[i] for i in range(len(dataset))]
+        decode_seconds = time.perf_counter() - decode_start
+        decoded = [d for d in decoded if "error" not in d]
+        nouns_of = NounCache(cfg.tagger, cfg.max_nouns)
+        start = time.perf_counter()
+        for i in range(0, len(decoded), cfg.batch_clips):
+            batch = decoded[i : i + cfg.batch_clips]
+            encoders.encode(batch, [nouns_of(d["clip"].caption) for d in batch])
+        encoders_only = len(decoded) / (time.perf_counter() - start)
+
+    lines = [
+        f"- machine: {machine_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; preset `{args.preset}` "
+        f"(random init), {len(clips)} demo clips, {args.num_workers} decoding worker(s)",
+        f"- end to end (decode + encoders + shard write): **{end_to_end:.2f} clips/s** ({summary.written} written)",
+        f"- encoders alone on pre-decoded clips: **{encoders_only:.2f} clips/s**",
+        f"- ratio end-to-end / encoders-alone: **{end_to_end / encoders_only:.2f}**",
+        f"- decoding alone, one process: {len(dataset) / decode_seconds:.2f} clips/s",
+    ]
+    print("\n".join(lines))
+    if args.write:
+        write_section(f"Stage one on the CPU ({args.preset})", "\n".join(lines) + f"\n- python {platform.python_version()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""Ground-truth embeddings, computed once per protocol and kept in an HDF5 file keyed by clip id.
+
+Layout: attribute `protocol` (JSON: embedding sample rate, duration, both front ends and widths, both checkpoint
+ids) plus readable copies (`sample_rate`, `duration`, `cnn14_checkpoint`, `vggish_checkpoint`); one group per clip
+under `clips/` with datasets `cnn14_embedding` (D,), `cnn14_probs` (527,), `vggish` (n_patches, 128) and the
+attributes `id` and `complete`. A file whose protocol differs from the requested one is rebuilt.
+
+Crash safety: new clips are written into `<path>.partial` (flushed after every clip; `complete` is set after the
+clip's datasets, so a clip cut short by a crash is dropped on the next run, and a partial file that no longer
+opens is discarded); when every requested clip is there the partial file is renamed over `<path>` (atomic), so
+`<path>` is always a whole file. Run the same command again to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import h5py
+import numpy as np
+
+from eval.embed import ClipEmbedding, embed_clips
+from eval.panns import Cnn14
+from eval.vggish import VGGish
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+DATASETS = ("cnn14_embedding", "cnn14_probs", "vggish")
+
+
+def cache_protocol(cnn14: Cnn14, vggish: VGGish, duration: float | None) -> dict[str, Any]:
+    """Everything a cached embedding depends on: cut/pad duration, embedding rate, front ends, checkpoints."""
+    return {"cache_version": CACHE_VERSION, "sample_rate": cnn14.config.sample_rate, "duration": duration,
+            "cnn14": cnn14.protocol(), "vggish": vggish.protocol()}
+
+
+def _encode(protocol: dict[str, Any]) -> str:
+    return json.dumps(protocol, sort_keys=True)
+
+
+def _group_name(clip_id: str) -> str:
+    return "id=" + quote(clip_id, safe="")  # '/' would nest groups; the prefix keeps '.' and '' valid names
+
+
+def _stored_protocol(handle: h5py.File) -> str | None:
+    value = handle.attrs.get("protocol")
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _write_header(handle: h5py.File, protocol: dict[str, Any]) -> None:
+    handle.attrs["protocol"] = _encode(protocol)
+    handle.attrs["sample_rate"] = protocol["sample_rate"]
+    handle.attrs["duration"] = math.nan if protocol["duration"] is None else protocol["duration"]
+    handle.attrs["cnn14_checkpoint"] = protocol["cnn14"]["checkpoint"]
+    handle.attrs["vggish_checkpoint"] = protocol["vggish"]["checkpoint"]
+    handle.require_group("clips")
+
+
+def _write_clip(handle: h5py.File, clip_id: str, clip: ClipEmbedding) -> None:
+    name = _group_name(clip_id)
+    clips = handle["clips"]
+    if name in clips:
+        del clips[name]
+    group = clips.create_group(name)
+    group.attrs["id"] = clip_id
+    for key in DATASETS:
+        group.create_dataset(key, data=np.asarray(getattr(clip, key), dtype=np.float32))
+    group.attrs["complete"] = True  # last: a clip without it was cut short and is not trusted
+    handle.flush()
+
+
+def _read_clips(handle: h5py.File) -> dict[str, ClipEmbedding]:
+    out = {}
+    for group in handle["clips"].values():
+        if group.attrs.get("complete", False) and all(key in group for key in DATASETS):
+            out[str(group.attrs["id"])] = ClipEmbedding(**{key: group[key][()] for key in DATASETS})
+    return out
+
+
+def read_cache(path: str | Path, protocol: dict[str, Any] | None = None) -> dict[str, ClipEmbedding]:
+    """All complete clips of a cache file; with `protocol`, raise if the file was built for another one."""
+    with h5py.File(path, "r") as handle:
+        if protocol is not None and _stored_protocol(handle) != _encode(protocol):
+            raise ValueError(f"{path}: embeddings were computed under another protocol (front end, duration "
+                             f"or checkpoint); delete it or run ground_truth_embeddings to rebuild")
+        return _read_clips(handle)
+
+
+def _matching_clips(path: Path, protocol: dict[str, Any]) -> dict[str, ClipEmbedding] | None:
+    """The complete clips of `path` when it exists, opens and matches `protocol`; None otherwise."""
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as handle:
+            if _stored_protocol(handle) != _encode(protocol):
+                log.info("%s: protocol or checkpoints changed, rebuilding the cache", path)
+                return None
+            return _read_clips(handle)
+    except (OSError, KeyError) as error:  # a file cut short by a crash no longer opens
+        log.warning("%s: unreadable (%s), discarding it", path, error)
+        return None
+
+
+def ground_truth_embeddings(
+    path: str | Path,
+    ids: Iterable[str],
+    load_audio: Callable[[str], np.ndarray],
+    cnn14: Cnn14,
+    vggish: VGGish,
+    sample_rate: int,
+    duration: float | None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, ClipEmbedding]:
+    """Embeddings of the reference clips `ids`, from the cache at `path` where present and computed otherwise.
+
+    `load_audio(id)` returns the clip's waveform at `sample_rate`; it is called only for clips not yet cached.
+    Returns {id: ClipEmbedding} for the requested ids; clips cached earlier for other ids are kept in the file.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    protocol = cache_protocol(cnn14, vggish, duration)
+    wanted = list(dict.fromkeys(ids))
+    finished = _matching_clips(path, protocol) or {}
+    if all(clip_id in finished for clip_id in wanted):
+        return {clip_id: finished[clip_id] for clip_id in wanted}
+
+    resumed = _matching_clips(partial, protocol)
+    if resumed is None and partial.exists():
+        partial.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(partial, "a") as handle:
+        if resumed is None:
+            _write_header(handle, protocol)
+            resumed = {}
+        for name in [n for n, g in handle["clips"].items() if not g.attrs.get("complete", False)]:
+            del handle["clips"][name]  # cut short by a crash
+        for clip_id, clip in finished.items():  # carry over what the whole file already had
+            if clip_id not in resumed:
+                _write_clip(handle, clip_id, clip)
+                resumed[clip_id] = clip
+        todo = [clip_id for clip_id in wanted if clip_id not in resumed]
+        if resumed:
+            log.info("%s: %d clips cached, %d to embed", path, len(resumed), len(todo))
+        clips = ((clip_id, load_audio(clip_id)) for clip_id in todo)
+        for clip_id, clip in embed_clips(clips, cnn14, vggish, sample_rate, duration, batch_size, len(todo), progress):
+            _write_clip(handle, clip_id, clip)
+            resumed[clip_id] = clip
+    os.replace(partial, path)
+    return {clip_id: resumed[clip_id] for clip_id in wanted}

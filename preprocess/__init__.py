@@ -1,0 +1,1 @@
+"""Stage one of VTA-SAM: videos -> per-frame CLIP, Grounding-DINO/SAM and AudioLDM-VAE features in shards."""

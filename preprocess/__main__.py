@@ -1,0 +1,106 @@
+"""`python -m preprocess` (`make features`, `vta-sam features`): videos -> WebDataset feature shards."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from preprocess.config import PRESETS, add_config_arguments, config_from_args
+
+DEMO_CSV = Path("data/demo/vggsound.csv")
+DEMO_VIDEOS = Path("data/demo/videos")
+DEMO_OUT = Path("data/shards/demo")
+
+
+def distributed_rank(args: argparse.Namespace) -> tuple[int, int]:
+    """--rank/--world-size, else torchrun/accelerate (RANK, WORLD_SIZE), else SLURM (array or tasks)."""
+    if args.rank is not None or args.world_size is not None:
+        return args.rank or 0, args.world_size or 1
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        offset = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - offset, int(env["SLURM_ARRAY_TASK_COUNT"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    return 0, 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m preprocess",
+        description="Stage one of VTA-SAM: decode videos and write per-frame CLIP, Grounding-DINO/SAM and "
+        "AudioLDM-VAE features to WebDataset shards. With no input arguments it processes the bundled demo set.",
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="named configuration (default: tiny)")
+    source = parser.add_argument_group("input (a VGGSound CSV + video folder, or a folder of videos)")
+    source.add_argument("--csv", type=Path, help="VGGSound-style CSV: youtube_id,start_seconds,label,split")
+    source.add_argument("--videos", type=Path, help="video folder")
+    source.add_argument("--captions", type=Path, help="without --csv: captions for the folder's videos (JSON or CSV name,caption)")
+    source.add_argument("--split", default="train", help="without --csv: split name given to the folder's videos")
+    parser.add_argument("--out", type=Path, help=f"output folder for shards, meta.json, failures.jsonl (default {DEMO_OUT})")
+    parser.add_argument("--weights", type=Path, default=Path("weights"), help="weights folder (see README); unused with --random-init")
+    parser.add_argument("--rank", type=int, help="this process's rank (default: RANK / SLURM variables, else 0)")
+    parser.add_argument("--world-size", type=int, help="number of processes sharing the manifest")
+    parser.add_argument("--limit", type=int, help="process at most this many clips of the manifest (first by id)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and the work to do, then stop")
+    add_config_arguments(parser, PRESETS["tiny"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from preprocess import manifest
+
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if args.csv is None and args.videos is None:
+        args.csv, args.videos = DEMO_CSV, DEMO_VIDEOS
+        if not DEMO_CSV.exists():
+            print(f"error: {DEMO_CSV} not found: run `make features` (or `python -m preprocess.demo --out data/demo`) first", file=sys.stderr)
+            return 2
+    out_dir = args.out or DEMO_OUT
+    rank, world_size = distributed_rank(args)
+    try:
+        if args.csv is not None:
+            if args.videos is None:
+                raise manifest.ManifestError("--csv needs --videos (the folder holding the clips)")
+            clips = manifest.from_vggsound_csv(args.csv, args.videos)
+        else:
+            clips = manifest.from_folder(args.videos, args.captions, args.split)
+    except manifest.ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    clips, duplicates = manifest.dedupe(clips)
+    if args.limit is not None:
+        clips = sorted(clips, key=lambda c: c.id)[: args.limit]
+    if args.dry_run:
+        print(json.dumps({"config": dataclasses.asdict(cfg), "spec": cfg.shard_spec().to_dict(), "clips": len(clips),
+                          "duplicate_rows_dropped": duplicates, "out": str(out_dir), "rank": rank, "world_size": world_size}, indent=2))
+        return 0
+
+    from preprocess.nouns import TaggerUnavailableError
+    from preprocess.pipeline import FeatureError, print_summary, run
+
+    # SLURM and friends stop jobs with SIGTERM: turn it into an exception so the shard in progress is closed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    weights_dir = None if cfg.random_init else args.weights
+    try:
+        summary = run(cfg, clips, out_dir, weights_dir, rank, world_size, progress=not args.no_progress)
+    except (FeatureError, TaggerUnavailableError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if duplicates:
+        print(f"note: {duplicates} repeated manifest rows were ignored")
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

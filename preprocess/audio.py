@@ -1,0 +1,357 @@
+"""Audio decoding and AudioLDM's audio front end (stage one).
+
+Decoding: `decode_audio` returns the 16 kHz mono waveform of a window [start, start + duration) of a clip, with
+PyAV (default) or decord. With PyAV, mono is the plain average of all channels, also for 5.1 (FFmpeg's own
+downmix, which decord applies, weights the channels and drops the LFE). benchmarks/RESULTS.md compares the two.
+
+Front end: `audioldm_waveform` + `MelFrontEnd` reproduce the input of the AudioLDM VAE, i.e. AudioLDM's
+`audio/tools.py` (read_wav_file, wav_to_fbank, _pad_spec) and `audio/stft.py` (TacotronSTFT):
+16 kHz mono, normalised, cut or zero-padded to 10.24 s = 163840 samples; STFT n_fft 1024, hop 160, periodic Hann
+window of 1024, centred with reflect padding; magnitude (not power); 64 Slaney mel bins over 0-8000 Hz;
+log(clamp(mel, min=1e-5)); 1024 frames -> log mel (1024, 64).
+Deliberate deviations from AudioLDM: we downmix all channels (AudioLDM keeps the first one), and a silent clip
+(peak under 1e-6 after mean removal) gives zeros (AudioLDM divides by a zero peak and gives NaN).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import librosa
+import numpy as np
+import soxr  # librosa's resampler, installed with it
+import torch
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+AUDIOLDM_NUM_SAMPLES = 163840  # 10.24 s at 16 kHz = 1024 frames of hop 160
+BACKENDS = ("pyav", "decord")
+
+# PyAV seeks this much before `start` and decodes forward: AAC (MDCT overlap) and Opus (80 ms pre-roll) need
+# the preceding packets to decode the first samples of the window correctly.
+_PREROLL_SECONDS = 0.5
+# Frame timestamps that disagree with the running sample count by less than this are rounding (WebM stores
+# milliseconds, i.e. +-8 samples at 16 kHz); more than this is a gap (a lost packet) or an overlap.
+_JITTER_SECONDS = 0.010
+# Context decoded and resampled past each end of the window, so the resampler's filter sees real signal there.
+_CONTEXT_SECONDS = 0.02
+# Below this peak (-120 dBFS, under one 16-bit step) a mean-removed clip is silence, not a signal to normalise.
+_SILENCE = 1e-6
+
+
+class AudioDecodeError(Exception):
+    """A file whose audio cannot be decoded; the message is one line naming the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: object) -> None:
+        # FFmpeg's errors carry errno and the path again: keep only the reason, on one line.
+        text = getattr(reason, "strerror", None) or str(reason)
+        reason_text = " ".join(text.split()) or type(reason).__name__
+        super().__init__(f"{path}: cannot decode audio ({reason_text})")
+        self.path = str(path)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def audio_stream_info(path: str | Path) -> dict[str, Any] | None:
+    """Sample rate, channels, layout, codec, start and duration (s) of the first audio stream; None without one.
+
+    Durations come from the container header (None when it does not say); nothing is decoded.
+    """
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as error:
+        raise AudioDecodeError(path, error) from None
+    with container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        time_base = stream.time_base or Fraction(1, 1)
+        duration = None
+        if stream.duration is not None:
+            duration = float(stream.duration * time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        return {
+            "sample_rate": stream.codec_context.sample_rate,
+            "channels": stream.codec_context.channels,
+            "layout": stream.codec_context.layout.name,
+            "codec": stream.codec_context.codec.canonical_name,  # "mp3", not the decoder "mp3float"
+            "start": None if stream.start_time is None else float(stream.start_time * time_base),
+            "duration": duration,
+        }
+
+
+def decode_audio(
+    path: str | Path, start: float, duration: float, sample_rate: int = SAMPLE_RATE, backend: str = "pyav"
+) -> np.ndarray | None:
+    """Float32 mono waveform of [start, start + duration) seconds of `path`, resampled to `sample_rate`.
+
+    Times are the audio stream's presentation timestamps (what PyAV's `frame.time` gives for video frames too,
+    so the two line up). Mono is the average of all channels (backend "pyav"). The result is shorter than
+    round(duration * sample_rate) when the file ends earlier, and empty when it ends before `start`; it is never
+    padded at the end here. Returns None when the file has no audio stream; raises AudioDecodeError when the file
+    cannot be opened or no audio at all can be decoded from it.
+
+    backend "pyav": seeks to start - 0.5 s, decodes forward at the stream's own rate, places every frame by its
+    timestamp, averages the channels and resamples the window once (soxr HQ), so the cut is sample-accurate
+    (Opus in WebM: +1 ms after a seek, its timestamps are rounded to ms twice); an audio stream that begins
+    after `start` is preceded by zeros (keeps A/V sync; FFmpeg starts LAME mp3 at 25 ms); corrupt packets are
+    skipped (their time becomes zeros); a truncated file gives what precedes the damage.
+    backend "decord": decodes the whole stream with decord's mono=True, i.e. FFmpeg's downmix (5.1: front
+    0.71, centre 1, LFE 0, surround 0.5; stereo: the average, but 0.71 each for a WAV without a channel mask),
+    resamples with its own resampler (whose timing jitters by a fraction of a sample to a few samples), and
+    slices by index from the first decoded sample, which ignores timestamps: its cut is ~18 samples late (the
+    resampler's delay) and, for Opus, 104 more (the pre-skip is not dropped). See benchmarks/RESULTS.md.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if start < 0 or duration <= 0 or sample_rate <= 0:
+        raise ValueError(f"need start >= 0, duration > 0, sample_rate > 0; got {start}, {duration}, {sample_rate}")
+    if backend == "decord":
+        first = round(start * sample_rate)
+        return _decode_decord(path, first, first + round(duration * sample_rate), sample_rate)
+    return _decode_pyav(path, start, duration, sample_rate)
+
+
+def _decode_pyav(path: str | Path, start: float, duration: float, sample_rate: int) -> np.ndarray | None:
+    seek_seconds = start - _PREROLL_SECONDS
+    timeline = _pyav_read(path, seek_seconds, start + duration)
+    if timeline is None:
+        return None
+    if seek_seconds > 0 and (timeline.origin is None or timeline.origin > round(start * timeline.rate)):
+        # Nothing after the seek (the window starts after the end?) or the seek landed after the window's start
+        # (a coarse or broken index): decode from the beginning instead.
+        timeline = _pyav_read(path, 0.0, start + duration)
+        assert timeline is not None  # same file; without a seek, no audio raises
+    return timeline.cut(start, duration, sample_rate)
+
+
+def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float) -> _Timeline | None:
+    """Decode the first audio stream at its own rate from `seek_seconds` to a little past `stop_seconds`.
+
+    None without an audio stream; the timeline's origin is None when a seek found nothing to decode after it.
+    """
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as error:
+        raise AudioDecodeError(path, error) from None
+    with container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        timeline = _Timeline(stream.time_base)
+        if seek_seconds > 0 and stream.time_base is not None:
+            try:
+                container.seek(int(seek_seconds / stream.time_base), stream=stream)
+            except av.FFmpegError:  # unseekable: an empty timeline makes the caller decode from the beginning
+                return timeline
+        # Only converts the sample format to float planar (AAC and Opus decode to it already: a passthrough).
+        # Channels are averaged by us (FFmpeg's 'mono' downmix is weighted) and the rate changed once at the end:
+        # FFmpeg's resampler costs a filter-graph call per frame, which made decoding 3x slower.
+        to_float = av.AudioResampler(format="fltp")
+        bad_packets = 0
+        try:
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.FFmpegError:  # a corrupt packet: skip it, keep going
+                    bad_packets += 1
+                    continue
+                for frame in frames:
+                    for converted in to_float.resample(frame):
+                        timeline.add(converted)
+                if timeline.cursor is not None and timeline.cursor >= (stop_seconds + _CONTEXT_SECONDS) * timeline.rate:
+                    break
+        except (av.FFmpegError, ValueError) as error:  # a truncated file, or a format change mid-stream
+            if timeline.cursor is None:
+                raise AudioDecodeError(path, error) from None
+            logger.warning("%s: audio ends early at %.2f s (%s)", path, timeline.cursor / timeline.rate, error)
+        if timeline.cursor is None and (seek_seconds <= 0 or bad_packets):
+            raise AudioDecodeError(path, f"{bad_packets} corrupt packets" if bad_packets else "no audio frames")
+        if bad_packets:
+            logger.warning("%s: skipped %d corrupt audio packets", path, bad_packets)
+        return timeline
+
+
+class _Timeline:
+    """Mono samples at the stream's own rate, placed by frame timestamps: rounding is ignored, gaps become zeros.
+
+    The j-th sample added is at absolute sample index origin + j, i.e. at time (origin + j) / rate.
+    """
+
+    def __init__(self, time_base: Fraction | None) -> None:
+        self.time_base = time_base
+        self.rate = 0
+        self.origin: int | None = None
+        self.cursor: int | None = None  # absolute index of the next sample
+        self._pieces: list[np.ndarray] = []
+
+    def add(self, frame: av.AudioFrame) -> None:
+        if self.cursor is None:
+            self.rate = frame.sample_rate
+        elif frame.sample_rate != self.rate:
+            raise ValueError(f"sample rate changes from {self.rate} to {frame.sample_rate} Hz")
+        # fltp: one float32 buffer per channel; their average without to_ndarray's vstack (a third of the time)
+        planes = frame.planes
+        mono = np.frombuffer(memoryview(planes[0]), dtype=np.float32, count=frame.samples).copy()
+        for plane in planes[1:]:
+            mono += np.frombuffer(memoryview(plane), dtype=np.float32, count=frame.samples)
+        if len(planes) > 1:
+            mono /= len(planes)
+        position = self.cursor
+        if frame.pts is not None and self.time_base is not None:  # integer maths: Fractions cost ~10 us a frame
+            position = round(frame.pts * self.time_base.numerator * self.rate / self.time_base.denominator)
+        if self.cursor is None:
+            self.origin = self.cursor = position or 0
+        elif position is not None and abs(position - self.cursor) > _JITTER_SECONDS * self.rate:
+            if position > self.cursor:  # a gap (lost packets): silence keeps what follows at its time
+                self._pieces.append(np.zeros(position - self.cursor, dtype=np.float32))
+                self.cursor = position
+            else:  # an overlap: keep what we have
+                mono = mono[self.cursor - position :]
+        self._pieces.append(mono)
+        self.cursor += len(mono)
+
+    def cut(self, start: float, duration: float, sample_rate: int) -> np.ndarray:
+        """The window [start, start + duration) at `sample_rate`: zeros before the origin, short after the end.
+
+        Resamples once with soxr (HQ), with >= 20 ms of context on both sides. The context is a whole number of
+        blocks of rate/g input = sample_rate/g output samples (g = gcd), so output sample 0 is exactly at the
+        input sample round(start * rate).
+        """
+        assert self.origin is not None and self.cursor is not None
+        rate, samples = self.rate, np.concatenate(self._pieces) if self._pieces else np.zeros(0, np.float32)
+        g = math.gcd(rate, sample_rate)
+        blocks = math.ceil(_CONTEXT_SECONDS * sample_rate / (sample_rate // g))
+        pad_in, pad_out = blocks * (rate // g), blocks * (sample_rate // g)
+        first_in = round(start * rate)
+        length = min(round(duration * sample_rate), (self.cursor - first_in) * sample_rate // rate)
+        if length <= 0:
+            return np.zeros(0, dtype=np.float32)
+        lo, hi = first_in - pad_in, min(self.cursor, first_in + math.ceil(length * rate / sample_rate) + pad_in)
+        segment = np.zeros(hi - lo, dtype=np.float32)
+        src_lo, src_hi = max(lo, self.origin), min(hi, self.cursor)
+        if src_hi > src_lo:
+            segment[src_lo - lo : src_hi - lo] = samples[src_lo - self.origin : src_hi - self.origin]
+        if rate == sample_rate:
+            return segment[pad_in : pad_in + length]
+        resampled = soxr.resample(segment, rate, sample_rate, quality="HQ")  # aligned: output 0 at input 0
+        return np.ascontiguousarray(resampled[pad_out : pad_out + length], dtype=np.float32)
+
+
+def _decode_decord(path: str | Path, first: int, stop: int, sample_rate: int) -> np.ndarray | None:
+    import decord
+
+    try:
+        # mono=True is FFmpeg's weighted downmix, not our average; mono=False is broken in decord 0.6.0 for more
+        # than one channel (channels come out shifted against each other, 5.1 holds NaN and garbage).
+        reader = decord.AudioReader(str(path), ctx=decord.cpu(0), sample_rate=sample_rate, mono=True)
+    except decord.DECORDError as error:
+        if "Can't find audio stream" in str(error):
+            return None
+        # decord says "[time] source.cc:line: ERROR opening: <path>, <reason>": keep the reason
+        reason = str(error).split(": ", 1)[-1].replace(f"ERROR opening: {path}, ", "")
+        raise AudioDecodeError(path, reason) from None
+    # reader._array is the decoded (1, samples) float32 array; the public reader[a:b] builds a Python list of
+    # indices and takes longer than the decoding itself (17 ms of 28 ms for 10 s).
+    return np.array(reader._array[0, first:stop], dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------- AudioLDM front end
+def audioldm_waveform(waveform: np.ndarray, num_samples: int = AUDIOLDM_NUM_SAMPLES) -> np.ndarray:
+    """AudioLDM's read_wav_file normalisation of a mono waveform, as float32 (num_samples,).
+
+    x = (x - mean(x)) / (max|x - mean(x)| + 1e-8) * 0.5   (normalize_wav, on the whole clip)
+    x = x[:num_samples], zero-padded to num_samples      (pad_wav)
+    x = x / max|x| * 0.5                                  (read_wav_file)
+    Deviation: AudioLDM gives NaN for a silent clip (0 / 0), and blows the float rounding left by the mean
+    removal of a constant clip up to a +-0.5 signal; we return zeros for any clip that is silent after the mean
+    removal (peak below 1e-6, i.e. -120 dBFS, under one 16-bit step), or empty (AudioLDM asserts > 100 samples).
+    """
+    x = np.asarray(waveform, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"expected a mono waveform (samples,), got shape {x.shape}")
+    out = np.zeros(num_samples, dtype=np.float64)
+    centred = x - x.mean() if x.size else x
+    kept = centred[:num_samples]
+    if kept.size == 0 or np.abs(kept).max() < _SILENCE:  # silent (at least until the cut): AudioLDM's NaN
+        return out.astype(np.float32)
+    out[: kept.size] = kept / (np.abs(centred).max() + 1e-8) * 0.5
+    return (out / np.abs(out).max() * 0.5).astype(np.float32)
+
+
+class MelFrontEnd(torch.nn.Module):
+    """AudioLDM's TacotronSTFT.mel_spectrogram + wav_to_fbank: waveform (B, samples) -> log mel (B, frames, n_mels).
+
+    |STFT| with a periodic Hann window, centred with reflect padding (torch.stft equals TacotronSTFT's conv1d
+    Fourier basis up to float rounding); mel = Slaney filters (librosa, htk=False, norm='slaney') @ |STFT|;
+    log(clamp(mel, 1e-5)). The waveform is clipped to [-1, 1] first (get_mel_from_wav). Time axis cut to
+    `frames`, or padded with ZEROS after the log like AudioLDM's _pad_spec (ZeroPad2d). With AudioLDM's
+    163840-sample input there are 1025 frames and the padding never happens.
+    """
+
+    mel_basis: torch.Tensor  # buffers, declared for type checkers
+    window: torch.Tensor
+
+    def __init__(
+        self,
+        sample_rate: int = SAMPLE_RATE,
+        n_fft: int = 1024,
+        hop: int = 160,
+        win: int = 1024,
+        n_mels: int = 64,
+        fmin: float = 0.0,
+        fmax: float = 8000.0,
+        frames: int = 1024,
+    ) -> None:
+        super().__init__()
+        if win > n_fft:
+            raise ValueError(f"window {win} longer than n_fft {n_fft}")
+        self.sample_rate, self.n_fft, self.hop, self.win = sample_rate, n_fft, hop, win
+        self.n_mels, self.frames = n_mels, frames
+        mel = librosa.filters.mel(
+            sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=False, norm="slaney"
+        )
+        self.register_buffer("mel_basis", torch.from_numpy(mel).float())  # (n_mels, n_fft // 2 + 1)
+        self.register_buffer("window", torch.hann_window(win, periodic=True), persistent=False)
+
+    @property
+    def num_samples(self) -> int:
+        """Waveform length that gives exactly `frames` frames after the cut (AudioLDM: 1024 * 160)."""
+        return self.frames * self.hop
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        if waveform.ndim != 2:
+            raise ValueError(f"expected a batch of waveforms (B, samples), got shape {tuple(waveform.shape)}")
+        x = waveform.float().clamp(-1.0, 1.0)
+        spec = torch.stft(
+            x, self.n_fft, hop_length=self.hop, win_length=self.win, window=self.window,
+            center=True, pad_mode="reflect", normalized=False, onesided=True, return_complex=True,
+        ).abs()  # (B, n_fft // 2 + 1, T)
+        mel = torch.log(torch.clamp(self.mel_basis @ spec, min=1e-5)).transpose(1, 2)  # (B, T, n_mels)
+        missing = self.frames - mel.shape[1]
+        if missing > 0:
+            mel = torch.nn.functional.pad(mel, (0, 0, 0, missing))  # zeros after the log, as AudioLDM
+        return mel[:, : self.frames]
+
+
+@functools.lru_cache(maxsize=1)
+def _default_front_end() -> MelFrontEnd:
+    return MelFrontEnd().eval()
+
+
+def log_mel(waveform: np.ndarray, front_end: MelFrontEnd | None = None) -> np.ndarray:
+    """One clip: audioldm_waveform then MelFrontEnd -> float32 log mel (frames, n_mels), (1024, 64) by default."""
+    front_end = front_end if front_end is not None else _default_front_end()
+    x = audioldm_waveform(waveform, front_end.num_samples)
+    device = front_end.mel_basis.device
+    with torch.inference_mode():
+        mel = front_end(torch.from_numpy(x).to(device)[None])
+    return mel[0].float().cpu().numpy()
+

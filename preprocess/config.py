@@ -1,0 +1,143 @@
+"""Stage-one configuration: one frozen dataclass and named presets.
+
+`tiny` builds every model from a small config with random weights (tests, the demo, CI);
+`paper` is the published setup (CLIP ViT-L/14 at 4 fps, Grounding DINO Swin-T, SAM ViT-B,
+the AudioLDM VAE), loaded from a local weights folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shards import ShardSpec
+
+MEL_FRAMES = 1024  # AudioLDM front end: 10.24 s at hop 160 -> 1024 mel frames
+MEL_BINS = 64
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Everything stage one needs to know; every run writes it (resolved) into meta.json."""
+
+    preset: str = field(default="tiny", metadata={"help": "name of the preset this config started from"})
+    # --- time grid -------------------------------------------------------------------------
+    window_seconds: float = field(default=10.24, metadata={"help": "length of the window read from each clip's start"})
+    fps: float = field(default=2.0, metadata={"help": "visual frames per second sampled over the window"})
+    sample_rate: int = field(default=16000, metadata={"help": "audio sample rate (AudioLDM: 16 kHz)"})
+    # --- decoding --------------------------------------------------------------------------
+    frame_short_side: int = field(default=96, metadata={"help": "decoded frames are downscaled so their short side is at most this"})
+    audio_backend: Literal["pyav", "decord"] = field(default="pyav", metadata={"help": "audio decoder (see benchmarks/RESULTS.md)"})
+    num_workers: int = field(default=1, metadata={"help": "DataLoader worker processes that decode clips"})
+    # --- models ----------------------------------------------------------------------------
+    random_init: bool = field(default=True, metadata={"help": "build every model from its config with random weights (no weights folder)"})
+    seed: int = field(default=0, metadata={"help": "seed for random-init weights"})
+    clip_model: str = field(default="vta-tiny-clip", metadata={"help": "open_clip model name"})
+    clip_checkpoint: str = field(default="clip/open_clip_model.safetensors", metadata={"help": "open_clip checkpoint, relative to the weights folder"})
+    embed_dim: int = field(default=32, metadata={"help": "CLIP joint embedding size (ViT-L/14: 768)"})
+    tagger: Literal["nltk", "pattern"] = field(default="pattern", metadata={"help": "part-of-speech tagger: nltk (needs its tagger data) or textblob's offline PatternTagger"})
+    max_nouns: int = field(default=4, metadata={"help": "at most this many nouns per caption are grounded"})
+    grounding_dir: str = field(default="grounding-dino", metadata={"help": "Grounding DINO in transformers format, relative to the weights folder"})
+    grounding_short_side: int = field(default=64, metadata={"help": "Grounding DINO input: shortest edge"})
+    grounding_long_side: int = field(default=96, metadata={"help": "Grounding DINO input: longest edge"})
+    use_sam: bool = field(default=True, metadata={"help": "refine grounding probabilities with SAM's predicted IoU"})
+    sam_dir: str = field(default="sam", metadata={"help": "SAM in transformers format, relative to the weights folder"})
+    audioldm_dir: str = field(default="audioldm", metadata={"help": "AudioLDM in diffusers format (vae/, vocoder/), relative to the weights folder"})
+    latent_channels: int = field(default=8, metadata={"help": "AudioLDM VAE latent channels"})
+    vae_downsample: int = field(default=4, metadata={"help": "AudioLDM VAE downsampling factor of the mel"})
+    # --- batching / devices ----------------------------------------------------------------
+    batch_clips: int = field(default=4, metadata={"help": "clips gathered before the encoders run"})
+    frame_batch: int = field(default=64, metadata={"help": "frames per CLIP / Grounding DINO / SAM forward pass"})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda when there), 'cpu' or 'cuda[:N]'"})
+    half: bool = field(default=True, metadata={"help": "float16 inference when on CUDA (ignored on the CPU)"})
+    # --- output ----------------------------------------------------------------------------
+    shard_max_samples: int = field(default=8, metadata={"help": "samples per shard (a killed run loses at most the shard in progress)"})
+
+    def __post_init__(self) -> None:
+        choices = {"audio_backend": ("pyav", "decord"), "tagger": ("nltk", "pattern")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.fps <= 0 or self.window_seconds <= 0:
+            raise ValueError("fps and window_seconds must be positive")
+        if self.max_nouns < 1:
+            raise ValueError("max_nouns must be at least 1")
+
+    @property
+    def num_frames(self) -> int:
+        """Frames per clip; frame i covers [i, i+1) * window_seconds / num_frames."""
+        return max(1, round(self.window_seconds * self.fps))
+
+    @property
+    def num_samples(self) -> int:
+        return round(self.window_seconds * self.sample_rate)
+
+    def frame_times(self) -> list[float]:
+        """Centre of each frame's slot on the window, in seconds from the clip's start."""
+        step = self.window_seconds / self.num_frames
+        return [(i + 0.5) * step for i in range(self.num_frames)]
+
+    def shard_spec(self) -> ShardSpec:
+        return ShardSpec(
+            num_frames=self.num_frames,
+            embed_dim=self.embed_dim,
+            max_nouns=self.max_nouns,
+            latent_channels=self.latent_channels,
+            latent_time=MEL_FRAMES // self.vae_downsample,
+            latent_freq=MEL_BINS // self.vae_downsample,
+            sample_rate=self.sample_rate,
+            window_seconds=self.window_seconds,
+        )
+
+    def replace(self, **changes: Any) -> FeatureConfig:
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, FeatureConfig] = {
+    "tiny": FeatureConfig(),
+    "paper": FeatureConfig(
+        preset="paper",
+        fps=4.0,
+        frame_short_side=800,
+        num_workers=8,
+        random_init=False,
+        clip_model="ViT-L-14-quickgelu",  # OpenAI weights were trained with QuickGELU
+        embed_dim=768,
+        tagger="nltk",
+        max_nouns=8,
+        grounding_short_side=800,
+        grounding_long_side=1333,
+        batch_clips=16,
+        frame_batch=64,
+        shard_max_samples=1000,
+    ),
+}
+assert all(math.isclose(p.window_seconds * p.sample_rate, p.num_samples) for p in PRESETS.values())
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default: FeatureConfig) -> None:
+    """One `--field-name` flag per dataclass field, with the field's help text; unset flags keep the preset."""
+    group = parser.add_argument_group("stage-one configuration (overrides the preset)")
+    for f in dataclasses.fields(FeatureConfig):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(default, f.name)
+        help_text = f"{f.metadata.get('help', '')} (preset default: {value})"
+        if isinstance(value, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=type(value), default=None, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> FeatureConfig:
+    base = PRESETS[args.preset]
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(FeatureConfig)
+        if f.name != "preset" and getattr(args, f.name, None) is not None
+    }
+    return base.replace(**overrides)

@@ -1,0 +1,613 @@
+"""Frozen feature extractors of stage one: CLIP, Grounding DINO (+ SAM), the AudioLDM VAE and vocoder.
+
+Every model comes from one of two places, chosen by `FeatureConfig.random_init`:
+- a small config with random weights seeded by `cfg.seed` (the `tiny` preset: tests, the demo, CI); or
+- a local weights folder laid out as `preprocess.weights.WEIGHTS_LAYOUT` says (the `paper` preset).
+Both go through the same library constructors (open_clip.create_model, transformers/diffusers classes), and
+after loading the sizes are checked against the config, so a wrong checkpoint fails at start-up, not in a shard.
+
+The wrappers are frozen: eval mode forever (`train()` is overridden, as in MMAudio's FeaturesUtils), no gradients,
+and every public method runs under `torch.inference_mode()`. Inputs may live on any device; results are float32
+tensors on the CPU, ready for the shard writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+from transformers import (
+    BertConfig,
+    BertTokenizer,
+    GroundingDinoConfig,
+    GroundingDinoForObjectDetection,
+    GroundingDinoImageProcessor,
+    GroundingDinoProcessor,
+    SamConfig,
+    SamImageProcessor,
+    SamMaskDecoderConfig,
+    SamModel,
+    SamProcessor,
+    SamPromptEncoderConfig,
+    SamVisionConfig,
+    SpeechT5HifiGan,
+    SpeechT5HifiGanConfig,
+    SwinConfig,
+)
+
+from preprocess.config import MEL_BINS, MEL_FRAMES, FeatureConfig
+from preprocess.weights import require_file, require_model_dir, sha256_dir, sha256_file
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_CLIP_CONFIG = ASSETS / "vta-tiny-clip.json"  # registered with open_clip under its stem, "vta-tiny-clip"
+# WordPiece vocab whose special and punctuation ids equal bert-base-uncased's ([CLS]=101, [SEP]=102, '.'=1012,
+# '?'=1029): Grounding DINO hard-codes these ids to split the prompt into phrases (SPECIAL_TOKENS in
+# transformers' modeling_grounding_dino.py). Then a-z, ##a-##z, ##0-9 and some common nouns.
+TINY_BERT_VOCAB = ASSETS / "tiny_bert_vocab.txt"
+GROUNDING_DELIMITERS = ("[CLS]", "[SEP]", ".", "?")
+
+if TINY_CLIP_CONFIG.stem not in open_clip.list_models():
+    open_clip.add_model_config(TINY_CLIP_CONFIG)
+
+
+# ----------------------------------------------------------------------------------- devices
+def resolve_device(cfg: FeatureConfig) -> torch.device:
+    """'auto' -> cuda when available (the process's LOCAL_RANK GPU under torchrun/accelerate), else cpu;
+    anything else is taken as a torch device string."""
+    if cfg.device == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device(cfg.device)
+
+
+def inference_dtype(cfg: FeatureConfig, device: torch.device) -> torch.dtype:
+    """float16 when `cfg.half` and the device is CUDA; float32 otherwise (CPU half is slow and inexact)."""
+    return torch.float16 if cfg.half and device.type == "cuda" else torch.float32
+
+
+def random_init_checksum(cfg: FeatureConfig) -> str:
+    return f"random-init(seed={cfg.seed})"
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Random-init weights depend on the seed only, and the caller's RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """open_clip logs "No pretrained weights loaded" on the root logger for every build; we load weights
+    ourselves right after (or want random ones), so that line only misleads."""
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "No pretrained weights loaded" not in record.getMessage()
+
+    root, drop = logging.getLogger(), _Drop()  # open_clip calls logging.warning(): records of the root logger
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def _weights_dir(cfg: FeatureConfig, weights_dir: Path | None, what: str) -> Path:
+    if weights_dir is None:
+        raise ValueError(f"{what}: random_init is off but no weights folder was given (--weights)")
+    return Path(weights_dir)
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, max(1, size)):
+        yield slice(start, min(n, start + max(1, size)))
+
+
+class FrozenModule(nn.Module):
+    """Base of the feature extractors: always in eval mode, no gradients; `checksum` names the weights."""
+
+    checksum: str
+
+    def freeze(self) -> FrozenModule:
+        self.requires_grad_(False)
+        return super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenModule:
+        # frozen extractors never switch to training behaviour (dropout, drop-path), whatever a caller asks
+        return super().train(False)
+
+
+# ----------------------------------------------------------------------------------- CLIP
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI's original CLIP checkpoints are TorchScript archives (a zip holding constants.pkl)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+
+
+class ClipEncoder(FrozenModule):
+    """open_clip image/text towers; raw projected embeddings (not L2-normalised), one per frame or text."""
+
+    model: Any  # open_clip CLIP or CustomTextCLIP
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, model: nn.Module, tokenizer: Any, preprocess_cfg: dict[str, Any], batch: int,
+                 checksum: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch = batch
+        self.checksum = checksum
+        size = preprocess_cfg["size"]
+        self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        device = next(model.parameters()).device
+        self.register_buffer("mean", torch.tensor(preprocess_cfg["mean"], device=device).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess_cfg["std"], device=device).view(1, 3, 1, 1),
+                             persistent=False)
+        # open_clip evaluates 'random' interpolation as bicubic (transform.py, image_transform)
+        bilinear = preprocess_cfg.get("interpolation") == "bilinear"
+        self.interpolation = InterpolationMode.BILINEAR if bilinear else InterpolationMode.BICUBIC
+        self.resize_mode: str = preprocess_cfg.get("resize_mode", "shortest")
+        self.fill_color: float = preprocess_cfg.get("fill_color", 0) / 255.0
+        self.freeze()
+        self.embed_dim: int = int(self.encode_texts([""]).shape[1])
+
+    @classmethod
+    def from_config(cls, cfg: FeatureConfig, weights_dir: Path | None, device: torch.device) -> ClipEncoder:
+        if cfg.random_init:
+            with _seeded(cfg.seed), _quiet_open_clip():
+                model = open_clip.create_model(cfg.clip_model, device="cpu")
+            checksum, where = random_init_checksum(cfg), f"open_clip model {cfg.clip_model}"
+        else:
+            path = require_file(_weights_dir(cfg, weights_dir, "CLIP") / cfg.clip_checkpoint, "CLIP checkpoint")
+            model = _load_open_clip(cfg.clip_model, path)
+            checksum, where = sha256_file(path), str(path)
+        dtype = inference_dtype(cfg, device)
+        model = model.to(device=device, dtype=dtype)
+        preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
+        encoder = cls(model, open_clip.get_tokenizer(cfg.clip_model), preprocess_cfg, cfg.frame_batch, checksum)
+        if encoder.embed_dim != cfg.embed_dim:
+            raise ValueError(f"{where}: CLIP embedding size is {encoder.embed_dim}, the config says "
+                             f"embed_dim={cfg.embed_dim}")
+        return encoder
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @torch.inference_mode()
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> normalised (N, 3, h, w) in the model's dtype, as open_clip's eval transform does.
+
+        open_clip (transform.py, image_transform with is_train=False): resize ('shortest': the short side to the
+        model size, then centre crop; 'longest': the long side, then centre pad with fill_color; 'squash': both
+        sides), ToTensor (/255), Normalize(mean, std). Done here as batched tensor ops with antialiasing, which
+        matches the PIL path up to uint8 rounding.
+        """
+        height, width = self.image_size
+        x = TF.to_dtype(frames.to(self.device).permute(0, 3, 1, 2), torch.float32, scale=True)
+        h, w = x.shape[-2:]
+        if self.resize_mode == "squash":
+            x = TF.resize(x, [height, width], self.interpolation, antialias=True)
+        elif self.resize_mode == "longest":
+            scale = min(height / h, width / w)
+            x = TF.resize(x, [max(1, round(h * scale)), max(1, round(w * scale))], self.interpolation, antialias=True)
+            pad_h, pad_w = height - x.shape[-2], width - x.shape[-1]
+            x = TF.pad(x, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=self.fill_color)
+        else:  # 'shortest'
+            if height == width:  # torchvision's Resize(int): short side -> size, long side truncated
+                x = TF.resize(x, [height], self.interpolation, antialias=True)
+            else:  # timm's ResizeKeepRatio: cover the target box, keep the aspect ratio
+                scale = max(height / h, width / w)
+                x = TF.resize(x, [round(h * scale), round(w * scale)], self.interpolation, antialias=True)
+            x = TF.center_crop(x, [height, width])
+        x = x.clamp(0.0, 1.0)  # bicubic overshoots; the PIL path clips to the uint8 range
+        return ((x - self.mean) / self.std).to(self.model_dtype)
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @torch.inference_mode()
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) frames -> (N, D) float32 image embeddings, `cfg.frame_batch` frames per pass."""
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+            raise ValueError(f"frames must be uint8 (N, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+        out = [self.model.encode_image(self.preprocess(frames[part])).float().cpu()
+               for part in _chunks(frames.shape[0], self.batch)]
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Strings -> (N, D) float32 text embeddings (open_clip tokenizer, its context length); [] -> (0, D)."""
+        if not texts:
+            return torch.zeros(0, self.embed_dim)
+        out = [self.model.encode_text(self.tokenizer(texts[part]).to(self.device)).float().cpu()
+               for part in _chunks(len(texts), self.batch)]
+        return torch.cat(out)
+
+
+def _load_open_clip(model_name: str, path: Path) -> nn.Module:
+    """Build `model_name` with open_clip and load the checkpoint at `path` into it (strict).
+
+    OpenAI's weights need QuickGELU: a TorchScript (OpenAI) file always gets it; otherwise an
+    `open_clip_config.json` next to the checkpoint (as open_clip's hub folders ship it) supplies `quick_gelu` and
+    the `preprocess_cfg` (mean/std/interpolation) the weights were trained with. Without one, the registered model
+    config and open_clip's default (OpenAI) preprocessing apply.
+    """
+    torchscript = _is_torchscript(path)
+    quick_gelu = torchscript
+    preprocess_cfg: dict[str, Any] = {}
+    sidecar = path.parent / "open_clip_config.json"
+    if sidecar.is_file():
+        side = json.loads(sidecar.read_text())
+        quick_gelu = quick_gelu or bool(side.get("model_cfg", {}).get("quick_gelu", False))
+        preprocess_cfg = side.get("preprocess_cfg", {})
+    with _quiet_open_clip():
+        model = open_clip.create_model(model_name, device="cpu", force_quick_gelu=quick_gelu,
+                                       force_preprocess_cfg=preprocess_cfg)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")
+            # a TorchScript archive cannot be read with weights_only (torch.load hands it to torch.jit.load), and
+            # its state dict also holds non-persistent buffers (attn_mask): load it non-strict, check below
+            result = open_clip.load_checkpoint(model, str(path), strict=not torchscript,
+                                               weights_only=not torchscript)
+    except RuntimeError as error:  # size mismatches and missing/unexpected keys from load_state_dict
+        details = " ".join(str(error).split())
+        raise ValueError(f"{path}: checkpoint does not fit open_clip model {model_name} ({details[:300]})") from None
+    if torchscript:
+        non_persistent = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+        wrong = list(result.missing_keys) + [k for k in result.unexpected_keys if k not in non_persistent]
+        if wrong:
+            raise ValueError(f"{path}: checkpoint does not fit open_clip model {model_name} "
+                             f"(missing or unexpected: {', '.join(wrong[:5])})")
+    return model
+
+
+# ----------------------------------------------------------------------------------- Grounding DINO + SAM
+def tiny_bert_tokenizer() -> BertTokenizer:
+    """WordPiece tokenizer on the shipped vocab (transformers 5: BertTokenizer is the fast, tokenizers-backed one;
+    BertTokenizerFast is an alias of it)."""
+    vocab = {token: index for index, token in enumerate(TINY_BERT_VOCAB.read_text().splitlines())}
+    return BertTokenizer(vocab=vocab, do_lower_case=True)
+
+
+def tiny_grounding_dino_config(vocab_size: int) -> GroundingDinoConfig:
+    """Grounding DINO's structure (Swin backbone, BERT text encoder, 4 feature levels) at toy width."""
+    return GroundingDinoConfig(
+        backbone_config=SwinConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8],  # type: ignore[call-arg]
+                                   out_indices=[2, 3, 4]),  # stages 2-4 feed the detector, as in the real model
+        text_config=BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=20,
+    )
+
+
+TINY_SAM_IMAGE_SIZE = 64
+
+
+def tiny_sam_config() -> SamConfig:
+    """SAM at toy width. Constraints: the prompt encoder's image_size/patch_size equal the vision encoder's (its
+    image_embedding_size is their ratio); vision output_channels == prompt and mask-decoder hidden sizes
+    == 2 * num_pos_feats (the shared positional embedding)."""
+    size, patch, hidden = TINY_SAM_IMAGE_SIZE, 8, 32
+    return SamConfig(
+        vision_config=SamVisionConfig(hidden_size=hidden, output_channels=hidden, num_hidden_layers=2,
+                                      num_attention_heads=2, image_size=size, patch_size=patch, window_size=4,
+                                      global_attn_indexes=[1], num_pos_feats=hidden // 2, mlp_dim=2 * hidden),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=hidden, image_size=size, patch_size=patch,
+                                                     mask_input_channels=8),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=hidden, mlp_dim=2 * hidden, num_attention_heads=2,
+                                                 iou_head_hidden_dim=hidden),
+    )
+
+
+@dataclass(frozen=True)
+class GroundingPrompt:
+    """One clip's Grounding DINO prompt "noun1 . noun2 ." as token ids, and each noun's token positions."""
+
+    input_ids: list[int]
+    spans: list[list[int]]  # spans[k]: indices into input_ids of noun k's tokens (empty if truncated away)
+
+
+class Grounder(FrozenModule):
+    """p_tk: the probability that caption noun k is seen in frame t (Grounding DINO, optionally times SAM's IoU).
+
+    For each frame and noun, the score of a detection query is its highest sigmoid logit over the noun's tokens;
+    p_tk is the highest score over all queries (no threshold). With SAM, the box of that best query prompts
+    SAM, and p_tk is multiplied by SAM's predicted IoU of the resulting mask (clamped to [0, 1]), so a box that
+    does not outline one object counts less.
+    """
+
+    def __init__(self, detector: GroundingDinoForObjectDetection, image_processor: GroundingDinoImageProcessor,
+                 tokenizer: Any, image_size: dict[str, int], sam: SamModel | None,
+                 sam_image_processor: SamImageProcessor | None, batch: int, checksum: str) -> None:
+        super().__init__()
+        self.detector = detector
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.sam = sam
+        self.sam_image_processor = sam_image_processor
+        self.batch = batch
+        self.checksum = checksum
+        self.freeze()
+
+    @classmethod
+    def from_config(cls, cfg: FeatureConfig, weights_dir: Path | None, device: torch.device) -> Grounder:
+        image_size = {"shortest_edge": cfg.grounding_short_side, "longest_edge": cfg.grounding_long_side}
+        sam: SamModel | None = None
+        sam_image_processor: SamImageProcessor | None = None
+        if cfg.random_init:
+            tokenizer = tiny_bert_tokenizer()
+            with _seeded(cfg.seed):
+                detector = GroundingDinoForObjectDetection(tiny_grounding_dino_config(len(tokenizer)))
+            image_processor = GroundingDinoImageProcessor(size=image_size)
+            if cfg.use_sam:
+                with _seeded(cfg.seed):
+                    sam = SamModel(tiny_sam_config())
+                    # SAM's IoU head is a regression; at HF's small init it predicts ~0, which the clamp would
+                    # turn into p = 0 everywhere. Centre the random model's predictions inside [0, 1] instead.
+                    nn.init.constant_(sam.mask_decoder.iou_prediction_head.proj_out.bias, 0.5)
+                side = TINY_SAM_IMAGE_SIZE
+                sam_image_processor = SamImageProcessor(size={"longest_edge": side},
+                                                        pad_size={"height": side, "width": side})
+            checksum = random_init_checksum(cfg)
+        else:
+            root = _weights_dir(cfg, weights_dir, "Grounding DINO")
+            folder = require_model_dir(root / cfg.grounding_dir, "Grounding DINO")
+            processor = GroundingDinoProcessor.from_pretrained(folder, local_files_only=True)
+            image_processor, tokenizer = processor.image_processor, processor.tokenizer
+            detector = GroundingDinoForObjectDetection.from_pretrained(folder, local_files_only=True)
+            digests = [f"grounding-dino:{sha256_dir(folder)}"]
+            if cfg.use_sam:
+                sam_folder = require_model_dir(root / cfg.sam_dir, "SAM")
+                sam = SamModel.from_pretrained(sam_folder, local_files_only=True)
+                sam_image_processor = SamProcessor.from_pretrained(sam_folder, local_files_only=True).image_processor
+                digests.append(f"sam:{sha256_dir(sam_folder)}")
+            checksum = hashlib.sha256("\n".join(digests).encode()).hexdigest()
+            _check_grounding_tokenizer(tokenizer, detector, folder)
+        grounder = cls(detector, image_processor, tokenizer, image_size, sam, sam_image_processor, cfg.frame_batch,
+                       checksum)
+        return grounder.to(device=device, dtype=inference_dtype(cfg, device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.detector.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.detector.parameters()).dtype
+
+    def prompt(self, nouns: Sequence[str]) -> GroundingPrompt:
+        """Tokenise "noun1 . noun2 ." and find each noun's tokens through the fast tokenizer's offset mapping."""
+        text, char_spans = "", []
+        for noun in nouns:
+            # lower case as Grounding DINO was trained; a '.' inside a noun would split it into two phrases
+            clean = " ".join(noun.lower().replace(".", " ").split())
+            char_spans.append((len(text), len(text) + len(clean)))
+            text += clean + " . "
+        encoding = self.tokenizer(text.strip(), return_offsets_mapping=True, truncation=True,
+                                  max_length=self.detector.config.max_text_len)
+        offsets = encoding["offset_mapping"]
+        spans = [[i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+                 for start, end in char_spans]
+        return GroundingPrompt(list(encoding["input_ids"]), spans)
+
+    @torch.inference_mode()
+    def probabilities(self, frames: list[torch.Tensor], nouns: list[list[str]]) -> list[torch.Tensor]:
+        """frames[i]: uint8 (T_i, H_i, W_i, 3); nouns[i]: clip i's nouns -> per clip float32 (T_i, K_i) in [0, 1].
+
+        Frames of all clips are batched together (`cfg.frame_batch` per pass), each with its own clip's prompt;
+        clips without nouns get a (T_i, 0) result and cost nothing.
+        """
+        if len(frames) != len(nouns):
+            raise ValueError(f"{len(frames)} clips of frames but {len(nouns)} noun lists")
+        for clip in frames:
+            if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != torch.uint8:
+                raise ValueError(f"frames must be uint8 (T, H, W, 3), got {clip.dtype} {tuple(clip.shape)}")
+        results = [torch.zeros(clip.shape[0], len(words)) for clip, words in zip(frames, nouns)]
+        prompts: list[GroundingPrompt | None] = [self.prompt(words) if words else None for words in nouns]
+        jobs = [(i, t) for i, clip in enumerate(frames) if prompts[i] is not None for t in range(clip.shape[0])]
+        for part in _chunks(len(jobs), self.batch):
+            chunk = jobs[part]
+            images = [frames[i][t] for i, t in chunk]
+            scores, boxes = self._detect(images, [prompts[i] for i, _ in chunk])  # type: ignore[misc]
+            if self.sam is not None:
+                scores = [p * iou.clamp(0.0, 1.0) for p, iou in zip(scores, self._box_iou(images, boxes))]
+            for (i, t), p in zip(chunk, scores):
+                results[i][t] = p.float().cpu()
+        return results
+
+    def _detect(self, images: list[torch.Tensor], prompts: list[GroundingPrompt]) -> tuple[list[torch.Tensor],
+                                                                                     list[torch.Tensor]]:
+        """Per image: (K,) noun probabilities and (K, 4) xyxy boxes (pixels of the input frame) of the best query."""
+        pixels = self.image_processor(images=images, size=self.image_size, input_data_format="channels_last",
+                                      device=self.device, return_tensors="pt")
+        length = max(len(p.input_ids) for p in prompts)
+        input_ids = torch.full((len(prompts), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(prompts), length, dtype=torch.long)
+        for b, prompt in enumerate(prompts):  # right padding, as the tokenizer pads a batch
+            input_ids[b, : len(prompt.input_ids)] = torch.tensor(prompt.input_ids)
+            attention_mask[b, : len(prompt.input_ids)] = 1
+        out = self.detector(pixel_values=pixels["pixel_values"].to(self.device, self.dtype),
+                            pixel_mask=pixels["pixel_mask"].to(self.device),
+                            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                            token_type_ids=torch.zeros_like(input_ids).to(self.device))
+        token_probs = out.logits[..., :length].float().sigmoid()  # (B, Q, L); padded tokens are -inf -> 0
+        scores, boxes = [], []
+        for b, prompt in enumerate(prompts):
+            span_mask = torch.zeros(len(prompt.spans), length, dtype=torch.bool, device=self.device)
+            for k, span in enumerate(prompt.spans):
+                span_mask[k, span] = True
+            # s_qk = max over noun k's tokens of sigmoid(logit_qj): (Q, K)
+            per_query = torch.where(span_mask[None], token_probs[b, :, None, :], 0.0).amax(-1)
+            best = per_query.argmax(0)  # (K,)
+            scores.append(per_query.amax(0))
+            # pred_boxes: (cx, cy, w, h) relative to the unpadded image (Deformable DETR's valid ratios)
+            cx, cy, w, h = out.pred_boxes[b, best].float().unbind(-1)
+            height, width = images[b].shape[:2]
+            x0, x1 = ((cx - w / 2) * width).clamp(0, width), ((cx + w / 2) * width).clamp(0, width)
+            y0, y1 = ((cy - h / 2) * height).clamp(0, height), ((cy + h / 2) * height).clamp(0, height)
+            boxes.append(torch.stack([x0, y0, x1, y1], -1))  # (K, 4), inside the frame
+        return scores, boxes
+
+    def _box_iou(self, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """SAM's predicted IoU for one mask per box (multimask_output=False); all boxes of a frame in one prompt."""
+        assert self.sam is not None and self.sam_image_processor is not None
+        inputs = self.sam_image_processor(images=images, input_data_format="channels_last", device=self.device,
+                                          return_tensors="pt")
+        # SAM's processor scales boxes by (resized / original) per axis; so do we, on the tensors it returns
+        scale = (inputs["reshaped_input_sizes"] / inputs["original_sizes"]).to(self.device).float()  # (B, 2) h, w
+        most = max(len(b) for b in boxes)
+        # every frame needs the same number of boxes: repeat its first box and drop the repeats' outputs
+        padded = torch.stack([torch.cat([b, b[:1].expand(most - len(b), 4)]) for b in boxes])  # (B, K, 4)
+        padded = padded * scale[:, None, [1, 0, 1, 0]]
+        out = self.sam(pixel_values=inputs["pixel_values"].to(self.device, self.dtype),
+                       input_boxes=padded.to(self.dtype), multimask_output=False)
+        iou = out.iou_scores[..., 0].float()  # (B, K)
+        return [iou[b, : len(box)] for b, box in enumerate(boxes)]
+
+
+def _check_grounding_tokenizer(tokenizer: Any, detector: GroundingDinoForObjectDetection, folder: Path) -> None:
+    """Grounding DINO splits phrases at fixed token ids; a tokenizer with other ids would silently mix nouns."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{folder}: Grounding DINO needs a fast tokenizer (offset mapping); found {type(tokenizer)}")
+    ids = tokenizer.convert_tokens_to_ids(list(GROUNDING_DELIMITERS))
+    expected = detector.model.special_tokens.tolist()
+    if ids != expected:
+        raise ValueError(f"{folder}: tokenizer ids of {GROUNDING_DELIMITERS} are {ids}, the model splits at {expected}")
+
+
+# ----------------------------------------------------------------------------------- AudioLDM VAE + vocoder
+def tiny_vae_config(cfg: FeatureConfig) -> dict[str, Any]:
+    """AudioLDM's VAE structure (1 input channel, 3 down blocks -> downsample 4) at toy width."""
+    blocks = 1 + int(math.log2(cfg.vae_downsample))
+    return dict(in_channels=1, out_channels=1, latent_channels=cfg.latent_channels,
+                block_out_channels=[8] + [16] * (blocks - 1), down_block_types=["DownEncoderBlock2D"] * blocks,
+                up_block_types=["UpDecoderBlock2D"] * blocks, layers_per_block=1, norm_num_groups=4,
+                sample_size=MEL_FRAMES // 4, scaling_factor=1.0)
+
+
+class AudioVAE(FrozenModule):
+    """AudioLDM's mel VAE (diffusers AutoencoderKL): mel (B, 1024, 64) <-> latents (B, C, 1024/ds, 64/ds).
+
+    The posterior is stored raw (mean, std); `scaling_factor` (AudioLDM: latents * scaling_factor enter the
+    diffusion model) is applied by the trainer, and `decode` takes unscaled latents.
+    """
+
+    vae: Any  # diffusers AutoencoderKL (its config and methods are not visible to type checkers)
+
+    def __init__(self, vae: Any, batch: int, checksum: str) -> None:
+        super().__init__()
+        self.vae = vae
+        self.batch = batch
+        self.checksum = checksum
+        self.scaling_factor: float = float(vae.config.scaling_factor)
+        downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels: int = int(vae.config.latent_channels)
+        self.latent_size: tuple[int, int] = (MEL_FRAMES // downsample, MEL_BINS // downsample)
+        self.freeze()
+
+    @classmethod
+    def from_config(cls, cfg: FeatureConfig, weights_dir: Path | None, device: torch.device) -> AudioVAE:
+        vae: Any
+        if cfg.random_init:
+            with _seeded(cfg.seed):
+                vae = AutoencoderKL(**tiny_vae_config(cfg))
+            checksum, where = random_init_checksum(cfg), "tiny VAE"
+        else:
+            folder = _weights_dir(cfg, weights_dir, "AudioLDM VAE") / cfg.audioldm_dir / "vae"
+            vae = AutoencoderKL.from_pretrained(require_model_dir(folder, "AudioLDM VAE"), local_files_only=True)
+            checksum, where = sha256_dir(folder), str(folder)
+        config = vae.config
+        downsample = 2 ** (len(config.block_out_channels) - 1)
+        found = (config.in_channels, config.latent_channels, downsample)
+        if found != (1, cfg.latent_channels, cfg.vae_downsample):
+            raise ValueError(f"{where}: VAE has in_channels={found[0]}, latent_channels={found[1]}, downsample={found[2]}; "
+                             f"the config says 1, {cfg.latent_channels}, {cfg.vae_downsample}")
+        vae = vae.to(device)
+        if not config.get("force_upcast", True):  # diffusers' mark of VAEs unreliable in float16: keep those float32
+            vae = vae.to(dtype=inference_dtype(cfg, device))
+        return cls(vae, cfg.batch_clips, checksum)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.inference_mode()
+    def encode(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mel (B, 1024, 64) -> posterior mean and std, each (B, C, 1024/ds, 64/ds) float32."""
+        if mel.ndim != 3 or tuple(mel.shape[1:]) != (MEL_FRAMES, MEL_BINS):
+            raise ValueError(f"mel must be (B, {MEL_FRAMES}, {MEL_BINS}), got {tuple(mel.shape)}")
+        means, stds = [], []
+        for part in _chunks(mel.shape[0], self.batch):
+            # AudioLDM feeds the mel as a one-channel image: (B, 1, time, freq)
+            posterior = self.vae.encode(mel[part, None].to(self.device, self.dtype)).latent_dist
+            means.append(posterior.mean.float().cpu())
+            stds.append(posterior.std.float().cpu())
+        if not means:
+            empty = torch.zeros(0, self.latent_channels, *self.latent_size)
+            return empty, empty.clone()
+        return torch.cat(means), torch.cat(stds)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, C, T, F) -> log-mel (B, T * ds, F * ds) float32."""
+        out = [self.vae.decode(latents[part].to(self.device, self.dtype)).sample[:, 0].float().cpu()
+               for part in _chunks(latents.shape[0], self.batch)]
+        return torch.cat(out) if out else torch.zeros(0, MEL_FRAMES, MEL_BINS)
+
+
+def tiny_vocoder_config(cfg: FeatureConfig) -> SpeechT5HifiGanConfig:
+    """AudioLDM's HiFi-GAN (64 mel bins in, upsampling x160 = the hop) at toy width."""
+    return SpeechT5HifiGanConfig(model_in_dim=MEL_BINS, sampling_rate=cfg.sample_rate, upsample_initial_channel=32,
+                                 upsample_rates=[5, 4, 2, 2, 2], upsample_kernel_sizes=[10, 8, 4, 4, 4],
+                                 resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], normalize_before=False)
+
+
+def load_vocoder(cfg: FeatureConfig, weights_dir: Path | None, device: torch.device) -> SpeechT5HifiGan:
+    """AudioLDM's vocoder (the diffusers folder's vocoder/), frozen in eval mode: mel (B, 1024, 64) -> waveform."""
+    if cfg.random_init:
+        with _seeded(cfg.seed):
+            vocoder = SpeechT5HifiGan(tiny_vocoder_config(cfg))
+        where = "tiny vocoder"
+    else:
+        folder = _weights_dir(cfg, weights_dir, "AudioLDM vocoder") / cfg.audioldm_dir / "vocoder"
+        vocoder = SpeechT5HifiGan.from_pretrained(require_model_dir(folder, "AudioLDM vocoder"), local_files_only=True)
+        where = str(folder)
+    config = vocoder.config
+    hop = round(cfg.sample_rate * cfg.window_seconds / MEL_FRAMES)  # 160 samples per mel frame at 16 kHz
+    found = (config.model_in_dim, config.sampling_rate, math.prod(config.upsample_rates))
+    if found != (MEL_BINS, cfg.sample_rate, hop):
+        raise ValueError(f"{where}: vocoder has model_in_dim={found[0]}, sampling_rate={found[1]}, upsampling={found[2]}; "
+                         f"expected {MEL_BINS}, {cfg.sample_rate}, {hop}")
+    vocoder.requires_grad_(False).eval()
+    return vocoder.to(device)  # type: ignore[arg-type]  # mypy misreads transformers' decorated .to

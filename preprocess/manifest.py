@@ -1,0 +1,116 @@
+"""What stage one processes: a VGGSound-style CSV plus a video folder, or a plain folder of videos."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv")
+
+
+class ManifestError(ValueError):
+    """The CSV, captions file or video folder cannot be used (one line: file and reason)."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    id: str
+    path: Path | None  # None: the CSV names a clip whose file is not in the video folder
+    start: float  # seconds into the file where the clip's window starts
+    label: str
+    caption: str
+    split: str
+
+
+def _index_videos(video_dir: Path) -> dict[str, Path]:
+    """File stem -> path for the videos in a folder (one directory scan, also for 200k files)."""
+    if not video_dir.is_dir():
+        raise ManifestError(f"{video_dir}: video folder not found")
+    index: dict[str, Path] = {}
+    with os.scandir(video_dir) as entries:
+        for entry in entries:
+            stem, suffix = os.path.splitext(entry.name)
+            if suffix.lower() in VIDEO_SUFFIXES and entry.is_file():
+                index.setdefault(stem, Path(entry.path))
+    return index
+
+
+def from_vggsound_csv(csv_path: Path, video_dir: Path) -> list[Clip]:
+    """Rows `youtube_id, start_seconds, label, split` (VGGSound's CSV, no header).
+
+    A file named `{ytid}_{start:06d}.*` holds the trimmed clip (window from 0); a file named `{ytid}.*`
+    holds the whole video (window from start_seconds). Clip ids are `{ytid}_{start:06d}`.
+    """
+    if not csv_path.is_file():
+        raise ManifestError(f"{csv_path}: CSV not found")
+    index = _index_videos(video_dir)
+    clips: list[Clip] = []
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        for line_number, row in enumerate(csv.reader(handle), start=1):
+            if not row or row[0].startswith("#") or (line_number == 1 and row[0].strip().lower() in {"youtube_id", "ytid", "id"}):
+                continue
+            if len(row) < 4:
+                raise ManifestError(f"{csv_path}:{line_number}: expected `youtube_id,start_seconds,label,split`, got {row}")
+            ytid, start_text, label, split = (field.strip() for field in row[:4])
+            try:
+                start = float(start_text)
+            except ValueError:
+                raise ManifestError(f"{csv_path}:{line_number}: start_seconds {start_text!r} is not a number") from None
+            clip_id = f"{ytid}_{int(start):06d}"
+            if clip_id in index:
+                path, offset = index[clip_id], 0.0
+            elif ytid in index:
+                path, offset = index[ytid], start
+            else:
+                path, offset = None, 0.0
+            clips.append(Clip(clip_id, path, offset, label, label, split))
+    return clips
+
+
+def _read_captions(captions_path: Path) -> dict[str, str]:
+    """A JSON object {stem: caption} or a CSV with rows `stem_or_filename,caption`."""
+    if not captions_path.is_file():
+        raise ManifestError(f"{captions_path}: captions file not found")
+    text = captions_path.read_text(encoding="utf-8")
+    if captions_path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ManifestError(f"{captions_path}: not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ManifestError(f"{captions_path}: expected a JSON object mapping video name to caption")
+        return {Path(str(k)).stem: str(v) for k, v in data.items()}
+    captions = {}
+    for row in csv.reader(text.splitlines()):
+        if len(row) >= 2 and not row[0].startswith("#"):
+            captions[Path(row[0].strip()).stem] = row[1].strip()
+    return captions
+
+
+def from_folder(video_dir: Path, captions_path: Path | None = None, split: str = "train") -> list[Clip]:
+    """Every video in a folder, each with its caption (or none), window from the file's start."""
+    index = _index_videos(video_dir)
+    captions = _read_captions(captions_path) if captions_path else {}
+    return [Clip(stem, path, 0.0, captions.get(stem, ""), captions.get(stem, ""), split) for stem, path in sorted(index.items())]
+
+
+def dedupe(clips: list[Clip]) -> tuple[list[Clip], int]:
+    """Keep the first clip of each id (VGGSound's CSV has repeated rows); returns clips and count dropped."""
+    seen: set[str] = set()
+    kept = []
+    for clip in clips:
+        if clip.id not in seen:
+            seen.add(clip.id)
+            kept.append(clip)
+    return kept, len(clips) - len(kept)
+
+
+def partition(clips: list[Clip], rank: int, world_size: int) -> list[Clip]:
+    """This rank's clips: a fixed round-robin over the id-sorted manifest, disjoint across ranks."""
+    if not 0 <= rank < world_size:
+        raise ManifestError(f"rank {rank} outside [0, {world_size})")
+    ordered = sorted(clips, key=lambda c: c.id)
+    return ordered[rank::world_size]

@@ -1,0 +1,357 @@
+"""Stage one: clips -> decoded frames and audio (worker processes) -> encoders (batched) -> shards.
+
+Decoding runs in DataLoader workers that overlap the encoders. Each rank writes its own shards
+(`{split}-{rank}-{NNNNNN}.tar`), so N processes on M nodes never collide. Re-running the same command
+skips clips already in complete shards or in failures.jsonl.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import shards
+from preprocess.audio import AudioDecodeError, MelFrontEnd, audioldm_waveform, decode_audio
+from preprocess.config import FeatureConfig
+from preprocess.manifest import Clip
+from preprocess.nouns import NounCache
+from preprocess.video import VideoDecodeError, decode_frames
+
+# Fields that must agree between runs writing into one output folder (batch sizes, devices may differ).
+COMPATIBLE_FIELDS = (
+    "window_seconds", "fps", "sample_rate", "frame_short_side", "audio_backend", "clip_model", "embed_dim",
+    "tagger", "max_nouns", "grounding_short_side", "grounding_long_side", "use_sam", "latent_channels", "vae_downsample",
+)
+SOFTWARE = ("torch", "torchvision", "transformers", "diffusers", "open_clip_torch", "webdataset", "decord", "av", "numpy", "librosa")
+
+
+class FeatureError(RuntimeError):
+    """Stage one cannot start (incompatible output folder, bad weights...). One line."""
+
+
+# ----------------------------------------------------------------------------------- decoding
+class DecodeDataset(Dataset):
+    """Decodes one clip per item in a worker process: frames, true duration, waveform, log mel."""
+
+    def __init__(self, clips: list[Clip], cfg: FeatureConfig):
+        self.clips = clips
+        self.cfg = cfg
+        self.times = cfg.frame_times()
+        self.front_end: MelFrontEnd | None = None
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        clip = self.clips[index]
+        cfg = self.cfg
+        if clip.path is None:
+            return {"clip": clip, "error": ("input", "video file not found in the video folder")}
+        try:
+            video = decode_frames(clip.path, clip.start, self.times, cfg.window_seconds, cfg.frame_short_side)
+        except VideoDecodeError as error:
+            return {"clip": clip, "error": ("video", str(error))}
+        if len(video.frames) == 0:
+            return {"clip": clip, "error": ("video", f"{clip.path}: no frame inside the window")}
+        try:
+            waveform = decode_audio(clip.path, clip.start, cfg.window_seconds, cfg.sample_rate, cfg.audio_backend)
+        except AudioDecodeError as error:
+            return {"clip": clip, "error": ("audio", str(error))}
+        if waveform is None:
+            return {"clip": clip, "error": ("audio", f"{clip.path}: no audio stream (skipped for training)")}
+        if self.front_end is None:
+            self.front_end = MelFrontEnd(sample_rate=cfg.sample_rate)
+        normalised = audioldm_waveform(waveform, cfg.num_samples)
+        with torch.inference_mode():
+            mel = self.front_end(torch.from_numpy(normalised)[None])[0].numpy()
+        return {
+            "clip": clip,
+            "frames": video.frames,
+            "duration": min(video.duration, cfg.window_seconds),
+            "waveform": waveform[: cfg.num_samples],
+            "mel": mel,
+            "silent": bool(np.abs(waveform).max(initial=0.0) < 1e-6),
+        }
+
+
+def _identity(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is per-clip; the encoders in the main process want the cores
+
+
+# ----------------------------------------------------------------------------------- bookkeeping
+@dataclass
+class Summary:
+    written: int = 0
+    resumed: int = 0
+    failed: collections.Counter[str] = field(default_factory=collections.Counter)
+    wall_seconds: float = 0.0
+    shards: list[str] = field(default_factory=list)
+
+    @property
+    def clips_per_second(self) -> float:
+        done = self.written + sum(self.failed.values())
+        return done / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        failed = ", ".join(f"{stage}: {n}" for stage, n in sorted(self.failed.items())) or "none"
+        return [
+            f"written {self.written} clips into {len(self.shards)} new shards; already done before this run: {self.resumed}",
+            f"failed or skipped: {sum(self.failed.values())} ({failed}); see failures.jsonl",
+            f"wall time {self.wall_seconds:.1f} s, {self.clips_per_second:.2f} clips/s",
+        ]
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in SOFTWARE:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def build_meta(cfg: FeatureConfig, checksums: dict[str, str]) -> dict[str, Any]:
+    return {
+        "schema_version": shards.SCHEMA_VERSION,
+        "spec": cfg.shard_spec().to_dict(),
+        "config": dataclasses.asdict(cfg),
+        "frame_rate": cfg.fps,
+        "frame_times": cfg.frame_times(),
+        "audio": {
+            "sample_rate": cfg.sample_rate, "mono": "mean of channels", "window_seconds": cfg.window_seconds,
+            "n_fft": 1024, "hop": 160, "window": 1024, "n_mels": 64, "fmin": 0, "fmax": 8000,
+            "mel_frames": 1024, "front_end": "AudioLDM (mean removed, peak 0.5, pad, peak 0.5; log magnitude mel)",
+        },
+        "models": {
+            "clip": {"name": cfg.clip_model, "checksum": checksums["clip"]},
+            "grounding": {"name": "GroundingDinoForObjectDetection" + (" + SamModel" if cfg.use_sam else ""), "checksum": checksums["grounding"]},
+            "vae": {"name": "AudioLDM AutoencoderKL", "checksum": checksums["vae"]},
+        },
+        "software": software_versions(),
+    }
+
+
+def prepare_output(out_dir: Path, meta: dict[str, Any], rank: int) -> None:
+    """Create the folder and meta.json, or check that an existing one describes the same features."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / shards.META_FILE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise FeatureError(f"{path}: unreadable ({error}); move it away to start over") from None
+        differences = [
+            f"{name}: {old.get('config', {}).get(name)!r} there vs {meta['config'][name]!r} now"
+            for name in COMPATIBLE_FIELDS
+            if old.get("config", {}).get(name) != meta["config"][name]
+        ]
+        if old.get("schema_version") != meta["schema_version"]:
+            differences.insert(0, f"schema_version: {old.get('schema_version')} there vs {meta['schema_version']} now")
+        for model, info in meta["models"].items():
+            if old.get("models", {}).get(model, {}).get("checksum") != info["checksum"]:
+                differences.append(f"{model} checkpoint differs")
+        if differences:
+            raise FeatureError(f"{path}: this folder holds features made differently ({'; '.join(differences)}); use another --out")
+        return
+    if rank == 0:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def completed_ids(out_dir: Path) -> set[str]:
+    """Sample keys of clips in complete shards (any rank) or recorded in failures.jsonl."""
+    done: set[str] = set()
+    for path in shards.list_shards(out_dir):
+        done.update(shards.shard_keys(path))
+    for record in shards.read_jsonl(out_dir / shards.FAILURES_FILE):
+        done.add(shards.sample_key(record["id"]))
+    return done
+
+
+# ----------------------------------------------------------------------------------- encoding
+class Encoders:
+    """The frozen models of stage one, built once per process."""
+
+    def __init__(self, cfg: FeatureConfig, weights_dir: Path | None, device: torch.device):
+        from preprocess.encoders import AudioVAE, ClipEncoder, Grounder
+
+        self.cfg = cfg
+        self.clip = ClipEncoder.from_config(cfg, weights_dir, device)
+        self.grounder = Grounder.from_config(cfg, weights_dir, device)
+        self.vae = AudioVAE.from_config(cfg, weights_dir, device)
+        self._text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        return {"clip": self.clip.checksum, "grounding": self.grounder.checksum, "vae": self.vae.checksum}
+
+    def texts(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """CLIP text embeddings, each distinct text encoded once (LRU of 50k texts bounds memory)."""
+        missing = sorted({t for t in texts if t not in self._text_cache})
+        if missing:
+            embedded = self.clip.encode_texts(missing).float().cpu().numpy()
+            for text, vector in zip(missing, embedded):
+                self._text_cache[text] = vector
+        for text in texts:
+            self._text_cache.move_to_end(text)
+        while len(self._text_cache) > 50_000:
+            self._text_cache.popitem(last=False)
+        return {t: self._text_cache[t] for t in texts}
+
+    def encode(self, items: list[dict[str, Any]], nouns: list[list[str]]) -> list[dict[str, np.ndarray]]:
+        """Features of a batch of decoded clips, each padded to the config's frame count."""
+        cfg = self.cfg
+        frames = [torch.from_numpy(item["frames"]) for item in items]
+        # CLIP: one pass over all frames of all clips of the same frame size
+        clip_embeddings: list[torch.Tensor | None] = [None] * len(items)
+        by_size: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
+        for i, f in enumerate(frames):
+            by_size[tuple(f.shape[1:])].append(i)
+        for indices in by_size.values():
+            stacked = torch.cat([frames[i] for i in indices])
+            embedded = self.clip.encode_frames(stacked).float().cpu()
+            for i, chunk in zip(indices, embedded.split([len(frames[i]) for i in indices])):
+                clip_embeddings[i] = chunk
+        probabilities = self.grounder.probabilities(frames, nouns)
+        mels = torch.from_numpy(np.stack([item["mel"] for item in items]))
+        means, stds = self.vae.encode(mels)
+        text_vectors = self.texts([item["clip"].caption for item in items] + [n for ns in nouns for n in ns])
+        out = []
+        for i, item in enumerate(items):
+            valid = len(frames[i])
+            clip_array = np.zeros((cfg.num_frames, cfg.embed_dim), np.float32)
+            clip_array[:valid] = clip_embeddings[i].numpy()  # type: ignore[union-attr]
+            probs = np.zeros((cfg.num_frames, len(nouns[i])), np.float32)
+            probs[:valid] = probabilities[i].float().cpu().numpy()
+            noun_array = np.stack([text_vectors[n] for n in nouns[i]]) if nouns[i] else np.zeros((0, cfg.embed_dim), np.float32)
+            out.append({
+                "clip.npy": clip_array,
+                "caption.npy": text_vectors[item["clip"].caption],
+                "nouns.npy": noun_array,
+                "probs.npy": probs,
+                "latent_mean.npy": means[i].float().cpu().numpy(),
+                "latent_std.npy": stds[i].float().cpu().numpy(),
+            })
+        return out
+
+
+# ----------------------------------------------------------------------------------- the run
+def _batches(loader: DataLoader, size: int, on_failure: Any) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for item in loader:
+        if "error" in item:
+            on_failure(item)
+            continue
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def run(
+    cfg: FeatureConfig,
+    clips: list[Clip],
+    out_dir: Path,
+    weights_dir: Path | None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    encoders: Encoders | None = None,
+) -> Summary:
+    """Process this rank's share of `clips` into `out_dir`; safe to re-run after any interruption."""
+    from preprocess.encoders import resolve_device
+    from preprocess.manifest import partition
+
+    started = time.perf_counter()
+    summary = Summary()
+    nouns_of = NounCache(cfg.tagger, cfg.max_nouns)  # fails early when the tagger is unavailable
+    device = resolve_device(cfg)
+    encoders = encoders or Encoders(cfg, weights_dir, device)
+    spec = cfg.shard_spec()
+    prepare_output(out_dir, build_meta(cfg, encoders.checksums), rank)
+    shards.remove_partial(out_dir, rank)
+    done = completed_ids(out_dir)
+    mine = partition(clips, rank, world_size)
+    todo = [c for c in mine if shards.sample_key(c.id) not in done]
+    summary.resumed = len(mine) - len(todo)
+
+    failures_path = out_dir / shards.FAILURES_FILE
+    bar = tqdm(total=len(todo), unit="clip", disable=not progress, dynamic_ncols=True, desc=f"features rank {rank}")
+
+    def record_failure(item: dict[str, Any]) -> None:
+        stage, reason = item["error"]
+        clip = item["clip"]
+        shards.append_jsonl(failures_path, {"id": clip.id, "split": clip.split, "stage": stage, "reason": reason})
+        summary.failed[stage] += 1
+        bar.update(1)
+        bar.set_postfix(failed=sum(summary.failed.values()))
+
+    loader = DataLoader(
+        DecodeDataset(todo, cfg),
+        batch_size=None,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        collate_fn=_identity,
+        worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    writers: dict[str, shards.ShardWriter] = {}
+    writing: shards.ShardWriter | None = None  # set while a sample's members are being written
+    try:
+        for batch in _batches(loader, cfg.batch_clips, record_failure):
+            nouns = [nouns_of(item["clip"].caption) for item in batch]
+            features = encoders.encode(batch, nouns)
+            for item, arrays, clip_nouns in zip(batch, features, nouns):
+                clip = item["clip"]
+                meta = {
+                    "id": clip.id, "caption": clip.caption, "label": clip.label, "split": clip.split,
+                    "duration": round(float(item["duration"]), 4), "valid_frames": len(item["frames"]),
+                    "nouns": clip_nouns, "source": str(clip.path), "start": clip.start, "silent": item["silent"],
+                }
+                sample = shards.encode_sample(spec, meta, arrays, item["waveform"])
+                if clip.split not in writers:
+                    writers[clip.split] = shards.ShardWriter(out_dir, clip.split, rank, cfg.shard_max_samples)
+                writing = writers[clip.split]
+                writing.write(sample)
+                writing = None
+                summary.written += 1
+            bar.update(len(batch))
+            bar.set_postfix(failed=sum(summary.failed.values()))
+    finally:
+        # every sample handed to a writer is complete, so closing makes the shard in progress visible;
+        # only a writer interrupted half-way through a sample drops its shard
+        for writer in writers.values():
+            writer.abort() if writer is writing else writer.close()
+            summary.shards.extend(str(p) for p in writer.completed)
+        bar.close()
+        summary.wall_seconds = time.perf_counter() - started
+    return summary
+
+
+def print_summary(summary: Summary, stream: Any = None) -> None:
+    for line in summary.lines():
+        print(line, file=stream or sys.stdout)

@@ -1,0 +1,66 @@
+"""`python -m shards verify DIR`: check every sample of a stage-one output folder against its schema."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tarfile
+from pathlib import Path
+
+import shards
+
+
+def verify(directory: Path) -> tuple[dict[str, int], list[str]]:
+    """Counts of valid samples per split, and one line per problem found."""
+    problems: list[str] = []
+    counts: collections.Counter[str] = collections.Counter()
+    try:
+        spec = shards.read_spec(directory)
+    except (shards.ShardFormatError, OSError, ValueError, KeyError) as error:
+        return {}, [f"{directory}: {error}"]
+    seen: dict[str, str] = {}
+    paths = shards.list_shards(directory)
+    if not paths:
+        problems.append(f"{directory}: no complete shard")
+    for leftover in sorted(directory.glob("*.tar.tmp")):
+        problems.append(f"{leftover}: partial shard of an interrupted run (the next run deletes it)")
+    for path in paths:
+        try:
+            for sample in shards.iterate_samples([path]):
+                clip_id = sample[shards.META_KEY]["id"]
+                try:
+                    shards.validate_decoded(spec, sample)
+                except shards.ShardFormatError as error:
+                    problems.append(f"{path.name}: {error}")
+                    continue
+                if clip_id in seen:
+                    problems.append(f"{path.name}: clip {clip_id} also in {seen[clip_id]}")
+                seen[clip_id] = path.name
+                counts[sample[shards.META_KEY]["split"]] += 1
+        except (shards.ShardFormatError, tarfile.TarError, OSError, ValueError) as error:
+            problems.append(f"{path.name}: {error}")
+    return dict(counts), problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shards", description="Tools for VTA-SAM feature shards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("verify", help="check every sample against the schema in DIR/meta.json and print counts")
+    check.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+
+    counts, problems = verify(args.directory)
+    failures = shards.read_jsonl(args.directory / shards.FAILURES_FILE)
+    for line in problems:
+        print(f"problem: {line}")
+    for split, n in sorted(counts.items()):
+        print(f"{split}: {n} samples")
+    by_stage = collections.Counter(record.get("stage", "?") for record in failures)
+    print(f"valid samples: {sum(counts.values())}; problems: {len(problems)}; recorded failures: {len(failures)}"
+          + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(by_stage.items()))})" if failures else ""))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Writing and reading shard files.
+
+Crash safety: a shard is written under a temporary name, flushed, fsynced and renamed, so a
+reader (and a resumed run) only ever sees complete `.tar` files. A killed writer leaves at most a
+`*.tar.tmp` that the next run deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from shards.schema import META_KEY, ShardFormatError, ShardSpec, decode_sample, validate_decoded
+
+SHARD_PATTERN = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<rank>\d{3})-(?P<index>\d{6})\.tar$")
+META_FILE = "meta.json"
+FAILURES_FILE = "failures.jsonl"
+
+
+def shard_name(split: str, rank: int, index: int) -> str:
+    return f"{split}-{rank:03d}-{index:06d}.tar"
+
+
+def list_shards(directory: str | os.PathLike[str], split: str | None = None) -> list[Path]:
+    """Complete shards in a directory (temporary files excluded), sorted by name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in sorted(directory.iterdir()):
+        match = SHARD_PATTERN.match(path.name)
+        if match and (split is None or match["split"] == split):
+            found.append(path)
+    return found
+
+
+def shard_keys(path: Path) -> list[str]:
+    """Sample keys in a shard, read from the tar index alone (no member is decoded)."""
+    keys: list[str] = []
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if ext == META_KEY:
+                keys.append(key)
+    return keys
+
+
+class ShardWriter:
+    """Writes samples into `{split}-{rank}-{NNNNNN}.tar` shards, each made visible only when complete."""
+
+    def __init__(self, directory: str | os.PathLike[str], split: str, rank: int, max_samples: int, start_index: int = 0):
+        self.directory = Path(directory)
+        self.split = split
+        self.rank = rank
+        self.max_samples = max_samples
+        self.index = start_index
+        self._tar: wds.TarWriter | None = None
+        self._file: Any = None
+        self._tmp: Path | None = None
+        self._count = 0
+        self.completed: list[Path] = []
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        self._tar.write(sample)
+        self._count += 1
+        if self._count >= self.max_samples:
+            self.flush()
+
+    def _open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        while (self.directory / shard_name(self.split, self.rank, self.index)).exists():
+            self.index += 1
+        self._tmp = self.directory / (shard_name(self.split, self.rank, self.index) + ".tmp")
+        self._file = open(self._tmp, "wb")
+        self._tar = wds.TarWriter(self._file, encoder=False)
+        self._count = 0
+
+    def flush(self) -> Path | None:
+        """Close the shard in progress and make it visible; returns its final path."""
+        if self._tar is None:
+            return None
+        assert self._tmp is not None
+        self._tar.close()  # closes the tar stream; the file object stays ours
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self.directory / shard_name(self.split, self.rank, self.index)
+        os.replace(self._tmp, final)
+        _fsync_directory(self.directory)
+        self._tar = self._file = self._tmp = None
+        self.index += 1
+        self.completed.append(final)
+        return final
+
+    def close(self) -> None:
+        self.flush()
+
+    def abort(self) -> None:
+        """Drop the shard in progress (a write failed half-way, so it may hold a partial sample)."""
+        if self._tar is not None:
+            self._file.close()
+            assert self._tmp is not None
+            self._tmp.unlink(missing_ok=True)
+            self._tar = self._file = self._tmp = None
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial(directory: str | os.PathLike[str], rank: int | None = None) -> list[Path]:
+    """Delete `*.tar.tmp` left by a killed writer (of one rank, or of all)."""
+    removed = []
+    for path in Path(directory).glob("*.tar.tmp"):
+        match = SHARD_PATTERN.match(path.name[: -len(".tmp")])
+        if match and (rank is None or int(match["rank"]) == rank):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one line with a single O_APPEND write (atomic for concurrent writers on a local disk)."""
+    line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file; a line torn by a crash is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+# ----------------------------------------------------------------------------------- reading
+def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    if not path.exists():
+        raise ShardFormatError(f"{path}: missing (not a stage-one output folder?)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_spec(directory: str | os.PathLike[str]) -> ShardSpec:
+    meta = read_meta(directory)
+    try:
+        return ShardSpec.from_dict(meta["spec"])
+    except ShardFormatError as error:
+        raise ShardFormatError(f"{Path(directory) / META_FILE}: {error}") from None
+
+
+def _raise_with_url(error: Exception) -> bool:
+    raise error
+
+
+def iterate_samples(paths: list[Path] | list[str], spec: ShardSpec | None = None) -> Iterator[dict[str, Any]]:
+    """Decode the samples of some shards in order (single process; the trainer builds its own pipeline)."""
+    dataset = wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False, handler=_raise_with_url)
+    for raw in dataset:
+        sample = decode_sample(raw)
+        if spec is not None:
+            validate_decoded(spec, sample)
+        yield sample

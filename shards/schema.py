@@ -1,0 +1,189 @@
+"""The shard format: the one contract between stage one (writer) and stages two/three (readers).
+
+A shard is a WebDataset tar. Each sample is a group of members sharing a key (`<key>.<ext>`):
+
+| member            | dtype    | shape                          | meaning                                              |
+|-------------------|----------|--------------------------------|------------------------------------------------------|
+| `json`            | utf-8    | -                              | id, caption, label, split, duration, nouns, ...      |
+| `clip.npy`        | float16  | (frames, embed_dim)            | CLIP image embedding per frame (zeros past the end)  |
+| `caption.npy`     | float16  | (embed_dim,)                   | CLIP text embedding of the caption                   |
+| `nouns.npy`       | float16  | (nouns, embed_dim)             | CLIP text embedding e_k of each grounded noun        |
+| `probs.npy`       | float16  | (frames, nouns)                | p_tk: probability that noun k is seen in frame t     |
+| `latent_mean.npy` | float16  | (channels, latent_time, freq)  | AudioLDM VAE posterior mean                          |
+| `latent_std.npy`  | float16  | (channels, latent_time, freq)  | AudioLDM VAE posterior standard deviation            |
+| `flac`            | int16    | (samples,)                     | 16 kHz mono waveform of the window (true length)     |
+
+`nouns` is 0..max_nouns per clip. Raw features are stored; the object embedding
+O_t = sum_k p_tk e_k (Eq. 1) is derived when loading (see `object_embedding`).
+Only safe formats are decoded: npy without pickle, json, flac. Anything else is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+FEATURE_DTYPE = np.float16
+
+ARRAY_KEYS = ("clip.npy", "caption.npy", "nouns.npy", "probs.npy", "latent_mean.npy", "latent_std.npy")
+META_KEY = "json"
+AUDIO_KEY = "flac"
+SAMPLE_KEYS = (META_KEY, *ARRAY_KEYS, AUDIO_KEY)
+META_FIELDS = ("id", "caption", "label", "split", "duration", "valid_frames", "nouns", "source")
+
+
+class ShardFormatError(ValueError):
+    """A shard member or sample that does not follow the schema."""
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Shapes every sample must have; derived from the stage-one config, stored in meta.json."""
+
+    num_frames: int
+    embed_dim: int
+    max_nouns: int
+    latent_channels: int
+    latent_time: int
+    latent_freq: int
+    sample_rate: int = 16000
+    window_seconds: float = 10.24
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.latent_channels, self.latent_time, self.latent_freq)
+
+    @property
+    def num_samples(self) -> int:
+        return round(self.window_seconds * self.sample_rate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShardSpec:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ShardFormatError(f"shards have schema version {version}; this code reads version {SCHEMA_VERSION}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def expected_shapes(self, num_nouns: int) -> dict[str, tuple[int, ...]]:
+        return {
+            "clip.npy": (self.num_frames, self.embed_dim),
+            "caption.npy": (self.embed_dim,),
+            "nouns.npy": (num_nouns, self.embed_dim),
+            "probs.npy": (self.num_frames, num_nouns),
+            "latent_mean.npy": self.latent_shape,
+            "latent_std.npy": self.latent_shape,
+        }
+
+
+def sample_key(clip_id: str) -> str:
+    """WebDataset splits a member name at its first dot, so the key may not contain one (nor a slash)."""
+    key = clip_id.replace(".", "_").replace("/", "_")
+    if not key:
+        raise ShardFormatError(f"clip id {clip_id!r} gives an empty sample key")
+    return key
+
+
+# ----------------------------------------------------------------------------------- encoding
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _flac_bytes(waveform: np.ndarray, sample_rate: int) -> bytes:
+    import soundfile
+
+    buffer = io.BytesIO()
+    pcm = np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0)
+    soundfile.write(buffer, pcm, sample_rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def encode_sample(spec: ShardSpec, meta: dict[str, Any], arrays: dict[str, np.ndarray], waveform: np.ndarray) -> dict[str, Any]:
+    """Validate and serialise one sample into the `{"__key__": ..., ext: bytes}` dict a TarWriter takes."""
+    arrays = {k: np.asarray(v).astype(FEATURE_DTYPE) for k, v in arrays.items()}
+    validate(spec, meta, arrays, waveform)
+    sample: dict[str, Any] = {"__key__": sample_key(meta["id"]), META_KEY: json.dumps(meta, sort_keys=True).encode("utf-8")}
+    for k in ARRAY_KEYS:
+        sample[k] = _npy_bytes(arrays[k])
+    sample[AUDIO_KEY] = _flac_bytes(waveform, spec.sample_rate)
+    return sample
+
+
+# ----------------------------------------------------------------------------------- decoding
+def _decode_member(name: str, data: bytes) -> Any:
+    if name == META_KEY:
+        return json.loads(data.decode("utf-8"))
+    if name in ARRAY_KEYS:
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as error:  # object arrays need pickle: refused
+            raise ShardFormatError(f"member {name!r} is not a plain npy array ({error})") from None
+    if name == AUDIO_KEY:
+        import soundfile
+
+        waveform, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)
+        return waveform
+    raise ShardFormatError(f"unknown member {name!r}: refusing to decode it (only {', '.join(SAMPLE_KEYS)})")
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """Decode one raw WebDataset sample (member bytes) into numpy arrays, json and a waveform.
+
+    Never unpickles: `.pyd`, `.pickle`, `.pth`, object arrays and unknown members raise ShardFormatError.
+    """
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name.startswith("__"):
+            out[name] = value
+            continue
+        out[name] = _decode_member(name, value)
+    missing = [k for k in SAMPLE_KEYS if k not in out]
+    if missing:
+        where = raw.get("__url__", "?")
+        raise ShardFormatError(f"sample {raw.get('__key__')!r} in {where} lacks {', '.join(missing)}")
+    return out
+
+
+def validate(spec: ShardSpec, meta: dict[str, Any], arrays: dict[str, np.ndarray], waveform: np.ndarray) -> None:
+    """Raise ShardFormatError unless the sample matches the spec exactly."""
+    clip_id = meta.get("id", "?")
+    missing = [f for f in META_FIELDS if f not in meta]
+    if missing:
+        raise ShardFormatError(f"{clip_id}: json lacks {', '.join(missing)}")
+    num_nouns = len(meta["nouns"])
+    if num_nouns > spec.max_nouns:
+        raise ShardFormatError(f"{clip_id}: {num_nouns} nouns > max_nouns {spec.max_nouns}")
+    for key, shape in spec.expected_shapes(num_nouns).items():
+        if key not in arrays:
+            raise ShardFormatError(f"{clip_id}: missing {key}")
+        array = arrays[key]
+        if array.dtype != FEATURE_DTYPE:
+            raise ShardFormatError(f"{clip_id}: {key} has dtype {array.dtype}, expected {np.dtype(FEATURE_DTYPE)}")
+        if tuple(array.shape) != shape:
+            raise ShardFormatError(f"{clip_id}: {key} has shape {tuple(array.shape)}, expected {shape}")
+        if not np.isfinite(array).all():
+            raise ShardFormatError(f"{clip_id}: {key} has non-finite values")
+    probs = arrays["probs.npy"]
+    if probs.size and (probs.min() < 0 or probs.max() > 1):
+        raise ShardFormatError(f"{clip_id}: probs.npy outside [0, 1]")
+    if not 0 <= meta["valid_frames"] <= spec.num_frames:
+        raise ShardFormatError(f"{clip_id}: valid_frames {meta['valid_frames']} outside [0, {spec.num_frames}]")
+    if waveform.ndim != 1 or waveform.shape[0] > spec.num_samples:
+        raise ShardFormatError(f"{clip_id}: waveform shape {waveform.shape}, expected (<= {spec.num_samples},)")
+
+
+def validate_decoded(spec: ShardSpec, sample: dict[str, Any]) -> None:
+    arrays = {k: sample[k] for k in ARRAY_KEYS}
+    validate(spec, sample[META_KEY], arrays, np.asarray(sample[AUDIO_KEY]))

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny configs and small spec-conformant samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import shards
+from preprocess.config import PRESETS, FeatureConfig
+
+
+@pytest.fixture
+def tiny_cfg() -> FeatureConfig:
+    return PRESETS["tiny"].replace(num_workers=0)
+
+
+def make_sample(spec: shards.ShardSpec, clip_id: str, num_nouns: int = 2, seed: int = 0, split: str = "train"):
+    """A random sample that follows `spec` (meta, arrays, waveform)."""
+    rng = np.random.default_rng(seed)
+    nouns = [f"noun{k}" for k in range(num_nouns)]
+    meta = {"id": clip_id, "caption": " ".join(nouns), "label": "x", "split": split, "duration": 3.5,
+            "valid_frames": spec.num_frames, "nouns": nouns, "source": f"/videos/{clip_id}.mp4"}
+    arrays = {
+        "clip.npy": rng.standard_normal((spec.num_frames, spec.embed_dim)),
+        "caption.npy": rng.standard_normal(spec.embed_dim),
+        "nouns.npy": rng.standard_normal((num_nouns, spec.embed_dim)),
+        "probs.npy": rng.uniform(0, 1, (spec.num_frames, num_nouns)),
+        "latent_mean.npy": rng.standard_normal(spec.latent_shape),
+        "latent_std.npy": rng.uniform(0.1, 1, spec.latent_shape),
+    }
+    waveform = (0.3 * np.sin(np.arange(spec.sample_rate) * 2 * np.pi * 440 / spec.sample_rate)).astype(np.float32)
+    return meta, arrays, waveform

@@ -1,0 +1,273 @@
+"""Cnn14 and VGGish: front ends against librosa on a 1 kHz sine, official-format checkpoints, shapes, batching,
+and the ground-truth embedding cache (reuse, protocol change, crash recovery)."""
+
+from __future__ import annotations
+
+import h5py
+import librosa
+import numpy as np
+import pytest
+import torch
+
+from eval.cache import ground_truth_embeddings, read_cache
+from eval.embed import audio_metrics, embed_clips, prepare_waveform
+from eval.panns import CHECKPOINT_NAME as CNN14_FILE
+from eval.panns import CNN14_CONFIGS, Cnn14, load_cnn14
+from eval.vggish import CHECKPOINT_NAME as VGGISH_FILE
+from eval.vggish import VGGISH_CONFIGS, VGGish, load_vggish, log_mel, stft_magnitude, vggish_mel_matrix
+from preprocess.weights import sha256_file
+
+SR = 16000
+TINY_CNN14 = CNN14_CONFIGS["tiny"]
+TINY_VGGISH = VGGISH_CONFIGS["tiny"]
+
+
+def sine(hz: float = 1000.0, seconds: float = 2.0) -> np.ndarray:
+    return (0.5 * np.sin(2 * np.pi * hz * np.arange(round(seconds * SR)) / SR)).astype(np.float32)
+
+
+def noise(seed: int, seconds: float = 2.0) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal(round(seconds * SR))).astype(np.float32)
+
+
+def bn_keys(prefix: str) -> set[str]:
+    return {f"{prefix}.{name}" for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int) -> None:
+    """Non-trivial running statistics, so that a checkpoint that failed to load them would show."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator))
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+
+
+# ---- Cnn14 ----------------------------------------------------------------------------------------------------
+def test_cnn14_logmel_matches_librosa_on_a_sine():
+    model = load_cnn14(None, config=TINY_CNN14)
+    y = sine()
+    ours = model.logmel(torch.from_numpy(y[None]))[0, 0].numpy()  # (T, 64)
+    power = librosa.feature.melspectrogram(y=y, sr=SR, n_fft=512, hop_length=160, window="hann", center=True,
+                                           pad_mode="reflect", power=2.0, n_mels=64, fmin=50, fmax=8000)
+    reference = librosa.power_to_db(power, ref=1.0, amin=1e-10, top_db=None).T
+    assert ours.shape == reference.shape == (len(y) // 160 + 1, 64)
+    np.testing.assert_allclose(ours, reference, atol=1e-3)
+    centres = librosa.mel_frequencies(66, fmin=50, fmax=8000)[1:-1]  # Slaney scale, as the filters
+    assert ours.mean(axis=0).argmax() == np.abs(centres - 1000).argmin()
+
+
+def test_cnn14_state_dict_has_the_official_names_and_shapes():
+    model = Cnn14(CNN14_CONFIGS["paper"])  # full size: 80.753 M learnt parameters (PANNs paper, Table)
+    expected = {"spectrogram_extractor.stft.conv_real.weight", "spectrogram_extractor.stft.conv_imag.weight",
+                "logmel_extractor.melW", "fc1.weight", "fc1.bias", "fc_audioset.weight", "fc_audioset.bias",
+                *bn_keys("bn0")}
+    for i in range(1, 7):
+        expected |= {f"conv_block{i}.conv1.weight", f"conv_block{i}.conv2.weight"}
+        expected |= bn_keys(f"conv_block{i}.bn1") | bn_keys(f"conv_block{i}.bn2")
+    state = model.state_dict()
+    assert set(state) == expected
+    assert state["spectrogram_extractor.stft.conv_real.weight"].shape == (257, 1, 512)
+    assert state["logmel_extractor.melW"].shape == (257, 64)
+    assert state["conv_block6.conv2.weight"].shape == (2048, 2048, 3, 3)
+    assert state["fc_audioset.weight"].shape == (527, 2048)
+    learnt = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert learnt // 1000 == 80753
+
+
+def test_cnn14_official_checkpoint_round_trip(tmp_path):
+    source = load_cnn14(None, config=TINY_CNN14, seed=1)
+    randomize_batchnorm(source, seed=1)
+    path = tmp_path / CNN14_FILE
+    torch.save({"iteration": 660000, "model": source.state_dict()}, path)  # the layout of the published file
+    loaded = load_cnn14(tmp_path, config=TINY_CNN14)
+    assert loaded.checkpoint_id == sha256_file(path)
+    batch = np.stack([noise(0), sine()])
+    embedding, probs = loaded.embed_and_probs(batch)
+    np.testing.assert_array_equal(embedding, source.embed(batch))
+    assert not np.allclose(embedding, load_cnn14(None, config=TINY_CNN14, seed=0).embed(batch))
+    assert embedding.shape == (2, TINY_CNN14.embed_dim) and (embedding >= 0).all()  # relu(fc1)
+    assert probs.shape == (2, 527)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)  # softmax (FACTS), not PANNs' sigmoid
+
+
+def test_cnn14_checkpoint_with_another_front_end_is_refused(tmp_path):
+    state = load_cnn14(None, config=TINY_CNN14).state_dict()
+    rounded = state["logmel_extractor.melW"] * (1 + 1e-4)  # a librosa-version rounding gap: the stored one is used
+    torch.save({"model": {**state, "logmel_extractor.melW": rounded}}, tmp_path / CNN14_FILE)
+    torch.testing.assert_close(load_cnn14(tmp_path, config=TINY_CNN14).logmel_extractor.melW, rounded, rtol=0, atol=0)
+    state["logmel_extractor.melW"] = state["logmel_extractor.melW"] * 1.5  # e.g. other mel edges
+    torch.save({"model": state}, tmp_path / CNN14_FILE)
+    with pytest.raises(ValueError, match="melW"):
+        load_cnn14(tmp_path, config=TINY_CNN14)
+    with pytest.raises(FileNotFoundError, match="Cnn14"):
+        load_cnn14(tmp_path / "nowhere", config=TINY_CNN14)
+
+
+def test_cnn14_rejects_too_short_input():
+    with pytest.raises(ValueError, match="L >="):
+        load_cnn14(None, config=TINY_CNN14).embed(np.zeros((1, 1000), np.float32))
+
+
+# ---- VGGish ---------------------------------------------------------------------------------------------------
+def test_vggish_front_end_on_a_sine():
+    config = VGGISH_CONFIGS["paper"]
+    y = sine(seconds=1.0).astype(np.float64)
+    ours = stft_magnitude(y, config)
+    # librosa on the same frames: 400-sample periodic Hann centred in a 512 FFT; shifting the signal by the
+    # 56-sample centring offset puts each librosa frame on the reference's samples (the FFT phase differs only)
+    shifted = np.pad(y, (56, 56))
+    reference = np.abs(librosa.stft(shifted, n_fft=512, hop_length=160, win_length=400, window="hann",
+                                    center=False)).T
+    assert ours.shape == reference.shape == (1 + (len(y) - 400) // 160, 257)
+    np.testing.assert_allclose(ours, reference, atol=1e-6 * reference.max())
+    # each filter's apex sits at its HTK centre (mel = 1127 ln(1 + f/700), librosa htk=True)
+    mel = vggish_mel_matrix(config)
+    centres = librosa.mel_to_hz(np.linspace(librosa.hz_to_mel(125, htk=True), librosa.hz_to_mel(7500, htk=True),
+                                            66), htk=True)[1:-1]
+    assert np.all(np.abs(mel.argmax(axis=0) - centres / (SR / 512)) <= 1.0)
+    assert mel[0].max() == 0.0  # the DC bin is not used
+    band = log_mel(y, config).mean(axis=0).argmax()
+    assert band == np.abs(centres - 1000).argmin()
+    htk = librosa.filters.mel(sr=SR, n_fft=512, n_mels=64, fmin=125, fmax=7500, htk=True, norm=None)
+    assert (reference @ htk.T).mean(axis=0).argmax() == band
+
+
+def test_vggish_state_dict_names_flattening_and_embedding_sign():
+    model = VGGish(VGGISH_CONFIGS["paper"])
+    expected = {f"features.{i}.{p}" for i in (0, 3, 6, 8, 11, 13) for p in ("weight", "bias")}
+    expected |= {f"embeddings.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    assert set(model.state_dict()) == expected
+    assert model.state_dict()["embeddings.0.weight"].shape == (4096, 512 * 4 * 6)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e5) == 721  # VGGish: 72.1 M
+    tiny = load_vggish(None, config=TINY_VGGISH)
+    patches = torch.randn(3, 1, 96, 64)
+    with torch.inference_mode():
+        x = tiny.features(patches)
+        reference = tiny.embeddings(torch.transpose(torch.transpose(x, 1, 3), 1, 2).contiguous().view(3, -1))
+        ours = tiny(patches)
+    torch.testing.assert_close(ours, reference)  # torchvggish's transpose(1, 3), transpose(1, 2), view
+    assert (ours < 0).any()  # the embedding is taken before the last ReLU
+
+
+def test_vggish_official_checkpoint_round_trip_and_patches(tmp_path):
+    source = load_vggish(None, config=TINY_VGGISH, seed=1)
+    path = tmp_path / VGGISH_FILE
+    torch.save(source.state_dict(), path)  # torchvggish's file is a bare state dict
+    loaded = load_vggish(tmp_path, config=TINY_VGGISH)
+    assert loaded.checkpoint_id == sha256_file(path)
+    y = noise(0, seconds=2.5)  # 248 frames: two 96-frame patches, the rest dropped
+    out = loaded.embed_patches(y)
+    assert out.shape == (2, 128)
+    np.testing.assert_array_equal(out, source.embed_patches(y))
+    assert not np.allclose(out, load_vggish(None, config=TINY_VGGISH, seed=0).embed_patches(y))
+    assert loaded.embed_patches(noise(0, seconds=0.5)).shape == (0, 128)
+    torch.save({"features.0.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match=VGGISH_FILE):
+        load_vggish(tmp_path, config=TINY_VGGISH)
+
+
+# ---- batching, set metrics, cache ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_models() -> tuple[Cnn14, VGGish]:
+    return load_cnn14(None, config=TINY_CNN14), load_vggish(None, config=TINY_VGGISH)
+
+
+def test_batching_does_not_change_embeddings(tiny_models):
+    cnn14, vggish = tiny_models
+    clips = [(f"c{i}", noise(i, seconds=seconds)) for i, seconds in enumerate((1.0, 1.0, 1.5, 1.0))]
+    one = dict(embed_clips(clips, cnn14, vggish, SR, duration=None, batch_size=1, progress=False))
+    many = dict(embed_clips(clips, cnn14, vggish, SR, duration=None, batch_size=3, progress=False))
+    assert list(many) == [c for c, _ in clips]
+    for clip_id, _ in clips:
+        np.testing.assert_allclose(many[clip_id].cnn14_embedding, one[clip_id].cnn14_embedding, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(many[clip_id].cnn14_probs, one[clip_id].cnn14_probs, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(many[clip_id].vggish, one[clip_id].vggish, rtol=1e-5, atol=1e-6)
+    assert one["c0"].vggish.shape == (1, 128) and one["c2"].vggish.shape == (1, 128)
+
+
+def test_prepare_waveform_follows_the_protocol():
+    stereo_48k = np.stack([np.ones(48000, np.float32), np.zeros(48000, np.float32)])
+    y = prepare_waveform(stereo_48k, 48000, SR, duration=1.5)  # mono mean, 16 kHz, zero-padded to 1.5 s
+    assert y.shape == (24000,) and y.dtype == np.float32
+    assert abs(y[8000] - 0.5) < 1e-3 and (y[16100:] == 0).all()
+    assert prepare_waveform(noise(0, 2.0), SR, SR, duration=1.0).shape == (16000,)
+    assert prepare_waveform(noise(0, 2.0), SR, SR, duration=None).shape == (32000,)
+
+
+def test_audio_metrics_of_a_set_with_itself(tiny_models):
+    cnn14, vggish = tiny_models
+    clips = dict(embed_clips([(f"c{i}", noise(i)) for i in range(4)], cnn14, vggish, SR, 2.0, progress=False))
+    same = audio_metrics(clips, clips)
+    assert abs(same["fd"]) < 1e-3 and abs(same["fad"]) < 1e-3 and abs(same["kl"]) < 1e-3
+    assert same["kl_pairs"] == 4 and same["n_reference_patches"] == 8
+    other = dict(embed_clips([(f"c{i}", sine(300.0 * (i + 1))) for i in range(4)], cnn14, vggish, SR, 2.0,
+                             progress=False))
+    different = audio_metrics(clips, other)
+    assert different["fd"] > 1e-3 and different["fad"] > 1e-3  # (random weights: class posteriors near uniform)
+
+
+def test_cache_reuses_extends_and_rebuilds(tmp_path, tiny_models):
+    cnn14, vggish = tiny_models
+    calls: list[str] = []
+
+    def load(clip_id: str) -> np.ndarray:
+        calls.append(clip_id)
+        return noise(int(clip_id[1:]), seconds=1.0)
+
+    path = tmp_path / "gt.h5"
+    first = ground_truth_embeddings(path, ["c0", "c1", "c2"], load, cnn14, vggish, SR, 1.0, progress=False)
+    assert calls == ["c0", "c1", "c2"] and path.exists()
+    with h5py.File(path) as handle:
+        assert handle.attrs["sample_rate"] == SR and handle.attrs["duration"] == 1.0
+        assert handle.attrs["cnn14_checkpoint"] == "random-init:seed=0"
+    calls.clear()
+    again = ground_truth_embeddings(path, ["c2", "c0"], load, cnn14, vggish, SR, 1.0, progress=False)
+    assert calls == [] and list(again) == ["c2", "c0"]
+    np.testing.assert_array_equal(again["c0"].cnn14_embedding, first["c0"].cnn14_embedding)
+    np.testing.assert_array_equal(again["c0"].vggish, first["c0"].vggish)
+    ground_truth_embeddings(path, ["c0", "c3"], load, cnn14, vggish, SR, 1.0, progress=False)
+    assert calls == ["c3"] and set(read_cache(path)) == {"c0", "c1", "c2", "c3"}
+    calls.clear()
+    other_model = load_cnn14(None, config=TINY_CNN14, seed=5)  # another checkpoint: the cache is stale
+    with pytest.raises(ValueError, match="another protocol"):
+        read_cache(path, {"cnn14": other_model.protocol()})
+    rebuilt = ground_truth_embeddings(path, ["c0", "c1"], load, other_model, vggish, SR, 1.0, progress=False)
+    assert calls == ["c0", "c1"]
+    assert not np.allclose(rebuilt["c0"].cnn14_embedding, first["c0"].cnn14_embedding)
+    assert set(read_cache(path)) == {"c0", "c1"}
+
+
+def test_cache_survives_a_crash_and_distrusts_partial_clips(tmp_path, tiny_models):
+    cnn14, vggish = tiny_models
+    path = tmp_path / "gt.h5"
+    partial = tmp_path / "gt.h5.partial"
+
+    def crashing(clip_id: str) -> np.ndarray:
+        if clip_id == "c2":
+            raise RuntimeError("killed")
+        return noise(int(clip_id[1:]), seconds=1.0)
+
+    ids = ["c0", "c1", "c2"]
+    with pytest.raises(RuntimeError, match="killed"):
+        ground_truth_embeddings(path, ids, crashing, cnn14, vggish, SR, 1.0, batch_size=1, progress=False)
+    assert not path.exists() and partial.exists()
+    with h5py.File(partial, "a") as handle:  # a clip whose writer died before marking it complete
+        group = handle["clips"].create_group("id=c2")
+        group.attrs["id"] = "c2"
+        group.create_dataset("cnn14_embedding", data=np.full(TINY_CNN14.embed_dim, 99.0, np.float32))
+    calls: list[str] = []
+
+    def load(clip_id: str) -> np.ndarray:
+        calls.append(clip_id)
+        return noise(int(clip_id[1:]), seconds=1.0)
+
+    result = ground_truth_embeddings(path, ids, load, cnn14, vggish, SR, 1.0, progress=False)
+    assert calls == ["c2"] and path.exists() and not partial.exists()
+    fresh = dict(embed_clips([("c2", load("c2"))], cnn14, vggish, SR, 1.0, progress=False))
+    np.testing.assert_allclose(result["c2"].cnn14_embedding, fresh["c2"].cnn14_embedding)
+    # a partial file that no longer opens is discarded, not trusted
+    partial.write_bytes(b"\x89HDF garbage")
+    path.unlink()
+    result = ground_truth_embeddings(path, ids, load, cnn14, vggish, SR, 1.0, progress=False)
+    assert set(result) == set(ids) and not partial.exists()

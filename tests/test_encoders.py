@@ -1,0 +1,358 @@
+"""Frozen extractors of stage one: shapes, ranges, batching, freezing, and real-format checkpoint round trips.
+
+Every model is the tiny random-init preset; "real-format" checkpoints are written here by the libraries' own
+savers (safetensors state dict, TorchScript, save_pretrained) and loaded back through `from_config`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import (
+    BertTokenizer,
+    GroundingDinoForObjectDetection,
+    GroundingDinoImageProcessor,
+    GroundingDinoProcessor,
+    SamImageProcessor,
+    SamModel,
+    SamProcessor,
+    SpeechT5HifiGan,
+)
+
+from preprocess import encoders, weights
+from preprocess.config import MEL_BINS, MEL_FRAMES, PRESETS
+from preprocess.encoders import AudioVAE, ClipEncoder, Grounder, inference_dtype, load_vocoder, resolve_device
+
+CFG = PRESETS["tiny"]
+CPU = torch.device("cpu")
+LOADED = CFG.replace(random_init=False)  # same sizes, weights from a folder
+
+
+def _frames(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random images (uint8, N x H x W x 3), closer to video frames than pixel noise."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=generator)
+    image = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+@pytest.fixture(scope="module")
+def clip() -> ClipEncoder:
+    return ClipEncoder.from_config(CFG, None, CPU)
+
+
+@pytest.fixture(scope="module")
+def grounder() -> Grounder:
+    return Grounder.from_config(CFG, None, CPU)
+
+
+@pytest.fixture(scope="module")
+def grounder_no_sam() -> Grounder:
+    return Grounder.from_config(CFG.replace(use_sam=False), None, CPU)
+
+
+@pytest.fixture(scope="module")
+def vae() -> AudioVAE:
+    return AudioVAE.from_config(CFG, None, CPU)
+
+
+# ----------------------------------------------------------------------------------- devices
+def test_device_and_dtype() -> None:
+    assert resolve_device(CFG.replace(device="cpu")) == CPU
+    assert resolve_device(CFG).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert inference_dtype(CFG, CPU) == torch.float32
+    assert inference_dtype(CFG, torch.device("cuda")) == torch.float16
+    assert inference_dtype(CFG.replace(half=False), torch.device("cuda")) == torch.float32
+
+
+# ----------------------------------------------------------------------------------- CLIP
+def test_clip_shapes_and_raw_embeddings(clip: ClipEncoder) -> None:
+    assert clip.embed_dim == CFG.embed_dim and clip.checksum == f"random-init(seed={CFG.seed})"
+    for shape in [(5, 40, 70), (3, 100, 50), (2, 20, 30)]:  # any H, W, also smaller than the model input
+        out = clip.encode_frames(_frames(*shape))
+        assert out.shape == (shape[0], CFG.embed_dim) and out.dtype == torch.float32 and out.device == CPU
+        assert torch.isfinite(out).all()
+    texts = clip.encode_texts(["a dog barks", "rain on a window"])
+    assert texts.shape == (2, CFG.embed_dim) and texts.dtype == torch.float32
+    assert not torch.allclose(texts.norm(dim=-1), torch.ones(2))  # raw projections, not L2-normalised
+    assert clip.encode_texts([]).shape == (0, CFG.embed_dim)
+    assert clip.encode_frames(torch.zeros(0, 16, 16, 3, dtype=torch.uint8)).shape == (0, CFG.embed_dim)
+    with pytest.raises(ValueError, match="uint8"):
+        clip.encode_frames(torch.zeros(2, 16, 16, 3))
+
+
+def test_clip_preprocess_matches_open_clip_transform(clip: ClipEncoder) -> None:
+    """Our batched tensor preprocessing vs open_clip's own PIL eval transform built from the model's config."""
+    transform = image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(clip.model)), is_train=False)
+    for shape in [(1, 40, 70), (1, 100, 50), (1, 240, 320)]:
+        frames = _frames(*shape, seed=shape[1])
+        ours = clip.preprocess(frames)[0]
+        reference = transform(Image.fromarray(frames[0].numpy()))
+        assert ours.shape == reference.shape == (3, *clip.image_size)
+        # PIL resizes in uint8; we resize in float: differences are at the 1/255 level (x 1/std ~ 3.7)
+        assert (ours - reference).abs().max() < 0.03 and (ours - reference).abs().mean() < 0.01
+
+
+def test_clip_chunking_and_seed(clip: ClipEncoder) -> None:
+    frames = _frames(7, 48, 64)
+    small_batches = ClipEncoder.from_config(CFG.replace(frame_batch=3), None, CPU)
+    torch.testing.assert_close(small_batches.encode_frames(frames), clip.encode_frames(frames), rtol=1e-5, atol=1e-5)
+    other_seed = ClipEncoder.from_config(CFG.replace(seed=1), None, CPU)
+    assert not torch.allclose(other_seed.encode_frames(frames), clip.encode_frames(frames))
+
+
+# ----------------------------------------------------------------------------------- grounding
+def test_grounder_shapes_ranges_and_empty_nouns(grounder: Grounder) -> None:
+    frames = [_frames(4, 48, 64, seed=1), _frames(3, 80, 40, seed=2), _frames(2, 64, 64, seed=3)]  # sizes differ
+    nouns = [["dog", "guitar player"], [], ["cat", "man", "car", "Xylophone"]]
+    probs = grounder.probabilities(frames, nouns)
+    assert [tuple(p.shape) for p in probs] == [(4, 2), (3, 0), (2, 4)]
+    for p in probs:
+        assert p.dtype == torch.float32 and p.device == CPU
+        assert ((p >= 0) & (p <= 1)).all()
+    assert probs[0].std() > 0  # not a constant
+    assert grounder.probabilities([], []) == []
+    with pytest.raises(ValueError, match="noun lists"):
+        grounder.probabilities(frames, nouns[:2])
+
+
+def test_grounder_noun_token_spans(grounder: Grounder) -> None:
+    prompt = grounder.prompt(["Dog", "guitar player", "st. bernard"])
+    tokens = grounder.tokenizer.convert_ids_to_tokens(prompt.input_ids)
+    assert [[tokens[i] for i in span] for span in prompt.spans][:1] == [["dog"]]
+    assert "".join(tokens[i] for i in prompt.spans[1]).replace("##", "") == "guitarplayer"
+    assert tokens.count(".") == 3  # one delimiter per noun; the '.' inside "st. bernard" was removed
+    assert all("." not in tokens[i] for span in prompt.spans for i in span)
+
+
+def test_grounder_batches_across_clips_like_one_by_one(grounder_no_sam: Grounder) -> None:
+    """Text padding must not leak: a short prompt batched with a long one scores as it does alone."""
+    frames = [_frames(2, 48, 64, seed=4), _frames(3, 48, 64, seed=5)]
+    nouns = [["dog"], ["cat", "man", "car", "water"]]
+    together = grounder_no_sam.probabilities(frames, nouns)
+    for clip_frames, clip_nouns, joint in zip(frames, nouns, together):
+        alone = grounder_no_sam.probabilities([clip_frames], [clip_nouns])[0]
+        torch.testing.assert_close(joint, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_sam_only_lowers_probabilities(grounder: Grounder, grounder_no_sam: Grounder) -> None:
+    frames = [_frames(3, 48, 64, seed=6), _frames(2, 72, 56, seed=7)]
+    nouns = [["dog", "car"], ["man"]]
+    with_sam = grounder.probabilities(frames, nouns)
+    without = grounder_no_sam.probabilities(frames, nouns)
+    for a, b in zip(with_sam, without):
+        assert (a <= b + 1e-6).all()
+    assert any((a < b - 1e-3).any() for a, b in zip(with_sam, without))
+
+
+def test_frozen_modules_stay_in_eval(clip: ClipEncoder, grounder: Grounder, vae: AudioVAE) -> None:
+    for module in (clip, grounder, vae):
+        module.train()
+        assert not any(m.training for m in module.modules())
+        assert not any(p.requires_grad for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------- audio
+def test_vae_and_vocoder_shapes(vae: AudioVAE) -> None:
+    mel = torch.randn(3, MEL_FRAMES, MEL_BINS)
+    mean, std = vae.encode(mel)
+    ds = CFG.vae_downsample
+    assert mean.shape == std.shape == (3, CFG.latent_channels, MEL_FRAMES // ds, MEL_BINS // ds)
+    assert mean.dtype == std.dtype == torch.float32 and (std > 0).all()
+    chunked = AudioVAE.from_config(CFG.replace(batch_clips=1), None, CPU).encode(mel)[0]
+    torch.testing.assert_close(chunked, mean, rtol=1e-5, atol=1e-5)
+    assert vae.decode(mean).shape == (3, MEL_FRAMES, MEL_BINS)
+    assert vae.encode(torch.zeros(0, MEL_FRAMES, MEL_BINS))[0].shape == (0, *mean.shape[1:])
+    with pytest.raises(ValueError, match="mel must be"):
+        vae.encode(torch.zeros(1, 64, MEL_FRAMES))
+    vocoder = load_vocoder(CFG, None, CPU)
+    with torch.inference_mode():
+        waveform = vocoder(torch.randn(2, MEL_FRAMES, MEL_BINS))
+    hop = 160
+    assert waveform.shape[0] == 2 and abs(waveform.shape[1] - MEL_FRAMES * hop) < hop
+    assert not vocoder.training and not any(p.requires_grad for p in vocoder.parameters())
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def _save_tiny_weights(root: Path) -> dict[str, object]:
+    """Write every tiny model in its real on-disk format, with seeds other than CFG.seed; return the models."""
+    torch.manual_seed(11)
+    # frozen like the encoders: nn.MultiheadAttention takes another (fused) kernel without gradients
+    clip_model = open_clip.create_model(CFG.clip_model).eval().requires_grad_(False)
+    (root / "clip").mkdir(parents=True)
+    save_file(clip_model.state_dict(), str(root / LOADED.clip_checkpoint))
+
+    tokenizer = encoders.tiny_bert_tokenizer()
+    torch.manual_seed(12)
+    detector = GroundingDinoForObjectDetection(encoders.tiny_grounding_dino_config(len(tokenizer))).eval()
+    detector.save_pretrained(root / LOADED.grounding_dir)
+    image_size = {"shortest_edge": CFG.grounding_short_side, "longest_edge": CFG.grounding_long_side}
+    image_processor = GroundingDinoImageProcessor(size=image_size)
+    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
+        root / LOADED.grounding_dir)
+
+    torch.manual_seed(13)
+    sam = SamModel(encoders.tiny_sam_config()).eval()
+    torch.nn.init.constant_(sam.mask_decoder.iou_prediction_head.proj_out.bias, 0.5)
+    sam.save_pretrained(root / LOADED.sam_dir)
+    side = encoders.TINY_SAM_IMAGE_SIZE
+    sam_image_processor = SamImageProcessor(size={"longest_edge": side}, pad_size={"height": side, "width": side})
+    SamProcessor(image_processor=sam_image_processor).save_pretrained(root / LOADED.sam_dir)
+
+    torch.manual_seed(14)
+    vae = AutoencoderKL(**encoders.tiny_vae_config(CFG)).eval()
+    vae.save_pretrained(root / LOADED.audioldm_dir / "vae")
+    torch.manual_seed(15)
+    vocoder = SpeechT5HifiGan(encoders.tiny_vocoder_config(CFG)).eval()
+    vocoder.save_pretrained(root / LOADED.audioldm_dir / "vocoder")
+    return dict(clip=clip_model, detector=detector, image_processor=image_processor, tokenizer=tokenizer,
+                image_size=image_size, sam=sam, sam_image_processor=sam_image_processor, vae=vae, vocoder=vocoder)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    root = tmp_path_factory.mktemp("weights")
+    return root, _save_tiny_weights(root)
+
+
+def test_checkpoints_load_back_identically(saved: tuple[Path, dict[str, object]]) -> None:
+    root, models = saved
+    frames = _frames(3, 48, 64, seed=8)
+
+    clip = ClipEncoder.from_config(LOADED, root, CPU)
+    assert clip.checksum == weights.sha256_file(root / LOADED.clip_checkpoint)
+    clip_model = models["clip"]
+    with torch.inference_mode():
+        expected_images = clip_model.encode_image(clip.preprocess(frames))
+        expected_texts = clip_model.encode_text(open_clip.get_tokenizer(CFG.clip_model)(["a dog", "a cat"]))
+    assert torch.equal(clip.encode_frames(frames), expected_images)
+    assert torch.equal(clip.encode_texts(["a dog", "a cat"]), expected_texts)
+
+    grounder = Grounder.from_config(LOADED, root, CPU)
+    assert grounder.checksum != f"random-init(seed={CFG.seed})" and len(grounder.checksum) == 64
+    reference = Grounder(models["detector"], models["image_processor"], models["tokenizer"], models["image_size"],
+                         models["sam"], models["sam_image_processor"], CFG.frame_batch, "reference")
+    nouns = [["dog", "drum"], ["man"]]
+    clips = [frames, _frames(2, 60, 40, seed=9)]
+    for loaded, expected in zip(grounder.probabilities(clips, nouns), reference.probabilities(clips, nouns)):
+        assert torch.equal(loaded, expected)
+
+    vae = AudioVAE.from_config(LOADED, root, CPU)
+    assert vae.checksum == weights.sha256_dir(root / LOADED.audioldm_dir / "vae")
+    mel = torch.randn(2, MEL_FRAMES, MEL_BINS)
+    with torch.inference_mode():
+        posterior = models["vae"].encode(mel[:, None]).latent_dist
+        waveform = models["vocoder"](mel)
+    mean, std = vae.encode(mel)
+    assert torch.equal(mean, posterior.mean) and torch.equal(std, posterior.std)
+    vocoder = load_vocoder(LOADED, root, CPU)
+    with torch.inference_mode():
+        assert torch.equal(vocoder(mel), waveform)
+
+
+def test_weights_check_command(saved: tuple[Path, dict[str, object]], capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = saved
+    assert weights.main(["check", "--weights", str(root), "--preset", "tiny", "--load"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    checksum = weights.sha256_file(root / LOADED.clip_checkpoint)
+    assert any(line.startswith("clip") and checksum in line for line in lines)
+    assert sum(len(line.split()) > 1 and len(line.split()[1]) == 64 for line in lines) == 5
+    assert weights.main(["check", "--weights", str(root / "nowhere"), "--preset", "tiny"]) == 1
+    assert "MISSING" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
+def test_clip_openai_torchscript_and_sidecar_config(tmp_path: Path) -> None:
+    """OpenAI's JIT archive and open_clip's hub folder (with open_clip_config.json) both mean QuickGELU."""
+    torch.manual_seed(21)
+    quick = open_clip.create_model(CFG.clip_model, force_quick_gelu=True).eval()
+    frames = _frames(2, 40, 56, seed=10)
+
+    (tmp_path / "jit").mkdir()
+    torch.jit.save(torch.jit.script(quick), str(tmp_path / "jit" / "openai.pt"))
+    jit_clip = ClipEncoder.from_config(LOADED.replace(clip_checkpoint="jit/openai.pt"), tmp_path, CPU)
+
+    (tmp_path / "hub").mkdir()
+    save_file(quick.state_dict(), str(tmp_path / "hub" / "open_clip_model.safetensors"))
+    mean = [0.5, 0.5, 0.5]
+    sidecar = {"model_cfg": {"quick_gelu": True}, "preprocess_cfg": {"mean": mean, "std": mean}}
+    (tmp_path / "hub" / "open_clip_config.json").write_text(json.dumps(sidecar))
+    hub_clip = ClipEncoder.from_config(LOADED.replace(clip_checkpoint="hub/open_clip_model.safetensors"), tmp_path, CPU)
+    assert hub_clip.mean.flatten().tolist() == mean and jit_clip.mean.flatten().tolist() != mean
+
+    for encoder in (jit_clip, hub_clip):
+        with torch.inference_mode():
+            expected = quick.encode_image(encoder.preprocess(frames))
+        torch.testing.assert_close(encoder.encode_frames(frames), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- errors
+def test_missing_weights_name_the_path(tmp_path: Path) -> None:
+    for build in (ClipEncoder.from_config, Grounder.from_config, AudioVAE.from_config, load_vocoder):
+        with pytest.raises(FileNotFoundError, match=rf"not found at {tmp_path}.*weights layout in README"):
+            build(LOADED, tmp_path, CPU)
+    with pytest.raises(ValueError, match="no weights folder"):
+        ClipEncoder.from_config(LOADED, None, CPU)
+
+
+def test_size_mismatches_raise(saved: tuple[Path, dict[str, object]], tmp_path: Path) -> None:
+    root, models = saved
+    with pytest.raises(ValueError, match=rf"{LOADED.clip_checkpoint}.*embed_dim=64"):
+        ClipEncoder.from_config(LOADED.replace(embed_dim=64), root, CPU)
+    with pytest.raises(ValueError, match=r"vae.*latent_channels=8.*config says 1, 4"):
+        AudioVAE.from_config(LOADED.replace(latent_channels=4), root, CPU)
+    with pytest.raises(ValueError, match=r"vocoder.*sampling_rate=16000"):
+        load_vocoder(LOADED.replace(sample_rate=22050), root, CPU)
+
+    # a checkpoint of another architecture: open_clip's strict load fails -> one ValueError naming the file
+    state = dict(models["clip"].state_dict())
+    state["text_projection"] = torch.zeros(32, 16)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=r"bad.safetensors: checkpoint does not fit open_clip model vta-tiny-clip"):
+        ClipEncoder.from_config(LOADED.replace(clip_checkpoint="bad.safetensors"), tmp_path, CPU)
+
+    # a tokenizer whose delimiter ids differ from those Grounding DINO splits phrases at
+    folder = tmp_path / LOADED.grounding_dir
+    models["detector"].save_pretrained(folder)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", "dog"]
+    shuffled = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    GroundingDinoProcessor(image_processor=models["image_processor"], tokenizer=shuffled).save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"grounding-dino: tokenizer ids of .* are \[2, 3, 5, 6\]"):
+        Grounder.from_config(LOADED.replace(use_sam=False), tmp_path, CPU)
+
+
+def test_fetch_without_hub_fails_fast_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    start = time.monotonic()
+    # a closed local port stands in for "no network" (this test must never download on a machine that has one)
+    code = weights.main(["fetch", "--out", str(tmp_path), "--endpoint", "http://127.0.0.1:9", "--timeout", "5"])
+    captured = capsys.readouterr()
+    assert code == 1 and time.monotonic() - start < 30
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("weights fetch failed: cannot reach the Hugging Face Hub")
+    assert "Traceback" not in captured.err and not any(tmp_path.iterdir())
+
+
+def test_weights_layout_and_dir_checksum(tmp_path: Path) -> None:
+    for entry in ("clip/open_clip_model.safetensors", "grounding-dino/", "sam/", "audioldm/vae/", "audioldm/vocoder/"):
+        assert entry in weights.WEIGHTS_LAYOUT
+    (tmp_path / "sub").mkdir()
+    np.save(tmp_path / "ignored.npy", np.zeros(3))
+    (tmp_path / "a.safetensors").write_bytes(b"one")
+    (tmp_path / "sub" / "b.bin").write_bytes(b"two")
+    first = weights.sha256_dir(tmp_path)
+    (tmp_path / "ignored.npy").write_bytes(b"changed")  # not a weight file: digest unchanged
+    assert weights.sha256_dir(tmp_path) == first
+    (tmp_path / "sub" / "b.bin").write_bytes(b"three")
+    assert weights.sha256_dir(tmp_path) != first
+    with pytest.raises(FileNotFoundError):
+        weights.sha256_dir(tmp_path / "sub" / "empty")

@@ -1,0 +1,167 @@
+"""Stage two: routing, the object term's time alignment, one step per ablation, overfitting, sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.test_train_support import SPEC, one_thread, small_config  # noqa: F401 (autouse fixture)
+from train import VTASAM, route, sample
+from train.config import INPUTS, SCHEMES, TrainConfig
+from train.diffusion import diffusion_loss, noise_scheduler, training_target
+from train.model import align_to_tokens, time_overlap, token_grid
+
+
+def conditions(spec, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "video": torch.randn(batch, spec.num_frames, spec.embed_dim, generator=g),
+        "objects": torch.randn(batch, spec.num_frames, spec.embed_dim, generator=g),
+        "caption": torch.randn(batch, spec.embed_dim, generator=g),
+    }
+
+
+def test_route_places_each_condition():
+    assert route("V+O", "Z@V+O") == (["video"], "objects")
+    assert route("V+O", "Z@O+V") == (["objects"], "video")
+    assert route("V+O", "Z@(V+O)") == (["video", "objects"], None)
+    assert route("V+O", "Z@V") == (["video"], None)
+    assert route("T", "Z@V+O") == (["caption"], None)
+    assert route("V+T", "Z@V+O") == (["video", "caption"], None)
+    assert route("V+O+T", "Z@V+O") == (["video", "caption"], "objects")
+
+
+def test_time_overlap_rows_are_frame_coverage():
+    w = time_overlap(256, 20)
+    assert torch.allclose(w.sum(1), torch.ones(256))
+    # step 0 covers [0, 0.04 s) of 10.24 s: inside frame 0 ([0, 0.512 s))
+    assert w[0, 0] == 1
+    # step 12 covers [0.48, 0.52) s: 0.032 s in frame 0 and 0.008 s in frame 1
+    assert torch.allclose(w[12, :2], torch.tensor([0.8, 0.2]), atol=1e-5)
+    coarse = time_overlap(10, 20)  # a coarse level averages two frames per step
+    assert torch.allclose(coarse[3, 6:8], torch.tensor([0.5, 0.5]))
+
+
+def test_token_grid_follows_the_unet_levels():
+    assert token_grid(256 * 16, (256, 16)) == (256, 16)
+    assert token_grid(128 * 8, (256, 16)) == (128, 8)
+    assert token_grid(32 * 2, (256, 16)) == (32, 2)
+    with pytest.raises(ValueError):
+        token_grid(100, (256, 16))
+
+
+def test_align_to_tokens_touches_only_the_frames_seconds():
+    frames, dim = 20, 3
+    base = torch.randn(1, frames, dim)
+    changed = base.clone()
+    changed[:, 7] += 1.0  # frame 7 covers [3.584, 4.096) s
+    tokens = 128 * 8
+    delta = (align_to_tokens(changed, tokens, (256, 16)) - align_to_tokens(base, tokens, (256, 16))).abs().sum(-1)
+    per_step = delta.view(128, 8)
+    # token n is time step n // 8 (row-major H then W); every frequency of a step gets the same change
+    assert torch.equal(per_step.amax(1) > 0, per_step.amin(1) > 0)
+    seconds = (torch.arange(128) + 0.5) * 10.24 / 128
+    inside = (seconds > 3.584 + 0.08) & (seconds < 4.096 - 0.08)
+    outside = (seconds < 3.584 - 0.08) | (seconds > 4.096 + 0.08)
+    assert (per_step[inside] > 0).all() and (per_step[outside] == 0).all()
+
+
+def _output_change(model: VTASAM, frame: int) -> torch.Tensor:
+    """|change| of the UNet output per latent time step when the object embedding of one frame changes."""
+    torch.manual_seed(1)
+    z = torch.randn(1, *SPEC.latent_shape)
+    c = conditions(SPEC, batch=1)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        before = model(z, t, c)
+        c["objects"][:, frame] += 3.0
+        after = model(z, t, c)
+    return (after - before).abs().mean(dim=(0, 1, 3))  # (latent_time,)
+
+
+@pytest.mark.parametrize("frame", [3, 14])
+def test_object_term_is_time_aligned_in_the_unet(frame):
+    torch.manual_seed(0)
+    model = VTASAM(small_config(), SPEC).eval()
+    assert _output_change(model, frame).abs().max() == 0  # the object projections start at zero
+    for p in model.added_parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    change = _output_change(model, frame)
+    # frame f covers latent steps [f, f + 1) * 64 / 20; convolutions, GroupNorm statistics and self-attention
+    # spread the change somewhat, so compare the frame's span with the steps far from it
+    first, last = int(frame * 3.2), int((frame + 1) * 3.2)
+    steps = torch.arange(SPEC.latent_time)
+    far = (steps < first - 12) | (steps > last + 12)
+    assert first - 1 <= int(change.argmax()) <= last + 1, change
+    assert change[first:last + 1].mean() > 4 * change[far].mean(), change
+
+
+def _one_step(config: TrainConfig) -> tuple[float, VTASAM]:
+    torch.manual_seed(0)
+    model = VTASAM(config, SPEC)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = noise_scheduler(config)
+    z0 = torch.randn(2, *SPEC.latent_shape)
+    noise, t = torch.randn_like(z0), torch.tensor([10, 900])
+    prediction = model(scheduler.add_noise(z0, noise, t), t, conditions(SPEC), drop=torch.tensor([False, True]))
+    loss = diffusion_loss(prediction, training_target(scheduler, z0, noise, t), t, scheduler, config.min_snr_gamma)
+    loss.backward()
+    for p in model.added_parameters():  # the zero-initialised Linear_l still receive gradients
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    optimizer.step()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "no parameter changed"
+    return float(loss.detach()), model
+
+
+@pytest.mark.parametrize("inputs", INPUTS)
+def test_one_step_for_every_input_set(inputs):
+    loss, model = _one_step(small_config(inputs=inputs))
+    assert torch.isfinite(torch.tensor(loss))
+    assert ("objects" in model.project) == ("O" in inputs)
+    assert ("caption" in model.project) == ("T" in inputs)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_one_step_for_every_scheme(scheme):
+    loss, model = _one_step(small_config(inputs="V+O", scheme=scheme))
+    assert torch.isfinite(torch.tensor(loss))
+    assert bool(model.added_parameters()) == (scheme in ("Z@O+V", "Z@V+O"))
+
+
+def test_loss_falls_on_a_fixed_batch():
+    config = small_config(min_snr_gamma=0.0)
+    spec = dataclasses.replace(SPEC, latent_time=32)  # smaller still: 25 steps on a shared 2-core machine
+    torch.manual_seed(0)
+    model = VTASAM(config, spec)
+    scheduler = noise_scheduler(config)
+    z0 = torch.randn(2, *spec.latent_shape) * 0.5
+    noise, t, c = torch.randn_like(z0), torch.tensor([200, 700]), conditions(spec, batch=2)
+    target = training_target(scheduler, z0, noise, t)
+    noisy = scheduler.add_noise(z0, noise, t)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = diffusion_loss(model(noisy, t, c), target, t, scheduler, 0.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpmsolver++"])
+def test_sample_shapes_and_guidance(kind):
+    torch.manual_seed(0)
+    model = VTASAM(small_config(), SPEC).eval()
+    c = conditions(SPEC, batch=2)
+    latents = sample(model, c, steps=2, guidance=3.0, scheduler=kind, generator=torch.Generator().manual_seed(0))
+    assert latents.shape == (2, *SPEC.latent_shape) and torch.isfinite(latents).all()
+    again = sample(model, c, steps=2, guidance=3.0, scheduler=kind, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(latents, again)
+    if kind == "ddim":  # guidance changes the result unless the conditions do not matter
+        plain = sample(model, c, steps=2, guidance=1.0, scheduler=kind, generator=torch.Generator().manual_seed(0))
+        assert not torch.allclose(latents, plain)

@@ -1,0 +1,64 @@
+"""A real two-process data-parallel run on the CPU (gloo): same weights on both ranks, each sample once per epoch."""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from tests.test_train_run import SMALL
+from tests.test_train_support import write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(launcher: list[str], shard_dir: Path, out: Path) -> subprocess.CompletedProcess:
+    command = [*launcher, "-m", "train", "--shards", str(shard_dir), "--output", str(out), *SMALL,
+               "--max-steps", "8", "--checkpoint-every", "4", "--record-ranks"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def check_two_ranks(out: Path, ids: list[str]) -> None:
+    lines = {rank: (out / f"ranks/ids_rank{rank}.txt").read_text().split("\n")[:-1] for rank in (0, 1)}
+    assert lines[0] and lines[1], "a rank consumed nothing: not two real processes"
+    seen = collections.Counter()
+    for rows in lines.values():
+        seen.update((line.split()[0], line.split()[2]) for line in rows)
+    # 16 samples, 2 ranks x batch 2 -> 4 steps per epoch: 8 steps = epochs 0 and 1, every sample once in each
+    assert set(seen.values()) == {1}
+    assert {epoch for epoch, _ in seen} == {"0", "1"}
+    for epoch in ("0", "1"):
+        assert sorted(clip for e, clip in seen if e == epoch) == sorted(ids)
+    w0 = safetensors.torch.load_file(str(out / "ranks/weights_rank0.safetensors"))
+    w1 = safetensors.torch.load_file(str(out / "ranks/weights_rank1.safetensors"))
+    assert w0.keys() == w1.keys()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    saved = safetensors.torch.load_file(str(out / "checkpoints/step_00000008/model.safetensors"))
+    assert all(torch.equal(saved[k], w0[k]) for k in saved)
+
+
+def test_torchrun_two_processes(tmp_path):
+    ids = write_shards(tmp_path / "shards", num_shards=4, per_shard=4)
+    result = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                    tmp_path / "shards", tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stdout
+    check_two_ranks(tmp_path / "run", ids)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes(tmp_path):
+    """FACTS.md: `--cpu --num_processes 2` runs ONE process; `--multi_gpu` with Accelerator(cpu=True) runs two."""
+    ids = write_shards(tmp_path / "shards", num_shards=4, per_shard=4)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    result = launch(launcher, tmp_path / "shards", tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_two_ranks(tmp_path / "run", ids)

@@ -1,0 +1,126 @@
+"""`python -m train` end to end in one process: dry run, resume, exported weights, bad input, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import shards
+from tests.test_train_support import SPEC, one_thread, write_meta, write_nan_shard, write_shards  # noqa: F401
+from train import load_model
+from train.__main__ import main
+
+# the small model of test_train_support.small_config, as flags
+SMALL = ["--block-channels", "16", "32", "--attention-heads", "2", "2", "--cross-attention-dim", "32",
+         "--batch-size", "2", "--shuffle-buffer", "4", "--log-every", "1"]
+
+
+def run(shard_dir: Path, out: Path, *extra: str) -> int:
+    return main(["--shards", str(shard_dir), "--output", str(out), *SMALL, *extra])
+
+
+def test_dry_run_prints_the_resolved_config(capsys):
+    assert main(["--preset", "paper", "--dry-run", "--learning-rate", "1e-4", "--inputs", "V+O+T"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["block_channels"] == [320, 640, 1280, 1280] and printed["cross_attention_dim"] == 1024
+    assert printed["learning_rate"] == 1e-4 and printed["inputs"] == "V+O+T" and printed["upcast_attention"]
+
+
+def _state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Model weights, optimizer moments and EMA of a resume state, flattened to name -> tensor."""
+    out = {f"model.{k}": v for k, v in safetensors.torch.load_file(str(checkpoint / "model.safetensors")).items()}
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    for index, state in optimizer["state"].items():
+        for name, value in state.items():
+            out[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    ema = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)
+    out.update({f"ema.{k}": v for k, v in ema.items()})
+    return out
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    data = tmp_path / "shards"
+    write_shards(data, num_shards=2, per_shard=5, splits=("train", "train", "train", "train", "test"))
+    # uninterrupted: 4 steps; interrupted: 2 steps, then the same command with --max-steps 4
+    assert run(data, tmp_path / "a", "--max-steps", "4", "--checkpoint-every", "2") == 0
+    assert run(data, tmp_path / "b", "--max-steps", "2", "--checkpoint-every", "2") == 0
+    assert (tmp_path / "b/checkpoints/step_00000002/complete").exists()
+    assert run(data, tmp_path / "b", "--max-steps", "4", "--checkpoint-every", "2") == 0
+    progress = torch.load(tmp_path / "b/checkpoints/step_00000004/custom_checkpoint_1.pkl", weights_only=True)
+    assert progress["step"] == 4 and progress["samples"] == 8
+    a, b = _state(tmp_path / "a/checkpoints/step_00000004"), _state(tmp_path / "b/checkpoints/step_00000004")
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # the step-2 state differs from step 4 (the comparison above is not vacuous)
+    early = _state(tmp_path / "b/checkpoints/step_00000002")
+    assert any(not torch.equal(early[k], b[k]) for k in b if k.startswith("model."))
+
+    # the exported EMA weights are what load_model returns
+    model, config = load_model(tmp_path / "b")
+    assert config.max_steps == 4 and model.spec == SPEC
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, b[f"ema.{name}"]), name
+
+
+def test_only_the_configured_split_is_read(tmp_path):
+    data = tmp_path / "shards"
+    write_shards(data, num_shards=1, per_shard=6, splits=("train", "test", "test"))
+    assert run(data, tmp_path / "run", "--max-steps", "2", "--record-ranks") == 0
+    seen = {line.split()[2] for line in (tmp_path / "run/ranks/ids_rank0.txt").read_text().splitlines()}
+    assert seen == {"clip0_0", "clip0_3"}  # every third sample is train
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "schema", "preset", "config_change"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, problem):
+    data = tmp_path / "shards"
+    extra: list[str] = []
+    if problem == "empty":
+        write_meta(data, SPEC)
+    elif problem == "schema":
+        write_shards(data, num_shards=1)
+        meta = json.loads((data / shards.META_FILE).read_text())
+        meta["spec"]["schema_version"] = meta["schema_version"] = shards.SCHEMA_VERSION + 1
+        (data / shards.META_FILE).write_text(json.dumps(meta))
+    elif problem == "preset":
+        write_shards(data, num_shards=1)
+    elif problem == "config_change":
+        write_shards(data, num_shards=1)
+        assert run(data, tmp_path / "run", "--max-steps", "1") == 0
+        capsys.readouterr()
+        extra = ["--learning-rate", "0.5"]
+    if problem == "preset":  # the paper preset's own model (the small-model flags are for 2 resolutions)
+        code = main(["--preset", "paper", "--shards", str(data), "--output", str(tmp_path / "run")])
+    else:
+        code = run(data, tmp_path / "run", "--max-steps", "1", *extra)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    expected = {"missing": "does not exist", "empty": "no complete shard", "schema": "schema version",
+                "preset": "embed_dim", "config_change": "learning_rate"}[problem]
+    assert expected in err
+    if problem != "config_change":
+        assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_non_finite_losses_skip_steps_then_stop(tmp_path, capsys):
+    data = tmp_path / "shards"
+    write_shards(data, num_shards=1, per_shard=8)
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "2", "--checkpoint-every", "2", "--max-bad-steps", "3") == 0
+    before = safetensors.torch.load_file(str(out / "checkpoints/step_00000002/model.safetensors"))
+    shutil.rmtree(data)
+    write_meta(data, SPEC)
+    write_nan_shard(data)  # the same folder now holds NaN latents
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "4", "--checkpoint-every", "2", "--max-bad-steps", "3") == 1
+    assert "3 non-finite losses in a row" in capsys.readouterr().out
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step_00000002"]
+    after = safetensors.torch.load_file(str(out / "checkpoints/step_00000002/model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,75 @@
+"""Helpers for the stage-two tests: tiny shard folders and a small model config (no tests here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+import shards
+from preprocess.config import PRESETS as FEATURE_PRESETS
+from tests.conftest import make_sample
+from train.config import PRESETS, TrainConfig
+
+# the tiny stage-one spec (20 frames, embed 32) with a shorter latent time axis: 4x less UNet work on the
+# shared 2-core test machine; the full (8, 256, 16) latent is exercised by the alignment test
+SPEC = dataclasses.replace(FEATURE_PRESETS["tiny"].shard_spec(), latent_time=64)
+FULL_SPEC = FEATURE_PRESETS["tiny"].shard_spec()
+
+
+def small_config(**changes: object) -> TrainConfig:
+    """The tiny preset made smaller still (16/32 channels) so a step takes a fraction of a second."""
+    base = PRESETS["tiny"].replace(block_channels=(16, 32), attention_heads=(2, 2), cross_attention_dim=32,
+                                   batch_size=2, shuffle_buffer=4, log_every=1)
+    return base.replace(**changes)
+
+
+def write_meta(folder: Path, spec: shards.ShardSpec, schema_version: int = shards.SCHEMA_VERSION) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_dict = {**spec.to_dict(), "schema_version": schema_version}
+    (folder / shards.META_FILE).write_text(json.dumps({"schema_version": schema_version, "spec": spec_dict}))
+
+
+def write_shards(folder: Path, spec: shards.ShardSpec = SPEC, num_shards: int = 2, per_shard: int = 4,
+                 splits: tuple[str, ...] = ("train",)) -> list[str]:
+    """Shards of random spec-conformant samples; the split cycles through `splits`. Returns the clip ids."""
+    write_meta(folder, spec)
+    ids = []
+    for rank in range(num_shards):
+        writer = shards.ShardWriter(folder, "train", rank, per_shard)
+        for i in range(per_shard):
+            clip_id = f"clip{rank}_{i}"
+            meta, arrays, waveform = make_sample(spec, clip_id, seed=100 * rank + i, split=splits[i % len(splits)])
+            writer.write(shards.encode_sample(spec, meta, arrays, waveform))
+            ids.append(clip_id)
+        writer.close()
+    return ids
+
+
+def write_nan_shard(folder: Path, spec: shards.ShardSpec = SPEC, count: int = 8) -> None:
+    """One shard whose latents are NaN (written around encode_sample, which refuses them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(folder / shards.shard_name("train", 0, 0)), encoder=False) as tar:
+        for i in range(count):
+            meta, arrays, waveform = make_sample(spec, f"nan{i}", seed=i)
+            sample = shards.encode_sample(spec, meta, arrays, waveform)
+            buffer = io.BytesIO()
+            np.save(buffer, np.full(spec.latent_shape, np.nan, dtype=np.float16), allow_pickle=False)
+            sample["latent_mean.npy"] = buffer.getvalue()
+            tar.write(sample)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run the tiny models single-threaded: on a shared 2-core machine, OpenMP's spinning threads make a
+    step of these small models up to 40x slower when other processes compete for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

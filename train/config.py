@@ -1,0 +1,189 @@
+"""Stage-two configuration: one frozen dataclass and named presets.
+
+`tiny` trains a very small UNet on the CPU in minutes (tests, the demo); `paper` is Tango's UNet
+(diffusers `UNet2DConditionModel`, blocks 320/640/1280/1280, SD 2.1's attention layout) with the
+training setup of the paper (batch 8 per GPU, AdamW, lr 3e-5, no warmup, 40 epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Inputs = Literal["T", "V", "V+T", "V+O", "V+O+T"]
+Scheme = Literal["Z@V", "Z@(V+O)", "Z@O+V", "Z@V+O"]
+INPUTS: tuple[str, ...] = typing.get_args(Inputs)
+SCHEMES: tuple[str, ...] = typing.get_args(Scheme)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything stage two needs; every run writes it (resolved) to runs/<name>/config.json."""
+
+    preset: str = field(default="tiny", metadata={"help": "name of the preset this config started from"})
+    # --- data ------------------------------------------------------------------------------
+    shards: str = field(default="data/shards/demo", metadata={"help": "stage-one output folder (meta.json + *.tar shards)"})
+    split: str = field(default="train", metadata={"help": "train on samples whose json 'split' is this"})
+    output: str = field(default="runs/demo", metadata={"help": "run folder: checkpoints/, logs/, model/"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank reading shards"})
+    shuffle_buffer: int = field(default=64, metadata={"help": "samples held in the shuffle buffer of each data stream"})
+    embed_dim: int = field(default=32, metadata={"help": "CLIP embedding size the shards must have (meta.json spec)"})
+    num_frames: int = field(default=20, metadata={"help": "frames per clip the shards must have (meta.json spec)"})
+    object_threshold: float = field(default=0.0, metadata={"help": "noun probabilities below this count as 0 in Eq. (1)"})
+    # --- conditioning (Tables III and IV of the paper) ---------------------------------------
+    inputs: Inputs = field(default="V+O", metadata={"help": f"conditions used, one of {INPUTS} (T: caption, V: video frames, O: objects)"})
+    scheme: Scheme = field(default="Z@V+O", metadata={"help": f"how V and O enter the UNet, one of {SCHEMES} (see train.model.route)"})
+    frame_positions: bool = field(default=False, metadata={"help": "add a sinusoidal embedding of the frame index to per-frame key tokens (VTA-LDM: off)"})
+    # --- model -----------------------------------------------------------------------------
+    block_channels: tuple[int, ...] = field(default=(32, 64), metadata={"help": "UNet channels per resolution"})
+    cross_attention_blocks: tuple[bool, ...] = field(default=(False, True), metadata={"help": "per resolution: True for a Transformer (self-attn, cross-attn, FF) block"})
+    layers_per_block: int = field(default=1, metadata={"help": "ResNet (+ Transformer) layers per UNet block"})
+    attention_heads: tuple[int, ...] = field(default=(2, 2), metadata={"help": "attention heads per resolution (diffusers' attention_head_dim)"})
+    cross_attention_dim: int = field(default=64, metadata={"help": "width of the cross-attention keys/values (paper: 1024)"})
+    norm_groups: int = field(default=8, metadata={"help": "GroupNorm groups in the UNet"})
+    upcast_attention: bool = field(default=False, metadata={"help": "float32 attention scores (SD 2.1 / Tango)"})
+    # --- diffusion -------------------------------------------------------------------------
+    train_timesteps: int = field(default=1000, metadata={"help": "DDPM steps"})
+    beta_start: float = field(default=0.00085, metadata={"help": "scaled_linear betas from this (SD 2.1, as Tango / VTA-LDM)"})
+    beta_end: float = field(default=0.012, metadata={"help": "scaled_linear betas to this"})
+    prediction: Literal["v_prediction", "epsilon"] = field(default="v_prediction", metadata={"help": "network target (Tango / VTA-LDM: v)"})
+    min_snr_gamma: float = field(default=5.0, metadata={"help": "min-SNR loss weighting gamma (0 turns it off)"})
+    uncond_probability: float = field(default=0.1, metadata={"help": "probability that all conditions of a sample are zeroed (classifier-free guidance)"})
+    vae_scaling_factor: float = field(default=1.0, metadata={"help": "latents z are multiplied by this (the VAE's config.scaling_factor; random tiny VAE: 1.0)"})
+    # --- optimisation ----------------------------------------------------------------------
+    batch_size: int = field(default=4, metadata={"help": "samples per rank per micro-batch"})
+    grad_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    adam_betas: tuple[float, ...] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warmup (optimizer steps)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this"})
+    epochs: int = field(default=40, metadata={"help": "passes over the split (ignored when max_steps > 0)"})
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps in total (0: derived from epochs)"})
+    ema_decay: float = field(default=0.99, metadata={"help": "EMA decay (warmed up as min(decay, (1+n)/(10+n)))"})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "autocast precision ('no' is forced on the CPU)"})
+    seed: int = field(default=0, metadata={"help": "seed of weights, data order, noise"})
+    # --- bookkeeping -----------------------------------------------------------------------
+    checkpoint_every: int = field(default=100, metadata={"help": "save the full resume state every this many optimizer steps"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "resume states kept on disk"})
+    log_every: int = field(default=10, metadata={"help": "TensorBoard scalars every this many optimizer steps"})
+    max_bad_steps: int = field(default=20, metadata={"help": "stop after this many non-finite losses in a row"})
+    record_ranks: bool = field(default=False, metadata={"help": "write each rank's consumed sample ids and final weights to <output>/ranks/ (tests)"})
+    cpu: bool = field(default=False, metadata={"help": "train on the CPU even when CUDA is there"})
+
+    def __post_init__(self) -> None:
+        if self.inputs not in INPUTS:
+            raise ValueError(f"inputs must be one of {INPUTS}, got {self.inputs!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if not len(self.block_channels) == len(self.cross_attention_blocks) == len(self.attention_heads):
+            raise ValueError("block_channels, cross_attention_blocks and attention_heads need one entry per resolution")
+        if not any(self.cross_attention_blocks):
+            raise ValueError("at least one UNet resolution needs cross-attention blocks")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.prediction not in ("v_prediction", "epsilon"):
+            raise ValueError(f"prediction must be v_prediction or epsilon, got {self.prediction!r}")
+        if not 0 <= self.uncond_probability < 1:
+            raise ValueError("uncond_probability must be in [0, 1)")
+        if self.batch_size < 1 or self.grad_accumulation < 1:
+            raise ValueError("batch_size and grad_accumulation must be at least 1")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of to_dict (JSON turns tuples into lists)."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "tiny": TrainConfig(),
+    "paper": TrainConfig(
+        preset="paper",
+        num_workers=4,
+        shuffle_buffer=1000,
+        embed_dim=768,  # CLIP ViT-L/14
+        num_frames=41,  # 4 fps over 10.24 s (preprocess PRESETS['paper'])
+        block_channels=(320, 640, 1280, 1280),
+        cross_attention_blocks=(True, True, True, False),
+        layers_per_block=2,
+        attention_heads=(5, 10, 20, 20),  # SD 2.1's attention_head_dim (= heads in diffusers' naming)
+        cross_attention_dim=1024,
+        norm_groups=32,
+        upcast_attention=True,
+        vae_scaling_factor=0.9227914214134216,  # audioldm-s-full-v2 vae/config.json; check your weights folder
+        batch_size=8,
+        learning_rate=3e-5,
+        weight_decay=1e-2,
+        epochs=40,
+        max_steps=0,
+        ema_decay=0.9999,
+        mixed_precision="bf16",
+        checkpoint_every=2000,
+        log_every=50,
+    ),
+}
+
+
+def _parse_type(annotation: Any, value: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse `type`/`nargs`/`choices` for a dataclass field."""
+    if isinstance(value, tuple):
+        return type(value[0]), {"nargs": "+"}
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return str, {"choices": typing.get_args(annotation)}
+    if origin in (types.UnionType, typing.Union):
+        return type(value), {}
+    return type(value), {}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default: TrainConfig) -> None:
+    """One `--field-name` flag per dataclass field, with its help text; unset flags keep the preset's value."""
+    group = parser.add_argument_group("training configuration (overrides the preset)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(default, f.name)
+        help_text = f"{f.metadata.get('help', '')} (tiny preset: {value})".replace("%", "%%")
+        if isinstance(value, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        kind, extra = _parse_type(hints[f.name], value)
+        if kind is bool:  # tuples of booleans: accept 0/1/true/false
+            kind = _boolean
+        group.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text, **extra)
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    base = PRESETS[args.preset]
+    overrides = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if f.name != "preset" and value is not None:
+            overrides[f.name] = tuple(value) if isinstance(value, list) else value
+    return base.replace(**overrides)

@@ -1,0 +1,116 @@
+"""Noise schedule, training loss and sampling (DDIM / DDPM / DPM-Solver++ with classifier-free guidance).
+
+Schedule: Stable Diffusion 2.1's, which Tango and VTA-LDM reuse: 1000 steps, scaled_linear betas
+(beta_t = (linspace(sqrt(0.00085), sqrt(0.012), 1000))^2) and v-prediction, v = alpha_t eps - sigma_t z0
+(Salimans & Ho 2022). We keep it so that published Tango/VTA-LDM weights and recipes carry over, and
+because v-prediction stays well-posed at the highest noise levels, where eps-prediction's z0 estimate blows up.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from train.config import TrainConfig
+
+# SD 2.1's scheduler_config.json besides the betas: no clipping of x0, alpha_T not forced to 1, offset 1
+_SCHEDULE_EXTRAS = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+
+
+def noise_scheduler(config: TrainConfig) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=config.train_timesteps,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        beta_schedule="scaled_linear",
+        prediction_type=config.prediction,
+        clip_sample=False,
+    )
+
+
+def sampling_scheduler(config: TrainConfig, kind: str) -> DDIMScheduler | DDPMScheduler | DPMSolverMultistepScheduler:
+    common = dict(
+        num_train_timesteps=config.train_timesteps,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        beta_schedule="scaled_linear",
+        prediction_type=config.prediction,
+    )
+    if kind == "ddim":
+        return DDIMScheduler(**common, **_SCHEDULE_EXTRAS)
+    if kind == "ddpm":
+        return DDPMScheduler(**common, clip_sample=False, steps_offset=1)
+    if kind == "dpmsolver++":
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", steps_offset=1)
+    raise ValueError(f"scheduler must be ddim, ddpm or dpmsolver++, got {kind!r}")
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z = (mean + std * eps) * scaling_factor: a draw from the stored VAE posterior, scaled as AudioLDM does."""
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * eps) * scaling_factor
+
+
+def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = alpha_bar_t / (1 - alpha_bar_t)."""
+    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alpha_bar / (1 - alpha_bar)
+
+
+def diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler, min_snr_gamma: float
+) -> torch.Tensor:
+    """Mean squared error, optionally min-SNR weighted (Hang et al. 2023, https://arxiv.org/abs/2303.09556).
+
+    Weight per sample: min(SNR, gamma) / SNR for eps-prediction, min(SNR, gamma) / (SNR + 1) for
+    v-prediction (the v-loss already carries a factor SNR + 1 relative to the x0-loss).
+    """
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    if min_snr_gamma <= 0:
+        return per_sample.mean()
+    ratio = snr(scheduler, timesteps)
+    clipped = ratio.clamp(max=min_snr_gamma)
+    weight = clipped / (ratio + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / ratio
+    return (weight * per_sample).mean()
+
+
+def training_target(scheduler: DDPMScheduler, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(z0, noise, timesteps)
+    return noise
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    conditions: dict[str, torch.Tensor],
+    steps: int = 50,
+    guidance: float = 3.0,
+    scheduler: Literal["ddim", "ddpm", "dpmsolver++"] = "ddim",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Latents (B, C, T, F) generated for a batch of conditions, in the VAE's scaled latent space.
+
+    Classifier-free guidance (Ho & Salimans 2022): out = u + guidance * (c - u), where c is the network
+    output for the conditions and u for the null condition (all zeros, as in training). guidance 1 is
+    plain conditional sampling. Divide by config.vae_scaling_factor before the VAE decoder.
+    conditions: {"video": (B, F, D), "objects": (B, F, D), "caption": (B, D)}, as the trainer feeds them.
+    """
+    config, spec = model.config, model.spec
+    first = next(iter(conditions.values()))
+    device, batch = first.device, first.shape[0]
+    solver = sampling_scheduler(config, scheduler)
+    solver.set_timesteps(steps, device=device)
+    shape = (batch, spec.latent_channels, spec.latent_time, spec.latent_freq)
+    latents = torch.randn(shape, generator=generator, device=device) * solver.init_noise_sigma
+    doubled = {k: torch.cat([v, v]) for k, v in conditions.items()}
+    drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)]).to(device)
+    for t in solver.timesteps:
+        x = solver.scale_model_input(torch.cat([latents, latents]), t)
+        out = model(x, t.expand(2 * batch).to(device), doubled, drop).float()
+        conditional, unconditional = out.chunk(2)
+        guided = unconditional + guidance * (conditional - unconditional)
+        latents = solver.step(guided, t, latents, generator=generator).prev_sample
+    return latents
