@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help setup demo features weights verify test test-slow lint bench clean
+.PHONY: help setup demo features weights verify train test test-slow lint bench clean
 
 help:
-	@echo "make demo       set up, then run stage one on the bundled synthetic demo set"
+	@echo "make demo       set up, then run the pipeline (features, verify, train) on the bundled synthetic demo set"
 	@echo "make test       fast CPU tests (slow ones: make test-slow)"
 	@echo "make features   stage one (ARGS='--csv ... --videos ... --out ... --preset paper')"
+	@echo "make train      stage two (ARGS='--preset paper --shards ... --output ...'); run again to resume"
 	@echo "make weights    fetch real checkpoints into weights/ (needs network access to the model hub)"
 	@echo "make verify     check the demo shards against their schema"
 	@echo "make lint       ruff + mypy"
@@ -29,7 +30,7 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 
 setup: $(STAMP)
 
-demo: features verify
+demo: features verify train
 
 data/demo/vggsound.csv: | $(STAMP)
 	$(PY) -m preprocess.demo --out data/demo
@@ -39,6 +40,9 @@ features: $(STAMP) $(if $(ARGS),,data/demo/vggsound.csv)
 
 verify: $(STAMP)
 	$(PY) -m shards verify data/shards/demo
+
+train: $(STAMP)
+	$(PY) -m train $(ARGS)
 
 weights: $(STAMP)
 	$(PY) -m preprocess.weights fetch --out weights
@@ -51,11 +55,12 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy preprocess shards
+	$(VENV)/bin/mypy preprocess shards train eval vta_sam
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.features_cpu
 	$(PY) -m benchmarks.audio_decode
+	$(PY) -m benchmarks.train_throughput
 
 clean:
 	rm -rf data/shards/demo runs/demo

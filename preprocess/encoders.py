@@ -587,10 +587,15 @@ class AudioVAE(FrozenModule):
 
 
 def tiny_vocoder_config(cfg: FeatureConfig) -> SpeechT5HifiGanConfig:
-    """AudioLDM's HiFi-GAN (64 mel bins in, upsampling x160 = the hop) at toy width."""
+    """AudioLDM's HiFi-GAN (64 mel bins in, upsampling x160 = the hop) at toy width.
+
+    initializer_range 0.2 instead of HF's 0.01: at 0.01 each of the random layers shrinks the signal and the
+    toy vocoder outputs ~1e-10, i.e. silent WAVs (every sample rounds to 0 in 16-bit PCM); at 0.2 its output
+    is audible noise of amplitude ~0.1-0.9 (still random: the tiny preset's audio means nothing)."""
     return SpeechT5HifiGanConfig(model_in_dim=MEL_BINS, sampling_rate=cfg.sample_rate, upsample_initial_channel=32,
                                  upsample_rates=[5, 4, 2, 2, 2], upsample_kernel_sizes=[10, 8, 4, 4, 4],
-                                 resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], normalize_before=False)
+                                 resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], normalize_before=False,
+                                 initializer_range=0.2)
 
 
 def load_vocoder(cfg: FeatureConfig, weights_dir: Path | None, device: torch.device) -> SpeechT5HifiGan:

@@ -130,7 +130,7 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def build_meta(cfg: FeatureConfig, checksums: dict[str, str]) -> dict[str, Any]:
+def build_meta(cfg: FeatureConfig, checksums: dict[str, str], vae_scaling_factor: float) -> dict[str, Any]:
     return {
         "schema_version": shards.SCHEMA_VERSION,
         "spec": cfg.shard_spec().to_dict(),
@@ -145,7 +145,7 @@ def build_meta(cfg: FeatureConfig, checksums: dict[str, str]) -> dict[str, Any]:
         "models": {
             "clip": {"name": cfg.clip_model, "checksum": checksums["clip"]},
             "grounding": {"name": "GroundingDinoForObjectDetection" + (" + SamModel" if cfg.use_sam else ""), "checksum": checksums["grounding"]},
-            "vae": {"name": "AudioLDM AutoencoderKL", "checksum": checksums["vae"]},
+            "vae": {"name": "AudioLDM AutoencoderKL", "checksum": checksums["vae"], "scaling_factor": vae_scaling_factor},
         },
         "software": software_versions(),
     }
@@ -191,20 +191,21 @@ def completed_ids(out_dir: Path) -> set[str]:
 
 # ----------------------------------------------------------------------------------- encoding
 class Encoders:
-    """The frozen models of stage one, built once per process."""
+    """The frozen models of stage one, built once per process (`audio=False`: the visual ones only, for generation)."""
 
-    def __init__(self, cfg: FeatureConfig, weights_dir: Path | None, device: torch.device):
+    def __init__(self, cfg: FeatureConfig, weights_dir: Path | None, device: torch.device, audio: bool = True):
         from preprocess.encoders import AudioVAE, ClipEncoder, Grounder
 
         self.cfg = cfg
         self.clip = ClipEncoder.from_config(cfg, weights_dir, device)
         self.grounder = Grounder.from_config(cfg, weights_dir, device)
-        self.vae = AudioVAE.from_config(cfg, weights_dir, device)
+        self.vae = AudioVAE.from_config(cfg, weights_dir, device) if audio else None
         self._text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 
     @property
     def checksums(self) -> dict[str, str]:
-        return {"clip": self.clip.checksum, "grounding": self.grounder.checksum, "vae": self.vae.checksum}
+        sums = {"clip": self.clip.checksum, "grounding": self.grounder.checksum}
+        return sums | ({"vae": self.vae.checksum} if self.vae is not None else {})
 
     def texts(self, texts: list[str]) -> dict[str, np.ndarray]:
         """CLIP text embeddings, each distinct text encoded once (LRU of 50k texts bounds memory)."""
@@ -219,41 +220,42 @@ class Encoders:
             self._text_cache.popitem(last=False)
         return {t: self._text_cache[t] for t in texts}
 
-    def encode(self, items: list[dict[str, Any]], nouns: list[list[str]]) -> list[dict[str, np.ndarray]]:
-        """Features of a batch of decoded clips, each padded to the config's frame count."""
+    def visual(self, frames: list[np.ndarray], captions: list[str], nouns: list[list[str]]) -> list[dict[str, np.ndarray]]:
+        """Per clip: CLIP embeddings of its frames, p_tk, e_k and the caption's embedding, each padded to the
+        config's frame count (frames past a clip's end: zeros). frames[i]: uint8 (T_i, H, W, 3), T_i <= num_frames."""
         cfg = self.cfg
-        frames = [torch.from_numpy(item["frames"]) for item in items]
+        tensors = [torch.from_numpy(f) for f in frames]
         # CLIP: one pass over all frames of all clips of the same frame size
-        clip_embeddings: list[torch.Tensor | None] = [None] * len(items)
+        clip_embeddings: list[torch.Tensor | None] = [None] * len(tensors)
         by_size: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
-        for i, f in enumerate(frames):
+        for i, f in enumerate(tensors):
             by_size[tuple(f.shape[1:])].append(i)
         for indices in by_size.values():
-            stacked = torch.cat([frames[i] for i in indices])
-            embedded = self.clip.encode_frames(stacked).float().cpu()
-            for i, chunk in zip(indices, embedded.split([len(frames[i]) for i in indices])):
+            embedded = self.clip.encode_frames(torch.cat([tensors[i] for i in indices])).float().cpu()
+            for i, chunk in zip(indices, embedded.split([len(tensors[i]) for i in indices])):
                 clip_embeddings[i] = chunk
-        probabilities = self.grounder.probabilities(frames, nouns)
-        mels = torch.from_numpy(np.stack([item["mel"] for item in items]))
-        means, stds = self.vae.encode(mels)
-        text_vectors = self.texts([item["clip"].caption for item in items] + [n for ns in nouns for n in ns])
+        probabilities = self.grounder.probabilities(tensors, nouns)
+        text_vectors = self.texts(list(captions) + [n for ns in nouns for n in ns])
         out = []
-        for i, item in enumerate(items):
-            valid = len(frames[i])
+        for i, caption in enumerate(captions):
+            valid = len(tensors[i])
             clip_array = np.zeros((cfg.num_frames, cfg.embed_dim), np.float32)
             clip_array[:valid] = clip_embeddings[i].numpy()  # type: ignore[union-attr]
             probs = np.zeros((cfg.num_frames, len(nouns[i])), np.float32)
             probs[:valid] = probabilities[i].float().cpu().numpy()
             noun_array = np.stack([text_vectors[n] for n in nouns[i]]) if nouns[i] else np.zeros((0, cfg.embed_dim), np.float32)
-            out.append({
-                "clip.npy": clip_array,
-                "caption.npy": text_vectors[item["clip"].caption],
-                "nouns.npy": noun_array,
-                "probs.npy": probs,
-                "latent_mean.npy": means[i].float().cpu().numpy(),
-                "latent_std.npy": stds[i].float().cpu().numpy(),
-            })
+            out.append({"clip.npy": clip_array, "caption.npy": text_vectors[caption], "nouns.npy": noun_array, "probs.npy": probs})
         return out
+
+    def encode(self, items: list[dict[str, Any]], nouns: list[list[str]]) -> list[dict[str, np.ndarray]]:
+        """Every feature of a batch of decoded clips (visual ones and the VAE posterior of their mels)."""
+        assert self.vae is not None, "built with audio=False"
+        features = self.visual([item["frames"] for item in items], [item["clip"].caption for item in items], nouns)
+        means, stds = self.vae.encode(torch.from_numpy(np.stack([item["mel"] for item in items])))
+        for i, arrays in enumerate(features):
+            arrays["latent_mean.npy"] = means[i].float().cpu().numpy()
+            arrays["latent_std.npy"] = stds[i].float().cpu().numpy()
+        return features
 
 
 # ----------------------------------------------------------------------------------- the run
@@ -291,7 +293,9 @@ def run(
     device = resolve_device(cfg)
     encoders = encoders or Encoders(cfg, weights_dir, device)
     spec = cfg.shard_spec()
-    prepare_output(out_dir, build_meta(cfg, encoders.checksums), rank)
+    if encoders.vae is None:
+        raise FeatureError("stage one needs the audio VAE (Encoders built with audio=False)")
+    prepare_output(out_dir, build_meta(cfg, encoders.checksums, encoders.vae.scaling_factor), rank)
     shards.remove_partial(out_dir, rank)
     done = completed_ids(out_dir)
     mine = partition(clips, rank, world_size)

@@ -1,0 +1,132 @@
+"""`vta-sam generate`: sound for any video, muxed without touching the video stream."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from preprocess.__main__ import main as features_main
+from tests import media
+from tests.test_train_support import small_config
+from train.__main__ import main as train_main
+from vta_sam.cli import main as cli_main
+from vta_sam.generate import join_windows, window_starts
+
+
+def ffprobe(path: Path) -> dict:
+    result = subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-show_format", "-of", "json", str(path)],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def video_stream_hash(path: Path) -> str:
+    """Hash of the video stream's packets (payload and timing), whatever the container around them."""
+    result = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-map", "0:v:0", "-c", "copy", "-f", "streamhash",
+                             "-hash", "sha256", "-"], capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny model trained for a few steps on stage-one features of three generated clips."""
+    root = tmp_path_factory.mktemp("gen")
+    videos = root / "videos"
+    videos.mkdir()
+    for i in range(3):
+        media.make_video(videos / f"clip{i}.mp4", seconds=3.0, audio="tone")
+    (root / "captions.json").write_text(json.dumps({f"clip{i}": "dog barking" for i in range(3)}))
+    assert features_main(["--videos", str(videos), "--captions", str(root / "captions.json"), "--out", str(root / "shards"),
+                          "--no-progress", "--num-workers", "0"]) == 0
+    config = small_config(max_steps=2, checkpoint_every=2)
+    flags = ["--shards", str(root / "shards"), "--output", str(root / "run"), "--max-steps", "2", "--checkpoint-every", "2",
+             "--block-channels", *map(str, config.block_channels), "--attention-heads", *map(str, config.attention_heads),
+             "--cross-attention-dim", str(config.cross_attention_dim), "--batch-size", "2", "--shuffle-buffer", "2"]
+    assert train_main(flags) == 0
+    return root / "run"
+
+
+def test_windows_cover_the_video_and_end_at_its_end():
+    assert window_starts(3.0, 10.24, 2.0) == [0.0]
+    starts = window_starts(25.0, 10.24, 2.0)
+    assert starts[0] == 0 and starts[-1] == pytest.approx(25.0 - 10.24)
+    assert all(b - a <= 10.24 - 2.0 + 1e-9 for a, b in zip(starts, starts[1:]))  # every seam has >= 2 s of overlap
+
+
+def test_equal_power_crossfade_keeps_a_steady_signal_steady():
+    rate = 100
+    tone = np.sin(np.arange(1000) * 0.3).astype(np.float32)
+    pieces = [tone[:600], tone[400:1000]]  # the same signal, windows overlapping 2 s
+    joined = join_windows(pieces, [0.0, 4.0], 1000, rate)
+    ramp = np.linspace(0, np.pi / 2, 200)
+    expected_gain = np.concatenate([np.ones(400), np.cos(ramp) + np.sin(ramp), np.ones(400)])
+    np.testing.assert_allclose(joined, tone * expected_gain, atol=1e-5)
+
+
+def test_generate_muxes_sound_without_touching_the_video(run_dir, tmp_path, capsys):
+    short = media.make_video(tmp_path / "short.mp4", seconds=3.0, audio=None)
+    long = media.make_video(tmp_path / "long.mp4", seconds=25.0, fps=5, audio="tone", sample_rate=48000, channels=6)
+    out = tmp_path / "out"
+    code = cli_main(["generate", str(short), str(long), "--model", str(run_dir), "--out", str(out), "--steps", "3",
+                     "--caption", "dog barking", "--no-progress", "--explain"])
+    assert code == 0, capsys.readouterr().err
+    for source, seconds in ((short, 3.0), (long, 25.0)):
+        result = out / source.name
+        assert video_stream_hash(result) == video_stream_hash(source)  # the video stream is copied bit for bit
+        streams = {s["codec_type"]: s for s in ffprobe(result)["streams"]}
+        assert streams["audio"]["codec_name"] == "aac"
+        assert float(streams["audio"]["duration"]) == pytest.approx(seconds, abs=0.1)
+        wave, rate = soundfile.read(out / f"{source.stem}.wav")
+        assert rate == 16000 and len(wave) == round(seconds * 16000)
+        assert (out / f"{source.stem}.explain.png").stat().st_size > 10_000
+
+    # no click at the seams: where windows join (start of an overlap, end of the earlier window's audio), the
+    # sample-to-sample jump is no outlier against the 4000 samples around it, and the level does not dip
+    wave, rate = soundfile.read(out / "long.wav")
+    assert wave.std() > 1e-3  # audible, not silence
+    jumps = np.abs(np.diff(wave))
+    starts = window_starts(25.0, 10.24, 2.0)
+    joins = [round(s * rate) for s in starts[1:]] + [round((s + 10.24) * rate) for s in starts[:-1]]
+    for join in joins:
+        around = np.concatenate([jumps[join - 2000 : join - 2], jumps[join + 2 : join + 2000]])
+        assert jumps[join - 2 : join + 2].max() <= around.max()
+        assert wave[join - 800 : join + 800].std() > 0.5 * wave.std()
+
+    # resumable: a second run skips finished videos and changes nothing
+    before = (out / "long.wav").stat().st_mtime_ns
+    assert cli_main(["generate", str(long), str(short), "--model", str(run_dir), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "long.wav").stat().st_mtime_ns == before
+
+
+def test_without_caption_the_vocabulary_is_grounded(run_dir, tmp_path):
+    video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
+    out = tmp_path / "single.mp4"
+    assert cli_main(["generate", str(video), "--model", str(run_dir), "--out", str(out), "--steps", "2", "--no-progress"]) == 0
+    assert out.exists() and out.with_suffix(".wav").exists()
+
+
+def test_a_broken_file_among_good_ones(run_dir, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    media.make_video(folder / "good.mp4", seconds=2.0, audio=None)
+    media.make_not_video(folder / "broken.mp4")
+    media.make_audio_only(folder / "sound.mp4")
+    out = tmp_path / "out"
+    assert cli_main(["generate", str(folder), "--model", str(run_dir), "--out", str(out), "--steps", "2",
+                     "--caption", "ball", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder / 'broken.mp4'}:" in err and f"{folder / 'sound.mp4'}: no video stream" in err
+    assert (out / "good.mp4").exists() and not (out / "broken.mp4").exists()
+
+
+def test_an_unwritable_output_is_one_line(run_dir, tmp_path, capsys):
+    video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert cli_main(["generate", str(video), str(video), "--model", str(run_dir), "--out", str(blocker / "out"),
+                     "--steps", "2", "--caption", "ball", "--no-progress"]) == 1
+    assert "cannot write" in capsys.readouterr().err

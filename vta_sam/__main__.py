@@ -1,0 +1,3 @@
+from vta_sam.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,318 @@
+"""`vta-sam generate VIDEO...`: add synchronized sound to any video.
+
+Each video is cut into 10.24 s windows (overlapping when it is longer; one window of its own length when
+shorter). Every window goes through stage one's own feature code (decoding, CLIP, nouns, Grounding DINO/SAM),
+the trained model samples a latent, and evaluation's decoder (AudioLDM VAE + HiFi-GAN) turns it into audio.
+Windows are joined with equal-power crossfades, the audio is cut to the video's duration, and a copy of the
+video is written with the video stream copied bit for bit and the new audio as AAC, plus the WAV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import shards
+from preprocess.config import FeatureConfig
+from preprocess.manifest import VIDEO_SUFFIXES
+from preprocess.nouns import NounCache, caption_nouns
+from preprocess.video import VideoDecodeError, decode_frames, probe_video
+
+VOCABULARY_FILE = Path(__file__).resolve().parents[1] / "preprocess" / "assets" / "vggsound_labels.txt"
+NOUN_CHUNK = 16  # vocabulary nouns per Grounding DINO prompt (its text encoder takes 256 tokens at most)
+
+
+class GenerateError(RuntimeError):
+    """One video could not be given sound; the message is one line naming the file and the reason."""
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    model: Path = Path("runs/demo")
+    out: Path = Path("generated")
+    caption: str | None = None
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 3.0
+    sampler: str = "dpmsolver++"
+    overlap: float = 2.0
+    weights: Path = Path("weights")
+    device: str = "auto"
+    explain: bool = False
+
+
+# ----------------------------------------------------------------------------------- pure helpers
+def window_starts(duration: float, window: float, overlap: float) -> list[float]:
+    """Starts of the windows covering [0, duration): hop = window - overlap, the last one ends at the end."""
+    if duration <= window:
+        return [0.0]
+    hop = window - overlap
+    starts = [i * hop for i in range(math.ceil((duration - window) / hop))]
+    return starts + [duration - window]
+
+
+def join_windows(pieces: list[np.ndarray], starts: list[float], total: int, sample_rate: int) -> np.ndarray:
+    """Place each window's audio at its start; where two overlap, an equal-power crossfade (cos/sin ramps keep
+    the power of two uncorrelated signals constant) so that no click or level dip marks the seam."""
+    out = np.zeros(total, np.float32)
+    end_previous = 0
+    for piece, start_seconds in zip(pieces, starts):
+        start = round(start_seconds * sample_rate)
+        piece = piece[: max(0, total - start)].astype(np.float32)
+        overlap = max(0, min(end_previous - start, len(piece)))
+        if overlap:
+            ramp = np.linspace(0.0, np.pi / 2, overlap, dtype=np.float32)
+            out[start : start + overlap] *= np.cos(ramp)
+            piece = piece.copy()
+            piece[:overlap] *= np.sin(ramp)
+        out[start : start + len(piece)] += piece
+        end_previous = start + len(piece)
+    return out
+
+
+def vocabulary(tagger: str) -> list[str]:
+    """Objects to ground when a video comes without a caption: the nouns of VGGSound's 309 class labels."""
+    nouns: list[str] = []
+    for label in VOCABULARY_FILE.read_text(encoding="utf-8").splitlines():
+        nouns.extend(n for n in caption_nouns(label, tagger) if n not in nouns)
+    return nouns
+
+
+def feature_config(run: Path, train_config: Any) -> FeatureConfig:
+    """The stage-one config the model was trained on: the run's copy, else the shards' meta.json."""
+    for path in (run / "model" / "features.json", Path(train_config.shards) / shards.META_FILE):
+        if path.is_file():
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            names = {f.name for f in dataclasses.fields(FeatureConfig)}
+            return FeatureConfig(**{k: v for k, v in meta["config"].items() if k in names})
+    raise GenerateError(f"{run}: cannot find the stage-one configuration (model/features.json or the shards' meta.json)")
+
+
+def mux(video: Path, wav: Path, out: Path) -> None:
+    """Copy the video stream bit for bit, replace every audio track by `wav` as AAC."""
+    tmp = out.with_name(out.stem + ".partial" + out.suffix)
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(video), "-i", str(wav), "-map", "0:v:0", "-map", "1:a:0",
+               "-c:v", "copy", "-c:a", "aac", "-b:a", "192k"]
+    command += ["-movflags", "+faststart"] if out.suffix.lower() in {".mp4", ".mov", ".m4v"} else []
+    result = subprocess.run([*command, str(tmp)], capture_output=True, text=True)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        reason = (result.stderr.strip().splitlines() or ["ffmpeg failed"])[-1]
+        raise GenerateError(f"{video}: cannot write {out} ({reason})")
+    tmp.replace(out)
+
+
+def output_paths(video: Path, out: Path, many: bool) -> tuple[Path, Path]:
+    """(video with sound, wav). `--out` is a folder, or with one input a file name ending in a video suffix.
+    The copy keeps the input's container, except WebM (whose audio must be Vorbis/Opus): Matroska instead."""
+    if not many and out.suffix.lower() in VIDEO_SUFFIXES:
+        return out, out.with_suffix(".wav")
+    suffix = ".mkv" if video.suffix.lower() == ".webm" else video.suffix.lower()
+    return out / f"{video.stem}{suffix}", out / f"{video.stem}.wav"
+
+
+# ----------------------------------------------------------------------------------- the generator
+class SoundGenerator:
+    """Loads the trained model, stage one's visual encoders and the AudioLDM decoder once; then video -> audio."""
+
+    def __init__(self, options: GenerateOptions):
+        import train
+        from eval.generate import Decoder
+        from preprocess.encoders import resolve_device
+        from preprocess.pipeline import Encoders
+
+        self.options = options
+        try:
+            self.model, self.train_config = train.load_model(options.model)
+        except FileNotFoundError as error:
+            raise GenerateError(f"{error} (train a model first: make train)") from None
+        self.features = feature_config(Path(options.model), self.train_config).replace(device=options.device)
+        device = resolve_device(self.features)
+        self.model.to(device)
+        weights = None if self.features.random_init else options.weights
+        self.encoders = Encoders(self.features, weights, device, audio=False)
+        self.decoder = Decoder(self.features, weights, device, self.train_config.vae_scaling_factor)
+        self.nouns = NounCache(self.features.tagger, self.features.max_nouns)
+        self.vocabulary = vocabulary(self.features.tagger)
+        self.device = device
+
+    def _nouns(self, frames: list[np.ndarray]) -> tuple[list[str], str]:
+        """Without a caption: ground the whole vocabulary on the video's frames (in chunks of nouns) and keep the
+        max_nouns nouns seen with the highest probability; the caption becomes their list."""
+        every = np.concatenate(frames)  # (T_all, H, W, 3): all windows' frames
+        chunks = [self.vocabulary[i : i + NOUN_CHUNK] for i in range(0, len(self.vocabulary), NOUN_CHUNK)]
+        probabilities = self.encoders.grounder.probabilities([torch.from_numpy(every)] * len(chunks), chunks)
+        best = torch.cat([p.amax(0) for p in probabilities])  # (V,): highest probability over all frames
+        top = best.topk(min(self.features.max_nouns, len(best))).indices.tolist()
+        nouns = [self.vocabulary[i] for i in sorted(top)]
+        return nouns, ", ".join(nouns)
+
+    def audio(self, video: Path, caption: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+        """The waveform for the whole video (exactly its duration) and what an --explain figure shows."""
+        cfg = self.features
+        duration = probe_video(video)["duration"]
+        if duration <= 0:
+            raise GenerateError(f"{video}: zero duration")
+        starts = window_starts(duration, cfg.window_seconds, self.options.overlap)
+        decoded = [decode_frames(video, start, cfg.frame_times(), cfg.window_seconds, cfg.frame_short_side) for start in starts]
+        frames = [d.frames for d in decoded]
+        if caption:
+            nouns = self.nouns(caption)
+        else:
+            nouns, caption = self._nouns(frames)
+        features = self.encoders.visual(frames, [caption] * len(frames), [nouns] * len(frames))
+        conditions = self._conditions(features)
+        generator = torch.Generator(self.device).manual_seed(self.options.seed)
+        import train
+
+        latents = train.sample(self.model, conditions, steps=self.options.steps, guidance=self.options.guidance,
+                               scheduler=self.options.sampler, generator=generator)  # type: ignore[arg-type]
+        waves = self.decoder(latents)  # (windows, samples)
+        rate = cfg.sample_rate
+        pieces = [w[: round(d.duration * rate)] for w, d in zip(waves, decoded)]
+        total = round(duration * rate)
+        waveform = join_windows(pieces, starts, total, rate)
+        explain = {"starts": starts, "frames": frames, "features": features, "nouns": nouns, "caption": caption,
+                   "frame_times": cfg.frame_times(), "duration": duration}
+        return waveform, explain
+
+    def _conditions(self, features: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        def stack(key: str) -> torch.Tensor:
+            return torch.from_numpy(np.stack([f[key] for f in features])).float().to(self.device)
+
+        probs, nouns = stack("probs.npy"), stack("nouns.npy")
+        objects = shards.object_embedding(probs, nouns, threshold=self.train_config.object_threshold)
+        return {"video": stack("clip.npy"), "objects": objects, "caption": stack("caption.npy")}
+
+
+def write_explanation(path: Path, waveform: np.ndarray, sample_rate: int, explain: dict[str, Any]) -> None:
+    """Frames at the sampled times, the per-frame object probabilities and the generated spectrogram, one time axis."""
+    import librosa
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    duration = explain["duration"]
+    # every sampled frame on the video's time axis: (seconds, frame, p_t of each noun), in time order
+    samples = sorted(
+        [(start + explain["frame_times"][i], frame, features["probs.npy"][i])
+         for start, frames, features in zip(explain["starts"], explain["frames"], explain["features"])
+         for i, frame in enumerate(frames)],
+        key=lambda sample: sample[0],
+    )
+    fig, (ax_frames, ax_probs, ax_spec) = plt.subplots(3, 1, figsize=(12, 7), sharex=True,
+                                                       gridspec_kw={"height_ratios": [1, 1.2, 1.6]})
+    shown = samples[:: max(1, len(samples) // 12)]  # at most ~12 thumbnails
+    width = duration / max(1, len(shown)) * 0.9
+    for t, frame, _ in shown:
+        height = width * frame.shape[0] / frame.shape[1]
+        ax_frames.imshow(frame, extent=(t - width / 2, t + width / 2, 0, height), aspect="auto")
+    ax_frames.set_ylim(0, width)
+    ax_frames.set_yticks([])
+    ax_frames.set_title(f"frames (caption: {explain['caption'] or '-'})")
+    times = np.array([t for t, _, _ in samples])
+    for k, noun in enumerate(explain["nouns"]):
+        ax_probs.plot(times, [p[k] for _, _, p in samples], marker=".", label=noun)
+    ax_probs.set_ylim(0, 1)
+    ax_probs.set_ylabel("p(noun seen)")
+    if explain["nouns"]:
+        ax_probs.legend(loc="upper right", fontsize="small", ncol=min(4, len(explain["nouns"])))
+    mel = librosa.power_to_db(librosa.feature.melspectrogram(y=waveform, sr=sample_rate, n_fft=1024, hop_length=160, n_mels=64))
+    ax_spec.imshow(mel, origin="lower", aspect="auto", extent=(0, len(waveform) / sample_rate, 0, 64), cmap="magma")
+    ax_spec.set_ylabel("mel bin")
+    ax_spec.set_xlabel("time (s)")
+    ax_spec.set_title("generated audio")
+    for start in explain["starts"][1:]:
+        ax_spec.axvline(start, color="white", linestyle=":", linewidth=0.8)
+    ax_spec.set_xlim(0, duration)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- command line
+def expand_inputs(paths: list[Path]) -> list[Path]:
+    """Files as given; folders contribute their videos (sorted); a .txt file lists one video per line."""
+    videos: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            videos.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES))
+        elif path.suffix.lower() == ".txt":
+            videos.extend(Path(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        else:
+            videos.append(path)
+    return videos
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = GenerateOptions()
+    parser = argparse.ArgumentParser(prog="vta-sam generate", description="Add synchronized sound to videos.")
+    parser.add_argument("videos", nargs="+", type=Path, help="video files, folders of videos, or .txt lists of videos")
+    parser.add_argument("--caption", help="what sounds (its nouns are grounded); default: ground VGGSound's vocabulary")
+    parser.add_argument("--model", type=Path, default=defaults.model, help=f"trained run folder (default {defaults.model})")
+    parser.add_argument("--out", type=Path, default=defaults.out, help="output folder, or with one video an output file name")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=defaults.guidance, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm", "dpmsolver++"), default=defaults.sampler, help="sampler")
+    parser.add_argument("--overlap", type=float, default=defaults.overlap, help="seconds of crossfade between windows")
+    parser.add_argument("--weights", type=Path, default=defaults.weights, help="weights folder (models without random init)")
+    parser.add_argument("--device", default=defaults.device, help="'auto', 'cpu' or 'cuda[:N]'")
+    parser.add_argument("--explain", action="store_true", help="also write <name>.explain.png: frames, object probabilities, spectrogram")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import soundfile
+
+    args = build_parser().parse_args(argv)
+    options = GenerateOptions(model=args.model, out=args.out, caption=args.caption, seed=args.seed, steps=args.steps,
+                              guidance=args.guidance, sampler=args.sampler, overlap=args.overlap, weights=args.weights,
+                              device=args.device, explain=args.explain)
+    if shutil.which("ffmpeg") is None:
+        print("error: ffmpeg not found (install Debian's ffmpeg: apt-get install ffmpeg)", file=sys.stderr)
+        return 2
+    videos = expand_inputs(args.videos)
+    many = len(videos) > 1 or any(p.is_dir() for p in args.videos)
+    try:
+        generator = SoundGenerator(options)
+    except GenerateError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    failed = 0
+    for video in tqdm(videos, unit="video", disable=args.no_progress, desc="generate"):
+        out_video, out_wav = output_paths(video, options.out, many)
+        if out_video.exists() and out_wav.exists():
+            continue  # finished by an earlier run
+        try:
+            out_video.parent.mkdir(parents=True, exist_ok=True)
+            waveform, explain = generator.audio(video, options.caption)
+            tmp = out_wav.with_name(out_wav.stem + ".partial.wav")
+            soundfile.write(tmp, np.clip(waveform, -1, 1), generator.features.sample_rate, subtype="PCM_16")
+            tmp.replace(out_wav)
+            mux(video, out_wav, out_video)
+            if options.explain:
+                write_explanation(out_video.with_suffix(".explain.png"), waveform, generator.features.sample_rate, explain)
+        except (GenerateError, VideoDecodeError) as error:
+            failed += 1
+            tqdm.write(f"error: {error}", file=sys.stderr)
+        except OSError as error:
+            failed += 1
+            tqdm.write(f"error: {video}: cannot write {error.filename or out_video} ({error.strerror})", file=sys.stderr)
+    done = len(videos) - failed
+    print(f"{done} of {len(videos)} videos have sound in {options.out}" + (f"; {failed} failed (see above)" if failed else ""))
+    return 1 if failed else 0
