@@ -7,13 +7,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help setup demo features weights verify train test test-slow lint bench clean
+.PHONY: help setup demo features weights verify train eval listen test test-slow lint bench clean
 
 help:
-	@echo "make demo       set up, then run the pipeline (features, verify, train) on the bundled synthetic demo set"
+	@echo "make demo       set up, then run the whole pipeline (features, verify, train, eval) on the bundled synthetic demo set"
 	@echo "make test       fast CPU tests (slow ones: make test-slow)"
 	@echo "make features   stage one (ARGS='--csv ... --videos ... --out ... --preset paper')"
 	@echo "make train      stage two (ARGS='--preset paper --shards ... --output ...'); run again to resume"
+	@echo "make eval       generate audio for the test split and report FD / FAD / KL / AV-Align (ARGS='--preset paper ...')"
+	@echo "make listen     blinded listening test (ARGS='runs/a/eval runs/b/eval'); report: ARGS='--report DB'"
 	@echo "make weights    fetch real checkpoints into weights/ (needs network access to the model hub)"
 	@echo "make verify     check the demo shards against their schema"
 	@echo "make lint       ruff + mypy"
@@ -30,7 +32,15 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 
 setup: $(STAMP)
 
-demo: features verify train
+# the listening test's browser check drives Debian's chromium; it skips (saying why) where this cannot install
+BROWSER := $(VENV)/.browser
+$(BROWSER): | $(STAMP)
+	@command -v chromedriver >/dev/null || { echo "installing Debian's chromium + chromium-driver (browser test)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+		|| echo "warning: could not install chromium; the browser test will be skipped"; }
+	touch $(BROWSER)
+
+demo: features verify train eval
 
 data/demo/vggsound.csv: | $(STAMP)
 	$(PY) -m preprocess.demo --out data/demo
@@ -44,10 +54,16 @@ verify: $(STAMP)
 train: $(STAMP)
 	$(PY) -m train $(ARGS)
 
+eval: $(STAMP)
+	$(PY) -m eval $(ARGS)
+
+listen: $(STAMP)
+	$(PY) -m eval.listen $(ARGS)
+
 weights: $(STAMP)
 	$(PY) -m preprocess.weights fetch --out weights
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER)
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 test-slow: $(STAMP)
@@ -61,6 +77,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.features_cpu
 	$(PY) -m benchmarks.audio_decode
 	$(PY) -m benchmarks.train_throughput
+	$(PY) -m benchmarks.eval_speed
 
 clean:
 	rm -rf data/shards/demo runs/demo

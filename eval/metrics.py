@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from pathlib import Path
 
 import cv2
@@ -106,7 +106,7 @@ def kl_divergence(
 # --------------------------------------------------------------------------------------------------------------
 # AV-Align (Yariv et al., AAAI 2024; TempoTokens av_align.py, 2025 version)
 # --------------------------------------------------------------------------------------------------------------
-def read_gray_frames(video_path: str | Path) -> tuple[Iterator[np.ndarray], float]:
+def read_gray_frames(video_path: str | Path) -> tuple[Generator[np.ndarray, None, None], float]:
     """All frames of a video as (H, W) uint8 grayscale, read with OpenCV at the native frame rate, and that rate.
 
     The frames come as a generator (a 10 s 720p clip is ~280 MB of grayscale); OpenCV applies rotation metadata.
@@ -119,7 +119,7 @@ def read_gray_frames(video_path: str | Path) -> tuple[Iterator[np.ndarray], floa
         capture.release()
         raise ValueError(f"{video_path}: no frame rate in the container (CAP_PROP_FPS = {fps})")
 
-    def frames() -> Iterator[np.ndarray]:
+    def frames() -> Generator[np.ndarray, None, None]:
         try:
             while True:
                 ok, frame = capture.read()

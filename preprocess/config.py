@@ -34,6 +34,7 @@ class FeatureConfig:
     num_workers: int = field(default=1, metadata={"help": "DataLoader worker processes that decode clips"})
     # --- models ----------------------------------------------------------------------------
     random_init: bool = field(default=True, metadata={"help": "build every model from its config with random weights (no weights folder)"})
+    random_size: Literal["tiny", "paper"] = field(default="tiny", metadata={"help": "with random_init: toy configs (tiny) or the real architectures (paper), for benchmarks"})
     seed: int = field(default=0, metadata={"help": "seed for random-init weights"})
     clip_model: str = field(default="vta-tiny-clip", metadata={"help": "open_clip model name"})
     clip_checkpoint: str = field(default="clip/open_clip_model.safetensors", metadata={"help": "open_clip checkpoint, relative to the weights folder"})
@@ -57,7 +58,7 @@ class FeatureConfig:
     shard_max_samples: int = field(default=8, metadata={"help": "samples per shard (a killed run loses at most the shard in progress)"})
 
     def __post_init__(self) -> None:
-        choices = {"audio_backend": ("pyav", "decord"), "tagger": ("nltk", "pattern")}
+        choices = {"audio_backend": ("pyav", "decord"), "tagger": ("nltk", "pattern"), "random_size": ("tiny", "paper")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -1,7 +1,8 @@
 """Frozen feature extractors of stage one: CLIP, Grounding DINO (+ SAM), the AudioLDM VAE and vocoder.
 
 Every model comes from one of two places, chosen by `FeatureConfig.random_init`:
-- a small config with random weights seeded by `cfg.seed` (the `tiny` preset: tests, the demo, CI); or
+- a config with random weights seeded by `cfg.seed`: toy widths (the `tiny` preset: tests, the demo, CI) or, with
+  `random_size="paper"`, the real architectures (benchmarks); the configs are in `preprocess.model_configs`; or
 - a local weights folder laid out as `preprocess.weights.WEIGHTS_LAYOUT` says (the `paper` preset).
 Both go through the same library constructors (open_clip.create_model, transformers/diffusers classes), and
 after loading the sizes are checked against the config, so a wrong checkpoint fails at start-up, not in a shard.
@@ -33,33 +34,27 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from transformers import (
-    BertConfig,
     BertTokenizer,
-    GroundingDinoConfig,
     GroundingDinoForObjectDetection,
     GroundingDinoImageProcessor,
     GroundingDinoProcessor,
-    SamConfig,
     SamImageProcessor,
-    SamMaskDecoderConfig,
     SamModel,
     SamProcessor,
-    SamPromptEncoderConfig,
-    SamVisionConfig,
     SpeechT5HifiGan,
-    SpeechT5HifiGanConfig,
-    SwinConfig,
 )
 
 from preprocess.config import MEL_BINS, MEL_FRAMES, FeatureConfig
+from preprocess.model_configs import TINY_BERT_VOCAB, random_configs
+from preprocess.model_configs import TINY_SAM_IMAGE_SIZE as TINY_SAM_IMAGE_SIZE  # re-exported: the toy configs
+from preprocess.model_configs import tiny_grounding_dino_config as tiny_grounding_dino_config  # moved there
+from preprocess.model_configs import tiny_sam_config as tiny_sam_config
+from preprocess.model_configs import tiny_vae_config as tiny_vae_config
+from preprocess.model_configs import tiny_vocoder_config as tiny_vocoder_config
 from preprocess.weights import require_file, require_model_dir, sha256_dir, sha256_file
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_CLIP_CONFIG = ASSETS / "vta-tiny-clip.json"  # registered with open_clip under its stem, "vta-tiny-clip"
-# WordPiece vocab whose special and punctuation ids equal bert-base-uncased's ([CLS]=101, [SEP]=102, '.'=1012,
-# '?'=1029): Grounding DINO hard-codes these ids to split the prompt into phrases (SPECIAL_TOKENS in
-# transformers' modeling_grounding_dino.py). Then a-z, ##a-##z, ##0-9 and some common nouns.
-TINY_BERT_VOCAB = ASSETS / "tiny_bert_vocab.txt"
 GROUNDING_DELIMITERS = ("[CLS]", "[SEP]", ".", "?")
 
 if TINY_CLIP_CONFIG.stem not in open_clip.list_models():
@@ -83,7 +78,8 @@ def inference_dtype(cfg: FeatureConfig, device: torch.device) -> torch.dtype:
 
 
 def random_init_checksum(cfg: FeatureConfig) -> str:
-    return f"random-init(seed={cfg.seed})"
+    size = "" if cfg.random_size == "tiny" else f", size={cfg.random_size}"
+    return f"random-init(seed={cfg.seed}{size})"
 
 
 @contextlib.contextmanager
@@ -294,37 +290,6 @@ def tiny_bert_tokenizer() -> BertTokenizer:
     return BertTokenizer(vocab=vocab, do_lower_case=True)
 
 
-def tiny_grounding_dino_config(vocab_size: int) -> GroundingDinoConfig:
-    """Grounding DINO's structure (Swin backbone, BERT text encoder, 4 feature levels) at toy width."""
-    return GroundingDinoConfig(
-        backbone_config=SwinConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8],  # type: ignore[call-arg]
-                                   out_indices=[2, 3, 4]),  # stages 2-4 feed the detector, as in the real model
-        text_config=BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=20,
-    )
-
-
-TINY_SAM_IMAGE_SIZE = 64
-
-
-def tiny_sam_config() -> SamConfig:
-    """SAM at toy width. Constraints: the prompt encoder's image_size/patch_size equal the vision encoder's (its
-    image_embedding_size is their ratio); vision output_channels == prompt and mask-decoder hidden sizes
-    == 2 * num_pos_feats (the shared positional embedding)."""
-    size, patch, hidden = TINY_SAM_IMAGE_SIZE, 8, 32
-    return SamConfig(
-        vision_config=SamVisionConfig(hidden_size=hidden, output_channels=hidden, num_hidden_layers=2,
-                                      num_attention_heads=2, image_size=size, patch_size=patch, window_size=4,
-                                      global_attn_indexes=[1], num_pos_feats=hidden // 2, mlp_dim=2 * hidden),
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=hidden, image_size=size, patch_size=patch,
-                                                     mask_input_channels=8),
-        mask_decoder_config=SamMaskDecoderConfig(hidden_size=hidden, mlp_dim=2 * hidden, num_attention_heads=2,
-                                                 iou_head_hidden_dim=hidden),
-    )
-
-
 @dataclass(frozen=True)
 class GroundingPrompt:
     """One clip's Grounding DINO prompt "noun1 . noun2 ." as token ids, and each noun's token positions."""
@@ -362,17 +327,23 @@ class Grounder(FrozenModule):
         sam: SamModel | None = None
         sam_image_processor: SamImageProcessor | None = None
         if cfg.random_init:
+            configs = random_configs(cfg.random_size, cfg)
+            # the shipped vocab keeps bert-base-uncased's ids for the tokens it has, so it also feeds the
+            # 30522-word embedding of the paper-size model (its words split into more pieces than BERT's)
             tokenizer = tiny_bert_tokenizer()
+            if len(tokenizer) > configs.grounding.text_config.vocab_size:
+                raise ValueError(f"{TINY_BERT_VOCAB}: {len(tokenizer)} tokens do not fit the {cfg.random_size} "
+                                 f"Grounding DINO's vocabulary of {configs.grounding.text_config.vocab_size}")
             with _seeded(cfg.seed):
-                detector = GroundingDinoForObjectDetection(tiny_grounding_dino_config(len(tokenizer)))
+                detector = GroundingDinoForObjectDetection(configs.grounding)
             image_processor = GroundingDinoImageProcessor(size=image_size)
             if cfg.use_sam:
                 with _seeded(cfg.seed):
-                    sam = SamModel(tiny_sam_config())
+                    sam = SamModel(configs.sam)
                     # SAM's IoU head is a regression; at HF's small init it predicts ~0, which the clamp would
                     # turn into p = 0 everywhere. Centre the random model's predictions inside [0, 1] instead.
                     nn.init.constant_(sam.mask_decoder.iou_prediction_head.proj_out.bias, 0.5)
-                side = TINY_SAM_IMAGE_SIZE
+                side = configs.sam_image_size
                 sam_image_processor = SamImageProcessor(size={"longest_edge": side},
                                                         pad_size={"height": side, "width": side})
             checksum = random_init_checksum(cfg)
@@ -503,15 +474,6 @@ def _check_grounding_tokenizer(tokenizer: Any, detector: GroundingDinoForObjectD
 
 
 # ----------------------------------------------------------------------------------- AudioLDM VAE + vocoder
-def tiny_vae_config(cfg: FeatureConfig) -> dict[str, Any]:
-    """AudioLDM's VAE structure (1 input channel, 3 down blocks -> downsample 4) at toy width."""
-    blocks = 1 + int(math.log2(cfg.vae_downsample))
-    return dict(in_channels=1, out_channels=1, latent_channels=cfg.latent_channels,
-                block_out_channels=[8] + [16] * (blocks - 1), down_block_types=["DownEncoderBlock2D"] * blocks,
-                up_block_types=["UpDecoderBlock2D"] * blocks, layers_per_block=1, norm_num_groups=4,
-                sample_size=MEL_FRAMES // 4, scaling_factor=1.0)
-
-
 class AudioVAE(FrozenModule):
     """AudioLDM's mel VAE (diffusers AutoencoderKL): mel (B, 1024, 64) <-> latents (B, C, 1024/ds, 64/ds).
 
@@ -537,8 +499,8 @@ class AudioVAE(FrozenModule):
         vae: Any
         if cfg.random_init:
             with _seeded(cfg.seed):
-                vae = AutoencoderKL(**tiny_vae_config(cfg))
-            checksum, where = random_init_checksum(cfg), "tiny VAE"
+                vae = AutoencoderKL(**random_configs(cfg.random_size, cfg).vae)
+            checksum, where = random_init_checksum(cfg), f"random {cfg.random_size} VAE"
         else:
             folder = _weights_dir(cfg, weights_dir, "AudioLDM VAE") / cfg.audioldm_dir / "vae"
             vae = AutoencoderKL.from_pretrained(require_model_dir(folder, "AudioLDM VAE"), local_files_only=True)
@@ -586,24 +548,12 @@ class AudioVAE(FrozenModule):
         return torch.cat(out) if out else torch.zeros(0, MEL_FRAMES, MEL_BINS)
 
 
-def tiny_vocoder_config(cfg: FeatureConfig) -> SpeechT5HifiGanConfig:
-    """AudioLDM's HiFi-GAN (64 mel bins in, upsampling x160 = the hop) at toy width.
-
-    initializer_range 0.2 instead of HF's 0.01: at 0.01 each of the random layers shrinks the signal and the
-    toy vocoder outputs ~1e-10, i.e. silent WAVs (every sample rounds to 0 in 16-bit PCM); at 0.2 its output
-    is audible noise of amplitude ~0.1-0.9 (still random: the tiny preset's audio means nothing)."""
-    return SpeechT5HifiGanConfig(model_in_dim=MEL_BINS, sampling_rate=cfg.sample_rate, upsample_initial_channel=32,
-                                 upsample_rates=[5, 4, 2, 2, 2], upsample_kernel_sizes=[10, 8, 4, 4, 4],
-                                 resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], normalize_before=False,
-                                 initializer_range=0.2)
-
-
 def load_vocoder(cfg: FeatureConfig, weights_dir: Path | None, device: torch.device) -> SpeechT5HifiGan:
     """AudioLDM's vocoder (the diffusers folder's vocoder/), frozen in eval mode: mel (B, 1024, 64) -> waveform."""
     if cfg.random_init:
         with _seeded(cfg.seed):
-            vocoder = SpeechT5HifiGan(tiny_vocoder_config(cfg))
-        where = "tiny vocoder"
+            vocoder = SpeechT5HifiGan(random_configs(cfg.random_size, cfg).vocoder)
+        where = f"random {cfg.random_size} vocoder"
     else:
         folder = _weights_dir(cfg, weights_dir, "AudioLDM vocoder") / cfg.audioldm_dir / "vocoder"
         vocoder = SpeechT5HifiGan.from_pretrained(require_model_dir(folder, "AudioLDM vocoder"), local_files_only=True)

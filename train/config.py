@@ -54,6 +54,7 @@ class TrainConfig:
     prediction: Literal["v_prediction", "epsilon"] = field(default="v_prediction", metadata={"help": "network target (Tango / VTA-LDM: v)"})
     min_snr_gamma: float = field(default=5.0, metadata={"help": "min-SNR loss weighting gamma (0 turns it off)"})
     uncond_probability: float = field(default=0.1, metadata={"help": "probability that all conditions of a sample are zeroed (classifier-free guidance)"})
+    posterior_sample: bool = field(default=False, metadata={"help": "train on a draw from the VAE posterior, mean + std * eps (AudioLDM, Tango), instead of its mean; off for the random tiny VAE, whose posterior std (~0.95) buries the mean (std ~0.2)"})
     vae_scaling_factor: float = field(default=1.0, metadata={"help": "latents z are multiplied by this (the VAE's config.scaling_factor; random tiny VAE: 1.0)"})
     # --- optimisation ----------------------------------------------------------------------
     batch_size: int = field(default=4, metadata={"help": "samples per rank per micro-batch"})
@@ -126,6 +127,7 @@ PRESETS: dict[str, TrainConfig] = {
         cross_attention_dim=1024,
         norm_groups=32,
         upcast_attention=True,
+        posterior_sample=True,  # a trained VAE's posterior is narrow; Tango samples it (get_first_stage_encoding)
         vae_scaling_factor=0.9227914214134216,  # audioldm-s-full-v2 vae/config.json; check your weights folder
         batch_size=8,
         learning_rate=3e-5,

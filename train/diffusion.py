@@ -47,8 +47,13 @@ def sampling_scheduler(config: TrainConfig, kind: str) -> DDIMScheduler | DDPMSc
     raise ValueError(f"scheduler must be ddim, ddpm or dpmsolver++, got {kind!r}")
 
 
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z = (mean + std * eps) * scaling_factor: a draw from the stored VAE posterior, scaled as AudioLDM does."""
+def sample_latents(mean: torch.Tensor, std: torch.Tensor | None, scaling_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z = (mean + std * eps) * scaling_factor: a draw from the stored VAE posterior, scaled as AudioLDM does.
+
+    std None: z = mean * scaling_factor (the posterior mode; TrainConfig.posterior_sample off).
+    """
+    if std is None:
+        return mean * scaling_factor
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return (mean + std * eps) * scaling_factor
 

@@ -218,7 +218,7 @@ def train(config: TrainConfig, log: Any = print) -> int:
             if id_log is not None:
                 id_log.write("".join(f"{epoch} {progress.step} {clip_id}\n" for clip_id in batch["id"]))
             mean, std = batch["latent_mean"].to(accelerator.device), batch["latent_std"].to(accelerator.device)
-            z0 = sample_latents(mean, std, config.vae_scaling_factor)
+            z0 = sample_latents(mean, std if config.posterior_sample else None, config.vae_scaling_factor)
             noise = torch.randn_like(z0)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
             drop = torch.rand(z0.shape[0], device=z0.device) < config.uncond_probability

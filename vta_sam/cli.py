@@ -10,7 +10,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("preprocess.__main__", "stage one: videos -> feature shards (make features)"),
     "verify": ("shards.__main__", "check shards against their schema (python -m shards verify DIR)"),
     "train": ("train.__main__", "stage two: train the diffusion model on the shards (make train)"),
+    "eval": ("eval.__main__", "generate audio for the test split and report FD / FAD / KL / AV-Align (make eval)"),
     "generate": ("vta_sam.generate", "add synchronized sound to videos (vta-sam generate VIDEO...)"),
+    "listen": ("eval.listen", "blinded listening test in the browser, and its report (Table II)"),
     "weights": ("preprocess.weights", "fetch or check the weights folder (make weights)"),
 }
 

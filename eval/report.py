@@ -1,0 +1,179 @@
+"""Writing an evaluation's outputs (results.json, report.md, figure.png) and gathering runs into one table.
+
+The table follows the paper's layout: one row per run (e.g. V-only vs V+O), columns FD, FAD, KL (lower is
+better) and AV-Align (higher is better, shown as mean +- the half-width of its 95% confidence interval). When a
+row was measured with random-weight embedders, the first line of the report or table says the numbers are not
+comparable to published ones; knobs that differ between rows are listed under the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval.config import EvalConfig
+from eval.evaluate import FIGURE_FILE, NOT_COMPARABLE, REPORT_FILE, RESULTS_FILE, read_wav
+from eval.figures import FigureClip, mel_figure
+from eval.generate import TestClip, iterate_split_samples, wav_path
+
+# knobs that make two rows of a table measure different things when they differ
+COMPARED_KNOBS = ("duration", "sample_rate", "sampler", "steps", "guidance", "seed", "clip_count", "peak",
+                  "embedder_checkpoints")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities are not JSON: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def load_results(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / RESULTS_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (run `python -m eval` for that run first)") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Table
+# ----------------------------------------------------------------------------------------------------------------
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _av_align(value: dict[str, Any] | None) -> str:
+    if not value or value.get("mean") is None:
+        return "—"
+    low, high = value.get("ci95_low"), value.get("ci95_high")
+    half = (high - low) / 2 if low is not None and high is not None else None
+    return f"{value['mean']:.3f}" + (f" ± {half:.3f}" if half is not None else "")
+
+
+def row_name(results: dict[str, Any]) -> str:
+    """'<run name> (<inputs>)', e.g. 'demo (V+O)'."""
+    name = results.get("run_name") or Path(str(results.get("run", "?"))).name
+    inputs = results.get("protocol", {}).get("inputs")
+    return f"{name} ({inputs})" if inputs else name
+
+
+def table(all_results: list[dict[str, Any]], names: list[str] | None = None, warn: bool = True) -> str:
+    """Markdown table of several evaluations, one row each; names default to `row_name`. With `warn`, the first
+    line says when some row was measured with random-weight embedders."""
+    names = names or [row_name(r) for r in all_results]
+    lines = []
+    if warn and any(not r.get("comparable", False) for r in all_results):
+        lines += [f"**{NOT_COMPARABLE}**", ""]
+    lines += ["| Run | FD ↓ | FAD ↓ | KL ↓ | AV-Align ↑ | Clips (paired) |", "|---|---|---|---|---|---|"]
+    notes = []
+    for name, r in zip(names, all_results):
+        counts = r.get("counts", {})
+        lines.append(f"| {name} | {_number(r.get('fd'))} | {_number(r.get('fad'))} | {_number(r.get('kl'))} | "
+                     f"{_av_align(r.get('av_align'))} | {counts.get('clips', '?')} ({counts.get('paired', '?')}) |")
+        for metric, reason in r.get("null_reasons", {}).items():
+            notes.append(f"- {name}, {metric}: {reason}")
+    lines += ["", "AV-Align: mean ± half-width of the 95% confidence interval over clips."]
+    differing = []
+    for knob in COMPARED_KNOBS:
+        values = [json.dumps(r.get("protocol", {}).get(knob), sort_keys=True) for r in all_results]
+        if len(set(values)) > 1:
+            differing.append(f"{knob} ({', '.join(values)})")
+    splits = {(r.get("shards"), r.get("split")) for r in all_results}
+    if len(splits) > 1:
+        differing.append("test set (" + ", ".join(sorted(f"{s}:{p}" for s, p in splits)) + ")")
+    if differing:
+        lines.append("Rows differ in: " + "; ".join(differing) + ".")
+    if notes:
+        lines += ["", "Missing values:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One evaluation's report
+# ----------------------------------------------------------------------------------------------------------------
+def report_markdown(results: dict[str, Any]) -> str:
+    """report.md: warning line first when not comparable, then the table row, counts, failures and knobs."""
+    lines = [f"**{NOT_COMPARABLE}**" if not results["comparable"] else
+             "Numbers measured with the official PANNs Cnn14 and VGGish checkpoints.", ""]
+    lines += [f"# Evaluation of {results['run']}", "", table([results], warn=False)]
+    counts = results["counts"]
+    lines += ["## Clips", "",
+              f"- {counts['paired']} of {counts['clips']} clips of split `{results['split']}` in `{results['shards']}` "
+              f"have a readable generated WAV ({counts['paired_fraction']:.0%}; FD/FAD/KL need {counts['min_paired']:.0%}).",
+              f"- KL pairs: {counts.get('kl_pairs', 0)}; unreadable or failed: {counts['failures']}; "
+              f"source videos missing: {counts['videos_missing']}."]
+    av = results.get("av_align")
+    if av:
+        lines.append(f"- AV-Align over {av['n']} clips (excluded, no peak on either side: {av['n_excluded']}): "
+                     f"mean {_number(av['mean'])}, std {_number(av['std'])}, "
+                     f"95% CI [{_number(av['ci95_low'])}, {_number(av['ci95_high'])}].")
+    else:
+        lines.append(f"- AV-Align skipped: {results['null_reasons'].get('av_align', 'unknown reason')}.")
+    if results["failures"]:
+        lines += ["", "## Failures", "", *[f"- `{f['id']}` ({f['stage']}): {f['reason']}" for f in results["failures"]]]
+    protocol = results["protocol"]
+    lines += ["", "## Protocol", ""]
+    for key in ("sampler", "steps", "guidance", "seed", "samples_per_clip", "duration", "sample_rate", "peak",
+                "clip_count", "checkpoint_sha256", "embedder_checkpoints", "inputs", "scheme", "vae"):
+        if key in protocol:
+            lines.append(f"- {key}: `{json.dumps(protocol[key])}`")
+    lines.append(f"- software: `{json.dumps(results['software'])}`")
+    lines += ["", f"Generated audio: `{results['wav_dir']}/<clip id>.wav`; every knob: `{RESULTS_FILE}`."]
+    return "\n".join(lines) + "\n"
+
+
+def figure_clips(config: EvalConfig, clips: list[TestClip]) -> list[FigureClip]:
+    """The first `config.figure_clips` clips with a readable WAV, with their ground truth and probabilities."""
+    out_dir = config.output_dir
+    chosen: dict[str, np.ndarray] = {}
+    for clip in clips:
+        path = wav_path(out_dir, clip.id)
+        if len(chosen) == config.figure_clips:
+            break
+        if path.exists():
+            try:
+                chosen[clip.id] = read_wav(path)[0]
+            except ValueError:  # already listed among the failures
+                continue
+    found: dict[str, FigureClip] = {}
+    for sample in iterate_split_samples(config.shards, config.split, chosen):
+        meta = sample["json"]
+        found[meta["id"]] = FigureClip(id=meta["id"], generated=chosen[meta["id"]], reference=sample["flac"],
+                                       probs=sample["probs.npy"], nouns=tuple(meta["nouns"]), caption=meta["caption"])
+        if len(found) == len(chosen):
+            break
+    return [found[i] for i in chosen if i in found]
+
+
+def write_outputs(out_dir: Path, results: dict[str, Any], config: EvalConfig, clips: list[TestClip],
+                  progress: bool = True) -> None:
+    """results.json, report.md and (with config.figure_clips > 0 and some WAV) figure.png, each atomically."""
+    results = _json_safe(results)
+    _atomic_write(out_dir / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True) + "\n")
+    _atomic_write(out_dir / REPORT_FILE, report_markdown(results))
+    if config.figure_clips:
+        chosen = figure_clips(config, clips)
+        if chosen:
+            tmp = out_dir / (FIGURE_FILE + ".tmp.png")
+            mel_figure(tmp, chosen, results["protocol"]["generated_sample_rate"], results["protocol"]["window_seconds"])
+            os.replace(tmp, out_dir / FIGURE_FILE)

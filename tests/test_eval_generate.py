@@ -1,0 +1,160 @@
+"""Generation for evaluation on a tiny trained run: one WAV per test clip, its length, determinism that does not
+depend on batch composition, resume that skips existing WAVs, and the CLI's presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+import shards
+from eval.__main__ import main as eval_main
+from eval.config import PRESETS, EvalConfig
+from eval.generate import EvalError, generate, read_split, select_clips, wav_path
+from preprocess.config import PRESETS as FEATURE_PRESETS
+from tests.conftest import make_sample
+from tests.test_av_align import write_jumping_square
+from tests.test_train_support import one_thread  # noqa: F401  (autouse: single-threaded torch)
+from train.__main__ import main as train_main
+
+FEATURES = FEATURE_PRESETS["tiny"]
+# the tiny stage-one spec with a 4x shorter latent time axis (as the stage-two tests): 2.56 s of decoded audio
+SPEC = dataclasses.replace(FEATURES.shard_spec(), latent_time=64)
+CLIP_SECONDS = 2.0  # json 'duration' of every test clip: shorter than the decoded audio, so WAVs are cut to it
+TEST_IDS = ("t0", "t1", "t2", "t3")
+VIDEO_IDS = ("t2", "t3")  # test clips whose source video exists (AV-Align); t0 and t1 point nowhere
+SMALL = ["--block-channels", "16", "32", "--attention-heads", "2", "2", "--cross-attention-dim", "32",
+         "--batch-size", "2", "--shuffle-buffer", "4"]
+
+
+def make_run(root: Path) -> tuple[Path, Path]:
+    """Shards (4 train + 4 test clips, meta.json with the stage-one config) and a run trained for one step."""
+    data = root / "shards"
+    data.mkdir(parents=True)
+    meta = {"schema_version": shards.SCHEMA_VERSION, "spec": SPEC.to_dict(), "config": dataclasses.asdict(FEATURES)}
+    (data / shards.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+    videos = root / "videos"
+    videos.mkdir()
+    for split, ids in (("train", ("a0", "a1", "a2", "a3")), ("test", TEST_IDS)):
+        writer = shards.ShardWriter(data, split, 0, 8)
+        for seed, clip_id in enumerate(ids):
+            sample_meta, arrays, waveform = make_sample(spec=SPEC, clip_id=clip_id, seed=seed, split=split)
+            sample_meta.update(duration=CLIP_SECONDS, start=0.5, source=str(videos / f"{clip_id}.avi"))
+            if clip_id in VIDEO_IDS:  # 2.5 s at 25 fps: the window [0.5, 2.5) holds frames 13..62
+                write_jumping_square(videos / f"{clip_id}.avi", fps=25, frames=63, jumps={20, 40})
+            writer.write(shards.encode_sample(SPEC, sample_meta, arrays, waveform))
+        writer.close()
+    run = root / "run"
+    assert train_main(["--shards", str(data), "--output", str(run), *SMALL, "--max-steps", "1"]) == 0
+    return data, run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return make_run(tmp_path_factory.mktemp("eval_run"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def config_for(tiny_run: tuple[Path, Path], out: Path, **changes: object) -> EvalConfig:
+    data, run = tiny_run
+    settings: dict[str, object] = dict(run=str(run), shards=str(data), output=str(out), steps=2, batch_size=2,
+                                       cache_dir=str(out.parent / "cache"))
+    return PRESETS["demo"].replace(**{**settings, **changes})
+
+
+def wavs(folder: Path) -> dict[str, np.ndarray]:
+    return {p.stem: soundfile.read(p, dtype="int16")[0] for p in sorted((folder / "wav").glob("*.wav"))}
+
+
+def test_generation_writes_one_wav_per_test_clip(tiny_run, tmp_path):
+    config = config_for(tiny_run, tmp_path / "a")
+    clips = select_clips(read_split(config.shards, "test"), 0)
+    assert [c.id for c in clips] == list(TEST_IDS)  # train clips are not evaluated
+    generate(config, clips, progress=False)
+    written = sorted((tmp_path / "a" / "wav").iterdir())
+    assert [p.name for p in written] == [f"{i}.wav" for i in TEST_IDS]  # and no temporary file is left
+    for path in written:
+        info = soundfile.info(path)
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        assert info.frames == round(CLIP_SECONDS * 16000)  # cut to the clip's length
+        audio = soundfile.read(path)[0]
+        assert np.isclose(np.abs(audio).max(), config.peak, atol=1e-3)  # the demo's level: audible, not clipped
+
+
+def test_same_seed_same_audio_whatever_the_batch(tiny_run, tmp_path):
+    clips = select_clips(read_split(tiny_run[0], "test"), 0)
+    generate(config_for(tiny_run, tmp_path / "batched", batch_size=3), clips, progress=False)
+    # one clip per batch and in another order: each clip's noise is seeded by (seed, id) alone
+    generate(config_for(tiny_run, tmp_path / "single", batch_size=1), clips[::-1], progress=False)
+    generate(config_for(tiny_run, tmp_path / "other", seed=1), clips, progress=False)
+    batched, single, other = wavs(tmp_path / "batched"), wavs(tmp_path / "single"), wavs(tmp_path / "other")
+    assert batched.keys() == single.keys() == set(TEST_IDS)
+    for clip_id in TEST_IDS:
+        assert np.abs(batched[clip_id].astype(int) - single[clip_id]).max() <= 1  # up to one 16-bit step
+        assert not np.array_equal(batched[clip_id], other[clip_id])  # another seed, other audio
+    assert not np.array_equal(batched["t0"], batched["t1"])  # clips differ from each other
+
+
+def test_resume_skips_existing_wavs(tiny_run, tmp_path):
+    config = config_for(tiny_run, tmp_path / "a")
+    clips = select_clips(read_split(config.shards, "test"), 0)
+    generate(config, clips, progress=False)
+    first = wavs(tmp_path / "a")
+    kept = wav_path(tmp_path / "a", "t1")
+    marker = kept.read_bytes()[:44] + b"\0" * 100  # a valid header on other samples: a regeneration would undo it
+    kept.write_bytes(marker)
+    wav_path(tmp_path / "a", "t2").unlink()
+    (tmp_path / "a" / "wav" / "t3.wav.tmp").write_bytes(b"half a file")  # left by a killed run
+    generate(config, clips, progress=False)
+    assert kept.read_bytes() == marker
+    again = wavs(tmp_path / "a")
+    assert np.abs(again["t2"].astype(int) - first["t2"]).max() <= 1  # the same audio (alone in its batch now)
+    assert not (tmp_path / "a" / "wav" / "t3.wav.tmp").exists()
+
+
+def test_max_clips_takes_the_first_ids(tiny_run, tmp_path):
+    clips = select_clips(read_split(tiny_run[0], "test"), 2)
+    assert [c.id for c in clips] == ["t0", "t1"]
+    assert clips[0].start == 0.5 and clips[0].duration == CLIP_SECONDS and clips[0].nouns == ("noun0", "noun1")
+
+
+def test_incompatible_or_missing_inputs_are_one_line_errors(tiny_run, tmp_path):
+    data, run = tiny_run
+    other = tmp_path / "shards"
+    shutil.copytree(data, other)
+    meta = json.loads((other / shards.META_FILE).read_text())
+    meta["spec"]["embed_dim"] = 16
+    (other / shards.META_FILE).write_text(json.dumps(meta))
+    clips = select_clips(read_split(data, "test"), 0)
+    with pytest.raises(EvalError, match="embed_dim 32 vs 16"):
+        generate(config_for(tiny_run, tmp_path / "a", shards=str(other)), clips, progress=False)
+    with pytest.raises(EvalError, match="ema.safetensors"):
+        generate(config_for(tiny_run, tmp_path / "b", run=str(tmp_path / "nowhere")), clips, progress=False)
+    with pytest.raises(EvalError, match="meta.json"):
+        read_split(tmp_path / "empty", "test")
+
+
+def test_cli_presets_and_dry_run(capsys):
+    assert eval_main(["--dry-run"]) == 0
+    demo = json.loads(capsys.readouterr().out)
+    assert (demo["run"], demo["shards"], demo["split"], demo["sampler"], demo["steps"]) == \
+        ("runs/demo", "data/shards/demo", "test", "ddim", 25)
+    assert eval_main(["--preset", "paper", "--dry-run", "--sampler", "dpmsolver++", "--steps", "25"]) == 0
+    paper = json.loads(capsys.readouterr().out)
+    assert (paper["guidance"], paper["random_embedders"], paper["sampler"], paper["steps"]) == \
+        (3.0, False, "dpmsolver++", 25)
+    assert PRESETS["paper"].steps == 300
+    with pytest.raises(SystemExit):
+        eval_main(["--sampler", "euler"])
+    assert eval_main(["--min-paired", "1.5", "--dry-run"]) == 2
