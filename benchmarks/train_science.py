@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = {
         "ceiling: ground-truth latent (readout) vs its mel loudness": pearson(truth, test_clips.loudness),
         "no timing: mean training-clip loudness vs each clip's": pearson(train_clips.loudness.mean(0), test_clips.loudness),
+        # what a model that draws plausible envelopes regardless of the conditions would score
+        "no timing: a random training clip's envelope (readout) vs each clip's":
+            pearson(truth[:, None], readout(train_clips.latents)[None]).mean(1),
     }
     extra = args.train_args.split()
     for name, shard_dir in (("paired", args.shards), ("shuffled", args.work / "shuffled_shards")):

@@ -1,7 +1,8 @@
 """`python -m eval [flags]`: generate and measure one run; `python -m eval table RUN_EVAL_DIR... --out table.md`.
 
 With no arguments: the demo model runs/demo on data/shards/demo, split test, into runs/demo/eval (DDIM, 25 steps).
-Run the same command again to resume: WAVs already written are kept, ground-truth embeddings come from the cache.
+Run the same command again to resume: WAVs already written are kept (their settings are in <output>/wav/manifest.json;
+other settings need another --output), ground-truth embeddings come from the cache.
 """
 
 from __future__ import annotations

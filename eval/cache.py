@@ -1,23 +1,32 @@
 """Ground-truth embeddings, computed once per protocol and kept in an HDF5 file keyed by clip id.
 
 Layout: attribute `protocol` (JSON: embedding sample rate, duration, both front ends and widths, both checkpoint
-ids) plus readable copies (`sample_rate`, `duration`, `cnn14_checkpoint`, `vggish_checkpoint`); one group per clip
+ids, and what the reference audio came from: the sha256 of the shards' stage-one config and their sample rate)
+plus readable copies (`sample_rate`, `duration`, `cnn14_checkpoint`, `vggish_checkpoint`); one group per clip
 under `clips/` with datasets `cnn14_embedding` (D,), `cnn14_probs` (527,), `vggish` (n_patches, 128) and the
-attributes `id` and `complete`. A file whose protocol differs from the requested one is rebuilt.
+attributes `id`, `audio_sha256` (of the reference audio the clip was embedded from) and `complete`. A file whose
+protocol differs from the requested one is rebuilt; a clip whose audio hash differs from the shards' is
+re-embedded (the shards were rebuilt under the same config).
 
 Crash safety: new clips are written into `<path>.partial` (flushed after every clip; `complete` is set after the
 clip's datasets, so a clip cut short by a crash is dropped on the next run, and a partial file that no longer
 opens is discarded); when every requested clip is there the partial file is renamed over `<path>` (atomic), so
 `<path>` is always a whole file. Run the same command again to resume.
+
+Concurrency: the build holds an exclusive `fcntl.flock` on `<path>.lock`, so two evaluations of the same
+shards at once take turns (the second waits, saying so, then finds the clips the first one cached) instead of
+fighting over `<path>.partial`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -31,14 +40,38 @@ from eval.vggish import VGGish
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: reference source in the protocol, per-clip audio_sha256
 DATASETS = ("cnn14_embedding", "cnn14_probs", "vggish")
 
+Cached = tuple[ClipEmbedding, str | None]  # an embedding and the sha256 of the audio it was computed from
 
-def cache_protocol(cnn14: Cnn14, vggish: VGGish, duration: float | None) -> dict[str, Any]:
-    """Everything a cached embedding depends on: cut/pad duration, embedding rate, front ends, checkpoints."""
-    return {"cache_version": CACHE_VERSION, "sample_rate": cnn14.config.sample_rate, "duration": duration,
-            "cnn14": cnn14.protocol(), "vggish": vggish.protocol()}
+
+def cache_protocol(cnn14: Cnn14, vggish: VGGish, duration: float | None,
+                   source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a cached embedding depends on: cut/pad duration, embedding rate, front ends, checkpoints, and
+    `source`, what the reference audio came from (e.g. the sha256 of the shards' config and their sample rate)."""
+    protocol = {"cache_version": CACHE_VERSION, "sample_rate": cnn14.config.sample_rate, "duration": duration,
+                "cnn14": cnn14.protocol(), "vggish": vggish.protocol()}
+    if source is not None:
+        protocol["reference"] = dict(source)
+    return protocol
+
+
+@contextlib.contextmanager
+def build_lock(path: Path) -> Iterator[None]:
+    """Exclusive flock on `<path>.lock` for the duration of a build; waits (saying so) while another process
+    holds it. The lock file stays: deleting it would let a third process lock a different inode."""
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: another evaluation is building this cache; waiting for it to finish", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _encode(protocol: dict[str, Any]) -> str:
@@ -63,24 +96,28 @@ def _write_header(handle: h5py.File, protocol: dict[str, Any]) -> None:
     handle.require_group("clips")
 
 
-def _write_clip(handle: h5py.File, clip_id: str, clip: ClipEmbedding) -> None:
+def _write_clip(handle: h5py.File, clip_id: str, clip: ClipEmbedding, audio_sha256: str | None) -> None:
     name = _group_name(clip_id)
     clips = handle["clips"]
     if name in clips:
         del clips[name]
     group = clips.create_group(name)
     group.attrs["id"] = clip_id
+    if audio_sha256 is not None:
+        group.attrs["audio_sha256"] = audio_sha256
     for key in DATASETS:
         group.create_dataset(key, data=np.asarray(getattr(clip, key), dtype=np.float32))
     group.attrs["complete"] = True  # last: a clip without it was cut short and is not trusted
     handle.flush()
 
 
-def _read_clips(handle: h5py.File) -> dict[str, ClipEmbedding]:
+def _read_clips(handle: h5py.File) -> dict[str, Cached]:
     out = {}
     for group in handle["clips"].values():
         if group.attrs.get("complete", False) and all(key in group for key in DATASETS):
-            out[str(group.attrs["id"])] = ClipEmbedding(**{key: group[key][()] for key in DATASETS})
+            digest = group.attrs.get("audio_sha256")
+            out[str(group.attrs["id"])] = (ClipEmbedding(**{key: group[key][()] for key in DATASETS}),
+                                           None if digest is None else str(digest))
     return out
 
 
@@ -90,10 +127,10 @@ def read_cache(path: str | Path, protocol: dict[str, Any] | None = None) -> dict
         if protocol is not None and _stored_protocol(handle) != _encode(protocol):
             raise ValueError(f"{path}: embeddings were computed under another protocol (front end, duration "
                              f"or checkpoint); delete it or run ground_truth_embeddings to rebuild")
-        return _read_clips(handle)
+        return {clip_id: clip for clip_id, (clip, _) in _read_clips(handle).items()}
 
 
-def _matching_clips(path: Path, protocol: dict[str, Any]) -> dict[str, ClipEmbedding] | None:
+def _matching_clips(path: Path, protocol: dict[str, Any]) -> dict[str, Cached] | None:
     """The complete clips of `path` when it exists, opens and matches `protocol`; None otherwise."""
     if not path.exists():
         return None
@@ -118,40 +155,59 @@ def ground_truth_embeddings(
     duration: float | None,
     batch_size: int = 8,
     progress: bool = True,
+    source: Mapping[str, Any] | None = None,
+    audio_hashes: Mapping[str, str] | None = None,
 ) -> dict[str, ClipEmbedding]:
     """Embeddings of the reference clips `ids`, from the cache at `path` where present and computed otherwise.
 
-    `load_audio(id)` returns the clip's waveform at `sample_rate`; it is called only for clips not yet cached.
-    Returns {id: ClipEmbedding} for the requested ids; clips cached earlier for other ids are kept in the file.
+    `load_audio(id)` returns the clip's waveform at `sample_rate`; it is called only for clips not yet cached,
+    in the order of `ids` (a streaming loader can rely on it). `source` joins the protocol (see
+    `cache_protocol`). `audio_hashes[id]`, when given, is the sha256 of the clip's reference audio now: it is
+    stored with the clip, and a cached clip stored with another hash is embedded again. Returns
+    {id: ClipEmbedding} for the requested ids; clips cached earlier for other ids are kept in the file.
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    protocol = cache_protocol(cnn14, vggish, duration)
+    protocol = cache_protocol(cnn14, vggish, duration, source)
     wanted = list(dict.fromkeys(ids))
-    finished = _matching_clips(path, protocol) or {}
-    if all(clip_id in finished for clip_id in wanted):
-        return {clip_id: finished[clip_id] for clip_id in wanted}
+    hashes = dict(audio_hashes or {})
 
-    resumed = _matching_clips(partial, protocol)
-    if resumed is None and partial.exists():
-        partial.unlink()
+    def current(cached: Mapping[str, Cached], clip_id: str) -> bool:
+        return clip_id in cached and (clip_id not in hashes or cached[clip_id][1] == hashes[clip_id])
+
+    finished = _matching_clips(path, protocol) or {}
+    if all(current(finished, clip_id) for clip_id in wanted):
+        return {clip_id: finished[clip_id][0] for clip_id in wanted}
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(partial, "a") as handle:
-        if resumed is None:
-            _write_header(handle, protocol)
-            resumed = {}
-        for name in [n for n, g in handle["clips"].items() if not g.attrs.get("complete", False)]:
-            del handle["clips"][name]  # cut short by a crash
-        for clip_id, clip in finished.items():  # carry over what the whole file already had
-            if clip_id not in resumed:
-                _write_clip(handle, clip_id, clip)
-                resumed[clip_id] = clip
-        todo = [clip_id for clip_id in wanted if clip_id not in resumed]
-        if resumed:
-            log.info("%s: %d clips cached, %d to embed", path, len(resumed), len(todo))
-        clips = ((clip_id, load_audio(clip_id)) for clip_id in todo)
-        for clip_id, clip in embed_clips(clips, cnn14, vggish, sample_rate, duration, batch_size, len(todo), progress):
-            _write_clip(handle, clip_id, clip)
-            resumed[clip_id] = clip
-    os.replace(partial, path)
-    return {clip_id: resumed[clip_id] for clip_id in wanted}
+    with build_lock(path):
+        finished = _matching_clips(path, protocol) or {}  # another process may have built it while we waited
+        if all(current(finished, clip_id) for clip_id in wanted):
+            return {clip_id: finished[clip_id][0] for clip_id in wanted}
+        resumed = _matching_clips(partial, protocol)
+        if resumed is None and partial.exists():
+            partial.unlink()
+        with h5py.File(partial, "a") as handle:
+            if resumed is None:
+                _write_header(handle, protocol)
+                resumed = {}
+            for name in [n for n, g in handle["clips"].items() if not g.attrs.get("complete", False)]:
+                del handle["clips"][name]  # cut short by a crash
+            for clip_id, cached in finished.items():  # carry over what the whole file already had
+                if clip_id not in resumed:
+                    _write_clip(handle, clip_id, *cached)
+                    resumed[clip_id] = cached
+            todo = [clip_id for clip_id in wanted if not current(resumed, clip_id)]
+            changed = sum(clip_id in resumed for clip_id in todo)
+            if changed:
+                log.warning("%s: the reference audio of %d cached clips changed (shards rebuilt?); embedding them "
+                            "again", path, changed)
+            if resumed:
+                log.info("%s: %d clips cached, %d to embed", path, len(resumed), len(todo))
+            clips = ((clip_id, load_audio(clip_id)) for clip_id in todo)
+            for clip_id, clip in embed_clips(clips, cnn14, vggish, sample_rate, duration, batch_size, len(todo),
+                                             progress):
+                _write_clip(handle, clip_id, clip, hashes.get(clip_id))
+                resumed[clip_id] = (clip, hashes.get(clip_id))
+        os.replace(partial, path)
+    return {clip_id: resumed[clip_id][0] for clip_id in wanted}

@@ -39,13 +39,14 @@ class EvalConfig:
     guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale (paper protocol: 3)"})
     seed: int = field(default=0, metadata={"help": "base seed; each clip's noise is seeded from (seed, clip id)"})
     batch_size: int = field(default=4, metadata={"help": "clips per sampling / decoding batch"})
-    peak: float = field(default=0.5, metadata={"help": "scale each generated WAV to this peak (0: keep the vocoder's level; the random tiny vocoder's is ~1e-10, below one 16-bit step)"})
+    peak: float = field(default=0.0, metadata={"help": "scale each generated WAV to this peak (0: keep the vocoder's level, as published evaluators measure it)"})
     weights: str = field(default="weights", metadata={"help": "weights folder of stage one (AudioLDM VAE + vocoder) when the shards were made with real weights"})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda when there), 'cpu' or 'cuda[:N]'"})
     # --- metrics ---------------------------------------------------------------------------------
     embedder_weights: str = field(default="weights/eval", metadata={"help": "folder with Cnn14_16k_mAP=0.438.pth and vggish-10086976.pth"})
     random_embedders: bool = field(default=True, metadata={"help": "use seeded random-weight embedders when the checkpoints are absent (numbers not comparable to published ones)"})
     random_embedder_size: EmbedderSize = field(default="tiny", metadata={"help": "width of random-weight embedders: tiny (fast) or paper"})
+    embedder_seed: int = field(default=0, metadata={"help": "seed of the random-weight embedders (independent of the generation seed)"})
     duration: float = field(default=10.0, metadata={"help": "seconds every clip is cut or zero-padded to before embedding (0: as it is)"})
     min_paired: float = field(default=0.9, metadata={"help": "FD/FAD/KL are refused when fewer than this fraction of the clips have a readable WAV"})
     av_align: bool = field(default=True, metadata={"help": "compute AV-Align against the source videos (json 'source')"})
@@ -101,7 +102,6 @@ PRESETS: dict[str, EvalConfig] = {
         steps=300,  # VTA-LDM's inference protocol: 300 steps, guidance 3, one sample per clip
         guidance=3.0,
         batch_size=16,
-        peak=0.0,  # published evaluators measure the vocoder's output as it is
         random_embedders=False,  # published numbers need the official checkpoints
         random_embedder_size="paper",
         workers=8,

@@ -7,9 +7,10 @@ zero-padded to the protocol's duration), so reference and generated audio are me
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
 import librosa
 import numpy as np
@@ -18,6 +19,8 @@ from tqdm import tqdm
 from eval.metrics import frechet_distance, kl_divergence
 from eval.panns import Cnn14
 from eval.vggish import VGGish, waveform_to_patches
+
+RESAMPLER = "soxr_hq"  # librosa.resample's res_type (its default, and librosa.load's): named so results record it
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ def prepare_waveform(waveform: np.ndarray, sample_rate: int, target_rate: int, d
     if y.ndim != 1:
         raise ValueError(f"expected an (L,) or (channels, L) waveform, got shape {np.shape(waveform)}")
     if sample_rate != target_rate:
-        y = librosa.resample(y, orig_sr=sample_rate, target_sr=target_rate)
+        y = librosa.resample(y, orig_sr=sample_rate, target_sr=target_rate, res_type=RESAMPLER)
     if duration is not None:
         length = round(duration * target_rate)
         y = np.pad(y[:length], (0, max(0, length - y.size)))
@@ -79,16 +82,32 @@ def embed_clips(
             bar.update(len(batch))
 
 
-def audio_metrics(reference: Mapping[str, ClipEmbedding], generated: Mapping[str, ClipEmbedding]) -> dict[str, float]:
+def audio_metrics(reference: Mapping[str, ClipEmbedding], generated: Mapping[str, ClipEmbedding],
+                  errors: dict[str, str] | None = None) -> dict[str, Any]:
     """FD (Cnn14 embeddings, one per clip), FAD (VGGish patch embeddings of each set pooled) and KL (Cnn14 class
-    probabilities paired by clip id: KL(reference || generated)), with the counts they rest on."""
-    fd = frechet_distance(np.stack([c.cnn14_embedding for c in reference.values()]),
-                          np.stack([c.cnn14_embedding for c in generated.values()]))
+    probabilities paired by clip id: KL(reference || generated)), with the counts they rest on.
+
+    With `errors`, a metric whose computation raises (e.g. sqrtm with a large imaginary part) is None and
+    errors[metric] says why, so the others survive; without it the exception propagates.
+    """
+    out: dict[str, Any] = {"n_reference": len(reference), "n_generated": len(generated)}
+
+    def guarded(name: str, compute: Callable[[], Any]) -> Any:
+        if errors is None:
+            return compute()
+        try:
+            return compute()
+        except Exception as error:  # any numerical failure of one metric: recorded, not fatal
+            errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            return None
+
+    out["fd"] = guarded("fd", lambda: frechet_distance(np.stack([c.cnn14_embedding for c in reference.values()]),
+                                                       np.stack([c.cnn14_embedding for c in generated.values()])))
     ref_patches = np.concatenate([c.vggish for c in reference.values()])
     gen_patches = np.concatenate([c.vggish for c in generated.values()])
-    fad = frechet_distance(ref_patches, gen_patches)
-    kl, pairs = kl_divergence({k: c.cnn14_probs for k, c in reference.items()},
-                              {k: c.cnn14_probs for k, c in generated.items()})
-    return {"fd": fd, "fad": fad, "kl": kl, "kl_pairs": pairs, "n_reference": len(reference),
-            "n_generated": len(generated), "n_reference_patches": len(ref_patches),
-            "n_generated_patches": len(gen_patches)}
+    out.update(n_reference_patches=len(ref_patches), n_generated_patches=len(gen_patches))
+    out["fad"] = guarded("fad", lambda: frechet_distance(ref_patches, gen_patches))
+    kl = guarded("kl", lambda: kl_divergence({k: c.cnn14_probs for k, c in reference.items()},
+                                             {k: c.cnn14_probs for k, c in generated.items()}))
+    out["kl"], out["kl_pairs"] = kl if kl is not None else (None, 0)
+    return out

@@ -4,12 +4,15 @@ Per clip: the conditions of its shard sample (`train.data.to_example`: CLIP fram
 classifier-free-guided sampling (`train.sample`; latents in the VAE's scaled space) -> divided by the run's
 `vae_scaling_factor` -> AudioLDM VAE decoder -> log mel (B, 1024, 64) -> AudioLDM HiFi-GAN -> waveform, cut to
 the clip's length (json 'duration': seconds of video from 'start', capped at the window) -> scaled to
-`peak` when the config asks (the demo does: the random tiny vocoder's output, ~1e-10, is below one 16-bit step).
+`peak` when the config asks (no preset does: published evaluators measure the vocoder's output as it is).
 
 Reproducible: each clip's noise comes from a generator seeded with (seed, clip id), so a clip's audio does not
-depend on which clips share its batch (up to float rounding), nor on how many were generated before a crash. Resumable: clips whose
-WAV exists are skipped; WAVs are written under a temporary name and renamed. The VAE and vocoder are rebuilt
-from the stage-one config stored in the shards' meta.json (`random_init` tiny models, or the weights folder).
+depend on which clips share its batch (up to float rounding), nor on how many were generated before a crash.
+Resumable: clips whose WAV exists are skipped; WAVs are written under a temporary name and renamed. Because a
+skipped WAV must have been made the way the new ones are, <output>/wav/manifest.json records every setting the
+audio depends on (sampler, steps, guidance, seed, peak, checksums of the model, the VAE and the shards' config);
+generating into a folder whose manifest differs is refused. The VAE and vocoder are rebuilt from the stage-one
+config stored in the shards' meta.json (`random_init` tiny models, or the weights folder).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from preprocess.encoders import AudioVAE, load_vocoder
 from train.data import to_example
 
 WAV_DIR = "wav"
+MANIFEST_FILE = "manifest.json"  # in WAV_DIR: the settings that made its WAVs
+MANIFEST_VERSION = 1
 GENERATION_FAILURES = "generation_failures.jsonl"
 
 
@@ -117,6 +122,48 @@ def select_clips(clips: list[TestClip], max_clips: int) -> list[TestClip]:
     return ordered[:max_clips] if max_clips else ordered
 
 
+def iterate_reference_audio(folder: str | Path, split: str, ids: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+    """(clip id, bytes of its `flac` member) for the clips `ids` of `split`, in shard order; only the json and
+    flac members are read (tarfile seeks over the features). WebDataset groups a sample's members by key (in
+    sorted extension order, so `flac` comes before `json`): a sample is complete when the key changes."""
+    wanted = set(ids)
+    kept = ("." + shards.AUDIO_KEY, "." + shards.META_KEY)
+
+    def complete(members: dict[str, Any]) -> tuple[str, bytes] | None:
+        meta = members.get(kept[1])
+        if meta is None or kept[0] not in members or meta.get("split") != split or meta["id"] not in wanted:
+            return None
+        return meta["id"], members[kept[0]]
+
+    for path in split_shards(Path(folder), split):
+        try:
+            with tarfile.open(path, "r") as tar:
+                key: str | None = None
+                members: dict[str, Any] = {}
+                for member in tar:
+                    name_key, dot, ext = member.name.partition(".")
+                    if name_key != key:
+                        if (done := complete(members)) is not None:
+                            yield done
+                        key, members = name_key, {}
+                    if dot + ext not in kept:
+                        continue
+                    handle = tar.extractfile(member)
+                    data = handle.read() if handle is not None else b""
+                    members[dot + ext] = json.loads(data) if dot + ext == kept[1] else data
+                if (done := complete(members)) is not None:
+                    yield done
+        except (tarfile.TarError, OSError, json.JSONDecodeError, KeyError) as error:
+            raise EvalError(f"{path}: unreadable shard ({error})") from None
+
+
+def shards_config_sha256(folder: str | Path) -> str:
+    """sha256 of the stage-one config in the shards' meta.json (canonical JSON): changes when the shards are
+    rebuilt with other settings (weights, windows, sample rate, ...)."""
+    meta = shards.read_meta(folder)
+    return hashlib.sha256(json.dumps(meta.get("config"), sort_keys=True).encode()).hexdigest()
+
+
 def iterate_split_samples(folder: str | Path, split: str, ids: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
     """Decoded samples of `split` (restricted to `ids` when given), in shard order."""
     wanted = None if ids is None else set(ids)
@@ -170,33 +217,73 @@ def write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
 
 def sample_batch(model: torch.nn.Module, conditions: dict[str, torch.Tensor], generators: list[torch.Generator],
                  config: EvalConfig) -> torch.Tensor:
-    """Latents for a batch whose row i uses generators[i] alone.
+    """Latents for a batch whose row i draws its noise from generators[i] alone (one batched `train.sample` call;
+    a single generator would make a clip's noise depend on its batch mates)."""
+    return train.sample(model, conditions, steps=config.steps, guidance=config.guidance, scheduler=config.sampler,
+                        generator=generators)
 
-    `train.sample` draws a batch's noise from one generator, which would make a clip's noise depend on its batch
-    mates; so a generator list (diffusers' convention) is handed over when `train.sample` takes one, and
-    otherwise each clip is sampled on its own (its conditional and unconditional passes still share a batch).
+
+# ----------------------------------------------------------------------------------------------------------------
+# The manifest: what the WAVs of a folder were generated with
+# ----------------------------------------------------------------------------------------------------------------
+def generation_manifest(config: EvalConfig, train_config: Any, decoder: Decoder, spec: shards.ShardSpec) -> dict[str, Any]:
+    """Every setting a generated WAV depends on (JSON-normalised, so it compares equal to its file's copy)."""
+    manifest = {
+        "manifest_version": MANIFEST_VERSION, **run_info(config.run),
+        "vae": decoder.checksum, "vae_scaling_factor": train_config.vae_scaling_factor,
+        "object_threshold": train_config.object_threshold,
+        "shards_config_sha256": shards_config_sha256(config.shards), "split": config.split,
+        "sampler": config.sampler, "steps": config.steps, "guidance": config.guidance, "seed": config.seed,
+        "samples_per_clip": 1, "peak": config.peak,
+        "sample_rate": decoder.sample_rate, "window_seconds": spec.window_seconds,
+    }
+    return json.loads(json.dumps(manifest))
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """<out>/wav/manifest.json, None when absent; EvalError when it cannot be read."""
+    path = out_dir / WAV_DIR / MANIFEST_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise EvalError(f"{path}: unreadable ({error}); choose another --output or delete {path.parent}") from None
+
+
+def claim_wav_dir(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Refuse to add WAVs to a folder whose WAVs were made otherwise; then write `manifest` there (atomically).
+
+    A folder with WAVs but no manifest was filled by something else (older code, a copy): its settings are
+    unknown, so it is refused as well. An empty folder takes the new manifest whatever the old one said.
     """
-    def run(rows: dict[str, torch.Tensor], generator: Any) -> torch.Tensor:
-        return train.sample(model, rows, steps=config.steps, guidance=config.guidance, scheduler=config.sampler,
-                            generator=generator)
-
-    if len(generators) > 1:
-        try:
-            return run(conditions, generators)
-        except TypeError:  # this train.sample takes a single generator
-            pass
-    rows = [run({k: v[i : i + 1] for k, v in conditions.items()}, g) for i, g in enumerate(generators)]
-    return torch.cat(rows)
+    wav_dir = out_dir / WAV_DIR
+    existing = read_manifest(out_dir)
+    has_wavs = any(wav_dir.glob("*.wav"))
+    fix = f"choose another --output or delete {wav_dir}"
+    if has_wavs and existing is None:
+        raise EvalError(f"{wav_dir}: holds WAVs but no {MANIFEST_FILE}, so the settings that made them are unknown; {fix}")
+    if has_wavs and existing != manifest:
+        assert existing is not None
+        differs = [f"{k} {existing.get(k)!r} -> {manifest.get(k)!r}" for k in sorted(existing.keys() | manifest.keys())
+                   if existing.get(k) != manifest.get(k)]
+        raise EvalError(f"{wav_dir / MANIFEST_FILE}: its WAVs were generated with other settings "
+                        f"({', '.join(differs)}); {fix}")
+    if existing != manifest:
+        tmp = wav_dir / (MANIFEST_FILE + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, wav_dir / MANIFEST_FILE)
 
 
 def generate(config: EvalConfig, clips: list[TestClip], progress: bool = True) -> dict[str, Any]:
-    """Write <output>/wav/<id>.wav for every clip that has none yet; returns the VAE's checksum and scaling.
+    """Write <output>/wav/<id>.wav for every clip that has none yet, after checking (or writing) the folder's
+    manifest. Returns {"manifest": the settings of the folder's WAVs, "written": WAVs written by this call}.
 
     Clips whose audio comes out non-finite are recorded in <output>/generation_failures.jsonl, not written.
     """
     out_dir = config.output_dir
     (out_dir / WAV_DIR).mkdir(parents=True, exist_ok=True)
-    for stale in (out_dir / WAV_DIR).glob("*.wav.tmp"):  # left by a killed run
+    for stale in (out_dir / WAV_DIR).glob("*.tmp"):  # left by a killed run
         stale.unlink()
     device = resolve_device(config.device)
     model, train_config = load_run(config.run, device)
@@ -205,7 +292,9 @@ def generate(config: EvalConfig, clips: list[TestClip], progress: bool = True) -
     features = feature_config(config.shards)
     weights = None if features.random_init else Path(config.weights)
     decoder = Decoder(features, weights, device, train_config.vae_scaling_factor)
-    info = {"vae": decoder.checksum, "vae_scaling_factor": train_config.vae_scaling_factor}
+    manifest = generation_manifest(config, train_config, decoder, spec)
+    claim_wav_dir(out_dir, manifest)
+    info: dict[str, Any] = {"manifest": manifest, "written": 0}
 
     by_id = {c.id: c for c in clips}
     todo = [c.id for c in clips if not wav_path(out_dir, c.id).exists()]
@@ -230,6 +319,7 @@ def generate(config: EvalConfig, clips: list[TestClip], progress: bool = True) -
             if config.peak > 0 and np.abs(wave).max() > 0:
                 wave = wave * (config.peak / np.abs(wave).max())
             write_wav(wav_path(out_dir, clip_id), wave, decoder.sample_rate)
+            info["written"] += 1
         bar.update(len(batch))
         batch.clear()
 

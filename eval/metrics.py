@@ -182,7 +182,7 @@ def audio_peaks(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
     if y.ndim != 1 or y.size == 0:
         raise ValueError(f"audio peaks need a non-empty (L,) or (channels, L) waveform, got shape {np.shape(waveform)}")
     if sample_rate != ONSET_SAMPLE_RATE:
-        y = librosa.resample(y, orig_sr=sample_rate, target_sr=ONSET_SAMPLE_RATE)
+        y = librosa.resample(y, orig_sr=sample_rate, target_sr=ONSET_SAMPLE_RATE, res_type="soxr_hq")
     envelope = librosa.onset.onset_strength(y=y, sr=ONSET_SAMPLE_RATE)
     onsets = librosa.onset.onset_detect(onset_envelope=envelope, sr=ONSET_SAMPLE_RATE)
     return librosa.frames_to_time(onsets, sr=ONSET_SAMPLE_RATE)

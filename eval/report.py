@@ -21,9 +21,11 @@ from eval.evaluate import FIGURE_FILE, NOT_COMPARABLE, REPORT_FILE, RESULTS_FILE
 from eval.figures import FigureClip, mel_figure
 from eval.generate import TestClip, iterate_split_samples, wav_path
 
-# knobs that make two rows of a table measure different things when they differ
-COMPARED_KNOBS = ("duration", "sample_rate", "sampler", "steps", "guidance", "seed", "clip_count", "peak",
-                  "embedder_checkpoints")
+# knobs that make two rows of a table measure different things when they differ ('embedders' holds the widths:
+# random embedders of either size share the checkpoint id 'random-init:seed=N')
+COMPARED_KNOBS = ("duration", "sample_rate", "generated_sample_rate", "sampler", "steps", "guidance", "seed",
+                  "clip_count", "peak", "reference", "embedder_checkpoints", "embedders", "random_embedder_size",
+                  "embedder_seed", "resampler", "fd_eps", "kl_eps", "av_align")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -129,12 +131,21 @@ def report_markdown(results: dict[str, Any]) -> str:
                      f"95% CI [{_number(av['ci95_low'])}, {_number(av['ci95_high'])}].")
     else:
         lines.append(f"- AV-Align skipped: {results['null_reasons'].get('av_align', 'unknown reason')}.")
+    for note in results.get("generation", {}).get("notes", []):
+        lines.append(f"- Note: {note}.")
     if results["failures"]:
         lines += ["", "## Failures", "", *[f"- `{f['id']}` ({f['stage']}): {f['reason']}" for f in results["failures"]]]
     protocol = results["protocol"]
     lines += ["", "## Protocol", ""]
-    for key in ("sampler", "steps", "guidance", "seed", "samples_per_clip", "duration", "sample_rate", "peak",
-                "clip_count", "checkpoint_sha256", "embedder_checkpoints", "inputs", "scheme", "vae"):
+    generation = results.get("generation", {})
+    if generation:
+        lines.append(f"- WAVs generated in this run: {generation.get('wavs_written', 0)} "
+                     f"(generation {'on' if generation.get('generated_in_this_run') else 'off'}); the generation "
+                     f"settings below are those of `{results['wav_dir']}/manifest.json`")
+    for key in ("sampler", "steps", "guidance", "seed", "samples_per_clip", "duration", "sample_rate",
+                "generated_sample_rate", "peak", "clip_count", "checkpoint_sha256", "embedder_checkpoints",
+                "random_embedder_size", "embedder_seed", "inputs", "scheme", "vae", "reference", "resampler",
+                "fd_eps", "kl_eps", "av_align"):
         if key in protocol:
             lines.append(f"- {key}: `{json.dumps(protocol[key])}`")
     lines.append(f"- software: `{json.dumps(results['software'])}`")

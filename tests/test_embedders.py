@@ -1,7 +1,12 @@
 """Cnn14 and VGGish: front ends against librosa on a 1 kHz sine, official-format checkpoints, shapes, batching,
-and the ground-truth embedding cache (reuse, protocol change, crash recovery)."""
+and the ground-truth embedding cache (reuse, protocol change, changed reference audio, crash recovery, two builds
+at once)."""
 
 from __future__ import annotations
+
+import fcntl
+import json
+import threading
 
 import h5py
 import librosa
@@ -271,3 +276,55 @@ def test_cache_survives_a_crash_and_distrusts_partial_clips(tmp_path, tiny_model
     path.unlink()
     result = ground_truth_embeddings(path, ids, load, cnn14, vggish, SR, 1.0, progress=False)
     assert set(result) == set(ids) and not partial.exists()
+
+
+def test_cache_checks_the_reference_audio_and_its_source(tmp_path, tiny_models):
+    cnn14, vggish = tiny_models
+    calls: list[str] = []
+    audio = {f"c{i}": noise(i, seconds=1.0) for i in range(3)}
+
+    def load(clip_id: str) -> np.ndarray:
+        calls.append(clip_id)
+        return audio[clip_id]
+
+    path = tmp_path / "gt.h5"
+    source = {"shards_config_sha256": "a" * 64, "sample_rate": SR}
+    hashes = {"c0": "h0", "c1": "h1", "c2": "h2"}
+    first = ground_truth_embeddings(path, list(hashes), load, cnn14, vggish, SR, 1.0, progress=False,
+                                    source=source, audio_hashes=hashes)
+    with h5py.File(path) as handle:
+        assert json.loads(handle.attrs["protocol"])["reference"] == source
+        assert handle["clips/id=c1"].attrs["audio_sha256"] == "h1"
+    calls.clear()
+    audio["c1"] = noise(7, seconds=1.0)  # the shards were rebuilt: c1's audio changed under the same config
+    again = ground_truth_embeddings(path, list(hashes), load, cnn14, vggish, SR, 1.0, progress=False,
+                                    source=source, audio_hashes={**hashes, "c1": "h1-new"})
+    assert calls == ["c1"]
+    assert not np.allclose(again["c1"].cnn14_embedding, first["c1"].cnn14_embedding)
+    np.testing.assert_array_equal(again["c0"].cnn14_embedding, first["c0"].cnn14_embedding)
+    calls.clear()
+    # shards made with another config: another protocol, so nothing cached is trusted
+    ground_truth_embeddings(path, ["c0"], load, cnn14, vggish, SR, 1.0, progress=False,
+                            source={**source, "shards_config_sha256": "b" * 64}, audio_hashes=hashes)
+    assert calls == ["c0"]
+
+
+def test_two_builds_at_once_take_turns(tmp_path, tiny_models):
+    """A second evaluation waits for the lock instead of discarding the first one's partial file."""
+    cnn14, vggish = tiny_models
+    path = tmp_path / "gt.h5"
+    done: dict[str, object] = {}
+
+    def build() -> None:
+        done["result"] = ground_truth_embeddings(path, ["c0", "c1"], lambda i: noise(int(i[1:]), 1.0), cnn14,
+                                                 vggish, SR, 1.0, progress=False)
+
+    with open(tmp_path / "gt.h5.lock", "a+b") as other:  # another process building the same cache
+        fcntl.flock(other, fcntl.LOCK_EX)
+        worker = threading.Thread(target=build, daemon=True)  # never keeps a failed test from exiting
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not (tmp_path / "gt.h5.partial").exists()  # waiting, not writing
+        fcntl.flock(other, fcntl.LOCK_UN)
+    worker.join(timeout=30)
+    assert not worker.is_alive() and set(done["result"]) == {"c0", "c1"} and path.exists()

@@ -1,9 +1,11 @@
-"""Generation for evaluation on a tiny trained run: one WAV per test clip, its length, determinism that does not
-depend on batch composition, resume that skips existing WAVs, and the CLI's presets."""
+"""Generation for evaluation on a tiny trained run: one WAV per test clip, its length and level, determinism that
+does not depend on batch composition (one batched sampling call), resume that skips existing WAVs, the manifest
+that refuses to mix settings, and the CLI's presets."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
 from pathlib import Path
@@ -12,10 +14,11 @@ import numpy as np
 import pytest
 import soundfile
 
+import eval.generate as eval_generate
 import shards
 from eval.__main__ import main as eval_main
 from eval.config import PRESETS, EvalConfig
-from eval.generate import EvalError, generate, read_split, select_clips, wav_path
+from eval.generate import MANIFEST_FILE, EvalError, generate, iterate_reference_audio, read_split, select_clips, wav_path
 from preprocess.config import PRESETS as FEATURE_PRESETS
 from tests.conftest import make_sample
 from tests.test_av_align import write_jumping_square
@@ -81,20 +84,43 @@ def test_generation_writes_one_wav_per_test_clip(tiny_run, tmp_path):
     config = config_for(tiny_run, tmp_path / "a")
     clips = select_clips(read_split(config.shards, "test"), 0)
     assert [c.id for c in clips] == list(TEST_IDS)  # train clips are not evaluated
-    generate(config, clips, progress=False)
+    assert config.peak == 0  # the demo keeps the vocoder's level
+    info = generate(config, clips, progress=False)
+    assert info["written"] == len(TEST_IDS)
     written = sorted((tmp_path / "a" / "wav").iterdir())
-    assert [p.name for p in written] == [f"{i}.wav" for i in TEST_IDS]  # and no temporary file is left
-    for path in written:
+    # and no temporary file is left
+    assert [p.name for p in written] == sorted([f"{i}.wav" for i in TEST_IDS] + [MANIFEST_FILE])
+    for path in written[1:]:
         info = soundfile.info(path)
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
         assert info.frames == round(CLIP_SECONDS * 16000)  # cut to the clip's length
-        audio = soundfile.read(path)[0]
-        assert np.isclose(np.abs(audio).max(), config.peak, atol=1e-3)  # the demo's level: audible, not clipped
+        audio = soundfile.read(path, dtype="int16")[0]
+        assert np.abs(audio.astype(int)).max() >= 328  # the tiny vocoder's own level: above 1% of full scale
+    manifest = json.loads((tmp_path / "a" / "wav" / MANIFEST_FILE).read_text())
+    assert (manifest["steps"], manifest["sampler"], manifest["peak"], manifest["sample_rate"]) == (2, "ddim", 0.0, 16000)
+    assert len(manifest["checkpoint_sha256"]) == 64 and len(manifest["shards_config_sha256"]) == 64
 
 
-def test_same_seed_same_audio_whatever_the_batch(tiny_run, tmp_path):
+def test_peak_scales_each_wav(tiny_run, tmp_path):
+    config = config_for(tiny_run, tmp_path / "a", peak=0.5)
+    generate(config, select_clips(read_split(config.shards, "test"), 2), progress=False)
+    for audio in wavs(tmp_path / "a").values():
+        assert abs(np.abs(audio.astype(int)).max() - 0.5 * 32767) <= 2
+
+
+def test_same_seed_same_audio_whatever_the_batch(tiny_run, tmp_path, monkeypatch):
     clips = select_clips(read_split(tiny_run[0], "test"), 0)
+    batches: list[int] = []
+    sample = eval_generate.train.sample
+
+    def counting(model, conditions, **kwargs):
+        batches.append(len(kwargs["generator"]))  # one generator per clip of the batch
+        return sample(model, conditions, **kwargs)
+
+    monkeypatch.setattr(eval_generate.train, "sample", counting)
     generate(config_for(tiny_run, tmp_path / "batched", batch_size=3), clips, progress=False)
+    assert batches == [3, 1]  # one sampling call per batch, not one per clip
+    monkeypatch.undo()
     # one clip per batch and in another order: each clip's noise is seeded by (seed, id) alone
     generate(config_for(tiny_run, tmp_path / "single", batch_size=1), clips[::-1], progress=False)
     generate(config_for(tiny_run, tmp_path / "other", seed=1), clips, progress=False)
@@ -121,6 +147,45 @@ def test_resume_skips_existing_wavs(tiny_run, tmp_path):
     again = wavs(tmp_path / "a")
     assert np.abs(again["t2"].astype(int) - first["t2"]).max() <= 1  # the same audio (alone in its batch now)
     assert not (tmp_path / "a" / "wav" / "t3.wav.tmp").exists()
+
+
+def test_manifest_refuses_to_mix_settings(tiny_run, tmp_path):
+    config = config_for(tiny_run, tmp_path / "a")
+    clips = select_clips(read_split(config.shards, "test"), 2)
+    generate(config, clips, progress=False)
+    manifest = tmp_path / "a" / "wav" / MANIFEST_FILE
+    before = manifest.read_text()
+    for change in ({"steps": 3}, {"guidance": 1.0}, {"seed": 1}, {"sampler": "ddpm"}, {"peak": 0.5}):
+        with pytest.raises(EvalError, match=r"generated with other settings.*choose another --output or delete"):
+            generate(config.replace(**change), clips, progress=False)
+    assert manifest.read_text() == before and len(list((tmp_path / "a" / "wav").glob("*.wav"))) == 2
+    # the same settings resume (and take more clips); a retrained model is refused
+    generate(config, select_clips(read_split(config.shards, "test"), 3), progress=False)
+    assert wav_path(tmp_path / "a", "t2").exists()
+    edited = json.loads(before)
+    edited["checkpoint_sha256"] = "0" * 64
+    manifest.write_text(json.dumps(edited))
+    with pytest.raises(EvalError, match="checkpoint_sha256"):
+        generate(config, clips, progress=False)
+    # WAVs with no manifest: unknown settings, refused; an emptied folder takes the new settings
+    manifest.unlink()
+    with pytest.raises(EvalError, match="no manifest.json"):
+        generate(config, clips, progress=False)
+    for path in (tmp_path / "a" / "wav").glob("*.wav"):
+        path.unlink()
+    manifest.write_text(json.dumps(edited))
+    generate(config.replace(steps=3), clips, progress=False)
+    assert json.loads(manifest.read_text())["steps"] == 3
+
+
+def test_reference_audio_is_read_in_shard_order(tiny_run):
+    data, _ = tiny_run
+    found = dict(iterate_reference_audio(data, "test", ["t3", "t1"]))
+    assert list(found) == ["t1", "t3"]  # shard order, whatever the order asked
+    expected = {s["json"]["id"]: s["flac"] for s in eval_generate.iterate_split_samples(data, "test", ["t1", "t3"])}
+    for clip_id, data_bytes in found.items():
+        np.testing.assert_array_equal(soundfile.read(io.BytesIO(data_bytes), dtype="float32")[0], expected[clip_id])
+    assert dict(iterate_reference_audio(data, "train", ["t1"])) == {}  # only the asked split
 
 
 def test_max_clips_takes_the_first_ids(tiny_run, tmp_path):

@@ -1,20 +1,36 @@
-"""The measuring half of `python -m eval` on a tiny run: results.json with every knob, report.md, the figure,
-the table of several runs, and bad input (missing clips, an unreadable WAV, no source videos)."""
+"""The measuring half of `python -m eval` on a tiny run: results.json with every knob (generation settings from
+the WAVs' manifest), report.md, the figure, the table of several runs, and bad input (missing clips, an
+unreadable WAV, no source videos, a clip or a metric that fails, missing embedder checkpoints)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import shards
 from eval.__main__ import main as eval_main
 from eval.config import EvalConfig
-from eval.evaluate import NOT_COMPARABLE, evaluate
-from eval.generate import generate, read_split, select_clips, wav_path
-from tests.test_eval_generate import TEST_IDS, VIDEO_IDS, config_for, tiny_run  # noqa: F401  (fixture)
+from eval.embed import ClipEmbedding
+from eval.evaluate import (
+    NOT_COMPARABLE,
+    ShardAudio,
+    audio_scores,
+    av_align_scores,
+    evaluate,
+    reference_audio_hashes,
+    reference_fingerprint,
+)
+from eval.generate import GENERATION_FAILURES, MANIFEST_FILE, EvalError, generate, read_split, select_clips, wav_path
+from eval.report import table
+from tests.conftest import make_sample
+from tests.test_eval_generate import FEATURES, SPEC, TEST_IDS, VIDEO_IDS, config_for, tiny_run  # noqa: F401  (fixture)
 from tests.test_train_support import one_thread  # noqa: F401  (autouse: single-threaded torch)
 
 KNOBS = ("duration", "sample_rate", "sampler", "steps", "guidance", "seed", "clip_count", "checkpoint_sha256",
@@ -122,3 +138,140 @@ def test_no_videos_skips_av_align_with_the_reason(tiny_run, generated, tmp_path)
     assert "no source video" in reason and "t0.avi" in reason
     assert isinstance(results["fd"], float)  # the audio metrics are still there
     assert "AV-Align skipped: no source video" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_results_state_the_manifest_not_the_flags(tiny_run, generated, tmp_path):  # noqa: F811
+    manifest = json.loads((generated / "wav" / MANIFEST_FILE).read_text())
+    # --no-generate with other generation flags: the WAVs' settings are what results.json states
+    results, _ = measure(tiny_run, generated, tmp_path / "out", steps=7, guidance=1.5, seed=9, embedder_seed=3)
+    protocol = results["protocol"]
+    assert (protocol["steps"], protocol["guidance"], protocol["seed"]) == (2, 3.0, 0)
+    assert protocol["generation_manifest"] == manifest and protocol["checkpoint_sha256"] == manifest["checkpoint_sha256"]
+    assert results["generation"] == {"generated_in_this_run": False, "wavs_written": 0, "manifest_found": True,
+                                     "notes": []}
+    assert protocol["generated_sample_rate"] == 16000
+    # the random embedders follow embedder_seed, not the generation seed
+    assert protocol["embedder_checkpoints"] == {"cnn14": "random-init:seed=3", "vggish": "random-init:seed=3"}
+    assert (protocol["embedder_seed"], protocol["random_embedder_size"]) == (3, "tiny")
+    # every number the metrics rest on
+    assert (protocol["fd_eps"], protocol["kl_eps"]) == (1e-6, 1e-6)
+    assert protocol["av_align"]["flow_min_magnitude"] == 0.1 and protocol["av_align"]["match_window_frames"] == 1
+    assert "soxr_hq" in protocol["resampler"]
+    assert len(protocol["reference"]["fingerprint"]) == 64 and protocol["reference"]["sample_rate"] == 16000
+    # generating into that folder with those flags is refused before anything is written
+    with pytest.raises(EvalError, match="generated with other settings"):
+        evaluate(config_for(tiny_run, tmp_path / "out", steps=7, figure_clips=0), progress=False)
+    # WAVs of unknown origin: the generation knobs are null and the report says why
+    (tmp_path / "out" / "wav" / MANIFEST_FILE).unlink()
+    unknown = evaluate(config_for(tiny_run, tmp_path / "out", generate=False, figure_clips=0), progress=False)
+    assert unknown["protocol"]["steps"] is None and unknown["protocol"]["generated_sample_rate"] == 16000
+    assert "manifest.json is missing" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_table_flags_embedders_of_another_size():
+    def row(size: str, channels: list[int]) -> dict:
+        return {"run_name": size, "comparable": False, "fd": 1.0, "counts": {"clips": 4, "paired": 4},
+                "protocol": {"embedder_checkpoints": {"cnn14": "random-init:seed=0"}, "random_embedder_size": size,
+                             "embedders": {"cnn14": {"channels": channels}}}}
+
+    text = table([row("tiny", [4, 8]), row("paper", [64, 128])])
+    assert "embedders (" in text and "random_embedder_size (" in text
+    assert "Rows differ" not in table([row("tiny", [4, 8]), row("tiny", [4, 8])])
+
+
+def test_embedder_checkpoints_are_checked_before_generating(tiny_run, tmp_path):  # noqa: F811
+    config = config_for(tiny_run, tmp_path / "out", random_embedders=False, embedder_weights=str(tmp_path / "none"))
+    with pytest.raises(EvalError, match="Cnn14_16k_mAP=0.438.pth and vggish-10086976.pth missing"):
+        evaluate(config, progress=False)
+    assert not (tmp_path / "out" / "wav").exists()  # nothing generated
+
+
+def test_failures_are_counted_once(tiny_run, generated, tmp_path):  # noqa: F811
+    shutil.copytree(generated / "wav", tmp_path / "out" / "wav")
+    wav_path(tmp_path / "out", "t0").unlink()
+    for _ in range(2):  # the same clip failing on two runs
+        shards.append_jsonl(tmp_path / "out" / GENERATION_FAILURES, {"id": "t0", "stage": "generate", "reason": "x"})
+    broken = wav_path(tmp_path / "out", "t2")  # t2 has a source video: AV-Align must not list it again
+    broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot audio")
+    results = evaluate(config_for(tiny_run, tmp_path / "out", generate=False, figure_clips=0, min_paired=0.5),
+                       progress=False)
+    assert sorted((f["id"], f["stage"]) for f in results["failures"]) == [("t0", "generate"), ("t2", "read_wav")]
+    assert results["counts"]["failures"] == 2 and results["counts"]["failed_clips"] == 2
+    assert results["av_align"]["n"] + results["av_align"]["n_excluded"] == 1  # t3 alone
+
+
+def av_align_double(video: str, start: float, duration: float, wav: str) -> float:
+    """AV-Align stand-in: OpenCV's error for clip t2 (as Farneback on a stream that changes size), 0.5 otherwise."""
+    import cv2
+
+    if wav.endswith("t2.wav"):
+        raise cv2.error("OpenCV(4.x) optflowgf.cpp: error: (-215:Assertion failed) prev0.size() == next0.size()")
+    return 0.5
+
+
+def dying_worker(video: str, start: float, duration: float, wav: str) -> float:
+    os._exit(1)
+
+
+def test_one_bad_clip_does_not_end_av_align(tiny_run, generated, tmp_path):  # noqa: F811
+    clips = select_clips(read_split(tiny_run[0], "test"), 0)
+    failures: list[dict[str, str]] = []
+    av = av_align_scores(generated, clips, 1, failures, False, measure=av_align_double)
+    assert av["per_clip"] == {"t3": 0.5} and av["n"] == 1
+    assert [(f["id"], f["stage"]) for f in failures] == [("t2", "av_align")]
+    assert failures[0]["reason"].startswith("error: OpenCV")
+    failures.clear()
+    av = av_align_scores(generated, clips, 2, failures, False, measure=dying_worker)  # a worker that crashes
+    assert av["n"] == 0 and {f["id"] for f in failures} == set(VIDEO_IDS)
+    assert all("BrokenProcessPool" in f["reason"] for f in failures)
+
+
+def test_a_failing_metric_is_null_with_its_reason(tiny_run, generated, tmp_path):  # noqa: F811
+    rng = np.random.default_rng(0)
+
+    def clip(dim: int) -> ClipEmbedding:
+        return ClipEmbedding(rng.standard_normal(dim), rng.dirichlet(np.ones(5)), rng.standard_normal((3, 8)))
+
+    reference = {f"c{i}": clip(4) for i in range(4)}
+    generated_set = {f"c{i}": clip(6) for i in range(4)}  # another Cnn14 width: FD cannot be computed
+    metrics, reasons = audio_scores(reference, generated_set, 4, 0.9)
+    assert metrics["fd"] is None and "ValueError" in reasons["fd"]
+    assert isinstance(metrics["fad"], float) and isinstance(metrics["kl"], float) and set(reasons) == {"fd"}
+
+
+def test_reference_audio_streams_in_shard_order(tmp_path):
+    """Two ranks with ids round-robin (as stage one writes them): the audio is read in shard order, one clip at a
+    time, and a changed clip changes its hash alone."""
+    data = tmp_path / "shards"
+    data.mkdir()
+    meta = {"schema_version": shards.SCHEMA_VERSION, "spec": SPEC.to_dict(), "config": dataclasses.asdict(FEATURES)}
+    (data / shards.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+    waves = {f"c{i}": (0.2 * np.sin(np.arange(8000) * (i + 1) * 0.05)).astype(np.float32) for i in range(4)}
+
+    def write(rank: int, ids: tuple[str, ...]) -> None:
+        writer = shards.ShardWriter(data, "test", rank, 8)
+        for clip_id in ids:
+            sample_meta, arrays, _ = make_sample(spec=SPEC, clip_id=clip_id, split="test")
+            writer.write(shards.encode_sample(SPEC, sample_meta, arrays, waves[clip_id]))
+        writer.close()
+
+    write(0, ("c0", "c2"))
+    write(1, ("c1", "c3"))
+    order = [c.id for c in read_split(data, "test")]
+    assert order == ["c0", "c2", "c1", "c3"]
+    audio = ShardAudio(data, "test", order)
+    stream = audio.stream
+    for clip_id in ("c0", "c1", "c3"):  # c2 cached: skipped, never held
+        np.testing.assert_allclose(audio(clip_id), waves[clip_id], atol=1 / 32767)
+        assert audio.stream is stream  # one pass
+    np.testing.assert_allclose(audio("c2"), waves["c2"], atol=1 / 32767)  # out of order: the stream restarts
+    assert audio.stream is not stream
+    with pytest.raises(EvalError, match="'zz' not found"):
+        audio("zz")
+    before = reference_audio_hashes(data, "test", order)
+    shards.list_shards(data)[1].unlink()
+    waves["c1"] = -waves["c1"]
+    write(1, ("c1", "c3"))
+    after = reference_audio_hashes(data, "test", order)
+    assert [k for k in order if before[k] != after[k]] == ["c1"]
+    assert reference_fingerprint(before) != reference_fingerprint(after)

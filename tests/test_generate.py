@@ -130,3 +130,8 @@ def test_an_unwritable_output_is_one_line(run_dir, tmp_path, capsys):
     assert cli_main(["generate", str(video), str(video), "--model", str(run_dir), "--out", str(blocker / "out"),
                      "--steps", "2", "--caption", "ball", "--no-progress"]) == 1
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_the_run_carries_its_stage_one_config(run_dir):
+    features = json.loads((run_dir / "model" / "features.json").read_text())
+    assert features["config"]["preset"] == "tiny" and features["spec"]["num_frames"] == 20

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 from train.config import TrainConfig
 
@@ -94,9 +95,12 @@ def sample(
     steps: int = 50,
     guidance: float = 3.0,
     scheduler: Literal["ddim", "ddpm", "dpmsolver++"] = "ddim",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Latents (B, C, T, F) generated for a batch of conditions, in the VAE's scaled latent space.
+
+    generator: one for the batch, or one per sample (diffusers' convention) so that a sample's noise does not
+    depend on its batch mates.
 
     Classifier-free guidance (Ho & Salimans 2022): out = u + guidance * (c - u), where c is the network
     output for the conditions and u for the null condition (all zeros, as in training). guidance 1 is
@@ -109,7 +113,7 @@ def sample(
     solver = sampling_scheduler(config, scheduler)
     solver.set_timesteps(steps, device=device)
     shape = (batch, spec.latent_channels, spec.latent_time, spec.latent_freq)
-    latents = torch.randn(shape, generator=generator, device=device) * solver.init_noise_sigma
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * solver.init_noise_sigma
     doubled = {k: torch.cat([v, v]) for k, v in conditions.items()}
     drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)]).to(device)
     for t in solver.timesteps:

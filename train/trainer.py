@@ -27,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+import shards
 from shards import ShardSpec
 from train import data
 from train.config import TrainConfig
@@ -109,13 +110,19 @@ def resolved_json(config: TrainConfig, spec: ShardSpec) -> str:
 
 
 def export_ema(ema: VTASAM, config: TrainConfig, spec: ShardSpec, output: Path) -> None:
-    """model/ema.safetensors + model/config.json, written atomically."""
+    """model/ema.safetensors + model/config.json, written atomically, and model/features.json: the shards'
+    meta.json (stage-one config and checkpoints), so generation can rebuild the same feature extractors after
+    the run folder has moved away from its shards."""
     folder = output / "model"
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in ema.state_dict().items()}
     safetensors.torch.save_file(tensors, str(folder / "ema.safetensors.tmp"), metadata={"format": "pt"})
     os.replace(folder / "ema.safetensors.tmp", folder / "ema.safetensors")
     (folder / "config.json").write_text(resolved_json(config, spec), encoding="utf-8")
+    meta = Path(config.shards) / shards.META_FILE
+    if meta.is_file():
+        (folder / "features.json.tmp").write_text(meta.read_text(encoding="utf-8"), encoding="utf-8")
+        os.replace(folder / "features.json.tmp", folder / "features.json")
 
 
 def save_checkpoint(accelerator: Accelerator, output: Path, progress: Progress, positions: dict[int, tuple[int, int]],

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One-call GPU benchmark of the three stages (benchmarks/gpu_bench.py), for the lent GPU machine (no network).
+#
+# HOW A SESSION RUNS IT ON THE DEVICE (the `run` tool of /work/.library/device/README.md, kind nvidia-h200):
+#   1. here, once:  bash benchmarks/fetch_gpu_wheels.sh     # wheels the GPU image lacks -> .whl/ (~63 MB, git-ignored)
+#   2. run tool:    command "bash benchmarks/gpu.sh", carry [".whl"], timeout_s 600
+#                   (the working tree + .whl must stay under 64 MiB: check `du -sh .whl` and the tree first)
+#   3. results:     the reply's files_at folder holds what the script wrote into $OUT there:
+#                   gpu_bench.json (every number), gpu_bench.md (summary), gpu_bench.log, nvidia-smi.txt;
+#                   the summary is also the end of output_tail. Copy them into the repository (e.g.
+#                   benchmarks/gpu_results/) and record the summary with benchmarks.results.write_section.
+# It needs at most ~8 minutes: the pip install (~20 s), then gpu_bench.py with a 420 s budget for its sections,
+# under a hard `timeout` of 470 s (whatever was measured by then is in the JSON: it is rewritten after each section).
+#
+# Elsewhere:
+#   bash benchmarks/gpu.sh --cpu      # the same script on the CPU with the tiny models (~2-3 min; the slow test)
+#   bash benchmarks/gpu.sh [ARGS]     # on a GPU machine with the packages installed; ARGS go to gpu_bench.py
+# Results go to $OUT when set, else benchmarks/gpu_results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-benchmarks/gpu_results}
+mkdir -p "$OUT_DIR"
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${OUT:-}" ] && PYTHON=.venv/bin/python  # the project venv where there is one
+
+if [ "${1:-}" = "--cpu" ]; then
+  shift
+  exec "$PYTHON" -m benchmarks.gpu_bench --preset tiny --device cpu --out "$OUT_DIR" "$@"
+fi
+
+# The GPU image lacks diffusers, open_clip, webdataset, decord, av, librosa...: install the carried wheels
+# (--no-deps: fetch_gpu_wheels.sh names every missing dependency) into /tmp/site, ahead of site-packages.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "gpu.sh: installing .whl/*.whl failed" | tee "$OUT_DIR/gpu_bench.log"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+timeout 470 "$PYTHON" -m benchmarks.gpu_bench --preset paper --out "$OUT_DIR" "$@"
+status=$?
+[ $status -eq 124 ] && echo "gpu.sh: stopped at the 470 s limit; $OUT_DIR/gpu_bench.json holds the sections finished before"
+exit $status

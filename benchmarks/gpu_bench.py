@@ -1,0 +1,570 @@
+"""Speed of the three stages with real-size random-init models: one JSON and one Markdown summary.
+
+    python -m benchmarks.gpu_bench                               # paper preset on the GPU (via benchmarks/gpu.sh)
+    python -m benchmarks.gpu_bench --preset tiny --device cpu    # the same code on the CPU in ~2 minutes
+
+Sections (each guarded: a failure is recorded in the JSON and the next section still runs; each has a time budget):
+- device: name, versions, the datasheet dense bf16 peak (table below) and a measured bf16 matmul rate.
+- stage_one: clips/s end to end (`preprocess.pipeline.run`: decode workers, CLIP, Grounding DINO, SAM, VAE, shard
+  write) on synthetic demo clips, next to the encoders alone on pre-decoded clips; per model (CLIP, Grounding
+  DINO, SAM, VAE) time, FLOPs (torch.utils.flop_counter: matmuls, convolutions and attention only; Grounding
+  DINO's deformable sampling is not counted) and peak GPU memory.
+- training: samples/s of the stage-two step (forward, min-SNR loss, backward, clip, AdamW; bf16 autocast as the
+  paper preset's accelerate run) fed from shards (`train.data.make_loader`) vs one batch held in memory, and model
+  FLOPs utilisation MFU = FLOPs per step (forward + backward, counted) x steps/s / peak.
+- generation: seconds to generate one 10.24 s clip (`train.sample` with classifier-free guidance, then the AudioLDM
+  VAE decoder and HiFi-GAN of `eval.generate.Decoder`) at batch 1 and 16, DDIM-300 and DPM-Solver++-25. A run
+  that would not fit the budget is timed over a few sampler steps and extrapolated (marked so).
+
+Models are random-weight builds of the published architectures (`FeatureConfig.random_size="paper"`,
+`preprocess.model_configs`; CLIP ViT-L/14 through open_clip; the paper UNet of `train.config`), so speed, FLOPs
+and memory are the real ones while the outputs mean nothing. The tagger is textblob's offline one (nltk's data is
+a download), and the Grounding DINO prompt comes from the shipped small vocab (words split into more pieces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import json
+import os
+import platform
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s; the first name found in
+# torch.cuda.get_device_name() wins, so the specific names come before the general ones.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("GH200", 989.4), ("H200", 989.4), ("H100", 989.4), ("H800", 989.4),
+    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0),
+    ("RTX 4090", 165.2), ("A10", 125.0),
+)
+DEFAULT_OUT = Path(__file__).parent / "gpu_results"
+SECTION_SHARES = {"stage_one": 0.40, "training": 0.25, "generation": 0.35}  # of the budget left after `device`
+SAMPLERS = (("ddim", 300), ("dpmsolver++", 25))
+GENERATION_BATCHES = (1, 16)
+
+
+# ----------------------------------------------------------------------------------- helpers
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """Datasheet dense bf16 peak of a GPU by name (None when the name is not in the table, e.g. the CPU)."""
+    for name, peak in PEAK_BF16_TFLOPS:
+        if name.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds, result) of one call, the device's queue drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs of one call as torch's FlopCounterMode counts them (matmul, conv, attention; forward and backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device, into: dict[str, Any], key: str = "peak_memory_gib") -> Iterator[None]:
+    """Peak allocated GPU memory inside the block, in GiB (None on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield
+    finally:
+        into[key] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA (the paper preset's mixed precision); nothing on the CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Deadline:
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def guarded(name: str, results: dict[str, Any], log: Callable[[str], None], fn: Callable[[], dict[str, Any]]) -> None:
+    """Run one section; on any exception record it (type, message, traceback tail) and carry on."""
+    log(f"== {name}")
+    start = time.perf_counter()
+    try:
+        section = {"status": "ok", **fn()}
+    except Exception as error:  # noqa: BLE001 - one broken section must not lose the others' numbers
+        tail = traceback.format_exc().strip().splitlines()[-12:]
+        section = {"status": "error", "error": f"{type(error).__name__}: {error}"[:800], "traceback": tail}
+        log("\n".join(tail))
+    section["wall_seconds"] = round(time.perf_counter() - start, 2)
+    results[name] = section
+    log(json.dumps(section, indent=1, default=str)[:3000])
+
+
+def rate(flops: float, seconds: float) -> float | None:
+    return round(flops / seconds / 1e12, 4) if seconds > 0 else None
+
+
+def fmt(value: Any) -> str:
+    """Numbers to 3 significant digits for the Markdown tables; None -> n/a."""
+    if value is None:
+        return "n/a"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+# ----------------------------------------------------------------------------------- device
+def bench_device(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {"name": props.name, "capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count,
+                 "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
+                 "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "peak_bf16_tflops_datasheet": peak_bf16_tflops(props.name)}
+        n, dtype, repeats = 8192, torch.bfloat16, 10
+    else:
+        info |= {"name": f"CPU ({platform.processor() or platform.machine()})", "peak_bf16_tflops_datasheet": None}
+        n, dtype, repeats = 1024, torch.float32, 5
+    # measured matmul ceiling (METHOD.md: use a measured rate, on random data, after warm-up)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    seconds, _ = timed(lambda: [a @ b for _ in range(repeats)], device)
+    info["matmul"] = {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": rate(2 * n**3 * repeats, seconds)}
+    return info
+
+
+def peak_for_mfu(device_info: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(datasheet peak, measured matmul rate) in TFLOP/s."""
+    return device_info.get("peak_bf16_tflops_datasheet"), device_info.get("matmul", {}).get("tflops")
+
+
+# ----------------------------------------------------------------------------------- stage one
+def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted: int, deadline: Deadline,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    from preprocess import manifest
+    from preprocess.config import PRESETS
+    from preprocess.demo import make_demo_set
+    from preprocess.nouns import NounCache
+    from preprocess.pipeline import DecodeDataset, Encoders, run
+
+    paper = preset == "paper"
+    workers = min(PRESETS[preset].num_workers, max(1, (os.cpu_count() or 2) // 2)) if paper else 1
+    cfg = PRESETS[preset].replace(random_init=True, random_size=preset, tagger="pattern", device=str(device),
+                                  num_workers=workers, shard_max_samples=1000)
+    out: dict[str, Any] = {"preset": preset, "random_size": cfg.random_size, "clip_model": cfg.clip_model, "fps": cfg.fps,
+                           "frames_per_clip": cfg.num_frames, "grounding_input": [cfg.grounding_short_side, cfg.grounding_long_side],
+                           "use_sam": cfg.use_sam, "batch_clips": cfg.batch_clips, "frame_batch": cfg.frame_batch,
+                           "decode_workers": workers, "half": cfg.half and device.type == "cuda"}
+    size, fps = ((640, 360), 25) if paper else ((96, 96), 12)
+    seconds, _ = timed(lambda: make_demo_set(root / "demo", n_train=clips_wanted, n_test=0, size=size, fps=fps), device)
+    clips = manifest.from_vggsound_csv(root / "demo" / "vggsound.csv", root / "demo" / "videos")
+    out["synthetic_videos"] = {"count": len(clips), "size": list(size), "fps": fps, "seconds_each": "6-10 (H.264 + AAC)",
+                               "render_seconds": round(seconds, 1)}
+    log(f"stage one: {len(clips)} synthetic clips rendered in {seconds:.1f} s; building the models")
+
+    memory: dict[str, Any] = {}
+    with peak_memory(device, memory):
+        build_seconds, encoders = timed(lambda: Encoders(cfg, None, device), device)
+    out["build_seconds"] = round(build_seconds, 1)
+    out["parameters_m"] = {name: round(sum(p.numel() for p in module.parameters()) / 1e6, 1)
+                           for name, module in (("clip", encoders.clip), ("grounding_dino", encoders.grounder.detector),
+                                                ("sam", encoders.grounder.sam), ("vae", encoders.vae)) if module is not None}
+    out["model_memory_gib"] = memory["peak_memory_gib"]
+
+    # first-call costs (CUDA context, cuDNN autotuning, lazy imports) stay out of the timed run
+    run(cfg, clips[:4], root / "warmup", None, progress=False, encoders=encoders)
+    log(f"stage one: warmed up ({deadline.left():.0f} s left)")
+
+    with peak_memory(device, out, "end_to_end_peak_memory_gib"):
+        summary = run(cfg, clips, root / "shards", None, progress=False, encoders=encoders)
+    out["end_to_end"] = {"clips": summary.written, "failed": dict(summary.failed), "seconds": round(summary.wall_seconds, 2),
+                         "clips_per_second": round(summary.written / summary.wall_seconds, 3)}
+
+    dataset = DecodeDataset(clips, cfg)
+    decode_seconds, decoded = timed(lambda: [dataset[i] for i in range(len(dataset))], device)
+    decoded = [d for d in decoded if "error" not in d]
+    out["decode_one_process_clips_per_second"] = round(len(dataset) / decode_seconds, 3)
+    nouns_of = NounCache(cfg.tagger, cfg.max_nouns)
+    batches = [decoded[i : i + cfg.batch_clips] for i in range(0, len(decoded), cfg.batch_clips)]
+    nouns = [[nouns_of(d["clip"].caption) for d in batch] for batch in batches]
+    with peak_memory(device, out, "encoders_peak_memory_gib"):
+        encode_seconds, _ = timed(lambda: [encoders.encode(b, n) for b, n in zip(batches, nouns)], device)
+    out["encoders_alone"] = {"clips": len(decoded), "seconds": round(encode_seconds, 2),
+                             "clips_per_second": round(len(decoded) / encode_seconds, 3)}
+    out["ratio_end_to_end_over_encoders"] = round(out["end_to_end"]["clips_per_second"] / out["encoders_alone"]["clips_per_second"], 3)
+    log(f"stage one: end to end {out['end_to_end']['clips_per_second']} clips/s, encoders alone "
+        f"{out['encoders_alone']['clips_per_second']} clips/s ({deadline.left():.0f} s left)")
+    few = 4 if deadline.left() > 0 else 2  # fewer clips once the section's budget is spent
+    out["per_model"] = per_model_costs(encoders, batches[0][:few], nouns[0][:few], device)
+    return out
+
+
+def per_model_costs(encoders: Any, batch: list[dict[str, Any]], nouns: list[list[str]], device: torch.device,
+                    repeats: int = 3) -> dict[str, Any]:
+    """Time (median of `repeats` after a warm-up), FLOPs and peak memory of each model on a few pre-decoded clips,
+    per clip. SAM's share is Grounding DINO + SAM minus Grounding DINO alone (the grounder with SAM detached)."""
+    frames = [torch.from_numpy(item["frames"]) for item in batch]
+    mels = torch.from_numpy(np.stack([item["mel"] for item in batch]))
+    grounder = encoders.grounder
+    sam = grounder.sam
+
+    def grounding_only() -> Any:
+        grounder.sam = None
+        try:
+            return grounder.probabilities(frames, nouns)
+        finally:
+            grounder.sam = sam
+
+    jobs: dict[str, Callable[[], Any]] = {
+        "clip": lambda: encoders.clip.encode_frames(torch.cat(frames)),
+        "grounding_dino": grounding_only,
+        "grounding_dino+sam": lambda: grounder.probabilities(frames, nouns),
+        "vae_encoder": lambda: encoders.vae.encode(mels),
+    }
+    if sam is None:
+        jobs.pop("grounding_dino+sam")
+    clips = len(batch)
+    costs: dict[str, Any] = {"clips": clips, "frames": int(sum(len(f) for f in frames))}
+    for name, job in jobs.items():
+        job()  # warm
+        entry: dict[str, Any] = {}
+        with peak_memory(device, entry):
+            seconds = float(np.median([timed(job, device)[0] for _ in range(repeats)]))
+        flops = count_flops(job)
+        entry |= {"seconds_per_clip": round(seconds / clips, 5), "tflop_per_clip": round(flops / clips / 1e12, 6),
+                  "achieved_tflops": rate(flops, seconds)}
+        costs[name] = entry
+    if "grounding_dino+sam" in costs:
+        both, alone = costs["grounding_dino+sam"], costs["grounding_dino"]
+        costs["sam"] = {"seconds_per_clip": round(both["seconds_per_clip"] - alone["seconds_per_clip"], 5),
+                        "tflop_per_clip": round(both["tflop_per_clip"] - alone["tflop_per_clip"], 6),
+                        "note": "difference of the two grounder runs"}
+    return costs
+
+
+# ----------------------------------------------------------------------------------- training
+def write_random_shards(folder: Path, spec: Any, count: int) -> None:
+    """`count` spec-conformant random samples (tests.conftest.make_sample) in shards of 16, plus meta.json."""
+    import shards
+    from tests.conftest import make_sample
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / shards.META_FILE).write_text(json.dumps({"schema_version": shards.SCHEMA_VERSION, "spec": spec.to_dict()}))
+    writer = shards.ShardWriter(folder, "train", 0, 16)
+    for i in range(count):
+        meta, arrays, waveform = make_sample(spec, f"clip{i:05d}", num_nouns=4, seed=i)
+        writer.write(shards.encode_sample(spec, meta, arrays, waveform))
+    writer.close()
+
+
+def bench_training(preset: str, device: torch.device, root: Path, steps: int, deadline: Deadline,
+                   device_info: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    import shards
+    from preprocess.config import PRESETS as FEATURE_PRESETS
+    from train.config import PRESETS
+    from train.data import make_loader
+    from train.diffusion import diffusion_loss, noise_scheduler, sample_latents, training_target
+    from train.model import VTASAM
+
+    spec = FEATURE_PRESETS[preset].shard_spec()
+    folder = root / "train_shards"
+    config = PRESETS[preset]
+    write_random_shards(folder, spec, max(4 * config.batch_size, 64))
+    workers = min(config.num_workers, max(1, (os.cpu_count() or 2) // 4)) if device.type == "cuda" else 0
+    config = config.replace(shards=str(folder), num_workers=workers, cpu=device.type == "cpu")
+    bf16 = config.mixed_precision == "bf16" and device.type == "cuda"
+    torch.manual_seed(0)
+    model = VTASAM(config, spec).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = noise_scheduler(config)
+    out: dict[str, Any] = {"preset": preset, "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                           "batch_size": config.batch_size, "latent": list(spec.latent_shape), "frames": spec.num_frames,
+                           "precision": "bf16 autocast" if bf16 else "float32", "loader_workers": workers,
+                           "includes": "forward, min-SNR loss, backward, grad clip, AdamW step (no EMA update)"}
+
+    def loss_of(batch: dict[str, Any]) -> torch.Tensor:
+        mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        z0 = sample_latents(mean, std if config.posterior_sample else None, config.vae_scaling_factor)
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), device=device)
+        drop = torch.rand(z0.shape[0], device=device) < config.uncond_probability
+        conditions = {k: batch[k].to(device) for k in ("video", "objects", "caption")}
+        with autocast(device, bf16):
+            prediction = model(scheduler.add_noise(z0, noise, t), t, conditions, drop)
+        return diffusion_loss(prediction.float(), training_target(scheduler, z0, noise, t), t, scheduler, config.min_snr_gamma)
+
+    def step(batch: dict[str, Any]) -> None:
+        loss = loss_of(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+
+    def timed_steps(batches: Iterator[dict[str, Any]], wanted: int) -> dict[str, Any]:
+        for _ in range(3 if device.type == "cuda" else 1):  # warm-up (one is enough on the CPU: no autotuning)
+            step(next(batches))
+        synchronize(device)
+        start, done = time.perf_counter(), 0
+        while done < wanted and (done < 3 or deadline.left() > 0):
+            step(next(batches))
+            done += 1
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        return {"steps": done, "seconds": round(seconds, 3), "step_ms": round(1000 * seconds / done, 2),
+                "samples_per_second": round(done * config.batch_size / seconds, 2)}
+
+    stream = iter(make_loader(shards.list_shards(folder), config))
+    fixed = next(stream)
+    out["flops_per_step"] = count_flops(lambda: loss_of(fixed).backward())
+    optimizer.zero_grad(set_to_none=True)
+    with peak_memory(device, out):
+        out["from_shards"] = timed_steps(stream, steps)
+        log(f"training: from shards {out['from_shards']} ({deadline.left():.0f} s left)")
+        out["from_memory"] = timed_steps(iter(lambda: fixed, None), steps)
+    datasheet, measured = peak_for_mfu(device_info)
+    for key in ("from_shards", "from_memory"):
+        achieved = out["flops_per_step"] * out[key]["steps"] / out[key]["seconds"] / 1e12
+        out[key]["achieved_tflops"] = round(achieved, 2)
+        out[key]["mfu_vs_datasheet"] = round(achieved / datasheet, 4) if datasheet else None
+        out[key]["mfu_vs_measured_matmul"] = round(achieved / measured, 4) if measured else None
+    out["tflop_per_step"] = round(out.pop("flops_per_step") / 1e12, 6)
+    return out
+
+
+# ----------------------------------------------------------------------------------- generation
+def bench_generation(preset: str, device: torch.device, deadline: Deadline, log: Callable[[str], None]) -> dict[str, Any]:
+    import train
+    from eval.generate import Decoder
+    from preprocess.config import PRESETS as FEATURE_PRESETS
+    from train.config import PRESETS
+    from train.model import VTASAM
+
+    features = FEATURE_PRESETS[preset].replace(random_init=True, random_size=preset)
+    spec = features.shard_spec()
+    config = PRESETS[preset]
+    bf16 = config.mixed_precision == "bf16" and device.type == "cuda"
+    torch.manual_seed(0)
+    model = VTASAM(config, spec).to(device).eval()
+    decoder = Decoder(features, None, device, config.vae_scaling_factor)
+    out: dict[str, Any] = {"preset": preset, "guidance": 3.0, "clip_seconds": spec.window_seconds,
+                           "unet_precision": "bf16 autocast" if bf16 else "float32",
+                           "decoder": "AudioLDM VAE decoder (float32) + HiFi-GAN (float32)", "runs": []}
+
+    def conditions(batch: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(batch)
+        return {"video": torch.randn(batch, spec.num_frames, spec.embed_dim, generator=g).to(device),
+                "objects": torch.randn(batch, spec.num_frames, spec.embed_dim, generator=g).to(device),
+                "caption": torch.randn(batch, spec.embed_dim, generator=g).to(device)}
+
+    def sample(batch: int, sampler: str, steps: int, use_bf16: bool = bf16) -> torch.Tensor:
+        generator = torch.Generator(device).manual_seed(0)
+        with autocast(device, use_bf16):
+            return train.sample(model, conditions(batch), steps=steps, guidance=3.0, scheduler=sampler,  # type: ignore[arg-type]
+                                generator=generator)
+
+    # one UNet call of a guided step = batch 2 (conditional + unconditional)
+    one = conditions(1)
+    t = torch.tensor([500, 500], device=device)
+    with torch.no_grad(), autocast(device, bf16):
+        out["tflop_per_guided_step_per_clip"] = round(count_flops(
+            lambda: model(torch.randn(2, *spec.latent_shape, device=device), t, {k: torch.cat([v, v]) for k, v in one.items()})) / 1e12, 6)
+    sample(1, "ddim", 2)  # warm-up
+    for batch in GENERATION_BATCHES:
+        latents = sample(batch, "dpmsolver++", 2)
+        decoder(latents)  # warm-up of the decoder at this batch size
+        memory: dict[str, Any] = {}
+        with peak_memory(device, memory):
+            decode_seconds, _ = timed(functools.partial(decoder, latents), device)
+        for sampler, steps in SAMPLERS:
+            probe_steps = 3 if device.type == "cuda" else 2
+            probe, _ = timed(functools.partial(sample, batch, sampler, probe_steps), device)
+            per_step = probe / probe_steps
+            run: dict[str, Any] = {"sampler": sampler, "steps": steps, "batch": batch, "seconds_per_step": round(per_step, 4)}
+            remaining_runs = max(1, len(GENERATION_BATCHES) * len(SAMPLERS) - len(out["runs"]))
+            if per_step * steps < deadline.left() / remaining_runs:
+                with peak_memory(device, run):
+                    sample_seconds, _ = timed(functools.partial(sample, batch, sampler, steps), device)
+                run["measured"] = "full run"
+            else:
+                sample_seconds = per_step * steps
+                run["measured"] = f"extrapolated from {probe_steps} steps (budget)"
+            total = sample_seconds + decode_seconds
+            run |= {"sample_seconds": round(sample_seconds, 3), "decode_seconds": round(decode_seconds, 3),
+                    "decode_peak_memory_gib": memory["peak_memory_gib"], "seconds_total": round(total, 3),
+                    "seconds_per_clip": round(total / batch, 3), "clips_per_second": round(batch / total, 3)}
+            out["runs"].append(run)
+            log(f"generation: {run} ({deadline.left():.0f} s left)")
+    if device.type == "cuda" and bf16:  # the eval path as it stands runs the UNet in float32: one comparison point
+        sample(1, "dpmsolver++", 2, use_bf16=False)
+        seconds, _ = timed(lambda: sample(1, "dpmsolver++", 25, use_bf16=False), device)
+        out["float32_dpmsolver25_batch1_sample_seconds"] = round(seconds, 3)
+    return out
+
+
+# ----------------------------------------------------------------------------------- report
+def markdown(results: dict[str, Any]) -> str:
+    """A short human summary of the JSON (the JSON holds every number)."""
+    meta, dev = results["meta"], results.get("device", {})
+    lines = [f"# GPU benchmark ({meta['preset']} preset, {dev.get('name', meta['device'])})", "",
+             f"{meta['date']}; torch {dev.get('torch')}, CUDA {dev.get('cuda', '-')}; random-init models "
+             f"(`random_size={meta['preset']}`{': the real architectures' if meta['preset'] == 'paper' else ': toy widths'}); budget {meta['budget_s']} s, took {meta.get('wall_seconds')} s.", ""]
+    if dev.get("status") == "ok":
+        lines += [f"- matmul {dev['matmul']['n']}^3 {dev['matmul']['dtype']}: **{dev['matmul']['tflops']} TFLOP/s** measured; "
+                  f"datasheet dense bf16 peak: {dev.get('peak_bf16_tflops_datasheet') or 'n/a'}", ""]
+    one = results.get("stage_one", {})
+    lines += ["### Stage one", ""]
+    if one.get("status") == "ok":
+        e2e, alone = one["end_to_end"], one["encoders_alone"]
+        lines += [f"- {e2e['clips']} synthetic clips {one['synthetic_videos']['size']} @ {one['synthetic_videos']['fps']} fps, "
+                  f"{one['frames_per_clip']} frames/clip, grounding input {one['grounding_input']}, SAM {one['use_sam']}, "
+                  f"{one['decode_workers']} decode workers; parameters (M): {one['parameters_m']}",
+                  f"- end to end: **{e2e['clips_per_second']} clips/s**; encoders alone: **{alone['clips_per_second']} clips/s** "
+                  f"(ratio {one['ratio_end_to_end_over_encoders']}); peak memory {fmt(one.get('end_to_end_peak_memory_gib'))} GiB", ""]
+        per = one.get("per_model", {})
+        rows = [(k, v) for k, v in per.items() if isinstance(v, dict) and "seconds_per_clip" in v]
+        if rows:
+            lines += ["| model | s/clip | TFLOP/clip | achieved TFLOP/s | peak GiB |", "|---|---|---|---|---|"]
+            lines += [f"| {k} | {fmt(v['seconds_per_clip'])} | {fmt(v['tflop_per_clip'])} | {fmt(v.get('achieved_tflops'))} | "
+                      f"{fmt(v.get('peak_memory_gib'))} |" for k, v in rows]
+            lines.append("")
+    else:
+        lines += [f"- {one.get('status', 'not run')}: {one.get('error', '')}", ""]
+    tr = results.get("training", {})
+    lines += ["### Training", ""]
+    if tr.get("status") == "ok":
+        lines += [f"- UNet {tr['parameters_m']} M parameters, batch {tr['batch_size']}, {tr['precision']}, "
+                  f"{fmt(tr['tflop_per_step'])} TFLOP/step (fwd+bwd), peak memory {fmt(tr.get('peak_memory_gib'))} GiB", "",
+                  "| fed from | samples/s | step ms | TFLOP/s | MFU (datasheet) | MFU (measured matmul) |", "|---|---|---|---|---|---|"]
+        for key in ("from_shards", "from_memory"):
+            r = tr[key]
+            lines.append(f"| {key.removeprefix('from_')} | {fmt(r['samples_per_second'])} | {fmt(r['step_ms'])} | "
+                         f"{fmt(r['achieved_tflops'])} | {fmt(r['mfu_vs_datasheet'])} | {fmt(r['mfu_vs_measured_matmul'])} |")
+        lines.append("")
+    else:
+        lines += [f"- {tr.get('status', 'not run')}: {tr.get('error', '')}", ""]
+    gen = results.get("generation", {})
+    lines += ["### Generation (one 10.24 s clip)", ""]
+    if gen.get("status") == "ok":
+        lines += [f"- UNet {gen['unet_precision']}, guidance {gen['guidance']}, {fmt(gen['tflop_per_guided_step_per_clip'])} TFLOP "
+                  f"per guided step per clip; {gen['decoder']}", "",
+                  "| sampler | batch | s/step | sampling s | decode s | s per clip | measured |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['sampler']}-{r['steps']} | {r['batch']} | {fmt(r['seconds_per_step'])} | {fmt(r['sample_seconds'])} | "
+                  f"{fmt(r['decode_seconds'])} | **{fmt(r['seconds_per_clip'])}** | {r['measured']} |" for r in gen["runs"]]
+        if "float32_dpmsolver25_batch1_sample_seconds" in gen:
+            lines.append(f"\nfloat32 UNet (the eval path today), DPM-Solver++-25, batch 1: "
+                         f"{gen['float32_dpmsolver25_batch1_sample_seconds']} s sampling")
+        lines.append("")
+    else:
+        lines += [f"- {gen.get('status', 'not run')}: {gen.get('error', '')}", ""]
+    return "\n".join(lines)
+
+
+def record_results(results: dict[str, Any]) -> None:
+    """The Markdown summary as a section of benchmarks/RESULTS.md (CPU runs are labelled as such)."""
+    from benchmarks.results import write_section
+
+    meta = results["meta"]
+    body = markdown(results).split("\n", 2)[2]
+    if not meta["device"].startswith("cuda"):
+        body = (f"**CPU run of the GPU benchmark with the toy models: it shows that the script works end to end; these "
+                f"are not GPU numbers**, and on a shared 2-core machine (load average {meta.get('load_average')}) they "
+                f"vary by several times between runs.\n\n" + body)
+    kind = "GPU" if meta["device"].startswith("cuda") else "CPU, tiny models, not GPU numbers"
+    write_section(f"GPU benchmark script ({meta['preset']} preset, {kind})",
+                  body + f"\n\n`python -m benchmarks.gpu_bench --preset {meta['preset']} --device {meta['device']}` "
+                  "(or benchmarks/gpu.sh) writes every number to gpu_bench.json.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="paper", choices=("tiny", "paper"), help="model sizes (paper: the GPU run)")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda when there), 'cpu' or 'cuda[:N]'")
+    parser.add_argument("--out", type=Path, default=None, help="result folder (default: $OUT when set, else benchmarks/gpu_results)")
+    parser.add_argument("--budget-s", type=float, default=None, help="time budget of all sections (default: 420 on a GPU, 150 on the CPU)")
+    parser.add_argument("--clips", type=int, default=None, help="synthetic clips for stage one (default: 24 paper, 8 tiny)")
+    parser.add_argument("--train-steps", type=int, default=None, help="timed training steps per input (default: 30 paper, 5 tiny)")
+    parser.add_argument("--sections", nargs="+", default=list(SECTION_SHARES), choices=list(SECTION_SHARES))
+    parser.add_argument("--results-md", action="store_true", help="also record the summary in benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    out_dir = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else DEFAULT_OUT)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budget = args.budget_s or (420.0 if device.type == "cuda" else 150.0)
+    paper = args.preset == "paper"
+    clips = args.clips or (24 if paper else 8)
+    steps = args.train_steps or (30 if paper else 5)
+    started = time.perf_counter()
+    log_file = open(out_dir / "gpu_bench.log", "a", encoding="utf-8")
+
+    def log(message: str) -> None:
+        stamped = f"[{time.perf_counter() - started:7.1f} s] {message}"
+        print(stamped, flush=True)
+        log_file.write(stamped + "\n")
+        log_file.flush()
+
+    results: dict[str, Any] = {"meta": {"preset": args.preset, "device": str(device), "budget_s": budget,
+                                        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                                        "sections": args.sections, "argv": argv}}
+
+    def save() -> None:
+        results["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
+        results["meta"]["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        (out_dir / "gpu_bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+        (out_dir / "gpu_bench.md").write_text(markdown(results) + "\n", encoding="utf-8")
+
+    guarded("device", results, log, lambda: bench_device(device))
+    save()
+    left = budget - (time.perf_counter() - started)
+    with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
+        root = Path(tmp)
+        for name in args.sections:
+            share = SECTION_SHARES[name] / sum(SECTION_SHARES[s] for s in args.sections)
+            deadline = Deadline(left * share)
+            section = {
+                "stage_one": functools.partial(bench_stage_one, args.preset, device, root, clips, deadline, log),
+                "training": functools.partial(bench_training, args.preset, device, root, steps, deadline,
+                                              results.get("device", {}), log),
+                "generation": functools.partial(bench_generation, args.preset, device, deadline, log),
+            }[name]
+            guarded(name, results, log, section)
+            save()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    save()
+    summary = markdown(results)
+    print("\n" + summary)
+    if args.results_md:
+        record_results(results)
+    log_file.close()
+    failed = [name for name in ["device", *args.sections] if results.get(name, {}).get("status") != "ok"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
