@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from eval.config import PRESETS, add_config_arguments, config_from_args
+from eval.config import PRESETS
+from vta_sam.configuration import add_config_arguments, config_from_args
 
 
 def table_main(argv: list[str]) -> int:
@@ -52,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="starting configuration (default: demo)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_arguments(parser, PRESETS["demo"])
+    add_config_arguments(parser, PRESETS["demo"], "evaluation configuration (overrides the preset)")
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(args)
+        config = config_from_args(PRESETS, args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

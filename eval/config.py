@@ -7,7 +7,6 @@ steps, one sample per clip, official PANNs Cnn14 and VGGish checkpoints from wei
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import typing
@@ -107,27 +106,3 @@ PRESETS: dict[str, EvalConfig] = {
         workers=8,
     ),
 }
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, default: EvalConfig) -> None:
-    """One `--field-name` flag per dataclass field, with its help text; unset flags keep the preset's value."""
-    group = parser.add_argument_group("evaluation configuration (overrides the preset)")
-    hints = typing.get_type_hints(EvalConfig)
-    for f in dataclasses.fields(EvalConfig):
-        if f.name == "preset":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        value = getattr(default, f.name)
-        help_text = f"{f.metadata.get('help', '')} (demo preset: {value!r})".replace("%", "%%")
-        if isinstance(value, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif typing.get_origin(hints[f.name]) is Literal:
-            group.add_argument(flag, dest=f.name, choices=typing.get_args(hints[f.name]), default=None, help=help_text)
-        else:
-            group.add_argument(flag, dest=f.name, type=type(value), default=None, help=help_text)
-
-
-def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)
-                 if f.name != "preset" and getattr(args, f.name, None) is not None}
-    return PRESETS[args.preset].replace(**overrides)

@@ -22,10 +22,8 @@ import hashlib
 import io
 import json
 import math
-import platform
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from importlib import metadata
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -71,13 +69,12 @@ from eval.panns import CHECKPOINT_NAME as CNN14_FILE
 from eval.panns import CNN14_CONFIGS, Cnn14, load_cnn14
 from eval.vggish import CHECKPOINT_NAME as VGGISH_FILE
 from eval.vggish import VGGISH_CONFIGS, VGGish, load_vggish
+from vta_sam.configuration import software_versions
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 FIGURE_FILE = "figure.png"
 CONFIG_FILE = "config.json"
-SOFTWARE = ("torch", "diffusers", "transformers", "numpy", "scipy", "librosa", "opencv-python-headless",
-            "soundfile", "h5py")
 NOT_COMPARABLE = ("The embedders have random weights: these numbers are NOT comparable to published ones "
                   "(only to other runs measured with the same random embedders).")
 # generation settings copied from the WAVs' manifest to the top of results.json's protocol (table and report)
@@ -91,16 +88,6 @@ AV_ALIGN_PROTOCOL = {
     "onset_sample_rate": ONSET_SAMPLE_RATE,
     "farneback": list(FARNEBACK_PARAMS),
 }
-
-
-def software_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in SOFTWARE:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
-from preprocess.config import PRESETS, add_config_arguments, config_from_args
+from preprocess.config import PRESETS
+from vta_sam.configuration import add_config_arguments, config_from_args
 
 DEMO_CSV = Path("data/demo/vggsound.csv")
 DEMO_VIDEOS = Path("data/demo/videos")
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="process at most this many clips of the manifest (first by id)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and the work to do, then stop")
-    add_config_arguments(parser, PRESETS["tiny"])
+    add_config_arguments(parser, PRESETS["tiny"], "stage-one configuration (overrides the preset)")
     return parser
 
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from preprocess import manifest
 
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = config_from_args(PRESETS, args)
     if args.csv is None and args.videos is None:
         args.csv, args.videos = DEMO_CSV, DEMO_VIDEOS
         if not DEMO_CSV.exists():

@@ -7,7 +7,6 @@ the AudioLDM VAE), loaded from a local weights folder.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -117,28 +116,3 @@ PRESETS: dict[str, FeatureConfig] = {
     ),
 }
 assert all(math.isclose(p.window_seconds * p.sample_rate, p.num_samples) for p in PRESETS.values())
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, default: FeatureConfig) -> None:
-    """One `--field-name` flag per dataclass field, with the field's help text; unset flags keep the preset."""
-    group = parser.add_argument_group("stage-one configuration (overrides the preset)")
-    for f in dataclasses.fields(FeatureConfig):
-        if f.name == "preset":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        value = getattr(default, f.name)
-        help_text = f"{f.metadata.get('help', '')} (preset default: {value})"
-        if isinstance(value, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            group.add_argument(flag, dest=f.name, type=type(value), default=None, help=help_text)
-
-
-def config_from_args(args: argparse.Namespace) -> FeatureConfig:
-    base = PRESETS[args.preset]
-    overrides = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(FeatureConfig)
-        if f.name != "preset" and getattr(args, f.name, None) is not None
-    }
-    return base.replace(**overrides)

@@ -11,12 +11,10 @@ import collections
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +29,13 @@ from preprocess.config import FeatureConfig
 from preprocess.manifest import Clip
 from preprocess.nouns import NounCache
 from preprocess.video import VideoDecodeError, decode_frames
+from vta_sam.configuration import software_versions
 
 # Fields that must agree between runs writing into one output folder (batch sizes, devices may differ).
 COMPATIBLE_FIELDS = (
     "window_seconds", "fps", "sample_rate", "frame_short_side", "audio_backend", "clip_model", "embed_dim",
     "tagger", "max_nouns", "grounding_short_side", "grounding_long_side", "use_sam", "latent_channels", "vae_downsample",
 )
-SOFTWARE = ("torch", "torchvision", "transformers", "diffusers", "open_clip_torch", "webdataset", "decord", "av", "numpy", "librosa")
 
 
 class FeatureError(RuntimeError):
@@ -118,16 +116,6 @@ class Summary:
             f"failed or skipped: {sum(self.failed.values())} ({failed}); see failures.jsonl",
             f"wall time {self.wall_seconds:.1f} s, {self.clips_per_second:.2f} clips/s",
         ]
-
-
-def software_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in SOFTWARE:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def build_meta(cfg: FeatureConfig, checksums: dict[str, str], vae_scaling_factor: float) -> dict[str, Any]:

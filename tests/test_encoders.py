@@ -356,3 +356,14 @@ def test_weights_layout_and_dir_checksum(tmp_path: Path) -> None:
     assert weights.sha256_dir(tmp_path) != first
     with pytest.raises(FileNotFoundError):
         weights.sha256_dir(tmp_path / "sub" / "empty")
+
+
+def test_a_single_frame_is_grounded_like_in_a_batch():
+    # a chunk of one 64 px frame used to crash Grounding DINO's GroupNorm (one value per group)
+    cfg = PRESETS["tiny"]
+    grounder = Grounder.from_config(cfg, None, torch.device("cpu"))
+    frames = torch.randint(0, 255, (3, 64, 64, 3), dtype=torch.uint8)
+    alone = grounder.probabilities([frames[:1]], [["dog", "ball"]])[0]
+    batched = grounder.probabilities([frames], [["dog", "ball"]])[0]
+    assert alone.shape == (1, 2)
+    torch.testing.assert_close(alone, batched[:1], atol=1e-5, rtol=1e-4)

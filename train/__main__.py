@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from train.config import PRESETS, add_config_arguments, config_from_args
+from train.config import PRESETS
+from vta_sam.configuration import add_config_arguments, config_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,10 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="starting configuration (default: tiny)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
-    add_config_arguments(parser, PRESETS["tiny"])
+    add_config_arguments(parser, PRESETS["tiny"], "training configuration (overrides the preset)")
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(args)
+        config = config_from_args(PRESETS, args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -7,10 +7,8 @@ training setup of the paper (batch 8 per GPU, AdamW, lr 3e-5, no warmup, 40 epoc
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -140,52 +138,3 @@ PRESETS: dict[str, TrainConfig] = {
         log_every=50,
     ),
 }
-
-
-def _parse_type(annotation: Any, value: Any) -> tuple[Any, dict[str, Any]]:
-    """argparse `type`/`nargs`/`choices` for a dataclass field."""
-    if isinstance(value, tuple):
-        return type(value[0]), {"nargs": "+"}
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return str, {"choices": typing.get_args(annotation)}
-    if origin in (types.UnionType, typing.Union):
-        return type(value), {}
-    return type(value), {}
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, default: TrainConfig) -> None:
-    """One `--field-name` flag per dataclass field, with its help text; unset flags keep the preset's value."""
-    group = parser.add_argument_group("training configuration (overrides the preset)")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "preset":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        value = getattr(default, f.name)
-        help_text = f"{f.metadata.get('help', '')} (tiny preset: {value})".replace("%", "%%")
-        if isinstance(value, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        kind, extra = _parse_type(hints[f.name], value)
-        if kind is bool:  # tuples of booleans: accept 0/1/true/false
-            kind = _boolean
-        group.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text, **extra)
-
-
-def _boolean(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    base = PRESETS[args.preset]
-    overrides = {}
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if f.name != "preset" and value is not None:
-            overrides[f.name] = tuple(value) if isinstance(value, list) else value
-    return base.replace(**overrides)

@@ -1,0 +1,81 @@
+"""Shared by every stage: command-line flags derived from a frozen config dataclass, and provenance.
+
+Each stage keeps its own dataclass and presets (`preprocess.config`, `train.config`, `eval.config`); this module
+only turns fields into `--field-name` flags (help text from the field's metadata, choices from `Literal` types,
+`nargs='+'` for tuples) and back into a config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import types
+import typing
+from importlib import metadata
+from typing import Any, Literal, TypeVar
+
+Config = TypeVar("Config")
+
+SOFTWARE = ("torch", "torchvision", "transformers", "diffusers", "open_clip_torch", "webdataset", "decord", "av",
+            "numpy", "scipy", "librosa", "soxr", "soundfile", "opencv-python-headless", "h5py", "accelerate")
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _argument_type(annotation: Any, value: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse `type` and extra keywords (`nargs`, `choices`) for a field with this annotation and default."""
+    if isinstance(value, tuple):
+        kind = type(value[0]) if value else str
+        return (_boolean if kind is bool else kind), {"nargs": "+"}
+    if typing.get_origin(annotation) is Literal:
+        return str, {"choices": typing.get_args(annotation)}
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        return type(value), {}
+    return type(value), {}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default: Any, title: str) -> None:
+    """One `--field-name` flag per field of `default`'s dataclass (but `preset`); unset flags keep the preset."""
+    group = parser.add_argument_group(title)
+    cls = type(default)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(default, f.name)
+        help_text = f"{f.metadata.get('help', '')} ({default.preset} preset: {value!r})".replace("%", "%%")
+        if isinstance(value, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        kind, extra = _argument_type(hints[f.name], value)
+        group.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text, **extra)
+
+
+def config_from_args(presets: dict[str, Config], args: argparse.Namespace) -> Config:
+    """The preset named by `args.preset`, with every flag that was given replacing its field."""
+    base = presets[args.preset]
+    overrides = {}
+    for f in dataclasses.fields(base):  # type: ignore[arg-type]
+        value = getattr(args, f.name, None)
+        if f.name != "preset" and value is not None:
+            overrides[f.name] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(base, **overrides)  # type: ignore[type-var]
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python and the packages whose behaviour shapes features, training and metrics."""
+    versions = {"python": platform.python_version()}
+    for name in SOFTWARE:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
