@@ -215,7 +215,7 @@ def write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
     os.replace(tmp, path)
 
 
-def sample_batch(model: torch.nn.Module, conditions: dict[str, torch.Tensor], generators: list[torch.Generator],
+def sample_batch(model: train.VTASAM, conditions: dict[str, torch.Tensor], generators: list[torch.Generator],
                  config: EvalConfig) -> torch.Tensor:
     """Latents for a batch whose row i draws its noise from generators[i] alone (one batched `train.sample` call;
     a single generator would make a clip's noise depend on its batch mates)."""

@@ -87,7 +87,7 @@ class DecodeDataset(Dataset):
         }
 
 
-def _identity(item: dict[str, Any]) -> dict[str, Any]:
+def _identity(item: Any) -> Any:
     return item
 
 

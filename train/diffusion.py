@@ -8,13 +8,16 @@ because v-prediction stays well-posed at the highest noise levels, where eps-pre
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from train.model import VTASAM
 
 # SD 2.1's scheduler_config.json besides the betas: no clipping of x0, alpha_T not forced to 1, offset 1
 _SCHEDULE_EXTRAS = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
@@ -90,7 +93,7 @@ def training_target(scheduler: DDPMScheduler, z0: torch.Tensor, noise: torch.Ten
 
 @torch.no_grad()
 def sample(
-    model: torch.nn.Module,
+    model: VTASAM,
     conditions: dict[str, torch.Tensor],
     steps: int = 50,
     guidance: float = 3.0,

@@ -172,7 +172,7 @@ def train(config: TrainConfig, log: Any = print) -> int:
     set_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     model = VTASAM(config, spec)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=tuple(config.adam_betas),
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_betas[0], config.adam_betas[1]),
                                   weight_decay=config.weight_decay)
     warmup = config.warmup_steps
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -283,7 +283,8 @@ def train(config: TrainConfig, log: Any = print) -> int:
         save_checkpoint(accelerator, output, progress, positions, config.keep_checkpoints)
     if accelerator.is_main_process:
         export_ema(ema, config, spec, output)
-        writer.close()
+        if writer is not None:
+            writer.close()
         log(f"done: step {progress.step}, {progress.skipped} skipped step(s); EMA weights in {output / 'model'}")
     bar.close()
     if id_log is not None:
