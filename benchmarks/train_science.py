@@ -135,6 +135,12 @@ def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
 
 
+def pearson_inside(a: np.ndarray, b: np.ndarray, ends: list[int]) -> np.ndarray:
+    """Per-clip Pearson over the latent steps before each clip's end only: a model that merely knows where the
+    clip stops (its frames and O are zero past the end) gains nothing here. a, b: (B, T)."""
+    return np.array([pearson(x[:end], y[:end]) for x, y, end in zip(a, b, ends)])
+
+
 @dataclass
 class Clips:
     """Everything the evaluation needs about one split, loaded once."""
@@ -192,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         "no timing: a random training clip's envelope (readout) vs each clip's":
             pearson(truth[:, None], readout(train_clips.latents)[None]).mean(1),
     }
+    steps_per_second = test_clips.latents.shape[2] / shards.read_spec(args.shards).window_seconds
+    ends = [max(2, int(s[shards.META_KEY]["duration"] * steps_per_second)) for s in test_clips.samples]
+    rows["no timing, inside the clips: mean training envelope vs each clip's"] = pearson_inside(
+        np.broadcast_to(train_clips.loudness.mean(0), truth.shape), truth, ends)
     extra = args.train_args.split()
     for name, shard_dir in (("paired", args.shards), ("shuffled", args.work / "shuffled_shards")):
         run = args.work / name
@@ -203,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         generated = generate(run, test_clips, args.sampling_steps, args.guidance, args.seeds)
         scores = np.stack([pearson(readout(g), truth) for g in generated]).mean(0)  # per clip, over seeds
         rows[f"{name}: generated vs ground-truth latent (readout)"] = scores
+        rows[f"{name}, inside the clips only"] = np.stack([pearson_inside(readout(g), truth, ends) for g in generated]).mean(0)
         print(name, summary(scores), f"generated std {generated.std():.3f} (ground truth {test_clips.latents.std():.3f})")
     _, config = load_model(args.work / "paired")
     body = (

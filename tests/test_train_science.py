@@ -75,3 +75,14 @@ def test_loudness_readout_recovers_a_planted_envelope_on_new_clips():
     # mean(z^2) cannot see a signed envelope: the planted direction averages out
     energy = (test_latents**2).mean(axis=(1, 3))
     assert pearson(energy, test_loudness).mean() < pearson(readout(test_latents), test_loudness).mean() - 0.3
+
+
+def test_pearson_inside_ignores_what_follows_each_clip_end():
+    from benchmarks.train_science import pearson_inside
+
+    rng = np.random.default_rng(0)
+    truth = rng.standard_normal((2, 50))
+    guess = truth.copy()
+    guess[:, 30:] = -truth[:, 30:]  # wrong only after the clips' ends
+    np.testing.assert_allclose(pearson_inside(guess, truth, [30, 30]), [1.0, 1.0])
+    assert (pearson_inside(guess, truth, [50, 50]) < 0.9).all()

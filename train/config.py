@@ -50,10 +50,15 @@ class TrainConfig:
     beta_start: float = field(default=0.00085, metadata={"help": "scaled_linear betas from this (SD 2.1, as Tango / VTA-LDM)"})
     beta_end: float = field(default=0.012, metadata={"help": "scaled_linear betas to this"})
     prediction: Literal["v_prediction", "epsilon"] = field(default="v_prediction", metadata={"help": "network target (Tango / VTA-LDM: v)"})
-    min_snr_gamma: float = field(default=5.0, metadata={"help": "min-SNR loss weighting gamma (0 turns it off)"})
+    # tiny: off. With v-prediction, min-SNR weights a step's loss by min(snr, gamma) / (snr + 1), ~snr at high noise,
+    # where the coarse structure (the loudness envelope) is decided; in a few hundred CPU steps the tiny model then
+    # never learns it (science check, benchmarks/RESULTS.md: envelope correlation 0.07 with gamma 5, 0.32 without)
+    min_snr_gamma: float = field(default=0.0, metadata={"help": "min-SNR loss weighting gamma (0 turns it off; VTA-LDM: 5)"})
     uncond_probability: float = field(default=0.1, metadata={"help": "probability that all conditions of a sample are zeroed (classifier-free guidance)"})
     posterior_sample: bool = field(default=False, metadata={"help": "train on a draw from the VAE posterior, mean + std * eps (AudioLDM, Tango), instead of its mean; off for the random tiny VAE, whose posterior std (~0.95) buries the mean (std ~0.2)"})
-    vae_scaling_factor: float = field(default=1.0, metadata={"help": "latents z are multiplied by this (the VAE's config.scaling_factor; random tiny VAE: 1.0)"})
+    # tiny: the random VAE's posterior mean has std ~0.2; 5 brings the latents to unit variance (Stable Diffusion's
+    # reason for its scaling factor)
+    vae_scaling_factor: float = field(default=5.0, metadata={"help": "latents z are multiplied by this (a trained VAE's config.scaling_factor, AudioLDM-S: 0.9228)"})
     # --- optimisation ----------------------------------------------------------------------
     batch_size: int = field(default=4, metadata={"help": "samples per rank per micro-batch"})
     grad_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -127,6 +132,7 @@ PRESETS: dict[str, TrainConfig] = {
         upcast_attention=True,
         posterior_sample=True,  # a trained VAE's posterior is narrow; Tango samples it (get_first_stage_encoding)
         vae_scaling_factor=0.9227914214134216,  # audioldm-s-full-v2 vae/config.json; check your weights folder
+        min_snr_gamma=5.0,  # VTA-LDM
         batch_size=8,
         learning_rate=3e-5,
         weight_decay=1e-2,
