@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv")
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # split names become shard file names: {split}-{rank}-{index}.tar
 
 
 class ManifestError(ValueError):
@@ -59,6 +61,8 @@ def from_vggsound_csv(csv_path: Path, video_dir: Path) -> list[Clip]:
                 start = float(start_text)
             except ValueError:
                 raise ManifestError(f"{csv_path}:{line_number}: start_seconds {start_text!r} is not a number") from None
+            if not SPLIT_NAME.match(split):
+                raise ManifestError(f"{csv_path}:{line_number}: split {split!r} must be letters, digits or '_'")
             clip_id = f"{ytid}_{int(start):06d}"
             if clip_id in index:
                 path, offset = index[clip_id], 0.0
@@ -92,6 +96,8 @@ def _read_captions(captions_path: Path) -> dict[str, str]:
 
 def from_folder(video_dir: Path, captions_path: Path | None = None, split: str = "train") -> list[Clip]:
     """Every video in a folder, each with its caption (or none), window from the file's start."""
+    if not SPLIT_NAME.match(split):
+        raise ManifestError(f"split {split!r} must be letters, digits or '_'")
     index = _index_videos(video_dir)
     captions = _read_captions(captions_path) if captions_path else {}
     return [Clip(stem, path, 0.0, captions.get(stem, ""), captions.get(stem, ""), split) for stem, path in sorted(index.items())]

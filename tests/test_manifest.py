@@ -53,3 +53,13 @@ def test_partition_is_disjoint_and_complete(tmp_path):
     assert sorted(ids) == sorted(c.id for c in clips) and len(ids) == len(set(ids))
     with pytest.raises(ManifestError):
         partition(clips, 3, 3)
+
+
+def test_split_names_must_fit_shard_file_names(tmp_path):
+    (tmp_path / "v").mkdir()
+    csv = tmp_path / "vgg.csv"
+    csv.write_text("abc,30,dog barking,val-1\n")
+    with pytest.raises(ManifestError, match=r"vgg.csv:1: split 'val-1'"):
+        from_vggsound_csv(csv, tmp_path / "v")
+    with pytest.raises(ManifestError, match="split 'a b'"):
+        from_folder(tmp_path / "v", split="a b")
