@@ -50,15 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Generate one WAV per test clip with a trained run and measure FD, FAD, KL and AV-Align. "
                     "`python -m eval table DIR... --out table.md` gathers several evaluations into one table.",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="starting configuration (default: demo)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_arguments(parser, PRESETS["demo"], "evaluation configuration (overrides the preset)")
+    add_config_arguments(parser, PRESETS, "demo", "evaluation configuration (overrides the preset)")
     args = parser.parse_args(argv)
-    try:
-        config = config_from_args(PRESETS, args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+    config = config_from_args(PRESETS, args)
+    if config is None:
         return 2
     if args.dry_run:
         print(config.to_json(), end="")

@@ -17,7 +17,6 @@ config stored in the shards' meta.json (`random_init` tiny models, or the weight
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -179,8 +178,7 @@ def feature_config(folder: str | Path) -> FeatureConfig:
     if "config" not in meta:
         raise EvalError(f"{Path(folder) / shards.META_FILE}: no stage-one 'config' in it; cannot tell which AudioLDM "
                         "VAE and vocoder decode these latents")
-    names = {f.name for f in dataclasses.fields(FeatureConfig)}
-    return FeatureConfig(**{k: v for k, v in meta["config"].items() if k in names})
+    return FeatureConfig.from_dict(meta["config"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stage one of VTA-SAM: decode videos and write per-frame CLIP, Grounding-DINO/SAM and "
         "AudioLDM-VAE features to WebDataset shards. With no input arguments it processes the bundled demo set.",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="named configuration (default: tiny)")
     source = parser.add_argument_group("input (a VGGSound CSV + video folder, or a folder of videos)")
     source.add_argument("--csv", type=Path, help="VGGSound-style CSV: youtube_id,start_seconds,label,split")
     source.add_argument("--videos", type=Path, help="video folder")
@@ -52,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="process at most this many clips of the manifest (first by id)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and the work to do, then stop")
-    add_config_arguments(parser, PRESETS["tiny"], "stage-one configuration (overrides the preset)")
+    add_config_arguments(parser, PRESETS, "tiny", "stage-one configuration (overrides the preset)")
     return parser
 
 
@@ -61,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(PRESETS, args)
+    if cfg is None:
+        return 2
     if args.csv is None and args.videos is None:
         args.csv, args.videos = DEMO_CSV, DEMO_VIDEOS
         if not DEMO_CSV.exists():

@@ -95,6 +95,12 @@ class FeatureConfig:
     def replace(self, **changes: Any) -> FeatureConfig:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
+        """The config a meta.json stored under "config" (fields this version does not know are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
 
 PRESETS: dict[str, FeatureConfig] = {
     "tiny": FeatureConfig(),

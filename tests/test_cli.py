@@ -31,3 +31,9 @@ def test_features_dry_run_prints_the_resolved_config(tmp_path, capsys):
 def test_verify_goes_to_the_shards_tool(tmp_path, capsys):
     assert main(["verify", str(tmp_path)]) == 1
     assert "meta.json: missing" in capsys.readouterr().out
+
+
+def test_a_value_the_config_refuses_is_one_line(tmp_path, capsys):
+    assert main(["features", "--videos", str(tmp_path), "--fps", "-1", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: fps and window_seconds must be positive"

@@ -15,14 +15,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m train",
         description="Train the VTA-SAM latent diffusion model on stage-one shards. Run the same command again to resume.",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="starting configuration (default: tiny)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
-    add_config_arguments(parser, PRESETS["tiny"], "training configuration (overrides the preset)")
+    add_config_arguments(parser, PRESETS, "tiny", "training configuration (overrides the preset)")
     args = parser.parse_args(argv)
-    try:
-        config = config_from_args(PRESETS, args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+    config = config_from_args(PRESETS, args)
+    if config is None:
         return 2
     if args.dry_run:
         print(config.to_json(), end="")

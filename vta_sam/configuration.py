@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
+import sys
 import types
 import typing
 from importlib import metadata
@@ -41,8 +42,11 @@ def _argument_type(annotation: Any, value: Any) -> tuple[Any, dict[str, Any]]:
     return type(value), {}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default: Any, title: str) -> None:
-    """One `--field-name` flag per field of `default`'s dataclass (but `preset`); unset flags keep the preset."""
+def add_config_arguments(parser: argparse.ArgumentParser, presets: dict[str, Any], default_preset: str, title: str) -> None:
+    """`--preset` plus one `--field-name` flag per field of the presets' dataclass; unset flags keep the preset."""
+    parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
+                        help=f"named starting configuration (default: {default_preset})")
+    default = presets[default_preset]
     group = parser.add_argument_group(title)
     cls = type(default)
     hints = typing.get_type_hints(cls)
@@ -59,15 +63,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, default: Any, title: s
         group.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text, **extra)
 
 
-def config_from_args(presets: dict[str, Config], args: argparse.Namespace) -> Config:
-    """The preset named by `args.preset`, with every flag that was given replacing its field."""
+def config_from_args(presets: dict[str, Config], args: argparse.Namespace) -> Config | None:
+    """The preset named by `args.preset`, with every flag that was given replacing its field; None (after one
+    `error:` line on stderr) when the dataclass refuses the values."""
     base = presets[args.preset]
     overrides = {}
     for f in dataclasses.fields(base):  # type: ignore[arg-type]
         value = getattr(args, f.name, None)
         if f.name != "preset" and value is not None:
             overrides[f.name] = tuple(value) if isinstance(value, list) else value
-    return dataclasses.replace(base, **overrides)  # type: ignore[type-var]
+    try:
+        return dataclasses.replace(base, **overrides)  # type: ignore[type-var]
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
 
 
 def software_versions() -> dict[str, str]:

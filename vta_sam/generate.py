@@ -10,7 +10,6 @@ video is written with the video stream copied bit for bit and the new audio as A
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import shutil
@@ -94,9 +93,7 @@ def feature_config(run: Path, train_config: Any) -> FeatureConfig:
     """The stage-one config the model was trained on: the run's copy, else the shards' meta.json."""
     for path in (run / "model" / "features.json", Path(train_config.shards) / shards.META_FILE):
         if path.is_file():
-            meta = json.loads(path.read_text(encoding="utf-8"))
-            names = {f.name for f in dataclasses.fields(FeatureConfig)}
-            return FeatureConfig(**{k: v for k, v in meta["config"].items() if k in names})
+            return FeatureConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))["config"])
     raise GenerateError(f"{run}: cannot find the stage-one configuration (model/features.json or the shards' meta.json)")
 
 
@@ -277,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import soundfile
+    from eval.generate import write_wav
 
     args = build_parser().parse_args(argv)
     options = GenerateOptions(model=args.model, out=args.out, caption=args.caption, seed=args.seed, steps=args.steps,
@@ -301,9 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out_video.parent.mkdir(parents=True, exist_ok=True)
             waveform, explain = generator.audio(video, options.caption)
-            tmp = out_wav.with_name(out_wav.stem + ".partial.wav")
-            soundfile.write(tmp, np.clip(waveform, -1, 1), generator.features.sample_rate, subtype="PCM_16")
-            tmp.replace(out_wav)
+            write_wav(out_wav, waveform, generator.features.sample_rate)
             mux(video, out_wav, out_video)
             if options.explain:
                 write_explanation(out_video.with_suffix(".explain.png"), waveform, generator.features.sample_rate, explain)
