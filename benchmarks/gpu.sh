@@ -4,6 +4,8 @@
 # HOW A SESSION RUNS IT ON THE DEVICE (the `run` tool of /work/.library/device/README.md, kind nvidia-h200):
 #   1. here, once:  bash benchmarks/fetch_gpu_wheels.sh     # wheels the GPU image lacks -> .whl/ (~63 MB, git-ignored)
 #   2. run tool:    command "bash benchmarks/gpu.sh", carry [".whl"], timeout_s 600
+#                   then, as a second call, "bash benchmarks/gpu.sh --sections training generation --compile" (the
+#                   torch.compile and CUDA-graph comparisons: minutes of compilation, so they have a run of their own)
 #                   (the working tree + .whl must stay under 64 MiB: check `du -sh .whl` and the tree first)
 #   3. results:     the reply's files_at folder holds what the script wrote into $OUT there:
 #                   gpu_bench.json (every number), gpu_bench.md (summary), gpu_bench.log, nvidia-smi.txt;

@@ -15,6 +15,11 @@ Sections (each guarded: a failure is recorded in the JSON and the next section s
 - generation: seconds to generate one 10.24 s clip (`train.sample` with classifier-free guidance, then the AudioLDM
   VAE decoder and HiFi-GAN of `eval.generate.Decoder`) at batch 1 and 16, DDIM-300 and DPM-Solver++-25. A run
   that would not fit the budget is timed over a few sampler steps and extrapolated (marked so).
+- changes: inside each section, before/after measurements of one change at a time (`compare`): batched grounding,
+  float16, tensors from the decoding workers and the background shard writer (stage one); bf16, fused attention,
+  fused AdamW, channels_last, a 4x batch and torch.compile (training); bf16, channels_last, torch.compile and CUDA
+  graphs (generation, on DPM-Solver++-25 at batch 1). torch.compile and CUDA graphs run only with --compile.
+- targets: the issue's four ratios (TARGETS), read off the measurements above.
 
 Models are random-weight builds of the published architectures (`FeatureConfig.random_size="paper"`,
 `preprocess.model_configs`; CLIP ViT-L/14 through open_clip; the paper UNet of `train.config`), so speed, FLOPs
@@ -126,6 +131,34 @@ def guarded(name: str, results: dict[str, Any], log: Callable[[str], None], fn: 
     log(json.dumps(section, indent=1, default=str)[:3000])
 
 
+def compare(out: dict[str, Any], name: str, deadline: Deadline, needs_s: float, log: Callable[[str], None],
+            fn: Callable[[], dict[str, Any]]) -> None:
+    """One measured change (before -> after) inside a section, recorded as out["changes"][name].
+
+    fn returns {"unit", "before": (label, value), "after": (label, value), ...more numbers}; "speedup" is added
+    (after / before for rates, before / after for unit "s"). Skipped, and said so, when the section has less than
+    `needs_s` seconds left; an error is recorded and the section goes on."""
+    table = out.setdefault("changes", {})
+    if deadline.left() < needs_s:
+        table[name] = {"status": "skipped", "reason": f"budget: {deadline.left():.0f} s left, needs ~{needs_s:.0f} s"}
+    else:
+        try:
+            entry = {"status": "ok", **fn()}
+            if "skipped" in entry:
+                entry = {"status": "skipped", "reason": entry["skipped"]}
+            else:
+                (_, before), (_, after) = entry["before"], entry["after"]
+                entry["speedup"] = None
+                if before and after:
+                    faster = before / after if entry["unit"] == "s" else after / before  # seconds, or a rate
+                    entry["speedup"] = round(faster, 3)
+            table[name] = entry
+        except Exception as error:  # noqa: BLE001 - one broken comparison must not lose the section
+            table[name] = {"status": "error", "error": f"{type(error).__name__}: {error}"[:500],
+                           "traceback": traceback.format_exc().strip().splitlines()[-6:]}
+    log(f"{name}: {json.dumps(table[name], default=str)[:600]} ({deadline.left():.0f} s left)")
+
+
 def rate(flops: float, seconds: float) -> float | None:
     return round(flops / seconds / 1e12, 4) if seconds > 0 else None
 
@@ -222,15 +255,93 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
         f"{out['encoders_alone']['clips_per_second']} clips/s ({deadline.left():.0f} s left)")
     few = 4 if deadline.left() > 0 else 2  # fewer clips once the section's budget is spent
     out["per_model"] = per_model_costs(encoders, batches[0][:few], nouns[0][:few], device)
+    stage_one_changes(out, cfg, encoders, clips, batches[0][:few], nouns[0][:few], root, device, deadline, log)
     return out
+
+
+def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[Any], batch: list[dict[str, Any]],
+                      nouns: list[list[str]], root: Path, device: torch.device, deadline: Deadline,
+                      log: Callable[[str], None]) -> None:
+    """Before/after of the stage-one changes: batched grounding, half precision, tensors from the decoding workers,
+    the background shard writer."""
+    from benchmarks.worker_transfer import clips_per_second as transfer_rate
+    from preprocess.pipeline import run
+
+    frames = [torch.as_tensor(item["frames"]) for item in batch]
+    count = int(sum(len(f) for f in frames))
+    grounder = encoders.grounder
+
+    def frames_per_second(job: Callable[[], Any]) -> float:
+        job()  # warm-up (cuDNN autotuning of this batch shape)
+        return round(count / float(np.median([timed(job, device)[0] for _ in range(2)])), 3)
+
+    few_frames = [f[:32] for f in frames[:2]]  # 64 frames (paper preset): batch 1 is slow
+
+    def grounding(batch_size: int) -> float:
+        sam, size = grounder.sam, grounder.batch
+        grounder.sam, grounder.batch = None, batch_size
+        try:
+            job = lambda: grounder.probabilities(few_frames, nouns[:2])  # noqa: E731
+            job()  # warm-up (cuDNN autotuning of this batch shape)
+            seconds = float(np.median([timed(job, device)[0] for _ in range(2)]))
+            return round(sum(len(f) for f in few_frames) / seconds, 3)
+        finally:
+            grounder.sam, grounder.batch = sam, size
+
+    compare(out, "grounding_dino_batched", deadline, 20, log, lambda: {
+        "unit": "frames/s", "frames": sum(len(f) for f in few_frames),
+        "note": "Grounding DINO alone; batch 1 is the published code's way",
+        "before": ("one frame per forward", grounding(1)),
+        "after": (f"{cfg.frame_batch} frames per forward, prompts of many clips", grounding(cfg.frame_batch))})
+
+    def half_precision() -> dict[str, Any]:
+        if device.type != "cuda" or not cfg.half:
+            return {"skipped": "float16 inference is CUDA-only (cfg.half)"}
+        models = [m for m in (encoders.clip.model, grounder.detector, grounder.sam) if m is not None]
+
+        def both() -> None:
+            encoders.clip.encode_frames(torch.cat(frames))
+            grounder.probabilities(frames, nouns)
+
+        for model in models:  # the weights only (the wrappers' float32 buffers stay as they are)
+            model.to(torch.float32)
+        try:
+            before = frames_per_second(both)
+        finally:
+            for model in models:
+                model.to(torch.float16)
+        return {"unit": "frames/s", "frames": count, "note": "CLIP + Grounding DINO (+ SAM) on the same frames",
+                "before": ("float32 (TF32 matmuls)", before), "after": ("float16", frames_per_second(both))}
+
+    compare(out, "half_precision", deadline, 30, log, half_precision)
+
+    def transfer() -> dict[str, Any]:
+        shape, workers, n = (41, 800, 1422, 3), min(4, max(1, (os.cpu_count() or 2) // 4)), 8
+        return {"unit": "clips/s", "clip_shape": list(shape), "workers": workers,
+                "note": "decoded frames of one paper-preset clip handed from a DataLoader worker to the encoders",
+                "before": ("numpy arrays (pickled through a pipe)", round(transfer_rate(n, shape, False, workers), 3)),
+                "after": ("tensors (shared memory)", round(transfer_rate(n, shape, True, workers), 3))}
+
+    compare(out, "decode_worker_transfer", deadline, 20, log, transfer)
+
+    def writer() -> dict[str, Any]:
+        rates = {}
+        for threaded in (False, True):  # both runs here, one after the other, so that neither is the first
+            summary = run(cfg, clips, root / f"shards_writer_{threaded}", None, progress=False, encoders=encoders,
+                          threaded_writer=threaded)
+            rates[threaded] = round(summary.written / summary.wall_seconds, 3)
+        return {"unit": "clips/s", "note": "end to end, shard encoding and writing inline vs in a background thread",
+                "before": ("writer inline", rates[False]), "after": ("background writer", rates[True])}
+
+    compare(out, "background_shard_writer", deadline, 2.4 * out["end_to_end"]["seconds"], log, writer)
 
 
 def per_model_costs(encoders: Any, batch: list[dict[str, Any]], nouns: list[list[str]], device: torch.device,
                     repeats: int = 3) -> dict[str, Any]:
     """Time (median of `repeats` after a warm-up), FLOPs and peak memory of each model on a few pre-decoded clips,
     per clip. SAM's share is Grounding DINO + SAM minus Grounding DINO alone (the grounder with SAM detached)."""
-    frames = [torch.from_numpy(item["frames"]) for item in batch]
-    mels = torch.from_numpy(np.stack([item["mel"] for item in batch]))
+    frames = [torch.as_tensor(item["frames"]) for item in batch]
+    mels = torch.stack([torch.as_tensor(item["mel"]) for item in batch])
     grounder = encoders.grounder
     sam = grounder.sam
 
@@ -284,13 +395,14 @@ def write_random_shards(folder: Path, spec: Any, count: int) -> None:
 
 
 def bench_training(preset: str, device: torch.device, root: Path, steps: int, deadline: Deadline,
-                   device_info: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+                   device_info: dict[str, Any], log: Callable[[str], None], compile_runs: bool = False) -> dict[str, Any]:
     import shards
     from preprocess.config import PRESETS as FEATURE_PRESETS
     from train.config import PRESETS
     from train.data import make_loader
     from train.diffusion import diffusion_loss, noise_scheduler, sample_latents, training_target
     from train.model import VTASAM
+    from train.speed import speed_up, tune_backends
 
     spec = FEATURE_PRESETS[preset].shard_spec()
     folder = root / "train_shards"
@@ -299,71 +411,162 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
     workers = min(config.num_workers, max(1, (os.cpu_count() or 2) // 4)) if device.type == "cuda" else 0
     config = config.replace(shards=str(folder), num_workers=workers, cpu=device.type == "cpu")
     bf16 = config.mixed_precision == "bf16" and device.type == "cuda"
+    cuda = device.type == "cuda"
+    tune_backends(device)  # as the trainer does
     torch.manual_seed(0)
     model = VTASAM(config, spec).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    speed_up(model, config.channels_last, config.compile)
+
+    def adamw(fused: bool) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
+
+    optimizer = adamw(fused=cuda)  # the trainer's choice
     scheduler = noise_scheduler(config)
     out: dict[str, Any] = {"preset": preset, "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                            "batch_size": config.batch_size, "latent": list(spec.latent_shape), "frames": spec.num_frames,
                            "precision": "bf16 autocast" if bf16 else "float32", "loader_workers": workers,
+                           "pin_memory": cuda, "fused_adamw": cuda, "channels_last": config.channels_last,
+                           "compile": config.compile,
                            "includes": "forward, min-SNR loss, backward, grad clip, AdamW step (no EMA update)"}
 
-    def loss_of(batch: dict[str, Any]) -> torch.Tensor:
-        mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+    def loss_of(batch: dict[str, Any], use_bf16: bool = bf16) -> torch.Tensor:
+        mean = batch["latent_mean"].to(device, non_blocking=True)
+        std = batch["latent_std"].to(device, non_blocking=True)
         z0 = sample_latents(mean, std if config.posterior_sample else None, config.vae_scaling_factor)
         noise = torch.randn_like(z0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), device=device)
         drop = torch.rand(z0.shape[0], device=device) < config.uncond_probability
-        conditions = {k: batch[k].to(device) for k in ("video", "objects", "caption")}
-        with autocast(device, bf16):
+        conditions = {k: batch[k].to(device, non_blocking=True) for k in ("video", "objects", "caption")}
+        with autocast(device, use_bf16):
             prediction = model(scheduler.add_noise(z0, noise, t), t, conditions, drop)
         return diffusion_loss(prediction.float(), training_target(scheduler, z0, noise, t), t, scheduler, config.min_snr_gamma)
 
-    def step(batch: dict[str, Any]) -> None:
-        loss = loss_of(batch)
-        optimizer.zero_grad(set_to_none=True)
+    def step(batch: dict[str, Any], opt: torch.optim.Optimizer, use_bf16: bool = bf16) -> None:
+        loss = loss_of(batch, use_bf16)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        opt.step()
 
-    def timed_steps(batches: Iterator[dict[str, Any]], wanted: int) -> dict[str, Any]:
-        for _ in range(3 if device.type == "cuda" else 1):  # warm-up (one is enough on the CPU: no autotuning)
-            step(next(batches))
+    def timed_steps(batches: Iterator[dict[str, Any]], wanted: int, opt: torch.optim.Optimizer | None = None,
+                    use_bf16: bool = bf16, batch_size: int = config.batch_size) -> dict[str, Any]:
+        opt = opt or optimizer
+        for _ in range(3 if cuda else 1):  # warm-up (one is enough on the CPU: no autotuning)
+            step(next(batches), opt, use_bf16)
         synchronize(device)
         start, done = time.perf_counter(), 0
         while done < wanted and (done < 3 or deadline.left() > 0):
-            step(next(batches))
+            step(next(batches), opt, use_bf16)
             done += 1
         synchronize(device)
         seconds = time.perf_counter() - start
         return {"steps": done, "seconds": round(seconds, 3), "step_ms": round(1000 * seconds / done, 2),
-                "samples_per_second": round(done * config.batch_size / seconds, 2)}
+                "samples_per_second": round(done * batch_size / seconds, 2)}
 
-    stream = iter(make_loader(shards.list_shards(folder), config))
+    datasheet, measured = peak_for_mfu(device_info)
+
+    def with_mfu(result: dict[str, Any], flops_per_step: float) -> dict[str, Any]:
+        achieved = flops_per_step * result["steps"] / result["seconds"] / 1e12
+        result["achieved_tflops"] = round(achieved, 2)
+        result["mfu_vs_datasheet"] = round(achieved / datasheet, 4) if datasheet else None
+        result["mfu_vs_measured_matmul"] = round(achieved / measured, 4) if measured else None
+        return result
+
+    stream = iter(make_loader(shards.list_shards(folder), config, pin_memory=cuda))
     fixed = next(stream)
-    out["flops_per_step"] = count_flops(lambda: loss_of(fixed).backward())
+    memory_batches = lambda: iter(lambda: fixed, None)  # noqa: E731 - the same batch forever
+    flops = count_flops(lambda: loss_of(fixed).backward())
     optimizer.zero_grad(set_to_none=True)
     with peak_memory(device, out):
-        out["from_shards"] = timed_steps(stream, steps)
+        out["from_shards"] = with_mfu(timed_steps(stream, steps), flops)
         log(f"training: from shards {out['from_shards']} ({deadline.left():.0f} s left)")
-        out["from_memory"] = timed_steps(iter(lambda: fixed, None), steps)
-    datasheet, measured = peak_for_mfu(device_info)
-    for key in ("from_shards", "from_memory"):
-        achieved = out["flops_per_step"] * out[key]["steps"] / out[key]["seconds"] / 1e12
-        out[key]["achieved_tflops"] = round(achieved, 2)
-        out[key]["mfu_vs_datasheet"] = round(achieved / datasheet, 4) if datasheet else None
-        out[key]["mfu_vs_measured_matmul"] = round(achieved / measured, 4) if measured else None
-    out["tflop_per_step"] = round(out.pop("flops_per_step") / 1e12, 6)
+        out["from_memory"] = with_mfu(timed_steps(memory_batches(), steps), flops)
+    out["ratio_shards_over_memory"] = round(out["from_shards"]["samples_per_second"] / out["from_memory"]["samples_per_second"], 3)
+    out["tflop_per_step"] = round(flops / 1e12, 6)
+    few = max(3, steps // 2)
+
+    def mfu_pair(before_label: str, before: dict[str, Any], after_label: str, after: dict[str, Any],
+                 step_flops: float = flops) -> dict[str, Any]:
+        before, after = with_mfu(before, step_flops), with_mfu(after, step_flops)
+        return {"unit": "samples/s", "before": (before_label, before["samples_per_second"]),
+                "after": (after_label, after["samples_per_second"]),
+                "mfu_vs_datasheet": [before["mfu_vs_datasheet"], after["mfu_vs_datasheet"]],
+                "step_ms": [before["step_ms"], after["step_ms"]]}
+
+    def precision_change() -> dict[str, Any]:
+        if not bf16:
+            return {"skipped": "bf16 autocast is CUDA-only"}
+        return mfu_pair("float32 (TF32 matmuls)", timed_steps(memory_batches(), few, use_bf16=False),
+                        "bf16 autocast", timed_steps(memory_batches(), few))
+
+    compare(out, "bf16_autocast", deadline, 25, log, precision_change)
+
+    def attention_change() -> dict[str, Any]:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            unfused = timed_steps(memory_batches(), few)
+        return mfu_pair("attention as matmul + softmax (SDPA math backend)", unfused,
+                        "fused scaled_dot_product_attention", timed_steps(memory_batches(), few))
+
+    compare(out, "fused_attention", deadline, 20, log, attention_change)
+    def adamw_change() -> dict[str, Any]:
+        if not cuda:
+            return {"skipped": "the trainer uses fused AdamW on CUDA only"}
+        return mfu_pair("AdamW foreach", timed_steps(memory_batches(), few, opt=adamw(fused=False)),
+                        "AdamW fused", timed_steps(memory_batches(), few))
+
+    compare(out, "fused_adamw", deadline, 20, log, adamw_change)
+
+    def channels_last_change() -> dict[str, Any]:
+        if config.channels_last:
+            return {"skipped": "the preset already trains in channels_last"}
+        before = timed_steps(memory_batches(), few)
+        speed_up(model, channels_last=True)  # in place: the comparisons below include it
+        optimizer.state.clear()  # moments made again in the new layout (fused AdamW needs the parameters' layout)
+        return mfu_pair("contiguous (NCHW)", before, "channels_last (NHWC)", timed_steps(memory_batches(), few))
+
+    compare(out, "channels_last", deadline, 20, log, channels_last_change)
+
+    def bigger_batch() -> dict[str, Any]:
+        big = 4 * config.batch_size
+        batch = {k: torch.cat([v] * 4) if isinstance(v, torch.Tensor) and k != "position" else v for k, v in fixed.items()}
+        before = with_mfu(timed_steps(memory_batches(), few), flops)
+        after = with_mfu(timed_steps(iter(lambda: batch, None), few, batch_size=big), 4 * flops)  # FLOPs scale with batch
+        return {"unit": "samples/s", "before": (f"batch {config.batch_size}", before["samples_per_second"]),
+                "after": (f"batch {big}", after["samples_per_second"]),
+                "mfu_vs_datasheet": [before["mfu_vs_datasheet"], after["mfu_vs_datasheet"]],
+                "step_ms": [before["step_ms"], after["step_ms"]]}
+
+    compare(out, "batch_x4", deadline, 30, log, bigger_batch)
+
+    def compiled() -> dict[str, Any]:
+        if not compile_runs:
+            return {"skipped": "torch.compile runs only with --compile (minutes of compilation)"}
+        if config.compile:
+            return {"skipped": "the preset already compiles"}
+        before = timed_steps(memory_batches(), few)
+        speed_up(model, compile=True)
+        start = time.perf_counter()
+        step(fixed, optimizer)  # compiles forward and backward
+        synchronize(device)
+        compile_seconds = round(time.perf_counter() - start, 1)
+        result = mfu_pair("eager", before, "torch.compile", timed_steps(memory_batches(), few))
+        return result | {"compile_seconds": compile_seconds}
+
+    compare(out, "torch_compile", deadline, 150 if compile_runs else 0, log, compiled)  # without --compile: say so
     return out
 
 
 # ----------------------------------------------------------------------------------- generation
-def bench_generation(preset: str, device: torch.device, deadline: Deadline, log: Callable[[str], None]) -> dict[str, Any]:
+def bench_generation(preset: str, device: torch.device, deadline: Deadline, log: Callable[[str], None],
+                     compile_runs: bool = False) -> dict[str, Any]:
     import train
     from eval.generate import Decoder
     from preprocess.config import PRESETS as FEATURE_PRESETS
     from train.config import PRESETS
     from train.model import VTASAM
+    from train.speed import tune_backends
 
     features = FEATURE_PRESETS[preset].replace(random_init=True, random_size=preset)
     spec = features.shard_spec()
@@ -372,6 +575,7 @@ def bench_generation(preset: str, device: torch.device, deadline: Deadline, log:
     torch.manual_seed(0)
     model = VTASAM(config, spec).to(device).eval()
     decoder = Decoder(features, None, device, config.vae_scaling_factor)
+    tune_backends(device)  # as evaluation does
     out: dict[str, Any] = {"preset": preset, "guidance": 3.0, "clip_seconds": spec.window_seconds,
                            "unet_precision": "bf16 autocast" if bf16 else "float32",
                            "decoder": "AudioLDM VAE decoder (float32) + HiFi-GAN (float32)", "runs": []}
@@ -384,9 +588,8 @@ def bench_generation(preset: str, device: torch.device, deadline: Deadline, log:
 
     def sample(batch: int, sampler: str, steps: int, use_bf16: bool = bf16) -> torch.Tensor:
         generator = torch.Generator(device).manual_seed(0)
-        with autocast(device, use_bf16):
-            return train.sample(model, conditions(batch), steps=steps, guidance=3.0, scheduler=sampler,  # type: ignore[arg-type]
-                                generator=generator)
+        return train.sample(model, conditions(batch), steps=steps, guidance=3.0, scheduler=sampler,  # type: ignore[arg-type]
+                            generator=generator, precision=torch.bfloat16 if use_bf16 else None)
 
     # one UNet call of a guided step = batch 2 (conditional + unconditional)
     one = conditions(1)
@@ -420,14 +623,97 @@ def bench_generation(preset: str, device: torch.device, deadline: Deadline, log:
                     "seconds_per_clip": round(total / batch, 3), "clips_per_second": round(batch / total, 3)}
             out["runs"].append(run)
             log(f"generation: {run} ({deadline.left():.0f} s left)")
-    if device.type == "cuda" and bf16:  # the eval path as it stands runs the UNet in float32: one comparison point
-        sample(1, "dpmsolver++", 2, use_bf16=False)
-        seconds, _ = timed(lambda: sample(1, "dpmsolver++", 25, use_bf16=False), device)
-        out["float32_dpmsolver25_batch1_sample_seconds"] = round(seconds, 3)
+    generation_changes(out, model, sample, bf16, device, deadline, log, compile_runs)
     return out
 
 
+def generation_changes(out: dict[str, Any], model: Any, sample: Callable[..., torch.Tensor], bf16: bool,
+                       device: torch.device, deadline: Deadline, log: Callable[[str], None], compile_runs: bool) -> None:
+    """Before/after of the sampling changes, on the headline case: DPM-Solver++-25, batch 1, sampling seconds."""
+    from train.speed import speed_up
+
+    def seconds(use_bf16: bool = bf16) -> float:
+        sample(1, "dpmsolver++", 2, use_bf16=use_bf16)  # warm-up (and compilation, for a compiled UNet)
+        return round(timed(lambda: sample(1, "dpmsolver++", 25, use_bf16=use_bf16), device)[0], 3)
+
+    def precision_change() -> dict[str, Any]:
+        if not bf16:
+            return {"skipped": "bf16 autocast is CUDA-only"}
+        return {"unit": "s", "before": ("float32 UNet (TF32 matmuls)", seconds(False)), "after": ("bf16 autocast (eval's auto)", seconds())}
+
+    compare(out, "bf16_autocast", deadline, 30, log, precision_change)
+
+    def channels_last_change() -> dict[str, Any]:
+        before = seconds()
+        speed_up(model, channels_last=True)
+        return {"unit": "s", "before": ("contiguous", before), "after": ("channels_last", seconds())}
+
+    compare(out, "channels_last", deadline, 20, log, channels_last_change)
+
+    def compiled(mode: str | None) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            if not compile_runs:
+                return {"skipped": "torch.compile runs only with --compile (minutes of compilation)"}
+            if mode == "reduce-overhead" and device.type != "cuda":
+                return {"skipped": "CUDA graphs need CUDA"}
+            before = seconds()
+            speed_up(model, compile=True, compile_mode=mode)
+            start = time.perf_counter()
+            sample(1, "dpmsolver++", 2)
+            synchronize(device)
+            compile_seconds = round(time.perf_counter() - start, 1)
+            return {"unit": "s", "before": ("previous row's setting", before),
+                    "after": (f"torch.compile mode={mode or 'default'}", seconds()), "compile_seconds": compile_seconds}
+        return run
+
+    compare(out, "torch_compile", deadline, 120 if compile_runs else 0, log, compiled(None))
+    compare(out, "cuda_graphs", deadline, 90 if compile_runs and device.type == "cuda" else 0, log,
+            compiled("reduce-overhead"))
+
+
 # ----------------------------------------------------------------------------------- report
+TARGETS = (  # the issue's targets, as ratios measured in one run
+    ("stage one end to end / encoders alone", ">=", 0.9),
+    ("training from shards / from memory", ">=", 0.95),
+    ("UNet training MFU, bf16 (best measured setting)", ">=", 0.40),
+    ("seconds for one 10.24 s clip, DPM-Solver++-25, batch 1 (best measured setting)", "<", 1.0),
+)
+
+
+def target_values(results: dict[str, Any]) -> list[float | None]:
+    """The measured value of each of TARGETS (None where its section did not run)."""
+    one, tr, gen = (results.get(k, {}) for k in ("stage_one", "training", "generation"))
+    mfus = [tr.get("from_memory", {}).get("mfu_vs_datasheet")]
+    for change in tr.get("changes", {}).values():
+        mfus += change.get("mfu_vs_datasheet", []) if change.get("status") == "ok" else []
+    fast = [r for r in gen.get("runs", []) if r["sampler"] == "dpmsolver++" and r["batch"] == 1]
+    clip = None
+    if fast:
+        decode = fast[0]["decode_seconds"]
+        sampling = [fast[0]["sample_seconds"]] + [c["after"][1] for c in gen.get("changes", {}).values()
+                                                  if c.get("status") == "ok"]
+        clip = round(min(sampling) + decode, 3)
+    valid_mfus = [m for m in mfus if m is not None]
+    return [one.get("ratio_end_to_end_over_encoders"), tr.get("ratio_shards_over_memory"),
+            max(valid_mfus) if valid_mfus else None, clip]
+
+
+def changes_table(section: dict[str, Any]) -> list[str]:
+    """The section's before/after comparisons as Markdown rows."""
+    changes = section.get("changes", {})
+    if not changes:
+        return []
+    lines = ["| change | before | after | unit | speed-up |", "|---|---|---|---|---|"]
+    for name, c in changes.items():
+        if c["status"] == "ok":
+            lines.append(f"| {name} | {c['before'][0]}: {fmt(c['before'][1])} | {c['after'][0]}: {fmt(c['after'][1])} | "
+                         f"{c['unit']} | **{fmt(c.get('speedup'))}x** |")
+        else:
+            why = " ".join(str(c.get("reason") or c.get("error", "")).split()).replace("|", "/")[:200]
+            lines.append(f"| {name} | {c['status']}: {why} | | | |")
+    return lines + [""]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """A short human summary of the JSON (the JSON holds every number)."""
     meta, dev = results["meta"], results.get("device", {})
@@ -453,6 +739,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [f"| {k} | {fmt(v['seconds_per_clip'])} | {fmt(v['tflop_per_clip'])} | {fmt(v.get('achieved_tflops'))} | "
                       f"{fmt(v.get('peak_memory_gib'))} |" for k, v in rows]
             lines.append("")
+        lines += changes_table(one)
     else:
         lines += [f"- {one.get('status', 'not run')}: {one.get('error', '')}", ""]
     tr = results.get("training", {})
@@ -466,6 +753,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {key.removeprefix('from_')} | {fmt(r['samples_per_second'])} | {fmt(r['step_ms'])} | "
                          f"{fmt(r['achieved_tflops'])} | {fmt(r['mfu_vs_datasheet'])} | {fmt(r['mfu_vs_measured_matmul'])} |")
         lines.append("")
+        lines += changes_table(tr)
     else:
         lines += [f"- {tr.get('status', 'not run')}: {tr.get('error', '')}", ""]
     gen = results.get("generation", {})
@@ -476,12 +764,17 @@ def markdown(results: dict[str, Any]) -> str:
                   "| sampler | batch | s/step | sampling s | decode s | s per clip | measured |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['sampler']}-{r['steps']} | {r['batch']} | {fmt(r['seconds_per_step'])} | {fmt(r['sample_seconds'])} | "
                   f"{fmt(r['decode_seconds'])} | **{fmt(r['seconds_per_clip'])}** | {r['measured']} |" for r in gen["runs"]]
-        if "float32_dpmsolver25_batch1_sample_seconds" in gen:
-            lines.append(f"\nfloat32 UNet (the eval path today), DPM-Solver++-25, batch 1: "
-                         f"{gen['float32_dpmsolver25_batch1_sample_seconds']} s sampling")
         lines.append("")
+        lines += ["Changes measured on DPM-Solver++-25, batch 1, sampling seconds (each row keeps the rows above it):", ""]
+        lines += changes_table(gen)
     else:
         lines += [f"- {gen.get('status', 'not run')}: {gen.get('error', '')}", ""]
+    lines += ["### Targets", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
+    on_gpu = meta["device"].startswith("cuda")
+    for (name, sign, wanted), value in zip(TARGETS, target_values(results)):
+        met = "n/a" if value is None else ("yes" if (value >= wanted if sign == ">=" else value < wanted) else "**no**")
+        met = met if on_gpu else "n/a: the targets are for a GPU"
+        lines.append(f"| {name} | {sign} {wanted} | {fmt(value)} | {met} |")
     return "\n".join(lines)
 
 
@@ -511,6 +804,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps per input (default: 30 paper, 5 tiny)")
     parser.add_argument("--sections", nargs="+", default=list(SECTION_SHARES), choices=list(SECTION_SHARES))
     parser.add_argument("--results-md", action="store_true", help="also record the summary in benchmarks/RESULTS.md")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure torch.compile (and CUDA graphs) in training and generation: minutes of compilation, "
+                             "best as a second run: --sections training generation --compile")
     args = parser.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     out_dir = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else DEFAULT_OUT)
@@ -530,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"meta": {"preset": args.preset, "device": str(device), "budget_s": budget,
                                         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                                        "sections": args.sections, "argv": argv}}
+                                        "sections": args.sections, "compile": args.compile, "argv": argv}}
 
     def save() -> None:
         results["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -549,8 +845,8 @@ def main(argv: list[str] | None = None) -> int:
             section = {
                 "stage_one": functools.partial(bench_stage_one, args.preset, device, root, clips, deadline, log),
                 "training": functools.partial(bench_training, args.preset, device, root, steps, deadline,
-                                              results.get("device", {}), log),
-                "generation": functools.partial(bench_generation, args.preset, device, deadline, log),
+                                              results.get("device", {}), log, args.compile),
+                "generation": functools.partial(bench_generation, args.preset, device, deadline, log, args.compile),
             }[name]
             guarded(name, results, log, section)
             save()

@@ -42,7 +42,7 @@ def write_random_shards(folder: Path, count: int) -> None:
 
 def timed_steps(model, optimizer, scheduler, config, batches, steps: int) -> float:
     """Samples per second over `steps` training steps after 3 warm-up steps."""
-    start = None
+    start = time.perf_counter()
     for index in range(steps + 3):
         if index == 3:
             start = time.perf_counter()

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from train.speed import PRECISIONS, Precision
+
 Sampler = Literal["ddim", "ddpm", "dpmsolver++"]
 SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
 EmbedderSize = Literal["tiny", "paper"]
@@ -38,6 +40,9 @@ class EvalConfig:
     guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale (paper protocol: 3)"})
     seed: int = field(default=0, metadata={"help": "base seed; each clip's noise is seeded from (seed, clip id)"})
     batch_size: int = field(default=4, metadata={"help": "clips per sampling / decoding batch"})
+    precision: Precision = field(default="auto", metadata={"help": f"UNet precision while sampling, one of {PRECISIONS} (auto: bf16 on CUDA, fp32 on the CPU; recorded in the WAV manifest)"})
+    channels_last: bool = field(default=False, metadata={"help": "UNet in NHWC memory format while sampling (train.speed)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet before sampling (pays off over many clips; train.speed)"})
     peak: float = field(default=0.0, metadata={"help": "scale each generated WAV to this peak (0: keep the vocoder's level, as published evaluators measure it)"})
     weights: str = field(default="weights", metadata={"help": "weights folder of stage one (AudioLDM VAE + vocoder) when the shards were made with real weights"})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda when there), 'cpu' or 'cuda[:N]'"})
@@ -56,6 +61,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.random_embedder_size not in ("tiny", "paper"):
             raise ValueError(f"random_embedder_size must be tiny or paper, got {self.random_embedder_size!r}")
         if self.steps < 1 or self.batch_size < 1 or self.workers < 1:

@@ -37,10 +37,11 @@ from eval.config import EvalConfig
 from preprocess.config import FeatureConfig
 from preprocess.encoders import AudioVAE, load_vocoder
 from train.data import to_example
+from train.speed import precision_name, resolve_precision, speed_up, tune_backends
 
 WAV_DIR = "wav"
 MANIFEST_FILE = "manifest.json"  # in WAV_DIR: the settings that made its WAVs
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the UNet's sampling precision is recorded
 GENERATION_FAILURES = "generation_failures.jsonl"
 
 
@@ -214,17 +215,18 @@ def write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
 
 
 def sample_batch(model: train.VTASAM, conditions: dict[str, torch.Tensor], generators: list[torch.Generator],
-                 config: EvalConfig) -> torch.Tensor:
+                 config: EvalConfig, precision: torch.dtype | None = None) -> torch.Tensor:
     """Latents for a batch whose row i draws its noise from generators[i] alone (one batched `train.sample` call;
     a single generator would make a clip's noise depend on its batch mates)."""
     return train.sample(model, conditions, steps=config.steps, guidance=config.guidance, scheduler=config.sampler,
-                        generator=generators)
+                        generator=generators, precision=precision)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The manifest: what the WAVs of a folder were generated with
 # ----------------------------------------------------------------------------------------------------------------
-def generation_manifest(config: EvalConfig, train_config: Any, decoder: Decoder, spec: shards.ShardSpec) -> dict[str, Any]:
+def generation_manifest(config: EvalConfig, train_config: Any, decoder: Decoder, spec: shards.ShardSpec,
+                        precision: str = "fp32") -> dict[str, Any]:
     """Every setting a generated WAV depends on (JSON-normalised, so it compares equal to its file's copy)."""
     manifest = {
         "manifest_version": MANIFEST_VERSION, **run_info(config.run),
@@ -232,7 +234,7 @@ def generation_manifest(config: EvalConfig, train_config: Any, decoder: Decoder,
         "object_threshold": train_config.object_threshold,
         "shards_config_sha256": shards_config_sha256(config.shards), "split": config.split,
         "sampler": config.sampler, "steps": config.steps, "guidance": config.guidance, "seed": config.seed,
-        "samples_per_clip": 1, "peak": config.peak,
+        "samples_per_clip": 1, "peak": config.peak, "precision": precision,
         "sample_rate": decoder.sample_rate, "window_seconds": spec.window_seconds,
     }
     return json.loads(json.dumps(manifest))
@@ -284,13 +286,19 @@ def generate(config: EvalConfig, clips: list[TestClip], progress: bool = True) -
     for stale in (out_dir / WAV_DIR).glob("*.tmp"):  # left by a killed run
         stale.unlink()
     device = resolve_device(config.device)
+    try:
+        precision = resolve_precision(config.precision, device)
+    except ValueError as error:
+        raise EvalError(str(error)) from None
     model, train_config = load_run(config.run, device)
+    tune_backends(device)
+    speed_up(model, config.channels_last, config.compile)
     spec = shards.read_spec(config.shards)
     check_compatible(config, model.spec, spec)
     features = feature_config(config.shards)
     weights = None if features.random_init else Path(config.weights)
     decoder = Decoder(features, weights, device, train_config.vae_scaling_factor)
-    manifest = generation_manifest(config, train_config, decoder, spec)
+    manifest = generation_manifest(config, train_config, decoder, spec, precision_name(precision))
     claim_wav_dir(out_dir, manifest)
     info: dict[str, Any] = {"manifest": manifest, "written": 0}
 
@@ -306,7 +314,7 @@ def generate(config: EvalConfig, clips: list[TestClip], progress: bool = True) -
         ids = [e["id"] for e in batch]
         conditions = {k: torch.stack([e[k] for e in batch]).to(device) for k in ("video", "objects", "caption")}
         generators = [torch.Generator(device).manual_seed(clip_seed(config.seed, i)) for i in ids]
-        waves = decoder(sample_batch(model, conditions, generators, config))
+        waves = decoder(sample_batch(model, conditions, generators, config, precision))
         for clip_id, wave in zip(ids, waves):
             length = min(wave.size, round(min(by_id[clip_id].duration, spec.window_seconds) * decoder.sample_rate))
             wave = wave[:length]

@@ -416,10 +416,11 @@ class Grounder(FrozenModule):
     def _detect(self, images: list[torch.Tensor], prompts: list[GroundingPrompt]) -> tuple[list[torch.Tensor],
                                                                                      list[torch.Tensor]]:
         """Per image: (K,) noun probabilities and (K, 4) xyxy boxes (pixels of the input frame) of the best query."""
-        if len(images) == 1:
+        if len(images) == 1 and self.image_size["shortest_edge"] < 128:
             # Grounding DINO's extra feature level is a GroupNorm over a (B, C, h, w) map with h = w = 1 for small
-            # inputs (64 px: the tiny preset); with B = 1 each group then holds one value and GroupNorm refuses
-            # it. A batch of one is sent twice and the copy's result dropped.
+            # inputs (64 px: the tiny preset); with B = 1 and the tiny model's one channel per group, each group
+            # then holds one value and GroupNorm refuses it. A batch of one is sent twice and the copy's result
+            # dropped. (At 128 px and more the map is at least 2 px high.)
             scores, boxes = self._detect(images * 2, prompts * 2)
             return scores[:1], boxes[:1]
         pixels = self.image_processor(images=images, size=self.image_size, input_data_format="channels_last",

@@ -11,9 +11,12 @@ import collections
 import dataclasses
 import json
 import os
+import queue
+import shutil
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +46,37 @@ class FeatureError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------- decoding
-class DecodeDataset(Dataset):
-    """Decodes one clip per item in a worker process: frames, true duration, waveform, log mel."""
+def shared_memory_room(cfg: FeatureConfig, prefetch: int, folder: str = "/dev/shm") -> tuple[bool, str]:
+    """Whether the decoding workers' queued clips fit in shared memory, and a line saying why not.
 
-    def __init__(self, clips: list[Clip], cfg: FeatureConfig):
+    A DataLoader hands tensors over through shared memory (/dev/shm); containers often give it 64 MB (Docker's
+    default), where `num_workers x prefetch` paper-preset clips (~140 MB of frames each) do not fit and the
+    workers would die with a bus error. Counted for 16:9 frames at `frame_short_side`, with 2x headroom."""
+    if cfg.num_workers == 0:
+        return True, ""
+    side = cfg.frame_short_side
+    needed = 2 * cfg.num_workers * prefetch * cfg.num_frames * side * round(side * 16 / 9) * 3
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return True, ""  # no /dev/shm to ask (not Linux): torch picks its own way
+    if free >= needed:
+        return True, ""
+    return False, (f"{folder}: {free / 2**20:.0f} MiB free, the decoding workers may queue ~{needed / 2**20:.0f} MiB of "
+                   "frames; handing them over as numpy arrays (slower; give the container more shared memory, e.g. "
+                   "docker --shm-size 16g, or lower --num-workers)")
+
+
+class DecodeDataset(Dataset):
+    """Decodes one clip per item in a worker process: frames, true duration, waveform, log mel.
+
+    tensors: frames and mel as torch tensors (moved to the main process through shared memory) or numpy arrays
+    (pickled through a pipe; for a small /dev/shm, see `shared_memory_room`)."""
+
+    def __init__(self, clips: list[Clip], cfg: FeatureConfig, tensors: bool = True):
         self.clips = clips
         self.cfg = cfg
+        self.tensors = tensors
         self.times = cfg.frame_times()
         self.front_end: MelFrontEnd | None = None
 
@@ -56,6 +84,8 @@ class DecodeDataset(Dataset):
         return len(self.clips)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """{"clip", "frames": uint8 tensor (T, H, W, 3), "duration", "waveform": float32 array, "mel": float32
+        tensor (1024, 64), "silent"}, or {"clip", "error": (stage, reason)}."""
         clip = self.clips[index]
         cfg = self.cfg
         if clip.path is None:
@@ -77,12 +107,14 @@ class DecodeDataset(Dataset):
         normalised = audioldm_waveform(waveform, cfg.num_samples)
         with torch.inference_mode():
             mel = self.front_end(torch.from_numpy(normalised)[None])[0].numpy()
+        # frames and mel as tensors: a DataLoader moves tensors to the main process through shared memory, while
+        # numpy arrays are pickled through a pipe (paper-size frames: ~100 MB per clip; benchmarks/RESULTS.md)
         return {
             "clip": clip,
-            "frames": video.frames,
+            "frames": torch.from_numpy(video.frames) if self.tensors else video.frames,
             "duration": min(video.duration, cfg.window_seconds),
             "waveform": waveform[: cfg.num_samples],
-            "mel": mel,
+            "mel": torch.from_numpy(mel) if self.tensors else mel,
             "silent": bool(np.abs(waveform).max(initial=0.0) < 1e-6),
         }
 
@@ -208,11 +240,12 @@ class Encoders:
             self._text_cache.popitem(last=False)
         return {t: self._text_cache[t] for t in texts}
 
-    def visual(self, frames: list[np.ndarray], captions: list[str], nouns: list[list[str]]) -> list[dict[str, np.ndarray]]:
+    def visual(self, frames: Sequence[np.ndarray | torch.Tensor], captions: list[str],
+               nouns: list[list[str]]) -> list[dict[str, np.ndarray]]:
         """Per clip: CLIP embeddings of its frames, p_tk, e_k and the caption's embedding, each padded to the
         config's frame count (frames past a clip's end: zeros). frames[i]: uint8 (T_i, H, W, 3), T_i <= num_frames."""
         cfg = self.cfg
-        tensors = [torch.from_numpy(f) for f in frames]
+        tensors = [torch.as_tensor(f) for f in frames]
         # CLIP: one pass over all frames of all clips of the same frame size
         clip_embeddings: list[torch.Tensor | None] = [None] * len(tensors)
         by_size: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
@@ -239,11 +272,80 @@ class Encoders:
         """Every feature of a batch of decoded clips (visual ones and the VAE posterior of their mels)."""
         assert self.vae is not None, "built with audio=False"
         features = self.visual([item["frames"] for item in items], [item["clip"].caption for item in items], nouns)
-        means, stds = self.vae.encode(torch.from_numpy(np.stack([item["mel"] for item in items])))
+        means, stds = self.vae.encode(torch.stack([torch.as_tensor(item["mel"]) for item in items]))
         for i, arrays in enumerate(features):
             arrays["latent_mean.npy"] = means[i].float().cpu().numpy()
             arrays["latent_std.npy"] = stds[i].float().cpu().numpy()
         return features
+
+
+# ----------------------------------------------------------------------------------- writing
+class ShardSink:
+    """Encodes finished clips into samples and appends them to one shard writer per split, in a background thread.
+
+    The thread overlaps FLAC encoding, `np.save` and tar writes with the encoders working on the next batch
+    (the GIL is free while they wait on the GPU or run C code). At most `depth` batches wait in the queue.
+    `close()` writes everything already handed over, then closes the shards; so an interrupted run (Ctrl-C,
+    SIGTERM) keeps every clip whose features were computed. An error in the thread (a full disk) is raised by the
+    next `put` or by `close`. threaded=False writes in the caller's thread (the benchmark's "before").
+    """
+
+    def __init__(self, out_dir: Path, rank: int, cfg: FeatureConfig, threaded: bool = True, depth: int = 2):
+        self.out_dir, self.rank, self.cfg, self.spec = out_dir, rank, cfg, cfg.shard_spec()
+        self.writers: dict[str, shards.ShardWriter] = {}
+        self.written = 0
+        self.error: BaseException | None = None
+        self.queue: queue.Queue[list[tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]] | None] = queue.Queue(depth)
+        self.thread = threading.Thread(target=self._loop, name="shard-writer", daemon=True) if threaded else None
+        if self.thread is not None:
+            self.thread.start()
+
+    def put(self, samples: list[tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]]) -> None:
+        """samples: (json meta, feature arrays, waveform) per clip."""
+        if self.error is not None:
+            raise self.error
+        if self.thread is None:
+            self._write(samples)
+        else:
+            self.queue.put(samples)
+
+    def _loop(self) -> None:
+        while (samples := self.queue.get()) is not None:
+            if self.error is None:  # after an error, drain the queue without writing so that put() never blocks
+                try:
+                    self._write(samples)
+                except BaseException as error:  # noqa: BLE001 - handed to the main thread
+                    self.error = error
+
+    def _write(self, samples: list[tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]]) -> None:
+        for meta, arrays, waveform in samples:
+            sample = shards.encode_sample(self.spec, meta, arrays, waveform)
+            split = meta["split"]
+            if split not in self.writers:
+                self.writers[split] = shards.ShardWriter(self.out_dir, split, self.rank, self.cfg.shard_max_samples)
+            writer = self.writers[split]
+            try:
+                writer.write(sample)
+            except BaseException:
+                self.written -= writer.pending  # lost with the shard
+                writer.abort()  # half a sample in the tar: drop this shard, keep the others
+                del self.writers[split]
+                raise
+            self.written += 1
+
+    def close(self) -> list[Path]:
+        """Write what was handed over, close every shard; returns the shards completed. Raises a writing error."""
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+        completed: list[Path] = []
+        for writer in self.writers.values():
+            writer.close()
+            completed.extend(writer.completed)
+        self.writers.clear()
+        if self.error is not None:
+            raise self.error
+        return completed
 
 
 # ----------------------------------------------------------------------------------- the run
@@ -270,8 +372,11 @@ def run(
     world_size: int = 1,
     progress: bool = True,
     encoders: Encoders | None = None,
+    threaded_writer: bool = True,
 ) -> Summary:
-    """Process this rank's share of `clips` into `out_dir`; safe to re-run after any interruption."""
+    """Process this rank's share of `clips` into `out_dir`; safe to re-run after any interruption.
+
+    threaded_writer: encode and write samples in a background thread (`ShardSink`), overlapping the encoders."""
     from preprocess.encoders import resolve_device
     from preprocess.manifest import partition
 
@@ -280,7 +385,6 @@ def run(
     nouns_of = NounCache(cfg.tagger, cfg.max_nouns)  # fails early when the tagger is unavailable
     device = resolve_device(cfg)
     encoders = encoders or Encoders(cfg, weights_dir, device)
-    spec = cfg.shard_spec()
     if encoders.vae is None:
         raise FeatureError("stage one needs the audio VAE (Encoders built with audio=False)")
     prepare_output(out_dir, build_meta(cfg, encoders.checksums, encoders.vae.scaling_factor), rank)
@@ -301,22 +405,26 @@ def run(
         bar.update(1)
         bar.set_postfix(failed=sum(summary.failed.values()))
 
+    prefetch = 4
+    tensors, why_not = shared_memory_room(cfg, prefetch)
+    if not tensors:
+        print(f"warning: {why_not}", file=sys.stderr)
     loader = DataLoader(
-        DecodeDataset(todo, cfg),
+        DecodeDataset(todo, cfg, tensors),
         batch_size=None,
         shuffle=False,
         num_workers=cfg.num_workers,
         collate_fn=_identity,
         worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
-        prefetch_factor=4 if cfg.num_workers > 0 else None,
+        prefetch_factor=prefetch if cfg.num_workers > 0 else None,
         persistent_workers=False,
     )
-    writers: dict[str, shards.ShardWriter] = {}
-    writing: shards.ShardWriter | None = None  # set while a sample's members are being written
+    sink = ShardSink(out_dir, rank, cfg, threaded=threaded_writer)
     try:
         for batch in _batches(loader, cfg.batch_clips, record_failure):
             nouns = [nouns_of(item["clip"].caption) for item in batch]
             features = encoders.encode(batch, nouns)
+            samples = []
             for item, arrays, clip_nouns in zip(batch, features, nouns):
                 clip = item["clip"]
                 meta = {
@@ -324,23 +432,19 @@ def run(
                     "duration": round(float(item["duration"]), 4), "valid_frames": len(item["frames"]),
                     "nouns": clip_nouns, "source": str(clip.path), "start": clip.start, "silent": item["silent"],
                 }
-                sample = shards.encode_sample(spec, meta, arrays, item["waveform"])
-                if clip.split not in writers:
-                    writers[clip.split] = shards.ShardWriter(out_dir, clip.split, rank, cfg.shard_max_samples)
-                writing = writers[clip.split]
-                writing.write(sample)
-                writing = None
-                summary.written += 1
+                samples.append((meta, arrays, item["waveform"]))
+            sink.put(samples)
             bar.update(len(batch))
             bar.set_postfix(failed=sum(summary.failed.values()))
     finally:
-        # every sample handed to a writer is complete, so closing makes the shard in progress visible;
-        # only a writer interrupted half-way through a sample drops its shard
-        for writer in writers.values():
-            writer.abort() if writer is writing else writer.close()
-            summary.shards.extend(str(p) for p in writer.completed)
-        bar.close()
-        summary.wall_seconds = time.perf_counter() - started
+        # every sample handed to the sink is complete, so closing makes the shards in progress visible; only a
+        # writer interrupted half-way through a sample drops its shard (ShardSink._write)
+        try:
+            summary.shards.extend(str(p) for p in sink.close())
+        finally:
+            summary.written = sink.written
+            bar.close()
+            summary.wall_seconds = time.perf_counter() - started
     return summary
 
 

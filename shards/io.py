@@ -67,6 +67,11 @@ class ShardWriter:
         self._count = 0
         self.completed: list[Path] = []
 
+    @property
+    def pending(self) -> int:
+        """Samples written into the shard in progress (not yet visible)."""
+        return self._count if self._tar is not None else 0
+
     def write(self, sample: dict[str, Any]) -> None:
         if self._tar is None:
             self._open()

@@ -98,6 +98,7 @@ def test_generation_writes_one_wav_per_test_clip(tiny_run, tmp_path):
         assert np.abs(audio.astype(int)).max() >= 328  # the tiny vocoder's own level: above 1% of full scale
     manifest = json.loads((tmp_path / "a" / "wav" / MANIFEST_FILE).read_text())
     assert (manifest["steps"], manifest["sampler"], manifest["peak"], manifest["sample_rate"]) == (2, "ddim", 0.0, 16000)
+    assert manifest["precision"] == "fp32"  # 'auto' on the CPU
     assert len(manifest["checkpoint_sha256"]) == 64 and len(manifest["shards_config_sha256"]) == 64
 
 
@@ -208,6 +209,9 @@ def test_incompatible_or_missing_inputs_are_one_line_errors(tiny_run, tmp_path):
         generate(config_for(tiny_run, tmp_path / "b", run=str(tmp_path / "nowhere")), clips, progress=False)
     with pytest.raises(EvalError, match="meta.json"):
         read_split(tmp_path / "empty", "test")
+    with pytest.raises(EvalError, match="precision bf16 needs a CUDA device"):
+        generate(config_for(tiny_run, tmp_path / "c", precision="bf16", device="cpu"), clips, progress=False)
+    assert not (tmp_path / "c" / "wav" / MANIFEST_FILE).exists()
 
 
 def test_cli_presets_and_dry_run(capsys):

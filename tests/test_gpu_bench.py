@@ -20,7 +20,7 @@ def test_peak_table_prefers_the_specific_name():
 
 @pytest.mark.slow
 def test_cpu_tiny_run_writes_every_section(tmp_path):
-    code = gpu_bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--budget-s", "60",
+    code = gpu_bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--budget-s", "240",
                            "--clips", "4", "--train-steps", "3"])
     results = json.loads((tmp_path / "gpu_bench.json").read_text())
     failures = {name: results[name].get("error") for name in ("device", *gpu_bench.SECTION_SHARES)
@@ -45,3 +45,30 @@ def test_cpu_tiny_run_writes_every_section(tmp_path):
     assert all(positive(r["seconds_per_clip"]) for r in runs)
     summary = (tmp_path / "gpu_bench.md").read_text()
     assert "### Stage one" in summary and "ddim-300" in summary and "dpmsolver++-25" in summary
+
+    # every before/after comparison that can run on the CPU ran; the CUDA-only ones and torch.compile (without
+    # --compile) say why they were skipped; none failed
+    cpu_runs = {"stage_one": {"grounding_dino_batched", "decode_worker_transfer", "background_shard_writer"},
+                "training": {"fused_attention", "channels_last", "batch_x4"}, "generation": {"channels_last"}}
+    for section, expected in cpu_runs.items():
+        changes = results[section]["changes"]
+        assert {name for name, c in changes.items() if c["status"] == "ok"} == expected, changes
+        for change in changes.values():
+            if change["status"] == "ok":
+                assert positive(change["before"][1]) and positive(change["after"][1]) and positive(change["speedup"])
+            else:
+                assert change["status"] == "skipped" and ("CUDA" in change["reason"] or "--compile" in change["reason"])
+    assert "| fused_attention |" in summary and "### Targets" in summary
+
+
+def test_speedups_read_rates_and_seconds_the_right_way_round():
+    out: dict = {}
+    deadline = gpu_bench.Deadline(60)
+    gpu_bench.compare(out, "rate", deadline, 0, print, lambda: {"unit": "samples/s", "before": ("a", 2.0), "after": ("b", 3.0)})
+    gpu_bench.compare(out, "time", deadline, 0, print, lambda: {"unit": "s", "before": ("a", 2.0), "after": ("b", 1.0)})
+    gpu_bench.compare(out, "late", deadline, 120, print, lambda: {"unit": "s", "before": ("a", 1.0), "after": ("b", 1.0)})
+    gpu_bench.compare(out, "broken", deadline, 0, print, lambda: {"unit": "s", "before": ("a", 1 / 0), "after": ("b", 1.0)})
+    changes = out["changes"]
+    assert changes["rate"]["speedup"] == 1.5 and changes["time"]["speedup"] == 2.0
+    assert changes["late"]["status"] == "skipped" and "needs ~120 s" in changes["late"]["reason"]
+    assert changes["broken"]["status"] == "error" and "ZeroDivisionError" in changes["broken"]["error"]

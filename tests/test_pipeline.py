@@ -103,15 +103,21 @@ def test_ranks_write_disjoint_shards(odd_media, tmp_path):
     assert len(done) == len(set(done)) == len([p for p in odd_media.iterdir() if p.suffix in {".mp4", ".webm"}])
 
 
-def test_resume_after_sigkill_writes_each_clip_once(tmp_path):
+def start_stage_one(tmp_path: Path, clips: int, shard_size: int) -> tuple[list[str], Path, subprocess.Popen]:
+    """`python -m preprocess` on `clips` 2-second videos in its own process group: (command, output, process)."""
     videos = tmp_path / "videos"
     videos.mkdir()
-    for i in range(8):
+    for i in range(clips):
         media.make_video(videos / f"clip{i}.mp4", seconds=2.0, audio="tone")
     out = tmp_path / "shards"
     command = [sys.executable, "-m", "preprocess", "--videos", str(videos), "--out", str(out),
-               "--no-progress", "--num-workers", "1", "--batch-clips", "1", "--shard-max-samples", "2"]
+               "--no-progress", "--num-workers", "1", "--batch-clips", "1", "--shard-max-samples", str(shard_size)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return command, out, process
+
+
+def test_resume_after_sigkill_writes_each_clip_once(tmp_path):
+    command, out, process = start_stage_one(tmp_path, clips=8, shard_size=2)
     deadline = time.monotonic() + 120
     while not shards.list_shards(out) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
@@ -127,3 +133,129 @@ def test_resume_after_sigkill_writes_each_clip_once(tmp_path):
     assert set(first) <= set(ids)
     assert not list(out.glob("*.tmp"))
     assert verify_main(["verify", str(out)]) == 0
+
+
+@pytest.fixture(scope="module")
+def five_clips(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("five")
+    for i in range(5):
+        media.make_video(folder / f"clip{i}.mp4", seconds=2.0, audio="tone")
+    return folder
+
+
+def run_stage_one(videos: Path, out: Path, threaded: bool):
+    from preprocess.config import PRESETS
+    from preprocess.manifest import from_folder
+    from preprocess.pipeline import run
+
+    cfg = PRESETS["tiny"].replace(num_workers=0, batch_clips=2, shard_max_samples=2, device="cpu")
+    return run(cfg, from_folder(videos), out, None, progress=False, threaded_writer=threaded)
+
+
+def test_the_background_writer_writes_what_the_inline_one_does(five_clips, tmp_path):
+    inline = run_stage_one(five_clips, tmp_path / "inline", threaded=False)
+    threaded = run_stage_one(five_clips, tmp_path / "threaded", threaded=True)
+    assert inline.written == threaded.written == 5 and len(threaded.shards) == 3
+    a = {s["json"]["id"]: s for s in shards.iterate_samples(shards.list_shards(tmp_path / "inline"))}
+    b = {s["json"]["id"]: s for s in shards.iterate_samples(shards.list_shards(tmp_path / "threaded"))}
+    assert sorted(a) == sorted(b) == [f"clip{i}" for i in range(5)]
+    for key in a:
+        for member in ("clip.npy", "probs.npy", "latent_mean.npy", "flac"):
+            left, right = a[key][member], b[key][member]
+            assert np.array_equal(left, right) if isinstance(left, np.ndarray) else left == right
+
+
+def test_a_writing_error_is_raised_and_earlier_shards_survive(five_clips, tmp_path, monkeypatch):
+    real = shards.encode_sample
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    out = tmp_path / "shards"
+    monkeypatch.setattr(shards, "encode_sample", failing)
+    with pytest.raises(OSError, match="No space left"):
+        run_stage_one(five_clips, out, threaded=True)
+    # the clips written before the failing one are kept (shard 1 full, shard 2 closed early), nothing torn
+    assert processed_ids(out) == ["clip0", "clip1", "clip2"] and not list(out.glob("*.tmp"))
+    monkeypatch.setattr(shards, "encode_sample", real)
+    assert run_stage_one(five_clips, out, threaded=True).written == 2  # the same command finishes the job
+    assert sorted(processed_ids(out)) == [f"clip{i}" for i in range(5)]
+    assert verify_main(["verify", str(out)]) == 0
+
+
+def test_sigterm_keeps_every_clip_already_encoded(tmp_path):
+    command, out, process = start_stage_one(tmp_path, clips=10, shard_size=4)
+    deadline = time.monotonic() + 120
+    # wait for the second shard to be in progress (its .tmp appears when its first sample is written)
+    while not (shards.list_shards(out) and list(out.glob("*.tar.tmp"))) and time.monotonic() < deadline \
+            and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    kept = processed_ids(out)
+    assert process.returncode == 128 + signal.SIGTERM
+    # the shard in progress was closed, not dropped: more than the 4 clips of the shard complete before the signal
+    assert 4 < len(kept) < 10, kept
+    assert not list(out.glob("*.tmp")) and verify_main(["verify", str(out)]) == 0
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert sorted(processed_ids(out)) == [f"clip{i}" for i in range(10)]
+
+
+def test_a_torn_shard_is_not_counted_as_written(tmp_path, monkeypatch):
+    from preprocess.config import PRESETS
+    from preprocess.pipeline import ShardSink
+    from tests.conftest import make_sample
+
+    cfg = PRESETS["tiny"].replace(shard_max_samples=2)
+    spec = cfg.shard_spec()
+    real, calls = shards.ShardWriter.write, {"n": 0}
+
+    def tearing(self, sample):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second sample of the second shard fails half-way
+            raise OSError(28, "No space left on device")
+        real(self, sample)
+
+    monkeypatch.setattr(shards.ShardWriter, "write", tearing)
+    sink = ShardSink(tmp_path, 0, cfg, threaded=True)
+    for i in range(5):
+        meta, arrays, waveform = make_sample(spec, f"clip{i}", seed=i)
+        try:
+            sink.put([(meta | {"split": "train"}, arrays, waveform)])
+        except OSError:
+            break
+    with pytest.raises(OSError, match="No space left"):
+        sink.close()
+    # shard 1 (clip0, clip1) is kept; shard 2 held clip2 when clip3 tore it, so both are gone and not counted
+    assert processed_ids(tmp_path) == ["clip0", "clip1"] and sink.written == 2
+
+
+def test_a_small_dev_shm_falls_back_to_pickled_frames(five_clips, tmp_path, monkeypatch, capsys):
+    from preprocess import pipeline
+    from preprocess.config import PRESETS
+
+    paper = PRESETS["paper"]
+    roomy = shutil_usage(free=64 * 2**30)
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda folder: roomy)
+    assert pipeline.shared_memory_room(paper, prefetch=4) == (True, "")
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda folder: shutil_usage(free=64 * 2**20))
+    fits, why = pipeline.shared_memory_room(paper, prefetch=4)
+    assert not fits and why.startswith("/dev/shm: 64 MiB free") and "--shm-size" in why
+    # stage one then hands numpy arrays over and still writes every clip
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda folder: shutil_usage(free=2**20))
+    cfg = PRESETS["tiny"].replace(num_workers=1, batch_clips=2, device="cpu")
+    from preprocess.manifest import from_folder
+
+    summary = pipeline.run(cfg, from_folder(five_clips), tmp_path / "shards", None, progress=False)
+    assert summary.written == 5 and "warning: /dev/shm" in capsys.readouterr().err
+
+
+def shutil_usage(free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total=free, used=0, free=free)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -12,6 +13,7 @@ from train import VTASAM, route, sample
 from train.config import INPUTS, SCHEMES, TrainConfig
 from train.diffusion import diffusion_loss, noise_scheduler, training_target
 from train.model import align_to_tokens, time_overlap, token_grid
+from train.speed import precision_name, resolve_precision, speed_up
 
 
 def conditions(spec, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -165,3 +167,51 @@ def test_sample_shapes_and_guidance(kind):
     if kind == "ddim":  # guidance changes the result unless the conditions do not matter
         plain = sample(model, c, steps=2, guidance=1.0, scheduler=kind, generator=torch.Generator().manual_seed(0))
         assert not torch.allclose(latents, plain)
+
+
+def assert_same_model(reference: VTASAM, fast: VTASAM) -> None:
+    """The same outputs and parameter gradients on one batch (up to float rounding)."""
+    z, t, c = torch.randn(2, *SPEC.latent_shape), torch.tensor([10, 900]), conditions(SPEC)
+    outputs = [model(z, t, c) for model in (reference, fast)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    for out in outputs:
+        out.square().mean().backward()
+    for (name, a), (_, b) in zip(reference.named_parameters(), fast.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def model_with_objects() -> VTASAM:
+    """The small model with non-zero object projections (a fresh one ignores O)."""
+    torch.manual_seed(0)
+    model = VTASAM(small_config(), SPEC)
+    for p in model.added_parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def test_channels_last_computes_what_the_plain_layout_does():
+    plain = model_with_objects()
+    fast = speed_up(copy.deepcopy(plain), channels_last=True)
+    conv = fast.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert_same_model(plain, fast)
+
+
+def test_precision_resolves_per_device():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is None and resolve_precision("fp32", cpu) is None
+    with pytest.raises(ValueError, match="bf16 needs a CUDA device"):
+        resolve_precision("bf16", cpu)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("int8", cpu)
+    assert resolve_precision("fp16", torch.device("cuda")) is torch.float16  # no CUDA call: the name decides
+    assert precision_name(torch.bfloat16) == "bf16" and precision_name(None) == "fp32"
+
+
+@pytest.mark.slow
+def test_the_compiled_unet_computes_what_the_eager_one_does():
+    """torch.compile (inductor, the C++ backend on the CPU) in place: same outputs and gradients, same state keys."""
+    eager = model_with_objects()
+    compiled = speed_up(copy.deepcopy(eager), compile=True)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints and the EMA are unaffected
+    assert_same_model(eager, compiled)

@@ -71,6 +71,8 @@ class TrainConfig:
     max_steps: int = field(default=300, metadata={"help": "optimizer steps in total (0: derived from epochs)"})
     ema_decay: float = field(default=0.99, metadata={"help": "EMA decay (warmed up as min(decay, (1+n)/(10+n)))"})
     mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "autocast precision ('no' is forced on the CPU)"})
+    channels_last: bool = field(default=False, metadata={"help": "UNet weights and input in NHWC memory format (tensor-core convolutions; train.speed); fixed for a run's lifetime"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet (minutes of compilation at start; train.speed)"})
     seed: int = field(default=0, metadata={"help": "seed of weights, data order, noise"})
     # --- bookkeeping -----------------------------------------------------------------------
     checkpoint_every: int = field(default=100, metadata={"help": "save the full resume state every this many optimizer steps"})

@@ -153,14 +153,19 @@ class ShardStream(IterableDataset):
             epoch, consumed = epoch + 1, 0  # the incomplete last batch of an epoch is dropped
 
 
-def make_loader(paths: list[Path], config: TrainConfig, start: dict[int, tuple[int, int]] | None = None) -> DataLoader:
-    """Batches for one rank; batch["position"] = (worker, epoch, batches consumed incl. this one)."""
+def make_loader(paths: list[Path], config: TrainConfig, start: dict[int, tuple[int, int]] | None = None,
+                pin_memory: bool = False) -> DataLoader:
+    """Batches for one rank; batch["position"] = (worker, epoch, batches consumed incl. this one).
+
+    pin_memory (on CUDA): batches land in page-locked memory, so that `.to(device, non_blocking=True)` copies
+    them while the GPU still works on the previous step."""
     return DataLoader(
         ShardStream(paths, config, start),
         batch_size=None,  # the stream batches itself so that positions are per worker
         num_workers=config.num_workers,
         persistent_workers=False,
         prefetch_factor=2 if config.num_workers else None,
+        pin_memory=pin_memory,
         # its own generator: iter() draws a worker base seed, which must not consume the global RNG that
         # a resumed run restores (the noise draws would shift by one)
         generator=torch.Generator().manual_seed(config.seed),

@@ -15,6 +15,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from train.config import TrainConfig
+from train.speed import autocast
 
 if TYPE_CHECKING:
     from train.model import VTASAM
@@ -99,8 +100,12 @@ def sample(
     guidance: float = 3.0,
     scheduler: Literal["ddim", "ddpm", "dpmsolver++"] = "ddim",
     generator: torch.Generator | list[torch.Generator] | None = None,
+    precision: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Latents (B, C, T, F) generated for a batch of conditions, in the VAE's scaled latent space.
+
+    precision: autocast dtype of the network calls (`train.speed.resolve_precision`; None: float32). The latents
+    and the solver's arithmetic stay float32.
 
     generator: one for the batch, or one per sample (diffusers' convention) so that a sample's noise does not
     depend on its batch mates.
@@ -121,7 +126,8 @@ def sample(
     drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)]).to(device)
     for t in solver.timesteps:
         x = solver.scale_model_input(torch.cat([latents, latents]), t)
-        out = model(x, t.expand(2 * batch).to(device), doubled, drop).float()
+        with autocast(device, precision):
+            out = model(x, t.expand(2 * batch).to(device), doubled, drop).float()
         conditional, unconditional = out.chunk(2)
         guided = unconditional + guidance * (conditional - unconditional)
         latents = solver.step(guided, t, latents, generator=generator).prev_sample

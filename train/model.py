@@ -61,7 +61,7 @@ def route(inputs: str, scheme: str) -> tuple[list[str], str | None]:
 
 
 @functools.lru_cache(maxsize=64)
-def time_overlap(steps: int, frames: int) -> torch.Tensor:
+def time_overlap(steps: int, frames: int, device: torch.device | None = None) -> torch.Tensor:
     """(steps, frames) weights: W[i, j] = share of time step i's interval covered by frame j.
 
     Both axes tile the same window (10.24 s): step i covers [i, i+1) / steps, frame j [j, j+1) / frames.
@@ -69,8 +69,8 @@ def time_overlap(steps: int, frames: int) -> torch.Tensor:
     boundary gets the overlap-weighted mix of the two (piecewise-constant interpolation). When steps <
     frames (coarse UNet levels), a step averages the frames it covers.
     """
-    step_edges = torch.arange(steps + 1, dtype=torch.float64) / steps
-    frame_edges = torch.arange(frames + 1, dtype=torch.float64) / frames
+    step_edges = torch.arange(steps + 1, dtype=torch.float64, device=device) / steps
+    frame_edges = torch.arange(frames + 1, dtype=torch.float64, device=device) / frames
     lo = torch.maximum(step_edges[:-1, None], frame_edges[None, :-1])
     hi = torch.minimum(step_edges[1:, None], frame_edges[None, 1:])
     return ((hi - lo).clamp(min=0) * steps).float()
@@ -94,7 +94,9 @@ def align_to_tokens(added: torch.Tensor, num_tokens: int, latent_grid: tuple[int
     Each time step takes its frames (`time_overlap`) and the value is broadcast over frequency.
     """
     height, width = token_grid(num_tokens, latent_grid)
-    weights = time_overlap(height, added.shape[1]).to(device=added.device, dtype=added.dtype)
+    # made on the condition's device (cached there): no host-to-device copy per call, nothing on the CPU inside a
+    # compiled (or CUDA-graphed) UNet
+    weights = time_overlap(height, added.shape[1], added.device).to(dtype=added.dtype)
     per_step = torch.einsum("tf,bfc->btc", weights, added)  # (B, H, C)
     return repeat(per_step, "b h c -> b (h w) c", w=width)
 
@@ -193,6 +195,7 @@ class VTASAM(nn.Module):
         super().__init__()
         self.config = config
         self.spec = spec
+        self.channels_last = False  # set by train.speed.speed_up: the input then enters in NHWC as the weights are
         self.keys, self.added = route(config.inputs, config.scheme)
         used = sorted(set(self.keys) | ({self.added} if self.added else set()))
         # one Linear from CLIP space to the cross-attention width per condition used
@@ -246,6 +249,8 @@ class VTASAM(nn.Module):
         drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
         keys, added = self.encode_conditions(conditions, drop)
+        if self.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
         kwargs = {"added_condition": added, "latent_grid": self.latent_grid}
         return self.unet(sample, timesteps, encoder_hidden_states=keys, cross_attention_kwargs=kwargs).sample
 

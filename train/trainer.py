@@ -33,9 +33,13 @@ from train import data
 from train.config import TrainConfig
 from train.diffusion import diffusion_loss, noise_scheduler, sample_latents, training_target
 from train.model import VTASAM
+from train.speed import speed_up, tune_backends
 
 # fields that may change when a run is resumed (they do not change what is being trained)
-RESUMABLE_CHANGES = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "num_workers"}
+# (not channels_last: the optimizer's saved moments keep the layout they were made in, and fused AdamW needs
+# them in the parameters' layout)
+RESUMABLE_CHANGES = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "num_workers",
+                     "compile"}
 COMPLETE = "complete"  # marker file written last into a checkpoint folder
 
 
@@ -149,7 +153,8 @@ def save_checkpoint(accelerator: Accelerator, output: Path, progress: Progress, 
 
 
 def batch_conditions(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: batch[k].to(device) for k in ("video", "objects", "caption")}
+    """The conditions of a batch on `device` (asynchronous copies from pinned memory on CUDA)."""
+    return {k: batch[k].to(device, non_blocking=True) for k in ("video", "objects", "caption")}
 
 
 def train(config: TrainConfig, log: Any = print) -> int:
@@ -172,8 +177,11 @@ def train(config: TrainConfig, log: Any = print) -> int:
     set_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     model = VTASAM(config, spec)
     ema = copy.deepcopy(model).requires_grad_(False)
+    tune_backends(accelerator.device)
+    speed_up(model.to(accelerator.device), config.channels_last, config.compile)  # the EMA copy stays plain
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_betas[0], config.adam_betas[1]),
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay,
+                                  fused=accelerator.device.type == "cuda")  # one kernel for all parameters
     warmup = config.warmup_steps
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
@@ -191,7 +199,7 @@ def train(config: TrainConfig, log: Any = print) -> int:
         positions = {int(w): (p[0], p[1]) for w, p in json.loads(position_file.read_text(encoding="utf-8")).items()}
         if accelerator.is_main_process:
             log(f"resuming from {checkpoint} at step {progress.step}")
-    loader = data.make_loader(paths, config, positions)
+    loader = data.make_loader(paths, config, positions, pin_memory=accelerator.device.type == "cuda")
 
     scheduler = noise_scheduler(config)
     writer = None
@@ -224,7 +232,8 @@ def train(config: TrainConfig, log: Any = print) -> int:
             positions[worker] = (epoch, consumed)
             if id_log is not None:
                 id_log.write("".join(f"{epoch} {progress.step} {clip_id}\n" for clip_id in batch["id"]))
-            mean, std = batch["latent_mean"].to(accelerator.device), batch["latent_std"].to(accelerator.device)
+            mean = batch["latent_mean"].to(accelerator.device, non_blocking=True)
+            std = batch["latent_std"].to(accelerator.device, non_blocking=True)
             z0 = sample_latents(mean, std if config.posterior_sample else None, config.vae_scaling_factor)
             noise = torch.randn_like(z0)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)

@@ -28,6 +28,7 @@ from preprocess.config import FeatureConfig
 from preprocess.manifest import VIDEO_SUFFIXES
 from preprocess.nouns import NounCache, caption_nouns
 from preprocess.video import VideoDecodeError, decode_frames, probe_video
+from train.speed import PRECISIONS, resolve_precision, speed_up, tune_backends
 
 VOCABULARY_FILE = Path(__file__).resolve().parents[1] / "preprocess" / "assets" / "vggsound_labels.txt"
 NOUN_CHUNK = 16  # vocabulary nouns per Grounding DINO prompt (its text encoder takes 256 tokens at most)
@@ -49,6 +50,8 @@ class GenerateOptions:
     overlap: float = 2.0
     weights: Path = Path("weights")
     device: str = "auto"
+    precision: str = "auto"  # the UNet's while sampling (train.speed): bf16 on CUDA, fp32 on the CPU
+    compile: bool = False
     explain: bool = False
 
 
@@ -137,7 +140,12 @@ class SoundGenerator:
             raise GenerateError(f"{error} (train a model first: make train)") from None
         self.features = feature_config(Path(options.model), self.train_config).replace(device=options.device)
         device = resolve_device(self.features)
-        self.model.to(device)
+        try:
+            self.precision = resolve_precision(options.precision, device)
+        except ValueError as error:
+            raise GenerateError(str(error)) from None
+        tune_backends(device)
+        speed_up(self.model.to(device), compile=options.compile, dynamic=None)  # windows per video vary
         weights = None if self.features.random_init else options.weights
         self.encoders = Encoders(self.features, weights, device, audio=False)
         self.decoder = Decoder(self.features, weights, device, self.train_config.vae_scaling_factor)
@@ -175,7 +183,8 @@ class SoundGenerator:
         import train
 
         latents = train.sample(self.model, conditions, steps=self.options.steps, guidance=self.options.guidance,
-                               scheduler=self.options.sampler, generator=generator)  # type: ignore[arg-type]
+                               scheduler=self.options.sampler, generator=generator,  # type: ignore[arg-type]
+                               precision=self.precision)
         waves = self.decoder(latents)  # (windows, samples)
         rate = cfg.sample_rate
         pieces = [w[: round(d.duration * rate)] for w, d in zip(waves, decoded)]
@@ -268,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlap", type=float, default=defaults.overlap, help="seconds of crossfade between windows")
     parser.add_argument("--weights", type=Path, default=defaults.weights, help="weights folder (models without random init)")
     parser.add_argument("--device", default=defaults.device, help="'auto', 'cpu' or 'cuda[:N]'")
+    parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                        help="UNet precision while sampling (auto: bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet first (pays off over many videos)")
     parser.add_argument("--explain", action="store_true", help="also write <name>.explain.png: frames, object probabilities, spectrogram")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -279,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = GenerateOptions(model=args.model, out=args.out, caption=args.caption, seed=args.seed, steps=args.steps,
                               guidance=args.guidance, sampler=args.sampler, overlap=args.overlap, weights=args.weights,
-                              device=args.device, explain=args.explain)
+                              device=args.device, precision=args.precision, compile=args.compile, explain=args.explain)
     if shutil.which("ffmpeg") is None:
         print("error: ffmpeg not found (install Debian's ffmpeg: apt-get install ffmpeg)", file=sys.stderr)
         return 2
