@@ -58,6 +58,7 @@ DEFAULT_OUT = Path(__file__).parent / "gpu_results"
 SECTION_SHARES = {"stage_one": 0.40, "training": 0.25, "generation": 0.35}  # of the budget left after `device`
 SAMPLERS = (("ddim", 300), ("dpmsolver++", 25))
 GENERATION_BATCHES = (1, 16)
+EVERY_CHANGE = {"on": False}  # --every-change: comparisons ignore the budget (the CPU test, whatever the load)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -139,7 +140,7 @@ def compare(out: dict[str, Any], name: str, deadline: Deadline, needs_s: float, 
     (after / before for rates, before / after for unit "s"). Skipped, and said so, when the section has less than
     `needs_s` seconds left; an error is recorded and the section goes on."""
     table = out.setdefault("changes", {})
-    if deadline.left() < needs_s:
+    if deadline.left() < needs_s and not EVERY_CHANGE["on"]:
         table[name] = {"status": "skipped", "reason": f"budget: {deadline.left():.0f} s left, needs ~{needs_s:.0f} s"}
     else:
         try:
@@ -804,10 +805,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps per input (default: 30 paper, 5 tiny)")
     parser.add_argument("--sections", nargs="+", default=list(SECTION_SHARES), choices=list(SECTION_SHARES))
     parser.add_argument("--results-md", action="store_true", help="also record the summary in benchmarks/RESULTS.md")
+    parser.add_argument("--every-change", action="store_true",
+                        help="run every before/after comparison even past the budget (the slow test, on a loaded machine)")
     parser.add_argument("--compile", action="store_true",
                         help="also measure torch.compile (and CUDA graphs) in training and generation: minutes of compilation, "
                              "best as a second run: --sections training generation --compile")
     args = parser.parse_args(argv)
+    EVERY_CHANGE["on"] = args.every_change
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     out_dir = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else DEFAULT_OUT)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -51,11 +51,12 @@ def shared_memory_room(cfg: FeatureConfig, prefetch: int, folder: str = "/dev/sh
 
     A DataLoader hands tensors over through shared memory (/dev/shm); containers often give it 64 MB (Docker's
     default), where `num_workers x prefetch` paper-preset clips (~140 MB of frames each) do not fit and the
-    workers would die with a bus error. Counted for 16:9 frames at `frame_short_side`, with 2x headroom."""
+    workers would die with a bus error. Counted as an upper bound: 16:9 frames at the largest short side
+    (`frame_short_side`; smaller videos are not upscaled)."""
     if cfg.num_workers == 0:
         return True, ""
     side = cfg.frame_short_side
-    needed = 2 * cfg.num_workers * prefetch * cfg.num_frames * side * round(side * 16 / 9) * 3
+    needed = cfg.num_workers * prefetch * cfg.num_frames * side * round(side * 16 / 9) * 3
     try:
         free = shutil.disk_usage(folder).free
     except OSError:

@@ -21,7 +21,7 @@ def test_peak_table_prefers_the_specific_name():
 @pytest.mark.slow
 def test_cpu_tiny_run_writes_every_section(tmp_path):
     code = gpu_bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--budget-s", "240",
-                           "--clips", "4", "--train-steps", "3"])
+                           "--clips", "4", "--train-steps", "3", "--every-change"])
     results = json.loads((tmp_path / "gpu_bench.json").read_text())
     failures = {name: results[name].get("error") for name in ("device", *gpu_bench.SECTION_SHARES)
                 if results[name]["status"] != "ok"}
@@ -61,7 +61,8 @@ def test_cpu_tiny_run_writes_every_section(tmp_path):
     assert "| fused_attention |" in summary and "### Targets" in summary
 
 
-def test_speedups_read_rates_and_seconds_the_right_way_round():
+def test_speedups_read_rates_and_seconds_the_right_way_round(monkeypatch):
+    monkeypatch.setitem(gpu_bench.EVERY_CHANGE, "on", False)  # a main() run before may have left it on
     out: dict = {}
     deadline = gpu_bench.Deadline(60)
     gpu_bench.compare(out, "rate", deadline, 0, print, lambda: {"unit": "samples/s", "before": ("a", 2.0), "after": ("b", 3.0)})
