@@ -272,25 +272,23 @@ def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[
     count = int(sum(len(f) for f in frames))
     grounder = encoders.grounder
 
-    def frames_per_second(job: Callable[[], Any]) -> float:
+    def frames_per_second(job: Callable[[], Any], frames_done: int = count) -> float:
         job()  # warm-up (cuDNN autotuning of this batch shape)
-        return round(count / float(np.median([timed(job, device)[0] for _ in range(2)])), 3)
+        return round(frames_done / float(np.median([timed(job, device)[0] for _ in range(2)])), 3)
 
     few_frames = [f[:32] for f in frames[:2]]  # 64 frames (paper preset): batch 1 is slow
+    few_count = sum(len(f) for f in few_frames)
 
     def grounding(batch_size: int) -> float:
         sam, size = grounder.sam, grounder.batch
         grounder.sam, grounder.batch = None, batch_size
         try:
-            job = lambda: grounder.probabilities(few_frames, nouns[:2])  # noqa: E731
-            job()  # warm-up (cuDNN autotuning of this batch shape)
-            seconds = float(np.median([timed(job, device)[0] for _ in range(2)]))
-            return round(sum(len(f) for f in few_frames) / seconds, 3)
+            return frames_per_second(lambda: grounder.probabilities(few_frames, nouns[:2]), few_count)
         finally:
             grounder.sam, grounder.batch = sam, size
 
     compare(out, "grounding_dino_batched", deadline, 20, log, lambda: {
-        "unit": "frames/s", "frames": sum(len(f) for f in few_frames),
+        "unit": "frames/s", "frames": few_count,
         "note": "Grounding DINO alone; batch 1 is the published code's way",
         "before": ("one frame per forward", grounding(1)),
         "after": (f"{cfg.frame_batch} frames per forward, prompts of many clips", grounding(cfg.frame_batch))})

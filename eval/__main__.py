@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from eval.config import PRESETS
-from vta_sam.configuration import add_config_arguments, config_from_args
+from eval.config import PRESETS, EvalConfig
+from vta_sam.configuration import config_main
 
 
 def table_main(argv: list[str]) -> int:
@@ -50,17 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Generate one WAV per test clip with a trained run and measure FD, FAD, KL and AV-Align. "
                     "`python -m eval table DIR... --out table.md` gathers several evaluations into one table.",
     )
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_arguments(parser, PRESETS, "demo", "evaluation configuration (overrides the preset)")
-    args = parser.parse_args(argv)
-    config = config_from_args(PRESETS, args)
-    if config is None:
-        return 2
-    if args.dry_run:
-        print(config.to_json(), end="")
-        return 0
+    return config_main(parser, PRESETS, "demo", "evaluation configuration (overrides the preset)", argv, run)
 
+
+def run(config: EvalConfig, args: argparse.Namespace) -> int:
     from eval.evaluate import RESULTS_FILE, EvalError, evaluate
     from eval.report import table
     from shards import ShardFormatError

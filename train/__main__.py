@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 
-from train.config import PRESETS
-from vta_sam.configuration import add_config_arguments, config_from_args
+from train.config import PRESETS, TrainConfig
+from vta_sam.configuration import config_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,16 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m train",
         description="Train the VTA-SAM latent diffusion model on stage-one shards. Run the same command again to resume.",
     )
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
-    add_config_arguments(parser, PRESETS, "tiny", "training configuration (overrides the preset)")
-    args = parser.parse_args(argv)
-    config = config_from_args(PRESETS, args)
-    if config is None:
-        return 2
-    if args.dry_run:
-        print(config.to_json(), end="")
-        return 0
+    return config_main(parser, PRESETS, "tiny", "training configuration (overrides the preset)", argv, run)
 
+
+def run(config: TrainConfig, args: argparse.Namespace) -> int:
     from train.data import DataError
     from train.trainer import ConfigError, train
 

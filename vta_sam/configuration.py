@@ -13,6 +13,7 @@ import platform
 import sys
 import types
 import typing
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any, Literal, TypeVar
 
@@ -77,6 +78,22 @@ def config_from_args(presets: dict[str, Config], args: argparse.Namespace) -> Co
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return None
+
+
+def config_main(parser: argparse.ArgumentParser, presets: dict[str, Any], default_preset: str, title: str,
+                argv: list[str] | None, run: Callable[[Any, argparse.Namespace], int]) -> int:
+    """The shape of `python -m train` and `python -m eval`: the config flags plus `--dry-run` (print the resolved
+    config as JSON and stop); a refused value is one error line and exit 2; otherwise `run(config, args)`."""
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    add_config_arguments(parser, presets, default_preset, title)
+    args = parser.parse_args(argv)
+    config = config_from_args(presets, args)
+    if config is None:
+        return 2
+    if args.dry_run:
+        print(config.to_json(), end="")
+        return 0
+    return run(config, args)
 
 
 def software_versions() -> dict[str, str]:
