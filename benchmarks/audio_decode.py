@@ -21,8 +21,9 @@ import av
 import numpy as np
 import soxr
 
+from audio_models.front_end import log_mel
 from benchmarks.results import RESULTS, write_section
-from preprocess.audio import BACKENDS, AudioDecodeError, decode_audio, log_mel
+from preprocess.audio import BACKENDS, AudioDecodeError, decode_audio
 
 SR = 16000
 WINDOW = 10.24  # what stage one reads from each clip

@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         make_demo_set(root / "demo", n_train=args.clips, n_test=0)
         clips = manifest.from_vggsound_csv(root / "demo" / "vggsound.csv", root / "demo" / "videos")
-        from preprocess.encoders import resolve_device
+        from common.devices import resolve_device
 
-        encoders = Encoders(cfg, None, resolve_device(cfg))
+        encoders = Encoders(cfg, None, resolve_device(cfg.device))
         run(cfg, clips, root / "warmup", None, progress=False, encoders=encoders)  # warm-up (first-call costs)
         rates: dict[bool, list[float]] = {False: [], True: []}
         for repeat in range(args.repeats):  # alternating, so that a busy spell of a shared machine hits both

@@ -396,12 +396,13 @@ def write_random_shards(folder: Path, spec: Any, count: int) -> None:
 def bench_training(preset: str, device: torch.device, root: Path, steps: int, deadline: Deadline,
                    device_info: dict[str, Any], log: Callable[[str], None], compile_runs: bool = False) -> dict[str, Any]:
     import shards
+    from common.devices import tune_backends
     from preprocess.config import PRESETS as FEATURE_PRESETS
     from train.config import PRESETS
     from train.data import make_loader
     from train.diffusion import diffusion_loss, noise_scheduler, sample_latents, training_target
     from train.model import VTASAM
-    from train.speed import speed_up, tune_backends
+    from train.speed import speed_up
 
     spec = FEATURE_PRESETS[preset].shard_spec()
     folder = root / "train_shards"
@@ -561,11 +562,11 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
 def bench_generation(preset: str, device: torch.device, deadline: Deadline, log: Callable[[str], None],
                      compile_runs: bool = False) -> dict[str, Any]:
     import train
-    from eval.generate import Decoder
+    from audio_models.decoder import Decoder
+    from common.devices import tune_backends
     from preprocess.config import PRESETS as FEATURE_PRESETS
     from train.config import PRESETS
     from train.model import VTASAM
-    from train.speed import tune_backends
 
     features = FEATURE_PRESETS[preset].replace(random_init=True, random_size=preset)
     spec = features.shard_spec()

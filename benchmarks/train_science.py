@@ -93,7 +93,7 @@ def shuffled_copy(source: Path, target: Path, seed: int = 0) -> None:
 
 def mel_loudness(waveform: np.ndarray, latent_time: int) -> np.ndarray:
     """(latent_time,) mean log mel (AudioLDM front end) over mel bins, averaged per latent step."""
-    from preprocess.audio import audioldm_waveform, log_mel
+    from audio_models.front_end import audioldm_waveform, log_mel
 
     mel = log_mel(audioldm_waveform(np.asarray(waveform, dtype=np.float32)))  # (1024, 64)
     return mel.mean(axis=1).reshape(latent_time, -1).mean(axis=1)

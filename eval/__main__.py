@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.config import config_main
 from eval.config import PRESETS, EvalConfig
-from vta_sam.configuration import config_main
 
 
 def table_main(argv: list[str]) -> int:

@@ -34,7 +34,7 @@ from urllib.parse import quote
 import h5py
 import numpy as np
 
-from eval.embed import ClipEmbedding, embed_clips
+from eval.embed import AudioEmbedding, embed_clips
 from eval.panns import Cnn14
 from eval.vggish import VGGish
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: reference source in the protocol, per-clip audio_sha256
 DATASETS = ("cnn14_embedding", "cnn14_probs", "vggish")
 
-Cached = tuple[ClipEmbedding, str | None]  # an embedding and the sha256 of the audio it was computed from
+Cached = tuple[AudioEmbedding, str | None]  # an embedding and the sha256 of the audio it was computed from
 
 
 def cache_protocol(cnn14: Cnn14, vggish: VGGish, duration: float | None,
@@ -96,7 +96,7 @@ def _write_header(handle: h5py.File, protocol: dict[str, Any]) -> None:
     handle.require_group("clips")
 
 
-def _write_clip(handle: h5py.File, clip_id: str, clip: ClipEmbedding, audio_sha256: str | None) -> None:
+def _write_clip(handle: h5py.File, clip_id: str, clip: AudioEmbedding, audio_sha256: str | None) -> None:
     name = _group_name(clip_id)
     clips = handle["clips"]
     if name in clips:
@@ -116,12 +116,12 @@ def _read_clips(handle: h5py.File) -> dict[str, Cached]:
     for group in handle["clips"].values():
         if group.attrs.get("complete", False) and all(key in group for key in DATASETS):
             digest = group.attrs.get("audio_sha256")
-            out[str(group.attrs["id"])] = (ClipEmbedding(**{key: group[key][()] for key in DATASETS}),
+            out[str(group.attrs["id"])] = (AudioEmbedding(**{key: group[key][()] for key in DATASETS}),
                                            None if digest is None else str(digest))
     return out
 
 
-def read_cache(path: str | Path, protocol: dict[str, Any] | None = None) -> dict[str, ClipEmbedding]:
+def read_cache(path: str | Path, protocol: dict[str, Any] | None = None) -> dict[str, AudioEmbedding]:
     """All complete clips of a cache file; with `protocol`, raise if the file was built for another one."""
     with h5py.File(path, "r") as handle:
         if protocol is not None and _stored_protocol(handle) != _encode(protocol):
@@ -157,14 +157,14 @@ def ground_truth_embeddings(
     progress: bool = True,
     source: Mapping[str, Any] | None = None,
     audio_hashes: Mapping[str, str] | None = None,
-) -> dict[str, ClipEmbedding]:
+) -> dict[str, AudioEmbedding]:
     """Embeddings of the reference clips `ids`, from the cache at `path` where present and computed otherwise.
 
     `load_audio(id)` returns the clip's waveform at `sample_rate`; it is called only for clips not yet cached,
     in the order of `ids` (a streaming loader can rely on it). `source` joins the protocol (see
     `cache_protocol`). `audio_hashes[id]`, when given, is the sha256 of the clip's reference audio now: it is
     stored with the clip, and a cached clip stored with another hash is embedded again. Returns
-    {id: ClipEmbedding} for the requested ids; clips cached earlier for other ids are kept in the file.
+    {id: AudioEmbedding} for the requested ids; clips cached earlier for other ids are kept in the file.
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")

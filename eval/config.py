@@ -7,14 +7,13 @@ steps, one sample per clip, official PANNs Cnn14 and VGGish checkpoints from wei
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from train.speed import PRECISIONS, Precision
+from common.config import ConfigMethods
+from common.devices import PRECISIONS, Precision
 
 Sampler = Literal["ddim", "ddpm", "dpmsolver++"]
 SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
@@ -22,7 +21,7 @@ EmbedderSize = Literal["tiny", "paper"]
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(ConfigMethods):
     """Everything `python -m eval` needs; each evaluation writes it (resolved) to <output>/config.json."""
 
     preset: str = field(default="demo", metadata={"help": "name of the preset this config started from"})
@@ -89,14 +88,6 @@ class EvalConfig:
         """The cut/pad length handed to the embedders (None: each clip as it is)."""
         return self.duration or None
 
-    def replace(self, **changes: Any) -> EvalConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
 PRESETS: dict[str, EvalConfig] = {

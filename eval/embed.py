@@ -1,6 +1,6 @@
 """Per-clip audio embeddings for the metrics, batched over clips, and the set-level audio metrics (FD, FAD, KL).
 
-One `ClipEmbedding` per clip: the Cnn14 embedding (FD), the Cnn14 class probabilities (KL) and the VGGish patch
+One `AudioEmbedding` per clip: the Cnn14 embedding (FD), the Cnn14 class probabilities (KL) and the VGGish patch
 embeddings (FAD). Waveforms are brought to the protocol first (`prepare_waveform`: mono, 16 kHz, cut or
 zero-padded to the protocol's duration), so reference and generated audio are measured the same way.
 """
@@ -24,7 +24,7 @@ RESAMPLER = "soxr_hq"  # librosa.resample's res_type (its default, and librosa.l
 
 
 @dataclass(frozen=True)
-class ClipEmbedding:
+class AudioEmbedding:
     cnn14_embedding: np.ndarray  # (cnn14 embed_dim,) relu(fc1): FD
     cnn14_probs: np.ndarray  # (classes,) softmax of the AudioSet logits: KL
     vggish: np.ndarray  # (n_patches, 128): FAD, one per 0.96 s patch
@@ -55,9 +55,9 @@ def embed_clips(
     batch_size: int = 8,
     total: int | None = None,
     progress: bool = True,
-) -> Iterator[tuple[str, ClipEmbedding]]:
+) -> Iterator[tuple[str, AudioEmbedding]]:
     """Embed (clip id, waveform at `sample_rate`) pairs, `batch_size` clips per Cnn14 forward pass; yields
-    (id, ClipEmbedding) in input order. Clips of different lengths (duration None) are batched by length, since
+    (id, AudioEmbedding) in input order. Clips of different lengths (duration None) are batched by length, since
     padding would change Cnn14's time pooling."""
     if cnn14.config.sample_rate != vggish.config.sample_rate:
         raise ValueError("Cnn14 and VGGish must share a sample rate")
@@ -78,11 +78,11 @@ def embed_clips(
             flat = vggish.embed_log_mel_patches(np.concatenate(patches))
             splits = np.cumsum([len(p) for p in patches])[:-1]
             for (clip_id, _), e, p, v in zip(batch, embeddings, probs, np.split(flat, splits)):
-                yield clip_id, ClipEmbedding(cnn14_embedding=e, cnn14_probs=p, vggish=v)
+                yield clip_id, AudioEmbedding(cnn14_embedding=e, cnn14_probs=p, vggish=v)
             bar.update(len(batch))
 
 
-def audio_metrics(reference: Mapping[str, ClipEmbedding], generated: Mapping[str, ClipEmbedding],
+def audio_metrics(reference: Mapping[str, AudioEmbedding], generated: Mapping[str, AudioEmbedding],
                   errors: dict[str, str] | None = None) -> dict[str, Any]:
     """FD (Cnn14 embeddings, one per clip), FAD (VGGish patch embeddings of each set pooled) and KL (Cnn14 class
     probabilities paired by clip id: KL(reference || generated)), with the counts they rest on.

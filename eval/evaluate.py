@@ -33,9 +33,11 @@ import soundfile
 from tqdm import tqdm
 
 import shards
+from common.devices import resolve_device
+from common.versions import software_versions
 from eval import cache
 from eval.config import EvalConfig
-from eval.embed import RESAMPLER, ClipEmbedding, audio_metrics, embed_clips
+from eval.embed import RESAMPLER, AudioEmbedding, audio_metrics, embed_clips
 from eval.generate import (
     GENERATION_FAILURES,
     MANIFEST_FILE,
@@ -46,7 +48,6 @@ from eval.generate import (
     iterate_reference_audio,
     read_manifest,
     read_split,
-    resolve_device,
     run_info,
     select_clips,
     shards_config_sha256,
@@ -69,7 +70,6 @@ from eval.panns import CHECKPOINT_NAME as CNN14_FILE
 from eval.panns import CNN14_CONFIGS, Cnn14, load_cnn14
 from eval.vggish import CHECKPOINT_NAME as VGGISH_FILE
 from eval.vggish import VGGISH_CONFIGS, VGGish, load_vggish
-from vta_sam.configuration import software_versions
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -165,7 +165,7 @@ def reference_fingerprint(hashes: dict[str, str]) -> str:
 
 
 def reference_embeddings(config: EvalConfig, ids: list[str], cnn14: Cnn14, vggish: VGGish, sample_rate: int,
-                         hashes: dict[str, str], progress: bool) -> dict[str, ClipEmbedding]:
+                         hashes: dict[str, str], progress: bool) -> dict[str, AudioEmbedding]:
     """Ground-truth embeddings through the HDF5 cache; one file per (split, protocol) so that switching
     embedders does not rebuild another protocol's cache. `ids` in shard order (the audio streams in it);
     the result keeps that order. The protocol names the shards' config and rate; `hashes` check each clip."""
@@ -179,7 +179,7 @@ def reference_embeddings(config: EvalConfig, ids: list[str], cnn14: Cnn14, vggis
 
 
 def generated_embeddings(out_dir: Path, clips: list[TestClip], cnn14: Cnn14, vggish: VGGish, duration: float | None,
-                         failures: list[dict[str, str]], progress: bool) -> dict[str, ClipEmbedding]:
+                         failures: list[dict[str, str]], progress: bool) -> dict[str, AudioEmbedding]:
     """Embeddings of the generated WAVs that exist and can be read; unreadable ones are appended to `failures`."""
     rate = cnn14.config.sample_rate
 
@@ -202,7 +202,7 @@ def generated_embeddings(out_dir: Path, clips: list[TestClip], cnn14: Cnn14, vgg
     return dict(embed_clips(waves(), cnn14, vggish, rate, duration, progress=progress))
 
 
-def audio_scores(reference: dict[str, ClipEmbedding], generated: dict[str, ClipEmbedding], expected: int,
+def audio_scores(reference: dict[str, AudioEmbedding], generated: dict[str, AudioEmbedding], expected: int,
                  min_paired: float) -> tuple[dict[str, Any], dict[str, str]]:
     """FD, FAD, KL and their counts; a metric that cannot be trusted or fails to compute is None with its reason."""
     fraction = len(generated) / expected if expected else 0.0

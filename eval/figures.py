@@ -1,7 +1,7 @@
 """The evaluation figure: per clip, generated and ground-truth mel spectrograms on one time axis, with the
 per-frame object probabilities p_tk (probs.npy, one row per caption noun) underneath.
 
-Both mels use stage one's AudioLDM front end (`preprocess.audio.log_mel`: peak-normalised, 1024 frames of
+Both mels use AudioLDM's front end (`audio_models.front_end.log_mel`: peak-normalised, 1024 frames of
 10 ms), so the two panels are directly comparable; frame t of probs.npy covers [t, t+1) * window / frames.
 """
 
@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from preprocess.audio import MelFrontEnd, log_mel  # noqa: E402
+from audio_models.front_end import MelFrontEnd, log_mel  # noqa: E402
 
 
 @dataclass(frozen=True)

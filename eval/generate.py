@@ -1,6 +1,6 @@
 """Generation for evaluation: one 16 kHz WAV per test clip, from the EMA weights of a training run.
 
-Per clip: the conditions of its shard sample (`train.data.to_example`: CLIP frames, caption, O_t of Eq. 1) ->
+Per clip: the conditions of its shard sample (`shards.sample_conditions`: CLIP frames, caption, O_t of Eq. 1) ->
 classifier-free-guided sampling (`train.sample`; latents in the VAE's scaled space) -> divided by the run's
 `vae_scaling_factor` -> AudioLDM VAE decoder -> log mel (B, 1024, 64) -> AudioLDM HiFi-GAN -> waveform, cut to
 the clip's length (json 'duration': seconds of video from 'start', capped at the window) -> scaled to
@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +31,13 @@ from tqdm import tqdm
 
 import shards
 import train
+from audio_models.config import AudioModelConfig
+from audio_models.decoder import Decoder
+from common.devices import precision_name, resolve_device, resolve_precision, tune_backends
+from common.weights import sha256_file
 from eval.config import EvalConfig
-from preprocess.config import FeatureConfig
-from preprocess.encoders import AudioVAE, load_vocoder
 from train.data import to_example
-from train.speed import precision_name, resolve_precision, speed_up, tune_backends
+from train.speed import speed_up
 
 WAV_DIR = "wav"
 MANIFEST_FILE = "manifest.json"  # in WAV_DIR: the settings that made its WAVs
@@ -49,16 +49,7 @@ class EvalError(RuntimeError):
     """Unusable evaluation input (run folder, shards, weights): one line naming the file and the reason."""
 
 
-@dataclass(frozen=True)
-class TestClip:
-    """What evaluation keeps of a test sample besides its features (the json of the shard sample)."""
-
-    id: str
-    source: str  # path of the original video
-    start: float  # seconds into `source` where the window starts
-    duration: float  # seconds of video from `start`, capped at the window
-    caption: str
-    nouns: tuple[str, ...]
+TestClip = shards.SampleMeta  # a test clip: the json of its shard sample
 
 
 def wav_path(out_dir: Path, clip_id: str) -> Path:
@@ -72,44 +63,15 @@ def clip_seed(seed: int, clip_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Reading the test split
 # ----------------------------------------------------------------------------------------------------------------
-def split_shards(folder: Path, split: str) -> list[Path]:
-    """Shards that may hold `split`: stage one names its shards after the split (`{split}-...tar`); a folder whose
-    shards are named otherwise is read whole (samples are then selected by their json 'split')."""
-    named = shards.list_shards(folder, split)
-    return named or shards.list_shards(folder)
-
-
 def read_split(folder: str | Path, split: str) -> list[TestClip]:
     """The clips of `split`, in shard order, reading only the json member of each sample."""
-    folder = Path(folder)
-    if not (folder / shards.META_FILE).exists():
-        raise EvalError(f"{folder / shards.META_FILE}: missing (not a stage-one output folder?)")
-    clips = []
-    for path in split_shards(folder, split):
-        try:
-            with tarfile.open(path, "r") as tar:
-                for member in tar:
-                    if not member.name.endswith("." + shards.META_KEY):
-                        continue
-                    handle = tar.extractfile(member)
-                    meta = json.loads(handle.read()) if handle is not None else {}
-                    if meta.get("split") == split:
-                        clips.append(TestClip(
-                            id=meta["id"], source=meta.get("source", ""), start=float(meta.get("start", 0.0)),
-                            duration=float(meta["duration"]), caption=meta.get("caption", ""),
-                            nouns=tuple(meta.get("nouns", ()))))
-        except (tarfile.TarError, OSError, json.JSONDecodeError, KeyError) as error:
-            raise EvalError(f"{path}: unreadable shard ({error})") from None
-    return clips
+    try:
+        return shards.read_split(folder, split)
+    except shards.ShardFormatError as error:
+        raise EvalError(str(error)) from None
 
 
 def select_clips(clips: list[TestClip], max_clips: int) -> list[TestClip]:
@@ -124,37 +86,12 @@ def select_clips(clips: list[TestClip], max_clips: int) -> list[TestClip]:
 
 def iterate_reference_audio(folder: str | Path, split: str, ids: Iterable[str]) -> Iterator[tuple[str, bytes]]:
     """(clip id, bytes of its `flac` member) for the clips `ids` of `split`, in shard order; only the json and
-    flac members are read (tarfile seeks over the features). WebDataset groups a sample's members by key (in
-    sorted extension order, so `flac` comes before `json`): a sample is complete when the key changes."""
-    wanted = set(ids)
-    kept = ("." + shards.AUDIO_KEY, "." + shards.META_KEY)
-
-    def complete(members: dict[str, Any]) -> tuple[str, bytes] | None:
-        meta = members.get(kept[1])
-        if meta is None or kept[0] not in members or meta.get("split") != split or meta["id"] not in wanted:
-            return None
-        return meta["id"], members[kept[0]]
-
-    for path in split_shards(Path(folder), split):
-        try:
-            with tarfile.open(path, "r") as tar:
-                key: str | None = None
-                members: dict[str, Any] = {}
-                for member in tar:
-                    name_key, dot, ext = member.name.partition(".")
-                    if name_key != key:
-                        if (done := complete(members)) is not None:
-                            yield done
-                        key, members = name_key, {}
-                    if dot + ext not in kept:
-                        continue
-                    handle = tar.extractfile(member)
-                    data = handle.read() if handle is not None else b""
-                    members[dot + ext] = json.loads(data) if dot + ext == kept[1] else data
-                if (done := complete(members)) is not None:
-                    yield done
-        except (tarfile.TarError, OSError, json.JSONDecodeError, KeyError) as error:
-            raise EvalError(f"{path}: unreadable shard ({error})") from None
+    flac members are read."""
+    try:
+        for meta, data in shards.iter_member(folder, split, shards.AUDIO_KEY, set(ids)):
+            yield meta.id, data
+    except shards.ShardFormatError as error:
+        raise EvalError(str(error)) from None
 
 
 def shards_config_sha256(folder: str | Path) -> str:
@@ -166,45 +103,26 @@ def shards_config_sha256(folder: str | Path) -> str:
 
 def iterate_split_samples(folder: str | Path, split: str, ids: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
     """Decoded samples of `split` (restricted to `ids` when given), in shard order."""
-    wanted = None if ids is None else set(ids)
-    for sample in shards.iterate_samples(split_shards(Path(folder), split)):
-        meta = sample[shards.META_KEY]
-        if meta.get("split") == split and (wanted is None or meta["id"] in wanted):
-            yield sample
+    return shards.iter_split(folder, split, None if ids is None else set(ids))
 
 
-def feature_config(folder: str | Path) -> FeatureConfig:
-    """The stage-one config stored in meta.json: it says which VAE and vocoder made the latents."""
+def audio_model_config(folder: str | Path) -> AudioModelConfig:
+    """The VAE and vocoder of the stage-one config stored in meta.json: they made (and decode) the latents."""
     meta = shards.read_meta(folder)
     if "config" not in meta:
         raise EvalError(f"{Path(folder) / shards.META_FILE}: no stage-one 'config' in it; cannot tell which AudioLDM "
                         "VAE and vocoder decode these latents")
-    return FeatureConfig.from_dict(meta["config"])
+    return AudioModelConfig.from_features(meta["config"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Latents -> mel -> waveform
 # ----------------------------------------------------------------------------------------------------------------
-class Decoder:
-    """AudioLDM VAE decoder + HiFi-GAN vocoder of the stage-one config: scaled latents -> waveforms."""
-
-    def __init__(self, features: FeatureConfig, weights_dir: Path | None, device: torch.device, scaling_factor: float):
-        try:
-            self.vae = AudioVAE.from_config(features, weights_dir, device)
-            self.vocoder = load_vocoder(features, weights_dir, device)
-        except (FileNotFoundError, ValueError, OSError) as error:
-            raise EvalError(str(error).splitlines()[0]) from None
-        self.scaling_factor = scaling_factor
-        self.sample_rate = features.sample_rate
-        self.checksum = self.vae.checksum
-
-    @torch.inference_mode()
-    def __call__(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents (B, C, T, F) in the diffusion model's scaled space -> waveforms (B, samples) float32."""
-        mel = self.vae.decode(latents / self.scaling_factor)  # mel: (B, T * ds, 64), AudioLDM's log mel
-        vocoder_device = next(self.vocoder.parameters()).device
-        waveform = self.vocoder(mel.to(vocoder_device, torch.float32))  # (B, T * ds * 160 + ...)
-        return waveform.float().cpu().numpy()
+def load_decoder(cfg: AudioModelConfig, weights_dir: Path | None, device: torch.device, scaling_factor: float) -> Decoder:
+    try:
+        return Decoder(cfg, weights_dir, device, scaling_factor)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise EvalError(str(error).splitlines()[0]) from None
 
 
 def write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
@@ -295,9 +213,9 @@ def generate(config: EvalConfig, clips: list[TestClip], progress: bool = True) -
     speed_up(model, config.channels_last, config.compile)
     spec = shards.read_spec(config.shards)
     check_compatible(config, model.spec, spec)
-    features = feature_config(config.shards)
-    weights = None if features.random_init else Path(config.weights)
-    decoder = Decoder(features, weights, device, train_config.vae_scaling_factor)
+    audio = audio_model_config(config.shards)
+    weights = None if audio.random_init else Path(config.weights)
+    decoder = load_decoder(audio, weights, device, train_config.vae_scaling_factor)
     manifest = generation_manifest(config, train_config, decoder, spec, precision_name(precision))
     claim_wav_dir(out_dir, manifest)
     info: dict[str, Any] = {"manifest": manifest, "written": 0}
@@ -312,7 +230,7 @@ def generate(config: EvalConfig, clips: list[TestClip], progress: bool = True) -
 
     def flush() -> None:
         ids = [e["id"] for e in batch]
-        conditions = {k: torch.stack([e[k] for e in batch]).to(device) for k in ("video", "objects", "caption")}
+        conditions = shards.stack_conditions(batch, device)
         generators = [torch.Generator(device).manual_seed(clip_seed(config.seed, i)) for i in ids]
         waves = decoder(sample_batch(model, conditions, generators, config, precision))
         for clip_id, wave in zip(ids, waves):
@@ -349,8 +267,6 @@ def load_run(run: str | Path, device: torch.device) -> tuple[Any, Any]:
 def run_info(run: str | Path) -> dict[str, Any]:
     """What identifies the evaluated model: sha256 of its EMA weights and its conditioning (model/config.json);
     empty when the run folder has no exported weights (the WAVs may come from elsewhere)."""
-    from preprocess.weights import sha256_file
-
     folder = Path(run) / "model"
     if not (folder / "ema.safetensors").exists():
         return {}

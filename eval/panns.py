@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from preprocess.weights import missing_weights, sha256_file
+from common.weights import missing_weights, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.weights import missing_weights, sha256_file
 from eval.panns import load_state_dict_checked, read_state_dict
-from preprocess.weights import missing_weights, sha256_file
 
 CHECKPOINT_NAME = "vggish-10086976.pth"
 PATCH_BATCH = 256  # patches per forward pass (a 10 s clip has 10)

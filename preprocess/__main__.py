@@ -10,8 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+from common.config import add_config_arguments, config_from_args
 from preprocess.config import PRESETS
-from vta_sam.configuration import add_config_arguments, config_from_args
 
 DEMO_CSV = Path("data/demo/vggsound.csv")
 DEMO_VIDEOS = Path("data/demo/videos")

@@ -1,21 +1,13 @@
-"""Audio decoding and AudioLDM's audio front end (stage one).
+"""Audio decoding of stage one: the 16 kHz mono waveform of a window of a video file.
 
-Decoding: `decode_audio` returns the 16 kHz mono waveform of a window [start, start + duration) of a clip, with
-PyAV (default) or decord. With PyAV, mono is the plain average of all channels, also for 5.1 (FFmpeg's own
-downmix, which decord applies, weights the channels and drops the LFE). benchmarks/RESULTS.md compares the two.
-
-Front end: `audioldm_waveform` + `MelFrontEnd` reproduce the input of the AudioLDM VAE, i.e. AudioLDM's
-`audio/tools.py` (read_wav_file, wav_to_fbank, _pad_spec) and `audio/stft.py` (TacotronSTFT):
-16 kHz mono, normalised, cut or zero-padded to 10.24 s = 163840 samples; STFT n_fft 1024, hop 160, periodic Hann
-window of 1024, centred with reflect padding; magnitude (not power); 64 Slaney mel bins over 0-8000 Hz;
-log(clamp(mel, min=1e-5)); 1024 frames -> log mel (1024, 64).
-Deliberate deviations from AudioLDM: we downmix all channels (AudioLDM keeps the first one), and a silent clip
-(peak under 1e-6 after mean removal) gives zeros (AudioLDM divides by a zero peak and gives NaN).
+`decode_audio` returns the waveform of a window [start, start + duration) of a clip, with PyAV (default) or
+decord. With PyAV, mono is the plain average of all channels, also for 5.1 (FFmpeg's own downmix, which decord
+applies, weights the channels and drops the LFE; AudioLDM itself keeps the first channel). benchmarks/RESULTS.md
+compares the two. AudioLDM's front end (waveform -> log mel) is `audio_models.front_end`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from fractions import Fraction
@@ -23,15 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import av
-import librosa
 import numpy as np
 import soxr  # librosa's resampler, installed with it
-import torch
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-AUDIOLDM_NUM_SAMPLES = 163840  # 10.24 s at 16 kHz = 1024 frames of hop 160
 BACKENDS = ("pyav", "decord")
 
 # PyAV seeks this much before `start` and decodes forward: AAC (MDCT overlap) and Opus (80 ms pre-roll) need
@@ -42,8 +31,6 @@ _PREROLL_SECONDS = 0.5
 _JITTER_SECONDS = 0.010
 # Context decoded and resampled past each end of the window, so the resampler's filter sees real signal there.
 _CONTEXT_SECONDS = 0.02
-# Below this peak (-120 dBFS, under one 16-bit step) a mean-removed clip is silence, not a signal to normalise.
-_SILENCE = 1e-6
 
 
 class AudioDecodeError(Exception):
@@ -261,97 +248,3 @@ def _decode_decord(path: str | Path, first: int, stop: int, sample_rate: int) ->
     # reader._array is the decoded (1, samples) float32 array; the public reader[a:b] builds a Python list of
     # indices and takes longer than the decoding itself (17 ms of 28 ms for 10 s).
     return np.array(reader._array[0, first:stop], dtype=np.float32)
-
-
-# ------------------------------------------------------------------------------------- AudioLDM front end
-def audioldm_waveform(waveform: np.ndarray, num_samples: int = AUDIOLDM_NUM_SAMPLES) -> np.ndarray:
-    """AudioLDM's read_wav_file normalisation of a mono waveform, as float32 (num_samples,).
-
-    x = (x - mean(x)) / (max|x - mean(x)| + 1e-8) * 0.5   (normalize_wav, on the whole clip)
-    x = x[:num_samples], zero-padded to num_samples      (pad_wav)
-    x = x / max|x| * 0.5                                  (read_wav_file)
-    Deviation: AudioLDM gives NaN for a silent clip (0 / 0), and blows the float rounding left by the mean
-    removal of a constant clip up to a +-0.5 signal; we return zeros for any clip that is silent after the mean
-    removal (peak below 1e-6, i.e. -120 dBFS, under one 16-bit step), or empty (AudioLDM asserts > 100 samples).
-    """
-    x = np.asarray(waveform, dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError(f"expected a mono waveform (samples,), got shape {x.shape}")
-    out = np.zeros(num_samples, dtype=np.float64)
-    centred = x - x.mean() if x.size else x
-    kept = centred[:num_samples]
-    if kept.size == 0 or np.abs(kept).max() < _SILENCE:  # silent (at least until the cut): AudioLDM's NaN
-        return out.astype(np.float32)
-    out[: kept.size] = kept / (np.abs(centred).max() + 1e-8) * 0.5
-    return (out / np.abs(out).max() * 0.5).astype(np.float32)
-
-
-class MelFrontEnd(torch.nn.Module):
-    """AudioLDM's TacotronSTFT.mel_spectrogram + wav_to_fbank: waveform (B, samples) -> log mel (B, frames, n_mels).
-
-    |STFT| with a periodic Hann window, centred with reflect padding (torch.stft equals TacotronSTFT's conv1d
-    Fourier basis up to float rounding); mel = Slaney filters (librosa, htk=False, norm='slaney') @ |STFT|;
-    log(clamp(mel, 1e-5)). The waveform is clipped to [-1, 1] first (get_mel_from_wav). Time axis cut to
-    `frames`, or padded with ZEROS after the log like AudioLDM's _pad_spec (ZeroPad2d). With AudioLDM's
-    163840-sample input there are 1025 frames and the padding never happens.
-    """
-
-    mel_basis: torch.Tensor  # buffers, declared for type checkers
-    window: torch.Tensor
-
-    def __init__(
-        self,
-        sample_rate: int = SAMPLE_RATE,
-        n_fft: int = 1024,
-        hop: int = 160,
-        win: int = 1024,
-        n_mels: int = 64,
-        fmin: float = 0.0,
-        fmax: float = 8000.0,
-        frames: int = 1024,
-    ) -> None:
-        super().__init__()
-        if win > n_fft:
-            raise ValueError(f"window {win} longer than n_fft {n_fft}")
-        self.sample_rate, self.n_fft, self.hop, self.win = sample_rate, n_fft, hop, win
-        self.n_mels, self.frames = n_mels, frames
-        mel = librosa.filters.mel(
-            sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=False, norm="slaney"
-        )
-        self.register_buffer("mel_basis", torch.from_numpy(mel).float())  # (n_mels, n_fft // 2 + 1)
-        self.register_buffer("window", torch.hann_window(win, periodic=True), persistent=False)
-
-    @property
-    def num_samples(self) -> int:
-        """Waveform length that gives exactly `frames` frames after the cut (AudioLDM: 1024 * 160)."""
-        return self.frames * self.hop
-
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        if waveform.ndim != 2:
-            raise ValueError(f"expected a batch of waveforms (B, samples), got shape {tuple(waveform.shape)}")
-        x = waveform.float().clamp(-1.0, 1.0)
-        spec = torch.stft(
-            x, self.n_fft, hop_length=self.hop, win_length=self.win, window=self.window,
-            center=True, pad_mode="reflect", normalized=False, onesided=True, return_complex=True,
-        ).abs()  # (B, n_fft // 2 + 1, T)
-        mel = torch.log(torch.clamp(self.mel_basis @ spec, min=1e-5)).transpose(1, 2)  # (B, T, n_mels)
-        missing = self.frames - mel.shape[1]
-        if missing > 0:
-            mel = torch.nn.functional.pad(mel, (0, 0, 0, missing))  # zeros after the log, as AudioLDM
-        return mel[:, : self.frames]
-
-
-@functools.lru_cache(maxsize=1)
-def _default_front_end() -> MelFrontEnd:
-    return MelFrontEnd().eval()
-
-
-def log_mel(waveform: np.ndarray, front_end: MelFrontEnd | None = None) -> np.ndarray:
-    """One clip: audioldm_waveform then MelFrontEnd -> float32 log mel (frames, n_mels), (1024, 64) by default."""
-    front_end = front_end if front_end is not None else _default_front_end()
-    x = audioldm_waveform(waveform, front_end.num_samples)
-    device = front_end.mel_basis.device
-    with torch.inference_mode():
-        mel = front_end(torch.from_numpy(x).to(device)[None])
-    return mel[0].float().cpu().numpy()
-

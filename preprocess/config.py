@@ -7,19 +7,17 @@ the AudioLDM VAE), loaded from a local weights folder.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
+from audio_models.config import MEL_BINS, MEL_FRAMES, AudioModelConfig
+from common.config import ConfigMethods
 from shards import ShardSpec
-
-MEL_FRAMES = 1024  # AudioLDM front end: 10.24 s at hop 160 -> 1024 mel frames
-MEL_BINS = 64
 
 
 @dataclass(frozen=True)
-class FeatureConfig:
+class FeatureConfig(ConfigMethods):
     """Everything stage one needs to know; every run writes it (resolved) into meta.json."""
 
     preset: str = field(default="tiny", metadata={"help": "name of the preset this config started from"})
@@ -92,14 +90,9 @@ class FeatureConfig:
             window_seconds=self.window_seconds,
         )
 
-    def replace(self, **changes: Any) -> FeatureConfig:
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
-        """The config a meta.json stored under "config" (fields this version does not know are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def audio_models(self) -> AudioModelConfig:
+        """What builds the AudioLDM VAE and vocoder of these features (`audio_models`)."""
+        return AudioModelConfig.from_features(self.to_dict())
 
 
 PRESETS: dict[str, FeatureConfig] = {

@@ -1,4 +1,6 @@
-"""Frozen feature extractors of stage one: CLIP, Grounding DINO (+ SAM), the AudioLDM VAE and vocoder.
+"""Frozen visual and text feature extractors of stage one: CLIP and Grounding DINO (+ SAM).
+
+(The AudioLDM VAE that encodes the audio is in `audio_models`, shared with evaluation and generation.)
 
 Every model comes from one of two places, chosen by `FeatureConfig.random_init`:
 - a config with random weights seeded by `cfg.seed`: toy widths (the `tiny` preset: tests, the demo, CI) or, with
@@ -18,8 +20,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
-import os
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -29,7 +29,6 @@ from typing import Any
 
 import open_clip
 import torch
-from diffusers import AutoencoderKL
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -41,17 +40,13 @@ from transformers import (
     SamImageProcessor,
     SamModel,
     SamProcessor,
-    SpeechT5HifiGan,
 )
 
-from preprocess.config import MEL_BINS, MEL_FRAMES, FeatureConfig
+from common.devices import half_dtype
+from common.frozen import FrozenModule, chunks, random_init_checksum, seeded
+from common.weights import require_file, require_model_dir, sha256_dir, sha256_file, weights_folder
+from preprocess.config import FeatureConfig
 from preprocess.model_configs import TINY_BERT_VOCAB, random_configs
-from preprocess.model_configs import TINY_SAM_IMAGE_SIZE as TINY_SAM_IMAGE_SIZE  # re-exported: the toy configs
-from preprocess.model_configs import tiny_grounding_dino_config as tiny_grounding_dino_config  # moved there
-from preprocess.model_configs import tiny_sam_config as tiny_sam_config
-from preprocess.model_configs import tiny_vae_config as tiny_vae_config
-from preprocess.model_configs import tiny_vocoder_config as tiny_vocoder_config
-from preprocess.weights import require_file, require_model_dir, sha256_dir, sha256_file
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_CLIP_CONFIG = ASSETS / "vta-tiny-clip.json"  # registered with open_clip under its stem, "vta-tiny-clip"
@@ -59,35 +54,6 @@ GROUNDING_DELIMITERS = ("[CLS]", "[SEP]", ".", "?")
 
 if TINY_CLIP_CONFIG.stem not in open_clip.list_models():
     open_clip.add_model_config(TINY_CLIP_CONFIG)
-
-
-# ----------------------------------------------------------------------------------- devices
-def resolve_device(cfg: FeatureConfig) -> torch.device:
-    """'auto' -> cuda when available (the process's LOCAL_RANK GPU under torchrun/accelerate), else cpu;
-    anything else is taken as a torch device string."""
-    if cfg.device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return torch.device(cfg.device)
-
-
-def inference_dtype(cfg: FeatureConfig, device: torch.device) -> torch.dtype:
-    """float16 when `cfg.half` and the device is CUDA; float32 otherwise (CPU half is slow and inexact)."""
-    return torch.float16 if cfg.half and device.type == "cuda" else torch.float32
-
-
-def random_init_checksum(cfg: FeatureConfig) -> str:
-    size = "" if cfg.random_size == "tiny" else f", size={cfg.random_size}"
-    return f"random-init(seed={cfg.seed}{size})"
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Random-init weights depend on the seed only, and the caller's RNG state is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 @contextlib.contextmanager
@@ -106,31 +72,6 @@ def _quiet_open_clip() -> Iterator[None]:
         root.removeFilter(drop)
 
 
-def _weights_dir(cfg: FeatureConfig, weights_dir: Path | None, what: str) -> Path:
-    if weights_dir is None:
-        raise ValueError(f"{what}: random_init is off but no weights folder was given (--weights)")
-    return Path(weights_dir)
-
-
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, max(1, size)):
-        yield slice(start, min(n, start + max(1, size)))
-
-
-class FrozenModule(nn.Module):
-    """Base of the feature extractors: always in eval mode, no gradients; `checksum` names the weights."""
-
-    checksum: str
-
-    def freeze(self) -> FrozenModule:
-        self.requires_grad_(False)
-        return super().train(False)
-
-    def train(self, mode: bool = True) -> FrozenModule:
-        # frozen extractors never switch to training behaviour (dropout, drop-path), whatever a caller asks
-        return super().train(False)
-
-
 # ----------------------------------------------------------------------------------- CLIP
 def _is_torchscript(path: Path) -> bool:
     """OpenAI's original CLIP checkpoints are TorchScript archives (a zip holding constants.pkl)."""
@@ -140,7 +81,7 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
 
 
-class ClipEncoder(FrozenModule):
+class CLIPEncoder(FrozenModule):
     """open_clip image/text towers; raw projected embeddings (not L2-normalised), one per frame or text."""
 
     model: Any  # open_clip CLIP or CustomTextCLIP
@@ -170,16 +111,16 @@ class ClipEncoder(FrozenModule):
         self.embed_dim: int = int(self.encode_texts([""]).shape[1])
 
     @classmethod
-    def from_config(cls, cfg: FeatureConfig, weights_dir: Path | None, device: torch.device) -> ClipEncoder:
+    def from_config(cls, cfg: FeatureConfig, weights_dir: Path | None, device: torch.device) -> CLIPEncoder:
         if cfg.random_init:
-            with _seeded(cfg.seed), _quiet_open_clip():
+            with seeded(cfg.seed), _quiet_open_clip():
                 model = open_clip.create_model(cfg.clip_model, device="cpu")
-            checksum, where = random_init_checksum(cfg), f"open_clip model {cfg.clip_model}"
+            checksum, where = random_init_checksum(cfg.seed, cfg.random_size), f"open_clip model {cfg.clip_model}"
         else:
-            path = require_file(_weights_dir(cfg, weights_dir, "CLIP") / cfg.clip_checkpoint, "CLIP checkpoint")
+            path = require_file(weights_folder(weights_dir, "CLIP") / cfg.clip_checkpoint, "CLIP checkpoint")
             model = _load_open_clip(cfg.clip_model, path)
             checksum, where = sha256_file(path), str(path)
-        dtype = inference_dtype(cfg, device)
+        dtype = half_dtype(cfg.half, device)
         model = model.to(device=device, dtype=dtype)
         preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
         encoder = cls(model, open_clip.get_tokenizer(cfg.clip_model), preprocess_cfg, cfg.frame_batch, checksum)
@@ -231,7 +172,7 @@ class ClipEncoder(FrozenModule):
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
             raise ValueError(f"frames must be uint8 (N, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
         out = [self.model.encode_image(self.preprocess(frames[part])).float().cpu()
-               for part in _chunks(frames.shape[0], self.batch)]
+               for part in chunks(frames.shape[0], self.batch)]
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
 
     @torch.inference_mode()
@@ -240,7 +181,7 @@ class ClipEncoder(FrozenModule):
         if not texts:
             return torch.zeros(0, self.embed_dim)
         out = [self.model.encode_text(self.tokenizer(texts[part]).to(self.device)).float().cpu()
-               for part in _chunks(len(texts), self.batch)]
+               for part in chunks(len(texts), self.batch)]
         return torch.cat(out)
 
 
@@ -327,18 +268,18 @@ class Grounder(FrozenModule):
         sam: SamModel | None = None
         sam_image_processor: SamImageProcessor | None = None
         if cfg.random_init:
-            configs = random_configs(cfg.random_size, cfg)
+            configs = random_configs(cfg.random_size)
             # the shipped vocab keeps bert-base-uncased's ids for the tokens it has, so it also feeds the
             # 30522-word embedding of the paper-size model (its words split into more pieces than BERT's)
             tokenizer = tiny_bert_tokenizer()
             if len(tokenizer) > configs.grounding.text_config.vocab_size:
                 raise ValueError(f"{TINY_BERT_VOCAB}: {len(tokenizer)} tokens do not fit the {cfg.random_size} "
                                  f"Grounding DINO's vocabulary of {configs.grounding.text_config.vocab_size}")
-            with _seeded(cfg.seed):
+            with seeded(cfg.seed):
                 detector = GroundingDinoForObjectDetection(configs.grounding)
             image_processor = GroundingDinoImageProcessor(size=image_size)
             if cfg.use_sam:
-                with _seeded(cfg.seed):
+                with seeded(cfg.seed):
                     sam = SamModel(configs.sam)
                     # SAM's IoU head is a regression; at HF's small init it predicts ~0, which the clamp would
                     # turn into p = 0 everywhere. Centre the random model's predictions inside [0, 1] instead.
@@ -346,9 +287,9 @@ class Grounder(FrozenModule):
                 side = configs.sam_image_size
                 sam_image_processor = SamImageProcessor(size={"longest_edge": side},
                                                         pad_size={"height": side, "width": side})
-            checksum = random_init_checksum(cfg)
+            checksum = random_init_checksum(cfg.seed, cfg.random_size)
         else:
-            root = _weights_dir(cfg, weights_dir, "Grounding DINO")
+            root = weights_folder(weights_dir, "Grounding DINO")
             folder = require_model_dir(root / cfg.grounding_dir, "Grounding DINO")
             processor = GroundingDinoProcessor.from_pretrained(folder, local_files_only=True)
             image_processor, tokenizer = processor.image_processor, processor.tokenizer
@@ -363,7 +304,7 @@ class Grounder(FrozenModule):
             _check_grounding_tokenizer(tokenizer, detector, folder)
         grounder = cls(detector, image_processor, tokenizer, image_size, sam, sam_image_processor, cfg.frame_batch,
                        checksum)
-        return grounder.to(device=device, dtype=inference_dtype(cfg, device))
+        return grounder.to(device=device, dtype=half_dtype(cfg.half, device))
 
     @property
     def device(self) -> torch.device:
@@ -403,7 +344,7 @@ class Grounder(FrozenModule):
         results = [torch.zeros(clip.shape[0], len(words)) for clip, words in zip(frames, nouns)]
         prompts: list[GroundingPrompt | None] = [self.prompt(words) if words else None for words in nouns]
         jobs = [(i, t) for i, clip in enumerate(frames) if prompts[i] is not None for t in range(clip.shape[0])]
-        for part in _chunks(len(jobs), self.batch):
+        for part in chunks(len(jobs), self.batch):
             chunk = jobs[part]
             images = [frames[i][t] for i, t in chunk]
             scores, boxes = self._detect(images, [prompts[i] for i, _ in chunk])  # type: ignore[misc]
@@ -478,98 +419,3 @@ def _check_grounding_tokenizer(tokenizer: Any, detector: GroundingDinoForObjectD
     expected = detector.model.special_tokens.tolist()
     if ids != expected:
         raise ValueError(f"{folder}: tokenizer ids of {GROUNDING_DELIMITERS} are {ids}, the model splits at {expected}")
-
-
-# ----------------------------------------------------------------------------------- AudioLDM VAE + vocoder
-class AudioVAE(FrozenModule):
-    """AudioLDM's mel VAE (diffusers AutoencoderKL): mel (B, 1024, 64) <-> latents (B, C, 1024/ds, 64/ds).
-
-    The posterior is stored raw (mean, std); `scaling_factor` (AudioLDM: latents * scaling_factor enter the
-    diffusion model) is applied by the trainer, and `decode` takes unscaled latents.
-    """
-
-    vae: Any  # diffusers AutoencoderKL (its config and methods are not visible to type checkers)
-
-    def __init__(self, vae: Any, batch: int, checksum: str) -> None:
-        super().__init__()
-        self.vae = vae
-        self.batch = batch
-        self.checksum = checksum
-        self.scaling_factor: float = float(vae.config.scaling_factor)
-        downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.latent_channels: int = int(vae.config.latent_channels)
-        self.latent_size: tuple[int, int] = (MEL_FRAMES // downsample, MEL_BINS // downsample)
-        self.freeze()
-
-    @classmethod
-    def from_config(cls, cfg: FeatureConfig, weights_dir: Path | None, device: torch.device) -> AudioVAE:
-        vae: Any
-        if cfg.random_init:
-            with _seeded(cfg.seed):
-                vae = AutoencoderKL(**random_configs(cfg.random_size, cfg).vae)
-            checksum, where = random_init_checksum(cfg), f"random {cfg.random_size} VAE"
-        else:
-            folder = _weights_dir(cfg, weights_dir, "AudioLDM VAE") / cfg.audioldm_dir / "vae"
-            vae = AutoencoderKL.from_pretrained(require_model_dir(folder, "AudioLDM VAE"), local_files_only=True)
-            checksum, where = sha256_dir(folder), str(folder)
-        config = vae.config
-        downsample = 2 ** (len(config.block_out_channels) - 1)
-        found = (config.in_channels, config.latent_channels, downsample)
-        if found != (1, cfg.latent_channels, cfg.vae_downsample):
-            raise ValueError(f"{where}: VAE has in_channels={found[0]}, latent_channels={found[1]}, downsample={found[2]}; "
-                             f"the config says 1, {cfg.latent_channels}, {cfg.vae_downsample}")
-        vae = vae.to(device)
-        if not config.get("force_upcast", True):  # diffusers' mark of VAEs unreliable in float16: keep those float32
-            vae = vae.to(dtype=inference_dtype(cfg, device))
-        return cls(vae, cfg.batch_clips, checksum)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
-
-    @torch.inference_mode()
-    def encode(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-mel (B, 1024, 64) -> posterior mean and std, each (B, C, 1024/ds, 64/ds) float32."""
-        if mel.ndim != 3 or tuple(mel.shape[1:]) != (MEL_FRAMES, MEL_BINS):
-            raise ValueError(f"mel must be (B, {MEL_FRAMES}, {MEL_BINS}), got {tuple(mel.shape)}")
-        means, stds = [], []
-        for part in _chunks(mel.shape[0], self.batch):
-            # AudioLDM feeds the mel as a one-channel image: (B, 1, time, freq)
-            posterior = self.vae.encode(mel[part, None].to(self.device, self.dtype)).latent_dist
-            means.append(posterior.mean.float().cpu())
-            stds.append(posterior.std.float().cpu())
-        if not means:
-            empty = torch.zeros(0, self.latent_channels, *self.latent_size)
-            return empty, empty.clone()
-        return torch.cat(means), torch.cat(stds)
-
-    @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents (B, C, T, F) -> log-mel (B, T * ds, F * ds) float32."""
-        out = [self.vae.decode(latents[part].to(self.device, self.dtype)).sample[:, 0].float().cpu()
-               for part in _chunks(latents.shape[0], self.batch)]
-        return torch.cat(out) if out else torch.zeros(0, MEL_FRAMES, MEL_BINS)
-
-
-def load_vocoder(cfg: FeatureConfig, weights_dir: Path | None, device: torch.device) -> SpeechT5HifiGan:
-    """AudioLDM's vocoder (the diffusers folder's vocoder/), frozen in eval mode: mel (B, 1024, 64) -> waveform."""
-    if cfg.random_init:
-        with _seeded(cfg.seed):
-            vocoder = SpeechT5HifiGan(random_configs(cfg.random_size, cfg).vocoder)
-        where = f"random {cfg.random_size} vocoder"
-    else:
-        folder = _weights_dir(cfg, weights_dir, "AudioLDM vocoder") / cfg.audioldm_dir / "vocoder"
-        vocoder = SpeechT5HifiGan.from_pretrained(require_model_dir(folder, "AudioLDM vocoder"), local_files_only=True)
-        where = str(folder)
-    config = vocoder.config
-    hop = round(cfg.sample_rate * cfg.window_seconds / MEL_FRAMES)  # 160 samples per mel frame at 16 kHz
-    found = (config.model_in_dim, config.sampling_rate, math.prod(config.upsample_rates))
-    if found != (MEL_BINS, cfg.sample_rate, hop):
-        raise ValueError(f"{where}: vocoder has model_in_dim={found[0]}, sampling_rate={found[1]}, upsampling={found[2]}; "
-                         f"expected {MEL_BINS}, {cfg.sample_rate}, {hop}")
-    vocoder.requires_grad_(False).eval()
-    return vocoder.to(device)  # type: ignore[arg-type]  # mypy misreads transformers' decorated .to

@@ -1,5 +1,5 @@
-"""Configs of the frozen stage-one models for random-weight builds: toy widths (`tiny`) or the real architectures
-(`paper`).
+"""Configs of stage one's frozen detectors for random-weight builds: toy widths (`tiny`) or the real architectures
+(`paper`). (The AudioLDM VAE's and vocoder's are in `audio_models.random_configs`.)
 
 `random_init` builds every model from a config with random weights. The `tiny` configs keep each model's structure
 at toy width (tests, the demo, CI); the `paper` configs are the published architectures, so that speed, FLOPs and
@@ -13,21 +13,13 @@ Sources of the `paper` configs (the checkpoints the paper preset loads from the 
   text encoder is bert-base-uncased (BertConfig defaults, vocabulary 30522). ~172 M parameters.
 - SAM ViT-B, facebook/sam-vit-base: hidden 768, 12 layers, 12 heads, window 14, global attention in blocks
   2, 5, 8, 11, 1024 x 1024 input, patch 16; prompt encoder and mask decoder at 256 wide. ~94 M parameters.
-- AudioLDM's VAE, cvssp/audioldm-s-full-v2 vae/: AudioLDM's first-stage ddconfig (ch 128, ch_mult [1, 2, 4],
-  num_res_blocks 2, z_channels 8, in/out 1 channel) as diffusers' convert_original_audioldm_to_diffusers.py
-  maps it (block_out_channels [128, 256, 512], layers_per_block 2, latent_channels 8, sample_size 512) and the
-  scaling factor stored in that folder. ~56 M parameters (encoder + decoder).
-- AudioLDM's HiFi-GAN, cvssp/audioldm-s-full-v2 vocoder/: AudioLDM's HIFIGAN_16K_64 (64 mels in, 16 kHz,
-  upsample_initial_channel 1024, upsample rates [5, 4, 2, 2, 2] = hop 160, kernels [16, 16, 8, 4, 4],
-  resblock kernels [3, 7, 11], dilations [1, 3, 5] each, no input normalisation). ~55 M parameters.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from transformers import (
     BertConfig,
@@ -36,11 +28,8 @@ from transformers import (
     SamMaskDecoderConfig,
     SamPromptEncoderConfig,
     SamVisionConfig,
-    SpeechT5HifiGanConfig,
     SwinConfig,
 )
-
-from preprocess.config import MEL_BINS, MEL_FRAMES, FeatureConfig
 
 RandomSize = Literal["tiny", "paper"]
 RANDOM_SIZES: tuple[str, ...] = ("tiny", "paper")
@@ -53,32 +42,24 @@ TINY_BERT_VOCAB = Path(__file__).parent / "assets" / "tiny_bert_vocab.txt"
 BERT_BASE_VOCAB_SIZE = 30522  # bert-base-uncased, Grounding DINO's text encoder
 TINY_SAM_IMAGE_SIZE = 64
 SAM_IMAGE_SIZE = 1024  # SAM's input: the longest side resized to 1024, padded to 1024 x 1024
-AUDIOLDM_VAE_SCALING_FACTOR = 0.9227914214134216  # audioldm-s-full-v2 vae/config.json
 
 
 @dataclass(frozen=True)
 class RandomConfigs:
-    """Everything a random-weight build of stage one's transformers/diffusers models needs."""
+    """Everything a random-weight build of Grounding DINO and SAM needs."""
 
     grounding: GroundingDinoConfig
     sam: SamConfig
     sam_image_size: int  # SamImageProcessor longest_edge and pad size (= the vision config's image_size)
-    vae: dict[str, Any]  # diffusers AutoencoderKL keyword arguments
-    vocoder: SpeechT5HifiGanConfig
 
 
-def random_configs(size: RandomSize, cfg: FeatureConfig | None = None) -> RandomConfigs:
-    """The `tiny` (toy width) or `paper` (published architectures) configs of Grounding DINO, SAM, the AudioLDM VAE
-    and its vocoder. `cfg` shapes the toy VAE and vocoder (latent channels, downsampling, sample rate); the paper
-    configs are fixed by their checkpoints, and the encoders' size checks reject a `cfg` that disagrees."""
-    cfg = cfg or FeatureConfig()
+def random_configs(size: RandomSize) -> RandomConfigs:
+    """The `tiny` (toy width) or `paper` (published architectures) configs of Grounding DINO and SAM."""
     if size == "tiny":
         vocab = len(TINY_BERT_VOCAB.read_text(encoding="utf-8").splitlines())
-        return RandomConfigs(tiny_grounding_dino_config(vocab), tiny_sam_config(), TINY_SAM_IMAGE_SIZE,
-                             tiny_vae_config(cfg), tiny_vocoder_config(cfg))
+        return RandomConfigs(tiny_grounding_dino_config(vocab), tiny_sam_config(), TINY_SAM_IMAGE_SIZE)
     if size == "paper":
-        return RandomConfigs(paper_grounding_dino_config(), paper_sam_config(), SAM_IMAGE_SIZE,
-                             paper_vae_config(), paper_vocoder_config())
+        return RandomConfigs(paper_grounding_dino_config(), paper_sam_config(), SAM_IMAGE_SIZE)
     raise ValueError(f"random model size must be one of {RANDOM_SIZES}, got {size!r}")
 
 
@@ -139,43 +120,3 @@ def paper_sam_config() -> SamConfig:
         mask_decoder_config=SamMaskDecoderConfig(hidden_size=256, mlp_dim=2048, num_hidden_layers=2, num_attention_heads=8,
                                                  iou_head_depth=3, iou_head_hidden_dim=256),
     )
-
-
-# ----------------------------------------------------------------------------------- AudioLDM VAE + vocoder
-def tiny_vae_config(cfg: FeatureConfig) -> dict[str, Any]:
-    """AudioLDM's VAE structure (1 input channel, 3 down blocks -> downsample 4) at toy width."""
-    blocks = 1 + int(math.log2(cfg.vae_downsample))
-    return dict(in_channels=1, out_channels=1, latent_channels=cfg.latent_channels,
-                block_out_channels=[8] + [16] * (blocks - 1), down_block_types=["DownEncoderBlock2D"] * blocks,
-                up_block_types=["UpDecoderBlock2D"] * blocks, layers_per_block=1, norm_num_groups=4,
-                sample_size=MEL_FRAMES // 4, scaling_factor=1.0)
-
-
-def paper_vae_config() -> dict[str, Any]:
-    """cvssp/audioldm-s-full-v2 vae/ (diffusers AutoencoderKL). force_upcast is left at diffusers' default (True),
-    as in that folder's config, so the VAE runs in float32 under half-precision inference too."""
-    blocks = 3
-    return dict(in_channels=1, out_channels=1, latent_channels=8, block_out_channels=[128, 256, 512],
-                down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks,
-                layers_per_block=2, norm_num_groups=32, act_fn="silu", sample_size=512,
-                scaling_factor=AUDIOLDM_VAE_SCALING_FACTOR)
-
-
-def tiny_vocoder_config(cfg: FeatureConfig) -> SpeechT5HifiGanConfig:
-    """AudioLDM's HiFi-GAN (64 mel bins in, upsampling x160 = the hop) at toy width.
-
-    initializer_range 0.2 instead of HF's 0.01: at 0.01 each of the random layers shrinks the signal and the
-    toy vocoder outputs ~1e-10, i.e. silent WAVs (every sample rounds to 0 in 16-bit PCM); at 0.2 its output
-    is audible noise of amplitude ~0.1-0.9 (still random: the tiny preset's audio means nothing)."""
-    return SpeechT5HifiGanConfig(model_in_dim=MEL_BINS, sampling_rate=cfg.sample_rate, upsample_initial_channel=32,
-                                 upsample_rates=[5, 4, 2, 2, 2], upsample_kernel_sizes=[10, 8, 4, 4, 4],
-                                 resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], normalize_before=False,
-                                 initializer_range=0.2)
-
-
-def paper_vocoder_config() -> SpeechT5HifiGanConfig:
-    """cvssp/audioldm-s-full-v2 vocoder/: AudioLDM's HIFIGAN_16K_64 (audioldm/utils.py) in transformers' format."""
-    return SpeechT5HifiGanConfig(model_in_dim=MEL_BINS, sampling_rate=16000, upsample_initial_channel=1024,
-                                 upsample_rates=[5, 4, 2, 2, 2], upsample_kernel_sizes=[16, 16, 8, 4, 4],
-                                 resblock_kernel_sizes=[3, 7, 11], resblock_dilation_sizes=[[1, 3, 5]] * 3,
-                                 leaky_relu_slope=0.1, normalize_before=False)

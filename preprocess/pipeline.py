@@ -27,12 +27,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import shards
-from preprocess.audio import AudioDecodeError, MelFrontEnd, audioldm_waveform, decode_audio
+from audio_models.front_end import MelFrontEnd, audioldm_waveform
+from audio_models.vae import AudioVAE
+from common.devices import resolve_device
+from common.versions import software_versions
+from preprocess.audio import AudioDecodeError, decode_audio
 from preprocess.config import FeatureConfig
+from preprocess.encoders import CLIPEncoder, Grounder
 from preprocess.manifest import Clip
 from preprocess.nouns import NounCache
 from preprocess.video import VideoDecodeError, decode_frames
-from vta_sam.configuration import software_versions
 
 # Fields that must agree between runs writing into one output folder (batch sizes, devices may differ).
 COMPATIBLE_FIELDS = (
@@ -215,12 +219,10 @@ class Encoders:
     """The frozen models of stage one, built once per process (`audio=False`: the visual ones only, for generation)."""
 
     def __init__(self, cfg: FeatureConfig, weights_dir: Path | None, device: torch.device, audio: bool = True):
-        from preprocess.encoders import AudioVAE, ClipEncoder, Grounder
-
         self.cfg = cfg
-        self.clip = ClipEncoder.from_config(cfg, weights_dir, device)
+        self.clip = CLIPEncoder.from_config(cfg, weights_dir, device)
         self.grounder = Grounder.from_config(cfg, weights_dir, device)
-        self.vae = AudioVAE.from_config(cfg, weights_dir, device) if audio else None
+        self.vae = AudioVAE.from_config(cfg.audio_models(), weights_dir, device) if audio else None
         self._text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 
     @property
@@ -248,25 +250,25 @@ class Encoders:
         cfg = self.cfg
         tensors = [torch.as_tensor(f) for f in frames]
         # CLIP: one pass over all frames of all clips of the same frame size
-        clip_embeddings: list[torch.Tensor | None] = [None] * len(tensors)
+        image_embeddings: list[torch.Tensor | None] = [None] * len(tensors)
         by_size: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
         for i, f in enumerate(tensors):
             by_size[tuple(f.shape[1:])].append(i)
         for indices in by_size.values():
             embedded = self.clip.encode_frames(torch.cat([tensors[i] for i in indices])).float().cpu()
             for i, chunk in zip(indices, embedded.split([len(tensors[i]) for i in indices])):
-                clip_embeddings[i] = chunk
+                image_embeddings[i] = chunk
         probabilities = self.grounder.probabilities(tensors, nouns)
         text_vectors = self.texts(list(captions) + [n for ns in nouns for n in ns])
         out = []
         for i, caption in enumerate(captions):
             valid = len(tensors[i])
-            clip_array = np.zeros((cfg.num_frames, cfg.embed_dim), np.float32)
-            clip_array[:valid] = clip_embeddings[i].numpy()  # type: ignore[union-attr]
+            image_array = np.zeros((cfg.num_frames, cfg.embed_dim), np.float32)
+            image_array[:valid] = image_embeddings[i].numpy()  # type: ignore[union-attr]
             probs = np.zeros((cfg.num_frames, len(nouns[i])), np.float32)
             probs[:valid] = probabilities[i].float().cpu().numpy()
             noun_array = np.stack([text_vectors[n] for n in nouns[i]]) if nouns[i] else np.zeros((0, cfg.embed_dim), np.float32)
-            out.append({"clip.npy": clip_array, "caption.npy": text_vectors[caption], "nouns.npy": noun_array, "probs.npy": probs})
+            out.append({"clip.npy": image_array, "caption.npy": text_vectors[caption], "nouns.npy": noun_array, "probs.npy": probs})
         return out
 
     def encode(self, items: list[dict[str, Any]], nouns: list[list[str]]) -> list[dict[str, np.ndarray]]:
@@ -378,13 +380,12 @@ def run(
     """Process this rank's share of `clips` into `out_dir`; safe to re-run after any interruption.
 
     threaded_writer: encode and write samples in a background thread (`ShardSink`), overlapping the encoders."""
-    from preprocess.encoders import resolve_device
     from preprocess.manifest import partition
 
     started = time.perf_counter()
     summary = Summary()
     nouns_of = NounCache(cfg.tagger, cfg.max_nouns)  # fails early when the tagger is unavailable
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     encoders = encoders or Encoders(cfg, weights_dir, device)
     if encoders.vae is None:
         raise FeatureError("stage one needs the audio VAE (Encoders built with audio=False)")
@@ -428,12 +429,12 @@ def run(
             samples = []
             for item, arrays, clip_nouns in zip(batch, features, nouns):
                 clip = item["clip"]
-                meta = {
-                    "id": clip.id, "caption": clip.caption, "label": clip.label, "split": clip.split,
-                    "duration": round(float(item["duration"]), 4), "valid_frames": len(item["frames"]),
-                    "nouns": clip_nouns, "source": str(clip.path), "start": clip.start, "silent": item["silent"],
-                }
-                samples.append((meta, arrays, item["waveform"]))
+                meta = shards.SampleMeta(
+                    id=clip.id, caption=clip.caption, label=clip.label, split=clip.split,
+                    duration=round(float(item["duration"]), 4), valid_frames=len(item["frames"]),
+                    nouns=tuple(clip_nouns), source=str(clip.path), start=clip.start, silent=item["silent"],
+                )
+                samples.append((meta.to_json(), arrays, item["waveform"]))
             sink.put(samples)
             bar.update(len(batch))
             bar.set_postfix(failed=sum(summary.failed.values()))

@@ -11,14 +11,13 @@ No model hub is assumed at run time: every encoder loads from a local folder (`-
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import sys
 from pathlib import Path
 
+from common.weights import require_file, require_model_dir, sha256_dir, sha256_file
 from preprocess.config import PRESETS, FeatureConfig
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _PAPER = PRESETS["paper"]
 _CLIP_DIR = Path(_PAPER.clip_checkpoint).parent
 
@@ -50,57 +49,6 @@ _HUB_SOURCES: tuple[tuple[str, str, tuple[tuple[str, ...], ...]], ...] = (
       ("vocoder/config.json",), ("vocoder/model.safetensors", "vocoder/pytorch_model.bin"))),
 )
 HUB_TIMEOUT_S = 10.0
-
-
-def missing_weights(path: Path, what: str) -> FileNotFoundError:
-    """The one-line error every loader raises for an absent checkpoint file or folder."""
-    return FileNotFoundError(
-        f"{what} not found at {path}: see the weights layout in README.md (`make weights` fetches it)"
-    )
-
-
-def is_weight_file(path: Path) -> bool:
-    return path.is_file() and path.suffix in WEIGHT_SUFFIXES
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_dir(path: str | Path) -> str:
-    """Hex sha256 over the weight files of a folder (recursively), sorted by relative path.
-
-    Each file contributes `relative/path:sha256\\n`, so renaming or swapping a file changes the digest;
-    configs and tokenizer files are not included (they are small and versioned by the checkpoint).
-    """
-    root = Path(path)
-    files = sorted(p for p in root.rglob("*") if is_weight_file(p))
-    if not files:
-        raise missing_weights(root, f"weight files ({', '.join(WEIGHT_SUFFIXES)})")
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.relative_to(root).as_posix()}:{sha256_file(file)}\n".encode())
-    return digest.hexdigest()
-
-
-def require_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise missing_weights(path, what)
-    return path
-
-
-def require_model_dir(path: Path, what: str) -> Path:
-    """A Hugging Face style model folder: config.json plus at least one weight file."""
-    if not (path / "config.json").is_file():
-        raise missing_weights(path / "config.json", what)
-    if not any(is_weight_file(p) for p in path.iterdir()):
-        raise missing_weights(path, f"{what} weights ({', '.join(WEIGHT_SUFFIXES)})")
-    return path
 
 
 def expected_entries(cfg: FeatureConfig) -> list[tuple[str, str, bool]]:
@@ -168,15 +116,17 @@ def check(weights: Path, cfg: FeatureConfig, load: bool = False) -> bool:
     if ok and load:
         import torch
 
-        from preprocess import encoders  # heavy imports only when asked
+        from audio_models.vae import AudioVAE  # heavy imports only when asked
+        from audio_models.vocoder import load_vocoder
+        from preprocess.encoders import CLIPEncoder, Grounder
 
         loaded = cfg.replace(random_init=False)
         device = torch.device("cpu")
         try:
-            clip = encoders.ClipEncoder.from_config(loaded, weights, device)
-            encoders.Grounder.from_config(loaded, weights, device)
-            encoders.AudioVAE.from_config(loaded, weights, device)
-            encoders.load_vocoder(loaded, weights, device)
+            clip = CLIPEncoder.from_config(loaded, weights, device)
+            Grounder.from_config(loaded, weights, device)
+            AudioVAE.from_config(loaded.audio_models(), weights, device)
+            load_vocoder(loaded.audio_models(), weights, device)
         except (ValueError, FileNotFoundError) as error:
             print(f"load failed: {error}")
             return False

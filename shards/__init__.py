@@ -1,5 +1,10 @@
-"""The shard format shared by every stage: schema, writer, reader and derived features."""
+"""The shard format shared by every stage: schema, writer, readers and the conditions derived from samples.
 
+This package is the only door to shard files: stage one writes through `ShardWriter`, training, evaluation and
+the listening test read through `shards.read` (and `iterate_samples`). It imports nothing else of this project.
+"""
+
+from shards.conditions import CONDITION_NAMES, CONDITIONS, Condition, object_embedding, sample_conditions, stack_conditions
 from shards.io import (
     FAILURES_FILE,
     META_FILE,
@@ -14,14 +19,16 @@ from shards.io import (
     shard_keys,
     shard_name,
 )
-from shards.objects import object_embedding
+from shards.read import iter_member, iter_meta, iter_split, read_split, sample_stream, split_shards
 from shards.schema import (
     ARRAY_KEYS,
     AUDIO_KEY,
     FEATURE_DTYPE,
+    META_FIELDS,
     META_KEY,
     SAMPLE_KEYS,
     SCHEMA_VERSION,
+    SampleMeta,
     ShardFormatError,
     ShardSpec,
     decode_sample,
@@ -32,8 +39,10 @@ from shards.schema import (
 )
 
 __all__ = [
-    "ARRAY_KEYS", "AUDIO_KEY", "FAILURES_FILE", "FEATURE_DTYPE", "META_FILE", "META_KEY", "SAMPLE_KEYS",
-    "SCHEMA_VERSION", "ShardFormatError", "ShardSpec", "ShardWriter", "append_jsonl", "decode_sample",
-    "encode_sample", "iterate_samples", "list_shards", "object_embedding", "read_jsonl", "read_meta",
-    "read_spec", "remove_partial", "sample_key", "shard_keys", "shard_name", "validate", "validate_decoded",
+    "ARRAY_KEYS", "AUDIO_KEY", "CONDITIONS", "CONDITION_NAMES", "Condition", "FAILURES_FILE", "FEATURE_DTYPE",
+    "META_FIELDS", "META_FILE", "META_KEY", "SAMPLE_KEYS", "SCHEMA_VERSION", "SampleMeta", "ShardFormatError",
+    "ShardSpec", "ShardWriter", "append_jsonl", "decode_sample", "encode_sample", "iter_member", "iter_meta",
+    "iter_split", "iterate_samples", "list_shards", "object_embedding", "read_jsonl", "read_meta", "read_spec",
+    "read_split", "remove_partial", "sample_conditions", "sample_key", "sample_stream", "shard_keys", "shard_name",
+    "split_shards", "stack_conditions", "validate", "validate_decoded",
 ]

@@ -178,13 +178,14 @@ def read_spec(directory: str | os.PathLike[str]) -> ShardSpec:
         raise ShardFormatError(f"{Path(directory) / META_FILE}: {error}") from None
 
 
-def _raise_with_url(error: Exception) -> bool:
+def raise_error(error: Exception) -> bool:
+    """webdataset handler: every read error propagates (the default would log and go on)."""
     raise error
 
 
 def iterate_samples(paths: list[Path] | list[str], spec: ShardSpec | None = None) -> Iterator[dict[str, Any]]:
-    """Decode the samples of some shards in order (single process; the trainer builds its own pipeline)."""
-    dataset = wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False, handler=_raise_with_url)
+    """Decode the samples of some shards in order (one process; the trainer's stream is `shards.read.sample_stream`)."""
+    dataset = wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False, handler=raise_error)
     for raw in dataset:
         sample = decode_sample(raw)
         if spec is not None:

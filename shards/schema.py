@@ -4,7 +4,7 @@ A shard is a WebDataset tar. Each sample is a group of members sharing a key (`<
 
 | member            | dtype    | shape                          | meaning                                              |
 |-------------------|----------|--------------------------------|------------------------------------------------------|
-| `json`            | utf-8    | -                              | id, caption, label, split, duration, nouns, ...      |
+| `json`            | utf-8    | -                              | the sample's metadata: `SampleMeta`                  |
 | `clip.npy`        | float16  | (frames, embed_dim)            | CLIP image embedding per frame (zeros past the end)  |
 | `caption.npy`     | float16  | (embed_dim,)                   | CLIP text embedding of the caption                   |
 | `nouns.npy`       | float16  | (nouns, embed_dim)             | CLIP text embedding e_k of each grounded noun        |
@@ -13,8 +13,8 @@ A shard is a WebDataset tar. Each sample is a group of members sharing a key (`<
 | `latent_std.npy`  | float16  | (channels, latent_time, freq)  | AudioLDM VAE posterior standard deviation            |
 | `flac`            | int16    | (samples,)                     | 16 kHz mono waveform of the window (true length)     |
 
-`nouns` is 0..max_nouns per clip. Raw features are stored; the object embedding
-O_t = sum_k p_tk e_k (Eq. 1) is derived when loading (see `object_embedding`).
+`nouns` is 0..max_nouns per clip. Raw features are stored; the model's conditions (among them the object
+embedding O_t = sum_k p_tk e_k, Eq. 1) are derived when loading (`shards.conditions`).
 Only safe formats are decoded: npy without pickle, json, flac. Anything else is refused.
 """
 
@@ -35,11 +35,60 @@ ARRAY_KEYS = ("clip.npy", "caption.npy", "nouns.npy", "probs.npy", "latent_mean.
 META_KEY = "json"
 AUDIO_KEY = "flac"
 SAMPLE_KEYS = (META_KEY, *ARRAY_KEYS, AUDIO_KEY)
-META_FIELDS = ("id", "caption", "label", "split", "duration", "valid_frames", "nouns", "source")
 
 
 class ShardFormatError(ValueError):
     """A shard member or sample that does not follow the schema."""
+
+
+@dataclass(frozen=True)
+class SampleMeta:
+    """The `json` member of a sample: what a sample says about its clip (a window of a video)."""
+
+    id: str  # unique clip id (names the sample key, the generated WAV and the cached embeddings)
+    caption: str  # text whose nouns were grounded
+    label: str  # class label (VGGSound's), may be empty
+    split: str  # train / test / ...
+    duration: float  # seconds of video from `start`, capped at the window (frames and audio past it are padding)
+    valid_frames: int  # frames of `clip.npy` / `probs.npy` inside the video (the rest are zeros)
+    nouns: tuple[str, ...]  # noun k of `nouns.npy` / `probs.npy`
+    source: str  # path of the original video
+    start: float = 0.0  # seconds into `source` where the window starts
+    silent: bool = False  # the window's audio is silence (peak under 1e-6)
+
+    @classmethod
+    def from_json(cls, data: Any) -> SampleMeta:
+        """From a decoded json member; ShardFormatError naming the clip when a field is missing or mistyped."""
+        if not isinstance(data, dict):
+            raise ShardFormatError(f"json member is a {type(data).__name__}, not an object")
+        clip_id = data.get("id", "?")
+        missing = [f for f in META_FIELDS if f not in data]
+        if missing:
+            raise ShardFormatError(f"{clip_id}: json lacks {', '.join(missing)}")
+        try:
+            return cls(id=_typed(data, "id", str), caption=_typed(data, "caption", str), label=_typed(data, "label", str),
+                       split=_typed(data, "split", str), duration=float(_typed(data, "duration", (int, float))),
+                       valid_frames=_typed(data, "valid_frames", int),
+                       nouns=tuple(_typed(n, "nouns", str) for n in _typed(data, "nouns", list)),
+                       source=_typed(data, "source", str), start=float(_typed(data, "start", (int, float), 0.0)),
+                       silent=_typed(data, "silent", bool, False))
+        except TypeError as error:
+            raise ShardFormatError(f"{clip_id}: json {error}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"nouns": list(self.nouns)}
+
+
+def _typed(data: Any, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    """data[name] (or data itself for a list item) when it has the type `kind`; TypeError otherwise."""
+    value = data.get(name, default) if isinstance(data, dict) else data
+    if isinstance(value, bool) and kind in (int, (int, float)) or not isinstance(value, kind):
+        raise TypeError(f"field {name!r} is {value!r}, expected {getattr(kind, '__name__', 'a number')}")
+    return value
+
+
+# fields every json member must have (start and silent came later: readers default them)
+META_FIELDS = tuple(f.name for f in dataclasses.fields(SampleMeta) if f.default is dataclasses.MISSING)
 
 
 @dataclass(frozen=True)
@@ -158,11 +207,9 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
 
 def validate(spec: ShardSpec, meta: dict[str, Any], arrays: dict[str, np.ndarray], waveform: np.ndarray) -> None:
     """Raise ShardFormatError unless the sample matches the spec exactly."""
-    clip_id = meta.get("id", "?")
-    missing = [f for f in META_FIELDS if f not in meta]
-    if missing:
-        raise ShardFormatError(f"{clip_id}: json lacks {', '.join(missing)}")
-    num_nouns = len(meta["nouns"])
+    checked = SampleMeta.from_json(meta)
+    clip_id = checked.id
+    num_nouns = len(checked.nouns)
     if num_nouns > spec.max_nouns:
         raise ShardFormatError(f"{clip_id}: {num_nouns} nouns > max_nouns {spec.max_nouns}")
     for key, shape in spec.expected_shapes(num_nouns).items():

@@ -14,15 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from preprocess.audio import (
-    AUDIOLDM_NUM_SAMPLES,
-    AudioDecodeError,
-    MelFrontEnd,
-    audio_stream_info,
-    audioldm_waveform,
-    decode_audio,
-    log_mel,
-)
+from audio_models.front_end import AUDIOLDM_NUM_SAMPLES, MelFrontEnd, audioldm_waveform, log_mel
+from preprocess.audio import AudioDecodeError, audio_stream_info, decode_audio
 
 SR = 16000
 BACKENDS = ("pyav", "decord")

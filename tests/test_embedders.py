@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from common.weights import sha256_file
 from eval.cache import ground_truth_embeddings, read_cache
 from eval.embed import audio_metrics, embed_clips, prepare_waveform
 from eval.panns import CHECKPOINT_NAME as CNN14_FILE
 from eval.panns import CNN14_CONFIGS, Cnn14, load_cnn14
 from eval.vggish import CHECKPOINT_NAME as VGGISH_FILE
 from eval.vggish import VGGISH_CONFIGS, VGGish, load_vggish, log_mel, stft_magnitude, vggish_mel_matrix
-from preprocess.weights import sha256_file
 
 SR = 16000
 TINY_CNN14 = CNN14_CONFIGS["tiny"]

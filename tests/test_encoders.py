@@ -29,9 +29,16 @@ from transformers import (
     SpeechT5HifiGan,
 )
 
-from preprocess import encoders, weights
-from preprocess.config import MEL_BINS, MEL_FRAMES, PRESETS
-from preprocess.encoders import AudioVAE, ClipEncoder, Grounder, inference_dtype, load_vocoder, resolve_device
+from audio_models.config import MEL_BINS, MEL_FRAMES
+from audio_models.random_configs import tiny_vae_config, tiny_vocoder_config
+from audio_models.vae import AudioVAE
+from audio_models.vocoder import load_vocoder
+from common import weights
+from common.devices import half_dtype, resolve_device
+from preprocess import encoders, model_configs
+from preprocess import weights as weights_folder
+from preprocess.config import PRESETS
+from preprocess.encoders import CLIPEncoder, Grounder
 
 CFG = PRESETS["tiny"]
 CPU = torch.device("cpu")
@@ -47,8 +54,8 @@ def _frames(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def clip() -> ClipEncoder:
-    return ClipEncoder.from_config(CFG, None, CPU)
+def clip() -> CLIPEncoder:
+    return CLIPEncoder.from_config(CFG, None, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -63,20 +70,20 @@ def grounder_no_sam() -> Grounder:
 
 @pytest.fixture(scope="module")
 def vae() -> AudioVAE:
-    return AudioVAE.from_config(CFG, None, CPU)
+    return AudioVAE.from_config(CFG.audio_models(), None, CPU)
 
 
 # ----------------------------------------------------------------------------------- devices
 def test_device_and_dtype() -> None:
-    assert resolve_device(CFG.replace(device="cpu")) == CPU
-    assert resolve_device(CFG).type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert inference_dtype(CFG, CPU) == torch.float32
-    assert inference_dtype(CFG, torch.device("cuda")) == torch.float16
-    assert inference_dtype(CFG.replace(half=False), torch.device("cuda")) == torch.float32
+    assert resolve_device("cpu") == CPU
+    assert resolve_device(CFG.device).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert half_dtype(CFG.half, CPU) == torch.float32
+    assert half_dtype(CFG.half, torch.device("cuda")) == torch.float16
+    assert half_dtype(False, torch.device("cuda")) == torch.float32
 
 
 # ----------------------------------------------------------------------------------- CLIP
-def test_clip_shapes_and_raw_embeddings(clip: ClipEncoder) -> None:
+def test_clip_shapes_and_raw_embeddings(clip: CLIPEncoder) -> None:
     assert clip.embed_dim == CFG.embed_dim and clip.checksum == f"random-init(seed={CFG.seed})"
     for shape in [(5, 40, 70), (3, 100, 50), (2, 20, 30)]:  # any H, W, also smaller than the model input
         out = clip.encode_frames(_frames(*shape))
@@ -91,7 +98,7 @@ def test_clip_shapes_and_raw_embeddings(clip: ClipEncoder) -> None:
         clip.encode_frames(torch.zeros(2, 16, 16, 3))
 
 
-def test_clip_preprocess_matches_open_clip_transform(clip: ClipEncoder) -> None:
+def test_clip_preprocess_matches_open_clip_transform(clip: CLIPEncoder) -> None:
     """Our batched tensor preprocessing vs open_clip's own PIL eval transform built from the model's config."""
     transform = image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(clip.model)), is_train=False)
     for shape in [(1, 40, 70), (1, 100, 50), (1, 240, 320)]:
@@ -103,11 +110,11 @@ def test_clip_preprocess_matches_open_clip_transform(clip: ClipEncoder) -> None:
         assert (ours - reference).abs().max() < 0.03 and (ours - reference).abs().mean() < 0.01
 
 
-def test_clip_chunking_and_seed(clip: ClipEncoder) -> None:
+def test_clip_chunking_and_seed(clip: CLIPEncoder) -> None:
     frames = _frames(7, 48, 64)
-    small_batches = ClipEncoder.from_config(CFG.replace(frame_batch=3), None, CPU)
+    small_batches = CLIPEncoder.from_config(CFG.replace(frame_batch=3), None, CPU)
     torch.testing.assert_close(small_batches.encode_frames(frames), clip.encode_frames(frames), rtol=1e-5, atol=1e-5)
-    other_seed = ClipEncoder.from_config(CFG.replace(seed=1), None, CPU)
+    other_seed = CLIPEncoder.from_config(CFG.replace(seed=1), None, CPU)
     assert not torch.allclose(other_seed.encode_frames(frames), clip.encode_frames(frames))
 
 
@@ -155,7 +162,7 @@ def test_sam_only_lowers_probabilities(grounder: Grounder, grounder_no_sam: Grou
     assert any((a < b - 1e-3).any() for a, b in zip(with_sam, without))
 
 
-def test_frozen_modules_stay_in_eval(clip: ClipEncoder, grounder: Grounder, vae: AudioVAE) -> None:
+def test_frozen_modules_stay_in_eval(clip: CLIPEncoder, grounder: Grounder, vae: AudioVAE) -> None:
     for module in (clip, grounder, vae):
         module.train()
         assert not any(m.training for m in module.modules())
@@ -169,13 +176,13 @@ def test_vae_and_vocoder_shapes(vae: AudioVAE) -> None:
     ds = CFG.vae_downsample
     assert mean.shape == std.shape == (3, CFG.latent_channels, MEL_FRAMES // ds, MEL_BINS // ds)
     assert mean.dtype == std.dtype == torch.float32 and (std > 0).all()
-    chunked = AudioVAE.from_config(CFG.replace(batch_clips=1), None, CPU).encode(mel)[0]
+    chunked = AudioVAE.from_config(CFG.replace(batch_clips=1).audio_models(), None, CPU).encode(mel)[0]
     torch.testing.assert_close(chunked, mean, rtol=1e-5, atol=1e-5)
     assert vae.decode(mean).shape == (3, MEL_FRAMES, MEL_BINS)
     assert vae.encode(torch.zeros(0, MEL_FRAMES, MEL_BINS))[0].shape == (0, *mean.shape[1:])
     with pytest.raises(ValueError, match="mel must be"):
         vae.encode(torch.zeros(1, 64, MEL_FRAMES))
-    vocoder = load_vocoder(CFG, None, CPU)
+    vocoder = load_vocoder(CFG.audio_models(), None, CPU)
     with torch.inference_mode():
         waveform = vocoder(torch.randn(2, MEL_FRAMES, MEL_BINS))
     hop = 160
@@ -194,7 +201,7 @@ def _save_tiny_weights(root: Path) -> dict[str, object]:
 
     tokenizer = encoders.tiny_bert_tokenizer()
     torch.manual_seed(12)
-    detector = GroundingDinoForObjectDetection(encoders.tiny_grounding_dino_config(len(tokenizer))).eval()
+    detector = GroundingDinoForObjectDetection(model_configs.tiny_grounding_dino_config(len(tokenizer))).eval()
     detector.save_pretrained(root / LOADED.grounding_dir)
     image_size = {"shortest_edge": CFG.grounding_short_side, "longest_edge": CFG.grounding_long_side}
     image_processor = GroundingDinoImageProcessor(size=image_size)
@@ -202,18 +209,18 @@ def _save_tiny_weights(root: Path) -> dict[str, object]:
         root / LOADED.grounding_dir)
 
     torch.manual_seed(13)
-    sam = SamModel(encoders.tiny_sam_config()).eval()
+    sam = SamModel(model_configs.tiny_sam_config()).eval()
     torch.nn.init.constant_(sam.mask_decoder.iou_prediction_head.proj_out.bias, 0.5)
     sam.save_pretrained(root / LOADED.sam_dir)
-    side = encoders.TINY_SAM_IMAGE_SIZE
+    side = model_configs.TINY_SAM_IMAGE_SIZE
     sam_image_processor = SamImageProcessor(size={"longest_edge": side}, pad_size={"height": side, "width": side})
     SamProcessor(image_processor=sam_image_processor).save_pretrained(root / LOADED.sam_dir)
 
     torch.manual_seed(14)
-    vae = AutoencoderKL(**encoders.tiny_vae_config(CFG)).eval()
+    vae = AutoencoderKL(**tiny_vae_config(CFG.audio_models())).eval()
     vae.save_pretrained(root / LOADED.audioldm_dir / "vae")
     torch.manual_seed(15)
-    vocoder = SpeechT5HifiGan(encoders.tiny_vocoder_config(CFG)).eval()
+    vocoder = SpeechT5HifiGan(tiny_vocoder_config(CFG.audio_models())).eval()
     vocoder.save_pretrained(root / LOADED.audioldm_dir / "vocoder")
     return dict(clip=clip_model, detector=detector, image_processor=image_processor, tokenizer=tokenizer,
                 image_size=image_size, sam=sam, sam_image_processor=sam_image_processor, vae=vae, vocoder=vocoder)
@@ -229,7 +236,7 @@ def test_checkpoints_load_back_identically(saved: tuple[Path, dict[str, object]]
     root, models = saved
     frames = _frames(3, 48, 64, seed=8)
 
-    clip = ClipEncoder.from_config(LOADED, root, CPU)
+    clip = CLIPEncoder.from_config(LOADED, root, CPU)
     assert clip.checksum == weights.sha256_file(root / LOADED.clip_checkpoint)
     clip_model = models["clip"]
     with torch.inference_mode():
@@ -247,7 +254,7 @@ def test_checkpoints_load_back_identically(saved: tuple[Path, dict[str, object]]
     for loaded, expected in zip(grounder.probabilities(clips, nouns), reference.probabilities(clips, nouns)):
         assert torch.equal(loaded, expected)
 
-    vae = AudioVAE.from_config(LOADED, root, CPU)
+    vae = AudioVAE.from_config(LOADED.audio_models(), root, CPU)
     assert vae.checksum == weights.sha256_dir(root / LOADED.audioldm_dir / "vae")
     mel = torch.randn(2, MEL_FRAMES, MEL_BINS)
     with torch.inference_mode():
@@ -255,19 +262,19 @@ def test_checkpoints_load_back_identically(saved: tuple[Path, dict[str, object]]
         waveform = models["vocoder"](mel)
     mean, std = vae.encode(mel)
     assert torch.equal(mean, posterior.mean) and torch.equal(std, posterior.std)
-    vocoder = load_vocoder(LOADED, root, CPU)
+    vocoder = load_vocoder(LOADED.audio_models(), root, CPU)
     with torch.inference_mode():
         assert torch.equal(vocoder(mel), waveform)
 
 
 def test_weights_check_command(saved: tuple[Path, dict[str, object]], capsys: pytest.CaptureFixture[str]) -> None:
     root, _ = saved
-    assert weights.main(["check", "--weights", str(root), "--preset", "tiny", "--load"]) == 0
+    assert weights_folder.main(["check", "--weights", str(root), "--preset", "tiny", "--load"]) == 0
     lines = capsys.readouterr().out.splitlines()
     checksum = weights.sha256_file(root / LOADED.clip_checkpoint)
     assert any(line.startswith("clip") and checksum in line for line in lines)
     assert sum(len(line.split()) > 1 and len(line.split()[1]) == 64 for line in lines) == 5
-    assert weights.main(["check", "--weights", str(root / "nowhere"), "--preset", "tiny"]) == 1
+    assert weights_folder.main(["check", "--weights", str(root / "nowhere"), "--preset", "tiny"]) == 1
     assert "MISSING" in capsys.readouterr().out
 
 
@@ -280,14 +287,14 @@ def test_clip_openai_torchscript_and_sidecar_config(tmp_path: Path) -> None:
 
     (tmp_path / "jit").mkdir()
     torch.jit.save(torch.jit.script(quick), str(tmp_path / "jit" / "openai.pt"))
-    jit_clip = ClipEncoder.from_config(LOADED.replace(clip_checkpoint="jit/openai.pt"), tmp_path, CPU)
+    jit_clip = CLIPEncoder.from_config(LOADED.replace(clip_checkpoint="jit/openai.pt"), tmp_path, CPU)
 
     (tmp_path / "hub").mkdir()
     save_file(quick.state_dict(), str(tmp_path / "hub" / "open_clip_model.safetensors"))
     mean = [0.5, 0.5, 0.5]
     sidecar = {"model_cfg": {"quick_gelu": True}, "preprocess_cfg": {"mean": mean, "std": mean}}
     (tmp_path / "hub" / "open_clip_config.json").write_text(json.dumps(sidecar))
-    hub_clip = ClipEncoder.from_config(LOADED.replace(clip_checkpoint="hub/open_clip_model.safetensors"), tmp_path, CPU)
+    hub_clip = CLIPEncoder.from_config(LOADED.replace(clip_checkpoint="hub/open_clip_model.safetensors"), tmp_path, CPU)
     assert hub_clip.mean.flatten().tolist() == mean and jit_clip.mean.flatten().tolist() != mean
 
     for encoder in (jit_clip, hub_clip):
@@ -298,28 +305,28 @@ def test_clip_openai_torchscript_and_sidecar_config(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- errors
 def test_missing_weights_name_the_path(tmp_path: Path) -> None:
-    for build in (ClipEncoder.from_config, Grounder.from_config, AudioVAE.from_config, load_vocoder):
+    for build in (CLIPEncoder.from_config, Grounder.from_config, AudioVAE.from_config, load_vocoder):
         with pytest.raises(FileNotFoundError, match=rf"not found at {tmp_path}.*weights layout in README"):
             build(LOADED, tmp_path, CPU)
     with pytest.raises(ValueError, match="no weights folder"):
-        ClipEncoder.from_config(LOADED, None, CPU)
+        CLIPEncoder.from_config(LOADED, None, CPU)
 
 
 def test_size_mismatches_raise(saved: tuple[Path, dict[str, object]], tmp_path: Path) -> None:
     root, models = saved
     with pytest.raises(ValueError, match=rf"{LOADED.clip_checkpoint}.*embed_dim=64"):
-        ClipEncoder.from_config(LOADED.replace(embed_dim=64), root, CPU)
+        CLIPEncoder.from_config(LOADED.replace(embed_dim=64), root, CPU)
     with pytest.raises(ValueError, match=r"vae.*latent_channels=8.*config says 1, 4"):
-        AudioVAE.from_config(LOADED.replace(latent_channels=4), root, CPU)
+        AudioVAE.from_config(LOADED.replace(latent_channels=4).audio_models(), root, CPU)
     with pytest.raises(ValueError, match=r"vocoder.*sampling_rate=16000"):
-        load_vocoder(LOADED.replace(sample_rate=22050), root, CPU)
+        load_vocoder(LOADED.replace(sample_rate=22050).audio_models(), root, CPU)
 
     # a checkpoint of another architecture: open_clip's strict load fails -> one ValueError naming the file
     state = dict(models["clip"].state_dict())
     state["text_projection"] = torch.zeros(32, 16)
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match=r"bad.safetensors: checkpoint does not fit open_clip model vta-tiny-clip"):
-        ClipEncoder.from_config(LOADED.replace(clip_checkpoint="bad.safetensors"), tmp_path, CPU)
+        CLIPEncoder.from_config(LOADED.replace(clip_checkpoint="bad.safetensors"), tmp_path, CPU)
 
     # a tokenizer whose delimiter ids differ from those Grounding DINO splits phrases at
     folder = tmp_path / LOADED.grounding_dir
@@ -334,7 +341,7 @@ def test_size_mismatches_raise(saved: tuple[Path, dict[str, object]], tmp_path: 
 def test_fetch_without_hub_fails_fast_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     start = time.monotonic()
     # a closed local port stands in for "no network" (this test must never download on a machine that has one)
-    code = weights.main(["fetch", "--out", str(tmp_path), "--endpoint", "http://127.0.0.1:9", "--timeout", "5"])
+    code = weights_folder.main(["fetch", "--out", str(tmp_path), "--endpoint", "http://127.0.0.1:9", "--timeout", "5"])
     captured = capsys.readouterr()
     assert code == 1 and time.monotonic() - start < 30
     lines = captured.err.strip().splitlines()
@@ -344,7 +351,7 @@ def test_fetch_without_hub_fails_fast_with_one_line(tmp_path: Path, capsys: pyte
 
 def test_weights_layout_and_dir_checksum(tmp_path: Path) -> None:
     for entry in ("clip/open_clip_model.safetensors", "grounding-dino/", "sam/", "audioldm/vae/", "audioldm/vocoder/"):
-        assert entry in weights.WEIGHTS_LAYOUT
+        assert entry in weights_folder.WEIGHTS_LAYOUT
     (tmp_path / "sub").mkdir()
     np.save(tmp_path / "ignored.npy", np.zeros(3))
     (tmp_path / "a.safetensors").write_bytes(b"one")

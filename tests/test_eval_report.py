@@ -17,7 +17,7 @@ import pytest
 import shards
 from eval.__main__ import main as eval_main
 from eval.config import EvalConfig
-from eval.embed import ClipEmbedding
+from eval.embed import AudioEmbedding
 from eval.evaluate import (
     NOT_COMPARABLE,
     ShardAudio,
@@ -229,8 +229,8 @@ def test_one_bad_clip_does_not_end_av_align(tiny_run, generated, tmp_path):  # n
 def test_a_failing_metric_is_null_with_its_reason(tiny_run, generated, tmp_path):  # noqa: F811
     rng = np.random.default_rng(0)
 
-    def clip(dim: int) -> ClipEmbedding:
-        return ClipEmbedding(rng.standard_normal(dim), rng.dirichlet(np.ones(5)), rng.standard_normal((3, 8)))
+    def clip(dim: int) -> AudioEmbedding:
+        return AudioEmbedding(rng.standard_normal(dim), rng.dirichlet(np.ones(5)), rng.standard_normal((3, 8)))
 
     reference = {f"c{i}": clip(4) for i in range(4)}
     generated_set = {f"c{i}": clip(6) for i in range(4)}  # another Cnn14 width: FD cannot be computed

@@ -10,8 +10,13 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import GroundingDinoForObjectDetection, SamModel, SpeechT5HifiGan
 
-from preprocess import encoders
-from preprocess.config import MEL_BINS, PRESETS, FeatureConfig
+from audio_models import random_configs as audio_configs
+from audio_models.config import MEL_BINS
+from audio_models.vae import AudioVAE
+from audio_models.vocoder import load_vocoder
+from common.frozen import random_init_checksum
+from preprocess import encoders, model_configs
+from preprocess.config import PRESETS, FeatureConfig
 from preprocess.model_configs import BERT_BASE_VOCAB_SIZE, TINY_BERT_VOCAB, random_configs
 
 # AudioLDM's own settings (audioldm/utils.py: default_audioldm_config's first_stage_config ddconfig, HIFIGAN_16K_64)
@@ -34,17 +39,16 @@ def test_paper_sizes_have_the_published_parameter_counts():
     assert parameters(lambda: GroundingDinoForObjectDetection(configs.grounding)) == pytest.approx(172e6, rel=0.01)
     assert parameters(lambda: SamModel(configs.sam)) == pytest.approx(93.7e6, rel=0.01)
     # no published count for AudioLDM's VAE and vocoder: their structure is checked against AudioLDM's settings below
-    assert parameters(lambda: AutoencoderKL(**configs.vae)) > 50e6
-    assert parameters(lambda: SpeechT5HifiGan(configs.vocoder)) > 50e6
+    assert parameters(lambda: AutoencoderKL(**audio_configs.vae_config("paper"))) > 50e6
+    assert parameters(lambda: SpeechT5HifiGan(audio_configs.vocoder_config("paper"))) > 50e6
 
 
 def test_paper_vae_and_vocoder_follow_audioldm():
-    configs = random_configs("paper")
-    vae, ddconfig = configs.vae, AUDIOLDM_DDCONFIG
+    vae, ddconfig = audio_configs.vae_config("paper"), AUDIOLDM_DDCONFIG
     assert vae["block_out_channels"] == [ddconfig["ch"] * m for m in ddconfig["ch_mult"]]
     assert (vae["layers_per_block"], vae["latent_channels"]) == (ddconfig["num_res_blocks"], ddconfig["z_channels"])
     assert (vae["in_channels"], vae["out_channels"]) == (ddconfig["in_channels"], ddconfig["out_ch"])
-    vocoder = configs.vocoder
+    vocoder = audio_configs.vocoder_config("paper")
     for name in ("upsample_rates", "upsample_kernel_sizes", "resblock_kernel_sizes"):
         assert list(getattr(vocoder, name)) == AUDIOLDM_HIFIGAN[name]
     assert vocoder.upsample_initial_channel == AUDIOLDM_HIFIGAN["upsample_initial_channel"]
@@ -75,12 +79,12 @@ def test_tiny_vocab_tokenizes_for_the_bert_base_embedding():
 
 def test_tiny_configs_are_the_ones_the_tiny_preset_builds():
     cfg = PRESETS["tiny"]
-    tiny = random_configs("tiny", cfg)
-    assert tiny.vae == encoders.tiny_vae_config(cfg)
-    assert tiny.sam.to_dict() == encoders.tiny_sam_config().to_dict()
+    tiny = random_configs("tiny")
+    assert audio_configs.vae_config("tiny", cfg.audio_models()) == audio_configs.tiny_vae_config(cfg.audio_models())
+    assert tiny.sam.to_dict() == model_configs.tiny_sam_config().to_dict()
     assert tiny.grounding.text_config.vocab_size == len(encoders.tiny_bert_tokenizer())
-    assert tiny.sam_image_size == encoders.TINY_SAM_IMAGE_SIZE
-    assert parameters(lambda: SpeechT5HifiGan(tiny.vocoder)) < 1e6
+    assert tiny.sam_image_size == model_configs.TINY_SAM_IMAGE_SIZE
+    assert parameters(lambda: SpeechT5HifiGan(audio_configs.vocoder_config("tiny", cfg.audio_models()))) < 1e6
 
 
 def test_random_size_is_checked_and_named_in_the_checksum():
@@ -88,9 +92,11 @@ def test_random_size_is_checked_and_named_in_the_checksum():
         FeatureConfig(random_size="huge")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="random model size"):
         random_configs("huge")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="random model size"):
+        audio_configs.vae_config("huge")
     tiny, paper = FeatureConfig(), FeatureConfig(random_size="paper")
-    assert encoders.random_init_checksum(tiny) == "random-init(seed=0)"  # unchanged: existing shards stay valid
-    assert encoders.random_init_checksum(paper) != encoders.random_init_checksum(tiny)
+    assert random_init_checksum(tiny.seed, tiny.random_size) == "random-init(seed=0)"  # existing shards stay valid
+    assert random_init_checksum(paper.seed, paper.random_size) != random_init_checksum(tiny.seed, tiny.random_size)
 
 
 @pytest.mark.slow
@@ -104,11 +110,11 @@ def test_paper_size_random_models_run_through_the_encoders():
     frames = torch.randint(0, 256, (2, 72, 96, 3), dtype=torch.uint8)
     (probabilities,) = grounder.probabilities([frames], [["dog", "bell"]])
     assert probabilities.shape == (2, 2) and bool(((probabilities >= 0) & (probabilities <= 1)).all())
-    vae = encoders.AudioVAE.from_config(cfg, None, device)
+    vae = AudioVAE.from_config(cfg.audio_models(), None, device)
     assert vae.scaling_factor == pytest.approx(0.9227914214134216)
     mean, std = vae.encode(torch.randn(1, 1024, MEL_BINS))
     assert mean.shape == std.shape == (1, 8, 256, 16) and bool(torch.isfinite(mean).all())
-    vocoder = encoders.load_vocoder(cfg, None, device)
+    vocoder = load_vocoder(cfg.audio_models(), None, device)
     with torch.inference_mode():
         waveform = vocoder(torch.randn(1, 8, MEL_BINS))
     # each transposed conv maps L -> (L - 1) * stride - 2 * ((kernel - stride) // 2) + kernel: the first one (16, 5)

@@ -8,12 +8,13 @@ import dataclasses
 import pytest
 import torch
 
+from common.devices import precision_name, resolve_precision
 from tests.test_train_support import SPEC, one_thread, small_config  # noqa: F401 (autouse fixture)
 from train import VTASAM, route, sample
 from train.config import INPUTS, SCHEMES, TrainConfig
 from train.diffusion import diffusion_loss, noise_scheduler, training_target
 from train.model import align_to_tokens, time_overlap, token_grid
-from train.speed import precision_name, resolve_precision, speed_up
+from train.speed import speed_up
 
 
 def conditions(spec, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -33,6 +34,16 @@ def test_route_places_each_condition():
     assert route("T", "Z@V+O") == (["caption"], None)
     assert route("V+T", "Z@V+O") == (["video", "caption"], None)
     assert route("V+O+T", "Z@V+O") == (["video", "caption"], "objects")
+    assert route("V", "Z@(V+O)") == (["video"], None)  # a condition the inputs lack is dropped
+    assert route("V", "Z@V+O") == (["video"], None)
+    with pytest.raises(ValueError, match="no cross-attention keys"):
+        route("V", "Z@O+V")  # V would only be added: nothing to attend to
+
+
+def test_config_refuses_pairs_that_leave_no_keys():
+    with pytest.raises(ValueError, match="no cross-attention keys"):
+        TrainConfig(inputs="V", scheme="Z@O+V")
+    assert TrainConfig(inputs="T", scheme="Z@O+V").scheme == "Z@O+V"  # T is a key whatever the scheme
 
 
 def test_time_overlap_rows_are_frame_coverage():

@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 
+from common.config import config_main
 from train.config import PRESETS, TrainConfig
-from vta_sam.configuration import config_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,20 +7,60 @@ training setup of the paper (batch 8 per GPU, AdamW, lr 3e-5, no warmup, 40 epoc
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
+
+from common.config import ConfigMethods
+from shards.conditions import BY_LETTER
 
 Inputs = Literal["T", "V", "V+T", "V+O", "V+O+T"]
 Scheme = Literal["Z@V", "Z@(V+O)", "Z@O+V", "Z@V+O"]
 INPUTS: tuple[str, ...] = typing.get_args(Inputs)
 SCHEMES: tuple[str, ...] = typing.get_args(Scheme)
+# scheme -> (letters that are cross-attention keys, letter added to the attention output)
+PLACEMENT: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "Z@V": (("V",), None),
+    "Z@(V+O)": (("V", "O"), None),
+    "Z@O+V": (("O",), "V"),
+    "Z@V+O": (("V",), "O"),
+}
+
+
+def route(inputs: str, scheme: str) -> tuple[list[str], str | None]:
+    """Which conditions are cross-attention keys/values and which one is added to the attention output.
+
+    Letters (`shards.conditions`): V = per-frame CLIP image embeddings, O = per-frame object embedding (Eq. 1),
+    T = the CLIP text embedding of the caption (one token). `inputs` (Table III) says which are used; `scheme`
+    (Table IV) says where V and O go; T is always a key/value token.
+
+    - "Z@V":      the latent Z attends to V only; O is not used even when loaded (Table IV baseline).
+    - "Z@(V+O)":  Z attends to V and O concatenated along the sequence axis (2 x frames key tokens).
+    - "Z@O+V":    Z attends to O; V is projected and added, time-aligned, to the attention output.
+    - "Z@V+O":    Z attends to V; O is projected and added, time-aligned, to the attention output (default).
+
+    A condition the inputs lack is dropped: inputs "V" with "Z@V+O" attend to V and add nothing. A pair that
+    leaves no key at all (inputs "V" with "Z@O+V": V would only be added) is refused with ValueError, and
+    TrainConfig refuses it when it is built.
+    Returns (key condition names in order, added condition name or None).
+    """
+    present = set(inputs.split("+"))
+    unknown = present - set(BY_LETTER)
+    if unknown or scheme not in PLACEMENT:
+        raise ValueError(f"unknown inputs {inputs!r} or scheme {scheme!r} (letters {', '.join(BY_LETTER)}; schemes {SCHEMES})")
+    key_letters, added_letter = PLACEMENT[scheme]
+    keys = [BY_LETTER[c].name for c in key_letters if c in present]
+    added = BY_LETTER[added_letter].name if added_letter in present else None
+    if "T" in present:
+        keys.append(BY_LETTER["T"].name)
+    if not keys:
+        raise ValueError(f"inputs {inputs!r} with scheme {scheme!r} leave no cross-attention keys "
+                         f"({scheme} only adds {added_letter}); use scheme Z@V or Z@V+O")
+    return keys, added
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigMethods):
     """Everything stage two needs; every run writes it (resolved) to runs/<name>/config.json."""
 
     preset: str = field(default="tiny", metadata={"help": "name of the preset this config started from"})
@@ -87,6 +127,7 @@ class TrainConfig:
             raise ValueError(f"inputs must be one of {INPUTS}, got {self.inputs!r}")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        route(self.inputs, self.scheme)  # refuses a pair that leaves the UNet nothing to attend to
         if not len(self.block_channels) == len(self.cross_attention_blocks) == len(self.attention_heads):
             raise ValueError("block_channels, cross_attention_blocks and attention_heads need one entry per resolution")
         if not any(self.cross_attention_blocks):
@@ -99,22 +140,6 @@ class TrainConfig:
             raise ValueError("uncond_probability must be in [0, 1)")
         if self.batch_size < 1 or self.grad_accumulation < 1:
             raise ValueError("batch_size and grad_accumulation must be at least 1")
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Inverse of to_dict (JSON turns tuples into lists)."""
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
-        return cls(**values)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
 PRESETS: dict[str, TrainConfig] = {

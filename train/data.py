@@ -1,8 +1,8 @@
 """Reading stage-one shards as a stream: checks, per-sample conditions, and a resumable batch stream.
 
-The dataset is never held in memory: each rank reads its own shards (wds.split_by_node), each DataLoader
-worker its own subset of those (wds.split_by_worker), through a shuffle buffer. Samples are decoded with
-`shards.decode_sample` (never webdataset's `.decode()`, which unpickles).
+The dataset is never held in memory: each rank reads its own shards, each DataLoader worker its own subset of
+those, through a shuffle buffer (`shards.sample_stream`; samples are decoded by the schema, never unpickled).
+The conditions of a sample are derived by `shards.sample_conditions` (the conditions table).
 
 Data position (resume): the stream of rank r, worker w in epoch e is a deterministic function of
 (seed, e, r, w): the shard order and the shuffle buffer are seeded with it. Every batch carries
@@ -14,9 +14,7 @@ would have seen, as long as num_workers and the number of ranks stay the same.
 
 from __future__ import annotations
 
-import json
 import random
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,31 +49,20 @@ def check_shards(config: TrainConfig) -> tuple[shards.ShardSpec, list[Path]]:
     return spec, paths
 
 
-def count_split(paths: list[Path], split: str) -> int:
-    """Samples whose json says `split`, reading only the small json members of each tar."""
-    count = 0
-    for path in paths:
-        try:
-            with tarfile.open(path, "r") as tar:
-                for member in tar:
-                    if member.name.endswith("." + shards.META_KEY):
-                        handle = tar.extractfile(member)
-                        if handle is not None and json.loads(handle.read()).get("split") == split:
-                            count += 1
-        except (tarfile.TarError, OSError, json.JSONDecodeError) as error:
-            raise DataError(f"{path}: unreadable shard ({error})") from None
-    return count
+def count_split(folder: Path, split: str) -> int:
+    """Samples whose json says `split`, reading only the small json members of each shard."""
+    try:
+        return len(shards.read_split(folder, split))
+    except shards.ShardFormatError as error:
+        raise DataError(str(error)) from None
 
 
 def to_example(sample: dict[str, Any], threshold: float) -> dict[str, Any]:
-    """Decoded sample -> float32 tensors the trainer uses; O is derived here (Eq. 1)."""
-    probs = torch.from_numpy(sample["probs.npy"].astype(np.float32))  # (F, K)
-    nouns = torch.from_numpy(sample["nouns.npy"].astype(np.float32))  # (K, D)
+    """Decoded sample -> the float32 tensors a training step uses: its conditions by name (`shards.conditions`;
+    O of Eq. 1 derived here with `threshold`) and the stored VAE posterior."""
     return {
         "id": sample[shards.META_KEY]["id"],
-        "video": torch.from_numpy(sample["clip.npy"].astype(np.float32)),  # (F, D), zeros past the clip's end
-        "caption": torch.from_numpy(sample["caption.npy"].astype(np.float32)),  # (D,)
-        "objects": shards.object_embedding(probs, nouns, threshold=threshold),  # (F, D)
+        **shards.sample_conditions(sample, threshold),
         "latent_mean": torch.from_numpy(sample["latent_mean.npy"].astype(np.float32)),  # (C, T, F)
         "latent_std": torch.from_numpy(sample["latent_std.npy"].astype(np.float32)),
     }
@@ -87,15 +74,6 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         if key != "id" and not key.startswith("__"):  # webdataset's map() re-attaches __key__
             batch[key] = torch.stack([e[key] for e in examples])
     return batch
-
-
-def _split_of(raw: dict[str, Any]) -> str | None:
-    meta = raw.get(shards.META_KEY)
-    return json.loads(meta.decode("utf-8")).get("split") if meta is not None else None
-
-
-def _raise(error: Exception) -> bool:
-    raise error
 
 
 class ShardStream(IterableDataset):
@@ -111,25 +89,12 @@ class ShardStream(IterableDataset):
 
     def epoch_pipeline(self, epoch: int, worker: int, skip_samples: int) -> wds.WebDataset:
         rank = wds.utils.pytorch_worker_info()[0]
-        # shard order: the same permutation on every rank (split_by_node then takes every world-th shard)
+        # shard order: the same permutation on every rank (each rank then takes every world-th shard)
         urls = list(self.urls)
         random.Random(f"{self.config.seed}-{epoch}").shuffle(urls)
-        dataset = wds.WebDataset(
-            urls,
-            shardshuffle=False,  # shuffled above, per epoch, identically on all ranks
-            nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
-            empty_check=False,  # fewer shards than workers leaves some workers without shards
-            handler=_raise,
-        )
-        split = self.config.split
-        return (
-            dataset.select(lambda raw: _split_of(raw) == split)
-            .shuffle(self.config.shuffle_buffer, rng=random.Random(f"{self.config.seed}-{epoch}-{rank}-{worker}"))
-            .slice(skip_samples, None)
-            .map(shards.decode_sample)
-            .map(lambda sample: to_example(sample, self.config.object_threshold))
-        )
+        rng = random.Random(f"{self.config.seed}-{epoch}-{rank}-{worker}")
+        stream = shards.sample_stream(urls, self.config.split, self.config.shuffle_buffer, rng, skip_samples)
+        return stream.map(lambda sample: to_example(sample, self.config.object_threshold))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -14,8 +14,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from common.devices import autocast
 from train.config import TrainConfig
-from train.speed import autocast
 
 if TYPE_CHECKING:
     from train.model import VTASAM
@@ -104,7 +104,7 @@ def sample(
 ) -> torch.Tensor:
     """Latents (B, C, T, F) generated for a batch of conditions, in the VAE's scaled latent space.
 
-    precision: autocast dtype of the network calls (`train.speed.resolve_precision`; None: float32). The latents
+    precision: autocast dtype of the network calls (`common.devices.resolve_precision`; None: float32). The latents
     and the solver's arithmetic stay float32.
 
     generator: one for the batch, or one per sample (diffusers' convention) so that a sample's noise does not

@@ -5,7 +5,7 @@ block of the diffusers `UNet2DConditionModel` is self-attention, cross-attention
 
     h <- h + Attention(Q = h, K = V = keys) + Linear_l(added aligned to the token grid of h)
 
-`route(inputs, scheme)` decides which conditions are `keys` and which one is `added`; with the default
+`train.config.route(inputs, scheme)` decides which conditions are `keys` and which one is `added`; with the default
 Z@V+O, the keys are the projected CLIP frames V and the added term is the object embedding O (Eq. (1)).
 The added term enters through a custom attention processor on every `attn2`; diffusers passes it the
 `cross_attention_kwargs` its `__call__` names (diffusers/models/attention_processor.py, Attention.forward).
@@ -23,42 +23,10 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from einops import repeat
 from torch import nn
 
-from shards import ShardSpec
-from train.config import TrainConfig
+from shards import CONDITIONS, ShardSpec
+from train.config import TrainConfig, route
 
-CONDITION_NAMES = {"V": "video", "O": "objects", "T": "caption"}
-
-
-def route(inputs: str, scheme: str) -> tuple[list[str], str | None]:
-    """Which conditions are cross-attention keys/values and which one is added to the attention output.
-
-    Letters: V = per-frame CLIP image embeddings, O = per-frame object embedding (Eq. 1), T = the CLIP text
-    embedding of the caption (one token). `inputs` (Table III) says which are used; `scheme` (Table IV)
-    says where V and O go; T is always a key/value token.
-
-    - "Z@V":      the latent Z attends to V only; O is not used even when loaded (Table IV baseline).
-    - "Z@(V+O)":  Z attends to V and O concatenated along the sequence axis (2 x frames key tokens).
-    - "Z@O+V":    Z attends to O; V is projected and added, time-aligned, to the attention output.
-    - "Z@V+O":    Z attends to V; O is projected and added, time-aligned, to the attention output (default).
-
-    A condition the inputs lack is dropped (e.g. inputs "V", any scheme: keys [V]).
-    Returns (key condition names in order, added condition name or None).
-    """
-    present = set(inputs.split("+"))
-    placement = {
-        "Z@V": (["V"], None),
-        "Z@(V+O)": (["V", "O"], None),
-        "Z@O+V": (["O"], "V"),
-        "Z@V+O": (["V"], "O"),
-    }[scheme]
-    keys = [CONDITION_NAMES[c] for c in placement[0] if c in present]
-    added = CONDITION_NAMES[placement[1]] if placement[1] in present else None
-    if "T" in present:
-        keys.append("caption")
-    if not keys:  # e.g. inputs "V+O" with "Z@O+V" keeps O as key; this only triggers for impossible mixes
-        raise ValueError(f"inputs {inputs!r} with scheme {scheme!r} leave no cross-attention keys")
-    return keys, added
-
+PER_FRAME = frozenset(c.name for c in CONDITIONS if c.per_frame)  # conditions with one vector per frame
 
 @functools.lru_cache(maxsize=64)
 def time_overlap(steps: int, frames: int, device: torch.device | None = None) -> torch.Tensor:
@@ -185,8 +153,8 @@ def build_unet(config: TrainConfig, spec: ShardSpec) -> UNet2DConditionModel:
 class VTASAM(nn.Module):
     """Condition encoder + UNet. forward(z_t, t, conditions, drop) -> the network output (v or eps).
 
-    conditions: {"video": (B, F, D), "objects": (B, F, D), "caption": (B, D)} (raw CLIP-space features;
-    only those `route` uses are read). drop: (B,) bool, True where the sample is unconditional: every
+    conditions: {"video": (B, F, D), "objects": (B, F, D), "caption": (B, D)} (raw CLIP-space features, by their
+    names in `shards.conditions`; only those `route` uses are read). drop: (B,) bool, True where the sample is unconditional: every
     condition is replaced by zeros before its projection (the null condition of classifier-free guidance,
     as VTA-LDM zeroes its conditions; zeros need no extra parameters and mean "nothing seen" for O).
     """
@@ -228,13 +196,13 @@ class VTASAM(nn.Module):
             if drop is not None:
                 x = torch.where(drop.view(-1, *[1] * (x.ndim - 1)), torch.zeros_like(x), x)
             x = self.project[name](x)
-            if name == "caption":
-                x = x[:, None]  # one key token
+            if name not in PER_FRAME:  # one vector per sample (the caption): one key token
+                x = x[:, None]
             projected[name] = x
         tokens = []
         for name in self.keys:
             x = projected[name]
-            if self.frame_positions is not None and name != "caption":
+            if self.frame_positions is not None and name in PER_FRAME:
                 x = x + self.frame_positions.to(x.dtype)
             tokens.append(x)
         keys = torch.cat(tokens, dim=1)

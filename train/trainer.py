@@ -28,12 +28,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import shards
+from common.devices import tune_backends
 from shards import ShardSpec
 from train import data
 from train.config import TrainConfig
 from train.diffusion import diffusion_loss, noise_scheduler, sample_latents, training_target
 from train.model import VTASAM
-from train.speed import speed_up, tune_backends
+from train.speed import speed_up
 
 # fields that may change when a run is resumed (they do not change what is being trained)
 # (not channels_last: the optimizer's saved moments keep the layout they were made in, and fused AdamW needs
@@ -89,7 +90,7 @@ def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[
                               f"{getattr(config, name)} (pick the preset of the features or pass --{name.replace('_', '-')})")
     if len(paths) < world_size:
         raise ConfigError(f"{config.shards}: {len(paths)} shard(s) for {world_size} ranks (each rank needs at least one)")
-    count = data.count_split(paths, config.split)
+    count = data.count_split(Path(config.shards), config.split)
     if count < world_size * config.batch_size * config.grad_accumulation:
         raise ConfigError(f"{config.shards}: {count} sample(s) of split {config.split!r}, fewer than one step needs "
                           f"({world_size} ranks x batch {config.batch_size} x accumulation {config.grad_accumulation})")
@@ -154,7 +155,7 @@ def save_checkpoint(accelerator: Accelerator, output: Path, progress: Progress, 
 
 def batch_conditions(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     """The conditions of a batch on `device` (asynchronous copies from pinned memory on CUDA)."""
-    return {k: batch[k].to(device, non_blocking=True) for k in ("video", "objects", "caption")}
+    return {name: batch[name].to(device, non_blocking=True) for name in shards.CONDITION_NAMES}
 
 
 def train(config: TrainConfig, log: Any = print) -> int:

@@ -2,7 +2,7 @@
 
 Each video is cut into 10.24 s windows (overlapping when it is longer; one window of its own length when
 shorter). Every window goes through stage one's own feature code (decoding, CLIP, nouns, Grounding DINO/SAM),
-the trained model samples a latent, and evaluation's decoder (AudioLDM VAE + HiFi-GAN) turns it into audio.
+the trained model samples a latent, and the audio models' decoder (AudioLDM VAE + HiFi-GAN, `audio_models`) turns it into audio.
 Windows are joined with equal-power crossfades, the audio is cut to the video's duration, and a copy of the
 video is written with the video stream copied bit for bit and the new audio as AAC, plus the WAV.
 """
@@ -24,11 +24,12 @@ import torch
 from tqdm import tqdm
 
 import shards
+from common.devices import PRECISIONS, resolve_device, resolve_precision, tune_backends
 from preprocess.config import FeatureConfig
 from preprocess.manifest import VIDEO_SUFFIXES
 from preprocess.nouns import NounCache, caption_nouns
 from preprocess.video import VideoDecodeError, decode_frames, probe_video
-from train.speed import PRECISIONS, resolve_precision, speed_up, tune_backends
+from train.speed import speed_up
 
 VOCABULARY_FILE = Path(__file__).resolve().parents[1] / "preprocess" / "assets" / "vggsound_labels.txt"
 NOUN_CHUNK = 16  # vocabulary nouns per Grounding DINO prompt (its text encoder takes 256 tokens at most)
@@ -50,7 +51,7 @@ class GenerateOptions:
     overlap: float = 2.0
     weights: Path = Path("weights")
     device: str = "auto"
-    precision: str = "auto"  # the UNet's while sampling (train.speed): bf16 on CUDA, fp32 on the CPU
+    precision: str = "auto"  # the UNet's while sampling (common.devices): bf16 on CUDA, fp32 on the CPU
     compile: bool = False
     explain: bool = False
 
@@ -129,8 +130,7 @@ class SoundGenerator:
 
     def __init__(self, options: GenerateOptions):
         import train
-        from eval.generate import Decoder
-        from preprocess.encoders import resolve_device
+        from audio_models.decoder import Decoder
         from preprocess.pipeline import Encoders
 
         self.options = options
@@ -139,7 +139,7 @@ class SoundGenerator:
         except FileNotFoundError as error:
             raise GenerateError(f"{error} (train a model first: make train)") from None
         self.features = feature_config(Path(options.model), self.train_config).replace(device=options.device)
-        device = resolve_device(self.features)
+        device = resolve_device(self.features.device)
         try:
             self.precision = resolve_precision(options.precision, device)
         except ValueError as error:
@@ -148,7 +148,10 @@ class SoundGenerator:
         speed_up(self.model.to(device), compile=options.compile, dynamic=None)  # windows per video vary
         weights = None if self.features.random_init else options.weights
         self.encoders = Encoders(self.features, weights, device, audio=False)
-        self.decoder = Decoder(self.features, weights, device, self.train_config.vae_scaling_factor)
+        try:
+            self.decoder = Decoder(self.features.audio_models(), weights, device, self.train_config.vae_scaling_factor)
+        except (FileNotFoundError, ValueError, OSError) as error:
+            raise GenerateError(str(error).splitlines()[0]) from None
         self.nouns = NounCache(self.features.tagger, self.features.max_nouns)
         self.vocabulary = vocabulary(self.features.tagger)
         self.device = device
@@ -195,12 +198,9 @@ class SoundGenerator:
         return waveform, explain
 
     def _conditions(self, features: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-        def stack(key: str) -> torch.Tensor:
-            return torch.from_numpy(np.stack([f[key] for f in features])).float().to(self.device)
-
-        probs, nouns = stack("probs.npy"), stack("nouns.npy")
-        objects = shards.object_embedding(probs, nouns, threshold=self.train_config.object_threshold)
-        return {"video": stack("clip.npy"), "objects": objects, "caption": stack("caption.npy")}
+        """Each window's features -> the model's conditions, exactly as training derives them from a shard sample."""
+        threshold = self.train_config.object_threshold
+        return shards.stack_conditions([shards.sample_conditions(f, threshold) for f in features], self.device)
 
 
 def write_explanation(path: Path, waveform: np.ndarray, sample_rate: int, explain: dict[str, Any]) -> None:

@@ -1,26 +1,42 @@
-"""Shared by every stage: command-line flags derived from a frozen config dataclass, and provenance.
+"""Configs as frozen dataclasses, shared by every stage: the dataclass helpers and the command-line flags.
 
 Each stage keeps its own dataclass and presets (`preprocess.config`, `train.config`, `eval.config`); this module
-only turns fields into `--field-name` flags (help text from the field's metadata, choices from `Literal` types,
-`nargs='+'` for tuples) and back into a config.
+gives them their common methods (`ConfigMethods`) and turns fields into `--field-name` flags (help text from the
+field's metadata, choices from `Literal` types, `nargs='+'` for tuples) and back into a config.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
+import json
 import sys
 import types
 import typing
 from collections.abc import Callable
-from importlib import metadata
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 Config = TypeVar("Config")
 
-SOFTWARE = ("torch", "torchvision", "transformers", "diffusers", "open_clip_torch", "webdataset", "decord", "av",
-            "numpy", "scipy", "librosa", "soxr", "soundfile", "opencv-python-headless", "h5py", "accelerate")
+
+class ConfigMethods:
+    """Methods of a frozen config dataclass: `replace`, `to_dict`, `from_dict` (its inverse: JSON lists become
+    tuples, fields this version does not know are ignored) and `to_json` (what every run writes next to its
+    outputs)."""
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
 def _boolean(text: str) -> bool:
@@ -94,14 +110,3 @@ def config_main(parser: argparse.ArgumentParser, presets: dict[str, Any], defaul
         print(config.to_json(), end="")
         return 0
     return run(config, args)
-
-
-def software_versions() -> dict[str, str]:
-    """Versions of Python and the packages whose behaviour shapes features, training and metrics."""
-    versions = {"python": platform.python_version()}
-    for name in SOFTWARE:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions

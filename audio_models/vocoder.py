@@ -1,0 +1,34 @@
+"""AudioLDM's HiFi-GAN vocoder (transformers SpeechT5HifiGan), frozen: log mel (B, 1024, 64) -> 16 kHz waveform."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import SpeechT5HifiGan
+
+from audio_models.config import MEL_BINS, AudioModelConfig
+from audio_models.random_configs import vocoder_config
+from common.frozen import seeded
+from common.weights import require_model_dir, weights_folder
+
+
+def load_vocoder(cfg: AudioModelConfig, weights_dir: Path | None, device: torch.device) -> SpeechT5HifiGan:
+    """The vocoder of `cfg` (random weights, or `<weights>/<audioldm_dir>/vocoder/`), in eval mode, no gradients.
+    Its input width, rate and upsampling (= the mel hop) are checked against `cfg`."""
+    if cfg.random_init:
+        with seeded(cfg.seed):
+            vocoder = SpeechT5HifiGan(vocoder_config(cfg.random_size, cfg))
+        where = f"random {cfg.random_size} vocoder"
+    else:
+        folder = weights_folder(weights_dir, "AudioLDM vocoder") / cfg.audioldm_dir / "vocoder"
+        vocoder = SpeechT5HifiGan.from_pretrained(require_model_dir(folder, "AudioLDM vocoder"), local_files_only=True)
+        where = str(folder)
+    config = vocoder.config
+    found = (config.model_in_dim, config.sampling_rate, math.prod(config.upsample_rates))
+    if found != (MEL_BINS, cfg.sample_rate, cfg.hop):
+        raise ValueError(f"{where}: vocoder has model_in_dim={found[0]}, sampling_rate={found[1]}, upsampling={found[2]}; "
+                         f"expected {MEL_BINS}, {cfg.sample_rate}, {cfg.hop}")
+    vocoder.requires_grad_(False).eval()
+    return vocoder.to(device)  # type: ignore[arg-type]  # mypy misreads transformers' decorated .to

@@ -1,0 +1,143 @@
+"""Reading shard folders: the one way the stages open shard files.
+
+- `iter_meta` / `read_split`: the `SampleMeta` of every sample (of a split), reading only the small json members.
+- `iter_split`: decoded samples of a split (optionally only some clip ids), in shard order.
+- `iter_member`: (meta, raw bytes of one member) per sample of a split, e.g. the `flac` of the clips still to embed,
+  reading only the json and that member (tarfile seeks over the features).
+- `sample_stream`: the WebDataset pipeline of decoded samples of a split that the trainer's data loader wraps
+  (shuffled shards and buffer, split across ranks and workers).
+
+A shard that cannot be read is a `ShardFormatError` naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tarfile
+from collections.abc import Callable, Collection, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from shards.io import META_FILE, iterate_samples, list_shards, raise_error
+from shards.schema import META_KEY, SampleMeta, ShardFormatError, decode_sample
+
+Folder = str | os.PathLike[str]
+
+
+def split_shards(folder: Folder, split: str) -> list[Path]:
+    """Shards that may hold `split`: stage one names its shards after the split (`{split}-...tar`); a folder whose
+    shards are named otherwise is read whole (samples are then selected by their json 'split')."""
+    return list_shards(folder, split) or list_shards(folder)
+
+
+def _require_folder(folder: Folder) -> Path:
+    folder = Path(folder)
+    if not (folder / META_FILE).exists():
+        raise ShardFormatError(f"{folder / META_FILE}: missing (not a stage-one output folder?)")
+    return folder
+
+
+def _members(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
+    """(sample key, member extension, bytes) of the members of one shard whose extension `wanted` accepts, in tar
+    order; the others are skipped unread. ShardFormatError naming the shard when it cannot be read."""
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if not member.isfile() or not wanted(ext):
+                    continue
+                handle = tar.extractfile(member)
+                yield key, ext, handle.read() if handle is not None else b""
+    except (tarfile.TarError, OSError) as error:
+        raise ShardFormatError(f"{path}: unreadable shard ({error})") from None
+
+
+def _meta(path: Path, data: bytes) -> SampleMeta:
+    try:
+        return SampleMeta.from_json(json.loads(data))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ShardFormatError(f"{path}: a json member is not JSON ({error})") from None
+    except ShardFormatError as error:
+        raise ShardFormatError(f"{path}: {error}") from None
+
+
+def iter_meta(paths: Iterable[Path]) -> Iterator[SampleMeta]:
+    """The `SampleMeta` of every sample of these shards, in order (only json members are read)."""
+    for path in paths:
+        for _, _, data in _members(path, lambda ext: ext == META_KEY):
+            yield _meta(path, data)
+
+
+def read_split(folder: Folder, split: str) -> list[SampleMeta]:
+    """The samples of `split` in a stage-one output folder, in shard order (only json members are read)."""
+    return [meta for meta in iter_meta(split_shards(_require_folder(folder), split)) if meta.split == split]
+
+
+def iter_split(folder: Folder, split: str, ids: Collection[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Decoded samples of `split` (only the clips `ids` when given), in shard order."""
+    wanted = None if ids is None else set(ids)
+    for sample in iterate_samples(split_shards(_require_folder(folder), split)):
+        meta = sample[META_KEY]
+        if meta.get("split") == split and (wanted is None or meta.get("id") in wanted):
+            yield sample
+
+
+def _samples(path: Path, exts: Collection[str]) -> Iterator[dict[str, bytes]]:
+    """The members `exts` of each sample of one shard, grouped by sample ({ext: bytes}). WebDataset keeps a sample's
+    members together, so a sample is complete when the key changes."""
+    key: str | None = None
+    found: dict[str, bytes] = {}
+    for name, ext, data in _members(path, lambda ext: ext in exts):
+        if name != key and found:
+            yield found
+            found = {}
+        key, found[ext] = name, data
+    if found:
+        yield found
+
+
+def iter_member(folder: Folder, split: str, member: str, ids: Collection[str] | None = None
+                ) -> Iterator[tuple[SampleMeta, bytes]]:
+    """(meta, bytes of `member`) of each sample of `split` (only the clips `ids` when given) that has that member,
+    in shard order, reading only the json and that member."""
+    wanted = None if ids is None else set(ids)
+    for path in split_shards(_require_folder(folder), split):
+        for found in _samples(path, (META_KEY, member)):
+            if META_KEY not in found or member not in found:
+                continue
+            meta = _meta(path, found[META_KEY])
+            if meta.split == split and (wanted is None or meta.id in wanted):
+                yield meta, found[member]
+
+
+def _split_of(raw: dict[str, Any]) -> str | None:
+    data = raw.get(META_KEY)
+    if data is None:
+        return None
+    meta = json.loads(data.decode("utf-8"))
+    return meta.get("split") if isinstance(meta, dict) else None
+
+
+def sample_stream(urls: list[str], split: str, shuffle_buffer: int, rng: random.Random, skip: int = 0) -> wds.WebDataset:
+    """Decoded samples of `split` from `urls` in the given shard order: each rank takes every world-th shard
+    (`wds.split_by_node`), each DataLoader worker every n-th of those (`wds.split_by_worker`); then a shuffle
+    buffer of `shuffle_buffer` samples drawn with `rng`, and the first `skip` samples dropped before decoding
+    (a resumed epoch). Members are decoded by `decode_sample` (never webdataset's `.decode()`, which unpickles)."""
+    dataset = wds.WebDataset(
+        urls,
+        shardshuffle=False,  # the caller orders the shards (identically on every rank)
+        nodesplitter=wds.split_by_node,
+        workersplitter=wds.split_by_worker,
+        empty_check=False,  # fewer shards than workers leaves some workers without shards
+        handler=raise_error,
+    )
+    return (
+        dataset.select(lambda raw: _split_of(raw) == split)
+        .shuffle(shuffle_buffer, rng=rng)
+        .slice(skip, None)
+        .map(decode_sample)
+    )
