@@ -71,7 +71,7 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy preprocess shards train eval vta_sam
+	$(VENV)/bin/mypy shards common audio_models preprocess train eval vta_sam
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.features_cpu

@@ -58,14 +58,6 @@ class AudioVAE(FrozenModule):
             vae = vae.to(dtype=half_dtype(cfg.half, device))
         return cls(vae, cfg.batch_clips, checksum)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
-
     @torch.inference_mode()
     def encode(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-mel (B, 1024, 64) -> posterior mean and std, each (B, C, 1024/ds, 64/ds) float32."""

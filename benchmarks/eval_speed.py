@@ -12,8 +12,6 @@ steps on --shards (or on random shards when that folder has no test split). Gene
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -24,34 +22,18 @@ import soundfile
 import torch
 
 import shards
+from benchmarks.random_shards import write_random_shards
 from benchmarks.results import machine_name, write_section
+from eval.audio_embedding import embed_clips
+from eval.clips import read_split, select_clips, wav_path
 from eval.config import PRESETS
-from eval.embed import embed_clips
-from eval.evaluate import load_embedders
-from eval.generate import generate, read_split, select_clips, wav_path
+from eval.embed import load_embedders
+from eval.generate import generate
 from eval.metrics import frechet_distance
 from preprocess.config import PRESETS as FEATURE_PRESETS
-from tests.conftest import make_sample
 from train.__main__ import main as train_main
 
 SAMPLERS = (("ddim", 300), ("dpmsolver++", 25))
-
-
-def random_shards(folder: Path, clips: int) -> Path:
-    """Tiny-preset shards (full 10.24 s latents): 8 training clips and `clips` test clips of random features."""
-    features = FEATURE_PRESETS["tiny"]
-    spec = features.shard_spec()
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"schema_version": shards.SCHEMA_VERSION, "spec": spec.to_dict(), "config": dataclasses.asdict(features)}
-    (folder / shards.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-    for split, count in (("train", 8), ("test", clips)):
-        writer = shards.ShardWriter(folder, split, 0, 64)
-        for i in range(count):
-            sample_meta, arrays, waveform = make_sample(spec, f"{split}{i}", seed=i, split=split)
-            sample_meta["duration"] = spec.window_seconds
-            writer.write(shards.encode_sample(spec, sample_meta, arrays, waveform))
-        writer.close()
-    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="eval_speed_"))
     data = Path(args.shards)
     if not (data / shards.META_FILE).exists() or not read_split(data, "test"):
-        data = random_shards(work / "shards", args.clips)
+        # tiny-preset shards of random features: 8 training clips and --clips test clips
+        data = write_random_shards(work / "shards", FEATURE_PRESETS["tiny"], {"train": 8, "test": args.clips}, per_shard=64)
     run = Path(args.run)
     if not (run / "model" / "ema.safetensors").exists():
         run = work / "run"

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Download, HERE (a machine with PyPI), the wheels that the GPU machine lacks, into .whl/ (git-ignored).
+# Download, on a machine with PyPI, the wheels that an offline GPU node lacks, into .whl/ (git-ignored).
 #
-# The lent GPU machine (device tool, kind nvidia-h200) has Python 3.12, torch 2.11, torchvision 0.26,
-# transformers 5.17, accelerate 1.15, einops, safetensors, h5py, opencv-headless, scipy, scikit-learn, numba,
-# timm, Pillow, pyyaml, requests... but not the packages below, and it cannot reach any registry. So they travel
-# as wheels (`carry: [".whl"]`) and benchmarks/gpu.sh installs them with --no-index --no-deps.
-# The command is the one of /work/.library/device/README.md: CPython 3.12, manylinux x86_64, --no-deps, each
-# dependency named (one version each: two versions of one package stop the whole install). The versions are
-# the ones this project tests with on the CPU (requirements.txt / the project venv).
+# The GPU image this was made for has Python 3.12, torch 2.11, torchvision 0.26, transformers 5.17, accelerate
+# 1.15, einops, safetensors, h5py, opencv-headless, scipy, scikit-learn, numba, timm, Pillow, pyyaml, requests...
+# but not the packages below, and it cannot reach any registry. So they travel with the repository as wheels
+# and benchmarks/gpu.sh installs them with --no-index --no-deps.
+# The wheels: CPython 3.12, manylinux x86_64, --no-deps, each dependency named (one version each: two versions
+# of one package stop the whole install). The versions are the ones this project tests with on the CPU
+# (requirements.txt / the project venv). Edit --python-version and the platforms below for another image.
 #
 #   bash benchmarks/fetch_gpu_wheels.sh            # uses .venv/bin/python's pip, or python3's
 #

@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
-# One-call GPU benchmark of the three stages (benchmarks/gpu_bench.py), for the lent GPU machine (no network).
+# One-call GPU benchmark of the three stages (benchmarks/gpu_bench.py), made for a GPU node without network access.
 #
-# HOW A SESSION RUNS IT ON THE DEVICE (the `run` tool of /work/.library/device/README.md, kind nvidia-h200):
-#   1. here, once:  bash benchmarks/fetch_gpu_wheels.sh     # wheels the GPU image lacks -> .whl/ (~63 MB, git-ignored)
-#   2. run tool:    command "bash benchmarks/gpu.sh", carry [".whl"], timeout_s 600
-#                   then, as a second call, "bash benchmarks/gpu.sh --sections training generation --compile" (the
-#                   torch.compile and CUDA-graph comparisons: minutes of compilation, so they have a run of their own)
-#                   (the working tree + .whl must stay under 64 MiB: check `du -sh .whl` and the tree first)
-#   3. results:     the reply's files_at folder holds what the script wrote into $OUT there:
-#                   gpu_bench.json (every number), gpu_bench.md (summary), gpu_bench.log, nvidia-smi.txt;
-#                   the summary is also the end of output_tail. Copy them into the repository (e.g.
-#                   benchmarks/gpu_results/) and record the summary with benchmarks.results.write_section.
+# On a GPU node whose Python has torch, torchvision, transformers and accelerate but not the rest:
+#   1. on a machine with PyPI:  bash benchmarks/fetch_gpu_wheels.sh   # the missing wheels -> .whl/ (~63 MB, git-ignored)
+#   2. copy the repository with .whl/ to the GPU node and run there:
+#        OUT=/some/folder bash benchmarks/gpu.sh
+#      then, as a second run, the torch.compile and CUDA-graph comparisons (minutes of compilation each):
+#        OUT=/some/folder bash benchmarks/gpu.sh --sections training generation --compile
+#   3. results in $OUT: gpu_bench.json (every number), gpu_bench.md (summary), gpu_bench.log, nvidia-smi.txt;
+#      copy them into benchmarks/results/ and record the summary with benchmarks.results.write_section.
 # It needs at most ~8 minutes: the pip install (~20 s), then gpu_bench.py with a 420 s budget for its sections,
 # under a hard `timeout` of 470 s (whatever was measured by then is in the JSON: it is rewritten after each section).
 #

@@ -9,9 +9,10 @@ Sections (each guarded: a failure is recorded in the JSON and the next section s
   write) on synthetic demo clips, next to the encoders alone on pre-decoded clips; per model (CLIP, Grounding
   DINO, SAM, VAE) time, FLOPs (torch.utils.flop_counter: matmuls, convolutions and attention only; Grounding
   DINO's deformable sampling is not counted) and peak GPU memory.
-- training: samples/s of the stage-two step (forward, min-SNR loss, backward, clip, AdamW; bf16 autocast as the
-  paper preset's accelerate run) fed from shards (`train.data.make_loader`) vs one batch held in memory, and model
-  FLOPs utilisation MFU = FLOPs per step (forward + backward, counted) x steps/s / peak.
+- training: samples/s of the stage-two step (the trainer's `train.diffusion.training_loss`: forward, min-SNR loss;
+  then backward, clip, AdamW; bf16 autocast as the paper preset's accelerate run) fed from shards
+  (`train.data.make_loader`) vs one batch held in memory, and model FLOPs utilisation MFU = FLOPs per step
+  (forward + backward, counted) x steps/s / peak.
 - generation: seconds to generate one 10.24 s clip (`train.sample` with classifier-free guidance, then the AudioLDM
   VAE decoder and HiFi-GAN of `eval.generate.Decoder`) at batch 1 and 16, DDIM-300 and DPM-Solver++-25. A run
   that would not fit the budget is timed over a few sampler steps and extrapolated (marked so).
@@ -227,7 +228,7 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
         build_seconds, encoders = timed(lambda: Encoders(cfg, None, device), device)
     out["build_seconds"] = round(build_seconds, 1)
     out["parameters_m"] = {name: round(sum(p.numel() for p in module.parameters()) / 1e6, 1)
-                           for name, module in (("clip", encoders.clip), ("grounding_dino", encoders.grounder.detector),
+                           for name, module in (("clip", encoders.clip_encoder), ("grounding_dino", encoders.grounder.detector),
                                                 ("sam", encoders.grounder.sam), ("vae", encoders.vae)) if module is not None}
     out["model_memory_gib"] = memory["peak_memory_gib"]
 
@@ -296,10 +297,10 @@ def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[
     def half_precision() -> dict[str, Any]:
         if device.type != "cuda" or not cfg.half:
             return {"skipped": "float16 inference is CUDA-only (cfg.half)"}
-        models = [m for m in (encoders.clip.model, grounder.detector, grounder.sam) if m is not None]
+        models = [m for m in (encoders.clip_encoder.model, grounder.detector, grounder.sam) if m is not None]
 
         def both() -> None:
-            encoders.clip.encode_frames(torch.cat(frames))
+            encoders.clip_encoder.encode_frames(torch.cat(frames))
             grounder.probabilities(frames, nouns)
 
         for model in models:  # the weights only (the wrappers' float32 buffers stay as they are)
@@ -352,7 +353,7 @@ def per_model_costs(encoders: Any, batch: list[dict[str, Any]], nouns: list[list
             grounder.sam = sam
 
     jobs: dict[str, Callable[[], Any]] = {
-        "clip": lambda: encoders.clip.encode_frames(torch.cat(frames)),
+        "clip": lambda: encoders.clip_encoder.encode_frames(torch.cat(frames)),
         "grounding_dino": grounding_only,
         "grounding_dino+sam": lambda: grounder.probabilities(frames, nouns),
         "vae_encoder": lambda: encoders.vae.encode(mels),
@@ -379,35 +380,22 @@ def per_model_costs(encoders: Any, batch: list[dict[str, Any]], nouns: list[list
 
 
 # ----------------------------------------------------------------------------------- training
-def write_random_shards(folder: Path, spec: Any, count: int) -> None:
-    """`count` spec-conformant random samples (tests.conftest.make_sample) in shards of 16, plus meta.json."""
-    import shards
-    from tests.conftest import make_sample
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / shards.META_FILE).write_text(json.dumps({"schema_version": shards.SCHEMA_VERSION, "spec": spec.to_dict()}))
-    writer = shards.ShardWriter(folder, "train", 0, 16)
-    for i in range(count):
-        meta, arrays, waveform = make_sample(spec, f"clip{i:05d}", num_nouns=4, seed=i)
-        writer.write(shards.encode_sample(spec, meta, arrays, waveform))
-    writer.close()
-
-
 def bench_training(preset: str, device: torch.device, root: Path, steps: int, deadline: Deadline,
                    device_info: dict[str, Any], log: Callable[[str], None], compile_runs: bool = False) -> dict[str, Any]:
     import shards
+    from benchmarks.random_shards import write_random_shards
     from common.devices import tune_backends
     from preprocess.config import PRESETS as FEATURE_PRESETS
     from train.config import PRESETS
     from train.data import make_loader
-    from train.diffusion import diffusion_loss, noise_scheduler, sample_latents, training_target
+    from train.diffusion import noise_scheduler, training_loss
     from train.model import VTASAM
     from train.speed import speed_up
 
     spec = FEATURE_PRESETS[preset].shard_spec()
     folder = root / "train_shards"
     config = PRESETS[preset]
-    write_random_shards(folder, spec, max(4 * config.batch_size, 64))
+    write_random_shards(folder, FEATURE_PRESETS[preset], {"train": max(4 * config.batch_size, 64)}, num_nouns=4)
     workers = min(config.num_workers, max(1, (os.cpu_count() or 2) // 4)) if device.type == "cuda" else 0
     config = config.replace(shards=str(folder), num_workers=workers, cpu=device.type == "cpu")
     bf16 = config.mixed_precision == "bf16" and device.type == "cuda"
@@ -427,19 +415,12 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
                            "precision": "bf16 autocast" if bf16 else "float32", "loader_workers": workers,
                            "pin_memory": cuda, "fused_adamw": cuda, "channels_last": config.channels_last,
                            "compile": config.compile,
-                           "includes": "forward, min-SNR loss, backward, grad clip, AdamW step (no EMA update)"}
+                           "includes": "the trainer's training_loss (forward, min-SNR loss), backward, grad clip, AdamW step "
+                                       "(no EMA update)"}
 
     def loss_of(batch: dict[str, Any], use_bf16: bool = bf16) -> torch.Tensor:
-        mean = batch["latent_mean"].to(device, non_blocking=True)
-        std = batch["latent_std"].to(device, non_blocking=True)
-        z0 = sample_latents(mean, std if config.posterior_sample else None, config.vae_scaling_factor)
-        noise = torch.randn_like(z0)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), device=device)
-        drop = torch.rand(z0.shape[0], device=device) < config.uncond_probability
-        conditions = {k: batch[k].to(device, non_blocking=True) for k in ("video", "objects", "caption")}
-        with autocast(device, use_bf16):
-            prediction = model(scheduler.add_noise(z0, noise, t), t, conditions, drop)
-        return diffusion_loss(prediction.float(), training_target(scheduler, z0, noise, t), t, scheduler, config.min_snr_gamma)
+        """The trainer's step loss (`train.diffusion.training_loss`); bf16 autocast as accelerate's (CUDA only)."""
+        return training_loss(model, scheduler, batch, config, device=device, precision=torch.bfloat16 if use_bf16 else None)
 
     def step(batch: dict[str, Any], opt: torch.optim.Optimizer, use_bf16: bool = bf16) -> None:
         loss = loss_of(batch, use_bf16)
@@ -561,6 +542,7 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
 # ----------------------------------------------------------------------------------- generation
 def bench_generation(preset: str, device: torch.device, deadline: Deadline, log: Callable[[str], None],
                      compile_runs: bool = False) -> dict[str, Any]:
+    import shards
     import train
     from audio_models.decoder import Decoder
     from common.devices import tune_backends
@@ -574,7 +556,7 @@ def bench_generation(preset: str, device: torch.device, deadline: Deadline, log:
     bf16 = config.mixed_precision == "bf16" and device.type == "cuda"
     torch.manual_seed(0)
     model = VTASAM(config, spec).to(device).eval()
-    decoder = Decoder(features, None, device, config.vae_scaling_factor)
+    decoder = Decoder(features.audio_models(), None, device, config.vae_scaling_factor)
     tune_backends(device)  # as evaluation does
     out: dict[str, Any] = {"preset": preset, "guidance": 3.0, "clip_seconds": spec.window_seconds,
                            "unet_precision": "bf16 autocast" if bf16 else "float32",
@@ -582,9 +564,7 @@ def bench_generation(preset: str, device: torch.device, deadline: Deadline, log:
 
     def conditions(batch: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(batch)
-        return {"video": torch.randn(batch, spec.num_frames, spec.embed_dim, generator=g).to(device),
-                "objects": torch.randn(batch, spec.num_frames, spec.embed_dim, generator=g).to(device),
-                "caption": torch.randn(batch, spec.embed_dim, generator=g).to(device)}
+        return {c.name: torch.randn(batch, *c.shape(spec), generator=g).to(device) for c in shards.CONDITIONS}
 
     def sample(batch: int, sampler: str, steps: int, use_bf16: bool = bf16) -> torch.Tensor:
         generator = torch.Generator(device).manual_seed(0)

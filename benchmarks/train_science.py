@@ -38,7 +38,6 @@ import shards
 from benchmarks.results import machine_name, write_section
 from train import load_model, sample
 from train.__main__ import main as train_main
-from train.data import to_example
 
 RIDGE = 0.1  # ridge penalty of the loudness readout (128 inputs, ~5000 training steps per 24 clips)
 
@@ -161,8 +160,7 @@ def load_clips(folder: Path, train: bool) -> Clips:
 def generate(run: Path, clips: Clips, steps: int, guidance: float, seeds: int) -> np.ndarray:
     """(seeds, B, C, T, F) latents generated for the clips' own conditions, unscaled (VAE latent units)."""
     model, config = load_model(run)
-    examples = [to_example(s, config.object_threshold) for s in clips.samples]
-    conditions = {k: torch.stack([e[k] for e in examples]) for k in ("video", "objects", "caption")}
+    conditions = shards.stack_conditions([shards.sample_conditions(s, config.object_threshold) for s in clips.samples])
     draws = [sample(model, conditions, steps=steps, guidance=guidance, generator=torch.Generator().manual_seed(seed))
              for seed in range(seeds)]
     return torch.stack(draws).numpy() / config.vae_scaling_factor

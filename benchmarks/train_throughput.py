@@ -1,6 +1,6 @@
 """Training throughput: reading from shards (the trainer's stream) versus one batch held in memory.
 
-Same tiny model, batch and step (forward, backward, AdamW); the difference is the cost of reading,
+Same tiny model, batch and step (the trainer's `training_loss`, backward, AdamW); the difference is the cost of reading,
 decoding and collating shards. Writes a section of benchmarks/RESULTS.md.
 
     python -m benchmarks.train_throughput [--steps 30]
@@ -9,7 +9,6 @@ decoding and collating shards. Writes a section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -19,40 +18,23 @@ from pathlib import Path
 import torch
 
 import shards
+from benchmarks.random_shards import write_random_shards
 from benchmarks.results import machine_name, write_section
 from preprocess.config import PRESETS as FEATURE_PRESETS
-from tests.conftest import make_sample
 from train.config import PRESETS
 from train.data import make_loader
-from train.diffusion import diffusion_loss, noise_scheduler, sample_latents, training_target
+from train.diffusion import noise_scheduler, training_loss
 from train.model import VTASAM
 
 
-def write_random_shards(folder: Path, count: int) -> None:
-    spec = FEATURE_PRESETS["tiny"].shard_spec()
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"schema_version": shards.SCHEMA_VERSION, "spec": spec.to_dict()}
-    (folder / shards.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-    writer = shards.ShardWriter(folder, "train", 0, 16)
-    for i in range(count):
-        meta, arrays, waveform = make_sample(spec, f"clip{i}", seed=i)
-        writer.write(shards.encode_sample(spec, meta, arrays, waveform))
-    writer.close()
-
-
 def timed_steps(model, optimizer, scheduler, config, batches, steps: int) -> float:
-    """Samples per second over `steps` training steps after 3 warm-up steps."""
+    """Samples per second over `steps` training steps (`train.diffusion.training_loss`, backward, AdamW) after 3
+    warm-up steps."""
     start = time.perf_counter()
     for index in range(steps + 3):
         if index == 3:
             start = time.perf_counter()
-        batch = next(batches)
-        z0 = sample_latents(batch["latent_mean"], batch["latent_std"], config.vae_scaling_factor)
-        noise = torch.randn_like(z0)
-        t = torch.randint(0, 1000, (z0.shape[0],))
-        conditions = {k: batch[k] for k in ("video", "objects", "caption")}
-        loss = diffusion_loss(model(scheduler.add_noise(z0, noise, t), t, conditions),
-                              training_target(scheduler, z0, noise, t), t, scheduler, config.min_snr_gamma)
+        loss = training_loss(model, scheduler, next(batches), config)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -67,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "shards"
-        write_random_shards(folder, 64)
+        write_random_shards(folder, FEATURE_PRESETS["tiny"], {"train": 64})
         config = PRESETS["tiny"].replace(shards=str(folder), num_workers=args.workers)
         spec = shards.read_spec(folder)
         torch.manual_seed(0)

@@ -38,6 +38,15 @@ class FrozenModule(nn.Module):
         self.requires_grad_(False)
         return super().train(False)
 
+    @property
+    def device(self) -> torch.device:
+        """Where its first parameter (the wrapped model's, registered first) lives."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
     def train(self, mode: bool = True) -> FrozenModule:
         # frozen models never switch to training behaviour (dropout, drop-path), whatever a caller asks
         return super().train(False)

@@ -1,6 +1,8 @@
-"""Stage three: evaluation. Audio embedders (PANNs Cnn14, VGGish), metric functions on arrays (FD, FAD, KL,
-AV-Align) and the cache of ground-truth embeddings. Generation builds on these; see `eval.metrics` for the
-definitions and their sources."""
+"""Stage three: evaluation, one straight pipeline (`eval.evaluate`): select the clips (`eval.clips`) -> generate
+their WAVs (`eval.generate`) -> embed the reference and generated audio (`eval.embed`, on `eval.audio_embedding`,
+`eval.cache`, `eval.panns`, `eval.vggish`) -> score every metric of the registry (`eval.score`, `eval.registry`,
+`eval.av_align`) -> write results.json, report.md and figure.png (`eval.report`, `eval.figures`). The metric
+functions on arrays exported here (`eval.metrics`) state their definitions and sources."""
 
 from eval.metrics import (
     audio_peaks,

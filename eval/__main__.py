@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(config: EvalConfig, args: argparse.Namespace) -> int:
-    from eval.evaluate import RESULTS_FILE, EvalError, evaluate
-    from eval.report import table
+    from eval.clips import EvalError
+    from eval.evaluate import evaluate
+    from eval.report import RESULTS_FILE, table
     from shards import ShardFormatError
 
     try:

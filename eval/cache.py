@@ -34,7 +34,7 @@ from urllib.parse import quote
 import h5py
 import numpy as np
 
-from eval.embed import AudioEmbedding, embed_clips
+from eval.audio_embedding import AudioEmbedding, embed_clips
 from eval.panns import Cnn14
 from eval.vggish import VGGish
 
@@ -96,7 +96,7 @@ def _write_header(handle: h5py.File, protocol: dict[str, Any]) -> None:
     handle.require_group("clips")
 
 
-def _write_clip(handle: h5py.File, clip_id: str, clip: AudioEmbedding, audio_sha256: str | None) -> None:
+def _write_clip(handle: h5py.File, clip_id: str, embedding: AudioEmbedding, audio_sha256: str | None) -> None:
     name = _group_name(clip_id)
     clips = handle["clips"]
     if name in clips:
@@ -106,7 +106,7 @@ def _write_clip(handle: h5py.File, clip_id: str, clip: AudioEmbedding, audio_sha
     if audio_sha256 is not None:
         group.attrs["audio_sha256"] = audio_sha256
     for key in DATASETS:
-        group.create_dataset(key, data=np.asarray(getattr(clip, key), dtype=np.float32))
+        group.create_dataset(key, data=np.asarray(getattr(embedding, key), dtype=np.float32))
     group.attrs["complete"] = True  # last: a clip without it was cut short and is not trusted
     handle.flush()
 
@@ -127,7 +127,7 @@ def read_cache(path: str | Path, protocol: dict[str, Any] | None = None) -> dict
         if protocol is not None and _stored_protocol(handle) != _encode(protocol):
             raise ValueError(f"{path}: embeddings were computed under another protocol (front end, duration "
                              f"or checkpoint); delete it or run ground_truth_embeddings to rebuild")
-        return {clip_id: clip for clip_id, (clip, _) in _read_clips(handle).items()}
+        return {clip_id: embedding for clip_id, (embedding, _) in _read_clips(handle).items()}
 
 
 def _matching_clips(path: Path, protocol: dict[str, Any]) -> dict[str, Cached] | None:
@@ -204,10 +204,10 @@ def ground_truth_embeddings(
                             "again", path, changed)
             if resumed:
                 log.info("%s: %d clips cached, %d to embed", path, len(resumed), len(todo))
-            clips = ((clip_id, load_audio(clip_id)) for clip_id in todo)
-            for clip_id, clip in embed_clips(clips, cnn14, vggish, sample_rate, duration, batch_size, len(todo),
-                                             progress):
-                _write_clip(handle, clip_id, clip, hashes.get(clip_id))
-                resumed[clip_id] = (clip, hashes.get(clip_id))
+            waves = ((clip_id, load_audio(clip_id)) for clip_id in todo)
+            for clip_id, embedding in embed_clips(waves, cnn14, vggish, sample_rate, duration, batch_size, len(todo),
+                                                  progress):
+                _write_clip(handle, clip_id, embedding, hashes.get(clip_id))
+                resumed[clip_id] = (embedding, hashes.get(clip_id))
         os.replace(partial, path)
     return {clip_id: resumed[clip_id][0] for clip_id in wanted}

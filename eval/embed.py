@@ -1,113 +1,166 @@
-"""Per-clip audio embeddings for the metrics, batched over clips, and the set-level audio metrics (FD, FAD, KL).
+"""The embedding step of an evaluation: the two embedders, the reference set and the generated set.
 
-One `AudioEmbedding` per clip: the Cnn14 embedding (FD), the Cnn14 class probabilities (KL) and the VGGish patch
-embeddings (FAD). Waveforms are brought to the protocol first (`prepare_waveform`: mono, 16 kHz, cut or
-zero-padded to the protocol's duration), so reference and generated audio are measured the same way.
+Embedders: PANNs Cnn14 (FD, KL) and VGGish (FAD) from `embedder_weights` when the official checkpoints are there,
+else seeded random weights when the config allows them (`load_embedders`). Reference set: the shards'
+ground-truth audio (the `flac` member) of every selected clip, embedded once per protocol into the HDF5 cache of
+`eval.cache`, each clip checked against the sha256 of its audio. Generated set: the readable WAVs of
+<output>/wav; a WAV that cannot be read is a failure, not silence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from itertools import islice
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import librosa
 import numpy as np
-from tqdm import tqdm
+import soundfile
 
-from eval.metrics import frechet_distance, kl_divergence
-from eval.panns import Cnn14
-from eval.vggish import VGGish, waveform_to_patches
-
-RESAMPLER = "soxr_hq"  # librosa.resample's res_type (its default, and librosa.load's): named so results record it
-
-
-@dataclass(frozen=True)
-class AudioEmbedding:
-    cnn14_embedding: np.ndarray  # (cnn14 embed_dim,) relu(fc1): FD
-    cnn14_probs: np.ndarray  # (classes,) softmax of the AudioSet logits: KL
-    vggish: np.ndarray  # (n_patches, 128): FAD, one per 0.96 s patch
+import shards
+from common.devices import resolve_device
+from eval import cache
+from eval.audio_embedding import RESAMPLER, AudioEmbedding, embed_clips
+from eval.clips import EvalError, iterate_reference_audio, read_wav, shards_config_sha256, wav_path
+from eval.config import EvalConfig
+from eval.panns import CHECKPOINT_NAME as CNN14_FILE
+from eval.panns import CNN14_CONFIGS, Cnn14, load_cnn14
+from eval.vggish import CHECKPOINT_NAME as VGGISH_FILE
+from eval.vggish import VGGISH_CONFIGS, VGGish, load_vggish
 
 
-def prepare_waveform(waveform: np.ndarray, sample_rate: int, target_rate: int, duration: float | None) -> np.ndarray:
-    """(L,) or (channels, L) -> (L',) float32 at `target_rate`: channels averaged, resampled (librosa soxr_hq),
-    then cut or zero-padded to round(duration * target_rate) samples unless `duration` is None."""
-    y = np.asarray(waveform, dtype=np.float32)
-    if y.ndim == 2:
-        y = y.mean(axis=0)
-    if y.ndim != 1:
-        raise ValueError(f"expected an (L,) or (channels, L) waveform, got shape {np.shape(waveform)}")
-    if sample_rate != target_rate:
-        y = librosa.resample(y, orig_sr=sample_rate, target_sr=target_rate, res_type=RESAMPLER)
-    if duration is not None:
-        length = round(duration * target_rate)
-        y = np.pad(y[:length], (0, max(0, length - y.size)))
-    return np.ascontiguousarray(y, dtype=np.float32)
-
-
-def embed_clips(
-    clips: Iterable[tuple[str, np.ndarray]],
-    cnn14: Cnn14,
-    vggish: VGGish,
-    sample_rate: int,
-    duration: float | None,
-    batch_size: int = 8,
-    total: int | None = None,
-    progress: bool = True,
-) -> Iterator[tuple[str, AudioEmbedding]]:
-    """Embed (clip id, waveform at `sample_rate`) pairs, `batch_size` clips per Cnn14 forward pass; yields
-    (id, AudioEmbedding) in input order. Clips of different lengths (duration None) are batched by length, since
-    padding would change Cnn14's time pooling."""
-    if cnn14.config.sample_rate != vggish.config.sample_rate:
-        raise ValueError("Cnn14 and VGGish must share a sample rate")
-    rate = cnn14.config.sample_rate
-    iterator = iter(clips)
-    with tqdm(total=total, disable=not progress, unit="clip", desc="embedding audio") as bar:
-        while batch := list(islice(iterator, batch_size)):
-            waves = [prepare_waveform(w, sample_rate, rate, duration) for _, w in batch]
-            embeddings: list[np.ndarray] = [np.empty(0)] * len(batch)
-            probs: list[np.ndarray] = [np.empty(0)] * len(batch)
-            for length in dict.fromkeys(w.size for w in waves):
-                index = [i for i, w in enumerate(waves) if w.size == length]
-                e, p = cnn14.embed_and_probs(np.stack([waves[i] for i in index]))
-                for row, i in enumerate(index):
-                    embeddings[i], probs[i] = e[row], p[row]
-            # VGGish: all patches of the batch in one pass, split back per clip
-            patches = [waveform_to_patches(w, rate, vggish.config) for w in waves]
-            flat = vggish.embed_log_mel_patches(np.concatenate(patches))
-            splits = np.cumsum([len(p) for p in patches])[:-1]
-            for (clip_id, _), e, p, v in zip(batch, embeddings, probs, np.split(flat, splits)):
-                yield clip_id, AudioEmbedding(cnn14_embedding=e, cnn14_probs=p, vggish=v)
-            bar.update(len(batch))
-
-
-def audio_metrics(reference: Mapping[str, AudioEmbedding], generated: Mapping[str, AudioEmbedding],
-                  errors: dict[str, str] | None = None) -> dict[str, Any]:
-    """FD (Cnn14 embeddings, one per clip), FAD (VGGish patch embeddings of each set pooled) and KL (Cnn14 class
-    probabilities paired by clip id: KL(reference || generated)), with the counts they rest on.
-
-    With `errors`, a metric whose computation raises (e.g. sqrtm with a large imaginary part) is None and
-    errors[metric] says why, so the others survive; without it the exception propagates.
-    """
-    out: dict[str, Any] = {"n_reference": len(reference), "n_generated": len(generated)}
-
-    def guarded(name: str, compute: Callable[[], Any]) -> Any:
-        if errors is None:
-            return compute()
+# ----------------------------------------------------------------------------------------------------------------
+# Embedders
+# ----------------------------------------------------------------------------------------------------------------
+def load_embedders(config: EvalConfig) -> tuple[Cnn14, VGGish, bool]:
+    """Cnn14 and VGGish from `embedder_weights` when the official files are there; seeded random weights when
+    they are absent and `random_embedders` is on. Returns (cnn14, vggish, random weights?)."""
+    folder = Path(config.embedder_weights)
+    device = resolve_device(config.device)
+    if (folder / CNN14_FILE).is_file() and (folder / VGGISH_FILE).is_file():
         try:
-            return compute()
-        except Exception as error:  # any numerical failure of one metric: recorded, not fatal
-            errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            return None
+            return load_cnn14(folder, device), load_vggish(folder, device), False
+        except ValueError as error:
+            raise EvalError(str(error)) from None
+    if not config.random_embedders:
+        missing = [name for name in (CNN14_FILE, VGGISH_FILE) if not (folder / name).is_file()]
+        raise EvalError(f"{folder}: {' and '.join(missing)} missing; put the official checkpoints there or pass "
+                        "--random-embedders (numbers then not comparable to published ones)")
+    size = config.random_embedder_size
+    return (load_cnn14(None, device, CNN14_CONFIGS[size], seed=config.embedder_seed),
+            load_vggish(None, device, VGGISH_CONFIGS[size], seed=config.embedder_seed), True)
 
-    out["fd"] = guarded("fd", lambda: frechet_distance(np.stack([c.cnn14_embedding for c in reference.values()]),
-                                                       np.stack([c.cnn14_embedding for c in generated.values()])))
-    ref_patches = np.concatenate([c.vggish for c in reference.values()])
-    gen_patches = np.concatenate([c.vggish for c in generated.values()])
-    out.update(n_reference_patches=len(ref_patches), n_generated_patches=len(gen_patches))
-    out["fad"] = guarded("fad", lambda: frechet_distance(ref_patches, gen_patches))
-    kl = guarded("kl", lambda: kl_divergence({k: c.cnn14_probs for k, c in reference.items()},
-                                             {k: c.cnn14_probs for k, c in generated.items()}))
-    out["kl"], out["kl_pairs"] = kl if kl is not None else (None, 0)
-    return out
+
+def embedder_protocol(config: EvalConfig, cnn14: Cnn14, vggish: VGGish, random_weights: bool) -> dict[str, Any]:
+    """What the embeddings depend on, as results.json's protocol states it."""
+    return {
+        "duration": config.metric_duration, "sample_rate": cnn14.config.sample_rate,
+        "embedders": {"cnn14": cnn14.protocol(), "vggish": vggish.protocol()},
+        "embedder_checkpoints": {"cnn14": cnn14.checkpoint_id, "vggish": vggish.checkpoint_id},
+        "random_embedders": random_weights,
+        "random_embedder_size": config.random_embedder_size if random_weights else None,
+        "embedder_seed": config.embedder_seed if random_weights else None,
+        "resampler": f"librosa.resample(res_type={RESAMPLER!r})",
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference set: the shards' audio, through the cache
+# ----------------------------------------------------------------------------------------------------------------
+class ShardAudio:
+    """Ground-truth waveform by clip id, decoded from the shards' `flac` members as one stream.
+
+    Memory stays at one clip: `ids` is the order the clips will be asked for (shard order), so the stream never
+    reads past a clip that is still wanted; members skipped on the way (clips already cached) are dropped
+    undecoded. A clip asked for out of order restarts the stream (time, not memory).
+    """
+
+    def __init__(self, folder: str | Path, split: str, ids: list[str]):
+        self.folder, self.split, self.ids = folder, split, list(ids)
+        self.stream = iterate_reference_audio(folder, split, self.ids)
+        self.where = f"{folder} (split {split})"
+
+    def __call__(self, clip_id: str) -> np.ndarray:
+        for restart in (False, True):
+            if restart:
+                self.stream = iterate_reference_audio(self.folder, self.split, self.ids)
+            for found, data in self.stream:
+                if found == clip_id:
+                    try:
+                        return soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)[0]
+                    except (soundfile.LibsndfileError, RuntimeError) as error:
+                        raise EvalError(f"{self.where}: clip {clip_id!r} has an unreadable flac member ({error})") from None
+        raise EvalError(f"{self.where}: clip {clip_id!r} not found")
+
+
+def reference_audio_hashes(folder: str | Path, split: str, ids: list[str]) -> dict[str, str]:
+    """sha256 of each clip's `flac` member bytes (one pass over the shards, reading only json and flac members);
+    EvalError when a clip has no audio."""
+    hashes = {clip_id: hashlib.sha256(data).hexdigest() for clip_id, data in iterate_reference_audio(folder, split, ids)}
+    missing = [clip_id for clip_id in ids if clip_id not in hashes]
+    if missing:
+        raise EvalError(f"{folder} (split {split}): no flac member for {len(missing)} clips (e.g. {missing[0]!r})")
+    return hashes
+
+
+def reference_fingerprint(hashes: dict[str, str]) -> str:
+    """sha256 over the sorted 'id:sha256(flac)' lines: one value naming the reference set."""
+    return hashlib.sha256("".join(f"{k}:{hashes[k]}\n" for k in sorted(hashes)).encode()).hexdigest()
+
+
+def reference_embeddings(config: EvalConfig, ids: list[str], cnn14: Cnn14, vggish: VGGish, sample_rate: int,
+                         hashes: dict[str, str], progress: bool) -> dict[str, AudioEmbedding]:
+    """Ground-truth embeddings through the HDF5 cache; one file per (split, protocol) so that switching
+    embedders does not rebuild another protocol's cache. `ids` in shard order (the audio streams in it);
+    the result keeps that order. The protocol names the shards' config and rate; `hashes` check each clip."""
+    source = {"shards_config_sha256": shards_config_sha256(config.shards), "sample_rate": sample_rate}
+    protocol = cache.cache_protocol(cnn14, vggish, config.metric_duration, source)
+    digest = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
+    path = config.cache_folder / f"{config.split}-{digest}.h5"
+    return cache.ground_truth_embeddings(path, ids, ShardAudio(config.shards, config.split, ids), cnn14, vggish,
+                                         sample_rate, config.metric_duration, progress=progress, source=source,
+                                         audio_hashes=hashes)
+
+
+def reference_set(config: EvalConfig, in_shard_order: list[shards.SampleMeta], clips: list[shards.SampleMeta],
+                  cnn14: Cnn14, vggish: VGGish, sample_rate: int,
+                  progress: bool) -> tuple[dict[str, AudioEmbedding], dict[str, Any]]:
+    """The reference embeddings of `clips` (in their order) and what names that reference set in results.json
+    (the shards' config, their rate, the fingerprint of the clips' audio). `in_shard_order`: the whole split as
+    the shards hold it, so that the audio is read in one pass."""
+    wanted = {c.id for c in clips}
+    shard_ids = [c.id for c in in_shard_order if c.id in wanted]  # reference audio streams in shard order
+    hashes = reference_audio_hashes(config.shards, config.split, shard_ids)
+    embeddings = reference_embeddings(config, shard_ids, cnn14, vggish, sample_rate, hashes, progress)
+    source = {"shards_config_sha256": shards_config_sha256(config.shards), "sample_rate": sample_rate,
+              "fingerprint": reference_fingerprint(hashes)}
+    return {c.id: embeddings[c.id] for c in clips}, source  # back to id order
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generated set: the readable WAVs
+# ----------------------------------------------------------------------------------------------------------------
+def generated_embeddings(out_dir: Path, clips: list[shards.SampleMeta], cnn14: Cnn14, vggish: VGGish,
+                         duration: float | None, failures: list[dict[str, str]],
+                         progress: bool) -> dict[str, AudioEmbedding]:
+    """Embeddings of the generated WAVs that exist and can be read; unreadable ones are appended to `failures`."""
+    rate = cnn14.config.sample_rate
+
+    def waves() -> Iterator[tuple[str, np.ndarray]]:
+        for clip in clips:
+            path = wav_path(out_dir, clip.id)
+            if not path.exists():
+                continue
+            try:
+                waveform, found = read_wav(path)
+            except ValueError as error:
+                failures.append({"id": clip.id, "stage": "read_wav", "reason": str(error)})
+                continue
+            if found != rate:  # resampled by prepare_waveform only for one shared rate: do it here per file
+                waveform = librosa.resample(waveform, orig_sr=found, target_sr=rate, res_type=RESAMPLER)
+            yield clip.id, waveform
+
+    return dict(embed_clips(waves(), cnn14, vggish, rate, duration, progress=progress))

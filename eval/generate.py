@@ -13,6 +13,9 @@ skipped WAV must have been made the way the new ones are, <output>/wav/manifest.
 audio depends on (sampler, steps, guidance, seed, peak, checksums of the model, the VAE and the shards' config);
 generating into a folder whose manifest differs is refused. The VAE and vocoder are rebuilt from the stage-one
 config stored in the shards' meta.json (`random_init` tiny models, or the weights folder).
+
+Which clips are generated, and where their WAVs go: `eval.clips`. This module also reads back what a folder of
+WAVs says about its generation (manifest, rate, recorded failures) for results.json.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,75 +38,23 @@ from audio_models.config import AudioModelConfig
 from audio_models.decoder import Decoder
 from common.devices import precision_name, resolve_device, resolve_precision, tune_backends
 from common.weights import sha256_file
+from eval.clips import WAV_DIR, EvalError, iterate_split_samples, shards_config_sha256, wav_path
 from eval.config import EvalConfig
 from train.data import to_example
 from train.speed import speed_up
 
-WAV_DIR = "wav"
 MANIFEST_FILE = "manifest.json"  # in WAV_DIR: the settings that made its WAVs
 MANIFEST_VERSION = 2  # 2: the UNet's sampling precision is recorded
 GENERATION_FAILURES = "generation_failures.jsonl"
-
-
-class EvalError(RuntimeError):
-    """Unusable evaluation input (run folder, shards, weights): one line naming the file and the reason."""
-
-
-TestClip = shards.SampleMeta  # a test clip: the json of its shard sample
-
-
-def wav_path(out_dir: Path, clip_id: str) -> Path:
-    """<out>/wav/<clip id>.wav ('/' in an id would nest folders: replaced by '_')."""
-    return out_dir / WAV_DIR / (clip_id.replace("/", "_") + ".wav")
+# manifest settings that results.json's protocol repeats at its top level (table and report)
+GENERATION_KNOBS = ("sampler", "steps", "guidance", "seed", "samples_per_clip", "peak", "checkpoint_sha256", "vae",
+                    "vae_scaling_factor", "inputs", "scheme", "train_preset")
 
 
 def clip_seed(seed: int, clip_id: str) -> int:
     """A 63-bit seed from (seed, clip id): the first 8 bytes of sha256('<seed>/<id>')."""
     digest = hashlib.sha256(f"{seed}/{clip_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading the test split
-# ----------------------------------------------------------------------------------------------------------------
-def read_split(folder: str | Path, split: str) -> list[TestClip]:
-    """The clips of `split`, in shard order, reading only the json member of each sample."""
-    try:
-        return shards.read_split(folder, split)
-    except shards.ShardFormatError as error:
-        raise EvalError(str(error)) from None
-
-
-def select_clips(clips: list[TestClip], max_clips: int) -> list[TestClip]:
-    """The first `max_clips` clips by id (all when 0); sorted by id so that a subset is the same on every run."""
-    ordered = sorted(clips, key=lambda c: c.id)
-    ids = [c.id for c in ordered]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise EvalError(f"clip id {duplicate!r} appears twice in the split: WAVs are named by id")
-    return ordered[:max_clips] if max_clips else ordered
-
-
-def iterate_reference_audio(folder: str | Path, split: str, ids: Iterable[str]) -> Iterator[tuple[str, bytes]]:
-    """(clip id, bytes of its `flac` member) for the clips `ids` of `split`, in shard order; only the json and
-    flac members are read."""
-    try:
-        for meta, data in shards.iter_member(folder, split, shards.AUDIO_KEY, set(ids)):
-            yield meta.id, data
-    except shards.ShardFormatError as error:
-        raise EvalError(str(error)) from None
-
-
-def shards_config_sha256(folder: str | Path) -> str:
-    """sha256 of the stage-one config in the shards' meta.json (canonical JSON): changes when the shards are
-    rebuilt with other settings (weights, windows, sample rate, ...)."""
-    meta = shards.read_meta(folder)
-    return hashlib.sha256(json.dumps(meta.get("config"), sort_keys=True).encode()).hexdigest()
-
-
-def iterate_split_samples(folder: str | Path, split: str, ids: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Decoded samples of `split` (restricted to `ids` when given), in shard order."""
-    return shards.iter_split(folder, split, None if ids is None else set(ids))
 
 
 def audio_model_config(folder: str | Path) -> AudioModelConfig:
@@ -193,7 +144,7 @@ def claim_wav_dir(out_dir: Path, manifest: dict[str, Any]) -> None:
         os.replace(tmp, wav_dir / MANIFEST_FILE)
 
 
-def generate(config: EvalConfig, clips: list[TestClip], progress: bool = True) -> dict[str, Any]:
+def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool = True) -> dict[str, Any]:
     """Write <output>/wav/<id>.wav for every clip that has none yet, after checking (or writing) the folder's
     manifest. Returns {"manifest": the settings of the folder's WAVs, "written": WAVs written by this call}.
 
@@ -289,3 +240,52 @@ def check_compatible(config: EvalConfig, trained: shards.ShardSpec, test: shards
     if differs:
         raise EvalError(f"{Path(config.shards) / shards.META_FILE}: the run {config.run} was trained on other features "
                         f"({', '.join(differs)})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a folder of WAVs says about its generation (read by the evaluation, with or without generating)
+# ----------------------------------------------------------------------------------------------------------------
+def manifest_notes(config: EvalConfig, manifest: dict[str, Any] | None) -> list[str]:
+    """Why the WAVs' settings may not be what results.json states: no manifest, or another checkpoint now."""
+    if manifest is None:
+        return [f"{WAV_DIR}/{MANIFEST_FILE} is missing: the settings that generated these WAVs are unknown"]
+    now = run_info(config.run).get("checkpoint_sha256")
+    if now is not None and manifest.get("checkpoint_sha256") not in (None, now):
+        return [f"the WAVs were generated by checkpoint {manifest.get('checkpoint_sha256')}, {config.run} now holds {now}"]
+    return []
+
+
+def generated_rate(out_dir: Path, clips: list[shards.SampleMeta], manifest: dict[str, Any] | None) -> int | None:
+    """The rate of the generated WAVs: the manifest's, else the first readable WAV's header (None: no WAV)."""
+    if manifest is not None and "sample_rate" in manifest:
+        return int(manifest["sample_rate"])
+    for clip in clips:
+        try:
+            return int(soundfile.info(wav_path(out_dir, clip.id)).samplerate)
+        except (soundfile.LibsndfileError, RuntimeError, OSError):
+            continue
+    return None
+
+
+def generation_protocol(out_dir: Path, clips: list[shards.SampleMeta], manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """What results.json's protocol states about generation: the WAVs' rate and the manifest's settings (null
+    when there is no manifest)."""
+    return {"generated_sample_rate": generated_rate(out_dir, clips, manifest),
+            **{k: (manifest or {}).get(k) for k in GENERATION_KNOBS}, "generation_manifest": manifest}
+
+
+def unique_failures(failures: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (clip id, stage), the last one kept (generation_failures.jsonl grows over resumed runs),
+    in the order of first appearance."""
+    by_key: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for record in failures:
+        key = (record.get("id"), record.get("stage"))
+        by_key[key] = record
+    return list(by_key.values())
+
+
+def standing_failures(out_dir: Path, clips: list[shards.SampleMeta]) -> list[dict[str, Any]]:
+    """The recorded generation failures of `clips` that still have no WAV (a later run may have written it)."""
+    wanted = {c.id for c in clips}
+    return [f for f in unique_failures(shards.read_jsonl(out_dir / GENERATION_FAILURES))
+            if f.get("id") in wanted and not wav_path(out_dir, f["id"]).exists()]

@@ -1,8 +1,9 @@
 """Metric functions on arrays: Frechet distance (FD, FAD), KL divergence of class posteriors, AV-Align.
 
-Each function states its formula and where it comes from; /work/shared/FACTS.md ("Metric definitions") is the
-protocol these implement. Embeddings come from `eval.panns` (FD, KL) and `eval.vggish` (FAD); nothing here
-touches a model.
+Each function states its formula and the public implementation it follows: pytorch-fid's Frechet distance (as
+used by audioldm_eval and av-benchmark for FD and FAD), av-benchmark's KL (audioldm_eval's "softmax over
+logits" KL), and TempoTokens' av_align.py for AV-Align. Embeddings come from `eval.panns` (FD, KL) and
+`eval.vggish` (FAD); nothing here touches a model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from scipy import linalg, stats
 log = logging.getLogger(__name__)
 
 FD_EPS = 1e-6  # pytorch-fid's diagonal offset when sqrtm(S1 S2) is not finite
-KL_EPS = 1e-6  # added to p_gen inside the log (FACTS: p_ref log(p_ref / (p_gen + 1e-6)))
+KL_EPS = 1e-6  # added to p_gen inside the log: p_ref log(p_ref / (p_gen + 1e-6)), as av-benchmark's kl.py
 ONSET_SAMPLE_RATE = 22050  # librosa.load's default rate: the AV-Align reference loads audio with it
 FLOW_MIN_MAGNITUDE = 0.1  # AV-Align (2025): a video peak needs a mean flow magnitude >= 0.1 pixel
 # cv2.calcOpticalFlowFarneback(prev, next, flow, pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags)
@@ -84,8 +85,9 @@ def kl_divergence(
 
     `p_ref` and `p_gen` map a clip id to its class probabilities (C,) (Cnn14: softmax over the 527 AudioSet
     logits). Only ids present in both are paired; returns (mean KL, number of pairs). Terms with p_ref = 0
-    contribute 0 (the limit of p log p), as torch's kl_div does. Definition: FACTS.md / av-benchmark's kl.py,
-    whose loop returned only the last pair's value; here every pair is averaged.
+    contribute 0 (the limit of p log p), as torch's kl_div does. Definition: av-benchmark's kl.py (audioldm_eval's
+    KL on softmax probabilities, eps on the generated side), whose loop returned only the last pair's value; here
+    every pair is averaged.
     """
     ids = sorted(set(p_ref) & set(p_gen))
     if not ids:

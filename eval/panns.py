@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from torch import nn
 from common.weights import missing_weights, sha256_file
 
 log = logging.getLogger(__name__)
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 CHECKPOINT_NAME = "Cnn14_16k_mAP=0.438.pth"
 FRONT_END_KEYS = ("spectrogram_extractor.stft.conv_real.weight", "spectrogram_extractor.stft.conv_imag.weight",
@@ -217,8 +220,8 @@ class Cnn14(nn.Module):
     def embed_and_probs(self, waveforms: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, L) or (L,) 16 kHz waveforms -> (embedding (B, embed_dim), class probabilities (B, classes)).
 
-        The probabilities are softmax over the logits, as the KL definition in FACTS.md states ("Cnn14 logits over
-        the 527 AudioSet classes, softmax"); note that PANNs itself is trained with per-class sigmoid outputs.
+        The probabilities are softmax over the 527 AudioSet logits, as the KL of audioldm_eval ("softmax over
+        logits") and av-benchmark computes them; note that PANNs itself is trained with per-class sigmoid outputs.
         """
         if isinstance(waveforms, torch.Tensor):
             x = waveforms.float().to(self._device())
@@ -287,6 +290,23 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], pa
                          f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
 
 
+def build_weighted(make: Callable[[], ModelT], weights_dir: str | Path | None, checkpoint_name: str, description: str,
+                   seed: int, fixed_keys: tuple[str, ...] = ()) -> tuple[ModelT, str]:
+    """`make()` with random weights seeded by `seed` when `weights_dir` is None, else with the weights of
+    `weights_dir / checkpoint_name` (checked by `load_state_dict_checked`); and its checkpoint id for the cache and
+    result files ('random-init:seed=N', or the sha256 of the file)."""
+    if weights_dir is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return make(), f"random-init:seed={seed}"
+    path = Path(weights_dir) / checkpoint_name
+    if not path.is_file():
+        raise missing_weights(path, description)
+    model = make()
+    load_state_dict_checked(model, read_state_dict(path), path, fixed_keys)
+    return model, sha256_file(path)
+
+
 def load_cnn14(
     weights_dir: str | Path | None,
     device: str | torch.device = "cpu",
@@ -296,16 +316,7 @@ def load_cnn14(
     """Cnn14 from `weights_dir / Cnn14_16k_mAP=0.438.pth` (torch.load weights_only=True), or with random weights
     (seeded, for tests and the demo) when `weights_dir` is None. `checkpoint_id` records which (sha256 of the file
     or 'random-init:seed=N') for the cache and result files."""
-    if weights_dir is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = Cnn14(config)
-        model.checkpoint_id = f"random-init:seed={seed}"
-    else:
-        path = Path(weights_dir) / CHECKPOINT_NAME
-        if not path.is_file():
-            raise missing_weights(path, "PANNs Cnn14 16 kHz checkpoint")
-        model = Cnn14(config)
-        load_state_dict_checked(model, read_state_dict(path), path, FRONT_END_KEYS)
-        model.checkpoint_id = sha256_file(path)
+    model, checkpoint_id = build_weighted(lambda: Cnn14(config), weights_dir, CHECKPOINT_NAME,
+                                          "PANNs Cnn14 16 kHz checkpoint", seed, FRONT_END_KEYS)
+    model.checkpoint_id = checkpoint_id
     return model.to(device).eval()

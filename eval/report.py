@@ -1,7 +1,10 @@
-"""Writing an evaluation's outputs (results.json, report.md, figure.png) and gathering runs into one table.
+"""An evaluation's results (`Results`, written as results.json), its report.md and figure.png, and the table
+that gathers several runs.
 
-The table follows the paper's layout: one row per run (e.g. V-only vs V+O), columns FD, FAD, KL (lower is
-better) and AV-Align (higher is better, shown as mean +- the half-width of its 95% confidence interval). When a
+The table follows the paper's layout: one row per run (e.g. V-only vs V+O), one column per metric of
+`eval.registry.METRICS` (FD, FAD, KL: lower is better; AV-Align: higher is better, shown as mean +- the
+half-width of its 95% confidence interval). `load_results` reads results.json as a plain dict, so that files
+written by older versions still make a table; `Results.to_dict` writes exactly that layout. When a
 row was measured with random-weight embedders, the first line of the report or table says the numbers are not
 comparable to published ones; knobs that differ between rows are listed under the table.
 """
@@ -11,21 +14,69 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import shards
+from eval.clips import WAV_DIR, iterate_split_samples, read_wav, wav_path
 from eval.config import EvalConfig
-from eval.evaluate import FIGURE_FILE, NOT_COMPARABLE, REPORT_FILE, RESULTS_FILE, read_wav
 from eval.figures import FigureClip, mel_figure
-from eval.generate import TestClip, iterate_split_samples, wav_path
+from eval.registry import METRICS
 
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+FIGURE_FILE = "figure.png"
+NOT_COMPARABLE = ("The embedders have random weights: these numbers are NOT comparable to published ones "
+                  "(only to other runs measured with the same random embedders).")
+METRIC_KNOBS = tuple(key for metric in METRICS for key in metric.protocol)
 # knobs that make two rows of a table measure different things when they differ ('embedders' holds the widths:
 # random embedders of either size share the checkpoint id 'random-init:seed=N')
 COMPARED_KNOBS = ("duration", "sample_rate", "generated_sample_rate", "sampler", "steps", "guidance", "seed",
                   "clip_count", "peak", "reference", "embedder_checkpoints", "embedders", "random_embedder_size",
-                  "embedder_seed", "resampler", "fd_eps", "kl_eps", "av_align")
+                  "embedder_seed", "resampler", *METRIC_KNOBS)
+# the protocol knobs report.md lists, in this order
+REPORTED_KNOBS = ("sampler", "steps", "guidance", "seed", "samples_per_clip", "duration", "sample_rate",
+                  "generated_sample_rate", "peak", "clip_count", "checkpoint_sha256", "embedder_checkpoints",
+                  "random_embedder_size", "embedder_seed", "inputs", "scheme", "vae", "reference", "resampler",
+                  *METRIC_KNOBS)
+
+
+@dataclass(frozen=True)
+class Results:
+    """One evaluation, as results.json states it (`to_dict`); the metrics' values, null reasons, counts and
+    per-clip values are keyed by the names of `eval.registry.METRICS`."""
+
+    comparable: bool  # measured with the official embedder checkpoints
+    values: dict[str, Any]  # metric name -> value (None: see null_reasons)
+    null_reasons: dict[str, str]
+    counts: dict[str, Any]
+    failures: list[dict[str, Any]]
+    generation: dict[str, Any]  # what this run generated and what the WAVs' manifest says
+    run: str
+    run_name: str
+    shards: str
+    split: str
+    clips: list[str]
+    protocol: dict[str, Any]  # every knob the numbers depend on
+    software: dict[str, Any]
+    config: dict[str, Any]
+    per_clip: dict[str, dict[str, float | None]]  # per-clip metric -> clip id -> value
+    wav_dir: str = WAV_DIR
+
+    def to_dict(self) -> dict[str, Any]:
+        """The content of results.json (NaN still NaN: `write_outputs` makes it JSON)."""
+        return {
+            "comparable": self.comparable, "warning": None if self.comparable else NOT_COMPARABLE,
+            **{metric.name: self.values.get(metric.name) for metric in METRICS},
+            "null_reasons": self.null_reasons, "counts": self.counts, "failures": self.failures,
+            "generation": self.generation, "run": self.run, "run_name": self.run_name, "shards": self.shards,
+            "split": self.split, "wav_dir": self.wav_dir, "clips": self.clips, "protocol": self.protocol,
+            "software": self.software, "config": self.config,
+            **{f"{metric.name}_per_clip": self.per_clip.get(metric.name, {}) for metric in METRICS if metric.per_clip},
+        }
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -60,18 +111,6 @@ def load_results(folder: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # Table
 # ----------------------------------------------------------------------------------------------------------------
-def _number(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
-def _av_align(value: dict[str, Any] | None) -> str:
-    if not value or value.get("mean") is None:
-        return "—"
-    low, high = value.get("ci95_low"), value.get("ci95_high")
-    half = (high - low) / 2 if low is not None and high is not None else None
-    return f"{value['mean']:.3f}" + (f" ± {half:.3f}" if half is not None else "")
-
-
 def row_name(results: dict[str, Any]) -> str:
     """'<run name> (<inputs>)', e.g. 'demo (V+O)'."""
     name = results.get("run_name") or Path(str(results.get("run", "?"))).name
@@ -86,15 +125,16 @@ def table(all_results: list[dict[str, Any]], names: list[str] | None = None, war
     lines = []
     if warn and any(not r.get("comparable", False) for r in all_results):
         lines += [f"**{NOT_COMPARABLE}**", ""]
-    lines += ["| Run | FD ↓ | FAD ↓ | KL ↓ | AV-Align ↑ | Clips (paired) |", "|---|---|---|---|---|---|"]
+    lines += ["| Run | " + " | ".join(metric.header for metric in METRICS) + " | Clips (paired) |",
+              "|---|" + "---|" * (len(METRICS) + 1)]
     notes = []
     for name, r in zip(names, all_results):
         counts = r.get("counts", {})
-        lines.append(f"| {name} | {_number(r.get('fd'))} | {_number(r.get('fad'))} | {_number(r.get('kl'))} | "
-                     f"{_av_align(r.get('av_align'))} | {counts.get('clips', '?')} ({counts.get('paired', '?')}) |")
-        for metric, reason in r.get("null_reasons", {}).items():
-            notes.append(f"- {name}, {metric}: {reason}")
-    lines += ["", "AV-Align: mean ± half-width of the 95% confidence interval over clips."]
+        cells = " | ".join(metric.cell(r.get(metric.name)) for metric in METRICS)
+        lines.append(f"| {name} | {cells} | {counts.get('clips', '?')} ({counts.get('paired', '?')}) |")
+        for metric_name, reason in r.get("null_reasons", {}).items():
+            notes.append(f"- {name}, {metric_name}: {reason}")
+    lines += ["", *(metric.note for metric in METRICS if metric.note)]
     differing = []
     for knob in COMPARED_KNOBS:
         values = [json.dumps(r.get("protocol", {}).get(knob), sort_keys=True) for r in all_results]
@@ -124,13 +164,7 @@ def report_markdown(results: dict[str, Any]) -> str:
               f"have a readable generated WAV ({counts['paired_fraction']:.0%}; FD/FAD/KL need {counts['min_paired']:.0%}).",
               f"- KL pairs: {counts.get('kl_pairs', 0)}; unreadable or failed: {counts['failures']}; "
               f"source videos missing: {counts['videos_missing']}."]
-    av = results.get("av_align")
-    if av:
-        lines.append(f"- AV-Align over {av['n']} clips (excluded, no peak on either side: {av['n_excluded']}): "
-                     f"mean {_number(av['mean'])}, std {_number(av['std'])}, "
-                     f"95% CI [{_number(av['ci95_low'])}, {_number(av['ci95_high'])}].")
-    else:
-        lines.append(f"- AV-Align skipped: {results['null_reasons'].get('av_align', 'unknown reason')}.")
+    lines += [metric.describe(results) for metric in METRICS if metric.describe is not None]
     for note in results.get("generation", {}).get("notes", []):
         lines.append(f"- Note: {note}.")
     if results["failures"]:
@@ -142,10 +176,7 @@ def report_markdown(results: dict[str, Any]) -> str:
         lines.append(f"- WAVs generated in this run: {generation.get('wavs_written', 0)} "
                      f"(generation {'on' if generation.get('generated_in_this_run') else 'off'}); the generation "
                      f"settings below are those of `{results['wav_dir']}/manifest.json`")
-    for key in ("sampler", "steps", "guidance", "seed", "samples_per_clip", "duration", "sample_rate",
-                "generated_sample_rate", "peak", "clip_count", "checkpoint_sha256", "embedder_checkpoints",
-                "random_embedder_size", "embedder_seed", "inputs", "scheme", "vae", "reference", "resampler",
-                "fd_eps", "kl_eps", "av_align"):
+    for key in REPORTED_KNOBS:
         if key in protocol:
             lines.append(f"- {key}: `{json.dumps(protocol[key])}`")
     lines.append(f"- software: `{json.dumps(results['software'])}`")
@@ -153,7 +184,7 @@ def report_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure_clips(config: EvalConfig, clips: list[TestClip]) -> list[FigureClip]:
+def figure_clips(config: EvalConfig, clips: list[shards.SampleMeta]) -> list[FigureClip]:
     """The first `config.figure_clips` clips with a readable WAV, with their ground truth and probabilities."""
     out_dir = config.output_dir
     chosen: dict[str, np.ndarray] = {}
@@ -176,15 +207,15 @@ def figure_clips(config: EvalConfig, clips: list[TestClip]) -> list[FigureClip]:
     return [found[i] for i in chosen if i in found]
 
 
-def write_outputs(out_dir: Path, results: dict[str, Any], config: EvalConfig, clips: list[TestClip],
+def write_outputs(out_dir: Path, results: Results, config: EvalConfig, clips: list[shards.SampleMeta],
                   progress: bool = True) -> None:
     """results.json, report.md and (with config.figure_clips > 0 and some WAV) figure.png, each atomically."""
-    results = _json_safe(results)
-    _atomic_write(out_dir / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True) + "\n")
-    _atomic_write(out_dir / REPORT_FILE, report_markdown(results))
+    content = _json_safe(results.to_dict())
+    _atomic_write(out_dir / RESULTS_FILE, json.dumps(content, indent=2, sort_keys=True) + "\n")
+    _atomic_write(out_dir / REPORT_FILE, report_markdown(content))
     if config.figure_clips:
         chosen = figure_clips(config, clips)
         if chosen:
             tmp = out_dir / (FIGURE_FILE + ".tmp.png")
-            mel_figure(tmp, chosen, results["protocol"]["generated_sample_rate"], results["protocol"]["window_seconds"])
+            mel_figure(tmp, chosen, results.protocol["generated_sample_rate"], results.protocol["window_seconds"])
             os.replace(tmp, out_dir / FIGURE_FILE)

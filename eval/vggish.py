@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.weights import missing_weights, sha256_file
-from eval.panns import load_state_dict_checked, read_state_dict
+from eval.panns import build_weighted
 
 CHECKPOINT_NAME = "vggish-10086976.pth"
 PATCH_BATCH = 256  # patches per forward pass (a 10 s clip has 10)
@@ -199,16 +198,7 @@ def load_vggish(
     """VGGish from `weights_dir / vggish-10086976.pth` (torchvggish's state dict, torch.load weights_only=True),
     or with random weights (seeded) when `weights_dir` is None. A final ReLU (embeddings.5) has no weights, so
     the official file fits this module as it is."""
-    if weights_dir is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = VGGish(config)
-        model.checkpoint_id = f"random-init:seed={seed}"
-    else:
-        path = Path(weights_dir) / CHECKPOINT_NAME
-        if not path.is_file():
-            raise missing_weights(path, "VGGish checkpoint (torchvggish)")
-        model = VGGish(config)
-        load_state_dict_checked(model, read_state_dict(path), path)
-        model.checkpoint_id = sha256_file(path)
+    model, checkpoint_id = build_weighted(lambda: VGGish(config), weights_dir, CHECKPOINT_NAME,
+                                          "VGGish checkpoint (torchvggish)", seed)
+    model.checkpoint_id = checkpoint_id
     return model.to(device).eval()

@@ -8,8 +8,10 @@ compares the two. AudioLDM's front end (waveform -> log mel) is `audio_models.fr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -45,19 +47,26 @@ class AudioDecodeError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-def audio_stream_info(path: str | Path) -> dict[str, Any] | None:
-    """Sample rate, channels, layout, codec, start and duration (s) of the first audio stream; None without one.
-
-    Durations come from the container header (None when it does not say); nothing is decoded.
-    """
+@contextlib.contextmanager
+def _first_audio_stream(path: str | Path) -> Iterator[tuple[Any, Any]]:
+    """(container, its first audio stream or None), the container closed on exit; AudioDecodeError when the
+    file does not open."""
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError) as error:
         raise AudioDecodeError(path, error) from None
     with container:
-        if not container.streams.audio:
+        yield container, container.streams.audio[0] if container.streams.audio else None
+
+
+def audio_stream_info(path: str | Path) -> dict[str, Any] | None:
+    """Sample rate, channels, layout, codec, start and duration (s) of the first audio stream; None without one.
+
+    Durations come from the container header (None when it does not say); nothing is decoded.
+    """
+    with _first_audio_stream(path) as (container, stream):
+        if stream is None:
             return None
-        stream = container.streams.audio[0]
         time_base = stream.time_base or Fraction(1, 1)
         duration = None
         if stream.duration is not None:
@@ -124,14 +133,9 @@ def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float) -> _T
 
     None without an audio stream; the timeline's origin is None when a seek found nothing to decode after it.
     """
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError) as error:
-        raise AudioDecodeError(path, error) from None
-    with container:
-        if not container.streams.audio:
+    with _first_audio_stream(path) as (container, stream):
+        if stream is None:
             return None
-        stream = container.streams.audio[0]
         timeline = _Timeline(stream.time_base)
         if seek_seconds > 0 and stream.time_base is not None:
             try:

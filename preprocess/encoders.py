@@ -129,10 +129,6 @@ class CLIPEncoder(FrozenModule):
                              f"embed_dim={cfg.embed_dim}")
         return encoder
 
-    @property
-    def device(self) -> torch.device:
-        return self.mean.device
-
     @torch.inference_mode()
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> normalised (N, 3, h, w) in the model's dtype, as open_clip's eval transform does.
@@ -160,11 +156,7 @@ class CLIPEncoder(FrozenModule):
                 x = TF.resize(x, [round(h * scale), round(w * scale)], self.interpolation, antialias=True)
             x = TF.center_crop(x, [height, width])
         x = x.clamp(0.0, 1.0)  # bicubic overshoots; the PIL path clips to the uint8 range
-        return ((x - self.mean) / self.std).to(self.model_dtype)
-
-    @property
-    def model_dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return ((x - self.mean) / self.std).to(self.dtype)
 
     @torch.inference_mode()
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
@@ -305,14 +297,6 @@ class Grounder(FrozenModule):
         grounder = cls(detector, image_processor, tokenizer, image_size, sam, sam_image_processor, cfg.frame_batch,
                        checksum)
         return grounder.to(device=device, dtype=half_dtype(cfg.half, device))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.detector.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.detector.parameters()).dtype
 
     def prompt(self, nouns: Sequence[str]) -> GroundingPrompt:
         """Tokenise "noun1 . noun2 ." and find each noun's tokens through the fast tokenizer's offset mapping."""

@@ -220,21 +220,21 @@ class Encoders:
 
     def __init__(self, cfg: FeatureConfig, weights_dir: Path | None, device: torch.device, audio: bool = True):
         self.cfg = cfg
-        self.clip = CLIPEncoder.from_config(cfg, weights_dir, device)
+        self.clip_encoder = CLIPEncoder.from_config(cfg, weights_dir, device)
         self.grounder = Grounder.from_config(cfg, weights_dir, device)
         self.vae = AudioVAE.from_config(cfg.audio_models(), weights_dir, device) if audio else None
         self._text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 
     @property
     def checksums(self) -> dict[str, str]:
-        sums = {"clip": self.clip.checksum, "grounding": self.grounder.checksum}
+        sums = {"clip": self.clip_encoder.checksum, "grounding": self.grounder.checksum}
         return sums | ({"vae": self.vae.checksum} if self.vae is not None else {})
 
     def texts(self, texts: list[str]) -> dict[str, np.ndarray]:
         """CLIP text embeddings, each distinct text encoded once (LRU of 50k texts bounds memory)."""
         missing = sorted({t for t in texts if t not in self._text_cache})
         if missing:
-            embedded = self.clip.encode_texts(missing).float().cpu().numpy()
+            embedded = self.clip_encoder.encode_texts(missing).float().cpu().numpy()
             for text, vector in zip(missing, embedded):
                 self._text_cache[text] = vector
         for text in texts:
@@ -255,7 +255,7 @@ class Encoders:
         for i, f in enumerate(tensors):
             by_size[tuple(f.shape[1:])].append(i)
         for indices in by_size.values():
-            embedded = self.clip.encode_frames(torch.cat([tensors[i] for i in indices])).float().cpu()
+            embedded = self.clip_encoder.encode_frames(torch.cat([tensors[i] for i in indices])).float().cpu()
             for i, chunk in zip(indices, embedded.split([len(tensors[i]) for i in indices])):
                 image_embeddings[i] = chunk
         probabilities = self.grounder.probabilities(tensors, nouns)

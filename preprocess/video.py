@@ -5,7 +5,7 @@ Time convention: t = 0 is the presentation time of the video stream's first fram
 The frame for time t is the frame on screen at `start + t`: the last frame whose presentation
 timestamp is <= start + t (real per-frame timestamps, so variable-frame-rate video works).
 
-Why two backends (see /work/shared/FACTS.md):
+Why two backends (measured with decord 0.6.0 and PyAV on the files in tests/media.py):
 - decord 0.6.0 indexes every packet on open and decodes a sorted batch quickly; with its default
   `num_threads` it stops after ~11 frames of VP9 (dmlc/decord#246), so it always runs with one thread.
 - decord refuses some partly corrupt files (it fails while indexing) from which PyAV still recovers

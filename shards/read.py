@@ -122,11 +122,13 @@ def _split_of(raw: dict[str, Any]) -> str | None:
     return meta.get("split") if isinstance(meta, dict) else None
 
 
-def sample_stream(urls: list[str], split: str, shuffle_buffer: int, rng: random.Random, skip: int = 0) -> wds.WebDataset:
+def sample_stream(urls: list[str], split: str, shuffle_buffer: int, seed: str, skip: int = 0) -> wds.WebDataset:
     """Decoded samples of `split` from `urls` in the given shard order: each rank takes every world-th shard
     (`wds.split_by_node`), each DataLoader worker every n-th of those (`wds.split_by_worker`); then a shuffle
-    buffer of `shuffle_buffer` samples drawn with `rng`, and the first `skip` samples dropped before decoding
-    (a resumed epoch). Members are decoded by `decode_sample` (never webdataset's `.decode()`, which unpickles)."""
+    buffer of `shuffle_buffer` samples drawn with `random.Random(f"{seed}-{rank}-{worker}")`, and the first
+    `skip` samples dropped before decoding (a resumed epoch). Members are decoded by `decode_sample` (never
+    webdataset's `.decode()`, which unpickles)."""
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
     dataset = wds.WebDataset(
         urls,
         shardshuffle=False,  # the caller orders the shards (identically on every rank)
@@ -137,7 +139,7 @@ def sample_stream(urls: list[str], split: str, shuffle_buffer: int, rng: random.
     )
     return (
         dataset.select(lambda raw: _split_of(raw) == split)
-        .shuffle(shuffle_buffer, rng=rng)
+        .shuffle(shuffle_buffer, rng=random.Random(f"{seed}-{rank}-{worker}"))
         .slice(skip, None)
         .map(decode_sample)
     )

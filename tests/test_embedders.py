@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from common.weights import sha256_file
+from eval.audio_embedding import embed_clips, prepare_waveform
 from eval.cache import ground_truth_embeddings, read_cache
-from eval.embed import audio_metrics, embed_clips, prepare_waveform
 from eval.panns import CHECKPOINT_NAME as CNN14_FILE
 from eval.panns import CNN14_CONFIGS, Cnn14, load_cnn14
+from eval.score import audio_metrics
 from eval.vggish import CHECKPOINT_NAME as VGGISH_FILE
 from eval.vggish import VGGISH_CONFIGS, VGGish, load_vggish, log_mel, stft_magnitude, vggish_mel_matrix
 
@@ -93,7 +94,7 @@ def test_cnn14_official_checkpoint_round_trip(tmp_path):
     assert not np.allclose(embedding, load_cnn14(None, config=TINY_CNN14, seed=0).embed(batch))
     assert embedding.shape == (2, TINY_CNN14.embed_dim) and (embedding >= 0).all()  # relu(fc1)
     assert probs.shape == (2, 527)
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)  # softmax (FACTS), not PANNs' sigmoid
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)  # softmax (the KL of audioldm_eval and av-benchmark), not PANNs' sigmoid
 
 
 def test_cnn14_checkpoint_with_another_front_end_is_refused(tmp_path):

@@ -17,8 +17,9 @@ import soundfile
 import eval.generate as eval_generate
 import shards
 from eval.__main__ import main as eval_main
+from eval.clips import EvalError, iterate_reference_audio, iterate_split_samples, read_split, select_clips, wav_path
 from eval.config import PRESETS, EvalConfig
-from eval.generate import MANIFEST_FILE, EvalError, generate, iterate_reference_audio, read_split, select_clips, wav_path
+from eval.generate import MANIFEST_FILE, generate
 from preprocess.config import PRESETS as FEATURE_PRESETS
 from tests.conftest import make_sample
 from tests.test_av_align import write_jumping_square
@@ -183,7 +184,7 @@ def test_reference_audio_is_read_in_shard_order(tiny_run):
     data, _ = tiny_run
     found = dict(iterate_reference_audio(data, "test", ["t3", "t1"]))
     assert list(found) == ["t1", "t3"]  # shard order, whatever the order asked
-    expected = {s["json"]["id"]: s["flac"] for s in eval_generate.iterate_split_samples(data, "test", ["t1", "t3"])}
+    expected = {s["json"]["id"]: s["flac"] for s in iterate_split_samples(data, "test", ["t1", "t3"])}
     for clip_id, data_bytes in found.items():
         np.testing.assert_array_equal(soundfile.read(io.BytesIO(data_bytes), dtype="float32")[0], expected[clip_id])
     assert dict(iterate_reference_audio(data, "train", ["t1"])) == {}  # only the asked split

@@ -16,19 +16,16 @@ import pytest
 
 import shards
 from eval.__main__ import main as eval_main
+from eval.audio_embedding import AudioEmbedding
+from eval.av_align import av_align_scores
+from eval.clips import EvalError, read_split, select_clips, wav_path
 from eval.config import EvalConfig
-from eval.embed import AudioEmbedding
-from eval.evaluate import (
-    NOT_COMPARABLE,
-    ShardAudio,
-    audio_scores,
-    av_align_scores,
-    evaluate,
-    reference_audio_hashes,
-    reference_fingerprint,
-)
-from eval.generate import GENERATION_FAILURES, MANIFEST_FILE, EvalError, generate, read_split, select_clips, wav_path
-from eval.report import table
+from eval.embed import ShardAudio, reference_audio_hashes, reference_fingerprint
+from eval.evaluate import evaluate
+from eval.generate import GENERATION_FAILURES, MANIFEST_FILE, generate
+from eval.registry import METRICS, Metric
+from eval.report import NOT_COMPARABLE, table
+from eval.score import audio_scores
 from tests.conftest import make_sample
 from tests.test_eval_generate import FEATURES, SPEC, TEST_IDS, VIDEO_IDS, config_for, tiny_run  # noqa: F401  (fixture)
 from tests.test_train_support import one_thread  # noqa: F401  (autouse: single-threaded torch)
@@ -229,11 +226,11 @@ def test_one_bad_clip_does_not_end_av_align(tiny_run, generated, tmp_path):  # n
 def test_a_failing_metric_is_null_with_its_reason(tiny_run, generated, tmp_path):  # noqa: F811
     rng = np.random.default_rng(0)
 
-    def clip(dim: int) -> AudioEmbedding:
+    def embedding(dim: int) -> AudioEmbedding:
         return AudioEmbedding(rng.standard_normal(dim), rng.dirichlet(np.ones(5)), rng.standard_normal((3, 8)))
 
-    reference = {f"c{i}": clip(4) for i in range(4)}
-    generated_set = {f"c{i}": clip(6) for i in range(4)}  # another Cnn14 width: FD cannot be computed
+    reference = {f"c{i}": embedding(4) for i in range(4)}
+    generated_set = {f"c{i}": embedding(6) for i in range(4)}  # another Cnn14 width: FD cannot be computed
     metrics, reasons = audio_scores(reference, generated_set, 4, 0.9)
     assert metrics["fd"] is None and "ValueError" in reasons["fd"]
     assert isinstance(metrics["fad"], float) and isinstance(metrics["kl"], float) and set(reasons) == {"fd"}
@@ -275,3 +272,43 @@ def test_reference_audio_streams_in_shard_order(tmp_path):
     after = reference_audio_hashes(data, "test", order)
     assert [k for k in order if before[k] != after[k]] == ["c1"]
     assert reference_fingerprint(before) != reference_fingerprint(after)
+
+
+# the results.json layout before the pipeline was split into modules: older files must still read the same
+RESULTS_KEYS = ["av_align", "av_align_per_clip", "clips", "comparable", "config", "counts", "fad", "failures", "fd",
+                "generation", "kl", "null_reasons", "protocol", "run", "run_name", "shards", "software", "split",
+                "warning", "wav_dir"]
+PROTOCOL_KEYS = ["av_align", "checkpoint_sha256", "clip_count", "duration", "embedder_checkpoints", "embedder_seed",
+                 "embedders", "fd_eps", "generated_sample_rate", "generation_manifest", "guidance", "inputs", "kl_eps",
+                 "max_clips", "peak", "random_embedder_size", "random_embedders", "reference", "resampler",
+                 "sample_rate", "sampler", "samples_per_clip", "scheme", "seed", "steps", "train_preset", "vae",
+                 "vae_scaling_factor", "window_seconds"]
+COUNTS_KEYS = ["clips", "failed_clips", "failures", "kl_pairs", "min_paired", "n_generated_patches",
+               "n_reference_patches", "paired", "paired_fraction", "reference", "videos_missing"]
+
+
+def test_results_json_keys_are_unchanged(tiny_run, generated, tmp_path):  # noqa: F811
+    results, _ = measure(tiny_run, generated, tmp_path / "out")
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted(on_disk) == sorted(results) == RESULTS_KEYS
+    assert sorted(on_disk["protocol"]) == PROTOCOL_KEYS
+    assert sorted(on_disk["counts"]) == COUNTS_KEYS
+    assert sorted(on_disk["generation"]) == ["generated_in_this_run", "manifest_found", "notes", "wavs_written"]
+    assert sorted(on_disk["av_align"]) == ["ci95_high", "ci95_low", "mean", "n", "n_excluded", "sem", "std",
+                                           "videos_missing"]
+
+
+def test_the_registry_drives_the_table(monkeypatch):
+    assert [m.header for m in METRICS] == ["FD ↓", "FAD ↓", "KL ↓", "AV-Align ↑"]
+    row = {"run_name": "r", "comparable": True, "fd": 1.0, "fad": 2.0, "kl": 0.5, "loudness": 7.25,
+           "av_align": {"mean": 0.5, "ci95_low": 0.25, "ci95_high": 0.75}, "counts": {"clips": 4, "paired": 3},
+           "protocol": {}}
+    lines = table([row]).splitlines()
+    assert lines[:3] == ["| Run | FD ↓ | FAD ↓ | KL ↓ | AV-Align ↑ | Clips (paired) |", "|---|---|---|---|---|---|",
+                         "| r | 1.000 | 2.000 | 0.500 | 0.500 ± 0.250 | 4 (3) |"]
+    # one more entry is one more column (header, separator and cell), with nothing else to change
+    extra = Metric("loudness", "Loudness", "higher", "cnn14", lambda reference, generated, counts: 0.0)
+    monkeypatch.setattr("eval.report.METRICS", (*METRICS, extra))
+    lines = table([row]).splitlines()
+    assert lines[0] == "| Run | FD ↓ | FAD ↓ | KL ↓ | AV-Align ↑ | Loudness ↑ | Clips (paired) |"
+    assert lines[1] == "|---|---|---|---|---|---|---|" and lines[2].endswith("| 0.500 ± 0.250 | 7.250 | 4 (3) |")

@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 import shards
@@ -166,3 +167,104 @@ def test_object_embedding_is_eq1():
     masked = shards.object_embedding(probs, nouns, noun_mask=mask)
     torch.testing.assert_close(masked[1], probs[1, :, :1] @ nouns[1, :1])
     assert shards.object_embedding(torch.zeros(5, 0), torch.zeros(0, 4)).shape == (5, 4)
+
+
+# ----------------------------------------------------------------------------------- the one door to shard files
+def write_split(directory, spec, ids_by_split: dict[str, list[str]], max_samples: int = 2) -> dict[str, tuple]:
+    """Shards of several splits (named after them, as stage one writes them); returns id -> (meta, arrays, wave)."""
+    write_meta(directory, spec)
+    written = {}
+    for split, ids in ids_by_split.items():
+        writer = shards.ShardWriter(directory, split, rank=0, max_samples=max_samples)
+        for seed, clip_id in enumerate(ids):
+            meta, arrays, waveform = make_sample(spec, clip_id, num_nouns=seed % 3, seed=seed, split=split)
+            writer.write(shards.encode_sample(spec, meta, arrays, waveform))
+            written[clip_id] = (meta, arrays, waveform)
+        writer.close()
+    return written
+
+
+def test_sample_meta_round_trip_and_refusals():
+    meta = shards.SampleMeta(id="a", caption="dog", label="x", split="test", duration=2.5, valid_frames=3,
+                             nouns=("dog",), source="/v.mp4", start=1.0, silent=True)
+    assert shards.SampleMeta.from_json(json.loads(json.dumps(meta.to_json()))) == meta
+    assert set(meta.to_json()) == {"id", "caption", "label", "split", "duration", "valid_frames", "nouns", "source",
+                                   "start", "silent"}
+    older = {k: v for k, v in meta.to_json().items() if k not in ("start", "silent")}  # written before they existed
+    assert shards.SampleMeta.from_json(older).start == 0.0 and not shards.SampleMeta.from_json(older).silent
+    with pytest.raises(shards.ShardFormatError, match="json lacks id"):
+        shards.SampleMeta.from_json({k: v for k, v in older.items() if k != "id"})
+    with pytest.raises(shards.ShardFormatError, match="not an object"):
+        shards.SampleMeta.from_json([older])
+    with pytest.raises(shards.ShardFormatError, match="'duration'"):
+        shards.SampleMeta.from_json(older | {"duration": "long"})
+    with pytest.raises(shards.ShardFormatError, match="'valid_frames'"):
+        shards.SampleMeta.from_json(older | {"valid_frames": True})
+    with pytest.raises(shards.ShardFormatError, match="'nouns'"):
+        shards.SampleMeta.from_json(older | {"nouns": ["dog", 3]})
+
+
+def test_readers_select_the_split_and_the_ids(tmp_path, spec):
+    written = write_split(tmp_path, spec, {"train": ["a", "b", "c"], "test": ["t2", "t0", "t1"]})
+    test = shards.read_split(tmp_path, "test")
+    assert [m.id for m in test] == ["t2", "t0", "t1"]  # shard order
+    assert test[0] == shards.SampleMeta.from_json(written["t2"][0])
+    assert [m.id for m in shards.read_split(tmp_path, "train")] == ["a", "b", "c"]
+    assert shards.read_split(tmp_path, "val") == []
+
+    decoded = list(shards.iter_split(tmp_path, "test", ids={"t1", "t2"}))
+    assert [s["json"]["id"] for s in decoded] == ["t2", "t1"]
+    np.testing.assert_allclose(decoded[0]["probs.npy"], written["t2"][1]["probs.npy"].astype(np.float16))
+
+    flacs = {meta.id: data for meta, data in shards.iter_member(tmp_path, "test", shards.AUDIO_KEY, ids=["t0", "t1"])}
+    assert sorted(flacs) == ["t0", "t1"]
+    decoded_t1 = next(s for s in shards.iter_split(tmp_path, "test") if s["json"]["id"] == "t1")
+    np.testing.assert_array_equal(soundfile.read(io.BytesIO(flacs["t1"]), dtype="float32")[0], decoded_t1["flac"])
+    assert dict(shards.iter_member(tmp_path, "train", shards.AUDIO_KEY, ids=["t1"])) == {}  # only the asked split
+
+
+def test_readers_name_the_broken_shard(tmp_path, spec):
+    write_split(tmp_path, spec, {"test": ["t0", "t1"]}, max_samples=1)
+    with pytest.raises(shards.ShardFormatError, match="meta.json: missing"):
+        shards.read_split(tmp_path / "nowhere", "test")
+    broken = shards.list_shards(tmp_path)[1]
+    broken.write_bytes(broken.read_bytes()[:700])  # cut inside the first member's data
+    with pytest.raises(shards.ShardFormatError, match=rf"{broken.name}: unreadable shard"):
+        shards.read_split(tmp_path, "test")
+    _tar_with(broken, {"t1.json": b"[1, 2]"})
+    with pytest.raises(shards.ShardFormatError, match=rf"{broken.name}: .*not an object"):
+        shards.read_split(tmp_path, "test")
+
+
+def test_sample_stream_selects_the_split_and_skips(tmp_path, spec):
+    import random
+
+    write_split(tmp_path, spec, {"train": ["a", "b", "c", "d"], "test": ["t0"]})
+    urls = [str(p) for p in shards.list_shards(tmp_path)]
+    everything = [s["json"]["id"] for s in shards.sample_stream(urls, "train", shuffle_buffer=1, seed="0")]
+    assert everything == ["a", "b", "c", "d"]  # a buffer of one keeps the order
+    shuffled = [s["json"]["id"] for s in shards.sample_stream(urls, "train", shuffle_buffer=8, seed="0")]
+    assert sorted(shuffled) == everything
+    assert shuffled == [s["json"]["id"] for s in shards.sample_stream(urls, "train", shuffle_buffer=8, seed="0")]
+    resumed = [s["json"]["id"] for s in shards.sample_stream(urls, "train", shuffle_buffer=8, seed="0", skip=3)]
+    assert resumed == shuffled[3:]
+    random.Random(0).shuffle(urls)  # the caller's shard order is kept
+    assert all(isinstance(s["clip.npy"], np.ndarray) for s in shards.sample_stream(urls, "test", 1, "0"))
+
+
+def test_conditions_table_derives_every_condition(spec):
+    meta, arrays, _ = make_sample(spec, "c", num_nouns=2)
+    arrays = {k: v.astype(np.float16) for k, v in arrays.items()}  # as decoded from a shard
+    conditions = shards.sample_conditions(arrays, object_threshold=0.5)
+    assert tuple(conditions) == shards.CONDITION_NAMES == tuple(c.name for c in shards.CONDITIONS)
+    for condition in shards.CONDITIONS:
+        assert conditions[condition.name].shape == condition.shape(spec)
+        assert conditions[condition.name].dtype == torch.float32
+        assert all(member in shards.ARRAY_KEYS for member in condition.members)
+    probs = torch.from_numpy(arrays["probs.npy"].astype(np.float32))
+    nouns = torch.from_numpy(arrays["nouns.npy"].astype(np.float32))
+    torch.testing.assert_close(conditions["objects"], (probs * (probs >= 0.5)) @ nouns)
+    torch.testing.assert_close(conditions["video"], torch.from_numpy(arrays["clip.npy"].astype(np.float32)))
+    batch = shards.stack_conditions([conditions, shards.sample_conditions(arrays)])
+    assert batch["caption"].shape == (2, spec.embed_dim) and batch["objects"].shape == (2, spec.num_frames, spec.embed_dim)
+    assert not torch.equal(batch["objects"][0], batch["objects"][1])  # the threshold of each sample was applied

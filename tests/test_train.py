@@ -6,15 +6,18 @@ import copy
 import dataclasses
 
 import pytest
+import safetensors.torch
 import torch
 
 from common.devices import precision_name, resolve_precision
+from shards import CONDITION_NAMES
 from tests.test_train_support import SPEC, one_thread, small_config  # noqa: F401 (autouse fixture)
 from train import VTASAM, route, sample
 from train.config import INPUTS, SCHEMES, TrainConfig
-from train.diffusion import diffusion_loss, noise_scheduler, training_target
+from train.diffusion import diffusion_loss, noise_scheduler, sample_latents, training_loss, training_target
 from train.model import align_to_tokens, time_overlap, token_grid
 from train.speed import speed_up
+from train.trainer import RankRecorder
 
 
 def conditions(spec, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -166,6 +169,76 @@ def test_loss_falls_on_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def training_batch(spec, batch: int = 2, seed: int = 0) -> dict:
+    """A collated batch as `train.data.collate` makes it: posterior mean and std, conditions, ids."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return {"id": [f"clip{i}" for i in range(batch)], **conditions(spec, batch, seed),
+            "latent_mean": 0.2 * torch.randn(batch, *spec.latent_shape, generator=g),
+            "latent_std": 0.1 + torch.rand(batch, *spec.latent_shape, generator=g)}
+
+
+def seeded_loss(model, config: TrainConfig, batch: dict, seed: int = 7) -> torch.Tensor:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return training_loss(model, noise_scheduler(config), batch, config)
+
+
+@pytest.mark.parametrize("posterior, gamma", [(False, 0.0), (True, 5.0)])
+def test_training_loss_is_the_hand_assembled_step(posterior, gamma):
+    """The same draws, in the same order and of the same kind, as the step the trainer always ran: a seed (or a
+    resumed run's restored RNG) gives the same loss bit for bit."""
+    config = small_config(posterior_sample=posterior, min_snr_gamma=gamma, uncond_probability=0.5)
+    model, batch = model_with_objects(config), training_batch(SPEC)
+    loss = seeded_loss(model, config, batch)
+    scheduler = noise_scheduler(config)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        z0 = sample_latents(batch["latent_mean"], batch["latent_std"] if posterior else None, config.vae_scaling_factor)
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (2,), device=z0.device)
+        drop = torch.rand(2) < config.uncond_probability
+        prediction = model(scheduler.add_noise(z0, noise, t), t, {k: batch[k] for k in CONDITION_NAMES}, drop)
+        expected = diffusion_loss(prediction, training_target(scheduler, z0, noise, t), t, scheduler, gamma)
+    assert torch.equal(loss, expected)
+    assert not torch.equal(seeded_loss(model, config, batch, seed=8), loss)  # the draws do matter
+
+
+def test_training_loss_samples_the_posterior_only_when_asked():
+    batch = training_batch(SPEC)
+    wider = dict(batch, latent_std=2 * batch["latent_std"])
+    for posterior in (False, True):
+        config = small_config(posterior_sample=posterior)
+        model = model_with_objects(config)
+        same = torch.equal(seeded_loss(model, config, batch), seeded_loss(model, config, wider))
+        assert same != posterior, f"posterior_sample={posterior}"
+
+
+def test_training_loss_drops_every_condition_with_probability_one():
+    always = small_config()
+    object.__setattr__(always, "uncond_probability", 1.0)  # TrainConfig refuses 1 (no conditional training at all)
+    batch = training_batch(SPEC)
+    zeroed = dict(batch, **{k: torch.zeros_like(batch[k]) for k in CONDITION_NAMES})
+    other = dict(batch, **conditions(SPEC, seed=5))
+    model = model_with_objects(always)
+    dropped = seeded_loss(model, always, batch)
+    assert torch.equal(dropped, seeded_loss(model, always, zeroed))
+    assert torch.equal(dropped, seeded_loss(model, always, other))
+    never = small_config(uncond_probability=0.0)  # the conditions matter: the comparison above is not vacuous
+    assert not torch.equal(seeded_loss(model, never, batch), seeded_loss(model, never, other))
+
+
+def test_rank_recorder_appends_ids_and_writes_weights(tmp_path):
+    with RankRecorder(tmp_path, 1) as ranks:
+        ranks.on_batch(0, 3, ["a", "b"])
+    assert ranks.ids.closed
+    with RankRecorder(tmp_path, 1) as ranks:  # a resumed run appends
+        ranks.on_batch(1, 4, ["c"])
+        ranks.save_weights(torch.nn.Linear(2, 1))
+    assert (tmp_path / "ranks/ids_rank1.txt").read_text().splitlines() == ["0 3 a", "0 3 b", "1 4 c"]
+    weights = safetensors.torch.load_file(str(tmp_path / "ranks/weights_rank1.safetensors"))
+    assert set(weights) == {"weight", "bias"}
+
+
 @pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpmsolver++"])
 def test_sample_shapes_and_guidance(kind):
     torch.manual_seed(0)
@@ -191,10 +264,10 @@ def assert_same_model(reference: VTASAM, fast: VTASAM) -> None:
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
-def model_with_objects() -> VTASAM:
+def model_with_objects(config: TrainConfig | None = None) -> VTASAM:
     """The small model with non-zero object projections (a fresh one ignores O)."""
     torch.manual_seed(0)
-    model = VTASAM(small_config(), SPEC)
+    model = VTASAM(config or small_config(), SPEC)
     for p in model.added_parameters():
         torch.nn.init.normal_(p, std=0.1)
     return model

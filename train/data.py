@@ -15,13 +15,12 @@ would have seen, as long as num_workers and the number of ranks stay the same.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import shards
@@ -87,13 +86,13 @@ class ShardStream(IterableDataset):
         self.config = config
         self.start = start or {}
 
-    def epoch_pipeline(self, epoch: int, worker: int, skip_samples: int) -> wds.WebDataset:
-        rank = wds.utils.pytorch_worker_info()[0]
-        # shard order: the same permutation on every rank (each rank then takes every world-th shard)
+    def epoch_pipeline(self, epoch: int, skip_samples: int) -> Iterable[dict[str, Any]]:
+        # shard order: the same permutation on every rank (each rank then takes every world-th shard); the shuffle
+        # buffer of rank r, worker w is seeded with "<seed>-<epoch>-<r>-<w>"
         urls = list(self.urls)
         random.Random(f"{self.config.seed}-{epoch}").shuffle(urls)
-        rng = random.Random(f"{self.config.seed}-{epoch}-{rank}-{worker}")
-        stream = shards.sample_stream(urls, self.config.split, self.config.shuffle_buffer, rng, skip_samples)
+        stream = shards.sample_stream(urls, self.config.split, self.config.shuffle_buffer, f"{self.config.seed}-{epoch}",
+                                      skip_samples)
         return stream.map(lambda sample: to_example(sample, self.config.object_threshold))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -102,7 +101,7 @@ class ShardStream(IterableDataset):
         epoch, consumed = self.start.get(worker, (0, 0))
         size = self.config.batch_size
         while True:
-            pipeline = self.epoch_pipeline(epoch, worker, consumed * size)
+            pipeline = self.epoch_pipeline(epoch, consumed * size)
             produced = 0
             buffer: list[dict[str, Any]] = []
             for example in pipeline:

@@ -8,12 +8,13 @@ because v-prediction stays well-posed at the highest noise levels, where eps-pre
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+import shards
 from common.devices import autocast
 from train.config import TrainConfig
 
@@ -90,6 +91,43 @@ def training_target(scheduler: DDPMScheduler, z0: torch.Tensor, noise: torch.Ten
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(z0, noise, timesteps)
     return noise
+
+
+def training_loss(
+    model: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    batch: dict[str, Any],
+    config: TrainConfig,
+    device: torch.device | None = None,
+    precision: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The loss of one training step on a collated batch (`train.data.collate`): the one step that the trainer and
+    every benchmark run.
+
+    z0 = the stored VAE posterior's mean (or, with config.posterior_sample, a draw mean + std * eps) times
+    config.vae_scaling_factor; noise ~ N(0, I); timesteps uniform over the scheduler's training steps; each sample's
+    conditions all zeroed with probability config.uncond_probability (classifier-free guidance); the network sees
+    the noised z_t and is scored against `training_target` by `diffusion_loss` (min-SNR weighted when
+    config.min_snr_gamma > 0).
+
+    The random draws come from the global generators in this order (posterior eps, noise, timesteps, drop mask),
+    so that a seed, or a checkpoint's restored RNG state, reproduces a run bit for bit: keep it.
+    batch: "latent_mean", "latent_std" (B, C, T, F) and the conditions of `shards.CONDITION_NAMES`; they are moved
+    to `device` (None: where latent_mean is; asynchronous copies from pinned memory on CUDA).
+    precision: autocast dtype of the network call (None: none here; an accelerate-prepared model autocasts itself).
+    """
+    device = batch["latent_mean"].device if device is None else device
+    mean = batch["latent_mean"].to(device, non_blocking=True)
+    std = batch["latent_std"].to(device, non_blocking=True) if config.posterior_sample else None
+    z0 = sample_latents(mean, std, config.vae_scaling_factor)
+    noise = torch.randn_like(z0)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
+    drop = torch.rand(z0.shape[0], device=z0.device) < config.uncond_probability
+    conditions = {name: batch[name].to(device, non_blocking=True) for name in shards.CONDITION_NAMES}
+    with autocast(device, precision):
+        prediction = model(scheduler.add_noise(z0, noise, timesteps), timesteps, conditions, drop)
+    return diffusion_loss(prediction, training_target(scheduler, z0, noise, timesteps), timesteps, scheduler,
+                          config.min_snr_gamma)
 
 
 @torch.no_grad()

@@ -69,42 +69,11 @@ def align_to_tokens(added: torch.Tensor, num_tokens: int, latent_grid: tuple[int
     return repeat(per_step, "b h c -> b (h w) c", w=width)
 
 
-class AddedConditionProcessor(nn.Module):
-    """attn2 processor: standard scaled-dot-product cross-attention plus Linear_l(added aligned in time).
-
-    Linear_l starts at zero, so a fresh model equals the model without the added condition.
-    """
-
-    def __init__(self, condition_dim: int, channels: int):
-        super().__init__()
-        self.attention = AttnProcessor2_0()
-        self.project = nn.Linear(condition_dim, channels)
-        nn.init.zeros_(self.project.weight)
-        nn.init.zeros_(self.project.bias)
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        added_condition: torch.Tensor | None = None,
-        latent_grid: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        out = self.attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if added_condition is None:
-            return out
-        assert latent_grid is not None, "added_condition needs latent_grid"
-        # out: (B, tokens, C) for the 3-D hidden states a BasicTransformerBlock passes
-        return out + align_to_tokens(self.project(added_condition.to(out.dtype)), out.shape[1], latent_grid)
-
-
 class PlainProcessor(AttnProcessor2_0):
-    """attn1 (self-attention) processor: accepts and ignores the added-condition kwargs.
+    """Scaled-dot-product attention that names the added-condition kwargs (attn1, self-attention, ignores them).
 
-    diffusers hands cross_attention_kwargs to attn1 as well and warns for every kwarg its processor does
-    not name; naming them here keeps the logs quiet.
+    diffusers hands cross_attention_kwargs to attn1 as well, passes a processor only the kwargs its `__call__`
+    names and warns for the others; naming them here keeps the logs quiet.
     """
 
     def __call__(  # type: ignore[override]
@@ -117,7 +86,33 @@ class PlainProcessor(AttnProcessor2_0):
         added_condition: torch.Tensor | None = None,
         latent_grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return self.add(out, added_condition, latent_grid)
+
+    def add(self, out: torch.Tensor, added_condition: torch.Tensor | None, latent_grid: tuple[int, int] | None) -> torch.Tensor:
+        return out
+
+
+class AddedConditionProcessor(PlainProcessor, nn.Module):
+    """attn2 processor: standard scaled-dot-product cross-attention plus Linear_l(added aligned in time).
+
+    Linear_l starts at zero, so a fresh model equals the model without the added condition. (PlainProcessor
+    comes first so that its `__call__`, not nn.Module's, runs; `project` is a registered submodule.)
+    """
+
+    def __init__(self, condition_dim: int, channels: int):
+        nn.Module.__init__(self)
+        PlainProcessor.__init__(self)
+        self.project = nn.Linear(condition_dim, channels)
+        nn.init.zeros_(self.project.weight)
+        nn.init.zeros_(self.project.bias)
+
+    def add(self, out: torch.Tensor, added_condition: torch.Tensor | None, latent_grid: tuple[int, int] | None) -> torch.Tensor:
+        if added_condition is None:
+            return out
+        assert latent_grid is not None, "added_condition needs latent_grid"
+        # out: (B, tokens, C) for the 3-D hidden states a BasicTransformerBlock passes
+        return out + align_to_tokens(self.project(added_condition.to(out.dtype)), out.shape[1], latent_grid)
 
 
 def sinusoidal(positions: int, dim: int) -> torch.Tensor:

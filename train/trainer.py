@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import safetensors.torch
 import torch
 from accelerate import Accelerator
+from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import set_seed
 
 import shards
@@ -32,7 +34,7 @@ from common.devices import tune_backends
 from shards import ShardSpec
 from train import data
 from train.config import TrainConfig
-from train.diffusion import diffusion_loss, noise_scheduler, sample_latents, training_target
+from train.diffusion import noise_scheduler, training_loss
 from train.model import VTASAM
 from train.speed import speed_up
 
@@ -153,28 +155,41 @@ def save_checkpoint(accelerator: Accelerator, output: Path, progress: Progress, 
     return final
 
 
-def batch_conditions(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """The conditions of a batch on `device` (asynchronous copies from pinned memory on CUDA)."""
-    return {name: batch[name].to(device, non_blocking=True) for name in shards.CONDITION_NAMES}
+@dataclass
+class Run:
+    """One run's prepared objects: what `start_run` builds (and resumes) and the training loop steps."""
+
+    config: TrainConfig
+    spec: ShardSpec
+    accelerator: Accelerator
+    model: torch.nn.Module  # the UNet as accelerate prepared it (DDP-wrapped across ranks)
+    ema: VTASAM
+    optimizer: torch.optim.Optimizer
+    lr_schedule: AcceleratedScheduler
+    progress: Progress = field(default_factory=Progress)
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)  # data position per DataLoader worker
+    resumed_from: Path | None = None  # the checkpoint loaded, None for a fresh run
+
+    @property
+    def output(self) -> Path:
+        return Path(self.config.output)
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.config.batch_size * self.config.grad_accumulation * self.accelerator.num_processes
 
 
-def train(config: TrainConfig, log: Any = print) -> int:
-    """Train until config.max_steps (or epochs); returns the process exit code (0 ok, 1 stopped)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    spec, paths, count = check_inputs(config, world_size)
+def make_accelerator(config: TrainConfig) -> Accelerator:
     cpu = config.cpu or not torch.cuda.is_available()
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=cpu,
         mixed_precision="no" if cpu else config.mixed_precision,  # autocast to bf16 on the CPU is slow, not tested
         step_scheduler_with_optimizer=False,  # we step the LR schedule once per optimizer step ourselves
     )
-    output = Path(config.output)
-    steps_per_epoch = max(1, count // (accelerator.num_processes * config.batch_size * config.grad_accumulation))
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "config.json").write_text(resolved_json(config, spec), encoding="utf-8")
 
+
+def start_run(config: TrainConfig, spec: ShardSpec, accelerator: Accelerator, log: Any) -> Run:
+    """Model, EMA, AdamW and LR schedule prepared by accelerate, then the newest complete checkpoint loaded, if any."""
     set_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     model = VTASAM(config, spec)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -185,122 +200,195 @@ def train(config: TrainConfig, log: Any = print) -> int:
                                   fused=accelerator.device.type == "cuda")  # one kernel for all parameters
     warmup = config.warmup_steps
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
-    ema.to(accelerator.device)
-    progress = Progress()
-    accelerator.register_for_checkpointing(ema, progress)
+    prepared, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
+    run = Run(config, spec, accelerator, prepared, ema.to(accelerator.device), optimizer, lr_schedule)
+    accelerator.register_for_checkpointing(run.ema, run.progress)
+    resume(run, log)
+    return run
 
+
+def resume(run: Run, log: Any) -> None:
+    """Seed this rank's noise; when the run folder has a complete checkpoint, load it (weights, optimizer, LR schedule,
+    EMA, counters, every generator) and this rank's data position."""
+    accelerator = run.accelerator
     # noise, timesteps and dropped conditions differ per rank; a resumed run restores these generators instead
-    set_seed(config.seed + 1000 * accelerator.process_index)
-    positions: dict[int, tuple[int, int]] = {}
-    checkpoint = latest_checkpoint(output)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        position_file = checkpoint / f"data_rank{accelerator.process_index}.json"
-        positions = {int(w): (p[0], p[1]) for w, p in json.loads(position_file.read_text(encoding="utf-8")).items()}
-        if accelerator.is_main_process:
-            log(f"resuming from {checkpoint} at step {progress.step}")
-    loader = data.make_loader(paths, config, positions, pin_memory=accelerator.device.type == "cuda")
+    set_seed(run.config.seed + 1000 * accelerator.process_index)
+    checkpoint = latest_checkpoint(run.output)
+    if checkpoint is None:
+        return
+    accelerator.load_state(str(checkpoint))
+    position_file = checkpoint / f"data_rank{accelerator.process_index}.json"
+    run.positions = {int(w): (p[0], p[1]) for w, p in json.loads(position_file.read_text(encoding="utf-8")).items()}
+    run.resumed_from = checkpoint
+    if accelerator.is_main_process:
+        log(f"resuming from {checkpoint} at step {run.progress.step}")
 
+
+def next_batch(stream: Iterator[dict[str, Any]], run: Run) -> tuple[dict[str, Any], int]:
+    """The next batch of this rank and its epoch; records the data position it came from."""
+    try:
+        batch = next(stream)
+    except StopIteration:
+        raise data.DataError(f"{run.config.shards}: rank {run.accelerator.process_index} ran out of data") from None
+    worker, epoch, consumed = (int(x) for x in batch["position"])
+    run.positions[worker] = (epoch, consumed)
+    return batch, epoch
+
+
+def optimizer_step(run: Run, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """Optimizer, LR schedule and EMA step when every rank's loss and the gradient norm are finite, else a skipped step
+    (counted); the gradients are cleared either way. Returns whether the step was taken."""
+    finite = bool(torch.isfinite(step_loss).all()) and math.isfinite(float(grad_norm))
+    if finite:
+        run.optimizer.step()
+        run.lr_schedule.step()
+        run.progress.step += 1
+        ema_update(run.accelerator.unwrap_model(run.model), run.ema, ema_decay(run.config, run.progress.step))
+    else:
+        run.progress.skipped += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    run.progress.samples += run.samples_per_step
+    return finite
+
+
+class Bookkeeping:
+    """Everything after an optimizer step that is not training: TensorBoard scalars and the progress bar (main
+    process), checkpoints with the EMA export, and the stop after config.max_bad_steps non-finite steps in a row."""
+
+    def __init__(self, run: Run, count: int, log: Any):
+        from tqdm.auto import tqdm
+
+        self.run, self.log = run, log
+        config, accelerator, main = run.config, run.accelerator, run.accelerator.is_main_process
+        self.steps_per_epoch = max(1, count // run.samples_per_step)
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.writer = None
+        if main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run.output / "logs"))
+            log(f"{count} {config.split} samples, {self.steps_per_epoch} steps per epoch, training to step "
+                f"{self.total_steps} on {accelerator.num_processes} process(es), {accelerator.device}, mixed precision "
+                f"{accelerator.mixed_precision}")
+        self.bar = tqdm(total=self.total_steps, initial=run.progress.step, disable=not main, desc="train")
+        self.bad_in_row = 0
+        self.last_saved = run.progress.step if run.resumed_from is not None else -1
+        self.clock, self.window_samples = time.perf_counter(), 0
+
+    def after_step(self, stepped: bool, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Log, show and checkpoint a step; False when the run must stop (too many non-finite steps in a row)."""
+        run, config, step = self.run, self.run.config, self.run.progress.step
+        self.window_samples += run.samples_per_step
+        self.bad_in_row = 0 if stepped else self.bad_in_row + 1
+        if not stepped and self.bad_in_row >= config.max_bad_steps:
+            if run.accelerator.is_main_process:
+                self.log(f"error: {self.bad_in_row} non-finite losses in a row at step {step}; stopped "
+                         f"(last good checkpoint: {latest_checkpoint(run.output) or 'none'}; lower --learning-rate "
+                         "or check the shards)")
+            return False
+        if self.writer is not None and stepped and step % config.log_every == 0:
+            self.write_scalars(float(step_loss.mean()), float(grad_norm))
+        self.bar.update(1 if stepped else 0)
+        self.bar.set_postfix(loss=f"{float(step_loss.mean()):.4f}", epoch=step // self.steps_per_epoch)
+        if stepped and step % config.checkpoint_every == 0 and step != self.last_saved:
+            self.checkpoint(export=True)
+        return True
+
+    def write_scalars(self, loss: float, grad_norm: float) -> None:
+        assert self.writer is not None
+        run, step = self.run, self.run.progress.step
+        elapsed = time.perf_counter() - self.clock
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/learning_rate", run.lr_schedule.get_last_lr()[0], step)
+        self.writer.add_scalar("train/grad_norm", grad_norm, step)
+        self.writer.add_scalar("train/samples_per_second", self.window_samples / max(elapsed, 1e-9), step)
+        self.writer.add_scalar("train/skipped_steps", run.progress.skipped, step)
+        if run.accelerator.device.type == "cuda":
+            self.writer.add_scalar("train/gpu_memory_gib", torch.cuda.max_memory_allocated() / 2**30, step)
+        self.clock, self.window_samples = time.perf_counter(), 0
+
+    def checkpoint(self, export: bool) -> None:
+        """The resume state (every rank), then the EMA weights in model/ (main process) when `export`."""
+        run = self.run
+        save_checkpoint(run.accelerator, run.output, run.progress, run.positions, run.config.keep_checkpoints)
+        self.last_saved = run.progress.step
+        if export and run.accelerator.is_main_process:
+            export_ema(run.ema, run.config, run.spec, run.output)
+
+    def finish(self) -> None:
+        """The final checkpoint (unless this step has one), the EMA export and the closing log line."""
+        run = self.run
+        if run.progress.step != self.last_saved:
+            self.checkpoint(export=False)
+        if run.accelerator.is_main_process:
+            export_ema(run.ema, run.config, run.spec, run.output)
+            if self.writer is not None:
+                self.writer.close()
+            self.log(f"done: step {run.progress.step}, {run.progress.skipped} skipped step(s); EMA weights in "
+                     f"{run.output / 'model'}")
+        self.bar.close()
+
+
+class RankRecorder:
+    """--record-ranks (tests): what each rank trained on, to check data parallelism from outside.
+
+    <output>/ranks/ids_rank{r}.txt: a line "epoch step clip_id" per sample consumed (appended across resumes);
+    <output>/ranks/weights_rank{r}.safetensors: the rank's final weights, written by `save_weights` when a run ends
+    normally. Use it as a context manager (the id file is closed on the way out, whatever happens)."""
+
+    def __init__(self, output: Path, rank: int):
+        self.folder, self.rank = output / "ranks", rank
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.ids = open(self.folder / f"ids_rank{rank}.txt", "a", encoding="utf-8")  # noqa: SIM115 - closed by __exit__
+
+    def __enter__(self) -> RankRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ids.close()
+
+    def on_batch(self, epoch: int, step: int, clip_ids: list[str]) -> None:
+        self.ids.write("".join(f"{epoch} {step} {clip_id}\n" for clip_id in clip_ids))
+
+    def save_weights(self, model: torch.nn.Module) -> None:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        safetensors.torch.save_file(weights, str(self.folder / f"weights_rank{self.rank}.safetensors"))
+
+
+def train(config: TrainConfig, log: Any = print) -> int:
+    """Train until config.max_steps (or epochs); returns the process exit code (0 ok, 1 stopped)."""
+    spec, paths, count = check_inputs(config, int(os.environ.get("WORLD_SIZE", "1")))
+    accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        Path(config.output).mkdir(parents=True, exist_ok=True)
+        (Path(config.output) / "config.json").write_text(resolved_json(config, spec), encoding="utf-8")
+    run = start_run(config, spec, accelerator, log)
+    model, progress, rank = run.model, run.progress, accelerator.process_index
+    stream = iter(data.make_loader(paths, config, run.positions, pin_memory=accelerator.device.type == "cuda"))
     scheduler = noise_scheduler(config)
-    writer = None
-    if accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(output / "logs"))
-        log(f"{count} {config.split} samples, {steps_per_epoch} steps per epoch, training to step {total_steps} "
-            f"on {accelerator.num_processes} process(es), {accelerator.device}, mixed precision {accelerator.mixed_precision}")
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train")
-    stream = iter(loader)
-    id_log = None
-    if config.record_ranks:
-        (output / "ranks").mkdir(parents=True, exist_ok=True)
-        id_log = open(output / "ranks" / f"ids_rank{accelerator.process_index}.txt", "a", encoding="utf-8")
-    bad_in_row = 0
-    last_saved = progress.step if checkpoint is not None else -1
-    clock, window_samples = time.perf_counter(), 0
-    while progress.step < total_steps:
-        model.train()
-        losses = []
-        for micro in range(config.grad_accumulation):
-            try:
-                batch = next(stream)
-            except StopIteration:
-                raise data.DataError(f"{config.shards}: rank {accelerator.process_index} ran out of data") from None
-            worker, epoch, consumed = (int(x) for x in batch["position"])
-            positions[worker] = (epoch, consumed)
-            if id_log is not None:
-                id_log.write("".join(f"{epoch} {progress.step} {clip_id}\n" for clip_id in batch["id"]))
-            mean = batch["latent_mean"].to(accelerator.device, non_blocking=True)
-            std = batch["latent_std"].to(accelerator.device, non_blocking=True)
-            z0 = sample_latents(mean, std if config.posterior_sample else None, config.vae_scaling_factor)
-            noise = torch.randn_like(z0)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
-            drop = torch.rand(z0.shape[0], device=z0.device) < config.uncond_probability
-            noisy = scheduler.add_noise(z0, noise, timesteps)
-            sync = micro == config.grad_accumulation - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                prediction = model(noisy, timesteps, batch_conditions(batch, accelerator.device), drop)
-                loss = diffusion_loss(prediction, training_target(scheduler, z0, noise, timesteps), timesteps,
-                                      scheduler, config.min_snr_gamma)
-                # a NaN loss still goes backward (every rank must join DDP's all-reduce); the step is dropped below
-                accelerator.backward(loss / config.grad_accumulation)
-            losses.append(loss.detach())
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-        step_loss = accelerator.gather(torch.stack(losses).mean()[None]).float()
-        window_samples += config.batch_size * config.grad_accumulation * accelerator.num_processes
-        if bool(torch.isfinite(step_loss).all()) and math.isfinite(float(grad_norm)):
-            optimizer.step()
-            lr_schedule.step()
-            progress.step += 1
-            ema_update(accelerator.unwrap_model(model), ema, ema_decay(config, progress.step))
-            bad_in_row = 0
-        else:
-            progress.skipped += 1
-            bad_in_row += 1
-            if bad_in_row >= config.max_bad_steps:
-                optimizer.zero_grad(set_to_none=True)
-                if id_log is not None:
-                    id_log.close()
-                kept = latest_checkpoint(output)
-                if accelerator.is_main_process:
-                    log(f"error: {bad_in_row} non-finite losses in a row at step {progress.step}; stopped "
-                        f"(last good checkpoint: {kept or 'none'}; lower --learning-rate or check the shards)")
+    books = Bookkeeping(run, count, log)
+    with RankRecorder(run.output, rank) if config.record_ranks else contextlib.nullcontext() as ranks:
+        while progress.step < books.total_steps:
+            model.train()
+            losses = []
+            for micro in range(config.grad_accumulation):
+                batch, epoch = next_batch(stream, run)
+                if ranks is not None:
+                    ranks.on_batch(epoch, progress.step, batch["id"])
+                last = micro == config.grad_accumulation - 1  # gradients are all-reduced on the last micro-batch only
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    loss = training_loss(model, scheduler, batch, config, device=accelerator.device)
+                    # a NaN loss still goes backward (every rank must join DDP's all-reduce); the step is dropped below
+                    accelerator.backward(loss / config.grad_accumulation)
+                losses.append(loss.detach())
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            step_loss = accelerator.gather(torch.stack(losses).mean()[None]).float()
+            stepped = optimizer_step(run, step_loss, grad_norm)
+            if not books.after_step(stepped, step_loss, grad_norm):
                 return 1
-        optimizer.zero_grad(set_to_none=True)
-        progress.samples += config.batch_size * config.grad_accumulation * accelerator.num_processes
-
-        if writer is not None and bad_in_row == 0 and progress.step % config.log_every == 0:
-            elapsed = time.perf_counter() - clock
-            writer.add_scalar("train/loss", float(step_loss.mean()), progress.step)
-            writer.add_scalar("train/learning_rate", lr_schedule.get_last_lr()[0], progress.step)
-            writer.add_scalar("train/grad_norm", float(grad_norm), progress.step)
-            writer.add_scalar("train/samples_per_second", window_samples / max(elapsed, 1e-9), progress.step)
-            writer.add_scalar("train/skipped_steps", progress.skipped, progress.step)
-            if torch.cuda.is_available() and not cpu:
-                writer.add_scalar("train/gpu_memory_gib", torch.cuda.max_memory_allocated() / 2**30, progress.step)
-            clock, window_samples = time.perf_counter(), 0
-        bar.update(1 if bad_in_row == 0 else 0)
-        bar.set_postfix(loss=f"{float(step_loss.mean()):.4f}", epoch=progress.step // steps_per_epoch)
-        if bad_in_row == 0 and progress.step % config.checkpoint_every == 0 and progress.step != last_saved:
-            save_checkpoint(accelerator, output, progress, positions, config.keep_checkpoints)
-            last_saved = progress.step
-            if accelerator.is_main_process:
-                export_ema(ema, config, spec, output)
-    if progress.step != last_saved:
-        save_checkpoint(accelerator, output, progress, positions, config.keep_checkpoints)
-    if accelerator.is_main_process:
-        export_ema(ema, config, spec, output)
-        if writer is not None:
-            writer.close()
-        log(f"done: step {progress.step}, {progress.skipped} skipped step(s); EMA weights in {output / 'model'}")
-    bar.close()
-    if id_log is not None:
-        id_log.close()
-        weights = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-        safetensors.torch.save_file(weights, str(output / "ranks" / f"weights_rank{accelerator.process_index}.safetensors"))
+        books.finish()
+        if ranks is not None:
+            ranks.save_weights(accelerator.unwrap_model(model))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
