@@ -84,8 +84,8 @@ def shuffled_copy(source: Path, target: Path, seed: int = 0) -> None:
         donor = samples[donor_of.get(index, index)]
         meta = dict(s[shards.META_KEY], nouns=donor[shards.META_KEY]["nouns"],
                     valid_frames=donor[shards.META_KEY]["valid_frames"])
-        arrays = {k: s[k] for k in ("latent_mean.npy", "latent_std.npy")}
-        arrays.update({k: donor[k] for k in ("clip.npy", "caption.npy", "nouns.npy", "probs.npy")})
+        # the audio (VAE latents) stays; every visual and text feature comes from the donor
+        arrays = {k: (s if k.startswith("latent_") else donor)[k] for k in spec.array_keys}
         writer.write(shards.encode_sample(spec, meta, arrays, np.asarray(s[shards.AUDIO_KEY])))
     writer.close()
 

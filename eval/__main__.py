@@ -1,8 +1,12 @@
 """`python -m eval [flags]`: generate and measure one run; `python -m eval table RUN_EVAL_DIR... --out table.md`.
 
-With no arguments: the demo model runs/demo on data/shards/demo, split test, into runs/demo/eval (DDIM, 25 steps).
+With no arguments: the demo model runs/demo on data/shards/demo, every clip of split test, into runs/demo/eval
+(DDIM, 25 steps, EMA weights). `--preset paper`: ancestral DDPM, 300 steps, guidance 3, on 1,000 test clips chosen
+by a seeded rule (--max-clips, --selection-seed). Every evaluation lists its clips in <output>/clip_ids.txt;
+`--clip-ids <that file>` scores another run or system on exactly the same clips. `--model-weights raw` generates
+with the run's raw (non-EMA) weights, as VTA-LDM does; `--weights` stays the stage-one AudioLDM weights folder.
 Run the same command again to resume: WAVs already written are kept (their settings are in <output>/wav/manifest.json;
-other settings need another --output), ground-truth embeddings come from the cache.
+other settings, or the other weights file, need another --output), ground-truth embeddings come from the cache.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """AV-Align of the generated WAVs, each measured against its clip: the source video's window
-[start, start + duration) at the video's native frame rate. The score of one clip: `eval.metrics`.
+[start, start + duration) at the video's native frame rate, under both rules of the reference (the 2025 one,
+results.json 'av_align', and the 2023 one a paper of 2024 most likely used, 'av_align_2023'), from one optical
+flow per clip. The score of one clip: `eval.metrics`.
 
 A clip whose source video is missing is left out (counted); a clip whose measurement fails (a video OpenCV
 cannot follow, a dead worker) is a failure with its reason, and the other clips are still measured.
@@ -21,13 +23,13 @@ from eval.clips import read_wav, wav_path
 from eval.metrics import (
     FARNEBACK_PARAMS,
     FLOW_MIN_MAGNITUDE,
+    FLOW_MIN_MAGNITUDE_2023,
     ONSET_SAMPLE_RATE,
     audio_peaks,
-    av_align_score,
+    av_align_rules,
     optical_flow_magnitudes,
     read_gray_frames,
     summarize,
-    video_peaks,
 )
 
 AV_ALIGN_PROTOCOL = {
@@ -38,6 +40,17 @@ AV_ALIGN_PROTOCOL = {
     "onset_sample_rate": ONSET_SAMPLE_RATE,
     "farneback": list(FARNEBACK_PARAMS),
 }
+AV_ALIGN_2023_PROTOCOL = {
+    "method": "Yariv et al. 2024 (2023 version, TempoTokens av_align.py at 34d9502): Farneback flow at the native "
+              "fps, librosa onsets, no flow threshold, an audio peak matches when any video peak is within the "
+              "window (several audio peaks may match one video peak, so a score can exceed 1); clips with no peak "
+              "on either side excluded",
+    "flow_min_magnitude": FLOW_MIN_MAGNITUDE_2023,
+    "match_window_frames": 1,
+    "onset_sample_rate": ONSET_SAMPLE_RATE,
+    "farneback": list(FARNEBACK_PARAMS),
+}
+RULE_METRICS = {"2025": "av_align", "2023": "av_align_2023"}  # AV-Align rule -> its results.json key
 
 
 def error_line(error: BaseException) -> str:
@@ -46,8 +59,9 @@ def error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
-def av_align_window(video: str, start: float, duration: float, wav: str) -> float:
-    """AV-Align of a generated WAV against frames [start, start + duration) of `video` at its native rate.
+def av_align_window(video: str, start: float, duration: float, wav: str) -> dict[str, float]:
+    """AV-Align of a generated WAV against frames [start, start + duration) of `video` at its native rate, under
+    both rules: {results.json key: score} (`RULE_METRICS`).
 
     Frame i of the file is at i / fps; the window keeps frames with start <= i / fps < start + duration and
     video peak times are shifted to the window's clock (the audio starts at `start`).
@@ -59,18 +73,21 @@ def av_align_window(video: str, start: float, duration: float, wav: str) -> floa
         magnitudes = optical_flow_magnitudes(islice(frames, first, stop))
     finally:
         frames.close()  # releases the capture when the window ends before the file does
-    peaks = video_peaks(magnitudes, fps) + (first / fps - start)
-    return av_align_score(audio_peaks(waveform, rate), peaks, fps)
+    scores = av_align_rules(audio_peaks(waveform, rate), magnitudes, fps, offset=first / fps - start)
+    return {RULE_METRICS[rule]: score for rule, score in scores.items()}
 
 
 def av_align_scores(out_dir: Path, clips: list[shards.SampleMeta], workers: int, failures: list[dict[str, str]],
-                    progress: bool, measure: Callable[[str, float, float, str], float] = av_align_window) -> dict[str, Any]:
-    """Per-clip AV-Align of every clip with a readable generated WAV and a source video, and its summary.
+                    progress: bool, measure: Callable[[str, float, float, str], dict[str, float]] = av_align_window,
+                    ) -> dict[str, dict[str, Any]]:
+    """Per-clip AV-Align (both rules) of every clip with a readable generated WAV and a source video, and the
+    summaries: {results.json key ('av_align', 'av_align_2023'): its result}.
 
     A clip whose measurement raises (OpenCV on a stream that changes resolution, librosa, a worker process that
-    died) is appended to `failures` with the reason; the other clips are still measured. WAVs already listed
+    died) is appended to `failures` once with the reason; the other clips are still measured. WAVs already listed
     as unreadable (stage read_wav) are not tried again. `measure` is `av_align_window` (or, in tests, a
-    picklable function with its signature). With nothing to measure: {"skipped": reason, "videos_missing": n}.
+    picklable function with its signature). A result is {"skipped": reason, "videos_missing": n} when there is
+    nothing to measure, else the `summarize` of its per-clip scores with "videos_missing" and "per_clip".
     """
     unreadable = {f["id"] for f in failures if f.get("stage") == "read_wav"}
     with_wav = [c for c in clips if wav_path(out_dir, c.id).exists() and c.id not in unreadable]
@@ -80,20 +97,24 @@ def av_align_scores(out_dir: Path, clips: list[shards.SampleMeta], workers: int,
         example = f" (e.g. {with_wav[0].source!r})" if with_wav else ""
         reason = (f"no source video found for any of the {len(with_wav)} clips with a generated WAV{example}"
                   if with_wav else "no generated WAV to measure")
-        return {"skipped": reason, "videos_missing": missing}
+        return {name: {"skipped": reason, "videos_missing": missing} for name in RULE_METRICS.values()}
     jobs = [(c.source, c.start, c.duration, str(wav_path(out_dir, c.id))) for c in with_video]
-    scores: dict[str, float] = {}
+    scores: dict[str, dict[str, float]] = {name: {} for name in RULE_METRICS.values()}
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         futures = [pool.submit(measure, *job) if pool else job for job in jobs]
         for clip, future in tqdm(zip(with_video, futures), total=len(jobs), unit="clip", desc="AV-Align",
                                  disable=not progress):
             try:
-                scores[clip.id] = future.result() if pool else measure(*future)  # type: ignore[union-attr,misc]
+                clip_scores = future.result() if pool else measure(*future)  # type: ignore[union-attr,misc]
+                row = {name: clip_scores[name] for name in scores}  # all rules or none
+                for name, value in row.items():
+                    scores[name][clip.id] = value
             except Exception as error:  # one bad clip (cv2.error, BrokenProcessPool, ...) must not end the run
                 failures.append({"id": clip.id, "stage": "av_align", "reason": error_line(error)})
     finally:
         if pool is not None:
             pool.shutdown()
-    return {**summarize(scores.values()), "videos_missing": missing,
-            "per_clip": {k: (None if math.isnan(v) else v) for k, v in scores.items()}}
+    return {name: {**summarize(values.values()), "videos_missing": missing,
+                   "per_clip": {k: (None if math.isnan(v) else v) for k, v in values.items()}}
+            for name, values in scores.items()}

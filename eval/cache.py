@@ -1,12 +1,13 @@
 """Ground-truth embeddings, computed once per protocol and kept in an HDF5 file keyed by clip id.
 
-Layout: attribute `protocol` (JSON: embedding sample rate, duration, both front ends and widths, both checkpoint
-ids, and what the reference audio came from: the sha256 of the shards' stage-one config and their sample rate)
-plus readable copies (`sample_rate`, `duration`, `cnn14_checkpoint`, `vggish_checkpoint`); one group per clip
-under `clips/` with datasets `cnn14_embedding` (D,), `cnn14_probs` (527,), `vggish` (n_patches, 128) and the
-attributes `id`, `audio_sha256` (of the reference audio the clip was embedded from) and `complete`. A file whose
-protocol differs from the requested one is rebuilt; a clip whose audio hash differs from the shards' is
-re-embedded (the shards were rebuilt under the same config).
+Layout: attribute `protocol` (JSON: cache version, embedding sample rate, audio protocol and duration, both front
+ends and widths, both checkpoint ids, and what the reference audio came from: the sha256 of the shards' stage-one
+config and their sample rate) plus readable copies (`sample_rate`, `duration`, `cnn14_checkpoint`,
+`vggish_checkpoint`); one group per clip under `clips/` with datasets `cnn14_embedding` (D,), `cnn14_probs`
+(527,), `cnn14_logits` (527,), `vggish` (n_patches, 128) and the attributes `id`, `audio_sha256` (of the
+reference audio the clip was embedded from) and `complete`. A file whose protocol differs from the requested one
+(an older CACHE_VERSION included) is rebuilt; a clip whose audio hash differs from the shards' is re-embedded
+(the shards were rebuilt under the same config).
 
 Crash safety: new clips are written into `<path>.partial` (flushed after every clip; `complete` is set after the
 clip's datasets, so a clip cut short by a crash is dropped on the next run, and a partial file that no longer
@@ -35,23 +36,26 @@ import h5py
 import numpy as np
 
 from eval.audio_embedding import AudioEmbedding, embed_clips
+from eval.config import AudioProtocol
 from eval.panns import Cnn14
 from eval.vggish import VGGish
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: reference source in the protocol, per-clip audio_sha256
-DATASETS = ("cnn14_embedding", "cnn14_probs", "vggish")
+# 2: reference source in the protocol, per-clip audio_sha256; 3: cnn14_logits, audio protocol in the protocol
+CACHE_VERSION = 3
+DATASETS = ("cnn14_embedding", "cnn14_probs", "vggish", "cnn14_logits")
 
 Cached = tuple[AudioEmbedding, str | None]  # an embedding and the sha256 of the audio it was computed from
 
 
 def cache_protocol(cnn14: Cnn14, vggish: VGGish, duration: float | None,
-                   source: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Everything a cached embedding depends on: cut/pad duration, embedding rate, front ends, checkpoints, and
-    `source`, what the reference audio came from (e.g. the sha256 of the shards' config and their sample rate)."""
+                   source: Mapping[str, Any] | None = None, audio_protocol: AudioProtocol = "mean-cut") -> dict[str, Any]:
+    """Everything a cached embedding depends on: the audio protocol and its cut/pad duration, embedding rate, front
+    ends, checkpoints, and `source`, what the reference audio came from (e.g. the sha256 of the shards' config and
+    their sample rate)."""
     protocol = {"cache_version": CACHE_VERSION, "sample_rate": cnn14.config.sample_rate, "duration": duration,
-                "cnn14": cnn14.protocol(), "vggish": vggish.protocol()}
+                "audio_protocol": audio_protocol, "cnn14": cnn14.protocol(), "vggish": vggish.protocol()}
     if source is not None:
         protocol["reference"] = dict(source)
     return protocol
@@ -125,8 +129,8 @@ def read_cache(path: str | Path, protocol: dict[str, Any] | None = None) -> dict
     """All complete clips of a cache file; with `protocol`, raise if the file was built for another one."""
     with h5py.File(path, "r") as handle:
         if protocol is not None and _stored_protocol(handle) != _encode(protocol):
-            raise ValueError(f"{path}: embeddings were computed under another protocol (front end, duration "
-                             f"or checkpoint); delete it or run ground_truth_embeddings to rebuild")
+            raise ValueError(f"{path}: embeddings were computed under another protocol (front end, audio protocol, "
+                             f"duration or checkpoint); delete it or run ground_truth_embeddings to rebuild")
         return {clip_id: embedding for clip_id, (embedding, _) in _read_clips(handle).items()}
 
 
@@ -157,18 +161,20 @@ def ground_truth_embeddings(
     progress: bool = True,
     source: Mapping[str, Any] | None = None,
     audio_hashes: Mapping[str, str] | None = None,
+    audio_protocol: AudioProtocol = "mean-cut",
 ) -> dict[str, AudioEmbedding]:
     """Embeddings of the reference clips `ids`, from the cache at `path` where present and computed otherwise.
 
     `load_audio(id)` returns the clip's waveform at `sample_rate`; it is called only for clips not yet cached,
-    in the order of `ids` (a streaming loader can rely on it). `source` joins the protocol (see
-    `cache_protocol`). `audio_hashes[id]`, when given, is the sha256 of the clip's reference audio now: it is
-    stored with the clip, and a cached clip stored with another hash is embedded again. Returns
-    {id: AudioEmbedding} for the requested ids; clips cached earlier for other ids are kept in the file.
+    in the order of `ids` (a streaming loader can rely on it). `source` and `audio_protocol` join the protocol
+    (see `cache_protocol`; the audio protocol also decides how `load_audio`'s waveforms are prepared).
+    `audio_hashes[id]`, when given, is the sha256 of the clip's reference audio now: it is stored with the clip,
+    and a cached clip stored with another hash is embedded again. Returns {id: AudioEmbedding} for the requested
+    ids; clips cached earlier for other ids are kept in the file.
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    protocol = cache_protocol(cnn14, vggish, duration, source)
+    protocol = cache_protocol(cnn14, vggish, duration, source, audio_protocol)
     wanted = list(dict.fromkeys(ids))
     hashes = dict(audio_hashes or {})
 
@@ -206,7 +212,7 @@ def ground_truth_embeddings(
                 log.info("%s: %d clips cached, %d to embed", path, len(resumed), len(todo))
             waves = ((clip_id, load_audio(clip_id)) for clip_id in todo)
             for clip_id, embedding in embed_clips(waves, cnn14, vggish, sample_rate, duration, batch_size, len(todo),
-                                                  progress):
+                                                  progress, audio_protocol):
                 _write_clip(handle, clip_id, embedding, hashes.get(clip_id))
                 resumed[clip_id] = (embedding, hashes.get(clip_id))
         os.replace(partial, path)

@@ -1,15 +1,26 @@
 """Which clips an evaluation measures, and the files named after them.
 
 A clip is a window of a source video (json 'source', from 'start' for 'duration' seconds) with its shard sample:
-`shards.SampleMeta` is its json. The evaluated clips are those of one split, sorted by id so that `max_clips`
-takes the same subset on every run; each has at most one generated WAV, <output>/wav/<id>.wav (`wav_path`).
-The shards are read here only through `shards`' readers; their errors become `EvalError`.
+`shards.SampleMeta` is its json. The evaluated clips are those of one split (`evaluation_clips`):
+
+- all of them (max_clips 0);
+- or `max_clips` of them, the ids with the smallest sha256('<selection_seed>/<id>') (`select_clips`): a seeded
+  sample that does not depend on the shards' order, on which other clips the split holds beyond the chosen ones
+  (a clip's key is its own), nor on the system evaluated. The paper measures "1,000 samples from the official
+  test set" without naming them; this rule makes the 1,000 the same for every run and every system;
+- or exactly the ids listed in a file (`clip_ids`, one per line), e.g. another evaluation's clip_ids.txt.
+
+Whatever the rule, the clips are measured in id order and their ids are written to <output>/clip_ids.txt
+(`write_clip_ids`), so that another run can be scored on the same clips (--clip-ids). Each clip has at most one
+generated WAV, <output>/wav/<id>.wav (`wav_path`). The shards are read here only through `shards`' readers;
+their errors become `EvalError`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +29,10 @@ import numpy as np
 import soundfile
 
 import shards
+from eval.config import EvalConfig
 
 WAV_DIR = "wav"
+CLIP_IDS_FILE = "clip_ids.txt"  # in the output folder: the evaluated ids, one per line, in id order
 
 
 class EvalError(RuntimeError):
@@ -50,14 +63,97 @@ def read_split(folder: str | Path, split: str) -> list[shards.SampleMeta]:
         raise EvalError(str(error)) from None
 
 
-def select_clips(clips: list[shards.SampleMeta], max_clips: int) -> list[shards.SampleMeta]:
-    """The first `max_clips` clips by id (all when 0); sorted by id so that a subset is the same on every run."""
+def selection_key(selection_seed: int, clip_id: str) -> str:
+    """sha256('<selection_seed>/<clip id>') in hex: `select_clips` keeps the clips whose keys are smallest."""
+    return hashlib.sha256(f"{selection_seed}/{clip_id}".encode()).hexdigest()
+
+
+def sorted_unique(clips: list[shards.SampleMeta]) -> list[shards.SampleMeta]:
+    """The clips in id order; EvalError when an id appears twice (WAVs are named by id)."""
     ordered = sorted(clips, key=lambda c: c.id)
-    ids = [c.id for c in ordered]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise EvalError(f"clip id {duplicate!r} appears twice in the split: WAVs are named by id")
-    return ordered[:max_clips] if max_clips else ordered
+    for before, after in zip(ordered, ordered[1:]):
+        if before.id == after.id:
+            raise EvalError(f"clip id {before.id!r} appears twice in the split: WAVs are named by id")
+    return ordered
+
+
+def select_clips(clips: list[shards.SampleMeta], max_clips: int, selection_seed: int = 0) -> list[shards.SampleMeta]:
+    """All clips in id order (max_clips 0), else the `max_clips` clips with the smallest
+    `selection_key(selection_seed, id)`, in id order."""
+    ordered = sorted_unique(clips)
+    if not max_clips or max_clips >= len(ordered):
+        return ordered
+    chosen = {c.id for c in sorted(ordered, key=lambda c: selection_key(selection_seed, c.id))[:max_clips]}
+    return [c for c in ordered if c.id in chosen]
+
+
+def read_clip_ids(path: str | Path) -> list[str]:
+    """The ids of a clip-id file, one per line (blank lines skipped, spaces around an id dropped), in file order;
+    EvalError naming the file when it is missing, unreadable, empty or lists an id twice."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise EvalError(f"{path}: clip-id file missing") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise EvalError(f"{path}: unreadable clip-id file ({error})") from None
+    ids = [line.strip() for line in lines if line.strip()]
+    if not ids:
+        raise EvalError(f"{path}: no clip id in it (one id per line)")
+    seen: set[str] = set()
+    for clip_id in ids:
+        if clip_id in seen:
+            raise EvalError(f"{path}: clip id {clip_id!r} is listed twice")
+        seen.add(clip_id)
+    return ids
+
+
+def listed_clips(clips: list[shards.SampleMeta], path: str | Path, where: str) -> list[shards.SampleMeta]:
+    """The clips whose ids `path` lists, in id order; EvalError naming the file and the first ids that are not
+    among `clips` (`where` says which split of which shards they are)."""
+    ordered = sorted_unique(clips)
+    by_id = {c.id: c for c in ordered}
+    ids = read_clip_ids(path)
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        shown = ", ".join(repr(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise EvalError(f"{path}: {len(missing)} of its {len(ids)} clip ids are not in {where}: {shown}")
+    wanted = set(ids)
+    return [c for c in ordered if c.id in wanted]
+
+
+def evaluation_clips(config: EvalConfig, clips: list[shards.SampleMeta]) -> list[shards.SampleMeta]:
+    """The clips `config` evaluates among `clips` (its split), in id order: those of config.clip_ids when set,
+    else `select_clips(clips, config.max_clips, config.selection_seed)`."""
+    if config.clip_ids:
+        return listed_clips(clips, config.clip_ids, f"split {config.split!r} of {config.shards}")
+    return select_clips(clips, config.max_clips, config.selection_seed)
+
+
+def clip_ids_text(clips: list[shards.SampleMeta]) -> str:
+    """The content of clip_ids.txt: one id per line, in the clips' order, each line ending in a newline."""
+    return "".join(f"{c.id}\n" for c in clips)
+
+
+def write_clip_ids(out_dir: Path, clips: list[shards.SampleMeta]) -> Path:
+    """<out>/clip_ids.txt (`clip_ids_text`), written to a temporary name and renamed."""
+    path = out_dir / CLIP_IDS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(clip_ids_text(clips), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def clip_selection(config: EvalConfig, clips: list[shards.SampleMeta]) -> dict[str, Any]:
+    """What results.json's protocol states about the evaluated set: the rule that chose it and
+    'clip_ids_sha256', the sha256 of clip_ids.txt (equal for two evaluations exactly when their clips are)."""
+    if config.clip_ids:
+        rule: dict[str, Any] = {"rule": "clip_ids", "clip_ids_file": str(config.clip_ids)}
+    elif config.max_clips:
+        rule = {"rule": "smallest sha256('<selection_seed>/<id>')", "max_clips": config.max_clips,
+                "selection_seed": config.selection_seed}
+    else:
+        rule = {"rule": "all"}
+    return {"clip_selection": rule, "clip_ids_sha256": hashlib.sha256(clip_ids_text(clips).encode()).hexdigest()}
 
 
 def iterate_reference_audio(folder: str | Path, split: str, ids: Iterable[str]) -> Iterator[tuple[str, bytes]]:

@@ -1,8 +1,11 @@
 """Stage-three configuration: one frozen dataclass and named presets.
 
-`demo` evaluates the CPU demo model (runs/demo on data/shards/demo) with few DDIM steps and random-weight
-embedders when the official checkpoints are absent; `paper` is the published protocol (guidance 3, 300 denoising
-steps, one sample per clip, official PANNs Cnn14 and VGGish checkpoints from weights/eval/).
+`demo` evaluates the CPU demo model (runs/demo on data/shards/demo, every test clip) with few DDIM steps and
+random-weight embedders when the official checkpoints are absent; `paper` is the published protocol: VTA-LDM's
+sampler (ancestral DDPM, 300 steps, guidance 3, one sample per clip; ariesssxu/vta-ldm inference_from_video.sh and
+inference_from_video.py), 1,000 clips of the test split ("1,000 samples from the official test set", chosen by the
+seeded rule of `eval.clips.select_clips` and written to <output>/clip_ids.txt), official PANNs Cnn14 and VGGish
+checkpoints from weights/eval/.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from common.devices import PRECISIONS, Precision
 Sampler = Literal["ddim", "ddpm", "dpmsolver++"]
 SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
 EmbedderSize = Literal["tiny", "paper"]
+AudioProtocol = Literal["mean-cut", "audioldm-eval"]  # how audio is brought to the embedders (eval.audio_embedding)
+AUDIO_PROTOCOLS: tuple[str, ...] = typing.get_args(AudioProtocol)
+ModelWeights = Literal["ema", "raw"]
+MODEL_WEIGHTS: tuple[str, ...] = typing.get_args(ModelWeights)
 
 
 @dataclass(frozen=True)
@@ -26,31 +33,35 @@ class EvalConfig(ConfigMethods):
 
     preset: str = field(default="demo", metadata={"help": "name of the preset this config started from"})
     # --- what is evaluated -------------------------------------------------------------------
-    run: str = field(default="runs/demo", metadata={"help": "training run folder holding model/ema.safetensors + model/config.json"})
+    run: str = field(default="runs/demo", metadata={"help": "training run folder holding model/config.json and model/ema.safetensors (or raw.safetensors: --model-weights)"})
     shards: str = field(default="data/shards/demo", metadata={"help": "stage-one output folder (meta.json + *.tar) holding the test clips"})
     split: str = field(default="test", metadata={"help": "evaluate the clips whose json 'split' is this"})
     name: str = field(default="", metadata={"help": "name of this evaluation in tables and listening tests (results.json 'run_name'); empty: the run folder's name"})
     output: str = field(default="", metadata={"help": "output folder (wav/, results.json, report.md, figure.png); empty: <run>/eval"})
-    max_clips: int = field(default=0, metadata={"help": "evaluate the first N clip ids in sorted order (0: all clips of the split)"})
+    max_clips: int = field(default=0, metadata={"help": "evaluate N clips of the split: the N ids with the smallest sha256('<selection_seed>/<id>'), measured in id order and listed in <output>/clip_ids.txt (0: all clips)"})
+    selection_seed: int = field(default=0, metadata={"help": "seed of the max_clips selection: the same seed picks the same clips on every run and for every system"})
+    clip_ids: str = field(default="", metadata={"help": "file of clip ids, one per line (e.g. another evaluation's clip_ids.txt): exactly these clips are evaluated, whatever max_clips says (empty: max_clips decides)"})
     # --- generation ----------------------------------------------------------------------------
     generate: bool = field(default=True, metadata={"help": "generate the missing WAVs first (off: measure the WAVs already in <output>/wav)"})
-    sampler: Sampler = field(default="ddim", metadata={"help": f"denoising sampler, one of {SAMPLERS} (DPM-Solver++ needs ~25 steps)"})
+    sampler: Sampler = field(default="ddim", metadata={"help": f"denoising sampler, one of {SAMPLERS} (paper protocol: ddpm, ancestral, as VTA-LDM; DPM-Solver++ needs ~25 steps)"})
     steps: int = field(default=25, metadata={"help": "denoising steps (paper protocol: 300)"})
     guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale (paper protocol: 3)"})
     seed: int = field(default=0, metadata={"help": "base seed; each clip's noise is seeded from (seed, clip id)"})
+    model_weights: ModelWeights = field(default="ema", metadata={"help": f"which weights of the run generate, one of {MODEL_WEIGHTS}: model/ema.safetensors (the exponential moving average) or model/raw.safetensors (the optimizer's weights, what VTA-LDM evaluates)"})
     batch_size: int = field(default=4, metadata={"help": "clips per sampling / decoding batch"})
     precision: Precision = field(default="auto", metadata={"help": f"UNet precision while sampling, one of {PRECISIONS} (auto: bf16 on CUDA, fp32 on the CPU; recorded in the WAV manifest)"})
     channels_last: bool = field(default=False, metadata={"help": "UNet in NHWC memory format while sampling (train.speed)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet before sampling (pays off over many clips; train.speed)"})
     peak: float = field(default=0.0, metadata={"help": "scale each generated WAV to this peak (0: keep the vocoder's level, as published evaluators measure it)"})
-    weights: str = field(default="weights", metadata={"help": "weights folder of stage one (AudioLDM VAE + vocoder) when the shards were made with real weights"})
+    weights: str = field(default="weights", metadata={"help": "weights folder of stage one (AudioLDM VAE + vocoder) when the shards were made with real weights (the diffusion model's: --model-weights)"})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda when there), 'cpu' or 'cuda[:N]'"})
     # --- metrics ---------------------------------------------------------------------------------
     embedder_weights: str = field(default="weights/eval", metadata={"help": "folder with Cnn14_16k_mAP=0.438.pth and vggish-10086976.pth"})
     random_embedders: bool = field(default=True, metadata={"help": "use seeded random-weight embedders when the checkpoints are absent (numbers not comparable to published ones)"})
     random_embedder_size: EmbedderSize = field(default="tiny", metadata={"help": "width of random-weight embedders: tiny (fast) or paper"})
     embedder_seed: int = field(default=0, metadata={"help": "seed of the random-weight embedders (independent of the generation seed)"})
-    duration: float = field(default=10.0, metadata={"help": "seconds every clip is cut or zero-padded to before embedding (0: as it is)"})
+    duration: float = field(default=10.0, metadata={"help": "seconds every clip is cut or zero-padded to before embedding under --audio-protocol mean-cut (0: as it is)"})
+    audio_protocol: AudioProtocol = field(default="mean-cut", metadata={"help": f"how reference and generated audio reach the embedders, one of {AUDIO_PROTOCOLS}: mean-cut (channels averaged, cut or zero-padded to --duration) or audioldm-eval (first channel, DC offset removed, full length, zero-padded to at least 2 s, as audioldm_eval's WaveDataset; --duration unused)"})
     min_paired: float = field(default=0.9, metadata={"help": "FD/FAD/KL are refused when fewer than this fraction of the clips have a readable WAV"})
     av_align: bool = field(default=True, metadata={"help": "compute AV-Align against the source videos (json 'source')"})
     workers: int = field(default=1, metadata={"help": "processes computing AV-Align (optical flow over the source videos)"})
@@ -60,10 +71,14 @@ class EvalConfig(ConfigMethods):
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.model_weights not in MODEL_WEIGHTS:
+            raise ValueError(f"model_weights must be one of {MODEL_WEIGHTS}, got {self.model_weights!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.random_embedder_size not in ("tiny", "paper"):
             raise ValueError(f"random_embedder_size must be tiny or paper, got {self.random_embedder_size!r}")
+        if self.audio_protocol not in AUDIO_PROTOCOLS:
+            raise ValueError(f"audio_protocol must be one of {AUDIO_PROTOCOLS}, got {self.audio_protocol!r}")
         if self.steps < 1 or self.batch_size < 1 or self.workers < 1:
             raise ValueError("steps, batch_size and workers must be at least 1")
         if not 0.0 <= self.min_paired <= 1.0:
@@ -85,8 +100,9 @@ class EvalConfig(ConfigMethods):
 
     @property
     def metric_duration(self) -> float | None:
-        """The cut/pad length handed to the embedders (None: each clip as it is)."""
-        return self.duration or None
+        """The cut/pad length handed to the embedders (None: each clip as it is; always None under the
+        audioldm-eval audio protocol, which keeps the full length)."""
+        return None if self.audio_protocol == "audioldm-eval" else self.duration or None
 
 
 
@@ -96,7 +112,10 @@ PRESETS: dict[str, EvalConfig] = {
         preset="paper",
         run="runs/paper",
         shards="data/shards/paper",
-        steps=300,  # VTA-LDM's inference protocol: 300 steps, guidance 3, one sample per clip
+        max_clips=1000,  # "1,000 samples from the official test set"
+        sampler="ddpm",  # VTA-LDM's inference protocol: DDPMScheduler, 300 steps, guidance 3, one sample per clip
+        model_weights="raw",  # VTA-LDM keeps no EMA: its inference loads the optimizer's weights
+        steps=300,
         guidance=3.0,
         batch_size=16,
         random_embedders=False,  # published numbers need the official checkpoints

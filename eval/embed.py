@@ -1,10 +1,11 @@
 """The embedding step of an evaluation: the two embedders, the reference set and the generated set.
 
-Embedders: PANNs Cnn14 (FD, KL) and VGGish (FAD) from `embedder_weights` when the official checkpoints are there,
-else seeded random weights when the config allows them (`load_embedders`). Reference set: the shards'
+Embedders: PANNs Cnn14 (FD, KL, IS) and VGGish (FAD) from `embedder_weights` when the official checkpoints are
+there, else seeded random weights when the config allows them (`load_embedders`). Reference set: the shards'
 ground-truth audio (the `flac` member) of every selected clip, embedded once per protocol into the HDF5 cache of
 `eval.cache`, each clip checked against the sha256 of its audio. Generated set: the readable WAVs of
-<output>/wav; a WAV that cannot be read is a failure, not silence.
+<output>/wav; a WAV that cannot be read is a failure, not silence. Both sets go through the same audio protocol
+(`EvalConfig.audio_protocol`, `eval.audio_embedding.prepare_waveform`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from common.devices import resolve_device
 from eval import cache
 from eval.audio_embedding import RESAMPLER, AudioEmbedding, embed_clips
 from eval.clips import EvalError, iterate_reference_audio, read_wav, shards_config_sha256, wav_path
-from eval.config import EvalConfig
+from eval.config import AudioProtocol, EvalConfig
 from eval.panns import CHECKPOINT_NAME as CNN14_FILE
 from eval.panns import CNN14_CONFIGS, Cnn14, load_cnn14
 from eval.vggish import CHECKPOINT_NAME as VGGISH_FILE
@@ -57,7 +58,8 @@ def load_embedders(config: EvalConfig) -> tuple[Cnn14, VGGish, bool]:
 def embedder_protocol(config: EvalConfig, cnn14: Cnn14, vggish: VGGish, random_weights: bool) -> dict[str, Any]:
     """What the embeddings depend on, as results.json's protocol states it."""
     return {
-        "duration": config.metric_duration, "sample_rate": cnn14.config.sample_rate,
+        "duration": config.metric_duration, "audio_protocol": config.audio_protocol,
+        "sample_rate": cnn14.config.sample_rate,
         "embedders": {"cnn14": cnn14.protocol(), "vggish": vggish.protocol()},
         "embedder_checkpoints": {"cnn14": cnn14.checkpoint_id, "vggish": vggish.checkpoint_id},
         "random_embedders": random_weights,
@@ -117,12 +119,12 @@ def reference_embeddings(config: EvalConfig, ids: list[str], cnn14: Cnn14, vggis
     embedders does not rebuild another protocol's cache. `ids` in shard order (the audio streams in it);
     the result keeps that order. The protocol names the shards' config and rate; `hashes` check each clip."""
     source = {"shards_config_sha256": shards_config_sha256(config.shards), "sample_rate": sample_rate}
-    protocol = cache.cache_protocol(cnn14, vggish, config.metric_duration, source)
+    protocol = cache.cache_protocol(cnn14, vggish, config.metric_duration, source, config.audio_protocol)
     digest = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
     path = config.cache_folder / f"{config.split}-{digest}.h5"
     return cache.ground_truth_embeddings(path, ids, ShardAudio(config.shards, config.split, ids), cnn14, vggish,
                                          sample_rate, config.metric_duration, progress=progress, source=source,
-                                         audio_hashes=hashes)
+                                         audio_hashes=hashes, audio_protocol=config.audio_protocol)
 
 
 def reference_set(config: EvalConfig, in_shard_order: list[shards.SampleMeta], clips: list[shards.SampleMeta],
@@ -144,9 +146,14 @@ def reference_set(config: EvalConfig, in_shard_order: list[shards.SampleMeta], c
 # Generated set: the readable WAVs
 # ----------------------------------------------------------------------------------------------------------------
 def generated_embeddings(out_dir: Path, clips: list[shards.SampleMeta], cnn14: Cnn14, vggish: VGGish,
-                         duration: float | None, failures: list[dict[str, str]],
-                         progress: bool) -> dict[str, AudioEmbedding]:
-    """Embeddings of the generated WAVs that exist and can be read; unreadable ones are appended to `failures`."""
+                         duration: float | None, failures: list[dict[str, str]], progress: bool,
+                         audio_protocol: AudioProtocol = "mean-cut") -> dict[str, AudioEmbedding]:
+    """Embeddings of the generated WAVs that exist and can be read; unreadable ones are appended to `failures`.
+
+    `read_wav` averages channels; under the audioldm-eval protocol a WAV with several channels is read again for
+    its first channel. A WAV at another rate than the embedders' is resampled here, so under audioldm-eval its
+    DC offset is removed after resampling rather than before (resampling keeps the mean up to its filter's
+    ripple)."""
     rate = cnn14.config.sample_rate
 
     def waves() -> Iterator[tuple[str, np.ndarray]]:
@@ -159,8 +166,10 @@ def generated_embeddings(out_dir: Path, clips: list[shards.SampleMeta], cnn14: C
             except ValueError as error:
                 failures.append({"id": clip.id, "stage": "read_wav", "reason": str(error)})
                 continue
+            if audio_protocol == "audioldm-eval" and soundfile.info(path).channels > 1:
+                waveform = soundfile.read(path, dtype="float32", always_2d=True)[0][:, 0]
             if found != rate:  # resampled by prepare_waveform only for one shared rate: do it here per file
                 waveform = librosa.resample(waveform, orig_sr=found, target_sr=rate, res_type=RESAMPLER)
             yield clip.id, waveform
 
-    return dict(embed_clips(waves(), cnn14, vggish, rate, duration, progress=progress))
+    return dict(embed_clips(waves(), cnn14, vggish, rate, duration, progress=progress, audio_protocol=audio_protocol))

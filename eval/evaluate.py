@@ -1,6 +1,7 @@
-"""One evaluation, end to end, as a straight pipeline: select the clips (`eval.clips`), generate the missing WAVs
+"""One evaluation, end to end, as a straight pipeline: select the clips (`eval.clips`: all, a seeded sample of
+`max_clips`, or a --clip-ids list; their ids written to <output>/clip_ids.txt), generate the missing WAVs
 (`eval.generate`), embed the reference and generated audio (`eval.embed`), score every metric of the registry
-(`eval.score`, `eval.registry`: FD, FAD, KL on the audio embeddings, AV-Align on the source videos), then write
+(`eval.score`, `eval.registry`: FD, FAD, KL, IS on the audio embeddings, AV-Align on the source videos), then write
 results.json, report.md and figure.png (`eval.report`). Definitions: `eval.metrics`.
 
 Reference set = the shards' ground-truth audio (the `flac` member) of every selected clip, embedded once per
@@ -16,7 +17,8 @@ AV-Align (counted), and with no video at all AV-Align is null with the reason.
 
 What results.json states about generation comes from <output>/wav/manifest.json (written by `eval.generate`
 when it starts filling the folder), not from the current flags: with --no-generate the WAVs may have been made
-with other settings than the command line says.
+with other settings than the command line says. The protocol's 'model_weights' is the run's weights file whose
+checksum the manifest records, and 'sampler_schedule' the timesteps of the manifest's sampler and steps.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import shards
 from common.versions import software_versions
-from eval.clips import EvalError, read_split, select_clips
+from eval.clips import EvalError, clip_selection, evaluation_clips, read_split, write_clip_ids
 from eval.config import EvalConfig
 from eval.embed import embedder_protocol, generated_embeddings, load_embedders, reference_set
 from eval.generate import generate, generation_protocol, manifest_notes, read_manifest, standing_failures, unique_failures
@@ -49,9 +51,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     except shards.ShardFormatError as error:
         raise EvalError(str(error)) from None
     in_shard_order = read_split(config.shards, config.split)
-    clips = select_clips(in_shard_order, config.max_clips)
+    clips = evaluation_clips(config, in_shard_order)
     if not clips:
         raise EvalError(f"{config.shards}: no clip of split {config.split!r}")
+    write_clip_ids(out_dir, clips)  # before generating: another run can take the same clips (--clip-ids)
     cnn14, vggish, random_weights = load_embedders(config)  # before generating: a missing checkpoint fails fast
 
     # 2. generation (or the WAVs already there, with their manifest)
@@ -62,7 +65,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
 
     # 3. embeddings
     reference, reference_source = reference_set(config, in_shard_order, clips, cnn14, vggish, spec.sample_rate, progress)
-    generated = generated_embeddings(out_dir, clips, cnn14, vggish, config.metric_duration, failures, progress)
+    generated = generated_embeddings(out_dir, clips, cnn14, vggish, config.metric_duration, failures, progress,
+                                     config.audio_protocol)
 
     # 4. scores
     scores = score(config, clips, reference, generated, failures, progress)
@@ -85,8 +89,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         split=config.split,
         clips=[c.id for c in clips],
         protocol={**embedder_protocol(config, cnn14, vggish, random_weights),
-                  **generation_protocol(out_dir, clips, manifest), "window_seconds": spec.window_seconds,
-                  "clip_count": len(clips), "max_clips": config.max_clips, "reference": reference_source,
+                  **generation_protocol(config, clips, manifest), "window_seconds": spec.window_seconds,
+                  "clip_count": len(clips), "max_clips": config.max_clips, **clip_selection(config, clips),
+                  "reference": reference_source,
                   **metric_protocol()},
         software=software_versions(),
         config=config.to_dict(),

@@ -1,7 +1,9 @@
-"""Generation for evaluation: one 16 kHz WAV per test clip, from the EMA weights of a training run.
+"""Generation for evaluation: one 16 kHz WAV per test clip, from the EMA or the raw weights of a training run
+(`EvalConfig.model_weights`: model/ema.safetensors or model/raw.safetensors, read by `train.load_model`).
 
 Per clip: the conditions of its shard sample (`shards.sample_conditions`: CLIP frames, caption, O_t of Eq. 1) ->
-classifier-free-guided sampling (`train.sample`; latents in the VAE's scaled space) -> divided by the run's
+classifier-free-guided sampling (`train.sample` with the config's sampler: DDIM, ancestral DDPM as VTA-LDM, or
+DPM-Solver++; latents in the VAE's scaled space) -> divided by the run's
 `vae_scaling_factor` -> AudioLDM VAE decoder -> log mel (B, 1024, 64) -> AudioLDM HiFi-GAN -> waveform, cut to
 the clip's length (json 'duration': seconds of video from 'start', capped at the window) -> scaled to
 `peak` when the config asks (no preset does: published evaluators measure the vocoder's output as it is).
@@ -11,18 +13,23 @@ depend on which clips share its batch (up to float rounding), nor on how many we
 Resumable: clips whose WAV exists are skipped; WAVs are written under a temporary name and renamed. Because a
 skipped WAV must have been made the way the new ones are, <output>/wav/manifest.json records every setting the
 audio depends on (sampler, steps, guidance, seed, peak, checksums of the model, the VAE and the shards' config);
-generating into a folder whose manifest differs is refused. The VAE and vocoder are rebuilt from the stage-one
-config stored in the shards' meta.json (`random_init` tiny models, or the weights folder).
+generating into a folder whose manifest differs is refused. The model's checksum is that of the weights file
+actually loaded, so raw-weight WAVs are never added to a folder of EMA-weight WAVs (nor the reverse). The VAE
+and vocoder are rebuilt from the stage-one config stored in the shards' meta.json (`random_init` tiny models, or
+the weights folder).
 
 Which clips are generated, and where their WAVs go: `eval.clips`. This module also reads back what a folder of
-WAVs says about its generation (manifest, rate, recorded failures) for results.json.
+WAVs says about its generation (manifest, rate, recorded failures, which weights file and which timesteps) for
+results.json.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -39,8 +46,10 @@ from audio_models.decoder import Decoder
 from common.devices import precision_name, resolve_device, resolve_precision, tune_backends
 from common.weights import sha256_file
 from eval.clips import WAV_DIR, EvalError, iterate_split_samples, shards_config_sha256, wav_path
-from eval.config import EvalConfig
+from eval.config import MODEL_WEIGHTS, EvalConfig, ModelWeights
+from train.config import TrainConfig
 from train.data import to_example
+from train.diffusion import sampling_scheduler
 from train.speed import speed_up
 
 MANIFEST_FILE = "manifest.json"  # in WAV_DIR: the settings that made its WAVs
@@ -98,7 +107,7 @@ def generation_manifest(config: EvalConfig, train_config: Any, decoder: Decoder,
                         precision: str = "fp32") -> dict[str, Any]:
     """Every setting a generated WAV depends on (JSON-normalised, so it compares equal to its file's copy)."""
     manifest = {
-        "manifest_version": MANIFEST_VERSION, **run_info(config.run),
+        "manifest_version": MANIFEST_VERSION, **run_info(config.run, config.model_weights),
         "vae": decoder.checksum, "vae_scaling_factor": train_config.vae_scaling_factor,
         "object_threshold": train_config.object_threshold,
         "shards_config_sha256": shards_config_sha256(config.shards), "split": config.split,
@@ -159,7 +168,7 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
         precision = resolve_precision(config.precision, device)
     except ValueError as error:
         raise EvalError(str(error)) from None
-    model, train_config = load_run(config.run, device)
+    model, train_config = load_run(config.run, device, config.model_weights)
     tune_backends(device)
     speed_up(model, config.channels_last, config.compile)
     spec = shards.read_spec(config.shards)
@@ -208,23 +217,50 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
     return info
 
 
-def load_run(run: str | Path, device: torch.device) -> tuple[Any, Any]:
+def load_run(run: str | Path, device: torch.device, model_weights: ModelWeights = "ema") -> tuple[Any, Any]:
     try:
-        return train.load_model(run, device)
-    except FileNotFoundError as error:
-        raise EvalError(str(error)) from None
+        return train.load_model(run, device, weights=model_weights)
+    except (FileNotFoundError, ValueError) as error:
+        raise EvalError(str(error).splitlines()[0]) from None
 
 
-def run_info(run: str | Path) -> dict[str, Any]:
-    """What identifies the evaluated model: sha256 of its EMA weights and its conditioning (model/config.json);
-    empty when the run folder has no exported weights (the WAVs may come from elsewhere)."""
-    folder = Path(run) / "model"
-    if not (folder / "ema.safetensors").exists():
+def weights_file(run: str | Path, model_weights: ModelWeights) -> Path:
+    """<run>/model/<ema|raw>.safetensors: the file `train.load_model(run, device, weights=model_weights)` reads."""
+    return Path(run) / "model" / f"{model_weights}.safetensors"
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256_file of a weights file, computed once per (path, inode, size, modification time): generating, its
+    manifest check and the report each ask for it, and a paper-size checkpoint takes seconds to hash. A new export
+    is a new inode (written aside and renamed), so it is hashed afresh."""
+    stat = path.stat()
+    return _cached_sha256(str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def run_config(run: str | Path) -> dict[str, Any] | None:
+    """The run's resolved training config (model/config.json), None when absent or unreadable."""
+    try:
+        resolved = json.loads((Path(run) / "model" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return resolved if isinstance(resolved, dict) else None
+
+
+def run_info(run: str | Path, model_weights: ModelWeights = "ema") -> dict[str, Any]:
+    """What identifies the evaluated model: sha256 of the weights file that generates (`weights_file`) and its
+    conditioning (model/config.json); empty when the run folder has no such file (the WAVs may come from
+    elsewhere)."""
+    path = weights_file(run, model_weights)
+    if not path.exists():
         return {}
-    info: dict[str, Any] = {"checkpoint_sha256": sha256_file(folder / "ema.safetensors")}
-    try:
-        resolved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    info: dict[str, Any] = {"checkpoint_sha256": weights_sha256(path)}
+    resolved = run_config(run)
+    if resolved is None:
         return info
     info.update({k: resolved[k] for k in ("inputs", "scheme") if k in resolved})
     if "preset" in resolved:
@@ -249,7 +285,7 @@ def manifest_notes(config: EvalConfig, manifest: dict[str, Any] | None) -> list[
     """Why the WAVs' settings may not be what results.json states: no manifest, or another checkpoint now."""
     if manifest is None:
         return [f"{WAV_DIR}/{MANIFEST_FILE} is missing: the settings that generated these WAVs are unknown"]
-    now = run_info(config.run).get("checkpoint_sha256")
+    now = run_info(config.run, config.model_weights).get("checkpoint_sha256")
     if now is not None and manifest.get("checkpoint_sha256") not in (None, now):
         return [f"the WAVs were generated by checkpoint {manifest.get('checkpoint_sha256')}, {config.run} now holds {now}"]
     return []
@@ -267,11 +303,58 @@ def generated_rate(out_dir: Path, clips: list[shards.SampleMeta], manifest: dict
     return None
 
 
-def generation_protocol(out_dir: Path, clips: list[shards.SampleMeta], manifest: dict[str, Any] | None) -> dict[str, Any]:
-    """What results.json's protocol states about generation: the WAVs' rate and the manifest's settings (null
-    when there is no manifest)."""
-    return {"generated_sample_rate": generated_rate(out_dir, clips, manifest),
-            **{k: (manifest or {}).get(k) for k in GENERATION_KNOBS}, "generation_manifest": manifest}
+def model_weights_of(config: EvalConfig, manifest: dict[str, Any] | None) -> str | None:
+    """Which weights file of config.run made the WAVs: 'ema' or 'raw', the one whose sha256 is the manifest's
+    checkpoint_sha256 (config.model_weights tried first); None when neither is (or there is no manifest)."""
+    recorded = (manifest or {}).get("checkpoint_sha256")
+    if recorded is None:
+        return None
+    for name in (config.model_weights, *(w for w in MODEL_WEIGHTS if w != config.model_weights)):
+        if run_info(config.run, typing.cast(ModelWeights, name)).get("checkpoint_sha256") == recorded:
+            return name
+    return None
+
+
+def sampler_schedule(train_config: TrainConfig, sampler: str, steps: int) -> dict[str, Any]:
+    """The timesteps `train.sample` visits for this sampler and number of steps, and the diffusers settings
+    that place them (timestep_spacing, steps_offset). Built as `train.sample` builds its solver
+    (`sampling_scheduler`, then `set_timesteps(steps)`), so it states what the WAVs were sampled with.
+
+    E.g. VTA-LDM's sampler (ariesssxu/vta-ldm, inference_from_video.py: DDPMScheduler.from_pretrained on SD 2.1's
+    scheduler config, steps_offset 1, no timestep_spacing, so diffusers' default 'leading'; models.py
+    AudioDiffusion.inference) at 300 steps over 1000 training steps: t = (1000 // 300) i + 1 for i = 299, ..., 0,
+    from 898 down to 1 (diffusers, schedulers/scheduling_ddpm.py, DDPMScheduler.set_timesteps).
+    """
+    solver = sampling_scheduler(train_config, sampler)
+    solver.set_timesteps(steps)
+    timesteps = [int(t) for t in solver.timesteps]
+    settings = solver.config
+    return {"scheduler": type(solver).__name__, "num_train_timesteps": settings.num_train_timesteps,
+            "timestep_spacing": settings.get("timestep_spacing"), "steps_offset": settings.get("steps_offset"),
+            "variance_type": settings.get("variance_type"), "timesteps": len(timesteps),
+            "first_timestep": timesteps[0], "last_timestep": timesteps[-1]}
+
+
+def manifest_schedule(run: str | Path, manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`sampler_schedule` of the manifest's sampler and steps with the run's noise schedule (model/config.json);
+    None without a manifest or a readable run config."""
+    resolved = run_config(run)
+    if manifest is None or resolved is None or "sampler" not in manifest or "steps" not in manifest:
+        return None
+    try:
+        return sampler_schedule(TrainConfig.from_dict(resolved), manifest["sampler"], int(manifest["steps"]))
+    except (TypeError, ValueError):  # a config or sampler this version does not know
+        return None
+
+
+def generation_protocol(config: EvalConfig, clips: list[shards.SampleMeta], manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """What results.json's protocol states about generation: the WAVs' rate, the manifest's settings, which
+    weights file of the run made them (`model_weights_of`) and the timesteps of their sampler
+    (`manifest_schedule`); null when there is no manifest."""
+    return {"generated_sample_rate": generated_rate(config.output_dir, clips, manifest),
+            **{k: (manifest or {}).get(k) for k in GENERATION_KNOBS},
+            "model_weights": model_weights_of(config, manifest),
+            "sampler_schedule": manifest_schedule(config.run, manifest), "generation_manifest": manifest}
 
 
 def unique_failures(failures: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

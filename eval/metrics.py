@@ -1,29 +1,34 @@
-"""Metric functions on arrays: Frechet distance (FD, FAD), KL divergence of class posteriors, AV-Align.
+"""Metric functions on arrays: Frechet distance (FD, FAD), KL divergence of class posteriors (softmax and
+sigmoid), the Inception score, AV-Align (2025 and 2023 rules).
 
 Each function states its formula and the public implementation it follows: pytorch-fid's Frechet distance (as
-used by audioldm_eval and av-benchmark for FD and FAD), av-benchmark's KL (audioldm_eval's "softmax over
-logits" KL), and TempoTokens' av_align.py for AV-Align. Embeddings come from `eval.panns` (FD, KL) and
-`eval.vggish` (FAD); nothing here touches a model.
+used by audioldm_eval and av-benchmark for FD and FAD), audioldm_eval's KL with softmax and with sigmoid
+(metrics/kl.py), audioldm_eval's and av-benchmark's Inception score (metrics/isc.py), and TempoTokens'
+av_align.py for AV-Align. Embeddings come from `eval.panns` (FD, KL, IS) and `eval.vggish` (FAD); nothing here
+touches a model.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from pathlib import Path
 
 import cv2
 import librosa
 import numpy as np
-from scipy import linalg, stats
+from scipy import linalg, special, stats
 
 log = logging.getLogger(__name__)
 
 FD_EPS = 1e-6  # pytorch-fid's diagonal offset when sqrtm(S1 S2) is not finite
-KL_EPS = 1e-6  # added to p_gen inside the log: p_ref log(p_ref / (p_gen + 1e-6)), as av-benchmark's kl.py
+KL_EPS = 1e-6  # added to p_gen inside the log: p_ref log(p_ref / (p_gen + 1e-6)), as audioldm_eval's kl.py
+IS_SPLITS = 10  # Inception score: audioldm_eval's and av-benchmark's calculate_isc(splits=10)
+IS_SHUFFLE_SEED = 2020  # ... rows shuffled by np.random.RandomState(2020).permutation(N) first (rng_seed=2020)
 ONSET_SAMPLE_RATE = 22050  # librosa.load's default rate: the AV-Align reference loads audio with it
 FLOW_MIN_MAGNITUDE = 0.1  # AV-Align (2025): a video peak needs a mean flow magnitude >= 0.1 pixel
+FLOW_MIN_MAGNITUDE_2023 = 0.0  # AV-Align (2023): any strict local maximum of the flow magnitude is a peak
 # cv2.calcOpticalFlowFarneback(prev, next, flow, pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags)
 FARNEBACK_PARAMS = (0.5, 3, 15, 3, 5, 1.2, 0)
 
@@ -84,10 +89,11 @@ def kl_divergence(
     """Mean over paired clips of KL(p_ref || p_gen) = sum_c p_ref[c] log(p_ref[c] / (p_gen[c] + eps)).
 
     `p_ref` and `p_gen` map a clip id to its class probabilities (C,) (Cnn14: softmax over the 527 AudioSet
-    logits). Only ids present in both are paired; returns (mean KL, number of pairs). Terms with p_ref = 0
-    contribute 0 (the limit of p log p), as torch's kl_div does. Definition: av-benchmark's kl.py (audioldm_eval's
-    KL on softmax probabilities, eps on the generated side), whose loop returned only the last pair's value; here
-    every pair is averaged.
+    logits; for `kl_divergence_sigmoid`, the per-class sigmoids). Only ids present in both are paired; returns
+    (mean KL, number of pairs). Terms with p_ref = 0 contribute 0 (the limit of p log p), as torch's kl_div does.
+    Definition: audioldm_eval's metrics/kl.py, kl_div((p_gen + 1e-6).log(), p_ref, reduction="sum") / N, i.e.
+    the mean over pairs (eps on the generated side). av-benchmark's kl.py computes the same KL in log space
+    without eps (a gap of order eps) and its loop returns only the last pair's value; here every pair is averaged.
     """
     ids = sorted(set(p_ref) & set(p_gen))
     if not ids:
@@ -105,8 +111,63 @@ def kl_divergence(
     return float(np.mean(values)), len(ids)
 
 
+def kl_divergence_sigmoid(
+    logits_ref: Mapping[str, np.ndarray], logits_gen: Mapping[str, np.ndarray], eps: float = KL_EPS
+) -> tuple[float, int]:
+    """`kl_divergence` of the per-class sigmoids of the logits, paired by clip id:
+
+        mean over pairs of sum_c s_ref[c] log(s_ref[c] / (s_gen[c] + eps)),  s = sigmoid(logits) = 1 / (1 + e^-x)
+
+    audioldm_eval's 'kullback_leibler_divergence_sigmoid' (metrics/kl.py: kl_div((sigmoid(gen) + 1e-6).log(),
+    sigmoid(ref), reduction="sum") / N), "for multi-class audio clips". The sigmoid vectors are the 527
+    independent AudioSet tag probabilities PANNs is trained for; they do not sum to 1, so this is the reference's
+    sum of p log(p / q) terms, not a divergence between two distributions (it can be negative).
+    """
+    return kl_divergence({k: special.expit(np.asarray(v, np.float64)) for k, v in logits_ref.items()},
+                         {k: special.expit(np.asarray(v, np.float64)) for k, v in logits_gen.items()}, eps)
+
+
 # --------------------------------------------------------------------------------------------------------------
-# AV-Align (Yariv et al., AAAI 2024; TempoTokens av_align.py, 2025 version)
+# Inception score of the generated clips' class posteriors
+# --------------------------------------------------------------------------------------------------------------
+def inception_score(
+    logits: np.ndarray, splits: int = IS_SPLITS, shuffle_seed: int | None = IS_SHUFFLE_SEED
+) -> tuple[float, float]:
+    """Inception score (Salimans et al., 2016) of class logits (N, C), as (mean, std) over `splits` splits:
+
+        p_i = softmax(logits_i),  q_S = mean_{i in S} p_i,  IS_S = exp(mean_{i in S} sum_c p_ic (log p_ic - log q_Sc))
+
+    Exactly audioldm_eval's calculate_isc (metrics/isc.py; av-benchmark's compute_isc is the same code), which
+    both harnesses call on the PANNs 'logits' of the generated set only, with splits=10, samples_shuffle=True,
+    rng_seed=2020: the rows are first reordered by np.random.RandomState(shuffle_seed).permutation(N) (None: not
+    shuffled), split k holds rows [k N // splits, (k + 1) N // splits), probabilities are softmax (not the
+    sigmoid outputs PANNs is trained with) in float64, the result is the mean and the population std (np.std,
+    ddof 0) of the split scores. Terms with p_ic = 0 contribute 0 (the limit of p log p). Fewer rows than splits
+    leave a split empty (the reference then returns NaN): this raises instead.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise ValueError(f"the Inception score needs (N, C) logits, got shape {x.shape}")
+    n = x.shape[0]
+    if splits < 1 or n < splits:
+        raise ValueError(f"the Inception score needs at least {splits} clips (one per split), got {n}")
+    if shuffle_seed is not None:
+        x = x[np.random.RandomState(shuffle_seed).permutation(n)]
+    log_p = special.log_softmax(x, axis=1)
+    p = np.exp(log_p)
+    scores = []
+    for k in range(splits):
+        rows = slice(k * n // splits, (k + 1) * n // splits)
+        p_k, log_p_k = p[rows], log_p[rows]
+        q = p_k.mean(axis=0)
+        log_q = np.log(np.where(q > 0, q, 1.0))  # q_c = 0 only where every p_ic = 0: those terms are 0
+        terms = np.where(p_k > 0, p_k * (log_p_k - log_q), 0.0)
+        scores.append(math.exp(terms.sum(axis=1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# AV-Align (Yariv et al., AAAI 2024; TempoTokens av_align.py, 2025 version and 2023 version)
 # --------------------------------------------------------------------------------------------------------------
 def read_gray_frames(video_path: str | Path) -> tuple[Generator[np.ndarray, None, None], float]:
     """All frames of a video as (H, W) uint8 grayscale, read with OpenCV at the native frame rate, and that rate.
@@ -162,7 +223,8 @@ def optical_flow_magnitudes(frames_gray: Iterable[np.ndarray]) -> np.ndarray:
 def video_peaks(magnitudes: np.ndarray, fps: float, threshold: float = FLOW_MIN_MAGNITUDE) -> np.ndarray:
     """Times (s) of video peaks: strict local maxima m[i-1] < m[i] > m[i+1] with m[i] >= threshold, at i / fps.
 
-    The first and last frames are never peaks (they have one neighbour), as in the reference.
+    The first and last frames are never peaks (they have one neighbour), as in the reference. Threshold 0.1 is
+    the 2025 rule; the 2023 rule has none (`FLOW_MIN_MAGNITUDE_2023` = 0: magnitudes are never negative).
     """
     m = np.asarray(magnitudes, dtype=np.float64)
     if m.size < 3:
@@ -220,18 +282,59 @@ def av_align_score(
     return matches / (a.size + v.size - matches)
 
 
+def av_align_score_2023(
+    audio_peak_times: np.ndarray, video_peak_times: np.ndarray, fps: float, both_empty: float = math.nan
+) -> float:
+    """AV-Align of one clip by the 2023 rule (TempoTokens av_align.py at commit 34d9502, October 2023):
+    matches / (|A| + |V| - matches), where an audio peak a is a match when SOME video peak v has
+    v - 1/fps < a < v + 1/fps (strict), whether or not another audio peak matched v already.
+
+    Several audio peaks near one video peak all count, so the score can exceed 1 (three audio peaks within one
+    frame of a single video peak: 3 / (3 + 1 - 3) = 3). The 2025 rule (`av_align_score`, commit bf0b1e3,
+    February 2025) uses each video peak once and adds the 0.1 flow threshold. The 2023 video peaks are every
+    strict local maximum of the flow magnitude (that file's find_local_max_indexes loops to an undefined `n`;
+    len(arr), which the 2025 file spells out, is taken). Empty sides as `av_align_score`: one side empty gives
+    0.0, both empty `both_empty`.
+    """
+    a = np.asarray(audio_peak_times, dtype=np.float64)
+    v = np.asarray(video_peak_times, dtype=np.float64)
+    if a.size + v.size == 0:
+        return float(both_empty)
+    window = 1.0 / fps
+    matches = int(sum(bool(np.any((v - window < t) & (t < v + window))) for t in a))
+    return matches / (a.size + v.size - matches)
+
+
+# the AV-Align rules: name -> (video peak threshold, score of the peaks)
+AV_ALIGN_RULES: dict[str, tuple[float, Callable[..., float]]] = {
+    "2025": (FLOW_MIN_MAGNITUDE, av_align_score),
+    "2023": (FLOW_MIN_MAGNITUDE_2023, av_align_score_2023),
+}
+
+
+def av_align_rules(audio_peak_times: np.ndarray, magnitudes: np.ndarray, fps: float, offset: float = 0.0,
+                   both_empty: float = math.nan) -> dict[str, float]:
+    """AV-Align of one clip under every rule of `AV_ALIGN_RULES`, {rule: score}, from one optical flow: the video
+    peaks of `magnitudes` (frame i at i / fps + offset) against `audio_peak_times`."""
+    return {rule: score(audio_peak_times, video_peaks(magnitudes, fps, threshold) + offset, fps, both_empty)
+            for rule, (threshold, score) in AV_ALIGN_RULES.items()}
+
+
 def av_align_clip(
     video_path: str | Path,
     waveform: np.ndarray,
     sample_rate: int,
     both_empty: float = math.nan,
-    threshold: float = FLOW_MIN_MAGNITUDE,
+    rule: str = "2025",
 ) -> float:
-    """AV-Align of one clip: the video's frames (all of them, native fps, OpenCV, grayscale) against `waveform`
-    (usually the generated audio of that clip). See `av_align_score` for the score and the empty cases."""
+    """AV-Align of one clip under `rule` ('2025' or '2023'): the video's frames (all of them, native fps, OpenCV,
+    grayscale) against `waveform` (usually the generated audio of that clip). See `av_align_score` and
+    `av_align_score_2023` for the scores and the empty cases."""
+    if rule not in AV_ALIGN_RULES:
+        raise ValueError(f"AV-Align rule must be one of {tuple(AV_ALIGN_RULES)}, got {rule!r}")
     frames, fps = read_gray_frames(video_path)
     magnitudes = optical_flow_magnitudes(frames)
-    return av_align_score(audio_peaks(waveform, sample_rate), video_peaks(magnitudes, fps, threshold), fps, both_empty)
+    return av_align_rules(audio_peaks(waveform, sample_rate), magnitudes, fps, both_empty=both_empty)[rule]
 
 
 def summarize(scores: Iterable[float]) -> dict[str, float]:

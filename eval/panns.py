@@ -1,4 +1,5 @@
-"""PANNs Cnn14 for 16 kHz audio: the embedder of FD (2048-d `relu(fc1)`) and the classifier of KL (527 classes).
+"""PANNs Cnn14 for 16 kHz audio: the embedder of FD (2048-d `relu(fc1)`) and the classifier (527 AudioSet classes)
+of KL and the Inception score.
 
 Architecture of `Cnn14_16k` (Kong et al., "PANNs: Large-Scale Pretrained Audio Neural Networks for Audio Pattern
 Recognition", 2020; qiuqiangkong/audioset_tagging_cnn, pytorch/models.py), checkpoint Cnn14_16k_mAP=0.438.pth:
@@ -217,18 +218,27 @@ class Cnn14(nn.Module):
         return self.fc_audioset(embedding), embedding
 
     @torch.inference_mode()
-    def embed_and_probs(self, waveforms: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(B, L) or (L,) 16 kHz waveforms -> (embedding (B, embed_dim), class probabilities (B, classes)).
+    def embed_probs_logits(self, waveforms: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(B, L) or (L,) 16 kHz waveforms -> (embedding (B, embed_dim), class probabilities (B, classes),
+        logits (B, classes)).
 
         The probabilities are softmax over the 527 AudioSet logits, as the KL of audioldm_eval ("softmax over
         logits") and av-benchmark computes them; note that PANNs itself is trained with per-class sigmoid outputs.
+        The logits (audioldm_eval's 'logits' feature, fc_audioset before any activation) feed the sigmoid KL and
+        the Inception score.
         """
         if isinstance(waveforms, torch.Tensor):
             x = waveforms.float().to(self._device())
         else:
             x = torch.from_numpy(np.ascontiguousarray(waveforms, dtype=np.float32)).to(self._device())
         logits, embedding = self(x[None] if x.ndim == 1 else x)
-        return embedding.float().cpu().numpy(), torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        logits = logits.float()
+        return (embedding.float().cpu().numpy(), torch.softmax(logits, dim=-1).cpu().numpy(),
+                logits.cpu().numpy())
+
+    def embed_and_probs(self, waveforms: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(B, L) or (L,) 16 kHz waveforms -> (embedding (B, embed_dim), softmax class probabilities (B, classes))."""
+        return self.embed_probs_logits(waveforms)[:2]
 
     def embed(self, waveforms: np.ndarray | torch.Tensor) -> np.ndarray:
         """(B, L) 16 kHz waveforms -> (B, embed_dim) FD embeddings relu(fc1)."""

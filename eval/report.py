@@ -2,11 +2,13 @@
 that gathers several runs.
 
 The table follows the paper's layout: one row per run (e.g. V-only vs V+O), one column per metric of
-`eval.registry.METRICS` (FD, FAD, KL: lower is better; AV-Align: higher is better, shown as mean +- the
-half-width of its 95% confidence interval). `load_results` reads results.json as a plain dict, so that files
-written by older versions still make a table; `Results.to_dict` writes exactly that layout. When a
-row was measured with random-weight embedders, the first line of the report or table says the numbers are not
-comparable to published ones; knobs that differ between rows are listed under the table.
+`eval.registry.METRICS` (FD, FAD, KL, KL-sigmoid: lower is better; IS, AV-Align and AV-Align 2023: higher is
+better, AV-Align shown as mean +- the half-width of its 95% confidence interval). `load_results` reads
+results.json as a plain dict, so that files written by older versions still make a table (a metric they lack
+shows '—'); `Results.to_dict` writes exactly that layout. When a row was measured with random-weight embedders,
+the first line of the report or table says the numbers are not comparable to published ones; knobs that differ
+between rows are listed under the table (a knob a row's file predates is taken at its value before it existed,
+`KNOB_DEFAULTS`, or else left out of that comparison).
 """
 
 from __future__ import annotations
@@ -31,17 +33,22 @@ REPORT_FILE = "report.md"
 FIGURE_FILE = "figure.png"
 NOT_COMPARABLE = ("The embedders have random weights: these numbers are NOT comparable to published ones "
                   "(only to other runs measured with the same random embedders).")
-METRIC_KNOBS = tuple(key for metric in METRICS for key in metric.protocol)
+METRIC_KNOBS = tuple(dict.fromkeys(key for metric in METRICS for key in metric.protocol))
 # knobs that make two rows of a table measure different things when they differ ('embedders' holds the widths:
 # random embedders of either size share the checkpoint id 'random-init:seed=N')
-COMPARED_KNOBS = ("duration", "sample_rate", "generated_sample_rate", "sampler", "steps", "guidance", "seed",
-                  "clip_count", "peak", "reference", "embedder_checkpoints", "embedders", "random_embedder_size",
-                  "embedder_seed", "resampler", *METRIC_KNOBS)
+COMPARED_KNOBS = ("duration", "audio_protocol", "sample_rate", "generated_sample_rate", "sampler", "steps",
+                  "guidance", "seed", "model_weights", "clip_count", "clip_ids_sha256", "peak", "reference",
+                  "embedder_checkpoints", "embedders", "random_embedder_size", "embedder_seed", "resampler",
+                  *METRIC_KNOBS)
 # the protocol knobs report.md lists, in this order
-REPORTED_KNOBS = ("sampler", "steps", "guidance", "seed", "samples_per_clip", "duration", "sample_rate",
-                  "generated_sample_rate", "peak", "clip_count", "checkpoint_sha256", "embedder_checkpoints",
+REPORTED_KNOBS = ("sampler", "steps", "sampler_schedule", "guidance", "seed", "samples_per_clip", "model_weights",
+                  "duration", "audio_protocol", "sample_rate", "generated_sample_rate", "peak", "clip_count",
+                  "clip_selection", "clip_ids_sha256", "checkpoint_sha256", "embedder_checkpoints",
                   "random_embedder_size", "embedder_seed", "inputs", "scheme", "vae", "reference", "resampler",
                   *METRIC_KNOBS)
+# the value a knob had before results files recorded it (files without it were measured that way)
+KNOB_DEFAULTS: dict[str, Any] = {"audio_protocol": "mean-cut", "model_weights": "ema"}
+_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,8 @@ def table(all_results: list[dict[str, Any]], names: list[str] | None = None, war
     lines += ["", *(metric.note for metric in METRICS if metric.note)]
     differing = []
     for knob in COMPARED_KNOBS:
-        values = [json.dumps(r.get("protocol", {}).get(knob), sort_keys=True) for r in all_results]
+        stated = [r.get("protocol", {}).get(knob, KNOB_DEFAULTS.get(knob, _ABSENT)) for r in all_results]
+        values = [json.dumps(v, sort_keys=True) for v in stated if v is not _ABSENT]
         if len(set(values)) > 1:
             differing.append(f"{knob} ({', '.join(values)})")
     splits = {(r.get("shards"), r.get("split")) for r in all_results}
@@ -161,7 +169,8 @@ def report_markdown(results: dict[str, Any]) -> str:
     counts = results["counts"]
     lines += ["## Clips", "",
               f"- {counts['paired']} of {counts['clips']} clips of split `{results['split']}` in `{results['shards']}` "
-              f"have a readable generated WAV ({counts['paired_fraction']:.0%}; FD/FAD/KL need {counts['min_paired']:.0%}).",
+              f"have a readable generated WAV ({counts['paired_fraction']:.0%}; the audio metrics need "
+              f"{counts['min_paired']:.0%}).",
               f"- KL pairs: {counts.get('kl_pairs', 0)}; unreadable or failed: {counts['failures']}; "
               f"source videos missing: {counts['videos_missing']}."]
     lines += [metric.describe(results) for metric in METRICS if metric.describe is not None]

@@ -1,8 +1,8 @@
 """Scoring: every metric of `eval.registry.METRICS` on the embedded sets and the source videos.
 
 Bad input is reported, never papered over: when fewer than `min_paired` of the clips have a readable generated
-WAV, the audio metrics (FD, FAD, KL) are null with the reason; an audio metric whose computation fails is null
-with the error; a video metric turned off or with nothing to measure is null with the reason.
+WAV, the audio metrics (FD, FAD, KL, KL-sigmoid, IS) are null with the reason; an audio metric whose computation
+fails is null with the error; a video metric turned off or with nothing to measure is null with the reason.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def _guarded(metric: Metric, compute: Callable[[], Any], errors: dict[str, str] 
 
 
 def audio_metrics(reference: Embeddings, generated: Embeddings, errors: dict[str, str] | None = None) -> dict[str, Any]:
-    """The audio metrics (FD on Cnn14 embeddings, FAD on VGGish patch embeddings pooled per set, KL on Cnn14
-    class probabilities paired by clip id: KL(reference || generated)), with the counts they rest on.
+    """The audio metrics (FD on Cnn14 embeddings, FAD on VGGish patch embeddings pooled per set, KL with softmax
+    and with sigmoid on Cnn14 class posteriors paired by clip id: KL(reference || generated), the Inception score
+    of the generated Cnn14 posteriors), with the counts they rest on.
 
     With `errors`, a metric whose computation raises (e.g. sqrtm with a large imaginary part) is None and
     errors[metric] says why, so the others survive; without it the exception propagates.
@@ -77,11 +78,15 @@ def audio_scores(reference: Embeddings, generated: Embeddings, expected: int,
 
 
 def video_score(metric: Metric, config: EvalConfig, clips: list[shards.SampleMeta], failures: list[dict[str, str]],
-                progress: bool) -> dict[str, Any]:
-    """A video metric's result: {"skipped": reason} when its switch is off, else what its `compute` returns."""
+                progress: bool, measured: dict[Callable[..., Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A video metric's result: {"skipped": reason} when its switch is off, else its entry in what its `compute`
+    returns. `measured` keeps each compute's results, so that entries sharing a compute run it once."""
     if metric.switch and not getattr(config, metric.switch):
         return {"skipped": f"turned off (--no-{metric.switch.replace('_', '-')})"}
-    return metric.compute(config.output_dir, clips, config.workers, failures, progress)
+    measured = {} if measured is None else measured
+    if metric.compute not in measured:
+        measured[metric.compute] = metric.compute(config.output_dir, clips, config.workers, failures, progress)
+    return measured[metric.compute][metric.name]
 
 
 def score(config: EvalConfig, clips: list[shards.SampleMeta], reference: Embeddings, generated: Embeddings,
@@ -89,12 +94,13 @@ def score(config: EvalConfig, clips: list[shards.SampleMeta], reference: Embeddi
     """Every metric of the registry; clips whose video metric fails are appended to `failures`."""
     audio, reasons = audio_scores(reference, generated, len(clips), config.min_paired)
     scores = Scores(reasons=reasons)
+    measured: dict[Callable[..., Any], dict[str, Any]] = {}
     for metric in METRICS:
         if metric.on_audio:
             scores.values[metric.name] = audio[metric.name]
             scores.counts.update({k: audio[k] for k in metric.counts if k in audio})
             continue
-        result = video_score(metric, config, clips, failures, progress)
+        result = video_score(metric, config, clips, failures, progress, measured)
         if "skipped" in result:
             scores.reasons[metric.name] = result["skipped"]
         scores.values[metric.name] = None if "skipped" in result else {k: v for k, v in result.items() if k != "per_clip"}

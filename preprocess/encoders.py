@@ -231,13 +231,32 @@ class GroundingPrompt:
     spans: list[list[int]]  # spans[k]: indices into input_ids of noun k's tokens (empty if truncated away)
 
 
+@dataclass(frozen=True)
+class Detections:
+    """One clip's grounding, per frame t and noun k: p_tk = detector_tk * iou_tk.
+
+    detector: (T, K) d_tk, Grounding DINO's score of noun k's best box (before SAM): what the object threshold
+        applies to, as Grounding DINO's own `box_threshold` does.
+    iou: (T, K) SAM's predicted IoU of that box's mask, clamped to [0, 1]; ones without SAM.
+    """
+
+    detector: torch.Tensor
+    iou: torch.Tensor
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """(T, K) p_tk: the probability that noun k is seen in frame t."""
+        return self.detector * self.iou
+
+
 class Grounder(FrozenModule):
     """p_tk: the probability that caption noun k is seen in frame t (Grounding DINO, optionally times SAM's IoU).
 
     For each frame and noun, the score of a detection query is its highest sigmoid logit over the noun's tokens;
-    p_tk is the highest score over all queries (no threshold). With SAM, the box of that best query prompts
-    SAM, and p_tk is multiplied by SAM's predicted IoU of the resulting mask (clamped to [0, 1]), so a box that
-    does not outline one object counts less.
+    the detector score d_tk is the highest score over all queries (no threshold: the object threshold is applied
+    when loading). With SAM, the box of that best query prompts SAM, and p_tk = d_tk * SAM's predicted IoU of the
+    resulting mask (clamped to [0, 1]), so a box that does not outline one object counts less; without SAM
+    p_tk = d_tk. `detections` returns both factors, `probabilities` their product.
     """
 
     def __init__(self, detector: GroundingDinoForObjectDetection, image_processor: GroundingDinoImageProcessor,
@@ -314,29 +333,37 @@ class Grounder(FrozenModule):
         return GroundingPrompt(list(encoding["input_ids"]), spans)
 
     @torch.inference_mode()
-    def probabilities(self, frames: list[torch.Tensor], nouns: list[list[str]]) -> list[torch.Tensor]:
-        """frames[i]: uint8 (T_i, H_i, W_i, 3); nouns[i]: clip i's nouns -> per clip float32 (T_i, K_i) in [0, 1].
+    def detections(self, frames: list[torch.Tensor], nouns: list[list[str]]) -> list[Detections]:
+        """frames[i]: uint8 (T_i, H_i, W_i, 3); nouns[i]: clip i's nouns -> per clip float32 (T_i, K_i) detector
+        scores and IoUs in [0, 1].
 
         Frames of all clips are batched together (`cfg.frame_batch` per pass), each with its own clip's prompt;
-        clips without nouns get a (T_i, 0) result and cost nothing.
+        clips without nouns get (T_i, 0) results and cost nothing.
         """
         if len(frames) != len(nouns):
             raise ValueError(f"{len(frames)} clips of frames but {len(nouns)} noun lists")
         for clip in frames:
             if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != torch.uint8:
                 raise ValueError(f"frames must be uint8 (T, H, W, 3), got {clip.dtype} {tuple(clip.shape)}")
-        results = [torch.zeros(clip.shape[0], len(words)) for clip, words in zip(frames, nouns)]
+        detector = [torch.zeros(clip.shape[0], len(words)) for clip, words in zip(frames, nouns)]
+        iou = [torch.ones(clip.shape[0], len(words)) for clip, words in zip(frames, nouns)]
         prompts: list[GroundingPrompt | None] = [self.prompt(words) if words else None for words in nouns]
         jobs = [(i, t) for i, clip in enumerate(frames) if prompts[i] is not None for t in range(clip.shape[0])]
         for part in chunks(len(jobs), self.batch):
             chunk = jobs[part]
             images = [frames[i][t] for i, t in chunk]
             scores, boxes = self._detect(images, [prompts[i] for i, _ in chunk])  # type: ignore[misc]
+            for (i, t), score in zip(chunk, scores):
+                detector[i][t] = score.float().cpu()
             if self.sam is not None:
-                scores = [p * iou.clamp(0.0, 1.0) for p, iou in zip(scores, self._box_iou(images, boxes))]
-            for (i, t), p in zip(chunk, scores):
-                results[i][t] = p.float().cpu()
-        return results
+                for (i, t), box_iou in zip(chunk, self._box_iou(images, boxes)):
+                    iou[i][t] = box_iou.float().clamp(0.0, 1.0).cpu()
+        return [Detections(d, u) for d, u in zip(detector, iou)]
+
+    @torch.inference_mode()
+    def probabilities(self, frames: list[torch.Tensor], nouns: list[list[str]]) -> list[torch.Tensor]:
+        """Per clip float32 (T_i, K_i) p_tk in [0, 1]: the product of `detections`' two factors."""
+        return [found.probs for found in self.detections(frames, nouns)]
 
     def _detect(self, images: list[torch.Tensor], prompts: list[GroundingPrompt]) -> tuple[list[torch.Tensor],
                                                                                      list[torch.Tensor]]:

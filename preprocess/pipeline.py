@@ -35,7 +35,7 @@ from preprocess.audio import AudioDecodeError, decode_audio
 from preprocess.config import FeatureConfig
 from preprocess.encoders import CLIPEncoder, Grounder
 from preprocess.manifest import Clip
-from preprocess.nouns import NounCache
+from preprocess.nouns import LABEL_NOUNS_FILE, NounCache, label_nouns_sha256
 from preprocess.video import VideoDecodeError, decode_frames
 
 # Fields that must agree between runs writing into one output folder (batch sizes, devices may differ).
@@ -172,6 +172,8 @@ def build_meta(cfg: FeatureConfig, checksums: dict[str, str], vae_scaling_factor
             "grounding": {"name": "GroundingDinoForObjectDetection" + (" + SamModel" if cfg.use_sam else ""), "checksum": checksums["grounding"]},
             "vae": {"name": "AudioLDM AutoencoderKL", "checksum": checksums["vae"], "scaling_factor": vae_scaling_factor},
         },
+        # which nouns a VGGSound label is grounded with (informational: not part of the "made differently" check)
+        "label_nouns": {"file": LABEL_NOUNS_FILE.name, "sha256": label_nouns_sha256()},
         "software": software_versions(),
     }
 
@@ -245,8 +247,9 @@ class Encoders:
 
     def visual(self, frames: Sequence[np.ndarray | torch.Tensor], captions: list[str],
                nouns: list[list[str]]) -> list[dict[str, np.ndarray]]:
-        """Per clip: CLIP embeddings of its frames, p_tk, e_k and the caption's embedding, each padded to the
-        config's frame count (frames past a clip's end: zeros). frames[i]: uint8 (T_i, H, W, 3), T_i <= num_frames."""
+        """Per clip: CLIP embeddings of its frames, p_tk and its two factors (Grounding DINO's score, SAM's IoU),
+        e_k and the caption's embedding, each padded to the config's frame count (frames past a clip's end: zeros),
+        keyed by shard member. frames[i]: uint8 (T_i, H, W, 3), T_i <= num_frames."""
         cfg = self.cfg
         tensors = [torch.as_tensor(f) for f in frames]
         # CLIP: one pass over all frames of all clips of the same frame size
@@ -258,17 +261,20 @@ class Encoders:
             embedded = self.clip_encoder.encode_frames(torch.cat([tensors[i] for i in indices])).float().cpu()
             for i, chunk in zip(indices, embedded.split([len(tensors[i]) for i in indices])):
                 image_embeddings[i] = chunk
-        probabilities = self.grounder.probabilities(tensors, nouns)
+        detections = self.grounder.detections(tensors, nouns)
         text_vectors = self.texts(list(captions) + [n for ns in nouns for n in ns])
         out = []
         for i, caption in enumerate(captions):
             valid = len(tensors[i])
             image_array = np.zeros((cfg.num_frames, cfg.embed_dim), np.float32)
             image_array[:valid] = image_embeddings[i].numpy()  # type: ignore[union-attr]
-            probs = np.zeros((cfg.num_frames, len(nouns[i])), np.float32)
-            probs[:valid] = probabilities[i].float().cpu().numpy()
+            per_frame = {}
+            for key, values in ((shards.PROBS_KEY, detections[i].probs), (shards.DETECTOR_KEY, detections[i].detector),
+                                (shards.IOU_KEY, detections[i].iou)):
+                per_frame[key] = np.zeros((cfg.num_frames, len(nouns[i])), np.float32)
+                per_frame[key][:valid] = values.float().cpu().numpy()
             noun_array = np.stack([text_vectors[n] for n in nouns[i]]) if nouns[i] else np.zeros((0, cfg.embed_dim), np.float32)
-            out.append({"clip.npy": image_array, "caption.npy": text_vectors[caption], "nouns.npy": noun_array, "probs.npy": probs})
+            out.append({"clip.npy": image_array, "caption.npy": text_vectors[caption], "nouns.npy": noun_array, **per_frame})
         return out
 
     def encode(self, items: list[dict[str, Any]], nouns: list[list[str]]) -> list[dict[str, np.ndarray]]:

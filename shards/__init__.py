@@ -23,9 +23,13 @@ from shards.read import iter_member, iter_meta, iter_split, read_split, sample_s
 from shards.schema import (
     ARRAY_KEYS,
     AUDIO_KEY,
+    DETECTOR_KEY,
     FEATURE_DTYPE,
+    IOU_KEY,
     META_FIELDS,
     META_KEY,
+    PROBS_KEY,
+    READ_VERSIONS,
     SAMPLE_KEYS,
     SCHEMA_VERSION,
     SampleMeta,
@@ -39,10 +43,10 @@ from shards.schema import (
 )
 
 __all__ = [
-    "ARRAY_KEYS", "AUDIO_KEY", "CONDITIONS", "CONDITION_NAMES", "Condition", "FAILURES_FILE", "FEATURE_DTYPE",
-    "META_FIELDS", "META_FILE", "META_KEY", "SAMPLE_KEYS", "SCHEMA_VERSION", "SampleMeta", "ShardFormatError",
-    "ShardSpec", "ShardWriter", "append_jsonl", "decode_sample", "encode_sample", "iter_member", "iter_meta",
-    "iter_split", "iterate_samples", "list_shards", "object_embedding", "read_jsonl", "read_meta", "read_spec",
-    "read_split", "remove_partial", "sample_conditions", "sample_key", "sample_stream", "shard_keys", "shard_name",
-    "split_shards", "stack_conditions", "validate", "validate_decoded",
+    "ARRAY_KEYS", "AUDIO_KEY", "CONDITIONS", "CONDITION_NAMES", "Condition", "DETECTOR_KEY", "FAILURES_FILE",
+    "FEATURE_DTYPE", "IOU_KEY", "META_FIELDS", "META_FILE", "META_KEY", "PROBS_KEY", "READ_VERSIONS", "SAMPLE_KEYS",
+    "SCHEMA_VERSION", "SampleMeta", "ShardFormatError", "ShardSpec", "ShardWriter", "append_jsonl", "decode_sample",
+    "encode_sample", "iter_member", "iter_meta", "iter_split", "iterate_samples", "list_shards", "object_embedding",
+    "read_jsonl", "read_meta", "read_spec", "read_split", "remove_partial", "sample_conditions", "sample_key",
+    "sample_stream", "shard_keys", "shard_name", "split_shards", "stack_conditions", "validate", "validate_decoded",
 ]

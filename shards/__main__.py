@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"problem: {line}")
     for split, n in sorted(counts.items()):
         print(f"{split}: {n} samples")
+    if counts:  # the spec was read
+        version = shards.read_spec(args.directory).schema_version
+        print(f"schema version {version}" + ("" if version == shards.SCHEMA_VERSION else
+              f" (read; stage one now writes {shards.SCHEMA_VERSION}: the object threshold applies to probs.npy)"))
     by_stage = collections.Counter(record.get("stage", "?") for record in failures)
     print(f"valid samples: {sum(counts.values())}; problems: {len(problems)}; recorded failures: {len(failures)}"
           + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(by_stage.items()))})" if failures else ""))

@@ -1,11 +1,12 @@
 """The model's conditions: one row per condition, from the shard members it is made of to what the model takes.
 
-| letter | name      | shard members            | shape per sample     | made in stage one by              | enters the model                  |
-|--------|-----------|--------------------------|----------------------|-----------------------------------|-----------------------------------|
-| V      | `video`   | `clip.npy`               | (frames, embed_dim)  | CLIP image tower, one per frame   | Linear, one key token per frame   |
-| O      | `objects` | `probs.npy`, `nouns.npy` | (frames, embed_dim)  | Grounding DINO (+ SAM) p_tk; CLIP | Eq. (1), Linear, per frame        |
-|        |           |                          |                      | text tower e_k of each noun       |                                   |
-| T      | `caption` | `caption.npy`            | (embed_dim,)         | CLIP text tower                   | Linear, one key token             |
+| letter | name      | shard members         | shape per sample    | made in stage one by               | enters the model                |
+|--------|-----------|-----------------------|---------------------|------------------------------------|---------------------------------|
+| V      | `video`   | `clip.npy`            | (frames, embed_dim) | CLIP image tower, one per frame    | Linear, one key token per frame |
+| O      | `objects` | `probs.npy`,          | (frames, embed_dim) | Grounding DINO score (+ SAM's IoU) | Eq. (1) on p_tk kept where the  |
+|        |           | `detector.npy`,       |                     | p_tk; CLIP text tower e_k of each  | detector score passes the       |
+|        |           | `nouns.npy`           |                     | noun                               | object threshold; Linear        |
+| T      | `caption` | `caption.npy`         | (embed_dim,)        | CLIP text tower                    | Linear, one key token           |
 
 The letter is the vocabulary of the training config (`inputs` "V+O", Tables III and IV of the paper), the name is
 the key of the conditions dict the model, the trainer, evaluation and `vta-sam generate` pass around. Where a
@@ -13,10 +14,17 @@ condition enters (cross-attention key or added term) is the training config's `s
 Every condition is derived from the stored raw features when loading (`sample_conditions`), so changing, say,
 the object threshold needs no new shards. Adding a condition: one row here, its member in `shards.schema`, its
 encoder in stage one.
+
+The object threshold applies to Grounding DINO's score before SAM's IoU multiplies it (`detector.npy`, schema
+version 2), as Grounding DINO keeps a box (IDEA-Research/GroundingDINO, groundingdino/util/inference.py:
+`predict` keeps the boxes whose highest token score passes `box_threshold`); p_tk itself stays the product. A
+version-1 sample has no detector score: the threshold then applies to p_tk, with one warning per process.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +32,7 @@ import numpy as np
 import torch
 from einops import einsum
 
-from shards.schema import ShardSpec
+from shards.schema import DETECTOR_KEY, FEATURE_DTYPE, PROBS_KEY, ShardSpec
 
 
 def object_embedding(
@@ -32,17 +40,21 @@ def object_embedding(
     nouns: torch.Tensor,
     noun_mask: torch.Tensor | None = None,
     threshold: float = 0.0,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eq. (1): O_t = sum_k p_tk * e_k.
+    """Eq. (1): O_t = sum_k p'_tk * e_k, with p'_tk = p_tk where s_tk >= threshold, else 0.
 
-    probs: (..., T, K) probability that noun k is seen in frame t (Grounding DINO, refined by SAM).
+    probs: (..., T, K) probability p_tk that noun k is seen in frame t (Grounding DINO's score times SAM's IoU).
     nouns: (..., K, D) CLIP text embedding e_k of noun k.
     noun_mask: (..., K) True for real nouns, False for padding (batches of clips with different K).
-    threshold: probabilities below it count as 0 (the paper thresholds detections; ours is a knob).
+    threshold: the object threshold (0 keeps every detection).
+    scores: (..., T, K) s_tk, what the threshold applies to: Grounding DINO's score before SAM (`detector.npy`);
+        None thresholds p_tk itself (version-1 shards).
     Returns O: (..., T, D). A clip with no nouns gets zeros.
     """
     p = probs.to(nouns.dtype)
-    p = torch.where(p >= threshold, p, torch.zeros_like(p))
+    s = p if scores is None else scores.to(nouns.dtype)
+    p = torch.where(s >= threshold, p, torch.zeros_like(p))
     if noun_mask is not None:
         p = p * noun_mask.unsqueeze(-2).to(p.dtype)
     return einsum(p, nouns, "... t k, ... k d -> ... t d")
@@ -53,6 +65,30 @@ def _float(array: np.ndarray) -> torch.Tensor:
 
 
 Arrays = Mapping[str, np.ndarray]
+
+
+@functools.cache
+def _warn_no_detector_scores() -> None:
+    """Said once per process: every sample of a version-1 folder would say it again."""
+    warnings.warn(f"a sample without {DETECTOR_KEY} (shard schema version 1): the object threshold applies to "
+                  f"{PROBS_KEY} (the detector score times SAM's IoU) instead; run stage one again for version-2 "
+                  "shards", UserWarning, stacklevel=4)
+
+
+def detector_scores(arrays: Arrays, threshold: float) -> torch.Tensor | None:
+    """What the object threshold applies to: the detector score as stored (float16, so that stage one's in-memory
+    float32 features and a decoded shard keep the same frames), or None for a version-1 sample (p_tk itself; a
+    warning when the threshold can make a difference, i.e. is above 0)."""
+    if DETECTOR_KEY not in arrays:
+        if threshold > 0:
+            _warn_no_detector_scores()
+        return None
+    return _float(np.asarray(arrays[DETECTOR_KEY]).astype(FEATURE_DTYPE))
+
+
+def _objects(arrays: Arrays, threshold: float) -> torch.Tensor:
+    return object_embedding(_float(arrays[PROBS_KEY]), _float(arrays["nouns.npy"]), threshold=threshold,
+                            scores=detector_scores(arrays, threshold))
 
 
 @dataclass(frozen=True)
@@ -75,11 +111,11 @@ CONDITIONS: tuple[Condition, ...] = (
     Condition("V", "video", ("clip.npy",), True, "CLIP image tower, one embedding per frame (zeros past the end)",
               "Linear to the cross-attention width; one key token per frame",
               lambda arrays, threshold: _float(arrays["clip.npy"])),
-    Condition("O", "objects", ("probs.npy", "nouns.npy"), True,
-              "Grounding DINO (+ SAM's IoU): p_tk per frame and noun; CLIP text tower: e_k per noun",
-              "Eq. (1) O_t = sum_k p_tk e_k, then Linear to the cross-attention width; per frame",
-              lambda arrays, threshold: object_embedding(_float(arrays["probs.npy"]), _float(arrays["nouns.npy"]),
-                                                         threshold=threshold)),
+    Condition("O", "objects", (PROBS_KEY, DETECTOR_KEY, "nouns.npy"), True,
+              "Grounding DINO's score (+ SAM's IoU): p_tk per frame and noun; CLIP text tower: e_k per noun",
+              "Eq. (1) O_t = sum_k p_tk e_k over the nouns whose detector score passes the object threshold, "
+              "then Linear to the cross-attention width; per frame",
+              _objects),
     Condition("T", "caption", ("caption.npy",), False, "CLIP text tower, the whole caption",
               "Linear to the cross-attention width; one key token",
               lambda arrays, threshold: _float(arrays["caption.npy"])),
@@ -90,7 +126,7 @@ CONDITION_NAMES: tuple[str, ...] = tuple(c.name for c in CONDITIONS)
 
 def sample_conditions(arrays: Arrays, object_threshold: float = 0.0) -> dict[str, torch.Tensor]:
     """Every condition of one sample (its decoded arrays, or stage one's features of a window) as float32 tensors,
-    by name; `object_threshold`: noun probabilities below it count as 0 in Eq. (1)."""
+    by name; `object_threshold`: p_tk counts as 0 in Eq. (1) where the detector score is below it."""
     return {c.name: c.derive(arrays, object_threshold) for c in CONDITIONS}
 
 

@@ -8,13 +8,22 @@ A shard is a WebDataset tar. Each sample is a group of members sharing a key (`<
 | `clip.npy`        | float16  | (frames, embed_dim)            | CLIP image embedding per frame (zeros past the end)  |
 | `caption.npy`     | float16  | (embed_dim,)                   | CLIP text embedding of the caption                   |
 | `nouns.npy`       | float16  | (nouns, embed_dim)             | CLIP text embedding e_k of each grounded noun        |
-| `probs.npy`       | float16  | (frames, nouns)                | p_tk: probability that noun k is seen in frame t     |
+| `probs.npy`       | float16  | (frames, nouns)                | p_tk = detector_tk * iou_tk: noun k seen in frame t  |
+| `detector.npy`    | float16  | (frames, nouns)                | v2: Grounding DINO's score of noun k's best box      |
+| `iou.npy`         | float16  | (frames, nouns)                | v2: SAM's predicted IoU of that box in [0, 1] (ones  |
+|                   |          |                                | without SAM)                                         |
 | `latent_mean.npy` | float16  | (channels, latent_time, freq)  | AudioLDM VAE posterior mean                          |
 | `latent_std.npy`  | float16  | (channels, latent_time, freq)  | AudioLDM VAE posterior standard deviation            |
 | `flac`            | int16    | (samples,)                     | 16 kHz mono waveform of the window (true length)     |
 
-`nouns` is 0..max_nouns per clip. Raw features are stored; the model's conditions (among them the object
-embedding O_t = sum_k p_tk e_k, Eq. 1) are derived when loading (`shards.conditions`).
+`nouns` is 0..max_nouns per clip; per-frame arrays are zeros past the clip's end. Raw features are stored; the
+model's conditions (among them the object embedding O_t = sum_k p_tk e_k, Eq. 1, with p_tk zeroed where the
+detector score is under the object threshold) are derived when loading (`shards.conditions`).
+
+Versions: stage one writes version 2. Version 1 (no `detector.npy` / `iou.npy`) is still read and validated: a
+sample holds the members of its folder's version (`ShardSpec.array_keys`), and only the object threshold differs
+(it then applies to `probs.npy` itself, `shards.conditions`).
+
 Only safe formats are decoded: npy without pickle, json, flac. Anything else is refused.
 """
 
@@ -28,13 +37,23 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # what stage one writes
+READ_VERSIONS = (1, 2)  # what the readers accept
 FEATURE_DTYPE = np.float16
 
-ARRAY_KEYS = ("clip.npy", "caption.npy", "nouns.npy", "probs.npy", "latent_mean.npy", "latent_std.npy")
+PROBS_KEY = "probs.npy"
+DETECTOR_KEY = "detector.npy"  # version 2
+IOU_KEY = "iou.npy"  # version 2
+ARRAY_KEYS = ("clip.npy", "caption.npy", "nouns.npy", PROBS_KEY, DETECTOR_KEY, IOU_KEY, "latent_mean.npy",
+              "latent_std.npy")  # every array member a sample of any version may have
+ARRAY_KEYS_BY_VERSION: dict[int, tuple[str, ...]] = {
+    1: tuple(k for k in ARRAY_KEYS if k not in (DETECTOR_KEY, IOU_KEY)),
+    2: ARRAY_KEYS,
+}
 META_KEY = "json"
 AUDIO_KEY = "flac"
-SAMPLE_KEYS = (META_KEY, *ARRAY_KEYS, AUDIO_KEY)
+SAMPLE_KEYS = (META_KEY, *ARRAY_KEYS, AUDIO_KEY)  # the members a reader decodes; any other is refused
+REQUIRED_KEYS = (META_KEY, *ARRAY_KEYS_BY_VERSION[1], AUDIO_KEY)  # the members every version has
 
 
 class ShardFormatError(ValueError):
@@ -105,6 +124,11 @@ class ShardSpec:
     window_seconds: float = 10.24
     schema_version: int = SCHEMA_VERSION
 
+    def __post_init__(self) -> None:
+        if self.schema_version not in READ_VERSIONS:
+            raise ShardFormatError(f"shards have schema version {self.schema_version}; this code reads versions "
+                                   f"{', '.join(map(str, READ_VERSIONS))}")
+
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.latent_channels, self.latent_time, self.latent_freq)
@@ -113,26 +137,33 @@ class ShardSpec:
     def num_samples(self) -> int:
         return round(self.window_seconds * self.sample_rate)
 
+    @property
+    def array_keys(self) -> tuple[str, ...]:
+        """The array members every sample of this schema version holds."""
+        return ARRAY_KEYS_BY_VERSION[self.schema_version]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardSpec:
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ShardFormatError(f"shards have schema version {version}; this code reads version {SCHEMA_VERSION}")
+        """The spec of a meta.json; ShardFormatError for a version this code does not read (also when absent)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in data.items() if k in names} | {"schema_version": data.get("schema_version")})
 
     def expected_shapes(self, num_nouns: int) -> dict[str, tuple[int, ...]]:
-        return {
+        """Shape of each array member of a sample with `num_nouns` nouns (this version's members only)."""
+        shapes = {
             "clip.npy": (self.num_frames, self.embed_dim),
             "caption.npy": (self.embed_dim,),
             "nouns.npy": (num_nouns, self.embed_dim),
-            "probs.npy": (self.num_frames, num_nouns),
+            PROBS_KEY: (self.num_frames, num_nouns),
+            DETECTOR_KEY: (self.num_frames, num_nouns),
+            IOU_KEY: (self.num_frames, num_nouns),
             "latent_mean.npy": self.latent_shape,
             "latent_std.npy": self.latent_shape,
         }
+        return {k: shapes[k] for k in self.array_keys}
 
 
 def sample_key(clip_id: str) -> str:
@@ -164,7 +195,7 @@ def encode_sample(spec: ShardSpec, meta: dict[str, Any], arrays: dict[str, np.nd
     arrays = {k: np.asarray(v).astype(FEATURE_DTYPE) for k, v in arrays.items()}
     validate(spec, meta, arrays, waveform)
     sample: dict[str, Any] = {"__key__": sample_key(meta["id"]), META_KEY: json.dumps(meta, sort_keys=True).encode("utf-8")}
-    for k in ARRAY_KEYS:
+    for k in spec.array_keys:
         sample[k] = _npy_bytes(arrays[k])
     sample[AUDIO_KEY] = _flac_bytes(waveform, spec.sample_rate)
     return sample
@@ -198,7 +229,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
             out[name] = value
             continue
         out[name] = _decode_member(name, value)
-    missing = [k for k in SAMPLE_KEYS if k not in out]
+    missing = [k for k in REQUIRED_KEYS if k not in out]  # a version's own members: `validate`
     if missing:
         where = raw.get("__url__", "?")
         raise ShardFormatError(f"sample {raw.get('__key__')!r} in {where} lacks {', '.join(missing)}")
@@ -214,7 +245,7 @@ def validate(spec: ShardSpec, meta: dict[str, Any], arrays: dict[str, np.ndarray
         raise ShardFormatError(f"{clip_id}: {num_nouns} nouns > max_nouns {spec.max_nouns}")
     for key, shape in spec.expected_shapes(num_nouns).items():
         if key not in arrays:
-            raise ShardFormatError(f"{clip_id}: missing {key}")
+            raise ShardFormatError(f"{clip_id}: missing {key} (schema version {spec.schema_version} requires it)")
         array = arrays[key]
         if array.dtype != FEATURE_DTYPE:
             raise ShardFormatError(f"{clip_id}: {key} has dtype {array.dtype}, expected {np.dtype(FEATURE_DTYPE)}")
@@ -222,9 +253,15 @@ def validate(spec: ShardSpec, meta: dict[str, Any], arrays: dict[str, np.ndarray
             raise ShardFormatError(f"{clip_id}: {key} has shape {tuple(array.shape)}, expected {shape}")
         if not np.isfinite(array).all():
             raise ShardFormatError(f"{clip_id}: {key} has non-finite values")
-    probs = arrays["probs.npy"]
-    if probs.size and (probs.min() < 0 or probs.max() > 1):
-        raise ShardFormatError(f"{clip_id}: probs.npy outside [0, 1]")
+    for key in (PROBS_KEY, DETECTOR_KEY, IOU_KEY):
+        values = arrays[key] if key in spec.array_keys else None  # present: checked above
+        if values is not None and values.size and (values.min() < 0 or values.max() > 1):
+            raise ShardFormatError(f"{clip_id}: {key} outside [0, 1]")
+    if DETECTOR_KEY in spec.array_keys:
+        product = arrays[DETECTOR_KEY].astype(np.float32) * arrays[IOU_KEY].astype(np.float32)
+        # each factor and the product are float16: 2e-3 covers their rounding (half an ulp at 1 is 2.4e-4)
+        if not np.allclose(arrays[PROBS_KEY].astype(np.float32), product, rtol=0, atol=2e-3):
+            raise ShardFormatError(f"{clip_id}: {PROBS_KEY} is not {DETECTOR_KEY} * {IOU_KEY}")
     if not 0 <= meta["valid_frames"] <= spec.num_frames:
         raise ShardFormatError(f"{clip_id}: valid_frames {meta['valid_frames']} outside [0, {spec.num_frames}]")
     if waveform.ndim != 1 or waveform.shape[0] > spec.num_samples:
@@ -232,5 +269,5 @@ def validate(spec: ShardSpec, meta: dict[str, Any], arrays: dict[str, np.ndarray
 
 
 def validate_decoded(spec: ShardSpec, sample: dict[str, Any]) -> None:
-    arrays = {k: sample[k] for k in ARRAY_KEYS}
+    arrays = {k: sample[k] for k in spec.array_keys if k in sample}
     validate(spec, sample[META_KEY], arrays, np.asarray(sample[AUDIO_KEY]))

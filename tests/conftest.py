@@ -15,7 +15,8 @@ def tiny_cfg() -> FeatureConfig:
 
 
 def make_sample(spec: shards.ShardSpec, clip_id: str, num_nouns: int = 2, seed: int = 0, split: str = "train"):
-    """A random sample that follows `spec` (meta, arrays, waveform)."""
+    """A random sample that follows `spec` (meta, arrays, waveform): the members of the spec's schema version, with
+    probs.npy = detector.npy * iou.npy (version 1: probs.npy alone)."""
     rng = np.random.default_rng(seed)
     nouns = [f"noun{k}" for k in range(num_nouns)]
     meta = {"id": clip_id, "caption": " ".join(nouns), "label": "x", "split": split, "duration": 3.5,
@@ -24,9 +25,12 @@ def make_sample(spec: shards.ShardSpec, clip_id: str, num_nouns: int = 2, seed: 
         "clip.npy": rng.standard_normal((spec.num_frames, spec.embed_dim)),
         "caption.npy": rng.standard_normal(spec.embed_dim),
         "nouns.npy": rng.standard_normal((num_nouns, spec.embed_dim)),
-        "probs.npy": rng.uniform(0, 1, (spec.num_frames, num_nouns)),
+        # rounded to float16 first, so that the stored product is the product of the stored factors
+        "detector.npy": rng.uniform(0, 1, (spec.num_frames, num_nouns)).astype(np.float16),
         "latent_mean.npy": rng.standard_normal(spec.latent_shape),
         "latent_std.npy": rng.uniform(0.1, 1, spec.latent_shape),
     }
+    arrays["iou.npy"] = rng.uniform(0.3, 1, (spec.num_frames, num_nouns)).astype(np.float16)
+    arrays["probs.npy"] = arrays["detector.npy"].astype(np.float32) * arrays["iou.npy"].astype(np.float32)
     waveform = (0.3 * np.sin(np.arange(spec.sample_rate) * 2 * np.pi * 440 / spec.sample_rate)).astype(np.float32)
-    return meta, arrays, waveform
+    return meta, {k: arrays[k] for k in spec.array_keys}, waveform

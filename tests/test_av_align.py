@@ -1,5 +1,6 @@
-"""AV-Align on constructed inputs with known peaks: peak rules, one-to-one matching, and whole clips (a square
-that jumps at chosen frames of a synthetic video, clicks at chosen times) with the IoU counted by hand."""
+"""AV-Align on constructed inputs with known peaks: peak rules, one-to-one matching (2025 rule) and many-to-one
+matching without a flow threshold (2023 rule), and whole clips (a square that jumps at chosen frames of a
+synthetic video, clicks at chosen times) with the IoU counted by hand."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 from eval.metrics import (
     audio_peaks,
     av_align_clip,
+    av_align_rules,
     av_align_score,
+    av_align_score_2023,
     optical_flow_magnitudes,
     read_gray_frames,
     video_peaks,
@@ -73,6 +76,29 @@ def test_score_empty_sides():
     assert av_align_score([], [], fps=25, both_empty=1.0) == 1.0
 
 
+def test_2023_rule_lets_several_audio_peaks_match_one_video_peak():
+    # the peaks of test_score_counts_each_video_peak_once: 0.50 and 0.52 both match the video peak at 0.50 now
+    audio, video = [0.5, 0.52, 2.0, 3.0], [0.5, 2.03, 5.0]
+    assert av_align_score_2023(audio, video, fps=25) == pytest.approx(3 / (4 + 3 - 3))
+    # three clicks within one frame of a single video peak: 3 / (3 + 1 - 3) = 3 (2023) against 1 / 3 (2025)
+    crowd = [0.99, 1.0, 1.01]
+    assert av_align_score_2023(crowd, [1.0], fps=25) == pytest.approx(3.0)
+    assert av_align_score(crowd, [1.0], fps=25) == pytest.approx(1 / 3)
+    # the same window rule (strict) and the same empty cases
+    assert av_align_score_2023([1.25], [1.0], fps=4) == 0.0 and av_align_score_2023([1.2499], [1.0], fps=4) == 1.0
+    assert av_align_score_2023([], [1.0], fps=25) == 0.0 and av_align_score_2023([1.0], [], fps=25) == 0.0
+    assert math.isnan(av_align_score_2023([], [], fps=25))
+
+
+def test_rules_share_one_flow_and_differ_in_the_threshold():
+    m = [0.9, 0.05, 0.2, 0.1, 0.05, 0.3, 0.3, 0.1, 0.09, 0.08, 0.095, 0.05, 0.5, 0.6]
+    # video peaks: 2025 keeps 0.2 s only (0.095 at 1.0 s is below 0.1); 2023 keeps both
+    scores = av_align_rules(np.array([1.0]), np.array(m), fps=10)
+    assert scores == {"2025": 0.0, "2023": pytest.approx(1 / (1 + 2 - 1))}
+    # an offset moves the video peaks onto the audio clock: 0.2 + 0.8 = 1.0
+    assert av_align_rules(np.array([1.0]), np.array(m), fps=10, offset=0.8)["2025"] == 1.0
+
+
 def test_video_peaks_are_strict_local_maxima_above_threshold():
     m = [0.9, 0.05, 0.2, 0.1, 0.05, 0.3, 0.3, 0.1, 0.09, 0.08, 0.095, 0.05, 0.5, 0.6]
     # index 2: peak (0.2 >= 0.1); 5-6: a plateau is not strict; 10: below 0.1; 0 and 13: ends never count
@@ -112,6 +138,9 @@ def test_clip_at_25_fps(tmp_path):
     # clicks at 0.4 and 1.2 meet a jump; 2.6 does not; the jump at 2.0 has no click: 2 / (3 + 3 - 2)
     audio = clicks([0.4, 1.2, 2.6], 3.0)
     assert av_align_clip(video, audio, AUDIO_RATE) == pytest.approx(0.5)
+    # 2023 rule: no threshold, so the nudge at frame 20 (0.8 s) is a fourth video peak: 2 / (3 + 4 - 2)
+    np.testing.assert_allclose(video_peaks(magnitudes, fps, threshold=0.0), [0.4, 0.8, 1.2, 2.0])
+    assert av_align_clip(video, audio, AUDIO_RATE, rule="2023") == pytest.approx(0.4)
 
 
 def test_clip_two_clicks_near_one_jump_count_once(tmp_path):
@@ -120,8 +149,12 @@ def test_clip_two_clicks_near_one_jump_count_once(tmp_path):
     audio = clicks([0.93, 1.04, 2.0], 4.0)
     peaks = audio_peaks(audio, AUDIO_RATE)
     assert len(peaks) == 3 and np.all(np.abs(peaks[:2] - 1.0) < 0.1)  # both within one frame of the jump at 1.0
-    # one match (the 1.0 jump is used once), 3 audio + 2 video peaks: 1 / (3 + 2 - 1); the 2023 rule gave 2 / 3
+    # one match (the 1.0 jump is used once), 3 audio + 2 video peaks: 1 / (3 + 2 - 1)
     assert av_align_clip(video, audio, AUDIO_RATE) == pytest.approx(0.25)
+    # the 2023 rule counts both clicks at the jump: 2 / (3 + 2 - 2)
+    assert av_align_clip(video, audio, AUDIO_RATE, rule="2023") == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="rule"):
+        av_align_clip(video, audio, AUDIO_RATE, rule="2024")
 
 
 def test_unreadable_video_raises(tmp_path):

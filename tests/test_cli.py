@@ -37,3 +37,17 @@ def test_a_value_the_config_refuses_is_one_line(tmp_path, capsys):
     assert main(["features", "--videos", str(tmp_path), "--fps", "-1", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: fps and window_seconds must be positive"
+
+
+def test_eval_paper_protocol_flags_reach_the_config(tmp_path, capsys):
+    assert main(["eval", "--preset", "paper", "--dry-run"]) == 0
+    paper = json.loads(capsys.readouterr().out)
+    assert (paper["sampler"], paper["steps"], paper["guidance"], paper["max_clips"]) == ("ddpm", 300, 3.0, 1000)
+    ids = tmp_path / "clip_ids.txt"
+    assert main(["eval", "--preset", "paper", "--dry-run", "--clip-ids", str(ids), "--selection-seed", "4",
+                 "--model-weights", "raw", "--weights", str(tmp_path / "w")]) == 0
+    chosen = json.loads(capsys.readouterr().out)
+    assert (chosen["clip_ids"], chosen["selection_seed"], chosen["model_weights"]) == (str(ids), 4, "raw")
+    assert chosen["weights"] == str(tmp_path / "w")  # --weights stays the stage-one weights folder
+    assert main(["eval", "--max-clips", "-1", "--dry-run"]) == 2
+    assert "max_clips" in capsys.readouterr().err

@@ -1,22 +1,27 @@
 """Cnn14 and VGGish: front ends against librosa on a 1 kHz sine, official-format checkpoints, shapes, batching,
-and the ground-truth embedding cache (reuse, protocol change, changed reference audio, crash recovery, two builds
-at once)."""
+the two audio protocols, and the ground-truth embedding cache (reuse, protocol change, audio protocol, an older
+cache version, changed reference audio, crash recovery, two builds at once)."""
 
 from __future__ import annotations
 
 import fcntl
 import json
 import threading
+from types import SimpleNamespace
 
 import h5py
 import librosa
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 from common.weights import sha256_file
+from eval.__main__ import main as eval_main
 from eval.audio_embedding import embed_clips, prepare_waveform
-from eval.cache import ground_truth_embeddings, read_cache
+from eval.cache import CACHE_VERSION, ground_truth_embeddings, read_cache
+from eval.config import EvalConfig
+from eval.embed import generated_embeddings
 from eval.panns import CHECKPOINT_NAME as CNN14_FILE
 from eval.panns import CNN14_CONFIGS, Cnn14, load_cnn14
 from eval.score import audio_metrics
@@ -95,6 +100,11 @@ def test_cnn14_official_checkpoint_round_trip(tmp_path):
     assert embedding.shape == (2, TINY_CNN14.embed_dim) and (embedding >= 0).all()  # relu(fc1)
     assert probs.shape == (2, 527)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)  # softmax (the KL of audioldm_eval and av-benchmark), not PANNs' sigmoid
+    # the logits behind them (sigmoid KL, Inception score): fc_audioset of the same forward pass
+    _, same_probs, logits = loaded.embed_probs_logits(batch)
+    np.testing.assert_array_equal(same_probs, probs)
+    assert logits.shape == (2, 527) and (logits < 0).any()  # before any activation
+    np.testing.assert_allclose(np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True), probs, rtol=1e-5)
 
 
 def test_cnn14_checkpoint_with_another_front_end_is_refused(tmp_path):
@@ -201,16 +211,62 @@ def test_prepare_waveform_follows_the_protocol():
     assert prepare_waveform(noise(0, 2.0), SR, SR, duration=None).shape == (32000,)
 
 
+def test_the_two_audio_protocols_prepare_stereo_with_a_dc_offset_differently():
+    t = np.arange(48000) / 48000
+    left = (0.3 + 0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)  # 1 s, DC offset 0.3
+    right = np.full(48000, 0.1, np.float32)  # DC only
+    stereo = np.stack([left, right])
+    # mean-cut: (left + right) / 2 = 0.2 + 0.25 sin, 16 kHz, zero-padded to 1.5 s
+    mean_cut = prepare_waveform(stereo, 48000, SR, duration=1.5)
+    assert mean_cut.shape == (24000,) and (mean_cut[16100:] == 0).all()
+    assert mean_cut[100:15900].mean() == pytest.approx(0.2, abs=2e-3)
+    assert mean_cut[100:15900].max() == pytest.approx(0.45, abs=5e-3)
+    # audioldm-eval: the left channel alone, its mean removed, 16 kHz, full length zero-padded to 2 s
+    first = prepare_waveform(stereo, 48000, SR, duration=None, protocol="audioldm-eval")
+    assert first.shape == (32000,) and (first[16100:] == 0).all()
+    assert first[100:15900].mean() == pytest.approx(0.0, abs=2e-3)
+    assert first[100:15900].max() == pytest.approx(0.5, abs=5e-3) and first[100:15900].min() == pytest.approx(-0.5, abs=5e-3)
+    # a clip longer than 2 s keeps its length (never cut); a cut/pad duration is refused for this protocol
+    assert prepare_waveform(noise(0, 2.5), SR, SR, None, "audioldm-eval").shape == (40000,)
+    with pytest.raises(ValueError, match="full length"):
+        prepare_waveform(stereo, 48000, SR, duration=10.0, protocol="audioldm-eval")
+    with pytest.raises(ValueError, match="audio protocol"):
+        prepare_waveform(stereo, 48000, SR, duration=None, protocol="first-channel")
+
+
+def test_audio_protocol_flag_and_duration(capsys):
+    assert EvalConfig().audio_protocol == "mean-cut" and EvalConfig().metric_duration == 10.0
+    assert EvalConfig(audio_protocol="audioldm-eval").metric_duration is None  # full length, whatever --duration says
+    assert eval_main(["--audio-protocol", "audioldm-eval", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["audio_protocol"] == "audioldm-eval"
+    assert eval_main(["--preset", "paper", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["audio_protocol"] == "mean-cut"  # offered, not the default
+    with pytest.raises(ValueError, match="audio_protocol"):
+        EvalConfig(audio_protocol="mean")  # type: ignore[arg-type]
+    with pytest.raises(SystemExit):  # a Literal field: argparse offers the two choices only
+        eval_main(["--audio-protocol", "mean", "--dry-run"])
+
+
 def test_audio_metrics_of_a_set_with_itself(tiny_models):
     cnn14, vggish = tiny_models
-    clips = dict(embed_clips([(f"c{i}", noise(i)) for i in range(4)], cnn14, vggish, SR, 2.0, progress=False))
+    clips = dict(embed_clips([(f"c{i}", noise(i)) for i in range(10)], cnn14, vggish, SR, 2.0, progress=False))
     same = audio_metrics(clips, clips)
     assert abs(same["fd"]) < 1e-3 and abs(same["fad"]) < 1e-3 and abs(same["kl"]) < 1e-3
-    assert same["kl_pairs"] == 4 and same["n_reference_patches"] == 8
+    assert abs(same["kl_sigmoid"]) < 1e-3  # 527 terms s log(s / (s + 1e-6)), each above -1e-6
+    assert same["kl_pairs"] == 10 and same["n_reference_patches"] == 20
+    # Inception score: 10 clips in 10 splits of one clip, each exp(0) = 1
+    assert same["inception_score"] == pytest.approx(1.0) and same["inception_score_std"] == pytest.approx(0.0)
+    assert same["inception_score_clips"] == same["inception_score_splits"] == 10
+    errors: dict[str, str] = {}
+    few = audio_metrics(dict(list(clips.items())[:4]), dict(list(clips.items())[:4]), errors)
+    # fewer clips than splits: one clip per split (the reference would give NaN), and the count says so
+    assert few["inception_score"] == pytest.approx(1.0) and few["inception_score_splits"] == 4 and not errors
+    assert isinstance(few["kl_sigmoid"], float)
     other = dict(embed_clips([(f"c{i}", sine(300.0 * (i + 1))) for i in range(4)], cnn14, vggish, SR, 2.0,
                              progress=False))
-    different = audio_metrics(clips, other)
+    different = audio_metrics(clips, other, errors)
     assert different["fd"] > 1e-3 and different["fad"] > 1e-3  # (random weights: class posteriors near uniform)
+    assert different["kl_pairs"] == 4 and abs(different["kl_sigmoid"]) > 1e-3  # may be negative: sigmoids do not sum to 1
 
 
 def test_cache_reuses_extends_and_rebuilds(tmp_path, tiny_models):
@@ -227,6 +283,10 @@ def test_cache_reuses_extends_and_rebuilds(tmp_path, tiny_models):
     with h5py.File(path) as handle:
         assert handle.attrs["sample_rate"] == SR and handle.attrs["duration"] == 1.0
         assert handle.attrs["cnn14_checkpoint"] == "random-init:seed=0"
+        protocol = json.loads(handle.attrs["protocol"])
+        assert protocol["cache_version"] == CACHE_VERSION and protocol["audio_protocol"] == "mean-cut"
+        np.testing.assert_array_equal(handle["clips/id=c1/cnn14_logits"][()], first["c1"].cnn14_logits)
+    assert first["c1"].cnn14_logits.shape == (527,)
     calls.clear()
     again = ground_truth_embeddings(path, ["c2", "c0"], load, cnn14, vggish, SR, 1.0, progress=False)
     assert calls == [] and list(again) == ["c2", "c0"]
@@ -242,6 +302,36 @@ def test_cache_reuses_extends_and_rebuilds(tmp_path, tiny_models):
     assert calls == ["c0", "c1"]
     assert not np.allclose(rebuilt["c0"].cnn14_embedding, first["c0"].cnn14_embedding)
     assert set(read_cache(path)) == {"c0", "c1"}
+
+
+def test_cache_of_another_audio_protocol_or_an_older_version_is_rebuilt(tmp_path, tiny_models):
+    cnn14, vggish = tiny_models
+    calls: list[str] = []
+
+    def load(clip_id: str) -> np.ndarray:
+        calls.append(clip_id)
+        return np.stack([noise(int(clip_id[1:]), 2.5) + 0.2, noise(9, 2.5)])  # stereo with a DC offset
+
+    path = tmp_path / "gt.h5"
+    mean_cut = ground_truth_embeddings(path, ["c0", "c1"], load, cnn14, vggish, SR, 2.0, progress=False)
+    audioldm = ground_truth_embeddings(path, ["c0", "c1"], load, cnn14, vggish, SR, None, progress=False,
+                                       audio_protocol="audioldm-eval")
+    assert calls == ["c0", "c1", "c0", "c1"]  # never served from the other protocol's embeddings
+    assert not np.allclose(audioldm["c0"].cnn14_embedding, mean_cut["c0"].cnn14_embedding)
+    assert audioldm["c0"].vggish.shape == (2, 128)  # 2.5 s kept whole: two 0.96 s patches (2.0 s: two as well)
+    with h5py.File(path) as handle:
+        assert json.loads(handle.attrs["protocol"])["audio_protocol"] == "audioldm-eval"
+    # a file of the previous layout (cache version 2, no logits) is rebuilt, not read without its logits
+    with h5py.File(path, "a") as handle:
+        protocol = json.loads(handle.attrs["protocol"])
+        handle.attrs["protocol"] = json.dumps({**protocol, "cache_version": 2}, sort_keys=True)
+        for group in handle["clips"].values():
+            del group["cnn14_logits"]
+    calls.clear()
+    again = ground_truth_embeddings(path, ["c0", "c1"], load, cnn14, vggish, SR, None, progress=False,
+                                    audio_protocol="audioldm-eval")
+    assert calls == ["c0", "c1"]
+    np.testing.assert_allclose(again["c1"].cnn14_logits, audioldm["c1"].cnn14_logits, rtol=1e-5, atol=1e-6)
 
 
 def test_cache_survives_a_crash_and_distrusts_partial_clips(tmp_path, tiny_models):
@@ -329,3 +419,17 @@ def test_two_builds_at_once_take_turns(tmp_path, tiny_models):
         fcntl.flock(other, fcntl.LOCK_UN)
     worker.join(timeout=30)
     assert not worker.is_alive() and set(done["result"]) == {"c0", "c1"} and path.exists()
+
+
+def test_generated_stereo_wav_is_read_by_the_audio_protocol(tmp_path, tiny_models):
+    cnn14, vggish = tiny_models
+    left = noise(3, seconds=2.5) + 0.1
+    (tmp_path / "wav").mkdir()
+    soundfile.write(tmp_path / "wav" / "x.wav", np.stack([left, -left], axis=1), SR, subtype="FLOAT")
+    clips = [SimpleNamespace(id="x")]
+    ours = generated_embeddings(tmp_path, clips, cnn14, vggish, None, [], False, "audioldm-eval")  # type: ignore[arg-type]
+    expected = dict(embed_clips([("x", left)], cnn14, vggish, SR, None, progress=False, audio_protocol="audioldm-eval"))
+    np.testing.assert_allclose(ours["x"].cnn14_logits, expected["x"].cnn14_logits, rtol=1e-5, atol=1e-5)
+    # mean-cut averages the channels: silence here, another embedding
+    silent = generated_embeddings(tmp_path, clips, cnn14, vggish, 2.5, [], False)  # type: ignore[arg-type]
+    assert not np.allclose(silent["x"].cnn14_logits, ours["x"].cnn14_logits, atol=1e-3)

@@ -162,6 +162,23 @@ def test_sam_only_lowers_probabilities(grounder: Grounder, grounder_no_sam: Grou
     assert any((a < b - 1e-3).any() for a, b in zip(with_sam, without))
 
 
+def test_probabilities_are_the_detector_score_times_sams_iou(grounder: Grounder, grounder_no_sam: Grounder) -> None:
+    frames = [_frames(3, 48, 64, seed=6), _frames(2, 72, 56, seed=7), _frames(2, 40, 40, seed=8)]
+    nouns = [["dog", "car"], ["man"], []]
+    with_sam = grounder.detections(frames, nouns)
+    probabilities = grounder.probabilities(frames, nouns)
+    assert [tuple(d.detector.shape) for d in with_sam] == [tuple(d.iou.shape) for d in with_sam] == [(3, 2), (2, 1), (2, 0)]
+    for found, p in zip(with_sam, probabilities):
+        assert torch.equal(p, found.detector * found.iou)
+        assert ((found.iou >= 0) & (found.iou <= 1)).all() and ((found.detector >= 0) & (found.detector <= 1)).all()
+    assert any((d.iou < 1 - 1e-3).any() for d in with_sam)  # SAM did change something
+    # the detector score does not depend on SAM; without SAM the IoU is one and p is the detector score
+    without = grounder_no_sam.detections(frames, nouns)
+    for a, b in zip(with_sam, without):
+        torch.testing.assert_close(a.detector, b.detector)
+        assert torch.equal(b.iou, torch.ones_like(b.iou)) and torch.equal(b.probs, b.detector)
+
+
 def test_frozen_modules_stay_in_eval(clip: CLIPEncoder, grounder: Grounder, vae: AudioVAE) -> None:
     for module in (clip, grounder, vae):
         module.train()

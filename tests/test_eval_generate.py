@@ -1,12 +1,15 @@
 """Generation for evaluation on a tiny trained run: one WAV per test clip, its length and level, determinism that
 does not depend on batch composition (one batched sampling call), resume that skips existing WAVs, the manifest
-that refuses to mix settings, and the CLI's presets."""
+that refuses to mix settings (EMA and raw weights included), the timesteps results.json states, the evaluated
+set (seeded max_clips sample, clip-id lists, clip_ids.txt), and the CLI's presets."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -16,15 +19,27 @@ import soundfile
 
 import eval.generate as eval_generate
 import shards
+from common.weights import sha256_file
 from eval.__main__ import main as eval_main
-from eval.clips import EvalError, iterate_reference_audio, iterate_split_samples, read_split, select_clips, wav_path
+from eval.clips import (
+    CLIP_IDS_FILE,
+    EvalError,
+    evaluation_clips,
+    iterate_reference_audio,
+    iterate_split_samples,
+    read_split,
+    select_clips,
+    wav_path,
+)
 from eval.config import PRESETS, EvalConfig
-from eval.generate import MANIFEST_FILE, generate
+from eval.evaluate import evaluate
+from eval.generate import MANIFEST_FILE, generate, generation_protocol, manifest_notes, sampler_schedule
 from preprocess.config import PRESETS as FEATURE_PRESETS
 from tests.conftest import make_sample
 from tests.test_av_align import write_jumping_square
 from tests.test_train_support import one_thread  # noqa: F401  (autouse: single-threaded torch)
 from train.__main__ import main as train_main
+from train.config import TrainConfig
 
 FEATURES = FEATURE_PRESETS["tiny"]
 # the tiny stage-one spec with a 4x shorter latent time axis (as the stage-two tests): 2.56 s of decoded audio
@@ -162,8 +177,8 @@ def test_manifest_refuses_to_mix_settings(tiny_run, tmp_path):
             generate(config.replace(**change), clips, progress=False)
     assert manifest.read_text() == before and len(list((tmp_path / "a" / "wav").glob("*.wav"))) == 2
     # the same settings resume (and take more clips); a retrained model is refused
-    generate(config, select_clips(read_split(config.shards, "test"), 3), progress=False)
-    assert wav_path(tmp_path / "a", "t2").exists()
+    generate(config, select_clips(read_split(config.shards, "test"), 0), progress=False)
+    assert all(wav_path(tmp_path / "a", i).exists() for i in TEST_IDS)
     edited = json.loads(before)
     edited["checkpoint_sha256"] = "0" * 64
     manifest.write_text(json.dumps(edited))
@@ -190,10 +205,151 @@ def test_reference_audio_is_read_in_shard_order(tiny_run):
     assert dict(iterate_reference_audio(data, "train", ["t1"])) == {}  # only the asked split
 
 
-def test_max_clips_takes_the_first_ids(tiny_run, tmp_path):
+def metas(ids: list[str]) -> list[shards.SampleMeta]:
+    return [shards.SampleMeta(id=i, caption="", label="", split="test", duration=1.0, valid_frames=1, nouns=(),
+                              source="") for i in ids]
+
+
+def smallest_of(ids: list[str] | tuple[str, ...], seed: int, n: int) -> list[str]:
+    """The documented selection rule, written out independently: the n ids with the smallest
+    sha256('<seed>/<id>'), in id order."""
+    return sorted(sorted(ids, key=lambda i: hashlib.sha256(f"{seed}/{i}".encode()).hexdigest())[:n])
+
+
+def test_max_clips_takes_a_seeded_sample_in_id_order():
+    ids = [f"clip{k:03d}" for k in range(200)]
+    shuffled = random.Random(0).sample(ids, len(ids))
+    chosen = [c.id for c in select_clips(metas(shuffled), 20, selection_seed=7)]
+    assert chosen == smallest_of(ids, 7, 20)  # in id order, whatever the shards' order
+    assert chosen != ids[:20]  # a sample of the split, not its first ids
+    assert [c.id for c in select_clips(metas(ids), 20, selection_seed=8)] != chosen  # another seed, other clips
+    # a clip's key is its own: the chosen clips stay chosen when the split holds one more, and N + 10 contains N
+    assert set(chosen) <= {c.id for c in select_clips(metas([*shuffled, "zz"]), 21, 7)}
+    assert set(chosen) <= {c.id for c in select_clips(metas(ids), 30, 7)}
+    assert [c.id for c in select_clips(metas(shuffled), 0)] == ids == [c.id for c in select_clips(metas(ids), 500)]
+    with pytest.raises(EvalError, match="'clip003' appears twice"):
+        select_clips(metas([*ids, "clip003"]), 5)
+
+
+def test_select_clips_reads_the_shards(tiny_run):
     clips = select_clips(read_split(tiny_run[0], "test"), 2)
-    assert [c.id for c in clips] == ["t0", "t1"]
+    assert [c.id for c in clips] == smallest_of(TEST_IDS, 0, 2)
     assert clips[0].start == 0.5 and clips[0].duration == CLIP_SECONDS and clips[0].nouns == ("noun0", "noun1")
+
+
+def test_a_clip_id_list_defines_the_set(tmp_path):
+    split = metas(["b", "a", "c", "d"])
+    config = EvalConfig(max_clips=1, clip_ids=str(tmp_path / "ids.txt"), shards="data/x")
+    (tmp_path / "ids.txt").write_text("d\n\n  a \n", encoding="utf-8")
+    assert [c.id for c in evaluation_clips(config, split)] == ["a", "d"]  # the list wins over max_clips; id order
+    for text, message in (("a\nzz\nd\nyy\n", r"ids.txt: 2 of its 4 clip ids are not in split 'test' of data/x: 'zz', 'yy'$"),
+                          ("a\nd\na\n", r"ids.txt: clip id 'a' is listed twice"),
+                          ("\n \n", r"ids.txt: no clip id in it")):
+        (tmp_path / "ids.txt").write_text(text, encoding="utf-8")
+        with pytest.raises(EvalError, match=message) as refused:
+            evaluation_clips(config, split)
+        assert "\n" not in str(refused.value)  # one line
+    (tmp_path / "ids.txt").write_text("\n".join(f"x{k}" for k in range(8)), encoding="utf-8")
+    with pytest.raises(EvalError, match=r"8 of its 8 clip ids .*: 'x0', 'x1', 'x2', 'x3', 'x4', \.\.\.$"):
+        evaluation_clips(config, split)
+    with pytest.raises(EvalError, match="nowhere.txt: clip-id file missing"):
+        evaluation_clips(config.replace(clip_ids=str(tmp_path / "nowhere.txt")), split)
+    with pytest.raises(ValueError, match="model_weights must be one of"):
+        EvalConfig(model_weights="best")  # type: ignore[arg-type]
+
+
+def test_clip_ids_txt_lets_another_evaluation_take_the_same_clips(tiny_run, tmp_path):
+    # two whole evaluations (generation, embeddings, scores) of two clips each, AV-Align off
+    first = evaluate(config_for(tiny_run, tmp_path / "a", max_clips=2, selection_seed=3, figure_clips=0,
+                                av_align=False), progress=False)
+    listed = tmp_path / "a" / CLIP_IDS_FILE
+    assert listed.read_text(encoding="utf-8").splitlines() == first["clips"] == smallest_of(TEST_IDS, 3, 2)
+    assert first["protocol"]["clip_ids_sha256"] == hashlib.sha256(listed.read_bytes()).hexdigest()
+    assert first["protocol"]["clip_selection"] == {"rule": "smallest sha256('<selection_seed>/<id>')",
+                                                   "max_clips": 2, "selection_seed": 3}
+    assert not list((tmp_path / "a").glob("*.tmp"))
+    # another system (here: another seed) scored on exactly those clips, whatever max_clips says
+    second = evaluate(config_for(tiny_run, tmp_path / "b", max_clips=3, seed=5, clip_ids=str(listed), figure_clips=0,
+                                 av_align=False), progress=False)
+    assert second["clips"] == first["clips"] and second["protocol"]["clip_selection"]["rule"] == "clip_ids"
+    assert second["protocol"]["clip_ids_sha256"] == first["protocol"]["clip_ids_sha256"]
+    assert (tmp_path / "b" / CLIP_IDS_FILE).read_bytes() == listed.read_bytes()
+    assert sorted(p.stem for p in (tmp_path / "b" / "wav").glob("*.wav")) == first["clips"]
+
+
+def test_raw_weights_are_loaded_checksummed_and_never_mixed_with_ema(tiny_run, tmp_path, monkeypatch):
+    import safetensors.torch
+    import torch
+
+    data, trained = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(trained / "model", run / "model")
+    ema = safetensors.torch.load_file(str(run / "model" / "ema.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    # raw weights far from the EMA, so that the audio tells which file generated it
+    raw = {k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v for k, v in ema.items()}
+    safetensors.torch.save_file(raw, str(run / "model" / "raw.safetensors"))
+    clips = select_clips(read_split(data, "test"), 0)[:2]
+    asked: list[str] = []
+    load_model = eval_generate.train.load_model
+
+    def spying(*args, **kwargs):
+        asked.append(kwargs.get("weights", "ema"))
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(eval_generate.train, "load_model", spying)
+    ema_config = config_for(tiny_run, tmp_path / "out", run=str(run))
+    raw_config = ema_config.replace(model_weights="raw")
+    generate(ema_config, clips, progress=False)
+    generate(raw_config.replace(output=str(tmp_path / "raw")), clips, progress=False)
+    assert asked == ["ema", "raw"]
+    manifest = json.loads((tmp_path / "raw" / "wav" / MANIFEST_FILE).read_text())
+    assert manifest["checkpoint_sha256"] == sha256_file(run / "model" / "raw.safetensors")  # the file loaded
+    assert manifest["checkpoint_sha256"] != sha256_file(run / "model" / "ema.safetensors")
+    ema_audio, raw_audio = wavs(tmp_path / "out"), wavs(tmp_path / "raw")
+    assert any(not np.array_equal(ema_audio[i], raw_audio[i]) for i in ema_audio)
+    # raw-weight WAVs are not added to the EMA folder (nor the reverse)
+    with pytest.raises(EvalError, match="generated with other settings.*checkpoint_sha256"):
+        generate(raw_config, clips, progress=False)
+    with pytest.raises(EvalError, match="checkpoint_sha256"):
+        generate(ema_config.replace(output=str(tmp_path / "raw")), clips, progress=False)
+    # results.json names the weights file whose checksum the manifest holds, whatever --model-weights says now
+    assert generation_protocol(raw_config.replace(output=str(tmp_path / "raw")), clips, manifest)["model_weights"] == "raw"
+    assert generation_protocol(raw_config.replace(output=str(tmp_path / "raw")), clips, None)["model_weights"] is None
+    assert generation_protocol(ema_config, clips, json.loads((tmp_path / "out" / "wav" / MANIFEST_FILE).read_text())
+                               )["model_weights"] == "ema"
+    assert "generated by checkpoint" in manifest_notes(ema_config, manifest)[0]
+    assert manifest_notes(raw_config, manifest) == []
+    (run / "model" / "raw.safetensors").unlink()
+    with pytest.raises(EvalError, match=r"raw.safetensors: missing"):
+        generate(raw_config.replace(output=str(tmp_path / "c")), clips, progress=False)
+
+
+def test_the_recorded_schedule_is_what_sampling_visits(tiny_run, tmp_path, monkeypatch):
+    from train.model import VTASAM
+
+    visited: list[int] = []
+    forward = VTASAM.forward
+
+    def recording(self, x, t, *args, **kwargs):
+        visited.append(int(t[0]))
+        return forward(self, x, t, *args, **kwargs)
+
+    monkeypatch.setattr(VTASAM, "forward", recording)
+    clips = select_clips(read_split(tiny_run[0], "test"), 0)[:1]
+    for sampler, steps in (("ddpm", 3), ("ddim", 2), ("dpmsolver++", 3)):
+        visited.clear()
+        config = config_for(tiny_run, tmp_path / sampler, sampler=sampler, steps=steps)
+        manifest = generate(config, clips, progress=False)["manifest"]
+        schedule = generation_protocol(config, clips, manifest)["sampler_schedule"]
+        assert (schedule["timesteps"], schedule["first_timestep"], schedule["last_timestep"]) == \
+            (len(visited), visited[0], visited[-1]), sampler
+    assert generation_protocol(config, clips, None)["sampler_schedule"] is None
+    # VTA-LDM's sampler (diffusers' DDPMScheduler, 'leading' spacing, steps_offset 1): t_i = (1000 // 300) i + 1
+    paper = sampler_schedule(TrainConfig(), "ddpm", 300)
+    assert (paper["scheduler"], paper["timestep_spacing"], paper["steps_offset"], paper["variance_type"]) == \
+        ("DDPMScheduler", "leading", 1, "fixed_small")
+    assert (paper["timesteps"], paper["first_timestep"], paper["last_timestep"]) == (300, (1000 // 300) * 299 + 1, 1)
 
 
 def test_incompatible_or_missing_inputs_are_one_line_errors(tiny_run, tmp_path):
@@ -224,7 +380,12 @@ def test_cli_presets_and_dry_run(capsys):
     paper = json.loads(capsys.readouterr().out)
     assert (paper["guidance"], paper["random_embedders"], paper["sampler"], paper["steps"]) == \
         (3.0, False, "dpmsolver++", 25)
-    assert PRESETS["paper"].steps == 300
+    paper_preset = PRESETS["paper"]
+    assert (paper_preset.sampler, paper_preset.steps, paper_preset.guidance) == ("ddpm", 300, 3.0)
+    assert (paper_preset.max_clips, paper_preset.selection_seed, paper_preset.clip_ids) == (1000, 0, "")
+    assert (PRESETS["demo"].max_clips, PRESETS["demo"].model_weights, paper_preset.model_weights) == (0, "ema", "raw")
     with pytest.raises(SystemExit):
         eval_main(["--sampler", "euler"])
+    with pytest.raises(SystemExit):
+        eval_main(["--model-weights", "best"])
     assert eval_main(["--min-paired", "1.5", "--dry-run"]) == 2

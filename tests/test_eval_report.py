@@ -1,6 +1,7 @@
 """The measuring half of `python -m eval` on a tiny run: results.json with every knob (generation settings from
 the WAVs' manifest), report.md, the figure, the table of several runs, and bad input (missing clips, an
-unreadable WAV, no source videos, a clip or a metric that fails, missing embedder checkpoints)."""
+unreadable WAV, no source videos, a clip or a metric that fails, missing embedder checkpoints), the metric
+variants (KL with sigmoid, IS, AV-Align by the 2023 rule) and the audioldm-eval audio protocol."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from eval.evaluate import evaluate
 from eval.generate import GENERATION_FAILURES, MANIFEST_FILE, generate
 from eval.registry import METRICS, Metric
 from eval.report import NOT_COMPARABLE, table
-from eval.score import audio_scores
+from eval.score import audio_scores, video_score
 from tests.conftest import make_sample
 from tests.test_eval_generate import FEATURES, SPEC, TEST_IDS, VIDEO_IDS, config_for, tiny_run  # noqa: F401  (fixture)
 from tests.test_train_support import one_thread  # noqa: F401  (autouse: single-threaded torch)
@@ -64,17 +65,28 @@ def test_results_report_and_figure(tiny_run, generated, tmp_path):  # noqa: F811
     assert len(results["protocol"]["checkpoint_sha256"]) == 64
     assert results["protocol"]["embedder_checkpoints"] == {"cnn14": "random-init:seed=0", "vggish": "random-init:seed=0"}
     assert {"torch", "diffusers", "python"} <= results["software"].keys()
-    for metric in ("fd", "fad", "kl"):
+    for metric in ("fd", "fad", "kl", "kl_sigmoid"):
         assert isinstance(results[metric], float) and math.isfinite(results[metric]), metric
+    assert results["kl_sigmoid"] != results["kl"]
     assert results["counts"]["paired"] == 4 and results["failures"] == []
+    # IS: four clips are scored in four splits of one clip each, exp(0) = 1 per split
+    assert results["inception_score"] == pytest.approx(1.0)
+    assert results["counts"]["inception_score_clips"] == results["counts"]["inception_score_splits"] == 4
+    assert "inception_score" not in results["null_reasons"]
     # AV-Align on the two clips whose video exists, with its spread; the two others are counted as missing
     av = results["av_align"]
     assert av["n"] + av["n_excluded"] == len(VIDEO_IDS) and av["videos_missing"] == 2
     assert set(results["av_align_per_clip"]) == set(VIDEO_IDS)
+    # the 2023 rule on the same clips, from the same optical flow
+    av_2023 = results["av_align_2023"]
+    assert av_2023["n"] + av_2023["n_excluded"] == len(VIDEO_IDS) and av_2023["videos_missing"] == 2
+    assert set(results["av_align_2023_per_clip"]) == set(VIDEO_IDS)
     # random embedders: the first line of the report says the numbers are not comparable
     report = (out / "report.md").read_text()
     assert report.splitlines()[0] == f"**{NOT_COMPARABLE}**" and not results["comparable"]
     assert "| run (V+O) |" in report
+    assert "- AV-Align (2023 rule) over" in report and "- IS (PANNs Cnn14, softmax of the logits, generated clips only) over 4 clips in 4 splits" in report
+    assert "| KL ↓ | KL-sigmoid ↓ | IS ↑ | AV-Align ↑ | AV-Align 2023 ↑ |" in report
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "config.json").read_text())["steps"] == 2
     # the WAVs match the generated ones: the same command resumes rather than regenerates
@@ -90,7 +102,7 @@ def test_table_gathers_runs(tiny_run, generated, tmp_path):  # noqa: F811
     assert text.splitlines()[0] == f"**{NOT_COMPARABLE}**"
     rows = [line for line in text.splitlines() if line.startswith("| V")]
     assert [row.split(" | ")[0] for row in rows] == ["| V-only (V+O)", "| V+O (V+O)"]
-    assert all(len(row.split("|")) == 8 for row in rows)  # run, FD, FAD, KL, AV-Align, clips
+    assert all(len(row.split("|")) == 11 for row in rows)  # run, FD, FAD, KL, KL-sigmoid, IS, AV-Align (2), clips
     assert "clip_count (4, 3)" in text  # rows measured on different clip sets are flagged
     assert eval_main(["table", str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2
 
@@ -153,6 +165,10 @@ def test_results_state_the_manifest_not_the_flags(tiny_run, generated, tmp_path)
     # every number the metrics rest on
     assert (protocol["fd_eps"], protocol["kl_eps"]) == (1e-6, 1e-6)
     assert protocol["av_align"]["flow_min_magnitude"] == 0.1 and protocol["av_align"]["match_window_frames"] == 1
+    assert protocol["av_align_2023"]["flow_min_magnitude"] == 0.0 and "34d9502" in protocol["av_align_2023"]["method"]
+    assert protocol["inception_score"] == {"probabilities": "softmax(fc_audioset)", "set": "generated", "splits": 10,
+                                           "shuffle_seed": 2020}
+    assert (protocol["audio_protocol"], protocol["duration"]) == ("mean-cut", 10.0)
     assert "soxr_hq" in protocol["resampler"]
     assert len(protocol["reference"]["fingerprint"]) == 64 and protocol["reference"]["sample_rate"] == 16000
     # generating into that folder with those flags is refused before anything is written
@@ -195,31 +211,36 @@ def test_failures_are_counted_once(tiny_run, generated, tmp_path):  # noqa: F811
     assert sorted((f["id"], f["stage"]) for f in results["failures"]) == [("t0", "generate"), ("t2", "read_wav")]
     assert results["counts"]["failures"] == 2 and results["counts"]["failed_clips"] == 2
     assert results["av_align"]["n"] + results["av_align"]["n_excluded"] == 1  # t3 alone
+    assert results["av_align_2023"]["n"] + results["av_align_2023"]["n_excluded"] == 1
 
 
-def av_align_double(video: str, start: float, duration: float, wav: str) -> float:
-    """AV-Align stand-in: OpenCV's error for clip t2 (as Farneback on a stream that changes size), 0.5 otherwise."""
+def av_align_double(video: str, start: float, duration: float, wav: str) -> dict[str, float]:
+    """AV-Align stand-in: OpenCV's error for clip t2 (as Farneback on a stream that changes size), 0.5 (2025 rule)
+    and 1.5 (2023 rule) otherwise."""
     import cv2
 
     if wav.endswith("t2.wav"):
         raise cv2.error("OpenCV(4.x) optflowgf.cpp: error: (-215:Assertion failed) prev0.size() == next0.size()")
-    return 0.5
+    return {"av_align": 0.5, "av_align_2023": 1.5}
 
 
-def dying_worker(video: str, start: float, duration: float, wav: str) -> float:
+def dying_worker(video: str, start: float, duration: float, wav: str) -> dict[str, float]:
     os._exit(1)
 
 
 def test_one_bad_clip_does_not_end_av_align(tiny_run, generated, tmp_path):  # noqa: F811
     clips = select_clips(read_split(tiny_run[0], "test"), 0)
     failures: list[dict[str, str]] = []
-    av = av_align_scores(generated, clips, 1, failures, False, measure=av_align_double)
+    results = av_align_scores(generated, clips, 1, failures, False, measure=av_align_double)
+    av, av_2023 = results["av_align"], results["av_align_2023"]
     assert av["per_clip"] == {"t3": 0.5} and av["n"] == 1
-    assert [(f["id"], f["stage"]) for f in failures] == [("t2", "av_align")]
+    assert av_2023["per_clip"] == {"t3": 1.5} and av_2023["mean"] == 1.5
+    assert [(f["id"], f["stage"]) for f in failures] == [("t2", "av_align")]  # once, not once per rule
     assert failures[0]["reason"].startswith("error: OpenCV")
     failures.clear()
-    av = av_align_scores(generated, clips, 2, failures, False, measure=dying_worker)  # a worker that crashes
-    assert av["n"] == 0 and {f["id"] for f in failures} == set(VIDEO_IDS)
+    results = av_align_scores(generated, clips, 2, failures, False, measure=dying_worker)  # a worker that crashes
+    assert results["av_align"]["n"] == 0 and results["av_align_2023"]["n"] == 0
+    assert sorted(f["id"] for f in failures) == sorted(VIDEO_IDS)
     assert all("BrokenProcessPool" in f["reason"] for f in failures)
 
 
@@ -227,13 +248,15 @@ def test_a_failing_metric_is_null_with_its_reason(tiny_run, generated, tmp_path)
     rng = np.random.default_rng(0)
 
     def embedding(dim: int) -> AudioEmbedding:
-        return AudioEmbedding(rng.standard_normal(dim), rng.dirichlet(np.ones(5)), rng.standard_normal((3, 8)))
+        return AudioEmbedding(rng.standard_normal(dim), rng.dirichlet(np.ones(5)), rng.standard_normal((3, 8)),
+                              rng.standard_normal(5))
 
-    reference = {f"c{i}": embedding(4) for i in range(4)}
-    generated_set = {f"c{i}": embedding(6) for i in range(4)}  # another Cnn14 width: FD cannot be computed
-    metrics, reasons = audio_scores(reference, generated_set, 4, 0.9)
+    reference = {f"c{i}": embedding(4) for i in range(12)}
+    generated_set = {f"c{i}": embedding(6) for i in range(12)}  # another Cnn14 width: FD cannot be computed
+    metrics, reasons = audio_scores(reference, generated_set, 12, 0.9)
     assert metrics["fd"] is None and "ValueError" in reasons["fd"]
-    assert isinstance(metrics["fad"], float) and isinstance(metrics["kl"], float) and set(reasons) == {"fd"}
+    assert all(isinstance(metrics[k], float) for k in ("fad", "kl", "kl_sigmoid", "inception_score"))
+    assert set(reasons) == {"fd"}
 
 
 def test_reference_audio_streams_in_shard_order(tmp_path):
@@ -275,6 +298,7 @@ def test_reference_audio_streams_in_shard_order(tmp_path):
 
 
 # the results.json layout before the pipeline was split into modules: older files must still read the same
+# (every key kept with its meaning; newer keys are added beside them)
 RESULTS_KEYS = ["av_align", "av_align_per_clip", "clips", "comparable", "config", "counts", "fad", "failures", "fd",
                 "generation", "kl", "null_reasons", "protocol", "run", "run_name", "shards", "software", "split",
                 "warning", "wav_dir"]
@@ -285,30 +309,84 @@ PROTOCOL_KEYS = ["av_align", "checkpoint_sha256", "clip_count", "duration", "emb
                  "vae_scaling_factor", "window_seconds"]
 COUNTS_KEYS = ["clips", "failed_clips", "failures", "kl_pairs", "min_paired", "n_generated_patches",
                "n_reference_patches", "paired", "paired_fraction", "reference", "videos_missing"]
+# added with the metric variants and the audio protocol
+NEW_RESULTS_KEYS = ["av_align_2023", "av_align_2023_per_clip", "inception_score", "kl_sigmoid"]
+NEW_PROTOCOL_KEYS = ["audio_protocol", "av_align_2023", "inception_score"]
+NEW_COUNTS_KEYS = ["inception_score_clips", "inception_score_splits", "inception_score_std"]
+SUMMARY_KEYS = ["ci95_high", "ci95_low", "mean", "n", "n_excluded", "sem", "std", "videos_missing"]
 
 
-def test_results_json_keys_are_unchanged(tiny_run, generated, tmp_path):  # noqa: F811
+def test_results_json_keys_are_kept(tiny_run, generated, tmp_path):  # noqa: F811
     results, _ = measure(tiny_run, generated, tmp_path / "out")
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert sorted(on_disk) == sorted(results) == RESULTS_KEYS
-    assert sorted(on_disk["protocol"]) == PROTOCOL_KEYS
-    assert sorted(on_disk["counts"]) == COUNTS_KEYS
+    assert sorted(on_disk) == sorted(results)
+    assert set(RESULTS_KEYS) | set(NEW_RESULTS_KEYS) <= set(on_disk)
+    assert set(PROTOCOL_KEYS) | set(NEW_PROTOCOL_KEYS) <= set(on_disk["protocol"])
+    assert set(COUNTS_KEYS) | set(NEW_COUNTS_KEYS) <= set(on_disk["counts"])
     assert sorted(on_disk["generation"]) == ["generated_in_this_run", "manifest_found", "notes", "wavs_written"]
-    assert sorted(on_disk["av_align"]) == ["ci95_high", "ci95_low", "mean", "n", "n_excluded", "sem", "std",
-                                           "videos_missing"]
+    assert sorted(on_disk["av_align"]) == sorted(on_disk["av_align_2023"]) == SUMMARY_KEYS
 
 
 def test_the_registry_drives_the_table(monkeypatch):
-    assert [m.header for m in METRICS] == ["FD ↓", "FAD ↓", "KL ↓", "AV-Align ↑"]
+    assert [m.header for m in METRICS] == ["FD ↓", "FAD ↓", "KL ↓", "KL-sigmoid ↓", "IS ↑", "AV-Align ↑",
+                                           "AV-Align 2023 ↑"]
+    # a row of an older results.json (no KL-sigmoid, IS, AV-Align 2023): the new columns show '—'
     row = {"run_name": "r", "comparable": True, "fd": 1.0, "fad": 2.0, "kl": 0.5, "loudness": 7.25,
            "av_align": {"mean": 0.5, "ci95_low": 0.25, "ci95_high": 0.75}, "counts": {"clips": 4, "paired": 3},
            "protocol": {}}
     lines = table([row]).splitlines()
-    assert lines[:3] == ["| Run | FD ↓ | FAD ↓ | KL ↓ | AV-Align ↑ | Clips (paired) |", "|---|---|---|---|---|---|",
-                         "| r | 1.000 | 2.000 | 0.500 | 0.500 ± 0.250 | 4 (3) |"]
+    assert lines[:3] == ["| Run | FD ↓ | FAD ↓ | KL ↓ | KL-sigmoid ↓ | IS ↑ | AV-Align ↑ | AV-Align 2023 ↑ | Clips (paired) |",
+                         "|---|---|---|---|---|---|---|---|---|",
+                         "| r | 1.000 | 2.000 | 0.500 | — | — | 0.500 ± 0.250 | — | 4 (3) |"]
+    newer = {**row, "kl_sigmoid": -0.125, "inception_score": 3.5,
+             "av_align_2023": {"mean": 1.25, "ci95_low": 1.0, "ci95_high": 1.5}}
+    assert table([newer]).splitlines()[2] == "| r | 1.000 | 2.000 | 0.500 | -0.125 | 3.500 | 0.500 ± 0.250 | 1.250 ± 0.250 | 4 (3) |"
     # one more entry is one more column (header, separator and cell), with nothing else to change
     extra = Metric("loudness", "Loudness", "higher", "cnn14", lambda reference, generated, counts: 0.0)
     monkeypatch.setattr("eval.report.METRICS", (*METRICS, extra))
     lines = table([row]).splitlines()
-    assert lines[0] == "| Run | FD ↓ | FAD ↓ | KL ↓ | AV-Align ↑ | Loudness ↑ | Clips (paired) |"
-    assert lines[1] == "|---|---|---|---|---|---|---|" and lines[2].endswith("| 0.500 ± 0.250 | 7.250 | 4 (3) |")
+    assert lines[0].endswith("| AV-Align 2023 ↑ | Loudness ↑ | Clips (paired) |")
+    assert lines[1] == "|---|" + "---|" * 9 and lines[2].endswith("| — | 7.250 | 4 (3) |")
+
+
+def test_table_flags_another_audio_protocol_and_reads_older_files_as_mean_cut():
+    def row(name: str, **protocol: object) -> dict:
+        return {"run_name": name, "comparable": True, "fd": 1.0, "counts": {"clips": 4, "paired": 4},
+                "protocol": {"duration": 10.0, **protocol}}
+
+    older = row("older")  # written before the knob existed: measured with mean-cut
+    assert "Rows differ" not in table([older, row("new", audio_protocol="mean-cut")])
+    text = table([older, row("audioldm", audio_protocol="audioldm-eval")])
+    assert 'audio_protocol ("mean-cut", "audioldm-eval")' in text
+    # a metric knob a file predates is left out of the comparison, not reported as a difference
+    assert "Rows differ" not in table([older, row("new", inception_score={"splits": 10})])
+    assert "inception_score (" in table([row("a", inception_score={"splits": 10}), row("b", inception_score={"splits": 5})])
+
+
+def test_audioldm_eval_protocol_is_recorded_and_cached_apart(tiny_run, generated, tmp_path):  # noqa: F811
+    mean_cut, _ = measure(tiny_run, generated, tmp_path / "a", av_align=False)
+    audioldm, _ = measure(tiny_run, generated, tmp_path / "b", av_align=False, audio_protocol="audioldm-eval")
+    assert (audioldm["protocol"]["audio_protocol"], audioldm["protocol"]["duration"]) == ("audioldm-eval", None)
+    assert mean_cut["protocol"]["audio_protocol"] == "mean-cut"
+    assert audioldm["fd"] != mean_cut["fd"] and audioldm["kl"] != mean_cut["kl"]
+    assert len(list((tmp_path / "cache").glob("*.h5"))) == 2  # one reference cache per audio protocol
+    assert "- audio_protocol: `\"audioldm-eval\"`" in (tmp_path / "b" / "report.md").read_text()
+    assert 'audio_protocol ("mean-cut", "audioldm-eval")' in table([mean_cut, audioldm])
+
+
+def test_video_metrics_sharing_a_compute_measure_once(tmp_path):
+    calls: list[int] = []
+
+    def both_rules(out_dir, clips, workers, failures, progress) -> dict:
+        calls.append(1)
+        return {"first": {"mean": 0.25}, "second": {"mean": 0.75}}
+
+    first = Metric("first", "First", "higher", None, both_rules, switch="av_align")
+    second = Metric("second", "Second", "higher", None, both_rules, switch="av_align")
+    config = EvalConfig(output=str(tmp_path))
+    measured: dict = {}
+    assert video_score(first, config, [], [], False, measured) == {"mean": 0.25}
+    assert video_score(second, config, [], [], False, measured) == {"mean": 0.75}
+    assert calls == [1]  # one optical flow for both AV-Align rules
+    off = config.replace(av_align=False)
+    assert video_score(second, off, [], [], False, {}) == {"skipped": "turned off (--no-av-align)"}

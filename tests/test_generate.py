@@ -15,7 +15,7 @@ from tests import media
 from tests.test_train_support import small_config
 from train.__main__ import main as train_main
 from vta_sam.cli import main as cli_main
-from vta_sam.generate import join_windows, window_starts
+from vta_sam.generate import SoundGenerator, join_windows, window_starts
 
 
 def ffprobe(path: Path) -> dict:
@@ -135,3 +135,41 @@ def test_an_unwritable_output_is_one_line(run_dir, tmp_path, capsys):
 def test_the_run_carries_its_stage_one_config(run_dir):
     features = json.loads((run_dir / "model" / "features.json").read_text())
     assert features["config"]["preset"] == "tiny" and features["spec"]["num_frames"] == 20
+
+
+def test_generation_thresholds_the_detector_score_as_training_does():
+    """Stage one's in-memory features of a window (what `vta-sam generate` conditions on) carry the detector score
+    and SAM's IoU, and give the conditions a shard sample of the same features gives a training step."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import shards
+    from preprocess.config import PRESETS
+    from preprocess.pipeline import Encoders
+    from tests.conftest import make_sample
+
+    cfg = PRESETS["tiny"].replace(device="cpu")
+    encoders = Encoders(cfg, None, torch.device("cpu"), audio=False)
+    frames = np.random.default_rng(0).integers(0, 256, (6, 64, 80, 3), dtype=np.uint8)
+    (features,) = encoders.visual([frames], ["a dog and a car"], [["dog", "car"]])
+    spec = cfg.shard_spec()
+    assert {"detector.npy", "iou.npy"} <= set(features) and features["detector.npy"].shape == (spec.num_frames, 2)
+    np.testing.assert_allclose(features["probs.npy"], features["detector.npy"] * features["iou.npy"], rtol=1e-6)
+    assert not features["detector.npy"][6:].any()  # past the window's frames
+    detector = features["detector.npy"][:6]
+    threshold = float(np.median(detector))
+    assert 0 < (detector.astype(np.float16) >= threshold).sum() < detector.size  # the threshold splits the frames
+
+    meta, arrays, waveform = make_sample(spec, "window")
+    raw = shards.encode_sample(spec, meta, arrays | features, waveform)
+    decoded = shards.decode_sample(raw)
+    trained = shards.sample_conditions(decoded, threshold)
+    generated = SoundGenerator._conditions(  # type: ignore[arg-type]
+        SimpleNamespace(train_config=SimpleNamespace(object_threshold=threshold), device="cpu"), [features])
+    for name, condition in trained.items():
+        torch.testing.assert_close(generated[name][0], condition, rtol=1e-2, atol=1e-2)
+    kept = torch.from_numpy(detector.astype(np.float16).astype(np.float32) >= threshold)
+    nouns = torch.from_numpy(features["nouns.npy"])
+    by_hand = (torch.from_numpy(features["probs.npy"][:6]) * kept) @ nouns
+    torch.testing.assert_close(generated["objects"][0, :6], by_hand, rtol=1e-5, atol=1e-5)

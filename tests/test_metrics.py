@@ -1,4 +1,5 @@
-"""Metric functions against closed forms: Frechet distance of Gaussians, KL by hand, summary statistics."""
+"""Metric functions against closed forms: Frechet distance of Gaussians, KL (softmax and sigmoid) by hand, the
+Inception score of one-hot predictions, summary statistics."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from eval.metrics import frechet_distance, frechet_from_stats, gaussian_stats, kl_divergence, summarize
+from eval.metrics import (
+    frechet_distance,
+    frechet_from_stats,
+    gaussian_stats,
+    inception_score,
+    kl_divergence,
+    kl_divergence_sigmoid,
+    summarize,
+)
 
 
 def exact_samples(rng: np.random.Generator, n: int, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
@@ -94,6 +103,76 @@ def test_kl_zero_reference_probability_contributes_nothing():
 def test_kl_without_common_ids_raises():
     with pytest.raises(ValueError, match="no clip id"):
         kl_divergence({"a": np.ones(2) / 2}, {"b": np.ones(2) / 2})
+
+
+def test_kl_sigmoid_two_pairs_by_hand():
+    # logits ln 3 and 0 have sigmoids 3/4 and 1/2; ln(1/3) gives 1/4
+    third, eps = math.log(3.0), 1e-6
+    logits_ref = {"a": np.array([third, 0.0]), "b": np.array([0.0, -third])}
+    logits_gen = {"a": np.array([0.0, 0.0]), "b": np.array([third, third]), "only_gen": np.zeros(2)}
+    kl_a = 0.75 * math.log(0.75 / (0.5 + eps)) + 0.5 * math.log(0.5 / (0.5 + eps))
+    kl_b = 0.5 * math.log(0.5 / (0.75 + eps)) + 0.25 * math.log(0.25 / (0.75 + eps))
+    value, pairs = kl_divergence_sigmoid(logits_ref, logits_gen)
+    assert pairs == 2
+    assert value == pytest.approx((kl_a + kl_b) / 2, rel=1e-9)
+    assert value < 0  # the sigmoids do not sum to 1: a sum of p log(p / q) terms, not a divergence
+    # softmax of the same logits gives another number
+    softmax = {k: np.exp(v) / np.exp(v).sum() for k, v in logits_ref.items()}
+    assert kl_divergence(softmax, {k: np.exp(v) / np.exp(v).sum() for k, v in logits_gen.items()})[0] != pytest.approx(value)
+
+
+def one_hot_logits(classes: list[int], n_classes: int, scale: float = 60.0) -> np.ndarray:
+    """Logits whose softmax is one-hot up to exp(-scale) (~1e-26)."""
+    return scale * np.eye(n_classes)[classes]
+
+
+def test_inception_score_of_identical_predictions_is_one():
+    logits = one_hot_logits([2] * 30, 5)
+    mean, std = inception_score(logits)
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+    # any identical rows: p = q in every split, KL 0, exp(0) = 1
+    same = np.tile(np.random.default_rng(0).standard_normal(7), (20, 1))
+    assert inception_score(same)[0] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_inception_score_of_evenly_spread_one_hots_is_the_number_of_classes():
+    # one split: every class once, q uniform, each row's KL = log C, IS = C (the shuffle cannot matter)
+    assert inception_score(one_hot_logits(list(range(8)) * 3, 8), splits=1)[0] == pytest.approx(8.0, rel=1e-12)
+    # ten unshuffled splits of 4 rows, each holding the 4 classes once: IS = 4 in every split, std 0
+    mean, std = inception_score(one_hot_logits(list(range(4)) * 10, 4), splits=10, shuffle_seed=None)
+    assert mean == pytest.approx(4.0, rel=1e-12) and std == pytest.approx(0.0, abs=1e-9)
+
+
+def test_inception_score_splits_at_k_n_over_splits_and_takes_the_population_std():
+    # N = 3, 2 splits: rows [0, 1) and [1, 3) (k N // splits), not numpy's array_split [0, 2) and [2, 3)
+    logits = one_hot_logits([0, 0, 1], 2)
+    mean, std = inception_score(logits, splits=2, shuffle_seed=None)
+    # split 1 = one row: IS 1; split 2 = two distinct one-hots: IS 2
+    assert mean == pytest.approx(1.5, rel=1e-12) and std == pytest.approx(0.5, rel=1e-12)
+
+
+def test_inception_score_shuffles_with_the_reference_seed():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((23, 6)) * 3
+    shuffled = inception_score(logits)  # seed 2020, as audioldm_eval and av-benchmark
+    assert shuffled != pytest.approx(inception_score(logits, shuffle_seed=None))
+    order = np.random.RandomState(2020).permutation(23)
+    assert shuffled == pytest.approx(inception_score(logits[order], shuffle_seed=None), rel=1e-12)
+    # by hand: split k holds shuffled rows [k * 23 // 10, (k + 1) * 23 // 10), sizes 2, 2, 2, 3, 2, 2, 3, 2, 2, 3
+    scores = []
+    for k in range(10):
+        chunk = logits[order][k * 23 // 10 : (k + 1) * 23 // 10]
+        p = np.exp(chunk) / np.exp(chunk).sum(axis=1, keepdims=True)
+        scores.append(math.exp(np.mean(np.sum(p * np.log(p / p.mean(axis=0)), axis=1))))
+    assert shuffled[0] == pytest.approx(np.mean(scores), rel=1e-12)
+    assert shuffled[1] == pytest.approx(np.std(scores), rel=1e-9)
+
+
+def test_inception_score_refuses_fewer_clips_than_splits():
+    with pytest.raises(ValueError, match="at least 10 clips"):
+        inception_score(np.zeros((9, 527)))
+    with pytest.raises(ValueError, match="logits"):
+        inception_score(np.zeros(527))
 
 
 def test_summarize_mean_spread_and_confidence_interval():

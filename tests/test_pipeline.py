@@ -75,6 +75,15 @@ def test_every_odd_file_is_processed_or_recorded(odd_media, tmp_path, capsys):
     assert short["valid_frames"] < spec.num_frames
     assert not samples["short"]["clip.npy"][short["valid_frames"]:].any()  # padding past the true end
     assert samples["good"]["json"]["nouns"] == ["dog"] and samples["good"]["probs.npy"].shape == (spec.num_frames, 1)
+    # schema version 2: p_tk's factors are stored, zeros past the clip's end like p_tk
+    assert spec.schema_version == json.loads((out / shards.META_FILE).read_text())["schema_version"] == 2
+    for sample in samples.values():
+        valid = sample["json"]["valid_frames"]
+        detector, iou = sample["detector.npy"].astype(np.float32), sample["iou.npy"].astype(np.float32)
+        assert detector.shape == iou.shape == sample["probs.npy"].shape
+        np.testing.assert_allclose(sample["probs.npy"].astype(np.float32), detector * iou, atol=2e-3)
+        assert not detector[valid:].any() and not iou[valid:].any()
+    assert (samples["surround"]["iou.npy"][: samples["surround"]["json"]["valid_frames"]] < 1).any()  # SAM is on
     assert samples["surround"]["json"]["nouns"] == ["bell", "drum"]
     assert samples["silent"]["json"]["silent"] and np.isfinite(samples["silent"]["latent_mean.npy"]).all()
     assert len(samples["good"]["flac"]) == pytest.approx(4.0 * spec.sample_rate, rel=0.02)
@@ -91,6 +100,12 @@ def test_an_output_folder_of_other_features_is_refused(odd_media, tmp_path, caps
     assert features_main(args) == 0
     assert features_main([*args, "--fps", "1.0"]) == 2
     assert "meta.json: this folder holds features made differently (fps: 2.0 there vs 1.0 now)" in capsys.readouterr().err
+    # a folder stage one wrote with schema version 1 (no detector.npy / iou.npy) is not extended with version 2
+    meta = json.loads((out / shards.META_FILE).read_text())
+    meta["schema_version"] = meta["spec"]["schema_version"] = 1
+    (out / shards.META_FILE).write_text(json.dumps(meta))
+    assert features_main(args) == 2
+    assert "this folder holds features made differently (schema_version: 1 there vs 2 now)" in capsys.readouterr().err
 
 
 def test_ranks_write_disjoint_shards(odd_media, tmp_path):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
+import re
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
@@ -54,9 +57,12 @@ def test_round_trip_through_a_shard(tmp_path, spec):
         meta, arrays, waveform = originals[sample["json"]["id"]]
         assert sample["__key__"] == shards.sample_key(meta["id"]) and "." not in sample["__key__"]
         assert sample["json"] == meta
-        for key in shards.ARRAY_KEYS:
+        assert spec.schema_version == 2 and spec.array_keys == shards.ARRAY_KEYS
+        for key in shards.ARRAY_KEYS:  # version 2: detector.npy and iou.npy too
             assert sample[key].dtype == np.float16
             np.testing.assert_allclose(sample[key], arrays[key].astype(np.float16))
+        product = sample["detector.npy"].astype(np.float32) * sample["iou.npy"].astype(np.float32)
+        np.testing.assert_allclose(sample["probs.npy"], product, atol=1e-3)
         np.testing.assert_allclose(sample["flac"], waveform, atol=1 / 2**15)
     assert sorted(shards.shard_keys(shards.list_shards(tmp_path)[0])) == sorted(shards.sample_key(i) for i in list(originals)[:2])
 
@@ -70,12 +76,17 @@ def test_round_trip_through_a_shard(tmp_path, spec):
         (lambda m, a: m.update({"nouns": m["nouns"][:1]}), "nouns.npy has shape"),
         (lambda m, a: m.pop("duration"), "json lacks duration"),
         (lambda m, a: a.pop("caption.npy"), "missing caption.npy"),
+        (lambda m, a: a.pop("detector.npy"), "missing detector.npy (schema version 2 requires it)"),
+        (lambda m, a: a.pop("iou.npy"), "missing iou.npy (schema version 2 requires it)"),
+        (lambda m, a: a.update({"iou.npy": a["iou.npy"] + 1.5}), "iou.npy outside [0, 1]"),
+        (lambda m, a: a.update({"detector.npy": a["detector.npy"] - 1.5}), "detector.npy outside [0, 1]"),
+        (lambda m, a: a.update({"probs.npy": a["detector.npy"]}), "probs.npy is not detector.npy * iou.npy"),
     ],
 )
 def test_validation_rejects_samples_off_the_schema(spec, change, message):
     meta, arrays, waveform = make_sample(spec, "bad")
     change(meta, arrays)
-    with pytest.raises(shards.ShardFormatError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(shards.ShardFormatError, match=re.escape(message)):
         shards.encode_sample(spec, meta, arrays, waveform)
 
 
@@ -262,9 +273,124 @@ def test_conditions_table_derives_every_condition(spec):
         assert conditions[condition.name].dtype == torch.float32
         assert all(member in shards.ARRAY_KEYS for member in condition.members)
     probs = torch.from_numpy(arrays["probs.npy"].astype(np.float32))
+    detector = torch.from_numpy(arrays["detector.npy"].astype(np.float32))
     nouns = torch.from_numpy(arrays["nouns.npy"].astype(np.float32))
-    torch.testing.assert_close(conditions["objects"], (probs * (probs >= 0.5)) @ nouns)
+    torch.testing.assert_close(conditions["objects"], (probs * (detector >= 0.5)) @ nouns)
     torch.testing.assert_close(conditions["video"], torch.from_numpy(arrays["clip.npy"].astype(np.float32)))
     batch = shards.stack_conditions([conditions, shards.sample_conditions(arrays)])
     assert batch["caption"].shape == (2, spec.embed_dim) and batch["objects"].shape == (2, spec.num_frames, spec.embed_dim)
     assert not torch.equal(batch["objects"][0], batch["objects"][1])  # the threshold of each sample was applied
+
+
+# ----------------------------------------------------------------------------------- schema version 2: the detector score
+def test_the_threshold_applies_to_the_detector_score_not_to_probs():
+    # T=4 frames, K=2 nouns; e_k = unit vectors, so O_t is p'_t itself (padded to D=3)
+    detector = np.array([[0.9, 0.2], [0.3, 0.6], [0.4, 0.34], [0.5, 0.0]], np.float16)
+    iou = np.array([[0.2, 1.0], [1.0, 0.9], [0.5, 1.0], [0.6, 1.0]], np.float16)
+    probs = detector.astype(np.float32) * iou.astype(np.float32)
+    arrays = {"clip.npy": np.zeros((4, 3)), "caption.npy": np.zeros(3), "nouns.npy": np.eye(2, 3),
+              "probs.npy": probs, "detector.npy": detector, "iou.npy": iou}
+    kept = shards.sample_conditions(arrays, object_threshold=0.35)["objects"][:, :2].numpy()
+    # by hand: frame 0 noun 0 passes on its detector score 0.9 though SAM's IoU made p = 0.18 < 0.35; frame 2 noun 0
+    # (0.4 * 0.5 = 0.2) likewise; frame 2 noun 1 (0.34) and frame 1 noun 0 (0.3) fail; p itself is what is kept
+    expected = np.array([[0.18, 0.0], [0.0, 0.54], [0.2, 0.0], [0.3, 0.0]], np.float32)
+    np.testing.assert_allclose(kept, expected, atol=1e-3)
+    assert (kept > 0).tolist() == (detector >= 0.35).tolist()
+    # thresholding probs instead would drop frames 0 and 2 (p < 0.35) although the detector saw the noun
+    with pytest.warns(UserWarning):
+        shards.conditions._warn_no_detector_scores.cache_clear()
+        on_probs = shards.sample_conditions({k: v for k, v in arrays.items() if k != "detector.npy"}, 0.35)["objects"]
+    assert (on_probs[:, :2].numpy() > 0).tolist() == (probs >= 0.35).tolist() != (kept > 0).tolist()
+    # 0 keeps every detection (the ablation): Eq. (1) on p unchanged
+    np.testing.assert_allclose(shards.sample_conditions(arrays, 0.0)["objects"][:, :2].numpy(), probs, atol=1e-6)
+    # object_embedding on any scores: p passes or not by s alone, also where p would pass and s would not
+    p = torch.tensor([[0.8, 0.1]])
+    s = torch.tensor([[0.1, 0.8]])
+    torch.testing.assert_close(shards.object_embedding(p, torch.eye(2), threshold=0.5, scores=s), torch.tensor([[0.0, 0.1]]))
+
+
+def test_the_objects_condition_names_what_it_reads():
+    objects = next(c for c in shards.CONDITIONS if c.name == "objects")
+    assert objects.members == ("probs.npy", "detector.npy", "nouns.npy")
+    assert "iou.npy" in shards.ARRAY_KEYS and set(objects.members) <= set(shards.ARRAY_KEYS)
+
+
+def _npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, np.float16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_version_1_folder(directory, spec, count: int = 2) -> dict[str, dict]:
+    """A stage-one folder as version 1 wrote it: meta.json says version 1, samples hold the six v1 arrays only
+    (tar members written by hand, not through this code's writer). Returns id -> arrays."""
+    old = dataclasses.replace(spec, schema_version=1)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / shards.META_FILE).write_text(json.dumps({"schema_version": 1, "spec": old.to_dict()}))
+    members, written = {}, {}
+    for i in range(count):
+        meta, arrays, waveform = make_sample(spec, f"old{i}", seed=i)
+        v1 = {k: arrays[k] for k in ("clip.npy", "caption.npy", "nouns.npy", "probs.npy", "latent_mean.npy",
+                                     "latent_std.npy")}
+        flac = io.BytesIO()
+        soundfile.write(flac, waveform, spec.sample_rate, format="FLAC", subtype="PCM_16")
+        members |= {f"old{i}.json": json.dumps(meta).encode(), **{f"old{i}.{k}": _npy(v) for k, v in v1.items()},
+                    f"old{i}.flac": flac.getvalue()}
+        written[meta["id"]] = v1
+    _tar_with(directory / "train-000-000000.tar", members)
+    return written
+
+
+def test_a_version_1_folder_still_reads_and_falls_back_with_one_warning(tmp_path, spec, capsys):
+    from train.config import TrainConfig
+    from train.data import ShardStream, check_shards
+
+    written = write_version_1_folder(tmp_path, spec)
+    old = shards.read_spec(tmp_path)
+    assert old.schema_version == 1 and "detector.npy" not in old.array_keys
+    decoded = list(shards.iterate_samples(shards.list_shards(tmp_path), old))  # validated against version 1
+    assert [s["json"]["id"] for s in decoded] == ["old0", "old1"] and "detector.npy" not in decoded[0]
+    assert shards_main(["verify", str(tmp_path)]) == 0
+    assert "train: 2 samples" in (out := capsys.readouterr().out) and "schema version 1 (read;" in out
+
+    # training reads it; the objects condition thresholds probs.npy, and says so once
+    config = TrainConfig(shards=str(tmp_path), batch_size=2, shuffle_buffer=1, object_threshold=0.5)
+    assert check_shards(config)[0] == old
+    shards.conditions._warn_no_detector_scores.cache_clear()
+    with pytest.warns(UserWarning, match=r"without detector.npy \(shard schema version 1\).*applies to probs.npy"):
+        batch = next(iter(ShardStream(shards.list_shards(tmp_path), config)))
+    for row, clip_id in enumerate(batch["id"]):
+        probs = torch.from_numpy(written[clip_id]["probs.npy"].astype(np.float16).astype(np.float32))
+        nouns = torch.from_numpy(written[clip_id]["nouns.npy"].astype(np.float16).astype(np.float32))
+        torch.testing.assert_close(batch["objects"][row], (probs * (probs >= 0.5)) @ nouns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: a second epoch is silent
+        shards.sample_conditions(decoded[0], 0.5)
+
+
+def test_a_version_2_sample_without_its_members_is_refused(tmp_path, spec):
+    meta, arrays, waveform = make_sample(spec, "new")
+    members = {f"new.{k}": v for k, v in shards.encode_sample(spec, meta, arrays, waveform).items()
+               if not k.startswith("__") and k != "detector.npy"}
+    _tar_with(tmp_path / "train-000-000000.tar", members)
+    with pytest.raises(shards.ShardFormatError, match=r"^new: missing detector.npy \(schema version 2 requires it\)$"):
+        list(shards.iterate_samples(shards.list_shards(tmp_path), spec))
+    with pytest.raises(shards.ShardFormatError, match="schema version 3; this code reads versions 1, 2"):
+        shards.ShardSpec.from_dict({**spec.to_dict(), "schema_version": 3})
+    with pytest.raises(shards.ShardFormatError, match="schema version None"):
+        shards.ShardSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "schema_version"})
+
+
+def test_the_object_threshold_is_a_detector_score(capsys):
+    from train.__main__ import main as train_main
+    from train.config import PRESETS, TrainConfig
+
+    assert PRESETS["paper"].object_threshold == 0.35 and PRESETS["tiny"].object_threshold == 0.0
+    assert TrainConfig(object_threshold=1.0).object_threshold == 1.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"^object_threshold must be in \[0, 1\] \(a detector score\), got"):
+            TrainConfig(object_threshold=bad)
+    assert train_main(["--preset", "paper", "--object-threshold", "0", "--dry-run"]) == 0  # the ablation
+    assert json.loads(capsys.readouterr().out)["object_threshold"] == 0.0
+    assert train_main(["--object-threshold", "35", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == "error: object_threshold must be in [0, 1] (a detector score), got 35.0"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import math
 
 import pytest
 import safetensors.torch
@@ -13,11 +15,18 @@ from common.devices import precision_name, resolve_precision
 from shards import CONDITION_NAMES
 from tests.test_train_support import SPEC, one_thread, small_config  # noqa: F401 (autouse fixture)
 from train import VTASAM, route, sample
-from train.config import INPUTS, SCHEMES, TrainConfig
-from train.diffusion import diffusion_loss, noise_scheduler, sample_latents, training_loss, training_target
+from train.config import INPUTS, PRESETS, SCHEMES, TrainConfig
+from train.diffusion import (
+    diffusion_loss,
+    loss_weights,
+    noise_scheduler,
+    sample_latents,
+    training_loss,
+    training_target,
+)
 from train.model import align_to_tokens, time_overlap, token_grid
 from train.speed import speed_up
-from train.trainer import RankRecorder
+from train.trainer import ConfigError, LearningRateSchedule, RankRecorder, check_scaling_factor
 
 
 def conditions(spec, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -123,7 +132,8 @@ def _one_step(config: TrainConfig) -> tuple[float, VTASAM]:
     z0 = torch.randn(2, *SPEC.latent_shape)
     noise, t = torch.randn_like(z0), torch.tensor([10, 900])
     prediction = model(scheduler.add_noise(z0, noise, t), t, conditions(SPEC), drop=torch.tensor([False, True]))
-    loss = diffusion_loss(prediction, training_target(scheduler, z0, noise, t), t, scheduler, config.min_snr_gamma)
+    loss = diffusion_loss(prediction, training_target(scheduler, z0, noise, t), t, scheduler, config.snr_weighting,
+                          config.min_snr_gamma)
     loss.backward()
     for p in model.added_parameters():  # the zero-initialised Linear_l still receive gradients
         assert p.grad is not None and p.grad.abs().sum() > 0
@@ -149,7 +159,7 @@ def test_one_step_for_every_scheme(scheme):
 
 
 def test_loss_falls_on_a_fixed_batch():
-    config = small_config(min_snr_gamma=0.0)
+    config = small_config()
     spec = dataclasses.replace(SPEC, latent_time=32)  # smaller still: 25 steps on a shared 2-core machine
     torch.manual_seed(0)
     model = VTASAM(config, spec)
@@ -161,7 +171,7 @@ def test_loss_falls_on_a_fixed_batch():
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
-        loss = diffusion_loss(model(noisy, t, c), target, t, scheduler, 0.0)
+        loss = diffusion_loss(model(noisy, t, c), target, t, scheduler, "none", 0.0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -183,11 +193,13 @@ def seeded_loss(model, config: TrainConfig, batch: dict, seed: int = 7) -> torch
         return training_loss(model, noise_scheduler(config), batch, config)
 
 
-@pytest.mark.parametrize("posterior, gamma", [(False, 0.0), (True, 5.0)])
-def test_training_loss_is_the_hand_assembled_step(posterior, gamma):
+@pytest.mark.parametrize("posterior, weighting, gamma", [(False, "none", 0.0), (True, "min-snr-v", 5.0),
+                                                        (False, "vta-ldm", 5.0)])
+def test_training_loss_is_the_hand_assembled_step(posterior, weighting, gamma):
     """The same draws, in the same order and of the same kind, as the step the trainer always ran: a seed (or a
     resumed run's restored RNG) gives the same loss bit for bit."""
-    config = small_config(posterior_sample=posterior, min_snr_gamma=gamma, uncond_probability=0.5)
+    config = small_config(posterior_sample=posterior, snr_weighting=weighting, min_snr_gamma=gamma,
+                          uncond_probability=0.5)
     model, batch = model_with_objects(config), training_batch(SPEC)
     loss = seeded_loss(model, config, batch)
     scheduler = noise_scheduler(config)
@@ -198,9 +210,100 @@ def test_training_loss_is_the_hand_assembled_step(posterior, gamma):
         t = torch.randint(0, scheduler.config.num_train_timesteps, (2,), device=z0.device)
         drop = torch.rand(2) < config.uncond_probability
         prediction = model(scheduler.add_noise(z0, noise, t), t, {k: batch[k] for k in CONDITION_NAMES}, drop)
-        expected = diffusion_loss(prediction, training_target(scheduler, z0, noise, t), t, scheduler, gamma)
+        expected = diffusion_loss(prediction, training_target(scheduler, z0, noise, t), t, scheduler, weighting, gamma)
     assert torch.equal(loss, expected)
     assert not torch.equal(seeded_loss(model, config, batch, seed=8), loss)  # the draws do matter
+    # the configured weighting is the one applied (vta-ldm is 1, like none, where both drawn steps have SNR < 5)
+    other = "none" if weighting == "min-snr-v" else "min-snr-v"
+    assert not torch.equal(seeded_loss(model, config.replace(snr_weighting=other, min_snr_gamma=5.0), batch), loss)
+
+
+def hand_alpha_bar(t: int, start: float = 0.00085, end: float = 0.012, steps: int = 1000) -> float:
+    """alpha_bar_t = prod_{i <= t} (1 - beta_i), beta_i = (sqrt(start) + i (sqrt(end) - sqrt(start)) / (steps - 1))^2."""
+    product = 1.0
+    for i in range(t + 1):
+        product *= 1 - (math.sqrt(start) + i * (math.sqrt(end) - math.sqrt(start)) / (steps - 1)) ** 2
+    return product
+
+
+TIMESTEPS = [0, 100, 500, 999]
+
+
+def hand_weights(weighting: str, gamma: float, prediction: str = "v_prediction") -> list[float]:
+    weights = []
+    for t in TIMESTEPS:
+        snr = hand_alpha_bar(t) / (1 - hand_alpha_bar(t))
+        if weighting == "none":
+            weights.append(1.0)
+        elif weighting == "min-snr-v" and prediction == "v_prediction":
+            weights.append(min(snr, gamma) / (snr + 1))
+        else:
+            weights.append(min(snr, gamma) / snr)
+    return weights
+
+
+@pytest.mark.parametrize("weighting", ["vta-ldm", "min-snr-v", "none"])
+def test_loss_weights_are_the_hand_computed_ones(weighting):
+    config = small_config(snr_weighting=weighting, min_snr_gamma=0.0 if weighting == "none" else 5.0)
+    scheduler = noise_scheduler(config)
+    t = torch.tensor(TIMESTEPS)
+    expected = torch.tensor(hand_weights(weighting, 5.0))
+    weights = loss_weights(scheduler, t, weighting, config.min_snr_gamma)
+    if weighting == "none":
+        assert weights is None
+    else:  # float32 schedule: 1 - alpha_bar_0 = 0.00085 keeps ~4 digits
+        assert weights is not None
+        torch.testing.assert_close(weights, expected.float(), rtol=1e-4, atol=0)
+    # the loss is the mean of weight * per-sample squared error: errors 1, 2, 3, 4 give squared errors 1, 4, 9, 16
+    target = torch.arange(1.0, 5.0)[:, None, None, None].expand(4, 2, 3, 3)
+    loss = diffusion_loss(torch.zeros_like(target), target, t, scheduler, weighting, config.min_snr_gamma)
+    torch.testing.assert_close(loss, (expected * torch.tensor([1.0, 4.0, 9.0, 16.0])).mean().float(), rtol=1e-4, atol=0)
+
+
+def test_the_two_min_snr_forms_differ_where_the_paper_says():
+    """vta-ldm = min(SNR, 5) / SNR is 1 at high noise; the Min-SNR v-form is ~SNR there (~200x smaller at t=999);
+    with epsilon-prediction the Min-SNR form is VTA-LDM's."""
+    vta, v_form = hand_weights("vta-ldm", 5.0), hand_weights("min-snr-v", 5.0)
+    assert vta[-1] == 1.0 and 150 < vta[-1] / v_form[-1] < 250
+    assert math.isclose(vta[0], v_form[0], rel_tol=1e-3)  # low noise: SNR ~1175, both ~5 / SNR
+    scheduler = noise_scheduler(small_config(prediction="epsilon"))
+    weights = loss_weights(scheduler, torch.tensor(TIMESTEPS), "min-snr-v", 5.0)
+    assert weights is not None
+    torch.testing.assert_close(weights, torch.tensor(vta).float(), rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="snr weighting must be"):
+        loss_weights(scheduler, torch.tensor(TIMESTEPS), "min-snr", 5.0)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"snr_weighting": "min-snr"}, "snr_weighting must be one of"),
+    ({"snr_weighting": "vta-ldm", "min_snr_gamma": 0.0}, "min_snr_gamma must be > 0 with snr_weighting 'vta-ldm'"),
+    ({"snr_weighting": "min-snr-v", "min_snr_gamma": -1.0}, "min_snr_gamma must be > 0"),
+    ({"snr_weighting": "none", "min_snr_gamma": -1.0}, "min_snr_gamma must be > 0"),
+    ({"lr_schedule": "step"}, "lr_schedule must be one of"),
+])
+def test_config_refuses_bad_weighting_and_schedule(changes, message):
+    with pytest.raises(ValueError, match=message) as error:
+        TrainConfig(**changes)
+    assert "\n" not in str(error.value)
+
+
+def test_presets_weighting_and_schedule():
+    paper, tiny = PRESETS["paper"], PRESETS["tiny"]
+    assert (paper.snr_weighting, paper.min_snr_gamma, paper.lr_schedule, paper.warmup_steps) == ("vta-ldm", 5.0, "linear", 0)
+    assert (tiny.snr_weighting, tiny.min_snr_gamma, tiny.lr_schedule) == ("none", 0.0, "constant")
+
+
+@pytest.mark.parametrize("gamma, expected", [(5.0, "min-snr-v"), (0.0, "none"), (None, "none")])
+def test_a_run_config_without_snr_weighting_loads_as_it_trained(gamma, expected):
+    saved = PRESETS["paper"].to_dict()
+    del saved["snr_weighting"]
+    if gamma is None:
+        del saved["min_snr_gamma"]
+    else:
+        saved["min_snr_gamma"] = gamma
+    assert TrainConfig.from_dict(saved).snr_weighting == expected
+    written = dict(PRESETS["paper"].to_dict(), snr_weighting="vta-ldm")  # a config that has the field keeps it
+    assert TrainConfig.from_dict(written).snr_weighting == "vta-ldm"
 
 
 def test_training_loss_samples_the_posterior_only_when_asked():
@@ -299,3 +402,56 @@ def test_the_compiled_unet_computes_what_the_eager_one_does():
     compiled = speed_up(copy.deepcopy(eager), compile=True)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints and the EMA are unaffected
     assert_same_model(eager, compiled)
+
+
+@pytest.mark.parametrize("kind, warmup, total, expected", [
+    ("linear", 0, 10, {0: 1.0, 1: 0.9, 5: 0.5, 9: 0.1, 10: 0.0, 13: 0.0}),
+    ("cosine", 0, 10, {0: 1.0, 2: 0.5 * (1 + math.cos(0.2 * math.pi)), 5: 0.5, 10: 0.0, 12: 0.0}),
+    ("linear", 4, 12, {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 8: 0.5, 12: 0.0}),
+    ("constant", 2, 10, {0: 0.5, 1: 1.0, 10: 1.0, 100: 1.0}),
+])
+def test_learning_rate_schedule_values(kind, warmup, total, expected):
+    schedule = LearningRateSchedule(kind, warmup, total)
+    for step, factor in expected.items():
+        assert math.isclose(schedule(step), factor, abs_tol=1e-12), (step, schedule(step), factor)
+
+
+def test_learning_rate_schedule_in_a_lambda_lr_resumes_with_its_horizon():
+    """Without warmup it is transformers' linear schedule (what Tango and VTA-LDM use); the LambdaLR's state carries
+    the horizon, so a resumed run keeps decaying towards the one it started with."""
+    from transformers import get_linear_schedule_with_warmup
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-5)
+
+    ours = torch.optim.lr_scheduler.LambdaLR(optimizer(), LearningRateSchedule("linear", 0, 10))
+    reference = get_linear_schedule_with_warmup(optimizer(), num_warmup_steps=0, num_training_steps=10)
+    for _ in range(5):
+        assert math.isclose(ours.get_last_lr()[0], reference.get_last_lr()[0], rel_tol=1e-12)
+        ours.optimizer.step(), ours.step(), reference.optimizer.step(), reference.step()
+    assert math.isclose(ours.get_last_lr()[0], 3e-5 * 0.5, rel_tol=1e-12)
+    resumed = torch.optim.lr_scheduler.LambdaLR(optimizer(), LearningRateSchedule("linear", 0, 99))
+    resumed.load_state_dict(ours.state_dict())
+    assert resumed.lr_lambdas[0].total == 10
+    resumed.optimizer.step(), resumed.step()
+    assert math.isclose(resumed.get_last_lr()[0], 3e-5 * 0.4, rel_tol=1e-12)
+
+
+def _meta(tmp_path, random_init: bool, factor: float):
+    path = tmp_path / "meta.json"
+    path.write_text(json.dumps({"config": {"random_init": random_init}, "models": {"vae": {"scaling_factor": factor}}}))
+    return path
+
+
+def test_scaling_factor_must_match_a_trained_vae(tmp_path):
+    paper = PRESETS["paper"]
+    check_scaling_factor(paper, _meta(tmp_path, False, 0.9227914214134216 * (1 + 5e-7)))  # within 1e-6 relative
+    with pytest.raises(ConfigError) as error:
+        check_scaling_factor(paper, _meta(tmp_path, False, 0.18215))
+    message = str(error.value)
+    assert "meta.json" in message and "0.18215" in message and "0.9227914214134216" in message
+    assert "--vae-scaling-factor 0.18215" in message and "\n" not in message
+    # a random VAE (the tiny shards: factor 1.0, trained with 5.0 on purpose) and a folder that does not say are exempt
+    check_scaling_factor(PRESETS["tiny"], _meta(tmp_path, True, 1.0))
+    (tmp_path / "meta.json").write_text("{}")
+    check_scaling_factor(paper, tmp_path / "meta.json")

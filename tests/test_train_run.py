@@ -29,6 +29,13 @@ def test_dry_run_prints_the_resolved_config(capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["block_channels"] == [320, 640, 1280, 1280] and printed["cross_attention_dim"] == 1024
     assert printed["learning_rate"] == 1e-4 and printed["inputs"] == "V+O+T" and printed["upcast_attention"]
+    assert (printed["snr_weighting"], printed["min_snr_gamma"], printed["lr_schedule"]) == ("vta-ldm", 5.0, "linear")
+    assert main(["--dry-run", "--snr-weighting", "min-snr-v", "--min-snr-gamma", "2", "--lr-schedule", "cosine"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["snr_weighting"], printed["min_snr_gamma"], printed["lr_schedule"]) == ("min-snr-v", 2.0, "cosine")
+    assert main(["--dry-run", "--snr-weighting", "vta-ldm"]) == 2  # the tiny preset's gamma is 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: min_snr_gamma must be > 0") and len(err.splitlines()) == 1, err
 
 
 def _state(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -61,11 +68,54 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     early = _state(tmp_path / "b/checkpoints/step_00000002")
     assert any(not torch.equal(early[k], b[k]) for k in b if k.startswith("model."))
 
-    # the exported EMA weights are what load_model returns
+    # the exported EMA weights are what load_model returns, the raw weights what it returns for weights="raw"
     model, config = load_model(tmp_path / "b")
+    raw, _ = load_model(tmp_path / "b", weights="raw")
     assert config.max_steps == 4 and model.spec == SPEC
     for name, value in model.state_dict().items():
         assert torch.equal(value, b[f"ema.{name}"]), name
+        assert torch.equal(raw.state_dict()[name], b[f"model.{name}"]), name
+    assert any(not torch.equal(value, raw.state_dict()[name]) for name, value in model.state_dict().items())
+    (tmp_path / "b/model/raw.safetensors").unlink()  # a run exported before raw weights were
+    with pytest.raises(FileNotFoundError, match="raw.safetensors: missing .*train or resume it once more"):
+        load_model(tmp_path / "b", weights="raw")
+
+
+def test_a_decaying_learning_rate_resumes_exactly_and_fixes_the_run_length(tmp_path, capsys):
+    """--lr-schedule linear: the rate reaches 0 at the last step; a run resumed from its middle checkpoint ends where
+    the uninterrupted one did; changing its length is refused."""
+    data, out = tmp_path / "shards", tmp_path / "run"
+    write_shards(data, num_shards=1, per_shard=8)
+    flags = ["--max-steps", "4", "--checkpoint-every", "2", "--lr-schedule", "linear"]
+    assert run(data, out, *flags) == 0
+    lr = {s: torch.load(out / f"checkpoints/step_0000000{s}/scheduler.bin", weights_only=True)["_last_lr"][0] for s in (2, 4)}
+    assert lr[2] == pytest.approx(1e-3 * 2 / 4, rel=1e-12) and lr[4] == 0.0  # (T - s) / T of the tiny rate 1e-3
+    uninterrupted = _state(out / "checkpoints/step_00000004")
+    shutil.rmtree(out / "checkpoints/step_00000004")  # as if the run had stopped after step 2
+    assert run(data, out, *flags) == 0
+    resumed = _state(out / "checkpoints/step_00000004")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "6", *flags[2:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "other max_steps (its learning rate decays to 0 at its last step" in err and len(err.splitlines()) == 1
+
+
+def test_a_run_saved_before_snr_weighting_and_lr_schedule_resumes(tmp_path):
+    """config.json without the newer fields means what the run trained with (no weighting, constant rate)."""
+    data, out = tmp_path / "shards", tmp_path / "run"
+    write_shards(data, num_shards=1, per_shard=4)
+    assert run(data, out, "--max-steps", "1") == 0
+    saved = json.loads((out / "config.json").read_text())
+    for name in ("snr_weighting", "lr_schedule"):
+        del saved[name]
+    (out / "config.json").write_text(json.dumps(saved))
+    assert run(data, out, "--max-steps", "2") == 0
+    assert (out / "checkpoints/step_00000002/complete").exists()
+    rewritten = json.loads((out / "config.json").read_text())
+    assert (rewritten["snr_weighting"], rewritten["lr_schedule"]) == ("none", "constant")
 
 
 def test_only_the_configured_split_is_read(tmp_path):
@@ -76,7 +126,7 @@ def test_only_the_configured_split_is_read(tmp_path):
     assert seen == {"clip0_0", "clip0_3"}  # every third sample is train
 
 
-@pytest.mark.parametrize("problem", ["missing", "empty", "schema", "preset", "config_change"])
+@pytest.mark.parametrize("problem", ["missing", "empty", "schema", "preset", "config_change", "vae_scaling"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, problem):
     data = tmp_path / "shards"
     extra: list[str] = []
@@ -89,6 +139,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, problem):
         (data / shards.META_FILE).write_text(json.dumps(meta))
     elif problem == "preset":
         write_shards(data, num_shards=1)
+    elif problem == "vae_scaling":  # shards encoded by a trained VAE whose factor is not the run's (tiny: 5.0)
+        write_shards(data, num_shards=1)
+        meta = json.loads((data / shards.META_FILE).read_text())
+        meta.update(config={"random_init": False}, models={"vae": {"scaling_factor": 0.9227914214134216}})
+        (data / shards.META_FILE).write_text(json.dumps(meta))
     elif problem == "config_change":
         write_shards(data, num_shards=1)
         assert run(data, tmp_path / "run", "--max-steps", "1") == 0
@@ -102,7 +157,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, problem):
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     expected = {"missing": "does not exist", "empty": "no complete shard", "schema": "schema version",
-                "preset": "embed_dim", "config_change": "learning_rate"}[problem]
+                "preset": "embed_dim", "config_change": "learning_rate",
+                "vae_scaling": "meta.json: the shards were encoded by a trained VAE with scaling_factor 0.9227914214134216, "
+                               "the run scales latents by vae_scaling_factor 5.0 (pass --vae-scaling-factor"}[problem]
     assert expected in err
     if problem != "config_change":
         assert not (tmp_path / "run" / "checkpoints").exists()

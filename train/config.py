@@ -2,22 +2,27 @@
 
 `tiny` trains a very small UNet on the CPU in minutes (tests, the demo); `paper` is Tango's UNet
 (diffusers `UNet2DConditionModel`, blocks 320/640/1280/1280, SD 2.1's attention layout) with the
-training setup of the paper (batch 8 per GPU, AdamW, lr 3e-5, no warmup, 40 epochs).
+training setup of the paper (batch 8 per GPU, AdamW, lr 3e-5, no warmup, 40 epochs) and the loss weighting and
+learning-rate decay of the training code it builds on (VTA-LDM's and Tango's train.py / models.py).
 """
 
 from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Self
 
 from common.config import ConfigMethods
 from shards.conditions import BY_LETTER
 
 Inputs = Literal["T", "V", "V+T", "V+O", "V+O+T"]
 Scheme = Literal["Z@V", "Z@(V+O)", "Z@O+V", "Z@V+O"]
+SnrWeighting = Literal["vta-ldm", "min-snr-v", "none"]
+LrSchedule = Literal["constant", "linear", "cosine"]
 INPUTS: tuple[str, ...] = typing.get_args(Inputs)
 SCHEMES: tuple[str, ...] = typing.get_args(Scheme)
+SNR_WEIGHTINGS: tuple[str, ...] = typing.get_args(SnrWeighting)
+LR_SCHEDULES: tuple[str, ...] = typing.get_args(LrSchedule)
 # scheme -> (letters that are cross-attention keys, letter added to the attention output)
 PLACEMENT: dict[str, tuple[tuple[str, ...], str | None]] = {
     "Z@V": (("V",), None),
@@ -72,7 +77,7 @@ class TrainConfig(ConfigMethods):
     shuffle_buffer: int = field(default=64, metadata={"help": "samples held in the shuffle buffer of each data stream"})
     embed_dim: int = field(default=32, metadata={"help": "CLIP embedding size the shards must have (meta.json spec)"})
     num_frames: int = field(default=20, metadata={"help": "frames per clip the shards must have (meta.json spec)"})
-    object_threshold: float = field(default=0.0, metadata={"help": "noun probabilities below this count as 0 in Eq. (1)"})
+    object_threshold: float = field(default=0.0, metadata={"help": "in [0, 1]: p_tk counts as 0 in Eq. (1) where Grounding DINO's score of noun k's box in frame t (detector.npy, before SAM's IoU) is below this; version-1 shards threshold p_tk itself; 0 keeps every detection (the ablation)"})
     # --- conditioning (Tables III and IV of the paper) ---------------------------------------
     inputs: Inputs = field(default="V+O", metadata={"help": f"conditions used, one of {INPUTS} (T: caption, V: video frames, O: objects)"})
     scheme: Scheme = field(default="Z@V+O", metadata={"help": f"how V and O enter the UNet, one of {SCHEMES} (see train.model.route)"})
@@ -90,10 +95,12 @@ class TrainConfig(ConfigMethods):
     beta_start: float = field(default=0.00085, metadata={"help": "scaled_linear betas from this (SD 2.1, as Tango / VTA-LDM)"})
     beta_end: float = field(default=0.012, metadata={"help": "scaled_linear betas to this"})
     prediction: Literal["v_prediction", "epsilon"] = field(default="v_prediction", metadata={"help": "network target (Tango / VTA-LDM: v)"})
-    # tiny: off. With v-prediction, min-SNR weights a step's loss by min(snr, gamma) / (snr + 1), ~snr at high noise,
+    # tiny: none. The Min-SNR v-form weights a step's loss by min(snr, gamma) / (snr + 1), ~snr at high noise,
     # where the coarse structure (the loudness envelope) is decided; in a few hundred CPU steps the tiny model then
-    # never learns it (science check, benchmarks/RESULTS.md: envelope correlation 0.07 with gamma 5, 0.32 without)
-    min_snr_gamma: float = field(default=0.0, metadata={"help": "min-SNR loss weighting gamma (0 turns it off; VTA-LDM: 5)"})
+    # never learns it (science check, benchmarks/RESULTS.md: envelope correlation 0.07 with gamma 5, 0.32 without).
+    # vta-ldm keeps weight 1 there and only scales the low-noise steps down (not measured on tiny)
+    snr_weighting: SnrWeighting = field(default="none", metadata={"help": f"per-timestep loss weight, one of {SNR_WEIGHTINGS} (train.diffusion.loss_weights; vta-ldm: min(SNR, gamma) / SNR, as VTA-LDM and Tango train)"})
+    min_snr_gamma: float = field(default=0.0, metadata={"help": "gamma of --snr-weighting (> 0 unless none; VTA-LDM: 5)"})
     uncond_probability: float = field(default=0.1, metadata={"help": "probability that all conditions of a sample are zeroed (classifier-free guidance)"})
     posterior_sample: bool = field(default=False, metadata={"help": "train on a draw from the VAE posterior, mean + std * eps (AudioLDM, Tango), instead of its mean; off for the random tiny VAE, whose posterior std (~0.95) buries the mean (std ~0.2)"})
     # tiny: the random VAE's posterior mean has std ~0.2; 5 brings the latents to unit variance (Stable Diffusion's
@@ -106,6 +113,7 @@ class TrainConfig(ConfigMethods):
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     adam_betas: tuple[float, ...] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
     warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warmup (optimizer steps)"})
+    lr_schedule: LrSchedule = field(default="constant", metadata={"help": f"learning rate after the warmup, one of {LR_SCHEDULES}: linear and cosine decay to 0 at the run's last step (train.trainer.LearningRateSchedule; Tango / VTA-LDM: linear)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this"})
     epochs: int = field(default=40, metadata={"help": "passes over the split (ignored when max_steps > 0)"})
     max_steps: int = field(default=300, metadata={"help": "optimizer steps in total (0: derived from epochs)"})
@@ -138,8 +146,28 @@ class TrainConfig(ConfigMethods):
             raise ValueError(f"prediction must be v_prediction or epsilon, got {self.prediction!r}")
         if not 0 <= self.uncond_probability < 1:
             raise ValueError("uncond_probability must be in [0, 1)")
+        if not 0 <= self.object_threshold <= 1:  # a detector score is a sigmoid: outside [0, 1] is a typo
+            raise ValueError(f"object_threshold must be in [0, 1] (a detector score), got {self.object_threshold}")
         if self.batch_size < 1 or self.grad_accumulation < 1:
             raise ValueError("batch_size and grad_accumulation must be at least 1")
+        if self.snr_weighting not in SNR_WEIGHTINGS:
+            raise ValueError(f"snr_weighting must be one of {SNR_WEIGHTINGS}, got {self.snr_weighting!r}")
+        if not (self.min_snr_gamma > 0 or self.snr_weighting == "none" and self.min_snr_gamma >= 0):
+            raise ValueError(f"min_snr_gamma must be > 0 with snr_weighting {self.snr_weighting!r} (>= 0 with none), "
+                             f"got {self.min_snr_gamma!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """As `ConfigMethods.from_dict`; a run config written before `snr_weighting` existed loads as what it trained
+        with: min_snr_gamma > 0 was the Min-SNR v-form (min-snr-v), 0 no weighting."""
+        if "snr_weighting" not in data:
+            gamma = data.get("min_snr_gamma", 0.0)
+            data = {**data, "snr_weighting": "min-snr-v" if isinstance(gamma, (int, float)) and gamma > 0 else "none"}
+        return super().from_dict(data)
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -150,6 +178,10 @@ PRESETS: dict[str, TrainConfig] = {
         shuffle_buffer=1000,
         embed_dim=768,  # CLIP ViT-L/14
         num_frames=41,  # 4 fps over 10.24 s (preprocess PRESETS['paper'])
+        # Grounding DINO keeps a box whose score passes box_threshold 0.35 (IDEA-Research/GroundingDINO README.md,
+        # "Running with Python"; groundingdino/util/inference.py predict); tiny keeps 0: its random detector's
+        # scores mean nothing
+        object_threshold=0.35,
         block_channels=(320, 640, 1280, 1280),
         cross_attention_blocks=(True, True, True, False),
         layers_per_block=2,
@@ -159,9 +191,11 @@ PRESETS: dict[str, TrainConfig] = {
         upcast_attention=True,
         posterior_sample=True,  # a trained VAE's posterior is narrow; Tango samples it (get_first_stage_encoding)
         vae_scaling_factor=0.9227914214134216,  # audioldm-s-full-v2 vae/config.json; check your weights folder
-        min_snr_gamma=5.0,  # VTA-LDM
+        snr_weighting="vta-ldm",  # VTA-LDM / Tango models.py: min(snr, gamma) / snr with --snr_gamma 5
+        min_snr_gamma=5.0,
         batch_size=8,
         learning_rate=3e-5,
+        lr_schedule="linear",  # Tango / VTA-LDM train.py: get_scheduler(--lr_scheduler_type linear), no warmup
         weight_decay=1e-2,
         epochs=40,
         max_steps=0,

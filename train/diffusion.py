@@ -70,21 +70,36 @@ def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return alpha_bar / (1 - alpha_bar)
 
 
-def diffusion_loss(
-    prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler, min_snr_gamma: float
-) -> torch.Tensor:
-    """Mean squared error, optionally min-SNR weighted (Hang et al. 2023, https://arxiv.org/abs/2303.09556).
+def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, weighting: str, gamma: float) -> torch.Tensor | None:
+    """Per-sample weight of the squared error at each timestep (TrainConfig.snr_weighting); None: unweighted.
 
-    Weight per sample: min(SNR, gamma) / SNR for eps-prediction, min(SNR, gamma) / (SNR + 1) for
-    v-prediction (the v-loss already carries a factor SNR + 1 relative to the x0-loss).
+    With SNR(t) = alpha_bar_t / (1 - alpha_bar_t):
+    - "vta-ldm":   min(SNR, gamma) / SNR whatever the network target: what VTA-LDM and Tango train with
+                   (ariesssxu/vta-ldm and declare-lab/tango, models.py: AudioDiffusion.forward with --snr_gamma 5).
+                   With v-prediction it is 1 where SNR <= gamma (high noise) and gamma / SNR below.
+    - "min-snr-v": the Min-SNR paper's weight for the run's target (Hang et al. 2023, https://arxiv.org/abs/2303.09556,
+                   Sec. 4.2): min(SNR, gamma) / (SNR + 1) for v-prediction (the v-loss is SNR + 1 times the x0-loss),
+                   min(SNR, gamma) / SNR for epsilon. At the highest noise of the SD 2.1 schedule it is ~200x smaller
+                   than vta-ldm's.
+    - "none":      None.
     """
-    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-    if min_snr_gamma <= 0:
-        return per_sample.mean()
+    if weighting == "none":
+        return None
+    if weighting not in ("vta-ldm", "min-snr-v"):
+        raise ValueError(f"snr weighting must be vta-ldm, min-snr-v or none, got {weighting!r}")
     ratio = snr(scheduler, timesteps)
-    clipped = ratio.clamp(max=min_snr_gamma)
-    weight = clipped / (ratio + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / ratio
-    return (weight * per_sample).mean()
+    divisor = ratio + 1 if weighting == "min-snr-v" and scheduler.config.prediction_type == "v_prediction" else ratio
+    return ratio.clamp(max=gamma) / divisor
+
+
+def diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler, weighting: str,
+    gamma: float,
+) -> torch.Tensor:
+    """mean over the batch of w(t) * mean((prediction - target)^2), w from `loss_weights` (1 for "none")."""
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    weight = loss_weights(scheduler, timesteps, weighting, gamma)
+    return per_sample.mean() if weight is None else (weight * per_sample).mean()
 
 
 def training_target(scheduler: DDPMScheduler, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -107,8 +122,8 @@ def training_loss(
     z0 = the stored VAE posterior's mean (or, with config.posterior_sample, a draw mean + std * eps) times
     config.vae_scaling_factor; noise ~ N(0, I); timesteps uniform over the scheduler's training steps; each sample's
     conditions all zeroed with probability config.uncond_probability (classifier-free guidance); the network sees
-    the noised z_t and is scored against `training_target` by `diffusion_loss` (min-SNR weighted when
-    config.min_snr_gamma > 0).
+    the noised z_t and is scored against `training_target` by `diffusion_loss`, weighted per timestep as
+    config.snr_weighting says (with config.min_snr_gamma).
 
     The random draws come from the global generators in this order (posterior eps, noise, timesteps, drop mask),
     so that a seed, or a checkpoint's restored RNG state, reproduces a run bit for bit: keep it.
@@ -127,7 +142,7 @@ def training_loss(
     with autocast(device, precision):
         prediction = model(scheduler.add_noise(z0, noise, timesteps), timesteps, conditions, drop)
     return diffusion_loss(prediction, training_target(scheduler, z0, noise, timesteps), timesteps, scheduler,
-                          config.min_snr_gamma)
+                          config.snr_weighting, config.min_snr_gamma)
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@ Run folder (config.output):
     config.json                       the resolved TrainConfig (+ the shards' spec)
     checkpoints/step_00000100/        full resume state: accelerate save_state (model, optimizer, LR schedule,
                                       RNG of every rank) + EMA + step counters + data_rank<r>.json
-    model/ema.safetensors, config.json  EMA inference weights: what `train.load_model` reads
+    model/ema.safetensors, config.json  EMA inference weights: what `train.load_model` reads (its default)
+    model/raw.safetensors             the online (raw) weights of the same moment: `load_model(..., weights="raw")`
     logs/                             TensorBoard
 Resume = run the same command again: the newest complete checkpoint is loaded.
 """
@@ -21,7 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import safetensors.torch
 import torch
@@ -43,11 +44,73 @@ from train.speed import speed_up
 # them in the parameters' layout)
 RESUMABLE_CHANGES = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "num_workers",
                      "compile"}
+# ...except these when the run's learning rate decays to 0 at its last step (lr_schedule linear or cosine)
+RUN_LENGTH = {"max_steps", "epochs"}
 COMPLETE = "complete"  # marker file written last into a checkpoint folder
+SCALING_TOLERANCE = 1e-6  # relative: the VAE scaling factors of the shards and of the run agree
 
 
 class ConfigError(RuntimeError):
     """A configuration that does not fit the data or the run folder (one line)."""
+
+
+class LearningRateSchedule:
+    """Factor on config.learning_rate before optimizer step s + 1 (s = steps taken; the LambdaLR's lambda).
+
+    Warmup first: min(1, (s + 1) / W) for s < W; then, with T = the run's total steps,
+    - "constant": 1;
+    - "linear":   max(0, (T - s) / (T - W)): transformers' get_linear_schedule_with_warmup past the warmup, what
+                  Tango and VTA-LDM train with (train.py: get_scheduler(--lr_scheduler_type linear), 0 warmup steps);
+    - "cosine":   0.5 (1 + cos(pi min(1, (s - W) / (T - W)))): transformers' get_cosine_schedule_with_warmup.
+    A callable object rather than a lambda so that the LambdaLR's state_dict (the checkpoint) carries kind, W and T and
+    a resumed run decays towards the horizon it started with; the factor depends on the step alone.
+    """
+
+    def __init__(self, kind: str, warmup: int, total: int):
+        if kind not in ("constant", "linear", "cosine"):
+            raise ValueError(f"lr_schedule must be constant, linear or cosine, got {kind!r}")
+        self.kind, self.warmup, self.total = kind, warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return min(1.0, (step + 1) / self.warmup)
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def run_length(config: TrainConfig, count: int, samples_per_step: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) of a run over `count` samples of its split."""
+    steps_per_epoch = max(1, count // samples_per_step)
+    return steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch
+
+
+def check_scaling_factor(config: TrainConfig, meta_path: Path) -> None:
+    """The run's vae_scaling_factor is the one of the VAE that encoded the shards (meta.json: models.vae.scaling_factor),
+    unless that VAE had random weights (config.random_init): the tiny preset scales those latents on purpose."""
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    random_init = meta.get("config", {}).get("random_init")
+    factor = meta.get("models", {}).get("vae", {}).get("scaling_factor")
+    if random_init is not False or factor is None:
+        return  # random VAE weights, or a folder that does not say which VAE it used
+    if not isinstance(factor, (int, float)):
+        raise ConfigError(f"{meta_path}: models.vae.scaling_factor is not a number ({factor!r})")
+    if not math.isclose(factor, config.vae_scaling_factor, rel_tol=SCALING_TOLERANCE):
+        raise ConfigError(f"{meta_path}: the shards were encoded by a trained VAE with scaling_factor {factor}, the run "
+                          f"scales latents by vae_scaling_factor {config.vae_scaling_factor} (pass --vae-scaling-factor "
+                          f"{factor})")
+
+
+def saved_config(path: Path) -> dict[str, Any]:
+    """A run folder's config.json as this version reads it (fields it lacks take what they meant then), as JSON."""
+    old = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return {**old, **json.loads(json.dumps(TrainConfig.from_dict(old).to_dict()))}
+    except (TypeError, ValueError):
+        return old  # values this version refuses: compared as written
 
 
 @dataclass
@@ -90,6 +153,7 @@ def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[
         if getattr(spec, name) != getattr(config, name):
             raise ConfigError(f"{meta}: shards have {name} {getattr(spec, name)}, the {config.preset!r} preset expects "
                               f"{getattr(config, name)} (pick the preset of the features or pass --{name.replace('_', '-')})")
+    check_scaling_factor(config, meta)
     if len(paths) < world_size:
         raise ConfigError(f"{config.shards}: {len(paths)} shard(s) for {world_size} ranks (each rank needs at least one)")
     count = data.count_split(Path(config.shards), config.split)
@@ -98,11 +162,15 @@ def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[
                           f"({world_size} ranks x batch {config.batch_size} x accumulation {config.grad_accumulation})")
     saved = Path(config.output) / "config.json"
     if saved.exists():
-        old = json.loads(saved.read_text(encoding="utf-8"))
+        old = saved_config(saved)
         mine = json.loads(json.dumps(config.to_dict()))
-        differs = sorted(k for k in mine if k not in RESUMABLE_CHANGES and old.get(k) != mine[k])
+        # a decaying learning rate reaches 0 at the run's last step: that step is part of what is trained
+        fixed = RUN_LENGTH if config.lr_schedule != "constant" else set()
+        differs = sorted(k for k in mine if (k not in RESUMABLE_CHANGES or k in fixed) and old.get(k) != mine[k])
         if differs and latest_checkpoint(Path(config.output)) is not None:
-            raise ConfigError(f"{saved}: the run there was trained with other {', '.join(differs)}; "
+            reason = (f" (its learning rate decays to 0 at its last step, --lr-schedule {config.lr_schedule})"
+                      if set(differs) <= fixed else "")
+            raise ConfigError(f"{saved}: the run there was trained with other {', '.join(differs)}{reason}; "
                               "use another --output or the same settings to resume")
     return spec, paths, count
 
@@ -116,15 +184,23 @@ def resolved_json(config: TrainConfig, spec: ShardSpec) -> str:
     return json.dumps({**config.to_dict(), "spec": spec.to_dict()}, indent=2, sort_keys=True) + "\n"
 
 
-def export_ema(ema: VTASAM, config: TrainConfig, spec: ShardSpec, output: Path) -> None:
-    """model/ema.safetensors + model/config.json, written atomically, and model/features.json: the shards'
-    meta.json (stage-one config and checkpoints), so generation can rebuild the same feature extractors after
-    the run folder has moved away from its shards."""
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """A module's state as float32 safetensors, written to path.tmp and renamed (readers never see half a file)."""
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def export_model(ema: VTASAM, raw: torch.nn.Module, config: TrainConfig, spec: ShardSpec, output: Path) -> None:
+    """model/ema.safetensors (the EMA), model/raw.safetensors (the online weights: VTA-LDM keeps no EMA and evaluates
+    these) and model/config.json, each written atomically, and model/features.json: the shards' meta.json (stage-one
+    config and checkpoints), so generation can rebuild the same feature extractors after the run folder has moved
+    away from its shards. raw: the unwrapped training model (compiled in place, channels_last or not: same keys)."""
     folder = output / "model"
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in ema.state_dict().items()}
-    safetensors.torch.save_file(tensors, str(folder / "ema.safetensors.tmp"), metadata={"format": "pt"})
-    os.replace(folder / "ema.safetensors.tmp", folder / "ema.safetensors")
+    save_weights(ema, folder / "ema.safetensors")
+    save_weights(raw, folder / "raw.safetensors")
     (folder / "config.json").write_text(resolved_json(config, spec), encoding="utf-8")
     meta = Path(config.shards) / shards.META_FILE
     if meta.is_file():
@@ -188,8 +264,9 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
 
 
-def start_run(config: TrainConfig, spec: ShardSpec, accelerator: Accelerator, log: Any) -> Run:
-    """Model, EMA, AdamW and LR schedule prepared by accelerate, then the newest complete checkpoint loaded, if any."""
+def start_run(config: TrainConfig, spec: ShardSpec, accelerator: Accelerator, log: Any, count: int) -> Run:
+    """Model, EMA, AdamW and LR schedule (`LearningRateSchedule` over the run's length on `count` samples) prepared by
+    accelerate, then the newest complete checkpoint loaded, if any."""
     set_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     model = VTASAM(config, spec)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -198,8 +275,9 @@ def start_run(config: TrainConfig, spec: ShardSpec, accelerator: Accelerator, lo
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_betas[0], config.adam_betas[1]),
                                   weight_decay=config.weight_decay,
                                   fused=accelerator.device.type == "cuda")  # one kernel for all parameters
-    warmup = config.warmup_steps
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    samples_per_step = config.batch_size * config.grad_accumulation * accelerator.num_processes
+    schedule = LearningRateSchedule(config.lr_schedule, config.warmup_steps, run_length(config, count, samples_per_step)[1])
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     prepared, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
     run = Run(config, spec, accelerator, prepared, ema.to(accelerator.device), optimizer, lr_schedule)
     accelerator.register_for_checkpointing(run.ema, run.progress)
@@ -260,8 +338,7 @@ class Bookkeeping:
 
         self.run, self.log = run, log
         config, accelerator, main = run.config, run.accelerator, run.accelerator.is_main_process
-        self.steps_per_epoch = max(1, count // run.samples_per_step)
-        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.steps_per_epoch, self.total_steps = run_length(config, count, run.samples_per_step)
         self.writer = None
         if main:
             from torch.utils.tensorboard import SummaryWriter
@@ -308,23 +385,27 @@ class Bookkeeping:
         self.clock, self.window_samples = time.perf_counter(), 0
 
     def checkpoint(self, export: bool) -> None:
-        """The resume state (every rank), then the EMA weights in model/ (main process) when `export`."""
+        """The resume state (every rank), then the EMA and raw weights in model/ (main process) when `export`."""
         run = self.run
         save_checkpoint(run.accelerator, run.output, run.progress, run.positions, run.config.keep_checkpoints)
         self.last_saved = run.progress.step
         if export and run.accelerator.is_main_process:
-            export_ema(run.ema, run.config, run.spec, run.output)
+            self.export()
+
+    def export(self) -> None:
+        run = self.run
+        export_model(run.ema, run.accelerator.unwrap_model(run.model), run.config, run.spec, run.output)
 
     def finish(self) -> None:
-        """The final checkpoint (unless this step has one), the EMA export and the closing log line."""
+        """The final checkpoint (unless this step has one), the weights export and the closing log line."""
         run = self.run
         if run.progress.step != self.last_saved:
             self.checkpoint(export=False)
         if run.accelerator.is_main_process:
-            export_ema(run.ema, run.config, run.spec, run.output)
+            self.export()
             if self.writer is not None:
                 self.writer.close()
-            self.log(f"done: step {run.progress.step}, {run.progress.skipped} skipped step(s); EMA weights in "
+            self.log(f"done: step {run.progress.step}, {run.progress.skipped} skipped step(s); EMA and raw weights in "
                      f"{run.output / 'model'}")
         self.bar.close()
 
@@ -362,7 +443,7 @@ def train(config: TrainConfig, log: Any = print) -> int:
     if accelerator.is_main_process:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         (Path(config.output) / "config.json").write_text(resolved_json(config, spec), encoding="utf-8")
-    run = start_run(config, spec, accelerator, log)
+    run = start_run(config, spec, accelerator, log, count)
     model, progress, rank = run.model, run.progress, accelerator.process_index
     stream = iter(data.make_loader(paths, config, run.positions, pin_memory=accelerator.device.type == "cuda"))
     scheduler = noise_scheduler(config)
@@ -394,13 +475,21 @@ def train(config: TrainConfig, log: Any = print) -> int:
     return 0
 
 
-def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[VTASAM, TrainConfig]:
-    """The EMA model of a run (runs/<name>/model/ema.safetensors + config.json), in eval mode."""
+def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
+               weights: Literal["ema", "raw"] = "ema") -> tuple[VTASAM, TrainConfig]:
+    """A run's model in eval mode: its EMA (model/ema.safetensors, the default) or its raw online weights
+    (model/raw.safetensors, what VTA-LDM evaluates), with the run's config (model/config.json)."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be ema or raw, got {weights!r}")
     folder = Path(run_dir) / "model"
-    if not (folder / "ema.safetensors").exists():
-        raise FileNotFoundError(f"{folder / 'ema.safetensors'}: missing (has the run saved a checkpoint yet?)")
+    path = folder / f"{weights}.safetensors"
+    if not path.exists():
+        if weights == "raw" and (folder / "ema.safetensors").exists():
+            raise FileNotFoundError(f"{path}: missing (the run exported only its EMA weights; train or resume it once "
+                                    "more to export the raw weights)")
+        raise FileNotFoundError(f"{path}: missing (has the run saved a checkpoint yet?)")
     resolved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config = TrainConfig.from_dict(resolved)
     model = VTASAM(config, ShardSpec.from_dict(resolved["spec"]))
-    model.load_state_dict(safetensors.torch.load_file(str(folder / "ema.safetensors"), device="cpu"))
+    model.load_state_dict(safetensors.torch.load_file(str(path), device="cpu"))
     return model.to(device).eval(), config

@@ -86,7 +86,11 @@ def join_windows(pieces: list[np.ndarray], starts: list[float], total: int, samp
 
 
 def vocabulary(tagger: str) -> list[str]:
-    """Objects to ground when a video comes without a caption: the nouns of VGGSound's 309 class labels."""
+    """Objects to ground when a video comes without a caption: the distinct nouns of VGGSound's 309 class labels.
+
+    Every label is in the reviewed table (preprocess/assets/vggsound_label_nouns.tsv), so `caption_nouns` takes
+    them from there; `tagger` would only tag a label missing from it.
+    """
     nouns: list[str] = []
     for label in VOCABULARY_FILE.read_text(encoding="utf-8").splitlines():
         nouns.extend(n for n in caption_nouns(label, tagger) if n not in nouns)
@@ -198,7 +202,8 @@ class SoundGenerator:
         return waveform, explain
 
     def _conditions(self, features: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-        """Each window's features -> the model's conditions, exactly as training derives them from a shard sample."""
+        """Each window's features -> the model's conditions, exactly as training derives them from a shard sample
+        (the features carry detector.npy, so the object threshold applies to the detector score there too)."""
         threshold = self.train_config.object_threshold
         return shards.stack_conditions([shards.sample_conditions(f, threshold) for f in features], self.device)
 
