@@ -55,6 +55,17 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     return waveform.mean(axis=1), rate
 
 
+def missing_wav_failures(out_dir: Path, clips: list[shards.SampleMeta], failures: list[dict[str, Any]],
+                         generated: bool) -> list[dict[str, Any]]:
+    """A failure record (stage 'missing_wav') for each clip that has no WAV and no failure among `failures`
+    yet, so that every clip left out of the measurement is listed with a reason, and listed once (a clip whose
+    generation failed keeps that record alone). `generated` says whether this run generated the missing WAVs."""
+    listed = {f.get("id") for f in failures}
+    why = "not written by this run's generation" if generated else "generation was off (--no-generate)"
+    return [{"id": c.id, "stage": "missing_wav", "reason": f"{wav_path(out_dir, c.id)}: no generated WAV ({why})"}
+            for c in clips if c.id not in listed and not wav_path(out_dir, c.id).exists()]
+
+
 def read_split(folder: str | Path, split: str) -> list[shards.SampleMeta]:
     """The clips of `split`, in shard order, reading only the json member of each sample."""
     try:

@@ -10,7 +10,9 @@ compare the two sets as distributions; KL pairs clips by id; AV-Align measures e
 original video's window [start, start + duration) at the video's native frame rate.
 
 Bad input is reported, never papered over: a WAV that cannot be read is a failure (listed in results.json),
-not silence; when fewer than `min_paired` of the clips have a readable WAV, FD/FAD/KL are null with the reason;
+not silence; a clip without a WAV after generation is a failure too (stage 'missing_wav', unless its
+generation failure already explains it: a missing WAV is listed once; counts 'missing_wavs'); when fewer than
+`min_paired` of the clips have a readable WAV, FD/FAD/KL are null with the reason;
 a metric whose computation fails is null with the error; a clip whose AV-Align fails (a video OpenCV cannot
 follow, a dead worker) is a failure with its reason; a clip whose source video is missing is left out of
 AV-Align (counted), and with no video at all AV-Align is null with the reason.
@@ -27,7 +29,7 @@ from typing import Any
 
 import shards
 from common.versions import software_versions
-from eval.clips import EvalError, clip_selection, evaluation_clips, read_split, write_clip_ids
+from eval.clips import EvalError, clip_selection, evaluation_clips, missing_wav_failures, read_split, wav_path, write_clip_ids
 from eval.config import EvalConfig
 from eval.embed import embedder_protocol, generated_embeddings, load_embedders, reference_set
 from eval.generate import generate, generation_protocol, manifest_notes, read_manifest, standing_failures, unique_failures
@@ -62,6 +64,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     manifest = generation["manifest"] if config.generate else read_manifest(out_dir)
     notes = manifest_notes(config, manifest)
     failures = standing_failures(out_dir, clips)
+    failures += missing_wav_failures(out_dir, clips, failures, config.generate)
+    missing_wavs = sum(not wav_path(out_dir, c.id).exists() for c in clips)
 
     # 3. embeddings
     reference, reference_source = reference_set(config, in_shard_order, clips, cnn14, vggish, spec.sample_rate, progress)
@@ -79,7 +83,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         null_reasons=scores.reasons,
         counts={"clips": len(clips), "paired": len(generated), "paired_fraction": len(generated) / len(clips),
                 "min_paired": config.min_paired, "reference": len(reference), **scores.counts,
-                "failures": len(failures), "failed_clips": len({f["id"] for f in failures})},
+                "failures": len(failures), "failed_clips": len({f["id"] for f in failures}),
+                "missing_wavs": missing_wavs},
         failures=failures,
         generation={"generated_in_this_run": config.generate, "wavs_written": generation.get("written", 0),
                     "manifest_found": manifest is not None, "notes": notes},

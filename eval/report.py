@@ -171,7 +171,7 @@ def report_markdown(results: dict[str, Any]) -> str:
               f"- {counts['paired']} of {counts['clips']} clips of split `{results['split']}` in `{results['shards']}` "
               f"have a readable generated WAV ({counts['paired_fraction']:.0%}; the audio metrics need "
               f"{counts['min_paired']:.0%}).",
-              f"- KL pairs: {counts.get('kl_pairs', 0)}; unreadable or failed: {counts['failures']}; "
+              f"- KL pairs: {counts.get('kl_pairs', 0)}; missing, unreadable or failed: {counts['failures']}; "
               f"source videos missing: {counts['videos_missing']}."]
     lines += [metric.describe(results) for metric in METRICS if metric.describe is not None]
     for note in results.get("generation", {}).get("notes", []):

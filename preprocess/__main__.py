@@ -18,18 +18,36 @@ DEMO_VIDEOS = Path("data/demo/videos")
 DEMO_OUT = Path("data/shards/demo")
 
 
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={os.environ[name]!r} is not a whole number") from None
+
+
 def distributed_rank(args: argparse.Namespace) -> tuple[int, int]:
-    """--rank/--world-size, else torchrun/accelerate (RANK, WORLD_SIZE), else SLURM (array or tasks)."""
+    """--rank/--world-size, else torchrun/accelerate (RANK, WORLD_SIZE), else SLURM (array or tasks).
+
+    Raises ValueError (one line) unless 0 <= rank < world size: a rank outside that range would process no clip
+    or, with a negative rank, another rank's clips."""
+    rank, world_size = _rank_and_size(args)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} with world size {world_size}: the world size must be at least 1 and the rank "
+                         "between 0 and world size - 1")
+    return rank, world_size
+
+
+def _rank_and_size(args: argparse.Namespace) -> tuple[int, int]:
     if args.rank is not None or args.world_size is not None:
-        return args.rank or 0, args.world_size or 1
+        return (0 if args.rank is None else args.rank), (1 if args.world_size is None else args.world_size)
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"])
+        return _env_int("RANK"), _env_int("WORLD_SIZE")
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        offset = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(env["SLURM_ARRAY_TASK_ID"]) - offset, int(env["SLURM_ARRAY_TASK_COUNT"])
+        offset = _env_int("SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+        return _env_int("SLURM_ARRAY_TASK_ID") - offset, _env_int("SLURM_ARRAY_TASK_COUNT")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        return _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
     return 0, 1
 
 
@@ -68,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {DEMO_CSV} not found: run `make features` (or `python -m preprocess.demo --out data/demo`) first", file=sys.stderr)
             return 2
     out_dir = args.out or DEMO_OUT
-    rank, world_size = distributed_rank(args)
+    try:
+        rank, world_size = distributed_rank(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         if args.csv is not None:
             if args.videos is None:

@@ -35,6 +35,7 @@ class FeatureConfig(ConfigMethods):
     seed: int = field(default=0, metadata={"help": "seed for random-init weights"})
     clip_model: str = field(default="vta-tiny-clip", metadata={"help": "open_clip model name"})
     clip_checkpoint: str = field(default="clip/open_clip_model.safetensors", metadata={"help": "open_clip checkpoint, relative to the weights folder"})
+    clip_torchscript: bool = field(default=False, metadata={"help": "load the CLIP checkpoint as a TorchScript archive (OpenAI's original .pt files). This EXECUTES code from the file: use it only for OpenAI's original files you trust; otherwise checkpoints are read as plain tensors"})
     embed_dim: int = field(default=32, metadata={"help": "CLIP joint embedding size (ViT-L/14: 768)"})
     tagger: Literal["nltk", "pattern"] = field(default="pattern", metadata={"help": "part-of-speech tagger: nltk (needs its tagger data) or textblob's offline PatternTagger"})
     max_nouns: int = field(default=4, metadata={"help": "at most this many nouns per caption are grounded"})

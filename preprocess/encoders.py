@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import pickle
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ from typing import Any
 
 import open_clip
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -73,12 +75,19 @@ def _quiet_open_clip() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------- CLIP
-def _is_torchscript(path: Path) -> bool:
-    """OpenAI's original CLIP checkpoints are TorchScript archives (a zip holding constants.pkl)."""
-    if not zipfile.is_zipfile(path):
+def _looks_like_torchscript(path: Path) -> bool:
+    """Whether the file is shaped like a TorchScript archive (a zip holding constants.pkl).
+
+    Only used to word an error message: what is loaded, and how, is decided by `FeatureConfig.clip_torchscript`
+    alone. Deciding by this sniff would let a crafted file choose the unsafe loader (e.g. a pickle followed by
+    a zip that holds constants.pkl: the sniff sees a zip, torch.load sees a pickle and unpickles it in full)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
 
 
 class CLIPEncoder(FrozenModule):
@@ -118,7 +127,7 @@ class CLIPEncoder(FrozenModule):
             checksum, where = random_init_checksum(cfg.seed, cfg.random_size), f"open_clip model {cfg.clip_model}"
         else:
             path = require_file(weights_folder(weights_dir, "CLIP") / cfg.clip_checkpoint, "CLIP checkpoint")
-            model = _load_open_clip(cfg.clip_model, path)
+            model = _load_open_clip(cfg.clip_model, path, cfg.clip_torchscript)
             checksum, where = sha256_file(path), str(path)
         dtype = half_dtype(cfg.half, device)
         model = model.to(device=device, dtype=dtype)
@@ -177,42 +186,81 @@ class CLIPEncoder(FrozenModule):
         return torch.cat(out)
 
 
-def _load_open_clip(model_name: str, path: Path) -> nn.Module:
+def _load_open_clip(model_name: str, path: Path, torchscript: bool = False) -> nn.Module:
     """Build `model_name` with open_clip and load the checkpoint at `path` into it (strict).
+
+    No code from the file runs unless `torchscript` is set: safetensors files are plain tensors, and other files
+    go through `torch.load(weights_only=True)`, which refuses any pickled object that is not a tensor or a plain
+    container. A file refused that way, or a TorchScript archive without `torchscript`, is a ValueError naming
+    the file and the reason. With `torchscript` (OpenAI's original files, which the user trusts) the file goes to
+    `torch.jit.load` itself, never to a general unpickler, so a file that is not TorchScript is refused.
 
     OpenAI's weights need QuickGELU: a TorchScript (OpenAI) file always gets it; otherwise an
     `open_clip_config.json` next to the checkpoint (as open_clip's hub folders ship it) supplies `quick_gelu` and
     the `preprocess_cfg` (mean/std/interpolation) the weights were trained with. Without one, the registered model
     config and open_clip's default (OpenAI) preprocessing apply.
     """
-    torchscript = _is_torchscript(path)
     quick_gelu = torchscript
     preprocess_cfg: dict[str, Any] = {}
     sidecar = path.parent / "open_clip_config.json"
     if sidecar.is_file():
-        side = json.loads(sidecar.read_text())
+        try:
+            side = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{sidecar}: not valid JSON ({error})") from None
         quick_gelu = quick_gelu or bool(side.get("model_cfg", {}).get("quick_gelu", False))
         preprocess_cfg = side.get("preprocess_cfg", {})
     with _quiet_open_clip():
         model = open_clip.create_model(model_name, device="cpu", force_quick_gelu=quick_gelu,
                                        force_preprocess_cfg=preprocess_cfg)
+    if torchscript:
+        _load_torchscript_state(model, model_name, path)
+        return model
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TorchScript archive")
-            # a TorchScript archive cannot be read with weights_only (torch.load hands it to torch.jit.load), and
-            # its state dict also holds non-persistent buffers (attn_mask): load it non-strict, check below
-            result = open_clip.load_checkpoint(model, str(path), strict=not torchscript,
-                                               weights_only=not torchscript)
+            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    except (pickle.UnpicklingError, EOFError) as error:
+        reason = str(error).split(".")[0] or type(error).__name__
+        raise ValueError(f"{path}: refused, not a plain tensor checkpoint (loading it would run code from the file; "
+                         f"{reason})") from None
     except RuntimeError as error:  # size mismatches and missing/unexpected keys from load_state_dict
+        if _looks_like_torchscript(path):  # torch.load refuses TorchScript with weights_only=True
+            raise ValueError(_TORCHSCRIPT_REFUSED.format(path=path)) from None
         details = " ".join(str(error).split())
         raise ValueError(f"{path}: checkpoint does not fit open_clip model {model_name} ({details[:300]})") from None
-    if torchscript:
-        non_persistent = {name for name, _ in model.named_buffers()} - set(model.state_dict())
-        wrong = list(result.missing_keys) + [k for k in result.unexpected_keys if k not in non_persistent]
-        if wrong:
-            raise ValueError(f"{path}: checkpoint does not fit open_clip model {model_name} "
-                             f"(missing or unexpected: {', '.join(wrong[:5])})")
     return model
+
+
+_TORCHSCRIPT_REFUSED = ("{path}: a TorchScript archive (OpenAI's original CLIP format); loading one executes code from "
+                        "the file, so it is only done with --clip-torchscript: pass it if you trust this file")
+
+
+def _load_torchscript_state(model: nn.Module, model_name: str, path: Path) -> None:
+    """Copy the weights of the TorchScript archive at `path` into `model` (`clip_torchscript` only).
+
+    Its state dict also holds non-persistent buffers (attn_mask) and OpenAI's scalars: loaded non-strict, then
+    every parameter and persistent buffer is checked to have come from the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=FutureWarning)
+            scripted = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as error:
+        details = " ".join(str(error).split())
+        raise ValueError(f"{path}: not a TorchScript archive, as --clip-torchscript says it is ({details[:200]})") from None
+    state = {k: v for k, v in scripted.state_dict().items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        details = " ".join(str(error).split())
+        raise ValueError(f"{path}: checkpoint does not fit open_clip model {model_name} ({details[:300]})") from None
+    non_persistent = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    wrong = list(result.missing_keys) + [k for k in result.unexpected_keys if k not in non_persistent]
+    if wrong:
+        raise ValueError(f"{path}: checkpoint does not fit open_clip model {model_name} "
+                         f"(missing or unexpected: {', '.join(wrong[:5])})")
 
 
 # ----------------------------------------------------------------------------------- Grounding DINO + SAM

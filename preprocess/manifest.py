@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards import ShardFormatError, sample_key
+
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv")
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # split names become shard file names: {split}-{rank}-{index}.tar
 
@@ -71,6 +73,7 @@ def from_vggsound_csv(csv_path: Path, video_dir: Path) -> list[Clip]:
             else:
                 path, offset = None, 0.0
             clips.append(Clip(clip_id, path, offset, label, label, split))
+    check_sample_keys(clips, csv_path)
     return clips
 
 
@@ -100,7 +103,9 @@ def from_folder(video_dir: Path, captions_path: Path | None = None, split: str =
         raise ManifestError(f"split {split!r} must be letters, digits or '_'")
     index = _index_videos(video_dir)
     captions = _read_captions(captions_path) if captions_path else {}
-    return [Clip(stem, path, 0.0, captions.get(stem, ""), captions.get(stem, ""), split) for stem, path in sorted(index.items())]
+    clips = [Clip(stem, path, 0.0, captions.get(stem, ""), captions.get(stem, ""), split) for stem, path in sorted(index.items())]
+    check_sample_keys(clips, video_dir)
+    return clips
 
 
 def dedupe(clips: list[Clip]) -> tuple[list[Clip], int]:
@@ -112,6 +117,27 @@ def dedupe(clips: list[Clip]) -> tuple[list[Clip], int]:
             seen.add(clip.id)
             kept.append(clip)
     return kept, len(clips) - len(kept)
+
+
+def check_sample_keys(clips: list[Clip], source: object) -> None:
+    """ManifestError naming both ids when two different clip ids give the same shard sample key.
+
+    `shards.sample_key` replaces '.' and '/' by '_' (WebDataset splits member names at the first dot), so `x.1`
+    and `x_1` would share a key, and verification then rejects the whole shard. This is refused rather than
+    disambiguated: a suffix chosen by which other ids are present would give one clip different keys in
+    different runs (another --limit, another manifest), and resuming, which skips clips by key, would then
+    write a clip twice or skip one that was never written. The same id repeated (VGGSound's repeated rows) is
+    not a clash. `source` names the manifest in the message."""
+    first_id: dict[str, str] = {}
+    for clip in clips:
+        try:
+            key = sample_key(clip.id)
+        except ShardFormatError:
+            raise ManifestError(f"{source}: clip id {clip.id!r} gives an empty sample key") from None
+        other = first_id.setdefault(key, clip.id)
+        if other != clip.id:
+            raise ManifestError(f"{source}: clip ids {other!r} and {clip.id!r} both become shard sample key {key!r} "
+                                "('.' and '/' are written as '_'); rename one of them")
 
 
 def partition(clips: list[Clip], rank: int, world_size: int) -> list[Clip]:

@@ -8,14 +8,18 @@ skips clips already in complete shards or in failures.jsonl.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import os
 import queue
 import shutil
+import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +88,13 @@ class DecodeDataset(Dataset):
         self.tensors = tensors
         self.times = cfg.frame_times()
         self.front_end: MelFrontEnd | None = None
+        self.owner = os.getpid()  # the process that iterates the DataLoader: workers die with it
+
+    def _exit_if_orphaned(self) -> None:
+        """In a worker whose parent died (SIGKILL, OOM killer), exit at once instead of decoding on: nothing would
+        take the clip, and the frames it holds in shared memory would outlive the run."""
+        if os.getpid() != self.owner and os.getppid() != self.owner:
+            os._exit(1)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -91,6 +102,7 @@ class DecodeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """{"clip", "frames": uint8 tensor (T, H, W, 3), "duration", "waveform": float32 array, "mel": float32
         tensor (1024, 64), "silent"}, or {"clip", "error": (stage, reason)}."""
+        self._exit_if_orphaned()
         clip = self.clips[index]
         cfg = self.cfg
         if clip.path is None:
@@ -128,8 +140,31 @@ def _identity(item: Any) -> Any:
     return item
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies; a no-op elsewhere or without libc.
+
+    The request is tied to the parent thread that forked the worker, which is the thread iterating the
+    DataLoader. A parent that died before the request is caught by `DecodeDataset._exit_if_orphaned`."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+
+
 def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding is per-clip; the encoders in the main process want the cores
+    """Set up one decoding worker: a single thread (the encoders in the main process want the cores), and death
+    with the parent, so a SIGKILLed run leaves no worker behind holding shared memory."""
+    torch.set_num_threads(1)
+    _die_with_parent()
+    info = torch.utils.data.get_worker_info()
+    if info is not None and isinstance(info.dataset, DecodeDataset):
+        info.dataset._exit_if_orphaned()
 
 
 # ----------------------------------------------------------------------------------- bookkeeping
@@ -179,40 +214,96 @@ def build_meta(cfg: FeatureConfig, checksums: dict[str, str], vae_scaling_factor
 
 
 def prepare_output(out_dir: Path, meta: dict[str, Any], rank: int) -> None:
-    """Create the folder and meta.json, or check that an existing one describes the same features."""
+    """Create the folder and meta.json, or check that an existing one describes the same features.
+
+    Every rank does this, so a rank that starts alone in a fresh folder still leaves a meta.json that the folder
+    can be verified against. The file appears atomically and is never clobbered: each rank writes its own
+    temporary file and hard-links it to meta.json, which fails if another rank's meta.json appeared meanwhile;
+    then the meta.json in place, whoever wrote it, is compared with this run's. (Where the file system has no
+    hard links, the temporary file is renamed over a meta.json found absent just before: a rank starting at the
+    same instant may then replace an equal-or-different one, which the comparison of the later rank reports.)
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / shards.META_FILE
-    if path.exists():
+    if not path.exists():
+        tmp = out_dir / f".{shards.META_FILE}.{rank}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise FeatureError(f"{path}: unreadable ({error}); move it away to start over") from None
-        differences = [
-            f"{name}: {old.get('config', {}).get(name)!r} there vs {meta['config'][name]!r} now"
-            for name in COMPATIBLE_FIELDS
-            if old.get("config", {}).get(name) != meta["config"][name]
-        ]
-        if old.get("schema_version") != meta["schema_version"]:
-            differences.insert(0, f"schema_version: {old.get('schema_version')} there vs {meta['schema_version']} now")
-        for model, info in meta["models"].items():
-            if old.get("models", {}).get(model, {}).get("checksum") != info["checksum"]:
-                differences.append(f"{model} checkpoint differs")
-        if differences:
-            raise FeatureError(f"{path}: this folder holds features made differently ({'; '.join(differences)}); use another --out")
-        return
-    if rank == 0:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another rank's meta.json appeared meanwhile: compared below
+        except OSError:  # no hard links here
+            if not path.exists():
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    _check_meta(path, meta)
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """FeatureError (one line) unless the meta.json at `path` describes the features `meta` describes."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FeatureError(f"{path}: unreadable ({error}); move it away to start over") from None
+    if not isinstance(old, dict):
+        raise FeatureError(f"{path}: unreadable (not a JSON object); move it away to start over")
+    config: dict[str, Any] = old["config"] if isinstance(old.get("config"), dict) else {}
+    models: dict[str, Any] = old["models"] if isinstance(old.get("models"), dict) else {}
+    differences = [
+        f"{name}: {config.get(name)!r} there vs {meta['config'][name]!r} now"
+        for name in COMPATIBLE_FIELDS
+        if config.get(name) != meta["config"][name]
+    ]
+    if old.get("schema_version") != meta["schema_version"]:
+        differences.insert(0, f"schema_version: {old.get('schema_version')} there vs {meta['schema_version']} now")
+    for model, info in meta["models"].items():
+        recorded = models.get(model)
+        if not isinstance(recorded, dict) or recorded.get("checksum") != info["checksum"]:
+            differences.append(f"{model} checkpoint differs")
+    if differences:
+        raise FeatureError(f"{path}: this folder holds features made differently ({'; '.join(differences)}); use another --out")
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
 
 
 def completed_ids(out_dir: Path) -> set[str]:
-    """Sample keys of clips in complete shards (any rank) or recorded in failures.jsonl."""
+    """Sample keys of clips in complete shards (any rank) or recorded in failures.jsonl.
+
+    Bad input here is reported, one warning line each, never a crash: a shard that cannot be read (a zero-byte
+    `.tar` left by a copy interrupted elsewhere, a torn one) is left in place untouched and its clips are not
+    counted as done, so they are written again into new shards; a failures.jsonl line that is not an object
+    with a clip id is skipped (its clip, if any, is tried again)."""
     done: set[str] = set()
     for path in shards.list_shards(out_dir):
-        done.update(shards.shard_keys(path))
-    for record in shards.read_jsonl(out_dir / shards.FAILURES_FILE):
-        done.add(shards.sample_key(record["id"]))
+        try:
+            keys = shards.shard_keys(path)
+        # any error: shards/ owns the tar format (today tarfile's errors); counting no clip of the shard as done
+        # is the safe answer to all of them
+        except Exception as error:  # noqa: BLE001
+            size = path.stat().st_size if path.exists() else 0
+            reason = "empty file" if size == 0 else " ".join(str(error).split())[:200]
+            _warn(f"{path}: unreadable shard ({reason}); its clips are not counted as done and are written again "
+                  "into new shards: move the file away once this run is over")
+            continue
+        done.update(keys)
+    failures = out_dir / shards.FAILURES_FILE
+    try:
+        records = shards.read_jsonl(failures)
+    except (OSError, UnicodeDecodeError) as error:
+        raise FeatureError(f"{failures}: unreadable ({error}); move it away to try its clips again") from None
+    for record in records:
+        clip_id = record.get("id") if isinstance(record, dict) else None
+        key = shards.sample_key(clip_id) if isinstance(clip_id, str) and clip_id else None
+        if key is None:
+            _warn(f"{failures}: skipped a line without a clip id: {json.dumps(record)[:200]}")
+            continue
+        done.add(key)
     return done
 
 
@@ -386,19 +477,26 @@ def run(
     """Process this rank's share of `clips` into `out_dir`; safe to re-run after any interruption.
 
     threaded_writer: encode and write samples in a background thread (`ShardSink`), overlapping the encoders."""
-    from preprocess.manifest import partition
+    from preprocess.manifest import ManifestError, check_sample_keys, partition
 
     started = time.perf_counter()
     summary = Summary()
+    try:  # before anything is built or written: a bad rank or a clash of sample keys is one line
+        check_sample_keys(clips, "the manifest")
+        mine = partition(clips, rank, world_size)
+    except ManifestError as error:
+        raise FeatureError(str(error)) from None
     nouns_of = NounCache(cfg.tagger, cfg.max_nouns)  # fails early when the tagger is unavailable
     device = resolve_device(cfg.device)
-    encoders = encoders or Encoders(cfg, weights_dir, device)
+    try:
+        encoders = encoders or Encoders(cfg, weights_dir, device)
+    except ValueError as error:  # a checkpoint refused or of the wrong size: the loaders name file and reason
+        raise FeatureError(str(error)) from None
     if encoders.vae is None:
         raise FeatureError("stage one needs the audio VAE (Encoders built with audio=False)")
     prepare_output(out_dir, build_meta(cfg, encoders.checksums, encoders.vae.scaling_factor), rank)
     shards.remove_partial(out_dir, rank)
     done = completed_ids(out_dir)
-    mine = partition(clips, rank, world_size)
     todo = [c for c in mine if shards.sample_key(c.id) not in done]
     summary.resumed = len(mine) - len(todo)
 

@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     check_parser.add_argument("--weights", type=Path, required=True, help="weights folder")
     check_parser.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="config whose paths to check")
     check_parser.add_argument("--load", action="store_true", help="also build every model from the folder")
+    check_parser.add_argument("--clip-torchscript", action="store_true",
+                              help="with --load: the CLIP checkpoint is an OpenAI TorchScript archive (this EXECUTES "
+                                   "code from the file: only for files you trust)")
     args = parser.parse_args(argv)
 
     if args.command == "fetch":
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                   "following the weights layout in README.md", file=sys.stderr)
             return 1
         return 0 if check(args.out, _PAPER) else 1
-    return 0 if check(args.weights, PRESETS[args.preset], load=args.load) else 1
+    cfg = PRESETS[args.preset].replace(clip_torchscript=args.clip_torchscript)
+    return 0 if check(args.weights, cfg, load=args.load) else 1
 
 
 if __name__ == "__main__":

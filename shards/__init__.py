@@ -12,12 +12,14 @@ from shards.io import (
     append_jsonl,
     iterate_samples,
     list_shards,
+    orphan_records,
     read_jsonl,
     read_meta,
     read_spec,
     remove_partial,
     shard_keys,
     shard_name,
+    unrecorded_shards,
 )
 from shards.read import iter_member, iter_meta, iter_split, read_split, sample_stream, split_shards
 from shards.schema import (
@@ -47,6 +49,7 @@ __all__ = [
     "FEATURE_DTYPE", "IOU_KEY", "META_FIELDS", "META_FILE", "META_KEY", "PROBS_KEY", "READ_VERSIONS", "SAMPLE_KEYS",
     "SCHEMA_VERSION", "SampleMeta", "ShardFormatError", "ShardSpec", "ShardWriter", "append_jsonl", "decode_sample",
     "encode_sample", "iter_member", "iter_meta", "iter_split", "iterate_samples", "list_shards", "object_embedding",
-    "read_jsonl", "read_meta", "read_spec", "read_split", "remove_partial", "sample_conditions", "sample_key",
-    "sample_stream", "shard_keys", "shard_name", "split_shards", "stack_conditions", "validate", "validate_decoded",
+    "orphan_records", "read_jsonl", "read_meta", "read_spec", "read_split", "remove_partial", "sample_conditions", "sample_key",
+    "sample_stream", "shard_keys", "shard_name", "split_shards", "stack_conditions", "unrecorded_shards", "validate",
+    "validate_decoded",
 ]

@@ -9,10 +9,12 @@ import tarfile
 from pathlib import Path
 
 import shards
+from shards.stream import decode_checked, read_raw
 
 
 def verify(directory: Path) -> tuple[dict[str, int], list[str]]:
-    """Counts of valid samples per split, and one line per problem found."""
+    """Counts of valid samples per split, and one line per problem found (a bad sample is one line and the shard is
+    read on; a bad member or a shard that disagrees with its record ends that shard's reading)."""
     problems: list[str] = []
     counts: collections.Counter[str] = collections.Counter()
     try:
@@ -25,21 +27,23 @@ def verify(directory: Path) -> tuple[dict[str, int], list[str]]:
         problems.append(f"{directory}: no complete shard")
     for leftover in sorted(directory.glob("*.tar.tmp")):
         problems.append(f"{leftover}: partial shard of an interrupted run (the next run deletes it)")
+    for leftover in shards.orphan_records(directory):
+        problems.append(f"{leftover}: record of a shard an interrupted run never completed (the next run deletes it)")
     for path in paths:
         try:
-            for sample in shards.iterate_samples([path]):
-                clip_id = sample[shards.META_KEY]["id"]
+            for raw in read_raw(path, spec):
                 try:
-                    shards.validate_decoded(spec, sample)
+                    sample = decode_checked(raw, spec)
                 except shards.ShardFormatError as error:
-                    problems.append(f"{path.name}: {error}")
+                    problems.append(str(error))
                     continue
+                clip_id = sample[shards.META_KEY]["id"]
                 if clip_id in seen:
                     problems.append(f"{path.name}: clip {clip_id} also in {seen[clip_id]}")
                 seen[clip_id] = path.name
                 counts[sample[shards.META_KEY]["split"]] += 1
         except (shards.ShardFormatError, tarfile.TarError, OSError, ValueError) as error:
-            problems.append(f"{path.name}: {error}")
+            problems.append(str(error) if str(error).startswith(str(path)) else f"{path.name}: {error}")
     return dict(counts), problems
 
 
@@ -56,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"problem: {line}")
     for split, n in sorted(counts.items()):
         print(f"{split}: {n} samples")
+    unrecorded = shards.unrecorded_shards(args.directory)
+    if unrecorded:
+        print(f"note: {len(unrecorded)} shard(s) without records (written before shards carried them): their sample "
+              "count and checksum cannot be checked")
     if counts:  # the spec was read
         version = shards.read_spec(args.directory).schema_version
         print(f"schema version {version}" + ("" if version == shards.SCHEMA_VERSION else

@@ -1,8 +1,11 @@
 """Writing and reading shard files.
 
 Crash safety: a shard is written under a temporary name, flushed, fsynced and renamed, so a
-reader (and a resumed run) only ever sees complete `.tar` files. A killed writer leaves at most a
-`*.tar.tmp` that the next run deletes.
+reader (and a resumed run) only ever sees complete `.tar` files. Before that rename its record
+(`<shard>.json`: sample count, byte size, SHA-256; `shards.stream`) is made visible the same way, so
+every shard this code wrote carries a record and a shard cut or altered later is detected. A killed
+writer leaves at most a `*.tar.tmp` (and possibly the record of that shard without the shard), which
+the next run deletes.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Any
 
 import webdataset as wds
 
-from shards.schema import META_KEY, ShardFormatError, ShardSpec, decode_sample, validate_decoded
+from shards.schema import META_KEY, ShardFormatError, ShardSpec
+from shards.stream import RECORD_SUFFIX, HashingWriter, decode_checked, read_raw, record_path, write_record
 
 SHARD_PATTERN = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<rank>\d{3})-(?P<index>\d{6})\.tar$")
 META_FILE = "meta.json"
@@ -63,6 +67,7 @@ class ShardWriter:
         self.index = start_index
         self._tar: wds.TarWriter | None = None
         self._file: Any = None
+        self._hashing: HashingWriter | None = None
         self._tmp: Path | None = None
         self._count = 0
         self.completed: list[Path] = []
@@ -87,22 +92,24 @@ class ShardWriter:
             self.index += 1
         self._tmp = self.directory / (shard_name(self.split, self.rank, self.index) + ".tmp")
         self._file = open(self._tmp, "wb")
-        self._tar = wds.TarWriter(self._file, encoder=False)
+        self._hashing = HashingWriter(self._file)
+        self._tar = wds.TarWriter(self._hashing, encoder=False)
         self._count = 0
 
     def flush(self) -> Path | None:
-        """Close the shard in progress and make it visible; returns its final path."""
+        """Close the shard in progress and make it visible, its record first; returns its final path."""
         if self._tar is None:
             return None
-        assert self._tmp is not None
+        assert self._tmp is not None and self._hashing is not None
         self._tar.close()  # closes the tar stream; the file object stays ours
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         final = self.directory / shard_name(self.split, self.rank, self.index)
+        write_record(final, self._count, self._hashing.sha256.hexdigest(), self._hashing.size)
         os.replace(self._tmp, final)
         _fsync_directory(self.directory)
-        self._tar = self._file = self._tmp = None
+        self._tar = self._file = self._tmp = self._hashing = None
         self.index += 1
         self.completed.append(final)
         return final
@@ -116,7 +123,7 @@ class ShardWriter:
             self._file.close()
             assert self._tmp is not None
             self._tmp.unlink(missing_ok=True)
-            self._tar = self._file = self._tmp = None
+            self._tar = self._file = self._tmp = self._hashing = None
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -128,14 +135,35 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def remove_partial(directory: str | os.PathLike[str], rank: int | None = None) -> list[Path]:
-    """Delete `*.tar.tmp` left by a killed writer (of one rank, or of all)."""
+    """Delete what a killed writer (of one rank, or of all) left: `*.tar.tmp`, and records whose shard was never
+    renamed into place (`orphan_records`)."""
     removed = []
     for path in Path(directory).glob("*.tar.tmp"):
         match = SHARD_PATTERN.match(path.name[: -len(".tmp")])
         if match and (rank is None or int(match["rank"]) == rank):
             path.unlink(missing_ok=True)
             removed.append(path)
+    for path in orphan_records(directory):
+        match = SHARD_PATTERN.match(path.name[: -len(RECORD_SUFFIX)])
+        if match and (rank is None or int(match["rank"]) == rank):
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
+
+
+def orphan_records(directory: str | os.PathLike[str]) -> list[Path]:
+    """Shard records without their shard: a writer was killed between the record's rename and the shard's."""
+    found = []
+    for path in sorted(Path(directory).glob(f"*.tar{RECORD_SUFFIX}")):
+        shard = path.with_name(path.name[: -len(RECORD_SUFFIX)])
+        if SHARD_PATTERN.match(shard.name) and not shard.exists():
+            found.append(path)
+    return found
+
+
+def unrecorded_shards(directory: str | os.PathLike[str]) -> list[Path]:
+    """Complete shards without a record: written before shards carried records (read, but not checked)."""
+    return [p for p in list_shards(directory) if not record_path(p).exists()]
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -178,16 +206,11 @@ def read_spec(directory: str | os.PathLike[str]) -> ShardSpec:
         raise ShardFormatError(f"{Path(directory) / META_FILE}: {error}") from None
 
 
-def raise_error(error: Exception) -> bool:
-    """webdataset handler: every read error propagates (the default would log and go on)."""
-    raise error
-
-
 def iterate_samples(paths: list[Path] | list[str], spec: ShardSpec | None = None) -> Iterator[dict[str, Any]]:
-    """Decode the samples of some shards in order (one process; the trainer's stream is `shards.read.sample_stream`)."""
-    dataset = wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False, handler=raise_error)
-    for raw in dataset:
-        sample = decode_sample(raw)
-        if spec is not None:
-            validate_decoded(spec, sample)
-        yield sample
+    """Decode the samples of some shards in order (one process; the trainer's stream is `shards.read.sample_stream`).
+
+    Every shard is read by `shards.stream.read_raw` (members refused, records checked); given the folder's spec,
+    each sample is validated against it too. Errors name the shard and the sample key."""
+    for path in paths:
+        for raw in read_raw(Path(path), spec):
+            yield decode_checked(raw, spec)

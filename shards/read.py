@@ -7,7 +7,8 @@
 - `sample_stream`: the WebDataset pipeline of decoded samples of a split that the trainer's data loader wraps
   (shuffled shards and buffer, split across ranks and workers).
 
-A shard that cannot be read is a `ShardFormatError` naming the file and the reason.
+A shard that cannot be read is a `ShardFormatError` naming the file and the reason. Decoded samples come through
+`shards.stream.read_raw` (members refused, shard records checked) and are validated against the folder's spec.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 
 import webdataset as wds
 
-from shards.io import META_FILE, iterate_samples, list_shards, raise_error
-from shards.schema import META_KEY, SampleMeta, ShardFormatError, decode_sample
+from shards.io import META_FILE, iterate_samples, list_shards, read_spec
+from shards.schema import META_KEY, SAMPLE_KEYS, SampleMeta, ShardFormatError, ShardSpec
+from shards.stream import check_member, decode_checked, read_raw
 
 Folder = str | os.PathLike[str]
 
@@ -43,12 +45,13 @@ def _require_folder(folder: Folder) -> Path:
 
 def _members(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
     """(sample key, member extension, bytes) of the members of one shard whose extension `wanted` accepts, in tar
-    order; the others are skipped unread. ShardFormatError naming the shard when it cannot be read."""
+    order; the others are skipped unread. ShardFormatError naming the shard when it cannot be read or holds a member
+    the schema refuses (a link, an unknown name)."""
     try:
         with tarfile.open(path, "r") as tar:
             for member in tar:
-                key, _, ext = member.name.partition(".")
-                if not member.isfile() or not wanted(ext):
+                key, ext = check_member(path, member, SAMPLE_KEYS)
+                if not wanted(ext):
                     continue
                 handle = tar.extractfile(member)
                 yield key, ext, handle.read() if handle is not None else b""
@@ -80,7 +83,8 @@ def read_split(folder: Folder, split: str) -> list[SampleMeta]:
 def iter_split(folder: Folder, split: str, ids: Collection[str] | None = None) -> Iterator[dict[str, Any]]:
     """Decoded samples of `split` (only the clips `ids` when given), in shard order."""
     wanted = None if ids is None else set(ids)
-    for sample in iterate_samples(split_shards(_require_folder(folder), split)):
+    folder = _require_folder(folder)
+    for sample in iterate_samples(split_shards(folder, split), read_spec(folder)):
         meta = sample[META_KEY]
         if meta.get("split") == split and (wanted is None or meta.get("id") in wanted):
             yield sample
@@ -114,32 +118,41 @@ def iter_member(folder: Folder, split: str, member: str, ids: Collection[str] | 
                 yield meta, found[member]
 
 
-def _split_of(raw: dict[str, Any]) -> str | None:
-    data = raw.get(META_KEY)
-    if data is None:
-        return None
-    meta = json.loads(data.decode("utf-8"))
-    return meta.get("split") if isinstance(meta, dict) else None
+def _split_of(raw: dict[str, Any]) -> str:
+    """The split a raw sample's json names; ShardFormatError naming shard and key when the json is not a valid
+    `SampleMeta` (a sample is never dropped for want of a readable split)."""
+    try:
+        return SampleMeta.from_json(json.loads(raw[META_KEY].decode("utf-8"))).split
+    except (UnicodeDecodeError, json.JSONDecodeError, ShardFormatError) as error:
+        raise ShardFormatError(f"{raw.get('__url__', '?')}: sample {raw.get('__key__')!r}: json: {error}") from None
 
 
-def sample_stream(urls: list[str], split: str, shuffle_buffer: int, seed: str, skip: int = 0) -> wds.WebDataset:
+class _Pipeline(wds.DataPipeline, wds.compat.FluidInterface):
+    """A webdataset pipeline with the fluid methods (`select`, `shuffle`, `slice`, `map`)."""
+
+
+def _read_shards(spec: ShardSpec | None) -> Callable[[Iterable[dict[str, Any]]], Iterator[dict[str, Any]]]:
+    def stage(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for source in sources:
+            yield from read_raw(Path(source["url"]), spec)
+    return stage
+
+
+def sample_stream(urls: list[str], split: str, shuffle_buffer: int, seed: str, skip: int = 0,
+                  spec: ShardSpec | None = None) -> wds.DataPipeline:
     """Decoded samples of `split` from `urls` in the given shard order: each rank takes every world-th shard
     (`wds.split_by_node`), each DataLoader worker every n-th of those (`wds.split_by_worker`); then a shuffle
     buffer of `shuffle_buffer` samples drawn with `random.Random(f"{seed}-{rank}-{worker}")`, and the first
-    `skip` samples dropped before decoding (a resumed epoch). Members are decoded by `decode_sample` (never
-    webdataset's `.decode()`, which unpickles)."""
+    `skip` samples dropped before decoding (a resumed epoch). Shards are read by `shards.stream.read_raw` (refused
+    members, missing members and a shard that disagrees with its record are errors naming it); members are decoded
+    by `decode_sample` (never webdataset's `.decode()`, which unpickles) and, given the folder's `spec`, each sample
+    is validated against it: a bad sample is a ShardFormatError naming its shard and key, never dropped."""
     rank, _, worker, _ = wds.utils.pytorch_worker_info()
-    dataset = wds.WebDataset(
-        urls,
-        shardshuffle=False,  # the caller orders the shards (identically on every rank)
-        nodesplitter=wds.split_by_node,
-        workersplitter=wds.split_by_worker,
-        empty_check=False,  # fewer shards than workers leaves some workers without shards
-        handler=raise_error,
-    )
+    # the caller orders the shards (identically on every rank); fewer shards than workers leaves some without any
+    dataset = _Pipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, _read_shards(spec))
     return (
         dataset.select(lambda raw: _split_of(raw) == split)
         .shuffle(shuffle_buffer, rng=random.Random(f"{seed}-{rank}-{worker}"))
         .slice(skip, None)
-        .map(decode_sample)
+        .map(lambda raw: decode_checked(raw, spec))
     )

@@ -202,10 +202,44 @@ def encode_sample(spec: ShardSpec, meta: dict[str, Any], arrays: dict[str, np.nd
 
 
 # ----------------------------------------------------------------------------------- decoding
-def _decode_member(name: str, data: bytes) -> Any:
+READER_FIELDS = ("__key__", "__url__")  # what a reader adds to a raw sample; never tar members
+
+
+def _npy_header(name: str, data: bytes, spec: ShardSpec | None) -> None:
+    """Check an npy member's header before any of its data is read: format 1.0 or 2.0, little-endian float16, a
+    data length that is exactly what the shape declares, and (given the spec) a shape within the schema's. So a
+    forged header can neither unpickle nor make `np.load` allocate more than the member holds."""
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(buffer)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(buffer)
+        else:
+            raise ValueError(f"npy format version {version[0]}.{version[1]}")
+    except ValueError as error:
+        raise ShardFormatError(f"member {name!r} is not a plain npy array ({error})") from None
+    if dtype != np.dtype("<f2"):
+        raise ShardFormatError(f"member {name!r} is not a plain npy array of little-endian float16 "
+                               f"(dtype {dtype.str})")
+    held = len(data) - buffer.tell()
+    if held != 2 * int(np.prod(shape, dtype=object)):
+        raise ShardFormatError(f"member {name!r} declares shape {tuple(shape)} but holds {held} bytes of data")
+    if spec is not None:
+        bound = spec.expected_shapes(spec.max_nouns).get(name)
+        if bound is None or len(shape) != len(bound) or any(n > b for n, b in zip(shape, bound)):
+            raise ShardFormatError(f"member {name!r} declares shape {tuple(shape)}, the schema allows at most {bound}")
+
+
+def _decode_member(name: str, data: bytes, spec: ShardSpec | None = None) -> Any:
     if name == META_KEY:
-        return json.loads(data.decode("utf-8"))
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ShardFormatError(f"json member is not JSON ({error})") from None
     if name in ARRAY_KEYS:
+        _npy_header(name, data, spec)
         try:
             return np.load(io.BytesIO(data), allow_pickle=False)
         except ValueError as error:  # object arrays need pickle: refused
@@ -213,22 +247,27 @@ def _decode_member(name: str, data: bytes) -> Any:
     if name == AUDIO_KEY:
         import soundfile
 
-        waveform, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)
+        try:
+            waveform, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)
+        except (RuntimeError, ValueError, TypeError, soundfile.SoundFileError) as error:
+            raise ShardFormatError(f"member 'flac' is not readable FLAC ({error})") from None
         return waveform
     raise ShardFormatError(f"unknown member {name!r}: refusing to decode it (only {', '.join(SAMPLE_KEYS)})")
 
 
-def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+def decode_sample(raw: dict[str, Any], spec: ShardSpec | None = None) -> dict[str, Any]:
     """Decode one raw WebDataset sample (member bytes) into numpy arrays, json and a waveform.
 
-    Never unpickles: `.pyd`, `.pickle`, `.pth`, object arrays and unknown members raise ShardFormatError.
+    Never unpickles: `.pyd`, `.pickle`, `.pth`, object arrays, other `__*` names than the reader's `__key__` and
+    `__url__`, and unknown members raise ShardFormatError. npy headers are checked before their data is read
+    (against the spec's shapes when given).
     """
     out: dict[str, Any] = {}
     for name, value in raw.items():
-        if name.startswith("__"):
+        if name in READER_FIELDS:
             out[name] = value
             continue
-        out[name] = _decode_member(name, value)
+        out[name] = _decode_member(name, value, spec)
     missing = [k for k in REQUIRED_KEYS if k not in out]  # a version's own members: `validate`
     if missing:
         where = raw.get("__url__", "?")

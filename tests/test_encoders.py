@@ -6,8 +6,11 @@ savers (safetensors state dict, TorchScript, save_pretrained) and loaded back th
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -304,7 +307,11 @@ def test_clip_openai_torchscript_and_sidecar_config(tmp_path: Path) -> None:
 
     (tmp_path / "jit").mkdir()
     torch.jit.save(torch.jit.script(quick), str(tmp_path / "jit" / "openai.pt"))
-    jit_clip = CLIPEncoder.from_config(LOADED.replace(clip_checkpoint="jit/openai.pt"), tmp_path, CPU)
+    jit_clip = CLIPEncoder.from_config(LOADED.replace(clip_checkpoint="jit/openai.pt", clip_torchscript=True),
+                                       tmp_path, CPU)
+    # without the option a TorchScript archive is refused (loading one executes code from the file)
+    with pytest.raises(ValueError, match=r"openai.pt: a TorchScript archive .* only done with --clip-torchscript"):
+        CLIPEncoder.from_config(LOADED.replace(clip_checkpoint="jit/openai.pt"), tmp_path, CPU)
 
     (tmp_path / "hub").mkdir()
     save_file(quick.state_dict(), str(tmp_path / "hub" / "open_clip_model.safetensors"))
@@ -321,6 +328,41 @@ def test_clip_openai_torchscript_and_sidecar_config(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- errors
+class _Touch:
+    """Unpickling this creates the file `path`: what a crafted checkpoint could do instead."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return Path.touch, (self.path,)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+def test_a_crafted_clip_checkpoint_runs_no_code(tmp_path: Path) -> None:
+    """A pickle followed by a zip holding constants.pkl looks like TorchScript to a zip sniffer but is unpickled
+    in full by torch.load(weights_only=False); and a plain torch.save of an object runs it when unpickled."""
+    marker = tmp_path / "marker"
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("model/constants.pkl", b"")
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "disguised.pt").write_bytes(pickle.dumps(_Touch(marker)) + archive.getvalue())
+    torch.save({"visual.proj": _Touch(marker)}, tmp_path / "clip" / "saved.pt")
+    for name in ("disguised.pt", "saved.pt"):
+        with pytest.raises(ValueError, match=rf"{name}: refused, not a plain tensor checkpoint"):
+            CLIPEncoder.from_config(LOADED.replace(clip_checkpoint=f"clip/{name}"), tmp_path, CPU)
+        assert not marker.exists()
+        # with the TorchScript option it goes to torch.jit.load alone, never to a general unpickler
+        with pytest.raises(ValueError, match=rf"{name}: not a TorchScript archive, as --clip-torchscript says"):
+            CLIPEncoder.from_config(LOADED.replace(clip_checkpoint=f"clip/{name}", clip_torchscript=True), tmp_path, CPU)
+        assert not marker.exists()
+    (tmp_path / "clip" / "torn.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"torn.safetensors: not a readable safetensors file"):
+        CLIPEncoder.from_config(LOADED.replace(clip_checkpoint="clip/torn.safetensors"), tmp_path, CPU)
+
+
 def test_missing_weights_name_the_path(tmp_path: Path) -> None:
     for build in (CLIPEncoder.from_config, Grounder.from_config, AudioVAE.from_config, load_vocoder):
         with pytest.raises(FileNotFoundError, match=rf"not found at {tmp_path}.*weights layout in README"):

@@ -114,6 +114,12 @@ def test_missing_clips_are_counted_and_refused_below_the_fraction(tiny_run, gene
     strict = evaluate(config_for(tiny_run, tmp_path / "strict", generate=False, figure_clips=0, min_paired=0.9),
                       progress=False)
     assert strict["counts"]["paired"] == 2 and strict["counts"]["clips"] == 4
+    # each clip without a WAV is listed among the failures, once, with the file and the reason; report.md lists it
+    assert [(f["id"], f["stage"]) for f in strict["failures"]] == [("t0", "missing_wav"), ("t3", "missing_wav")]
+    assert all(f"{f['id']}.wav: no generated WAV" in f["reason"] and "--no-generate" in f["reason"]
+               for f in strict["failures"])
+    assert strict["counts"]["failures"] == strict["counts"]["failed_clips"] == strict["counts"]["missing_wavs"] == 2
+    assert "- `t0` (missing_wav): " in (tmp_path / "strict" / "report.md").read_text()
     assert strict["fd"] is None and strict["fad"] is None and strict["kl"] is None
     assert "only 2 of 4 clips" in strict["null_reasons"]["fd"]
     assert "2 of 4 clips" in (tmp_path / "strict" / "report.md").read_text()
@@ -210,6 +216,7 @@ def test_failures_are_counted_once(tiny_run, generated, tmp_path):  # noqa: F811
                        progress=False)
     assert sorted((f["id"], f["stage"]) for f in results["failures"]) == [("t0", "generate"), ("t2", "read_wav")]
     assert results["counts"]["failures"] == 2 and results["counts"]["failed_clips"] == 2
+    assert results["counts"]["missing_wavs"] == 1  # t0: listed by its generation failure, not a second time
     assert results["av_align"]["n"] + results["av_align"]["n_excluded"] == 1  # t3 alone
     assert results["av_align_2023"]["n"] + results["av_align_2023"]["n_excluded"] == 1
 

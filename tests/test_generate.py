@@ -132,6 +132,25 @@ def test_an_unwritable_output_is_one_line(run_dir, tmp_path, capsys):
     assert "cannot write" in capsys.readouterr().err
 
 
+def test_a_wav_that_cannot_be_written_is_one_line_and_the_others_go_on(run_dir, tmp_path, capsys):
+    """libsndfile's error (not an OSError) for one video's WAV: one line naming the video and the WAV, the
+    next video still gets its sound, exit code 1. A folder where the WAV's temporary file goes blocks it even
+    for root, unlike a read-only folder."""
+    first = media.make_video(tmp_path / "a.mp4", seconds=2.0, audio=None)
+    second = media.make_video(tmp_path / "b.mp4", seconds=2.0, audio=None)
+    out = tmp_path / "out"
+    (out / "a.wav.tmp").mkdir(parents=True)
+    assert cli_main(["generate", str(first), str(second), "--model", str(run_dir), "--out", str(out),
+                     "--steps", "2", "--caption", "ball", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {first}: cannot write {out / 'a.wav'} (System error)"]
+    assert "Traceback" not in captured.err
+    assert (out / "b.mp4").exists() and (out / "b.wav").exists()
+    assert not (out / "a.mp4").exists() and not (out / "a.wav").exists()
+    assert "1 of 2 videos have sound" in captured.out
+
+
 def test_the_run_carries_its_stage_one_config(run_dir):
     features = json.loads((run_dir / "model" / "features.json").read_text())
     assert features["config"]["preset"] == "tiny" and features["spec"]["num_frames"] == 20

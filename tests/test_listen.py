@@ -424,3 +424,91 @@ def test_a_failing_database_gets_500_and_the_server_keeps_serving(tmp_path: Path
         status, answer = api(server, "POST", "/api/listener", {"listener": "ann"})
         assert status == 500 and "nothing was saved" in answer["error"]
         assert request(server, "GET", "/")[0] == 200
+
+
+# ------------------------------------------------------------------------------------- hostile requests
+def exchange(server, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes on one connection and read what comes back until the server closes it (or `timeout`
+    passes without a byte: a server that keeps the connection open)."""
+    host, port = str(server.server_address[0]), int(server.server_address[1])
+    received = b""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+    return received
+
+
+def statuses(answer: bytes) -> list[int]:
+    """The status of every response in `answer` (a response may follow the previous body on the same line)."""
+    return [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+
+
+def post_bytes(host: str, path: str, body: bytes, method: str = "POST") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def listeners_in(db: Path) -> list[str]:
+    with sqlite3.connect(db) as connection:
+        return [r[0] for r in connection.execute("SELECT listener FROM listeners ORDER BY listener")]
+
+
+def test_the_host_header_must_be_a_loopback_name_exactly(tmp_path: Path, fake) -> None:
+    """DNS rebinding: a name that merely starts with a loopback name is the attacker's domain."""
+    _, _, study = fake
+    with serving(tmp_path / "db.sqlite", study) as server:
+        port = int(server.server_address[1])
+        refused = ["127.0.0.1.evil.com", f"127.0.0.1.evil.com:{port}", f"localhost.evil.com:{port}", "127.1.2.3",
+                   f"evil.com:{port}", "127.0.0.1:1", "::1", ""]
+        for host in refused:
+            answer = exchange(server, f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            assert statuses(answer) == [400], host
+        answer = exchange(server, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.com\r\nConnection: close\r\n\r\n")
+        assert statuses(answer) == [400]  # two Host headers
+        for host in ["127.0.0.1", f"127.0.0.1:{port}", "localhost", f"LocalHost:{port}", f"[::1]:{port}"]:
+            answer = exchange(server, f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            assert statuses(answer) == [200], host
+
+
+def test_a_request_inside_an_unread_body_is_never_served(tmp_path: Path, fake) -> None:
+    """A POST refused for its Host header (before its body is read), and a GET carrying a body, each smuggle a
+    complete second request in that body: the server answers the first one alone and closes the connection."""
+    _, _, study = fake
+    db = tmp_path / "db.sqlite"
+    with serving(db, study) as server:
+        good = f"127.0.0.1:{int(server.server_address[1])}"
+        inner = post_bytes(good, "/api/listener", json.dumps({"listener": "mallory"}).encode())
+        answer = exchange(server, post_bytes("evil.example", "/api/listener", inner))
+        assert statuses(answer) == [400] and b"Connection: close" in answer
+        answer = exchange(server, post_bytes(good, "/", inner, method="GET"))
+        assert statuses(answer) == [200] and b"Connection: close" in answer
+        # a body read in full keeps the connection: two pipelined requests get two answers
+        two = post_bytes(good, "/api/listener", b'{"listener": "ann"}') + post_bytes(good, "/api/nothing", b"{}")
+        assert statuses(exchange(server, two, timeout=1.0)) == [200, 404]
+    assert listeners_in(db) == ["ann"]
+
+
+def test_a_listener_id_with_a_final_newline_is_refused(tmp_path: Path, fake) -> None:
+    _, _, study = fake
+    db = tmp_path / "db.sqlite"
+    with serving(db, study) as server:
+        assert api(server, "POST", "/api/listener", {"listener": "ann"})[0] == 200
+        assert api(server, "POST", "/api/listener", {"listener": "ann\n"})[0] == 400
+        assert api(server, "GET", "/api/next?listener=ann%0A")[0] == 400
+        with pytest.raises(ValueError, match="listener id"):
+            server.store.add_listener("bob\n")
+    assert listeners_in(db) == ["ann"]
+
+
+def test_deeply_nested_json_is_a_400(tmp_path: Path, fake) -> None:
+    _, _, study = fake
+    with serving(tmp_path / "db.sqlite", study) as server:
+        for raw in (b"[" * 4000, b'{"listener": ' + b"[" * 2000 + b"]" * 2000 + b"}"):
+            status, _, data = request(server, "POST", "/api/listener", raw=raw,
+                                      headers={"Content-Type": "application/json"})
+            assert status == 400 and b"nested too deeply" in data
+        assert api(server, "POST", "/api/listener", {"listener": "ann"})[0] == 200

@@ -63,3 +63,19 @@ def test_split_names_must_fit_shard_file_names(tmp_path):
         from_vggsound_csv(csv, tmp_path / "v")
     with pytest.raises(ManifestError, match="split 'a b'"):
         from_folder(tmp_path / "v", split="a b")
+
+
+def test_clip_ids_that_share_a_sample_key_are_refused_naming_both(tmp_path):
+    videos = tmp_path / "v"
+    videos.mkdir()
+    for name in ("x.1.mp4", "x_1.mp4", "y.mp4"):
+        (videos / name).write_bytes(b"x")
+    with pytest.raises(ManifestError, match=r"clip ids 'x.1' and 'x_1' both become shard sample key 'x_1'"):
+        from_folder(videos)
+    csv = tmp_path / "vgg.csv"
+    csv.write_text("a/b,30,dog,train\na.b,30,dog,train\na.b,30,dog,train\n")
+    with pytest.raises(ManifestError, match=r"vgg.csv: clip ids 'a/b_000030' and 'a.b_000030' both become"):
+        from_vggsound_csv(csv, videos)
+    # the same id repeated (VGGSound's repeated rows) is no clash
+    csv.write_text("abc,30,dog,train\nabc,30,dog,train\n")
+    assert dedupe(from_vggsound_csv(csv, videos))[1] == 1

@@ -274,3 +274,138 @@ def shutil_usage(free: int):
     import shutil
 
     return shutil._ntuple_diskusage(total=free, used=0, free=free)
+
+
+# ----------------------------------------------------------------------------------- hostile input
+@pytest.mark.parametrize("flags", [["--rank", "2", "--world-size", "2"], ["--rank", "-1", "--world-size", "2"],
+                                   ["--rank", "0", "--world-size", "0"], ["--world-size", "-3"]])
+def test_a_rank_outside_the_world_is_one_line(odd_media, tmp_path, capsys, flags):
+    out = tmp_path / "shards"
+    assert features_main(["--videos", str(odd_media), "--out", str(out), *flags, *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: rank ") and "world size" in err[0]
+    assert not out.exists()  # nothing built, nothing written
+
+
+def test_a_bad_rank_variable_is_one_line(odd_media, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "zero")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert features_main(["--videos", str(odd_media), "--out", str(tmp_path / "shards"), *FAST]) == 2
+    assert capsys.readouterr().err.strip() == "error: environment variable RANK='zero' is not a whole number"
+
+
+def test_bad_failure_lines_and_an_empty_shard_are_reported_not_fatal(five_clips, tmp_path, capsys):
+    out = tmp_path / "shards"
+    args = ["--videos", str(five_clips), "--out", str(out), "--shard-max-samples", "2", *FAST]
+    assert features_main([*args, "--limit", "2"]) == 0
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+    # a zero-byte shard (a copy interrupted elsewhere) and failure lines that are not objects with an id
+    (out / "train-007-000000.tar").write_bytes(b"")
+    with open(out / shards.FAILURES_FILE, "a", encoding="utf-8") as handle:
+        handle.write('{"stage": "video", "reason": "no id"}\n[1, 2]\n{"id": 7}\n')
+    capsys.readouterr()
+    assert features_main(args) == 0
+    err = capsys.readouterr().err
+    assert "train-007-000000.tar: unreadable shard (empty file); its clips are not counted as done" in err
+    assert err.count("failures.jsonl: skipped a line without a clip id") == 3 and "Traceback" not in err
+    readable = [p for p in shards.list_shards(out) if p.name != "train-007-000000.tar"]
+    ids = [s["json"]["id"] for s in shards.iterate_samples(readable)]
+    assert sorted(ids) == [f"clip{i}" for i in range(5)]  # each clip once
+    assert (out / "train-007-000000.tar").read_bytes() == b""  # left as it was
+    for name, data in kept.items():  # nothing already written is lost or changed
+        if name != shards.FAILURES_FILE:
+            assert (out / name).read_bytes() == data
+
+
+def _meta(fps: float = 2.0) -> dict:
+    from preprocess.config import PRESETS
+    from preprocess.pipeline import build_meta
+
+    return build_meta(PRESETS["tiny"].replace(fps=fps), {"clip": "c", "grounding": "g", "vae": "v"}, 1.0)
+
+
+def test_a_rank_starting_alone_writes_meta_json(tmp_path):
+    from preprocess.pipeline import FeatureError, prepare_output
+
+    prepare_output(tmp_path, _meta(), rank=1)  # no rank 0 yet: the folder still gets its meta.json
+    assert json.loads((tmp_path / shards.META_FILE).read_text()) == _meta()
+    prepare_output(tmp_path, _meta(), rank=0)
+    with pytest.raises(FeatureError, match="features made differently"):
+        prepare_output(tmp_path, _meta(fps=1.0), rank=3)
+    assert [p.name for p in tmp_path.iterdir()] == [shards.META_FILE]  # no temporary file left
+
+
+def test_a_meta_json_written_meanwhile_by_another_rank_is_compared_not_clobbered(tmp_path, monkeypatch):
+    from preprocess import pipeline
+
+    real_link = os.link
+    theirs = json.dumps(_meta(fps=1.0))
+
+    def other_rank_first(source, target):
+        Path(target).write_text(theirs)  # another rank's meta.json appears between our check and our link
+        real_link(source, target)
+
+    monkeypatch.setattr(pipeline.os, "link", other_rank_first)
+    with pytest.raises(pipeline.FeatureError, match=r"fps: 1.0 there vs 2.0 now"):
+        pipeline.prepare_output(tmp_path, _meta(), rank=1)
+    assert (tmp_path / shards.META_FILE).read_text() == theirs
+    assert [p.name for p in tmp_path.iterdir()] == [shards.META_FILE]
+
+
+def test_colliding_sample_keys_are_refused_before_anything_is_written(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("x.1.mp4", "x_1.mp4"):
+        media.make_video(videos / name, seconds=1.0, audio="tone")
+    out = tmp_path / "shards"
+    assert features_main(["--videos", str(videos), "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {videos}: clip ids 'x.1' and 'x_1' both become shard sample key 'x_1' ('.' and '/' are "
+                   "written as '_'); rename one of them"]
+    assert not out.exists()
+
+
+def _process_group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, read from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads processes from Linux's /proc")
+def test_decoding_workers_die_with_a_sigkilled_parent(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(12):
+        media.make_video(videos / f"clip{i}.mp4", seconds=2.0, audio="tone")
+    command = [sys.executable, "-m", "preprocess", "--videos", str(videos), "--out", str(tmp_path / "shards"),
+               "--no-progress", "--num-workers", "2", "--batch-clips", "1"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_children(process.pid)) < 2 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.02)
+        workers = _children(process.pid)
+        assert len(workers) >= 2, "the decoding workers never started"
+        os.kill(process.pid, signal.SIGKILL)  # the main process alone, as the OOM killer does
+        process.wait()
+        time.sleep(10)
+        assert _process_group(process.pid) == [], "a decoding worker outlived its parent"
+    finally:
+        for pid in _process_group(process.pid):
+            os.kill(pid, signal.SIGKILL)

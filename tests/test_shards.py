@@ -373,7 +373,7 @@ def test_a_version_2_sample_without_its_members_is_refused(tmp_path, spec):
     members = {f"new.{k}": v for k, v in shards.encode_sample(spec, meta, arrays, waveform).items()
                if not k.startswith("__") and k != "detector.npy"}
     _tar_with(tmp_path / "train-000-000000.tar", members)
-    with pytest.raises(shards.ShardFormatError, match=r"^new: missing detector.npy \(schema version 2 requires it\)$"):
+    with pytest.raises(shards.ShardFormatError, match=r"train-000-000000.tar: sample 'new' lacks detector.npy$"):
         list(shards.iterate_samples(shards.list_shards(tmp_path), spec))
     with pytest.raises(shards.ShardFormatError, match="schema version 3; this code reads versions 1, 2"):
         shards.ShardSpec.from_dict({**spec.to_dict(), "schema_version": 3})
@@ -394,3 +394,207 @@ def test_the_object_threshold_is_a_detector_score(capsys):
     assert json.loads(capsys.readouterr().out)["object_threshold"] == 0.0
     assert train_main(["--object-threshold", "35", "--dry-run"]) == 2
     assert capsys.readouterr().err.strip() == "error: object_threshold must be in [0, 1] (a detector score), got 35.0"
+
+
+# ----------------------------------------------------------------------------------- hostile and damaged shards
+def _good_members(spec, clip_id="a", seed=0) -> dict[str, bytes]:
+    encoded = shards.encode_sample(spec, *make_sample(spec, clip_id, seed=seed))
+    return {f"{encoded['__key__']}.{k}": v for k, v in encoded.items() if not k.startswith("__")}
+
+
+def _training_error(folder) -> str:
+    """The one-line DataError the training loader raises on this folder (with a DataLoader worker, so the line
+    crosses the process boundary)."""
+    from train.config import TrainConfig
+    from train.data import DataError, make_loader
+
+    config = TrainConfig(shards=str(folder), batch_size=1, shuffle_buffer=1, num_workers=1)
+    with pytest.raises(DataError) as error:
+        stream = iter(make_loader(shards.list_shards(folder), config))
+        for _ in range(20):
+            next(stream)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def _verify_lines(folder, capsys) -> list[str]:
+    assert shards_main(["verify", str(folder)]) == 1  # returns: no traceback escapes
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("problem: ")]
+
+
+def test_a_shard_cut_at_a_sample_boundary_or_altered_is_an_error(tmp_path, spec, capsys):
+    write_split(tmp_path, spec, {"train": ["a", "b", "c"]}, max_samples=3)
+    shard = shards.list_shards(tmp_path)[0]
+    record = json.loads((tmp_path / (shard.name + ".json")).read_text())
+    assert record["samples"] == 3 and record["bytes"] == shard.stat().st_size
+    assert shards_main(["verify", str(tmp_path)]) == 0 and "without records" not in capsys.readouterr().out
+    whole = shard.read_bytes()
+    with tarfile.open(shard) as tar:  # the offset where sample c begins: the tar before it still reads cleanly
+        cut = next(m.offset for m in tar.getmembers() if m.name.startswith("c."))
+    shard.write_bytes(whole[:cut])
+    assert [s["json"]["id"] for s in wds_read(shard)] == ["a", "b"]  # what a plain tar reader accepts silently
+    lines = _verify_lines(tmp_path, capsys)
+    assert len(lines) == 1 and shard.name in lines[0] and "its record says" in lines[0]
+    with pytest.raises(shards.ShardFormatError, match=rf"{shard.name}: shard has {cut} bytes"):
+        list(shards.iterate_samples([shard]))
+    assert shard.name in _training_error(tmp_path) and "cut short" in _training_error(tmp_path)
+
+    altered = bytearray(whole)
+    altered[cut - 10_000] ^= 1  # inside sample b's data: the tar still reads
+    shard.write_bytes(bytes(altered))
+    with pytest.raises(shards.ShardFormatError, match="checksum differs from its record"):
+        list(shards.iterate_samples([shard]))
+    assert "checksum differs" in _training_error(tmp_path)
+
+    # an older folder (no records) still reads, and verify says what it cannot check
+    shard.write_bytes(whole)
+    (tmp_path / (shard.name + ".json")).unlink()
+    assert [s["json"]["id"] for s in shards.iterate_samples([shard], spec)] == ["a", "b", "c"]
+    assert shards_main(["verify", str(tmp_path)]) == 0
+    assert "note: 1 shard(s) without records" in capsys.readouterr().out
+
+
+def wds_read(shard):
+    import webdataset as wds
+
+    return [{"json": json.loads(s["json"])} for s in wds.WebDataset(str(shard), shardshuffle=False)]
+
+
+def test_a_writer_killed_between_the_two_renames_leaves_a_record_the_next_run_deletes(tmp_path, spec, monkeypatch,
+                                                                                        capsys):
+    import os
+
+    write_meta(tmp_path, spec)
+    writer = shards.ShardWriter(tmp_path, "train", rank=0, max_samples=5)
+    writer.write(shards.encode_sample(spec, *make_sample(spec, "a")))
+
+    def killed(*args):
+        raise KeyboardInterrupt  # dies right before the shard's rename
+
+    monkeypatch.setattr(os, "replace", lambda src, dst, real=os.replace: real(src, dst) if str(dst).endswith(".json")
+                        else killed())
+    with pytest.raises(KeyboardInterrupt):
+        writer.flush()
+    monkeypatch.undo()
+    assert shards.list_shards(tmp_path) == [] and [p.name for p in shards.orphan_records(tmp_path)] == [
+        "train-000-000000.tar.json"]
+    assert any("record of a shard an interrupted run never completed" in line for line in _verify_lines(tmp_path, capsys))
+    removed = {p.name for p in shards.remove_partial(tmp_path, rank=0)}
+    assert removed == {"train-000-000000.tar.tmp", "train-000-000000.tar.json"}
+    writer = shards.ShardWriter(tmp_path, "train", rank=0, max_samples=5)
+    writer.write(shards.encode_sample(spec, *make_sample(spec, "a")))
+    assert writer.flush().name == "train-000-000000.tar" and shards_main(["verify", str(tmp_path)]) == 0
+
+
+def _npy_raw(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update({"a.clip.npy": _npy_raw(np.zeros((20, 32), np.float32))}), "little-endian float16"),
+        (lambda m: m.update({"a.clip.npy": _npy_raw(np.zeros((20, 32), ">f2"))}), "little-endian float16"),
+        (lambda m: m.update({"a.latent_std.npy": _npy_raw(np.full((8, 256, 16), np.nan, np.float16))}), "non-finite"),
+        (lambda m: m.update({"a.clip.npy": _npy_raw(np.zeros((19, 32), np.float16))}), "clip.npy has shape"),
+        (lambda m: m.pop("a.json"), "lacks json"),
+        (lambda m: m.pop("a.flac"), "lacks flac"),
+        (lambda m: m.update({"a.extra.txt": b"hello"}), "unknown member 'extra.txt'"),
+        (lambda m: m.update({"a.__evil__": b"x"}), "unknown member '__evil__'"),
+    ],
+)
+def test_training_validates_every_sample_and_names_it(tmp_path, spec, change, message):
+    write_meta(tmp_path, spec)
+    members = _good_members(spec, "a")
+    change(members)
+    _tar_with(tmp_path / "train-000-000000.tar", _good_members(spec, "b", seed=1) | members)
+    error = _training_error(tmp_path)
+    assert "train-000-000000.tar" in error and "'a'" in error and message in error
+
+
+def _huge_npy() -> bytes:
+    """An npy header declaring a (1e6, 1e6) float16 array (1.8 TiB) followed by a few bytes."""
+    header = {"descr": "<f2", "fortran_order": False, "shape": (1_000_000, 1_000_000)}
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + b"\0" * 64
+
+
+def _symlink_member(path, members: dict[str, bytes], link: str):
+    _tar_with(path, members)
+    with tarfile.open(path, "a") as tar:
+        info = tarfile.TarInfo(link)
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+
+
+@pytest.mark.parametrize("hostile, message", [
+    ("huge", "declares shape (1000000, 1000000)"),
+    ("symlink", "member 'a.json' is a symlink, not a regular file"),
+    ("unknown", "unknown member 'pth'"),
+    ("no flac", "lacks flac"),
+])
+def test_hostile_members_are_one_error_in_verify_and_training(tmp_path, spec, capsys, hostile, message):
+    write_meta(tmp_path, spec)
+    members = _good_members(spec, "a")
+    shard = tmp_path / "train-000-000000.tar"
+    if hostile == "huge":
+        members["a.clip.npy"] = _huge_npy()
+    elif hostile == "unknown":
+        members["a.pth"] = pickle.dumps({"weights": 1})
+    elif hostile == "no flac":
+        members.pop("a.flac")
+    if hostile == "symlink":
+        _symlink_member(shard, {k: v for k, v in members.items() if k != "a.json"}, "a.json")
+    else:
+        _tar_with(shard, members)
+    lines = _verify_lines(tmp_path, capsys)
+    assert len(lines) == 1 and shard.name in lines[0] and message in lines[0]
+    error = _training_error(tmp_path)
+    assert shard.name in error and message in error
+    with pytest.raises(shards.ShardFormatError, match=re.escape(message)):
+        list(shards.iter_split(tmp_path, "train"))
+
+
+def test_the_huge_header_is_refused_before_any_allocation(spec):
+    with pytest.raises(shards.ShardFormatError, match=r"declares shape \(1000000, 1000000\) but holds 64 bytes"):
+        shards.decode_sample({"clip.npy": _huge_npy()})
+    fitting = _npy_raw(np.zeros((21, 32), np.float16))  # consistent, but larger than the schema allows
+    with pytest.raises(shards.ShardFormatError, match=r"the schema allows at most \(20, 32\)"):
+        shards.decode_sample({"clip.npy": fitting}, spec)
+
+
+def test_verify_reports_each_bad_json_and_flac_in_one_line(tmp_path, spec, capsys):
+    write_meta(tmp_path, spec)
+    members: dict[str, bytes] = {}
+    meta = make_sample(spec, "x")[0]
+    bad_jsons = {"noid": {k: v for k, v in meta.items() if k != "id"}, "alist": [meta],
+                 "types": meta | {"valid_frames": "3"}, "notjson": b"{oops"}
+    for seed, (key, bad) in enumerate(bad_jsons.items()):
+        sample = _good_members(spec, key, seed=seed)
+        sample[f"{key}.json"] = bad if isinstance(bad, bytes) else json.dumps(bad).encode()
+        members |= sample
+    members |= {**_good_members(spec, "garbage", seed=9), "garbage.flac": b"fLaC not really"}
+    members |= _good_members(spec, "fine", seed=10)
+    _tar_with(tmp_path / "train-000-000000.tar", members)
+    assert shards_main(["verify", str(tmp_path)]) == 1  # returns: no traceback escapes
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("problem: ")]
+    assert len(lines) == 5, lines
+    for line, key, reason in zip(lines, [*bad_jsons, "garbage"],
+                                 ["json lacks id", "not an object", "'valid_frames'", "not JSON", "not readable FLAC"]):
+        assert f"train-000-000000.tar: sample '{key}'" in line and reason in line, line
+    assert "train: 1 samples" in out  # the shard is read on past each bad sample
+
+
+def test_double_underscore_members_are_refused_reader_fields_are_not(tmp_path, spec):
+    write_meta(tmp_path, spec)
+    _tar_with(tmp_path / "train-000-000000.tar", _good_members(spec, "a") | {"a.__key__": b"forged"})
+    with pytest.raises(shards.ShardFormatError, match=r"unknown member '__key__'.*added by the reader"):
+        list(shards.iterate_samples(shards.list_shards(tmp_path)))
+    raw = {f"{k.partition('.')[2]}": v for k, v in _good_members(spec, "a").items()}
+    assert shards.decode_sample(raw | {"__key__": "a", "__url__": "u"})["__key__"] == "a"
+    with pytest.raises(shards.ShardFormatError, match="unknown member '__local_path__'"):
+        shards.decode_sample(raw | {"__local_path__": "x"})

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
 import shards
 from preprocess.config import PRESETS as FEATURE_PRESETS
@@ -50,19 +47,6 @@ def write_shards(folder: Path, spec: shards.ShardSpec = SPEC, num_shards: int = 
             ids.append(clip_id)
         writer.close()
     return ids
-
-
-def write_nan_shard(folder: Path, spec: shards.ShardSpec = SPEC, count: int = 8) -> None:
-    """One shard whose latents are NaN (written around encode_sample, which refuses them)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(folder / shards.shard_name("train", 0, 0)), encoder=False) as tar:
-        for i in range(count):
-            meta, arrays, waveform = make_sample(spec, f"nan{i}", seed=i)
-            sample = shards.encode_sample(spec, meta, arrays, waveform)
-            buffer = io.BytesIO()
-            np.save(buffer, np.full(spec.latent_shape, np.nan, dtype=np.float16), allow_pickle=False)
-            sample["latent_mean.npy"] = buffer.getvalue()
-            tar.write(sample)
 
 
 @pytest.fixture(autouse=True)

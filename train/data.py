@@ -10,6 +10,11 @@ Data position (resume): the stream of rank r, worker w in epoch e is a determini
 worker and, on resume, each worker restarts at its epoch and skips the batches already consumed
 (skipping before the expensive decoding). So a resumed run sees exactly the batches an uninterrupted run
 would have seen, as long as num_workers and the number of ranks stay the same.
+
+Bad data stops training with a `DataError`, one line naming the shard (and the sample key): every sample is
+validated against the folder's spec, every shard against its record (`shards.stream`); nothing is dropped
+silently. An error found in a DataLoader worker travels to the main process as a batch {"error": line}, so the
+line reaches the command line without the worker's traceback.
 """
 
 from __future__ import annotations
@@ -85,17 +90,26 @@ class ShardStream(IterableDataset):
         self.urls = [str(p) for p in paths]
         self.config = config
         self.start = start or {}
+        self.spec: shards.ShardSpec | None = None  # read in the process that streams (a worker or the main one)
 
     def epoch_pipeline(self, epoch: int, skip_samples: int) -> Iterable[dict[str, Any]]:
         # shard order: the same permutation on every rank (each rank then takes every world-th shard); the shuffle
         # buffer of rank r, worker w is seeded with "<seed>-<epoch>-<r>-<w>"
         urls = list(self.urls)
         random.Random(f"{self.config.seed}-{epoch}").shuffle(urls)
+        if self.spec is None:
+            self.spec = shards.read_spec(self.config.shards)
         stream = shards.sample_stream(urls, self.config.split, self.config.shuffle_buffer, f"{self.config.seed}-{epoch}",
-                                      skip_samples)
+                                      skip_samples, spec=self.spec)
         return stream.map(lambda sample: to_example(sample, self.config.object_threshold))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._batches()
+        except shards.ShardFormatError as error:
+            yield {"error": str(error)}  # raised as DataError by the loader, in the main process
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         epoch, consumed = self.start.get(worker, (0, 0))
@@ -117,13 +131,23 @@ class ShardStream(IterableDataset):
             epoch, consumed = epoch + 1, 0  # the incomplete last batch of an epoch is dropped
 
 
+class _Loader(DataLoader):
+    """A DataLoader that turns a worker's error batch into a DataError in the main process."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        for batch in super().__iter__():
+            if "error" in batch:
+                raise DataError(batch["error"])
+            yield batch
+
+
 def make_loader(paths: list[Path], config: TrainConfig, start: dict[int, tuple[int, int]] | None = None,
                 pin_memory: bool = False) -> DataLoader:
     """Batches for one rank; batch["position"] = (worker, epoch, batches consumed incl. this one).
 
     pin_memory (on CUDA): batches land in page-locked memory, so that `.to(device, non_blocking=True)` copies
     them while the GPU still works on the previous step."""
-    return DataLoader(
+    return _Loader(
         ShardStream(paths, config, start),
         batch_size=None,  # the stream batches itself so that positions are per worker
         num_workers=config.num_workers,

@@ -2,21 +2,34 @@
 
 Run folder (config.output):
     config.json                       the resolved TrainConfig (+ the shards' spec)
-    checkpoints/step_00000100/        full resume state: accelerate save_state (model, optimizer, LR schedule,
-                                      RNG of every rank) + EMA + step counters + data_rank<r>.json
+    checkpoints/step_00000100/        full resume state: accelerate save_state (model.safetensors, optimizer.bin,
+                                      scheduler.bin), ema.safetensors, progress.json (step counters),
+                                      rng_rank<r>.safetensors and data_rank<r>.json (every rank), manifest.json
+                                      (size and SHA-256 of every file), `complete` (written last)
     model/ema.safetensors, config.json  EMA inference weights: what `train.load_model` reads (its default)
     model/raw.safetensors             the online (raw) weights of the same moment: `load_model(..., weights="raw")`
     logs/                             TensorBoard
-Resume = run the same command again: the newest complete checkpoint is loaded.
+Resume = run the same command again: the newest complete checkpoint that matches its manifest is loaded (a broken one
+is reported, kept, and the one before it is used).
+
+Nothing in a checkpoint can run code when it is loaded: the weights, EMA and generator states are safetensors, the
+counters and data positions JSON, and the optimizer and LR schedule files (accelerate's torch.save pickles) are read
+with `weights_only=True`, torch's restricted unpickler that builds tensors and plain containers and refuses any other
+object. accelerate's own pickled generator file is not kept, and nothing is registered with
+`register_for_checkpointing` (accelerate unpickles those files without restriction). A checkpoint written in that older
+format is refused, never unpickled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
+import random
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -24,11 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import safetensors
 import safetensors.torch
 import torch
 from accelerate import Accelerator
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import set_seed
+from accelerate.utils.constants import RNG_STATE_NAME
 
 import shards
 from common.devices import tune_backends
@@ -42,16 +58,27 @@ from train.speed import speed_up
 # fields that may change when a run is resumed (they do not change what is being trained)
 # (not channels_last: the optimizer's saved moments keep the layout they were made in, and fused AdamW needs
 # them in the parameters' layout)
+# (output: a run folder may be moved; record_ranks only writes what each rank saw; shards, the folder's path, may
+# change too when the data there is the same: `data_fingerprint`)
 RESUMABLE_CHANGES = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "num_workers",
-                     "compile"}
+                     "compile", "output", "record_ranks"}
 # ...except these when the run's learning rate decays to 0 at its last step (lr_schedule linear or cosine)
 RUN_LENGTH = {"max_steps", "epochs"}
 COMPLETE = "complete"  # marker file written last into a checkpoint folder
+MANIFEST = "manifest.json"  # {"format": CHECKPOINT_FORMAT, "step": N, "files": {name: {"size", "sha256"}}}
+CHECKPOINT_FORMAT = 1
+EMA_FILE = "ema.safetensors"
+PROGRESS_FILE = "progress.json"
+STEP_FOLDER = re.compile(r"step_\d{8}")  # a checkpoint; step_N.tmp is being written, step_N.broken was set aside
 SCALING_TOLERANCE = 1e-6  # relative: the VAE scaling factors of the shards and of the run agree
 
 
 class ConfigError(RuntimeError):
     """A configuration that does not fit the data or the run folder (one line)."""
+
+
+class BrokenCheckpoint(Exception):
+    """A checkpoint folder that does not match its manifest; the message says which file and how (one line)."""
 
 
 class LearningRateSchedule:
@@ -104,6 +131,16 @@ def check_scaling_factor(config: TrainConfig, meta_path: Path) -> None:
                           f"{factor})")
 
 
+def data_fingerprint(folder: Path, paths: list[Path]) -> str:
+    """SHA-256 over the shard folder's meta.json (byte for byte) and the names and sizes of its shard files: unchanged
+    when the folder is copied or moved, changed by another stage-one run or a shard added, removed or rewritten to
+    another size (no shard is read: cheap for any data size). A run's config.json keeps it as "data_fingerprint"."""
+    digest = hashlib.sha256((folder / shards.META_FILE).read_bytes())
+    for path in sorted(paths, key=lambda p: p.name):
+        digest.update(f"\n{path.name} {path.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
 def saved_config(path: Path) -> dict[str, Any]:
     """A run folder's config.json as this version reads it (fields it lacks take what they meant then), as JSON."""
     old = json.loads(path.read_text(encoding="utf-8"))
@@ -115,7 +152,7 @@ def saved_config(path: Path) -> dict[str, Any]:
 
 @dataclass
 class Progress:
-    """Counters saved with every checkpoint (registered with accelerate)."""
+    """Counters saved with every checkpoint (progress.json)."""
 
     step: int = 0  # optimizer steps taken
     skipped: int = 0  # optimizer steps skipped because of a non-finite loss or gradient
@@ -126,7 +163,7 @@ class Progress:
         return {"step": self.step, "skipped": self.skipped, "samples": self.samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.skipped, self.samples = state["step"], state["skipped"], state["samples"]
+        self.step, self.skipped, self.samples = (int(state[name]) for name in ("step", "skipped", "samples"))
 
 
 @torch.no_grad()
@@ -167,6 +204,8 @@ def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[
         # a decaying learning rate reaches 0 at the run's last step: that step is part of what is trained
         fixed = RUN_LENGTH if config.lr_schedule != "constant" else set()
         differs = sorted(k for k in mine if (k not in RESUMABLE_CHANGES or k in fixed) and old.get(k) != mine[k])
+        if "shards" in differs and old.get("data_fingerprint") == data_fingerprint(Path(config.shards), paths):
+            differs.remove("shards")  # the same data at another path (a moved or copied folder)
         if differs and latest_checkpoint(Path(config.output)) is not None:
             reason = (f" (its learning rate decays to 0 at its last step, --lr-schedule {config.lr_schedule})"
                       if set(differs) <= fixed else "")
@@ -175,18 +214,117 @@ def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[
     return spec, paths, count
 
 
+def step_folders(output: Path) -> list[Path]:
+    """Checkpoint folders step_N, oldest first, complete or not (not step_N.tmp or step_N.broken)."""
+    folder = output / "checkpoints"
+    return sorted(p for p in folder.iterdir() if STEP_FOLDER.fullmatch(p.name)) if folder.is_dir() else []
+
+
+def complete_checkpoints(output: Path) -> list[Path]:
+    """Checkpoint folders with their `complete` marker, oldest first."""
+    return [p for p in step_folders(output) if (p / COMPLETE).exists()]
+
+
 def latest_checkpoint(output: Path) -> Path | None:
-    found = sorted(p for p in (output / "checkpoints").glob("step_*") if (p / COMPLETE).exists())
+    found = complete_checkpoints(output)
     return found[-1] if found else None
 
 
-def resolved_json(config: TrainConfig, spec: ShardSpec) -> str:
-    return json.dumps({**config.to_dict(), "spec": spec.to_dict()}, indent=2, sort_keys=True) + "\n"
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.safetensors"
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """A module's state as float32 safetensors, written to path.tmp and renamed (readers never see half a file)."""
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+def data_file(rank: int) -> str:
+    return f"data_rank{rank}.json"
+
+
+def file_digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save_rng_state(path: Path) -> None:
+    """This process's Python, NumPy, torch CPU and CUDA generator states as safetensors (tensors plus a JSON metadata
+    entry for the scalars): what accelerate keeps in a pickle, in a file that holds data only."""
+    python_version, python_state, python_gauss = random.getstate()
+    numpy_kind, numpy_state, numpy_pos, numpy_has_gauss, numpy_cached = np.random.get_state(legacy=True)
+    tensors = {"python": torch.tensor(python_state, dtype=torch.int64),
+               "numpy": torch.from_numpy(np.asarray(numpy_state, dtype=np.int64)), "torch": torch.get_rng_state()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    tensors.update({f"cuda{i}": state for i, state in enumerate(cuda)})
+    scalars = {"python_version": python_version, "python_gauss": python_gauss, "numpy_kind": numpy_kind,
+               "numpy_pos": numpy_pos, "numpy_has_gauss": numpy_has_gauss, "numpy_cached_gaussian": numpy_cached,
+               "cuda_devices": len(cuda)}
+    safetensors.torch.save_file(tensors, str(path), metadata={"scalars": json.dumps(scalars)})
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore what `save_rng_state` wrote (CUDA generators: those of the devices present both then and now)."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        scalars = json.loads(f.metadata()["scalars"])
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
+    random.setstate((int(scalars["python_version"]), tuple(int(x) for x in tensors["python"].tolist()),
+                     scalars["python_gauss"]))
+    np.random.set_state((str(scalars["numpy_kind"]), tensors["numpy"].numpy().astype(np.uint32),
+                         int(scalars["numpy_pos"]), int(scalars["numpy_has_gauss"]),
+                         float(scalars["numpy_cached_gaussian"])))
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        for i in range(min(int(scalars["cuda_devices"]), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(tensors[f"cuda{i}"], i)
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """manifest.json: the size and SHA-256 of every file in a checkpoint folder being written."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_digest(p)} for p in sorted(folder.iterdir())
+             if p.is_file() and p.name not in (MANIFEST, COMPLETE)}
+    manifest = {"format": CHECKPOINT_FORMAT, "step": step, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def verify_checkpoint(folder: Path, rank: int) -> None:
+    """BrokenCheckpoint unless the folder holds exactly the files its manifest lists, each of the size and SHA-256
+    written, including this rank's generator and data-position files: a truncated, corrupt, missing or added file is
+    found before anything is loaded. ConfigError for a checkpoint of the older pickled format (refused, never read)."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        if any(folder.glob("custom_checkpoint_*.pkl")) or any(folder.glob(f"{RNG_STATE_NAME}_*.pkl")):
+            raise ConfigError(f"{folder}: the checkpoint predates the safe checkpoint format (its state is pickled, "
+                              "and loading a pickle can run code); resume it with the version that wrote it, or train "
+                              "into another --output")
+        raise BrokenCheckpoint(f"{MANIFEST} missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        listed = {str(name): (int(entry["size"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+        written_format = manifest.get("format")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise BrokenCheckpoint(f"{MANIFEST} unreadable ({error})") from None
+    if written_format != CHECKPOINT_FORMAT:
+        raise BrokenCheckpoint(f"{MANIFEST} says format {written_format!r}, this version reads {CHECKPOINT_FORMAT}")
+    added = sorted({p.name for p in folder.iterdir()} - {MANIFEST, COMPLETE} - listed.keys())
+    if added:
+        raise BrokenCheckpoint(f"{added[0]} is not in its manifest (a file that training did not write)")
+    for name in (rng_file(rank), data_file(rank)):
+        if name not in listed:
+            raise BrokenCheckpoint(f"no {name} (written by fewer processes than this run has?)")
+    for name, (size, digest) in sorted(listed.items()):
+        path = folder / name
+        if not path.is_file():
+            raise BrokenCheckpoint(f"{name} missing")
+        if path.stat().st_size != size:
+            raise BrokenCheckpoint(f"{name} is truncated or overwritten ({path.stat().st_size} bytes, {size} written)")
+        if file_digest(path) != digest:
+            raise BrokenCheckpoint(f"{name} is corrupt (its SHA-256 differs from the one written)")
+
+
+def resolved_json(config: TrainConfig, spec: ShardSpec, **extra: Any) -> str:
+    return json.dumps({**config.to_dict(), "spec": spec.to_dict(), **extra}, indent=2, sort_keys=True) + "\n"
+
+
+def save_weights(model: torch.nn.Module, path: Path, float32: bool = True) -> None:
+    """A module's state as float32 safetensors (float32=False: in its own dtypes, bit for bit), written to path.tmp and
+    renamed (readers never see half a file)."""
+    tensors = {k: (v.detach().float() if float32 else v.detach()).cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
@@ -208,23 +346,45 @@ def export_model(ema: VTASAM, raw: torch.nn.Module, config: TrainConfig, spec: S
         os.replace(folder / "features.json.tmp", folder / "features.json")
 
 
+def set_aside(folder: Path) -> None:
+    """Rename a checkpoint folder to step_N.broken (step_N.broken-2, ... when taken): kept, never loaded or pruned."""
+    aside, n = folder.with_name(folder.name + ".broken"), 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.broken-{n}")
+    os.replace(folder, aside)
+
+
 def save_checkpoint(accelerator: Accelerator, output: Path, progress: Progress, positions: dict[int, tuple[int, int]],
-                    keep: int) -> Path:
-    """Full resume state in checkpoints/step_N (written to step_N.tmp first, renamed when complete)."""
+                    keep: int, ema: torch.nn.Module) -> Path:
+    """Full resume state in checkpoints/step_N (written to step_N.tmp first, renamed when complete).
+
+    Every rank writes its generator states and data position; the main process the EMA, the counters, then the
+    manifest and the `complete` marker. A checkpoint folder of this or a later step already there can only be one that
+    resume found broken and skipped: it is set aside (`set_aside`), not deleted. The oldest step folders beyond `keep`
+    are deleted, never the one just written."""
     final = output / "checkpoints" / f"step_{progress.step:08d}"
     tmp = final.with_name(final.name + ".tmp")
+    rank = accelerator.process_index
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    position_file = tmp / f"data_rank{accelerator.process_index}.json"
-    position_file.write_text(json.dumps({str(w): list(p) for w, p in positions.items()}), encoding="utf-8")
+    (tmp / f"{RNG_STATE_NAME}_{rank}.pkl").unlink(missing_ok=True)  # a pickle: kept in rng_rank<r>.safetensors instead
+    save_rng_state(tmp / rng_file(rank))
+    (tmp / data_file(rank)).write_text(json.dumps({str(w): list(p) for w, p in positions.items()}), encoding="utf-8")
+    if accelerator.is_main_process:
+        save_weights(ema, tmp / EMA_FILE, float32=False)
+        (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()), encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(tmp, progress.step)
         (tmp / COMPLETE).write_text(str(progress.step), encoding="utf-8")
-        shutil.rmtree(final, ignore_errors=True)
+        for skipped in step_folders(output):
+            if skipped.name >= final.name:
+                set_aside(skipped)
         os.replace(tmp, final)
-        old = sorted(p for p in final.parent.glob("step_*") if p.suffix != ".tmp")
+        old = step_folders(output)
         for stale in old[: max(0, len(old) - keep)]:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -280,26 +440,60 @@ def start_run(config: TrainConfig, spec: ShardSpec, accelerator: Accelerator, lo
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     prepared, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
     run = Run(config, spec, accelerator, prepared, ema.to(accelerator.device), optimizer, lr_schedule)
-    accelerator.register_for_checkpointing(run.ema, run.progress)
     resume(run, log)
     return run
 
 
+def one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def resume(run: Run, log: Any) -> None:
-    """Seed this rank's noise; when the run folder has a complete checkpoint, load it (weights, optimizer, LR schedule,
-    EMA, counters, every generator) and this rank's data position."""
+    """Seed this rank's noise; when the run folder has a complete checkpoint, load the newest one that matches its
+    manifest (weights, optimizer, LR schedule, EMA, counters, every generator, this rank's data position).
+
+    A newer checkpoint that does not match its manifest (a truncated, empty, corrupt, missing or added file) is
+    skipped with a warning naming it and the file: resuming from the one before it repeats those steps bit for bit,
+    whereas resuming with a lost generator state would silently train on other noise. Every rank checks the same files
+    and so picks the same checkpoint. ConfigError (one line) when checkpoints exist but none is usable, for a
+    checkpoint of the older pickled format, and when a checkpoint that matched its manifest still does not load."""
     accelerator = run.accelerator
     # noise, timesteps and dropped conditions differ per rank; a resumed run restores these generators instead
     set_seed(run.config.seed + 1000 * accelerator.process_index)
-    checkpoint = latest_checkpoint(run.output)
-    if checkpoint is None:
+    problems = []
+    for checkpoint in reversed(complete_checkpoints(run.output)):
+        try:
+            verify_checkpoint(checkpoint, accelerator.process_index)
+        except BrokenCheckpoint as error:
+            problems.append(f"{checkpoint.name}: {error}")
+            if accelerator.is_main_process:
+                log(f"warning: {checkpoint} is not usable, {error}; trying the checkpoint before it (the broken one is "
+                    "kept, renamed to *.broken when training reaches its step again)")
+            continue
+        load_checkpoint(run, checkpoint)
+        if accelerator.is_main_process:
+            log(f"resuming from {checkpoint} at step {run.progress.step}")
         return
-    accelerator.load_state(str(checkpoint))
-    position_file = checkpoint / f"data_rank{accelerator.process_index}.json"
-    run.positions = {int(w): (p[0], p[1]) for w, p in json.loads(position_file.read_text(encoding="utf-8")).items()}
+    if problems:
+        raise ConfigError(f"{run.output / 'checkpoints'}: no usable checkpoint ({'; '.join(problems)}); move the "
+                          "folder away to train from the start")
+
+
+def load_checkpoint(run: Run, checkpoint: Path) -> None:
+    """Load a verified checkpoint into the run: accelerate's files with weights_only=True, the rest from safetensors
+    and JSON (module docstring); ConfigError (one line) when one of them does not load."""
+    accelerator, rank = run.accelerator, run.accelerator.process_index
+    try:
+        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+        run.ema.load_state_dict(safetensors.torch.load_file(str(checkpoint / EMA_FILE), device=str(accelerator.device)))
+        run.progress.load_state_dict(json.loads((checkpoint / PROGRESS_FILE).read_text(encoding="utf-8")))
+        load_rng_state(checkpoint / rng_file(rank))
+        positions = json.loads((checkpoint / data_file(rank)).read_text(encoding="utf-8"))
+        run.positions = {int(w): (int(p[0]), int(p[1])) for w, p in positions.items()}
+    except Exception as error:  # any failure of the loaders (a refused pickle, a shape or key mismatch...): one line
+        raise ConfigError(f"{checkpoint}: does not load ({one_line(error)})") from None
     run.resumed_from = checkpoint
-    if accelerator.is_main_process:
-        log(f"resuming from {checkpoint} at step {run.progress.step}")
 
 
 def next_batch(stream: Iterator[dict[str, Any]], run: Run) -> tuple[dict[str, Any], int]:
@@ -387,7 +581,7 @@ class Bookkeeping:
     def checkpoint(self, export: bool) -> None:
         """The resume state (every rank), then the EMA and raw weights in model/ (main process) when `export`."""
         run = self.run
-        save_checkpoint(run.accelerator, run.output, run.progress, run.positions, run.config.keep_checkpoints)
+        save_checkpoint(run.accelerator, run.output, run.progress, run.positions, run.config.keep_checkpoints, run.ema)
         self.last_saved = run.progress.step
         if export and run.accelerator.is_main_process:
             self.export()
@@ -442,7 +636,9 @@ def train(config: TrainConfig, log: Any = print) -> int:
     accelerator = make_accelerator(config)
     if accelerator.is_main_process:
         Path(config.output).mkdir(parents=True, exist_ok=True)
-        (Path(config.output) / "config.json").write_text(resolved_json(config, spec), encoding="utf-8")
+        fingerprint = data_fingerprint(Path(config.shards), paths)
+        (Path(config.output) / "config.json").write_text(resolved_json(config, spec, data_fingerprint=fingerprint),
+                                                         encoding="utf-8")
     run = start_run(config, spec, accelerator, log, count)
     model, progress, rank = run.model, run.progress, accelerator.process_index
     stream = iter(data.make_loader(paths, config, run.positions, pin_memory=accelerator.device.type == "cuda"))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile
 import torch
 from tqdm import tqdm
 
@@ -291,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Sound for every video given. A video that fails (unreadable input, or an output that cannot be written:
+    folder, WAV, muxed copy) is one line on stderr naming it and the reason, and the remaining videos are still
+    tried; the exit code is 1 when any failed. Finished outputs of an earlier run are kept and skipped."""
     from eval.generate import write_wav
 
     args = build_parser().parse_args(argv)
@@ -325,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as error:
             failed += 1
             tqdm.write(f"error: {video}: cannot write {error.filename or out_video} ({error.strerror})", file=sys.stderr)
+        except soundfile.SoundFileError as error:  # libsndfile's own error for a WAV it cannot create
+            failed += 1
+            reason = getattr(error, "error_string", None) or str(error)
+            tqdm.write(f"error: {video}: cannot write {out_wav} ({reason.rstrip('.')})", file=sys.stderr)
     done = len(videos) - failed
     print(f"{done} of {len(videos)} videos have sound in {options.out}" + (f"; {failed} failed (see above)" if failed else ""))
     return 1 if failed else 0

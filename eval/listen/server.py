@@ -10,8 +10,19 @@ Routes (nothing else is served; no part of a request path ever reaches the file 
 
 Blinding: the page sees only random tokens (one per clip, one per (clip, system)) and the letters A, B, C, ...
 of a per-listener random order; system names and clip ids stay in the database.
-Bad input gets a 4xx JSON {"error": ...} and changes nothing: 400 malformed or invalid, 404 unknown listener or
-token, 409 duplicate, 411 no length, 413 body over MAX_BODY bytes, 415 not JSON, 416 bad range.
+Bad input gets a 4xx JSON {"error": ...} and changes nothing: 400 malformed or invalid (JSON nested too deeply
+included), 404 unknown listener or token, 409 duplicate, 411 no length, 413 body over MAX_BODY bytes, 415 not
+JSON, 416 bad range.
+
+Bound to a loopback address, the server answers only requests whose Host header is exactly a loopback name
+(127.0.0.1, localhost, [::1] or the bound address, with or without the server's port), so that a page served
+from elsewhere cannot reach it by DNS rebinding. A request whose body is not read (refused before reading it,
+or a GET/HEAD that carries one) gets its answer with `Connection: close` and the connection is closed: bytes
+of an unread body are never parsed as a further request. Patterns are matched whole (`fullmatch`: `$` alone
+would accept a final newline).
+
+It stays on the standard library's http.server: the page, the API and the database need nothing more, and a
+server framework would add dependencies to a tool run by hand on a laptop.
 """
 
 from __future__ import annotations
@@ -27,20 +38,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from eval.listen.store import LISTENER_PATTERN, DuplicateRating, RatingStore, valid_scores
+from eval.listen.store import DuplicateRating, RatingStore, valid_listener, valid_scores
 from eval.listen.study import ASPECT_TITLES, ASPECTS
 
 MAX_BODY = 4096  # bytes; a rating is ~200
 CHUNK = 256 * 1024
 DRAIN_LIMIT = 1 << 20  # an oversized body up to this size is read and dropped, so the client gets its 413 cleanly
-TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-RANGE_PATTERN = re.compile(r"^(?P<first>\d*)-(?P<last>\d*)$")
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")
+RANGE_PATTERN = re.compile(r"(?P<first>\d*)-(?P<last>\d*)")
 STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
 }
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]")  # what a Host header may name on a loopback bind
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -65,6 +76,14 @@ def listener_plan(seed: int, listener: str, clips: list[str], systems: list[str]
     return [(clip_id, rng.sample(systems, len(systems))) for clip_id in order]
 
 
+def allowed_hosts(bound: str, port: int) -> set[str]:
+    """The Host header values a server bound to the loopback address `bound` on `port` answers (lower case):
+    each loopback name and the bound address, alone or with ':<port>'; nothing else, not even a longer name
+    that starts with one of them."""
+    names = {*LOCAL_NAMES, f"[{bound}]" if ":" in bound else bound}
+    return names | {f"{name}:{port}" for name in names}
+
+
 def version_label(index: int) -> str:
     """A, B, ..., Z, AA, AB, ... (the only name a version has on the page)."""
     label = ""
@@ -82,7 +101,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     unit, _, spec = header.partition("=")
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
-    match = RANGE_PATTERN.match(spec.strip())
+    match = RANGE_PATTERN.fullmatch(spec.strip())
     unsatisfiable = HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE
     if match is None or not (match["first"] or match["last"]):
         raise HttpError(unsatisfiable, f"malformed range {header!r}", {"Content-Range": f"bytes */{size}"})
@@ -179,6 +198,7 @@ class ListeningHandler(BaseHTTPRequestHandler):
         self._dispatch(head=True)
 
     def do_POST(self) -> None:
+        self.body_read = False  # set by _read_json: an answer before that closes the connection
         try:
             self._check_host()
             path = urlsplit(self.path).path
@@ -190,6 +210,8 @@ class ListeningHandler(BaseHTTPRequestHandler):
             else:
                 raise HttpError(HTTPStatus.NOT_FOUND, "no such endpoint")
         except HttpError as error:
+            if not self.body_read:  # its bytes are still in the stream: they must not be read as a request
+                self.close_connection = True
             self._send_error(error)
         except Exception as error:  # a bug or a database failure: say so, keep serving the others
             self._internal_error(error)
@@ -200,6 +222,8 @@ class ListeningHandler(BaseHTTPRequestHandler):
         self._send_error(HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the server console); nothing was saved"))
 
     def _dispatch(self, head: bool) -> None:
+        if self.headers.get("Transfer-Encoding") or (self.headers.get("Content-Length") or "0").strip() != "0":
+            self.close_connection = True  # a body on GET/HEAD is never read: close rather than parse it as a request
         try:
             self._check_host()
             parts = urlsplit(self.path)
@@ -227,15 +251,16 @@ class ListeningHandler(BaseHTTPRequestHandler):
 
     # ---------------------------------------------------------------------------------------------- checks
     def _check_host(self) -> None:
-        """On a loopback address, answer only requests addressed to a loopback name: a web page elsewhere cannot
-        then reach the server through DNS rebinding."""
+        """On a loopback address, answer only requests whose one Host header is exactly a loopback name, alone or
+        with the server's port (`allowed_hosts`): a web page elsewhere cannot then reach the server through DNS
+        rebinding, whose Host header names the attacker's domain (e.g. 127.0.0.1.evil.example)."""
         bound = str(self.server.server_address[0])
-        if bound not in ("127.0.0.1", "::1") and not bound.startswith("127."):
+        if bound != "::1" and not bound.startswith("127."):
             return
-        host = (self.headers.get("Host") or "").strip()
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-        if name not in LOCAL_HOSTS and not name.startswith("127."):
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"unexpected Host header {host!r}")
+        hosts = self.headers.get_all("Host") or []
+        host = hosts[0].strip().lower() if len(hosts) == 1 else ""
+        if host not in allowed_hosts(bound, int(self.server.server_address[1])):
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"unexpected Host header {', '.join(hosts)!r}")
 
     def _read_json(self) -> Any:
         if self.headers.get("Transfer-Encoding"):
@@ -255,10 +280,12 @@ class ListeningHandler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             if length <= DRAIN_LIMIT:
                 self.rfile.read(length)
+                self.body_read = True
             else:
                 self.close_connection = True  # the unread body must not be parsed as the next request
             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
         data = self.rfile.read(length)
+        self.body_read = True
         kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if kind != "application/json":  # also keeps plain cross-site form posts out (they cannot send JSON)
             raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
@@ -266,9 +293,11 @@ class ListeningHandler(BaseHTTPRequestHandler):
             return json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise HttpError(HTTPStatus.BAD_REQUEST, "malformed JSON") from None
+        except RecursionError:  # json's decoder recurses per nesting level; MAX_BODY bytes of '[' exceed the limit
+            raise HttpError(HTTPStatus.BAD_REQUEST, "JSON nested too deeply") from None
 
     def _known_listener(self, listener: Any) -> str:
-        if not isinstance(listener, str) or not LISTENER_PATTERN.match(listener):
+        if not valid_listener(listener):
             raise HttpError(HTTPStatus.BAD_REQUEST, "listener id: 1-64 letters, digits, '.', '_' or '-'")
         if not self.server.store.has_listener(listener):
             raise HttpError(HTTPStatus.NOT_FOUND, "unknown listener: register first")
@@ -279,7 +308,7 @@ class ListeningHandler(BaseHTTPRequestHandler):
         if not isinstance(body, dict) or set(body) != {"listener"}:
             raise HttpError(HTTPStatus.BAD_REQUEST, 'expected {"listener": "<id>"}')
         listener = body["listener"]
-        if not isinstance(listener, str) or not LISTENER_PATTERN.match(listener):
+        if not valid_listener(listener):
             raise HttpError(HTTPStatus.BAD_REQUEST, "listener id: 1-64 letters, digits, '.', '_' or '-'")
         created = self.server.store.add_listener(listener)
         state = self.server.next_clip(listener)
@@ -333,7 +362,7 @@ class ListeningHandler(BaseHTTPRequestHandler):
 
     def _send_media(self, token: str, head: bool) -> None:
         """One registered file, whole (200) or one byte range (206). The token is only a dictionary key."""
-        path = self.server.media.get(token) if TOKEN_PATTERN.match(token) else None
+        path = self.server.media.get(token) if TOKEN_PATTERN.fullmatch(token) else None
         if path is None:
             raise HttpError(HTTPStatus.NOT_FOUND, "not found")
         size = path.stat().st_size

@@ -20,7 +20,7 @@ from typing import Any
 
 from eval.listen.study import ASPECTS
 
-LISTENER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LISTENER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the whole id: see valid_listener
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS study (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS clips (
@@ -47,6 +47,12 @@ class DuplicateRating(Exception):
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def valid_listener(listener: Any) -> bool:
+    """True for a string that LISTENER_PATTERN matches whole: `fullmatch`, since `re.match` with `$` would let
+    'ann\\n' through as a second listener beside 'ann'."""
+    return isinstance(listener, str) and LISTENER_PATTERN.fullmatch(listener) is not None
 
 
 def valid_scores(scores: Any) -> bool:
@@ -121,7 +127,7 @@ class RatingStore:
     # ------------------------------------------------------------------------------------- listeners, ratings
     def add_listener(self, listener: str) -> bool:
         """Register a listener id (see LISTENER_PATTERN); False when it was already there (a returning listener)."""
-        if not LISTENER_PATTERN.match(listener):
+        if not valid_listener(listener):
             raise ValueError(f"listener id {listener!r}: use 1-64 letters, digits, '.', '_' or '-'")
         with self._lock, self._db:
             cursor = self._db.execute("INSERT OR IGNORE INTO listeners VALUES (?, ?)", (listener, _now()))

@@ -1,0 +1,175 @@
+"""Hostile and damaged run folders: no checkpoint file runs code, a broken checkpoint is skipped (never silently half
+loaded), a moved run folder resumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train_run import _state, run
+from tests.test_train_support import one_thread, write_shards  # noqa: F401
+
+FLAGS = ["--checkpoint-every", "2"]
+
+
+class Plant:
+    """Unpickling this creates `marker`: what a tampered pickle could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def hostile_pickle(path: Path, marker: Path) -> None:
+    """A torch.save file whose full unpickling creates `marker` (checked on a copy, so the test is not vacuous)."""
+    torch.save({"state": Plant(marker)}, path)
+    control = marker.with_name(marker.name + ".control")
+    copy = path.with_name(path.name + ".copy")
+    shutil.copy(path, copy)
+    torch.save({"state": Plant(control)}, copy)
+    torch.load(copy, weights_only=False)
+    assert control.exists()
+    copy.unlink()
+    control.unlink()
+
+
+def rewrite_manifest(checkpoint: Path, name: str) -> None:
+    """Make manifest.json agree with the file `name` as it is now (what someone tampering would do)."""
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    data = (checkpoint / name).read_bytes()
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.fixture
+def data(tmp_path):
+    folder = tmp_path / "shards"
+    write_shards(folder, num_shards=1, per_shard=8)
+    return folder
+
+
+def test_a_checkpoint_in_the_old_pickled_format_is_refused_unread(tmp_path, capsys, data):
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 0
+    checkpoint = out / "checkpoints/step_00000002"
+    for name in ("manifest.json", "ema.safetensors", "progress.json", "rng_rank0.safetensors"):
+        (checkpoint / name).unlink()
+    hostile_pickle(checkpoint / "custom_checkpoint_0.pkl", marker)  # what register_for_checkpointing wrote
+    torch.save({"step": 2, "skipped": 0, "samples": 4}, checkpoint / "custom_checkpoint_1.pkl")
+    hostile_pickle(checkpoint / "random_states_0.pkl", marker)
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 2
+    assert "step_00000002: the checkpoint predates the safe checkpoint format" in one_error_line(capsys)
+    assert not marker.exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]  # left as it was
+
+
+def test_a_pickle_added_to_a_checkpoint_is_never_loaded(tmp_path, capsys, data):
+    """accelerate would read random_states_0.pkl if it were there: a file the manifest does not list makes the
+    checkpoint unusable; the one before it is resumed from."""
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 0
+    hostile_pickle(out / "checkpoints/step_00000004/random_states_0.pkl", marker)
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 0
+    printed = capsys.readouterr().out
+    assert "step_00000004 is not usable, random_states_0.pkl is not in its manifest" in printed
+    assert "resuming from" in printed and "step_00000002 at step 2" in printed
+    assert not marker.exists()
+
+
+def test_a_tampered_optimizer_file_is_refused_by_the_restricted_unpickler(tmp_path, capsys, data):
+    """Even with a manifest that agrees, optimizer.bin (a torch.save pickle) is read with weights_only=True."""
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 0
+    checkpoint = out / "checkpoints/step_00000002"
+    hostile_pickle(checkpoint / "optimizer.bin", marker)
+    rewrite_manifest(checkpoint, "optimizer.bin")
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 2
+    assert "step_00000002: does not load (UnpicklingError" in one_error_line(capsys)
+    assert not marker.exists()
+
+
+def empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("name", "damage"), [("rng_rank0.safetensors", empty), ("rng_rank0.safetensors", truncate),
+                                              ("model.safetensors", truncate), ("optimizer.bin", flip_a_byte),
+                                              ("progress.json", empty), ("ema.safetensors", Path.unlink)])
+def test_a_broken_newest_checkpoint_falls_back_to_the_one_before_exactly(tmp_path, capsys, data, name, damage):
+    """A damaged generator state would silently change the noise of every later step: the checkpoint is skipped with a
+    warning naming it and the file, the steps after the previous one are trained again, bit for bit, and the broken
+    folder is kept aside (nothing written is deleted)."""
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 0
+    uninterrupted = _state(out / "checkpoints/step_00000004")
+    damage(out / "checkpoints/step_00000004" / name)
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 0
+    printed = capsys.readouterr().out
+    assert f"warning: {out / 'checkpoints/step_00000004'} is not usable, {name}" in printed, printed
+    assert "step_00000002 at step 2" in printed
+    resumed = _state(out / "checkpoints/step_00000004")
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004",
+                                                                       "step_00000004.broken"]
+    assert (name in {p.name for p in (out / "checkpoints/step_00000004.broken").iterdir()}) == (damage is not Path.unlink)
+
+
+def test_no_usable_checkpoint_is_one_line_and_nothing_is_deleted(tmp_path, capsys, data):
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 0
+    truncate(out / "checkpoints/step_00000004/rng_rank0.safetensors")
+    empty(out / "checkpoints/step_00000002/model.safetensors")
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "6", *FLAGS) == 2
+    err = one_error_line(capsys)
+    assert "no usable checkpoint (step_00000004: rng_rank0.safetensors is truncated" in err
+    assert "step_00000002: model.safetensors is truncated" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_a_moved_run_folder_resumes(tmp_path, capsys, data):
+    """The output path, --record-ranks and the shards path (when the data there is the same) do not change what is
+    trained: they do not block a resume; other data at the same or another path does."""
+    assert run(data, tmp_path / "a", "--max-steps", "4", *FLAGS) == 0
+    assert run(data, tmp_path / "b", "--max-steps", "2", *FLAGS) == 0
+    shutil.move(tmp_path / "b", tmp_path / "moved")
+    shutil.copytree(data, tmp_path / "copied")
+    write_shards(tmp_path / "other", num_shards=1, per_shard=9)
+    capsys.readouterr()
+    assert run(tmp_path / "other", tmp_path / "moved", "--max-steps", "4", *FLAGS) == 2
+    assert "trained with other shards;" in one_error_line(capsys)
+    assert run(tmp_path / "copied", tmp_path / "moved", "--max-steps", "4", *FLAGS, "--record-ranks") == 0
+    assert "step_00000002 at step 2" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "moved/config.json").read_text())
+    assert (saved["output"], saved["shards"]) == (str(tmp_path / "moved"), str(tmp_path / "copied"))
+    a, b = _state(tmp_path / "a/checkpoints/step_00000004"), _state(tmp_path / "moved/checkpoints/step_00000004")
+    assert all(torch.equal(a[key], b[key]) for key in a)
