@@ -178,8 +178,12 @@ def iterate_reference_audio(folder: str | Path, split: str, ids: Iterable[str]) 
 
 
 def iterate_split_samples(folder: str | Path, split: str, ids: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Decoded samples of `split` (restricted to `ids` when given), in shard order."""
-    return shards.iter_split(folder, split, None if ids is None else set(ids))
+    """Decoded samples of `split` (restricted to `ids` when given), in shard order; EvalError naming the shard when
+    one cannot be read."""
+    try:
+        yield from shards.iter_split(folder, split, None if ids is None else set(ids))
+    except shards.ShardFormatError as error:
+        raise EvalError(str(error)) from None
 
 
 def shards_config_sha256(folder: str | Path) -> str:

@@ -48,7 +48,6 @@ from common.weights import sha256_file
 from eval.clips import WAV_DIR, EvalError, iterate_split_samples, shards_config_sha256, wav_path
 from eval.config import MODEL_WEIGHTS, EvalConfig, ModelWeights
 from train.config import TrainConfig
-from train.data import to_example
 from train.diffusion import sampling_scheduler
 from train.speed import speed_up
 
@@ -208,7 +207,8 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
         batch.clear()
 
     for sample in iterate_split_samples(config.shards, config.split, todo):
-        batch.append(to_example(sample, train_config.object_threshold))
+        # the conditions exactly as training derives them (`shards.conditions`)
+        batch.append({"id": sample[shards.META_KEY]["id"], **shards.sample_conditions(sample, train_config.object_threshold)})
         if len(batch) == config.batch_size:
             flush()
     if batch:

@@ -12,11 +12,12 @@ handles free text.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+
+from common.weights import sha256_file
 
 NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
 VERB_TAGS = frozenset({"VB", "VBP", "VBZ"})
@@ -131,7 +132,7 @@ def label_nouns() -> dict[str, tuple[str, ...]]:
 
 def label_nouns_sha256() -> str:
     """Checksum of the table file, recorded in stage one's meta.json (the table decides what is grounded)."""
-    return hashlib.sha256(LABEL_NOUNS_FILE.read_bytes()).hexdigest()
+    return sha256_file(LABEL_NOUNS_FILE)
 
 
 def caption_nouns(caption: str, tagger: str = "pattern", max_nouns: int | None = None) -> list[str]:

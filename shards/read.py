@@ -23,7 +23,7 @@ from typing import Any
 
 import webdataset as wds
 
-from shards.io import META_FILE, iterate_samples, list_shards, read_spec
+from shards.io import META_FILE, list_shards, read_spec
 from shards.schema import META_KEY, SAMPLE_KEYS, SampleMeta, ShardFormatError, ShardSpec
 from shards.stream import check_member, decode_checked, read_raw
 
@@ -84,10 +84,12 @@ def iter_split(folder: Folder, split: str, ids: Collection[str] | None = None) -
     """Decoded samples of `split` (only the clips `ids` when given), in shard order."""
     wanted = None if ids is None else set(ids)
     folder = _require_folder(folder)
-    for sample in iterate_samples(split_shards(folder, split), read_spec(folder)):
-        meta = sample[META_KEY]
-        if meta.get("split") == split and (wanted is None or meta.get("id") in wanted):
-            yield sample
+    spec = read_spec(folder)
+    for path in split_shards(folder, split):
+        for raw in read_raw(path, spec):
+            meta = _meta(path, raw[META_KEY])  # only the json is parsed for the samples left out
+            if meta.split == split and (wanted is None or meta.id in wanted):
+                yield decode_checked(raw, spec)
 
 
 def _samples(path: Path, exts: Collection[str]) -> Iterator[dict[str, bytes]]:

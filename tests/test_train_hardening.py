@@ -173,3 +173,28 @@ def test_a_moved_run_folder_resumes(tmp_path, capsys, data):
     assert (saved["output"], saved["shards"]) == (str(tmp_path / "moved"), str(tmp_path / "copied"))
     a, b = _state(tmp_path / "a/checkpoints/step_00000004"), _state(tmp_path / "moved/checkpoints/step_00000004")
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_checkpoint_of_another_process_count_is_one_line_on_every_rank(tmp_path, capsys, data):
+    """A checkpoint written by two processes resumed by one: every rank refuses it the same way (no rank falls back
+    alone to an older checkpoint while another loads the newest)."""
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 0
+    checkpoint = out / "checkpoints/step_00000002"
+    for name in ("rng_rank0.safetensors", "data_rank0.json"):  # as if a rank 1 had written its files too
+        shutil.copy(checkpoint / name, checkpoint / name.replace("rank0", "rank1"))
+        rewrite_manifest(checkpoint, name.replace("rank0", "rank1"))
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 2
+    assert "written by 2 process(es), this run has 1" in one_error_line(capsys)
+
+
+def test_a_torn_run_config_is_one_line(tmp_path, capsys, data):
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 0
+    config = (out / "config.json").read_text()
+    (out / "config.json").write_text(config[: len(config) // 2])  # cut by a crash of another writer
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 2
+    assert "config.json: unreadable" in one_error_line(capsys)
+    assert not list(out.rglob("*.tmp"))  # the run's own files are written through a temporary name and renamed

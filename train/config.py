@@ -150,6 +150,8 @@ class TrainConfig(ConfigMethods):
             raise ValueError(f"object_threshold must be in [0, 1] (a detector score), got {self.object_threshold}")
         if self.batch_size < 1 or self.grad_accumulation < 1:
             raise ValueError("batch_size and grad_accumulation must be at least 1")
+        if self.keep_checkpoints < 1 or self.checkpoint_every < 1:
+            raise ValueError("keep_checkpoints and checkpoint_every must be at least 1 (resume needs a checkpoint)")
         if self.snr_weighting not in SNR_WEIGHTINGS:
             raise ValueError(f"snr_weighting must be one of {SNR_WEIGHTINGS}, got {self.snr_weighting!r}")
         if not (self.min_snr_gamma > 0 or self.snr_weighting == "none" and self.min_snr_gamma >= 0):

@@ -47,7 +47,7 @@ def check_shards(config: TrainConfig) -> tuple[shards.ShardSpec, list[Path]]:
         raise DataError(str(error)) from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DataError(f"{folder / shards.META_FILE}: unreadable ({error})") from None
-    paths = shards.list_shards(folder)
+    paths = shards.split_shards(folder, config.split)  # the split's own shards when stage one named them after it
     if not paths:
         raise DataError(f"{folder}: no complete shard (*.tar) in the folder")
     return spec, paths

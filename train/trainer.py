@@ -48,6 +48,7 @@ from accelerate.utils.constants import RNG_STATE_NAME
 
 import shards
 from common.devices import tune_backends
+from common.weights import sha256_file
 from shards import ShardSpec
 from train import data
 from train.config import TrainConfig
@@ -143,7 +144,12 @@ def data_fingerprint(folder: Path, paths: list[Path]) -> str:
 
 def saved_config(path: Path) -> dict[str, Any]:
     """A run folder's config.json as this version reads it (fields it lacks take what they meant then), as JSON."""
-    old = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: unreadable ({error}); restore it or train into another --output") from None
+    if not isinstance(old, dict):
+        raise ConfigError(f"{path}: not a training configuration (a JSON object)")
     try:
         return {**old, **json.loads(json.dumps(TrainConfig.from_dict(old).to_dict()))}
     except (TypeError, ValueError):
@@ -230,17 +236,15 @@ def latest_checkpoint(output: Path) -> Path | None:
     return found[-1] if found else None
 
 
+RNG_FILE_PATTERN = re.compile(r"rng_rank\d+\.safetensors")
+
+
 def rng_file(rank: int) -> str:
     return f"rng_rank{rank}.safetensors"
 
 
 def data_file(rank: int) -> str:
     return f"data_rank{rank}.json"
-
-
-def file_digest(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_rng_state(path: Path) -> None:
@@ -276,16 +280,18 @@ def load_rng_state(path: Path) -> None:
 
 def write_manifest(folder: Path, step: int) -> None:
     """manifest.json: the size and SHA-256 of every file in a checkpoint folder being written."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": file_digest(p)} for p in sorted(folder.iterdir())
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(folder.iterdir())
              if p.is_file() and p.name not in (MANIFEST, COMPLETE)}
     manifest = {"format": CHECKPOINT_FORMAT, "step": step, "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def verify_checkpoint(folder: Path, rank: int) -> None:
+def verify_checkpoint(folder: Path, world_size: int) -> None:
     """BrokenCheckpoint unless the folder holds exactly the files its manifest lists, each of the size and SHA-256
-    written, including this rank's generator and data-position files: a truncated, corrupt, missing or added file is
-    found before anything is loaded. ConfigError for a checkpoint of the older pickled format (refused, never read)."""
+    written: a truncated, corrupt, missing or added file is found before anything is loaded. ConfigError for a
+    checkpoint of the older pickled format (refused, never read) and for one written by another number of processes
+    (every rank needs its own generator and data-position files). Every rank reaches the same verdict on the same
+    files, so all ranks resume from the same checkpoint."""
     manifest_path = folder / MANIFEST
     if not manifest_path.exists():
         if any(folder.glob("custom_checkpoint_*.pkl")) or any(folder.glob(f"{RNG_STATE_NAME}_*.pkl")):
@@ -304,21 +310,29 @@ def verify_checkpoint(folder: Path, rank: int) -> None:
     added = sorted({p.name for p in folder.iterdir()} - {MANIFEST, COMPLETE} - listed.keys())
     if added:
         raise BrokenCheckpoint(f"{added[0]} is not in its manifest (a file that training did not write)")
-    for name in (rng_file(rank), data_file(rank)):
-        if name not in listed:
-            raise BrokenCheckpoint(f"no {name} (written by fewer processes than this run has?)")
+    written_by = sum(1 for name in listed if RNG_FILE_PATTERN.fullmatch(name))
+    if written_by != world_size or any(data_file(r) not in listed for r in range(world_size)):
+        raise ConfigError(f"{folder}: written by {written_by} process(es), this run has {world_size}; resume with "
+                          f"{written_by} process(es)")
     for name, (size, digest) in sorted(listed.items()):
         path = folder / name
         if not path.is_file():
             raise BrokenCheckpoint(f"{name} missing")
         if path.stat().st_size != size:
             raise BrokenCheckpoint(f"{name} is truncated or overwritten ({path.stat().st_size} bytes, {size} written)")
-        if file_digest(path) != digest:
+        if sha256_file(path) != digest:
             raise BrokenCheckpoint(f"{name} is corrupt (its SHA-256 differs from the one written)")
 
 
 def resolved_json(config: TrainConfig, spec: ShardSpec, **extra: Any) -> str:
     return json.dumps({**config.to_dict(), "spec": spec.to_dict(), **extra}, indent=2, sort_keys=True) + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write to path.tmp, then rename: a reader (or a resumed run) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def save_weights(model: torch.nn.Module, path: Path, float32: bool = True) -> None:
@@ -339,11 +353,10 @@ def export_model(ema: VTASAM, raw: torch.nn.Module, config: TrainConfig, spec: S
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(ema, folder / "ema.safetensors")
     save_weights(raw, folder / "raw.safetensors")
-    (folder / "config.json").write_text(resolved_json(config, spec), encoding="utf-8")
+    write_atomically(folder / "config.json", resolved_json(config, spec))
     meta = Path(config.shards) / shards.META_FILE
     if meta.is_file():
-        (folder / "features.json.tmp").write_text(meta.read_text(encoding="utf-8"), encoding="utf-8")
-        os.replace(folder / "features.json.tmp", folder / "features.json")
+        write_atomically(folder / "features.json", meta.read_text(encoding="utf-8"))
 
 
 def set_aside(folder: Path) -> None:
@@ -464,7 +477,7 @@ def resume(run: Run, log: Any) -> None:
     problems = []
     for checkpoint in reversed(complete_checkpoints(run.output)):
         try:
-            verify_checkpoint(checkpoint, accelerator.process_index)
+            verify_checkpoint(checkpoint, accelerator.num_processes)
         except BrokenCheckpoint as error:
             problems.append(f"{checkpoint.name}: {error}")
             if accelerator.is_main_process:
@@ -626,8 +639,7 @@ class RankRecorder:
         self.ids.write("".join(f"{epoch} {step} {clip_id}\n" for clip_id in clip_ids))
 
     def save_weights(self, model: torch.nn.Module) -> None:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        safetensors.torch.save_file(weights, str(self.folder / f"weights_rank{self.rank}.safetensors"))
+        save_weights(model, self.folder / f"weights_rank{self.rank}.safetensors", float32=False)
 
 
 def train(config: TrainConfig, log: Any = print) -> int:
@@ -637,8 +649,7 @@ def train(config: TrainConfig, log: Any = print) -> int:
     if accelerator.is_main_process:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         fingerprint = data_fingerprint(Path(config.shards), paths)
-        (Path(config.output) / "config.json").write_text(resolved_json(config, spec, data_fingerprint=fingerprint),
-                                                         encoding="utf-8")
+        write_atomically(Path(config.output) / "config.json", resolved_json(config, spec, data_fingerprint=fingerprint))
     run = start_run(config, spec, accelerator, log, count)
     model, progress, rank = run.model, run.progress, accelerator.process_index
     stream = iter(data.make_loader(paths, config, run.positions, pin_memory=accelerator.device.type == "cuda"))
