@@ -55,7 +55,7 @@ def test_torchrun_two_processes(tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_launch_two_processes(tmp_path):
-    """FACTS.md: `--cpu --num_processes 2` runs ONE process; `--multi_gpu` with Accelerator(cpu=True) runs two."""
+    """accelerate 1.15 on the CPU: `--cpu --num_processes 2` runs ONE process; `--multi_gpu` with Accelerator(cpu=True) runs two."""
     ids = write_shards(tmp_path / "shards", num_shards=4, per_shard=4)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
