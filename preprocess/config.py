@@ -52,6 +52,7 @@ class FeatureConfig(ConfigMethods):
     frame_batch: int = field(default=64, metadata={"help": "frames per CLIP / Grounding DINO / SAM forward pass"})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda when there), 'cpu' or 'cuda[:N]'"})
     half: bool = field(default=True, metadata={"help": "float16 inference when on CUDA (ignored on the CPU)"})
+    max_memory_gib: float = field(default=0.0, metadata={"help": "on CUDA, let stage one use at most this many GiB of the device (0: no cap); emulates a smaller card on a big one. The first frame batch is also sized from the free memory (an estimate per model); a pass that runs out of memory is halved and rerun, and the smaller batch kept"})
     # --- output ----------------------------------------------------------------------------
     shard_max_samples: int = field(default=8, metadata={"help": "samples per shard (a killed run loses at most the shard in progress)"})
 
@@ -64,6 +65,8 @@ class FeatureConfig(ConfigMethods):
             raise ValueError("fps and window_seconds must be positive")
         if self.max_nouns < 1:
             raise ValueError("max_nouns must be at least 1")
+        if self.max_memory_gib < 0:
+            raise ValueError("max_memory_gib must be 0 (no cap) or positive")
 
     @property
     def num_frames(self) -> int:

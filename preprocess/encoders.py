@@ -23,10 +23,10 @@ import logging
 import pickle
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import open_clip
 import torch
@@ -53,6 +53,16 @@ from preprocess.model_configs import TINY_BERT_VOCAB, random_configs
 ASSETS = Path(__file__).parent / "assets"
 TINY_CLIP_CONFIG = ASSETS / "vta-tiny-clip.json"  # registered with open_clip under its stem, "vta-tiny-clip"
 GROUNDING_DELIMITERS = ("[CLS]", "[SEP]", ".", "?")
+GIB = 1024**3
+# Estimated peak CUDA memory per frame of one forward pass (half precision), used only to size the first frame
+# batch from the device's free memory. Grounding DINO Swin-T + SAM ViT-B at 800x1333 peaked at 53.8 GiB for 64
+# frames on an H200 (0.84 GiB a frame); the cost is taken as proportional to the input's pixels. CLIP ViT-L/14 at
+# 224 px is far cheaper; 0.1 GiB a frame is a generous bound. These are estimates: the out-of-memory halving of
+# `AdaptiveBatch` is what guarantees a pass fits.
+GROUNDING_GIB_PER_MEGAPIXEL = 53.8 / 64 / (800 * 1333 / 1e6)
+CLIP_GIB_PER_FRAME = 0.1
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 if TINY_CLIP_CONFIG.stem not in open_clip.list_models():
     open_clip.add_model_config(TINY_CLIP_CONFIG)
@@ -74,6 +84,86 @@ def _quiet_open_clip() -> Iterator[None]:
         root.removeFilter(drop)
 
 
+# ----------------------------------------------------------------------------------- memory
+def cap_cuda_memory(max_memory_gib: float, device: torch.device) -> None:
+    """With `max_memory_gib` > 0 on CUDA, let this process's allocator hold at most that much of the device
+    (`torch.cuda.set_per_process_memory_fraction`): a bigger card then runs out of memory where a card of that
+    size would, which `AdaptiveBatch` answers by halving. Nothing happens on the CPU or with 0 (no cap)."""
+    if max_memory_gib <= 0 or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * GIB / total), device)
+
+
+class AdaptiveBatch:
+    """How many frames go through one forward pass of a model; halved whenever CUDA runs out of memory.
+
+    `map(n, run)` calls `run(part)` on consecutive slices covering range(n), each at most `size` long, and returns
+    the results in order. A pass that raises `torch.OutOfMemoryError` is discarded, the CUDA cache is emptied,
+    `size` becomes half that pass's length and the same slice is run again in the smaller passes, down to one
+    frame; there the error is re-raised as a one-line RuntimeError. So each item appears exactly once in the
+    results, computed by the same per-item computation as in an uninterrupted run (equal up to how the model's
+    numerics depend on the batch size). The smaller size is kept for the rest of the run, with one warning per
+    change. `run` must not keep side effects of a pass that fails (return its results instead).
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        self.size = max(1, size)
+        self.name = name
+
+    def map(self, n: int, run: Callable[[slice], _T]) -> list[_T]:
+        out: list[_T] = []
+        start = 0
+        while start < n:
+            part = slice(start, min(n, start + self.size))
+            length, failed = part.stop - part.start, False
+            try:
+                out.append(run(part))
+            except torch.OutOfMemoryError as error:
+                if length == 1:
+                    first = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
+                    raise RuntimeError(f"CUDA out of memory in {self.name} at 1 frame per pass ({first}); "
+                                       f"free GPU memory or use a bigger card") from None
+                failed = True
+            if failed:  # outside the handler: the failed pass's tensors, held by its traceback, are released
+                self.size = length // 2
+                torch.cuda.empty_cache()  # a no-op unless CUDA was initialised
+                log.warning("CUDA out of memory at %d frames per pass; continuing with %d (%s)", length, self.size,
+                            self.name)
+            else:
+                start = part.stop
+        return out
+
+    def fit_free_memory(self, device: torch.device, gib_per_frame: float, max_memory_gib: float = 0.0) -> None:
+        """On CUDA, lower `size` to the frames that the device's free memory (within `max_memory_gib`, if set)
+        holds at an estimated `gib_per_frame`; the estimate only sets the start, halving on out-of-memory
+        corrects it. Unchanged on the CPU."""
+        if device.type != "cuda" or gib_per_frame <= 0:
+            return
+        free = float(torch.cuda.mem_get_info(device)[0])
+        if max_memory_gib > 0:
+            free = min(free, max_memory_gib * GIB - torch.cuda.memory_reserved(device))
+        fits = max(1, int(free / GIB / gib_per_frame))
+        if fits < self.size:
+            log.info("%s: %.1f GiB free holds about %d frames per pass (was %d)", self.name, free / GIB, fits,
+                     self.size)
+            self.size = fits
+
+
+class _Batched:
+    """A model that runs frames in `AdaptiveBatch` passes; `batch` is their current size (settable)."""
+
+    batches: AdaptiveBatch
+
+    @property
+    def batch(self) -> int:
+        return self.batches.size
+
+    @batch.setter
+    def batch(self, size: int) -> None:
+        self.batches.size = max(1, size)
+
+
 # ----------------------------------------------------------------------------------- CLIP
 def _looks_like_torchscript(path: Path) -> bool:
     """Whether the file is shaped like a TorchScript archive (a zip holding constants.pkl).
@@ -90,7 +180,7 @@ def _looks_like_torchscript(path: Path) -> bool:
         return False
 
 
-class CLIPEncoder(FrozenModule):
+class CLIPEncoder(_Batched, FrozenModule):
     """open_clip image/text towers; raw projected embeddings (not L2-normalised), one per frame or text."""
 
     model: Any  # open_clip CLIP or CustomTextCLIP
@@ -102,7 +192,8 @@ class CLIPEncoder(FrozenModule):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.batch = batch
+        self.batches = AdaptiveBatch(batch, "CLIP")
+        self.gib_per_frame = CLIP_GIB_PER_FRAME
         self.checksum = checksum
         size = preprocess_cfg["size"]
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -169,11 +260,12 @@ class CLIPEncoder(FrozenModule):
 
     @torch.inference_mode()
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, H, W, 3) frames -> (N, D) float32 image embeddings, `cfg.frame_batch` frames per pass."""
+        """uint8 (N, H, W, 3) frames -> (N, D) float32 image embeddings, at most `cfg.frame_batch` frames per pass
+        (fewer after CUDA ran out of memory: `AdaptiveBatch`)."""
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
             raise ValueError(f"frames must be uint8 (N, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
-        out = [self.model.encode_image(self.preprocess(frames[part])).float().cpu()
-               for part in chunks(frames.shape[0], self.batch)]
+        out = self.batches.map(frames.shape[0], lambda part: self.model.encode_image(
+            self.preprocess(frames[part])).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
 
     @torch.inference_mode()
@@ -297,7 +389,7 @@ class Detections:
         return self.detector * self.iou
 
 
-class Grounder(FrozenModule):
+class Grounder(_Batched, FrozenModule):
     """p_tk: the probability that caption noun k is seen in frame t (Grounding DINO, optionally times SAM's IoU).
 
     For each frame and noun, the score of a detection query is its highest sigmoid logit over the noun's tokens;
@@ -317,7 +409,9 @@ class Grounder(FrozenModule):
         self.image_size = image_size
         self.sam = sam
         self.sam_image_processor = sam_image_processor
-        self.batch = batch
+        self.batches = AdaptiveBatch(batch, "Grounding DINO" + (" + SAM" if sam is not None else ""))
+        # estimate, proportional to the input's pixels (see GROUNDING_GIB_PER_MEGAPIXEL)
+        self.gib_per_frame = GROUNDING_GIB_PER_MEGAPIXEL * image_size["shortest_edge"] * image_size["longest_edge"] / 1e6
         self.checksum = checksum
         self.freeze()
 
@@ -385,8 +479,10 @@ class Grounder(FrozenModule):
         """frames[i]: uint8 (T_i, H_i, W_i, 3); nouns[i]: clip i's nouns -> per clip float32 (T_i, K_i) detector
         scores and IoUs in [0, 1].
 
-        Frames of all clips are batched together (`cfg.frame_batch` per pass), each with its own clip's prompt;
-        clips without nouns get (T_i, 0) results and cost nothing.
+        Frames of all clips are batched together (at most `cfg.frame_batch` per pass, fewer after CUDA ran out of
+        memory: `AdaptiveBatch`), each with its own clip's prompt, right-padded and masked, so a frame's scores do
+        not depend on its batch mates beyond float rounding (the tests hold them to atol 1e-5, rtol 1e-4); clips
+        without nouns get (T_i, 0) results and cost nothing.
         """
         if len(frames) != len(nouns):
             raise ValueError(f"{len(frames)} clips of frames but {len(nouns)} noun lists")
@@ -397,15 +493,20 @@ class Grounder(FrozenModule):
         iou = [torch.ones(clip.shape[0], len(words)) for clip, words in zip(frames, nouns)]
         prompts: list[GroundingPrompt | None] = [self.prompt(words) if words else None for words in nouns]
         jobs = [(i, t) for i, clip in enumerate(frames) if prompts[i] is not None for t in range(clip.shape[0])]
-        for part in chunks(len(jobs), self.batch):
-            chunk = jobs[part]
-            images = [frames[i][t] for i, t in chunk]
-            scores, boxes = self._detect(images, [prompts[i] for i, _ in chunk])  # type: ignore[misc]
-            for (i, t), score in zip(chunk, scores):
-                detector[i][t] = score.float().cpu()
-            if self.sam is not None:
-                for (i, t), box_iou in zip(chunk, self._box_iou(images, boxes)):
-                    iou[i][t] = box_iou.float().clamp(0.0, 1.0).cpu()
+
+        def run(part: slice) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+            images = [frames[i][t] for i, t in jobs[part]]
+            scores, boxes = self._detect(images, [prompts[i] for i, _ in jobs[part]])  # type: ignore[misc]
+            ious = None if self.sam is None else [u.float().clamp(0.0, 1.0).cpu() for u in self._box_iou(images, boxes)]
+            return [score.float().cpu() for score in scores], ious
+
+        start = 0
+        for scores, ious in self.batches.map(len(jobs), run):
+            chunk, start = jobs[start: start + len(scores)], start + len(scores)
+            for k, (i, t) in enumerate(chunk):
+                detector[i][t] = scores[k]
+                if ious is not None:
+                    iou[i][t] = ious[k]
         return [Detections(d, u) for d, u in zip(detector, iou)]
 
     @torch.inference_mode()

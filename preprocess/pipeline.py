@@ -37,7 +37,7 @@ from common.devices import resolve_device
 from common.versions import software_versions
 from preprocess.audio import AudioDecodeError, decode_audio
 from preprocess.config import FeatureConfig
-from preprocess.encoders import CLIPEncoder, Grounder
+from preprocess.encoders import CLIPEncoder, Grounder, cap_cuda_memory
 from preprocess.manifest import Clip
 from preprocess.nouns import LABEL_NOUNS_FILE, NounCache, label_nouns_sha256
 from preprocess.video import VideoDecodeError, decode_frames
@@ -313,9 +313,13 @@ class Encoders:
 
     def __init__(self, cfg: FeatureConfig, weights_dir: Path | None, device: torch.device, audio: bool = True):
         self.cfg = cfg
+        cap_cuda_memory(cfg.max_memory_gib, device)
         self.clip_encoder = CLIPEncoder.from_config(cfg, weights_dir, device)
         self.grounder = Grounder.from_config(cfg, weights_dir, device)
         self.vae = AudioVAE.from_config(cfg.audio_models(), weights_dir, device) if audio else None
+        # every model is resident now: what is still free is what the frame batches may use
+        for model in (self.clip_encoder, self.grounder):
+            model.batches.fit_free_memory(device, model.gib_per_frame, cfg.max_memory_gib)
         self._text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 
     @property

@@ -433,3 +433,91 @@ def test_a_single_frame_is_grounded_like_in_a_batch():
     batched = grounder.probabilities([frames], [["dog", "ball"]])[0]
     assert alone.shape == (1, 2)
     torch.testing.assert_close(alone, batched[:1], atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------- out-of-memory halving
+def _oom_above(limit: int, method, calls: list[int]):
+    """Wrap `method` (first tensor argument or `pixel_values` batched on dim 0) to raise CUDA's out-of-memory
+    error when given more than `limit` items, as a card that holds `limit` frames would."""
+    def wrapper(self, *args, **kwargs):
+        batch = (args[0] if args else kwargs["pixel_values"]).shape[0]
+        calls.append(batch)
+        if batch > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return method(self, *args, **kwargs)
+    return wrapper
+
+
+def test_clip_halves_its_batch_on_out_of_memory_and_gets_the_same_embeddings(monkeypatch, caplog) -> None:
+    frames = _frames(13, 40, 56, seed=11)
+    clip = CLIPEncoder.from_config(CFG.replace(frame_batch=8), None, CPU)
+    expected = clip.encode_frames(frames)
+    calls: list[int] = []
+    monkeypatch.setattr(CLIPEncoder, "preprocess", _oom_above(3, CLIPEncoder.preprocess, calls))
+    with caplog.at_level("WARNING", logger="preprocess.encoders"):
+        got = clip.encode_frames(frames)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert calls[:3] == [8, 4, 2] and clip.batch == 2 and all(n <= 2 for n in calls[3:])
+    assert sum(n for n in calls if n <= 3) == 13  # every frame once in the kept passes
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["CUDA out of memory at 8 frames per pass; continuing with 4 (CLIP)",
+                        "CUDA out of memory at 4 frames per pass; continuing with 2 (CLIP)"]
+    calls.clear()
+    clip.encode_frames(frames)  # the smaller size is kept: no pass fails again
+    assert max(calls) == 2
+
+
+def test_grounding_and_sam_halve_their_batch_on_out_of_memory_with_the_same_results(monkeypatch) -> None:
+    """Frames are regrouped (other batch mates, other prompt padding): equal within batching's float rounding."""
+    grounder = Grounder.from_config(CFG.replace(frame_batch=8), None, CPU)
+    frames = [_frames(3, 48, 64, seed=12), _frames(4, 48, 64, seed=13), _frames(2, 48, 64, seed=14)]
+    nouns = [["dog", "car"], [], ["man", "guitar player", "water"]]
+    expected = grounder.detections(frames, nouns)
+    detector_calls: list[int] = []
+    sam_calls: list[int] = []
+    monkeypatch.setattr(GroundingDinoForObjectDetection, "forward",
+                        _oom_above(4, GroundingDinoForObjectDetection.forward, detector_calls))
+    monkeypatch.setattr(SamModel, "forward", _oom_above(1, SamModel.forward, sam_calls))
+    got = grounder.detections(frames, nouns)
+    # 5 noun-bearing frames: the detector fails at 5, SAM at 2, then one frame per pass (the tiny detector gets a
+    # lone frame twice, see Grounder._detect)
+    assert detector_calls == [5, 2, 2, 2, 2, 2, 2] and sam_calls == [2, 1, 1, 1, 1, 1] and grounder.batch == 1
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.detector, b.detector, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.iou, b.iou, rtol=1e-4, atol=1e-5)
+
+
+def test_out_of_memory_at_one_frame_is_one_line(monkeypatch) -> None:
+    clip = CLIPEncoder.from_config(CFG.replace(frame_batch=4), None, CPU)
+    monkeypatch.setattr(CLIPEncoder, "preprocess", _oom_above(0, CLIPEncoder.preprocess, []))
+    with pytest.raises(RuntimeError) as error:
+        clip.encode_frames(_frames(3, 40, 56))
+    assert str(error.value).startswith("CUDA out of memory in CLIP at 1 frame per pass (CUDA out of memory.")
+    assert "\n" not in str(error.value) and error.value.__cause__ is None
+
+
+def test_memory_cap_and_first_batch_from_free_memory(monkeypatch) -> None:
+    """--max-memory-gib sets the allocator's share of the card; the first batch fits the free memory's estimate."""
+    cuda = torch.device("cuda", 0)
+    fractions: list[float] = []
+
+    class Props:
+        total_memory = 80 * encoders.GIB
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: fractions.append(f))
+    encoders.cap_cuda_memory(0, cuda)
+    encoders.cap_cuda_memory(24, CPU)
+    encoders.cap_cuda_memory(20, cuda)
+    assert fractions == [0.25]
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (30 * encoders.GIB, 80 * encoders.GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 4 * encoders.GIB)
+    paper = encoders.GROUNDING_GIB_PER_MEGAPIXEL * 800 * 1333 / 1e6
+    batches = encoders.AdaptiveBatch(64, "Grounding DINO")
+    batches.fit_free_memory(cuda, paper)
+    assert batches.size == int(30 / paper) == 35
+    batches.fit_free_memory(cuda, paper, max_memory_gib=20)  # 16 GiB left under the cap
+    assert batches.size == int(16 / paper) == 19
+    batches.fit_free_memory(CPU, paper, max_memory_gib=1)
+    assert batches.size == 19

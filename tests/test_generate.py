@@ -9,13 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from preprocess.__main__ import main as features_main
+from preprocess.video import decode_frames
 from tests import media
 from tests.test_train_support import small_config
 from train.__main__ import main as train_main
 from vta_sam.cli import main as cli_main
-from vta_sam.generate import SoundGenerator, join_windows, window_starts
+from vta_sam.generate import NOUN_CHUNK, GenerateOptions, SoundGenerator, join_windows, shortlist, shortlist_size, window_starts
 
 
 def ffprobe(path: Path) -> dict:
@@ -107,6 +109,104 @@ def test_without_caption_the_vocabulary_is_grounded(run_dir, tmp_path):
     out = tmp_path / "single.mp4"
     assert cli_main(["generate", str(video), "--model", str(run_dir), "--out", str(out), "--steps", "2", "--no-progress"]) == 0
     assert out.exists() and out.with_suffix(".wav").exists()
+
+
+def test_the_shortlist_keeps_the_texts_closest_to_any_frame():
+    images = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # two frames; lengths do not matter (cosine)
+    texts = torch.tensor([[0.0, 0.0, 1.0], [0.0, 5.0, 0.1], [-1.0, 0.0, 0.0], [3.0, 0.1, 0.0], [1.0, 1.0, 1.0]])
+    assert shortlist(images, texts, 2) == [1, 3]  # each matches one frame: the best frame counts, not the mean
+    assert shortlist(images, texts, 3) == [1, 3, 4]
+    assert shortlist(images, texts, 99) == [0, 1, 2, 3, 4]
+    assert [shortlist_size(k) for k in (1, 4, 8, 20)] == [2, 8, 16, NOUN_CHUNK]
+
+
+def test_without_caption_clip_shortlists_and_one_prompt_is_grounded(run_dir, tmp_path, monkeypatch):
+    """The vocabulary's text embeddings are made so that `shortlist_size` chosen nouns are the ones most similar to the
+    video's frames: exactly those are grounded, in one prompt (one detector call per frame batch), the vocabulary
+    is encoded once per generator, and the nouns kept come from the shortlist."""
+    generator = SoundGenerator(GenerateOptions(model=run_dir, device="cpu", steps=2))
+    video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
+    clip = generator.encoders.clip_encoder
+    grounder = generator.encoders.grounder
+    size = shortlist_size(generator.features.max_nouns)
+    chosen = generator.vocabulary[5::19][:size]  # spread over the vocabulary, in its order
+    assert len(chosen) == size
+
+    encoded_texts: list[list[str]] = []
+    real_encode_frames = clip.encode_frames
+    seen_frames: list[torch.Tensor] = []
+
+    def encode_frames(frames):
+        embeddings = real_encode_frames(frames)
+        seen_frames.append(embeddings)
+        return embeddings
+
+    def encode_texts(texts):
+        encoded_texts.append(list(texts))
+        direction = torch.nn.functional.normalize(seen_frames[-1], dim=-1).mean(0)
+        noise = torch.randn(len(texts), len(direction), generator=torch.Generator().manual_seed(0))
+        vectors = noise - 10 * direction  # every other noun points away from the frames
+        for k, noun in enumerate(texts):
+            if noun in chosen:
+                vectors[k] = direction + 0.01 * noise[k]
+        return vectors
+
+    grounded: list[list[list[str]]] = []
+    detector_calls: list[int] = []
+    inside: list[bool] = []
+    real_detections, real_detect = grounder.detections, grounder._detect
+
+    def detections(frames, nouns):
+        grounded.append(nouns)
+        return real_detections(frames, nouns)
+
+    def detect(images, batch_prompts):  # counts the grounder's passes, not its own re-entry for a batch of one
+        if not inside:
+            detector_calls.append(len(images))
+        inside.append(True)
+        try:
+            return real_detect(images, batch_prompts)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(clip, "encode_frames", encode_frames)
+    monkeypatch.setattr(clip, "encode_texts", encode_texts)
+    monkeypatch.setattr(grounder, "detections", detections)
+    monkeypatch.setattr(grounder, "_detect", detect)
+    monkeypatch.setattr(grounder, "batch", 3)  # several frame batches per video
+
+    cfg = generator.features
+    frames = [decode_frames(video, 0.0, cfg.frame_times(), cfg.window_seconds, cfg.frame_short_side).frames]
+    for _ in range(2):
+        grounded.clear()
+        detector_calls.clear()
+        nouns, caption = generator._nouns(frames)
+        assert grounded == [[chosen]]  # one prompt: the shortlist
+        count = len(frames[0])
+        assert detector_calls == [min(3, count - i) for i in range(0, count, 3)]  # one call per frame batch
+        assert len(detector_calls) >= 2
+        assert set(nouns) <= set(chosen) and len(nouns) == min(cfg.max_nouns, size)
+        assert caption == ", ".join(nouns)
+    assert encoded_texts == [generator.vocabulary]  # encoded once, on the first caption-less video
+
+    waveform, explain = generator.audio(video, None)  # the whole path: nouns from the shortlist condition the model
+    assert set(explain["nouns"]) <= set(chosen) and len(waveform) == round(2.0 * cfg.sample_rate)
+
+
+def test_ground_all_grounds_the_whole_vocabulary_in_chunks(run_dir, monkeypatch):
+    generator = SoundGenerator(GenerateOptions(model=run_dir, device="cpu", ground_all=True))
+    calls: list[list[list[str]]] = []
+
+    def probabilities(frames, nouns):
+        calls.append(nouns)
+        return [torch.zeros(len(f), len(n)) for f, n in zip(frames, nouns)]
+
+    monkeypatch.setattr(generator.encoders.grounder, "probabilities", probabilities)
+    frames = [np.zeros((3, 32, 32, 3), np.uint8)]
+    nouns, _ = generator._nouns(frames)
+    (chunks,) = calls
+    assert [n for chunk in chunks for n in chunk] == generator.vocabulary and max(map(len, chunks)) == NOUN_CHUNK
+    assert len(nouns) == generator.features.max_nouns and set(nouns) <= set(generator.vocabulary)
 
 
 def test_a_broken_file_among_good_ones(run_dir, tmp_path, capsys):

@@ -158,13 +158,13 @@ def five_clips(tmp_path_factory) -> Path:
     return folder
 
 
-def run_stage_one(videos: Path, out: Path, threaded: bool):
+def run_stage_one(videos: Path, out: Path, threaded: bool, captions: Path | None = None, **overrides):
     from preprocess.config import PRESETS
     from preprocess.manifest import from_folder
     from preprocess.pipeline import run
 
-    cfg = PRESETS["tiny"].replace(num_workers=0, batch_clips=2, shard_max_samples=2, device="cpu")
-    return run(cfg, from_folder(videos), out, None, progress=False, threaded_writer=threaded)
+    cfg = PRESETS["tiny"].replace(num_workers=0, batch_clips=2, shard_max_samples=2, device="cpu", **overrides)
+    return run(cfg, from_folder(videos, captions), out, None, progress=False, threaded_writer=threaded)
 
 
 def test_the_background_writer_writes_what_the_inline_one_does(five_clips, tmp_path):
@@ -178,6 +178,48 @@ def test_the_background_writer_writes_what_the_inline_one_does(five_clips, tmp_p
         for member in ("clip.npy", "probs.npy", "latent_mean.npy", "flac"):
             left, right = a[key][member], b[key][member]
             assert np.array_equal(left, right) if isinstance(left, np.ndarray) else left == right
+
+
+def test_out_of_memory_halving_writes_the_shards_of_an_uninterrupted_run(five_clips, tmp_path, monkeypatch, caplog):
+    """CLIP and Grounding DINO + SAM run out of memory above 3 frames a pass: every clip is still written once, each
+    member equal to a run that never ran out (within float rounding, as frames are regrouped into other batches)."""
+    import torch
+    from transformers import GroundingDinoForObjectDetection, SamModel
+
+    from preprocess.encoders import CLIPEncoder
+
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({f"clip{i}": "a dog barking at a car and a man" for i in range(0, 5, 2)}))
+    plain = run_stage_one(five_clips, tmp_path / "plain", threaded=False, captions=captions, frame_batch=8)
+    passes: list[int] = []
+
+    def oom_above_3(method):
+        def failing(self, *args, **kwargs):
+            batch = (args[0] if args else kwargs["pixel_values"]).shape[0]
+            passes.append(batch)
+            if batch > 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return method(self, *args, **kwargs)
+        return failing
+
+    for owner, name in ((CLIPEncoder, "preprocess"), (GroundingDinoForObjectDetection, "forward"), (SamModel, "forward")):
+        monkeypatch.setattr(owner, name, oom_above_3(getattr(owner, name)))
+    with caplog.at_level("WARNING", logger="preprocess.encoders"):
+        halved = run_stage_one(five_clips, tmp_path / "halved", threaded=False, captions=captions, frame_batch=8)
+    halvings = [r.getMessage() for r in caplog.records if "continuing with" in r.getMessage()]
+    assert any("(CLIP)" in m for m in halvings) and any("(Grounding DINO + SAM)" in m for m in halvings)
+    assert max(passes) > 3 and plain.written == halved.written == 5 and len(halved.shards) == len(plain.shards)
+    a = list(shards.iterate_samples(shards.list_shards(tmp_path / "plain")))
+    b = list(shards.iterate_samples(shards.list_shards(tmp_path / "halved")))
+    assert [s["json"]["id"] for s in a] == [s["json"]["id"] for s in b] == [f"clip{i}" for i in range(5)]
+    for left, right in zip(a, b):
+        assert sorted(left) == sorted(right)
+        assert left["probs.npy"].shape[1] == (3 if left["json"]["id"] in ("clip0", "clip2", "clip4") else 0)
+        for member in (m for m in left if not m.startswith("__")):  # __url__: the shard's own path
+            if isinstance(left[member], np.ndarray):
+                np.testing.assert_allclose(right[member], left[member], rtol=1e-4, atol=1e-5, err_msg=member)
+            else:
+                assert left[member] == right[member], member
 
 
 def test_a_writing_error_is_raised_and_earlier_shards_survive(five_clips, tmp_path, monkeypatch):

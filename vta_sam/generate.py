@@ -36,6 +36,12 @@ VOCABULARY_FILE = Path(__file__).resolve().parents[1] / "preprocess" / "assets" 
 NOUN_CHUNK = 16  # vocabulary nouns per Grounding DINO prompt (its text encoder takes 256 tokens at most)
 
 
+def shortlist_size(max_nouns: int) -> int:
+    """Vocabulary nouns CLIP shortlists for grounding: twice the nouns kept (the detector gets to overrule CLIP's
+    ranking), at least one, and at most one prompt's worth so that grounding is a single pass per frame batch."""
+    return max(1, min(max_nouns * 2, NOUN_CHUNK))
+
+
 class GenerateError(RuntimeError):
     """One video could not be given sound; the message is one line naming the file and the reason."""
 
@@ -55,6 +61,7 @@ class GenerateOptions:
     precision: str = "auto"  # the UNet's while sampling (common.devices): bf16 on CUDA, fp32 on the CPU
     compile: bool = False
     explain: bool = False
+    ground_all: bool = False  # without a caption: ground the whole vocabulary instead of CLIP's shortlist (slow)
 
 
 # ----------------------------------------------------------------------------------- pure helpers
@@ -96,6 +103,15 @@ def vocabulary(tagger: str) -> list[str]:
     for label in VOCABULARY_FILE.read_text(encoding="utf-8").splitlines():
         nouns.extend(n for n in caption_nouns(label, tagger) if n not in nouns)
     return nouns
+
+
+def shortlist(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, size: int) -> list[int]:
+    """Indices (ascending) of the `size` texts most similar to any of the images: cosine similarity of the
+    L2-normalised embeddings, each text scored by its best frame (an object seen in one frame counts)."""
+    images = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
+    texts = torch.nn.functional.normalize(text_embeddings.float(), dim=-1)
+    best = (texts @ images.T).amax(1)  # (V,)
+    return sorted(best.topk(min(size, len(best))).indices.tolist())
 
 
 def feature_config(run: Path, train_config: Any) -> FeatureConfig:
@@ -159,17 +175,32 @@ class SoundGenerator:
             raise GenerateError(str(error).splitlines()[0]) from None
         self.nouns = NounCache(self.features.tagger, self.features.max_nouns)
         self.vocabulary = vocabulary(self.features.tagger)
+        self._vocabulary_embeddings: torch.Tensor | None = None  # (V, D) CLIP text embeddings, computed on first use
         self.device = device
 
+    def vocabulary_embeddings(self) -> torch.Tensor:
+        """The vocabulary nouns' CLIP text embeddings, encoded once per generator (i.e. once per process)."""
+        if self._vocabulary_embeddings is None:
+            self._vocabulary_embeddings = self.encoders.clip_encoder.encode_texts(self.vocabulary).float().cpu()
+        return self._vocabulary_embeddings
+
     def _nouns(self, frames: list[np.ndarray]) -> tuple[list[str], str]:
-        """Without a caption: ground the whole vocabulary on the video's frames (in chunks of nouns) and keep the
-        max_nouns nouns seen with the highest probability; the caption becomes their list."""
-        every = np.concatenate(frames)  # (T_all, H, W, 3): all windows' frames
-        chunks = [self.vocabulary[i : i + NOUN_CHUNK] for i in range(0, len(self.vocabulary), NOUN_CHUNK)]
-        probabilities = self.encoders.grounder.probabilities([torch.from_numpy(every)] * len(chunks), chunks)
-        best = torch.cat([p.amax(0) for p in probabilities])  # (V,): highest probability over all frames
+        """Without a caption: CLIP shortlists the `shortlist_size` vocabulary nouns most similar to the video's
+        frames, Grounding DINO grounds them in one prompt (one pass per frame batch), and the max_nouns nouns seen
+        with the highest probability are kept; the caption becomes their list. With `ground_all` the whole
+        vocabulary is grounded instead, NOUN_CHUNK nouns per prompt."""
+        every = torch.from_numpy(np.concatenate(frames))  # (T_all, H, W, 3): all windows' frames
+        if self.options.ground_all:
+            candidates = self.vocabulary
+        else:
+            image_embeddings = self.encoders.clip_encoder.encode_frames(every)
+            size = shortlist_size(self.features.max_nouns)
+            candidates = [self.vocabulary[i] for i in shortlist(image_embeddings, self.vocabulary_embeddings(), size)]
+        chunks = [candidates[i : i + NOUN_CHUNK] for i in range(0, len(candidates), NOUN_CHUNK)]
+        probabilities = self.encoders.grounder.probabilities([every] * len(chunks), chunks)
+        best = torch.cat([p.amax(0) for p in probabilities])  # (C,): highest probability over all frames
         top = best.topk(min(self.features.max_nouns, len(best))).indices.tolist()
-        nouns = [self.vocabulary[i] for i in sorted(top)]
+        nouns = [candidates[i] for i in sorted(top)]
         return nouns, ", ".join(nouns)
 
     def audio(self, video: Path, caption: str | None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -273,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = GenerateOptions()
     parser = argparse.ArgumentParser(prog="vta-sam generate", description="Add synchronized sound to videos.")
     parser.add_argument("videos", nargs="+", type=Path, help="video files, folders of videos, or .txt lists of videos")
-    parser.add_argument("--caption", help="what sounds (its nouns are grounded); default: ground VGGSound's vocabulary")
+    parser.add_argument("--caption", help="what sounds (its nouns are grounded); default: ground the VGGSound nouns "
+                        "CLIP finds most similar to the frames")
+    parser.add_argument("--ground-all", action="store_true",
+                        help="without --caption: ground all VGGSound nouns, not CLIP's shortlist (~19 prompts, not 1)")
     parser.add_argument("--model", type=Path, default=defaults.model, help=f"trained run folder (default {defaults.model})")
     parser.add_argument("--out", type=Path, default=defaults.out, help="output folder, or with one video an output file name")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")
@@ -300,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = GenerateOptions(model=args.model, out=args.out, caption=args.caption, seed=args.seed, steps=args.steps,
                               guidance=args.guidance, sampler=args.sampler, overlap=args.overlap, weights=args.weights,
-                              device=args.device, precision=args.precision, compile=args.compile, explain=args.explain)
+                              device=args.device, precision=args.precision, compile=args.compile, explain=args.explain,
+                              ground_all=args.ground_all)
     if shutil.which("ffmpeg") is None:
         print("error: ffmpeg not found (install Debian's ffmpeg: apt-get install ffmpeg)", file=sys.stderr)
         return 2
