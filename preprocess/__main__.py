@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                           "duplicate_rows_dropped": duplicates, "out": str(out_dir), "rank": rank, "world_size": world_size}, indent=2))
         return 0
 
+    from preprocess.encoders import OutOfMemory
     from preprocess.nouns import TaggerUnavailableError
     from preprocess.pipeline import FeatureError, print_summary, run
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     weights_dir = None if cfg.random_init else args.weights
     try:
         summary = run(cfg, clips, out_dir, weights_dir, rank, world_size, progress=not args.no_progress)
-    except (FeatureError, TaggerUnavailableError, FileNotFoundError) as error:
+    except (FeatureError, TaggerUnavailableError, FileNotFoundError, OutOfMemory) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if duplicates:

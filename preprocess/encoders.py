@@ -95,13 +95,17 @@ def cap_cuda_memory(max_memory_gib: float, device: torch.device) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * GIB / total), device)
 
 
+class OutOfMemory(RuntimeError):
+    """CUDA ran out of memory with one frame per pass: nothing smaller to try (one line, naming the model)."""
+
+
 class AdaptiveBatch:
     """How many frames go through one forward pass of a model; halved whenever CUDA runs out of memory.
 
     `map(n, run)` calls `run(part)` on consecutive slices covering range(n), each at most `size` long, and returns
     the results in order. A pass that raises `torch.OutOfMemoryError` is discarded, the CUDA cache is emptied,
     `size` becomes half that pass's length and the same slice is run again in the smaller passes, down to one
-    frame; there the error is re-raised as a one-line RuntimeError. So each item appears exactly once in the
+    frame; there the error is re-raised as a one-line `OutOfMemory`. So each item appears exactly once in the
     results, computed by the same per-item computation as in an uninterrupted run (equal up to how the model's
     numerics depend on the batch size). The smaller size is kept for the rest of the run, with one warning per
     change. `run` must not keep side effects of a pass that fails (return its results instead).
@@ -122,7 +126,7 @@ class AdaptiveBatch:
             except torch.OutOfMemoryError as error:
                 if length == 1:
                     first = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
-                    raise RuntimeError(f"CUDA out of memory in {self.name} at 1 frame per pass ({first}); "
+                    raise OutOfMemory(f"CUDA out of memory in {self.name} at 1 frame per pass ({first}); "
                                        f"free GPU memory or use a bigger card") from None
                 failed = True
             if failed:  # outside the handler: the failed pass's tensors, held by its traceback, are released

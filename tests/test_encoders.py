@@ -41,7 +41,7 @@ from common.devices import half_dtype, resolve_device
 from preprocess import encoders, model_configs
 from preprocess import weights as weights_folder
 from preprocess.config import PRESETS
-from preprocess.encoders import CLIPEncoder, Grounder
+from preprocess.encoders import CLIPEncoder, Grounder, OutOfMemory
 
 CFG = PRESETS["tiny"]
 CPU = torch.device("cpu")
@@ -490,7 +490,7 @@ def test_grounding_and_sam_halve_their_batch_on_out_of_memory_with_the_same_resu
 def test_out_of_memory_at_one_frame_is_one_line(monkeypatch) -> None:
     clip = CLIPEncoder.from_config(CFG.replace(frame_batch=4), None, CPU)
     monkeypatch.setattr(CLIPEncoder, "preprocess", _oom_above(0, CLIPEncoder.preprocess, []))
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(OutOfMemory) as error:
         clip.encode_frames(_frames(3, 40, 56))
     assert str(error.value).startswith("CUDA out of memory in CLIP at 1 frame per pass (CUDA out of memory.")
     assert "\n" not in str(error.value) and error.value.__cause__ is None

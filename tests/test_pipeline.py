@@ -451,3 +451,16 @@ def test_decoding_workers_die_with_a_sigkilled_parent(tmp_path):
     finally:
         for pid in _process_group(process.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_out_of_memory_at_one_frame_is_one_line_at_the_command_line(odd_media, tmp_path, capsys, monkeypatch):
+    import preprocess.pipeline
+    from preprocess.encoders import OutOfMemory
+
+    def out_of_memory(*args, **kwargs):
+        raise OutOfMemory("CUDA out of memory in Grounding DINO at 1 frame per pass (tried to allocate 2 GiB)")
+
+    monkeypatch.setattr(preprocess.pipeline, "run", out_of_memory)
+    assert features_main(["--videos", str(odd_media), "--out", str(tmp_path / "shards"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: CUDA out of memory in Grounding DINO at 1 frame per pass (tried to allocate 2 GiB)"
