@@ -14,9 +14,9 @@ help:
 	@echo "make test       fast CPU tests (slow ones: make test-slow)"
 	@echo "make features   stage one (ARGS='--csv ... --videos ... --out ... --preset paper')"
 	@echo "make train      stage two (ARGS='--preset paper --shards ... --output ...'); run again to resume"
-	@echo "make eval       generate audio for the test split and report FD / FAD / KL / AV-Align (ARGS='--preset paper ...')"
+	@echo "make eval       generate audio for the test split and report FD / FAD / KL / AV-Align (ARGS='--preset paper ...'; --metrics all adds av-benchmark's)"
 	@echo "make listen     blinded listening test (ARGS='runs/a/eval runs/b/eval'); report: ARGS='--report DB'"
-	@echo "make weights    fetch real checkpoints into weights/ (needs network access to the model hub)"
+	@echo "make weights    fetch real checkpoints into weights/ and weights/eval/ (needs network access; lists what is missing)"
 	@echo "make verify     check the demo shards against their schema"
 	@echo "make lint       ruff + mypy"
 	@echo "make bench      CPU benchmarks -> benchmarks/RESULTS.md"
@@ -61,7 +61,9 @@ listen: $(STAMP)
 	$(PY) -m eval.listen $(ARGS)
 
 weights: $(STAMP)
-	$(PY) -m preprocess.weights fetch --out weights
+	-$(PY) -m preprocess.weights fetch --out weights
+	$(PY) -m eval.weights list --out weights/eval
+	$(PY) -m eval.weights fetch --out weights/eval
 
 test: $(STAMP) $(BROWSER)
 	$(PY) -m pytest -q -m "not slow and not gpu"

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| {sampler} | {steps} | {len(clips)} | {audio:.1f} | {seconds:.1f} | {audio / seconds:.3f} |")
         print(rows[-1], flush=True)
 
-    cnn14, vggish, random_weights = load_embedders(base)
+    embedders = load_embedders(base)
+    cnn14, vggish, random_weights = embedders.models["cnn14"], embedders.models["vggish"], not embedders.comparable
     embeddings = {}
     for sampler, folder in outputs.items():
         waves = ((c.id, soundfile.read(wav_path(folder, c.id), dtype="float32")[0]) for c in clips)

@@ -1,4 +1,5 @@
-"""`python -m eval [flags]`: generate and measure one run; `python -m eval table RUN_EVAL_DIR... --out table.md`.
+"""`python -m eval [flags]`: generate and measure one run; `python -m eval table RUN_EVAL_DIR... [--columns
+paper|av-benchmark] --out table.md`.
 
 With no arguments: the demo model runs/demo on data/shards/demo, every clip of split test, into runs/demo/eval
 (DDIM, 25 steps, EMA weights). `--preset paper`: ancestral DDPM, 300 steps, guidance 3, on 1,000 test clips chosen
@@ -25,6 +26,10 @@ def table_main(argv: list[str]) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="evaluation output folders (each holds results.json)")
     parser.add_argument("--names", nargs="+", help="row names, one per folder (default: '<run> (<inputs>)')")
     parser.add_argument("--out", type=Path, help="write the table here (default: print it)")
+    parser.add_argument("--columns", choices=("paper", "av-benchmark"), default="paper",
+                        help="the paper's columns (FD, FAD, KL, KL-sigmoid, IS, AV-Align, AV-Align 2023) or "
+                             "av-benchmark's (FD-PaSST, FD-PANNs, FD-VGG, KL-PANNs, KL-PaSST, IS-PANNs, IS-PaSST, "
+                             "IB-score, DeSync), as MMAudio and later papers print them")
     args = parser.parse_args(argv)
     from eval.report import load_results, table
 
@@ -32,7 +37,7 @@ def table_main(argv: list[str]) -> int:
         print(f"error: {len(args.names)} names for {len(args.folders)} folders", file=sys.stderr)
         return 2
     try:
-        text = table([load_results(folder) for folder in args.folders], args.names)
+        text = table([load_results(folder) for folder in args.folders], args.names, columns=args.columns)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -51,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         return table_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m eval",
-        description="Generate one WAV per test clip with a trained run and measure FD, FAD, KL and AV-Align. "
-                    "`python -m eval table DIR... --out table.md` gathers several evaluations into one table.",
+        description="Generate one WAV per test clip with a trained run and measure it: the paper's FD, FAD, KL and "
+                    "AV-Align (--metrics paper, the default), av-benchmark's FD/KL/IS on PaSST, ImageBind score and "
+                    "DeSync (--metrics av-benchmark), or both (--metrics all). `python -m eval table DIR... "
+                    "[--columns paper|av-benchmark] --out table.md` gathers several evaluations into one table.",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return config_main(parser, PRESETS, "demo", "evaluation configuration (overrides the preset)", argv, run)
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(config: EvalConfig, args: argparse.Namespace) -> int:
     from eval.clips import EvalError
     from eval.evaluate import evaluate
-    from eval.report import RESULTS_FILE, table
+    from eval.report import RESULTS_FILE, selected_tables, table
     from shards import ShardFormatError
 
     try:
@@ -69,7 +76,8 @@ def run(config: EvalConfig, args: argparse.Namespace) -> int:
     except (EvalError, ShardFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(table([results]), end="")
+    for columns in selected_tables(results):
+        print(table([results], columns=columns), end="")
     print(f"results: {config.output_dir / RESULTS_FILE}")
     return 0
 

@@ -7,7 +7,10 @@ the audio protocol first (`prepare_waveform`), so reference and generated audio 
 - mean-cut (the default): channels averaged, resampled to 16 kHz, cut or zero-padded to the protocol's duration;
 - audioldm-eval: as audioldm_eval's WaveDataset.read_from_file (haoheliu/audioldm_eval,
   audioldm_eval/datasets/load_mel.py): the first channel, its mean (DC offset) subtracted, resampled to 16 kHz,
-  the full length kept and zero-padded at the end to at least 32000 samples (2 s at 16 kHz).
+  the full length kept and zero-padded at the end to at least 32000 samples (2 s at 16 kHz);
+- av-benchmark: as av-benchmark's AudioDataset.read_from_file (hkchengrex/av-benchmark, av_bench/data/
+  audio_dataset.py): channels averaged, the mean subtracted, resampled with torchaudio's windowed-sinc resampler
+  (torchaudio.transforms.Resample's defaults), cut to the duration and never padded.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from itertools import islice
 
 import librosa
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from eval.config import AUDIO_PROTOCOLS, AudioProtocol
@@ -44,7 +48,10 @@ def prepare_waveform(waveform: np.ndarray, sample_rate: int, target_rate: int, d
     - mean-cut: channels averaged, resampled, then cut or zero-padded to round(duration * target_rate) samples
       unless `duration` is None;
     - audioldm-eval: channel 0, minus its mean, resampled, zero-padded at the end to at least
-      round(2.0 * target_rate) samples, never cut (`duration` must be None: that protocol keeps the full length).
+      round(2.0 * target_rate) samples, never cut (`duration` must be None: that protocol keeps the full length);
+    - av-benchmark: channels averaged, minus the mean, resampled with torchaudio.transforms.Resample (its
+      defaults: sinc_interp_hann, lowpass_filter_width 6, rolloff 0.99), then cut to int(target_rate * duration)
+      samples (None: not cut), never padded.
     """
     if protocol not in AUDIO_PROTOCOLS:
         raise ValueError(f"audio protocol must be one of {AUDIO_PROTOCOLS}, got {protocol!r}")
@@ -59,6 +66,8 @@ def prepare_waveform(waveform: np.ndarray, sample_rate: int, target_rate: int, d
             y = y - np.float32(y.mean(dtype=np.float64))
     elif y.ndim == 2:
         y = y.mean(axis=0)
+    if protocol == "av-benchmark":
+        return av_benchmark_waveform(y, sample_rate, target_rate, duration)
     if sample_rate != target_rate:
         y = librosa.resample(y, orig_sr=sample_rate, target_sr=target_rate, res_type=RESAMPLER)
     if protocol == "audioldm-eval":
@@ -67,6 +76,21 @@ def prepare_waveform(waveform: np.ndarray, sample_rate: int, target_rate: int, d
         length = round(duration * target_rate)
         y = np.pad(y[:length], (0, max(0, length - y.size)))
     return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def av_benchmark_waveform(waveform: np.ndarray, sample_rate: int, target_rate: int, duration: float | None) -> np.ndarray:
+    """(L,) mono -> (L',) float32: minus its mean, torchaudio-resampled to `target_rate`, cut to
+    int(target_rate * duration) samples (av-benchmark's AudioDataset.read_from_file; `duration` None: not cut)."""
+    import torchaudio.transforms  # only this protocol needs torchaudio
+
+    y = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))
+    y = y - y.mean()
+    if sample_rate != target_rate:
+        y = torchaudio.transforms.Resample(sample_rate, target_rate)(y)  # as the reference (not .functional: its
+        # kernel is computed another way and differs by ~1e-6)
+    if duration is not None:
+        y = y[:int(target_rate * duration)]
+    return np.ascontiguousarray(y.numpy(), dtype=np.float32)
 
 
 def embed_clips(

@@ -5,7 +5,9 @@ random-weight embedders when the official checkpoints are absent; `paper` is the
 sampler (ancestral DDPM, 300 steps, guidance 3, one sample per clip; ariesssxu/vta-ldm inference_from_video.sh and
 inference_from_video.py), 1,000 clips of the test split ("1,000 samples from the official test set", chosen by the
 seeded rule of `eval.clips.select_clips` and written to <output>/clip_ids.txt), official PANNs Cnn14 and VGGish
-checkpoints from weights/eval/.
+checkpoints from weights/eval/; `av-benchmark` generates as `paper` and measures as hkchengrex/av-benchmark does
+for the systems published since (MMAudio and later): every test clip, 8 s, its audio front end and its columns
+(FD on PaSST, PANNs and VGGish; KL on PANNs and PaSST; IS on PANNs and PaSST; ImageBind score; DeSync).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from common.devices import PRECISIONS, Precision
 Sampler = Literal["ddim", "ddpm", "dpmsolver++"]
 SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
 EmbedderSize = Literal["tiny", "paper"]
-AudioProtocol = Literal["mean-cut", "audioldm-eval"]  # how audio is brought to the embedders (eval.audio_embedding)
+AudioProtocol = Literal["mean-cut", "audioldm-eval", "av-benchmark"]  # how audio is brought to the embedders (eval.audio_embedding)
 AUDIO_PROTOCOLS: tuple[str, ...] = typing.get_args(AudioProtocol)
 ModelWeights = Literal["ema", "raw"]
 MODEL_WEIGHTS: tuple[str, ...] = typing.get_args(ModelWeights)
@@ -56,12 +58,13 @@ class EvalConfig(ConfigMethods):
     weights: str = field(default="weights", metadata={"help": "weights folder of stage one (AudioLDM VAE + vocoder) when the shards were made with real weights (the diffusion model's: --model-weights)"})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda when there), 'cpu' or 'cuda[:N]'"})
     # --- metrics ---------------------------------------------------------------------------------
-    embedder_weights: str = field(default="weights/eval", metadata={"help": "folder with Cnn14_16k_mAP=0.438.pth and vggish-10086976.pth"})
+    embedder_weights: str = field(default="weights/eval", metadata={"help": "folder of the embedders' official checkpoints (Cnn14_16k_mAP=0.438.pth, vggish-10086976.pth, passt-s-f128-p16-s10-ap.476-swa.pt, imagebind_huge.pth, synchformer_state_dict.pth: README, Weights)"})
     random_embedders: bool = field(default=True, metadata={"help": "use seeded random-weight embedders when the checkpoints are absent (numbers not comparable to published ones)"})
     random_embedder_size: EmbedderSize = field(default="tiny", metadata={"help": "width of random-weight embedders: tiny (fast) or paper"})
     embedder_seed: int = field(default=0, metadata={"help": "seed of the random-weight embedders (independent of the generation seed)"})
-    duration: float = field(default=10.0, metadata={"help": "seconds every clip is cut or zero-padded to before embedding under --audio-protocol mean-cut (0: as it is)"})
-    audio_protocol: AudioProtocol = field(default="mean-cut", metadata={"help": f"how reference and generated audio reach the embedders, one of {AUDIO_PROTOCOLS}: mean-cut (channels averaged, cut or zero-padded to --duration) or audioldm-eval (first channel, DC offset removed, full length, zero-padded to at least 2 s, as audioldm_eval's WaveDataset; --duration unused)"})
+    duration: float = field(default=10.0, metadata={"help": "seconds every clip is cut or zero-padded to before embedding under --audio-protocol mean-cut, cut to under av-benchmark (0: as it is); also the window of the source video that ImageBind and Synchformer see (0: each clip's own duration)"})
+    audio_protocol: AudioProtocol = field(default="mean-cut", metadata={"help": f"how reference and generated audio reach the PANNs and VGGish embedders, one of {AUDIO_PROTOCOLS}: mean-cut (channels averaged, cut or zero-padded to --duration), audioldm-eval (first channel, DC offset removed, full length, zero-padded to at least 2 s, as audioldm_eval's WaveDataset; --duration unused) or av-benchmark (channels averaged, DC offset removed, torchaudio's resampler, cut to --duration, not padded, as av-benchmark's AudioDataset)"})
+    metrics: str = field(default="paper", metadata={"help": "which metrics to compute: 'paper' (FD, FAD, KL, KL-sigmoid, IS, AV-Align, AV-Align 2023), 'av-benchmark' (FD-PaSST, FD-PANNs, FD-VGG, KL-PANNs, KL-PaSST, IS-PANNs, IS-PaSST, IB-score, DeSync), 'all', or a comma-separated list of results.json keys and these group names"})
     min_paired: float = field(default=0.9, metadata={"help": "FD/FAD/KL are refused when fewer than this fraction of the clips have a readable WAV"})
     av_align: bool = field(default=True, metadata={"help": "compute AV-Align against the source videos (json 'source')"})
     workers: int = field(default=1, metadata={"help": "processes computing AV-Align (optical flow over the source videos)"})
@@ -121,5 +124,23 @@ PRESETS: dict[str, EvalConfig] = {
         random_embedders=False,  # published numbers need the official checkpoints
         random_embedder_size="paper",
         workers=8,
+    ),
+    "av-benchmark": EvalConfig(
+        preset="av-benchmark",
+        run="runs/paper",
+        shards="data/shards/paper",
+        sampler="ddpm",
+        model_weights="raw",
+        steps=300,
+        guidance=3.0,
+        batch_size=16,
+        random_embedders=False,
+        random_embedder_size="paper",
+        workers=8,
+        # hkchengrex/av-benchmark as MMAudio and later systems report VGGSound-test: every test clip, 8 s
+        # (its --audio_length default), its audio front end, its nine columns
+        metrics="av-benchmark",
+        audio_protocol="av-benchmark",
+        duration=8.0,
     ),
 }

@@ -1,7 +1,9 @@
-"""The embedding step of an evaluation: the two embedders, the reference set and the generated set.
+"""The embedding step of an evaluation: the embedders, the reference set and the generated set (PANNs/VGGish
+here; PaSST, ImageBind and Synchformer in `eval.benchmark_embed`).
 
-Embedders: PANNs Cnn14 (FD, KL, IS) and VGGish (FAD) from `embedder_weights` when the official checkpoints are
-there, else seeded random weights when the config allows them (`load_embedders`). Reference set: the shards'
+Embedders: PANNs Cnn14 (FD, KL, IS), VGGish (FAD), PaSST, ImageBind and Synchformer, each from its official file
+in `embedder_weights` when it is there, else seeded random weights when the config allows them, else unavailable
+with one line naming the file (`load_embedders`). Reference set: the shards'
 ground-truth audio (the `flac` member) of every selected clip, embedded once per protocol into the HDF5 cache of
 `eval.cache`, each clip checked against the sha256 of its audio. Generated set: the readable WAVs of
 <output>/wav; a WAV that cannot be read is a failure, not silence. Both sets go through the same audio protocol
@@ -14,17 +16,19 @@ import hashlib
 import io
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import librosa
 import numpy as np
 import soundfile
+import torch
 
 import shards
 from common.devices import resolve_device
 from eval import cache
-from eval.audio_embedding import RESAMPLER, AudioEmbedding, embed_clips
+from eval.audio_embedding import RESAMPLER, AudioEmbedding, av_benchmark_waveform, embed_clips
 from eval.clips import EvalError, iterate_reference_audio, read_wav, shards_config_sha256, wav_path
 from eval.config import AudioProtocol, EvalConfig
 from eval.panns import CHECKPOINT_NAME as CNN14_FILE
@@ -32,41 +36,124 @@ from eval.panns import CNN14_CONFIGS, Cnn14, load_cnn14
 from eval.vggish import CHECKPOINT_NAME as VGGISH_FILE
 from eval.vggish import VGGISH_CONFIGS, VGGish, load_vggish
 
+PANNS_VGGISH = ("cnn14", "vggish")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Embedders
 # ----------------------------------------------------------------------------------------------------------------
-def load_embedders(config: EvalConfig) -> tuple[Cnn14, VGGish, bool]:
-    """Cnn14 and VGGish from `embedder_weights` when the official files are there; seeded random weights when
-    they are absent and `random_embedders` is on. Returns (cnn14, vggish, random weights?)."""
+# embedder -> (its official file in --embedder-weights, what it is)
+CHECKPOINTS: dict[str, tuple[str, str]] = {
+    "cnn14": (CNN14_FILE, "PANNs Cnn14 16 kHz checkpoint"),
+    "vggish": (VGGISH_FILE, "VGGish checkpoint (torchvggish)"),
+    "passt": ("passt-s-f128-p16-s10-ap.476-swa.pt", "PaSST checkpoint (hear21passt)"),
+    "imagebind": ("imagebind_huge.pth", "ImageBind-huge checkpoint"),
+    "synchformer": ("synchformer_state_dict.pth", "Synchformer checkpoint (av-benchmark's, AudioSet 24-01-04T16-39-21)"),
+}
+
+
+@dataclass
+class Embedders:
+    """The loaded embedders of an evaluation.
+
+    models: embedder name -> model; random: the names loaded with seeded random weights; unavailable: embedder
+    name -> why the metrics on it cannot be computed (one line naming the missing file). Cnn14 and VGGish are
+    embedded in one pass: when one of them is unavailable and the other is not, the unavailable one is still
+    built with tiny random weights so that the pass runs, and its metrics stay null through `unavailable`.
+    """
+
+    models: dict[str, Any] = field(default_factory=dict)
+    random: set[str] = field(default_factory=set)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def comparable(self) -> bool:
+        """Every usable embedder has its official weights."""
+        return not (self.random - set(self.unavailable))
+
+
+def _build(name: str, folder: Path | None, device: torch.device, size: str, seed: int) -> Any:
+    """Embedder `name` from `folder` (its official file) or, with folder None, seeded random weights of `size`."""
+    if name == "cnn14":
+        return load_cnn14(folder, device, CNN14_CONFIGS[size], seed=seed)
+    if name == "vggish":
+        return load_vggish(folder, device, VGGISH_CONFIGS[size], seed=seed)
+    if name == "passt":
+        from eval.passt import PASST_CONFIGS, load_passt
+
+        return load_passt(folder, device, PASST_CONFIGS[size], seed=seed)
+    if name == "imagebind":
+        from eval.imagebind import IMAGEBIND_CONFIGS, load_imagebind
+
+        return load_imagebind(folder, device, IMAGEBIND_CONFIGS[size], seed=seed)
+    if name == "synchformer":
+        from eval.synchformer import SYNCHFORMER_CONFIGS, load_synchformer
+
+        return load_synchformer(folder, device, SYNCHFORMER_CONFIGS[size], seed=seed)
+    raise ValueError(f"unknown embedder {name!r}")
+
+
+def load_embedders(config: EvalConfig, needed: set[str] | None = None) -> Embedders:
+    """The embedders `needed` (default: Cnn14 and VGGish), each from its official file in `embedder_weights`
+    when it is there, else with seeded random weights when `random_embedders` is on, else unavailable: a missing
+    file is one line naming it (its metrics are null with that line; the others still run). A file that is there
+    but cannot be loaded is an EvalError."""
+    needed = set(PANNS_VGGISH) if needed is None else set(needed)
+    if needed & set(PANNS_VGGISH):
+        needed |= set(PANNS_VGGISH)  # one pass computes both
     folder = Path(config.embedder_weights)
     device = resolve_device(config.device)
-    if (folder / CNN14_FILE).is_file() and (folder / VGGISH_FILE).is_file():
+    out = Embedders()
+    for name in [n for n in CHECKPOINTS if n in needed]:
+        file, description = CHECKPOINTS[name]
+        path = folder / file
         try:
-            return load_cnn14(folder, device), load_vggish(folder, device), False
+            if path.is_file():
+                out.models[name] = _build(name, folder, device, config.random_embedder_size, config.embedder_seed)
+                continue
+            if not config.random_embedders:
+                out.unavailable[name] = (f"{path}: {description} missing; put the official file there (README, "
+                                         "Weights) or pass --random-embedders (numbers then not comparable)")
+                if name not in PANNS_VGGISH:
+                    continue
+                size = "tiny"  # stands in so that the shared PANNs/VGGish pass runs; its metrics stay null
+            else:
+                size = config.random_embedder_size
+            out.models[name] = _build(name, None, device, size, config.embedder_seed)
+            out.random.add(name)
         except ValueError as error:
-            raise EvalError(str(error)) from None
-    if not config.random_embedders:
-        missing = [name for name in (CNN14_FILE, VGGISH_FILE) if not (folder / name).is_file()]
-        raise EvalError(f"{folder}: {' and '.join(missing)} missing; put the official checkpoints there or pass "
-                        "--random-embedders (numbers then not comparable to published ones)")
-    size = config.random_embedder_size
-    return (load_cnn14(None, device, CNN14_CONFIGS[size], seed=config.embedder_seed),
-            load_vggish(None, device, VGGISH_CONFIGS[size], seed=config.embedder_seed), True)
+            raise EvalError(str(error).splitlines()[0]) from None
+    return out
 
 
-def embedder_protocol(config: EvalConfig, cnn14: Cnn14, vggish: VGGish, random_weights: bool) -> dict[str, Any]:
+def embedder_protocol(config: EvalConfig, embedders: Embedders) -> dict[str, Any]:
     """What the embeddings depend on, as results.json's protocol states it."""
+    models = embedders.models
+    random = sorted(embedders.random - set(embedders.unavailable))
     return {
         "duration": config.metric_duration, "audio_protocol": config.audio_protocol,
-        "sample_rate": cnn14.config.sample_rate,
-        "embedders": {"cnn14": cnn14.protocol(), "vggish": vggish.protocol()},
-        "embedder_checkpoints": {"cnn14": cnn14.checkpoint_id, "vggish": vggish.checkpoint_id},
-        "random_embedders": random_weights,
-        "random_embedder_size": config.random_embedder_size if random_weights else None,
-        "embedder_seed": config.embedder_seed if random_weights else None,
-        "resampler": f"librosa.resample(res_type={RESAMPLER!r})",
+        "sample_rate": models["cnn14"].config.sample_rate if "cnn14" in models else None,
+        "metrics": config.metrics,
+        "embedders": {name: model.protocol() for name, model in models.items() if name not in embedders.unavailable},
+        "embedder_checkpoints": {name: model.checkpoint_id for name, model in models.items()
+                                 if name not in embedders.unavailable},
+        "unavailable_embedders": dict(embedders.unavailable),
+        "random_embedders": bool(random),
+        "random_embedder_names": random,
+        "random_embedder_size": config.random_embedder_size if random else None,
+        "embedder_seed": config.embedder_seed if random else None,
+        "resampler": ("torchaudio.transforms.Resample (sinc_interp_hann, width 6, rolloff 0.99)"
+                      if config.audio_protocol == "av-benchmark" else f"librosa.resample(res_type={RESAMPLER!r})"),
+        "video_window": video_window_protocol(config),
     }
+
+
+def video_window_protocol(config: EvalConfig) -> dict[str, Any]:
+    """How the ImageBind and Synchformer frames are taken from the source videos."""
+    return {"seconds": f"min({config.duration:g}, the clip's duration)" if config.duration else "the clip's duration",
+            "start": "the clip's start in its source video",
+            "frame_selection": "ffmpeg fps filter rule (eval.video_frames)", "resize": "short side 224, bicubic, "
+            "antialiased (torchvision v2), before each embedder's own transform"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,19 +214,35 @@ def reference_embeddings(config: EvalConfig, ids: list[str], cnn14: Cnn14, vggis
                                          audio_hashes=hashes, audio_protocol=config.audio_protocol)
 
 
-def reference_set(config: EvalConfig, in_shard_order: list[shards.SampleMeta], clips: list[shards.SampleMeta],
-                  cnn14: Cnn14, vggish: VGGish, sample_rate: int,
-                  progress: bool) -> tuple[dict[str, AudioEmbedding], dict[str, Any]]:
-    """The reference embeddings of `clips` (in their order) and what names that reference set in results.json
-    (the shards' config, their rate, the fingerprint of the clips' audio). `in_shard_order`: the whole split as
-    the shards hold it, so that the audio is read in one pass."""
+@dataclass(frozen=True)
+class ReferenceAudio:
+    """The selected clips' ground-truth audio as the shards hold it: ids in shard order (the audio streams in
+    it), the sha256 of each clip's `flac` member, their rate, and what names the set in results.json."""
+
+    ids: list[str]
+    hashes: dict[str, str]
+    sample_rate: int
+    source: dict[str, Any]
+
+
+def reference_audio(config: EvalConfig, in_shard_order: list[shards.SampleMeta], clips: list[shards.SampleMeta],
+                    sample_rate: int) -> ReferenceAudio:
+    """The reference audio of `clips`; `in_shard_order`: the whole split as the shards hold it, so that the
+    audio is read in one pass."""
     wanted = {c.id for c in clips}
-    shard_ids = [c.id for c in in_shard_order if c.id in wanted]  # reference audio streams in shard order
+    shard_ids = [c.id for c in in_shard_order if c.id in wanted]
     hashes = reference_audio_hashes(config.shards, config.split, shard_ids)
-    embeddings = reference_embeddings(config, shard_ids, cnn14, vggish, sample_rate, hashes, progress)
     source = {"shards_config_sha256": shards_config_sha256(config.shards), "sample_rate": sample_rate,
               "fingerprint": reference_fingerprint(hashes)}
-    return {c.id: embeddings[c.id] for c in clips}, source  # back to id order
+    return ReferenceAudio(shard_ids, hashes, sample_rate, source)
+
+
+def reference_set(config: EvalConfig, reference: ReferenceAudio, clips: list[shards.SampleMeta], cnn14: Cnn14,
+                  vggish: VGGish, progress: bool) -> dict[str, AudioEmbedding]:
+    """The reference PANNs/VGGish embeddings of `clips`, in their order."""
+    embeddings = reference_embeddings(config, reference.ids, cnn14, vggish, reference.sample_rate, reference.hashes,
+                                      progress)
+    return {c.id: embeddings[c.id] for c in clips}  # back to id order
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,7 +271,9 @@ def generated_embeddings(out_dir: Path, clips: list[shards.SampleMeta], cnn14: C
                 continue
             if audio_protocol == "audioldm-eval" and soundfile.info(path).channels > 1:
                 waveform = soundfile.read(path, dtype="float32", always_2d=True)[0][:, 0]
-            if found != rate:  # resampled by prepare_waveform only for one shared rate: do it here per file
+            if found != rate and audio_protocol == "av-benchmark":  # its resampler, its order (mean first)
+                waveform = av_benchmark_waveform(waveform, found, rate, None)
+            elif found != rate:  # resampled by prepare_waveform only for one shared rate: do it here per file
                 waveform = librosa.resample(waveform, orig_sr=found, target_sr=rate, res_type=RESAMPLER)
             yield clip.id, waveform
 

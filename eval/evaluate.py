@@ -1,8 +1,12 @@
 """One evaluation, end to end, as a straight pipeline: select the clips (`eval.clips`: all, a seeded sample of
 `max_clips`, or a --clip-ids list; their ids written to <output>/clip_ids.txt), generate the missing WAVs
-(`eval.generate`), embed the reference and generated audio (`eval.embed`), score every metric of the registry
-(`eval.score`, `eval.registry`: FD, FAD, KL, IS on the audio embeddings, AV-Align on the source videos), then write
-results.json, report.md and figure.png (`eval.report`). Definitions: `eval.metrics`.
+(`eval.generate`), embed the reference and generated audio and the source videos (`eval.embed` for PANNs and
+VGGish, `eval.benchmark_embed` for PaSST, ImageBind and Synchformer), score the metrics `--metrics` selects
+(`eval.score`, `eval.registry`: FD, FAD, KL, IS and their PaSST versions on the audio embeddings, IB-score and
+DeSync on source video against generated audio, AV-Align on the source videos), then write results.json,
+report.md and figure.png (`eval.report`). Definitions: `eval.metrics`. An embedder whose official file is
+missing (without --random-embedders) is said in one line at the start; its metrics are null with that line
+and the others are computed.
 
 Reference set = the shards' ground-truth audio (the `flac` member) of every selected clip, embedded once per
 protocol into the HDF5 cache of `eval.cache`. Generated set = the readable WAVs in <output>/wav. FD and FAD
@@ -25,24 +29,31 @@ checksum the manifest records, and 'sampler_schedule' the timesteps of the manif
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import shards
 from common.versions import software_versions
+from eval.benchmark_embed import benchmark_sets
 from eval.clips import EvalError, clip_selection, evaluation_clips, missing_wav_failures, read_split, wav_path, write_clip_ids
 from eval.config import EvalConfig
-from eval.embed import embedder_protocol, generated_embeddings, load_embedders, reference_set
+from eval.embed import PANNS_VGGISH, embedder_protocol, generated_embeddings, load_embedders, reference_audio, reference_set
 from eval.generate import generate, generation_protocol, manifest_notes, read_manifest, standing_failures, unique_failures
-from eval.registry import metric_protocol
+from eval.registry import metric_protocol, select_metrics
 from eval.report import Results, write_outputs
 from eval.score import score
 
 CONFIG_FILE = "config.json"
+log = logging.getLogger(__name__)
 
 
 def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Generate (unless config.generate is off), measure, and write config.json, results.json, report.md and
     figure.png into config.output_dir. Returns the results (results.json's content)."""
+    try:
+        selected = select_metrics(config.metrics)
+    except ValueError as error:
+        raise EvalError(str(error)) from None
     out_dir = config.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
@@ -57,7 +68,11 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if not clips:
         raise EvalError(f"{config.shards}: no clip of split {config.split!r}")
     write_clip_ids(out_dir, clips)  # before generating: another run can take the same clips (--clip-ids)
-    cnn14, vggish, random_weights = load_embedders(config)  # before generating: a missing checkpoint fails fast
+    # before generating: a bad checkpoint fails fast, a missing one is said now (its metrics will be null)
+    needed: set[str] = {m.embedder for m in selected if m.embedder is not None}
+    embedders = load_embedders(config, needed)
+    for reason in embedders.unavailable.values():
+        log.warning("warning: %s", reason)
 
     # 2. generation (or the WAVs already there, with their manifest)
     generation = generate(config, clips, progress) if config.generate else {}
@@ -68,21 +83,32 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     missing_wavs = sum(not wav_path(out_dir, c.id).exists() for c in clips)
 
     # 3. embeddings
-    reference, reference_source = reference_set(config, in_shard_order, clips, cnn14, vggish, spec.sample_rate, progress)
-    generated = generated_embeddings(out_dir, clips, cnn14, vggish, config.metric_duration, failures, progress,
-                                     config.audio_protocol)
+    sets: dict[str, Any] = {}
+    counts: dict[str, Any] = {}
+    reference = None
+    if needed & {*PANNS_VGGISH, "passt"}:
+        reference = reference_audio(config, in_shard_order, clips, spec.sample_rate)
+    if reference is not None and needed & set(PANNS_VGGISH):
+        cnn14, vggish = embedders.models["cnn14"], embedders.models["vggish"]
+        panns = reference_set(config, reference, clips, cnn14, vggish, progress)
+        generated = generated_embeddings(out_dir, clips, cnn14, vggish, config.metric_duration, failures, progress,
+                                         config.audio_protocol)
+        sets.update({name: (panns, generated) for name in PANNS_VGGISH})
+    sets.update(benchmark_sets(config, embedders, reference, clips, failures, counts, progress))
 
     # 4. scores
-    scores = score(config, clips, reference, generated, failures, progress)
+    scores = score(config, clips, sets, failures, progress, selected, embedders.unavailable)
     failures = unique_failures(failures)
+    paired = sum(wav_path(out_dir, c.id).exists() for c in clips) - sum(f["stage"] == "read_wav" for f in failures)
 
     # 5. report
     results = Results(
-        comparable=not random_weights,
+        comparable=embedders.comparable,
         values=scores.values,
         null_reasons=scores.reasons,
-        counts={"clips": len(clips), "paired": len(generated), "paired_fraction": len(generated) / len(clips),
-                "min_paired": config.min_paired, "reference": len(reference), **scores.counts,
+        counts={"clips": len(clips), "paired": paired, "paired_fraction": paired / len(clips),
+                "min_paired": config.min_paired, "reference": len(reference.ids) if reference else 0,
+                **counts, **scores.counts,
                 "failures": len(failures), "failed_clips": len({f["id"] for f in failures}),
                 "missing_wavs": missing_wavs},
         failures=failures,
@@ -93,10 +119,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         shards=str(config.shards),
         split=config.split,
         clips=[c.id for c in clips],
-        protocol={**embedder_protocol(config, cnn14, vggish, random_weights),
+        protocol={**embedder_protocol(config, embedders),
                   **generation_protocol(config, clips, manifest), "window_seconds": spec.window_seconds,
                   "clip_count": len(clips), "max_clips": config.max_clips, **clip_selection(config, clips),
-                  "reference": reference_source,
+                  "reference": reference.source if reference else None,
                   **metric_protocol()},
         software=software_versions(),
         config=config.to_dict(),

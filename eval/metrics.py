@@ -130,6 +130,31 @@ def kl_divergence_sigmoid(
 # --------------------------------------------------------------------------------------------------------------
 # Inception score of the generated clips' class posteriors
 # --------------------------------------------------------------------------------------------------------------
+def kl_log_softmax(logits_ref: Mapping[str, np.ndarray], logits_gen: Mapping[str, np.ndarray]) -> tuple[float, int]:
+    """Mean over paired clips of KL(softmax(l_ref) || softmax(l_gen)), computed in log space without eps:
+
+        KL = sum_c exp(r_c) (r_c - g_c),  r = log_softmax(l_ref),  g = log_softmax(l_gen)
+
+    av-benchmark's KL-PANNS-softmax and KL-PASST-softmax (hkchengrex/av-benchmark, av_bench/metrics/kl.py:
+    F.kl_div(F.log_softmax(pred), F.log_softmax(gt), reduction="sum", log_target=True) / N over the N paired
+    clips, one generated sample per clip). `logits_ref` and `logits_gen` map a clip id to its (C,) logits; only
+    ids in both are paired. Returns (mean KL, number of pairs).
+    """
+    ids = sorted(set(logits_ref) & set(logits_gen))
+    if not ids:
+        raise ValueError(f"no clip id is in both sets ({len(logits_ref)} reference, {len(logits_gen)} generated): "
+                         "nothing to pair")
+    values = []
+    for clip_id in ids:
+        r = np.asarray(logits_ref[clip_id], dtype=np.float64)
+        g = np.asarray(logits_gen[clip_id], dtype=np.float64)
+        if r.shape != g.shape or r.ndim != 1:
+            raise ValueError(f"clip {clip_id!r}: logits must be two (C,) vectors, got {r.shape} and {g.shape}")
+        log_r, log_g = special.log_softmax(r), special.log_softmax(g)
+        values.append(float(np.sum(np.exp(log_r) * (log_r - log_g))))
+    return float(np.mean(values)), len(ids)
+
+
 def inception_score(
     logits: np.ndarray, splits: int = IS_SPLITS, shuffle_seed: int | None = IS_SHUFFLE_SEED
 ) -> tuple[float, float]:

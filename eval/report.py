@@ -1,9 +1,10 @@
 """An evaluation's results (`Results`, written as results.json), its report.md and figure.png, and the table
 that gathers several runs.
 
-The table follows the paper's layout: one row per run (e.g. V-only vs V+O), one column per metric of
-`eval.registry.METRICS` (FD, FAD, KL, KL-sigmoid: lower is better; IS, AV-Align and AV-Align 2023: higher is
-better, AV-Align shown as mean +- the half-width of its 95% confidence interval). `load_results` reads
+The table has one row per run (e.g. V-only vs V+O) and the columns of one of `eval.registry.TABLES`: 'paper' (the
+paper's layout: FD, FAD, KL, KL-sigmoid: lower is better; IS, AV-Align and AV-Align 2023: higher is better,
+AV-Align shown as mean +- the half-width of its 95% confidence interval) or 'av-benchmark' (FD-PaSST, FD-PANNs,
+FD-VGG, KL-PANNs, KL-PaSST, IS-PANNs, IS-PaSST, IB-score x100, DeSync: the columns of MMAudio and later papers). `load_results` reads
 results.json as a plain dict, so that files written by older versions still make a table (a metric they lack
 shows '—'); `Results.to_dict` writes exactly that layout. When a row was measured with random-weight embedders,
 the first line of the report or table says the numbers are not comparable to published ones; knobs that differ
@@ -26,7 +27,7 @@ import shards
 from eval.clips import WAV_DIR, iterate_split_samples, read_wav, wav_path
 from eval.config import EvalConfig
 from eval.figures import FigureClip, mel_figure
-from eval.registry import METRICS
+from eval.registry import BY_NAME, METRICS, NOT_SELECTED, TABLES, select_metrics, tables_for
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -44,8 +45,8 @@ COMPARED_KNOBS = ("duration", "audio_protocol", "sample_rate", "generated_sample
 REPORTED_KNOBS = ("sampler", "steps", "sampler_schedule", "guidance", "seed", "samples_per_clip", "model_weights",
                   "duration", "audio_protocol", "sample_rate", "generated_sample_rate", "peak", "clip_count",
                   "clip_selection", "clip_ids_sha256", "checkpoint_sha256", "embedder_checkpoints",
-                  "random_embedder_size", "embedder_seed", "inputs", "scheme", "vae", "reference", "resampler",
-                  *METRIC_KNOBS)
+                  "random_embedder_size", "embedder_seed", "random_embedder_names", "unavailable_embedders",
+                  "metrics", "video_window", "inputs", "scheme", "vae", "reference", "resampler", *METRIC_KNOBS)
 # the value a knob had before results files recorded it (files without it were measured that way)
 KNOB_DEFAULTS: dict[str, Any] = {"audio_protocol": "mean-cut", "model_weights": "ema"}
 _ABSENT = object()
@@ -125,23 +126,28 @@ def row_name(results: dict[str, Any]) -> str:
     return f"{name} ({inputs})" if inputs else name
 
 
-def table(all_results: list[dict[str, Any]], names: list[str] | None = None, warn: bool = True) -> str:
-    """Markdown table of several evaluations, one row each; names default to `row_name`. With `warn`, the first
-    line says when some row was measured with random-weight embedders."""
+def table(all_results: list[dict[str, Any]], names: list[str] | None = None, warn: bool = True,
+          columns: str = "paper") -> str:
+    """Markdown table of several evaluations, one row each, with the columns of `TABLES[columns]`; names default
+    to `row_name`. With `warn`, the first line says when some row was measured with random-weight embedders."""
+    if columns not in TABLES:
+        raise ValueError(f"unknown table {columns!r} (one of {', '.join(TABLES)})")
+    metrics = [BY_NAME[name] for name in TABLES[columns]]
     names = names or [row_name(r) for r in all_results]
     lines = []
     if warn and any(not r.get("comparable", False) for r in all_results):
         lines += [f"**{NOT_COMPARABLE}**", ""]
-    lines += ["| Run | " + " | ".join(metric.header for metric in METRICS) + " | Clips (paired) |",
-              "|---|" + "---|" * (len(METRICS) + 1)]
+    lines += ["| Run | " + " | ".join(metric.header_in(columns) for metric in metrics) + " | Clips (paired) |",
+              "|---|" + "---|" * (len(metrics) + 1)]
     notes = []
     for name, r in zip(names, all_results):
         counts = r.get("counts", {})
-        cells = " | ".join(metric.cell(r.get(metric.name)) for metric in METRICS)
+        cells = " | ".join(metric.cell(r.get(metric.name)) for metric in metrics)
         lines.append(f"| {name} | {cells} | {counts.get('clips', '?')} ({counts.get('paired', '?')}) |")
         for metric_name, reason in r.get("null_reasons", {}).items():
-            notes.append(f"- {name}, {metric_name}: {reason}")
-    lines += ["", *(metric.note for metric in METRICS if metric.note)]
+            if metric_name in TABLES[columns]:
+                notes.append(f"- {name}, {metric_name}: {reason}")
+    lines += ["", *(metric.note for metric in metrics if metric.note)]
     differing = []
     for knob in COMPARED_KNOBS:
         stated = [r.get("protocol", {}).get(knob, KNOB_DEFAULTS.get(knob, _ABSENT)) for r in all_results]
@@ -158,27 +164,41 @@ def table(all_results: list[dict[str, Any]], names: list[str] | None = None, war
     return "\n".join(lines) + "\n"
 
 
+def selected_tables(results: dict[str, Any]) -> list[str]:
+    """The tables worth printing for one evaluation: those of its --metrics selection ('paper' for files that
+    predate the selection)."""
+    try:
+        return tables_for(select_metrics(str(results.get("protocol", {}).get("metrics", "paper"))))
+    except ValueError:
+        return ["paper"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One evaluation's report
 # ----------------------------------------------------------------------------------------------------------------
 def report_markdown(results: dict[str, Any]) -> str:
     """report.md: warning line first when not comparable, then the table row, counts, failures and knobs."""
+    protocol = results["protocol"]
+    official = ", ".join(sorted(protocol.get("embedder_checkpoints", {}))) or "none"
     lines = [f"**{NOT_COMPARABLE}**" if not results["comparable"] else
-             "Numbers measured with the official PANNs Cnn14 and VGGish checkpoints.", ""]
-    lines += [f"# Evaluation of {results['run']}", "", table([results], warn=False)]
+             f"Numbers measured with the official checkpoints of the embedders ({official}).", ""]
+    lines += [f"# Evaluation of {results['run']}", ""]
+    for columns in selected_tables(results):
+        lines += [table([results], warn=False, columns=columns)]
     counts = results["counts"]
     lines += ["## Clips", "",
               f"- {counts['paired']} of {counts['clips']} clips of split `{results['split']}` in `{results['shards']}` "
               f"have a readable generated WAV ({counts['paired_fraction']:.0%}; the audio metrics need "
               f"{counts['min_paired']:.0%}).",
               f"- KL pairs: {counts.get('kl_pairs', 0)}; missing, unreadable or failed: {counts['failures']}; "
-              f"source videos missing: {counts['videos_missing']}."]
-    lines += [metric.describe(results) for metric in METRICS if metric.describe is not None]
+              f"source videos missing: {counts.get('videos_missing', counts.get('benchmark_videos_missing', 0))}."]
+    lines += [metric.describe(results) for metric in METRICS if metric.describe is not None
+              and not str(results["null_reasons"].get(metric.name, "")).startswith(NOT_SELECTED)]
+    lines += [f"- Not computed: {reason}" for reason in dict.fromkeys(protocol.get("unavailable_embedders", {}).values())]
     for note in results.get("generation", {}).get("notes", []):
         lines.append(f"- Note: {note}.")
     if results["failures"]:
         lines += ["", "## Failures", "", *[f"- `{f['id']}` ({f['stage']}): {f['reason']}" for f in results["failures"]]]
-    protocol = results["protocol"]
     lines += ["", "## Protocol", ""]
     generation = results.get("generation", {})
     if generation:

@@ -1,8 +1,10 @@
 """Scoring: every metric of `eval.registry.METRICS` on the embedded sets and the source videos.
 
 Bad input is reported, never papered over: when fewer than `min_paired` of the clips have a readable generated
-WAV, the audio metrics (FD, FAD, KL, KL-sigmoid, IS) are null with the reason; an audio metric whose computation
-fails is null with the error; a video metric turned off or with nothing to measure is null with the reason.
+WAV, the embedding metrics (FD, FAD, KL, IS, their PaSST versions, IB-score, DeSync) are null with the reason; an
+embedding metric whose computation fails is null with the error, and one whose embedder could not be loaded
+(missing weights) is null with that line; a video metric turned off or with nothing to measure is null with the
+reason; a metric `--metrics` did not select is null with the reason 'not selected'.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import shards
 from eval.config import EvalConfig
-from eval.registry import METRICS, Embeddings, Metric
+from eval.registry import METRICS, NOT_SELECTED, Embeddings, Metric
 
 
 @dataclass
@@ -36,45 +38,60 @@ def _guarded(metric: Metric, compute: Callable[[], Any], errors: dict[str, str] 
         return None
 
 
-def audio_metrics(reference: Embeddings, generated: Embeddings, errors: dict[str, str] | None = None) -> dict[str, Any]:
-    """The audio metrics (FD on Cnn14 embeddings, FAD on VGGish patch embeddings pooled per set, KL with softmax
-    and with sigmoid on Cnn14 class posteriors paired by clip id: KL(reference || generated), the Inception score
-    of the generated Cnn14 posteriors), with the counts they rest on.
+PANNS_VGGISH = ("cnn14", "vggish")  # the embedders of one `AudioEmbedding`
+
+
+def audio_metrics(reference: Embeddings, generated: Embeddings, errors: dict[str, str] | None = None,
+                  metrics: tuple[Metric, ...] | None = None) -> dict[str, Any]:
+    """Embedding metrics on one pair of sets, with the counts they rest on; by default the PANNs/VGGish ones on
+    `AudioEmbedding` sets (FD on Cnn14 embeddings, FAD on VGGish patch embeddings pooled per set, KL with softmax,
+    with sigmoid and in log space on Cnn14 class posteriors paired by clip id: KL(reference || generated), the
+    Inception score of the generated Cnn14 posteriors).
 
     With `errors`, a metric whose computation raises (e.g. sqrtm with a large imaginary part) is None and
     errors[metric] says why, so the others survive; without it the exception propagates.
     """
+    metrics = tuple(m for m in METRICS if m.embedder in PANNS_VGGISH) if metrics is None else metrics
     out: dict[str, Any] = {"n_reference": len(reference), "n_generated": len(generated)}
     counts: dict[str, Any] = {}
-    for metric in METRICS:
-        if metric.on_audio:
-            out[metric.name] = _guarded(metric, partial(metric.compute, reference, generated, counts), errors)
+    for metric in metrics:
+        out[metric.name] = _guarded(metric, partial(metric.compute, reference, generated, counts), errors)
     return {**out, **counts}
 
 
 def pairing_refusal(reference: Mapping[str, Any], generated: Mapping[str, Any], expected: int,
-                    min_paired: float) -> str | None:
-    """Why the audio metrics cannot be trusted on these sets (None: they can)."""
-    fraction = len(generated) / expected if expected else 0.0
+                    min_paired: float, min_clips: int = 2, paired_on: str = "") -> str | None:
+    """Why the embedding metrics cannot be trusted on these sets (None: they can). With `paired_on`, the clips
+    counted are those in both sets (each has `paired_on`), else those with a generated embedding."""
+    count = len(set(reference) & set(generated)) if paired_on else len(generated)
+    fraction = count / expected if expected else 0.0
     if fraction < min_paired:
-        return (f"only {len(generated)} of {expected} clips ({fraction:.0%}) have a readable generated WAV, "
+        return (f"only {count} of {expected} clips ({fraction:.0%}) have {paired_on or 'a readable generated WAV'}, "
                 f"below min_paired {min_paired:.0%}")
-    if len(generated) < 2 or len(reference) < 2:
-        return f"a Frechet distance needs at least 2 clips per set ({len(reference)} reference, {len(generated)} generated)"
+    if len(generated) < min_clips or len(reference) < min_clips:
+        what = "a Frechet distance needs" if min_clips == 2 else "this metric needs"
+        return f"{what} at least {min_clips} clips per set ({len(reference)} reference, {len(generated)} generated)"
     return None
 
 
-def audio_scores(reference: Embeddings, generated: Embeddings, expected: int,
-                 min_paired: float) -> tuple[dict[str, Any], dict[str, str]]:
-    """The audio metrics and their counts; a metric that cannot be trusted or fails to compute is None with its
-    reason."""
-    reason = pairing_refusal(reference, generated, expected, min_paired)
-    if reason is not None:
-        names = [m.name for m in METRICS if m.on_audio]
-        return dict.fromkeys(names), dict.fromkeys(names, reason)
-    errors: dict[str, str] = {}
-    metrics = audio_metrics(reference, generated, errors)
-    return metrics, {k: f"computation failed ({v})" for k, v in errors.items()}
+def audio_scores(reference: Embeddings, generated: Embeddings, expected: int, min_paired: float,
+                 metrics: tuple[Metric, ...] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The embedding metrics (PANNs/VGGish by default) and their counts; a metric that cannot be trusted or fails
+    to compute is None with its reason."""
+    metrics = tuple(m for m in METRICS if m.embedder in PANNS_VGGISH) if metrics is None else metrics
+    values: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    for rule in dict.fromkeys((m.min_clips, m.paired_on) for m in metrics):
+        group = tuple(m for m in metrics if (m.min_clips, m.paired_on) == rule)
+        reason = pairing_refusal(reference, generated, expected, min_paired, *rule)
+        if reason is not None:
+            values.update(dict.fromkeys([m.name for m in group]))
+            reasons.update(dict.fromkeys([m.name for m in group], reason))
+            continue
+        errors: dict[str, str] = {}
+        values.update(audio_metrics(reference, generated, errors, group))
+        reasons.update({k: f"computation failed ({v})" for k, v in errors.items()})
+    return values, reasons
 
 
 def video_score(metric: Metric, config: EvalConfig, clips: list[shards.SampleMeta], failures: list[dict[str, str]],
@@ -89,13 +106,38 @@ def video_score(metric: Metric, config: EvalConfig, clips: list[shards.SampleMet
     return measured[metric.compute][metric.name]
 
 
-def score(config: EvalConfig, clips: list[shards.SampleMeta], reference: Embeddings, generated: Embeddings,
-          failures: list[dict[str, str]], progress: bool = True) -> Scores:
-    """Every metric of the registry; clips whose video metric fails are appended to `failures`."""
-    audio, reasons = audio_scores(reference, generated, len(clips), config.min_paired)
-    scores = Scores(reasons=reasons)
+Sets = Mapping[str, tuple[Embeddings, Embeddings]]  # embedder -> (reference set, generated set)
+
+
+def score(config: EvalConfig, clips: list[shards.SampleMeta], sets: Sets, failures: list[dict[str, str]],
+          progress: bool = True, selected: tuple[Metric, ...] = METRICS,
+          unavailable: Mapping[str, str] | None = None) -> Scores:
+    """Every metric of the registry: the `selected` ones computed (an embedding metric on its embedder's sets,
+    None with the reason when `unavailable` names its embedder, e.g. missing weights), the others None with the
+    reason 'not selected'. Clips whose video metric fails are appended to `failures`."""
+    unavailable = unavailable or {}
+    scores = Scores()
+    chosen = {m.name for m in selected}
+    by_embedder: dict[str, list[Metric]] = {}
+    for metric in METRICS:
+        if metric.on_audio and metric.name in chosen:
+            by_embedder.setdefault(str(metric.embedder), []).append(metric)
+    audio: dict[str, Any] = {}
+    for embedder, metrics in by_embedder.items():
+        if embedder in unavailable or embedder not in sets:
+            reason = unavailable.get(embedder, f"no {embedder} embeddings were computed")
+            audio.update(dict.fromkeys([m.name for m in metrics]))
+            scores.reasons.update(dict.fromkeys([m.name for m in metrics], reason))
+            continue
+        values, reasons = audio_scores(*sets[embedder], len(clips), config.min_paired, tuple(metrics))
+        audio.update(values)
+        scores.reasons.update(reasons)
     measured: dict[Callable[..., Any], dict[str, Any]] = {}
     for metric in METRICS:
+        if metric.name not in chosen:
+            scores.values[metric.name] = None
+            scores.reasons[metric.name] = f"{NOT_SELECTED} (--metrics {config.metrics})"
+            continue
         if metric.on_audio:
             scores.values[metric.name] = audio[metric.name]
             scores.counts.update({k: audio[k] for k in metric.counts if k in audio})

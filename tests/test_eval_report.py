@@ -24,7 +24,7 @@ from eval.config import EvalConfig
 from eval.embed import ShardAudio, reference_audio_hashes, reference_fingerprint
 from eval.evaluate import evaluate
 from eval.generate import GENERATION_FAILURES, MANIFEST_FILE, generate
-from eval.registry import METRICS, Metric
+from eval.registry import BY_NAME, TABLES, Metric
 from eval.report import NOT_COMPARABLE, table
 from eval.score import audio_scores, video_score
 from tests.conftest import make_sample
@@ -198,11 +198,21 @@ def test_table_flags_embedders_of_another_size():
     assert "Rows differ" not in table([row("tiny", [4, 8]), row("tiny", [4, 8])])
 
 
-def test_embedder_checkpoints_are_checked_before_generating(tiny_run, tmp_path):  # noqa: F811
-    config = config_for(tiny_run, tmp_path / "out", random_embedders=False, embedder_weights=str(tmp_path / "none"))
-    with pytest.raises(EvalError, match="Cnn14_16k_mAP=0.438.pth and vggish-10086976.pth missing"):
-        evaluate(config, progress=False)
-    assert not (tmp_path / "out" / "wav").exists()  # nothing generated
+def test_missing_embedder_checkpoints_are_one_line_each_and_the_rest_runs(tiny_run, generated, tmp_path, caplog):  # noqa: F811
+    folder = tmp_path / "none"
+    with caplog.at_level("WARNING"):
+        results, _ = measure(tiny_run, generated, tmp_path / "out", random_embedders=False,
+                             embedder_weights=str(folder))
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and str(folder) in r.getMessage()]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert any(str(folder / "Cnn14_16k_mAP=0.438.pth") in line for line in lines)
+    assert any(str(folder / "vggish-10086976.pth") in line for line in lines)
+    for name in ("fd", "fad", "kl", "kl_sigmoid", "inception_score"):
+        assert results[name] is None and "missing" in results["null_reasons"][name]
+    assert results["null_reasons"]["fd"].startswith(str(folder / "Cnn14_16k_mAP=0.438.pth"))
+    assert results["null_reasons"]["fad"].startswith(str(folder / "vggish-10086976.pth"))
+    assert results["av_align"] is not None  # needs no weights: still measured
+    assert results["comparable"] and results["protocol"]["embedder_checkpoints"] == {}
 
 
 def test_failures_are_counted_once(tiny_run, generated, tmp_path):  # noqa: F811
@@ -335,8 +345,8 @@ def test_results_json_keys_are_kept(tiny_run, generated, tmp_path):  # noqa: F81
 
 
 def test_the_registry_drives_the_table(monkeypatch):
-    assert [m.header for m in METRICS] == ["FD ↓", "FAD ↓", "KL ↓", "KL-sigmoid ↓", "IS ↑", "AV-Align ↑",
-                                           "AV-Align 2023 ↑"]
+    assert [BY_NAME[name].header for name in TABLES["paper"]] == ["FD ↓", "FAD ↓", "KL ↓", "KL-sigmoid ↓", "IS ↑",
+                                                                  "AV-Align ↑", "AV-Align 2023 ↑"]
     # a row of an older results.json (no KL-sigmoid, IS, AV-Align 2023): the new columns show '—'
     row = {"run_name": "r", "comparable": True, "fd": 1.0, "fad": 2.0, "kl": 0.5, "loudness": 7.25,
            "av_align": {"mean": 0.5, "ci95_low": 0.25, "ci95_high": 0.75}, "counts": {"clips": 4, "paired": 3},
@@ -348,9 +358,10 @@ def test_the_registry_drives_the_table(monkeypatch):
     newer = {**row, "kl_sigmoid": -0.125, "inception_score": 3.5,
              "av_align_2023": {"mean": 1.25, "ci95_low": 1.0, "ci95_high": 1.5}}
     assert table([newer]).splitlines()[2] == "| r | 1.000 | 2.000 | 0.500 | -0.125 | 3.500 | 0.500 ± 0.250 | 1.250 ± 0.250 | 4 (3) |"
-    # one more entry is one more column (header, separator and cell), with nothing else to change
+    # one more entry in a table is one more column (header, separator and cell), with nothing else to change
     extra = Metric("loudness", "Loudness", "higher", "cnn14", lambda reference, generated, counts: 0.0)
-    monkeypatch.setattr("eval.report.METRICS", (*METRICS, extra))
+    monkeypatch.setitem(BY_NAME, "loudness", extra)
+    monkeypatch.setitem(TABLES, "paper", (*TABLES["paper"], "loudness"))
     lines = table([row]).splitlines()
     assert lines[0].endswith("| AV-Align 2023 ↑ | Loudness ↑ | Clips (paired) |")
     assert lines[1] == "|---|" + "---|" * 9 and lines[2].endswith("| — | 7.250 | 4 (3) |")

@@ -1,0 +1,166 @@
+"""Per-clip arrays computed once per protocol and kept in an HDF5 file keyed by clip id: the ground-truth side of
+every embedder (`eval.cache` for PANNs and VGGish; PaSST outputs of the reference audio, ImageBind and Synchformer
+features of the source videos in `eval.benchmark_embed`).
+
+Layout: attribute `protocol` (JSON: everything the arrays depend on) plus readable copies of some of its values;
+one group per clip under `clips/` holding one dataset per array, with the attributes `id`, the sha256 of what the
+clip was computed from (its reference audio or its source video; attribute name per cache) and `complete` (set
+last, so a clip cut short by a crash is dropped on the next run). A file of another protocol is rebuilt; a clip
+whose source hash changed is computed again.
+
+Crash safety: new clips go into `<path>.partial`, flushed after every clip; when every requested clip is there the
+partial file is renamed over `<path>` (atomic), so `<path>` is always a whole file, and a partial file that no
+longer opens is discarded. Run the same command again to resume. Concurrency: the build holds an exclusive
+`fcntl.flock` on `<path>.lock`, so two evaluations of the same shards take turns (the second waits, saying so,
+then finds the clips the first one cached).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import h5py
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]  # array name -> value, for one clip
+Cached = tuple[Arrays, str | None]  # a clip's arrays and the sha256 of what they were computed from
+
+
+@contextlib.contextmanager
+def build_lock(path: Path) -> Iterator[None]:
+    """Exclusive flock on `<path>.lock` for the duration of a build; waits (saying so) while another process
+    holds it. The lock file stays: deleting it would let a third process lock a different inode."""
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: another evaluation is building this cache; waiting for it to finish", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def group_name(clip_id: str) -> str:
+    return "id=" + quote(clip_id, safe="")  # '/' would nest groups; the prefix keeps '.' and '' valid names
+
+
+def _encode(protocol: Mapping[str, Any]) -> str:
+    return json.dumps(protocol, sort_keys=True)
+
+
+def stored_protocol(handle: h5py.File) -> str | None:
+    value = handle.attrs.get("protocol")
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def read_arrays(handle: h5py.File, digest_attr: str = "source_sha256") -> dict[str, Cached]:
+    """The complete clips of an open cache file: {id: (arrays, source sha256 or None)}."""
+    out: dict[str, Cached] = {}
+    for group in handle["clips"].values():
+        if group.attrs.get("complete", False):
+            digest = group.attrs.get(digest_attr)
+            out[str(group.attrs["id"])] = ({key: group[key][()] for key in group}, None if digest is None else str(digest))
+    return out
+
+
+def _matching(path: Path, protocol: Mapping[str, Any], digest_attr: str) -> dict[str, Cached] | None:
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as handle:
+            if stored_protocol(handle) != _encode(protocol):
+                log.info("%s: protocol or checkpoint changed, rebuilding the cache", path)
+                return None
+            return read_arrays(handle, digest_attr)
+    except (OSError, KeyError) as error:  # a file cut short by a crash no longer opens
+        log.warning("%s: unreadable (%s), discarding it", path, error)
+        return None
+
+
+def _write(handle: h5py.File, clip_id: str, arrays: Mapping[str, np.ndarray], digest: str | None,
+           digest_attr: str) -> None:
+    name = group_name(clip_id)
+    if name in handle["clips"]:
+        del handle["clips"][name]
+    group = handle["clips"].create_group(name)
+    group.attrs["id"] = clip_id
+    if digest is not None:
+        group.attrs[digest_attr] = digest
+    for key, value in arrays.items():
+        group.create_dataset(key, data=np.asarray(value))
+    group.attrs["complete"] = True  # last: a clip without it was cut short and is not trusted
+    handle.flush()
+
+
+def cached_arrays(path: str | Path, protocol: Mapping[str, Any], wanted: Mapping[str, str | None],
+                  compute: Callable[[list[str]], Iterable[tuple[str, Arrays]]],
+                  header: Mapping[str, Any] | None = None, digest_attr: str = "source_sha256") -> dict[str, Arrays]:
+    """{clip id: arrays} for the clips of `wanted` ({id: sha256 of its source, or None}), from the cache at
+    `path` where present and current, else from `compute(ids still to do)`, which yields (id, arrays) in any
+    order and may leave clips out (a failure it reports itself): those are absent from the result and from the
+    cache. `header`: readable copies of protocol values written as file attributes; `digest_attr`: the clip
+    attribute holding the source hash."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+
+    def current(cached: Mapping[str, Cached], clip_id: str) -> bool:
+        return clip_id in cached and (wanted[clip_id] is None or cached[clip_id][1] == wanted[clip_id])
+
+    def result(cached: Mapping[str, Cached]) -> dict[str, Arrays]:
+        return {clip_id: cached[clip_id][0] for clip_id in wanted if current(cached, clip_id)}
+
+    finished = _matching(path, protocol, digest_attr) or {}
+    if all(current(finished, clip_id) for clip_id in wanted):
+        return result(finished)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(path):
+        finished = _matching(path, protocol, digest_attr) or {}  # another process may have built it meanwhile
+        if all(current(finished, clip_id) for clip_id in wanted):
+            return result(finished)
+        resumed = _matching(partial, protocol, digest_attr)
+        if resumed is None and partial.exists():
+            partial.unlink()
+        with h5py.File(partial, "a") as handle:
+            if resumed is None:
+                handle.attrs["protocol"] = _encode(protocol)
+                for key, value in (header or {}).items():
+                    handle.attrs[key] = value
+                handle.require_group("clips")
+                resumed = {}
+            for name in [n for n, g in handle["clips"].items() if not g.attrs.get("complete", False)]:
+                del handle["clips"][name]  # cut short by a crash
+            for clip_id, cached in finished.items():  # carry over what the whole file already had
+                if clip_id not in resumed:
+                    _write(handle, clip_id, *cached, digest_attr)
+                    resumed[clip_id] = cached
+            todo = [clip_id for clip_id in wanted if not current(resumed, clip_id)]
+            changed = sum(clip_id in resumed for clip_id in todo)
+            if changed:
+                log.warning("%s: the source of %d cached clips changed; computing them again", path, changed)
+            if resumed:
+                log.info("%s: %d clips cached, %d to compute", path, len(resumed), len(todo))
+            for clip_id, arrays in _checked(compute(todo), set(todo)):
+                _write(handle, clip_id, arrays, wanted[clip_id], digest_attr)
+                resumed[clip_id] = (arrays, wanted[clip_id])
+        os.replace(partial, path)  # clips `compute` left out are simply not there: asked again next time
+    return result(resumed)
+
+
+def _checked(pairs: Iterable[tuple[str, Arrays]], todo: set[str]) -> Iterator[tuple[str, Arrays]]:
+    for clip_id, arrays in pairs:
+        if clip_id not in todo:
+            raise ValueError(f"computed a clip that was not asked for: {clip_id!r}")
+        yield clip_id, arrays

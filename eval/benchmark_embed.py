@@ -1,0 +1,230 @@
+"""The embedding step of av-benchmark's own metrics (hkchengrex/av-benchmark): PaSST on the reference and the
+generated audio (FD-PaSST, KL-PaSST, IS-PaSST), ImageBind and Synchformer on the source videos and the generated
+audio (IB-score, DeSync). PANNs and VGGish, which both harnesses use, are in `eval.embed`.
+
+Ground-truth side, cached per protocol in HDF5 (`eval.array_cache`): PaSST outputs of the shards' reference audio
+(each clip checked against the sha256 of its `flac` member), and the ImageBind embedding and Synchformer features
+of each clip's source-video window [start, start + duration) (checked against the video file's path, size and
+modification time and the window). Generated side, from the WAVs in <output>/wav: PaSST outputs, the ImageBind
+audio embedding, and Synchformer's audio features, compared at once with the cached video features into the
+clip's two DeSync values (first and last 4.8 s).
+
+The window of a clip is --duration seconds from its start, or the clip's own length when that is shorter (counted:
+'video_windows_shortened'; av-benchmark would drop such a clip). A clip whose source video is missing has no
+ImageBind/Synchformer pair (counted: 'benchmark_videos_missing'); one whose video cannot give its window's frames,
+or whose WAV is too short for Synchformer, is a failure with its reason, and the other clips are still measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+import torch
+from tqdm import tqdm
+
+import shards
+from eval.array_cache import Arrays, cached_arrays
+from eval.clips import iterate_reference_audio, read_wav, wav_path
+from eval.config import EvalConfig
+from eval.embed import Embedders, ReferenceAudio
+from eval.video_frames import VideoReadError, window_frames
+
+CACHE_VERSION = 1
+VIDEO_SHORT_SIDE = 224  # both video embedders start with Resize(224, bicubic): done once while decoding
+
+Sets = dict[str, tuple[dict[str, Any], dict[str, Any]]]  # embedder -> (reference set, generated set)
+
+
+def _cache_path(config: EvalConfig, kind: str, protocol: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(repr(sorted(protocol.items())).encode()).hexdigest()[:12]
+    return config.cache_folder / f"{config.split}-{kind}-{digest}.h5"
+
+
+def _window(config: EvalConfig, clip: shards.SampleMeta) -> float:
+    """Seconds of a clip that ImageBind and Synchformer see: --duration, or the clip's own length when that is
+    shorter or --duration is 0 (av-benchmark drops a clip shorter than its --audio_length instead)."""
+    return min(config.duration, clip.duration) if config.duration else clip.duration
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def generated_waves(out_dir: Path, clips: list[shards.SampleMeta],
+                    failures: list[dict[str, str]]) -> Iterator[tuple[str, np.ndarray, int]]:
+    """(clip id, mono waveform, rate) of every readable generated WAV; unreadable ones go to `failures`."""
+    for clip in clips:
+        path = wav_path(out_dir, clip.id)
+        if not path.exists():
+            continue
+        try:
+            waveform, rate = read_wav(path)
+        except ValueError as error:
+            failures.append({"id": clip.id, "stage": "read_wav", "reason": str(error)})
+            continue
+        yield clip.id, waveform, rate
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PaSST
+# ----------------------------------------------------------------------------------------------------------------
+def passt_outputs(model: Any, waves: Iterable[tuple[str, np.ndarray, int]], duration: float | None,
+                  batch_size: int, total: int | None, progress: bool, what: str) -> Iterator[tuple[str, Arrays]]:
+    """(id, {'logits', 'embedding'}) for (id, waveform, rate) triples, `batch_size` clips per pass."""
+    from eval.passt import passt_waveform
+
+    with tqdm(total=total, disable=not progress, unit="clip", desc=f"PaSST, {what}") as bar:
+        for batch in _batches(waves, batch_size):
+            inputs = np.stack([passt_waveform(w, rate, duration) for _, w, rate in batch])
+            logits, embedding = model.logits_and_embedding(inputs)
+            for (clip_id, _, _), lg, e in zip(batch, logits, embedding):
+                yield clip_id, {"logits": lg, "embedding": e}
+            bar.update(len(batch))
+
+
+def passt_sets(config: EvalConfig, model: Any, reference: ReferenceAudio, clips: list[shards.SampleMeta],
+               failures: list[dict[str, str]], progress: bool) -> tuple[dict[str, Arrays], dict[str, Arrays]]:
+    duration = config.duration or None
+    protocol = {"cache_version": CACHE_VERSION, "passt": model.protocol(), "duration": duration,
+                "reference": reference.source}
+
+    def compute(todo: list[str]) -> Iterator[tuple[str, Arrays]]:
+        audio = iterate_reference_audio(config.shards, config.split, todo)  # shard order, as `todo` is
+        waves = ((clip_id, soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)[0],
+                  reference.sample_rate) for clip_id, data in audio)
+        return passt_outputs(model, waves, duration, config.batch_size, len(todo), progress, "reference audio")
+
+    wanted = {clip_id: reference.hashes[clip_id] for clip_id in reference.ids}
+    cached = cached_arrays(_cache_path(config, "passt", protocol), protocol, wanted, compute)
+    generated = dict(passt_outputs(model, generated_waves(config.output_dir, clips, failures), duration,
+                                   config.batch_size, len(clips), progress, "generated audio"))
+    return {c.id: cached[c.id] for c in clips if c.id in cached}, generated
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ImageBind and Synchformer: the source videos, then the generated audio
+# ----------------------------------------------------------------------------------------------------------------
+def video_digest(clip: shards.SampleMeta, seconds: float) -> str:
+    """What a clip's video embeddings depend on besides the protocol: the file (path, size, mtime) and window."""
+    stat = Path(clip.source).stat()
+    text = f"{Path(clip.source).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{clip.start!r}|{seconds!r}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def video_outputs(config: EvalConfig, models: dict[str, Any], clips: list[shards.SampleMeta],
+                  failures: list[dict[str, str]], progress: bool) -> Callable[[list[str]], Iterator[tuple[str, Arrays]]]:
+    """compute(ids) for the video cache: per clip {'imagebind': (D,), 'synchformer': (S, t, D)} (those of
+    `models`); a clip whose window cannot be read goes to `failures` and is left out."""
+    by_id = {c.id: c for c in clips}
+
+    def compute(todo: list[str]) -> Iterator[tuple[str, Arrays]]:
+        rates = {}
+        if "imagebind" in models:
+            from eval.imagebind import VIDEO_FPS as IB_FPS
+            rates["imagebind"] = IB_FPS
+        if "synchformer" in models:
+            from eval.synchformer import VIDEO_FPS as SYNC_FPS
+            rates["synchformer"] = SYNC_FPS
+        for clip_id in tqdm(todo, disable=not progress, unit="clip", desc="ImageBind/Synchformer, source videos"):
+            clip = by_id[clip_id]
+            try:
+                frames = window_frames(clip.source, clip.start, _window(config, clip), rates, VIDEO_SHORT_SIDE)
+                yield clip_id, embed_video(models, frames)
+            except (VideoReadError, ValueError) as error:
+                failures.append({"id": clip_id, "stage": "video_embedding", "reason": str(error).splitlines()[0]})
+
+    return compute
+
+
+def embed_video(models: dict[str, Any], frames: dict[str, np.ndarray]) -> Arrays:
+    """One clip's video embeddings from its frames ({embedder: (T, H, W, 3) uint8 at the embedder's rate})."""
+    out: Arrays = {}
+    if "imagebind" in models:
+        from eval.imagebind import imagebind_video_input
+
+        out["imagebind"] = models["imagebind"].embed_video(imagebind_video_input(frames["imagebind"])[None])[0]
+    if "synchformer" in models:
+        from eval.synchformer import synchformer_video_input
+
+        with torch.inference_mode():
+            features = models["synchformer"].video_features(synchformer_video_input(frames["synchformer"])[None])
+        out["synchformer"] = features[0].float().cpu().numpy()
+    return out
+
+
+def generated_av(config: EvalConfig, models: dict[str, Any], clips: list[shards.SampleMeta],
+                 videos: dict[str, Arrays], failures: list[dict[str, str]], progress: bool) -> dict[str, dict[str, Arrays]]:
+    """{embedder: {clip id: arrays}} of the generated WAVs: ImageBind {'audio': (D,)} for every readable WAV;
+    Synchformer {'desync': (2,)} for every readable WAV whose clip has source-video features."""
+    out: dict[str, dict[str, Arrays]] = {name: {} for name in models}
+    durations = {c.id: _window(config, c) for c in clips}
+    waves = generated_waves(config.output_dir, clips, failures)
+    for clip_id, waveform, rate in tqdm(waves, total=len(clips), disable=not progress, unit="clip",
+                                        desc="ImageBind/Synchformer, generated audio"):
+        if "imagebind" in models:
+            from eval.imagebind import imagebind_audio_input
+
+            embedding = models["imagebind"].embed_audio(imagebind_audio_input(waveform, rate)[None])[0]
+            out["imagebind"][clip_id] = {"audio": embedding}
+        if "synchformer" in models and "synchformer" in videos.get(clip_id, {}):
+            from eval.synchformer import synchformer_audio_input
+
+            model = models["synchformer"]
+            try:
+                audio = synchformer_audio_input(waveform, rate, durations[clip_id])
+                with torch.inference_mode():
+                    features = model.audio_features(audio[None].to(_device(model)))
+                    video = torch.from_numpy(videos[clip_id]["synchformer"])[None].to(features)
+                    out["synchformer"][clip_id] = {"desync": np.asarray(model.desync(video, features))[0]}
+            except ValueError as error:
+                failures.append({"id": clip_id, "stage": "desync", "reason": str(error).splitlines()[0]})
+    return out
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def video_sets(config: EvalConfig, embedders: Embedders, clips: list[shards.SampleMeta],
+               failures: list[dict[str, str]], counts: dict[str, Any], progress: bool) -> Sets:
+    """The ImageBind and Synchformer sets: reference = the source videos' embeddings, generated = the generated
+    audio's (ImageBind) or the clip's DeSync values (Synchformer)."""
+    models: dict[str, Any] = {name: embedders.models[name] for name in ("imagebind", "synchformer")
+                              if name in embedders.models and name not in embedders.unavailable}
+    if not models:
+        return {}
+    with_video = [c for c in clips if c.source and Path(c.source).is_file()]
+    counts["benchmark_videos_missing"] = len(clips) - len(with_video)
+    counts["video_windows_shortened"] = sum(bool(config.duration) and c.duration < config.duration for c in clips)
+    protocol = {"cache_version": CACHE_VERSION, "seconds": config.duration or "clip", "window": "min(duration, clip)",
+                **{name: model.protocol() for name, model in sorted(models.items())}}
+    wanted = {c.id: video_digest(c, _window(config, c)) for c in with_video}
+    videos = cached_arrays(_cache_path(config, "video", protocol), protocol, wanted,
+                           video_outputs(config, models, with_video, failures, progress))
+    generated = generated_av(config, models, clips, videos, failures, progress)
+    sets: Sets = {}
+    if "imagebind" in models:
+        sets["imagebind"] = ({k: {"video": v["imagebind"]} for k, v in videos.items()}, generated["imagebind"])
+    if "synchformer" in models:
+        sets["synchformer"] = ({k: {"video": v["synchformer"]} for k, v in videos.items()}, generated["synchformer"])
+    return sets
+
+
+def benchmark_sets(config: EvalConfig, embedders: Embedders, reference: ReferenceAudio | None,
+                   clips: list[shards.SampleMeta], failures: list[dict[str, str]], counts: dict[str, Any],
+                   progress: bool) -> Sets:
+    """The sets of every av-benchmark embedder that is loaded and available."""
+    sets: Sets = {}
+    if "passt" in embedders.models and "passt" not in embedders.unavailable and reference is not None:
+        sets["passt"] = passt_sets(config, embedders.models["passt"], reference, clips, failures, progress)
+    sets.update(video_sets(config, embedders, clips, failures, counts, progress))
+    return sets

@@ -1,0 +1,315 @@
+"""av-benchmark's metrics in `python -m eval`: frames picked as ffmpeg's fps filter picks them (checked against
+ffmpeg itself), the per-clip array cache, KL in log space (checked against av-benchmark's torch formula), its
+audio front end (checked against torchaudio's Resample), the --metrics selection, and an evaluation with every
+metric on clips with source videos (random embedders), including missing weights for some of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torch.nn.functional as F
+
+import shards
+from eval.__main__ import main as eval_main
+from eval.array_cache import cached_arrays
+from eval.audio_embedding import prepare_waveform
+from eval.config import PRESETS
+from eval.evaluate import evaluate
+from eval.metrics import kl_log_softmax
+from eval.registry import BY_NAME, METRICS, TABLES, select_metrics
+from eval.video_frames import VideoReadError, fps_filter_indices, window_frames
+from preprocess.config import PRESETS as FEATURE_PRESETS
+from tests.conftest import make_sample
+from tests.media import frame_index, make_video
+from tests.test_train_support import one_thread  # noqa: F401  (autouse: single-threaded torch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frames at a rate, as ffmpeg's fps filter picks them
+# ----------------------------------------------------------------------------------------------------------------
+def ffmpeg_indices(path: Path, start: float, rate: float) -> list[int]:
+    """The frame indices ffmpeg's own fps filter outputs from `start` on (what av-benchmark's reader sees)."""
+    width, height = 96, 64
+    out = subprocess.run(["ffmpeg", "-v", "error", "-ss", repr(start), "-i", str(path),
+                          "-vf", f"fps={rate}", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         check=True, capture_output=True).stdout
+    frames = np.frombuffer(out, np.uint8).reshape(-1, height, width, 3)
+    return [frame_index(f) for f in frames]
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+@pytest.mark.parametrize(("fps", "start", "rate", "seconds"), [
+    (25, 0.0, 0.5, 8.0), (25, 0.0, 25.0, 8.0), (30, 0.0, 25.0, 8.0), (30, 1.3, 0.5, 8.0), (24, 0.5, 25.0, 8.0),
+    (10, 0.0, 25.0, 8.0), (25, 0.5, 25.0, 6.5), (25, 0.5, 25.0, 6.52), (29.97, 0.7, 25.0, 8.0)])
+def test_frames_are_those_ffmpegs_fps_filter_keeps(tmp_path, fps, start, rate, seconds):
+    video = make_video(tmp_path / "v.mp4", seconds=seconds, fps=fps, audio=None)
+    duration = 6.0
+    expected = ffmpeg_indices(video, start, rate)
+    if len(expected) < int(rate * duration):  # the video ends first: refused, as av-benchmark refuses it
+        with pytest.raises(VideoReadError, match="needed"):
+            window_frames(video, start, duration, {"x": rate})
+        return
+    ours = window_frames(video, start, duration, {"x": rate, "y": 0.5})["x"]
+    assert [frame_index(f) for f in ours] == expected[:int(rate * duration)]
+
+
+def test_fps_rule_on_exact_times():
+    at_25 = [Fraction(i, 25) for i in range(200)]
+    assert fps_filter_indices(at_25, Fraction(1, 2), 4) == [24, 74, 124, 174]  # the frame before each half-slot
+    assert fps_filter_indices(at_25, Fraction(25), 200) == list(range(200))
+    # 4 s of frames: the stream ends at 4 s, slot 2 starts there: two frames where four were asked for
+    assert fps_filter_indices(at_25[:100], Fraction(1, 2), 4, end=Fraction(4)) == [24, 74]
+    # the last frame is repeated up to the stream's end (here 10 fps -> 25 fps)
+    at_10 = [Fraction(i, 10) for i in range(10)]
+    # frame i at i/10 s rescales to round(2.5 i), halves away from zero: 0, 3, 5, 8, 10, 13, 15, 18, 20, 23
+    assert fps_filter_indices(at_10, Fraction(25), 30, end=Fraction(1)) == [
+        0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 6, 6, 6, 7, 7, 8, 8, 8, 9, 9]
+
+
+def test_a_short_or_missing_video_is_one_line(tmp_path):
+    video = make_video(tmp_path / "short.mp4", seconds=2.0, fps=25, audio=None)
+    with pytest.raises(VideoReadError, match=r"short\.mp4: the window .* gives 1 frames at 0.5 fps, 4 needed"):
+        window_frames(video, 0.0, 8.0, {"imagebind": 0.5})
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    with pytest.raises(VideoReadError, match=r"bad\.mp4: cannot decode"):
+        window_frames(tmp_path / "bad.mp4", 0.0, 8.0, {"x": 25.0})
+
+
+def test_resizing_twice_to_the_same_short_side_changes_nothing():
+    from eval.video_frames import resize_short_side
+
+    frame = np.random.default_rng(0).integers(0, 256, (360, 640, 3), dtype=np.uint8)
+    once = resize_short_side(frame, 224)
+    assert once.shape == (224, 398, 3) and np.array_equal(resize_short_side(once, 224), once)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The per-clip array cache
+# ----------------------------------------------------------------------------------------------------------------
+def test_array_cache_computes_once_resumes_and_redoes_changed_clips(tmp_path):
+    path = tmp_path / "c.h5"
+    calls: list[list[str]] = []
+
+    def compute(todo: list[str]):
+        calls.append(list(todo))
+        for clip_id in todo:
+            if clip_id == "bad":
+                continue  # a failure the compute reports itself: left out
+            yield clip_id, {"x": np.full(3, float(len(clip_id)))}
+
+    wanted = {"a": "h1", "bb": "h2", "bad": None}
+    first = cached_arrays(path, {"v": 1}, wanted, compute)
+    assert sorted(first) == ["a", "bb"] and np.array_equal(first["bb"]["x"], [2, 2, 2])
+    again = cached_arrays(path, {"v": 1}, {"a": "h1", "bb": "h2"}, compute)
+    assert calls == [["a", "bb", "bad"]]  # the second call read the file
+    assert sorted(again) == ["a", "bb"] and np.array_equal(again["a"]["x"], first["a"]["x"])
+    cached_arrays(path, {"v": 1}, {"a": "h1", "bb": "changed"}, compute)
+    assert calls[-1] == ["bb"]  # only the clip whose source changed
+    cached_arrays(path, {"v": 2}, {"a": "h1"}, compute)
+    assert calls[-1] == ["a"]  # another protocol: rebuilt
+
+    def crash(todo: list[str]):
+        yield todo[0], {"x": np.zeros(1)}
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        cached_arrays(tmp_path / "d.h5", {"v": 1}, {"p": None, "q": None}, crash)
+    calls.clear()
+    out = cached_arrays(tmp_path / "d.h5", {"v": 1}, {"p": None, "q": None}, compute)
+    assert calls == [["q"]] and sorted(out) == ["p", "q"]  # resumed from the partial file
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Formulas and front end against av-benchmark's
+# ----------------------------------------------------------------------------------------------------------------
+def test_kl_in_log_space_is_av_benchmarks():
+    rng = np.random.default_rng(0)
+    gt, pred = rng.normal(0, 3, (6, 527)), rng.normal(0, 3, (6, 527))
+    # av_bench/metrics/kl.py: F.kl_div(F.log_softmax(pred), F.log_softmax(gt), reduction="sum", log_target=True) / N
+    reference = F.kl_div(F.log_softmax(torch.from_numpy(pred), 1), F.log_softmax(torch.from_numpy(gt), 1),
+                         reduction="sum", log_target=True) / len(pred)
+    value, pairs = kl_log_softmax({f"c{i}": gt[i] for i in range(6)}, {f"c{i}": pred[i] for i in range(6)})
+    assert pairs == 6 and value == pytest.approx(float(reference), rel=1e-12)
+    assert kl_log_softmax({"a": gt[0]}, {"a": gt[0]})[0] == pytest.approx(0.0, abs=1e-12)
+    # a second pair changes the mean: every pair counts, not only the last
+    assert kl_log_softmax({"a": gt[0], "b": gt[1]}, {"a": pred[0], "b": pred[1]})[0] != pytest.approx(
+        kl_log_softmax({"b": gt[1]}, {"b": pred[1]})[0])
+
+
+@pytest.mark.parametrize(("rate", "channels", "seconds"), [(44100, 2, 3.0), (16000, 1, 12.0), (48000, 2, 9.0)])
+def test_av_benchmark_audio_protocol_is_its_audio_dataset(rate, channels, seconds):
+    import torchaudio
+
+    rng = np.random.default_rng(1)
+    wave = (0.3 * rng.standard_normal((channels, int(rate * seconds))) + 0.05).astype(np.float32)
+    ours = prepare_waveform(wave if channels > 1 else wave[0], rate, 16000, 8.0, "av-benchmark")
+    # av_bench/data/audio_dataset.py AudioDataset.read_from_file, after torchaudio.load
+    waveform = torch.from_numpy(wave).mean(dim=0)
+    waveform = waveform - waveform.mean()
+    if rate != 16000:
+        waveform = torchaudio.transforms.Resample(rate, 16000)(waveform)
+    expected = waveform[:int(16000 * 8.0)].numpy()
+    assert ours.shape == expected.shape and np.allclose(ours, expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --metrics
+# ----------------------------------------------------------------------------------------------------------------
+def test_metric_selection():
+    paper = [m.name for m in select_metrics("paper")]
+    assert paper == list(TABLES["paper"])
+    av = {m.name for m in select_metrics("av-benchmark")}
+    assert av == set(TABLES["av-benchmark"])
+    assert [m.name for m in select_metrics("all")] == [m.name for m in METRICS]
+    assert [m.name for m in select_metrics("desync, fd")] == ["fd", "desync"]
+    with pytest.raises(ValueError, match="unknown metric or group 'fid'"):
+        select_metrics("fd,fid")
+    with pytest.raises(ValueError, match="names no metric"):
+        select_metrics(" , ")
+    assert BY_NAME["ib_score"].cell(0.3322) == "33.22"
+
+
+def test_unknown_metric_is_one_line_at_the_command_line(tmp_path, capsys):
+    assert eval_main(["--metrics", "fd,nope", "--output", str(tmp_path / "o"), "--shards", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --metrics: unknown metric or group 'nope'") and "\n" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An evaluation with every metric
+# ----------------------------------------------------------------------------------------------------------------
+FEATURES = FEATURE_PRESETS["tiny"]
+SPEC = dataclasses.replace(FEATURES.shard_spec(), latent_time=64)
+SECONDS = 6.0  # long enough for ImageBind (2-frame clips at 0.5 fps) and DeSync (14 segments of 0.64 s)
+IDS = ("v0", "v1", "v2", "n0")  # n0: no source video
+
+
+@pytest.fixture(scope="module")
+def clips_with_videos(tmp_path_factory) -> Path:
+    """Shards of four 6 s test clips (three with a source video) and one generated WAV each."""
+    root = tmp_path_factory.mktemp("benchmark")
+    data = root / "shards"
+    data.mkdir()
+    meta = {"schema_version": shards.SCHEMA_VERSION, "spec": SPEC.to_dict(), "config": dataclasses.asdict(FEATURES)}
+    (data / shards.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+    writer = shards.ShardWriter(data, "test", 0, 8)
+    rng = np.random.default_rng(0)
+    for seed, clip_id in enumerate(IDS):
+        sample_meta, arrays, _ = make_sample(spec=SPEC, clip_id=clip_id, seed=seed, split="test")
+        video = root / "videos" / f"{clip_id}.mp4"
+        if clip_id.startswith("v"):
+            make_video(video, seconds=SECONDS + 1.0, fps=25, size=(96, 64), audio=None)
+        sample_meta.update(duration=SECONDS, start=0.5, source=str(video))
+        waveform = (0.2 * rng.standard_normal(int(SPEC.sample_rate * SECONDS))).astype(np.float32)
+        writer.write(shards.encode_sample(SPEC, sample_meta, arrays, waveform))
+        wav = root / "eval" / "wav" / f"{clip_id}.wav"
+        wav.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(wav, (0.2 * rng.standard_normal(int(16000 * SECONDS))).astype(np.float32), 16000)
+    writer.close()
+    return root
+
+
+def benchmark_config(root: Path, out: Path, **changes: object):
+    shutil.copytree(root / "eval" / "wav", out / "wav")
+    settings: dict[str, object] = dict(run=str(root / "no-run"), shards=str(root / "shards"), output=str(out),
+                                       generate=False, figure_clips=0, duration=SECONDS, av_align=False,
+                                       cache_dir=str(out.parent / "cache"), metrics="all", min_paired=0.5)
+    return PRESETS["demo"].replace(**{**settings, **changes})
+
+
+def test_every_metric_with_random_embedders(clips_with_videos, tmp_path):
+    results = evaluate(benchmark_config(clips_with_videos, tmp_path / "out"), progress=False)
+    for name in ("fd", "fad", "kl", "kl_sigmoid", "inception_score", "kl_panns", "fd_passt", "kl_passt",
+                 "is_passt", "ib_score", "desync"):
+        assert isinstance(results[name], float), (name, results["null_reasons"].get(name))
+    assert -1.0 <= results["ib_score"] <= 1.0 and 0.0 <= results["desync"] <= 2.0
+    assert results["counts"]["ib_pairs"] == 3 and results["counts"]["desync_clips"] == 3  # n0 has no video
+    assert results["counts"]["benchmark_videos_missing"] == 1
+    assert results["counts"]["kl_passt_pairs"] == 4 and results["counts"]["is_passt_clips"] == 4
+    assert not results["comparable"]
+    assert set(results["protocol"]["random_embedder_names"]) == {"cnn14", "vggish", "passt", "imagebind",
+                                                                 "synchformer"}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert report.startswith("**The embedders have random weights")
+    assert "| FD-PaSST ↓ | FD-PANNs ↓ | FD-VGG ↓ | KL-PANNs ↓ | KL-PaSST ↓ | IS-PANNs ↑ | IS-PaSST ↑ | IB-score ↑ | DeSync ↓ |" in report
+    # the table command prints either set of columns from the same results.json
+    table = tmp_path / "t.md"
+    assert eval_main(["table", str(tmp_path / "out"), "--columns", "av-benchmark", "--out", str(table)]) == 0
+    row = table.read_text().splitlines()[4]
+    assert row.count("|") == 12 and "—" not in row
+    # a second evaluation reads the ground-truth side from the cache: same numbers
+    again = evaluate(benchmark_config(clips_with_videos, tmp_path / "again"), progress=False)
+    assert again["fd_passt"] == results["fd_passt"] and again["ib_score"] == results["ib_score"]
+
+
+def test_missing_weights_null_only_their_metrics(clips_with_videos, tmp_path, caplog):
+    from eval.passt import PASST_CONFIGS, load_passt
+    from eval.registry import NOT_SELECTED
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    passt = load_passt(None, config=PASST_CONFIGS["tiny"], seed=3)  # an 'official' file for PaSST only
+    torch.save(passt.model.net.state_dict(), weights / "passt-s-f128-p16-s10-ap.476-swa.pt")
+    config = benchmark_config(clips_with_videos, tmp_path / "out", metrics="fd_passt,ib_score,desync,kl",
+                              random_embedders=False, embedder_weights=str(weights), random_embedder_size="tiny")
+    with caplog.at_level("WARNING"):
+        results = evaluate(config, progress=False)
+    assert isinstance(results["fd_passt"], float)
+    for name, file in (("ib_score", "imagebind_huge.pth"), ("desync", "synchformer_state_dict.pth"),
+                       ("kl", "Cnn14_16k_mAP=0.438.pth")):
+        assert results[name] is None and results["null_reasons"][name].startswith(str(weights / file))
+        assert sum(str(weights / file) in r.getMessage() for r in caplog.records) == 1
+    assert results["null_reasons"]["fad"].startswith(NOT_SELECTED)
+    assert results["comparable"]  # what was computed used official (here: saved) weights only
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# python -m eval.weights
+# ----------------------------------------------------------------------------------------------------------------
+def test_weights_listing_and_fetch(tmp_path, monkeypatch, capsys):
+    from eval import weights
+
+    folder = tmp_path / "eval"
+    assert weights.main(["list", "--out", str(folder)]) == 0
+    listed = capsys.readouterr().out
+    for file in ("Cnn14_16k_mAP=0.438.pth", "vggish-10086976.pth", "passt-s-f128-p16-s10-ap.476-swa.pt",
+                 "imagebind_huge.pth", "synchformer_state_dict.pth"):
+        assert f"MISSING  {folder / file}" in listed
+    # fetch: every file a local URL serves arrives whole; one that cannot be fetched is one line, the rest go on
+    served = tmp_path / "served"
+    served.mkdir()
+    sources = {}
+    for name in weights.SOURCES:
+        (served / name).write_bytes(name.encode() * 1000)
+        sources[name] = (served / name).as_uri()
+    sources["imagebind"] = (served / "absent").as_uri()
+    monkeypatch.setattr(weights, "SOURCES", sources)
+    assert weights.main(["fetch", "--out", str(folder)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(folder / "imagebind_huge.pth") in err[0]
+    assert (folder / "synchformer_state_dict.pth").read_bytes() == b"synchformer" * 1000
+    assert not (folder / "imagebind_huge.pth").exists() and not list(folder.glob("*.partial"))
+    assert weights.main(["check", "--out", str(folder)]) == 1  # one still missing
+    assert "imagebind_huge.pth: missing" in capsys.readouterr().out
+
+
+def test_video_metrics_count_clips_with_both_sides():
+    from eval.score import audio_scores
+
+    rng = np.random.default_rng(0)
+    video = {f"c{i}": {"video": rng.standard_normal(8)} for i in range(2)}  # two of five clips have a video
+    audio = {f"c{i}": {"audio": rng.standard_normal(8)} for i in range(5)}
+    values, reasons = audio_scores(video, audio, 5, 0.9, (BY_NAME["ib_score"],))
+    assert values["ib_score"] is None
+    assert reasons["ib_score"].startswith("only 2 of 5 clips (40%) have a source-video embedding and a generated WAV")
+    values, reasons = audio_scores(video, audio, 5, 0.4, (BY_NAME["ib_score"],))
+    assert not reasons and isinstance(values["ib_score"], float) and values["ib_pairs"] == 2
