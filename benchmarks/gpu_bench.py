@@ -10,16 +10,19 @@ Sections (each guarded: a failure is recorded in the JSON and the next section s
   DINO, SAM, VAE) time, FLOPs (torch.utils.flop_counter: matmuls, convolutions and attention only; Grounding
   DINO's deformable sampling is not counted) and peak GPU memory.
 - training: samples/s of the stage-two step (the trainer's `train.diffusion.training_loss`: forward, min-SNR loss;
-  then backward, clip, AdamW; bf16 autocast as the paper preset's accelerate run) fed from shards
-  (`train.data.make_loader`) vs one batch held in memory, and model FLOPs utilisation MFU = FLOPs per step
-  (forward + backward, counted) x steps/s / peak.
+  then backward, clip, AdamW and the trainer's EMA update `train.trainer.ema_update`; bf16 autocast as the paper
+  preset's accelerate run) fed from shards (`train.data.make_loader`) vs one batch held in memory, and model FLOPs
+  utilisation MFU = FLOPs per step (forward + backward, counted) x steps/s / peak; the paper's global batch 32 as
+  4 accumulated micro-batches of 8 (`--global-batch 32` on one GPU) next to 32 in one micro-batch; the top 10
+  kernels (CPU: ops) of one step by self time under torch.profiler.
 - generation: seconds to generate one 10.24 s clip (`train.sample` with classifier-free guidance, then the AudioLDM
   VAE decoder and HiFi-GAN of `eval.generate.Decoder`) at batch 1 and 16, DDIM-300 and DPM-Solver++-25. A run
   that would not fit the budget is timed over a few sampler steps and extrapolated (marked so).
 - changes: inside each section, before/after measurements of one change at a time (`compare`): batched grounding,
   float16, tensors from the decoding workers and the background shard writer (stage one); bf16, fused attention,
-  fused AdamW, channels_last, a 4x batch and torch.compile (training); bf16, channels_last, torch.compile and CUDA
-  graphs (generation, on DPM-Solver++-25 at batch 1). torch.compile and CUDA graphs run only with --compile.
+  fused AdamW, channels_last, a 4x batch and torch.compile in its default and max-autotune modes (training); bf16,
+  channels_last, torch.compile and CUDA graphs (generation, on DPM-Solver++-25 at batch 1). torch.compile and CUDA
+  graphs run only with --compile.
 - targets: the issue's four ratios (TARGETS), read off the measurements above.
 
 Models are random-weight builds of the published architectures (`FeatureConfig.random_size="paper"`,
@@ -380,8 +383,41 @@ def per_model_costs(encoders: Any, batch: list[dict[str, Any]], nouns: list[list
 
 
 # ----------------------------------------------------------------------------------- training
+def micro_batches(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """A collated batch cut into `parts` equal micro-batches along the sample axis (tensors and lists alike)."""
+    size = len(batch["latent_mean"])
+    if size % parts:
+        raise ValueError(f"a batch of {size} does not split into {parts} equal micro-batches")
+    step = size // parts
+    return [{k: v[i : i + step] for k, v in batch.items()} for i in range(0, size, step)]
+
+
+def repeat_batch(batch: dict[str, Any], size: int) -> dict[str, Any]:
+    """The batch's samples repeated (and cut) to `size` samples."""
+    times = -(-size // len(batch["latent_mean"]))
+    return {k: (torch.cat([v] * times) if isinstance(v, torch.Tensor) else list(v) * times)[:size] for k, v in batch.items()}
+
+
+def top_ops(events: Any, device: torch.device, count: int = 10) -> list[dict[str, Any]]:
+    """The `count` ops (CPU) or kernels (CUDA) with the most self time in a profiled step, from torch.profiler's
+    key_averages(): name, calls, self time in ms and share of the step's total self time. The total follows
+    torch.profiler's own table: on CUDA the device events (kernels, copies), on the CPU every event's self CPU time."""
+    if device.type == "cuda":
+        rows = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+        self_us = {id(e): e.self_device_time_total for e in rows}
+    else:
+        rows = list(events)
+        self_us = {id(e): e.self_cpu_time_total for e in rows}
+    total = sum(self_us.values())
+    rows.sort(key=lambda e: self_us[id(e)], reverse=True)
+    return [{"name": e.key, "calls": e.count, "self_ms": round(self_us[id(e)] / 1000, 3),
+             "share": round(self_us[id(e)] / total, 4) if total else None} for e in rows[:count]]
+
+
 def bench_training(preset: str, device: torch.device, root: Path, steps: int, deadline: Deadline,
                    device_info: dict[str, Any], log: Callable[[str], None], compile_runs: bool = False) -> dict[str, Any]:
+    import copy
+
     import shards
     from benchmarks.random_shards import write_random_shards
     from common.devices import tune_backends
@@ -391,6 +427,7 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
     from train.diffusion import noise_scheduler, training_loss
     from train.model import VTASAM
     from train.speed import speed_up
+    from train.trainer import ema_decay, ema_update
 
     spec = FEATURE_PRESETS[preset].shard_spec()
     folder = root / "train_shards"
@@ -403,7 +440,9 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
     tune_backends(device)  # as the trainer does
     torch.manual_seed(0)
     model = VTASAM(config, spec).to(device).train()
+    ema = copy.deepcopy(model).requires_grad_(False)  # as the trainer's: a plain copy (no channels_last, not compiled)
     speed_up(model, config.channels_last, config.compile)
+    updates = [0]  # optimizer steps taken: the EMA's warm-up (`ema_decay`)
 
     def adamw(fused: bool) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
@@ -415,29 +454,36 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
                            "precision": "bf16 autocast" if bf16 else "float32", "loader_workers": workers,
                            "pin_memory": cuda, "fused_adamw": cuda, "channels_last": config.channels_last,
                            "compile": config.compile,
-                           "includes": "the trainer's training_loss (forward, min-SNR loss), backward, grad clip, AdamW step "
-                                       "(no EMA update)"}
+                           "includes": "the trainer's training_loss (forward, min-SNR loss), backward, grad clip, AdamW step, "
+                                       "EMA update (train.trainer.ema_update)"}
 
     def loss_of(batch: dict[str, Any], use_bf16: bool = bf16) -> torch.Tensor:
         """The trainer's step loss (`train.diffusion.training_loss`); bf16 autocast as accelerate's (CUDA only)."""
         return training_loss(model, scheduler, batch, config, device=device, precision=torch.bfloat16 if use_bf16 else None)
 
-    def step(batch: dict[str, Any], opt: torch.optim.Optimizer, use_bf16: bool = bf16) -> None:
-        loss = loss_of(batch, use_bf16)
+    def step(batch: dict[str, Any], opt: torch.optim.Optimizer, use_bf16: bool = bf16, accumulation: int = 1) -> None:
+        """One optimizer step as `train.trainer.train_step` takes it: `accumulation` micro-batches of the batch, each
+        loss divided by their count going backward, then clip, AdamW and the EMA update."""
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for part in micro_batches(batch, accumulation):
+            (loss_of(part, use_bf16) / accumulation).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
+        updates[0] += 1
+        ema_update(model, ema, ema_decay(config, updates[0]))
+
+    warmed = [False]  # on the CPU only the first timed run warms up (no autotuning; keeps the tiny run short)
 
     def timed_steps(batches: Iterator[dict[str, Any]], wanted: int, opt: torch.optim.Optimizer | None = None,
-                    use_bf16: bool = bf16, batch_size: int = config.batch_size) -> dict[str, Any]:
+                    use_bf16: bool = bf16, batch_size: int = config.batch_size, accumulation: int = 1) -> dict[str, Any]:
         opt = opt or optimizer
-        for _ in range(3 if cuda else 1):  # warm-up (one is enough on the CPU: no autotuning)
-            step(next(batches), opt, use_bf16)
+        for _ in range(3 if cuda else 0 if warmed[0] else 1):  # warm-up: cuDNN autotuning, allocator, first calls
+            step(next(batches), opt, use_bf16, accumulation)
+        warmed[0] = True
         synchronize(device)
         start, done = time.perf_counter(), 0
         while done < wanted and (done < 3 or deadline.left() > 0):
-            step(next(batches), opt, use_bf16)
+            step(next(batches), opt, use_bf16, accumulation)
             done += 1
         synchronize(device)
         seconds = time.perf_counter() - start
@@ -465,6 +511,34 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
     out["ratio_shards_over_memory"] = round(out["from_shards"]["samples_per_second"] / out["from_memory"]["samples_per_second"], 3)
     out["tflop_per_step"] = round(flops / 1e12, 6)
     few = max(3, steps // 2)
+
+    # the paper's global batch (8 per GPU x 4 GPUs = 32) on one GPU: 4 accumulated micro-batches of 8, what
+    # --global-batch 32 trains there, next to the 32 in one micro-batch; the tiny preset keeps the 1:4 split at its
+    # batch (micro-batches of 1). One timed step each on the CPU.
+    total = config.global_batch or config.batch_size
+    micro = config.batch_size if config.global_batch else 1
+    big = repeat_batch(fixed, total)
+    runs: dict[str, Any] = {}
+    for key, size in (("accumulated", micro), ("one_micro_batch", total)):
+        entry: dict[str, Any] = {"micro_batch": size, "accumulation": total // size}
+        with peak_memory(device, entry):
+            entry |= with_mfu(timed_steps(iter(lambda: big, None), few if cuda else 1, batch_size=total,
+                                          accumulation=total // size), flops * total / config.batch_size)
+        runs[key] = entry
+    out["global_batch"] = {"samples": total, **runs,
+                           "ratio_accumulated_over_one": round(runs["accumulated"]["samples_per_second"]
+                                                               / runs["one_micro_batch"]["samples_per_second"], 3)}
+    log(f"training: global batch {out['global_batch']} ({deadline.left():.0f} s left)")
+
+    # one step of the trainer's setting under torch.profiler: where its time goes
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        step(fixed, optimizer)
+        synchronize(device)
+    out["profile"] = top_ops(profiler.key_averages(), device)
+    out["profile_time"] = "self device time (CUDA kernels)" if cuda else "self CPU time (ops)"
 
     def mfu_pair(before_label: str, before: dict[str, Any], after_label: str, after: dict[str, Any],
                  step_flops: float = flops) -> dict[str, Any]:
@@ -521,21 +595,28 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
 
     compare(out, "batch_x4", deadline, 30, log, bigger_batch)
 
-    def compiled() -> dict[str, Any]:
-        if not compile_runs:
-            return {"skipped": "torch.compile runs only with --compile (minutes of compilation)"}
-        if config.compile:
-            return {"skipped": "the preset already compiles"}
-        before = timed_steps(memory_batches(), few)
-        speed_up(model, compile=True)
-        start = time.perf_counter()
-        step(fixed, optimizer)  # compiles forward and backward
-        synchronize(device)
-        compile_seconds = round(time.perf_counter() - start, 1)
-        result = mfu_pair("eager", before, "torch.compile", timed_steps(memory_batches(), few))
-        return result | {"compile_seconds": compile_seconds}
+    def compiled(mode: str | None) -> Callable[[], dict[str, Any]]:
+        """torch.compile of the UNet in `mode` (None: default), timed against the row before (eager, then default)."""
+        def run() -> dict[str, Any]:
+            if not compile_runs:
+                return {"skipped": "torch.compile runs only with --compile (minutes of compilation)"}
+            if config.compile:
+                return {"skipped": "the preset already compiles"}
+            before = timed_steps(memory_batches(), few)
+            speed_up(model, compile=True, compile_mode=mode)
+            start = time.perf_counter()
+            step(fixed, optimizer)  # compiles forward and backward
+            synchronize(device)
+            compile_seconds = round(time.perf_counter() - start, 1)
+            label = "eager" if mode is None else "torch.compile mode=default (previous row)"
+            result = mfu_pair(label, before, f"torch.compile mode={mode or 'default'}", timed_steps(memory_batches(), few))
+            return result | {"compile_seconds": compile_seconds}
+        return run
 
-    compare(out, "torch_compile", deadline, 150 if compile_runs else 0, log, compiled)  # without --compile: say so
+    compare(out, "torch_compile", deadline, 150 if compile_runs else 0, log, compiled(None))  # without --compile: say so
+    # max-autotune benchmarks kernel choices (Triton templates for matmuls and convolutions) and uses CUDA graphs:
+    # the longest compilation
+    compare(out, "torch_compile_max_autotune", deadline, 300 if compile_runs else 0, log, compiled("max-autotune"))
     return out
 
 
@@ -733,6 +814,20 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {key.removeprefix('from_')} | {fmt(r['samples_per_second'])} | {fmt(r['step_ms'])} | "
                          f"{fmt(r['achieved_tflops'])} | {fmt(r['mfu_vs_datasheet'])} | {fmt(r['mfu_vs_measured_matmul'])} |")
         lines.append("")
+        gb = tr.get("global_batch")
+        if gb:
+            lines += [f"Global batch {gb['samples']} per optimizer step (from memory):", "",
+                      "| micro-batch x accumulation | samples/s | step ms | MFU (datasheet) | peak GiB |", "|---|---|---|---|---|"]
+            lines += [f"| {r['micro_batch']} x {r['accumulation']} | {fmt(r['samples_per_second'])} | {fmt(r['step_ms'])} | "
+                      f"{fmt(r['mfu_vs_datasheet'])} | {fmt(r.get('peak_memory_gib'))} |"
+                      for r in (gb["accumulated"], gb["one_micro_batch"])]
+            lines.append("")
+        if tr.get("profile"):
+            lines += [f"One profiled step, top {len(tr['profile'])} by {tr['profile_time']}:", "",
+                      "| op / kernel | calls | self ms | share |", "|---|---|---|---|"]
+            lines += [f"| `{op['name'][:80].replace('|', '/')}` | {op['calls']} | {fmt(op['self_ms'])} | {fmt(op['share'])} |"
+                      for op in tr["profile"]]
+            lines.append("")
         lines += changes_table(tr)
     else:
         lines += [f"- {tr.get('status', 'not run')}: {tr.get('error', '')}", ""]

@@ -8,9 +8,14 @@ clip was computed from (its reference audio or its source video; attribute name 
 last, so a clip cut short by a crash is dropped on the next run). A file of another protocol is rebuilt; a clip
 whose source hash changed is computed again.
 
-Crash safety: new clips go into `<path>.partial`, flushed after every clip; when every requested clip is there the
-partial file is renamed over `<path>` (atomic), so `<path>` is always a whole file, and a partial file that no
-longer opens is discarded. Run the same command again to resume. Concurrency: the build holds an exclusive
+A clip that could not be computed (an undecodable video) is cached as a failure with its reason and source hash,
+so a later run reports it again without retrying it until its source changes.
+
+Crash safety: a new file is built in `<path>.partial`, flushed after every clip, and renamed over `<path>` when
+every requested clip is there (a partial file that no longer opens is discarded); later clips are added to the
+whole file in place, each flushed with `complete` set last, so a clip cut short is dropped on the next run (a file
+left unreadable by a crash in the middle of a write is discarded and rebuilt). Run the same command again to
+resume. Concurrency: the build holds an exclusive
 `fcntl.flock` on `<path>.lock`, so two evaluations of the same shards take turns (the second waits, saying so,
 then finds the clips the first one cached).
 """
@@ -33,7 +38,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]  # array name -> value, for one clip
-Cached = tuple[Arrays, str | None]  # a clip's arrays and the sha256 of what they were computed from
+# a clip's arrays (empty for a failure), the sha256 of what they were computed from, and why it failed (or None)
+Cached = tuple[Arrays, str | None, str | None]
 
 
 @contextlib.contextmanager
@@ -67,12 +73,13 @@ def stored_protocol(handle: h5py.File) -> str | None:
 
 
 def read_arrays(handle: h5py.File, digest_attr: str = "source_sha256") -> dict[str, Cached]:
-    """The complete clips of an open cache file: {id: (arrays, source sha256 or None)}."""
+    """The complete clips of an open cache file: {id: (arrays, source sha256 or None, failure reason or None)}."""
     out: dict[str, Cached] = {}
     for group in handle["clips"].values():
         if group.attrs.get("complete", False):
-            digest = group.attrs.get(digest_attr)
-            out[str(group.attrs["id"])] = ({key: group[key][()] for key in group}, None if digest is None else str(digest))
+            digest, failure = group.attrs.get(digest_attr), group.attrs.get("failure")
+            out[str(group.attrs["id"])] = ({key: group[key][()] for key in group}, None if digest is None else str(digest),
+                                           None if failure is None else str(failure))
     return out
 
 
@@ -91,7 +98,7 @@ def _matching(path: Path, protocol: Mapping[str, Any], digest_attr: str) -> dict
 
 
 def _write(handle: h5py.File, clip_id: str, arrays: Mapping[str, np.ndarray], digest: str | None,
-           digest_attr: str) -> None:
+           failure: str | None, digest_attr: str) -> None:
     name = group_name(clip_id)
     if name in handle["clips"]:
         del handle["clips"][name]
@@ -99,6 +106,8 @@ def _write(handle: h5py.File, clip_id: str, arrays: Mapping[str, np.ndarray], di
     group.attrs["id"] = clip_id
     if digest is not None:
         group.attrs[digest_attr] = digest
+    if failure is not None:
+        group.attrs["failure"] = failure
     for key, value in arrays.items():
         group.create_dataset(key, data=np.asarray(value))
     group.attrs["complete"] = True  # last: a clip without it was cut short and is not trusted
@@ -106,34 +115,41 @@ def _write(handle: h5py.File, clip_id: str, arrays: Mapping[str, np.ndarray], di
 
 
 def cached_arrays(path: str | Path, protocol: Mapping[str, Any], wanted: Mapping[str, str | None],
-                  compute: Callable[[list[str]], Iterable[tuple[str, Arrays]]],
-                  header: Mapping[str, Any] | None = None, digest_attr: str = "source_sha256") -> dict[str, Arrays]:
-    """{clip id: arrays} for the clips of `wanted` ({id: sha256 of its source, or None}), from the cache at
-    `path` where present and current, else from `compute(ids still to do)`, which yields (id, arrays) in any
-    order and may leave clips out (a failure it reports itself): those are absent from the result and from the
-    cache. `header`: readable copies of protocol values written as file attributes; `digest_attr`: the clip
-    attribute holding the source hash."""
+                  compute: Callable[[list[str]], Iterable[tuple[str, Arrays | str]]],
+                  header: Mapping[str, Any] | None = None,
+                  digest_attr: str = "source_sha256") -> tuple[dict[str, Arrays], dict[str, str]]:
+    """({clip id: arrays}, {clip id: why it failed}) for the clips of `wanted` ({id: sha256 of its source, or
+    None}), from the cache at `path` where present and current, else from `compute(ids still to do)`, which
+    yields (id, arrays) or (id, failure reason) in any order. A failure is cached too (with its source hash): it
+    is returned again, not recomputed, until its source changes. `header`: readable copies of protocol values
+    written as file attributes; `digest_attr`: the clip attribute holding the source hash.
+
+    New clips are added in place to a whole file of the same protocol (each clip flushed, `complete` set last);
+    a file of another protocol, or none, is built in `<path>.partial` and renamed over `<path>` when whole."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
 
     def current(cached: Mapping[str, Cached], clip_id: str) -> bool:
         return clip_id in cached and (wanted[clip_id] is None or cached[clip_id][1] == wanted[clip_id])
 
-    def result(cached: Mapping[str, Cached]) -> dict[str, Arrays]:
-        return {clip_id: cached[clip_id][0] for clip_id in wanted if current(cached, clip_id)}
+    def result(cached: Mapping[str, Cached]) -> tuple[dict[str, Arrays], dict[str, str]]:
+        done = [clip_id for clip_id in wanted if current(cached, clip_id)]
+        return ({clip_id: cached[clip_id][0] for clip_id in done if cached[clip_id][2] is None},
+                {clip_id: str(cached[clip_id][2]) for clip_id in done if cached[clip_id][2] is not None})
 
-    finished = _matching(path, protocol, digest_attr) or {}
-    if all(current(finished, clip_id) for clip_id in wanted):
+    finished = _matching(path, protocol, digest_attr)
+    if finished is not None and all(current(finished, clip_id) for clip_id in wanted):
         return result(finished)
     path.parent.mkdir(parents=True, exist_ok=True)
     with build_lock(path):
-        finished = _matching(path, protocol, digest_attr) or {}  # another process may have built it meanwhile
-        if all(current(finished, clip_id) for clip_id in wanted):
+        finished = _matching(path, protocol, digest_attr)  # another process may have built it meanwhile
+        if finished is not None and all(current(finished, clip_id) for clip_id in wanted):
             return result(finished)
-        resumed = _matching(partial, protocol, digest_attr)
+        target = path if finished is not None else partial  # a whole file grows in place
+        resumed = finished if finished is not None else _matching(partial, protocol, digest_attr)
         if resumed is None and partial.exists():
             partial.unlink()
-        with h5py.File(partial, "a") as handle:
+        with h5py.File(target, "a") as handle:
             if resumed is None:
                 handle.attrs["protocol"] = _encode(protocol)
                 for key, value in (header or {}).items():
@@ -142,24 +158,22 @@ def cached_arrays(path: str | Path, protocol: Mapping[str, Any], wanted: Mapping
                 resumed = {}
             for name in [n for n, g in handle["clips"].items() if not g.attrs.get("complete", False)]:
                 del handle["clips"][name]  # cut short by a crash
-            for clip_id, cached in finished.items():  # carry over what the whole file already had
-                if clip_id not in resumed:
-                    _write(handle, clip_id, *cached, digest_attr)
-                    resumed[clip_id] = cached
             todo = [clip_id for clip_id in wanted if not current(resumed, clip_id)]
             changed = sum(clip_id in resumed for clip_id in todo)
             if changed:
                 log.warning("%s: the source of %d cached clips changed; computing them again", path, changed)
             if resumed:
                 log.info("%s: %d clips cached, %d to compute", path, len(resumed), len(todo))
-            for clip_id, arrays in _checked(compute(todo), set(todo)):
-                _write(handle, clip_id, arrays, wanted[clip_id], digest_attr)
-                resumed[clip_id] = (arrays, wanted[clip_id])
-        os.replace(partial, path)  # clips `compute` left out are simply not there: asked again next time
+            for clip_id, value in _checked(compute(todo), set(todo)):
+                arrays, failure = ({}, value) if isinstance(value, str) else (value, None)
+                _write(handle, clip_id, arrays, wanted[clip_id], failure, digest_attr)
+                resumed[clip_id] = (arrays, wanted[clip_id], failure)
+        if target == partial:
+            os.replace(partial, path)
     return result(resumed)
 
 
-def _checked(pairs: Iterable[tuple[str, Arrays]], todo: set[str]) -> Iterator[tuple[str, Arrays]]:
+def _checked(pairs: Iterable[tuple[str, Arrays | str]], todo: set[str]) -> Iterator[tuple[str, Arrays | str]]:
     for clip_id, arrays in pairs:
         if clip_id not in todo:
             raise ValueError(f"computed a clip that was not asked for: {clip_id!r}")

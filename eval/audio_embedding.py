@@ -15,6 +15,7 @@ the audio protocol first (`prepare_waveform`), so reference and generated audio 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -78,16 +79,22 @@ def prepare_waveform(waveform: np.ndarray, sample_rate: int, target_rate: int, d
     return np.ascontiguousarray(y, dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _resampler(sample_rate: int, target_rate: int) -> torch.nn.Module:
+    """torchaudio.transforms.Resample(sample_rate, target_rate), built once per pair of rates: the reference's
+    resampler (not torchaudio.functional.resample, whose kernel is computed another way and differs by ~1e-6)."""
+    import torchaudio.transforms  # only the av-benchmark protocol needs torchaudio
+
+    return torchaudio.transforms.Resample(sample_rate, target_rate)
+
+
 def av_benchmark_waveform(waveform: np.ndarray, sample_rate: int, target_rate: int, duration: float | None) -> np.ndarray:
     """(L,) mono -> (L',) float32: minus its mean, torchaudio-resampled to `target_rate`, cut to
     int(target_rate * duration) samples (av-benchmark's AudioDataset.read_from_file; `duration` None: not cut)."""
-    import torchaudio.transforms  # only this protocol needs torchaudio
-
     y = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))
     y = y - y.mean()
     if sample_rate != target_rate:
-        y = torchaudio.transforms.Resample(sample_rate, target_rate)(y)  # as the reference (not .functional: its
-        # kernel is computed another way and differs by ~1e-6)
+        y = _resampler(sample_rate, target_rate)(y)
     if duration is not None:
         y = y[:int(target_rate * duration)]
     return np.ascontiguousarray(y.numpy(), dtype=np.float32)

@@ -2,24 +2,26 @@
 generated audio (FD-PaSST, KL-PaSST, IS-PaSST), ImageBind and Synchformer on the source videos and the generated
 audio (IB-score, DeSync). PANNs and VGGish, which both harnesses use, are in `eval.embed`.
 
-Ground-truth side, cached per protocol in HDF5 (`eval.array_cache`): PaSST outputs of the shards' reference audio
-(each clip checked against the sha256 of its `flac` member), and the ImageBind embedding and Synchformer features
-of each clip's source-video window [start, start + duration) (checked against the video file's path, size and
-modification time and the window). Generated side, from the WAVs in <output>/wav: PaSST outputs, the ImageBind
-audio embedding, and Synchformer's audio features, compared at once with the cached video features into the
-clip's two DeSync values (first and last 4.8 s).
+Ground-truth side, cached per protocol in HDF5 (`eval.array_cache`, one file per embedder): PaSST outputs of the
+shards' reference audio (each clip checked against the sha256 of its `flac` member, so one cache serves every
+selection of clips), and the ImageBind embedding and Synchformer features of each clip's source-video window
+(checked against the video file's path, size and modification time and the window). Generated side, from the WAVs
+in <output>/wav: PaSST outputs, the ImageBind audio embedding, and Synchformer's audio features, compared at once
+with the cached video features into the clip's two DeSync values (first and last 4.8 s).
 
 The window of a clip is --duration seconds from its start, or the clip's own length when that is shorter (counted:
 'video_windows_shortened'; av-benchmark would drop such a clip). A clip whose source video is missing has no
-ImageBind/Synchformer pair (counted: 'benchmark_videos_missing'); one whose video cannot give its window's frames,
-or whose WAV is too short for Synchformer, is a failure with its reason, and the other clips are still measured.
+ImageBind/Synchformer pair (counted: 'benchmark_videos_missing'). A video that cannot give its window's frames
+(stage '<embedder>_video', cached with its reason and reported again until the file changes) or a WAV an embedder
+cannot take, e.g. too short (stage '<embedder>_audio'), is a failure of that clip and embedder alone; the other
+clips are still measured.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 import shards
 from eval.array_cache import Arrays, cached_arrays
-from eval.clips import iterate_reference_audio, read_wav, wav_path
+from eval.clips import EvalError, iterate_reference_audio, read_wav, wav_path
 from eval.config import EvalConfig
 from eval.embed import Embedders, ReferenceAudio
 from eval.video_frames import VideoReadError, window_frames
@@ -93,18 +95,27 @@ def passt_outputs(model: Any, waves: Iterable[tuple[str, np.ndarray, int]], dura
 
 def passt_sets(config: EvalConfig, model: Any, reference: ReferenceAudio, clips: list[shards.SampleMeta],
                failures: list[dict[str, str]], progress: bool) -> tuple[dict[str, Arrays], dict[str, Arrays]]:
+    """PaSST outputs of the reference audio (cached; each clip checked against its flac's sha256, so one cache
+    serves every selection of clips) and of the generated WAVs."""
     duration = config.duration or None
-    protocol = {"cache_version": CACHE_VERSION, "passt": model.protocol(), "duration": duration,
-                "reference": reference.source}
+    source = {k: reference.source[k] for k in ("shards_config_sha256", "sample_rate")}
+    protocol = {"cache_version": CACHE_VERSION, "passt": model.protocol(), "duration": duration, "reference": source}
 
-    def compute(todo: list[str]) -> Iterator[tuple[str, Arrays]]:
-        audio = iterate_reference_audio(config.shards, config.split, todo)  # shard order, as `todo` is
-        waves = ((clip_id, soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)[0],
-                  reference.sample_rate) for clip_id, data in audio)
-        return passt_outputs(model, waves, duration, config.batch_size, len(todo), progress, "reference audio")
+    def decoded(todo: list[str]) -> Iterator[tuple[str, np.ndarray, int]]:
+        for clip_id, data in iterate_reference_audio(config.shards, config.split, todo):  # in shard order
+            try:
+                waveform = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)[0]
+            except (soundfile.LibsndfileError, RuntimeError) as error:
+                raise EvalError(f"{config.shards} (split {config.split}): clip {clip_id!r} has an unreadable flac "
+                                f"member ({error})") from None
+            yield clip_id, waveform, reference.sample_rate
+
+    def compute(todo: list[str]) -> Iterator[tuple[str, Arrays | str]]:
+        yield from passt_outputs(model, decoded(todo), duration, config.batch_size, len(todo), progress,
+                                 "reference audio")
 
     wanted = {clip_id: reference.hashes[clip_id] for clip_id in reference.ids}
-    cached = cached_arrays(_cache_path(config, "passt", protocol), protocol, wanted, compute)
+    cached, _ = cached_arrays(_cache_path(config, "passt", protocol), protocol, wanted, compute)
     generated = dict(passt_outputs(model, generated_waves(config.output_dir, clips, failures), duration,
                                    config.batch_size, len(clips), progress, "generated audio"))
     return {c.id: cached[c.id] for c in clips if c.id in cached}, generated
@@ -113,6 +124,9 @@ def passt_sets(config: EvalConfig, model: Any, reference: ReferenceAudio, clips:
 # ----------------------------------------------------------------------------------------------------------------
 # ImageBind and Synchformer: the source videos, then the generated audio
 # ----------------------------------------------------------------------------------------------------------------
+VIDEO_EMBEDDERS = ("imagebind", "synchformer")
+
+
 def video_digest(clip: shards.SampleMeta, seconds: float) -> str:
     """What a clip's video embeddings depend on besides the protocol: the file (path, size, mtime) and window."""
     stat = Path(clip.source).stat()
@@ -120,103 +134,104 @@ def video_digest(clip: shards.SampleMeta, seconds: float) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def video_outputs(config: EvalConfig, models: dict[str, Any], clips: list[shards.SampleMeta],
-                  failures: list[dict[str, str]], progress: bool) -> Callable[[list[str]], Iterator[tuple[str, Arrays]]]:
-    """compute(ids) for the video cache: per clip {'imagebind': (D,), 'synchformer': (S, t, D)} (those of
-    `models`); a clip whose window cannot be read goes to `failures` and is left out."""
-    by_id = {c.id: c for c in clips}
-
-    def compute(todo: list[str]) -> Iterator[tuple[str, Arrays]]:
-        rates = {}
-        if "imagebind" in models:
-            from eval.imagebind import VIDEO_FPS as IB_FPS
-            rates["imagebind"] = IB_FPS
-        if "synchformer" in models:
-            from eval.synchformer import VIDEO_FPS as SYNC_FPS
-            rates["synchformer"] = SYNC_FPS
-        for clip_id in tqdm(todo, disable=not progress, unit="clip", desc="ImageBind/Synchformer, source videos"):
-            clip = by_id[clip_id]
-            try:
-                frames = window_frames(clip.source, clip.start, _window(config, clip), rates, VIDEO_SHORT_SIDE)
-                yield clip_id, embed_video(models, frames)
-            except (VideoReadError, ValueError) as error:
-                failures.append({"id": clip_id, "stage": "video_embedding", "reason": str(error).splitlines()[0]})
-
-    return compute
-
-
-def embed_video(models: dict[str, Any], frames: dict[str, np.ndarray]) -> Arrays:
-    """One clip's video embeddings from its frames ({embedder: (T, H, W, 3) uint8 at the embedder's rate})."""
-    out: Arrays = {}
-    if "imagebind" in models:
+def embed_video(name: str, model: Any, frames: np.ndarray) -> Arrays:
+    """One clip's video embedding by embedder `name` from its frames ((T, H, W, 3) uint8 at the embedder's rate):
+    ImageBind {'video': (D,)}, Synchformer {'video': (S, t, D)}."""
+    if name == "imagebind":
         from eval.imagebind import imagebind_video_input
 
-        out["imagebind"] = models["imagebind"].embed_video(imagebind_video_input(frames["imagebind"])[None])[0]
-    if "synchformer" in models:
-        from eval.synchformer import synchformer_video_input
+        return {"video": model.embed_video(imagebind_video_input(frames)[None])[0]}
+    from eval.synchformer import synchformer_video_input
 
-        with torch.inference_mode():
-            features = models["synchformer"].video_features(synchformer_video_input(frames["synchformer"])[None])
-        out["synchformer"] = features[0].float().cpu().numpy()
-    return out
+    with torch.inference_mode():
+        features = model.video_features(synchformer_video_input(frames)[None])
+    return {"video": features[0].float().cpu().numpy()}
+
+
+def video_rate(name: str) -> float:
+    if name == "imagebind":
+        from eval.imagebind import VIDEO_FPS as IB_FPS
+
+        return IB_FPS
+    from eval.synchformer import VIDEO_FPS as SYNC_FPS
+
+    return SYNC_FPS
+
+
+def source_video_set(config: EvalConfig, name: str, model: Any, clips: list[shards.SampleMeta],
+                     failures: list[dict[str, str]], progress: bool) -> dict[str, Arrays]:
+    """{clip id: arrays} of embedder `name` on the source-video windows of `clips` (which have a video), through
+    its own cache; clips whose window cannot be read are failures (cached with their reason, reported again)."""
+    by_id = {c.id: c for c in clips}
+    rate = video_rate(name)
+
+    def compute(todo: list[str]) -> Iterator[tuple[str, Arrays | str]]:
+        for clip_id in tqdm(todo, disable=not progress, unit="clip", desc=f"{name}, source videos"):
+            clip = by_id[clip_id]
+            try:
+                frames = window_frames(clip.source, clip.start, _window(config, clip), {name: rate}, VIDEO_SHORT_SIDE)
+                yield clip_id, embed_video(name, model, frames[name])
+            except (VideoReadError, ValueError) as error:
+                yield clip_id, str(error).splitlines()[0]
+
+    protocol = {"cache_version": CACHE_VERSION, name: model.protocol(), "window": "min(duration, clip)",
+                "video_frames": "ffmpeg fps filter rule, short side 224 bicubic"}
+    wanted = {c.id: video_digest(c, _window(config, c)) for c in clips}
+    arrays, failed = cached_arrays(_cache_path(config, f"video-{name}", protocol), protocol, wanted, compute)
+    failures += [{"id": clip_id, "stage": f"{name}_video", "reason": reason} for clip_id, reason in failed.items()]
+    return arrays
 
 
 def generated_av(config: EvalConfig, models: dict[str, Any], clips: list[shards.SampleMeta],
-                 videos: dict[str, Arrays], failures: list[dict[str, str]], progress: bool) -> dict[str, dict[str, Arrays]]:
+                 videos: dict[str, dict[str, Arrays]], failures: list[dict[str, str]],
+                 progress: bool) -> dict[str, dict[str, Arrays]]:
     """{embedder: {clip id: arrays}} of the generated WAVs: ImageBind {'audio': (D,)} for every readable WAV;
-    Synchformer {'desync': (2,)} for every readable WAV whose clip has source-video features."""
+    Synchformer {'desync': (2,)} for every readable WAV whose clip has source-video features. A WAV an embedder
+    cannot take (too short) is a failure of that embedder alone."""
     out: dict[str, dict[str, Arrays]] = {name: {} for name in models}
     durations = {c.id: _window(config, c) for c in clips}
     waves = generated_waves(config.output_dir, clips, failures)
     for clip_id, waveform, rate in tqdm(waves, total=len(clips), disable=not progress, unit="clip",
                                         desc="ImageBind/Synchformer, generated audio"):
-        if "imagebind" in models:
-            from eval.imagebind import imagebind_audio_input
-
-            embedding = models["imagebind"].embed_audio(imagebind_audio_input(waveform, rate)[None])[0]
-            out["imagebind"][clip_id] = {"audio": embedding}
-        if "synchformer" in models and "synchformer" in videos.get(clip_id, {}):
-            from eval.synchformer import synchformer_audio_input
-
-            model = models["synchformer"]
+        for name, model in models.items():
             try:
-                audio = synchformer_audio_input(waveform, rate, durations[clip_id])
-                with torch.inference_mode():
-                    features = model.audio_features(audio[None].to(_device(model)))
-                    video = torch.from_numpy(videos[clip_id]["synchformer"])[None].to(features)
-                    out["synchformer"][clip_id] = {"desync": np.asarray(model.desync(video, features))[0]}
+                if name == "imagebind":
+                    from eval.imagebind import imagebind_audio_input
+
+                    out[name][clip_id] = {"audio": model.embed_audio(imagebind_audio_input(waveform, rate)[None])[0]}
+                elif clip_id in videos[name]:
+                    out[name][clip_id] = {"desync": desync_of(model, waveform, rate, durations[clip_id],
+                                                              videos[name][clip_id]["video"])}
             except ValueError as error:
-                failures.append({"id": clip_id, "stage": "desync", "reason": str(error).splitlines()[0]})
+                failures.append({"id": clip_id, "stage": f"{name}_audio", "reason": str(error).splitlines()[0]})
     return out
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def desync_of(model: Any, waveform: np.ndarray, rate: int, seconds: float, video: np.ndarray) -> np.ndarray:
+    """(2,) |offset| in seconds Synchformer predicts between the source video's features and the generated audio,
+    on the first and on the last 14 segments."""
+    from eval.synchformer import synchformer_audio_input
+
+    with torch.inference_mode():
+        features = model.audio_features(synchformer_audio_input(waveform, rate, seconds)[None])
+        return np.asarray(model.desync(torch.from_numpy(video)[None].to(features), features))[0]
 
 
 def video_sets(config: EvalConfig, embedders: Embedders, clips: list[shards.SampleMeta],
                failures: list[dict[str, str]], counts: dict[str, Any], progress: bool) -> Sets:
     """The ImageBind and Synchformer sets: reference = the source videos' embeddings, generated = the generated
     audio's (ImageBind) or the clip's DeSync values (Synchformer)."""
-    models: dict[str, Any] = {name: embedders.models[name] for name in ("imagebind", "synchformer")
+    models: dict[str, Any] = {name: embedders.models[name] for name in VIDEO_EMBEDDERS
                               if name in embedders.models and name not in embedders.unavailable}
     if not models:
         return {}
     with_video = [c for c in clips if c.source and Path(c.source).is_file()]
     counts["benchmark_videos_missing"] = len(clips) - len(with_video)
     counts["video_windows_shortened"] = sum(bool(config.duration) and c.duration < config.duration for c in clips)
-    protocol = {"cache_version": CACHE_VERSION, "seconds": config.duration or "clip", "window": "min(duration, clip)",
-                **{name: model.protocol() for name, model in sorted(models.items())}}
-    wanted = {c.id: video_digest(c, _window(config, c)) for c in with_video}
-    videos = cached_arrays(_cache_path(config, "video", protocol), protocol, wanted,
-                           video_outputs(config, models, with_video, failures, progress))
+    videos = {name: source_video_set(config, name, model, with_video, failures, progress)
+              for name, model in models.items()}
     generated = generated_av(config, models, clips, videos, failures, progress)
-    sets: Sets = {}
-    if "imagebind" in models:
-        sets["imagebind"] = ({k: {"video": v["imagebind"]} for k, v in videos.items()}, generated["imagebind"])
-    if "synchformer" in models:
-        sets["synchformer"] = ({k: {"video": v["synchformer"]} for k, v in videos.items()}, generated["synchformer"])
-    return sets
+    return {name: (videos[name], generated[name]) for name in models}
 
 
 def benchmark_sets(config: EvalConfig, embedders: Embedders, reference: ReferenceAudio | None,

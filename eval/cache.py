@@ -53,7 +53,7 @@ def read_cache(path: str | Path, protocol: dict[str, Any] | None = None) -> dict
         if protocol is not None and stored_protocol(handle) != json.dumps(protocol, sort_keys=True):
             raise ValueError(f"{path}: embeddings were computed under another protocol (front end, audio protocol, "
                              f"duration or checkpoint); delete it or run ground_truth_embeddings to rebuild")
-        return {clip_id: _embedding(arrays) for clip_id, (arrays, _) in read_arrays(handle, DIGEST_ATTR).items()
+        return {clip_id: _embedding(arrays) for clip_id, (arrays, _, _) in read_arrays(handle, DIGEST_ATTR).items()
                 if all(key in arrays for key in DATASETS)}
 
 
@@ -90,11 +90,11 @@ def ground_truth_embeddings(
     header = {"sample_rate": protocol["sample_rate"], "duration": math.nan if duration is None else duration,
               "cnn14_checkpoint": protocol["cnn14"]["checkpoint"], "vggish_checkpoint": protocol["vggish"]["checkpoint"]}
 
-    def compute(todo: list[str]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    def compute(todo: list[str]) -> Iterator[tuple[str, dict[str, np.ndarray] | str]]:
         waves = ((clip_id, load_audio(clip_id)) for clip_id in todo)
         for clip_id, embedding in embed_clips(waves, cnn14, vggish, sample_rate, duration, batch_size, len(todo),
                                               progress, audio_protocol):
             yield clip_id, {key: np.asarray(getattr(embedding, key), dtype=np.float32) for key in DATASETS}
 
-    arrays = cached_arrays(path, protocol, wanted, compute, header, DIGEST_ATTR)
+    arrays, _ = cached_arrays(path, protocol, wanted, compute, header, DIGEST_ATTR)  # embedding never fails a clip
     return {clip_id: _embedding(arrays[clip_id]) for clip_id in wanted}

@@ -137,8 +137,8 @@ PRESETS: dict[str, EvalConfig] = {
         random_embedders=False,
         random_embedder_size="paper",
         workers=8,
-        # hkchengrex/av-benchmark as MMAudio and later systems report VGGSound-test: every test clip, 8 s
-        # (its --audio_length default), its audio front end, its nine columns
+        # hkchengrex/av-benchmark as MMAudio and later systems report VGGSound-test: every test clip, 8 s (MMAudio
+        # runs it with --audio_length 8), its audio front end, its nine columns
         metrics="av-benchmark",
         audio_protocol="av-benchmark",
         duration=8.0,

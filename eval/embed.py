@@ -71,6 +71,17 @@ class Embedders:
         """Every usable embedder has its official weights."""
         return not (self.random - set(self.unavailable))
 
+    @property
+    def usable(self) -> set[str]:
+        """The embedders whose metrics can be computed."""
+        return set(self.models) - set(self.unavailable)
+
+    def to(self, device: torch.device) -> Embedders:
+        """Move every model to `device` (they are loaded on the CPU, so that generation has the device's memory)."""
+        for name, model in self.models.items():
+            self.models[name] = model.to(device)
+        return self
+
 
 def _build(name: str, folder: Path | None, device: torch.device, size: str, seed: int) -> Any:
     """Embedder `name` from `folder` (its official file) or, with folder None, seeded random weights of `size`."""
@@ -93,16 +104,16 @@ def _build(name: str, folder: Path | None, device: torch.device, size: str, seed
     raise ValueError(f"unknown embedder {name!r}")
 
 
-def load_embedders(config: EvalConfig, needed: set[str] | None = None) -> Embedders:
+def load_embedders(config: EvalConfig, needed: set[str] | None = None, device: torch.device | None = None) -> Embedders:
     """The embedders `needed` (default: Cnn14 and VGGish), each from its official file in `embedder_weights`
     when it is there, else with seeded random weights when `random_embedders` is on, else unavailable: a missing
     file is one line naming it (its metrics are null with that line; the others still run). A file that is there
-    but cannot be loaded is an EvalError."""
+    but cannot be loaded is an EvalError. `device`: where to build them (default: the config's device)."""
     needed = set(PANNS_VGGISH) if needed is None else set(needed)
     if needed & set(PANNS_VGGISH):
         needed |= set(PANNS_VGGISH)  # one pass computes both
     folder = Path(config.embedder_weights)
-    device = resolve_device(config.device)
+    device = resolve_device(config.device) if device is None else device
     out = Embedders()
     for name in [n for n in CHECKPOINTS if n in needed]:
         file, description = CHECKPOINTS[name]
@@ -123,6 +134,10 @@ def load_embedders(config: EvalConfig, needed: set[str] | None = None) -> Embedd
             out.random.add(name)
         except ValueError as error:
             raise EvalError(str(error).splitlines()[0]) from None
+    if set(PANNS_VGGISH) <= set(out.unavailable):  # no stand-in needed: neither pass runs
+        for name in PANNS_VGGISH:
+            out.models.pop(name, None)
+            out.random.discard(name)
     return out
 
 

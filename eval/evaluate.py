@@ -32,7 +32,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 import shards
+from common.devices import resolve_device
 from common.versions import software_versions
 from eval.benchmark_embed import benchmark_sets
 from eval.clips import EvalError, clip_selection, evaluation_clips, missing_wav_failures, read_split, wav_path, write_clip_ids
@@ -70,7 +73,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     write_clip_ids(out_dir, clips)  # before generating: another run can take the same clips (--clip-ids)
     # before generating: a bad checkpoint fails fast, a missing one is said now (its metrics will be null)
     needed: set[str] = {m.embedder for m in selected if m.embedder is not None}
-    embedders = load_embedders(config, needed)
+    embedders = load_embedders(config, needed, torch.device("cpu"))  # on the device after generating
     for reason in embedders.unavailable.values():
         log.warning("warning: %s", reason)
 
@@ -82,13 +85,15 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     failures += missing_wav_failures(out_dir, clips, failures, config.generate)
     missing_wavs = sum(not wav_path(out_dir, c.id).exists() for c in clips)
 
-    # 3. embeddings
+    # 3. embeddings (only the passes whose metrics can be computed)
+    embedders.to(resolve_device(config.device))
+    usable = embedders.usable
     sets: dict[str, Any] = {}
     counts: dict[str, Any] = {}
     reference = None
-    if needed & {*PANNS_VGGISH, "passt"}:
+    if usable & {*PANNS_VGGISH, "passt"}:
         reference = reference_audio(config, in_shard_order, clips, spec.sample_rate)
-    if reference is not None and needed & set(PANNS_VGGISH):
+    if reference is not None and usable & set(PANNS_VGGISH):
         cnn14, vggish = embedders.models["cnn14"], embedders.models["vggish"]
         panns = reference_set(config, reference, clips, cnn14, vggish, progress)
         generated = generated_embeddings(out_dir, clips, cnn14, vggish, config.metric_duration, failures, progress,
@@ -123,7 +128,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                   **generation_protocol(config, clips, manifest), "window_seconds": spec.window_seconds,
                   "clip_count": len(clips), "max_clips": config.max_clips, **clip_selection(config, clips),
                   "reference": reference.source if reference else None,
-                  **metric_protocol()},
+                  **metric_protocol(selected)},
         software=software_versions(),
         config=config.to_dict(),
         per_clip=scores.per_clip,

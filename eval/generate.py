@@ -92,11 +92,23 @@ def write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
 
 
 def sample_batch(model: train.VTASAM, conditions: dict[str, torch.Tensor], generators: list[torch.Generator],
-                 config: EvalConfig, precision: torch.dtype | None = None) -> torch.Tensor:
+                 config: EvalConfig, precision: torch.dtype | None = None, pad_to: int = 0) -> torch.Tensor:
     """Latents for a batch whose row i draws its noise from generators[i] alone (one batched `train.sample` call;
-    a single generator would make a clip's noise depend on its batch mates)."""
-    return train.sample(model, conditions, steps=config.steps, guidance=config.guidance, scheduler=config.sampler,
-                        generator=generators, precision=precision)
+    a single generator would make a clip's noise depend on its batch mates).
+
+    pad_to: a batch with fewer rows is padded to this many (copies of its last row, with generators of their
+    own) and the padding is dropped from the result, so that every call has the same shapes: a compiled UNet
+    (--compile, static shapes) then never recompiles for the last, smaller batch. Each real row's latents are
+    those it gets unpadded (its noise comes from its own generator)."""
+    rows = len(generators)
+    if pad_to > rows:
+        extra = pad_to - rows
+        conditions = {k: torch.cat([v, v[-1:].expand(extra, *v.shape[1:])]) for k, v in conditions.items()}
+        device = next(iter(conditions.values())).device
+        generators = [*generators, *(torch.Generator(device).manual_seed(k) for k in range(extra))]
+    latents = train.sample(model, conditions, steps=config.steps, guidance=config.guidance, scheduler=config.sampler,
+                           generator=generators, precision=precision)
+    return latents[:rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,7 +203,9 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
         ids = [e["id"] for e in batch]
         conditions = shards.stack_conditions(batch, device)
         generators = [torch.Generator(device).manual_seed(clip_seed(config.seed, i)) for i in ids]
-        waves = decoder(sample_batch(model, conditions, generators, config, precision))
+        # a compiled UNet keeps one shape: the last batch is padded to batch_size
+        waves = decoder(sample_batch(model, conditions, generators, config, precision,
+                                     pad_to=config.batch_size if config.compile else 0))
         for clip_id, wave in zip(ids, waves):
             length = min(wave.size, round(min(by_id[clip_id].duration, spec.window_seconds) * decoder.sample_rate))
             wave = wave[:length]

@@ -148,14 +148,15 @@ def generated_inception_score(reference: Embeddings, generated: Embeddings, coun
     return mean
 
 
-def describe_inception_score(results: Mapping[str, Any]) -> str:
-    value, counts = results.get("inception_score"), results.get("counts", {})
+def describe_inception_score(results: Mapping[str, Any], name: str = "inception_score",
+                             model: str = "PANNs Cnn14") -> str:
+    value, counts = results.get(name), results.get("counts", {})
+    title = "IS" if name == "inception_score" else "IS-PaSST"
     if value is None:
-        return f"- IS not computed: {results['null_reasons'].get('inception_score', 'unknown reason')}."
-    return (f"- IS (PANNs Cnn14, softmax of the logits, generated clips only) over "
-            f"{counts.get('inception_score_clips', '?')} clips in {counts.get('inception_score_splits', IS_SPLITS)} "
-            f"splits: mean {number(value)}, "
-            f"std over the splits {number(counts.get('inception_score_std'))}.")
+        return f"- {title} not computed: {results['null_reasons'].get(name, 'unknown reason')}."
+    return (f"- {title} ({model}, softmax of the logits, generated clips only) over "
+            f"{counts.get(f'{name}_clips', '?')} clips in {counts.get(f'{name}_splits', IS_SPLITS)} splits: mean "
+            f"{number(value)}, std over the splits {number(counts.get(f'{name}_std'))}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,9 +172,13 @@ def kl_panns(reference: Embeddings, generated: Embeddings, counts: dict[str, Any
 
 
 def fd_passt(reference: Embeddings, generated: Embeddings, counts: dict[str, Any]) -> float:
-    """FD-PaSST: Frechet distance of the PaSST embeddings (768-d, the tokens before the head), one per clip."""
-    return frechet_distance(np.stack([e["embedding"] for e in reference.values()]),
-                            np.stack([e["embedding"] for e in generated.values()]))
+    """FD-PaSST: Frechet distance of the PaSST embeddings (768-d, the tokens before the head), one per clip, on
+    the clips with both a reference and a generated embedding (av-benchmark pairs the PaSST sets by name, unlike
+    its FD-PANNs and FD-VGG)."""
+    ids = sorted(set(reference) & set(generated))
+    counts["fd_passt_pairs"] = len(ids)
+    return frechet_distance(np.stack([reference[k]["embedding"] for k in ids]),
+                            np.stack([generated[k]["embedding"] for k in ids]))
 
 
 def kl_passt(reference: Embeddings, generated: Embeddings, counts: dict[str, Any]) -> float:
@@ -270,14 +275,16 @@ METRICS: tuple[Metric, ...] = (
     Metric("kl_panns", "KL-PANNs", "lower", "cnn14", kl_panns, counts=("kl_panns_pairs",), groups=(AV,),
            note="KL-PANNs, KL-PaSST: KL(reference || generated) of the softmax of the logits, in log space "
                 "without eps, as av-benchmark computes them."),
-    Metric("fd_passt", "FD-PaSST", "lower", "passt", fd_passt, protocol={"fd_eps": FD_EPS}, groups=(AV,),
-           note="FD-PaSST, KL-PaSST, IS-PaSST: PaSST (passt-s-f128-p16-s10-ap.476-swa) on 10 s at 32 kHz, as "
-                "av-benchmark feeds it."),
+    Metric("fd_passt", "FD-PaSST", "lower", "passt", fd_passt, counts=("fd_passt_pairs",), protocol={"fd_eps": FD_EPS},
+           groups=(AV,),
+           note="FD-PaSST, KL-PaSST, IS-PaSST: PaSST (passt-s-f128-p16-s10-ap.476-swa) at 32 kHz, each clip cut to "
+                "--duration and zero-padded to 10 s, as av-benchmark feeds it."),
     Metric("kl_passt", "KL-PaSST", "lower", "passt", kl_passt, counts=("kl_passt_pairs",), groups=(AV,)),
     Metric("is_passt", "IS-PaSST", "higher", "passt", is_passt,
            counts=("is_passt_clips", "is_passt_splits", "is_passt_std"),
            protocol={"is_passt": {"probabilities": "softmax(PaSST logits)", "set": "generated",
-                                  "splits": IS_SPLITS, "shuffle_seed": IS_SHUFFLE_SEED}}, groups=(AV,)),
+                                  "splits": IS_SPLITS, "shuffle_seed": IS_SHUFFLE_SEED}}, groups=(AV,),
+           describe=partial(describe_inception_score, name="is_passt", model="PaSST")),
     Metric("ib_score", "IB-score", "higher", "imagebind", imagebind_score, counts=("ib_pairs",), cell=ib_cell,
            min_clips=1, groups=(AV,), paired_on="a source-video embedding and a generated WAV",
            protocol={"ib_score": {"video": "source window at 0.5 fps (ffmpeg fps filter), resized to 224 (bicubic), "
@@ -335,6 +342,6 @@ def tables_for(metrics: tuple[Metric, ...]) -> list[str]:
     return whole or [max(TABLES, key=lambda table: len(names & set(TABLES[table])))]
 
 
-def metric_protocol() -> dict[str, Any]:
-    """The protocol knobs of every metric (results.json 'protocol')."""
-    return {key: value for metric in METRICS for key, value in metric.protocol.items()}
+def metric_protocol(metrics: tuple[Metric, ...] = METRICS) -> dict[str, Any]:
+    """The protocol knobs of `metrics` (results.json 'protocol': those of the selected ones)."""
+    return {key: value for metric in metrics for key, value in metric.protocol.items()}

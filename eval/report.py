@@ -50,6 +50,11 @@ REPORTED_KNOBS = ("sampler", "steps", "sampler_schedule", "guidance", "seed", "s
 # the value a knob had before results files recorded it (files without it were measured that way)
 KNOB_DEFAULTS: dict[str, Any] = {"audio_protocol": "mean-cut", "model_weights": "ema"}
 _ABSENT = object()
+# the report's lines on how many clips each kind of metric rests on: (counts key, label)
+PAIR_COUNTS = (("kl_pairs", "KL pairs"), ("kl_panns_pairs", "KL-PANNs pairs"), ("kl_passt_pairs", "KL-PaSST pairs"),
+               ("ib_pairs", "IB-score pairs"), ("desync_clips", "DeSync clips"))
+VIDEO_COUNTS = (("videos_missing", "missing for AV-Align"), ("benchmark_videos_missing", "missing for ImageBind and "
+                "Synchformer"), ("video_windows_shortened", "windows shortened to the clip's length"))
 
 
 @dataclass(frozen=True)
@@ -190,8 +195,13 @@ def report_markdown(results: dict[str, Any]) -> str:
               f"- {counts['paired']} of {counts['clips']} clips of split `{results['split']}` in `{results['shards']}` "
               f"have a readable generated WAV ({counts['paired_fraction']:.0%}; the audio metrics need "
               f"{counts['min_paired']:.0%}).",
-              f"- KL pairs: {counts.get('kl_pairs', 0)}; missing, unreadable or failed: {counts['failures']}; "
-              f"source videos missing: {counts.get('videos_missing', counts.get('benchmark_videos_missing', 0))}."]
+              f"- Missing, unreadable or failed: {counts['failures']}."]
+    paired = [f"{label} {counts[key]}" for key, label in PAIR_COUNTS if counts.get(key) is not None]
+    if paired:
+        lines.append(f"- Clips measured: {'; '.join(paired)}.")
+    videos = [f"{label} {counts[key]}" for key, label in VIDEO_COUNTS if counts.get(key) is not None]
+    if videos:
+        lines.append(f"- Source videos: {'; '.join(videos)}.")
     lines += [metric.describe(results) for metric in METRICS if metric.describe is not None
               and not str(results["null_reasons"].get(metric.name, "")).startswith(NOT_SELECTED)]
     lines += [f"- Not computed: {reason}" for reason in dict.fromkeys(protocol.get("unavailable_embedders", {}).values())]

@@ -146,6 +146,6 @@ def score(config: EvalConfig, clips: list[shards.SampleMeta], sets: Sets, failur
         if "skipped" in result:
             scores.reasons[metric.name] = result["skipped"]
         scores.values[metric.name] = None if "skipped" in result else {k: v for k, v in result.items() if k != "per_clip"}
-        scores.counts.update({k: result.get(k, 0) for k in metric.counts})
+        scores.counts.update({k: result[k] for k in metric.counts if k in result})  # none when turned off
         scores.per_clip[metric.name] = result.get("per_clip", {})
     return scores

@@ -82,19 +82,21 @@ def window_frames(path: str | Path, start: float, duration: float, rates: Mappin
     wanted = {name: int(rate * duration) for name, rate in rates.items()}
     times: list[Fraction] = []  # exact timestamps, as the filter rescales integer pts
     frames: list[np.ndarray] = []
-    origin = Fraction(repr(float(start)))
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoReadError(f"{path}: no video stream")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            # `start` counts from the file's start time, as ffmpeg's -ss does (a file's first timestamp need not be 0)
+            first = Fraction(container.start_time, 1_000_000) if container.start_time is not None else Fraction(0)
+            origin = first + Fraction(repr(float(start)))
             if start > 0 and stream.time_base is not None:
-                container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+                container.seek(int(origin / Fraction(stream.time_base)), stream=stream, backward=True, any_frame=False)
             exact_rates = {name: Fraction(repr(float(rate))) for name, rate in rates.items()}
             stream_end: Fraction | None = None  # where the stream ends, from `start`; None: it goes on
             for frame in container.decode(stream):
-                if frame.pts is None or frame.time_base is None or frame.time < start - START_TOLERANCE:
+                if frame.pts is None or frame.time_base is None or frame.time < origin - START_TOLERANCE:
                     continue
                 times.append(max(Fraction(0), frame.pts * Fraction(frame.time_base) - origin))
                 step = frame.duration * Fraction(frame.time_base) if frame.duration else (

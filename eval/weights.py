@@ -10,6 +10,7 @@ written to `<name>.partial` and renamed when whole; a failure is one line and th
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import sys
 import urllib.request
@@ -59,11 +60,15 @@ def fetch(folder: Path, timeout_s: float = TIMEOUT_S) -> int:
         partial = path.with_name(path.name + ".partial")
         try:
             with urllib.request.urlopen(SOURCES[name], timeout=timeout_s) as response, open(partial, "wb") as out:
+                expected = response.headers.get("Content-Length")
                 while block := response.read(1 << 20):
                     out.write(block)
+            size = partial.stat().st_size
+            if expected is not None and size != int(expected):
+                raise OSError(f"got {size} of {expected} bytes")
             os.replace(partial, path)
-            print(f"fetched  {path}")
-        except OSError as error:  # URLError, timeouts, HTTP errors, a full disk
+            print(f"fetched  {path} ({size} bytes, sha256 {sha256_file(path)})")
+        except (OSError, http.client.HTTPException, ValueError) as error:  # network, HTTP, truncation, a full disk
             partial.unlink(missing_ok=True)
             failed += 1
             print(f"error: {path}: could not fetch {SOURCES[name]} ({type(error).__name__}: "

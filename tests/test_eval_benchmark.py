@@ -62,6 +62,18 @@ def test_frames_are_those_ffmpegs_fps_filter_keeps(tmp_path, fps, start, rate, s
     assert [frame_index(f) for f in ours] == expected[:int(rate * duration)]
 
 
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+@pytest.mark.parametrize("start", [0.0, 2.0])
+def test_start_counts_from_the_files_start_time(tmp_path, start):
+    video = make_video(tmp_path / "v.mp4", seconds=6.0, fps=25, audio=None)
+    shifted = tmp_path / "shifted.mp4"  # the same frames, timestamps starting at 1 s
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(video), "-c", "copy", "-output_ts_offset", "1.0",
+                    str(shifted)], check=True)
+    ours = window_frames(shifted, start, 3.0, {"x": 25.0})["x"]
+    assert [frame_index(f) for f in ours] == ffmpeg_indices(shifted, start, 25.0)[:75]
+    assert frame_index(ours[0]) == round(start * 25) % 256
+
+
 def test_fps_rule_on_exact_times():
     at_25 = [Fraction(i, 25) for i in range(200)]
     assert fps_filter_indices(at_25, Fraction(1, 2), 4) == [24, 74, 124, 174]  # the frame before each half-slot
@@ -103,17 +115,24 @@ def test_array_cache_computes_once_resumes_and_redoes_changed_clips(tmp_path):
         calls.append(list(todo))
         for clip_id in todo:
             if clip_id == "bad":
-                continue  # a failure the compute reports itself: left out
-            yield clip_id, {"x": np.full(3, float(len(clip_id)))}
+                yield clip_id, "cannot decode"  # a failure: cached with its reason
+            else:
+                yield clip_id, {"x": np.full(3, float(len(clip_id)))}
 
-    wanted = {"a": "h1", "bb": "h2", "bad": None}
-    first = cached_arrays(path, {"v": 1}, wanted, compute)
+    wanted = {"a": "h1", "bb": "h2", "bad": "h3"}
+    first, failed = cached_arrays(path, {"v": 1}, wanted, compute)
     assert sorted(first) == ["a", "bb"] and np.array_equal(first["bb"]["x"], [2, 2, 2])
-    again = cached_arrays(path, {"v": 1}, {"a": "h1", "bb": "h2"}, compute)
-    assert calls == [["a", "bb", "bad"]]  # the second call read the file
+    assert failed == {"bad": "cannot decode"}
+    inode = path.stat().st_ino
+    again, failed_again = cached_arrays(path, {"v": 1}, wanted, compute)
+    assert calls == [["a", "bb", "bad"]]  # the second call read the file: nothing computed, not even the failure
     assert sorted(again) == ["a", "bb"] and np.array_equal(again["a"]["x"], first["a"]["x"])
-    cached_arrays(path, {"v": 1}, {"a": "h1", "bb": "changed"}, compute)
-    assert calls[-1] == ["bb"]  # only the clip whose source changed
+    assert failed_again == failed
+    cached_arrays(path, {"v": 1}, {"a": "h1", "bb": "changed", "bad": "h3-fixed"}, compute)
+    assert calls[-1] == ["bb", "bad"]  # only the clips whose source changed
+    assert path.stat().st_ino == inode  # grown in place, not copied
+    cached_arrays(path, {"v": 1}, {"a": "h1", "new": None}, compute)
+    assert calls[-1] == ["new"]
     cached_arrays(path, {"v": 2}, {"a": "h1"}, compute)
     assert calls[-1] == ["a"]  # another protocol: rebuilt
 
@@ -123,8 +142,9 @@ def test_array_cache_computes_once_resumes_and_redoes_changed_clips(tmp_path):
 
     with pytest.raises(RuntimeError):
         cached_arrays(tmp_path / "d.h5", {"v": 1}, {"p": None, "q": None}, crash)
+    assert not (tmp_path / "d.h5").exists()  # a first build stays in the partial file until whole
     calls.clear()
-    out = cached_arrays(tmp_path / "d.h5", {"v": 1}, {"p": None, "q": None}, compute)
+    out, _ = cached_arrays(tmp_path / "d.h5", {"v": 1}, {"p": None, "q": None}, compute)
     assert calls == [["q"]] and sorted(out) == ["p", "q"]  # resumed from the partial file
 
 
@@ -195,10 +215,13 @@ IDS = ("v0", "v1", "v2", "n0")  # n0: no source video
 
 @pytest.fixture(scope="module")
 def clips_with_videos(tmp_path_factory) -> Path:
-    """Shards of four 6 s test clips (three with a source video) and one generated WAV each."""
-    root = tmp_path_factory.mktemp("benchmark")
+    return make_clips(tmp_path_factory.mktemp("benchmark"))
+
+
+def make_clips(root: Path) -> Path:
+    """Shards of four 6 s test clips (three with a source video) and one generated WAV each, under `root`."""
     data = root / "shards"
-    data.mkdir()
+    data.mkdir(parents=True)
     meta = {"schema_version": shards.SCHEMA_VERSION, "spec": SPEC.to_dict(), "config": dataclasses.asdict(FEATURES)}
     (data / shards.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
     writer = shards.ShardWriter(data, "test", 0, 8)
@@ -235,7 +258,7 @@ def test_every_metric_with_random_embedders(clips_with_videos, tmp_path):
     assert results["counts"]["ib_pairs"] == 3 and results["counts"]["desync_clips"] == 3  # n0 has no video
     assert results["counts"]["benchmark_videos_missing"] == 1
     assert results["counts"]["kl_passt_pairs"] == 4 and results["counts"]["is_passt_clips"] == 4
-    assert not results["comparable"]
+    assert not results["comparable"] and not results["failures"]
     assert set(results["protocol"]["random_embedder_names"]) == {"cnn14", "vggish", "passt", "imagebind",
                                                                  "synchformer"}
     report = (tmp_path / "out" / "report.md").read_text()
@@ -246,9 +269,16 @@ def test_every_metric_with_random_embedders(clips_with_videos, tmp_path):
     assert eval_main(["table", str(tmp_path / "out"), "--columns", "av-benchmark", "--out", str(table)]) == 0
     row = table.read_text().splitlines()[4]
     assert row.count("|") == 12 and "—" not in row
-    # a second evaluation reads the ground-truth side from the cache: same numbers
-    again = evaluate(benchmark_config(clips_with_videos, tmp_path / "again"), progress=False)
-    assert again["fd_passt"] == results["fd_passt"] and again["ib_score"] == results["ib_score"]
+    # a second evaluation, on a subset of the clips, reads the ground-truth side from the caches: no cache file is
+    # written again and no new one appears
+    caches = sorted((tmp_path / "cache").glob("*.h5"))
+    assert {p.name.split("-")[1] for p in caches} == {"passt", "video", *{p.name.split("-")[1] for p in caches}}
+    before = {p: p.stat().st_mtime_ns for p in caches}
+    (tmp_path / "ids.txt").write_text("v0\nv1\nn0\n")
+    again = evaluate(benchmark_config(clips_with_videos, tmp_path / "again", clip_ids=str(tmp_path / "ids.txt"),
+                                      min_paired=0.3), progress=False)
+    assert {p: p.stat().st_mtime_ns for p in sorted((tmp_path / "cache").glob("*.h5"))} == before
+    assert again["counts"]["ib_pairs"] == 2 and isinstance(again["desync"], float)
 
 
 def test_missing_weights_null_only_their_metrics(clips_with_videos, tmp_path, caplog):
@@ -313,3 +343,41 @@ def test_video_metrics_count_clips_with_both_sides():
     assert reasons["ib_score"].startswith("only 2 of 5 clips (40%) have a source-video embedding and a generated WAV")
     values, reasons = audio_scores(video, audio, 5, 0.4, (BY_NAME["ib_score"],))
     assert not reasons and isinstance(values["ib_score"], float) and values["ib_pairs"] == 2
+
+
+def test_a_bad_video_or_a_short_wav_fails_that_clip_alone(tmp_path):
+    root = make_clips(tmp_path / "clips")
+    (root / "videos" / "v0.mp4").write_bytes(b"not a video")
+    config = benchmark_config(root, tmp_path / "out", metrics="ib_score,desync", min_paired=0.25)
+    soundfile.write(tmp_path / "out" / "wav" / "v1.wav", np.zeros(100, np.float32), 16000)  # 6 ms of audio
+    results = evaluate(config, progress=False)
+    stages = {(f["id"], f["stage"]) for f in results["failures"]}
+    assert {("v0", "imagebind_video"), ("v0", "synchformer_video"), ("v1", "imagebind_audio"),
+            ("v1", "synchformer_audio")} <= stages
+    assert all("\n" not in f["reason"] for f in results["failures"])
+    assert results["counts"]["ib_pairs"] == 1 and results["counts"]["desync_clips"] == 1  # v2 alone
+    # run again: the bad video's failure comes from the cache, reported again, not retried
+    again = evaluate(config, progress=False)
+    assert ("v0", "imagebind_video") in {(f["id"], f["stage"]) for f in again["failures"]}
+    assert again["ib_score"] == results["ib_score"]
+
+
+def test_only_what_is_selected_runs(clips_with_videos, tmp_path, monkeypatch):
+    import eval.evaluate as evaluate_module
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the reference audio was read for a metric that does not need it")
+
+    monkeypatch.setattr(evaluate_module, "reference_audio", refuse)
+    results = evaluate(benchmark_config(clips_with_videos, tmp_path / "out", metrics="ib_score"), progress=False)
+    assert isinstance(results["ib_score"], float)
+    assert sorted(results["protocol"]["embedder_checkpoints"]) == ["imagebind"]
+    assert all(results[m.name] is None for m in METRICS if m.name != "ib_score")
+    assert "desync" not in results["protocol"] and "ib_score" in results["protocol"]  # the selected knobs only
+
+
+def test_desync_is_the_mean_of_both_windows_over_clips():
+    generated = {"a": {"desync": np.array([0.2, 0.4])}, "b": {"desync": np.array([0.0, 0.0])}}
+    counts: dict[str, object] = {}
+    assert BY_NAME["desync"].compute({}, generated, counts) == pytest.approx(0.15)
+    assert counts["desync_clips"] == 2

@@ -149,6 +149,27 @@ def test_same_seed_same_audio_whatever_the_batch(tiny_run, tmp_path, monkeypatch
     assert not np.array_equal(batched["t0"], batched["t1"])  # clips differ from each other
 
 
+def test_padding_the_last_batch_changes_no_clip(tiny_run):
+    """--compile pads the last batch to batch_size (static shapes): the real rows get what they get unpadded."""
+    import torch
+
+    config = config_for(tiny_run, Path("unused"), steps=2)
+    model, train_config = eval_generate.load_run(config.run, torch.device("cpu"))
+    samples = list(eval_generate.iterate_split_samples(config.shards, "test", ["t0", "t1"]))
+    rows = [shards.sample_conditions(s, train_config.object_threshold) for s in samples]
+    conditions = shards.stack_conditions(rows, torch.device("cpu"))
+
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(eval_generate.clip_seed(0, s[shards.META_KEY]["id"])) for s in samples]
+
+    plain = eval_generate.sample_batch(model, conditions, generators(), config)
+    padded = eval_generate.sample_batch(model, conditions, generators(), config, pad_to=4)
+    assert padded.shape == plain.shape == (2, *plain.shape[1:])
+    torch.testing.assert_close(padded, plain, rtol=1e-4, atol=1e-5)  # batch-size-dependent float32 rounding only
+    other = eval_generate.sample_batch(model, conditions, list(reversed(generators())), config, pad_to=4)
+    assert not torch.allclose(other, plain)  # the rows' own noise decides (the test can fail)
+
+
 def test_resume_skips_existing_wavs(tiny_run, tmp_path):
     config = config_for(tiny_run, tmp_path / "a")
     clips = select_clips(read_split(config.shards, "test"), 0)

@@ -2,8 +2,9 @@
 
 `tiny` trains a very small UNet on the CPU in minutes (tests, the demo); `paper` is Tango's UNet
 (diffusers `UNet2DConditionModel`, blocks 320/640/1280/1280, SD 2.1's attention layout) with the
-training setup of the paper (batch 8 per GPU, AdamW, lr 3e-5, no warmup, 40 epochs) and the loss weighting and
-learning-rate decay of the training code it builds on (VTA-LDM's and Tango's train.py / models.py).
+training setup of the paper (batch 8 per GPU on 4 GPUs, i.e. a global batch of 32, kept on any GPU count by
+gradient accumulation; AdamW, lr 3e-5, no warmup, 40 epochs) and the loss weighting and learning-rate decay of the
+training code it builds on (VTA-LDM's and Tango's train.py / models.py).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class TrainConfig(ConfigMethods):
     # --- optimisation ----------------------------------------------------------------------
     batch_size: int = field(default=4, metadata={"help": "samples per rank per micro-batch"})
     grad_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    global_batch: int = field(default=0, metadata={"help": "samples per optimizer step over all ranks; the trainer derives grad_accumulation = global_batch / (batch_size x ranks) at start and refuses a global batch that does not divide exactly (train.trainer.resolve_global_batch); 0: batch_size x grad_accumulation x ranks as given"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     adam_betas: tuple[float, ...] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
@@ -150,6 +152,8 @@ class TrainConfig(ConfigMethods):
             raise ValueError(f"object_threshold must be in [0, 1] (a detector score), got {self.object_threshold}")
         if self.batch_size < 1 or self.grad_accumulation < 1:
             raise ValueError("batch_size and grad_accumulation must be at least 1")
+        if self.global_batch < 0:
+            raise ValueError(f"global_batch must be >= 0 (0: batch_size x grad_accumulation x ranks), got {self.global_batch}")
         if self.keep_checkpoints < 1 or self.checkpoint_every < 1:
             raise ValueError("keep_checkpoints and checkpoint_every must be at least 1 (resume needs a checkpoint)")
         if self.snr_weighting not in SNR_WEIGHTINGS:
@@ -195,7 +199,10 @@ PRESETS: dict[str, TrainConfig] = {
         vae_scaling_factor=0.9227914214134216,  # audioldm-s-full-v2 vae/config.json; check your weights folder
         snr_weighting="vta-ldm",  # VTA-LDM / Tango models.py: min(snr, gamma) / snr with --snr_gamma 5
         min_snr_gamma=5.0,
+        # the paper trains 8 per GPU on 4 A100s, a global batch of 32: global_batch keeps 32 on any number of GPUs
+        # (8 per rank: 1 GPU -> grad_accumulation 4, 2 -> 2, 4 -> 1; train.trainer.resolve_global_batch)
         batch_size=8,
+        global_batch=32,
         learning_rate=3e-5,
         lr_schedule="linear",  # Tango / VTA-LDM train.py: get_scheduler(--lr_scheduler_type linear), no warmup
         weight_decay=1e-2,

@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import safetensors
@@ -56,13 +56,18 @@ from train.diffusion import noise_scheduler, training_loss
 from train.model import VTASAM
 from train.speed import speed_up
 
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
+
 # fields that may change when a run is resumed (they do not change what is being trained)
 # (not channels_last: the optimizer's saved moments keep the layout they were made in, and fused AdamW needs
 # them in the parameters' layout)
 # (output: a run folder may be moved; record_ranks only writes what each rank saw; shards, the folder's path, may
 # change too when the data there is the same: `data_fingerprint`)
+# (global_batch: what it trains is the grad_accumulation it resolves to (`resolve_global_batch`), which is compared;
+# a run saved before the field existed, or with the accumulation given by hand, resumes when that agrees)
 RESUMABLE_CHANGES = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "num_workers",
-                     "compile", "output", "record_ranks"}
+                     "compile", "output", "record_ranks", "global_batch"}
 # ...except these when the run's learning rate decays to 0 at its last step (lr_schedule linear or cosine)
 RUN_LENGTH = {"max_steps", "epochs"}
 COMPLETE = "complete"  # marker file written last into a checkpoint folder
@@ -114,6 +119,36 @@ def run_length(config: TrainConfig, count: int, samples_per_step: int) -> tuple[
     """(optimizer steps per epoch, total optimizer steps) of a run over `count` samples of its split."""
     steps_per_epoch = max(1, count // samples_per_step)
     return steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch
+
+
+def resolve_global_batch(config: TrainConfig, world_size: int) -> TrainConfig:
+    """The config with grad_accumulation = global_batch / (batch_size x world_size) when config.global_batch > 0
+    (unchanged when it is 0): the same global batch, samples per optimizer step over all ranks, on any number of ranks
+    (paper preset: 32 = 8 per rank x 1 rank x 4 accumulation, or x 4 ranks x 1 accumulation).
+
+    ConfigError (one line, naming the numbers) when global_batch is not a multiple of batch_size x world_size, or when
+    grad_accumulation was set to a value other than 1 (the default) that disagrees with the derived one.
+    """
+    if config.global_batch == 0:
+        return config
+    per_micro_batch = config.batch_size * world_size
+    accumulation, remainder = divmod(config.global_batch, per_micro_batch)
+    if remainder:  # also a global batch smaller than one micro-batch over the ranks
+        raise ConfigError(f"global_batch {config.global_batch} is not a multiple of batch_size {config.batch_size} x "
+                          f"{world_size} rank(s) = {per_micro_batch}; pick a global batch that is, another --batch-size, "
+                          "or --global-batch 0 to use --grad-accumulation as given")
+    if config.grad_accumulation not in (1, accumulation):
+        raise ConfigError(f"global_batch {config.global_batch} = batch_size {config.batch_size} x {world_size} rank(s) x "
+                          f"accumulation {accumulation}, but grad_accumulation is {config.grad_accumulation}; give one of "
+                          "the two (--global-batch 0 keeps --grad-accumulation)")
+    return config.replace(grad_accumulation=accumulation)
+
+
+def global_batch_line(config: TrainConfig, world_size: int) -> str:
+    """'global batch 32 = 8 per rank x 1 rank x 4 accumulation': what one optimizer step trains on (the start log)."""
+    total = config.batch_size * world_size * config.grad_accumulation
+    ranks = "rank" if world_size == 1 else "ranks"
+    return f"global batch {total} = {config.batch_size} per rank x {world_size} {ranks} x {config.grad_accumulation} accumulation"
 
 
 def check_scaling_factor(config: TrainConfig, meta_path: Path) -> None:
@@ -215,6 +250,9 @@ def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[
         if differs and latest_checkpoint(Path(config.output)) is not None:
             reason = (f" (its learning rate decays to 0 at its last step, --lr-schedule {config.lr_schedule})"
                       if set(differs) <= fixed else "")
+            if "grad_accumulation" in differs and config.global_batch:
+                reason += (f" (--global-batch {config.global_batch} derives grad_accumulation {config.grad_accumulation} "
+                           f"here; it was {old.get('grad_accumulation')})")
             raise ConfigError(f"{saved}: the run there was trained with other {', '.join(differs)}{reason}; "
                               "use another --output or the same settings to resume")
     return spec, paths, count
@@ -642,41 +680,67 @@ class RankRecorder:
         save_weights(model, self.folder / f"weights_rank{self.rank}.safetensors", float32=False)
 
 
+def train_step(run: Run, micro_batches: Iterator[dict[str, Any]], scheduler: DDPMScheduler) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """One optimizer step over config.grad_accumulation micro-batches of this rank: (stepped, step loss, grad norm).
+
+    Each micro-batch's `training_loss` goes backward divided by the accumulation count A, so the summed gradient is
+    the gradient of the mean loss over all A x batch_size x ranks samples: the step of one batch that size (DDP
+    averages over ranks). The gradients are all-reduced on the last micro-batch only; then the global norm is clipped
+    to config.grad_clip and `optimizer_step` runs. step loss: the mean of the micro-batch losses, gathered from every
+    rank (one entry per rank); grad norm: the total norm before clipping."""
+    model, accelerator, config = run.model, run.accelerator, run.config
+    model.train()
+    losses = []
+    for micro in range(config.grad_accumulation):
+        batch = next(micro_batches)
+        last = micro == config.grad_accumulation - 1  # gradients are all-reduced on the last micro-batch only
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss = training_loss(model, scheduler, batch, config, device=accelerator.device)
+            # a NaN loss still goes backward (every rank must join DDP's all-reduce); the step is dropped below
+            accelerator.backward(loss / config.grad_accumulation)
+        losses.append(loss.detach())
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+    step_loss = accelerator.gather(torch.stack(losses).mean()[None]).float()
+    return optimizer_step(run, step_loss, grad_norm), step_loss, grad_norm
+
+
 def train(config: TrainConfig, log: Any = print) -> int:
-    """Train until config.max_steps (or epochs); returns the process exit code (0 ok, 1 stopped)."""
-    spec, paths, count = check_inputs(config, int(os.environ.get("WORLD_SIZE", "1")))
+    """Train until config.max_steps (or epochs); returns the process exit code (0 ok, 1 stopped).
+
+    config.global_batch > 0 sets grad_accumulation for the number of ranks launched (`resolve_global_batch`); the
+    resolved config is what config.json records and what a resumed run is compared with."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    config = resolve_global_batch(config, world_size)
+    spec, paths, count = check_inputs(config, world_size)
     accelerator = make_accelerator(config)
     if accelerator.is_main_process:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         fingerprint = data_fingerprint(Path(config.shards), paths)
-        write_atomically(Path(config.output) / "config.json", resolved_json(config, spec, data_fingerprint=fingerprint))
+        write_atomically(Path(config.output) / "config.json",
+                         resolved_json(config, spec, data_fingerprint=fingerprint, world_size=accelerator.num_processes))
+        log(global_batch_line(config, accelerator.num_processes))
     run = start_run(config, spec, accelerator, log, count)
-    model, progress, rank = run.model, run.progress, accelerator.process_index
+    progress, rank = run.progress, accelerator.process_index
     stream = iter(data.make_loader(paths, config, run.positions, pin_memory=accelerator.device.type == "cuda"))
     scheduler = noise_scheduler(config)
     books = Bookkeeping(run, count, log)
     with RankRecorder(run.output, rank) if config.record_ranks else contextlib.nullcontext() as ranks:
-        while progress.step < books.total_steps:
-            model.train()
-            losses = []
-            for micro in range(config.grad_accumulation):
+
+        def micro_batches() -> Iterator[dict[str, Any]]:
+            while True:
                 batch, epoch = next_batch(stream, run)
                 if ranks is not None:
                     ranks.on_batch(epoch, progress.step, batch["id"])
-                last = micro == config.grad_accumulation - 1  # gradients are all-reduced on the last micro-batch only
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    loss = training_loss(model, scheduler, batch, config, device=accelerator.device)
-                    # a NaN loss still goes backward (every rank must join DDP's all-reduce); the step is dropped below
-                    accelerator.backward(loss / config.grad_accumulation)
-                losses.append(loss.detach())
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-            step_loss = accelerator.gather(torch.stack(losses).mean()[None]).float()
-            stepped = optimizer_step(run, step_loss, grad_norm)
+                yield batch
+
+        batches = micro_batches()
+        while progress.step < books.total_steps:
+            stepped, step_loss, grad_norm = train_step(run, batches, scheduler)
             if not books.after_step(stepped, step_loss, grad_norm):
                 return 1
         books.finish()
         if ranks is not None:
-            ranks.save_weights(accelerator.unwrap_model(model))
+            ranks.save_weights(accelerator.unwrap_model(run.model))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
