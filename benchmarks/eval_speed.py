@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     fd = frechet_distance(embeddings["ddim"], embeddings["dpmsolver++"])
     which = "random-weight tiny Cnn14 (not comparable to published FD)" if random_weights else "official Cnn14"
     body = "\n".join([
-        f"Machine: {machine_name()}; one thread; tiny model ({run}); batch 1 (CFG doubles it); guidance 3; "
+        f"Machine: {machine_name()}; one thread; tiny model (trained by this script); batch 1 (CFG doubles it); guidance 3; "
         f"{len(clips)} clips of {data}; time includes loading the model, VAE and vocoder.",
         "",
         "| sampler | steps | clips | audio (s) | compute (s) | audio s per compute s |",

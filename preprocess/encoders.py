@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import open_clip
 import torch
 from safetensors import SafetensorError
@@ -49,6 +50,7 @@ from common.frozen import FrozenModule, chunks, random_init_checksum, seeded
 from common.weights import require_file, require_model_dir, sha256_dir, sha256_file, weights_folder
 from preprocess.config import FeatureConfig
 from preprocess.model_configs import TINY_BERT_VOCAB, random_configs
+from shards import FEATURE_DTYPE
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_CLIP_CONFIG = ASSETS / "vta-tiny-clip.json"  # registered with open_clip under its stem, "vta-tiny-clip"
@@ -381,7 +383,8 @@ class Detections:
 
     detector: (T, K) d_tk, Grounding DINO's score of noun k's best box (before SAM): what the object threshold
         applies to, as Grounding DINO's own `box_threshold` does.
-    iou: (T, K) SAM's predicted IoU of that box's mask, clamped to [0, 1]; ones without SAM.
+    iou: (T, K) SAM's predicted IoU of that box's mask, clamped to [0, 1]; ones without SAM and where d_tk is
+        below the SAM floor (`sam_refined`).
     """
 
     detector: torch.Tensor
@@ -393,6 +396,20 @@ class Detections:
         return self.detector * self.iou
 
 
+_STORED = torch.from_numpy(np.zeros(0, FEATURE_DTYPE)).dtype  # how shards store the detector score
+
+
+def sam_refined(scores: torch.Tensor, floor: float) -> torch.Tensor:
+    """Which detector scores d_tk SAM refines (bool, the shape of `scores`): d >= floor, as computed or as stored.
+
+    The object threshold applies to the score as a shard stores it (float16: `shards.conditions.detector_scores`),
+    and rounding can lift a score just under the floor onto it (0.34999 -> 0.35010); such a score is refined too.
+    So every score left unrefined is below every threshold >= floor once stored, and counts 0 in Eq. (1) there:
+    with iou 1.0 in place of SAM's, no object embedding at such a threshold changes. floor 0 refines every score
+    (sigmoids are >= 0)."""
+    return (scores >= floor) | (scores.to(_STORED).float() >= floor)
+
+
 class Grounder(_Batched, FrozenModule):
     """p_tk: the probability that caption noun k is seen in frame t (Grounding DINO, optionally times SAM's IoU).
 
@@ -401,12 +418,20 @@ class Grounder(_Batched, FrozenModule):
     when loading). With SAM, the box of that best query prompts SAM, and p_tk = d_tk * SAM's predicted IoU of the
     resulting mask (clamped to [0, 1]), so a box that does not outline one object counts less; without SAM
     p_tk = d_tk. `detections` returns both factors, `probabilities` their product.
+
+    sam_floor: SAM only refines scores d_tk >= sam_floor (`sam_refined`); the others keep iou 1.0, which changes
+    no object embedding at an object threshold >= sam_floor, and cost no SAM work (a frame without such a score
+    is not sent to SAM at all). 0 refines everything.
     """
 
     def __init__(self, detector: GroundingDinoForObjectDetection, image_processor: GroundingDinoImageProcessor,
                  tokenizer: Any, image_size: dict[str, int], sam: SamModel | None,
-                 sam_image_processor: SamImageProcessor | None, batch: int, checksum: str) -> None:
+                 sam_image_processor: SamImageProcessor | None, batch: int, checksum: str,
+                 sam_floor: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= sam_floor <= 1.0:
+            raise ValueError(f"sam_floor must be in [0, 1], got {sam_floor!r}")
+        self.sam_floor = sam_floor
         self.detector = detector
         self.image_processor = image_processor
         self.tokenizer = tokenizer
@@ -460,7 +485,7 @@ class Grounder(_Batched, FrozenModule):
             checksum = hashlib.sha256("\n".join(digests).encode()).hexdigest()
             _check_grounding_tokenizer(tokenizer, detector, folder)
         grounder = cls(detector, image_processor, tokenizer, image_size, sam, sam_image_processor, cfg.frame_batch,
-                       checksum)
+                       checksum, sam_floor=cfg.sam_floor)
         return grounder.to(device=device, dtype=half_dtype(cfg.half, device))
 
     def prompt(self, nouns: Sequence[str]) -> GroundingPrompt:
@@ -486,7 +511,8 @@ class Grounder(_Batched, FrozenModule):
         Frames of all clips are batched together (at most `cfg.frame_batch` per pass, fewer after CUDA ran out of
         memory: `AdaptiveBatch`), each with its own clip's prompt, right-padded and masked, so a frame's scores do
         not depend on its batch mates beyond float rounding (the tests hold them to atol 1e-5, rtol 1e-4); clips
-        without nouns get (T_i, 0) results and cost nothing.
+        without nouns get (T_i, 0) results and cost nothing. SAM then gets, of the pass's frames, those with a
+        score at or above `sam_floor`, each with the boxes of those scores only; the other IoUs stay 1.0.
         """
         if len(frames) != len(nouns):
             raise ValueError(f"{len(frames)} clips of frames but {len(nouns)} noun lists")
@@ -501,7 +527,7 @@ class Grounder(_Batched, FrozenModule):
         def run(part: slice) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
             images = [frames[i][t] for i, t in jobs[part]]
             scores, boxes = self._detect(images, [prompts[i] for i, _ in jobs[part]])  # type: ignore[misc]
-            ious = None if self.sam is None else [u.float().clamp(0.0, 1.0).cpu() for u in self._box_iou(images, boxes)]
+            ious = None if self.sam is None else self._refined_iou(images, scores, boxes)
             return [score.float().cpu() for score in scores], ious
 
         start = 0
@@ -557,6 +583,19 @@ class Grounder(_Batched, FrozenModule):
             y0, y1 = ((cy - h / 2) * height).clamp(0, height), ((cy + h / 2) * height).clamp(0, height)
             boxes.append(torch.stack([x0, y0, x1, y1], -1))  # (K, 4), inside the frame
         return scores, boxes
+
+    def _refined_iou(self, images: list[torch.Tensor], scores: list[torch.Tensor],
+                     boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per image (K,) float32 IoUs on the CPU: SAM's, clamped to [0, 1], where `sam_refined`, else 1.0. One SAM
+        pass over the images with at least one refined score, each prompted with those scores' boxes only."""
+        keep = [sam_refined(score.float(), self.sam_floor) for score in scores]  # (K,) bool per image
+        ious = [torch.ones(len(score)) for score in scores]
+        sent = [b for b, k in enumerate(keep) if k.any()]
+        if sent:
+            refined = self._box_iou([images[b] for b in sent], [boxes[b][keep[b]] for b in sent])
+            for b, u in zip(sent, refined):
+                ious[b][keep[b].cpu()] = u.float().clamp(0.0, 1.0).cpu()
+        return ious
 
     def _box_iou(self, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> list[torch.Tensor]:
         """SAM's predicted IoU for one mask per box (multimask_output=False); all boxes of a frame in one prompt."""

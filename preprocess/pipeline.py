@@ -36,16 +36,18 @@ from audio_models.vae import AudioVAE
 from common.devices import resolve_device
 from common.versions import software_versions
 from preprocess.audio import AudioDecodeError, decode_audio
-from preprocess.config import FeatureConfig
+from preprocess.config import BEFORE_FIELD, FeatureConfig
 from preprocess.encoders import CLIPEncoder, Grounder, cap_cuda_memory
 from preprocess.manifest import Clip
 from preprocess.nouns import LABEL_NOUNS_FILE, NounCache, label_nouns_sha256
 from preprocess.video import VideoDecodeError, decode_frames
 
-# Fields that must agree between runs writing into one output folder (batch sizes, devices may differ).
+# Fields that must agree between runs writing into one output folder (batch sizes, devices may differ). A field
+# missing from an older meta.json compares as the value those runs used (`preprocess.config.BEFORE_FIELD`).
 COMPATIBLE_FIELDS = (
     "window_seconds", "fps", "sample_rate", "frame_short_side", "audio_backend", "clip_model", "embed_dim",
-    "tagger", "max_nouns", "grounding_short_side", "grounding_long_side", "use_sam", "latent_channels", "vae_downsample",
+    "tagger", "max_nouns", "grounding_short_side", "grounding_long_side", "use_sam", "sam_floor", "latent_channels",
+    "vae_downsample",
 )
 
 
@@ -252,11 +254,14 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
     if not isinstance(old, dict):
         raise FeatureError(f"{path}: unreadable (not a JSON object); move it away to start over")
     config: dict[str, Any] = old["config"] if isinstance(old.get("config"), dict) else {}
+    config = {**BEFORE_FIELD, **config}  # written before a field existed: what those runs did
     models: dict[str, Any] = old["models"] if isinstance(old.get("models"), dict) else {}
+    # without SAM the floor changes nothing (and a use_sam that differs is reported by itself)
+    without_sam = config.get("use_sam") is False or meta["config"]["use_sam"] is False
     differences = [
         f"{name}: {config.get(name)!r} there vs {meta['config'][name]!r} now"
         for name in COMPATIBLE_FIELDS
-        if config.get(name) != meta["config"][name]
+        if config.get(name) != meta["config"][name] and not (name == "sam_floor" and without_sam)
     ]
     if old.get("schema_version") != meta["schema_version"]:
         differences.insert(0, f"schema_version: {old.get('schema_version')} there vs {meta['schema_version']} now")
