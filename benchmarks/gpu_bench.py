@@ -6,9 +6,12 @@
 Sections (each guarded: a failure is recorded in the JSON and the next section still runs; each has a time budget):
 - device: name, versions, the datasheet dense bf16 peak (table below) and a measured bf16 matmul rate.
 - stage_one: clips/s end to end (`preprocess.pipeline.run`: decode workers, CLIP, Grounding DINO, SAM, VAE, shard
-  write) on synthetic demo clips, next to the encoders alone on pre-decoded clips; per model (CLIP, Grounding
-  DINO, SAM, VAE) time, FLOPs (torch.utils.flop_counter: matmuls, convolutions and attention only; Grounding
-  DINO's deformable sampling is not counted) and peak GPU memory.
+  write) on synthetic demo clips (paper: 10.24 s each, the 41 frames at 4 fps of a VGGSound clip), next to the
+  encoders alone on pre-decoded clips; per model (CLIP, Grounding DINO, SAM, VAE) time, FLOPs
+  (torch.utils.flop_counter: matmuls, convolutions and attention only; Grounding DINO's deformable sampling is not
+  counted) and peak GPU memory; the grounding step with SAM on every detection vs SAM floors that skip 50% and
+  80% of the noun-frames; the grounding step at Grounding DINO input short sides 480, 600 and 800; the encoders
+  under a 24 GiB memory cap (CUDA only).
 - training: samples/s of the stage-two step (the trainer's `train.diffusion.training_loss`: forward, min-SNR loss;
   then backward, clip, AdamW and the trainer's EMA update `train.trainer.ema_update`; bf16 autocast as the paper
   preset's accelerate run) fed from shards (`train.data.make_loader`) vs one batch held in memory, and model FLOPs
@@ -203,11 +206,256 @@ def peak_for_mfu(device_info: dict[str, Any]) -> tuple[float | None, float | Non
 
 
 # ----------------------------------------------------------------------------------- stage one
+TINY_CLIP_SECONDS = 6.0  # the tiny preset's synthetic clips (the paper preset's fill its 10.24 s window)
+SAM_SKIP_FRACTIONS = (0.5, 0.8)  # shares of the noun-frames below the SAM floor, each timed against floor 0
+GROUNDING_SHORT_SIDES = (480, 600, 800)  # Grounding DINO input short sides on the paper preset's scale
+MEMORY_CAP_GIB = 24.0  # `FeatureConfig.max_memory_gib` of the memory-cap run (a 24 GB card's setting)
+STAND_IN_TOLERANCE = 0.05  # the detector's own scores are used when every skip fraction is reachable this closely
+
+
+def render_fixed_length_clips(out_dir: Path, count: int, seconds: float, size: tuple[int, int], fps: int) -> list[float]:
+    """The demo set's first `count` training clips (`preprocess.demo.make_demo_set`), each `seconds` long (to one
+    frame at `fps`) instead of the demo's 0.75-1.25 x its `seconds`; returns their lengths in seconds.
+
+    make_demo_set draws each clip's length as round(seconds x u_i x fps) frames with its own u_i, so clip i is
+    written by a call whose `seconds` is scaled until `preprocess.demo.plan_clip` gives clip i the wanted frame
+    count; a call keeps the clips already written, and the last one writes the CSV of all `count` clips (the
+    labels do not depend on the length)."""
+    from preprocess.demo import make_demo_set, plan_clip
+
+    frames = max(1, round(seconds * fps))
+    lengths = []
+    for index in range(count):
+        asked = seconds
+        for _ in range(8):  # the planned frame count is proportional to `asked` up to rounding
+            planned = plan_clip(index, "train", 0, asked, size[0], fps).frames
+            if planned == frames:
+                break
+            asked *= frames / planned
+        make_demo_set(out_dir, n_train=index + 1, n_test=0, seconds=asked, size=size, fps=fps)
+        lengths.append(round(plan_clip(index, "train", 0, asked, size[0], fps).seconds, 3))
+    return lengths
+
+
+def floors_for_skip_fractions(scores: np.ndarray, fractions: tuple[float, ...] | list[float]) -> list[tuple[float, float]]:
+    """For each wanted fraction f of `scores` (detector scores d_tk, any shape) to fall below the SAM floor: the
+    floor and the fraction it actually leaves below, as (floor, fraction).
+
+    A score is left to SAM when it reaches the floor as computed or as stored (float16: `preprocess.encoders.
+    sam_refined`), so each score's key is max(d, float16(d)); with the keys sorted, k = round(f n) of them fall
+    below a floor midway between the k-th and (k+1)-th (0 for k = 0; just above the largest key, at most 1, for
+    k = n). The floor is rounded to float32, as the comparison with float32 scores rounds it. Ties (scores that
+    round to the same float16, e.g. a random-weight detector's scores at 1.0) can make the achieved fraction
+    differ from f: it is returned so that the caller can tell."""
+    from shards import FEATURE_DTYPE
+
+    values = np.asarray(scores, dtype=np.float32).ravel()
+    if values.size == 0:
+        raise ValueError("no detector scores to choose a floor from")
+    keys = np.sort(np.maximum(values, values.astype(FEATURE_DTYPE).astype(np.float32)).astype(np.float64))
+    out = []
+    for fraction in fractions:
+        k = min(len(keys), max(0, round(fraction * len(keys))))
+        if k == 0:
+            floor = 0.0
+        elif k == len(keys):
+            floor = min(1.0, float(np.nextafter(np.float32(keys[-1]), np.float32(2.0))))
+        else:
+            floor = (keys[k - 1] + keys[k]) / 2
+        floor = float(np.float32(floor))
+        out.append((floor, float(np.mean(keys < floor))))
+    return out
+
+
+def grounding_sizes(short_side: int, long_side: int, shorts: tuple[int, ...] = GROUNDING_SHORT_SIDES,
+                    reference: int = 800) -> list[tuple[int, int]]:
+    """(short, long) Grounding DINO input sides at each of `shorts`, given on the paper preset's scale (short side
+    `reference` = 800, long side 1333), scaled to a config's (short_side, long_side): (round(short_side s /
+    reference), round(long_side s / reference)). Paper: (480, 800), (600, 1000), (800, 1333)."""
+    return [(round(short_side * s / reference), round(long_side * s / reference)) for s in shorts]
+
+
+def stage_one_knobs(out: dict[str, Any], cfg: Any, encoders: Any, batch: list[dict[str, Any]], nouns: list[list[str]],
+                    device: torch.device, deadline: Deadline, log: Callable[[str], None]) -> None:
+    """Three knobs of stage one, each on the same few pre-decoded clips and each through `compare` (a failure or a
+    spent budget is recorded and the next one runs):
+
+    - out["sam_floor"]: the grounding step (`Grounder.detections`) with SAM on every detection (floor 0) vs floors
+      chosen from these frames' detector scores (`floors_for_skip_fractions`) so that SAM_SKIP_FRACTIONS of the
+      noun-frames fall below them: floor, achieved fraction, s/clip, speed-up. A random-weight detector's scores
+      all round to ~1.0, which no floor splits; then (said so in out["sam_floor_scores"]) the detector's scores
+      are replaced, after it ran, by seeded uniform draws, so that SAM's share of the work, which follows the
+      scores alone, is measured at the stated fractions. The end-to-end numbers keep the preset's floor.
+    - out["grounding_sizes"]: clips/s of the grounding step at each input size of `grounding_sizes`, vs the
+      preset's own size.
+    - out["memory_cap"]: on CUDA, the encoders under `max_memory_gib` = MEMORY_CAP_GIB, set up as
+      `preprocess.pipeline.Encoders` does (`cap_cuda_memory`, then each model's first frame batch from the free
+      memory; `AdaptiveBatch` halves a pass that runs out of memory): completed, clips/s, peak memory."""
+    from preprocess.encoders import OutOfMemory, cap_cuda_memory, sam_refined
+
+    grounder = encoders.grounder
+    frames = [torch.as_tensor(item["frames"]) for item in batch]  # (T, H, W, 3) uint8 each
+    clips = len(frames)
+    per_model = out.get("per_model", {})
+    per_clip = per_model.get("grounding_dino+sam", per_model.get("grounding_dino", {})).get("seconds_per_clip", 1.0)
+    run_s = 1.3 * per_clip * clips  # one grounding run on these clips, with a margin
+
+    def seconds(job: Callable[[], Any], repeats: int = 2) -> tuple[float, Any]:
+        """Median seconds of `repeats` timed calls after a warm-up (cuDNN autotuning of new shapes), and a result."""
+        result = job()
+        return float(np.median([timed(job, device)[0] for _ in range(repeats)])), result
+
+    # ---- SAM floor
+    out["preset_sam_floor"] = cfg.sam_floor
+    stand_in: dict[str, Any] = {"on": False}
+    original_detect = grounder._detect
+
+    def detect(images: list[torch.Tensor], prompts: list[Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        scores, boxes = original_detect(images, prompts)
+        if not stand_in["on"]:
+            return scores, boxes
+        # scores: (K,) per image; the same draws in every run (the generator restarts with each `detections`)
+        return [torch.rand(len(s), generator=stand_in["generator"]).to(s) for s in scores], boxes
+
+    def detections(floor: float) -> list[Any]:
+        stand_in["generator"] = torch.Generator().manual_seed(cfg.seed)
+        previous, grounder.sam_floor = grounder.sam_floor, floor
+        try:
+            return grounder.detections(frames, nouns)
+        finally:
+            grounder.sam_floor = previous
+
+    def detector_scores(found: list[Any]) -> torch.Tensor:
+        return torch.cat([d.detector.flatten() for d in found])  # (sum T_i K_i,)
+
+    def skipped(found: list[Any], floor: float) -> tuple[float, float]:
+        """(share of noun-frames below the floor, share of frames that SAM does not see at all)."""
+        left = [~sam_refined(d.detector, floor) for d in found]  # (T, K) bool per clip
+        noun_frames = torch.cat([x.flatten() for x in left]).float()
+        whole = torch.cat([x.all(-1) for x in left if x.shape[-1]] or [torch.zeros(0, dtype=torch.bool)]).float()
+        return (round(noun_frames.mean().item(), 4) if len(noun_frames) else 0.0,
+                round(whole.mean().item(), 4) if len(whole) else 0.0)
+
+    plan: dict[str, Any] = {}
+
+    def baseline() -> dict[str, Any]:
+        if "seconds" not in plan:
+            found = detections(0.0)  # also the warm-up; the detector's scores do not depend on the floor
+            real = detector_scores(found)
+            chosen = floors_for_skip_fractions(real.numpy(), SAM_SKIP_FRACTIONS)
+            at_one = float((real.to(torch.float16) == 1.0).float().mean())
+            out["preset_floor_skip_fraction"] = skipped(found, cfg.sam_floor)[0]
+            if any(abs(got - want) > STAND_IN_TOLERANCE for (_, got), want in zip(chosen, SAM_SKIP_FRACTIONS)):
+                stand_in["on"] = True
+                out["sam_floor_scores"] = (f"seeded uniform stand-ins for the detector's scores (after it ran): its own "
+                                           f"scores do not split at the stated fractions ({at_one:.0%} are 1.0 "
+                                           f"once stored as float16; random weights)")
+                chosen = floors_for_skip_fractions(detector_scores(detections(0.0)).numpy(), SAM_SKIP_FRACTIONS)
+            else:
+                out["sam_floor_scores"] = "the detector's own scores"
+            plan["floors"] = dict(zip(SAM_SKIP_FRACTIONS, chosen))
+            plan["seconds"] = seconds(lambda: detections(0.0))[0] / clips
+        return plan
+
+    def floor_entry(fraction: float) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            if grounder.sam is None:
+                return {"skipped": "the config has no SAM (use_sam=False)"}
+            before = baseline()["seconds"]
+            floor, planned = plan["floors"][fraction]
+            after, found = seconds(lambda: detections(floor))
+            noun_frames, frames_unseen = skipped(found, floor)
+            return {"unit": "s", "clips": clips, "floor": floor, "target_skip_fraction": fraction,
+                    "planned_skip_fraction": round(planned, 4), "skip_fraction": noun_frames,
+                    "frames_sam_skips": frames_unseen, "seconds_per_clip": round(after / clips, 5),
+                    "before": ("floor 0: SAM on every detection", round(before, 5)),
+                    "after": (f"floor {floor:.4g}", round(after / clips, 5))}
+        return run
+
+    entries: dict[str, Any] = {}
+    try:
+        grounder._detect = detect  # an instance attribute: the class's method is back once it is deleted
+        for i, fraction in enumerate(SAM_SKIP_FRACTIONS):
+            # the first entry also pays for the score runs (the detector's, then the stand-ins') and the floor-0 timing
+            compare(entries, f"skip_{fraction}", deadline, run_s * (3 if i else 8), log, floor_entry(fraction))
+    finally:
+        del grounder._detect
+    out["sam_floor"] = [{"target_skip_fraction": f, **entries["changes"][f"skip_{f}"]} for f in SAM_SKIP_FRACTIONS]
+
+    # ---- Grounding DINO input size
+    preset_size = (cfg.grounding_short_side, cfg.grounding_long_side)
+    sizes = grounding_sizes(*preset_size)
+    rates: dict[tuple[int, int], float] = {}
+
+    def clips_per_second(size: tuple[int, int]) -> float:
+        if size not in rates:
+            previous = grounder.image_size
+            grounder.image_size = {"shortest_edge": size[0], "longest_edge": size[1]}
+            try:
+                rates[size] = round(clips / seconds(lambda: grounder.detections(frames, nouns), 1)[0], 4)
+            finally:
+                grounder.image_size = previous
+        return rates[size]
+
+    def size_entry(size: tuple[int, int]) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            before, after = clips_per_second(preset_size), clips_per_second(size)
+            return {"unit": "clips/s", "clips": clips, "short_side": size[0], "long_side": size[1],
+                    "clips_per_second": after, "note": f"Grounding DINO (+ SAM at floor {cfg.sam_floor}), same frames",
+                    "before": (f"{preset_size[0]}x{preset_size[1]} (preset)", before),
+                    "after": (f"{size[0]}x{size[1]}", after)}
+        return run
+
+    entries = {}
+    for size in sizes:
+        compare(entries, f"{size[0]}x{size[1]}", deadline, run_s * (2 if rates else 4), log, size_entry(size))
+    out["grounding_sizes"] = [{"short_side": s, "long_side": lg, **entries["changes"][f"{s}x{lg}"]} for s, lg in sizes]
+
+    # ---- memory cap
+    out["memory_cap_gib"] = MEMORY_CAP_GIB
+    models = (encoders.clip_encoder, grounder)
+
+    def capped() -> dict[str, Any]:
+        if device.type != "cuda":
+            return {"skipped": "the memory cap is CUDA-only (torch.cuda.set_per_process_memory_fraction; no CUDA)"}
+        encode = functools.partial(encoders.encode, batch, nouns)
+        before, _ = seconds(encode, 1)  # uncapped, the same clips
+        sizes_before = [m.batch for m in models]
+        entry: dict[str, Any] = {"completed": False}
+        torch.cuda.empty_cache()
+        try:
+            with peak_memory(device, entry):
+                cap_cuda_memory(MEMORY_CAP_GIB, device)
+                for model in models:  # as `Encoders` sets up a run with cfg.max_memory_gib
+                    model.batch = cfg.frame_batch
+                    model.batches.fit_free_memory(device, model.gib_per_frame, MEMORY_CAP_GIB)
+                entry["frame_batch_start"] = {"clip": models[0].batch, "grounding": models[1].batch}
+                try:
+                    after, _ = seconds(encode, 1)  # the warm-up is the run that halves on out-of-memory
+                    entry["completed"] = True
+                except (OutOfMemory, torch.OutOfMemoryError) as error:  # the latter: a model without halving
+                    after, entry["error"] = 0.0, str(error)[:300]
+                entry["frame_batch_end"] = {"clip": models[0].batch, "grounding": models[1].batch}
+            entry["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            for model, size in zip(models, sizes_before):
+                model.batch = size
+            torch.cuda.empty_cache()
+        rate_after = round(clips / after, 4) if after else None
+        return {"unit": "clips/s", "clips": clips, **entry, "clips_per_second": rate_after,
+                "before": ("no cap", round(clips / before, 4)), "after": (f"max_memory_gib={MEMORY_CAP_GIB:g}", rate_after)}
+
+    encode_s = clips / max(out.get("encoders_alone", {}).get("clips_per_second", 1.0), 1e-3)
+    entries = {}
+    compare(entries, "memory_cap", deadline, 4 * encode_s * 1.5, log, capped)
+    out["memory_cap"] = entries["changes"]["memory_cap"]
+
+
 def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted: int, deadline: Deadline,
                     log: Callable[[str], None]) -> dict[str, Any]:
     from preprocess import manifest
     from preprocess.config import PRESETS
-    from preprocess.demo import make_demo_set
     from preprocess.nouns import NounCache
     from preprocess.pipeline import DecodeDataset, Encoders, run
 
@@ -220,10 +468,12 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
                            "use_sam": cfg.use_sam, "batch_clips": cfg.batch_clips, "frame_batch": cfg.frame_batch,
                            "decode_workers": workers, "half": cfg.half and device.type == "cuda"}
     size, fps = ((640, 360), 25) if paper else ((96, 96), 12)
-    seconds, _ = timed(lambda: make_demo_set(root / "demo", n_train=clips_wanted, n_test=0, size=size, fps=fps), device)
+    # paper: every clip fills the 10.24 s window (41 frames at 4 fps, as a VGGSound clip); tiny: shorter clips
+    clip_seconds = cfg.window_seconds if paper else TINY_CLIP_SECONDS
+    seconds, lengths = timed(lambda: render_fixed_length_clips(root / "demo", clips_wanted, clip_seconds, size, fps), device)
     clips = manifest.from_vggsound_csv(root / "demo" / "vggsound.csv", root / "demo" / "videos")
-    out["synthetic_videos"] = {"count": len(clips), "size": list(size), "fps": fps, "seconds_each": "6-10 (H.264 + AAC)",
-                               "render_seconds": round(seconds, 1)}
+    out["synthetic_videos"] = {"count": len(clips), "size": list(size), "fps": fps, "seconds_each": "H.264 + AAC",
+                               "clip_seconds": [min(lengths), max(lengths)], "render_seconds": round(seconds, 1)}
     log(f"stage one: {len(clips)} synthetic clips rendered in {seconds:.1f} s; building the models")
 
     memory: dict[str, Any] = {}
@@ -248,6 +498,7 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
     decode_seconds, decoded = timed(lambda: [dataset[i] for i in range(len(dataset))], device)
     decoded = [d for d in decoded if "error" not in d]
     out["decode_one_process_clips_per_second"] = round(len(dataset) / decode_seconds, 3)
+    out["synthetic_videos"]["frames_decoded_per_clip"] = sorted({len(d["frames"]) for d in decoded})
     nouns_of = NounCache(cfg.tagger, cfg.max_nouns)
     batches = [decoded[i : i + cfg.batch_clips] for i in range(0, len(decoded), cfg.batch_clips)]
     nouns = [[nouns_of(d["clip"].caption) for d in batch] for batch in batches]
@@ -260,6 +511,7 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
         f"{out['encoders_alone']['clips_per_second']} clips/s ({deadline.left():.0f} s left)")
     few = 4 if deadline.left() > 0 else 2  # fewer clips once the section's budget is spent
     out["per_model"] = per_model_costs(encoders, batches[0][:few], nouns[0][:few], device)
+    stage_one_knobs(out, cfg, encoders, batches[0][:2], nouns[0][:2], device, deadline, log)
     stage_one_changes(out, cfg, encoders, clips, batches[0][:few], nouns[0][:few], root, device, deadline, log)
     return out
 
@@ -775,6 +1027,47 @@ def changes_table(section: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def stage_one_knob_lines(one: dict[str, Any]) -> list[str]:
+    """Markdown rows of stage one's SAM floor, Grounding DINO input size and memory-cap measurements."""
+    def why(entry: dict[str, Any]) -> str:
+        return " ".join(str(entry.get("reason") or entry.get("error", "")).split()).replace("|", "/")[:200]
+
+    lines: list[str] = []
+    if one.get("sam_floor"):
+        lines += [f"SAM floor (grounding step on {one['sam_floor'][0].get('clips', '?')} clips; scores: "
+                  f"{one.get('sam_floor_scores', 'n/a')}; the preset's floor {one.get('preset_sam_floor')} skips "
+                  f"{fmt(one.get('preset_floor_skip_fraction'))} of the noun-frames here):", "",
+                  "| wanted skip | floor | skipped noun-frames | frames SAM skips | s/clip | floor 0 s/clip | speed-up |",
+                  "|---|---|---|---|---|---|---|"]
+        for e in one["sam_floor"]:
+            if e["status"] == "ok":
+                lines.append(f"| {e['target_skip_fraction']} | {fmt(e['floor'])} | {fmt(e['skip_fraction'])} | "
+                             f"{fmt(e['frames_sam_skips'])} | {fmt(e['seconds_per_clip'])} | {fmt(e['before'][1])} | "
+                             f"**{fmt(e.get('speedup'))}x** |")
+            else:
+                lines.append(f"| {e['target_skip_fraction']} | {e['status']}: {why(e)} | | | | | |")
+        lines.append("")
+    if one.get("grounding_sizes"):
+        lines += ["Grounding DINO input size (grounding step, same frames):", "",
+                  "| short x long side | clips/s | vs preset size |", "|---|---|---|"]
+        for e in one["grounding_sizes"]:
+            size = f"{e['short_side']}x{e['long_side']}"
+            lines.append(f"| {size} | {fmt(e['clips_per_second'])} | **{fmt(e.get('speedup'))}x** |" if e["status"] == "ok"
+                         else f"| {size} | {e['status']}: {why(e)} | |")
+        lines.append("")
+    cap = one.get("memory_cap")
+    if cap:
+        head = f"- memory cap {fmt(one.get('memory_cap_gib'))} GiB: "
+        if cap["status"] == "ok":
+            lines += [head + f"completed {cap['completed']}, **{fmt(cap['clips_per_second'])} clips/s** (uncapped "
+                      f"{fmt(cap['before'][1])}) on {cap['clips']} clips, peak {fmt(cap.get('peak_memory_gib'))} GiB "
+                      f"allocated / {fmt(cap.get('peak_reserved_gib'))} GiB reserved, frame batches "
+                      f"{cap.get('frame_batch_start')} -> {cap.get('frame_batch_end')}", ""]
+        else:
+            lines += [head + f"{cap['status']}: {why(cap)}", ""]
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     """A short human summary of the JSON (the JSON holds every number)."""
     meta, dev = results["meta"], results.get("device", {})
@@ -789,7 +1082,7 @@ def markdown(results: dict[str, Any]) -> str:
     if one.get("status") == "ok":
         e2e, alone = one["end_to_end"], one["encoders_alone"]
         lines += [f"- {e2e['clips']} synthetic clips {one['synthetic_videos']['size']} @ {one['synthetic_videos']['fps']} fps, "
-                  f"{one['frames_per_clip']} frames/clip, grounding input {one['grounding_input']}, SAM {one['use_sam']}, "
+                  f"{one['synthetic_videos'].get('clip_seconds')} s, {one['frames_per_clip']} frames/clip, grounding input {one['grounding_input']}, SAM {one['use_sam']}, "
                   f"{one['decode_workers']} decode workers; parameters (M): {one['parameters_m']}",
                   f"- end to end: **{e2e['clips_per_second']} clips/s**; encoders alone: **{alone['clips_per_second']} clips/s** "
                   f"(ratio {one['ratio_end_to_end_over_encoders']}); peak memory {fmt(one.get('end_to_end_peak_memory_gib'))} GiB", ""]
@@ -800,6 +1093,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [f"| {k} | {fmt(v['seconds_per_clip'])} | {fmt(v['tflop_per_clip'])} | {fmt(v.get('achieved_tflops'))} | "
                       f"{fmt(v.get('peak_memory_gib'))} |" for k, v in rows]
             lines.append("")
+        lines += stage_one_knob_lines(one)
         lines += changes_table(one)
     else:
         lines += [f"- {one.get('status', 'not run')}: {one.get('error', '')}", ""]

@@ -95,20 +95,29 @@ def kl_divergence(
     the mean over pairs (eps on the generated side). av-benchmark's kl.py computes the same KL in log space
     without eps (a gap of order eps) and its loop returns only the last pair's value; here every pair is averaged.
     """
-    ids = sorted(set(p_ref) & set(p_gen))
-    if not ids:
-        raise ValueError(f"no clip id is in both sets ({len(p_ref)} reference, {len(p_gen)} generated): "
-                         "nothing to pair")
     values = []
-    for clip_id in ids:
-        p = np.asarray(p_ref[clip_id], dtype=np.float64)
-        q = np.asarray(p_gen[clip_id], dtype=np.float64)
-        if p.shape != q.shape or p.ndim != 1:
-            raise ValueError(f"clip {clip_id!r}: class probabilities must be two (C,) vectors, "
-                             f"got {p.shape} and {q.shape}")
+    for p, q in paired_vectors(p_ref, p_gen, "class probabilities"):
         safe_p = np.where(p > 0, p, 1.0)  # log(1) = 0 keeps 0 * log(0) out of the sum
         values.append(float(np.sum(np.where(p > 0, p * np.log(safe_p / (q + eps)), 0.0))))
-    return float(np.mean(values)), len(ids)
+    return float(np.mean(values)), len(values)
+
+
+def paired_vectors(reference: Mapping[str, np.ndarray], generated: Mapping[str, np.ndarray],
+                   what: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (reference, generated) float64 (C,) vectors of the clip ids in both sets, in id order; ValueError when
+    none is, or when a pair is not two (C,) vectors of one length (`what` names them in the message)."""
+    ids = sorted(set(reference) & set(generated))
+    if not ids:
+        raise ValueError(f"no clip id is in both sets ({len(reference)} reference, {len(generated)} generated): "
+                         "nothing to pair")
+    pairs = []
+    for clip_id in ids:
+        r = np.asarray(reference[clip_id], dtype=np.float64)
+        g = np.asarray(generated[clip_id], dtype=np.float64)
+        if r.shape != g.shape or r.ndim != 1:
+            raise ValueError(f"clip {clip_id!r}: {what} must be two (C,) vectors, got {r.shape} and {g.shape}")
+        pairs.append((r, g))
+    return pairs
 
 
 def kl_divergence_sigmoid(
@@ -127,9 +136,6 @@ def kl_divergence_sigmoid(
                          {k: special.expit(np.asarray(v, np.float64)) for k, v in logits_gen.items()}, eps)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Inception score of the generated clips' class posteriors
-# --------------------------------------------------------------------------------------------------------------
 def kl_log_softmax(logits_ref: Mapping[str, np.ndarray], logits_gen: Mapping[str, np.ndarray]) -> tuple[float, int]:
     """Mean over paired clips of KL(softmax(l_ref) || softmax(l_gen)), computed in log space without eps:
 
@@ -140,21 +146,16 @@ def kl_log_softmax(logits_ref: Mapping[str, np.ndarray], logits_gen: Mapping[str
     clips, one generated sample per clip). `logits_ref` and `logits_gen` map a clip id to its (C,) logits; only
     ids in both are paired. Returns (mean KL, number of pairs).
     """
-    ids = sorted(set(logits_ref) & set(logits_gen))
-    if not ids:
-        raise ValueError(f"no clip id is in both sets ({len(logits_ref)} reference, {len(logits_gen)} generated): "
-                         "nothing to pair")
     values = []
-    for clip_id in ids:
-        r = np.asarray(logits_ref[clip_id], dtype=np.float64)
-        g = np.asarray(logits_gen[clip_id], dtype=np.float64)
-        if r.shape != g.shape or r.ndim != 1:
-            raise ValueError(f"clip {clip_id!r}: logits must be two (C,) vectors, got {r.shape} and {g.shape}")
+    for r, g in paired_vectors(logits_ref, logits_gen, "logits"):
         log_r, log_g = special.log_softmax(r), special.log_softmax(g)
         values.append(float(np.sum(np.exp(log_r) * (log_r - log_g))))
-    return float(np.mean(values)), len(ids)
+    return float(np.mean(values)), len(values)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Inception score of the generated clips' class posteriors
+# --------------------------------------------------------------------------------------------------------------
 def inception_score(
     logits: np.ndarray, splits: int = IS_SPLITS, shuffle_seed: int | None = IS_SHUFFLE_SEED
 ) -> tuple[float, float]:

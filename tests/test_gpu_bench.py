@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import numbers
 
+import numpy as np
 import pytest
+import torch
 
 from benchmarks import gpu_bench
+from preprocess.encoders import sam_refined
 
 
 def test_peak_table_prefers_the_specific_name():
@@ -73,3 +76,57 @@ def test_speedups_read_rates_and_seconds_the_right_way_round(monkeypatch):
     assert changes["rate"]["speedup"] == 1.5 and changes["time"]["speedup"] == 2.0
     assert changes["late"]["status"] == "skipped" and "needs ~120 s" in changes["late"]["reason"]
     assert changes["broken"]["status"] == "error" and "ZeroDivisionError" in changes["broken"]["error"]
+
+
+def test_floors_leave_the_wanted_share_of_scores_below_them():
+    scores = np.random.default_rng(0).uniform(0.0, 1.0, size=(41, 8))  # noun-frames of one clip
+    chosen = gpu_bench.floors_for_skip_fractions(scores, [0.0, 0.5, 0.8, 1.0])
+    assert [got for _, got in chosen] == pytest.approx([0.0, 0.5, 0.8, 1.0], abs=1 / scores.size)
+    for floor, got in chosen:
+        assert 0.0 <= floor <= 1.0
+        # the encoder's own rule agrees: the share of scores SAM would not refine is the one returned
+        left = ~sam_refined(torch.as_tensor(scores, dtype=torch.float32), floor)
+        assert left.float().mean().item() == pytest.approx(got)
+    assert chosen[1][0] == pytest.approx(np.quantile(scores, 0.5), abs=0.05)
+
+
+def test_floors_report_what_saturated_scores_allow():
+    # a random-weight detector's scores: ~1.0, most of them exactly 1.0 once stored as float16
+    scores = np.concatenate([np.full(90, 1.0), np.linspace(0.9999, 0.99999, 10)]).astype(np.float32)
+    chosen = gpu_bench.floors_for_skip_fractions(scores, [0.5, 0.8])
+    assert all(got < 0.2 for _, got in chosen)
+    with pytest.raises(ValueError):
+        gpu_bench.floors_for_skip_fractions(np.zeros(0), [0.5])
+
+
+def test_grounding_sizes_scale_the_paper_sizes():
+    assert gpu_bench.grounding_sizes(800, 1333) == [(480, 800), (600, 1000), (800, 1333)]
+    assert gpu_bench.grounding_sizes(64, 96) == [(38, 58), (48, 72), (64, 96)]
+
+
+def test_fixed_length_clips_fill_the_paper_window(tmp_path):
+    from preprocess.config import PRESETS
+    from preprocess.video import decode_frames
+
+    cfg = PRESETS["paper"]
+    lengths = gpu_bench.render_fixed_length_clips(tmp_path, 3, cfg.window_seconds, (48, 32), 25)
+    assert lengths == [cfg.window_seconds] * 3
+    rows = (tmp_path / "vggsound.csv").read_text().splitlines()
+    assert len(rows) == 3
+    for row in rows:
+        video = decode_frames(tmp_path / "videos" / f"{row.split(',')[0]}_000000.mp4", 0.0, cfg.frame_times(),
+                              cfg.window_seconds, 32)
+        assert len(video.frames) == cfg.num_frames == 41
+
+
+def test_stage_one_summary_shows_skipped_and_failed_knobs():
+    one = {"preset_sam_floor": 0.1, "preset_floor_skip_fraction": 0.0, "sam_floor_scores": "the detector's own scores",
+           "sam_floor": [{"target_skip_fraction": 0.5, "status": "ok", "clips": 2, "floor": 0.4, "skip_fraction": 0.5,
+                          "frames_sam_skips": 0.3, "seconds_per_clip": 0.5, "before": ("floor 0", 1.0), "speedup": 2.0},
+                         {"target_skip_fraction": 0.8, "status": "skipped", "reason": "budget: 3 s left, needs ~9 s"}],
+           "grounding_sizes": [{"short_side": 480, "long_side": 800, "status": "error", "error": "RuntimeError: x"}],
+           "memory_cap_gib": 24.0, "memory_cap": {"status": "skipped", "reason": "the memory cap is CUDA-only (no CUDA)"}}
+    text = "\n".join(gpu_bench.stage_one_knob_lines(one))
+    assert "| 0.5 | 0.4 | 0.5 | 0.3 | 0.5 | 1 | **2x** |" in text
+    assert "skipped: budget" in text and "| 480x800 | error: RuntimeError: x |" in text
+    assert "memory cap 24 GiB: skipped: the memory cap is CUDA-only" in text
