@@ -20,22 +20,19 @@ clips are still measured.
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile
 import torch
 from tqdm import tqdm
 
 import shards
 from eval.array_cache import Arrays, cached_arrays
-from eval.clips import EvalError, iterate_reference_audio, read_wav, wav_path
 from eval.config import EvalConfig
-from eval.embed import Embedders, ReferenceAudio
+from eval.embed import Embedders, ReferenceAudio, ShardAudio, generated_waves
 from eval.video_frames import VideoReadError, window_frames
 
 CACHE_VERSION = 1
@@ -59,21 +56,6 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch
-
-
-def generated_waves(out_dir: Path, clips: list[shards.SampleMeta],
-                    failures: list[dict[str, str]]) -> Iterator[tuple[str, np.ndarray, int]]:
-    """(clip id, mono waveform, rate) of every readable generated WAV; unreadable ones go to `failures`."""
-    for clip in clips:
-        path = wav_path(out_dir, clip.id)
-        if not path.exists():
-            continue
-        try:
-            waveform, rate = read_wav(path)
-        except ValueError as error:
-            failures.append({"id": clip.id, "stage": "read_wav", "reason": str(error)})
-            continue
-        yield clip.id, waveform, rate
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,13 +84,9 @@ def passt_sets(config: EvalConfig, model: Any, reference: ReferenceAudio, clips:
     protocol = {"cache_version": CACHE_VERSION, "passt": model.protocol(), "duration": duration, "reference": source}
 
     def decoded(todo: list[str]) -> Iterator[tuple[str, np.ndarray, int]]:
-        for clip_id, data in iterate_reference_audio(config.shards, config.split, todo):  # in shard order
-            try:
-                waveform = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)[0]
-            except (soundfile.LibsndfileError, RuntimeError) as error:
-                raise EvalError(f"{config.shards} (split {config.split}): clip {clip_id!r} has an unreadable flac "
-                                f"member ({error})") from None
-            yield clip_id, waveform, reference.sample_rate
+        audio = ShardAudio(config.shards, config.split, todo)  # streams in shard order, as `todo` is
+        for clip_id in todo:
+            yield clip_id, audio(clip_id), reference.sample_rate
 
     def compute(todo: list[str]) -> Iterator[tuple[str, Arrays | str]]:
         yield from passt_outputs(model, decoded(todo), duration, config.batch_size, len(todo), progress,

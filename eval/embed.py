@@ -263,6 +263,22 @@ def reference_set(config: EvalConfig, reference: ReferenceAudio, clips: list[sha
 # ----------------------------------------------------------------------------------------------------------------
 # Generated set: the readable WAVs
 # ----------------------------------------------------------------------------------------------------------------
+def generated_waves(out_dir: Path, clips: list[shards.SampleMeta],
+                    failures: list[dict[str, str]]) -> Iterator[tuple[str, np.ndarray, int]]:
+    """(clip id, mono waveform, rate) of every readable generated WAV (`read_wav`: channels averaged); a WAV that
+    cannot be read is appended to `failures` (stage 'read_wav'), one that does not exist is skipped."""
+    for clip in clips:
+        path = wav_path(out_dir, clip.id)
+        if not path.exists():
+            continue
+        try:
+            waveform, rate = read_wav(path)
+        except ValueError as error:
+            failures.append({"id": clip.id, "stage": "read_wav", "reason": str(error)})
+            continue
+        yield clip.id, waveform, rate
+
+
 def generated_embeddings(out_dir: Path, clips: list[shards.SampleMeta], cnn14: Cnn14, vggish: VGGish,
                          duration: float | None, failures: list[dict[str, str]], progress: bool,
                          audio_protocol: AudioProtocol = "mean-cut") -> dict[str, AudioEmbedding]:
@@ -275,21 +291,14 @@ def generated_embeddings(out_dir: Path, clips: list[shards.SampleMeta], cnn14: C
     rate = cnn14.config.sample_rate
 
     def waves() -> Iterator[tuple[str, np.ndarray]]:
-        for clip in clips:
-            path = wav_path(out_dir, clip.id)
-            if not path.exists():
-                continue
-            try:
-                waveform, found = read_wav(path)
-            except ValueError as error:
-                failures.append({"id": clip.id, "stage": "read_wav", "reason": str(error)})
-                continue
+        for clip_id, waveform, found in generated_waves(out_dir, clips, failures):
+            path = wav_path(out_dir, clip_id)
             if audio_protocol == "audioldm-eval" and soundfile.info(path).channels > 1:
                 waveform = soundfile.read(path, dtype="float32", always_2d=True)[0][:, 0]
             if found != rate and audio_protocol == "av-benchmark":  # its resampler, its order (mean first)
                 waveform = av_benchmark_waveform(waveform, found, rate, None)
             elif found != rate:  # resampled by prepare_waveform only for one shared rate: do it here per file
                 waveform = librosa.resample(waveform, orig_sr=found, target_sr=rate, res_type=RESAMPLER)
-            yield clip.id, waveform
+            yield clip_id, waveform
 
     return dict(embed_clips(waves(), cnn14, vggish, rate, duration, progress=progress, audio_protocol=audio_protocol))
