@@ -40,7 +40,6 @@ import importlib
 import importlib.util
 import logging
 import math
-import re
 import sys
 import types
 from dataclasses import dataclass
@@ -360,11 +359,8 @@ def load_imagebind(
     """ImageBind from `weights_dir / imagebind_huge.pth` (the state dict of the whole ImageBindModel, loaded with
     torch.load weights_only=True and strict key and shape checks), or with random weights seeded by `seed` when
     `weights_dir` is None. Nothing is downloaded. `checkpoint_id` is the file's sha256 or 'random-init:seed=N'."""
-    try:
-        model, checkpoint_id = build_weighted(lambda: build_imagebind_model(config), weights_dir, CHECKPOINT_NAME,
-                                              "ImageBind checkpoint", seed)
-    except ValueError as error:  # torch.load's unpickling messages span several lines: keep the error one line
-        raise ValueError(re.sub(r"\s*\n\s*", " ", str(error))) from None
+    model, checkpoint_id = build_weighted(lambda: build_imagebind_model(config), weights_dir, CHECKPOINT_NAME,
+                                          "ImageBind checkpoint", seed)
     embedder = ImageBindEmbedder(config, model)
     embedder.checkpoint_id = checkpoint_id
     return embedder.to(device).eval()

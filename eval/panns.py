@@ -259,8 +259,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint: a bare state dict, or a dict with 'model' holding one (the PANNs layout)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors, truncated files: one line naming the file
-        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error})") from None
+    except Exception as error:  # pickle errors, truncated files: one line naming the file (torch's unpickling
+        # messages span several lines: they are joined into one)
+        reason = " ".join(str(error).split())
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(error).__name__}: {reason})") from None
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict or a dict with 'model' holding one")

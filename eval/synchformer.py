@@ -244,13 +244,7 @@ def load_synchformer(
     """Synchformer from `weights_dir / synchformer_state_dict.pth` (torch.load weights_only=True, loaded strictly),
     or with random weights (seeded, for tests and the demo) when `weights_dir` is None. `checkpoint_id` records which
     (sha256 of the file or 'random-init:seed=N') for the cache and result files."""
-    try:
-        model, checkpoint_id = build_weighted(lambda: Synchformer(config), weights_dir, CHECKPOINT_NAME,
-                                              "Synchformer checkpoint", seed)
-    except ValueError as error:  # torch.load's unpickling errors span lines: keep the first, which names the file
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        if len(lines) <= 1:
-            raise
-        raise ValueError(f"{lines[0]} [...]") from None
+    model, checkpoint_id = build_weighted(lambda: Synchformer(config), weights_dir, CHECKPOINT_NAME,
+                                          "Synchformer checkpoint", seed)
     model.checkpoint_id = checkpoint_id
     return model.to(device).eval()
