@@ -50,7 +50,9 @@ class EvalConfig(ConfigMethods):
     guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale (paper protocol: 3)"})
     seed: int = field(default=0, metadata={"help": "base seed; each clip's noise is seeded from (seed, clip id)"})
     model_weights: ModelWeights = field(default="ema", metadata={"help": f"which weights of the run generate, one of {MODEL_WEIGHTS}: model/ema.safetensors (the exponential moving average) or model/raw.safetensors (the optimizer's weights, what VTA-LDM evaluates)"})
-    batch_size: int = field(default=4, metadata={"help": "clips per sampling / decoding batch"})
+    batch_size: int = field(default=4, metadata={"help": "clips per decoding and embedding batch; also per sampling batch on the CPU"})
+    sampling_batch: int = field(default=0, metadata={"help": "clips per sampling batch (0: on CUDA, the fastest per clip of 4, 8, ..., 64, measured at the start and recorded in results.json; batch_size elsewhere)"})
+    cuda_graphs: bool = field(default=True, metadata={"help": "on CUDA, replay the guided sampler step from a CUDA graph captured once (train.denoiser; not with --compile); the last batch is padded to the sampling batch"})
     precision: Precision = field(default="auto", metadata={"help": f"UNet precision while sampling, one of {PRECISIONS} (auto: bf16 on CUDA, fp32 on the CPU; recorded in the WAV manifest)"})
     channels_last: bool = field(default=False, metadata={"help": "UNet in NHWC memory format while sampling (train.speed)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet before sampling (pays off over many clips; train.speed)"})
@@ -84,6 +86,8 @@ class EvalConfig(ConfigMethods):
             raise ValueError(f"audio_protocol must be one of {AUDIO_PROTOCOLS}, got {self.audio_protocol!r}")
         if self.steps < 1 or self.batch_size < 1 or self.workers < 1:
             raise ValueError("steps, batch_size and workers must be at least 1")
+        if self.sampling_batch < 0:
+            raise ValueError(f"sampling_batch must be 0 (measured) or a batch size, got {self.sampling_batch}")
         if not 0.0 <= self.min_paired <= 1.0:
             raise ValueError(f"min_paired must be a fraction in [0, 1], got {self.min_paired}")
         if self.duration < 0 or self.max_clips < 0 or self.figure_clips < 0 or self.peak < 0:

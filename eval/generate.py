@@ -29,6 +29,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,12 +49,15 @@ from common.weights import sha256_file
 from eval.clips import WAV_DIR, EvalError, iterate_split_samples, shards_config_sha256, wav_path
 from eval.config import MODEL_WEIGHTS, EvalConfig, ModelWeights
 from train.config import TrainConfig
+from train.denoiser import release_graphs
 from train.diffusion import sampling_scheduler
-from train.speed import speed_up
+from train.speed import lower_precision_weights, speed_up
 
 MANIFEST_FILE = "manifest.json"  # in WAV_DIR: the settings that made its WAVs
 MANIFEST_VERSION = 2  # 2: the UNet's sampling precision is recorded
 GENERATION_FAILURES = "generation_failures.jsonl"
+SAMPLING_BATCHES = (4, 8, 16, 32, 64)  # tried by `measure_sampling_batch` (--sampling-batch 0 on CUDA)
+PROBE_STEPS = 4
 # manifest settings that results.json's protocol repeats at its top level (table and report)
 GENERATION_KNOBS = ("sampler", "steps", "guidance", "seed", "samples_per_clip", "peak", "checkpoint_sha256", "vae",
                     "vae_scaling_factor", "inputs", "scheme", "train_preset")
@@ -92,14 +96,16 @@ def write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
 
 
 def sample_batch(model: train.VTASAM, conditions: dict[str, torch.Tensor], generators: list[torch.Generator],
-                 config: EvalConfig, precision: torch.dtype | None = None, pad_to: int = 0) -> torch.Tensor:
+                 config: EvalConfig, precision: torch.dtype | None = None, pad_to: int = 0,
+                 cuda_graph: bool = False) -> torch.Tensor:
     """Latents for a batch whose row i draws its noise from generators[i] alone (one batched `train.sample` call;
     a single generator would make a clip's noise depend on its batch mates).
 
     pad_to: a batch with fewer rows is padded to this many (copies of its last row, with generators of their
     own) and the padding is dropped from the result, so that every call has the same shapes: a compiled UNet
-    (--compile, static shapes) then never recompiles for the last, smaller batch. Each real row's latents are
-    those it gets unpadded (its noise comes from its own generator)."""
+    (--compile, static shapes) then never recompiles, and a CUDA graph (cuda_graph) is never captured again, for
+    the last, smaller batch. Each real row's latents are those it gets unpadded (its noise comes from its own
+    generator)."""
     rows = len(generators)
     if pad_to > rows:
         extra = pad_to - rows
@@ -107,8 +113,61 @@ def sample_batch(model: train.VTASAM, conditions: dict[str, torch.Tensor], gener
         device = next(iter(conditions.values())).device
         generators = [*generators, *(torch.Generator(device).manual_seed(k) for k in range(extra))]
     latents = train.sample(model, conditions, steps=config.steps, guidance=config.guidance, scheduler=config.sampler,
-                           generator=generators, precision=precision)
+                           generator=generators, precision=precision, cuda_graph=cuda_graph)
     return latents[:rows]
+
+
+def pick_sampling_batch(seconds_per_clip: dict[int, float], tolerance: float = 0.03) -> int:
+    """The smallest batch whose seconds per clip are within `tolerance` of the fastest's: a smaller batch pads
+    less of the last batch and holds less memory for the same speed."""
+    fastest = min(seconds_per_clip.values())
+    return min(b for b, s in seconds_per_clip.items() if s <= fastest * (1 + tolerance))
+
+
+def measure_sampling_batch(model: train.VTASAM, spec: shards.ShardSpec, config: EvalConfig,
+                           precision: torch.dtype | None, device: torch.device, clips: int,
+                           cuda_graph: bool) -> dict[str, Any]:
+    """Seconds per clip and sampler step of the guided sampler (config's sampler, guidance and precision, random
+    conditions) at each batch of SAMPLING_BATCHES up to `clips`, in increasing order, and the batch
+    `pick_sampling_batch` chooses from them. A batch is timed over PROBE_STEPS steps after a warm-up call (which
+    also captures its CUDA graph); the search stops at CUDA out-of-memory or at the first batch slower per clip
+    than the best so far by more than 3%. The probe's graphs are released afterwards. Meant for CUDA, where a
+    batch's cost is not proportional to its size; it costs a few seconds against minutes of sampling."""
+    candidates = [b for b in SAMPLING_BATCHES if b <= clips] or [max(1, clips)]
+    seconds: dict[int, float] = {}
+    stopped = "tried every batch"
+    for batch in candidates:
+        g = torch.Generator().manual_seed(batch)
+        conditions = {c.name: torch.randn(batch, *c.shape(spec), generator=g).to(device) for c in shards.CONDITIONS}
+
+        def run(steps: int, rows: int = batch, conditions: dict[str, torch.Tensor] = conditions) -> None:
+            generators = [torch.Generator(device).manual_seed(k) for k in range(rows)]
+            train.sample(model, conditions, steps=steps, guidance=config.guidance, scheduler=config.sampler,
+                         generator=generators, precision=precision, cuda_graph=cuda_graph)
+
+        try:
+            run(2)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            run(PROBE_STEPS)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds[batch] = (time.perf_counter() - start) / PROBE_STEPS / batch
+        except torch.OutOfMemoryError:
+            stopped = f"CUDA out of memory at batch {batch}"
+            break
+        finally:
+            release_graphs(model)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if seconds[batch] > min(seconds.values()) * 1.03:
+            stopped = f"batch {batch} was slower per clip"
+            break
+    if not seconds:
+        raise EvalError(f"CUDA out of memory sampling {candidates[0]} clip(s) at a time; free GPU memory")
+    return {"sampling_batch": pick_sampling_batch(seconds), "probe_steps": PROBE_STEPS, "probe_stopped": stopped,
+            "seconds_per_clip_step": {str(b): round(s, 6) for b, s in seconds.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,7 +225,9 @@ def claim_wav_dir(out_dir: Path, manifest: dict[str, Any]) -> None:
 
 def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool = True) -> dict[str, Any]:
     """Write <output>/wav/<id>.wav for every clip that has none yet, after checking (or writing) the folder's
-    manifest. Returns {"manifest": the settings of the folder's WAVs, "written": WAVs written by this call}.
+    manifest. Returns {"manifest": the settings of the folder's WAVs, "written": WAVs written by this call,
+    "speed": the sampling batch (measured on CUDA with --sampling-batch 0: `measure_sampling_batch`), whether CUDA
+    graphs replay the sampler step, the device}.
 
     Clips whose audio comes out non-finite are recorded in <output>/generation_failures.jsonl, not written.
     """
@@ -181,6 +242,7 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
         raise EvalError(str(error)) from None
     model, train_config = load_run(config.run, device, config.model_weights)
     tune_backends(device)
+    lower_precision_weights(model, precision)  # this model only samples, always under autocast to `precision`
     speed_up(model, config.channels_last, config.compile)
     spec = shards.read_spec(config.shards)
     check_compatible(config, model.spec, spec)
@@ -189,12 +251,18 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
     decoder = load_decoder(audio, weights, device, train_config.vae_scaling_factor)
     manifest = generation_manifest(config, train_config, decoder, spec, precision_name(precision))
     claim_wav_dir(out_dir, manifest)
-    info: dict[str, Any] = {"manifest": manifest, "written": 0}
+    graphs = config.cuda_graphs and device.type == "cuda" and not config.compile
+    speed: dict[str, Any] = {"sampling_batch": config.sampling_batch or config.batch_size, "cuda_graphs": graphs,
+                             "device": str(device)}
+    info: dict[str, Any] = {"manifest": manifest, "written": 0, "speed": speed}
 
     by_id = {c.id: c for c in clips}
     todo = [c.id for c in clips if not wav_path(out_dir, c.id).exists()]
     if not todo:
         return info
+    if config.sampling_batch == 0 and device.type == "cuda":
+        speed |= measure_sampling_batch(model, spec, config, precision, device, len(todo), graphs)
+    sampling = speed["sampling_batch"]
     failures_path = out_dir / GENERATION_FAILURES
     bar = tqdm(total=len(todo), unit="clip", desc="generating", disable=not progress, dynamic_ncols=True)
     batch: list[dict[str, Any]] = []
@@ -203,9 +271,10 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
         ids = [e["id"] for e in batch]
         conditions = shards.stack_conditions(batch, device)
         generators = [torch.Generator(device).manual_seed(clip_seed(config.seed, i)) for i in ids]
-        # a compiled UNet keeps one shape: the last batch is padded to batch_size
-        waves = decoder(sample_batch(model, conditions, generators, config, precision,
-                                     pad_to=config.batch_size if config.compile else 0))
+        # a compiled UNet and a CUDA graph keep one shape: the last batch is padded to the sampling batch
+        latents = sample_batch(model, conditions, generators, config, precision,
+                               pad_to=sampling if config.compile or graphs else 0, cuda_graph=graphs)
+        waves = np.concatenate([decoder(part) for part in latents.split(config.batch_size)])
         for clip_id, wave in zip(ids, waves):
             length = min(wave.size, round(min(by_id[clip_id].duration, spec.window_seconds) * decoder.sample_rate))
             wave = wave[:length]
@@ -223,7 +292,7 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
     for sample in iterate_split_samples(config.shards, config.split, todo):
         # the conditions exactly as training derives them (`shards.conditions`)
         batch.append({"id": sample[shards.META_KEY]["id"], **shards.sample_conditions(sample, train_config.object_threshold)})
-        if len(batch) == config.batch_size:
+        if len(batch) == sampling:
             flush()
     if batch:
         flush()

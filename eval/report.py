@@ -215,6 +215,12 @@ def report_markdown(results: dict[str, Any]) -> str:
         lines.append(f"- WAVs generated in this run: {generation.get('wavs_written', 0)} "
                      f"(generation {'on' if generation.get('generated_in_this_run') else 'off'}); the generation "
                      f"settings below are those of `{results['wav_dir']}/manifest.json`")
+        speed = generation.get("speed") or {}
+        if speed and generation.get("wavs_written"):
+            probe = speed.get("seconds_per_clip_step")
+            lines.append(f"- sampled {speed['sampling_batch']} clips at a time on {speed.get('device')}"
+                         f"{' (measured: seconds per clip and step ' + json.dumps(probe) + ')' if probe else ''}, "
+                         f"CUDA graphs {'on' if speed.get('cuda_graphs') else 'off'}")
     for key in REPORTED_KNOBS:
         if key in protocol:
             lines.append(f"- {key}: `{json.dumps(protocol[key])}`")

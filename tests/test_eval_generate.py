@@ -410,3 +410,48 @@ def test_cli_presets_and_dry_run(capsys):
     with pytest.raises(SystemExit):
         eval_main(["--model-weights", "best"])
     assert eval_main(["--min-paired", "1.5", "--dry-run"]) == 2
+
+
+def test_sampling_batch_apart_from_the_decoding_batch(tiny_run, tmp_path, monkeypatch):
+    clips = select_clips(read_split(tiny_run[0], "test"), 0)
+    batches: list[int] = []
+    sample = eval_generate.train.sample
+
+    def counting(model, conditions, **kwargs):
+        batches.append(len(kwargs["generator"]))
+        return sample(model, conditions, **kwargs)
+
+    monkeypatch.setattr(eval_generate.train, "sample", counting)
+    info = generate(config_for(tiny_run, tmp_path / "a", sampling_batch=3, batch_size=2), clips, progress=False)
+    assert batches == [3, 1] and info["written"] == len(TEST_IDS)  # sampled 3 at a time, decoded 2 at a time
+    assert info["speed"] == {"sampling_batch": 3, "cuda_graphs": False, "device": "cpu"}  # nothing measured off CUDA
+    with pytest.raises(ValueError, match="sampling_batch"):
+        config_for(tiny_run, tmp_path / "b", sampling_batch=-1)
+
+
+def test_measured_sampling_batch_stops_at_out_of_memory(tiny_run, monkeypatch):
+    import torch
+
+    config = config_for(tiny_run, Path("unused"))
+    model, _ = eval_generate.load_run(config.run, torch.device("cpu"))
+    spec = shards.read_spec(config.shards)
+    sample, tried = eval_generate.train.sample, []
+
+    def small_card(model, conditions, **kwargs):
+        tried.append(len(kwargs["generator"]))
+        if len(kwargs["generator"]) >= 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return sample(model, conditions, **kwargs)
+
+    monkeypatch.setattr(eval_generate.train, "sample", small_card)
+    found = eval_generate.measure_sampling_batch(model, spec, config, None, torch.device("cpu"), 100, False)
+    assert found["sampling_batch"] == 4 and list(found["seconds_per_clip_step"]) == ["4"]
+    assert found["probe_stopped"] == "CUDA out of memory at batch 8" and 16 not in tried
+    assert found["seconds_per_clip_step"]["4"] > 0
+
+    def no_memory(model, conditions, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(eval_generate.train, "sample", no_memory)
+    with pytest.raises(eval_generate.EvalError, match="out of memory sampling 4 clip"):
+        eval_generate.measure_sampling_batch(model, spec, config, None, torch.device("cpu"), 9, False)

@@ -87,6 +87,9 @@ def test_results_report_and_figure(tiny_run, generated, tmp_path):  # noqa: F811
     assert "| run (V+O) |" in report
     assert "- AV-Align (2023 rule) over" in report and "- IS (PANNs Cnn14, softmax of the logits, generated clips only) over 4 clips in 4 splits" in report
     assert "| KL ↓ | KL-sigmoid ↓ | IS ↑ | AV-Align ↑ | AV-Align 2023 ↑ |" in report
+    # how it sampled: --batch-size clips at a time on the CPU, no CUDA graph
+    assert results["generation"]["speed"] == {"sampling_batch": 2, "cuda_graphs": False, "device": "cpu"}
+    assert "- sampled 2 clips at a time on cpu, CUDA graphs off" in report
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "config.json").read_text())["steps"] == 2
     # the WAVs match the generated ones: the same command resumes rather than regenerates
@@ -163,7 +166,7 @@ def test_results_state_the_manifest_not_the_flags(tiny_run, generated, tmp_path)
     assert (protocol["steps"], protocol["guidance"], protocol["seed"]) == (2, 3.0, 0)
     assert protocol["generation_manifest"] == manifest and protocol["checkpoint_sha256"] == manifest["checkpoint_sha256"]
     assert results["generation"] == {"generated_in_this_run": False, "wavs_written": 0, "manifest_found": True,
-                                     "notes": []}
+                                     "notes": [], "speed": None}  # nothing sampled: no sampling speed
     assert protocol["generated_sample_rate"] == 16000
     # the random embedders follow embedder_seed, not the generation seed
     assert protocol["embedder_checkpoints"] == {"cnn14": "random-init:seed=3", "vggish": "random-init:seed=3"}
@@ -340,7 +343,7 @@ def test_results_json_keys_are_kept(tiny_run, generated, tmp_path):  # noqa: F81
     assert set(RESULTS_KEYS) | set(NEW_RESULTS_KEYS) <= set(on_disk)
     assert set(PROTOCOL_KEYS) | set(NEW_PROTOCOL_KEYS) <= set(on_disk["protocol"])
     assert set(COUNTS_KEYS) | set(NEW_COUNTS_KEYS) <= set(on_disk["counts"])
-    assert sorted(on_disk["generation"]) == ["generated_in_this_run", "manifest_found", "notes", "wavs_written"]
+    assert sorted(on_disk["generation"]) == ["generated_in_this_run", "manifest_found", "notes", "speed", "wavs_written"]
     assert sorted(on_disk["av_align"]) == sorted(on_disk["av_align_2023"]) == SUMMARY_KEYS
 
 

@@ -46,8 +46,11 @@ def test_cpu_tiny_run_writes_every_section(tmp_path):
     assert {(r["sampler"], r["steps"], r["batch"]) for r in runs} == {(s, n, b) for s, n in gpu_bench.SAMPLERS
                                                                       for b in gpu_bench.GENERATION_BATCHES}
     assert all(positive(r["seconds_per_clip"]) for r in runs)
+    probe = results["generation"]["sampling_batch"]  # evaluation's own choice of the sampling batch
+    assert probe["status"] == "ok" and str(probe["sampling_batch"]) in probe["seconds_per_clip_step"]
+    assert positive(probe["seconds_per_clip_300_steps"])
     summary = (tmp_path / "gpu_bench.md").read_text()
-    assert "### Stage one" in summary and "ddim-300" in summary and "dpmsolver++-25" in summary
+    assert "### Stage one" in summary and "ddpm-300" in summary and "dpmsolver++-25" in summary
 
     # every before/after comparison that can run on the CPU ran; the CUDA-only ones and torch.compile (without
     # --compile) say why they were skipped; none failed

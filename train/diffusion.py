@@ -17,6 +17,8 @@ from diffusers.utils.torch_utils import randn_tensor
 import shards
 from common.devices import autocast
 from train.config import TrainConfig
+from train.denoiser import CapturedDenoiser, GuidedDenoiser, captured_denoiser
+from train.speed import compiled
 
 if TYPE_CHECKING:
     from train.model import VTASAM
@@ -154,11 +156,17 @@ def sample(
     scheduler: Literal["ddim", "ddpm", "dpmsolver++"] = "ddim",
     generator: torch.Generator | list[torch.Generator] | None = None,
     precision: torch.dtype | None = None,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Latents (B, C, T, F) generated for a batch of conditions, in the VAE's scaled latent space.
 
     precision: autocast dtype of the network calls (`common.devices.resolve_precision`; None: float32). The latents
-    and the solver's arithmetic stay float32.
+    and the solver's arithmetic stay float32. A model whose weights `train.speed.lower_precision_weights` cast
+    needs that dtype here.
+
+    cuda_graph: on CUDA, replay the guided network call from a CUDA graph captured once per batch shape
+    (`train.denoiser`; not with a torch.compile'd UNet, which has its own); the same numbers up to the
+    kernels' nondeterminism, far fewer kernel launches. Ignored off CUDA.
 
     generator: one for the batch, or one per sample (diffusers' convention) so that a sample's noise does not
     depend on its batch mates.
@@ -171,17 +179,19 @@ def sample(
     config, spec = model.config, model.spec
     first = next(iter(conditions.values()))
     device, batch = first.device, first.shape[0]
+    if precision is None and model.weight_dtype is not None:
+        raise ValueError(f"the model's weights are {model.weight_dtype} (train.speed.lower_precision_weights); "
+                         "sample with that precision")
     solver = sampling_scheduler(config, scheduler)
     solver.set_timesteps(steps, device=device)
     shape = (batch, spec.latent_channels, spec.latent_time, spec.latent_freq)
     latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * solver.init_noise_sigma
-    doubled = {k: torch.cat([v, v]) for k, v in conditions.items()}
-    drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)]).to(device)
+    denoiser: GuidedDenoiser | CapturedDenoiser | None = None
+    if cuda_graph and device.type == "cuda" and not compiled(model):
+        denoiser = captured_denoiser(model, conditions, shape, guidance, precision)
+    if denoiser is None:
+        denoiser = GuidedDenoiser(model, conditions, guidance, precision)
     for t in solver.timesteps:
-        x = solver.scale_model_input(torch.cat([latents, latents]), t)
-        with autocast(device, precision):
-            out = model(x, t.expand(2 * batch).to(device), doubled, drop).float()
-        conditional, unconditional = out.chunk(2)
-        guided = unconditional + guidance * (conditional - unconditional)
+        guided = denoiser(solver.scale_model_input(latents, t), t)
         latents = solver.step(guided, t, latents, generator=generator).prev_sample
     return latents

@@ -159,6 +159,7 @@ class VTASAM(nn.Module):
         self.config = config
         self.spec = spec
         self.channels_last = False  # set by train.speed.speed_up: the input then enters in NHWC as the weights are
+        self.weight_dtype: torch.dtype | None = None  # set by train.speed.lower_precision_weights (sampling only)
         self.keys, self.added = route(config.inputs, config.scheme)
         used = sorted(set(self.keys) | ({self.added} if self.added else set()))
         # one Linear from CLIP space to the cross-attention width per condition used

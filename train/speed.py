@@ -6,6 +6,9 @@ Each switch is one measured change (benchmarks/gpu_bench.py times it against the
 - channels_last: the UNet's weights and input in NHWC, the layout cuDNN's tensor-core convolutions want.
 - compile: `torch.compile` of the UNet in place (`nn.Module.compile`, so state-dict keys, checkpoints and the EMA
   are unchanged); it pays when the shapes repeat, as they do in training and sampling.
+- lower_precision_weights: for sampling only, the weights of every Linear and convolution stored in the autocast
+  dtype, so that autocast stops casting them at every step (at batch 1 those ~700 casts per forward were as many
+  kernel launches as the work itself); the numbers are bit for bit those of autocast over float32 weights.
 - `common.devices.tune_backends`: TF32 for the float32 matmuls and convolutions that remain, cuDNN's autotuner.
 Fused attention needs no switch: every attention processor of the UNet is diffusers' AttnProcessor2_0, i.e.
 `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA).
@@ -16,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from train.model import VTASAM
@@ -33,4 +37,27 @@ def speed_up(model: VTASAM, channels_last: bool = False, compile: bool = False, 
         model.channels_last = True
     if compile:
         model.unet.compile(dynamic=dynamic, mode=compile_mode)
+    return model
+
+
+def compiled(model: VTASAM) -> bool:
+    """Whether `speed_up` compiled the UNet."""
+    return getattr(model.unet, "_compiled_call_impl", None) is not None
+
+
+def lower_precision_weights(model: VTASAM, dtype: torch.dtype | None) -> VTASAM:
+    """Store the weights and biases of every Linear and convolution in `dtype` (in place; None: no change), for a
+    model that only samples from now on (evaluation, `vta-sam generate`), always under autocast to `dtype`.
+
+    Autocast runs linear and convolution in its dtype and casts their float32 weights at every call; the cast of
+    a weight to bf16 is the same rounding whether done once here or at every step, so the outputs are bit for bit
+    those of autocast over float32 weights. Normalisation layers keep float32 weights: autocast runs them in
+    float32. Training needs the float32 weights: never train a model after this (`train.sample` refuses to run
+    it without autocast to `dtype`)."""
+    if dtype is None:
+        return model
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            module.to(dtype)
+    model.weight_dtype = dtype
     return model

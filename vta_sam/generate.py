@@ -30,7 +30,7 @@ from preprocess.config import FeatureConfig
 from preprocess.manifest import VIDEO_SUFFIXES
 from preprocess.nouns import NounCache, caption_nouns
 from preprocess.video import VideoDecodeError, decode_frames, probe_video
-from train.speed import speed_up
+from train.speed import lower_precision_weights, speed_up
 
 VOCABULARY_FILE = Path(__file__).resolve().parents[1] / "preprocess" / "assets" / "vggsound_labels.txt"
 NOUN_CHUNK = 16  # vocabulary nouns per Grounding DINO prompt (its text encoder takes 256 tokens at most)
@@ -60,6 +60,7 @@ class GenerateOptions:
     device: str = "auto"
     precision: str = "auto"  # the UNet's while sampling (common.devices): bf16 on CUDA, fp32 on the CPU
     compile: bool = False
+    cuda_graphs: bool = True  # on CUDA: the guided sampler step replayed from a CUDA graph (train.denoiser)
     explain: bool = False
     ground_all: bool = False  # without a caption: ground the whole vocabulary instead of CLIP's shortlist (slow)
 
@@ -166,7 +167,9 @@ class SoundGenerator:
         except ValueError as error:
             raise GenerateError(str(error)) from None
         tune_backends(device)
-        speed_up(self.model.to(device), compile=options.compile, dynamic=None)  # windows per video vary
+        # this model only samples, always under autocast to `precision`: its matmul weights are cast once
+        lower_precision_weights(self.model.to(device), self.precision)
+        speed_up(self.model, compile=options.compile, dynamic=None)  # windows per video vary
         weights = None if self.features.random_init else options.weights
         self.encoders = Encoders(self.features, weights, device, audio=False)
         try:
@@ -223,7 +226,7 @@ class SoundGenerator:
 
         latents = train.sample(self.model, conditions, steps=self.options.steps, guidance=self.options.guidance,
                                scheduler=self.options.sampler, generator=generator,  # type: ignore[arg-type]
-                               precision=self.precision)
+                               precision=self.precision, cuda_graph=self.options.cuda_graphs)
         waves = self.decoder(latents)  # (windows, samples)
         rate = cfg.sample_rate
         pieces = [w[: round(d.duration * rate)] for w, d in zip(waves, decoded)]
@@ -320,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                         help="UNet precision while sampling (auto: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet first (pays off over many videos)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="on CUDA, launch the sampler step's kernels one by one instead of replaying a CUDA graph "
+                             "captured once per number of windows (about a second to capture)")
     parser.add_argument("--explain", action="store_true", help="also write <name>.explain.png: frames, object probabilities, spectrogram")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -335,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     options = GenerateOptions(model=args.model, out=args.out, caption=args.caption, seed=args.seed, steps=args.steps,
                               guidance=args.guidance, sampler=args.sampler, overlap=args.overlap, weights=args.weights,
                               device=args.device, precision=args.precision, compile=args.compile, explain=args.explain,
-                              ground_all=args.ground_all)
+                              cuda_graphs=args.cuda_graphs, ground_all=args.ground_all)
     if shutil.which("ffmpeg") is None:
         print("error: ffmpeg not found (install Debian's ffmpeg: apt-get install ffmpeg)", file=sys.stderr)
         return 2
