@@ -38,6 +38,10 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def number(seconds: float) -> str:
+    return f"{seconds:,.0f}" if seconds >= 100 else f"{seconds:.3g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     import shards
     import train
@@ -96,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"- machine: {machine_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; device "
              f"{device}; `{args.size}` sizes, random init; one 10.24 s window of {window_frames} frames (640x360)",
              "", "| piece | seconds per window | |", "|---|---|---|"]
-    lines += [f"| {name} | {seconds:.3g} | {how} |" for name, seconds, how in rows]
-    lines += [f"| **total** | **{total:.3g}** | |", "",
+    lines += [f"| {name} | {number(seconds)} | {how} |" for name, seconds, how in rows]
+    lines += [f"| **total** | **{number(total)}** | |", "",
               f"- one-time setup before the first window (first sampler call{', CUDA graph capture' if device.type == 'cuda' else ''}): "
               f"{setup_seconds:.3g} s; model loading not included"]
     print("\n".join(lines))

@@ -953,8 +953,12 @@ def bench_generation(preset: str, device: torch.device, deadline: Deadline, log:
             out["runs"].append(run)
             log(f"generation: {run} ({deadline.left():.0f} s left)")
         release_graphs(fast)
-    out["sampling_batch"] = sampling_batch_probe(fast, spec, bf16, device, deadline, log,
-                                                 out["tflop_per_guided_step_per_clip"])
+    try:
+        out["sampling_batch"] = sampling_batch_probe(fast, spec, bf16, device, deadline, log,
+                                                     out["tflop_per_guided_step_per_clip"])
+    except Exception as error:  # noqa: BLE001 - the runs above must not be lost with it
+        out["sampling_batch"] = {"status": "error", "error": f"{type(error).__name__}: {error}"[:500]}
+        release_graphs(fast)
     generation_changes(out, model, fast, sample, bf16, device, deadline, log, compile_runs)
     return out
 
@@ -1026,6 +1030,10 @@ def generation_changes(out: dict[str, Any], model: Any, fast: Any, sample: Calla
             capture = round(time.perf_counter() - start, 2)
             result = {"unit": "s", "before": ("kernels launched one by one", before),
                       "after": ("CUDA graph replay (train.denoiser)", seconds(batch)), "capture_seconds": capture}
+            # the same noise both ways: the graph must give eager sampling's latents
+            eager, graphed = sample(batch, "dpmsolver++", 25, graph=False), sample(batch, "dpmsolver++", 25)
+            result["max_abs_difference_vs_eager"] = float((eager - graphed).abs().max())
+            result["latent_std"] = float(eager.std())
             release_graphs(fast)
             return result
         return run

@@ -51,7 +51,7 @@ class EvalConfig(ConfigMethods):
     seed: int = field(default=0, metadata={"help": "base seed; each clip's noise is seeded from (seed, clip id)"})
     model_weights: ModelWeights = field(default="ema", metadata={"help": f"which weights of the run generate, one of {MODEL_WEIGHTS}: model/ema.safetensors (the exponential moving average) or model/raw.safetensors (the optimizer's weights, what VTA-LDM evaluates)"})
     batch_size: int = field(default=4, metadata={"help": "clips per decoding and embedding batch; also per sampling batch on the CPU"})
-    sampling_batch: int = field(default=0, metadata={"help": "clips per sampling batch (0: on CUDA, the fastest per clip of 4, 8, ..., 64, measured at the start and recorded in results.json; batch_size elsewhere)"})
+    sampling_batch: int = field(default=0, metadata={"help": "clips per sampling batch (0: on CUDA, the fastest per clip of 4, 8, ..., 64, measured at the start and recorded in results.json; batch_size on the CPU and with --compile)"})
     cuda_graphs: bool = field(default=True, metadata={"help": "on CUDA, replay the guided sampler step from a CUDA graph captured once (train.denoiser; not with --compile); the last batch is padded to the sampling batch"})
     precision: Precision = field(default="auto", metadata={"help": f"UNet precision while sampling, one of {PRECISIONS} (auto: bf16 on CUDA, fp32 on the CPU; recorded in the WAV manifest)"})
     channels_last: bool = field(default=False, metadata={"help": "UNet in NHWC memory format while sampling (train.speed)"})

@@ -260,7 +260,7 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
     todo = [c.id for c in clips if not wav_path(out_dir, c.id).exists()]
     if not todo:
         return info
-    if config.sampling_batch == 0 and device.type == "cuda":
+    if config.sampling_batch == 0 and device.type == "cuda" and not config.compile:  # compiling per batch: minutes
         speed |= measure_sampling_batch(model, spec, config, precision, device, len(todo), graphs)
     sampling = speed["sampling_batch"]
     failures_path = out_dir / GENERATION_FAILURES

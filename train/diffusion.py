@@ -179,7 +179,7 @@ def sample(
     config, spec = model.config, model.spec
     first = next(iter(conditions.values()))
     device, batch = first.device, first.shape[0]
-    if precision is None and model.weight_dtype is not None:
+    if precision is None and getattr(model, "weight_dtype", None) is not None:
         raise ValueError(f"the model's weights are {model.weight_dtype} (train.speed.lower_precision_weights); "
                          "sample with that precision")
     solver = sampling_scheduler(config, scheduler)
