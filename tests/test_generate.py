@@ -292,3 +292,10 @@ def test_generation_thresholds_the_detector_score_as_training_does():
     nouns = torch.from_numpy(features["nouns.npy"])
     by_hand = (torch.from_numpy(features["probs.npy"][:6]) * kept) @ nouns
     torch.testing.assert_close(generated["objects"][0, :6], by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_graphs_flag():
+    from vta_sam.generate import build_parser
+
+    assert GenerateOptions().cuda_graphs and build_parser().parse_args(["v.mp4"]).cuda_graphs
+    assert not build_parser().parse_args(["v.mp4", "--no-cuda-graphs"]).cuda_graphs
