@@ -14,7 +14,14 @@ import train
 from eval.generate import pick_sampling_batch
 from preprocess.config import PRESETS as FEATURE_PRESETS
 from train.config import PRESETS
-from train.denoiser import MAX_CACHED_GRAPHS, CapturedDenoiser, GuidedDenoiser, captured_denoiser, release_graphs
+from train.denoiser import (
+    MAX_CACHED_GRAPHS,
+    CapturedDenoiser,
+    GuidedDenoiser,
+    cached_graphs,
+    captured_denoiser,
+    release_graphs,
+)
 from train.model import VTASAM
 from train.speed import lower_precision_weights
 
@@ -95,9 +102,10 @@ def test_graph_cache_per_shape_and_parameter_storage(model):
         assert captured_denoiser(model, conditions(1), shape, 3.0, torch.bfloat16, capture=False) is not a
         for batch in range(2, 2 + MAX_CACHED_GRAPHS):
             captured_denoiser(model, conditions(batch), (batch, *SPEC.latent_shape), 3.0, torch.bfloat16, capture=False)
-        assert len(model.__dict__["_sampling_graphs"]) == MAX_CACHED_GRAPHS
+        assert len(cached_graphs(model)) == MAX_CACHED_GRAPHS
+        assert len(cached_graphs(copy.deepcopy(model))) == 0  # a copy starts without the original's graphs
         release_graphs(model)
-        assert "_sampling_graphs" not in model.__dict__
+        assert len(cached_graphs(model)) == 0
 
 
 def test_cuda_graph_is_ignored_off_cuda(model):
@@ -105,7 +113,7 @@ def test_cuda_graph_is_ignored_off_cuda(model):
     plain = train.sample(model, conditions(1), generator=torch.Generator().manual_seed(0), **run)
     graphed = train.sample(model, conditions(1), generator=torch.Generator().manual_seed(0), cuda_graph=True, **run)
     assert torch.equal(plain, graphed)
-    assert "_sampling_graphs" not in model.__dict__
+    assert len(cached_graphs(model)) == 0
 
 
 def test_pick_sampling_batch():
@@ -128,6 +136,6 @@ def test_cuda_graph_sampling_equals_eager(model, precision):
                             precision=precision, cuda_graph=graph)
 
     eager, graphed = run(False), run(True)
-    assert len(on_gpu.__dict__["_sampling_graphs"]) == 1 and None not in on_gpu.__dict__["_sampling_graphs"].values()
+    assert len(cached_graphs(on_gpu)) == 1 and None not in cached_graphs(on_gpu).values()
     torch.testing.assert_close(graphed, eager, rtol=1e-3, atol=1e-3 if precision is None else 2e-2)
     torch.testing.assert_close(run(True), graphed, rtol=0, atol=0)  # replayed again: the same graph, same numbers

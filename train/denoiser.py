@@ -12,7 +12,7 @@ kernels once and replays them with one launch:
   solver keeps earlier outputs: DPM-Solver++'s multistep history). Capture is a few eager warm-up forwards on a
   side stream (cuDNN autotuning, lazily cached buffers such as `train.model.time_overlap`) and one recorded
   forward: about a second, no compilation.
-- Graphs are cached on the model per (batch, condition shapes, guidance, precision, parameter storage), so the
+- Graphs are cached per model and per (batch, condition shapes, guidance, precision, parameter storage), so the
   fixed-size batches of evaluation capture once per run; `vta-sam generate` captures once per number of windows.
   Moving or replacing the parameters changes their storage and so the key: a graph never reads freed memory.
 - Off CUDA the same class runs the forward eagerly through the same static buffers (`capture=False`), which is
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MAX_CACHED_GRAPHS = 4  # per model; each holds its own memory pool (activations of one forward at its batch)
 WARMUP_FORWARDS = 3  # eager forwards before capture: cuDNN's autotuner and lazily built buffers settle
+# per model, held beside it rather than on it: a copy of the model (copy.deepcopy, the EMA) starts without graphs
+_GRAPHS: weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict[Any, CapturedDenoiser | None]] = (
+    weakref.WeakKeyDictionary())
 
 
 def _autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
@@ -116,9 +120,14 @@ def parameter_storage(model: torch.nn.Module) -> tuple[tuple[int, torch.dtype], 
     return tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
 
 
+def cached_graphs(model: torch.nn.Module) -> OrderedDict[Any, CapturedDenoiser | None]:
+    """The model's cached denoisers by key, oldest first (None where capture failed for that key)."""
+    return _GRAPHS.setdefault(model, OrderedDict())
+
+
 def release_graphs(model: torch.nn.Module) -> None:
     """Drop the model's cached graphs (and with them their memory pools)."""
-    model.__dict__.pop("_sampling_graphs", None)
+    _GRAPHS.pop(model, None)
 
 
 def captured_denoiser(model: VTASAM, conditions: dict[str, torch.Tensor], latent_shape: tuple[int, ...],
@@ -126,7 +135,7 @@ def captured_denoiser(model: VTASAM, conditions: dict[str, torch.Tensor], latent
     """The model's cached graph for these shapes (captured on first use) with `conditions` loaded; None when
     capture fails (the caller then samples eagerly; the reason is logged once per shape). capture=False keeps
     the static buffers and the cache but runs the forward eagerly (any device)."""
-    cache: OrderedDict[Any, CapturedDenoiser | None] = model.__dict__.setdefault("_sampling_graphs", OrderedDict())
+    cache = cached_graphs(model)
     key = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(conditions.items())), latent_shape, guidance,
            precision, model.channels_last, parameter_storage(model))
     if key not in cache:
@@ -135,7 +144,8 @@ def captured_denoiser(model: VTASAM, conditions: dict[str, torch.Tensor], latent
         except RuntimeError as error:  # e.g. an operation that cannot be captured; eager sampling still works
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             log.warning("CUDA graph capture of the sampler step failed (%s); sampling without it", first)
-            torch.cuda.synchronize()
+            if capture:
+                torch.cuda.synchronize()
             cache[key] = None
         while len(cache) > MAX_CACHED_GRAPHS:
             cache.popitem(last=False)
