@@ -303,10 +303,14 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], pa
 
 
 def build_weighted(make: Callable[[], ModelT], weights_dir: str | Path | None, checkpoint_name: str, description: str,
-                   seed: int, fixed_keys: tuple[str, ...] = ()) -> tuple[ModelT, str]:
+                   seed: int, fixed_keys: tuple[str, ...] = (),
+                   read: Callable[[Path, ModelT], dict[str, torch.Tensor]] | None = None) -> tuple[ModelT, str]:
     """`make()` with random weights seeded by `seed` when `weights_dir` is None, else with the weights of
     `weights_dir / checkpoint_name` (checked by `load_state_dict_checked`); and its checkpoint id for the cache and
-    result files ('random-init:seed=N', or the sha256 of the file)."""
+    result files ('random-init:seed=N', or the sha256 of the file).
+
+    read(path, model): the file's tensors as the model's state dict, for a file laid out otherwise (default:
+    `read_state_dict(path)`)."""
     if weights_dir is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -315,7 +319,8 @@ def build_weighted(make: Callable[[], ModelT], weights_dir: str | Path | None, c
     if not path.is_file():
         raise missing_weights(path, description)
     model = make()
-    load_state_dict_checked(model, read_state_dict(path), path, fixed_keys)
+    state = read_state_dict(path) if read is None else read(path, model)
+    load_state_dict_checked(model, state, path, fixed_keys)
     return model, sha256_file(path)
 
 

@@ -47,8 +47,7 @@ from hear21passt.models.preprocess import AugmentMelSTFT
 from hear21passt.wrapper import PasstBasicWrapper
 from torch import nn
 
-from common.weights import missing_weights, sha256_file
-from eval.panns import build_weighted, load_state_dict_checked, read_state_dict
+from eval.panns import build_weighted, read_state_dict
 
 CHECKPOINT_NAME = "passt-s-f128-p16-s10-ap.476-swa.pt"
 CHECKPOINT_URL = ("https://github.com/kkoutini/PaSST/releases/download/v0.0.1-audioset/"
@@ -249,16 +248,8 @@ def load_passt(
     """PaSST from `weights_dir / passt-s-f128-p16-s10-ap.476-swa.pt` (torch.load weights_only=True, strict load into
     the PaSST net), or with random weights (seeded, for tests and the demo) when `weights_dir` is None.
     `checkpoint_id` records which (sha256 of the file or 'random-init:seed=N') for the cache and result files."""
-    if weights_dir is None:
-        net, checkpoint_id = build_weighted(lambda: build_net(config), None, CHECKPOINT_NAME, CHECKPOINT_DESCRIPTION,
-                                            seed)
-    else:
-        path = Path(weights_dir) / CHECKPOINT_NAME
-        if not path.is_file():
-            raise missing_weights(path, CHECKPOINT_DESCRIPTION)
-        net = build_net(config)
-        load_state_dict_checked(net, official_state_dict(path, net), path)
-        checkpoint_id = sha256_file(path)
+    net, checkpoint_id = build_weighted(lambda: build_net(config), weights_dir, CHECKPOINT_NAME, CHECKPOINT_DESCRIPTION,
+                                        seed, read=official_state_dict)
     model = PaSSTEmbedder(config, net)
     model.checkpoint_id = checkpoint_id
     return model.to(device).eval()
