@@ -24,7 +24,8 @@ Sections (each guarded: a failure is recorded in the JSON and the next section s
   A run that would not fit the budget is timed over a few sampler steps and extrapolated (marked so). Then
   evaluation's own choice of the sampling batch (`eval.generate.measure_sampling_batch`) and the 300-step cost
   per clip at that batch.
-- changes: inside each section, before/after measurements of one change at a time (`compare`): batched grounding,
+- changes: inside each section, before/after measurements of one change at a time (`compare`): Grounding DINO's
+  deformable attention as one fused Triton kernel (with the largest change of a detector score), batched grounding,
   float16, tensors from the decoding workers and the background shard writer (stage one); bf16, fused attention,
   fused AdamW, channels_last, a 4x batch and torch.compile in its default and max-autotune modes (training); bf16,
   weights cast once, CUDA graphs (batch 1 and 16), channels_last, torch.compile and its reduce-overhead mode
@@ -514,6 +515,7 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
         f"{out['encoders_alone']['clips_per_second']} clips/s ({deadline.left():.0f} s left)")
     few = 4 if deadline.left() > 0 else 2  # fewer clips once the section's budget is spent
     out["per_model"] = per_model_costs(encoders, batches[0][:few], nouns[0][:few], device)
+    guarded("grounding_profile", out, log, lambda: grounding_profile(encoders, batches[0][:2], nouns[0][:2], device))
     stage_one_knobs(out, cfg, encoders, batches[0][:2], nouns[0][:2], device, deadline, log)
     stage_one_changes(out, cfg, encoders, clips, batches[0][:few], nouns[0][:few], root, device, deadline, log)
     return out
@@ -522,8 +524,8 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
 def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[Any], batch: list[dict[str, Any]],
                       nouns: list[list[str]], root: Path, device: torch.device, deadline: Deadline,
                       log: Callable[[str], None]) -> None:
-    """Before/after of the stage-one changes: batched grounding, half precision, tensors from the decoding workers,
-    the background shard writer."""
+    """Before/after of the stage-one changes: the fused deformable attention kernel, batched grounding, half
+    precision, tensors from the decoding workers, the background shard writer."""
     from benchmarks.worker_transfer import clips_per_second as transfer_rate
     from preprocess.pipeline import run
 
@@ -546,6 +548,34 @@ def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[
         finally:
             grounder.sam, grounder.batch = sam, size
 
+    def fused_deformable() -> dict[str, Any]:
+        from preprocess import deformable
+
+        if device.type != "cuda" or not deformable.available():
+            return {"skipped": "the fused deformable attention kernel needs CUDA and triton"}
+        detector, sam = grounder.detector, grounder.sam
+
+        def scores() -> torch.Tensor:
+            grounder.sam = None
+            try:
+                return torch.cat([d.detector.flatten() for d in grounder.detections(few_frames, nouns[:2])])
+            finally:
+                grounder.sam = sam
+
+        reference = scores()
+        before = grounding(cfg.frame_batch)
+        swapped = deformable.use_fused_deformable_attention(detector)
+        try:
+            after = grounding(cfg.frame_batch)
+            difference = (scores() - reference).abs().max().item()
+        finally:
+            deformable.use_pytorch_deformable_attention(detector)
+        return {"unit": "frames/s", "frames": few_count, "layers_swapped": swapped,
+                "max_abs_difference_detector_scores": round(difference, 6),
+                "note": "Grounding DINO alone; --deformable-attention pytorch vs triton",
+                "before": ("PyTorch grid_sample per level", before), "after": ("fused Triton kernel", after)}
+
+    compare(out, "fused_deformable_attention", deadline, 25, log, fused_deformable)
     compare(out, "grounding_dino_batched", deadline, 20, log, lambda: {
         "unit": "frames/s", "frames": few_count,
         "note": "Grounding DINO alone; batch 1 is the published code's way",
@@ -635,6 +665,59 @@ def per_model_costs(encoders: Any, batch: list[dict[str, Any]], nouns: list[list
                         "tflop_per_clip": round(both["tflop_per_clip"] - alone["tflop_per_clip"], 6),
                         "note": "difference of the two grounder runs"}
     return costs
+
+
+def grounding_profile(encoders: Any, batch: list[dict[str, Any]], nouns: list[list[str]], device: torch.device,
+                      repeats: int = 2) -> dict[str, Any]:
+    """Where the grounding step's time goes on this device: `Grounder.probabilities` on a few pre-decoded clips with
+    the parts of Grounding DINO and SAM (`benchmarks.grounding_cost`'s split: Swin-T, fusion, deformable layers,
+    decoder...; SAM's windowed and global blocks...) timed by forward hooks, GPU time between CUDA events on CUDA
+    (the fastest of `repeats` calls), then the top kernels (CPU: ops) of one call under torch.profiler. "other" is
+    the call's wall-clock minus its parts: the image processors, the post-processing and any time the GPU waited
+    for the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import grounding_cost
+
+    grounder = encoders.grounder
+    frames = [torch.as_tensor(item["frames"]) for item in batch]
+    count = int(sum(len(f) for f in frames))
+    models = {"grounding_dino": (grounder.detector, grounding_cost.DETECTOR_PARTS)}
+    details = {"grounding_dino": grounding_cost.DETECTOR_DETAILS}
+    if grounder.sam is not None:
+        vision = grounder.sam.config.vision_config
+        models["sam"] = (grounder.sam, grounding_cost.sam_parts(vision.global_attn_indexes, vision.num_hidden_layers))
+
+    def job() -> Any:
+        return grounder.probabilities(frames, nouns)
+
+    job()  # warm-up (cuDNN autotuning of these shapes)
+    best: dict[str, Any] | None = None
+    for _ in range(repeats):
+        seconds: dict[str, dict[str, float]] = {name: {} for name in models}
+        with contextlib.ExitStack() as stack:
+            for name, (model, parts) in models.items():
+                stack.enter_context(grounding_cost.part_timers(model, {**parts, **details.get(name, {})},
+                                                               seconds[name], device))
+            total = grounding_cost.timed(job, 1, device)
+        if best is None or total < best["total"]:
+            best = {"total": total, "seconds": seconds}
+    assert best is not None
+    total, seconds = best["total"], best["seconds"]
+    parts_sum = sum(seconds[name][part] for name, (_, parts) in models.items() for part in parts)
+    rows = [{"model": name, "part": part, "ms_per_frame": round(1000 * value / count, 3),
+             "share": round(value / total, 4), "detail": part not in parts}
+            for name, (_, parts) in models.items() for part, value in seconds[name].items()]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        job()
+        synchronize(device)
+    return {"clips": len(batch), "frames": count, "nouns_per_clip": [len(n) for n in nouns],
+            "timing": "GPU seconds between CUDA events" if device.type == "cuda" else "wall-clock seconds",
+            "ms_per_frame": round(1000 * total / count, 3), "parts": rows,
+            "other_ms_per_frame": round(1000 * max(0.0, total - parts_sum) / count, 3),
+            "top_kernels": top_ops(profiler.key_averages(), device, 15),
+            "top_kernels_time": "self device time (CUDA kernels)" if device.type == "cuda" else "self CPU time (ops)"}
 
 
 # ----------------------------------------------------------------------------------- training
@@ -1164,6 +1247,30 @@ def stage_one_knob_lines(one: dict[str, Any]) -> list[str]:
     return lines
 
 
+def grounding_profile_lines(one: dict[str, Any]) -> list[str]:
+    """Markdown rows of the grounding step's split by part and its top kernels."""
+    prof = one.get("grounding_profile")
+    if not prof:
+        return []
+    if prof["status"] != "ok":
+        return [f"- grounding profile: {prof['status']}: {' '.join(str(prof.get('error', '')).split())[:200]}", ""]
+    lines = [f"Grounding step by part ({prof['frames']} frames of {prof['clips']} clips, {prof['timing']}; "
+             f"{fmt(prof['ms_per_frame'])} ms per frame in all; a row marked 'within' is part of a row above it):", "",
+             "| model | part | ms/frame | share |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {'within: ' if r['detail'] else ''}{r['part']} | {fmt(r['ms_per_frame'])} | "
+              f"{fmt(r['share'])} |" for r in prof["parts"]]
+    lines += [f"| | other (processors, post-processing, host waits) | {fmt(prof['other_ms_per_frame'])} | |", ""]
+    return lines + ops_table(f"Top {len(prof['top_kernels'])} of the grounding step by {prof['top_kernels_time']}:",
+                             prof["top_kernels"])
+
+
+def ops_table(title: str, ops: list[dict[str, Any]]) -> list[str]:
+    """A profile's top ops (`top_ops`) as a titled Markdown table."""
+    return [title, "", "| op / kernel | calls | self ms | share |", "|---|---|---|---|",
+            *[f"| `{op['name'][:80].replace('|', '/')}` | {op['calls']} | {fmt(op['self_ms'])} | {fmt(op['share'])} |"
+              for op in ops], ""]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """A short human summary of the JSON (the JSON holds every number)."""
     meta, dev = results["meta"], results.get("device", {})
@@ -1189,6 +1296,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [f"| {k} | {fmt(v['seconds_per_clip'])} | {fmt(v['tflop_per_clip'])} | {fmt(v.get('achieved_tflops'))} | "
                       f"{fmt(v.get('peak_memory_gib'))} |" for k, v in rows]
             lines.append("")
+        lines += grounding_profile_lines(one)
         lines += stage_one_knob_lines(one)
         lines += changes_table(one)
     else:
@@ -1213,11 +1321,7 @@ def markdown(results: dict[str, Any]) -> str:
                       for r in (gb["accumulated"], gb["one_micro_batch"])]
             lines.append("")
         if tr.get("profile"):
-            lines += [f"One profiled step, top {len(tr['profile'])} by {tr['profile_time']}:", "",
-                      "| op / kernel | calls | self ms | share |", "|---|---|---|---|"]
-            lines += [f"| `{op['name'][:80].replace('|', '/')}` | {op['calls']} | {fmt(op['self_ms'])} | {fmt(op['share'])} |"
-                      for op in tr["profile"]]
-            lines.append("")
+            lines += ops_table(f"One profiled step, top {len(tr['profile'])} by {tr['profile_time']}:", tr["profile"])
         lines += changes_table(tr)
     else:
         lines += [f"- {tr.get('status', 'not run')}: {tr.get('error', '')}", ""]

@@ -148,19 +148,35 @@ def count_flops(model: nn.Module, parts: dict[str, tuple[str, ...]], forward: Ca
 
 
 @contextmanager
-def part_timers(model: nn.Module, parts: dict[str, tuple[str, ...]], seconds: dict[str, float]) -> Iterator[None]:
-    """Adds each part's wall-clock seconds into `seconds` while active (forward pre-hooks and hooks)."""
+def part_timers(model: nn.Module, parts: dict[str, tuple[str, ...]], seconds: dict[str, float],
+                device: torch.device | None = None) -> Iterator[None]:
+    """Adds each part's seconds into `seconds` while active (forward pre-hooks and hooks). On the CPU these are
+    wall-clock seconds. On CUDA they are GPU seconds between two CUDA events recorded on the current stream at each
+    call's start and end, so nothing synchronises inside the forward; the elapsed times are summed when the block
+    ends, after one synchronize."""
+    cuda = device is not None and device.type == "cuda"
     handles = []
+    pending: list[tuple[str, Any, Any]] = []  # (part, start event, end event) on CUDA
     for part, modules in part_modules(model, parts).items():
         seconds.setdefault(part, 0.0)
         for _, module in modules:
-            started: list[float] = []
+            started: list[Any] = []
 
-            def pre(_module: nn.Module, _args: Any, started: list[float] = started) -> None:
-                started.append(time.perf_counter())
+            def pre(_module: nn.Module, _args: Any, started: list[Any] = started) -> None:
+                if cuda:
+                    event = torch.cuda.Event(enable_timing=True)
+                    event.record()
+                    started.append(event)
+                else:
+                    started.append(time.perf_counter())
 
-            def post(_module: nn.Module, _args: Any, _out: Any, part: str = part, started: list[float] = started) -> None:
-                seconds[part] += time.perf_counter() - started.pop()
+            def post(_module: nn.Module, _args: Any, _out: Any, part: str = part, started: list[Any] = started) -> None:
+                if cuda:
+                    event = torch.cuda.Event(enable_timing=True)
+                    event.record()
+                    pending.append((part, started.pop(), event))
+                else:
+                    seconds[part] += time.perf_counter() - started.pop()
 
             handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     try:
@@ -168,19 +184,23 @@ def part_timers(model: nn.Module, parts: dict[str, tuple[str, ...]], seconds: di
     finally:
         for handle in handles:
             handle.remove()
+        if pending:
+            torch.cuda.synchronize(device)
+            for part, start, end in pending:
+                seconds[part] += start.elapsed_time(end) / 1000
 
 
 def time_parts(model: nn.Module, parts: dict[str, tuple[str, ...]], forward: Callable[[], object], repeats: int,
-               details: dict[str, tuple[str, ...]] | None = None) -> dict[str, float]:
+               details: dict[str, tuple[str, ...]] | None = None, device: torch.device | None = None) -> dict[str, float]:
     """Seconds per part and detail (plus OTHER) of forward(), each the fastest over `repeats` calls (a busy spell of
-    a shared machine then spoils one call, not the result); 'total' is the sum over the parts and OTHER."""
+    a shared machine then spoils one call, not the result); 'total' is the sum over the parts and OTHER. On CUDA
+    the parts are GPU seconds (`part_timers`) and the whole call is wall-clock between two synchronizes, so OTHER
+    holds the ops outside the parts and any time the GPU waited for the host."""
     runs = []
     for _ in range(repeats):
         seconds: dict[str, float] = {}
-        with part_timers(model, {**parts, **(details or {})}, seconds):
-            start = time.perf_counter()
-            forward()
-            total = time.perf_counter() - start
+        with part_timers(model, {**parts, **(details or {})}, seconds, device):
+            total = timed(forward, 1, device)
         seconds[OTHER] = max(0.0, total - sum(seconds[p] for p in parts))
         runs.append(seconds)
     best = {part: min(run[part] for run in runs) for part in [*parts, OTHER]}
@@ -189,12 +209,17 @@ def time_parts(model: nn.Module, parts: dict[str, tuple[str, ...]], forward: Cal
     return best
 
 
-def timed(step: Callable[[], object], repeats: int) -> float:
-    """Fastest of `repeats` wall-clock seconds of step()."""
+def timed(step: Callable[[], object], repeats: int, device: torch.device | None = None) -> float:
+    """Fastest of `repeats` wall-clock seconds of step() (on CUDA between two synchronizes)."""
+    cuda = device is not None and device.type == "cuda"
     best = float("inf")
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 

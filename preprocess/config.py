@@ -58,12 +58,14 @@ class FeatureConfig(ConfigMethods):
     frame_batch: int = field(default=64, metadata={"help": "frames per CLIP / Grounding DINO / SAM forward pass"})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda when there), 'cpu' or 'cuda[:N]'"})
     half: bool = field(default=True, metadata={"help": "float16 inference when on CUDA (ignored on the CPU)"})
+    deformable_attention: Literal["pytorch", "triton"] = field(default="pytorch", metadata={"help": "how Grounding DINO's deformable attention samples its feature maps: transformers' PyTorch path (a grid_sample per level), or one fused Triton kernel (CUDA only; the same numbers up to float16 rounding; benchmarks/gpu.sh measures both)"})
     max_memory_gib: float = field(default=0.0, metadata={"help": "on CUDA, let stage one use at most this many GiB of the device (0: no cap); emulates a smaller card on a big one. The first frame batch is also sized from the free memory (an estimate per model); a pass that runs out of memory is halved and rerun, and the smaller batch kept"})
     # --- output ----------------------------------------------------------------------------
     shard_max_samples: int = field(default=8, metadata={"help": "samples per shard (a killed run loses at most the shard in progress)"})
 
     def __post_init__(self) -> None:
-        choices = {"audio_backend": ("pyav", "decord"), "tagger": ("nltk", "pattern"), "random_size": ("tiny", "paper")}
+        choices = {"audio_backend": ("pyav", "decord"), "tagger": ("nltk", "pattern"), "random_size": ("tiny", "paper"),
+                   "deformable_attention": ("pytorch", "triton")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

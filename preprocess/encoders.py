@@ -484,6 +484,17 @@ class Grounder(_Batched, FrozenModule):
                 digests.append(f"sam:{sha256_dir(sam_folder)}")
             checksum = hashlib.sha256("\n".join(digests).encode()).hexdigest()
             _check_grounding_tokenizer(tokenizer, detector, folder)
+        if cfg.deformable_attention == "triton":
+            from preprocess import deformable
+
+            if not (deformable.available() and (device.type == "cuda" or deformable.INTERPRETED)):
+                raise ValueError("deformable_attention 'triton' needs a CUDA device and the triton package "
+                                 f"({'no triton' if deformable.triton is None else f'device {device}'}); use --deformable-attention pytorch")
+            try:
+                deformable.check_kernel(device, half_dtype(cfg.half, device))
+            except RuntimeError as error:
+                raise ValueError(str(error)) from None
+            deformable.use_fused_deformable_attention(detector)
         grounder = cls(detector, image_processor, tokenizer, image_size, sam, sam_image_processor, cfg.frame_batch,
                        checksum, sam_floor=cfg.sam_floor)
         return grounder.to(device=device, dtype=half_dtype(cfg.half, device))

@@ -299,3 +299,25 @@ def test_cuda_graphs_flag():
 
     assert GenerateOptions().cuda_graphs and build_parser().parse_args(["v.mp4"]).cuda_graphs
     assert not build_parser().parse_args(["v.mp4", "--no-cuda-graphs"]).cuda_graphs
+
+
+def test_features_made_with_the_fused_kernel_still_generate_where_it_cannot_run(run_dir, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from preprocess import deformable
+
+    if torch.cuda.is_available() and deformable.available():
+        pytest.skip("the fused kernel runs here")
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    path = run / "model" / "features.json"
+    features = json.loads(path.read_text())
+    features["config"]["deformable_attention"] = "triton"  # stage one ran on a GPU with the fused kernel
+    path.write_text(json.dumps(features))
+    video = media.make_video(tmp_path / "a.mp4", seconds=2.0, audio=None)
+    code = cli_main(["generate", str(video), "--model", str(run), "--out", str(tmp_path / "out"), "--steps", "2",
+                     "--caption", "dog", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "a.wav").exists()

@@ -38,6 +38,7 @@ def test_cpu_tiny_run_writes_every_section(tmp_path):
     assert positive(one["encoders_alone"]["clips_per_second"])
     for model in ("clip", "grounding_dino", "grounding_dino+sam", "vae_encoder"):
         assert positive(one["per_model"][model]["seconds_per_clip"]) and positive(one["per_model"][model]["tflop_per_clip"])
+    assert one["grounding_profile"]["status"] == "ok" and positive(one["grounding_profile"]["ms_per_frame"])
     training = results["training"]
     assert positive(training["tflop_per_step"])
     for key in ("from_shards", "from_memory"):
@@ -50,7 +51,7 @@ def test_cpu_tiny_run_writes_every_section(tmp_path):
     assert probe["status"] == "ok" and str(probe["sampling_batch"]) in probe["seconds_per_clip_step"]
     assert positive(probe["seconds_per_clip_300_steps"])
     summary = (tmp_path / "gpu_bench.md").read_text()
-    assert "### Stage one" in summary and "ddpm-300" in summary and "dpmsolver++-25" in summary
+    assert "### Stage one" in summary and "Grounding step by part" in summary and "ddpm-300" in summary and "dpmsolver++-25" in summary
 
     # every before/after comparison that can run on the CPU ran; the CUDA-only ones and torch.compile (without
     # --compile) say why they were skipped; none failed
@@ -133,3 +134,31 @@ def test_stage_one_summary_shows_skipped_and_failed_knobs():
     assert "| 0.5 | 0.4 | 0.5 | 0.3 | 0.5 | 1 | **2x** |" in text
     assert "skipped: budget" in text and "| 480x800 | error: RuntimeError: x |" in text
     assert "memory cap 24 GiB: skipped: the memory cap is CUDA-only" in text
+
+
+def test_grounding_profile_splits_the_step_by_part():
+    from types import SimpleNamespace
+
+    from benchmarks import grounding_cost
+    from preprocess.config import PRESETS
+    from preprocess.encoders import Grounder
+
+    grounder = Grounder.from_config(PRESETS["tiny"].replace(sam_floor=0.0), None, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    batch = [{"frames": rng.integers(0, 256, (n, 48, 64, 3), dtype=np.uint8)} for n in (3, 2)]
+    prof = gpu_bench.grounding_profile(SimpleNamespace(grounder=grounder), batch, [["dog", "car"], ["drum"]],
+                                       torch.device("cpu"), repeats=1)
+    assert prof["frames"] == 5 and prof["nouns_per_clip"] == [2, 1]
+    parts = {(r["model"], r["part"]): r for r in prof["parts"]}
+    # every part of both splits was hooked and ran (SAM refines every detection at floor 0)
+    assert set(parts) == ({("grounding_dino", p) for p in [*grounding_cost.DETECTOR_PARTS, *grounding_cost.DETECTOR_DETAILS]}
+                          | {("sam", p) for p in grounding_cost.sam_parts(
+                              grounder.sam.config.vision_config.global_attn_indexes,
+                              grounder.sam.config.vision_config.num_hidden_layers)})
+    assert all(r["ms_per_frame"] > 0 for r in prof["parts"])
+    top_level = [r for r in prof["parts"] if not r["detail"]]
+    assert sum(r["share"] for r in top_level) <= 1.0 + 1e-3
+    assert sum(r["ms_per_frame"] for r in top_level) + prof["other_ms_per_frame"] == pytest.approx(prof["ms_per_frame"], rel=1e-2)
+    assert prof["top_kernels"] and all(op["self_ms"] >= 0 for op in prof["top_kernels"])
+    lines = "\n".join(gpu_bench.grounding_profile_lines({"grounding_profile": {"status": "ok", **prof}}))
+    assert "Swin-T backbone" in lines and "global-attention blocks" in lines and "| op / kernel |" in lines

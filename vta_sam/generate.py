@@ -162,6 +162,13 @@ class SoundGenerator:
             raise GenerateError(f"{error} (train a model first: make train)") from None
         self.features = feature_config(Path(options.model), self.train_config).replace(device=options.device)
         device = resolve_device(self.features.device)
+        if self.features.deformable_attention == "triton":
+            from preprocess import deformable
+
+            # how stage one sampled Grounding DINO's deformable attention is a speed choice of its machine (the
+            # fused kernel gives the PyTorch path's numbers up to float16 rounding): here, what this machine runs
+            if not (device.type == "cuda" and deformable.available()):
+                self.features = self.features.replace(deformable_attention="pytorch")
         try:
             self.precision = resolve_precision(options.precision, device)
         except ValueError as error:

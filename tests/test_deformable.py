@@ -1,0 +1,163 @@
+"""The fused deformable attention kernel (`preprocess.deformable`) against transformers' PyTorch path.
+
+The kernel runs here in Triton's interpreter, which must be switched on before triton is imported: the checks
+that run it go to one child process started with TRITON_INTERPRET=1 (CHECKS below) and report back in JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from preprocess import deformable  # noqa: E402
+from preprocess.config import PRESETS  # noqa: E402
+from preprocess.encoders import Grounder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECKS = r'''
+import json
+import numpy as np
+import torch
+from transformers.models.grounding_dino.modeling_grounding_dino import MultiScaleDeformableAttention
+
+from preprocess import deformable
+from preprocess.config import PRESETS
+from preprocess.encoders import Grounder
+
+assert deformable.INTERPRETED
+report = {}
+torch.manual_seed(0)
+reference = MultiScaleDeformableAttention()
+
+# levels of odd sizes, a head size that is no power of two, a query count no multiple of the block, locations
+# beyond the map on every side (zero padding), a sampling point exactly on the map's corners
+shapes = torch.tensor([[7, 9], [4, 5], [2, 3], [1, 1]])
+starts = torch.cat([torch.zeros(1, dtype=torch.long), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+batch, heads, head_dim, points, queries = 2, 3, 12, 2, 70
+levels, tokens = len(shapes), int((shapes[:, 0] * shapes[:, 1]).sum())
+value = torch.randn(batch, tokens, heads, head_dim)
+locations = torch.rand(batch, queries, heads, levels, points, 2) * 1.6 - 0.3
+locations[0, 0, 0, :, 0] = torch.tensor([0.0, 0.0])
+locations[0, 0, 0, :, 1] = torch.tensor([1.0, 1.0])
+weights = torch.softmax(torch.randn(batch, queries, heads, levels * points), -1).view(batch, queries, heads, levels, points)
+args = (value, shapes, [tuple(s) for s in shapes.tolist()], starts, locations, weights, 64)
+truth = reference(*args)
+fused = deformable.fused_deformable_attention(value, shapes, starts, locations, weights)
+report["float32"] = {"shape": list(fused.shape), "truth_shape": list(truth.shape),
+                     "max_difference": (fused - truth).abs().max().item(), "scale": truth.abs().max().item()}
+half = [t.half() if t.is_floating_point() else t for t in (value, locations, weights)]
+fused_half = deformable.fused_deformable_attention(half[0], shapes, starts, half[1], half[2])
+report["float16"] = {"dtype": str(fused_half.dtype),
+                     "max_difference": (fused_half.float() - truth).abs().max().item()}
+empty = deformable.fused_deformable_attention(value[:, :0], shapes[:0], starts[:0], locations[:, :0, :, :0],
+                                              weights[:, :0, :, :0])
+report["empty_shape"] = list(empty.shape)
+deformable.check_kernel(torch.device("cpu"), torch.float32)  # raises if the start-up check disagrees
+report["start_up_check"] = "passed"
+
+# the swapped module: the kernel, except where a gradient is wanted
+sampling = deformable.FusedDeformableSampling(reference)
+wanted = value.clone().requires_grad_(True)
+with torch.enable_grad():
+    graded = sampling(wanted, *args[1:])
+report["grad_path_equal"] = bool(torch.equal(graded.detach(), truth)) and graded.requires_grad
+
+# the tiny Grounding DINO end to end: the same detections either way
+def frames(seed):
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(3, 3, 4, 4, generator=generator)
+    image = torch.nn.functional.interpolate(coarse, size=(48, 64), mode="bilinear", align_corners=False)
+    return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+clips, nouns = [frames(1), frames(2)], [["dog", "guitar player"], ["car"]]
+cfg = PRESETS["tiny"].replace(sam_floor=0.0)
+runs = {}
+for way in ("pytorch", "triton"):
+    grounder = Grounder.from_config(cfg.replace(deformable_attention=way), None, torch.device("cpu"))
+    runs[way] = grounder.detections(clips, nouns)
+    report[f"{way}_fused_modules"] = sum(isinstance(m, deformable.FusedDeformableSampling)
+                                         for m in grounder.detector.modules())
+report["layers"] = cfg_layers = (grounder.detector.config.encoder_layers, grounder.detector.config.decoder_layers)
+report["detector_difference"] = max((a.detector - b.detector).abs().max().item()
+                                    for a, b in zip(runs["pytorch"], runs["triton"]))
+report["iou_difference"] = max((a.iou - b.iou).abs().max().item() for a, b in zip(runs["pytorch"], runs["triton"]))
+report["detector_spread"] = max(a.detector.max().item() - a.detector.min().item() for a in runs["pytorch"])
+print("REPORT " + json.dumps(report))
+'''
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", CHECKS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("REPORT "))
+
+
+def test_kernel_equals_the_grid_sample_path(interpreted):
+    f32 = interpreted["float32"]
+    assert f32["shape"] == f32["truth_shape"] == [2, 70, 36]
+    assert f32["scale"] > 0.5 and f32["max_difference"] < 1e-5
+    # float16 inputs: float32 sums, one rounding of the output
+    assert interpreted["float16"]["dtype"] == "torch.float16"
+    assert interpreted["float16"]["max_difference"] < 5e-3
+    assert interpreted["empty_shape"] == [2, 0, 36]
+
+
+def test_gradients_take_the_pytorch_path(interpreted):
+    assert interpreted["grad_path_equal"] is True
+
+
+def test_start_up_check_passes_where_the_kernel_runs_and_fails_in_one_line_elsewhere(interpreted, monkeypatch):
+    assert interpreted["start_up_check"] == "passed"
+    if not deformable.INTERPRETED and not torch.cuda.is_available():  # the compiled kernel cannot take CPU tensors
+        with pytest.raises(RuntimeError, match="does not run on cpu .*use --deformable-attention pytorch") as error:
+            deformable.check_kernel(torch.device("cpu"), torch.float32)
+        assert "\n" not in str(error.value)
+    # a kernel that computes something else is caught before any frame is grounded
+    monkeypatch.setattr(deformable, "fused_deformable_attention", lambda value, *args: torch.zeros(2, 9, 64))
+    with pytest.raises(RuntimeError, match="differs from the PyTorch path by"):
+        deformable.check_kernel(torch.device("cpu"), torch.float32)
+
+
+def test_grounding_dino_detects_the_same_with_the_kernel(interpreted):
+    encoder_layers, decoder_layers = interpreted["layers"]
+    # every deformable layer is swapped: the encoder's self-attention and the decoder's cross-attention
+    assert interpreted["triton_fused_modules"] == encoder_layers + decoder_layers
+    assert interpreted["pytorch_fused_modules"] == 0
+    assert interpreted["detector_spread"] > 0  # the scores vary, so equal scores say something
+    assert interpreted["detector_difference"] < 1e-5 and interpreted["iou_difference"] < 1e-5
+
+
+def test_off_cuda_the_swapped_module_is_the_pytorch_path():
+    from transformers.models.grounding_dino.modeling_grounding_dino import MultiScaleDeformableAttention
+
+    shapes = torch.tensor([[3, 4], [2, 2]])
+    starts = torch.tensor([0, 12])
+    value = torch.randn(1, 16, 2, 8)
+    locations = torch.rand(1, 5, 2, 2, 3, 2)
+    weights = torch.softmax(torch.randn(1, 5, 2, 6), -1).view(1, 5, 2, 2, 3)
+    args = (value, shapes, [(3, 4), (2, 2)], starts, locations, weights, 64)
+    reference = MultiScaleDeformableAttention()
+    if not deformable.INTERPRETED:
+        assert torch.equal(deformable.FusedDeformableSampling(reference)(*args), reference(*args))
+
+
+def test_triton_without_cuda_is_refused_in_one_line():
+    if deformable.INTERPRETED or torch.cuda.is_available():
+        pytest.skip("this process can run the kernel")
+    with pytest.raises(ValueError, match="deformable_attention 'triton' needs a CUDA device") as error:
+        Grounder.from_config(PRESETS["tiny"].replace(deformable_attention="triton"), None, torch.device("cpu"))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="deformable_attention"):
+        PRESETS["tiny"].replace(deformable_attention="cuda")
