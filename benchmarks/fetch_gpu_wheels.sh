@@ -14,7 +14,8 @@
 # Why each one: diffusers (VAE, UNet, schedulers) needs importlib_metadata; open_clip_torch (CLIP) needs ftfy ->
 # wcwidth; webdataset (shards) needs braceexpand; decord (default video/audio decoder); av (PyAV: decoding
 # fallback, the demo-clip writer); textblob (offline noun tagger) needs nltk -> defusedxml; librosa (mel front end)
-# needs soundfile -> cffi -> pycparser, soxr, audioread, decorator, pooch -> platformdirs.
+# needs soundfile -> cffi -> pycparser, soxr, audioread, decorator, pooch -> platformdirs; pytest (the GPU tests,
+# `gpu.sh --gpu-tests`) needs pluggy, iniconfig, pygments and packaging.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -27,6 +28,7 @@ WHEELS=(
   textblob==0.20.1 nltk==3.10.4 defusedxml==0.7.1
   librosa==0.11.0 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 soxr==1.1.0 audioread==3.1.0 decorator==5.3.1
   pooch==1.9.0 platformdirs==4.14.8
+  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 packaging==26.4
 )
 
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || grep -qx '/.whl/' .gitignore || echo '/.whl/' >> .git/info/exclude

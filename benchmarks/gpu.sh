@@ -2,13 +2,15 @@
 # One-call GPU benchmark of the three stages (benchmarks/gpu_bench.py), made for a GPU node without network access.
 #
 # On a GPU node whose Python has torch, torchvision, transformers and accelerate but not the rest:
-#   1. on a machine with PyPI:  bash benchmarks/fetch_gpu_wheels.sh   # the missing wheels -> .whl/ (~63 MB, git-ignored)
+#   1. on a machine with PyPI:  bash benchmarks/fetch_gpu_wheels.sh   # the missing wheels -> .whl/ (~65 MB, git-ignored)
 #   2. copy the repository with .whl/ to the GPU node and run there:
 #        OUT=/some/folder bash benchmarks/gpu.sh
 #      then, as a second run, the torch.compile and CUDA-graph comparisons (minutes of compilation each):
 #        OUT=/some/folder bash benchmarks/gpu.sh --sections training generation --compile
 #   3. results in $OUT: gpu_bench.json (every number), gpu_bench.md (summary), gpu_bench.log, nvidia-smi.txt;
 #      copy them into benchmarks/results/ and record the summary with benchmarks.results.write_section.
+#      The CUDA-only tests (the fused deformable attention kernel compiled, CUDA-graph sampling):
+#        OUT=/some/folder bash benchmarks/gpu.sh --gpu-tests            # -> gpu_tests.txt, about a minute
 # It needs at most ~8 minutes: the pip install (~20 s), then gpu_bench.py with a 420 s budget for its sections,
 # under a hard `timeout` of 470 s (whatever was measured by then is in the JSON: it is rewritten after each section).
 #
@@ -37,6 +39,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+if [ "${1:-}" = "--gpu-tests" ]; then  # the CUDA-only tests (pytest -m gpu), about a minute
+  shift
+  timeout 300 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_deformable.py tests/test_sampling_speed.py "$@" \
+    2>&1 | tee "$OUT_DIR/gpu_tests.txt"
+  exit "${PIPESTATUS[0]}"
+fi
 timeout 470 "$PYTHON" -m benchmarks.gpu_bench --preset paper --out "$OUT_DIR" "$@"
 status=$?
 [ $status -eq 124 ] && echo "gpu.sh: stopped at the 470 s limit; $OUT_DIR/gpu_bench.json holds the sections finished before"
