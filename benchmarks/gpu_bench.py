@@ -562,6 +562,8 @@ def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[
             finally:
                 grounder.sam = sam
 
+        # as stage one does at start-up: a kernel that cannot build or disagrees stops here, before any frame
+        deformable.check_kernel(device, next(detector.parameters()).dtype, deformable.kernel_layouts(detector.config))
         reference = scores()
         before = grounding(cfg.frame_batch)
         swapped = deformable.use_fused_deformable_attention(detector)
@@ -1198,8 +1200,10 @@ def changes_table(section: dict[str, Any]) -> list[str]:
     lines = ["| change | before | after | unit | speed-up |", "|---|---|---|---|---|"]
     for name, c in changes.items():
         if c["status"] == "ok":
+            differences = "".join(f"; {key.replace('_', ' ')} {fmt(value)}" for key, value in c.items()
+                                  if key.startswith("max_abs_difference"))
             lines.append(f"| {name} | {c['before'][0]}: {fmt(c['before'][1])} | {c['after'][0]}: {fmt(c['after'][1])} | "
-                         f"{c['unit']} | **{fmt(c.get('speedup'))}x** |")
+                         f"{c['unit']} | **{fmt(c.get('speedup'))}x**{differences} |")
         else:
             why = " ".join(str(c.get("reason") or c.get("error", "")).split()).replace("|", "/")[:200]
             lines.append(f"| {name} | {c['status']}: {why} | | | |")

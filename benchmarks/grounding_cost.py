@@ -165,7 +165,7 @@ def part_timers(model: nn.Module, parts: dict[str, tuple[str, ...]], seconds: di
             def pre(_module: nn.Module, _args: Any, started: list[Any] = started) -> None:
                 if cuda:
                     event = torch.cuda.Event(enable_timing=True)
-                    event.record()
+                    event.record(torch.cuda.current_stream(device))
                     started.append(event)
                 else:
                     started.append(time.perf_counter())
@@ -173,7 +173,7 @@ def part_timers(model: nn.Module, parts: dict[str, tuple[str, ...]], seconds: di
             def post(_module: nn.Module, _args: Any, _out: Any, part: str = part, started: list[Any] = started) -> None:
                 if cuda:
                     event = torch.cuda.Event(enable_timing=True)
-                    event.record()
+                    event.record(torch.cuda.current_stream(device))
                     pending.append((part, started.pop(), event))
                 else:
                     seconds[part] += time.perf_counter() - started.pop()
@@ -184,10 +184,10 @@ def part_timers(model: nn.Module, parts: dict[str, tuple[str, ...]], seconds: di
     finally:
         for handle in handles:
             handle.remove()
-        if pending:
-            torch.cuda.synchronize(device)
-            for part, start, end in pending:
-                seconds[part] += start.elapsed_time(end) / 1000
+    if pending:  # only after a forward that finished: after an error this would hide it
+        torch.cuda.synchronize(device)
+        for part, start, end in pending:
+            seconds[part] += start.elapsed_time(end) / 1000
 
 
 def time_parts(model: nn.Module, parts: dict[str, tuple[str, ...]], forward: Callable[[], object], repeats: int,

@@ -488,12 +488,13 @@ class Grounder(_Batched, FrozenModule):
             from preprocess import deformable
 
             if not (deformable.available() and (device.type == "cuda" or deformable.INTERPRETED)):
-                raise ValueError("deformable_attention 'triton' needs a CUDA device and the triton package "
-                                 f"({'no triton' if deformable.triton is None else f'device {device}'}); use --deformable-attention pytorch")
+                raise deformable.KernelError(
+                    "deformable_attention 'triton' needs a CUDA device and the triton package "
+                    f"({'no triton' if deformable.triton is None else f'device {device}'}); use --deformable-attention pytorch")
             try:
-                deformable.check_kernel(device, half_dtype(cfg.half, device))
-            except RuntimeError as error:
-                raise ValueError(str(error)) from None
+                deformable.check_kernel(device, half_dtype(cfg.half, device), deformable.kernel_layouts(detector.config))
+            except deformable.KernelError as error:
+                raise deformable.KernelError(f"{error}; use --deformable-attention pytorch") from None
             deformable.use_fused_deformable_attention(detector)
         grounder = cls(detector, image_processor, tokenizer, image_size, sam, sam_image_processor, cfg.frame_batch,
                        checksum, sam_floor=cfg.sam_floor)

@@ -162,13 +162,6 @@ class SoundGenerator:
             raise GenerateError(f"{error} (train a model first: make train)") from None
         self.features = feature_config(Path(options.model), self.train_config).replace(device=options.device)
         device = resolve_device(self.features.device)
-        if self.features.deformable_attention == "triton":
-            from preprocess import deformable
-
-            # how stage one sampled Grounding DINO's deformable attention is a speed choice of its machine (the
-            # fused kernel gives the PyTorch path's numbers up to float16 rounding): here, what this machine runs
-            if not (device.type == "cuda" and deformable.available()):
-                self.features = self.features.replace(deformable_attention="pytorch")
         try:
             self.precision = resolve_precision(options.precision, device)
         except ValueError as error:
@@ -178,7 +171,18 @@ class SoundGenerator:
         lower_precision_weights(self.model.to(device), self.precision)
         speed_up(self.model, compile=options.compile, dynamic=None)  # windows per video vary
         weights = None if self.features.random_init else options.weights
-        self.encoders = Encoders(self.features, weights, device, audio=False)
+        try:
+            self.encoders = Encoders(self.features, weights, device, audio=False)
+        except ValueError as error:
+            from preprocess.deformable import KernelError
+
+            if not isinstance(error, KernelError):
+                raise
+            # how stage one sampled Grounding DINO's deformable attention is a speed choice of its machine (the
+            # fused kernel gives the PyTorch path's numbers up to float16 rounding): here, what this one runs
+            print(f"warning: {str(error).split('; use ')[0]}; grounding with the PyTorch path", file=sys.stderr)
+            self.features = self.features.replace(deformable_attention="pytorch")
+            self.encoders = Encoders(self.features, weights, device, audio=False)
         try:
             self.decoder = Decoder(self.features.audio_models(), weights, device, self.train_config.vae_scaling_factor)
         except (FileNotFoundError, ValueError, OSError) as error:
