@@ -25,8 +25,8 @@ Sections (each guarded: a failure is recorded in the JSON and the next section s
   evaluation's own choice of the sampling batch (`eval.generate.measure_sampling_batch`) and the 300-step cost
   per clip at that batch.
 - changes: inside each section, before/after measurements of one change at a time (`compare`): Grounding DINO's
-  deformable attention as one fused Triton kernel (with the largest change of a detector score), batched grounding,
-  float16, tensors from the decoding workers and the background shard writer (stage one); bf16, fused attention,
+  deformable attention as one fused Triton kernel (with the largest change of a detector score), SAM's relative
+  positions folded into query and key (with peak memory), batched grounding, float16, tensors from the decoding workers and the background shard writer (stage one); bf16, fused attention,
   fused AdamW, channels_last, a 4x batch and torch.compile in its default and max-autotune modes (training); bf16,
   weights cast once, CUDA graphs (batch 1 and 16), channels_last, torch.compile and its reduce-overhead mode
   (generation, on DPM-Solver++-25). torch.compile runs only with --compile.
@@ -524,8 +524,9 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
 def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[Any], batch: list[dict[str, Any]],
                       nouns: list[list[str]], root: Path, device: torch.device, deadline: Deadline,
                       log: Callable[[str], None]) -> None:
-    """Before/after of the stage-one changes: the fused deformable attention kernel, batched grounding, half
-    precision, tensors from the decoding workers, the background shard writer."""
+    """Before/after of the stage-one changes: the fused deformable attention kernel, SAM's relative positions
+    folded into query and key, batched grounding, half precision, tensors from the decoding workers, the
+    background shard writer."""
     from benchmarks.worker_transfer import clips_per_second as transfer_rate
     from preprocess.pipeline import run
 
@@ -578,6 +579,32 @@ def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[
                 "before": ("PyTorch grid_sample per level", before), "after": ("fused Triton kernel", after)}
 
     compare(out, "fused_deformable_attention", deadline, 25, log, fused_deformable)
+    def folded_rel_pos() -> dict[str, Any]:
+        from preprocess.sam_attention import use_folded_rel_pos, use_transformers_rel_pos
+
+        if grounder.sam is None:
+            return {"skipped": "this preset runs no SAM"}
+
+        def grounding_with_sam() -> list[Any]:
+            return grounder.detections(few_frames, nouns[:2])
+
+        reference = grounding_with_sam()
+        memory: dict[str, Any] = {}
+        with peak_memory(device, memory, "peak_memory_gib_before"):
+            before = frames_per_second(grounding_with_sam, few_count)
+        use_folded_rel_pos(grounder.sam)
+        try:
+            with peak_memory(device, memory, "peak_memory_gib_after"):
+                after = frames_per_second(grounding_with_sam, few_count)
+            difference = max((a.iou - b.iou).abs().max().item() for a, b in zip(grounding_with_sam(), reference))
+        finally:
+            use_transformers_rel_pos(grounder.sam)
+        return {"unit": "frames/s", "frames": few_count, **memory, "max_abs_difference_sam_iou": round(difference, 6),
+                "note": "Grounding DINO + SAM on the same frames; --sam-rel-pos bias vs folded",
+                "before": ("SAM's relative positions as a dense bias", before),
+                "after": ("folded into query and key channels", after)}
+
+    compare(out, "sam_folded_rel_pos", deadline, 25, log, folded_rel_pos)
     compare(out, "grounding_dino_batched", deadline, 20, log, lambda: {
         "unit": "frames/s", "frames": few_count,
         "note": "Grounding DINO alone; batch 1 is the published code's way",

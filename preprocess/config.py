@@ -49,6 +49,7 @@ class FeatureConfig(ConfigMethods):
     grounding_long_side: int = field(default=96, metadata={"help": "Grounding DINO input: longest edge"})
     use_sam: bool = field(default=True, metadata={"help": "refine grounding probabilities with SAM's predicted IoU"})
     sam_floor: float = field(default=0.1, metadata={"help": "SAM refines only nouns whose detector score is at least this; below it the score is kept unrefined (iou 1.0), which changes no object embedding at an object threshold >= sam_floor, since those nouns count as 0 there anyway. 0: SAM on every detection"})
+    sam_rel_pos: Literal["bias", "folded"] = field(default="bias", metadata={"help": "how SAM's image encoder adds its relative positions to attention: as a dense (frames, heads, tokens, tokens) bias (transformers; 0.375 GiB per frame in each global block in float16), or folded into extra query and key channels (the same logits, no bias tensor, wider attention heads; benchmarks/gpu.sh measures both)"})
     sam_dir: str = field(default="sam", metadata={"help": "SAM in transformers format, relative to the weights folder"})
     audioldm_dir: str = field(default="audioldm", metadata={"help": "AudioLDM in diffusers format (vae/, vocoder/), relative to the weights folder"})
     latent_channels: int = field(default=8, metadata={"help": "AudioLDM VAE latent channels"})
@@ -65,7 +66,7 @@ class FeatureConfig(ConfigMethods):
 
     def __post_init__(self) -> None:
         choices = {"audio_backend": ("pyav", "decord"), "tagger": ("nltk", "pattern"), "random_size": ("tiny", "paper"),
-                   "deformable_attention": ("pytorch", "triton")}
+                   "deformable_attention": ("pytorch", "triton"), "sam_rel_pos": ("bias", "folded")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -484,6 +484,10 @@ class Grounder(_Batched, FrozenModule):
                 digests.append(f"sam:{sha256_dir(sam_folder)}")
             checksum = hashlib.sha256("\n".join(digests).encode()).hexdigest()
             _check_grounding_tokenizer(tokenizer, detector, folder)
+        if sam is not None and cfg.sam_rel_pos == "folded":
+            from preprocess.sam_attention import use_folded_rel_pos
+
+            use_folded_rel_pos(sam)
         if cfg.deformable_attention == "triton":
             from preprocess import deformable
 

@@ -55,7 +55,8 @@ def test_cpu_tiny_run_writes_every_section(tmp_path):
 
     # every before/after comparison that can run on the CPU ran; the CUDA-only ones and torch.compile (without
     # --compile) say why they were skipped; none failed
-    cpu_runs = {"stage_one": {"grounding_dino_batched", "decode_worker_transfer", "background_shard_writer"},
+    cpu_runs = {"stage_one": {"sam_folded_rel_pos", "grounding_dino_batched", "decode_worker_transfer",
+                              "background_shard_writer"},
                 "training": {"fused_attention", "channels_last", "batch_x4"}, "generation": {"channels_last"}}
     for section, expected in cpu_runs.items():
         changes = results[section]["changes"]
