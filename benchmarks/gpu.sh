@@ -41,7 +41,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 if [ "${1:-}" = "--gpu-tests" ]; then  # the CUDA-only tests (pytest -m gpu), about a minute
   shift
-  timeout 300 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_deformable.py tests/test_sampling_speed.py "$@" \
+  timeout 300 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_deformable.py tests/test_sam_attention.py \
+    tests/test_sampling_speed.py "$@" \
     2>&1 | tee "$OUT_DIR/gpu_tests.txt"
   exit "${PIPESTATUS[0]}"
 fi

@@ -122,3 +122,25 @@ def test_the_folded_attention_runs_a_fused_sdpa_kernel(monkeypatch):
         with torch.no_grad():
             FoldedRelPosAttention(attention)(torch.randn(1, grid, grid, 768))
     assert chosen and all(choice == torch.nn.attention.SDPBackend.FLASH_ATTENTION.value for choice in chosen), chosen
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_in_float16_the_folded_attention_agrees_and_saves_memory():
+    """Stage one's setting: float16 on CUDA, 8 frames through a global block. The folded attention stays within
+    float16 rounding of the bias path and allocates less than the bias path's (8, 12, 4096, 4096) bias alone."""
+    device = torch.device("cuda")
+    attention = _attention(SamVisionSdpaAttention, 0).to(device, torch.float16)
+    hidden = torch.randn(8, 64, 64, 768, device=device, dtype=torch.float16)
+    peaks = {}
+    with torch.no_grad():
+        for way, module in (("bias", attention), ("folded", FoldedRelPosAttention(attention))):
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            out = module(hidden)[0]
+            torch.cuda.synchronize(device)
+            peaks[way] = (torch.cuda.max_memory_allocated(device) - base, out.float())
+    bias_bytes = 8 * 12 * 4096 * 4096 * 2
+    assert peaks["bias"][0] >= bias_bytes and peaks["folded"][0] < bias_bytes / 2
+    torch.testing.assert_close(peaks["folded"][1], peaks["bias"][1], atol=2e-2, rtol=2e-2)
