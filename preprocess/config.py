@@ -85,6 +85,17 @@ class FeatureConfig(ConfigMethods):
         those runs had in effect (`BEFORE_FIELD`), not today's default."""
         return super().from_dict({**BEFORE_FIELD, **data})
 
+    def frame_shape_error(self, height: int, width: int) -> str | None:
+        """Why frames of this shape cannot be grounded, or None. Grounding DINO's image processor scales a frame
+        so that its long side is at most `grounding_long_side`; a frame more than that many times longer than it
+        is wide (or the reverse) would come out 0 px across, and the processor refuses it. SAM's input (1024 px
+        long, 64 in the tiny preset, rounded half up) keeps at least 1 px at those shapes."""
+        short, long = min(height, width), max(height, width)
+        if short < 1 or long > self.grounding_long_side * short:
+            return (f"frames of {width}x{height} are too narrow to ground: Grounding DINO's input is at most "
+                    f"{self.grounding_long_side} px long, so the aspect ratio can be at most {self.grounding_long_side}:1")
+        return None
+
     @property
     def num_frames(self) -> int:
         """Frames per clip; frame i covers [i, i+1) * window_seconds / num_frames."""

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,16 +31,23 @@ class Clip:
 
 
 def _index_videos(video_dir: Path) -> dict[str, Path]:
-    """File stem -> path for the videos in a folder (one directory scan, also for 200k files)."""
+    """File stem -> path for the videos in a folder (one directory scan, also for 200k files). Where several
+    files share a stem (x.mp4 and x.mov), the first by name is used, whatever order the directory lists them in,
+    and one warning line names them."""
     if not video_dir.is_dir():
         raise ManifestError(f"{video_dir}: video folder not found")
-    index: dict[str, Path] = {}
+    found: dict[str, list[str]] = {}
     with os.scandir(video_dir) as entries:
         for entry in entries:
             stem, suffix = os.path.splitext(entry.name)
             if suffix.lower() in VIDEO_SUFFIXES and entry.is_file():
-                index.setdefault(stem, Path(entry.path))
-    return index
+                found.setdefault(stem, []).append(entry.name)
+    shared = {stem: sorted(names) for stem, names in found.items() if len(names) > 1}
+    if shared:
+        examples = "; ".join(f"{names[0]} (not {', '.join(names[1:])})" for _, names in sorted(shared.items())[:3])
+        print(f"warning: {video_dir}: {len(shared)} clip id(s) have several video files; using the first by name: "
+              f"{examples}{' ...' if len(shared) > 3 else ''}", file=sys.stderr)
+    return {stem: video_dir / min(names) for stem, names in found.items()}
 
 
 def from_vggsound_csv(csv_path: Path, video_dir: Path) -> list[Clip]:

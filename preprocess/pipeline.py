@@ -115,6 +115,9 @@ class DecodeDataset(Dataset):
             return {"clip": clip, "error": ("video", str(error))}
         if len(video.frames) == 0:
             return {"clip": clip, "error": ("video", f"{clip.path}: no frame inside the window")}
+        shape_error = cfg.frame_shape_error(*video.frames.shape[1:3])
+        if shape_error is not None:
+            return {"clip": clip, "error": ("video", f"{clip.path}: {shape_error}")}
         try:
             waveform = decode_audio(clip.path, clip.start, cfg.window_seconds, cfg.sample_rate, cfg.audio_backend)
         except AudioDecodeError as error:

@@ -323,3 +323,35 @@ def test_features_made_with_the_fused_kernel_still_generate_where_it_cannot_run(
     assert code == 0, err
     assert (tmp_path / "out" / "a.wav").exists()
     assert "needs a CUDA device and the triton package (device cpu); grounding with the PyTorch path" in err
+
+
+def test_a_video_too_narrow_to_ground_is_one_line_and_the_others_go_on(run_dir, tmp_path, capsys):
+    sliver = media.make_video(tmp_path / "sliver.mp4", seconds=2.0, size=(16, 4000), audio=None)
+    normal = media.make_video(tmp_path / "normal.mp4", seconds=2.0, audio=None)
+    out = tmp_path / "out"
+    code = cli_main(["generate", str(sliver), str(normal), "--model", str(run_dir), "--out", str(out), "--steps", "2",
+                     "--caption", "dog", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {sliver}: frames of 16x4000 are too narrow to ground")
+    assert (out / "normal.mp4").exists() and not (out / "sliver.mp4").exists()
+
+
+def test_two_inputs_with_the_same_output_names_are_not_both_written(run_dir, tmp_path, capsys):
+    """a/x.mp4 and b/x.mp4 (the same names), x.mp4 and x.webm (the same WAV): the later one is one line and
+    exit code 1, the first keeps its outputs."""
+    first = media.make_video(tmp_path / "a" / "x.mp4", seconds=2.0, audio=None)
+    second = media.make_video(tmp_path / "b" / "x.mp4", seconds=2.0, audio=None)
+    webm = media.make_video(tmp_path / "b" / "y.webm", seconds=2.0, audio=None, codec="vp9")
+    other = media.make_video(tmp_path / "a" / "y.mp4", seconds=2.0, audio=None)
+    out = tmp_path / "out"
+    code = cli_main(["generate", str(first), str(second), str(other), str(webm), "--model", str(run_dir), "--out",
+                     str(out), "--steps", "2", "--caption", "dog", "--no-progress"])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 2
+    assert errors[0] == f"error: {second}: its output x.wav would overwrite that of {first}; rename one or give them separate --out folders"
+    assert errors[1].startswith(f"error: {webm}: its output y.wav would overwrite that of {other}")
+    assert sorted(p.name for p in out.iterdir()) == ["x.mp4", "x.wav", "y.mp4", "y.wav"]
+    assert "2 of 4 videos have sound" in captured.out

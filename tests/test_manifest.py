@@ -79,3 +79,15 @@ def test_clip_ids_that_share_a_sample_key_are_refused_naming_both(tmp_path):
     # the same id repeated (VGGSound's repeated rows) is no clash
     csv.write_text("abc,30,dog,train\nabc,30,dog,train\n")
     assert dedupe(from_vggsound_csv(csv, videos))[1] == 1
+
+
+def test_files_sharing_a_stem_give_one_clip_the_first_by_name_with_a_warning(tmp_path, capsys):
+    for name in ("x.mp4", "x.avi", "x.mov", "y.mp4", "z.MKV", "z.flv"):
+        (tmp_path / name).write_bytes(b"")
+    clips = {c.id: c.path for c in from_folder(tmp_path)}
+    assert clips == {"x": tmp_path / "x.avi", "y": tmp_path / "y.mp4", "z": tmp_path / "z.MKV"}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert "2 clip id(s) have several video files" in warnings[0] and "x.avi (not x.mov, x.mp4)" in warnings[0]
+    from_folder(tmp_path)  # the same choice every time, whatever order the directory lists its files in
+    assert {c.id: c.path for c in from_folder(tmp_path)} == clips

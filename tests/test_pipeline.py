@@ -46,6 +46,9 @@ def odd_media(tmp_path_factory) -> Path:
     media.make_zero_bytes(folder / "zero.mp4")
     media.make_not_video(folder / "text.mp4")
     media.make_audio_only(folder / "audioonly.mp4")
+    # 94:1 still fits the tiny preset's 96 px Grounding DINO input; 250:1 would be 0 px across
+    media.make_video(folder / "tall.mp4", seconds=2.0, size=(16, 1504), audio="tone")
+    media.make_video(folder / "sliver.mp4", seconds=2.0, size=(16, 4000), audio="tone")
     (folder / "captions.json").write_text(json.dumps({"good": "dog barking", "surround": "bell ringing and drum beating"}))
     return folder
 
@@ -62,7 +65,8 @@ def test_every_odd_file_is_processed_or_recorded(odd_media, tmp_path, capsys):
     all_ids = {p.stem for p in odd_media.iterdir() if p.suffix in {".mp4", ".webm"}}
     assert set(written) | set(failed) == all_ids and not set(written) & set(failed)
     assert len(written) == len(set(written))
-    assert {"good", "short", "silent", "surround", "portrait", "vfr", "vp9"} <= set(written)
+    assert {"good", "short", "silent", "surround", "portrait", "vfr", "vp9", "tall"} <= set(written)
+    assert failed["sliver"]["stage"] == "video" and "16x4000 are too narrow to ground" in failed["sliver"]["reason"]
     assert failed["noaudio"]["stage"] == "audio" and "no audio stream" in failed["noaudio"]["reason"]
     for broken in ("zero", "text", "audioonly"):
         assert failed[broken]["stage"] == "video" and broken in failed[broken]["reason"]

@@ -225,6 +225,10 @@ class SoundGenerator:
             raise GenerateError(f"{video}: zero duration")
         starts = window_starts(duration, cfg.window_seconds, self.options.overlap)
         decoded = [decode_frames(video, start, cfg.frame_times(), cfg.window_seconds, cfg.frame_short_side) for start in starts]
+        shapes = {tuple(d.frames.shape[1:3]) for d in decoded if len(d.frames)}
+        shape_errors = [error for height, width in shapes if (error := cfg.frame_shape_error(height, width))]
+        if shape_errors:
+            raise GenerateError(f"{video}: {shape_errors[0]}")
         frames = [d.frames for d in decoded]
         if caption:
             nouns = self.nouns(caption)
@@ -345,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Sound for every video given. A video that fails (unreadable input, or an output that cannot be written:
     folder, WAV, muxed copy) is one line on stderr naming it and the reason, and the remaining videos are still
-    tried; the exit code is 1 when any failed. Finished outputs of an earlier run are kept and skipped."""
+    tried; the exit code is 1 when any failed. Finished outputs of an earlier run are kept and skipped. Of two
+    videos that would write the same output names (a/x.mp4 and b/x.mp4 into one folder, or x.mp4 and x.webm, which
+    share x.wav), the later one fails that way and the first keeps its outputs."""
     from eval.generate import write_wav
 
     args = build_parser().parse_args(argv)
@@ -364,8 +370,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     failed = 0
+    claimed: dict[Path, Path] = {}  # output file -> the video of this call that writes it
     for video in tqdm(videos, unit="video", disable=args.no_progress, desc="generate"):
         out_video, out_wav = output_paths(video, options.out, many)
+        earlier = claimed.get(out_wav) or claimed.get(out_video)
+        if earlier is not None:  # a/x.mp4 and b/x.mp4, or x.mp4 and x.webm: the same output names
+            failed += 1
+            tqdm.write(f"error: {video}: its output {out_wav.name} would overwrite that of {earlier}; rename one "
+                       "or give them separate --out folders", file=sys.stderr)
+            continue
+        claimed |= {out_wav: video, out_video: video}
         if out_video.exists() and out_wav.exists():
             continue  # finished by an earlier run
         try:
