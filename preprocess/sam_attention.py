@@ -18,8 +18,8 @@ padded with zero channels to the same width: one head size for all three is what
 FLOPs: 3x the attention's in the global blocks, 1.5x in the windowed ones, against a bias tensor written and read
 once per block. Whether that is faster depends on the device: `benchmarks/gpu.sh` measures it
 (`stage_one.changes.sam_folded_rel_pos`, with peak memory), and `benchmarks/sam_attention.py` measures time and
-memory of one block on any device (on the 2-core CPU of benchmarks/RESULTS.md, float32, one frame: about the
-same time either way, 0.92-1.05x over two runs, and 1.3 GiB less peak memory in the global block).
+memory of one block on any device (on the idle 2-core CPU of benchmarks/RESULTS.md, float32, one frame: 0.95x
+the time in the global block and 0.86x in the windowed ones, and 1.3 GiB less peak memory in the global block).
 
 The logits are the same sums, up to the order of float32 accumulation; the one rounding that differs is the query
 scaled before the dot product instead of after (exact for head sizes that are powers of 4: ViT-B's 64).
