@@ -113,6 +113,17 @@ def peak_memory(device: torch.device, into: dict[str, Any], key: str = "peak_mem
         into[key] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
 
 
+@contextlib.contextmanager
+def without_sam(grounder: Any) -> Iterator[None]:
+    """The grounder with SAM detached inside the block (Grounding DINO's scores alone), put back after."""
+    sam = grounder.sam
+    grounder.sam = None
+    try:
+        yield
+    finally:
+        grounder.sam = sam
+
+
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on CUDA (the paper preset's mixed precision); nothing on the CPU."""
     if enabled and device.type == "cuda":
@@ -542,26 +553,24 @@ def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[
     few_count = sum(len(f) for f in few_frames)
 
     def grounding(batch_size: int) -> float:
-        sam, size = grounder.sam, grounder.batch
-        grounder.sam, grounder.batch = None, batch_size
+        size = grounder.batch
+        grounder.batch = batch_size
         try:
-            return frames_per_second(lambda: grounder.probabilities(few_frames, nouns[:2]), few_count)
+            with without_sam(grounder):
+                return frames_per_second(lambda: grounder.probabilities(few_frames, nouns[:2]), few_count)
         finally:
-            grounder.sam, grounder.batch = sam, size
+            grounder.batch = size
 
     def fused_deformable() -> dict[str, Any]:
         from preprocess import deformable
 
         if device.type != "cuda" or not deformable.available():
             return {"skipped": "the fused deformable attention kernel needs CUDA and triton"}
-        detector, sam = grounder.detector, grounder.sam
+        detector = grounder.detector
 
         def scores() -> torch.Tensor:
-            grounder.sam = None
-            try:
+            with without_sam(grounder):
                 return torch.cat([d.detector.flatten() for d in grounder.detections(few_frames, nouns[:2])])
-            finally:
-                grounder.sam = sam
 
         # as stage one does at start-up: a kernel that cannot build or disagrees stops here, before any frame
         deformable.check_kernel(device, next(detector.parameters()).dtype, deformable.kernel_layouts(detector.config))
@@ -579,6 +588,7 @@ def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[
                 "before": ("PyTorch grid_sample per level", before), "after": ("fused Triton kernel", after)}
 
     compare(out, "fused_deformable_attention", deadline, 25, log, fused_deformable)
+
     def folded_rel_pos() -> dict[str, Any]:
         from preprocess.sam_attention import use_folded_rel_pos, use_transformers_rel_pos
 
@@ -663,11 +673,8 @@ def per_model_costs(encoders: Any, batch: list[dict[str, Any]], nouns: list[list
     sam = grounder.sam
 
     def grounding_only() -> Any:
-        grounder.sam = None
-        try:
+        with without_sam(grounder):
             return grounder.probabilities(frames, nouns)
-        finally:
-            grounder.sam = sam
 
     jobs: dict[str, Callable[[], Any]] = {
         "clip": lambda: encoders.clip_encoder.encode_frames(torch.cat(frames)),
@@ -728,7 +735,7 @@ def grounding_profile(encoders: Any, batch: list[dict[str, Any]], nouns: list[li
             for name, (model, parts) in models.items():
                 stack.enter_context(grounding_cost.part_timers(model, {**parts, **details.get(name, {})},
                                                                seconds[name], device))
-            total = grounding_cost.timed(job, 1, device)
+            total, _ = timed(job, device)
         if best is None or total < best["total"]:
             best = {"total": total, "seconds": seconds}
     assert best is not None

@@ -32,6 +32,7 @@ from transformers.models.grounding_dino.modeling_grounding_dino import MultiScal
 from preprocess import deformable
 from preprocess.config import PRESETS
 from preprocess.encoders import Grounder
+from tests.test_sam_floor import _frames
 
 assert deformable.INTERPRETED
 report = {}
@@ -78,13 +79,7 @@ with torch.enable_grad():
 report["grad_path_equal"] = bool(torch.equal(graded.detach(), truth)) and graded.requires_grad
 
 # the tiny Grounding DINO end to end: the same detections either way
-def frames(seed):
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(3, 3, 4, 4, generator=generator)
-    image = torch.nn.functional.interpolate(coarse, size=(48, 64), mode="bilinear", align_corners=False)
-    return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-clips, nouns = [frames(1), frames(2)], [["dog", "guitar player"], ["car"]]
+clips, nouns = [_frames(3, 48, 64, seed=1), _frames(3, 48, 64, seed=2)], [["dog", "guitar player"], ["car"]]
 cfg = PRESETS["tiny"].replace(sam_floor=0.0)
 runs = {}
 for way in ("pytorch", "triton"):
