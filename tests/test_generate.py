@@ -355,3 +355,51 @@ def test_two_inputs_with_the_same_output_names_are_not_both_written(run_dir, tmp
     assert errors[1].startswith(f"error: {webm}: its output y.wav would overwrite that of {other}")
     assert sorted(p.name for p in out.iterdir()) == ["x.mp4", "x.wav", "y.mp4", "y.wav"]
     assert "2 of 4 videos have sound" in captured.out
+
+
+def decodable_end(path: Path) -> float:
+    """Where the last frame that decodes ends, by PyAV alone: its time plus one frame interval (10 fps clips)."""
+    import av
+
+    times = []
+    with av.open(str(path)) as container:
+        try:
+            times.extend(float(frame.time) for frame in container.decode(video=0))
+        except av.FFmpegError:
+            pass  # the damage: every frame before it counts
+    return max(times) + 0.1
+
+
+def test_windows_end_where_the_frames_end_not_where_the_header_says(tmp_path):
+    """A download cut short after an intact mp4 header announces 24 s; the frames stop about half-way. The windows
+    are laid out again over the frames that exist, and every one of them is full of frames."""
+    from preprocess.config import FeatureConfig
+    from vta_sam.generate import decode_windows
+
+    video = media.make_truncated(tmp_path / "cut.mp4", seconds=24.0, audio=None)
+    config = FeatureConfig()
+    claimed = 24.0
+    end = decodable_end(video)
+    assert 10.5 < end < 20  # more than one window, well short of the claim
+    duration, starts, decoded = decode_windows(video, claimed, config, overlap=2.0)
+    assert duration == pytest.approx(end, abs=1e-3)
+    assert starts == window_starts(duration, config.window_seconds, 2.0)
+    assert all(d.duration == pytest.approx(config.window_seconds) for d in decoded)
+    assert all(len(d.frames) == len(config.frame_times()) for d in decoded)
+
+    # a complete video keeps its duration and is decoded once per window
+    whole = media.make_video(tmp_path / "whole.mp4", seconds=24.0, audio=None)
+    duration, starts, decoded = decode_windows(whole, 24.0, config, overlap=2.0)
+    assert duration == 24.0 and starts == window_starts(24.0, config.window_seconds, 2.0)
+
+
+def test_a_video_cut_short_gets_sound_only_where_it_has_frames(run_dir, tmp_path, capsys):
+    video = media.make_truncated(tmp_path / "cut.mp4", seconds=6.0, audio=None)
+    end = decodable_end(video)
+    assert end < 5.0
+    out = tmp_path / "out"
+    code = cli_main(["generate", str(video), "--model", str(run_dir), "--out", str(out), "--steps", "2", "--caption", "dog",
+                     "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    wave, rate = soundfile.read(out / "cut.wav")
+    assert len(wave) == round(end * rate)

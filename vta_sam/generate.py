@@ -29,10 +29,13 @@ from common.devices import PRECISIONS, resolve_device, resolve_precision, tune_b
 from preprocess.config import FeatureConfig
 from preprocess.manifest import VIDEO_SUFFIXES
 from preprocess.nouns import NounCache, caption_nouns
-from preprocess.video import VideoDecodeError, decode_frames, probe_video
+from preprocess.video import DecodedFrames, VideoDecodeError, decode_frames, probe_video
 from train.speed import lower_precision_weights, speed_up
 
 VOCABULARY_FILE = Path(__file__).resolve().parents[1] / "preprocess" / "assets" / "vggsound_labels.txt"
+# a video whose frames end this much before the container's duration is cut there (below a frame interval even at 240
+# fps, and far above the rounding of timestamps: decord's are float32)
+END_TOLERANCE = 0.004
 NOUN_CHUNK = 16  # vocabulary nouns per Grounding DINO prompt (its text encoder takes 256 tokens at most)
 
 
@@ -113,6 +116,30 @@ def shortlist(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, siz
     texts = torch.nn.functional.normalize(text_embeddings.float(), dim=-1)
     best = (texts @ images.T).amax(1)  # (V,)
     return sorted(best.topk(min(size, len(best))).indices.tolist())
+
+
+def decode_windows(video: Path, duration: float, cfg: FeatureConfig, overlap: float) -> tuple[float, list[float], list[DecodedFrames]]:
+    """(duration, window starts, each window's frames): the windows cover the video's frames, and `duration`, the
+    length the audio gets, is where they end.
+
+    `duration` comes in as the container's claim, which can be more than the file holds: a download cut short
+    after an intact mp4 header still announces every frame, and a container's duration can be its longer audio
+    track's. The first window whose frames end before it should tells the real end; the windows are then laid out
+    again over that length (a window that keeps its start is not decoded twice), so no audio is made for seconds
+    without a picture."""
+    window = cfg.window_seconds
+    done: dict[float, DecodedFrames] = {}
+    while True:
+        starts = window_starts(duration, window, overlap)
+        for start in starts:
+            if start not in done:
+                done[start] = decode_frames(video, start, cfg.frame_times(), window, cfg.frame_short_side)
+            end = start + done[start].duration
+            if end < min(start + window, duration) - END_TOLERANCE:
+                break  # the frames stop at `end`
+        else:
+            return duration, starts, [done[start] for start in starts]
+        duration = end
 
 
 def feature_config(run: Path, train_config: Any) -> FeatureConfig:
@@ -223,8 +250,7 @@ class SoundGenerator:
         duration = probe_video(video)["duration"]
         if duration <= 0:
             raise GenerateError(f"{video}: zero duration")
-        starts = window_starts(duration, cfg.window_seconds, self.options.overlap)
-        decoded = [decode_frames(video, start, cfg.frame_times(), cfg.window_seconds, cfg.frame_short_side) for start in starts]
+        duration, starts, decoded = decode_windows(video, duration, cfg, self.options.overlap)
         shapes = {tuple(d.frames.shape[1:3]) for d in decoded if len(d.frames)}
         shape_errors = [error for height, width in shapes if (error := cfg.frame_shape_error(height, width))]
         if shape_errors:
