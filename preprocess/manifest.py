@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
 import re
 import sys
@@ -37,11 +39,19 @@ def _index_videos(video_dir: Path) -> dict[str, Path]:
     if not video_dir.is_dir():
         raise ManifestError(f"{video_dir}: video folder not found")
     found: dict[str, list[str]] = {}
+    unusable: list[str] = []  # named like a video but not a file: a broken link, a folder
     with os.scandir(video_dir) as entries:
         for entry in entries:
             stem, suffix = os.path.splitext(entry.name)
-            if suffix.lower() in VIDEO_SUFFIXES and entry.is_file():
-                found.setdefault(stem, []).append(entry.name)
+            if suffix.lower() in VIDEO_SUFFIXES:
+                if entry.is_file():
+                    found.setdefault(stem, []).append(entry.name)
+                else:
+                    unusable.append(entry.name)
+    if unusable:
+        unusable.sort()
+        print(f"warning: {video_dir}: {len(unusable)} entries named like videos are not files (a broken link or a "
+              f"folder) and are left out: {', '.join(unusable[:3])}{' ...' if len(unusable) > 3 else ''}", file=sys.stderr)
     shared = {stem: sorted(names) for stem, names in found.items() if len(names) > 1}
     if shared:
         examples = "; ".join(f"{names[0]} (not {', '.join(names[1:])})" for _, names in sorted(shared.items())[:3])
@@ -60,36 +70,47 @@ def from_vggsound_csv(csv_path: Path, video_dir: Path) -> list[Clip]:
         raise ManifestError(f"{csv_path}: CSV not found")
     index = _index_videos(video_dir)
     clips: list[Clip] = []
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        for line_number, row in enumerate(csv.reader(handle), start=1):
-            if not row or row[0].startswith("#") or (line_number == 1 and row[0].strip().lower() in {"youtube_id", "ytid", "id"}):
-                continue
-            if len(row) < 4:
-                raise ManifestError(f"{csv_path}:{line_number}: expected `youtube_id,start_seconds,label,split`, got {row}")
-            ytid, start_text, label, split = (field.strip() for field in row[:4])
-            try:
-                start = float(start_text)
-            except ValueError:
-                raise ManifestError(f"{csv_path}:{line_number}: start_seconds {start_text!r} is not a number") from None
-            if not SPLIT_NAME.match(split):
-                raise ManifestError(f"{csv_path}:{line_number}: split {split!r} must be letters, digits or '_'")
-            clip_id = f"{ytid}_{int(start):06d}"
-            if clip_id in index:
-                path, offset = index[clip_id], 0.0
-            elif ytid in index:
-                path, offset = index[ytid], start
-            else:
-                path, offset = None, 0.0
-            clips.append(Clip(clip_id, path, offset, label, label, split))
+    reader = csv.reader(io.StringIO(_read_text(csv_path), newline=""))  # a quoted label may hold a newline
+    for row in reader:
+        line_number = reader.line_num
+        if not row or row[0].startswith("#") or (line_number == 1 and row[0].strip().lower() in {"youtube_id", "ytid", "id"}):
+            continue
+        if len(row) < 4:
+            raise ManifestError(f"{csv_path}:{line_number}: expected `youtube_id,start_seconds,label,split`, got {row}")
+        ytid, start_text, label, split = (field.strip() for field in row[:4])
+        try:
+            start = float(start_text)
+        except ValueError:
+            start = math.nan
+        if not math.isfinite(start) or start < 0:
+            raise ManifestError(f"{csv_path}:{line_number}: start_seconds {start_text!r} is not a number of seconds >= 0")
+        if not SPLIT_NAME.match(split):
+            raise ManifestError(f"{csv_path}:{line_number}: split {split!r} must be letters, digits or '_'")
+        clip_id = f"{ytid}_{int(start):06d}"
+        if clip_id in index:
+            path, offset = index[clip_id], 0.0
+        elif ytid in index:
+            path, offset = index[ytid], start
+        else:
+            path, offset = None, 0.0
+        clips.append(Clip(clip_id, path, offset, label, label, split))
     check_sample_keys(clips, csv_path)
     return clips
 
 
+def _read_text(path: Path) -> str:
+    """A manifest's text: UTF-8, with or without the byte-order mark spreadsheet programs write."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+
+
 def _read_captions(captions_path: Path) -> dict[str, str]:
-    """A JSON object {stem: caption} or a CSV with rows `stem_or_filename,caption`."""
+    """A JSON object {stem: caption} or a CSV with rows `stem_or_filename,caption`. A JSON null is no caption."""
     if not captions_path.is_file():
         raise ManifestError(f"{captions_path}: captions file not found")
-    text = captions_path.read_text(encoding="utf-8")
+    text = _read_text(captions_path)
     if captions_path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -97,9 +118,12 @@ def _read_captions(captions_path: Path) -> dict[str, str]:
             raise ManifestError(f"{captions_path}: not valid JSON ({error})") from None
         if not isinstance(data, dict):
             raise ManifestError(f"{captions_path}: expected a JSON object mapping video name to caption")
-        return {Path(str(k)).stem: str(v) for k, v in data.items()}
+        bad = next((k for k, v in data.items() if v is not None and not isinstance(v, str)), None)
+        if bad is not None:
+            raise ManifestError(f"{captions_path}: the caption of {bad!r} is a {type(data[bad]).__name__}, not a string")
+        return {Path(str(k)).stem: v or "" for k, v in data.items()}
     captions = {}
-    for row in csv.reader(text.splitlines()):
+    for row in csv.reader(io.StringIO(text, newline="")):
         if len(row) >= 2 and not row[0].startswith("#"):
             captions[Path(row[0].strip()).stem] = row[1].strip()
     return captions
@@ -111,9 +135,24 @@ def from_folder(video_dir: Path, captions_path: Path | None = None, split: str =
         raise ManifestError(f"split {split!r} must be letters, digits or '_'")
     index = _index_videos(video_dir)
     captions = _read_captions(captions_path) if captions_path else {}
+    if captions_path:
+        _check_coverage(captions_path, captions, index)
     clips = [Clip(stem, path, 0.0, captions.get(stem, ""), captions.get(stem, ""), split) for stem, path in sorted(index.items())]
     check_sample_keys(clips, video_dir)
     return clips
+
+
+def _check_coverage(captions_path: Path, captions: dict[str, str], index: dict[str, Path]) -> None:
+    """One warning line for the videos the captions file leaves without a caption (their nouns are none, so
+    their object embedding is zero) and one for captions that name no video: both usually mean its names are
+    spelled differently from the files'."""
+    uncaptioned = sorted(stem for stem in index if not captions.get(stem))
+    unmatched = sorted(stem for stem in captions if stem not in index)
+    for names, what in ((uncaptioned, f"of {len(index)} videos have no caption there"),
+                        (unmatched, "captions name no video in the folder")):
+        if names:
+            print(f"warning: {captions_path}: {len(names)} {what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}",
+                  file=sys.stderr)
 
 
 def dedupe(clips: list[Clip]) -> tuple[list[Clip], int]:

@@ -91,3 +91,63 @@ def test_files_sharing_a_stem_give_one_clip_the_first_by_name_with_a_warning(tmp
     assert "2 clip id(s) have several video files" in warnings[0] and "x.avi (not x.mov, x.mp4)" in warnings[0]
     from_folder(tmp_path)  # the same choice every time, whatever order the directory lists its files in
     assert {c.id: c.path for c in from_folder(tmp_path)} == clips
+
+
+def test_manifests_from_spreadsheets_and_editors(tmp_path, capsys):
+    """A byte-order mark (as spreadsheet programs save CSV) is not part of the first id; a quoted label may hold
+    a comma or a newline, and the line numbers in errors stay those of the file."""
+    videos = tmp_path / "v"
+    videos.mkdir()
+    (videos / "abc_000030.mp4").write_bytes(b"x")
+    csv = tmp_path / "vgg.csv"
+    csv.write_text('\ufeffabc,30,"dog barking, then\na car",train\ndef,1,x,train\n', encoding="utf-8")
+    clips = {c.id: c for c in from_vggsound_csv(csv, videos)}
+    assert clips["abc_000030"].path == videos / "abc_000030.mp4"
+    assert clips["abc_000030"].label == "dog barking, then\na car"
+    csv.write_text('abc,30,"two\nlines",train\ndef,-1,x,train\n', encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"vgg.csv:3: start_seconds '-1' is not a number of seconds >= 0"):
+        from_vggsound_csv(csv, videos)
+    for start in ("nan", "inf", "1e400"):
+        csv.write_text(f"abc,{start},x,train\n")
+        with pytest.raises(ManifestError, match=r"vgg.csv:1: start_seconds"):
+            from_vggsound_csv(csv, videos)
+    csv.write_bytes(b"abc,30,caf\xe9,train\n")  # Latin-1, not UTF-8
+    with pytest.raises(ManifestError, match=r"vgg.csv: not UTF-8 text \(byte 10"):
+        from_vggsound_csv(csv, videos)
+
+
+def test_captions_json_values(tmp_path, capsys):
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        (tmp_path / name).write_bytes(b"x")
+    captions = tmp_path / "captions.json"
+    captions.write_text('\ufeff{"a": "dog", "b": null}', encoding="utf-8")
+    assert [c.caption for c in from_folder(tmp_path, captions)] == ["dog", "", ""]  # null is no caption, not "None"
+    captions.write_text(json.dumps({"a": "dog", "b": ["cat"]}))
+    with pytest.raises(ManifestError, match=r"captions.json: the caption of 'b' is a list, not a string"):
+        from_folder(tmp_path, captions)
+
+
+def test_captions_that_miss_the_videos_are_reported(tmp_path, capsys):
+    """Captions keyed by names that match no file (a typo, another naming scheme) would silently leave every
+    clip without nouns: one warning line for each side."""
+    for i in range(5):
+        (tmp_path / f"clip{i}.mp4").write_bytes(b"x")
+    captions = tmp_path / "captions.csv"
+    captions.write_text("clip0.mp4,a dog\nvideo_1,a cat\nvideo_2,a car\n")
+    clips = from_folder(tmp_path, captions)
+    assert [c.caption for c in clips] == ["a dog", "", "", "", ""]
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: {captions}: 4 of 5 videos have no caption there: clip1, clip2, clip3 ...",
+                   f"warning: {captions}: 2 captions name no video in the folder: video_1, video_2"]
+    captions.write_text("".join(f"clip{i},x\n" for i in range(5)))
+    from_folder(tmp_path, captions)
+    assert capsys.readouterr().err == ""
+
+
+def test_names_of_videos_that_are_not_files_are_reported(tmp_path, capsys):
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "gone.mp4").symlink_to(tmp_path / "missing.mp4")
+    (tmp_path / "folder.mkv").mkdir()
+    assert [c.id for c in from_folder(tmp_path)] == ["a"]
+    assert capsys.readouterr().err.strip() == (f"warning: {tmp_path}: 2 entries named like videos are not files (a broken "
+                                               "link or a folder) and are left out: folder.mkv, gone.mp4")
