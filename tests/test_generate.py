@@ -403,3 +403,53 @@ def test_a_video_cut_short_gets_sound_only_where_it_has_frames(run_dir, tmp_path
     assert code == 0, capsys.readouterr().err
     wave, rate = soundfile.read(out / "cut.wav")
     assert len(wave) == round(end * rate)
+
+
+def test_webm_outputs_and_paths_ffmpeg_could_misread(run_dir, tmp_path, capsys):
+    """--out x.webm: a VP9 video gets Opus sound (WebM holds no AAC); an H.264 one is refused before any sound is
+    made. Names with ':' or a leading '-' reach ffmpeg as files, not as a protocol or an option."""
+    vp9 = media.make_video(tmp_path / "in.webm", seconds=2.0, audio=None, codec="vp9")
+    h264 = media.make_video(tmp_path / "h.mp4", seconds=2.0, audio=None)
+    common = ["--model", str(run_dir), "--steps", "2", "--caption", "dog", "--no-progress"]
+    assert cli_main(["generate", str(vp9), "--out", str(tmp_path / "a" / "x.webm"), *common]) == 0
+    streams = {s["codec_type"]: s["codec_name"] for s in ffprobe(tmp_path / "a" / "x.webm")["streams"]}
+    assert streams == {"video": "vp9", "audio": "opus"}
+    capsys.readouterr()
+    assert cli_main(["generate", str(h264), "--out", str(tmp_path / "b" / "x.webm"), *common]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: {h264}: cannot write {tmp_path / 'b' / 'x.webm'} (WebM holds only "
+                                               "vp8, vp9, av1 video and this video is h264: name the output .mkv or .mp4)")
+    assert not (tmp_path / "b" / "x.wav").exists()
+
+    odd = [media.make_video(tmp_path / name, seconds=2.0, audio=None) for name in ("a:b.mp4", "-c.mp4")]
+    assert cli_main(["generate", *map(str, odd), "--out", str(tmp_path / "c"), *common]) == 0, capsys.readouterr().err
+    for video in odd:
+        assert video_stream_hash(tmp_path / "c" / video.name) == video_stream_hash(video)
+
+
+def test_lists_of_videos(run_dir, tmp_path, capsys):
+    """A .txt list: blank lines and '#' comments skipped, CRLF line ends read; a list that cannot be read stops
+    the run before any model loads; a folder without videos is one warning."""
+    video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
+    listing = tmp_path / "videos.txt"
+    listing.write_bytes(f"# the videos\r\n\r\n{video}\r\n{tmp_path / 'gone.mp4'}\r\n".encode())
+    common = ["--model", str(run_dir), "--steps", "2", "--caption", "dog", "--no-progress"]
+    assert cli_main(["generate", str(listing), "--out", str(tmp_path / "out"), *common]) == 1
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {tmp_path / 'gone.mp4'}: file not found"]
+    assert (tmp_path / "out" / "v.wav").exists()
+    assert cli_main(["generate", str(tmp_path / "nothing.txt"), *common]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nothing.txt'}: cannot read the list of videos (No such file or directory)"
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["generate", str(tmp_path / "empty"), "--out", str(tmp_path / "out2"), *common]) == 0
+    assert capsys.readouterr().err.startswith(f"warning: {tmp_path / 'empty'}: this folder names no video")
+
+
+def test_ffmpeg_error_reason():
+    from common.ffmpeg import error_reason
+
+    stderr = ("[webm @ 0x55f76b343000] Only VP8 or VP9 or AV1 video and Vorbis or Opus audio are supported for WebM.\n"
+              "Could not write header for output file #0 (incorrect codec parameters ?): Invalid argument\n"
+              "Error initializing output stream 0:1 -- \n")
+    assert error_reason(stderr) == "Only VP8 or VP9 or AV1 video and Vorbis or Opus audio are supported for WebM."
+    assert error_reason("x.mp4: No such file or directory\n") == "x.mp4: No such file or directory"
+    assert error_reason("") == "ffmpeg failed"

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import shards
 from common.devices import PRECISIONS, resolve_device, resolve_precision, tune_backends
+from common.ffmpeg import error_reason, file_url
 from preprocess.config import FeatureConfig
 from preprocess.manifest import VIDEO_SUFFIXES
 from preprocess.nouns import NounCache, caption_nouns
@@ -150,17 +151,27 @@ def feature_config(run: Path, train_config: Any) -> FeatureConfig:
     raise GenerateError(f"{run}: cannot find the stage-one configuration (model/features.json or the shards' meta.json)")
 
 
+WEBM_VIDEO_CODECS = ("vp8", "vp9", "av1")  # all that WebM holds, with Opus or Vorbis audio
+
+
+def container_problem(codec: str, out: Path) -> str | None:
+    """Why `out` cannot hold a copy of a video stream of `codec` (checked before any sound is made), else None."""
+    if out.suffix.lower() == ".webm" and codec not in WEBM_VIDEO_CODECS:
+        return f"WebM holds only {', '.join(WEBM_VIDEO_CODECS)} video and this video is {codec}: name the output .mkv or .mp4"
+    return None
+
+
 def mux(video: Path, wav: Path, out: Path) -> None:
-    """Copy the video stream bit for bit, replace every audio track by `wav` as AAC."""
+    """Copy the video stream bit for bit, replace every audio track by `wav`: AAC, or Opus in WebM."""
     tmp = out.with_name(out.stem + ".partial" + out.suffix)
-    command = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(video), "-i", str(wav), "-map", "0:v:0", "-map", "1:a:0",
-               "-c:v", "copy", "-c:a", "aac", "-b:a", "192k"]
+    webm = out.suffix.lower() == ".webm"
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", file_url(video), "-i", file_url(wav), "-map", "0:v:0", "-map", "1:a:0",
+               "-c:v", "copy", "-c:a", "libopus" if webm else "aac", "-b:a", "192k"]
     command += ["-movflags", "+faststart"] if out.suffix.lower() in {".mp4", ".mov", ".m4v"} else []
-    result = subprocess.run([*command, str(tmp)], capture_output=True, text=True)
+    result = subprocess.run([*command, file_url(tmp)], capture_output=True, text=True)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
-        reason = (result.stderr.strip().splitlines() or ["ffmpeg failed"])[-1]
-        raise GenerateError(f"{video}: cannot write {out} ({reason})")
+        raise GenerateError(f"{video}: cannot write {out} ({error_reason(result.stderr)})")
     tmp.replace(out)
 
 
@@ -332,15 +343,26 @@ def write_explanation(path: Path, waveform: np.ndarray, sample_rate: int, explai
 
 # ----------------------------------------------------------------------------------- command line
 def expand_inputs(paths: list[Path]) -> list[Path]:
-    """Files as given; folders contribute their videos (sorted); a .txt file lists one video per line."""
+    """Files as given; folders contribute their videos (sorted); a .txt file lists one video per line (paths relative
+    to the current folder; blank lines and lines starting with '#' are skipped). A list that cannot be read is a
+    GenerateError; a folder or list without videos, one warning line."""
     videos: list[Path] = []
     for path in paths:
         if path.is_dir():
-            videos.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES))
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
         elif path.suffix.lower() == ".txt":
-            videos.extend(Path(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+            try:
+                lines = path.read_text(encoding="utf-8-sig").splitlines()
+            except (OSError, UnicodeDecodeError) as error:
+                reason = error.strerror if isinstance(error, OSError) else f"not UTF-8 text, byte {error.start}"
+                raise GenerateError(f"{path}: cannot read the list of videos ({reason})") from None
+            found = [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
         else:
-            videos.append(path)
+            found = [path]
+        if not found:
+            kind = "folder" if path.is_dir() else "list"
+            print(f"warning: {path}: this {kind} names no video (suffixes {' '.join(VIDEO_SUFFIXES)})", file=sys.stderr)
+        videos.extend(found)
     return videos
 
 
@@ -388,13 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("ffmpeg") is None:
         print("error: ffmpeg not found (install Debian's ffmpeg: apt-get install ffmpeg)", file=sys.stderr)
         return 2
-    videos = expand_inputs(args.videos)
-    many = len(videos) > 1 or any(p.is_dir() for p in args.videos)
     try:
+        videos = expand_inputs(args.videos)
         generator = SoundGenerator(options)
     except GenerateError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    many = len(videos) > 1 or any(p.is_dir() for p in args.videos)
     failed = 0
     claimed: dict[Path, Path] = {}  # output file -> the video of this call that writes it
     for video in tqdm(videos, unit="video", disable=args.no_progress, desc="generate"):
@@ -409,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         if out_video.exists() and out_wav.exists():
             continue  # finished by an earlier run
         try:
+            problem = container_problem(probe_video(video)["codec"], out_video)
+            if problem:
+                raise GenerateError(f"{video}: cannot write {out_video} ({problem})")
             out_video.parent.mkdir(parents=True, exist_ok=True)
             waveform, explain = generator.audio(video, options.caption)
             write_wav(out_wav, waveform, generator.features.sample_rate)

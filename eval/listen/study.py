@@ -29,6 +29,7 @@ import numpy as np
 import soundfile
 
 import shards
+from common.ffmpeg import error_reason, file_url
 
 GROUND_TRUTH = "Ground-Truth"  # the system name of the reference, as in the paper's Table II
 ASPECTS = ("audio_quality", "semantic_alignment", "temporal_alignment", "overall_quality")
@@ -194,12 +195,11 @@ def _ffmpeg(arguments: list[str], out: Path, what: str) -> Path:
     """Run ffmpeg writing `out` under a temporary name, renamed when complete (a killed run leaves no half file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
-    command = [FFMPEG, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *arguments, "-f", "mp4", str(tmp)]
+    command = [FFMPEG, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *arguments, "-f", "mp4", file_url(tmp)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
-        lines = result.stderr.strip().splitlines()
-        raise RuntimeError(f"{what}: ffmpeg failed: {lines[-1] if lines else f'exit status {result.returncode}'}")
+        raise RuntimeError(f"{what}: ffmpeg failed: {error_reason(result.stderr)}")
     os.replace(tmp, out)
     return out
 
@@ -214,7 +214,7 @@ def cut_video(video: Path, start: float, duration: float, out: Path) -> Path:
     all versions of a clip have the same picture, bit for bit.
     """
     arguments = [
-        "-ss", f"{start:.6f}", "-i", str(video), "-t", f"{duration:.6f}", "-map", "0:v:0", "-an",
+        "-ss", f"{start:.6f}", "-i", file_url(video), "-t", f"{duration:.6f}", "-map", "0:v:0", "-an",
         "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2,format=yuv420p",
         "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-movflags", "+faststart",
     ]  # fmt: skip
@@ -225,7 +225,7 @@ def mux(picture: Path, audio: Path, duration: float, out: Path) -> Path:
     """Write `out`: the H.264 stream of `picture` (copied) with `audio` as AAC 128 kb/s, 48 kHz mono, padded with
     silence or cut to `duration` seconds, +faststart (the index first, so a browser starts playing at once)."""
     arguments = [
-        "-i", str(picture), "-i", str(audio), "-map", "0:v:0", "-map", "1:a:0", "-t", f"{duration:.6f}",
+        "-i", file_url(picture), "-i", file_url(audio), "-map", "0:v:0", "-map", "1:a:0", "-t", f"{duration:.6f}",
         "-c:v", "copy", "-af", "apad", "-c:a", "aac", "-b:a", "128k", "-ar", "48000", "-ac", "1",
         "-movflags", "+faststart",
     ]  # fmt: skip
