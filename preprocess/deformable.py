@@ -100,7 +100,12 @@ if triton is not None:
 
 class KernelError(ValueError):
     """The fused kernel cannot run here: no CUDA device or no triton, or Triton cannot build it, or it disagrees
-    with the PyTorch path. One line, naming the reason."""
+    with the PyTorch path. One line: the reason (`reason`), then what to do about it (`hint`) when given."""
+
+    def __init__(self, reason: str, hint: str = ""):
+        super().__init__(f"{reason}; {hint}" if hint else reason)
+        self.reason = reason
+        self.hint = hint
 
 
 # Triton's interpreter (TRITON_INTERPRET=1 when triton was imported) runs the kernel on CPU tensors, slowly: tests

@@ -56,6 +56,7 @@ ASSETS = Path(__file__).parent / "assets"
 TINY_CLIP_CONFIG = ASSETS / "vta-tiny-clip.json"  # registered with open_clip under its stem, "vta-tiny-clip"
 GROUNDING_DELIMITERS = ("[CLS]", "[SEP]", ".", "?")
 GIB = 1024**3
+PYTORCH_HINT = "use --deformable-attention pytorch"  # what to do when the fused kernel cannot run
 # Estimated peak CUDA memory per frame of one forward pass (half precision), used only to size the first frame
 # batch from the device's free memory. Grounding DINO Swin-T + SAM ViT-B at 800x1333 peaked at 53.8 GiB for 64
 # frames on an H200 (0.84 GiB a frame); the cost is taken as proportional to the input's pixels. CLIP ViT-L/14 at
@@ -494,11 +495,11 @@ class Grounder(_Batched, FrozenModule):
             if not (deformable.available() and (device.type == "cuda" or deformable.INTERPRETED)):
                 raise deformable.KernelError(
                     "deformable_attention 'triton' needs a CUDA device and the triton package "
-                    f"({'no triton' if deformable.triton is None else f'device {device}'}); use --deformable-attention pytorch")
+                    f"({'no triton' if deformable.triton is None else f'device {device}'})", PYTORCH_HINT)
             try:
                 deformable.check_kernel(device, half_dtype(cfg.half, device), deformable.kernel_layouts(detector.config))
             except deformable.KernelError as error:
-                raise deformable.KernelError(f"{error}; use --deformable-attention pytorch") from None
+                raise deformable.KernelError(error.reason, PYTORCH_HINT) from None
             deformable.use_fused_deformable_attention(detector)
         grounder = cls(detector, image_processor, tokenizer, image_size, sam, sam_image_processor, cfg.frame_batch,
                        checksum, sam_floor=cfg.sam_floor)

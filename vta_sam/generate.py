@@ -218,7 +218,7 @@ class SoundGenerator:
                 raise
             # how stage one sampled Grounding DINO's deformable attention is a speed choice of its machine (the
             # fused kernel gives the PyTorch path's numbers up to float16 rounding): here, what this one runs
-            print(f"warning: {str(error).split('; use ')[0]}; grounding with the PyTorch path", file=sys.stderr)
+            print(f"warning: {error.reason}; grounding with the PyTorch path", file=sys.stderr)
             self.features = self.features.replace(deformable_attention="pytorch")
             self.encoders = Encoders(self.features, weights, device, audio=False)
         try:
