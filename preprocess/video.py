@@ -41,6 +41,10 @@ class VideoDecodeError(Exception):
     """A clip whose frames cannot be read; the message is one line: `<file>: <reason>`."""
 
 
+class DecordRefused(Exception):
+    """A file decord is not given (its header would make decord end the process); PyAV reads it instead."""
+
+
 @dataclass(frozen=True)
 class DecodedFrames:
     """Frames at the requested times that lie inside the video, plus what the pipeline needs to pad."""
@@ -118,9 +122,41 @@ def _open_pyav(path: Path) -> av.container.InputContainer:
 
 
 # ----------------------------------------------------------------------------------- decord
+MAX_HEADER_FRAMES = 1 << 24  # 78 hours at 60 fps: a frame count above this in a header is not believed
+
+
+def _header_refused_by_decord(path: Path) -> str | None:
+    """Why decord must not open this file, else None. decord 0.6.0 sizes its frame index by the frame count the
+    header announces, and an absurd count ends the whole process (C++ std::bad_alloc, no exception to catch): an
+    AVI written to a pipe announces 2**30 frames. A count far above duration x fps, or above MAX_HEADER_FRAMES,
+    goes to PyAV instead, which reads frames as they come. Reads the header only (PyAV); a file PyAV cannot open
+    is left to decord."""
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.FFmpegError:
+        return None
+    with container:
+        if not container.streams.video:
+            return None
+        stream = container.streams.video[0]
+        frames = stream.frames  # 0: not in the header (Matroska, WebM)
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        if stream.duration is not None and stream.time_base is not None:
+            seconds = float(stream.duration * stream.time_base)
+        else:
+            seconds = (container.duration or 0) / av.time_base
+        plausible = 4 * seconds * fps + 1000 if seconds > 0 and fps > 0 else MAX_HEADER_FRAMES
+        if frames > min(plausible, MAX_HEADER_FRAMES):
+            return f"its header announces {frames} frames for {seconds:.1f} s at {fps:g} fps"
+    return None
+
+
 def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, short_side: int) -> DecodedFrames:
     import decord
 
+    refused = _header_refused_by_decord(path)
+    if refused:
+        raise DecordRefused(refused)
     # One thread: with more, decord 0.6.0 stops after ~11 frames of VP9 (dmlc/decord#246).
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
     try:

@@ -8,8 +8,10 @@ downscaled frame). Frame i of a constant-rate clip is presented at i / fps secon
 
 from __future__ import annotations
 
+import contextlib
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -55,6 +57,16 @@ def frame_index(frame: np.ndarray) -> int:
     return value
 
 
+class _Pipe:
+    """A write-only file object: to PyAV, an output it cannot seek in (a pipe)."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    def write(self, data: bytes) -> int:
+        return self.handle.write(data)
+
+
 def _write(
     path: Path,
     images: list[np.ndarray],
@@ -68,12 +80,18 @@ def _write(
     rotation: int = 0,
     faststart: bool = False,
     gop: int | None = None,
+    piped: bool = False,
 ) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     options = {"movflags": "+faststart"} if faststart else {}
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), "w", options=options) as container:
+    with contextlib.ExitStack() as stack:
+        if piped:  # through a sink that cannot seek, as `ffmpeg ... pipe:1 > file`: the muxer cannot go back to the header
+            handle = stack.enter_context(open(path, "wb"))
+            container = stack.enter_context(av.open(_Pipe(handle), "w", format=path.suffix.lstrip(".").lower()))
+        else:
+            container = stack.enter_context(av.open(str(path), "w", options=options))
         stream = container.add_stream({"h264": "libx264", "vp9": "libvpx-vp9"}[codec], rate=rate)
         assert isinstance(stream, av.VideoStream)
         stream.height, stream.width = images[0].shape[:2]
@@ -132,6 +150,7 @@ def make_video(
     faststart: bool = False,
     noise: bool = False,
     gop: int | None = None,
+    piped: bool = False,
 ) -> Path:
     """A constant-rate clip: round(seconds * fps) frames of `size` (W, H), frame i at i / fps carrying index i.
 
@@ -141,6 +160,8 @@ def make_video(
     Opus in .webm (Opus takes 8/12/16/24/48 kHz only: other rates become 48 kHz, as on YouTube).
     The video lasts round(seconds * fps) / fps seconds.
     gop: at most this many frames between keyframes (default: the encoder's, 250 for x264); noise: see index_image.
+    piped: written as `ffmpeg ... pipe:1 > file` writes it, the muxer unable to go back and fill in its header
+    (an .avi then announces 2**30 frames).
     """
     if channels not in LAYOUTS:
         raise ValueError(f"channels must be 1, 2 or 6, got {channels}")
@@ -149,7 +170,8 @@ def make_video(
     count = max(1, round(seconds * fps))
     images = [index_image(i, size, noise_seed=i if noise else None) for i in range(count)]
     return _write(
-        Path(path), images, None, fps, codec, audio, seconds, sample_rate, channels, faststart=faststart, gop=gop
+        Path(path), images, None, fps, codec, audio, seconds, sample_rate, channels, faststart=faststart, gop=gop,
+        piped=piped,
     )
 
 

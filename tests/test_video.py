@@ -202,3 +202,31 @@ def test_decord_runs_single_threaded(files: dict[str, Path], monkeypatch: pytest
     monkeypatch.setattr(decord, "VideoReader", spy)
     decode_frames(files["vp9"], 0.0, [0.5], WINDOW, 96, backend="decord")
     assert calls and calls[0].get("num_threads") == 1
+
+
+def test_a_header_that_would_end_the_process_in_decord_goes_to_pyav(tmp_path: Path) -> None:
+    """An AVI written to a pipe announces 2**30 frames, and decord 0.6.0 sizes its index by that count: a
+    std::bad_alloc that ends the whole process. Such a header is read by PyAV instead (decord forced: one line).
+    Run in a child process, so that a regression fails this test instead of ending the test run."""
+    import subprocess
+    import sys
+
+    video = media.make_video(tmp_path / "piped.avi", seconds=3.0, fps=10, piped=True)
+    with av.open(str(video)) as container:
+        assert container.streams.video[0].frames == 2**30
+    script = f"""
+from preprocess.video import VideoDecodeError, decode_frames
+times = [0.05, 1.05, 2.95, 3.5]
+result = decode_frames({str(video)!r}, 0.0, times, 10.24, 96)
+alone = decode_frames({str(video)!r}, 0.0, times, 10.24, 96, backend="pyav")
+print(result.backend, result.duration == alone.duration, (result.frames == alone.frames).all(), len(result.frames))
+try:
+    decode_frames({str(video)!r}, 0.0, times, 10.24, 96, backend="decord")
+except VideoDecodeError as error:
+    print(error)
+"""
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert child.returncode == 0, child.stderr[-500:]
+    lines = child.stdout.splitlines()
+    assert lines[0] == "pyav True True 3"
+    assert lines[1].startswith(f"{video}: decord cannot decode it (its header announces 1073741824 frames for ")
