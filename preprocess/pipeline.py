@@ -14,13 +14,14 @@ import dataclasses
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,9 @@ class DecodeDataset(Dataset):
         self.times = cfg.frame_times()
         self.front_end: MelFrontEnd | None = None
         self.owner = os.getpid()  # the process that iterates the DataLoader: workers die with it
+        # a folder where each worker notes the index of the clip it is decoding (a file named by its pid, emptied
+        # when the clip is done), so that a worker killed by a crash in the decoders names the file it died on
+        self.markers: Path | None = None
 
     def _exit_if_orphaned(self) -> None:
         """In a worker whose parent died (SIGKILL, OOM killer), exit at once instead of decoding on: nothing would
@@ -105,6 +109,16 @@ class DecodeDataset(Dataset):
         """{"clip", "frames": uint8 tensor (T, H, W, 3), "duration", "waveform": float32 array, "mel": float32
         tensor (1024, 64), "silent"}, or {"clip", "error": (stage, reason)}."""
         self._exit_if_orphaned()
+        if self.markers is None:
+            return self._decode(index)
+        marker = self.markers / str(os.getpid())
+        marker.write_text(str(index))
+        try:
+            return self._decode(index)
+        finally:
+            marker.write_text("")
+
+    def _decode(self, index: int) -> dict[str, Any]:
         clip = self.clips[index]
         cfg = self.cfg
         if clip.path is None:
@@ -170,6 +184,93 @@ def _worker_init(_: int) -> None:
     info = torch.utils.data.get_worker_info()
     if info is not None and isinstance(info.dataset, DecodeDataset):
         info.dataset._exit_if_orphaned()
+
+
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited unexpectedly")
+
+
+def _died_on(error: RuntimeError, markers: Path, iterator: Any) -> dict[int, str] | None:
+    """{index of the clip: reason} for the decoding workers `error` reports dead, from the notes they left in
+    `markers`; None when `error` is not a worker's death, or a worker died between clips (then it was not a file
+    that killed it: out of memory, a signal from outside)."""
+    match = _WORKER_DIED.search(str(error))
+    if match is None:
+        return None
+    exit_codes = {w.pid: w.exitcode for w in getattr(iterator, "_workers", [])}  # multiprocessing.Process objects
+    died: dict[int, str] = {}
+    for pid in (int(text) for text in match.group(1).replace(",", " ").split()):
+        try:
+            note = (markers / str(pid)).read_text().strip()
+        except OSError:
+            note = ""
+        if not note:
+            return None
+        code = exit_codes.get(pid)
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and -code in signal.Signals._value2member_map_
+               else f"exit code {code}" if code is not None else "it died")
+        died[int(note)] = (f"the decoding worker died while decoding this file ({how}): a crash in the video or audio "
+                           "decoder; were it the machine (out of memory), delete this line and run again")
+    return died
+
+
+def decode_clips(clips: list[Clip], cfg: FeatureConfig, tensors: bool, prefetch: int,
+                 markers: Path | None) -> Generator[dict[str, Any], None, None]:
+    """DecodeDataset's items for `clips`, in order, from `cfg.num_workers` worker processes (or this one).
+
+    A worker killed by a crash in a native decoder (a file that makes decord or FFmpeg abort or segfault) costs
+    only the clip it was decoding: that clip comes out as a failure naming the file, and the workers start again
+    on the clips after the last one delivered, so that a resumed run does not meet the same crash again. The
+    workers note what they decode in the folder `markers` (emptied first, removed at the end). Needs workers:
+    with num_workers 0 (or no `markers`) such a crash ends the process."""
+    if cfg.num_workers == 0:
+        markers = None
+    if markers is not None:
+        shutil.rmtree(markers, ignore_errors=True)  # a killed run's notes
+        markers.mkdir(parents=True)
+    remaining = clips
+    try:
+        while remaining:
+            dataset = DecodeDataset(remaining, cfg, tensors)
+            dataset.markers = markers
+            loader = DataLoader(
+                dataset,
+                batch_size=None,
+                shuffle=False,
+                num_workers=cfg.num_workers,
+                collate_fn=_identity,
+                worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
+                prefetch_factor=prefetch if cfg.num_workers > 0 else None,
+                persistent_workers=False,
+            )
+            iterator = iter(loader)
+            if markers is not None and threading.current_thread() is threading.main_thread():
+                # PyTorch's SIGCHLD handler raises a worker's death asynchronously, wherever this thread happens to
+                # be (in the encoders, half-way through handing samples to the writer); without it the death is
+                # raised by next() below (within MP_STATUS_CHECK_INTERVAL, 5 s), where it can be handled
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            delivered = 0
+            died: dict[int, str] | None = None
+            try:
+                while True:
+                    try:
+                        item = next(iterator)
+                    except StopIteration:
+                        return
+                    except RuntimeError as error:
+                        if markers is None or (died := _died_on(error, markers, iterator)) is None:
+                            raise
+                        break
+                    delivered += 1
+                    yield item
+            finally:
+                del iterator  # shuts its workers down
+            for index, reason in sorted(died.items()):
+                clip = remaining[index]
+                yield {"clip": clip, "error": ("video", f"{clip.path}: {reason}")}
+            remaining = [clip for index, clip in enumerate(remaining) if index >= delivered and index not in died]
+    finally:
+        if markers is not None:
+            shutil.rmtree(markers, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------- bookkeeping
@@ -461,9 +562,9 @@ class ShardSink:
 
 
 # ----------------------------------------------------------------------------------- the run
-def _batches(loader: DataLoader, size: int, on_failure: Any) -> Iterator[list[dict[str, Any]]]:
+def _batches(items: Iterator[dict[str, Any]], size: int, on_failure: Any) -> Iterator[list[dict[str, Any]]]:
     batch: list[dict[str, Any]] = []
-    for item in loader:
+    for item in items:
         if "error" in item:
             on_failure(item)
             continue
@@ -527,19 +628,11 @@ def run(
     tensors, why_not = shared_memory_room(cfg, prefetch)
     if not tensors:
         print(f"warning: {why_not}", file=sys.stderr)
-    loader = DataLoader(
-        DecodeDataset(todo, cfg, tensors),
-        batch_size=None,
-        shuffle=False,
-        num_workers=cfg.num_workers,
-        collate_fn=_identity,
-        worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
-        prefetch_factor=prefetch if cfg.num_workers > 0 else None,
-        persistent_workers=False,
-    )
     sink = ShardSink(out_dir, rank, cfg, threaded=threaded_writer)
+    sigchld = signal.getsignal(signal.SIGCHLD)  # decode_clips takes PyTorch's handler off while it runs
+    items = decode_clips(todo, cfg, tensors, prefetch, out_dir / f".decoding-{rank:03d}")
     try:
-        for batch in _batches(loader, cfg.batch_clips, record_failure):
+        for batch in _batches(items, cfg.batch_clips, record_failure):
             nouns = [nouns_of(item["clip"].caption) for item in batch]
             features = encoders.encode(batch, nouns)
             samples = []
@@ -557,6 +650,9 @@ def run(
     finally:
         # every sample handed to the sink is complete, so closing makes the shards in progress visible; only a
         # writer interrupted half-way through a sample drops its shard (ShardSink._write)
+        items.close()  # stops the decoding workers
+        if threading.current_thread() is threading.main_thread() and sigchld is not None:
+            signal.signal(signal.SIGCHLD, sigchld)
         try:
             summary.shards.extend(str(p) for p in sink.close())
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,7 +168,7 @@ def run_stage_one(videos: Path, out: Path, threaded: bool, captions: Path | None
     from preprocess.manifest import from_folder
     from preprocess.pipeline import run
 
-    cfg = PRESETS["tiny"].replace(num_workers=0, batch_clips=2, shard_max_samples=2, device="cpu", **overrides)
+    cfg = PRESETS["tiny"].replace(**{"num_workers": 0, "batch_clips": 2, "shard_max_samples": 2, "device": "cpu", **overrides})
     return run(cfg, from_folder(videos, captions), out, None, progress=False, threaded_writer=threaded)
 
 
@@ -468,3 +469,46 @@ def test_out_of_memory_at_one_frame_is_one_line_at_the_command_line(odd_media, t
     assert features_main(["--videos", str(odd_media), "--out", str(tmp_path / "shards"), *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: CUDA out of memory in Grounding DINO at 1 frame per pass (tried to allocate 2 GiB)"
+
+
+def test_a_file_that_crashes_a_decoding_worker_costs_only_that_clip(tmp_path, monkeypatch, capsys):
+    """A native decoder that aborts on one file (as decord did on AVIs written to a pipe) kills the worker decoding
+    it. That clip is recorded as failed, naming the file; every other clip is written once, as a run without the
+    file writes it; and running again resumes without meeting the crash."""
+    import resource
+
+    from preprocess import pipeline
+
+    videos = tmp_path / "videos"
+    for i in range(6):
+        media.make_video(videos / f"clip{i}.mp4", seconds=2.0, audio="tone")
+    real = pipeline.decode_frames
+
+    def crashing(path, *args, **kwargs):
+        if Path(path).name == "clip2.mp4":
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+            os.abort()  # in the worker process (forked: it has this patch)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "decode_frames", crashing)
+    summary = run_stage_one(videos, tmp_path / "out", threaded=True, num_workers=2)
+    assert summary.written == 5 and summary.failed == {"video": 1}
+    assert processed_ids(tmp_path / "out") == [f"clip{i}" for i in (0, 1, 3, 4, 5)]  # in order, none twice
+    reason = failures(tmp_path / "out")["clip2"]["reason"]
+    assert reason.startswith(f"{videos / 'clip2.mp4'}: the decoding worker died while decoding this file (killed by SIGABRT)")
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []  # the workers' notes are removed
+
+    others = tmp_path / "others"  # a run that never met the file writes the same samples
+    others.mkdir()
+    for i in (0, 1, 3, 4, 5):
+        shutil.copy(videos / f"clip{i}.mp4", others)
+    run_stage_one(others, tmp_path / "clean", threaded=True, num_workers=2)
+    crashed = {s["json"]["id"]: s for s in shards.iterate_samples(shards.list_shards(tmp_path / "out"))}
+    clean = {s["json"]["id"]: s for s in shards.iterate_samples(shards.list_shards(tmp_path / "clean"))}
+    assert sorted(crashed) == sorted(clean)
+    for key in clean:
+        for member in ("clip.npy", "probs.npy", "latent_mean.npy", "flac"):
+            assert np.array_equal(crashed[key][member], clean[key][member]), (key, member)
+
+    again = run_stage_one(videos, tmp_path / "out", threaded=True, num_workers=2)
+    assert again.written == 0 and again.resumed == 6 and not again.failed
