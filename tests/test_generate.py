@@ -453,3 +453,20 @@ def test_ffmpeg_error_reason():
     assert error_reason(stderr) == "Only VP8 or VP9 or AV1 video and Vorbis or Opus audio are supported for WebM."
     assert error_reason("x.mp4: No such file or directory\n") == "x.mp4: No such file or directory"
     assert error_reason("") == "ffmpeg failed"
+
+
+def test_a_video_never_replaces_itself_and_a_very_short_one_gets_sound(run_dir, tmp_path, capsys, monkeypatch):
+    """`--out .` in the video's own folder would write the copy with sound over the video: refused. A video shorter
+    than the first sampling time (one frame) is conditioned on that frame, also without a caption."""
+    video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio="tone")
+    before = video.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", str(run_dir), "--steps", "2", "--no-progress"]
+    assert cli_main(["generate", "v.mp4", "--out", ".", "--caption", "dog", *common]) == 1
+    assert capsys.readouterr().err.strip() == "error: v.mp4: its output would replace the video itself; give another --out"
+    assert video.read_bytes() == before and not (tmp_path / "v.wav").exists()
+
+    blink = media.make_video(tmp_path / "blink.mp4", seconds=0.1, audio=None)  # one frame, 0.1 s
+    assert cli_main(["generate", str(blink), "--out", str(tmp_path / "out"), *common]) == 0, capsys.readouterr().err
+    wave, rate = soundfile.read(tmp_path / "out" / "blink.wav")
+    assert len(wave) == round(0.1 * rate)

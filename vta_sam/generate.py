@@ -127,7 +127,8 @@ def decode_windows(video: Path, duration: float, cfg: FeatureConfig, overlap: fl
     after an intact mp4 header still announces every frame, and a container's duration can be its longer audio
     track's. The first window whose frames end before it should tells the real end; the windows are then laid out
     again over that length (a window that keeps its start is not decoded twice), so no audio is made for seconds
-    without a picture."""
+    without a picture. A video shorter than the first sampling time (half a frame slot) gets its first frame in
+    the first slot."""
     window = cfg.window_seconds
     done: dict[float, DecodedFrames] = {}
     while True:
@@ -135,6 +136,8 @@ def decode_windows(video: Path, duration: float, cfg: FeatureConfig, overlap: fl
         for start in starts:
             if start not in done:
                 done[start] = decode_frames(video, start, cfg.frame_times(), window, cfg.frame_short_side)
+                if not len(done[start].frames):  # shorter than the first sampling time: its first frame stands in
+                    done[start] = decode_frames(video, start, [0.0], window, cfg.frame_short_side)
             end = start + done[start].duration
             if end < min(start + window, duration) - END_TOLERANCE:
                 break  # the frames stop at `end`
@@ -428,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
                        "or give them separate --out folders", file=sys.stderr)
             continue
         claimed |= {out_wav: video, out_video: video}
+        if video.resolve() in (out_video.resolve(), out_wav.resolve()):  # `--out .` in the video's own folder
+            failed += 1
+            tqdm.write(f"error: {video}: its output would replace the video itself; give another --out", file=sys.stderr)
+            continue
         if out_video.exists() and out_wav.exists():
             continue  # finished by an earlier run
         try:
