@@ -88,8 +88,10 @@ def decode_audio(
 ) -> np.ndarray | None:
     """Float32 mono waveform of [start, start + duration) seconds of `path`, resampled to `sample_rate`.
 
-    Times are the audio stream's presentation timestamps (what PyAV's `frame.time` gives for video frames too,
-    so the two line up). Mono is the average of all channels (backend "pyav"). The result is shorter than
+    Times are on the video's clock: t = 0 is the presentation time of the video stream's first frame (as in
+    `preprocess.video`), so a window of frames and its window of audio are what a player shows and plays together,
+    also where the streams do not start together (an audio track that starts before the picture, a container
+    whose timestamps start at 3600 s, MPEG-TS). Without a video stream, t = 0 is the timestamps' zero. Mono is the average of all channels (backend "pyav"). The result is shorter than
     round(duration * sample_rate) when the file ends earlier, and empty when it ends before `start`; it is never
     padded at the end here. Returns None when the file has no audio stream; raises AudioDecodeError when the file
     cannot be opened or no audio at all can be decoded from it.
@@ -115,33 +117,49 @@ def decode_audio(
     return _decode_pyav(path, start, duration, sample_rate)
 
 
+def _video_clock(container: Any) -> float:
+    """Seconds of the timestamps at which the video's clock reads 0: the first video stream's start time (the
+    presentation time of its first frame), or 0 without a video stream or a start time."""
+    if not container.streams.video:
+        return 0.0
+    stream = container.streams.video[0]
+    if stream.start_time is None or stream.time_base is None:
+        return 0.0
+    return float(stream.start_time * stream.time_base)
+
+
 def _decode_pyav(path: str | Path, start: float, duration: float, sample_rate: int) -> np.ndarray | None:
-    seek_seconds = start - _PREROLL_SECONDS
-    timeline = _pyav_read(path, seek_seconds, start + duration)
-    if timeline is None:
+    read = _pyav_read(path, start - _PREROLL_SECONDS, start + duration, seek=True)
+    if read is None:
         return None
-    if seek_seconds > 0 and (timeline.origin is None or timeline.origin > round(start * timeline.rate)):
+    timeline, clock = read
+    if start - _PREROLL_SECONDS > 0 and (timeline.origin is None or timeline.origin > round((clock + start) * timeline.rate)):
         # Nothing after the seek (the window starts after the end?) or the seek landed after the window's start
         # (a coarse or broken index): decode from the beginning instead.
-        timeline = _pyav_read(path, 0.0, start + duration)
-        assert timeline is not None  # same file; without a seek, no audio raises
-    return timeline.cut(start, duration, sample_rate)
+        read = _pyav_read(path, 0.0, start + duration, seek=False)
+        assert read is not None  # same file; without a seek, no audio raises
+        timeline, clock = read
+    return timeline.cut(clock + start, duration, sample_rate)
 
 
-def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float) -> _Timeline | None:
-    """Decode the first audio stream at its own rate from `seek_seconds` to a little past `stop_seconds`.
+def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float, seek: bool) -> tuple[_Timeline, float] | None:
+    """Decode the first audio stream at its own rate from `seek_seconds` (with `seek`, else from the beginning) to a
+    little past `stop_seconds`, both on the video's clock; returns the timeline (absolute timestamps) and where the
+    video's clock starts on them (`_video_clock`).
 
     None without an audio stream; the timeline's origin is None when a seek found nothing to decode after it.
     """
     with _first_audio_stream(path) as (container, stream):
         if stream is None:
             return None
+        clock = _video_clock(container)
+        seek_seconds, stop_seconds = clock + seek_seconds, clock + stop_seconds
         timeline = _Timeline(stream.time_base)
-        if seek_seconds > 0 and stream.time_base is not None:
+        if seek and seek_seconds > 0 and stream.time_base is not None:
             try:
                 container.seek(int(seek_seconds / stream.time_base), stream=stream)
             except av.FFmpegError:  # unseekable: an empty timeline makes the caller decode from the beginning
-                return timeline
+                return timeline, clock
         # Only converts the sample format to float planar (AAC and Opus decode to it already: a passthrough).
         # Channels are averaged by us (FFmpeg's 'mono' downmix is weighted) and the rate changed once at the end:
         # FFmpeg's resampler costs a filter-graph call per frame, which made decoding 3x slower.
@@ -163,11 +181,11 @@ def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float) -> _T
             if timeline.cursor is None:
                 raise AudioDecodeError(path, error) from None
             logger.warning("%s: audio ends early at %.2f s (%s)", path, timeline.cursor / timeline.rate, error)
-        if timeline.cursor is None and (seek_seconds <= 0 or bad_packets):
+        if timeline.cursor is None and (not seek or seek_seconds <= 0 or bad_packets):
             raise AudioDecodeError(path, f"{bad_packets} corrupt packets" if bad_packets else "no audio frames")
         if bad_packets:
             logger.warning("%s: skipped %d corrupt audio packets", path, bad_packets)
-        return timeline
+        return timeline, clock
 
 
 class _Timeline:
@@ -196,8 +214,10 @@ class _Timeline:
         if len(planes) > 1:
             mono /= len(planes)
         position = self.cursor
-        if frame.pts is not None and self.time_base is not None:  # integer maths: Fractions cost ~10 us a frame
-            position = round(frame.pts * self.time_base.numerator * self.rate / self.time_base.denominator)
+        # the frame's own time base: a converted frame's pts count samples (1/rate), not the stream's units
+        time_base = frame.time_base or self.time_base
+        if frame.pts is not None and time_base is not None:  # integer maths: Fractions cost ~10 us a frame
+            position = round(frame.pts * time_base.numerator * self.rate / time_base.denominator)
         if self.cursor is None:
             self.origin = self.cursor = position or 0
         elif position is not None and abs(position - self.cursor) > _JITTER_SECONDS * self.rate:

@@ -288,8 +288,9 @@ def decode_frames(
 
 def probe_video(path: str | Path) -> dict[str, Any]:
     """Container facts via PyAV: duration (s), fps, width/height as displayed (after rotation), rotation
-    (counter-clockwise degrees in {0, 90, 180, 270}), codec name, has_audio. Decodes one frame (the
-    rotation lives in the display matrix that FFmpeg attaches to decoded frames)."""
+    (counter-clockwise degrees in {0, 90, 180, 270}), codec name, has_audio, and start: the timestamp (s) of the
+    video stream's first frame, t = 0 of `decode_frames` (not 0 where another stream starts earlier, or where the
+    timestamps start at 3600 s). Decodes one frame (the rotation lives in the display matrix that FFmpeg attaches to decoded frames)."""
     path = Path(path)
     _check_file(path)
     with _open_pyav(path) as container:
@@ -312,7 +313,11 @@ def probe_video(path: str | Path) -> dict[str, Any]:
         width, height = stream.codec_context.width, stream.codec_context.height
         if rotation in (90, 270):
             width, height = height, width
+        start = 0.0
+        if stream.start_time is not None and stream.time_base is not None:
+            start = float(stream.start_time * stream.time_base)
         return {
+            "start": start,
             "duration": duration,
             "fps": float(stream.average_rate or stream.guessed_rate or 0.0),
             "width": width,

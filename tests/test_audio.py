@@ -6,6 +6,7 @@ independent numpy/librosa references of AudioLDM's wav_to_fbank.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -32,9 +33,10 @@ def write_media(
     codec: str = "aac",
     video_seconds: float = 0.0,
     audio_delay: float = 0.0,
+    video_delay: float = 0.0,
 ) -> Path:
     """Write `audio` (channels, samples) with `codec`, starting at `audio_delay` s, and, if video_seconds > 0,
-    a small video track starting at 0."""
+    a small 10 fps video track starting at `video_delay` s."""
     with av.open(str(path), "w") as container:
         video = None
         audio_stream: av.AudioStream | None = None
@@ -49,7 +51,9 @@ def write_media(
         if video is not None:
             for i in range(round(video_seconds * 10)):
                 image = np.full((32, 32, 3), (i * 23) % 256, dtype=np.uint8)
-                container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                frame.pts, frame.time_base = i + round(video_delay * 10), Fraction(1, 10)
+                container.mux(video.encode(frame))
             container.mux(video.encode())
         if audio is not None and audio_stream is not None:
             for i in range(0, audio.shape[1], 1024):
@@ -259,6 +263,43 @@ def test_audio_stream_starting_late_is_preceded_by_zeros(tmp_path: Path) -> None
     assert np.abs(waveform[: round(0.95 * SR)]).max() == 0.0
     shifted = np.concatenate([waveform[SR:], np.zeros(SR, dtype=np.float32)])  # the clicks' own time axis
     assert max(abs(o) for o in click_offsets(shifted[: 3 * SR], 0.0)) <= 0.001 * SR
+
+
+@pytest.mark.parametrize("codec", ["pcm_s16le", "flac", "mp2"])
+def test_codecs_that_decode_to_other_sample_formats_stay_in_place(tmp_path: Path, codec: str) -> None:
+    """PCM, FLAC and MP2 decode to integer or interleaved samples that are converted to float planar first; the
+    converted frames count time in samples, not in the stream's units (Matroska: ms): every click in place."""
+    path = write_media(tmp_path / f"{codec}.mkv", clicks(44100, 12.0, 2), 44100, codec, video_seconds=12.0)
+    waveform = decode_audio(path, 0.0, 10.24)
+    assert waveform is not None and waveform.shape == (round(10.24 * SR),)
+    assert max(abs(o) for o in click_offsets(waveform, 0.0)) <= 0.001 * SR
+    later = decode_audio(path, 3.3, 5.0)
+    assert later is not None and max(abs(o) for o in click_offsets(later, 3.3)) <= 0.001 * SR
+
+
+@pytest.mark.parametrize(("suffix", "audio_delay", "video_delay"),
+                         [(".mkv", 0.0, 1.3), (".mp4", 0.0, 1.3), (".mkv", 3600.0, 3600.0), (".mkv", 0.7, 0.0)])
+def test_audio_is_on_the_videos_clock(tmp_path: Path, suffix: str, audio_delay: float, video_delay: float) -> None:
+    """t = 0 is the first video frame, as for the frames: a picture that starts 1.3 s after the sound, timestamps
+    that start at 3600 s, a sound that starts 0.7 s after the picture (the clicks are 1 s apart: the offsets are
+    not whole seconds). Each click comes where a player plays it against the picture."""
+    path = write_media(tmp_path / f"clock{suffix}", clicks(44100, 8.0, 2), 44100, "aac", video_seconds=8.0,
+                       audio_delay=audio_delay, video_delay=video_delay)
+    with av.open(str(path)) as container:  # the file holds the offset the test means
+        streams = {s.type: s for s in container.streams}
+        video_start = float(streams["video"].start_time * streams["video"].time_base)
+        audio_start = float(streams["audio"].start_time * streams["audio"].time_base)
+    assert video_start - audio_start == pytest.approx(video_delay - audio_delay, abs=0.05)
+    shift = audio_start - video_start  # where the audio's time 0 is on the video's clock
+    for start in (0.0, 2.2):
+        waveform = decode_audio(path, start, 4.0)
+        assert waveform is not None
+        on_audio_clock = start - shift  # the window's start in the clicks' own time
+        if on_audio_clock < 0:  # before the sound starts: zeros, then the clicks
+            lead = round(-on_audio_clock * SR)
+            assert np.abs(waveform[: lead - round(0.05 * SR)]).max() == 0.0
+            waveform, on_audio_clock = waveform[lead:], 0.0
+        assert max(abs(o) for o in click_offsets(waveform, on_audio_clock)) <= 0.002 * SR
 
 
 def test_corrupt_packets_are_skipped_and_later_audio_stays_in_place(media: dict[str, Path], tmp_path: Path) -> None:

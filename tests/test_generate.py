@@ -470,3 +470,21 @@ def test_a_video_never_replaces_itself_and_a_very_short_one_gets_sound(run_dir, 
     assert cli_main(["generate", str(blink), "--out", str(tmp_path / "out"), *common]) == 0, capsys.readouterr().err
     wave, rate = soundfile.read(tmp_path / "out" / "blink.wav")
     assert len(wave) == round(0.1 * rate)
+
+
+def test_the_new_sound_starts_with_the_picture(run_dir, tmp_path, capsys):
+    """The input's old audio starts 1.3 s before its picture: the generated track (made on the picture's clock)
+    starts where the picture does in the output, not at the file's first timestamp."""
+    from tests.test_audio import clicks, write_media
+
+    video = write_media(tmp_path / "late_picture.mkv", clicks(44100, 6.0, 2), 44100, "aac", video_seconds=4.0,
+                        video_delay=1.3)
+    out = tmp_path / "out"
+    assert cli_main(["generate", str(video), "--model", str(run_dir), "--out", str(out), "--steps", "2", "--caption",
+                     "dog", "--no-progress"]) == 0, capsys.readouterr().err
+    source = {s["codec_type"]: float(s["start_time"]) for s in ffprobe(video)["streams"]}
+    assert source["video"] - source["audio"] > 1.25
+    starts = {s["codec_type"]: float(s["start_time"]) for s in ffprobe(out / "late_picture.mkv")["streams"]}
+    assert starts["video"] == pytest.approx(source["video"], abs=0.01)  # the picture's timing is kept
+    # AAC's encoder delay (1024 samples at 16 kHz) is stored as a start 64 ms early: its first samples are not sound
+    assert -0.07 <= starts["audio"] - starts["video"] <= 0.005
