@@ -123,6 +123,9 @@ def _open_pyav(path: Path) -> av.container.InputContainer:
 
 # ----------------------------------------------------------------------------------- decord
 MAX_HEADER_FRAMES = 1 << 24  # 78 hours at 60 fps: a frame count above this in a header is not believed
+# Containers whose frames decord 0.6.0 returns at the wrong times (it seeks by byte position and ignores their
+# clock's start): MPEG-TS (.ts, .m2ts, also when named .mp4) gave frames 16, 21, ... 46, 45, 43 for 0, 5, ... 55
+DECORD_MISPLACED_FORMATS = {"mpegts", "mpeg", "mpegvideo"}
 
 
 def _header_refused_by_decord(path: Path) -> str | None:
@@ -138,6 +141,8 @@ def _header_refused_by_decord(path: Path) -> str | None:
     with container:
         if not container.streams.video:
             return None
+        if set(container.format.name.split(",")) & DECORD_MISPLACED_FORMATS:
+            return f"decord misplaces the frames of {container.format.name} (MPEG program and transport streams)"
         stream = container.streams.video[0]
         frames = stream.frames  # 0: not in the header (Matroska, WebM)
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
@@ -164,9 +169,13 @@ def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, s
         fps = float(reader.get_avg_fps())
         stamps = np.asarray(reader.get_frame_timestamp(np.arange(count)), dtype=np.float64)  # (count, [begin, end]) s
         begins = stamps[:, 0]
+        if begins[0] < -EPSILON:
+            # frames before t = 0 are an edit list's lead-in, there only to decode what follows; decord returns
+            # them in the place of later ones (frame 26 for 13 after `ffmpeg -ss 1.3 -c copy`): PyAV applies the list
+            raise DecordRefused(f"an edit list starts the video {-begins[0]:.2f} s into its frames")
         last_end = stamps[-1, 1] if stamps[-1, 1] > stamps[-1, 0] else stamps[-1, 0] + 1.0 / max(fps, 1e-6)
         duration = _available(path, start, float(last_end), window)
-        valid = times[times < duration]
+        valid = times[times < duration - EPSILON]  # as in _decode_pyav
         # The frame on screen at start + t: the last one that began at or before it (the first one before that).
         indices = np.clip(np.searchsorted(begins, start + valid + EPSILON, side="right") - 1, 0, count - 1)
         if indices.size:
@@ -236,7 +245,8 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
             reason = f"no frame could be decoded ({damage})" if damage else "no frame could be decoded"
             raise VideoDecodeError(f"{path}: {reason}")
         duration = _available(path, start, last_end, window)
-        n_valid = int(np.count_nonzero(times < duration))
+        # less EPSILON: with timestamps from 3600 s, 3605.9 - 3600 + 0.1 is 6.000000000000091, not 6
+        n_valid = int(np.count_nonzero(times < duration - EPSILON))
         while len(picked) < n_valid:  # times after the last frame's start but before its end
             if previous_rgb is None:
                 previous_rgb = _rgb(previous)

@@ -230,3 +230,41 @@ except VideoDecodeError as error:
     lines = child.stdout.splitlines()
     assert lines[0] == "pyav True True 3"
     assert lines[1].startswith(f"{video}: decord cannot decode it (its header announces 1073741824 frames for ")
+
+
+def test_files_whose_frames_decord_misplaces_go_to_pyav(tmp_path: Path) -> None:
+    """MPEG-TS (also when named .mp4) and an mp4 cut with `ffmpeg -ss 1.3 -c copy` (an edit list: the frames from
+    the keyframe before 1.3 s are stored, those before 1.3 s only to decode what follows): decord 0.6.0 returns
+    the wrong frames for both, so `auto` reads them with PyAV and gets the frame shown at each time."""
+    import shutil
+    import subprocess
+
+    times = [0.05, 0.55, 1.25, 2.95]
+    transport = media.make_video(tmp_path / "clip.ts", seconds=4.0, fps=10, audio=None)
+    renamed = shutil.copy(transport, tmp_path / "transport.mp4")
+    for path in (transport, Path(renamed)):
+        result = decode_frames(path, 0.0, times, WINDOW, 96)
+        assert result.backend == "pyav"
+        assert [media.frame_index(f) for f in result.frames] == [0, 5, 12, 29]
+
+    source = media.make_video(tmp_path / "gop.mp4", seconds=6.0, fps=10, audio=None, gop=10)
+    cut = tmp_path / "cut.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-ss", "1.3", "-i", str(source), "-c", "copy", str(cut)], check=True)
+    result = decode_frames(cut, 0.0, times, WINDOW, 96)
+    assert result.backend == "pyav"
+    assert [media.frame_index(f) for f in result.frames] == [13, 18, 25, 42]
+    assert result.duration == pytest.approx(4.7, abs=1e-3)
+
+
+def test_timestamps_far_from_zero_give_no_frame_past_the_end(tmp_path: Path) -> None:
+    """PyAV's frame times minus a start of 3600 s are off by ~1e-13 (6.000000000000091 for 6): the time 6.0 is
+    still past the end of a 6 s video, for both backends."""
+    import subprocess
+
+    source = media.make_video(tmp_path / "v.mp4", seconds=6.0, fps=10, audio=None)
+    late = tmp_path / "late.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(source), "-c", "copy", "-output_ts_offset", "3600", str(late)],
+                   check=True)
+    for backend in BACKENDS:
+        result = decode_frames(late, 0.0, [0.5, 5.95, 6.0, 6.5], WINDOW, 96, backend=backend)
+        assert [media.frame_index(f) for f in result.frames] == [5, 59], backend
