@@ -14,7 +14,8 @@ from pathlib import Path
 
 from shards import ShardFormatError, sample_key
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts",
+                  ".3gp", ".ogv", ".wmv")
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # split names become shard file names: {split}-{rank}-{index}.tar
 
 

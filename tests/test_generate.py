@@ -488,3 +488,14 @@ def test_the_new_sound_starts_with_the_picture(run_dir, tmp_path, capsys):
     assert starts["video"] == pytest.approx(source["video"], abs=0.01)  # the picture's timing is kept
     # AAC's encoder delay (1024 samples at 16 kHz) is stored as a start 64 ms early: its first samples are not sound
     assert -0.07 <= starts["audio"] - starts["video"] <= 0.005
+
+
+def test_containers_that_take_no_aac_become_matroska():
+    from vta_sam.generate import container_problem, output_paths
+
+    out = Path("out")
+    assert output_paths(Path("v/a.mpg"), out, many=True) == (out / "a.mkv", out / "a.wav")
+    assert output_paths(Path("v/a.ogv"), out, many=True) == (out / "a.mkv", out / "a.wav")
+    assert output_paths(Path("v/a.ts"), out, many=True) == (out / "a.ts", out / "a.wav")  # MPEG-TS takes AAC
+    assert container_problem("mpeg2video", Path("x.mpg")) == ".mpg holds no AAC audio: name the output .mkv"
+    assert container_problem("mpeg2video", Path("x.mkv")) is None

@@ -155,12 +155,17 @@ def feature_config(run: Path, train_config: Any) -> FeatureConfig:
 
 
 WEBM_VIDEO_CODECS = ("vp8", "vp9", "av1")  # all that WebM holds, with Opus or Vorbis audio
+# containers that take no AAC: an input in one of them gets its copy with sound as Matroska
+NO_AAC_SUFFIXES = (".mpg", ".mpeg", ".ogv", ".wmv")
 
 
 def container_problem(codec: str, out: Path) -> str | None:
     """Why `out` cannot hold a copy of a video stream of `codec` (checked before any sound is made), else None."""
-    if out.suffix.lower() == ".webm" and codec not in WEBM_VIDEO_CODECS:
+    suffix = out.suffix.lower()
+    if suffix == ".webm" and codec not in WEBM_VIDEO_CODECS:
         return f"WebM holds only {', '.join(WEBM_VIDEO_CODECS)} video and this video is {codec}: name the output .mkv or .mp4"
+    if suffix in NO_AAC_SUFFIXES:
+        return f"{suffix} holds no AAC audio: name the output .mkv"
     return None
 
 
@@ -184,10 +189,11 @@ def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0) -> None:
 
 def output_paths(video: Path, out: Path, many: bool) -> tuple[Path, Path]:
     """(video with sound, wav). `--out` is a folder, or with one input a file name ending in a video suffix.
-    The copy keeps the input's container, except WebM (whose audio must be Vorbis/Opus): Matroska instead."""
+    The copy keeps the input's container, except WebM (whose audio must be Vorbis/Opus) and those that take no AAC
+    (MPEG program streams, Ogg, ASF): Matroska instead."""
     if not many and out.suffix.lower() in VIDEO_SUFFIXES:
         return out, out.with_suffix(".wav")
-    suffix = ".mkv" if video.suffix.lower() == ".webm" else video.suffix.lower()
+    suffix = ".mkv" if video.suffix.lower() in (".webm", *NO_AAC_SUFFIXES) else video.suffix.lower()
     return out / f"{video.stem}{suffix}", out / f"{video.stem}.wav"
 
 
