@@ -206,8 +206,12 @@ def _died_on(error: RuntimeError, markers: Path, iterator: Any) -> dict[int, str
         if not note:
             return None
         code = exit_codes.get(pid)
-        how = (f"killed by {signal.Signals(-code).name}" if code is not None and -code in signal.Signals._value2member_map_
-               else f"exit code {code}" if code is not None else "it died")
+        how = "it died" if code is None else f"exit code {code}"
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:  # a real-time signal without a name
+                how = f"killed by signal {-code}"
         died[int(note)] = (f"the decoding worker died while decoding this file ({how}): a crash in the video or audio "
                            "decoder; were it the machine (out of memory), delete this line and run again")
     return died
@@ -224,12 +228,12 @@ def decode_clips(clips: list[Clip], cfg: FeatureConfig, tensors: bool, prefetch:
     with num_workers 0 (or no `markers`) such a crash ends the process."""
     if cfg.num_workers == 0:
         markers = None
-    if markers is not None:
-        shutil.rmtree(markers, ignore_errors=True)  # a killed run's notes
-        markers.mkdir(parents=True)
     remaining = clips
     try:
         while remaining:
+            if markers is not None:  # notes of a killed run, or of the workers before a crash (indices of other lists)
+                shutil.rmtree(markers, ignore_errors=True)
+                markers.mkdir(parents=True)
             dataset = DecodeDataset(remaining, cfg, tensors)
             dataset.markers = markers
             loader = DataLoader(
