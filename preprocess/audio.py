@@ -118,12 +118,12 @@ def decode_audio(
 
 
 def _video_clock(container: Any) -> float:
-    """Seconds of the timestamps at which the video's clock reads 0: the first video stream's start time (the
-    presentation time of its first frame), or 0 without a video stream or a start time."""
-    if not container.streams.video:
-        return 0.0
-    stream = container.streams.video[0]
-    if stream.start_time is None or stream.time_base is None:
+    """Seconds of the timestamps at which the video's clock reads 0: the video stream's start time (the
+    presentation time of its first frame; `preprocess.video.video_stream`), or 0 without one or a start time."""
+    from preprocess.video import video_stream
+
+    stream = video_stream(container)
+    if stream is None or stream.start_time is None or stream.time_base is None:
         return 0.0
     return float(stream.start_time * stream.time_base)
 

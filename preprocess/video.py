@@ -20,6 +20,7 @@ decoding; decord's own resize (`width=`/`height=`) is not used because decord 0.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,19 +57,46 @@ class DecodedFrames:
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _target_size(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """(H, W) with the short side at most `short_side`, aspect ratio kept, never larger than the input."""
-    scale = short_side / min(height, width)
-    if scale >= 1.0:
-        return height, width
-    return max(1, round(height * scale)), max(1, round(width * scale))
+def _target_size(height: int, width: int, short_side: int, stretch: tuple[float, float] = (1.0, 1.0)) -> tuple[int, int]:
+    """(H, W) of the frame as displayed, with the short side at most `short_side`, never larger than displayed.
+    stretch: (vertical, horizontal) factors from stored to displayed pixels (the pixel aspect ratio of anamorphic
+    video: 720x480 at 32:27 is displayed 853x480)."""
+    height_shown, width_shown = height * stretch[0], width * stretch[1]
+    scale = min(1.0, short_side / min(height_shown, width_shown))
+    return max(1, round(height_shown * scale)), max(1, round(width_shown * scale))
 
 
 def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if frame.shape[:2] == size:
         return np.ascontiguousarray(frame)
-    # INTER_AREA averages the source pixels under each output pixel: no aliasing when shrinking.
-    return cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    # INTER_AREA averages the source pixels under each output pixel: no aliasing when shrinking. An anamorphic
+    # frame can be widened along one axis: there, linear interpolation.
+    shrinking = size[0] <= frame.shape[0] and size[1] <= frame.shape[1]
+    return cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def video_stream(container: av.container.InputContainer) -> Any:
+    """The video stream every part of the project reads (frames, clock, muxing): FFmpeg's best one, as decord
+    picks it (not an attached cover picture, nor a still-image track stored before the video); None without one."""
+    if not container.streams.video:
+        return None
+    return container.streams.best("video") or container.streams.video[0]
+
+
+MAX_PIXEL_ASPECT = 4.0  # stored pixels at most this much wider or taller than square (real ones: 32:27, 8:9, 4:3, 2:1)
+
+
+def pixel_aspect(stream: Any) -> float:
+    """Width / height of one stored pixel (the sample aspect ratio), 1.0 when unknown or beyond MAX_PIXEL_ASPECT
+    (a crafted 1000:1 would make frames 1000 times wider)."""
+    ratio = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    value = float(ratio) if ratio else 1.0
+    return value if 1 / MAX_PIXEL_ASPECT <= value <= MAX_PIXEL_ASPECT else 1.0
+
+
+def _stretch(aspect: float, quarter_turns: int) -> tuple[float, float]:
+    """(vertical, horizontal) stretch of a frame turned by `quarter_turns`: the stored width is then its height."""
+    return (aspect, 1.0) if quarter_turns % 2 else (1.0, aspect)
 
 
 def _check_request(path: Path, start: float, times: np.ndarray, window: float, short_side: int) -> None:
@@ -128,22 +156,31 @@ MAX_HEADER_FRAMES = 1 << 24  # 78 hours at 60 fps: a frame count above this in a
 DECORD_MISPLACED_FORMATS = {"mpegts", "mpeg", "mpegvideo"}
 
 
-def _header_refused_by_decord(path: Path) -> str | None:
-    """Why decord must not open this file, else None. decord 0.6.0 sizes its frame index by the frame count the
-    header announces, and an absurd count ends the whole process (C++ std::bad_alloc, no exception to catch): an
-    AVI written to a pipe announces 2**30 frames. A count far above duration x fps, or above MAX_HEADER_FRAMES,
-    goes to PyAV instead, which reads frames as they come. Reads the header only (PyAV); a file PyAV cannot open
-    is left to decord."""
+@dataclass(frozen=True)
+class _Header:
+    refused: str | None  # why decord must not open the file
+    aspect: float  # pixel_aspect of the video stream
+    stored: tuple[int, int]  # (width, height) of the stored frames, before any rotation
+
+
+def _read_header(path: Path) -> _Header | None:
+    """What decord's path needs from the header (PyAV, nothing decoded); None when PyAV cannot open the file
+    (left to decord). `refused`: decord 0.6.0 sizes its frame index by the frame count the header announces, and
+    an absurd count ends the whole process (C++ std::bad_alloc, no exception to catch): an AVI written to a pipe
+    announces 2**30 frames. A count far above duration x fps, or above MAX_HEADER_FRAMES, goes to PyAV instead,
+    which reads frames as they come; so do the containers whose frames decord misplaces."""
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except av.FFmpegError:
         return None
     with container:
-        if not container.streams.video:
+        stream = video_stream(container)
+        if stream is None:
             return None
+        header = _Header(None, pixel_aspect(stream), (stream.codec_context.width, stream.codec_context.height))
         if set(container.format.name.split(",")) & DECORD_MISPLACED_FORMATS:
-            return f"decord misplaces the frames of {container.format.name} (MPEG program and transport streams)"
-        stream = container.streams.video[0]
+            return dataclasses.replace(
+                header, refused=f"decord misplaces the frames of {container.format.name} (MPEG program and transport streams)")
         frames = stream.frames  # 0: not in the header (Matroska, WebM)
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
         if stream.duration is not None and stream.time_base is not None:
@@ -152,16 +189,26 @@ def _header_refused_by_decord(path: Path) -> str | None:
             seconds = (container.duration or 0) / av.time_base
         plausible = 4 * seconds * fps + 1000 if seconds > 0 and fps > 0 else MAX_HEADER_FRAMES
         if frames > min(plausible, MAX_HEADER_FRAMES):
-            return f"its header announces {frames} frames for {seconds:.1f} s at {fps:g} fps"
-    return None
+            return dataclasses.replace(header, refused=f"its header announces {frames} frames for {seconds:.1f} s at {fps:g} fps")
+    return header
+
+
+DECORD_CHUNK = 4  # frames decord hands over at a time, resized before the next: 4K frames are 25 MB each
+
+
+def _decord_size(height: int, width: int, header: _Header | None, short_side: int) -> tuple[int, int]:
+    """The output size of decord's frames of (height, width), which decord has turned by their display matrix."""
+    aspect, stored = (header.aspect, header.stored) if header is not None else (1.0, (width, height))
+    turned = (width, height) != stored and (height, width) == stored  # the stored width is now the height
+    return _target_size(height, width, short_side, _stretch(aspect, int(turned)))
 
 
 def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, short_side: int) -> DecodedFrames:
     import decord
 
-    refused = _header_refused_by_decord(path)
-    if refused:
-        raise DecordRefused(refused)
+    header = _read_header(path)
+    if header is not None and header.refused:
+        raise DecordRefused(header.refused)
     # One thread: with more, decord 0.6.0 stops after ~11 frames of VP9 (dmlc/decord#246).
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
     try:
@@ -178,14 +225,19 @@ def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, s
         valid = times[times < duration - EPSILON]  # as in _decode_pyav
         # The frame on screen at start + t: the last one that began at or before it (the first one before that).
         indices = np.clip(np.searchsorted(begins, start + valid + EPSILON, side="right") - 1, 0, count - 1)
-        if indices.size:
-            batch = reader.get_batch(indices.tolist()).asnumpy()  # (n, H, W, 3) RGB, already rotated
-        else:
-            batch = np.zeros((0, *reader[0].shape), dtype=np.uint8)
+        resized: list[np.ndarray] = []
+        size: tuple[int, int] | None = None
+        for first in range(0, len(indices), DECORD_CHUNK):
+            chunk = reader.get_batch(indices[first : first + DECORD_CHUNK].tolist()).asnumpy()  # (n, H, W, 3) RGB
+            size = size or _decord_size(chunk.shape[1], chunk.shape[2], header, short_side)
+            resized.extend(_resize(frame, size) for frame in chunk)
+            del chunk  # before the next one is decoded
+        if size is None:  # no time inside the video: the size its frames would have
+            shape = reader[0].shape
+            size = _decord_size(shape[0], shape[1], header, short_side)
     finally:
         del reader  # decord frees its FFmpeg context in __del__
-    size = _target_size(batch.shape[1], batch.shape[2], short_side)
-    frames = np.stack([_resize(frame, size) for frame in batch]) if len(batch) else np.zeros((0, *size, 3), np.uint8)
+    frames = np.stack(resized) if resized else np.zeros((0, *size, 3), np.uint8)
     return DecodedFrames(frames=frames, duration=duration, native_fps=fps, backend="decord")
 
 
@@ -199,9 +251,22 @@ def _rgb(frame: av.VideoFrame) -> np.ndarray:
 
 def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, short_side: int) -> DecodedFrames:
     with _open_pyav(path) as container:
-        if not container.streams.video:
+        stream = video_stream(container)
+        if stream is None:
             raise VideoDecodeError(f"{path}: no video stream")
-        stream = container.streams.video[0]
+        aspect = pixel_aspect(stream)
+        size: tuple[int, int] | None = None
+
+        def shown(frame: av.VideoFrame) -> np.ndarray:
+            """The frame as displayed, at the output size (fixed by the first: a stream may change size)."""
+            nonlocal size
+            image = _rgb(frame)
+            if size is None:
+                turns = round(frame.rotation / 90) % 4
+                height, width = image.shape[:2]
+                size = _target_size(height, width, short_side, _stretch(aspect, turns))
+            return _resize(image, size)
+
         # One thread, like decord: clips are decoded in parallel by DataLoader workers, and frame threads in
         # each would oversubscribe the cores (single-threaded, both take ~0.2 s per 10 s 360p H.264 clip).
         stream.thread_count = 1
@@ -232,7 +297,7 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
                     # Times before `frame` shows show the previous frame (times before the first frame: the first).
                     while len(picked) < len(targets) and targets[len(picked)] < t:
                         if previous_rgb is None:
-                            previous_rgb = _rgb(previous)
+                            previous_rgb = shown(previous)
                         picked.append(previous_rgb)
                 previous, previous_rgb, previous_time = frame, None, t
                 step = float(frame.duration) * time_base if frame.duration else 1.0 / max(fps, 1e-6)
@@ -249,15 +314,12 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
         n_valid = int(np.count_nonzero(times < duration - EPSILON))
         while len(picked) < n_valid:  # times after the last frame's start but before its end
             if previous_rgb is None:
-                previous_rgb = _rgb(previous)
+                previous_rgb = shown(previous)
             picked.append(previous_rgb)
         picked = picked[:n_valid]
-        if picked:
-            size = _target_size(picked[0].shape[0], picked[0].shape[1], short_side)
-        else:
-            display = _rgb(previous)
-            size = _target_size(display.shape[0], display.shape[1], short_side)
-    frames = np.stack([_resize(image, size) for image in picked]) if picked else np.zeros((0, *size, 3), np.uint8)
+        if not picked:
+            empty = shown(previous)  # the size of the frames there would be
+    frames = np.stack(picked) if picked else np.zeros((0, *empty.shape[:2], 3), np.uint8)
     return DecodedFrames(frames=frames, duration=duration, native_fps=fps, backend="pyav")
 
 
@@ -304,9 +366,9 @@ def probe_video(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     _check_file(path)
     with _open_pyav(path) as container:
-        if not container.streams.video:
+        stream = video_stream(container)
+        if stream is None:
             raise VideoDecodeError(f"{path}: no video stream")
-        stream = container.streams.video[0]
         if stream.duration is not None and stream.time_base is not None:
             duration = float(stream.duration * stream.time_base)
         elif container.duration is not None:
@@ -320,13 +382,15 @@ def probe_video(path: str | Path) -> dict[str, Any]:
                 rotation = round(frame.rotation / 90) % 4 * 90
         except av.FFmpegError as error:
             raise VideoDecodeError(f"{path}: cannot be decoded ({_ffmpeg_reason(error)})") from None
-        width, height = stream.codec_context.width, stream.codec_context.height
+        height, width = _target_size(stream.codec_context.height, stream.codec_context.width, 1 << 30,
+                                     _stretch(pixel_aspect(stream), 0))  # as displayed: anamorphic pixels
         if rotation in (90, 270):
             width, height = height, width
         start = 0.0
         if stream.start_time is not None and stream.time_base is not None:
             start = float(stream.start_time * stream.time_base)
         return {
+            "index": stream.index,
             "start": start,
             "duration": duration,
             "fps": float(stream.average_rate or stream.guessed_rate or 0.0),

@@ -169,15 +169,16 @@ def container_problem(codec: str, out: Path) -> str | None:
     return None
 
 
-def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0) -> None:
+def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int | None = None) -> None:
     """Copy the video stream bit for bit, replace every audio track by `wav`: AAC, or Opus in WebM. The WAV starts
     with the first frame, whose timestamp is `video_start` (`probe_video`'s start): the input's timestamps are kept
     (-copyts) and the WAV's are moved to the picture's, so the two stay together also where the old audio
-    started before the picture."""
+    started before the picture. `stream`: the index of the video stream to copy (`probe_video`'s index, the one
+    the sound was made for), else the first."""
     tmp = out.with_name(out.stem + ".partial" + out.suffix)
     webm = out.suffix.lower() == ".webm"
     command = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-copyts", "-i", file_url(video), "-itsoffset",
-               f"{video_start:.6f}", "-i", file_url(wav), "-map", "0:v:0", "-map", "1:a:0",
+               f"{video_start:.6f}", "-i", file_url(wav), "-map", "0:v:0" if stream is None else f"0:{stream}", "-map", "1:a:0",
                "-c:v", "copy", "-c:a", "libopus" if webm else "aac", "-b:a", "192k"]
     command += ["-movflags", "+faststart"] if out.suffix.lower() in {".mp4", ".mov", ".m4v"} else []
     result = subprocess.run([*command, file_url(tmp)], capture_output=True, text=True)
@@ -455,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             out_video.parent.mkdir(parents=True, exist_ok=True)
             waveform, explain = generator.audio(video, options.caption)
             write_wav(out_wav, waveform, generator.features.sample_rate)
-            mux(video, out_wav, out_video, probe["start"])
+            mux(video, out_wav, out_video, probe["start"], probe["index"])
             if options.explain:
                 write_explanation(out_video.with_suffix(".explain.png"), waveform, generator.features.sample_rate, explain)
         except (GenerateError, VideoDecodeError) as error:
