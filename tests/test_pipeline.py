@@ -475,6 +475,7 @@ def test_a_file_that_crashes_a_decoding_worker_costs_only_that_clip(tmp_path, mo
     """A native decoder that aborts on one file (as decord did on AVIs written to a pipe) kills the worker decoding
     it. That clip is recorded as failed, naming the file; every other clip is written once, as a run without the
     file writes it; and running again resumes without meeting the crash."""
+    import faulthandler
     import resource
 
     from preprocess import pipeline
@@ -487,6 +488,7 @@ def test_a_file_that_crashes_a_decoding_worker_costs_only_that_clip(tmp_path, mo
     def crashing(path, *args, **kwargs):
         if Path(path).name == "clip2.mp4":
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+            faulthandler.disable()  # no traceback dump of the worker in the test log
             os.abort()  # in the worker process (forked: it has this patch)
         return real(path, *args, **kwargs)
 
