@@ -138,6 +138,9 @@ class DecodeDataset(Dataset):
             return {"clip": clip, "error": ("audio", str(error))}
         if waveform is None:
             return {"clip": clip, "error": ("audio", f"{clip.path}: no audio stream (skipped for training)")}
+        if not np.isfinite(waveform).all():  # float PCM can hold them; every feature of the window would be NaN
+            bad = int(np.count_nonzero(~np.isfinite(waveform)))
+            return {"clip": clip, "error": ("audio", f"{clip.path}: {bad} audio samples in the window are NaN or infinite")}
         if self.front_end is None:
             self.front_end = MelFrontEnd(sample_rate=cfg.sample_rate)
         normalised = audioldm_waveform(waveform, cfg.num_samples)
@@ -642,6 +645,10 @@ def run(
             samples = []
             for item, arrays, clip_nouns in zip(batch, features, nouns):
                 clip = item["clip"]
+                broken = sorted(name for name, array in arrays.items() if not np.isfinite(array).all())
+                if broken:  # a model that overflowed (float16) on this clip: its sample would fail the schema
+                    record_failure({"clip": clip, "error": ("features", f"{clip.path}: non-finite values in {', '.join(broken)}")})
+                    continue
                 meta = shards.SampleMeta(
                     id=clip.id, caption=clip.caption, label=clip.label, split=clip.split,
                     duration=round(float(item["duration"]), 4), valid_frames=len(item["frames"]),
@@ -649,7 +656,7 @@ def run(
                 )
                 samples.append((meta.to_json(), arrays, item["waveform"]))
             sink.put(samples)
-            bar.update(len(batch))
+            bar.update(len(samples))  # a failed clip was counted by record_failure
             bar.set_postfix(failed=sum(summary.failed.values()))
     finally:
         # every sample handed to the sink is complete, so closing makes the shards in progress visible; only a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -514,3 +515,38 @@ def test_a_file_that_crashes_a_decoding_worker_costs_only_that_clip(tmp_path, mo
 
     again = run_stage_one(videos, tmp_path / "out", threaded=True, num_workers=2)
     assert again.written == 0 and again.resumed == 6 and not again.failed
+
+
+def test_non_finite_audio_or_features_cost_only_their_clip(tmp_path, monkeypatch):
+    """Float PCM audio holding NaN and inf (a crafted or broken file), and a model output that overflowed on one
+    clip: each is that clip's failure, named; the shard writer's schema check no longer stops the run (which
+    running again would have met again)."""
+    from preprocess import pipeline
+    from tests.test_audio import tones, write_media
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    broken = tones([440.0], 44100, 3.0)
+    broken[0, 1000:1100] = np.nan
+    broken[0, 5000] = np.inf
+    write_media(videos / "nan_audio.mkv", broken, 44100, "pcm_f32le", video_seconds=3.0)
+    for i in range(3):
+        media.make_video(videos / f"clip{i}.mp4", seconds=2.0, audio="tone")
+    real = pipeline.Encoders.encode
+
+    def overflowing(self, items, nouns):
+        features = real(self, items, nouns)
+        for item, arrays in zip(items, features):
+            if item["clip"].id == "clip1":
+                arrays["clip.npy"] = arrays["clip.npy"].copy()
+                arrays["clip.npy"][0, 0] = np.inf
+        return features
+
+    monkeypatch.setattr(pipeline.Encoders, "encode", overflowing)
+    summary = run_stage_one(videos, tmp_path / "out", threaded=True)
+    assert summary.written == 2 and summary.failed == {"audio": 1, "features": 1}
+    assert processed_ids(tmp_path / "out") == ["clip0", "clip2"]
+    recorded = failures(tmp_path / "out")
+    assert re.fullmatch(rf"{re.escape(str(videos / 'nan_audio.mkv'))}: \d+ audio samples in the window are NaN or infinite",
+                        recorded["nan_audio"]["reason"])
+    assert recorded["clip1"]["reason"].endswith("clip1.mp4: non-finite values in clip.npy")
