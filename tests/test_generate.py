@@ -518,3 +518,21 @@ def test_the_sound_goes_with_the_video_it_was_made_for(run_dir, tmp_path, capsys
     streams = ffprobe(out / "covered.mkv")["streams"]
     assert [s["codec_name"] for s in streams] == ["h264", "aac"]
     assert video_stream_hash(out / "covered.mkv") == video_stream_hash(video)
+
+
+def test_the_window_batch_bounds_memory_without_changing_the_audio(run_dir, tmp_path, capsys):
+    """A 25 s video has three windows: one at a time or all three together, each window draws its noise from its
+    own generator, so the audio is the same; bad values of the numeric options are one line and exit code 2."""
+    video = media.make_video(tmp_path / "long.mp4", seconds=25.0, fps=5, audio=None)
+    common = ["--model", str(run_dir), "--steps", "2", "--caption", "dog", "--no-progress"]
+    waves = []
+    for batch in ("1", "8"):
+        out = tmp_path / f"out{batch}"
+        assert cli_main(["generate", str(video), "--out", str(out), "--window-batch", batch, *common]) == 0
+        waves.append(soundfile.read(out / "long.wav")[0])
+    assert len(waves[0]) == round(25.0 * 16000) and waves[0].std() > 1e-3
+    np.testing.assert_allclose(waves[0], waves[1], atol=1e-4)
+    capsys.readouterr()
+    for flag, value in (("--window-batch", "0"), ("--steps", "0"), ("--overlap", "-1"), ("--overlap", "nan"), ("--overlap", "10.24")):
+        assert cli_main(["generate", str(video), "--out", str(tmp_path / "bad"), *common, flag, value]) == 2, (flag, value)
+        assert capsys.readouterr().err.startswith(f"error: {flag} must be "), (flag, value)

@@ -67,6 +67,7 @@ class GenerateOptions:
     cuda_graphs: bool = True  # on CUDA: the guided sampler step replayed from a CUDA graph (train.denoiser)
     explain: bool = False
     ground_all: bool = False  # without a caption: ground the whole vocabulary instead of CLIP's shortlist (slow)
+    window_batch: int = 8  # windows encoded, sampled and decoded together: bounds the memory a long video needs
 
 
 # ----------------------------------------------------------------------------------- pure helpers
@@ -285,15 +286,23 @@ class SoundGenerator:
             nouns = self.nouns(caption)
         else:
             nouns, caption = self._nouns(frames)
-        features = self.encoders.visual(frames, [caption] * len(frames), [nouns] * len(frames))
-        conditions = self._conditions(features)
-        generator = torch.Generator(self.device).manual_seed(self.options.seed)
         import train
+        from eval.generate import clip_seed
 
-        latents = train.sample(self.model, conditions, steps=self.options.steps, guidance=self.options.guidance,
-                               scheduler=self.options.sampler, generator=generator,  # type: ignore[arg-type]
-                               precision=self.precision, cuda_graph=self.options.cuda_graphs)
-        waves = self.decoder(latents)  # (windows, samples)
+        # window i draws its noise from its own generator, so its audio does not depend on the window batch
+        generators = [torch.Generator(self.device).manual_seed(clip_seed(self.options.seed, str(i))) for i in range(len(frames))]
+        features: list[dict[str, np.ndarray]] = []
+        waves: list[np.ndarray] = []
+        for first in range(0, len(frames), self.options.window_batch):
+            group = slice(first, first + self.options.window_batch)
+            count = len(frames[group])
+            group_features = self.encoders.visual(frames[group], [caption] * count, [nouns] * count)
+            latents = train.sample(self.model, self._conditions(group_features), steps=self.options.steps,
+                                   guidance=self.options.guidance, scheduler=self.options.sampler,  # type: ignore[arg-type]
+                                   generator=generators[group], precision=self.precision,
+                                   cuda_graph=self.options.cuda_graphs)
+            waves.extend(self.decoder(latents))  # (count, samples)
+            features.extend(group_features)
         rate = cfg.sample_rate
         pieces = [w[: round(d.duration * rate)] for w, d in zip(waves, decoded)]
         total = round(duration * rate)
@@ -395,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=float, default=defaults.guidance, help="classifier-free guidance scale")
     parser.add_argument("--sampler", choices=("ddim", "ddpm", "dpmsolver++"), default=defaults.sampler, help="sampler")
     parser.add_argument("--overlap", type=float, default=defaults.overlap, help="seconds of crossfade between windows")
+    parser.add_argument("--window-batch", type=int, default=defaults.window_batch,
+                        help=f"windows of a video processed together (default {defaults.window_batch}): lower it if a long "
+                             "video runs out of memory; the audio is the same")
     parser.add_argument("--weights", type=Path, default=defaults.weights, help="weights folder (models without random init)")
     parser.add_argument("--device", default=defaults.device, help="'auto', 'cpu' or 'cuda[:N]'")
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
@@ -420,7 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     options = GenerateOptions(model=args.model, out=args.out, caption=args.caption, seed=args.seed, steps=args.steps,
                               guidance=args.guidance, sampler=args.sampler, overlap=args.overlap, weights=args.weights,
                               device=args.device, precision=args.precision, compile=args.compile, explain=args.explain,
-                              cuda_graphs=args.cuda_graphs, ground_all=args.ground_all)
+                              cuda_graphs=args.cuda_graphs, ground_all=args.ground_all, window_batch=args.window_batch)
+    for flag, value, low in (("--window-batch", options.window_batch, 1), ("--steps", options.steps, 1),
+                             ("--overlap", options.overlap, 0)):
+        if not value >= low:  # also NaN
+            print(f"error: {flag} must be at least {low} (got {value})", file=sys.stderr)
+            return 2
     if shutil.which("ffmpeg") is None:
         print("error: ffmpeg not found (install Debian's ffmpeg: apt-get install ffmpeg)", file=sys.stderr)
         return 2
@@ -429,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         generator = SoundGenerator(options)
     except GenerateError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not options.overlap < generator.features.window_seconds:
+        print(f"error: --overlap must be shorter than a window ({generator.features.window_seconds} s; got "
+              f"{options.overlap})", file=sys.stderr)
         return 2
     many = len(videos) > 1 or any(p.is_dir() for p in args.videos)
     failed = 0
