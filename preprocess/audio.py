@@ -104,7 +104,8 @@ def decode_audio(
     backend "decord": decodes the whole stream with decord's mono=True, i.e. FFmpeg's downmix (5.1: front
     0.71, centre 1, LFE 0, surround 0.5; stereo: the average, but 0.71 each for a WAV without a channel mask),
     resamples with its own resampler (whose timing jitters by a fraction of a sample to a few samples), and
-    slices by index from the first decoded sample, which ignores timestamps: its cut is ~18 samples late (the
+    slices by index from the first decoded sample (placed by the audio stream's start time on the video's clock;
+    later timestamps are not looked at, so a gap in the audio shifts what follows): its cut is ~18 samples late (the
     resampler's delay) and, for Opus, 104 more (the pre-skip is not dropped). See benchmarks/RESULTS.md.
     """
     if backend not in BACKENDS:
@@ -112,7 +113,7 @@ def decode_audio(
     if start < 0 or duration <= 0 or sample_rate <= 0:
         raise ValueError(f"need start >= 0, duration > 0, sample_rate > 0; got {start}, {duration}, {sample_rate}")
     if backend == "decord":
-        first = round(start * sample_rate)
+        first = round((start + _decord_lead(path)) * sample_rate)
         return _decode_decord(path, first, first + round(duration * sample_rate), sample_rate)
     return _decode_pyav(path, start, duration, sample_rate)
 
@@ -256,6 +257,20 @@ class _Timeline:
         return np.ascontiguousarray(resampled[pad_out : pad_out + length], dtype=np.float32)
 
 
+def _decord_lead(path: str | Path) -> float:
+    """Seconds from the audio's first sample to t = 0 of the video's clock (negative when the audio starts later):
+    decord counts samples from the first decoded one. 0 when the header does not say (or cannot be read)."""
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError):
+        return 0.0  # decord gives the verdict
+    with container:
+        stream = container.streams.audio[0] if container.streams.audio else None
+        if stream is None or stream.start_time is None or stream.time_base is None:
+            return 0.0
+        return _video_clock(container) - float(stream.start_time * stream.time_base)
+
+
 def _decode_decord(path: str | Path, first: int, stop: int, sample_rate: int) -> np.ndarray | None:
     import decord
 
@@ -271,4 +286,7 @@ def _decode_decord(path: str | Path, first: int, stop: int, sample_rate: int) ->
         raise AudioDecodeError(path, reason) from None
     # reader._array is the decoded (1, samples) float32 array; the public reader[a:b] builds a Python list of
     # indices and takes longer than the decoding itself (17 ms of 28 ms for 10 s).
-    return np.array(reader._array[0, first:stop], dtype=np.float32)
+    samples = np.array(reader._array[0, max(0, first):max(0, stop)], dtype=np.float32)
+    if first < 0:  # the window starts before the audio does: silence until it does, as with PyAV
+        samples = np.concatenate([np.zeros(min(-first, stop - first), np.float32), samples])
+    return samples
