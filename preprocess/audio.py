@@ -33,6 +33,7 @@ _PREROLL_SECONDS = 0.5
 _JITTER_SECONDS = 0.010
 # Context decoded and resampled past each end of the window, so the resampler's filter sees real signal there.
 _CONTEXT_SECONDS = 0.02
+_PACKED_FROM_CHANNELS = 8  # see _pyav_read
 
 
 class AudioDecodeError(Exception):
@@ -165,6 +166,9 @@ def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float, seek:
         # Channels are averaged by us (FFmpeg's 'mono' downmix is weighted) and the rate changed once at the end:
         # FFmpeg's resampler costs a filter-graph call per frame, which made decoding 3x slower.
         to_float = av.AudioResampler(format="fltp")
+        # 8 channels or more (7.1) as interleaved floats instead: PyAV's AudioFrame.planes reads one pointer past
+        # FFmpeg's 8 inline plane pointers when all 8 are set, and the process dies (SIGSEGV)
+        to_packed = av.AudioResampler(format="flt")
         bad_packets = 0
         try:
             for packet in container.demux(stream):
@@ -174,7 +178,8 @@ def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float, seek:
                     bad_packets += 1
                     continue
                 for frame in frames:
-                    for converted in to_float.resample(frame):
+                    converter = to_packed if frame.layout.nb_channels >= _PACKED_FROM_CHANNELS else to_float
+                    for converted in converter.resample(frame):
                         timeline.add(converted)
                 if timeline.cursor is not None and timeline.cursor >= (stop_seconds + _CONTEXT_SECONDS) * timeline.rate:
                     break
@@ -207,13 +212,18 @@ class _Timeline:
             self.rate = frame.sample_rate
         elif frame.sample_rate != self.rate:
             raise ValueError(f"sample rate changes from {self.rate} to {frame.sample_rate} Hz")
-        # fltp: one float32 buffer per channel; their average without to_ndarray's vstack (a third of the time)
-        planes = frame.planes
-        mono = np.frombuffer(memoryview(planes[0]), dtype=np.float32, count=frame.samples).copy()
-        for plane in planes[1:]:
-            mono += np.frombuffer(memoryview(plane), dtype=np.float32, count=frame.samples)
-        if len(planes) > 1:
-            mono /= len(planes)
+        channels = frame.layout.nb_channels
+        if frame.format.name == "flt":  # interleaved (8 channels or more): one buffer, never `planes` past it
+            packed = np.frombuffer(memoryview(frame.planes[0]), dtype=np.float32, count=frame.samples * channels)
+            mono = packed.reshape(frame.samples, channels).mean(axis=1, dtype=np.float32)
+        else:
+            # fltp: one float32 buffer per channel; their average without to_ndarray's vstack (a third of the time)
+            planes = frame.planes
+            mono = np.frombuffer(memoryview(planes[0]), dtype=np.float32, count=frame.samples).copy()
+            for plane in planes[1:]:
+                mono += np.frombuffer(memoryview(plane), dtype=np.float32, count=frame.samples)
+            if len(planes) > 1:
+                mono /= len(planes)
         position = self.cursor
         # the frame's own time base: a converted frame's pts count samples (1/rate), not the stream's units
         time_base = frame.time_base or self.time_base

@@ -306,6 +306,33 @@ def test_audio_is_on_the_videos_clock(tmp_path: Path, suffix: str, audio_delay: 
         assert max(abs(o) for o in click_offsets(waveform, on_audio_clock)) <= tolerance * SR
 
 
+@pytest.mark.parametrize(("layout", "codec", "suffix"), [("7.1", "aac", ".mp4"), ("hexadecagonal", "pcm_s16le", ".mkv")])
+def test_eight_channels_and_more(tmp_path: Path, layout: str, codec: str, suffix: str) -> None:
+    """7.1 AAC and 16-channel PCM: PyAV's AudioFrame.planes reads past FFmpeg's 8 inline plane pointers and the
+    process dies (SIGSEGV), so such audio is converted to interleaved floats first. A tone starting at 1.5 s on
+    every channel comes out starting at 1.5 s. Decoded in a child process: a regression fails the test instead
+    of ending the test run."""
+    import subprocess
+    import sys
+
+    path = tmp_path / f"many{suffix}"
+    tone = f"aevalsrc='if(gte(t,1.5),0.5*sin(2*PI*440*t),0)':s=48000:d=4:c={layout}"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=10:duration=4", "-f", "lavfi",
+                    "-i", tone, "-c:v", "libx264", "-c:a", codec, str(path)], check=True)
+    script = f"""
+import numpy as np
+from preprocess.audio import decode_audio
+waveform = decode_audio({str(path)!r}, 0.0, 4.0)
+print(len(waveform), int(np.argmax(np.abs(waveform) > 0.05)), float(np.abs(waveform[-16000:]).max()))
+"""
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stderr[-300:]}"
+    length, onset, level = child.stdout.split()
+    assert abs(int(length) - 4 * SR) <= SR // 50
+    assert abs(int(onset) - round(1.5 * SR)) <= 0.002 * SR
+    assert 0.3 < float(level) < 0.8  # the average of 8 or 16 channels carrying the same 0.5 tone (AAC: +-0.15)
+
+
 def test_corrupt_packets_are_skipped_and_later_audio_stays_in_place(media: dict[str, Path], tmp_path: Path) -> None:
     data = bytearray(media["clicks_webm"].read_bytes())
     middle = len(data) // 3
