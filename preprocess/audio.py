@@ -48,24 +48,33 @@ class AudioDecodeError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- decoding
+def _audio_stream(container: Any) -> Any:
+    """The audio stream read: FFmpeg's best one (av_find_best_stream, as the ffmpeg program and players choose: a
+    track flagged default before the first one), None without audio. decord's backend, built on an older FFmpeg,
+    may take another (of a silent stereo track and a default mono one, the stereo one)."""
+    if not container.streams.audio:
+        return None
+    return container.streams.best("audio") or container.streams.audio[0]
+
+
 @contextlib.contextmanager
-def _first_audio_stream(path: str | Path) -> Iterator[tuple[Any, Any]]:
-    """(container, its first audio stream or None), the container closed on exit; AudioDecodeError when the
-    file does not open."""
+def _open_audio(path: str | Path) -> Iterator[tuple[Any, Any]]:
+    """(container, its audio stream (`_audio_stream`) or None), the container closed on exit; AudioDecodeError
+    when the file does not open."""
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError) as error:
         raise AudioDecodeError(path, error) from None
     with container:
-        yield container, container.streams.audio[0] if container.streams.audio else None
+        yield container, _audio_stream(container)
 
 
 def audio_stream_info(path: str | Path) -> dict[str, Any] | None:
-    """Sample rate, channels, layout, codec, start and duration (s) of the first audio stream; None without one.
+    """Sample rate, channels, layout, codec, start and duration (s) of the audio stream read; None without one.
 
     Durations come from the container header (None when it does not say); nothing is decoded.
     """
-    with _first_audio_stream(path) as (container, stream):
+    with _open_audio(path) as (container, stream):
         if stream is None:
             return None
         time_base = stream.time_base or Fraction(1, 1)
@@ -151,7 +160,7 @@ def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float, seek:
 
     None without an audio stream; the timeline's origin is None when a seek found nothing to decode after it.
     """
-    with _first_audio_stream(path) as (container, stream):
+    with _open_audio(path) as (container, stream):
         if stream is None:
             return None
         clock = _video_clock(container)
@@ -275,7 +284,7 @@ def _decord_lead(path: str | Path) -> float:
     except (av.FFmpegError, OSError):
         return 0.0  # decord gives the verdict
     with container:
-        stream = container.streams.audio[0] if container.streams.audio else None
+        stream = _audio_stream(container)
         if stream is None or stream.start_time is None or stream.time_base is None:
             return 0.0
         return _video_clock(container) - float(stream.start_time * stream.time_base)

@@ -333,6 +333,24 @@ print(len(waveform), int(np.argmax(np.abs(waveform) > 0.05)), float(np.abs(wavef
     assert 0.3 < float(level) < 0.8  # the average of 8 or 16 channels carrying the same 0.5 tone (AAC: +-0.15)
 
 
+def test_the_track_flagged_default_is_the_one_read(tmp_path: Path) -> None:
+    """Two audio tracks, a silent stereo one first and the sound second, mono and flagged default (a dubbed or
+    described video): the one a player and the ffmpeg program choose is read, and audio_stream_info describes it.
+    (decord 0.6.0, built on an older FFmpeg, takes the stereo track: its backend is not held to this.)"""
+    backend = "pyav"
+    import subprocess
+
+    path = tmp_path / "two.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=10:duration=4", "-f", "lavfi",
+                    "-i", "anullsrc=r=44100:cl=stereo", "-f", "lavfi", "-i", "sine=f=440:sample_rate=22050", "-map", "0",
+                    "-map", "1", "-map", "2", "-t", "4", "-c:v", "libx264", "-c:a", "aac", "-disposition:a:0", "0",
+                    "-disposition:a:1", "default", str(path)], check=True)
+    waveform = decode_audio(path, 0.0, 4.0, backend=backend)
+    assert waveform is not None and np.abs(waveform[SR : 3 * SR]).max() > 0.05
+    info = audio_stream_info(path)
+    assert info is not None and (info["sample_rate"], info["channels"]) == (22050, 1)
+
+
 def test_corrupt_packets_are_skipped_and_later_audio_stays_in_place(media: dict[str, Path], tmp_path: Path) -> None:
     data = bytearray(media["clicks_webm"].read_bytes())
     middle = len(data) // 3
