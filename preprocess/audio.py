@@ -165,7 +165,9 @@ def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float, seek:
             return None
         clock = _video_clock(container)
         seek_seconds, stop_seconds = clock + seek_seconds, clock + stop_seconds
-        timeline = _Timeline(stream.time_base)
+        # Ogg's timestamps come from page granule positions, and FFmpeg gives some Vorbis packets times a block
+        # (448 samples) off where the block size changes: there, samples are counted from the first frame instead
+        timeline = _Timeline(stream.time_base, count_samples="ogg" in container.format.name.split(","))
         if seek and seek_seconds > 0 and stream.time_base is not None:
             try:
                 container.seek(int(seek_seconds / stream.time_base), stream=stream)
@@ -192,15 +194,22 @@ def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float, seek:
                         timeline.add(converted)
                 if timeline.cursor is not None and timeline.cursor >= (stop_seconds + _CONTEXT_SECONDS) * timeline.rate:
                     break
+        except _RateChange as error:  # the rest would be missing, and the clip written with zeros for it
+            at = timeline.cursor / timeline.rate - clock if timeline.cursor is not None else 0.0
+            raise AudioDecodeError(path, f"{error} at {at:.2f} s; one rate per file: convert it first") from None
         except (av.FFmpegError, ValueError) as error:  # a truncated file, or a format change mid-stream
             if timeline.cursor is None:
                 raise AudioDecodeError(path, error) from None
-            logger.warning("%s: audio ends early at %.2f s (%s)", path, timeline.cursor / timeline.rate, error)
+            logger.warning("%s: audio ends early at %.2f s (%s)", path, timeline.cursor / timeline.rate - clock, error)
         if timeline.cursor is None and (not seek or seek_seconds <= 0 or bad_packets):
             raise AudioDecodeError(path, f"{bad_packets} corrupt packets" if bad_packets else "no audio frames")
         if bad_packets:
             logger.warning("%s: skipped %d corrupt audio packets", path, bad_packets)
         return timeline, clock
+
+
+class _RateChange(ValueError):
+    """The stream's sample rate changes between frames (concatenated recordings)."""
 
 
 class _Timeline:
@@ -209,8 +218,9 @@ class _Timeline:
     The j-th sample added is at absolute sample index origin + j, i.e. at time (origin + j) / rate.
     """
 
-    def __init__(self, time_base: Fraction | None) -> None:
+    def __init__(self, time_base: Fraction | None, count_samples: bool = False) -> None:
         self.time_base = time_base
+        self.count_samples = count_samples  # place only the first frame by its timestamp
         self.rate = 0
         self.origin: int | None = None
         self.cursor: int | None = None  # absolute index of the next sample
@@ -220,7 +230,7 @@ class _Timeline:
         if self.cursor is None:
             self.rate = frame.sample_rate
         elif frame.sample_rate != self.rate:
-            raise ValueError(f"sample rate changes from {self.rate} to {frame.sample_rate} Hz")
+            raise _RateChange(f"sample rate changes from {self.rate} to {frame.sample_rate} Hz")
         channels = frame.layout.nb_channels
         if frame.format.name == "flt":  # interleaved (8 channels or more): one buffer, never `planes` past it
             packed = np.frombuffer(memoryview(frame.planes[0]), dtype=np.float32, count=frame.samples * channels)
@@ -236,7 +246,8 @@ class _Timeline:
         position = self.cursor
         # the frame's own time base: a converted frame's pts count samples (1/rate), not the stream's units
         time_base = frame.time_base or self.time_base
-        if frame.pts is not None and time_base is not None:  # integer maths: Fractions cost ~10 us a frame
+        if frame.pts is not None and time_base is not None and not (self.count_samples and self.cursor is not None):
+            # integer maths: Fractions cost ~10 us a frame
             position = round(frame.pts * time_base.numerator * self.rate / time_base.denominator)
         if self.cursor is None:
             self.origin = self.cursor = position or 0

@@ -351,6 +351,38 @@ def test_the_track_flagged_default_is_the_one_read(tmp_path: Path) -> None:
     assert info is not None and (info["sample_rate"], info["channels"]) == (22050, 1)
 
 
+def test_vorbis_in_ogg_stays_in_place(tmp_path: Path) -> None:
+    """FFmpeg gives some Vorbis packets in Ogg times a block off (448 samples) where the block size changes;
+    placed by them, the clicks came out ~7.5 ms late with damage at the first one. Counted samples: in place."""
+    import subprocess
+
+    wav = write_media(tmp_path / "clicks.wav", clicks(44100, 12.0, 2), 44100, "pcm_s16le")
+    ogg = tmp_path / "clicks.ogg"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(wav), "-c:a", "libvorbis", str(ogg)], check=True)
+    for start in (0.0, 3.3):
+        waveform = decode_audio(ogg, start, 6.0)
+        assert waveform is not None and max(abs(o) for o in click_offsets(waveform, start)) <= 0.001 * SR
+
+
+def test_a_sample_rate_change_is_the_clips_failure(tmp_path: Path) -> None:
+    """Two recordings joined (48 kHz, then 22.05 kHz): the audio after the change was missing and the clip was
+    written with zeros for it, with only a log line. Now one error naming the file, the rates and the time."""
+    import subprocess
+
+    parts = []
+    for rate in (48000, 22050):
+        part = tmp_path / f"{rate}.ts"
+        subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=10:duration=3", "-f", "lavfi",
+                        "-i", f"sine=f=440:sample_rate={rate}:duration=3", "-c:v", "libx264", "-c:a", "aac", str(part)],
+                       check=True)
+        parts.append(part.read_bytes())
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(b"".join(parts))
+    with pytest.raises(AudioDecodeError, match=r"joined.ts: cannot decode audio \(sample rate changes from 48000 to 22050 Hz "
+                                               r"at 3\.\d\d s; one rate per file: convert it first\)"):
+        decode_audio(joined, 0.0, 6.0)
+
+
 def test_corrupt_packets_are_skipped_and_later_audio_stays_in_place(media: dict[str, Path], tmp_path: Path) -> None:
     data = bytearray(media["clicks_webm"].read_bytes())
     middle = len(data) // 3
