@@ -157,14 +157,32 @@ def _check_coverage(captions_path: Path, captions: dict[str, str], index: dict[s
 
 
 def dedupe(clips: list[Clip]) -> tuple[list[Clip], int]:
-    """Keep the first clip of each id (VGGSound's CSV has repeated rows); returns clips and count dropped."""
-    seen: set[str] = set()
+    """Keep the first clip of each id (VGGSound's CSV has repeated rows); returns clips and count dropped. Rows
+    that share an id but not the rest (another label, or a start that differs in its fraction: 1700 and 1700.5
+    are both clip x_001700) are dropped too, with one warning line naming the first few."""
+    first: dict[str, Clip] = {}
     kept = []
+    conflicts: list[str] = []
     for clip in clips:
-        if clip.id not in seen:
-            seen.add(clip.id)
+        earlier = first.setdefault(clip.id, clip)
+        if earlier is clip:
             kept.append(clip)
+        elif _differences(earlier, clip):
+            conflicts.append(f"{clip.id} ({_differences(earlier, clip)})")
+    if conflicts:
+        print(f"warning: {len(conflicts)} manifest rows share a clip id with an earlier, different row and are left "
+              f"out (the first row is used): {'; '.join(conflicts[:3])}{' ...' if len(conflicts) > 3 else ''}",
+              file=sys.stderr)
     return kept, len(clips) - len(kept)
+
+
+def _differences(kept: Clip, dropped: Clip) -> str:
+    """'start 1700.0 kept, 1700.5 left out, ...' for the fields in which two rows of one clip id differ (the caption
+    only where it is not the label, as it is in a VGGSound CSV)."""
+    names = [name for name in ("path", "start", "label", "split", "caption") if getattr(kept, name) != getattr(dropped, name)]
+    if "label" in names and kept.caption == kept.label and dropped.caption == dropped.label:
+        names.remove("caption")
+    return ", ".join(f"{name} {getattr(kept, name)} kept, {getattr(dropped, name)} left out" for name in names)
 
 
 def check_sample_keys(clips: list[Clip], source: object) -> None:

@@ -151,3 +151,20 @@ def test_names_of_videos_that_are_not_files_are_reported(tmp_path, capsys):
     assert [c.id for c in from_folder(tmp_path)] == ["a"]
     assert capsys.readouterr().err.strip() == (f"warning: {tmp_path}: 2 entries named like videos are not files (a broken "
                                                "link or a folder) and are left out: folder.mkv, gone.mp4")
+
+
+def test_rows_of_one_clip_id_that_disagree_are_reported(tmp_path, capsys):
+    """VGGSound repeats rows: a repeat is dropped quietly. Rows that share an id but differ (another label, or a
+    start that differs in its fraction on a whole video) are dropped with one warning naming them."""
+    videos = tmp_path / "v"
+    videos.mkdir()
+    (videos / "x.mp4").write_bytes(b"x")  # a whole video: the window starts at the row's start
+    csv = tmp_path / "vgg.csv"
+    csv.write_text("x,1700,dog barking,train\nx,1700,dog barking,train\nx,1700.5,dog barking,train\n"
+                   "y,3,cat,train\ny,3,car,train\n")
+    clips, dropped = dedupe(from_vggsound_csv(csv, videos))
+    assert [(c.id, c.start, c.label) for c in clips] == [("x_001700", 1700.0, "dog barking"), ("y_000003", 0.0, "cat")]
+    assert dropped == 3
+    assert capsys.readouterr().err.strip() == (
+        "warning: 2 manifest rows share a clip id with an earlier, different row and are left out (the first row is "
+        "used): x_001700 (start 1700.0 kept, 1700.5 left out); y_000003 (label cat kept, car left out)")
