@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -249,6 +249,20 @@ def _rgb(frame: av.VideoFrame) -> np.ndarray:
     return np.rot90(image, k=quarter_turns) if quarter_turns else image
 
 
+def _decoded(container: av.container.InputContainer, stream: Any, skipped: list[str]) -> Iterator[av.VideoFrame]:
+    """The stream's decoded frames. A packet the decoder refuses is skipped (its reason appended to `skipped`), as
+    the ffmpeg program does: Theora codes an unchanged frame as an empty packet, which FFmpeg's decoder answers
+    with EINVAL (a still scene gave 10 frames of 120, and the clip ended after its first), and one damaged packet
+    should not end a clip. An error of the demuxer (a file cut short) ends the frames: it is raised."""
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.FFmpegError as error:
+            skipped.append(_ffmpeg_reason(error))
+            continue
+        yield from frames
+
+
 def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, short_side: int) -> DecodedFrames:
     with _open_pyav(path) as container:
         stream = video_stream(container)
@@ -284,8 +298,9 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
         previous_time = 0.0
         last_end = -math.inf
         damage: str | None = None
+        skipped: list[str] = []
         try:
-            for frame in container.decode(stream):
+            for frame in _decoded(container, stream, skipped):
                 if frame.pts is None:
                     continue
                 if origin is None:  # no start_time in the header: the first frame defines t = 0
@@ -307,7 +322,8 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
         except av.FFmpegError as error:
             damage = _ffmpeg_reason(error)  # keep every frame decoded before the damage
         if previous is None:
-            reason = f"no frame could be decoded ({damage})" if damage else "no frame could be decoded"
+            why = damage or (skipped[0] if skipped else None)
+            reason = f"no frame could be decoded ({why})" if why else "no frame could be decoded"
             raise VideoDecodeError(f"{path}: {reason}")
         duration = _available(path, start, last_end, window)
         # less EPSILON: with timestamps from 3600 s, 3605.9 - 3600 + 0.1 is 6.000000000000091, not 6

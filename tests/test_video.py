@@ -344,3 +344,16 @@ print(result.frames.shape, peak() - before)
     shape, growth = child.stdout.strip().rsplit(" ", 1)
     assert shape == "(24, 96, 171, 3)"
     assert int(growth) < 8 * 1920 * 1080 * 3, f"{int(growth) / 2**20:.0f} MiB"
+
+
+def test_packets_the_decoder_refuses_are_skipped_not_the_end(tmp_path: Path) -> None:
+    """Theora codes an unchanged frame as an empty packet, which FFmpeg's decoder refuses (EINVAL): a 6 s video
+    whose picture changes once a second ended after its first frame. Skipped packets keep the frame before."""
+    import subprocess
+
+    video = tmp_path / "still.ogv"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=1:duration=6", "-r", "10",
+                    "-c:v", "libtheora", str(video)], check=True)
+    result = decode_frames(video, 0.0, [0.5, 1.5, 2.5], WINDOW, 96, backend="pyav")
+    assert result.duration > 5.0 and len(result.frames) == 3
+    assert not np.array_equal(result.frames[0], result.frames[2])  # testsrc's counter moved on
