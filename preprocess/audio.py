@@ -143,20 +143,24 @@ def _decode_pyav(path: str | Path, start: float, duration: float, sample_rate: i
     read = _pyav_read(path, start - _PREROLL_SECONDS, start + duration, seek=True)
     if read is None:
         return None
-    timeline, clock = read
-    if start - _PREROLL_SECONDS > 0 and (timeline.origin is None or timeline.origin > round((clock + start) * timeline.rate)):
-        # Nothing after the seek (the window starts after the end?) or the seek landed after the window's start
-        # (a coarse or broken index): decode from the beginning instead.
+    timeline, clock, seeked = read
+    if seeked and (timeline.origin is None or timeline.origin > round((clock + start) * timeline.rate)):
+        # Nothing after the seek (the window starts after the end?), a seek that failed, or one that landed after
+        # the window's start (a coarse or broken index): decode from the beginning instead.
         read = _pyav_read(path, 0.0, start + duration, seek=False)
-        assert read is not None  # same file; without a seek, no audio raises
-        timeline, clock = read
+        assert read is not None  # the same file: it has an audio stream
+        timeline, clock, _ = read
+    if timeline.origin is None:  # unreachable: without a seek, a stream without frames raises
+        raise AudioDecodeError(path, "no audio frames")
     return timeline.cut(clock + start, duration, sample_rate)
 
 
-def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float, seek: bool) -> tuple[_Timeline, float] | None:
-    """Decode the first audio stream at its own rate from `seek_seconds` (with `seek`, else from the beginning) to a
-    little past `stop_seconds`, both on the video's clock; returns the timeline (absolute timestamps) and where the
-    video's clock starts on them (`_video_clock`).
+def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float,
+               seek: bool) -> tuple[_Timeline, float, bool] | None:
+    """Decode the audio stream (`_audio_stream`) at its own rate from `seek_seconds` (with `seek`, else from the
+    beginning) to a little past `stop_seconds`, both on the video's clock; returns the timeline (absolute
+    timestamps), where the video's clock starts on them (`_video_clock`), and whether it seeked (then the caller
+    checks where it landed).
 
     None without an audio stream; the timeline's origin is None when a seek found nothing to decode after it.
     """
@@ -168,11 +172,12 @@ def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float, seek:
         # Ogg's timestamps come from page granule positions, and FFmpeg gives some Vorbis packets times a block
         # (448 samples) off where the block size changes: there, samples are counted from the first frame instead
         timeline = _Timeline(stream.time_base, count_samples="ogg" in container.format.name.split(","))
-        if seek and seek_seconds > 0 and stream.time_base is not None:
+        seeked = seek and seek_seconds > 0 and stream.time_base is not None
+        if seeked:
             try:
                 container.seek(int(seek_seconds / stream.time_base), stream=stream)
             except av.FFmpegError:  # unseekable: an empty timeline makes the caller decode from the beginning
-                return timeline, clock
+                return timeline, clock, True
         # Only converts the sample format to float planar (AAC and Opus decode to it already: a passthrough).
         # Channels are averaged by us (FFmpeg's 'mono' downmix is weighted) and the rate changed once at the end:
         # FFmpeg's resampler costs a filter-graph call per frame, which made decoding 3x slower.
@@ -201,11 +206,11 @@ def _pyav_read(path: str | Path, seek_seconds: float, stop_seconds: float, seek:
             if timeline.cursor is None:
                 raise AudioDecodeError(path, error) from None
             logger.warning("%s: audio ends early at %.2f s (%s)", path, timeline.cursor / timeline.rate - clock, error)
-        if timeline.cursor is None and (not seek or seek_seconds <= 0 or bad_packets):
+        if timeline.cursor is None and (not seeked or bad_packets):
             raise AudioDecodeError(path, f"{bad_packets} corrupt packets" if bad_packets else "no audio frames")
         if bad_packets:
             logger.warning("%s: skipped %d corrupt audio packets", path, bad_packets)
-        return timeline, clock
+        return timeline, clock, seeked
 
 
 class _RateChange(ValueError):

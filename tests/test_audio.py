@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import librosa
@@ -381,6 +382,40 @@ def test_a_sample_rate_change_is_the_clips_failure(tmp_path: Path) -> None:
     with pytest.raises(AudioDecodeError, match=r"joined.ts: cannot decode audio \(sample rate changes from 48000 to 22050 Hz "
                                                r"at 3\.\d\d s; one rate per file: convert it first\)"):
         decode_audio(joined, 0.0, 6.0)
+
+
+def test_a_failed_seek_on_a_late_clock_decodes_from_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MPEG-TS starts its clock at 1.4 s: a window at 0.2 s seeks (to 1.1 s on the timestamps). A seek that fails
+    (an unseekable input) gave an empty timeline that nothing retried, and stage one died on an AssertionError.
+    It decodes from the beginning instead: the same samples as when the seek works."""
+    import subprocess
+
+    path = tmp_path / "plain.ts"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=10:duration=4", "-f", "lavfi",
+                    "-i", "sine=f=440:duration=4", "-c:v", "libx264", "-c:a", "aac", str(path)], check=True)
+    expected = decode_audio(path, 0.2, 2.0)
+    real_open = av.open
+
+    class Unseekable:
+        def __init__(self, container: Any) -> None:
+            self.container = container
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.container, name)
+
+        def __enter__(self) -> Unseekable:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.container.close()
+
+        def seek(self, *args: Any, **kwargs: Any) -> None:
+            raise av.FFmpegError(29, "Illegal seek")
+
+    monkeypatch.setattr(av, "open", lambda *args, **kwargs: Unseekable(real_open(*args, **kwargs)))
+    waveform = decode_audio(path, 0.2, 2.0)
+    assert expected is not None and waveform is not None
+    np.testing.assert_array_equal(waveform, expected)
 
 
 def test_corrupt_packets_are_skipped_and_later_audio_stays_in_place(media: dict[str, Path], tmp_path: Path) -> None:
