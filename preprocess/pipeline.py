@@ -249,12 +249,13 @@ def decode_clips(clips: list[Clip], cfg: FeatureConfig, tensors: bool, prefetch:
                 prefetch_factor=prefetch if cfg.num_workers > 0 else None,
                 persistent_workers=False,
             )
-            iterator = iter(loader)
+            iterator = iter(loader)  # PyTorch installs its SIGCHLD handler here, once per process
+            sigchld = None
             if markers is not None and threading.current_thread() is threading.main_thread():
-                # PyTorch's SIGCHLD handler raises a worker's death asynchronously, wherever this thread happens to
-                # be (in the encoders, half-way through handing samples to the writer); without it the death is
-                # raised by next() below (within MP_STATUS_CHECK_INTERVAL, 5 s), where it can be handled
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                # That handler raises a worker's death asynchronously, wherever this thread happens to be (in the
+                # encoders, half-way through handing samples to the writer); without it the death is raised by
+                # next() below (within MP_STATUS_CHECK_INTERVAL, 5 s), where it can be handled. Put back below.
+                sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             delivered = 0
             died: dict[int, str] | None = None
             try:
@@ -271,6 +272,8 @@ def decode_clips(clips: list[Clip], cfg: FeatureConfig, tensors: bool, prefetch:
                     yield item
             finally:
                 del iterator  # shuts its workers down
+                if sigchld is not None:
+                    signal.signal(signal.SIGCHLD, sigchld)
             for index, reason in sorted(died.items()):
                 clip = remaining[index]
                 yield {"clip": clip, "error": ("video", f"{clip.path}: {reason}")}
@@ -636,7 +639,6 @@ def run(
     if not tensors:
         print(f"warning: {why_not}", file=sys.stderr)
     sink = ShardSink(out_dir, rank, cfg, threaded=threaded_writer)
-    sigchld = signal.getsignal(signal.SIGCHLD)  # decode_clips takes PyTorch's handler off while it runs
     items = decode_clips(todo, cfg, tensors, prefetch, out_dir / f".decoding-{rank:03d}")
     try:
         for batch in _batches(items, cfg.batch_clips, record_failure):
@@ -662,8 +664,6 @@ def run(
         # every sample handed to the sink is complete, so closing makes the shards in progress visible; only a
         # writer interrupted half-way through a sample drops its shard (ShardSink._write)
         items.close()  # stops the decoding workers
-        if threading.current_thread() is threading.main_thread() and sigchld is not None:
-            signal.signal(signal.SIGCHLD, sigchld)
         try:
             summary.shards.extend(str(p) for p in sink.close())
         finally:

@@ -13,9 +13,12 @@ Why two backends (measured with decord 0.6.0 and PyAV on the files in tests/medi
 - decord applies the rotation (display matrix) metadata; PyAV returns the stored frame, so PyAV frames
   are rotated here by `VideoFrame.rotation` and both backends return a portrait clip as portrait.
 
-Frames are downscaled (never upscaled) to a short side <= `short_side` with OpenCV's INTER_AREA after
-decoding; decord's own resize (`width=`/`height=`) is not used because decord 0.6.0 fails on some sizes
-(48x32: "DECORDArrayCopyFromTo: The size must exactly match").
+Frames are brought to their displayed shape (anamorphic pixels: `pixel_aspect`) and downscaled (never beyond
+the displayed size) to a short side <= `short_side`, with OpenCV's INTER_AREA (INTER_LINEAR along an axis an
+anamorphic frame is widened on), as they are decoded: a window never holds all its full-size frames (4K: 25 MB
+each). decord's own resize (`width=`/`height=`) is not used because decord 0.6.0 fails on some sizes (48x32:
+"DECORDArrayCopyFromTo: The size must exactly match"). Files decord gets wrong go to PyAV (`_read_header`, and
+decord's own timestamps: an edit list's lead-in, no timestamps at all).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ class VideoDecodeError(Exception):
 
 
 class DecordRefused(Exception):
-    """A file decord is not given (its header would make decord end the process); PyAV reads it instead."""
+    """A file decord is not given or whose frames it would misplace (a header that would make it end the process,
+    MPEG program/transport streams, an edit list's lead-in, frames without timestamps); PyAV reads it instead."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,8 @@ def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, s
         fps = float(reader.get_avg_fps())
         stamps = np.asarray(reader.get_frame_timestamp(np.arange(count)), dtype=np.float64)  # (count, [begin, end]) s
         begins = stamps[:, 0]
+        if begins[0] < -1e6:  # decord's "no timestamp" (AVI with packed B-frames): it cannot place the frames
+            raise DecordRefused("decord has no timestamps for its frames")
         if begins[0] < -EPSILON:
             # frames before t = 0 are an edit list's lead-in, there only to decode what follows; decord returns
             # them in the place of later ones (frame 26 for 13 after `ffmpeg -ss 1.3 -c copy`): PyAV applies the list
@@ -225,13 +231,17 @@ def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, s
         valid = times[times < duration - EPSILON]  # as in _decode_pyav
         # The frame on screen at start + t: the last one that began at or before it (the first one before that).
         indices = np.clip(np.searchsorted(begins, start + valid + EPSILON, side="right") - 1, 0, count - 1)
-        resized: list[np.ndarray] = []
+        # each frame once (a source slower than the times repeats frames: decord would seek back for a repeat that
+        # starts a chunk), then in the order of the times
+        unique, order = np.unique(indices, return_inverse=True)
+        distinct: list[np.ndarray] = []
         size: tuple[int, int] | None = None
-        for first in range(0, len(indices), DECORD_CHUNK):
-            chunk = reader.get_batch(indices[first : first + DECORD_CHUNK].tolist()).asnumpy()  # (n, H, W, 3) RGB
+        for first in range(0, len(unique), DECORD_CHUNK):
+            chunk = reader.get_batch(unique[first : first + DECORD_CHUNK].tolist()).asnumpy()  # (n, H, W, 3) RGB
             size = size or _decord_size(chunk.shape[1], chunk.shape[2], header, short_side)
-            resized.extend(_resize(frame, size) for frame in chunk)
+            distinct.extend(_resize(frame, size) for frame in chunk)
             del chunk  # before the next one is decoded
+        resized = [distinct[i] for i in order.ravel()]
         if size is None:  # no time inside the video: the size its frames would have
             shape = reader[0].shape
             size = _decord_size(shape[0], shape[1], header, short_side)
@@ -374,26 +384,48 @@ def decode_frames(
     return _decode_pyav(path, start, times_array, window, short_side)
 
 
+def _packets_end(path: Path, index: int) -> float:
+    """Where the last packet of stream `index` ends (s, on the timestamps), read from the packets alone (nothing
+    decoded; a file cut short: what precedes the cut); 0 when none has a timestamp."""
+    end = 0.0
+    with _open_pyav(path) as container:
+        stream = container.streams[index]
+        time_base = float(stream.time_base or 0.0)
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is not None and time_base:
+                    step = packet.duration * time_base if packet.duration else 1.0 / max(fps, 1e-6)
+                    end = max(end, packet.pts * time_base + step)
+        except av.FFmpegError:
+            pass
+    return end
+
+
 def probe_video(path: str | Path) -> dict[str, Any]:
     """Container facts via PyAV: duration (s), fps, width/height as displayed (after rotation), rotation
     (counter-clockwise degrees in {0, 90, 180, 270}), codec name, has_audio, and start: the timestamp (s) of the
     video stream's first frame, t = 0 of `decode_frames` (not 0 where another stream starts earlier, or where the
-    timestamps start at 3600 s). Decodes one frame (the rotation lives in the display matrix that FFmpeg attaches to decoded frames)."""
+    timestamps start at 3600 s). Decodes one frame (the rotation lives in the display matrix that FFmpeg attaches
+    to decoded frames)."""
     path = Path(path)
     _check_file(path)
     with _open_pyav(path) as container:
         stream = video_stream(container)
         if stream is None:
             raise VideoDecodeError(f"{path}: no video stream")
+        start = 0.0
+        if stream.start_time is not None and stream.time_base is not None:
+            start = float(stream.start_time * stream.time_base)
         if stream.duration is not None and stream.time_base is not None:
             duration = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            duration = container.duration / av.time_base
-        else:
-            duration = 0.0
+        else:  # Matroska/WebM: the container's duration is its longest stream's (often the audio): the packets say
+            duration = _packets_end(path, stream.index) - start
+            if duration <= 0 and container.duration is not None:
+                duration = (container.duration + (container.start_time or 0)) / av.time_base - start
         rotation = 0
         try:
-            frame = next(container.decode(stream), None)
+            frame = next(_decoded(container, stream, []), None)
             if frame is not None:
                 rotation = round(frame.rotation / 90) % 4 * 90
         except av.FFmpegError as error:
@@ -402,9 +434,6 @@ def probe_video(path: str | Path) -> dict[str, Any]:
                                      _stretch(pixel_aspect(stream), 0))  # as displayed: anamorphic pixels
         if rotation in (90, 270):
             width, height = height, width
-        start = 0.0
-        if stream.start_time is not None and stream.time_base is not None:
-            start = float(stream.start_time * stream.time_base)
         return {
             "index": stream.index,
             "start": start,
@@ -413,6 +442,6 @@ def probe_video(path: str | Path) -> dict[str, Any]:
             "width": width,
             "height": height,
             "rotation": rotation,
-            "codec": stream.codec_context.name,
+            "codec": stream.codec_context.codec.canonical_name,  # "av1", not the decoder "libdav1d"
             "has_audio": bool(container.streams.audio),
         }

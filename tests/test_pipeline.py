@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import shards
 from preprocess.__main__ import main as features_main
@@ -494,7 +495,11 @@ def test_a_file_that_crashes_a_decoding_worker_costs_only_that_clip(tmp_path, mo
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "decode_frames", crashing)
+    for _ in torch.utils.data.DataLoader(range(2), num_workers=1):  # PyTorch's SIGCHLD handler, as a trainer has it
+        pass
+    handler = signal.getsignal(signal.SIGCHLD)
     summary = run_stage_one(videos, tmp_path / "out", threaded=True, num_workers=2)
+    assert signal.getsignal(signal.SIGCHLD) is handler  # taken off while decoding, put back after
     assert summary.written == 5 and summary.failed == {"video": 1}
     assert processed_ids(tmp_path / "out") == [f"clip{i}" for i in (0, 1, 3, 4, 5)]  # in order, none twice
     reason = failures(tmp_path / "out")["clip2"]["reason"]

@@ -357,3 +357,41 @@ def test_packets_the_decoder_refuses_are_skipped_not_the_end(tmp_path: Path) -> 
     result = decode_frames(video, 0.0, [0.5, 1.5, 2.5], WINDOW, 96, backend="pyav")
     assert result.duration > 5.0 and len(result.frames) == 3
     assert not np.array_equal(result.frames[0], result.frames[2])  # testsrc's counter moved on
+
+
+def test_probe_of_webm_and_av1(tmp_path: Path) -> None:
+    """WebM stores no duration per stream, and the container's is its longest stream's (here the Opus audio's, 8 ms
+    more): probe_video gives where the video's packets end, where the frames end (vta-sam generate lays its windows
+    out by it). An AV1 stream is named av1, not by its decoder (libdav1d)."""
+    import subprocess
+
+    webm = media.make_video(tmp_path / "v.webm", seconds=4.0, fps=10, codec="vp9", sample_rate=48000)
+    frames_end = decode_frames(webm, 0.0, [0.05], WINDOW, 96, backend="pyav").duration
+    assert probe_video(webm)["duration"] == pytest.approx(frames_end, abs=1e-3)
+    av1 = tmp_path / "v_av1.mkv"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=10:duration=1", "-c:v",
+                    "libaom-av1", "-cpu-used", "8", str(av1)], check=True)
+    assert probe_video(av1)["codec"] == "av1"
+
+
+def test_a_source_slower_than_the_times_repeats_its_frames(files: dict[str, Path]) -> None:
+    """Times 8 per second on a 10 fps clip of which every frame is asked for once or twice: both backends give
+    the frame shown at each time (decord decodes each distinct frame once)."""
+    times = [0.01 + 0.06 * i for i in range(60)]
+    expected = [math.floor(t * 10) for t in times if t < 4.0]
+    for backend in ("decord", "pyav"):
+        result = decode_frames(files["normal"], 0.0, times, WINDOW, 96, backend=backend)
+        assert [media.frame_index(f) for f in result.frames] == expected, backend
+
+
+def test_avi_frames_without_timestamps_in_decord_go_to_pyav(tmp_path: Path) -> None:
+    """MPEG-4 Part 2 with B-frames in AVI: decord has no timestamps for its frames (a sentinel of -6e17 s) and
+    returned frames 50, 53, 56 for 1, 5, 9; that file is read by PyAV, and the reason says so."""
+    import subprocess
+
+    avi = tmp_path / "packed.avi"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=10:duration=4", "-c:v", "mpeg4",
+                    "-bf", "2", str(avi)], check=True)
+    with pytest.raises(VideoDecodeError, match="decord has no timestamps for its frames"):
+        decode_frames(avi, 0.0, [0.15, 0.55], WINDOW, 96, backend="decord")
+    assert decode_frames(avi, 0.0, [0.15, 0.55], WINDOW, 96).backend == "pyav"
