@@ -20,6 +20,8 @@ import av
 import numpy as np
 import soxr  # librosa's resampler, installed with it
 
+from preprocess.video import video_stream
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
@@ -54,7 +56,8 @@ def _audio_stream(container: Any) -> Any:
     may take another (of a silent stereo track and a default mono one, the stereo one)."""
     if not container.streams.audio:
         return None
-    return container.streams.best("audio") or container.streams.audio[0]
+    # related to the video read: in a transport stream of several programs, the audio of the same program
+    return container.streams.best("audio", related=video_stream(container)) or container.streams.audio[0]
 
 
 @contextlib.contextmanager
@@ -131,8 +134,6 @@ def decode_audio(
 def _video_clock(container: Any) -> float:
     """Seconds of the timestamps at which the video's clock reads 0: the video stream's start time (the
     presentation time of its first frame; `preprocess.video.video_stream`), or 0 without one or a start time."""
-    from preprocess.video import video_stream
-
     stream = video_stream(container)
     if stream is None or stream.start_time is None or stream.time_base is None:
         return 0.0
