@@ -212,6 +212,22 @@ def make_truncated(path: str | Path, seconds: float = 4.0, faststart: bool = Tru
     return path
 
 
+def make_covered(path: str | Path, video: str | Path) -> Path:
+    """An .mkv whose first video track is a one-frame 48x48 grey PNG (a cover picture) and whose second is
+    `video`'s video, copied: what `ffmpeg -i video -i cover.png -map 1 -map 0 -c copy out.mkv` makes (Matroska
+    keeps the picture as an ordinary track, where mp4 and mov move or drop it). Needs the ffmpeg program."""
+    import subprocess
+
+    import cv2
+
+    path = Path(path)
+    cover = path.with_name(path.stem + ".cover.png")
+    cv2.imwrite(str(cover), np.full((48, 48, 3), 200, np.uint8))
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(video), "-i", str(cover), "-map", "1", "-map", "0", "-c", "copy",
+                    str(path)], check=True)
+    return path
+
+
 def make_zero_bytes(path: str | Path) -> Path:
     """An empty file (0 bytes)."""
     path = Path(path)

@@ -386,18 +386,10 @@ def test_desync_is_the_mean_of_both_windows_over_clips():
 def test_window_frames_read_the_video_not_a_cover_picture_stored_first(tmp_path):
     """An mkv whose first video track is a one-frame cover picture: the benchmark embedders see the real video (the
     stream ffmpeg picks by default, and the one the audio was generated for)."""
-    import subprocess
-
-    import cv2
-
     from tests import media
 
     video = media.make_video(tmp_path / "v.mp4", seconds=3.0, fps=10, audio=None)
-    cover = tmp_path / "cover.png"
-    cv2.imwrite(str(cover), np.full((48, 48, 3), 200, np.uint8))
-    covered = tmp_path / "covered.mkv"
-    subprocess.run(["ffmpeg", "-v", "error", "-i", str(video), "-i", str(cover), "-map", "1", "-map", "0", "-c", "copy",
-                    str(covered)], check=True)
+    covered = media.make_covered(tmp_path / "covered.mkv", video)
     frames = window_frames(covered, 0.0, 2.0, {"two": 2.0})["two"]
     plain = window_frames(video, 0.0, 2.0, {"two": 2.0})["two"]
     assert frames.shape == plain.shape == (4, 64, 96, 3)

@@ -509,14 +509,8 @@ def test_containers_that_take_no_aac_become_matroska():
 def test_the_sound_goes_with_the_video_it_was_made_for(run_dir, tmp_path, capsys):
     """An mkv whose first video track is a cover picture: the sound is made from the real video, and the output
     carries that video stream (not the picture)."""
-    import cv2
-
     video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
-    cover = tmp_path / "cover.png"
-    cv2.imwrite(str(cover), np.full((48, 48, 3), 200, np.uint8))
-    covered = tmp_path / "covered.mkv"
-    subprocess.run(["ffmpeg", "-v", "error", "-i", str(video), "-i", str(cover), "-map", "1", "-map", "0", "-c", "copy",
-                    str(covered)], check=True)
+    covered = media.make_covered(tmp_path / "covered.mkv", video)
     out = tmp_path / "out"
     assert cli_main(["generate", str(covered), "--model", str(run_dir), "--out", str(out), "--steps", "2", "--caption",
                      "dog", "--no-progress"]) == 0, capsys.readouterr().err

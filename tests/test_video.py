@@ -296,16 +296,8 @@ def test_anamorphic_frames_are_returned_as_displayed(tmp_path: Path) -> None:
 def test_a_still_picture_track_before_the_video_is_not_the_video(tmp_path: Path) -> None:
     """An mkv whose first video track is a one-frame cover picture (what `ffmpeg -i video -i cover.png -map 1 -map 0`
     makes): frames, clock and probe_video all come from the real video, by both backends."""
-    import subprocess
-
-    import cv2
-
     video = media.make_video(tmp_path / "v.mp4", seconds=3.0, fps=10, audio=None)
-    cover = tmp_path / "cover.png"
-    cv2.imwrite(str(cover), np.full((48, 48, 3), 200, np.uint8))
-    both = tmp_path / "covered.mkv"
-    subprocess.run(["ffmpeg", "-v", "error", "-i", str(video), "-i", str(cover), "-map", "1", "-map", "0", "-c", "copy",
-                    str(both)], check=True)
+    both = media.make_covered(tmp_path / "covered.mkv", video)
     with av.open(str(both)) as container:
         assert [s.codec_context.name for s in container.streams.video] == ["png", "h264"]
     for backend in BACKENDS:
