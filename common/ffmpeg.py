@@ -1,8 +1,19 @@
-"""Calling the ffmpeg program: paths it cannot misread, and the line of its error output that says what is wrong."""
+"""FFmpeg: which video stream every reader takes (through PyAV), and calling the ffmpeg program: paths it cannot
+misread, and the line of its error output that says what is wrong."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+
+def video_stream(container: Any) -> Any:
+    """The video stream every part of the project reads (stage one's frames and audio clock, generation's muxing,
+    evaluation's frames) from an open PyAV container: FFmpeg's best one, as decord and the ffmpeg program pick it
+    (not an attached cover picture, nor a still-image track stored before the video); None without one."""
+    if not container.streams.video:
+        return None
+    return container.streams.best("video") or container.streams.video[0]
 
 
 def file_url(path: Path | str) -> str:

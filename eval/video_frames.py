@@ -28,6 +28,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from common.ffmpeg import video_stream
+
 # a frame counts as inside the window when it starts at most this much before `start` (timestamp rounding)
 START_TOLERANCE = 1e-3
 
@@ -86,9 +88,7 @@ def window_frames(path: str | Path, start: float, duration: float, rates: Mappin
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoReadError(f"{path}: no video stream")
-            # FFmpeg's best video stream (ffmpeg's own default, and the one stage one and generation read), not a
-            # cover picture stored first
-            stream = container.streams.best("video") or container.streams.video[0]
+            stream = video_stream(container)  # the one stage one and generation read, not a cover picture
             stream.thread_type = "AUTO"
             # `start` counts from the file's start time, as ffmpeg's -ss does (a file's first timestamp need not be 0)
             first = Fraction(container.start_time, 1_000_000) if container.start_time is not None else Fraction(0)

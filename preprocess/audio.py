@@ -20,7 +20,7 @@ import av
 import numpy as np
 import soxr  # librosa's resampler, installed with it
 
-from preprocess.video import video_stream
+from common.ffmpeg import video_stream
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def decode_audio(
 
 def _video_clock(container: Any) -> float:
     """Seconds of the timestamps at which the video's clock reads 0: the video stream's start time (the
-    presentation time of its first frame; `preprocess.video.video_stream`), or 0 without one or a start time."""
+    presentation time of its first frame; `common.ffmpeg.video_stream`), or 0 without one or a start time."""
     stream = video_stream(container)
     if stream is None or stream.start_time is None or stream.time_base is None:
         return 0.0

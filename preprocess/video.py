@@ -35,6 +35,8 @@ import av.logging
 import cv2
 import numpy as np
 
+from common.ffmpeg import video_stream
+
 Backend = Literal["auto", "decord", "pyav"]
 # A frame counts as shown at time t when its timestamp is <= t + EPSILON: decord's timestamps are float32
 # (0.3 s is stored as 0.30000001), and 1 ms is far below any frame interval (240 fps: 4.2 ms).
@@ -77,14 +79,6 @@ def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     # frame can be widened along one axis: there, linear interpolation.
     shrinking = size[0] <= frame.shape[0] and size[1] <= frame.shape[1]
     return cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-
-
-def video_stream(container: av.container.InputContainer) -> Any:
-    """The video stream every part of the project reads (frames, clock, muxing): FFmpeg's best one, as decord
-    picks it (not an attached cover picture, nor a still-image track stored before the video); None without one."""
-    if not container.streams.video:
-        return None
-    return container.streams.best("video") or container.streams.video[0]
 
 
 MAX_PIXEL_ASPECT = 4.0  # stored pixels at most this much wider or taller than square (real ones: 32:27, 8:9, 4:3, 2:1)
