@@ -167,8 +167,8 @@ def dedupe(clips: list[Clip]) -> tuple[list[Clip], int]:
         earlier = first.setdefault(clip.id, clip)
         if earlier is clip:
             kept.append(clip)
-        elif _differences(earlier, clip):
-            conflicts.append(f"{clip.id} ({_differences(earlier, clip)})")
+        elif differences := _differences(earlier, clip):
+            conflicts.append(f"{clip.id} ({differences})")
     if conflicts:
         print(f"warning: {len(conflicts)} manifest rows share a clip id with an earlier, different row and are left "
               f"out (the first row is used): {'; '.join(conflicts[:3])}{' ...' if len(conflicts) > 3 else ''}",

@@ -270,10 +270,12 @@ class SoundGenerator:
         nouns = [candidates[i] for i in sorted(top)]
         return nouns, ", ".join(nouns)
 
-    def audio(self, video: Path, caption: str | None) -> tuple[np.ndarray, dict[str, Any]]:
-        """The waveform for the whole video (exactly its duration) and what an --explain figure shows."""
+    def audio(self, video: Path, caption: str | None,
+              probe: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """The waveform for the whole video (exactly its duration) and what an --explain figure shows. `probe`: the
+        video's `probe_video`, when the caller has it (it reads every packet of a Matroska file)."""
         cfg = self.features
-        duration = probe_video(video)["duration"]
+        duration = (probe or probe_video(video))["duration"]
         if duration <= 0:
             raise GenerateError(f"{video}: zero duration")
         duration, starts, decoded = decode_windows(video, duration, cfg, self.options.overlap)
@@ -475,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             if problem:
                 raise GenerateError(f"{video}: cannot write {out_video} ({problem})")
             out_video.parent.mkdir(parents=True, exist_ok=True)
-            waveform, explain = generator.audio(video, options.caption)
+            waveform, explain = generator.audio(video, options.caption, probe)
             write_wav(out_wav, waveform, generator.features.sample_rate)
             mux(video, out_wav, out_video, probe["start"], probe["index"])
             if options.explain:
