@@ -104,10 +104,11 @@ def decode_audio(
     Times are on the video's clock: t = 0 is the presentation time of the video stream's first frame (as in
     `preprocess.video`), so a window of frames and its window of audio are what a player shows and plays together,
     also where the streams do not start together (an audio track that starts before the picture, a container
-    whose timestamps start at 3600 s, MPEG-TS). Without a video stream, t = 0 is the timestamps' zero. Mono is the average of all channels (backend "pyav"). The result is shorter than
-    round(duration * sample_rate) when the file ends earlier, and empty when it ends before `start`; it is never
-    padded at the end here. Returns None when the file has no audio stream; raises AudioDecodeError when the file
-    cannot be opened or no audio at all can be decoded from it.
+    whose timestamps start at 3600 s, MPEG-TS). Without a video stream, t = 0 is the timestamps' zero. Mono is
+    the average of all channels (backend "pyav"). The result is shorter than round(duration * sample_rate) when
+    the file ends earlier, and empty when it ends before `start`; it is never padded at the end here. Returns None
+    when the file has no audio stream; raises AudioDecodeError when the file cannot be opened or no audio at all
+    can be decoded from it.
 
     backend "pyav": seeks to start - 0.5 s, decodes forward at the stream's own rate, places every frame by its
     timestamp, averages the channels and resamples the window once (soxr HQ), so the cut is sample-accurate
@@ -150,9 +151,7 @@ def _decode_pyav(path: str | Path, start: float, duration: float, sample_rate: i
         # the window's start (a coarse or broken index): decode from the beginning instead.
         read = _pyav_read(path, 0.0, start + duration, seek=False)
         assert read is not None  # the same file: it has an audio stream
-        timeline, clock, _ = read
-    if timeline.origin is None:  # unreachable: without a seek, a stream without frames raises
-        raise AudioDecodeError(path, "no audio frames")
+        timeline, clock, _ = read  # without a seek, a stream without frames raised: it has an origin
     return timeline.cut(clock + start, duration, sample_rate)
 
 
