@@ -50,6 +50,7 @@ from common.frozen import FrozenModule, chunks, random_init_checksum, seeded
 from common.weights import require_file, require_model_dir, sha256_dir, sha256_file, weights_folder
 from preprocess.config import FeatureConfig
 from preprocess.model_configs import TINY_BERT_VOCAB, random_configs
+from preprocess.sam_attention import FoldedRelPosAttention, use_folded_rel_pos
 from shards import FEATURE_DTYPE
 
 ASSETS = Path(__file__).parent / "assets"
@@ -58,11 +59,14 @@ GROUNDING_DELIMITERS = ("[CLS]", "[SEP]", ".", "?")
 GIB = 1024**3
 PYTORCH_HINT = "use --deformable-attention pytorch"  # what to do when the fused kernel cannot run
 # Estimated peak CUDA memory per frame of one forward pass (half precision), used only to size the first frame
-# batch from the device's free memory. Grounding DINO Swin-T + SAM ViT-B at 800x1333 peaked at 53.8 GiB for 64
-# frames on an H200 (0.84 GiB a frame); the cost is taken as proportional to the input's pixels. CLIP ViT-L/14 at
-# 224 px is far cheaper; 0.1 GiB a frame is a generous bound. These are estimates: the out-of-memory halving of
-# `AdaptiveBatch` is what guarantees a pass fits.
-GROUNDING_GIB_PER_MEGAPIXEL = 53.8 / 64 / (800 * 1333 / 1e6)
+# batch from the device's free memory. Measured on an H200 at 64 frames of 800x1333 per pass: Grounding DINO Swin-T
+# with SAM ViT-B's attention folded (`preprocess.sam_attention`) peaked at 42.8 GiB (Grounding DINO alone: 43.0),
+# taken as proportional to the detector input's pixels; with transformers' dense relative-position bias SAM peaked
+# at 53.8 GiB, 11 GiB more, a cost per frame (SAM's input is 1024 x 1024 whatever the detector's size). CLIP
+# ViT-L/14 at 224 px is far cheaper; 0.1 GiB a frame is a generous bound. These are estimates: the out-of-memory
+# halving of `AdaptiveBatch` is what guarantees a pass fits.
+GROUNDING_GIB_PER_MEGAPIXEL = 42.8 / 64 / (800 * 1333 / 1e6)
+SAM_BIAS_GIB_PER_FRAME = (53.8 - 42.8) / 64
 CLIP_GIB_PER_FRAME = 0.1
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -91,11 +95,13 @@ def _quiet_open_clip() -> Iterator[None]:
 def cap_cuda_memory(max_memory_gib: float, device: torch.device) -> None:
     """With `max_memory_gib` > 0 on CUDA, let this process's allocator hold at most that much of the device
     (`torch.cuda.set_per_process_memory_fraction`): a bigger card then runs out of memory where a card of that
-    size would, which `AdaptiveBatch` answers by halving. Nothing happens on the CPU or with 0 (no cap)."""
+    size would, which `AdaptiveBatch` answers by halving. Nothing happens on the CPU or with 0 (no cap). A device
+    without an index (`--device cuda`) means the current one: torch's setter wants an index."""
     if max_memory_gib <= 0 or device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * GIB / total), device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * GIB / total), index)
 
 
 class OutOfMemory(RuntimeError):
@@ -440,8 +446,10 @@ class Grounder(_Batched, FrozenModule):
         self.sam = sam
         self.sam_image_processor = sam_image_processor
         self.batches = AdaptiveBatch(batch, "Grounding DINO" + (" + SAM" if sam is not None else ""))
-        # estimate, proportional to the input's pixels (see GROUNDING_GIB_PER_MEGAPIXEL)
+        # estimate, proportional to the input's pixels, plus SAM's dense bias unless folded (see GROUNDING_GIB_PER_...)
         self.gib_per_frame = GROUNDING_GIB_PER_MEGAPIXEL * image_size["shortest_edge"] * image_size["longest_edge"] / 1e6
+        if sam is not None and not any(isinstance(m, FoldedRelPosAttention) for m in sam.modules()):
+            self.gib_per_frame += SAM_BIAS_GIB_PER_FRAME
         self.checksum = checksum
         self.freeze()
 
@@ -486,8 +494,6 @@ class Grounder(_Batched, FrozenModule):
             checksum = hashlib.sha256("\n".join(digests).encode()).hexdigest()
             _check_grounding_tokenizer(tokenizer, detector, folder)
         if sam is not None and cfg.sam_rel_pos == "folded":
-            from preprocess.sam_attention import use_folded_rel_pos
-
             use_folded_rel_pos(sam)
         if cfg.deformable_attention == "triton":
             from preprocess import deformable

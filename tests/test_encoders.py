@@ -496,6 +496,27 @@ def test_out_of_memory_at_one_frame_is_one_line(monkeypatch) -> None:
     assert "\n" not in str(error.value) and error.value.__cause__ is None
 
 
+def test_memory_cap_on_a_cuda_device_without_an_index(monkeypatch) -> None:
+    """`--device cuda` (no index) caps the current device: torch's setter refuses a device without an index, as its
+    own check (run here, on any machine) says; before, --max-memory-gib stopped stage one with a ValueError."""
+    from torch.cuda._utils import _get_device_index
+
+    capped: list[tuple[float, int]] = []
+
+    class Props:
+        total_memory = 80 * encoders.GIB
+
+    def set_fraction(fraction: float, device: object) -> None:
+        capped.append((fraction, _get_device_index(device)))  # torch's own argument check (not optional)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    encoders.cap_cuda_memory(20, torch.device("cuda"))
+    encoders.cap_cuda_memory(40, torch.device("cuda", 0))
+    assert capped == [(0.25, 1), (0.5, 0)]
+
+
 def test_memory_cap_and_first_batch_from_free_memory(monkeypatch) -> None:
     """--max-memory-gib sets the allocator's share of the card; the first batch fits the free memory's estimate."""
     cuda = torch.device("cuda", 0)
@@ -516,8 +537,21 @@ def test_memory_cap_and_first_batch_from_free_memory(monkeypatch) -> None:
     paper = encoders.GROUNDING_GIB_PER_MEGAPIXEL * 800 * 1333 / 1e6
     batches = encoders.AdaptiveBatch(64, "Grounding DINO")
     batches.fit_free_memory(cuda, paper)
-    assert batches.size == int(30 / paper) == 35
+    assert batches.size == int(30 / paper) == 44
     batches.fit_free_memory(cuda, paper, max_memory_gib=20)  # 16 GiB left under the cap
-    assert batches.size == int(16 / paper) == 19
+    assert batches.size == int(16 / paper) == 23
     batches.fit_free_memory(CPU, paper, max_memory_gib=1)
-    assert batches.size == 19
+    assert batches.size == 23
+
+
+def test_sams_dense_bias_adds_to_the_memory_estimate_unless_folded() -> None:
+    """The first frame batch is sized from an estimate per frame: SAM with transformers' dense relative-position
+    bias costs more per frame than SAM with the positions folded into query and key (the default)."""
+    from preprocess.encoders import Grounder
+
+    estimate = {way: Grounder.from_config(PRESETS["tiny"].replace(sam_rel_pos=way), None, CPU).gib_per_frame
+                for way in ("bias", "folded")}
+    assert estimate["bias"] - estimate["folded"] == pytest.approx(encoders.SAM_BIAS_GIB_PER_FRAME)
+    assert PRESETS["paper"].sam_rel_pos == "folded"
+    without_sam = Grounder.from_config(PRESETS["tiny"].replace(use_sam=False, sam_rel_pos="bias"), None, CPU)
+    assert without_sam.gib_per_frame == pytest.approx(estimate["folded"])
