@@ -39,7 +39,7 @@ except ImportError:  # a CPU-only torch without triton: the PyTorch path only
 
 # Queries per program (each program takes one (frame, head) and BLOCK_QUERIES of its queries) and warps per
 # program. With the level and point loops left as loops (only the 4 corners unrolled) this compiles for sm_90 to
-# 56 registers a thread at float16 (140 at float32) and no spills; unrolling every loop took 255 registers and
+# 56 registers a thread at float16 (107 at float32) and no spills; unrolling every loop took 255 registers and
 # spilled (tests/test_deformable.py compiles it for sm_90 on the CPU and checks).
 BLOCK_QUERIES = 64
 NUM_WARPS = 4
@@ -90,7 +90,10 @@ if triton is not None:
                     yi = y0.to(tl.int32) + dy
                     share = (fx * dx + (1.0 - fx) * (1 - dx)) * (fy * dy + (1.0 - fy) * (1 - dy))
                     inside = query_ok & (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-                    token = start + (tl.where(inside, yi, 0) * width + tl.where(inside, xi, 0)).to(tl.int64)
+                    # the corner's token, held within the level where the corner is outside (the load is masked
+                    # there); a clamp, not tl.where(inside, ...): Triton 3.6 and 3.7 fail to compile a 1-D select
+                    # on `inside` next to its use as the 2-D load mask (TritonGPURemoveLayoutConversions)
+                    token = start + tl.minimum(tl.maximum(yi * width + xi, 0), height * width - 1).to(tl.int64)
                     sampled = tl.load(value_base + token[:, None] * (HEADS * HEAD_DIM) + channels[None, :],
                                       mask=inside[:, None] & channel_ok[None, :], other=0.0)
                     acc += (weight * share)[:, None] * sampled.to(tl.float32)
