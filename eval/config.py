@@ -54,7 +54,7 @@ class EvalConfig(ConfigMethods):
     sampling_batch: int = field(default=0, metadata={"help": "clips per sampling batch (0: on CUDA, the fastest per clip of 4, 8, ..., 64, measured at the start and recorded in results.json; batch_size on the CPU and with --compile)"})
     cuda_graphs: bool = field(default=True, metadata={"help": "on CUDA, replay the guided sampler step from a CUDA graph captured once (train.denoiser; not with --compile); the last batch is padded to the sampling batch"})
     precision: Precision = field(default="auto", metadata={"help": f"UNet precision while sampling, one of {PRECISIONS} (auto: bf16 on CUDA, fp32 on the CPU; recorded in the WAV manifest)"})
-    channels_last: bool = field(default=False, metadata={"help": "UNet in NHWC memory format while sampling (train.speed)"})
+    channels_last: bool = field(default=True, metadata={"help": "on CUDA, the UNet in NHWC memory format while sampling (train.speed: 1.13x at batch 1 on an H200); the CPU keeps the trained layout"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet before sampling (pays off over many clips; train.speed)"})
     peak: float = field(default=0.0, metadata={"help": "scale each generated WAV to this peak (0: keep the vocoder's level, as published evaluators measure it)"})
     weights: str = field(default="weights", metadata={"help": "weights folder of stage one (AudioLDM VAE + vocoder) when the shards were made with real weights (the diffusion model's: --model-weights)"})

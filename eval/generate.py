@@ -51,7 +51,7 @@ from eval.config import MODEL_WEIGHTS, EvalConfig, ModelWeights
 from train.config import TrainConfig
 from train.denoiser import release_graphs
 from train.diffusion import sampling_scheduler
-from train.speed import lower_precision_weights, speed_up
+from train.speed import lower_precision_weights, sampling_channels_last, speed_up
 
 MANIFEST_FILE = "manifest.json"  # in WAV_DIR: the settings that made its WAVs
 MANIFEST_VERSION = 2  # 2: the UNet's sampling precision is recorded
@@ -243,7 +243,7 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
     model, train_config = load_run(config.run, device, config.model_weights)
     tune_backends(device)
     lower_precision_weights(model, precision)  # this model only samples, always under autocast to `precision`
-    speed_up(model, config.channels_last, config.compile)
+    speed_up(model, sampling_channels_last(config.channels_last, device), config.compile)
     spec = shards.read_spec(config.shards)
     check_compatible(config, model.spec, spec)
     audio = audio_model_config(config.shards)

@@ -376,6 +376,18 @@ def model_with_objects(config: TrainConfig | None = None) -> VTASAM:
     return model
 
 
+def test_sampling_goes_nhwc_on_cuda_only():
+    """Evaluation and `vta-sam generate` sample in NHWC on CUDA (measured faster there), by default, and never on
+    the CPU, where the layout stays as trained."""
+    from eval.config import EvalConfig
+    from train.speed import sampling_channels_last
+
+    assert EvalConfig().channels_last
+    assert sampling_channels_last(True, torch.device("cuda")) and sampling_channels_last(True, torch.device("cuda", 1))
+    assert not sampling_channels_last(True, torch.device("cpu"))
+    assert not sampling_channels_last(False, torch.device("cuda"))
+
+
 def test_channels_last_computes_what_the_plain_layout_does():
     plain = model_with_objects()
     fast = speed_up(copy.deepcopy(plain), channels_last=True)

@@ -3,7 +3,9 @@
 Each switch is one measured change (benchmarks/gpu_bench.py times it against the run without it):
 - precision: autocast of the UNet to bf16 / fp16 (`common.devices.resolve_precision`). The loss, the sampler's
   arithmetic and the weights stay float32.
-- channels_last: the UNet's weights and input in NHWC, the layout cuDNN's tensor-core convolutions want.
+- channels_last: the UNet's weights and input in NHWC, the layout cuDNN's tensor-core convolutions want. On for
+  sampling on CUDA (`sampling_channels_last`): an H200 sampled DPM-Solver++-25 at batch 1 in 0.298 s instead of
+  0.336 s (bf16, CUDA graph). Off in training by default, and on the CPU.
 - compile: `torch.compile` of the UNet in place (`nn.Module.compile`, so state-dict keys, checkpoints and the EMA
   are unchanged); it pays when the shapes repeat, as they do in training and sampling.
 - lower_precision_weights: for sampling only, the weights of every Linear and convolution stored in the autocast
@@ -39,6 +41,13 @@ def speed_up(model: VTASAM, channels_last: bool = False, compile: bool = False, 
     if compile:
         model.unet.compile(dynamic=dynamic, mode=compile_mode)
     return model
+
+
+def sampling_channels_last(wanted: bool, device: torch.device) -> bool:
+    """Whether a sampling model goes NHWC: when `wanted` (evaluation's --channels-last, on by default) and on CUDA,
+    where cuDNN's convolutions take NHWC without the layout conversions around each call; on the CPU the layout
+    stays as trained."""
+    return wanted and device.type == "cuda"
 
 
 def compiled(model: VTASAM) -> bool:

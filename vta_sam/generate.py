@@ -31,7 +31,7 @@ from preprocess.config import FeatureConfig
 from preprocess.manifest import VIDEO_SUFFIXES
 from preprocess.nouns import NounCache, caption_nouns
 from preprocess.video import DecodedFrames, VideoDecodeError, decode_frames, probe_video
-from train.speed import lower_precision_weights, speed_up
+from train.speed import lower_precision_weights, sampling_channels_last, speed_up
 
 VOCABULARY_FILE = Path(__file__).resolve().parents[1] / "preprocess" / "assets" / "vggsound_labels.txt"
 # a video whose frames end this much before the container's duration is cut there (below a frame interval even at 240
@@ -222,7 +222,7 @@ class SoundGenerator:
         tune_backends(device)
         # this model only samples, always under autocast to `precision`: its matmul weights are cast once
         lower_precision_weights(self.model.to(device), self.precision)
-        speed_up(self.model, compile=options.compile, dynamic=None)  # windows per video vary
+        speed_up(self.model, sampling_channels_last(True, device), options.compile, dynamic=None)  # windows per video vary
         weights = None if self.features.random_init else options.weights
         try:
             self.encoders = Encoders(self.features, weights, device, audio=False)
