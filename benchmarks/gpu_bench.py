@@ -28,7 +28,7 @@ Sections (each guarded: a failure is recorded in the JSON and the next section s
   deformable attention as one fused Triton kernel (with the largest change of a detector score), SAM's relative
   positions folded into query and key (with peak memory), batched grounding, float16, tensors from the decoding workers and the background shard writer (stage one); bf16, fused attention,
   fused AdamW, channels_last, a 4x batch and torch.compile in its default and max-autotune modes (training); bf16,
-  weights cast once, CUDA graphs (batch 1 and 16), channels_last, torch.compile and its reduce-overhead mode
+  weights cast once, CUDA graphs (batch 1 and 16), channels_last (batch 1 and 16), torch.compile and its reduce-overhead mode
   (generation, on DPM-Solver++-25). torch.compile runs only with --compile.
 - targets: the issues' targets (TARGETS), read off the measurements above.
 
@@ -453,7 +453,7 @@ def stage_one_knobs(out: dict[str, Any], cfg: Any, encoders: Any, batch: list[di
                 entry["frame_batch_end"] = {"clip": models[0].batch, "grounding": models[1].batch}
             entry["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
         finally:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device() if device.index is None else device.index)
             for model, size in zip(models, sizes_before):
                 model.batch = size
             torch.cuda.empty_cache()
@@ -525,7 +525,7 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
     log(f"stage one: end to end {out['end_to_end']['clips_per_second']} clips/s, encoders alone "
         f"{out['encoders_alone']['clips_per_second']} clips/s ({deadline.left():.0f} s left)")
     few = 4 if deadline.left() > 0 else 2  # fewer clips once the section's budget is spent
-    out["per_model"] = per_model_costs(encoders, batches[0][:few], nouns[0][:few], device)
+    out["per_model"] = per_model_costs(encoders, batches[0][:few], nouns[0][:few], device, repeats=2)
     guarded("grounding_profile", out, log, lambda: grounding_profile(encoders, batches[0][:2], nouns[0][:2], device))
     stage_one_knobs(out, cfg, encoders, batches[0][:2], nouns[0][:2], device, deadline, log)
     stage_one_changes(out, cfg, encoders, clips, batches[0][:few], nouns[0][:few], root, device, deadline, log)
@@ -598,17 +598,18 @@ def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[
         def grounding_with_sam() -> list[Any]:
             return grounder.detections(few_frames, nouns[:2])
 
-        reference = grounding_with_sam()
         memory: dict[str, Any] = {}
-        with peak_memory(device, memory, "peak_memory_gib_before"):
-            before = frames_per_second(grounding_with_sam, few_count)
-        use_folded_rel_pos(grounder.sam)
         try:
+            use_transformers_rel_pos(grounder.sam)
+            reference = grounding_with_sam()
+            with peak_memory(device, memory, "peak_memory_gib_before"):
+                before = frames_per_second(grounding_with_sam, few_count)
+            use_folded_rel_pos(grounder.sam)
             with peak_memory(device, memory, "peak_memory_gib_after"):
                 after = frames_per_second(grounding_with_sam, few_count)
             difference = max((a.iou - b.iou).abs().max().item() for a, b in zip(grounding_with_sam(), reference))
-        finally:
-            use_transformers_rel_pos(grounder.sam)
+        finally:  # back to the preset's way
+            (use_folded_rel_pos if cfg.sam_rel_pos == "folded" else use_transformers_rel_pos)(grounder.sam)
         return {"unit": "frames/s", "frames": few_count, **memory, "max_abs_difference_sam_iou": round(difference, 6),
                 "note": "Grounding DINO + SAM on the same frames; --sam-rel-pos bias vs folded",
                 "before": ("SAM's relative positions as a dense bias", before),
@@ -626,19 +627,19 @@ def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[
             return {"skipped": "float16 inference is CUDA-only (cfg.half)"}
         models = [m for m in (encoders.clip_encoder.model, grounder.detector, grounder.sam) if m is not None]
 
-        def both() -> None:
-            encoders.clip_encoder.encode_frames(torch.cat(frames))
-            grounder.probabilities(frames, nouns)
+        def both() -> None:  # on 64 frames (float32 runs at a third of float16's speed)
+            encoders.clip_encoder.encode_frames(torch.cat(few_frames))
+            grounder.probabilities(few_frames, nouns[:2])
 
         for model in models:  # the weights only (the wrappers' float32 buffers stay as they are)
             model.to(torch.float32)
         try:
-            before = frames_per_second(both)
+            before = frames_per_second(both, few_count)
         finally:
             for model in models:
                 model.to(torch.float16)
-        return {"unit": "frames/s", "frames": count, "note": "CLIP + Grounding DINO (+ SAM) on the same frames",
-                "before": ("float32 (TF32 matmuls)", before), "after": ("float16", frames_per_second(both))}
+        return {"unit": "frames/s", "frames": few_count, "note": "CLIP + Grounding DINO (+ SAM) on the same frames",
+                "before": ("float32 (TF32 matmuls)", before), "after": ("float16", frames_per_second(both, few_count))}
 
     compare(out, "half_precision", deadline, 30, log, half_precision)
 
@@ -733,8 +734,8 @@ def grounding_profile(encoders: Any, batch: list[dict[str, Any]], nouns: list[li
         seconds: dict[str, dict[str, float]] = {name: {} for name in models}
         with contextlib.ExitStack() as stack:
             for name, (model, parts) in models.items():
-                stack.enter_context(grounding_cost.part_timers(model, {**parts, **details.get(name, {})},
-                                                               seconds[name], device))
+                stack.enter_context(grounding_cost.part_timers(model, parts, seconds[name], device,
+                                                               details.get(name, {})))
             total, _ = timed(job, device)
         if best is None or total < best["total"]:
             best = {"total": total, "seconds": seconds}
@@ -1006,7 +1007,7 @@ def bench_generation(preset: str, device: torch.device, deadline: Deadline, log:
     from preprocess.config import PRESETS as FEATURE_PRESETS
     from train.config import PRESETS
     from train.model import VTASAM
-    from train.speed import lower_precision_weights
+    from train.speed import lower_precision_weights, sampling_channels_last, speed_up
 
     features = FEATURE_PRESETS[preset].replace(random_init=True, random_size=preset)
     spec = features.shard_spec()
@@ -1015,13 +1016,14 @@ def bench_generation(preset: str, device: torch.device, deadline: Deadline, log:
     graphs = device.type == "cuda"
     torch.manual_seed(0)
     model = VTASAM(config, spec).to(device).eval()
-    # what evaluation and `vta-sam generate` sample with: matmul weights cast once to bf16 (on CUDA), CUDA graphs
+    # what evaluation and `vta-sam generate` sample with: matmul weights cast once to bf16, NHWC, CUDA graphs (CUDA)
     fast = lower_precision_weights(copy.deepcopy(model), torch.bfloat16) if bf16 else model
+    speed_up(fast, sampling_channels_last(True, device))
     decoder = Decoder(features.audio_models(), None, device, config.vae_scaling_factor)
     tune_backends(device)  # as evaluation does
     out: dict[str, Any] = {"preset": preset, "guidance": 3.0, "clip_seconds": spec.window_seconds,
                            "unet_precision": "bf16 autocast, matmul weights cast once" if bf16 else "float32",
-                           "cuda_graphs": graphs,
+                           "cuda_graphs": graphs, "channels_last": fast.channels_last,
                            "decoder": "AudioLDM VAE decoder (float32) + HiFi-GAN (float32)", "runs": []}
 
     def conditions(batch: int) -> dict[str, torch.Tensor]:
@@ -1160,16 +1162,27 @@ def generation_changes(out: dict[str, Any], model: Any, fast: Any, sample: Calla
     compare(out, "cuda_graphs", deadline, 30, log, graph_change(1))
     compare(out, "cuda_graphs_batch16", deadline, 40, log, graph_change(16))
 
-    def channels_last_change() -> dict[str, Any]:
-        before = seconds()
-        speed_up(fast, channels_last=True)
-        after = seconds()
-        release_graphs(fast)
-        fast.unet.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-        fast.channels_last = False
-        return {"unit": "s", "before": ("contiguous", before), "after": ("channels_last", after)}
+    def layout(channels_last: bool) -> None:
+        release_graphs(fast)  # a graph holds the layout it was captured with
+        fast.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # type: ignore[call-overload]
+        fast.channels_last = channels_last
 
-    compare(out, "channels_last", deadline, 20, log, channels_last_change)
+    def channels_last_change(batch: int) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            default = fast.channels_last  # evaluation's choice on this device (`train.speed.sampling_channels_last`)
+            try:
+                layout(False)
+                before = seconds(batch)
+                layout(True)
+                after = seconds(batch)
+            finally:
+                layout(default)
+            return {"unit": "s", "batch": batch, "before": ("contiguous (NCHW)", before),
+                    "after": ("channels_last (NHWC)", after)}
+        return run
+
+    compare(out, "channels_last", deadline, 20, log, channels_last_change(1))
+    compare(out, "channels_last_batch16", deadline, 30, log, channels_last_change(16))
 
     def compiled(mode: str | None) -> Callable[[], dict[str, Any]]:
         def run() -> dict[str, Any]:
@@ -1366,7 +1379,7 @@ def markdown(results: dict[str, Any]) -> str:
     gen = results.get("generation", {})
     lines += ["### Generation (one 10.24 s clip)", ""]
     if gen.get("status") == "ok":
-        lines += [f"- UNet {gen['unet_precision']}, CUDA graphs {gen.get('cuda_graphs')}, guidance {gen['guidance']}, "
+        lines += [f"- UNet {gen['unet_precision']}, CUDA graphs {gen.get('cuda_graphs')}, channels_last {gen.get('channels_last')}, guidance {gen['guidance']}, "
                   f"{fmt(gen['tflop_per_guided_step_per_clip'])} TFLOP per guided step per clip; {gen['decoder']}", "",
                   "| sampler | batch | s/step | sampling s | decode s | s per clip | measured |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['sampler']}-{r['steps']} | {r['batch']} | {fmt(r['seconds_per_step'])} | {fmt(r['sample_seconds'])} | "
@@ -1413,7 +1426,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="'auto' (cuda when there), 'cpu' or 'cuda[:N]'")
     parser.add_argument("--out", type=Path, default=None, help="result folder (default: $OUT when set, else benchmarks/gpu_results)")
     parser.add_argument("--budget-s", type=float, default=None, help="time budget of all sections (default: 420 on a GPU, 150 on the CPU)")
-    parser.add_argument("--clips", type=int, default=None, help="synthetic clips for stage one (default: 24 paper, 8 tiny)")
+    parser.add_argument("--clips", type=int, default=None, help="synthetic clips for stage one (default: 12 paper, 8 tiny)")
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps per input (default: 30 paper, 5 tiny)")
     parser.add_argument("--sections", nargs="+", default=list(SECTION_SHARES), choices=list(SECTION_SHARES))
     parser.add_argument("--results-md", action="store_true", help="also record the summary in benchmarks/RESULTS.md")
@@ -1429,7 +1442,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     budget = args.budget_s or (420.0 if device.type == "cuda" else 150.0)
     paper = args.preset == "paper"
-    clips = args.clips or (24 if paper else 8)
+    clips = args.clips or (12 if paper else 8)
     steps = args.train_steps or (30 if paper else 5)
     started = time.perf_counter()
     log_file = open(out_dir / "gpu_bench.log", "a", encoding="utf-8")

@@ -118,7 +118,9 @@ class PartCost:
 
 def part_modules(model: nn.Module, parts: dict[str, tuple[str, ...]]) -> dict[str, list[tuple[str, nn.Module]]]:
     """The (name, module) pairs of each part; every part must match at least one module. A pattern's '*' stands
-    for one component of the dotted name (so 'bbox_embed.*' is each head, not also their layers)."""
+    for one component of the dotted name (so 'bbox_embed.*' is each head, not also their layers). A module shared
+    under several names (transformers up to 5.17 registers Grounding DINO's heads also as the decoder's) matches by
+    any of them, and appears once in a part."""
 
     def matches(name: str, pattern: str) -> bool:
         names, patterns = name.split("."), pattern.split(".")
@@ -126,7 +128,12 @@ def part_modules(model: nn.Module, parts: dict[str, tuple[str, ...]]) -> dict[st
 
     found: dict[str, list[tuple[str, nn.Module]]] = {}
     for part, patterns in parts.items():
-        found[part] = [(name, module) for name, module in model.named_modules() if any(matches(name, p) for p in patterns)]
+        seen: set[int] = set()
+        found[part] = []
+        for name, module in model.named_modules(remove_duplicate=False):
+            if id(module) not in seen and any(matches(name, p) for p in patterns):
+                seen.add(id(module))
+                found[part].append((name, module))
         if not found[part]:
             raise RuntimeError(f"no module of {type(model).__name__} matches {patterns} ({part})")
     return found
@@ -149,20 +156,30 @@ def count_flops(model: nn.Module, parts: dict[str, tuple[str, ...]], forward: Ca
 
 @contextmanager
 def part_timers(model: nn.Module, parts: dict[str, tuple[str, ...]], seconds: dict[str, float],
-                device: torch.device | None = None) -> Iterator[None]:
-    """Adds each part's seconds into `seconds` while active (forward pre-hooks and hooks). On the CPU these are
-    wall-clock seconds. On CUDA they are GPU seconds between two CUDA events recorded on the current stream at each
-    call's start and end, so nothing synchronises inside the forward; the elapsed times are summed when the block
-    ends, after one synchronize."""
+                device: torch.device | None = None, details: dict[str, tuple[str, ...]] | None = None) -> Iterator[None]:
+    """Adds each part's and detail's seconds into `seconds` while active (forward pre-hooks and hooks). On the CPU
+    these are wall-clock seconds. On CUDA they are GPU seconds between two CUDA events recorded on the current stream
+    at each call's start and end, so nothing synchronises inside the forward; the elapsed times are summed when the
+    block ends, after one synchronize. The parts split the forward: a call made inside another part's call (a module
+    shared by two parts, e.g. Grounding DINO's heads, which older transformers also run inside the decoder) counts
+    for the outer part only. Details are modules inside parts, timed on their own as well."""
     cuda = device is not None and device.type == "cuda"
     handles = []
     pending: list[tuple[str, Any, Any]] = []  # (part, start event, end event) on CUDA
-    for part, modules in part_modules(model, parts).items():
+    inside = [0]  # calls of split parts under way
+    split = part_modules(model, parts)
+    for part, modules in {**split, **part_modules(model, details or {})}.items():
         seconds.setdefault(part, 0.0)
+        is_split = part in split
         for _, module in modules:
             started: list[Any] = []
 
-            def pre(_module: nn.Module, _args: Any, started: list[Any] = started) -> None:
+            def pre(_module: nn.Module, _args: Any, started: list[Any] = started, is_split: bool = is_split) -> None:
+                if is_split:
+                    inside[0] += 1
+                    if inside[0] > 1:  # inside another part's call: timed there
+                        started.append(None)
+                        return
                 if cuda:
                     event = torch.cuda.Event(enable_timing=True)
                     event.record(torch.cuda.current_stream(device))
@@ -170,7 +187,13 @@ def part_timers(model: nn.Module, parts: dict[str, tuple[str, ...]], seconds: di
                 else:
                     started.append(time.perf_counter())
 
-            def post(_module: nn.Module, _args: Any, _out: Any, part: str = part, started: list[Any] = started) -> None:
+            def post(_module: nn.Module, _args: Any, _out: Any, part: str = part, started: list[Any] = started,
+                     is_split: bool = is_split) -> None:
+                if is_split:
+                    inside[0] -= 1
+                    if started[-1] is None:
+                        started.pop()
+                        return
                 if cuda:
                     event = torch.cuda.Event(enable_timing=True)
                     event.record(torch.cuda.current_stream(device))
@@ -199,7 +222,7 @@ def time_parts(model: nn.Module, parts: dict[str, tuple[str, ...]], forward: Cal
     runs = []
     for _ in range(repeats):
         seconds: dict[str, float] = {}
-        with part_timers(model, {**parts, **(details or {})}, seconds, device):
+        with part_timers(model, parts, seconds, device, details):
             total = timed(forward, 1, device)
         seconds[OTHER] = max(0.0, total - sum(seconds[p] for p in parts))
         runs.append(seconds)

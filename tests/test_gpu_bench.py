@@ -57,7 +57,7 @@ def test_cpu_tiny_run_writes_every_section(tmp_path):
     # --compile) say why they were skipped; none failed
     cpu_runs = {"stage_one": {"sam_folded_rel_pos", "grounding_dino_batched", "decode_worker_transfer",
                               "background_shard_writer"},
-                "training": {"fused_attention", "channels_last", "batch_x4"}, "generation": {"channels_last"}}
+                "training": {"fused_attention", "channels_last", "batch_x4"}, "generation": {"channels_last", "channels_last_batch16"}}
     for section, expected in cpu_runs.items():
         changes = results[section]["changes"]
         assert {name for name, c in changes.items() if c["status"] == "ok"} == expected, changes
@@ -163,3 +163,52 @@ def test_grounding_profile_splits_the_step_by_part():
     assert prof["top_kernels"] and all(op["self_ms"] >= 0 for op in prof["top_kernels"])
     lines = "\n".join(gpu_bench.grounding_profile_lines({"grounding_profile": {"status": "ok", **prof}}))
     assert "Swin-T backbone" in lines and "global-attention blocks" in lines and "| op / kernel |" in lines
+
+
+def test_part_timers_count_a_shared_module_once_in_the_outer_part(monkeypatch):
+    """transformers up to 5.17 registers Grounding DINO's heads under two names (`class_embed.N` and
+    `model.decoder.class_embed.N`) and runs them inside the decoder as well as after it. The parts still match (by
+    either name), and the heads' calls inside the decoder count for the decoder only, so that the parts split the
+    forward. Time is a clock that the modules advance by hand: each head call costs 1, the decoder's own work 10."""
+    from torch import nn
+
+    from benchmarks import grounding_cost
+
+    clock = [0.0]
+    monkeypatch.setattr(grounding_cost.time, "perf_counter", lambda: clock[0])
+
+    class Head(nn.Module):
+        def forward(self, x):
+            clock[0] += 1
+            return x
+
+    class Decoder(nn.Module):
+        def __init__(self, heads):
+            super().__init__()
+            self.class_embed = heads  # shared, as older transformers do
+
+        def forward(self, x):
+            clock[0] += 10
+            for head in self.class_embed:
+                x = head(x)
+            return x
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            heads = nn.ModuleList([Head(), Head()])
+            self.model = nn.Module()
+            self.model.decoder = Decoder(heads)
+            self.class_embed = heads
+
+        def forward(self, x):
+            x = self.model.decoder(x)
+            return sum(head(x) for head in self.class_embed)
+
+    model = Model()
+    parts = {"decoder": ("model.decoder",), "heads": ("class_embed.*",)}
+    assert [name for name, _ in grounding_cost.part_modules(model, parts)["heads"]] == ["class_embed.0", "class_embed.1"]
+    seconds: dict[str, float] = {}
+    with grounding_cost.part_timers(model, parts, seconds, details={"one head": ("class_embed.0",)}):
+        model(torch.zeros(1))
+    assert seconds == {"decoder": 12.0, "heads": 2.0, "one head": 2.0}  # details count every call
