@@ -1,10 +1,13 @@
-"""FFmpeg: which video stream every reader takes (through PyAV), and calling the ffmpeg program: paths it cannot
-misread, and the line of its error output that says what is wrong."""
+"""FFmpeg: which video stream every reader takes and how its packets are decoded (through PyAV), and calling the
+ffmpeg program: paths it cannot misread, and the line of its error output that says what is wrong."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import av
 
 
 def video_stream(container: Any) -> Any:
@@ -14,6 +17,29 @@ def video_stream(container: Any) -> Any:
     if not container.streams.video:
         return None
     return container.streams.best("video") or container.streams.video[0]
+
+
+def decoded_frames(container: Any, stream: Any, skipped: list[str]) -> Iterator[av.VideoFrame]:
+    """The stream's decoded frames from where the container stands (after a seek: from there). A packet the decoder
+    refuses is skipped (its reason appended to `skipped`), as the ffmpeg program does: Theora codes an unchanged
+    frame as an empty packet, which FFmpeg's decoder answers with EINVAL (a still scene gave 10 frames of 120, and
+    the clip ended after its first), and one damaged packet should not end a clip. An error of the demuxer (a file
+    cut short) ends the frames: it is raised."""
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.FFmpegError as error:
+            skipped.append(pyav_reason(error))
+            continue
+        yield from frames
+
+
+def pyav_reason(error: av.FFmpegError) -> str:
+    """FFmpeg's own explanation when PyAV logged one (e.g. 'moov atom not found'), else the error text."""
+    log = error.log  # (level, component, message) of FFmpeg's last error, when the log was on
+    if log and len(log) == 3 and str(log[2]).strip():
+        return str(log[2]).strip().splitlines()[0]
+    return error.strerror or str(error)
 
 
 def file_url(path: Path | str) -> str:

@@ -28,7 +28,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from common.ffmpeg import video_stream
+from common.ffmpeg import decoded_frames, video_stream
 
 # a frame counts as inside the window when it starts at most this much before `start` (timestamp rounding)
 START_TOLERANCE = 1e-3
@@ -97,7 +97,8 @@ def window_frames(path: str | Path, start: float, duration: float, rates: Mappin
                 container.seek(int(origin / Fraction(stream.time_base)), stream=stream, backward=True, any_frame=False)
             exact_rates = {name: Fraction(repr(float(rate))) for name, rate in rates.items()}
             stream_end: Fraction | None = None  # where the stream ends, from `start`; None: it goes on
-            for frame in container.decode(stream):
+            # a packet the decoder refuses is skipped, as ffmpeg does (Theora's empty packet for an unchanged frame)
+            for frame in decoded_frames(container, stream, []):
                 if frame.pts is None or frame.time_base is None or frame.time < origin - START_TOLERANCE:
                     continue
                 times.append(max(Fraction(0), frame.pts * Fraction(frame.time_base) - origin))

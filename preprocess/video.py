@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +35,7 @@ import av.logging
 import cv2
 import numpy as np
 
-from common.ffmpeg import video_stream
+from common.ffmpeg import decoded_frames, pyav_reason, video_stream
 
 Backend = Literal["auto", "decord", "pyav"]
 # A frame counts as shown at time t when its timestamp is <= t + EPSILON: decord's timestamps are float32
@@ -120,14 +120,6 @@ def _available(path: Path, start: float, end: float, window: float) -> float:
     return min(window, end - start)
 
 
-def _ffmpeg_reason(error: av.FFmpegError) -> str:
-    """FFmpeg's own explanation when PyAV logged one (e.g. 'moov atom not found'), else the error text."""
-    log = error.log  # (level, component, message) of FFmpeg's last error, when the log was on
-    if log and len(log) == 3 and str(log[2]).strip():
-        return str(log[2]).strip().splitlines()[0]
-    return error.strerror or str(error)
-
-
 def _open_pyav(path: Path) -> av.container.InputContainer:
     try:
         return av.open(str(path), metadata_errors="ignore")
@@ -141,7 +133,7 @@ def _open_pyav(path: Path) -> av.container.InputContainer:
         with av.logging.Capture():
             container = av.open(str(path), metadata_errors="ignore")
     except av.FFmpegError as error:
-        raise VideoDecodeError(f"{path}: cannot be decoded ({_ffmpeg_reason(error)})") from None
+        raise VideoDecodeError(f"{path}: cannot be decoded ({pyav_reason(error)})") from None
     finally:
         av.logging.set_level(previous)
     return container  # opened the second time round (a transient failure): use it
@@ -253,20 +245,6 @@ def _rgb(frame: av.VideoFrame) -> np.ndarray:
     return np.rot90(image, k=quarter_turns) if quarter_turns else image
 
 
-def _decoded(container: av.container.InputContainer, stream: Any, skipped: list[str]) -> Iterator[av.VideoFrame]:
-    """The stream's decoded frames. A packet the decoder refuses is skipped (its reason appended to `skipped`), as
-    the ffmpeg program does: Theora codes an unchanged frame as an empty packet, which FFmpeg's decoder answers
-    with EINVAL (a still scene gave 10 frames of 120, and the clip ended after its first), and one damaged packet
-    should not end a clip. An error of the demuxer (a file cut short) ends the frames: it is raised."""
-    for packet in container.demux(stream):
-        try:
-            frames = packet.decode()
-        except av.FFmpegError as error:
-            skipped.append(_ffmpeg_reason(error))
-            continue
-        yield from frames
-
-
 def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, short_side: int) -> DecodedFrames:
     with _open_pyav(path) as container:
         stream = video_stream(container)
@@ -304,7 +282,7 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
         damage: str | None = None
         skipped: list[str] = []
         try:
-            for frame in _decoded(container, stream, skipped):
+            for frame in decoded_frames(container, stream, skipped):
                 if frame.pts is None:
                     continue
                 if origin is None:  # no start_time in the header: the first frame defines t = 0
@@ -324,7 +302,7 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
                 if t >= start + window or (len(picked) == len(targets) and last_end >= start + window):
                     break
         except av.FFmpegError as error:
-            damage = _ffmpeg_reason(error)  # keep every frame decoded before the damage
+            damage = pyav_reason(error)  # keep every frame decoded before the damage
         if previous is None:
             why = damage or (skipped[0] if skipped else None)
             reason = f"no frame could be decoded ({why})" if why else "no frame could be decoded"
@@ -419,11 +397,11 @@ def probe_video(path: str | Path) -> dict[str, Any]:
                 duration = (container.duration + (container.start_time or 0)) / av.time_base - start
         rotation = 0
         try:
-            frame = next(_decoded(container, stream, []), None)
+            frame = next(decoded_frames(container, stream, []), None)
             if frame is not None:
                 rotation = round(frame.rotation / 90) % 4 * 90
         except av.FFmpegError as error:
-            raise VideoDecodeError(f"{path}: cannot be decoded ({_ffmpeg_reason(error)})") from None
+            raise VideoDecodeError(f"{path}: cannot be decoded ({pyav_reason(error)})") from None
         height, width = _target_size(stream.codec_context.height, stream.codec_context.width, 1 << 30,
                                      _stretch(pixel_aspect(stream), 0))  # as displayed: anamorphic pixels
         if rotation in (90, 270):

@@ -394,3 +394,21 @@ def test_window_frames_read_the_video_not_a_cover_picture_stored_first(tmp_path)
     plain = window_frames(video, 0.0, 2.0, {"two": 2.0})["two"]
     assert frames.shape == plain.shape == (4, 64, 96, 3)
     assert [media.frame_index(f) for f in frames] == [media.frame_index(f) for f in plain]
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+def test_packets_the_decoder_refuses_are_skipped_as_ffmpeg_does(tmp_path):
+    """Theora codes an unchanged frame as an empty packet, which FFmpeg's decoder refuses (EINVAL); ffmpeg goes on
+    (the frame before stays shown), and so does evaluation: before, the first such packet ended the reading and
+    AV-Align's frames of a still scene were refused as 'cannot decode'."""
+    video = tmp_path / "still.ogv"  # the picture changes once a second, 10 frames a second
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=1:duration=6", "-r", "10",
+                    "-c:v", "libtheora", str(video)], check=True)
+    ours = window_frames(video, 0.0, 5.0, {"x": 2.0})["x"]
+    out = subprocess.run(["ffmpeg", "-v", "quiet", "-i", str(video), "-vf", "fps=2", "-f", "rawvideo", "-pix_fmt",
+                          "rgb24", "-"], capture_output=True).stdout
+    theirs = np.frombuffer(out, np.uint8).reshape(-1, 64, 96, 3)[:10]
+    assert ours.shape == theirs.shape == (10, 64, 96, 3)
+    differences = np.abs(ours.astype(int) - theirs.astype(int)).mean(axis=(1, 2, 3))
+    assert differences.max() < 2.0, differences  # the same pictures (up to the RGB conversion)
+    assert np.abs(ours[0].astype(int) - ours[-1].astype(int)).mean() > 10  # testsrc's picture moved on
