@@ -168,6 +168,10 @@ def _read_header(path: Path) -> _Header | None:
         if stream is None:
             return None
         header = _Header(None, pixel_aspect(stream), (stream.codec_context.width, stream.codec_context.height))
+        if header.aspect != 1.0 and header.stored[0] == header.stored[1] and _quarter_turned(container, stream):
+            # decord turns the frames by their display matrix; `_decord_size` tells from their shape whether the
+            # stored width became the height, which a square frame does not show
+            return dataclasses.replace(header, refused="its square-stored frames of non-square pixels are turned a quarter")
         if set(container.format.name.split(",")) & DECORD_MISPLACED_FORMATS:
             return dataclasses.replace(
                 header, refused=f"decord misplaces the frames of {container.format.name} (MPEG program and transport streams)")
@@ -181,6 +185,16 @@ def _read_header(path: Path) -> _Header | None:
         if frames > min(plausible, MAX_HEADER_FRAMES):
             return dataclasses.replace(header, refused=f"its header announces {frames} frames for {seconds:.1f} s at {fps:g} fps")
     return header
+
+
+def _quarter_turned(container: av.container.InputContainer, stream: Any) -> bool:
+    """Whether the first frame's display matrix turns it by 90 or 270 degrees (the matrix comes with the decoded
+    frames, not the header); False when no frame decodes."""
+    try:
+        frame = next(decoded_frames(container, stream, []), None)
+    except av.FFmpegError:
+        return False
+    return frame is not None and round(frame.rotation / 90) % 2 == 1
 
 
 DECORD_CHUNK = 4  # frames decord hands over at a time, resized before the next: 4K frames are 25 MB each

@@ -387,3 +387,28 @@ def test_avi_frames_without_timestamps_in_decord_go_to_pyav(tmp_path: Path) -> N
     with pytest.raises(VideoDecodeError, match="decord has no timestamps for its frames"):
         decode_frames(avi, 0.0, [0.15, 0.55], WINDOW, 96, backend="decord")
     assert decode_frames(avi, 0.0, [0.15, 0.55], WINDOW, 96).backend == "pyav"
+
+
+def test_square_stored_anamorphic_frames_turned_a_quarter(tmp_path: Path) -> None:
+    """Stored 64x64 with pixels twice as wide as tall (displayed 128x64), then turned 90 degrees by the display
+    matrix: displayed 64 wide and 128 tall by both backends. decord's turned frames are still 64x64, so their
+    shape cannot say which axis the pixels stretch; such a file is read by PyAV (before: decord's came out 128
+    wide and 64 tall)."""
+    import subprocess
+
+    portrait = media.make_portrait(tmp_path / "square.mp4", size=(64, 64))
+    wide = tmp_path / "wide.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(portrait), "-c:v", "copy", "-bsf:v",
+                    "h264_metadata=sample_aspect_ratio=2/1", str(wide)], check=True)
+    auto = decode_frames(wide, 0.0, [0.05], WINDOW, 96)
+    assert auto.backend == "pyav" and auto.frames.shape == (1, 128, 64, 3)
+    assert decode_frames(wide, 0.0, [0.05], WINDOW, 96, backend="pyav").frames.shape == (1, 128, 64, 3)
+    with pytest.raises(VideoDecodeError, match="turned a quarter"):
+        decode_frames(wide, 0.0, [0.05], WINDOW, 96, backend="decord")
+    assert (probe_video(wide)["width"], probe_video(wide)["height"]) == (64, 128)
+    unturned = media.make_video(tmp_path / "plain.mp4", seconds=1.0, fps=10, audio=None, size=(64, 64))
+    plain_wide = tmp_path / "plain_wide.mp4"  # square-stored anamorphic, not turned: decord still reads it
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(unturned), "-c:v", "copy", "-bsf:v",
+                    "h264_metadata=sample_aspect_ratio=2/1", str(plain_wide)], check=True)
+    result = decode_frames(plain_wide, 0.0, [0.05], WINDOW, 96, backend="decord")
+    assert result.backend == "decord" and result.frames.shape == (1, 64, 128, 3)
