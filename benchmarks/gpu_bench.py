@@ -17,7 +17,7 @@ Sections (each guarded: a failure is recorded in the JSON and the next section s
   preset's accelerate run) fed from shards (`train.data.make_loader`) vs one batch held in memory, and model FLOPs
   utilisation MFU = FLOPs per step (forward + backward, counted) x steps/s / peak; the paper's global batch 32 as
   4 accumulated micro-batches of 8 (`--global-batch 32` on one GPU) next to 32 in one micro-batch; the top 10
-  kernels (CPU: ops) of one step by self time under torch.profiler.
+  kernels (CPU: ops) of one step of 32 in one micro-batch by self time under torch.profiler.
 - generation: seconds to generate one 10.24 s clip (`train.sample` with classifier-free guidance, then the AudioLDM
   VAE decoder and HiFi-GAN of `eval.generate.Decoder`) at batch 1 and 16, DDPM-300 (the paper protocol) and
   DPM-Solver++-25, sampled as evaluation samples (on CUDA: bf16 with the matmul weights cast once, CUDA graphs).
@@ -26,10 +26,11 @@ Sections (each guarded: a failure is recorded in the JSON and the next section s
   per clip at that batch.
 - changes: inside each section, before/after measurements of one change at a time (`compare`): Grounding DINO's
   deformable attention as one fused Triton kernel (with the largest change of a detector score), SAM's relative
-  positions folded into query and key (with peak memory), batched grounding, float16, tensors from the decoding workers and the background shard writer (stage one); bf16, fused attention,
-  fused AdamW, channels_last, a 4x batch and torch.compile in its default and max-autotune modes (training); bf16,
-  weights cast once, CUDA graphs (batch 1 and 16), channels_last (batch 1 and 16), torch.compile and its reduce-overhead mode
-  (generation, on DPM-Solver++-25). torch.compile runs only with --compile.
+  positions folded into query and key (with peak memory), batched grounding, float16, tensors from the decoding
+  workers and the background shard writer (stage one); bf16, fused attention, fused AdamW, channels_last and
+  torch.compile in its default and max-autotune modes (training, at the global batch in one micro-batch); bf16,
+  weights cast once, CUDA graphs (batch 1 and 16), channels_last (batch 1 and 16), torch.compile and its
+  reduce-overhead mode (generation, on DPM-Solver++-25). torch.compile runs only with --compile.
 - targets: the issues' targets (TARGETS), read off the measurements above.
 
 Models are random-weight builds of the published architectures (`FeatureConfig.random_size="paper"`,
@@ -905,18 +906,27 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
                                                                / runs["one_micro_batch"]["samples_per_second"], 3)}
     log(f"training: global batch {out['global_batch']} ({deadline.left():.0f} s left)")
 
-    # one step of the trainer's setting under torch.profiler: where its time goes
+    # The profile and the comparisons below run at the target's setting: the global batch in one micro-batch
+    # (the faster of the two above), every step on the same batch held in memory.
+    target_flops = flops * total / config.batch_size
+    out["changes_batch"] = total
+
+    def at_target(**options: Any) -> dict[str, Any]:
+        return timed_steps(iter(lambda: big, None), few, batch_size=total, **options)
+
+    # one step under torch.profiler: where its time goes
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as profiler:
-        step(fixed, optimizer)
+        step(big, optimizer)
         synchronize(device)
     out["profile"] = top_ops(profiler.key_averages(), device)
     out["profile_time"] = "self device time (CUDA kernels)" if cuda else "self CPU time (ops)"
+    out["profile_batch"] = total
 
     def mfu_pair(before_label: str, before: dict[str, Any], after_label: str, after: dict[str, Any],
-                 step_flops: float = flops) -> dict[str, Any]:
+                 step_flops: float = target_flops) -> dict[str, Any]:
         before, after = with_mfu(before, step_flops), with_mfu(after, step_flops)
         return {"unit": "samples/s", "before": (before_label, before["samples_per_second"]),
                 "after": (after_label, after["samples_per_second"]),
@@ -926,8 +936,7 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
     def precision_change() -> dict[str, Any]:
         if not bf16:
             return {"skipped": "bf16 autocast is CUDA-only"}
-        return mfu_pair("float32 (TF32 matmuls)", timed_steps(memory_batches(), few, use_bf16=False),
-                        "bf16 autocast", timed_steps(memory_batches(), few))
+        return mfu_pair("float32 (TF32 matmuls)", at_target(use_bf16=False), "bf16 autocast", at_target())
 
     compare(out, "bf16_autocast", deadline, 25, log, precision_change)
 
@@ -935,40 +944,27 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.MATH):
-            unfused = timed_steps(memory_batches(), few)
+            unfused = at_target()
         return mfu_pair("attention as matmul + softmax (SDPA math backend)", unfused,
-                        "fused scaled_dot_product_attention", timed_steps(memory_batches(), few))
+                        "fused scaled_dot_product_attention", at_target())
 
     compare(out, "fused_attention", deadline, 20, log, attention_change)
     def adamw_change() -> dict[str, Any]:
         if not cuda:
             return {"skipped": "the trainer uses fused AdamW on CUDA only"}
-        return mfu_pair("AdamW foreach", timed_steps(memory_batches(), few, opt=adamw(fused=False)),
-                        "AdamW fused", timed_steps(memory_batches(), few))
+        return mfu_pair("AdamW foreach", at_target(opt=adamw(fused=False)), "AdamW fused", at_target())
 
     compare(out, "fused_adamw", deadline, 20, log, adamw_change)
 
     def channels_last_change() -> dict[str, Any]:
         if config.channels_last:
             return {"skipped": "the preset already trains in channels_last"}
-        before = timed_steps(memory_batches(), few)
+        before = at_target()
         speed_up(model, channels_last=True)  # in place: the comparisons below include it
         optimizer.state.clear()  # moments made again in the new layout (fused AdamW needs the parameters' layout)
-        return mfu_pair("contiguous (NCHW)", before, "channels_last (NHWC)", timed_steps(memory_batches(), few))
+        return mfu_pair("contiguous (NCHW)", before, "channels_last (NHWC)", at_target())
 
     compare(out, "channels_last", deadline, 20, log, channels_last_change)
-
-    def bigger_batch() -> dict[str, Any]:
-        big = 4 * config.batch_size
-        batch = {k: torch.cat([v] * 4) if isinstance(v, torch.Tensor) and k != "position" else v for k, v in fixed.items()}
-        before = with_mfu(timed_steps(memory_batches(), few), flops)
-        after = with_mfu(timed_steps(iter(lambda: batch, None), few, batch_size=big), 4 * flops)  # FLOPs scale with batch
-        return {"unit": "samples/s", "before": (f"batch {config.batch_size}", before["samples_per_second"]),
-                "after": (f"batch {big}", after["samples_per_second"]),
-                "mfu_vs_datasheet": [before["mfu_vs_datasheet"], after["mfu_vs_datasheet"]],
-                "step_ms": [before["step_ms"], after["step_ms"]]}
-
-    compare(out, "batch_x4", deadline, 30, log, bigger_batch)
 
     def compiled(mode: str | None) -> Callable[[], dict[str, Any]]:
         """torch.compile of the UNet in `mode` (None: default), timed against the row before (eager, then default)."""
@@ -977,14 +973,14 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
                 return {"skipped": "torch.compile runs only with --compile (minutes of compilation)"}
             if config.compile:
                 return {"skipped": "the preset already compiles"}
-            before = timed_steps(memory_batches(), few)
+            before = at_target()
             speed_up(model, compile=True, compile_mode=mode)
             start = time.perf_counter()
-            step(fixed, optimizer)  # compiles forward and backward
+            step(big, optimizer)  # compiles forward and backward
             synchronize(device)
             compile_seconds = round(time.perf_counter() - start, 1)
             label = "eager" if mode is None else "torch.compile mode=default (previous row)"
-            result = mfu_pair(label, before, f"torch.compile mode={mode or 'default'}", timed_steps(memory_batches(), few))
+            result = mfu_pair(label, before, f"torch.compile mode={mode or 'default'}", at_target())
             return result | {"compile_seconds": compile_seconds}
         return run
 
@@ -1080,8 +1076,28 @@ def bench_generation(preset: str, device: torch.device, deadline: Deadline, log:
     except Exception as error:  # noqa: BLE001 - the runs above must not be lost with it
         out["sampling_batch"] = {"status": "error", "error": f"{type(error).__name__}: {error}"[:500]}
         release_graphs(fast)
+    guarded("sampling_profile", out, log, lambda: sampling_profile(out, sample, device, deadline))
     generation_changes(out, model, fast, sample, bf16, device, deadline, log, compile_runs)
     return out
+
+
+def sampling_profile(out: dict[str, Any], sample: Callable[..., torch.Tensor], device: torch.device,
+                     deadline: Deadline) -> dict[str, Any]:
+    """The top kernels (CPU: ops) of two guided DDPM steps at evaluation's sampling batch (as measured above, else
+    the largest of GENERATION_BATCHES), launched one by one (under a CUDA graph the profiler sees one launch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if deadline.left() < 15 and not EVERY_CHANGE["on"]:
+        return {"skipped": f"budget: {deadline.left():.0f} s left"}
+    probe = out.get("sampling_batch", {})
+    batch = int(probe.get("sampling_batch") or GENERATION_BATCHES[-1]) if probe.get("status") == "ok" else GENERATION_BATCHES[-1]
+    sample(batch, "ddpm", 1, graph=False)  # warm-up (cuDNN autotuning at this batch)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        sample(batch, "ddpm", 2, graph=False)
+        synchronize(device)
+    return {"batch": batch, "steps": 2, "top_kernels": top_ops(profiler.key_averages(), device, 15),
+            "time": "self device time (CUDA kernels)" if device.type == "cuda" else "self CPU time (ops)"}
 
 
 def release_graphs(model: Any) -> None:
@@ -1372,7 +1388,10 @@ def markdown(results: dict[str, Any]) -> str:
                       for r in (gb["accumulated"], gb["one_micro_batch"])]
             lines.append("")
         if tr.get("profile"):
-            lines += ops_table(f"One profiled step, top {len(tr['profile'])} by {tr['profile_time']}:", tr["profile"])
+            lines += ops_table(f"One profiled step (batch {tr.get('profile_batch', tr['batch_size'])}), top "
+                               f"{len(tr['profile'])} by {tr['profile_time']}:", tr["profile"])
+        if tr.get("changes_batch"):
+            lines += [f"Changes measured at batch {tr['changes_batch']} in one micro-batch:", ""]
         lines += changes_table(tr)
     else:
         lines += [f"- {tr.get('status', 'not run')}: {tr.get('error', '')}", ""]
@@ -1391,6 +1410,10 @@ def markdown(results: dict[str, Any]) -> str:
                       f"{probe['seconds_per_clip_step']}; {probe['probe_stopped']}): 300 steps cost "
                       f"**{fmt(probe['seconds_per_clip_300_steps'])} s per clip**, {fmt(probe.get('tflops_achieved'))} "
                       "TFLOP/s", ""]
+        prof = gen.get("sampling_profile", {})
+        if prof.get("top_kernels"):
+            lines += ops_table(f"Two guided DDPM steps at batch {prof['batch']} (no graph), top {len(prof['top_kernels'])} "
+                               f"by {prof['time']}:", prof["top_kernels"])
         lines += ["Changes measured on DPM-Solver++-25, sampling seconds (batch 1 unless named):", ""]
         lines += changes_table(gen)
     else:

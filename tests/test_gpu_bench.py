@@ -50,6 +50,11 @@ def test_cpu_tiny_run_writes_every_section(tmp_path):
     probe = results["generation"]["sampling_batch"]  # evaluation's own choice of the sampling batch
     assert probe["status"] == "ok" and str(probe["sampling_batch"]) in probe["seconds_per_clip_step"]
     assert positive(probe["seconds_per_clip_300_steps"])
+    profiled = results["generation"]["sampling_profile"]  # at evaluation's sampling batch, where the 300 steps run
+    assert profiled["status"] == "ok" and profiled["batch"] == probe["sampling_batch"] and profiled["top_kernels"]
+    assert all(positive(op["self_ms"]) for op in profiled["top_kernels"])
+    training = results["training"]  # the profile and the changes at the global batch in one micro-batch
+    assert training["profile_batch"] == training["changes_batch"] == training["global_batch"]["samples"]
     summary = (tmp_path / "gpu_bench.md").read_text()
     assert "### Stage one" in summary and "Grounding step by part" in summary and "ddpm-300" in summary and "dpmsolver++-25" in summary
 
@@ -57,7 +62,7 @@ def test_cpu_tiny_run_writes_every_section(tmp_path):
     # --compile) say why they were skipped; none failed
     cpu_runs = {"stage_one": {"sam_folded_rel_pos", "grounding_dino_batched", "decode_worker_transfer",
                               "background_shard_writer"},
-                "training": {"fused_attention", "channels_last", "batch_x4"}, "generation": {"channels_last", "channels_last_batch16"}}
+                "training": {"fused_attention", "channels_last"}, "generation": {"channels_last", "channels_last_batch16"}}
     for section, expected in cpu_runs.items():
         changes = results[section]["changes"]
         assert {name for name, c in changes.items() if c["status"] == "ok"} == expected, changes
