@@ -105,7 +105,8 @@ def kl_divergence(
 def paired_vectors(reference: Mapping[str, np.ndarray], generated: Mapping[str, np.ndarray],
                    what: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (reference, generated) float64 (C,) vectors of the clip ids in both sets, in id order; ValueError when
-    none is, or when a pair is not two (C,) vectors of one length (`what` names them in the message)."""
+    none is, when a pair is not two (C,) vectors of one length, or when a vector holds NaN or infinity (a NaN
+    probability would drop out of `kl_divergence`'s sum and read as a perfect score; `what` names them)."""
     ids = sorted(set(reference) & set(generated))
     if not ids:
         raise ValueError(f"no clip id is in both sets ({len(reference)} reference, {len(generated)} generated): "
@@ -116,6 +117,9 @@ def paired_vectors(reference: Mapping[str, np.ndarray], generated: Mapping[str, 
         g = np.asarray(generated[clip_id], dtype=np.float64)
         if r.shape != g.shape or r.ndim != 1:
             raise ValueError(f"clip {clip_id!r}: {what} must be two (C,) vectors, got {r.shape} and {g.shape}")
+        if not (np.isfinite(r).all() and np.isfinite(g).all()):
+            side = "reference" if not np.isfinite(r).all() else "generated"
+            raise ValueError(f"clip {clip_id!r}: the {side} {what} hold NaN or infinity (the embedder's weights?)")
         pairs.append((r, g))
     return pairs
 
@@ -174,6 +178,8 @@ def inception_score(
     x = np.asarray(logits, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] < 1:
         raise ValueError(f"the Inception score needs (N, C) logits, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("the Inception score's logits hold NaN or infinity (the embedder's weights?)")
     n = x.shape[0]
     if splits < 1 or n < splits:
         raise ValueError(f"the Inception score needs at least {splits} clips (one per split), got {n}")

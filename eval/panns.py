@@ -264,8 +264,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         reason = " ".join(str(error).split())
         raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(error).__name__}: {reason})") from None
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict or a dict with 'model' holding one")
+    if (not isinstance(state, dict) or not all(isinstance(k, str) for k in state)
+            or not all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError(f"{path}: expected a state dict or a dict with 'model' holding one (names to tensors)")
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
@@ -281,6 +282,9 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], pa
     (other mel edges, window or rate) and is refused.
     """
     own = model.state_dict()
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{path}: {key} holds NaN or infinity (a damaged checkpoint)")
     for key in fixed_keys:
         if key in state and state[key].shape == own[key].shape:
             gap = float((state[key].float() - own[key].float()).abs().max())

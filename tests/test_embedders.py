@@ -120,6 +120,21 @@ def test_cnn14_checkpoint_with_another_front_end_is_refused(tmp_path):
         load_cnn14(tmp_path / "nowhere", config=TINY_CNN14)
 
 
+def test_damaged_checkpoints_are_one_line_naming_file_and_tensor(tmp_path):
+    """A NaN in a checkpoint made every class probability NaN, which KL's sum dropped: a perfect KL of 0. Names
+    that are not strings raised AttributeError. Both are refused where the file is read (every embedder's loader
+    goes through these checks)."""
+    state = load_cnn14(None, config=TINY_CNN14).state_dict()
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    torch.save({"model": {**state, key: torch.full_like(state[key], float("nan"))}}, tmp_path / CNN14_FILE)
+    with pytest.raises(ValueError, match=rf"{CNN14_FILE}: {key} holds NaN or infinity") as error:
+        load_cnn14(tmp_path, config=TINY_CNN14)
+    assert "\n" not in str(error.value)
+    torch.save({"model": {1: torch.zeros(1)}}, tmp_path / CNN14_FILE)
+    with pytest.raises(ValueError, match=rf"{CNN14_FILE}: expected a state dict"):
+        load_cnn14(tmp_path, config=TINY_CNN14)
+
+
 def test_cnn14_rejects_too_short_input():
     with pytest.raises(ValueError, match="L >="):
         load_cnn14(None, config=TINY_CNN14).embed(np.zeros((1, 1000), np.float32))

@@ -535,3 +535,25 @@ def test_the_window_batch_bounds_memory_without_changing_the_audio(run_dir, tmp_
     for flag, value in (("--window-batch", "0"), ("--steps", "0"), ("--overlap", "-1"), ("--overlap", "nan"), ("--overlap", "10.24")):
         assert cli_main(["generate", str(video), "--out", str(tmp_path / "bad"), *common, flag, value]) == 2, (flag, value)
         assert capsys.readouterr().err.startswith(f"error: {flag} must be "), (flag, value)
+
+
+def test_a_model_that_makes_nan_audio_writes_nothing(run_dir, tmp_path, capsys):
+    """Damaged weights (NaN) made a constant full-scale WAV, muxed into the video, and a report of success: the
+    audio is now checked before anything is written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "run"
+    shutil.copytree(run_dir, damaged)
+    for name in ("ema.safetensors", "raw.safetensors"):
+        path = damaged / "model" / name
+        if path.exists():
+            save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                       for k, v in load_file(path).items()}, path)
+    video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
+    out = tmp_path / "out"
+    assert cli_main(["generate", str(video), "--model", str(damaged), "--out", str(out), "--steps", "2",
+                     "--caption", "ball", "--no-progress"]) == 1
+    assert f"{video}: the model made non-finite audio" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())

@@ -187,3 +187,16 @@ def test_summarize_mean_spread_and_confidence_interval():
     assert summary["ci95_high"] == pytest.approx(0.5 + half)
     assert math.isnan(summarize([0.3])["std"]) and summarize([0.3])["mean"] == 0.3
     assert summarize([])["n"] == 0
+
+
+def test_non_finite_scores_are_refused_not_averaged_away():
+    """A NaN probability fell out of KL's sum (np.where(p > 0, ...) is False for NaN): damaged embedder weights read
+    as a perfect KL of 0. Non-finite inputs now raise, so the metric is reported as failed with its reason."""
+    good = {"a": np.array([0.5, 0.5]), "b": np.array([0.9, 0.1])}
+    bad = {"a": np.array([np.nan, np.nan]), "b": np.array([0.9, 0.1])}
+    with pytest.raises(ValueError, match="'a': the reference class probabilities hold NaN"):
+        kl_divergence(bad, good)
+    with pytest.raises(ValueError, match="'a': the generated class probabilities hold NaN"):
+        kl_divergence(good, bad)
+    with pytest.raises(ValueError, match="logits hold NaN or infinity"):
+        inception_score(np.array([[0.0, np.inf]] * 10))

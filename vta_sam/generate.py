@@ -478,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise GenerateError(f"{video}: cannot write {out_video} ({problem})")
             out_video.parent.mkdir(parents=True, exist_ok=True)
             waveform, explain = generator.audio(video, options.caption, probe)
+            if not np.isfinite(waveform).all():  # a damaged checkpoint: never write (and mux) full-scale noise
+                raise GenerateError(f"{video}: the model made non-finite audio (check {options.model}/model and the "
+                                    "VAE and vocoder weights)")
             write_wav(out_wav, waveform, generator.features.sample_rate)
             mux(video, out_wav, out_video, probe["start"], probe["index"])
             if options.explain:
