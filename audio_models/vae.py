@@ -13,7 +13,7 @@ from audio_models.config import MEL_BINS, MEL_FRAMES, AudioModelConfig
 from audio_models.random_configs import vae_config
 from common.devices import half_dtype
 from common.frozen import FrozenModule, chunks, random_init_checksum, seeded
-from common.weights import require_model_dir, sha256_dir, weights_folder
+from common.weights import load_pretrained_model, require_model_dir, sha256_dir, weights_folder
 
 
 class AudioVAE(FrozenModule):
@@ -45,7 +45,7 @@ class AudioVAE(FrozenModule):
             checksum, where = random_init_checksum(cfg.seed, cfg.random_size), f"random {cfg.random_size} VAE"
         else:
             folder = weights_folder(weights_dir, "AudioLDM VAE") / cfg.audioldm_dir / "vae"
-            vae = AutoencoderKL.from_pretrained(require_model_dir(folder, "AudioLDM VAE"), local_files_only=True)
+            vae = load_pretrained_model(AutoencoderKL.from_pretrained, require_model_dir(folder, "AudioLDM VAE"), "AudioLDM VAE")
             checksum, where = sha256_dir(folder), str(folder)
         config = vae.config
         downsample = 2 ** (len(config.block_out_channels) - 1)

@@ -11,7 +11,7 @@ from transformers import SpeechT5HifiGan
 from audio_models.config import MEL_BINS, AudioModelConfig
 from audio_models.random_configs import vocoder_config
 from common.frozen import seeded
-from common.weights import require_model_dir, weights_folder
+from common.weights import load_pretrained_model, require_model_dir, weights_folder
 
 
 def load_vocoder(cfg: AudioModelConfig, weights_dir: Path | None, device: torch.device) -> SpeechT5HifiGan:
@@ -23,7 +23,8 @@ def load_vocoder(cfg: AudioModelConfig, weights_dir: Path | None, device: torch.
         where = f"random {cfg.random_size} vocoder"
     else:
         folder = weights_folder(weights_dir, "AudioLDM vocoder") / cfg.audioldm_dir / "vocoder"
-        vocoder = SpeechT5HifiGan.from_pretrained(require_model_dir(folder, "AudioLDM vocoder"), local_files_only=True)
+        vocoder = load_pretrained_model(SpeechT5HifiGan.from_pretrained, require_model_dir(folder, "AudioLDM vocoder"),
+                                        "AudioLDM vocoder")
         where = str(folder)
     config = vocoder.config
     found = (config.model_in_dim, config.sampling_rate, math.prod(config.upsample_rates))

@@ -7,7 +7,12 @@ user provides (`--weights`); its layout is in README.md (`python -m preprocess.w
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -68,3 +73,46 @@ def weights_folder(weights_dir: Path | None, what: str) -> Path:
     if weights_dir is None:
         raise ValueError(f"{what}: random_init is off but no weights folder was given (--weights)")
     return Path(weights_dir)
+
+
+def _load_error(folder: Path, what: str, error: BaseException) -> ValueError:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return ValueError(f"{folder}: cannot load {what} ({reason[:300]})")
+
+
+def load_pretrained_parts(load: Callable[..., Any], folder: Path, what: str) -> Any:
+    """`load(folder, local_files_only=True)`: a transformers processor's or tokenizer's from_pretrained, with a
+    damaged folder (a config.json that is not JSON or of the wrong shape, an unreadable file) as one ValueError
+    line naming the folder."""
+    try:
+        return load(folder, local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - from_pretrained raises OSError, JSONDecodeError, TypeError, ...
+        raise _load_error(folder, what, error) from None
+
+
+def load_pretrained_model(load: Callable[..., Any], folder: Path, what: str) -> Any:
+    """`load(folder, local_files_only=True)`: a transformers or diffusers model's from_pretrained, with a damaged
+    or incomplete folder as one ValueError line naming it: an unreadable or truncated weight file, a config.json
+    that is not JSON or of the wrong shape, tensors whose shapes differ from the config's, and learnt tensors
+    (parameters) that the weights lack, which from_pretrained would leave at random values with a note. Buffers
+    the weights lack and tensors the model does not use are logged as warnings."""
+    try:
+        model, info = load(folder, local_files_only=True, output_loading_info=True)
+    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, JSONDecodeError, RuntimeError (shapes)...
+        raise _load_error(folder, what, error) from None
+    parameters = {name for name, _ in model.named_parameters()}
+    missing = sorted(info.get("missing_keys") or ())
+    absent = [key for key in missing if key in parameters]
+    mismatched = [str(entry[0]) if isinstance(entry, tuple) else str(entry) for entry in info.get("mismatched_keys") or ()]
+    if absent or mismatched:
+        shown = (absent or mismatched)[:3]
+        kind = "lack" if absent else "have other shapes for"
+        raise ValueError(f"{folder}: the {what} weights {kind} {len(absent or mismatched)} of the model's tensors "
+                         f"({', '.join(shown)}{', ...' if len(absent or mismatched) > 3 else ''}): a damaged or "
+                         "different checkpoint")
+    if set(missing) - set(absent):
+        log.warning("%s: %s weights lack buffers %s (model defaults used)", folder, what, sorted(set(missing) - set(absent))[:3])
+    if info.get("unexpected_keys"):
+        log.warning("%s: %s weights hold tensors the model does not use: %s", folder, what, sorted(info["unexpected_keys"])[:3])
+    return model

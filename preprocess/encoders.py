@@ -47,7 +47,15 @@ from transformers import (
 
 from common.devices import half_dtype
 from common.frozen import FrozenModule, chunks, random_init_checksum, seeded
-from common.weights import require_file, require_model_dir, sha256_dir, sha256_file, weights_folder
+from common.weights import (
+    load_pretrained_model,
+    load_pretrained_parts,
+    require_file,
+    require_model_dir,
+    sha256_dir,
+    sha256_file,
+    weights_folder,
+)
 from preprocess.config import FeatureConfig
 from preprocess.model_configs import TINY_BERT_VOCAB, random_configs
 from preprocess.sam_attention import FoldedRelPosAttention, use_folded_rel_pos
@@ -482,14 +490,15 @@ class Grounder(_Batched, FrozenModule):
         else:
             root = weights_folder(weights_dir, "Grounding DINO")
             folder = require_model_dir(root / cfg.grounding_dir, "Grounding DINO")
-            processor = GroundingDinoProcessor.from_pretrained(folder, local_files_only=True)
+            processor = load_pretrained_parts(GroundingDinoProcessor.from_pretrained, folder, "Grounding DINO processor")
             image_processor, tokenizer = processor.image_processor, processor.tokenizer
-            detector = GroundingDinoForObjectDetection.from_pretrained(folder, local_files_only=True)
+            detector = load_pretrained_model(GroundingDinoForObjectDetection.from_pretrained, folder, "Grounding DINO")
             digests = [f"grounding-dino:{sha256_dir(folder)}"]
             if cfg.use_sam:
                 sam_folder = require_model_dir(root / cfg.sam_dir, "SAM")
-                sam = SamModel.from_pretrained(sam_folder, local_files_only=True)
-                sam_image_processor = SamProcessor.from_pretrained(sam_folder, local_files_only=True).image_processor
+                sam = load_pretrained_model(SamModel.from_pretrained, sam_folder, "SAM")
+                sam_image_processor = load_pretrained_parts(SamProcessor.from_pretrained, sam_folder,
+                                                            "SAM processor").image_processor
                 digests.append(f"sam:{sha256_dir(sam_folder)}")
             checksum = hashlib.sha256("\n".join(digests).encode()).hexdigest()
             _check_grounding_tokenizer(tokenizer, detector, folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -555,3 +556,47 @@ def test_sams_dense_bias_adds_to_the_memory_estimate_unless_folded() -> None:
     assert PRESETS["paper"].sam_rel_pos == "folded"
     without_sam = Grounder.from_config(PRESETS["tiny"].replace(use_sam=False, sam_rel_pos="bias"), None, CPU)
     assert without_sam.gib_per_frame == pytest.approx(estimate["folded"])
+
+
+def test_damaged_model_folders_are_one_line(saved: tuple[Path, dict[str, object]], tmp_path: Path) -> None:
+    """A truncated weight file, a config.json of the wrong shape, and weights that lack learnt tensors: each a
+    one-line ValueError naming the folder. Before, the first two were tracebacks (SafetensorError, TypeError) and
+    the third loaded with those tensors at unseeded random values, written to shards as if the checkpoint were
+    whole."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from audio_models.vocoder import load_vocoder
+
+    source, _ = saved
+    loaders = {  # folder -> (load it, the tensor-name fragment to drop)
+        LOADED.sam_dir: (lambda root: Grounder.from_config(LOADED, root, CPU), "mask_decoder"),
+        LOADED.grounding_dir: (lambda root: Grounder.from_config(LOADED.replace(use_sam=False), root, CPU), "bbox_embed"),
+        f"{LOADED.audioldm_dir}/vae": (lambda root: AudioVAE.from_config(LOADED.audio_models(), root, CPU), "decoder"),
+        f"{LOADED.audioldm_dir}/vocoder": (lambda root: load_vocoder(LOADED.audio_models(), root, CPU), "resblocks"),
+    }
+    for name, (load, fragment) in loaders.items():
+        root = tmp_path / name.replace("/", "_")
+        shutil.copytree(source, root)
+        folder = root / name
+        weights_file = next(folder.glob("*.safetensors"))
+        whole = weights_file.read_bytes()
+        state = load_file(weights_file)
+        damages = {
+            "truncated": lambda: weights_file.write_bytes(whole[: len(whole) // 2]),
+            "config": lambda: (folder / "config.json").write_text("[]"),
+            "lacking": lambda: save_file({k: v for k, v in state.items() if fragment not in k}, str(weights_file),
+                                         metadata={"format": "pt"}),
+        }
+        config = (folder / "config.json").read_text()
+        for damage, apply in damages.items():
+            apply()
+            with pytest.raises(ValueError, match=rf"^{re.escape(str(folder))}: ") as error:
+                load(root)
+            assert "\n" not in str(error.value), (name, damage)
+            if damage == "lacking":
+                assert "lack" in str(error.value) and fragment in str(error.value), str(error.value)
+            weights_file.write_bytes(whole)
+            (folder / "config.json").write_text(config)
+        load(root)  # whole again: loads
