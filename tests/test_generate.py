@@ -557,3 +557,44 @@ def test_a_model_that_makes_nan_audio_writes_nothing(run_dir, tmp_path, capsys):
                      "--caption", "ball", "--no-progress"]) == 1
     assert f"{video}: the model made non-finite audio" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_damaged_run_folder_is_one_line_before_any_memory_is_taken(run_dir, tmp_path, capsys):
+    """config.json not a run's config, a truncated weight file, and a config whose sizes the weights do not have
+    (here absurd ones: 200000 channels would need hundreds of GB) are one line naming the file; the model is
+    checked against the file's header on the meta device before it is built. Before: tracebacks, and an attempt to
+    allocate the absurd model."""
+    import shutil
+
+    from train import load_model
+
+    def damaged(name: str) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(run_dir, copy)
+        return copy
+
+    not_config = damaged("list")
+    (not_config / "model" / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"config\.json: unreadable \(ValueError: not a run's model config"):
+        load_model(not_config)
+
+    truncated = damaged("truncated")
+    weights = truncated / "model" / "ema.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"ema\.safetensors: unreadable"):
+        load_model(truncated)
+
+    huge = damaged("huge")
+    config_file = huge / "model" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["block_channels"] = [200000 * (i + 1) for i in range(len(config["block_channels"]))]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"ema\.safetensors: not the weights of the model in .*config\.json") as error:
+        load_model(huge)
+    assert "\n" not in str(error.value) and "of other shapes" in str(error.value)
+
+    video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
+    assert cli_main(["generate", str(video), "--model", str(huge), "--out", str(tmp_path / "out"), "--steps", "2",
+                     "--caption", "ball", "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "not the weights of the model" in err and "Traceback" not in err

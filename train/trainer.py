@@ -495,9 +495,11 @@ def start_run(config: TrainConfig, spec: ShardSpec, accelerator: Accelerator, lo
     return run
 
 
-def one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """The error's type and message on one line (its lines joined: load_state_dict's first line alone says only
+    'Error(s) in loading state_dict'), cut at `limit` characters."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def resume(run: Run, log: Any) -> None:
@@ -759,8 +761,38 @@ def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cp
             raise FileNotFoundError(f"{path}: missing (the run exported only its EMA weights; train or resume it once "
                                     "more to export the raw weights)")
         raise FileNotFoundError(f"{path}: missing (has the run saved a checkpoint yet?)")
-    resolved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    config = TrainConfig.from_dict(resolved)
-    model = VTASAM(config, ShardSpec.from_dict(resolved["spec"]))
-    model.load_state_dict(safetensors.torch.load_file(str(path), device="cpu"))
+    config_path = folder / "config.json"
+    try:
+        resolved = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(resolved, dict) or not isinstance(resolved.get("spec"), dict):
+            raise ValueError("not a run's model config (no 'spec' object)")
+        config = TrainConfig.from_dict(resolved)
+        spec = ShardSpec.from_dict(resolved["spec"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{config_path}: missing (has the run saved a checkpoint yet?)") from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{config_path}: unreadable ({one_line(error)})") from None
+    # the file's tensor names and shapes against the model's, before the model takes memory: a config with
+    # absurd sizes, or weights of another model, is refused here
+    with torch.device("meta"):
+        shell = VTASAM(config, spec)
+    expected = {name: tuple(tensor.shape) for name, tensor in shell.state_dict().items()}
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (OSError, safetensors.SafetensorError) as error:
+        raise ValueError(f"{path}: unreadable ({one_line(error)})") from None
+    if stored != expected:
+        missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        shapes = sorted(k for k in set(stored) & set(expected) if stored[k] != expected[k])
+        first = (f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the model does not" if extra
+                 else f"{shapes[0]} is {list(stored[shapes[0]])}, the model's {list(expected[shapes[0]])}")
+        raise ValueError(f"{path}: not the weights of the model in {config_path} ({first}; {len(missing)} missing, "
+                         f"{len(extra)} unknown, {len(shapes)} of other shapes)")
+    model = VTASAM(config, spec)
+    try:
+        state = safetensors.torch.load_file(str(path), device="cpu")
+    except (OSError, safetensors.SafetensorError) as error:
+        raise ValueError(f"{path}: unreadable ({one_line(error)})") from None
+    model.load_state_dict(state)
     return model.to(device).eval(), config

@@ -213,6 +213,8 @@ class SoundGenerator:
             self.model, self.train_config = train.load_model(options.model)
         except FileNotFoundError as error:
             raise GenerateError(f"{error} (train a model first: make train)") from None
+        except ValueError as error:  # a damaged run folder: one line naming the file
+            raise GenerateError(str(error)) from None
         self.features = feature_config(Path(options.model), self.train_config).replace(device=options.device)
         device = resolve_device(self.features.device)
         try:
@@ -230,7 +232,7 @@ class SoundGenerator:
             from preprocess.deformable import KernelError
 
             if not isinstance(error, KernelError):
-                raise
+                raise GenerateError(str(error)) from None  # a checkpoint the loaders refuse: one line naming it
             # how stage one sampled Grounding DINO's deformable attention is a speed choice of its machine (the
             # fused kernel gives the PyTorch path's numbers up to float16 rounding): here, what this one runs
             print(f"warning: {error.reason}; grounding with the PyTorch path", file=sys.stderr)
