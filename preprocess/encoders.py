@@ -299,6 +299,29 @@ class CLIPEncoder(_Batched, FrozenModule):
         return torch.cat(out)
 
 
+def _preprocess_cfg_problem(cfg: dict[str, Any]) -> str | None:
+    """What is wrong with an open_clip `preprocess_cfg` from a sidecar file (None: nothing): mean and std three
+    finite numbers (std positive), size an int or a pair of them, the interpolation and resize mode strings."""
+    for key in ("mean", "std"):
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if (not isinstance(value, (list, tuple)) or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)):
+            return f"{key} must be three numbers, got {value!r}"
+        if key == "std" and min(value) <= 0:
+            return f"std must be positive, got {value!r}"
+    size = cfg.get("size")
+    sizes = size if isinstance(size, (list, tuple)) else [size]
+    if size is not None and (len(sizes) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                 and v > 0 for v in sizes)):
+        return f"size must be a positive int or a pair of them, got {size!r}"
+    for key in ("interpolation", "resize_mode"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            return f"{key} must be a string, got {cfg[key]!r}"
+    return None
+
+
 def _load_open_clip(model_name: str, path: Path, torchscript: bool = False) -> nn.Module:
     """Build `model_name` with open_clip and load the checkpoint at `path` into it (strict).
 
@@ -321,8 +344,15 @@ def _load_open_clip(model_name: str, path: Path, torchscript: bool = False) -> n
             side = json.loads(sidecar.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{sidecar}: not valid JSON ({error})") from None
-        quick_gelu = quick_gelu or bool(side.get("model_cfg", {}).get("quick_gelu", False))
-        preprocess_cfg = side.get("preprocess_cfg", {})
+        model_cfg = side.get("model_cfg", {}) if isinstance(side, dict) else None
+        side_preprocess = side.get("preprocess_cfg", {}) if isinstance(side, dict) else None
+        if not isinstance(model_cfg, dict) or not isinstance(side_preprocess, dict):
+            raise ValueError(f"{sidecar}: expected an object with 'model_cfg' and 'preprocess_cfg' objects")
+        preprocess_cfg = side_preprocess
+        problem = _preprocess_cfg_problem(preprocess_cfg)
+        if problem:
+            raise ValueError(f"{sidecar}: preprocess_cfg {problem}")
+        quick_gelu = quick_gelu or bool(model_cfg.get("quick_gelu", False))
     with _quiet_open_clip():
         model = open_clip.create_model(model_name, device="cpu", force_quick_gelu=quick_gelu,
                                        force_preprocess_cfg=preprocess_cfg)

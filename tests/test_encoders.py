@@ -327,6 +327,16 @@ def test_clip_openai_torchscript_and_sidecar_config(tmp_path: Path) -> None:
             expected = quick.encode_image(encoder.preprocess(frames))
         torch.testing.assert_close(encoder.encode_frames(frames), expected, rtol=1e-5, atol=1e-5)
 
+    # a sidecar that is JSON of the wrong shape is one line naming it (before: AttributeError / TypeError tracebacks)
+    for bad, reason in (([1, 2], "expected an object"), ({"model_cfg": "x"}, "expected an object"),
+                        ({"preprocess_cfg": {"mean": "abc"}}, "mean must be three numbers"),
+                        ({"preprocess_cfg": {"std": [0.5, 0.0, 0.5]}}, "std must be positive"),
+                        ({"preprocess_cfg": {"size": [224, "x"]}}, "size must be"),
+                        ({"preprocess_cfg": {"interpolation": 3}}, "interpolation must be a string")):
+        (tmp_path / "hub" / "open_clip_config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=rf"open_clip_config\.json: .*{reason}"):
+            CLIPEncoder.from_config(LOADED.replace(clip_checkpoint="hub/open_clip_model.safetensors"), tmp_path, CPU)
+
 
 # ----------------------------------------------------------------------------------- errors
 class _Touch:
