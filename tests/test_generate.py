@@ -598,3 +598,23 @@ def test_a_damaged_run_folder_is_one_line_before_any_memory_is_taken(run_dir, tm
                      "--caption", "ball", "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert "not the weights of the model" in err and "Traceback" not in err
+
+
+def test_encoders_other_than_the_ones_stage_one_used_are_refused(run_dir, tmp_path, capsys):
+    """The run records the checksums of the checkpoints its features came from (model/features.json): a CLIP,
+    Grounding DINO or VAE of the same shapes but other weights loaded silently and conditioned the model on
+    features unlike its training's. Here the record says another CLIP than the one this run's models are."""
+    import shutil
+
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    features = other / "model" / "features.json"
+    meta = json.loads(features.read_text())
+    meta["models"]["clip"]["checksum"] = "0" * 64
+    features.write_text(json.dumps(meta))
+    video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
+    assert cli_main(["generate", str(video), "--model", str(other), "--out", str(tmp_path / "out"), "--steps", "2",
+                     "--caption", "ball", "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert f"{features}: the model was trained on clip features of checkpoint 000000000000..." in err
+    assert "Traceback" not in err

@@ -147,12 +147,41 @@ def decode_windows(video: Path, duration: float, cfg: FeatureConfig, overlap: fl
         duration = end
 
 
-def feature_config(run: Path, train_config: Any) -> FeatureConfig:
-    """The stage-one config the model was trained on: the run's copy, else the shards' meta.json."""
+def features_meta(run: Path, train_config: Any) -> tuple[Path, dict[str, Any]]:
+    """The stage-one meta.json the model was trained on (its config and its models' checksums): the run's copy,
+    model/features.json, else the shards' meta.json; with the file it came from."""
     for path in (run / "model" / "features.json", Path(train_config.shards) / shards.META_FILE):
         if path.is_file():
-            return FeatureConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))["config"])
+            try:
+                meta = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+                    raise ValueError("no 'config' object")
+            except (OSError, ValueError) as error:
+                raise GenerateError(f"{path}: unreadable ({error})") from None
+            return path, meta
     raise GenerateError(f"{run}: cannot find the stage-one configuration (model/features.json or the shards' meta.json)")
+
+
+def feature_config(run: Path, train_config: Any) -> FeatureConfig:
+    """The stage-one config the model was trained on (`features_meta`)."""
+    path, meta = features_meta(run, train_config)
+    try:
+        return FeatureConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as error:
+        raise GenerateError(f"{path}: unreadable config ({error})") from None
+
+
+def check_checkpoints(recorded: dict[str, Any], found: dict[str, str], source: Path, weights: Path | None) -> None:
+    """GenerateError unless each model checksum stage one recorded (`meta.json`'s models) is the one loaded here:
+    another CLIP, Grounding DINO/SAM or VAE of the same shapes would load and give the model conditions (or
+    latents decoded) unlike those it was trained on, with no error anywhere else."""
+    for name, checksum in found.items():
+        entry = recorded.get(name)
+        want = entry.get("checksum") if isinstance(entry, dict) else None
+        if want is not None and want != checksum:
+            where = f"the weights in {weights}" if weights is not None else "this run's random-init models"
+            raise GenerateError(f"{source}: the model was trained on {name} features of checkpoint {str(want)[:12]}..., "
+                                f"but {where} hold {checksum[:12]}...: give the --weights folder stage one used")
 
 
 WEBM_VIDEO_CODECS = ("vp8", "vp9", "av1")  # all that WebM holds, with Opus or Vorbis audio
@@ -242,6 +271,10 @@ class SoundGenerator:
             self.decoder = Decoder(self.features.audio_models(), weights, device, self.train_config.vae_scaling_factor)
         except (FileNotFoundError, ValueError, OSError) as error:
             raise GenerateError(str(error).splitlines()[0]) from None
+        source, meta = features_meta(Path(options.model), self.train_config)
+        models = meta.get("models")
+        recorded: dict[str, Any] = models if isinstance(models, dict) else {}
+        check_checkpoints(recorded, {**self.encoders.checksums, "vae": self.decoder.checksum}, source, weights)
         self.nouns = NounCache(self.features.tagger, self.features.max_nouns)
         self.vocabulary = vocabulary(self.features.tagger)
         self._vocabulary_embeddings: torch.Tensor | None = None  # (V, D) CLIP text embeddings, computed on first use
