@@ -88,6 +88,18 @@ def load_decoder(cfg: AudioModelConfig, weights_dir: Path | None, device: torch.
         raise EvalError(str(error).splitlines()[0]) from None
 
 
+def check_decoder_checkpoint(folder: str | Path, checksum: str, weights: Path | None) -> None:
+    """EvalError unless the VAE loaded here is the one whose latents the shards hold (meta.json's
+    models.vae.checksum): another AudioLDM VAE of the same shapes would decode them into other audio, silently."""
+    entry = shards.read_meta(folder).get("models", {})
+    entry = entry.get("vae") if isinstance(entry, dict) else None
+    want = entry.get("checksum") if isinstance(entry, dict) else None
+    if want is not None and want != checksum:
+        where = f"the weights in {weights}" if weights is not None else "the random-init VAE"
+        raise EvalError(f"{Path(folder) / shards.META_FILE}: the latents were made by VAE checkpoint {str(want)[:12]}..., "
+                        f"but {where} hold {checksum[:12]}...: give the --weights folder stage one used")
+
+
 def write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
     """16-bit PCM mono WAV written to a temporary name and renamed (a crash never leaves half a WAV)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -249,6 +261,7 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
     audio = audio_model_config(config.shards)
     weights = None if audio.random_init else Path(config.weights)
     decoder = load_decoder(audio, weights, device, train_config.vae_scaling_factor)
+    check_decoder_checkpoint(config.shards, decoder.checksum, weights)
     manifest = generation_manifest(config, train_config, decoder, spec, precision_name(precision))
     claim_wav_dir(out_dir, manifest)
     graphs = config.cuda_graphs and device.type == "cuda" and not config.compile

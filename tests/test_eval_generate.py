@@ -385,6 +385,15 @@ def test_incompatible_or_missing_inputs_are_one_line_errors(tiny_run, tmp_path):
         generate(config_for(tiny_run, tmp_path / "a", shards=str(other)), clips, progress=False)
     with pytest.raises(EvalError, match="ema.safetensors"):
         generate(config_for(tiny_run, tmp_path / "b", run=str(tmp_path / "nowhere")), clips, progress=False)
+    # latents made by another VAE than the one loaded here (same shapes, other weights) would decode silently
+    other_vae = tmp_path / "other_vae"
+    shutil.copytree(data, other_vae)
+    meta = json.loads((other_vae / shards.META_FILE).read_text())
+    meta.setdefault("models", {})["vae"] = {"checksum": "f" * 64}
+    (other_vae / shards.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(EvalError, match=r"the latents were made by VAE checkpoint ffffffffffff\.\.\., but the random"):
+        generate(config_for(tiny_run, tmp_path / "d", shards=str(other_vae)), clips, progress=False)
+    assert not (tmp_path / "d" / "wav" / MANIFEST_FILE).exists()
     with pytest.raises(EvalError, match="meta.json"):
         read_split(tmp_path / "empty", "test")
     with pytest.raises(EvalError, match="precision bf16 needs a CUDA device"):
