@@ -52,6 +52,8 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
         raise ValueError(f"{path}: unreadable WAV ({error})") from None
     if waveform.shape[0] == 0:
         raise ValueError(f"{path}: empty WAV")
+    if not np.isfinite(waveform).all():  # a float WAV can hold NaN or infinity: the embedders would pass it on
+        raise ValueError(f"{path}: NaN or infinite samples")
     return waveform.mean(axis=1), rate
 
 
@@ -80,11 +82,18 @@ def selection_key(selection_seed: int, clip_id: str) -> str:
 
 
 def sorted_unique(clips: list[shards.SampleMeta]) -> list[shards.SampleMeta]:
-    """The clips in id order; EvalError when an id appears twice (WAVs are named by id)."""
+    """The clips in id order; EvalError when an id appears twice, or when two ids name one WAV (`wav_path` writes
+    'a/b' as 'a_b.wav': the second clip would be scored on the first one's audio)."""
     ordered = sorted(clips, key=lambda c: c.id)
     for before, after in zip(ordered, ordered[1:]):
         if before.id == after.id:
             raise EvalError(f"clip id {before.id!r} appears twice in the split: WAVs are named by id")
+    named: dict[str, str] = {}
+    for clip in ordered:
+        name = wav_path(Path(), clip.id).name
+        if name in named:
+            raise EvalError(f"clip ids {named[name]!r} and {clip.id!r} would share one WAV ({name}): rename one of them")
+        named[name] = clip.id
     return ordered
 
 

@@ -204,11 +204,14 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
     """<out>/wav/manifest.json, None when absent; EvalError when it cannot be read."""
     path = out_dir / WAV_DIR / MANIFEST_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise EvalError(f"{path}: unreadable ({error}); choose another --output or delete {path.parent}") from None
+    if manifest is not None and not isinstance(manifest, dict):
+        raise EvalError(f"{path}: unreadable (not a JSON object); choose another --output or delete {path.parent}")
+    return manifest
 
 
 def claim_wav_dir(out_dir: Path, manifest: dict[str, Any]) -> None:

@@ -58,6 +58,8 @@ def frechet_from_stats(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.
     s1, s2 = np.atleast_2d(np.asarray(s1, np.float64)), np.atleast_2d(np.asarray(s2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    if not all(np.isfinite(x).all() for x in (mu1, mu2, s1, s2)):  # scipy's sqrtm can spin forever on NaN
+        raise ValueError("Frechet distance: the embeddings hold NaN or infinity")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():

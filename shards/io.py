@@ -11,6 +11,7 @@ the next run deletes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tarfile
@@ -22,6 +23,8 @@ import webdataset as wds
 
 from shards.schema import META_KEY, ShardFormatError, ShardSpec
 from shards.stream import RECORD_SUFFIX, HashingWriter, decode_checked, read_raw, record_path, write_record
+
+log = logging.getLogger(__name__)
 
 SHARD_PATTERN = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<rank>\d{3})-(?P<index>\d{6})\.tar$")
 META_FILE = "meta.json"
@@ -178,15 +181,20 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; a line torn by a crash is skipped."""
+    """Records of a JSON-lines file; a line torn by a crash is skipped, and so is a line that is not a JSON object
+    (with a warning: every reader expects objects)."""
     if not path.exists():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # a torn line; JSONDecodeError is a ValueError
             continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            log.warning("%s:%d: not a JSON object; skipped", path, number)
     return records
 
 
@@ -195,7 +203,13 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(directory) / META_FILE
     if not path.exists():
         raise ShardFormatError(f"{path}: missing (not a stage-one output folder?)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ShardFormatError(f"{path}: unreadable ({type(error).__name__}: {error})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("spec", {}), dict):
+        raise ShardFormatError(f"{path}: unreadable (not a JSON object with a 'spec' object)")
+    return meta
 
 
 def read_spec(directory: str | os.PathLike[str]) -> ShardSpec:

@@ -25,7 +25,7 @@ import webdataset as wds
 
 from shards.io import META_FILE, list_shards, read_spec
 from shards.schema import META_KEY, SAMPLE_KEYS, SampleMeta, ShardFormatError, ShardSpec
-from shards.stream import check_member, decode_checked, read_raw
+from shards.stream import check_member, checked_record, decode_checked, read_raw
 
 Folder = str | os.PathLike[str]
 
@@ -46,24 +46,34 @@ def _require_folder(folder: Folder) -> Path:
 def _members(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
     """(sample key, member extension, bytes) of the members of one shard whose extension `wanted` accepts, in tar
     order; the others are skipped unread. ShardFormatError naming the shard when it cannot be read or holds a member
-    the schema refuses (a link, an unknown name)."""
+    the schema refuses (a link, an unknown name), or when its size or sample count differs from its record (a
+    shard cut at a sample's end reads as a whole, shorter archive)."""
+    record = checked_record(path)
+    keys = 0
+    last = None
     try:
         with tarfile.open(path, "r") as tar:
             for member in tar:
                 key, ext = check_member(path, member, SAMPLE_KEYS)
+                if key != last:
+                    keys, last = keys + 1, key
                 if not wanted(ext):
                     continue
                 handle = tar.extractfile(member)
                 yield key, ext, handle.read() if handle is not None else b""
     except (tarfile.TarError, OSError) as error:
         raise ShardFormatError(f"{path}: unreadable shard ({error})") from None
+    if record is not None and keys != record["samples"]:
+        raise ShardFormatError(f"{path}: shard holds {keys} samples, its record says {record['samples']}")
 
 
 def _meta(path: Path, data: bytes) -> SampleMeta:
     try:
-        return SampleMeta.from_json(json.loads(data))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ShardFormatError(f"{path}: a json member is not JSON ({error})") from None
+        found = json.loads(data)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError; too deep or too many digits
+        raise ShardFormatError(f"{path}: a json member is not JSON ({type(error).__name__}: {error})") from None
+    try:
+        return SampleMeta.from_json(found)
     except ShardFormatError as error:
         raise ShardFormatError(f"{path}: {error}") from None
 
@@ -125,7 +135,7 @@ def _split_of(raw: dict[str, Any]) -> str:
     `SampleMeta` (a sample is never dropped for want of a readable split)."""
     try:
         return SampleMeta.from_json(json.loads(raw[META_KEY].decode("utf-8"))).split
-    except (UnicodeDecodeError, json.JSONDecodeError, ShardFormatError) as error:
+    except (ValueError, RecursionError) as error:  # not JSON, too deep, too many digits, or not a SampleMeta
         raise ShardFormatError(f"{raw.get('__url__', '?')}: sample {raw.get('__key__')!r}: json: {error}") from None
 
 

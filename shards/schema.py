@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +129,14 @@ class ShardSpec:
         if self.schema_version not in READ_VERSIONS:
             raise ShardFormatError(f"shards have schema version {self.schema_version}; this code reads versions "
                                    f"{', '.join(map(str, READ_VERSIONS))}")
+        sizes = ("num_frames", "embed_dim", "max_nouns", "latent_channels", "latent_time", "latent_freq", "sample_rate")
+        for name in sizes:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_nouns" else 1):
+                raise ShardFormatError(f"spec {name} must be a positive integer, got {value!r}")
+        window = self.window_seconds
+        if not isinstance(window, (int, float)) or isinstance(window, bool) or not math.isfinite(window) or window <= 0:
+            raise ShardFormatError(f"spec window_seconds must be a positive number of seconds, got {window!r}")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -236,8 +245,8 @@ def _decode_member(name: str, data: bytes, spec: ShardSpec | None = None) -> Any
     if name == META_KEY:
         try:
             return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ShardFormatError(f"json member is not JSON ({error})") from None
+        except (ValueError, RecursionError) as error:  # also nesting too deep, an integer of too many digits
+            raise ShardFormatError(f"json member is not JSON ({type(error).__name__}: {error})") from None
     if name in ARRAY_KEYS:
         _npy_header(name, data, spec)
         try:

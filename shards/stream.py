@@ -99,6 +99,21 @@ def read_record(shard: Path) -> dict[str, Any] | None:
     return record
 
 
+def checked_record(path: Path) -> dict[str, Any] | None:
+    """The shard's record (`read_record`) after checking the shard's size against it: ShardFormatError naming the
+    shard when it was cut short (also exactly at a sample's end, where a tar reader sees a whole archive) or
+    altered."""
+    record = read_record(path)
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise ShardFormatError(f"{path}: unreadable shard ({error})") from None
+    if record is not None and size != record["bytes"]:
+        raise ShardFormatError(f"{path}: shard has {size} bytes, its record says {record['bytes']} (cut short or "
+                               f"altered after it was written)")
+    return record
+
+
 def member_limit(ext: str, spec: ShardSpec | None) -> int | None:
     """The most bytes a member `ext` may have under `spec` (None: no spec, no bound)."""
     if ext == META_KEY:
@@ -137,14 +152,7 @@ def check_member(path: Path, member: tarfile.TarInfo, allowed: tuple[str, ...]) 
 def read_raw(path: Path, spec: ShardSpec | None = None) -> Iterator[dict[str, Any]]:
     """The raw samples of one shard ({"__key__", "__url__", ext: bytes}) in tar order, with the guarantees of the
     module docstring. Nothing is written to disk and nothing is decoded here."""
-    record = read_record(path)
-    try:
-        size = path.stat().st_size
-    except OSError as error:
-        raise ShardFormatError(f"{path}: unreadable shard ({error})") from None
-    if record is not None and size != record["bytes"]:
-        raise ShardFormatError(f"{path}: shard has {size} bytes, its record says {record['bytes']} (cut short or "
-                               f"altered after it was written)")
+    record = checked_record(path)
     allowed, required = _allowed(spec), _required(spec)
     count = 0
     sample: dict[str, Any] = {}

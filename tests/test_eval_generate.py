@@ -464,3 +464,25 @@ def test_measured_sampling_batch_stops_at_out_of_memory(tiny_run, monkeypatch):
     monkeypatch.setattr(eval_generate.train, "sample", no_memory)
     with pytest.raises(eval_generate.EvalError, match="out of memory sampling 4 clip"):
         eval_generate.measure_sampling_batch(model, spec, config, None, torch.device("cpu"), 9, False)
+
+
+def test_wavs_ids_and_manifests_that_would_mislead_are_refused(tmp_path):
+    """A float WAV holding NaN or infinity (FAD's sqrtm then spun forever), two clip ids that name one WAV ('a/b'
+    and 'a_b': the second clip was scored on the first one's audio), and a WAV manifest that is JSON but not an
+    object: each one line."""
+    from eval.clips import read_wav, sorted_unique
+    from eval.generate import read_manifest
+
+    wav = tmp_path / "x.wav"
+    for bad in (np.nan, np.inf):
+        samples = np.zeros(1600, np.float32)
+        samples[10] = bad
+        soundfile.write(wav, samples, 16000, subtype="FLOAT")
+        with pytest.raises(ValueError, match=r"x\.wav: NaN or infinite samples"):
+            read_wav(wav)
+    with pytest.raises(EvalError, match=r"clip ids 'a/b' and 'a_b' would share one WAV \(a_b\.wav\)"):
+        sorted_unique(metas(["a_b", "a/b", "c"]))
+    (tmp_path / "wav").mkdir()
+    (tmp_path / "wav" / MANIFEST_FILE).write_text("[1, 2]")
+    with pytest.raises(EvalError, match=r"manifest\.json: unreadable \(not a JSON object\)"):
+        read_manifest(tmp_path)

@@ -200,3 +200,13 @@ def test_non_finite_scores_are_refused_not_averaged_away():
         kl_divergence(good, bad)
     with pytest.raises(ValueError, match="logits hold NaN or infinity"):
         inception_score(np.array([[0.0, np.inf]] * 10))
+
+
+def test_frechet_distance_refuses_non_finite_statistics_at_once():
+    """scipy's sqrtm spun forever on a NaN covariance of 128 dimensions (a float WAV holding one inf sample made
+    evaluation hang): non-finite statistics raise before it is called."""
+    x = np.random.default_rng(0).standard_normal((300, 128))
+    y = x.copy()
+    y[5, 7] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        frechet_distance(x, y)

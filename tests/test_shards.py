@@ -235,15 +235,36 @@ def test_readers_select_the_split_and_the_ids(tmp_path, spec):
 
 
 def test_readers_name_the_broken_shard(tmp_path, spec):
+    from shards.stream import record_path
+
     write_split(tmp_path, spec, {"test": ["t0", "t1"]}, max_samples=1)
     with pytest.raises(shards.ShardFormatError, match="meta.json: missing"):
         shards.read_split(tmp_path / "nowhere", "test")
     broken = shards.list_shards(tmp_path)[1]
-    broken.write_bytes(broken.read_bytes()[:700])  # cut inside the first member's data
+    broken.write_bytes(broken.read_bytes()[:700])  # cut inside the first member's data: its record says so
+    with pytest.raises(shards.ShardFormatError, match=rf"{broken.name}: shard has 700 bytes, its record says"):
+        shards.read_split(tmp_path, "test")
+    record_path(broken).unlink()  # a folder from before shard records: the tar reader's own error
     with pytest.raises(shards.ShardFormatError, match=rf"{broken.name}: unreadable shard"):
         shards.read_split(tmp_path, "test")
     _tar_with(broken, {"t1.json": b"[1, 2]"})
     with pytest.raises(shards.ShardFormatError, match=rf"{broken.name}: .*not an object"):
+        shards.read_split(tmp_path, "test")
+
+
+def test_a_shard_cut_at_a_samples_end_is_not_read_as_a_shorter_one(tmp_path, spec):
+    """Cut exactly where a sample ends, a shard reads as a whole tar archive of fewer samples: evaluation scored
+    the split on the clips left, with exit 0. Every reader checks the shard against its record."""
+    import tarfile
+
+    write_split(tmp_path, spec, {"test": ["t0", "t1", "t2"]}, max_samples=3)
+    shard = shards.list_shards(tmp_path)[0]
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    first = [m for m in members if m.name.startswith("t0.")][-1]
+    end = first.offset_data + -(-first.size // 512) * 512  # where the first sample's last member ends
+    shard.write_bytes(shard.read_bytes()[:end])
+    with pytest.raises(shards.ShardFormatError, match=rf"{shard.name}: shard has {end} bytes, its record says"):
         shards.read_split(tmp_path, "test")
 
 
@@ -598,3 +619,33 @@ def test_double_underscore_members_are_refused_reader_fields_are_not(tmp_path, s
     assert shards.decode_sample(raw | {"__key__": "a", "__url__": "u"})["__key__"] == "a"
     with pytest.raises(shards.ShardFormatError, match="unknown member '__local_path__'"):
         shards.decode_sample(raw | {"__local_path__": "x"})
+
+
+def test_damaged_meta_json_jsonl_and_json_members_are_one_line(tmp_path, spec, caplog):
+    """meta.json that is not an object, or whose spec has sizes of the wrong type; a .jsonl line that is JSON but
+    not an object; a json member nested too deep or with an integer of too many digits: each ShardFormatError (or
+    a skipped line with a warning), never a TypeError, AttributeError, RecursionError or a nonsense comparison."""
+    write_split(tmp_path, spec, {"train": ["a"]})
+    meta_file = tmp_path / shards.META_FILE
+    meta = json.loads(meta_file.read_text())
+    for bad, reason in (([1, 2], "not a JSON object"), ({**meta, "spec": [1]}, "not a JSON object"),
+                        ({**meta, "spec": {**meta["spec"], "num_frames": "20"}}, "num_frames must be a positive integer"),
+                        ({**meta, "spec": {**meta["spec"], "window_seconds": float("nan")}}, "window_seconds must be"),
+                        ({**meta, "spec": {**meta["spec"], "sample_rate": 0}}, "sample_rate must be a positive integer")):
+        meta_file.write_text(json.dumps(bad))
+        with pytest.raises(shards.ShardFormatError, match=reason):
+            shards.read_spec(tmp_path)
+    meta_file.write_text("\u00e9t\u00e9".encode("latin-1").decode("latin-1"), encoding="latin-1")
+    with pytest.raises(shards.ShardFormatError, match="meta.json: unreadable"):
+        shards.read_meta(tmp_path)
+
+    lines = tmp_path / "failures.jsonl"
+    lines.write_text('{"id": "x", "stage": "decode"}\n[1, 2]\n"t0"\n{torn\n')
+    with caplog.at_level("WARNING"):
+        assert shards.read_jsonl(lines) == [{"id": "x", "stage": "decode"}]
+    assert "failures.jsonl:2: not a JSON object" in caplog.text
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for data, reason in ((deep, "RecursionError"), (b'{"id": ' + b"9" * 5000 + b"}", "ValueError")):
+        with pytest.raises(shards.ShardFormatError, match=f"json member is not JSON \\({reason}"):
+            shards.schema._decode_member("json", data, spec)
