@@ -282,8 +282,10 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], pa
     (other mel edges, window or rate) and is refused.
     """
     own = model.state_dict()
-    for key, value in state.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    learnt = {name for name, _ in model.named_parameters()}
+    for key, value in state.items():  # NaN anywhere; infinity in a learnt tensor (a buffer may be a -inf mask)
+        if value.is_floating_point() and (bool(torch.isnan(value).any())
+                                          or (key in learnt and not bool(torch.isfinite(value).all()))):
             raise ValueError(f"{path}: {key} holds NaN or infinity (a damaged checkpoint)")
     for key in fixed_keys:
         if key in state and state[key].shape == own[key].shape:
