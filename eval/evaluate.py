@@ -59,7 +59,6 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         raise EvalError(str(error)) from None
     out_dir = config.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
 
     # 1. the clips
     try:
@@ -70,7 +69,14 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     clips = evaluation_clips(config, in_shard_order)
     if not clips:
         raise EvalError(f"{config.shards}: no clip of split {config.split!r}")
-    write_clip_ids(out_dir, clips)  # before generating: another run can take the same clips (--clip-ids)
+
+    def record_run() -> None:
+        """config.json and clip_ids.txt, once this run is known to go ahead (a run refused for its settings must
+        not replace an earlier run's list, which other systems are scored on with --clip-ids); before generating,
+        so that another run can take the same clips meanwhile."""
+        (out_dir / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
+        write_clip_ids(out_dir, clips)
+
     # before generating: a bad checkpoint fails fast, a missing one is said now (its metrics will be null)
     needed: set[str] = {m.embedder for m in selected if m.embedder is not None}
     embedders = load_embedders(config, needed, torch.device("cpu"))  # on the device after generating
@@ -78,9 +84,11 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         log.warning("warning: %s", reason)
 
     # 2. generation (or the WAVs already there, with their manifest)
-    generation = generate(config, clips, progress) if config.generate else {}
+    generation = generate(config, clips, progress, claimed=record_run) if config.generate else {}
     manifest = generation["manifest"] if config.generate else read_manifest(out_dir)
     notes = manifest_notes(config, manifest)
+    if not config.generate:
+        record_run()
     failures = standing_failures(out_dir, clips)
     failures += missing_wav_failures(out_dir, clips, failures, config.generate)
     missing_wavs = sum(not wav_path(out_dir, c.id).exists() for c in clips)

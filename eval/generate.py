@@ -31,7 +31,7 @@ import json
 import os
 import time
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -238,11 +238,13 @@ def claim_wav_dir(out_dir: Path, manifest: dict[str, Any]) -> None:
         os.replace(tmp, wav_dir / MANIFEST_FILE)
 
 
-def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool = True) -> dict[str, Any]:
+def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool = True,
+             claimed: Callable[[], None] | None = None) -> dict[str, Any]:
     """Write <output>/wav/<id>.wav for every clip that has none yet, after checking (or writing) the folder's
-    manifest. Returns {"manifest": the settings of the folder's WAVs, "written": WAVs written by this call,
-    "speed": the sampling batch (measured on CUDA with --sampling-batch 0: `measure_sampling_batch`), whether CUDA
-    graphs replay the sampler step, the device}.
+    manifest; `claimed` is called once the folder is known to take this run's WAVs, before any is generated.
+    Returns {"manifest": the settings of the folder's WAVs, "written": WAVs written by this call, "speed": the
+    sampling batch (measured on CUDA with --sampling-batch 0: `measure_sampling_batch`), whether CUDA graphs
+    replay the sampler step, the device}.
 
     Clips whose audio comes out non-finite are recorded in <output>/generation_failures.jsonl, not written.
     """
@@ -267,6 +269,8 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
     check_decoder_checkpoint(config.shards, decoder.checksum, weights)
     manifest = generation_manifest(config, train_config, decoder, spec, precision_name(precision))
     claim_wav_dir(out_dir, manifest)
+    if claimed is not None:
+        claimed()
     graphs = config.cuda_graphs and device.type == "cuda" and not config.compile
     speed: dict[str, Any] = {"sampling_batch": config.sampling_batch or config.batch_size, "cuda_graphs": graphs,
                              "device": str(device)}

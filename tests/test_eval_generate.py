@@ -486,3 +486,18 @@ def test_wavs_ids_and_manifests_that_would_mislead_are_refused(tmp_path):
     (tmp_path / "wav" / MANIFEST_FILE).write_text("[1, 2]")
     with pytest.raises(EvalError, match=r"manifest\.json: unreadable \(not a JSON object\)"):
         read_manifest(tmp_path)
+
+
+def test_a_run_refused_for_its_settings_leaves_the_earlier_runs_files(tiny_run, tmp_path):
+    """clip_ids.txt (the list other systems are scored on with --clip-ids) and config.json were written before the
+    WAV folder's settings were checked: a refused run replaced an earlier run's list with its own."""
+    from eval.clips import CLIP_IDS_FILE
+    from eval.evaluate import CONFIG_FILE
+
+    out = tmp_path / "out"
+    evaluate(config_for(tiny_run, out, metrics="fd", figure_clips=0, av_align=False), progress=False)
+    before = {name: (out / name).read_text() for name in (CLIP_IDS_FILE, CONFIG_FILE)}
+    with pytest.raises(EvalError, match="generated with other settings"):
+        evaluate(config_for(tiny_run, out, metrics="fd", figure_clips=0, av_align=False, max_clips=2, steps=3),
+                 progress=False)
+    assert {name: (out / name).read_text() for name in before} == before
