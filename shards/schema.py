@@ -86,14 +86,22 @@ class SampleMeta:
         if missing:
             raise ShardFormatError(f"{clip_id}: json lacks {', '.join(missing)}")
         try:
-            return cls(id=_typed(data, "id", str), caption=_typed(data, "caption", str), label=_typed(data, "label", str),
-                       split=_typed(data, "split", str), duration=float(_typed(data, "duration", (int, float))),
-                       valid_frames=_typed(data, "valid_frames", int),
-                       nouns=tuple(_typed(n, "nouns", str) for n in _typed(data, "nouns", list)),
-                       source=_typed(data, "source", str), start=float(_typed(data, "start", (int, float), 0.0)),
-                       silent=_typed(data, "silent", bool, False))
+            fields = dict(id=_typed(data, "id", str), caption=_typed(data, "caption", str), label=_typed(data, "label", str),
+                          split=_typed(data, "split", str), duration=float(_typed(data, "duration", (int, float))),
+                          valid_frames=_typed(data, "valid_frames", int),
+                          nouns=tuple(_typed(n, "nouns", str) for n in _typed(data, "nouns", list)),
+                          source=_typed(data, "source", str), start=float(_typed(data, "start", (int, float), 0.0)),
+                          silent=_typed(data, "silent", bool, False))
         except TypeError as error:
             raise ShardFormatError(f"{clip_id}: json {error}") from None
+        meta = cls(**fields)
+        if not meta.id or any(ord(c) < 32 or ord(c) == 127 for c in meta.id):
+            raise ShardFormatError(f"{meta.id!r}: json id must be non-empty, without control characters (it names files)")
+        for name in ("duration", "start"):
+            value = getattr(meta, name)
+            if not math.isfinite(value) or value < 0:
+                raise ShardFormatError(f"{meta.id}: json {name} must be a finite number of seconds >= 0, got {value!r}")
+        return meta
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"nouns": list(self.nouns)}

@@ -649,3 +649,16 @@ def test_damaged_meta_json_jsonl_and_json_members_are_one_line(tmp_path, spec, c
     for data, reason in ((deep, "RecursionError"), (b'{"id": ' + b"9" * 5000 + b"}", "ValueError")):
         with pytest.raises(shards.ShardFormatError, match=f"json member is not JSON \\({reason}"):
             shards.schema._decode_member("json", data, spec)
+
+
+def test_sample_json_values_that_would_break_their_readers_are_refused():
+    """A NaN duration ended evaluation in a traceback, a negative one wrote a short WAV silently, and an id with a
+    newline split clip_ids.txt into two lines; the writer checks the same rules, so stage one never writes them."""
+    good = {"id": "a", "caption": "", "label": "", "split": "test", "duration": 2.0, "valid_frames": 1, "nouns": [],
+            "source": "a.mp4"}
+    assert shards.SampleMeta.from_json(good).duration == 2.0
+    for change, reason in (({"duration": float("nan")}, "duration must be a finite"), ({"duration": -1}, "duration must"),
+                           ({"start": float("inf")}, "start must be a finite"), ({"id": "a\nb"}, "control characters"),
+                           ({"id": "nul\x00"}, "control characters"), ({"id": ""}, "non-empty")):
+        with pytest.raises(shards.ShardFormatError, match=reason):
+            shards.SampleMeta.from_json({**good, **change})
