@@ -25,6 +25,8 @@ results.json.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -304,7 +306,17 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
                 continue
             if config.peak > 0 and np.abs(wave).max() > 0:
                 wave = wave * (config.peak / np.abs(wave).max())
-            write_wav(wav_path(out_dir, clip_id), wave, decoder.sample_rate)
+            target = wav_path(out_dir, clip_id)
+            try:
+                write_wav(target, wave, decoder.sample_rate)
+            except OSError as error:  # e.g. an id too long for a file name: this clip fails, the others go on
+                with contextlib.suppress(OSError):
+                    target.with_name(target.name + ".tmp").unlink(missing_ok=True)
+                if error.errno == errno.ENOSPC:
+                    raise EvalError(f"{target}: cannot write ({error.strerror})") from None
+                shards.append_jsonl(failures_path, {"id": clip_id, "stage": "generate",
+                                                    "reason": f"cannot write {target.name} ({error.strerror or error})"})
+                continue
             info["written"] += 1
         bar.update(len(batch))
         batch.clear()

@@ -501,3 +501,32 @@ def test_a_run_refused_for_its_settings_leaves_the_earlier_runs_files(tiny_run, 
         evaluate(config_for(tiny_run, out, metrics="fd", figure_clips=0, av_align=False, max_clips=2, steps=3),
                  progress=False)
     assert {name: (out / name).read_text() for name in before} == before
+
+
+def test_a_wav_that_cannot_be_written_fails_its_clip_only(tiny_run, tmp_path, monkeypatch):
+    """An id too long for a file name (or any refusal of one file) was a traceback that ended the run; now that clip
+    is a 'generate' failure and the others are written. A full disk still stops the run, in one line."""
+    import errno
+
+    real = eval_generate.write_wav
+    clips = select_clips(read_split(tiny_run[0], "test"), 0)
+    victim = clips[0].id
+
+    def refusing(path, waveform, rate):
+        if path.stem == victim:
+            raise OSError(errno.ENAMETOOLONG, "File name too long", str(path))
+        real(path, waveform, rate)
+
+    monkeypatch.setattr(eval_generate, "write_wav", refusing)
+    out = tmp_path / "a"
+    generate(config_for(tiny_run, out), clips, progress=False)
+    assert not wav_path(out, victim).exists() and all(wav_path(out, c.id).exists() for c in clips[1:])
+    failures = shards.read_jsonl(out / "generation_failures.jsonl")
+    assert failures == [{"id": victim, "stage": "generate", "reason": f"cannot write {victim}.wav (File name too long)"}]
+
+    def full(path, waveform, rate):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(eval_generate, "write_wav", full)
+    with pytest.raises(EvalError, match="No space left on device"):
+        generate(config_for(tiny_run, tmp_path / "b"), clips, progress=False)
