@@ -112,13 +112,28 @@ def _json_safe(value: Any) -> Any:
 
 
 def load_results(folder: str | Path) -> dict[str, Any]:
+    """<folder>/results.json, checked to be what `eval table` and the listening test read: an object whose metric
+    values are measurements (numbers, null, or the summaries per-clip metrics write) and whose counts, protocol
+    and null_reasons are objects; ValueError naming the file otherwise, FileNotFoundError when it is absent."""
     path = Path(folder) / RESULTS_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        results = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing (run `python -m eval` for that run first)") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    except (OSError, ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, a directory
+        raise ValueError(f"{path}: not readable as JSON ({type(error).__name__}: {error})") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    for key in ("counts", "protocol", "null_reasons"):
+        if not isinstance(results.get(key, {}), dict):
+            raise ValueError(f"{path}: {key} is not an object")
+    for name, metric in BY_NAME.items():
+        if name in results:
+            try:
+                metric.cell(results[name])
+            except (TypeError, ValueError, AttributeError, KeyError):
+                raise ValueError(f"{path}: {name} is not a measurement ({str(results[name])[:60]!r})") from None
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------------

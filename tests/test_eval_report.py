@@ -411,3 +411,28 @@ def test_video_metrics_sharing_a_compute_measure_once(tmp_path):
     assert calls == [1]  # one optical flow for both AV-Align rules
     off = config.replace(av_align=False)
     assert video_score(second, off, [], [], False, {}) == {"skipped": "turned off (--no-av-align)"}
+
+
+def test_damaged_results_json_is_one_line_naming_it(tmp_path, capsys):
+    """results.json that is JSON of the wrong shape (a list, a metric that is not a measurement, counts that are not
+    an object) or not UTF-8: `eval table` said so in a traceback, or in a line naming no file."""
+    from eval.listen.study import load_run
+    from eval.report import load_results
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    path = folder / "results.json"
+    for content, reason in (("[1, 2]", "not a JSON object"), ('{"fd": {"x": 1}}', "fd is not a measurement"),
+                            ('{"fd": "abc"}', "fd is not a measurement"), ('{"counts": []}', "counts is not an object"),
+                            ('{"av_align": "high"}', "av_align is not a measurement")):
+        path.write_text(content)
+        with pytest.raises(ValueError, match=rf"results\.json: {reason}"):
+            load_results(folder)
+        assert eval_main(["table", str(folder)]) == 2
+        assert f"{path}: {reason}" in capsys.readouterr().err
+    path.write_bytes('{"fd": 1.0}'.encode("utf-16"))
+    with pytest.raises(ValueError, match=r"results\.json: not readable as JSON"):
+        load_results(folder)
+    path.write_text('{"shards": "s", "split": "test", "clips": 3}')
+    with pytest.raises(ValueError, match=r"results\.json: clips is not a list of clip ids"):
+        load_run(folder)

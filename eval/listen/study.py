@@ -89,11 +89,15 @@ def load_run(directory: str | os.PathLike[str]) -> Run:
         raise FileNotFoundError(f"{results_path}: missing (not an evaluation run folder written by `make eval`?)")
     try:
         results = json.loads(results_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (OSError, ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{results_path}: not valid JSON ({error})") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{results_path}: not a JSON object")
     missing = [k for k in ("shards", "split", "clips") if k not in results]
     if missing:
         raise ValueError(f"{results_path}: lacks {', '.join(missing)}")
+    if not isinstance(results["clips"], list) or not all(isinstance(c, str) for c in results["clips"]):
+        raise ValueError(f"{results_path}: clips is not a list of clip ids")
     name = str(results.get("run_name") or directory.resolve().name)
     if name == GROUND_TRUTH:
         raise ValueError(f"{results_path}: run_name {name!r} is reserved for the ground truth")
