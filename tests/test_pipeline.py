@@ -343,7 +343,7 @@ def test_a_bad_rank_variable_is_one_line(odd_media, tmp_path, capsys, monkeypatc
     assert capsys.readouterr().err.strip() == "error: environment variable RANK='zero' is not a whole number"
 
 
-def test_bad_failure_lines_and_an_empty_shard_are_reported_not_fatal(five_clips, tmp_path, capsys):
+def test_bad_failure_lines_and_an_empty_shard_are_reported_not_fatal(five_clips, tmp_path, capsys, caplog):
     out = tmp_path / "shards"
     args = ["--videos", str(five_clips), "--out", str(out), "--shard-max-samples", "2", *FAST]
     assert features_main([*args, "--limit", "2"]) == 0
@@ -356,7 +356,8 @@ def test_bad_failure_lines_and_an_empty_shard_are_reported_not_fatal(five_clips,
     assert features_main(args) == 0
     err = capsys.readouterr().err
     assert "train-007-000000.tar: unreadable shard (empty file); its clips are not counted as done" in err
-    assert err.count("failures.jsonl: skipped a line without a clip id") == 3 and "Traceback" not in err
+    assert err.count("failures.jsonl: skipped a line without a clip id") == 2 and "Traceback" not in err
+    assert "failures.jsonl:2: not a JSON object; skipped" in caplog.text  # the reader's own warning
     readable = [p for p in shards.list_shards(out) if p.name != "train-007-000000.tar"]
     ids = [s["json"]["id"] for s in shards.iterate_samples(readable)]
     assert sorted(ids) == [f"clip{i}" for i in range(5)]  # each clip once
