@@ -39,6 +39,9 @@ class EvalError(RuntimeError):
     """Unusable evaluation input (run folder, shards, weights): one line naming the file and the reason."""
 
 
+MAX_NAME_BYTES = 255  # a file name's limit on Linux, macOS and Windows file systems
+
+
 def wav_path(out_dir: Path, clip_id: str) -> Path:
     """<out>/wav/<clip id>.wav ('/' in an id would nest folders: replaced by '_')."""
     return out_dir / WAV_DIR / (clip_id.replace("/", "_") + ".wav")
@@ -91,6 +94,9 @@ def sorted_unique(clips: list[shards.SampleMeta]) -> list[shards.SampleMeta]:
     named: dict[str, str] = {}
     for clip in ordered:
         name = wav_path(Path(), clip.id).name
+        if len((name + ".tmp").encode()) > MAX_NAME_BYTES:  # the WAV is written as <name>.tmp, then renamed
+            raise EvalError(f"clip id {clip.id[:40]!r}... is too long to name its WAV ({len(name.encode())} bytes; "
+                            f"at most {MAX_NAME_BYTES - 4} with .tmp)")
         if name in named:
             raise EvalError(f"clip ids {named[name]!r} and {clip.id!r} would share one WAV ({name}): rename one of them")
         named[name] = clip.id

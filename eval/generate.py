@@ -312,7 +312,7 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
             except OSError as error:  # e.g. an id too long for a file name: this clip fails, the others go on
                 with contextlib.suppress(OSError):
                     target.with_name(target.name + ".tmp").unlink(missing_ok=True)
-                if error.errno == errno.ENOSPC:
+                if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # no other WAV would be written
                     raise EvalError(f"{target}: cannot write ({error.strerror})") from None
                 shards.append_jsonl(failures_path, {"id": clip_id, "stage": "generate",
                                                     "reason": f"cannot write {target.name} ({error.strerror or error})"})

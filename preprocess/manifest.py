@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards import ShardFormatError, sample_key
+from shards import ShardFormatError, id_problem, sample_key
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts",
                   ".3gp", ".ogv", ".wmv")
@@ -196,6 +196,9 @@ def check_sample_keys(clips: list[Clip], source: object) -> None:
     not a clash. `source` names the manifest in the message."""
     first_id: dict[str, str] = {}
     for clip in clips:
+        problem = id_problem(clip.id)
+        if problem:
+            raise ManifestError(f"{source}: clip id {clip.id!r} {problem}; rename the video (or the manifest's id)")
         try:
             key = sample_key(clip.id)
         except ShardFormatError:

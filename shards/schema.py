@@ -95,8 +95,9 @@ class SampleMeta:
         except TypeError as error:
             raise ShardFormatError(f"{clip_id}: json {error}") from None
         meta = cls(**fields)
-        if not meta.id or any(ord(c) < 32 or ord(c) == 127 for c in meta.id):
-            raise ShardFormatError(f"{meta.id!r}: json id must be non-empty, without control characters (it names files)")
+        problem = id_problem(meta.id)
+        if problem:
+            raise ShardFormatError(f"{meta.id!r}: json id {problem}")
         for name in ("duration", "start"):
             value = getattr(meta, name)
             if not math.isfinite(value) or value < 0:
@@ -181,6 +182,19 @@ class ShardSpec:
             "latent_std.npy": self.latent_shape,
         }
         return {k: shapes[k] for k in self.array_keys}
+
+
+def id_problem(clip_id: str) -> str | None:
+    """Why `clip_id` cannot name a clip (None: it can). Ids name files and lines of files (a WAV per clip,
+    clip_ids.txt, JSON-lines records): an id must be non-empty, hold no character that ends a line (\n, \r, \x85,
+    \u2028...) and no NUL, and not begin or end with white space (a line is stripped when read back)."""
+    if not clip_id:
+        return "is empty"
+    if "\x00" in clip_id or any(len(f"x{c}x".splitlines()) > 1 for c in clip_id):
+        return "holds a line break or a NUL (ids name files and lines)"
+    if clip_id != clip_id.strip():
+        return "begins or ends with white space"
+    return None
 
 
 def sample_key(clip_id: str) -> str:

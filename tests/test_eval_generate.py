@@ -482,6 +482,9 @@ def test_wavs_ids_and_manifests_that_would_mislead_are_refused(tmp_path):
             read_wav(wav)
     with pytest.raises(EvalError, match=r"clip ids 'a/b' and 'a_b' would share one WAV \(a_b\.wav\)"):
         sorted_unique(metas(["a_b", "a/b", "c"]))
+    with pytest.raises(EvalError, match=r"is too long to name its WAV \(304 bytes; at most 251 with \.tmp\)"):
+        sorted_unique(metas(["x" * 300]))  # Path.exists() raised 'File name too long' before any check
+    assert len(sorted_unique(metas(["x" * 243]))) == 1
     (tmp_path / "wav").mkdir()
     (tmp_path / "wav" / MANIFEST_FILE).write_text("[1, 2]")
     with pytest.raises(EvalError, match=r"manifest\.json: unreadable \(not a JSON object\)"):

@@ -658,7 +658,14 @@ def test_sample_json_values_that_would_break_their_readers_are_refused():
             "source": "a.mp4"}
     assert shards.SampleMeta.from_json(good).duration == 2.0
     for change, reason in (({"duration": float("nan")}, "duration must be a finite"), ({"duration": -1}, "duration must"),
-                           ({"start": float("inf")}, "start must be a finite"), ({"id": "a\nb"}, "control characters"),
-                           ({"id": "nul\x00"}, "control characters"), ({"id": ""}, "non-empty")):
+                           ({"start": float("inf")}, "start must be a finite"), ({"id": "a\nb"}, "line break"),
+                           ({"id": "a\x85b"}, "line break"), ({"id": "a\u2028b"}, "line break"),
+                           ({"id": "nul\x00"}, "NUL"), ({"id": " x"}, "white space"), ({"id": ""}, "is empty")):
         with pytest.raises(shards.ShardFormatError, match=reason):
             shards.SampleMeta.from_json({**good, **change})
+    assert shards.SampleMeta.from_json({**good, "id": "a\tb c"}).id == "a\tb c"  # inner white space is fine
+
+    from preprocess.manifest import Clip, ManifestError, check_sample_keys
+
+    with pytest.raises(ManifestError, match=r"videos/: clip id 'a\\u2028b' holds a line break"):
+        check_sample_keys([Clip("a\u2028b", None, 0.0, "", "", "train")], "videos/")

@@ -772,12 +772,15 @@ def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cp
         spec = ShardSpec.from_dict(resolved["spec"])
     except FileNotFoundError:
         raise FileNotFoundError(f"{config_path}: missing (has the run saved a checkpoint yet?)") from None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:  # JSONDecodeError is a ValueError
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:  # JSONDecodeError too
         raise ValueError(f"{config_path}: unreadable ({one_line(error)})") from None
     # the file's tensor names and shapes against the model's, before the model takes memory: a config with
     # absurd sizes, or weights of another model, is refused here
-    with torch.device("meta"):
-        shell = VTASAM(config, spec)
+    try:
+        with torch.device("meta"):
+            shell = VTASAM(config, spec)
+    except (ValueError, TypeError) as error:  # sizes the UNet cannot be built with (e.g. not divisible by its groups)
+        raise ValueError(f"{config_path}: describes no buildable model ({one_line(error)})") from None
     expected = {name: tuple(tensor.shape) for name, tensor in shell.state_dict().items()}
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
