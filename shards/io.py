@@ -214,10 +214,14 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 def read_spec(directory: str | os.PathLike[str]) -> ShardSpec:
     meta = read_meta(directory)
+    if "spec" not in meta:
+        raise ShardFormatError(f"{Path(directory) / META_FILE}: no 'spec' (not written by stage one?)")
     try:
         return ShardSpec.from_dict(meta["spec"])
     except ShardFormatError as error:
         raise ShardFormatError(f"{Path(directory) / META_FILE}: {error}") from None
+    except TypeError as error:  # a field missing from the spec
+        raise ShardFormatError(f"{Path(directory) / META_FILE}: spec {error}") from None
 
 
 def iterate_samples(paths: list[Path] | list[str], spec: ShardSpec | None = None) -> Iterator[dict[str, Any]]:

@@ -631,7 +631,9 @@ def test_damaged_meta_json_jsonl_and_json_members_are_one_line(tmp_path, spec, c
     for bad, reason in (([1, 2], "not a JSON object"), ({**meta, "spec": [1]}, "not a JSON object"),
                         ({**meta, "spec": {**meta["spec"], "num_frames": "20"}}, "num_frames must be a positive integer"),
                         ({**meta, "spec": {**meta["spec"], "window_seconds": float("nan")}}, "window_seconds must be"),
-                        ({**meta, "spec": {**meta["spec"], "sample_rate": 0}}, "sample_rate must be a positive integer")):
+                        ({**meta, "spec": {**meta["spec"], "sample_rate": 0}}, "sample_rate must be a positive integer"),
+                        ({k: v for k, v in meta.items() if k != "spec"}, "no 'spec'"),
+                        ({**meta, "spec": {"schema_version": meta["spec"]["schema_version"]}}, "missing .* required")):
         meta_file.write_text(json.dumps(bad))
         with pytest.raises(shards.ShardFormatError, match=reason):
             shards.read_spec(tmp_path)
