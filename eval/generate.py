@@ -93,9 +93,7 @@ def load_decoder(cfg: AudioModelConfig, weights_dir: Path | None, device: torch.
 def check_decoder_checkpoint(folder: str | Path, checksum: str, weights: Path | None) -> None:
     """EvalError unless the VAE loaded here is the one whose latents the shards hold (meta.json's
     models.vae.checksum): another AudioLDM VAE of the same shapes would decode them into other audio, silently."""
-    entry = shards.read_meta(folder).get("models", {})
-    entry = entry.get("vae") if isinstance(entry, dict) else None
-    want = entry.get("checksum") if isinstance(entry, dict) else None
+    want = shards.recorded_model(shards.read_meta(folder), "vae").get("checksum")
     if want is not None and want != checksum:
         where = f"the weights in {weights}" if weights is not None else "the random-init VAE"
         raise EvalError(f"{Path(folder) / shards.META_FILE}: the latents were made by VAE checkpoint {str(want)[:12]}..., "

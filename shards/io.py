@@ -212,6 +212,14 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
+def recorded_model(meta: dict[str, Any], name: str) -> dict[str, Any]:
+    """meta.json's record of model `name` ("models": {"clip" | "grounding" | "vae": {"checksum", ...}}); {} when
+    the folder records none (older folders) or records it in another shape."""
+    models = meta.get("models")
+    entry = models.get(name) if isinstance(models, dict) else None
+    return entry if isinstance(entry, dict) else {}
+
+
 def read_spec(directory: str | os.PathLike[str]) -> ShardSpec:
     meta = read_meta(directory)
     if "spec" not in meta:

@@ -155,10 +155,9 @@ def check_scaling_factor(config: TrainConfig, meta_path: Path) -> None:
     """The run's vae_scaling_factor is the one of the VAE that encoded the shards (meta.json: models.vae.scaling_factor),
     unless that VAE had random weights (config.random_init): the tiny preset scales those latents on purpose."""
     meta = shards.read_meta(meta_path.parent)  # an object, or ShardFormatError naming the file
-    config_part, models = meta.get("config"), meta.get("models")
-    vae = models.get("vae") if isinstance(models, dict) else None
+    config_part = meta.get("config")
     random_init = config_part.get("random_init") if isinstance(config_part, dict) else None
-    factor = vae.get("scaling_factor") if isinstance(vae, dict) else None
+    factor = shards.recorded_model(meta, "vae").get("scaling_factor")
     if random_init is not False or factor is None:
         return  # random VAE weights, or a folder that does not say which VAE it used
     if not isinstance(factor, (int, float)):

@@ -162,22 +162,20 @@ def features_meta(run: Path, train_config: Any) -> tuple[Path, dict[str, Any]]:
     raise GenerateError(f"{run}: cannot find the stage-one configuration (model/features.json or the shards' meta.json)")
 
 
-def feature_config(run: Path, train_config: Any) -> FeatureConfig:
-    """The stage-one config the model was trained on (`features_meta`)."""
-    path, meta = features_meta(run, train_config)
+def feature_config(path: Path, meta: dict[str, Any]) -> FeatureConfig:
+    """The stage-one config of a `features_meta` (read from `path`)."""
     try:
         return FeatureConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as error:
         raise GenerateError(f"{path}: unreadable config ({error})") from None
 
 
-def check_checkpoints(recorded: dict[str, Any], found: dict[str, str], source: Path, weights: Path | None) -> None:
+def check_checkpoints(meta: dict[str, Any], found: dict[str, str], source: Path, weights: Path | None) -> None:
     """GenerateError unless each model checksum stage one recorded (`meta.json`'s models) is the one loaded here:
     another CLIP, Grounding DINO/SAM or VAE of the same shapes would load and give the model conditions (or
     latents decoded) unlike those it was trained on, with no error anywhere else."""
     for name, checksum in found.items():
-        entry = recorded.get(name)
-        want = entry.get("checksum") if isinstance(entry, dict) else None
+        want = shards.recorded_model(meta, name).get("checksum")
         if want is not None and want != checksum:
             where = f"the weights in {weights}" if weights is not None else "this run's random-init models"
             raise GenerateError(f"{source}: the model was trained on {name} features of checkpoint {str(want)[:12]}..., "
@@ -244,7 +242,8 @@ class SoundGenerator:
             raise GenerateError(f"{error} (train a model first: make train)") from None
         except ValueError as error:  # a damaged run folder: one line naming the file
             raise GenerateError(str(error)) from None
-        self.features = feature_config(Path(options.model), self.train_config).replace(device=options.device)
+        source, meta = features_meta(Path(options.model), self.train_config)
+        self.features = feature_config(source, meta).replace(device=options.device)
         device = resolve_device(self.features.device)
         try:
             self.precision = resolve_precision(options.precision, device)
@@ -271,10 +270,7 @@ class SoundGenerator:
             self.decoder = Decoder(self.features.audio_models(), weights, device, self.train_config.vae_scaling_factor)
         except (FileNotFoundError, ValueError, OSError) as error:
             raise GenerateError(str(error).splitlines()[0]) from None
-        source, meta = features_meta(Path(options.model), self.train_config)
-        models = meta.get("models")
-        recorded: dict[str, Any] = models if isinstance(models, dict) else {}
-        check_checkpoints(recorded, {**self.encoders.checksums, "vae": self.decoder.checksum}, source, weights)
+        check_checkpoints(meta, {**self.encoders.checksums, "vae": self.decoder.checksum}, source, weights)
         self.nouns = NounCache(self.features.tagger, self.features.max_nouns)
         self.vocabulary = vocabulary(self.features.tagger)
         self._vocabulary_embeddings: torch.Tensor | None = None  # (V, D) CLIP text embeddings, computed on first use
