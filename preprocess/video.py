@@ -187,14 +187,24 @@ def _read_header(path: Path) -> _Header | None:
     return header
 
 
+def _quarter_turns(frame: av.VideoFrame) -> int:
+    """Counter-clockwise quarter turns (0-3) of a decoded frame's display matrix."""
+    return round(frame.rotation / 90) % 4
+
+
+def _first_quarter_turns(container: av.container.InputContainer, stream: Any) -> int:
+    """`_quarter_turns` of the stream's first frame (the display matrix comes with the decoded frames, not the
+    header); 0 when no frame decodes. av.FFmpegError when the demuxer fails."""
+    frame = next(decoded_frames(container, stream, []), None)
+    return 0 if frame is None else _quarter_turns(frame)
+
+
 def _quarter_turned(container: av.container.InputContainer, stream: Any) -> bool:
-    """Whether the first frame's display matrix turns it by 90 or 270 degrees (the matrix comes with the decoded
-    frames, not the header); False when no frame decodes."""
+    """Whether the first frame is displayed turned by 90 or 270 degrees; False when it cannot be decoded."""
     try:
-        frame = next(decoded_frames(container, stream, []), None)
+        return _first_quarter_turns(container, stream) % 2 == 1
     except av.FFmpegError:
         return False
-    return frame is not None and round(frame.rotation / 90) % 2 == 1
 
 
 DECORD_CHUNK = 4  # frames decord hands over at a time, resized before the next: 4K frames are 25 MB each
@@ -255,7 +265,7 @@ def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, s
 def _rgb(frame: av.VideoFrame) -> np.ndarray:
     """The frame as displayed: RGB, rotated by its display matrix (counter-clockwise degrees, as decord does)."""
     image = frame.to_ndarray(format="rgb24")
-    quarter_turns = round(frame.rotation / 90) % 4
+    quarter_turns = _quarter_turns(frame)
     return np.rot90(image, k=quarter_turns) if quarter_turns else image
 
 
@@ -272,7 +282,7 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
             nonlocal size
             image = _rgb(frame)
             if size is None:
-                turns = round(frame.rotation / 90) % 4
+                turns = _quarter_turns(frame)
                 height, width = image.shape[:2]
                 size = _target_size(height, width, short_side, _stretch(aspect, turns))
             return _resize(image, size)
@@ -409,11 +419,8 @@ def probe_video(path: str | Path) -> dict[str, Any]:
             duration = _packets_end(path, stream.index) - start
             if duration <= 0 and container.duration is not None:
                 duration = (container.duration + (container.start_time or 0)) / av.time_base - start
-        rotation = 0
         try:
-            frame = next(decoded_frames(container, stream, []), None)
-            if frame is not None:
-                rotation = round(frame.rotation / 90) % 4 * 90
+            rotation = 90 * _first_quarter_turns(container, stream)
         except av.FFmpegError as error:
             raise VideoDecodeError(f"{path}: cannot be decoded ({pyav_reason(error)})") from None
         height, width = _target_size(stream.codec_context.height, stream.codec_context.width, 1 << 30,
