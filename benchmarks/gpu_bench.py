@@ -713,8 +713,6 @@ def grounding_profile(encoders: Any, batch: list[dict[str, Any]], nouns: list[li
     (the fastest of `repeats` calls), then the top kernels (CPU: ops) of one call under torch.profiler. "other" is
     the call's wall-clock minus its parts: the image processors, the post-processing and any time the GPU waited
     for the host."""
-    from torch.profiler import ProfilerActivity, profile
-
     from benchmarks import grounding_cost
 
     grounder = encoders.grounder
@@ -746,16 +744,12 @@ def grounding_profile(encoders: Any, batch: list[dict[str, Any]], nouns: list[li
     rows = [{"model": name, "part": part, "ms_per_frame": round(1000 * value / count, 3),
              "share": round(value / total, 4), "detail": part not in parts}
             for name, (_, parts) in models.items() for part, value in seconds[name].items()]
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
-        job()
-        synchronize(device)
+    kernels, kernels_time = profile_top(job, device, 15)
     return {"clips": len(batch), "frames": count, "nouns_per_clip": [len(n) for n in nouns],
             "timing": "GPU seconds between CUDA events" if device.type == "cuda" else "wall-clock seconds",
             "ms_per_frame": round(1000 * total / count, 3), "parts": rows,
             "other_ms_per_frame": round(1000 * max(0.0, total - parts_sum) / count, 3),
-            "top_kernels": top_ops(profiler.key_averages(), device, 15),
-            "top_kernels_time": "self device time (CUDA kernels)" if device.type == "cuda" else "self CPU time (ops)"}
+            "top_kernels": kernels, "top_kernels_time": kernels_time}
 
 
 # ----------------------------------------------------------------------------------- training
@@ -788,6 +782,19 @@ def top_ops(events: Any, device: torch.device, count: int = 10) -> list[dict[str
     rows.sort(key=lambda e: self_us[id(e)], reverse=True)
     return [{"name": e.key, "calls": e.count, "self_ms": round(self_us[id(e)] / 1000, 3),
              "share": round(self_us[id(e)] / total, 4) if total else None} for e in rows[:count]]
+
+
+def profile_top(job: Callable[[], Any], device: torch.device, count: int = 10) -> tuple[list[dict[str, Any]], str]:
+    """(`top_ops` of one call of `job` under torch.profiler, what their time is): CUDA kernels by self device time
+    on CUDA, ops by self CPU time on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        job()
+        synchronize(device)
+    what = "self device time (CUDA kernels)" if device.type == "cuda" else "self CPU time (ops)"
+    return top_ops(profiler.key_averages(), device, count), what
 
 
 def bench_training(preset: str, device: torch.device, root: Path, steps: int, deadline: Deadline,
@@ -915,14 +922,7 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
         return timed_steps(iter(lambda: big, None), few, batch_size=total, **options)
 
     # one step under torch.profiler: where its time goes
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as profiler:
-        step(big, optimizer)
-        synchronize(device)
-    out["profile"] = top_ops(profiler.key_averages(), device)
-    out["profile_time"] = "self device time (CUDA kernels)" if cuda else "self CPU time (ops)"
+    out["profile"], out["profile_time"] = profile_top(lambda: step(big, optimizer), device)
     out["profile_batch"] = total
 
     def mfu_pair(before_label: str, before: dict[str, Any], after_label: str, after: dict[str, Any],
@@ -1085,19 +1085,13 @@ def sampling_profile(out: dict[str, Any], sample: Callable[..., torch.Tensor], d
                      deadline: Deadline) -> dict[str, Any]:
     """The top kernels (CPU: ops) of two guided DDPM steps at evaluation's sampling batch (as measured above, else
     the largest of GENERATION_BATCHES), launched one by one (under a CUDA graph the profiler sees one launch)."""
-    from torch.profiler import ProfilerActivity, profile
-
     if deadline.left() < 15 and not EVERY_CHANGE["on"]:
         return {"skipped": f"budget: {deadline.left():.0f} s left"}
     probe = out.get("sampling_batch", {})
     batch = int(probe.get("sampling_batch") or GENERATION_BATCHES[-1]) if probe.get("status") == "ok" else GENERATION_BATCHES[-1]
     sample(batch, "ddpm", 1, graph=False)  # warm-up (cuDNN autotuning at this batch)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
-        sample(batch, "ddpm", 2, graph=False)
-        synchronize(device)
-    return {"batch": batch, "steps": 2, "top_kernels": top_ops(profiler.key_averages(), device, 15),
-            "time": "self device time (CUDA kernels)" if device.type == "cuda" else "self CPU time (ops)"}
+    kernels, what = profile_top(lambda: sample(batch, "ddpm", 2, graph=False), device, 15)
+    return {"batch": batch, "steps": 2, "top_kernels": kernels, "time": what}
 
 
 def release_graphs(model: Any) -> None:
