@@ -54,6 +54,10 @@ def sha256_dir(path: str | Path) -> str:
 
 
 def require_file(path: Path, what: str) -> Path:
+    """`path` if it is a file; a one-line error if it is absent or is something else (a folder)."""
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise FileNotFoundError(f"{what} at {path} is {kind}, not a checkpoint file: see the weights layout in README.md")
     if not path.is_file():
         raise missing_weights(path, what)
     return path
