@@ -44,6 +44,7 @@ from transformers import (
     SamModel,
     SamProcessor,
 )
+from transformers.image_transforms import get_size_with_aspect_ratio
 
 from common.devices import half_dtype
 from common.frozen import FrozenModule, chunks, random_init_checksum, seeded
@@ -467,16 +468,26 @@ class Grounder(_Batched, FrozenModule):
     sam_floor: SAM only refines scores d_tk >= sam_floor (`sam_refined`); the others keep iou 1.0, which changes
     no object embedding at an object threshold >= sam_floor, and cost no SAM work (a frame without such a score
     is not sent to SAM at all). 0 refines everything.
+
+    static_shapes: every pass gets one of a few input shapes, so that a compiled detector and SAM image encoder
+    (`compile_models`) build each once and never again: frames are padded (bottom and right, masked, as Grounding
+    DINO pads a batch of mixed sizes) to a fixed canvas, `image_size`'s short x long side turned to the frame's
+    orientation, and frames of the two orientations never share a pass; a pass's frame count is padded to a
+    multiple of a quarter of the frame batch, and its prompt length to a power of two (at least 16), with copies
+    of its last frame and prompt whose results are dropped. Padding the prompt and the frame count changes no
+    result beyond float rounding; the canvas adds border pixels that Grounding DINO's backbone sees (as for any
+    frame batched with a larger one), so scores move slightly against an unpadded frame.
     """
 
     def __init__(self, detector: GroundingDinoForObjectDetection, image_processor: GroundingDinoImageProcessor,
                  tokenizer: Any, image_size: dict[str, int], sam: SamModel | None,
                  sam_image_processor: SamImageProcessor | None, batch: int, checksum: str,
-                 sam_floor: float = 0.0) -> None:
+                 sam_floor: float = 0.0, static_shapes: bool = False) -> None:
         super().__init__()
         if not 0.0 <= sam_floor <= 1.0:
             raise ValueError(f"sam_floor must be in [0, 1], got {sam_floor!r}")
         self.sam_floor = sam_floor
+        self.static_shapes = static_shapes
         self.detector = detector
         self.image_processor = image_processor
         self.tokenizer = tokenizer
@@ -547,8 +558,50 @@ class Grounder(_Batched, FrozenModule):
                 raise deformable.KernelError(error.reason, PYTORCH_HINT) from None
             deformable.use_fused_deformable_attention(detector)
         grounder = cls(detector, image_processor, tokenizer, image_size, sam, sam_image_processor, cfg.frame_batch,
-                       checksum, sam_floor=cfg.sam_floor)
-        return grounder.to(device=device, dtype=half_dtype(cfg.half, device))
+                       checksum, sam_floor=cfg.sam_floor, static_shapes=cfg.compile)
+        grounder = grounder.to(device=device, dtype=half_dtype(cfg.half, device))
+        if cfg.compile:
+            grounder.compile_models()
+        return grounder
+
+    def compile_models(self) -> None:
+        """`torch.compile` Grounding DINO and SAM's image encoder in place (state-dict keys unchanged), each for
+        fixed shapes, and turn `static_shapes` on so that passes come in a few shapes: every new one compiles
+        (about a minute each on a GPU node, several on a CPU), on its first pass. SAM's prompt encoder and mask
+        decoder (2 % of its FLOPs; their shapes follow the number of boxes) stay eager. The detector's text side
+        has data-dependent loops and a size check that reads a tensor, so it runs in a few graphs with eager
+        code between them."""
+        import torch._dynamo
+
+        self.static_shapes = True
+        # frame-count buckets x prompt-length buckets x two orientations, x2 after out-of-memory halving
+        for name in ("recompile_limit", "cache_size_limit"):  # torch >= 2.6 calls it recompile_limit
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+                break
+        self.detector.compile(dynamic=False)
+        if self.sam is not None:
+            self.sam.vision_encoder.compile(dynamic=False)
+
+    def _pass_size(self, count: int) -> int:
+        """With static shapes, the frame count a pass of `count` frames is padded to: the next multiple of a
+        quarter of the frame batch (so at most 4 sizes per batch size, and a tail pass wastes under a quarter)."""
+        if not self.static_shapes:
+            return count
+        step = max(1, -(-self.batch // 4))
+        return -(-count // step) * step
+
+    def _padded_size(self, frame_size: tuple[int, ...]) -> tuple[int, int]:
+        """(height, width) of the detector input a frame of `frame_size` (height, width) becomes: the size Grounding
+        DINO's processor resizes it to; with static shapes, the canvas of its orientation (`image_size`'s short x
+        long side, turned when height > width), or larger where the processor's rounding passes it by a pixel.
+        `detections` runs only frames of one padded size together, so no frame is padded to a batch mate's."""
+        short, long = self.image_size["shortest_edge"], self.image_size["longest_edge"]
+        height, width = get_size_with_aspect_ratio((int(frame_size[0]), int(frame_size[1])), short, long)
+        if not self.static_shapes:
+            return height, width
+        canvas = (short, long) if frame_size[0] <= frame_size[1] else (long, short)
+        return max(height, canvas[0]), max(width, canvas[1])
 
     def prompt(self, nouns: Sequence[str]) -> GroundingPrompt:
         """Tokenise "noun1 . noun2 ." and find each noun's tokens through the fast tokenizer's offset mapping."""
@@ -570,9 +623,12 @@ class Grounder(_Batched, FrozenModule):
         """frames[i]: uint8 (T_i, H_i, W_i, 3); nouns[i]: clip i's nouns -> per clip float32 (T_i, K_i) detector
         scores and IoUs in [0, 1].
 
-        Frames of all clips are batched together (at most `cfg.frame_batch` per pass, fewer after CUDA ran out of
-        memory: `AdaptiveBatch`), each with its own clip's prompt, right-padded and masked, so a frame's scores do
-        not depend on its batch mates beyond float rounding (the tests hold them to atol 1e-5, rtol 1e-4); clips
+        Frames of all clips that become detector inputs of one size are batched together (at most
+        `cfg.frame_batch` per pass, fewer after CUDA ran out of memory: `AdaptiveBatch`), each with its own clip's
+        prompt, right-padded and masked. No frame is padded to a larger batch mate's size (which would add border
+        pixels to what the backbone sees), so a frame's scores do not depend on its batch mates beyond float
+        rounding (the tests hold them to atol 1e-5, rtol 1e-4); with `static_shapes` every frame is padded to its
+        orientation's canvas, whatever its batch mates. Clips
         without nouns get (T_i, 0) results and cost nothing. SAM then gets, of the pass's frames, those with a
         score at or above `sam_floor`, each with the boxes of those scores only; the other IoUs stay 1.0.
         """
@@ -586,19 +642,25 @@ class Grounder(_Batched, FrozenModule):
         prompts: list[GroundingPrompt | None] = [self.prompt(words) if words else None for words in nouns]
         jobs = [(i, t) for i, clip in enumerate(frames) if prompts[i] is not None for t in range(clip.shape[0])]
 
-        def run(part: slice) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-            images = [frames[i][t] for i, t in jobs[part]]
-            scores, boxes = self._detect(images, [prompts[i] for i, _ in jobs[part]])  # type: ignore[misc]
-            ious = None if self.sam is None else self._refined_iou(images, scores, boxes)
-            return [score.float().cpu() for score in scores], ious
+        def run(group: list[tuple[int, int]]) -> Callable[[slice], tuple[list[torch.Tensor], list[torch.Tensor] | None]]:
+            def one_pass(part: slice) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+                images = [frames[i][t] for i, t in group[part]]
+                scores, boxes = self._detect(images, [prompts[i] for i, _ in group[part]])  # type: ignore[misc]
+                ious = None if self.sam is None else self._refined_iou(images, scores, boxes)
+                return [score.float().cpu() for score in scores], ious
+            return one_pass
 
-        start = 0
-        for scores, ious in self.batches.map(len(jobs), run):
-            chunk, start = jobs[start: start + len(scores)], start + len(scores)
-            for k, (i, t) in enumerate(chunk):
-                detector[i][t] = scores[k]
-                if ious is not None:
-                    iou[i][t] = ious[k]
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}  # frames padded to one size: one group
+        for i, t in jobs:
+            groups.setdefault(self._padded_size(frames[i].shape[1:3]), []).append((i, t))
+        for group in groups.values():
+            start = 0
+            for scores, ious in self.batches.map(len(group), run(group)):
+                chunk, start = group[start: start + len(scores)], start + len(scores)
+                for k, (i, t) in enumerate(chunk):
+                    detector[i][t] = scores[k]
+                    if ious is not None:
+                        iou[i][t] = ious[k]
         return [Detections(d, u) for d, u in zip(detector, iou)]
 
     @torch.inference_mode()
@@ -609,6 +671,11 @@ class Grounder(_Batched, FrozenModule):
     def _detect(self, images: list[torch.Tensor], prompts: list[GroundingPrompt]) -> tuple[list[torch.Tensor],
                                                                                      list[torch.Tensor]]:
         """Per image: (K,) noun probabilities and (K, 4) xyxy boxes (pixels of the input frame) of the best query."""
+        real = len(images)
+        if self._pass_size(real) > real:  # static shapes: copies of the last frame fill the pass, results dropped
+            extra = self._pass_size(real) - real
+            scores, boxes = self._detect(images + images[-1:] * extra, prompts + prompts[-1:] * extra)
+            return scores[:real], boxes[:real]
         if len(images) == 1 and self.image_size["shortest_edge"] < 128:
             # Grounding DINO's extra feature level is a GroupNorm over a (B, C, h, w) map with h = w = 1 for small
             # inputs (64 px: the tiny preset); with B = 1 and the tiny model's one channel per group, each group
@@ -616,9 +683,10 @@ class Grounder(_Batched, FrozenModule):
             # dropped. (At 128 px and more the map is at least 2 px high.)
             scores, boxes = self._detect(images * 2, prompts * 2)
             return scores[:1], boxes[:1]
-        pixels = self.image_processor(images=images, size=self.image_size, input_data_format="channels_last",
-                                      device=self.device, return_tensors="pt")
+        pixels = self._pixels(images)
         length = max(len(p.input_ids) for p in prompts)
+        if self.static_shapes:  # a power of two, at least 16 (prompts are cut at max_text_len already)
+            length = max(length, min(self.detector.config.max_text_len, 1 << max(4, (length - 1).bit_length())))
         input_ids = torch.full((len(prompts), length), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(len(prompts), length, dtype=torch.long)
         for b, prompt in enumerate(prompts):  # right padding, as the tokenizer pads a batch
@@ -646,6 +714,23 @@ class Grounder(_Batched, FrozenModule):
             boxes.append(torch.stack([x0, y0, x1, y1], -1))  # (K, 4), inside the frame
         return scores, boxes
 
+    def _pixels(self, images: list[torch.Tensor]) -> Any:
+        """Grounding DINO's image processor on a pass's frames (resize, normalise, pad with a pixel mask): padded to
+        the largest frame of the pass, or with static shapes to the canvas (`_padded_size`). A processor whose
+        resize rounds a frame past the canvas (another transformers version) pads to the pass's largest frame
+        instead, which costs a compilation of that shape but no frame."""
+        kwargs = {"images": images, "size": self.image_size, "input_data_format": "channels_last",
+                  "device": self.device, "return_tensors": "pt"}
+        if self.static_shapes:
+            sizes = [self._padded_size(image.shape[:2]) for image in images]
+            canvas = {"height": max(h for h, _ in sizes), "width": max(w for _, w in sizes)}
+            try:
+                return self.image_processor(pad_size=canvas, **kwargs)
+            except ValueError as error:
+                if "Padding dimensions are negative" not in str(error):
+                    raise
+        return self.image_processor(**kwargs)
+
     def _refined_iou(self, images: list[torch.Tensor], scores: list[torch.Tensor],
                      boxes: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per image (K,) float32 IoUs on the CPU: SAM's, clamped to [0, 1], where `sam_refined`, else 1.0. One SAM
@@ -662,6 +747,10 @@ class Grounder(_Batched, FrozenModule):
     def _box_iou(self, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> list[torch.Tensor]:
         """SAM's predicted IoU for one mask per box (multimask_output=False); all boxes of a frame in one prompt."""
         assert self.sam is not None and self.sam_image_processor is not None
+        real = len(images)
+        if self._pass_size(real) > real:  # static shapes: copies of the last frame fill the pass, results dropped
+            extra = self._pass_size(real) - real
+            return self._box_iou(images + images[-1:] * extra, boxes + boxes[-1:] * extra)[:real]
         inputs = self.sam_image_processor(images=images, input_data_format="channels_last", device=self.device,
                                           return_tensors="pt")
         # SAM's processor scales boxes by (resized / original) per axis; so do we, on the tensors it returns

@@ -380,6 +380,9 @@ def test_missing_weights_name_the_path(tmp_path: Path) -> None:
             build(LOADED, tmp_path, CPU)
     with pytest.raises(ValueError, match="no weights folder"):
         CLIPEncoder.from_config(LOADED, None, CPU)
+    (tmp_path / LOADED.clip_checkpoint).mkdir(parents=True)  # a folder where the checkpoint file should be
+    with pytest.raises(FileNotFoundError, match=r"CLIP checkpoint at .*open_clip_model.safetensors is a folder, not a"):
+        CLIPEncoder.from_config(LOADED, tmp_path, CPU)
 
 
 def test_size_mismatches_raise(saved: tuple[Path, dict[str, object]], tmp_path: Path) -> None:
@@ -496,6 +499,105 @@ def test_grounding_and_sam_halve_their_batch_on_out_of_memory_with_the_same_resu
     for a, b in zip(got, expected):
         torch.testing.assert_close(a.detector, b.detector, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a.iou, b.iou, rtol=1e-4, atol=1e-5)
+
+
+def _recording(method, shapes: list[tuple[int, ...]], key: str = "pixel_values"):
+    """Wrap a forward to note the shape of its `key` input (keyword or first positional argument)."""
+    def wrapper(self, *args, **kwargs):
+        shapes.append(tuple((kwargs[key] if key in kwargs else args[0]).shape))
+        return method(self, *args, **kwargs)
+    return wrapper
+
+
+# clip 0 and 3 become detector inputs of one size (64 x 96), clip 1 a portrait one (96 x 64), clip 4 a wider one
+MIXED_FRAMES = [_frames(3, 48, 72, seed=21), _frames(5, 72, 48, seed=22), _frames(2, 48, 72, seed=23),
+                _frames(4, 30, 45, seed=24), _frames(3, 40, 80, seed=25)]
+MIXED_NOUNS = [["dog", "car"], ["man", "guitar player", "water"], [], ["bird"], ["train", "horn"]]
+
+
+def test_a_clips_scores_do_not_depend_on_the_frame_sizes_of_its_batch_mates(monkeypatch) -> None:
+    """Frames that become detector inputs of different sizes never share a pass, so none is padded to a batch
+    mate's size (border pixels the backbone would see): a clip grounded alone and among clips of other shapes
+    and orientations gets the same scores (within batching's float rounding)."""
+    grounder = Grounder.from_config(CFG.replace(frame_batch=64), None, CPU)
+    alone = [grounder.detections([frames], [nouns])[0] for frames, nouns in zip(MIXED_FRAMES, MIXED_NOUNS)]
+    shapes: list[tuple[int, ...]] = []
+    monkeypatch.setattr(GroundingDinoForObjectDetection, "forward",
+                        _recording(GroundingDinoForObjectDetection.forward, shapes))
+    together = grounder.detections(MIXED_FRAMES, MIXED_NOUNS)
+    assert sorted(shapes) == [(3, 3, 48, 96), (5, 3, 96, 64), (7, 3, 64, 96)]  # one pass per input size
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a.detector, b.detector, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.iou, b.iou, rtol=1e-4, atol=1e-5)
+
+
+def test_static_shapes_pad_each_pass_to_a_few_shapes_without_changing_scores(monkeypatch) -> None:
+    """With static shapes (what --compile needs) a pass's frames are padded to their orientation's canvas, its frame
+    count to a multiple of a quarter of the frame batch and its prompt to a power of two: the detector and SAM's
+    image encoder see few shapes, and frames that fill the canvas get the scores they get without padding."""
+    from transformers.models.sam.modeling_sam import SamVisionEncoder
+
+    plain = Grounder.from_config(CFG.replace(frame_batch=8), None, CPU)
+    static = Grounder.from_config(CFG.replace(frame_batch=8), None, CPU)
+    static.static_shapes = True
+    expected = plain.detections(MIXED_FRAMES, MIXED_NOUNS)
+    detector_images: list[tuple[int, ...]] = []
+    prompt_ids: list[tuple[int, ...]] = []
+    sam_images: list[tuple[int, ...]] = []
+    forward = GroundingDinoForObjectDetection.forward
+    monkeypatch.setattr(GroundingDinoForObjectDetection, "forward",
+                        _recording(_recording(forward, prompt_ids, "input_ids"), detector_images))
+    monkeypatch.setattr(SamVisionEncoder, "forward", _recording(SamVisionEncoder.forward, sam_images))
+    got = static.detections(MIXED_FRAMES, MIXED_NOUNS)
+    # 10 landscape frames (3 + 4 + 3): passes of 8 and 2; 5 portrait frames: a pass of 6 (multiples of 2)
+    assert sorted(detector_images) == [(2, 3, 64, 96), (6, 3, 96, 64), (8, 3, 64, 96)]
+    assert {ids[1] for ids in prompt_ids} == {16}  # the longest prompt has 14 tokens
+    assert sorted(sam_images) == sorted((n, 3, 64, 64) for n, *_ in detector_images)
+    for i in (0, 1, 3):  # frames that fill their canvas (clip 4's 40 x 80 becomes 48 x 96, then padded)
+        torch.testing.assert_close(got[i].detector, expected[i].detector, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[i].iou, expected[i].iou, rtol=1e-4, atol=1e-5)
+    assert got[4].detector.shape == (3, 2) and bool(((got[4].detector >= 0) & (got[4].detector <= 1)).all())
+
+
+def test_a_processor_that_resizes_past_the_canvas_pads_to_the_pass_instead(monkeypatch) -> None:
+    """Another transformers version may round a frame's resize a pixel past the canvas, which its pad refuses:
+    that pass is padded to its own largest frame instead (a shape more to compile), with the same scores."""
+    static = Grounder.from_config(CFG.replace(frame_batch=8), None, CPU)
+    static.static_shapes = True
+    expected = static.detections(MIXED_FRAMES[:2], MIXED_NOUNS[:2])
+    processor = static.image_processor
+    refused: list[dict[str, int]] = []
+
+    def rounds_past(*args, pad_size=None, **kwargs):  # as such a processor's pad answers
+        if pad_size is not None:
+            refused.append(pad_size)
+            raise ValueError("Padding dimensions are negative. Please make sure that the padded size is larger ...")
+        return type(processor).__call__(processor, *args, **kwargs)
+
+    monkeypatch.setattr(static, "image_processor", rounds_past)
+    got = static.detections(MIXED_FRAMES[:2], MIXED_NOUNS[:2])
+    assert refused == [{"height": 64, "width": 96}, {"height": 96, "width": 64}]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.detector, b.detector, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_grounding_computes_what_the_eager_one_does() -> None:
+    """--compile (inductor's C++ backend on the CPU): the same scores and IoUs as the eager models on the same
+    padded shapes, with graphs really compiled for both models. Minutes of compilation on two cores."""
+    import torch._dynamo
+
+    eager = Grounder.from_config(CFG.replace(frame_batch=8), None, CPU)
+    eager.static_shapes = True
+    expected = eager.detections(MIXED_FRAMES[:2], MIXED_NOUNS[:2])
+    torch._dynamo.reset()
+    compiled = Grounder.from_config(CFG.replace(frame_batch=8, compile=True), None, CPU)
+    assert compiled.static_shapes and list(compiled.state_dict()) == list(eager.state_dict())
+    got = compiled.detections(MIXED_FRAMES[:2], MIXED_NOUNS[:2])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.detector, b.detector, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(a.iou, b.iou, rtol=1e-3, atol=1e-4)
 
 
 def test_out_of_memory_at_one_frame_is_one_line(monkeypatch) -> None:

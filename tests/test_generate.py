@@ -325,6 +325,29 @@ def test_features_made_with_the_fused_kernel_still_generate_where_it_cannot_run(
     assert "needs a CUDA device and the triton package (device cpu); grounding with the PyTorch path" in err
 
 
+def test_features_made_with_compiled_detectors_generate_without_compiling(run_dir, tmp_path, monkeypatch):
+    """Stage one's --compile is its machine's speed choice (minutes of compilation per shape); generating sound
+    for a video grounds with the eager models."""
+    import shutil
+
+    from preprocess.encoders import Grounder
+
+    def refuse(self: Grounder) -> None:
+        raise AssertionError("vta-sam generate compiled the detector")
+
+    monkeypatch.setattr(Grounder, "compile_models", refuse)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    path = run / "model" / "features.json"
+    features = json.loads(path.read_text())
+    features["config"]["compile"] = True
+    path.write_text(json.dumps(features))
+    video = media.make_video(tmp_path / "a.mp4", seconds=2.0, audio=None)
+    code = cli_main(["generate", str(video), "--model", str(run), "--out", str(tmp_path / "out"), "--steps", "2",
+                     "--caption", "dog", "--no-progress"])
+    assert code == 0 and (tmp_path / "out" / "a.wav").exists()
+
+
 def test_a_video_too_narrow_to_ground_is_one_line_and_the_others_go_on(run_dir, tmp_path, capsys):
     sliver = media.make_video(tmp_path / "sliver.mp4", seconds=2.0, size=(16, 4000), audio=None)
     normal = media.make_video(tmp_path / "normal.mp4", seconds=2.0, audio=None)

@@ -161,20 +161,21 @@ class _SamCalls:
 
 def test_skipped_pairs_cost_nothing(clips: tuple[list[torch.Tensor], list[list[str]]],
                                     everywhere: list[Detections], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batched (all frames in one pass): SAM gets the frames with a refined pair, each with those boxes only."""
+    """Batched (the frames of one detector input size in one pass; each clip here has its own): SAM gets the pass's
+    frames with a refined pair, each with those boxes only."""
     floor = _median_floor(everywhere)
     calls = _SamCalls(monkeypatch)
     _grounder(0.0).detections(*clips)
-    frames_with_nouns = sum(len(f) for f, n in zip(*clips) if n)
-    assert calls.passes == [frames_with_nouns]
+    assert calls.passes == [len(f) for f, n in zip(*clips) if n]
     assert sum(calls.boxes) == sum(d.detector.numel() for d in everywhere)
 
     calls.reset()
     _grounder(floor).detections(*clips)
     keep = [_stored(d.detector) >= floor for d in everywhere]  # (T, K) per clip
-    per_frame = [int(n) for k in keep for n in k.sum(1) if n > 0]  # refined pairs of each frame that has one
-    assert calls.passes == [len(per_frame)] and calls.boxes == per_frame
-    assert sum(per_frame) < sum(d.detector.numel() for d in everywhere)
+    per_frame = [[int(n) for n in k.sum(1) if n > 0] for k in keep]  # refined pairs of each frame that has one
+    assert calls.passes == [len(clip) for clip in per_frame if clip]
+    assert calls.boxes == [n for clip in per_frame for n in clip]
+    assert sum(map(sum, per_frame)) < sum(d.detector.numel() for d in everywhere)
 
 
 def test_a_frame_without_a_refined_pair_sends_no_sam_pass(monkeypatch: pytest.MonkeyPatch) -> None:

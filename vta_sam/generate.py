@@ -243,7 +243,8 @@ class SoundGenerator:
         except ValueError as error:  # a damaged run folder: one line naming the file
             raise GenerateError(str(error)) from None
         source, meta = features_meta(Path(options.model), self.train_config)
-        self.features = feature_config(source, meta).replace(device=options.device)
+        # compiling the detector was a speed choice of stage one's machine (minutes per shape): not for a few videos
+        self.features = feature_config(source, meta).replace(device=options.device, compile=False)
         device = resolve_device(self.features.device)
         try:
             self.precision = resolve_precision(options.precision, device)
