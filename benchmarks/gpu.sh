@@ -7,6 +7,8 @@
 #        OUT=/some/folder bash benchmarks/gpu.sh
 #      then, as a second run, the torch.compile and CUDA-graph comparisons (minutes of compilation each):
 #        OUT=/some/folder bash benchmarks/gpu.sh --sections training generation --compile
+#      or only the compiled-vs-eager rows of all three stages (each section still takes its headline numbers first):
+#        OUT=/some/folder bash benchmarks/gpu.sh --compile --clips 4 --changes torch_compile torch_compile_evaluation_batch
 #   3. results in $OUT: gpu_bench.json (every number), gpu_bench.md (summary), gpu_bench.log, nvidia-smi.txt;
 #      copy them into benchmarks/results/ and record the summary with benchmarks.results.write_section.
 #      The CUDA-only tests (the fused deformable attention kernel compiled, CUDA-graph sampling):

@@ -30,7 +30,9 @@ Sections (each guarded: a failure is recorded in the JSON and the next section s
   workers and the background shard writer (stage one); bf16, fused attention, fused AdamW, channels_last and
   torch.compile in its default and max-autotune modes (training, at the global batch in one micro-batch); bf16,
   weights cast once, CUDA graphs (batch 1 and 16), channels_last (batch 1 and 16), torch.compile and its
-  reduce-overhead mode (generation, on DPM-Solver++-25). torch.compile runs only with --compile.
+  reduce-overhead mode (generation, on DPM-Solver++-25); torch.compile of Grounding DINO and SAM's image encoder
+  on static shapes (stage one). torch.compile runs only with --compile; --changes NAME... runs only the
+  comparisons named (the rest are recorded as skipped), e.g. the torch.compile rows of a second run.
 - targets: the issues' targets (TARGETS), read off the measurements above.
 
 Models are random-weight builds of the published architectures (`FeatureConfig.random_size="paper"`,
@@ -71,6 +73,7 @@ SECTION_SHARES = {"stage_one": 0.40, "training": 0.25, "generation": 0.35}  # of
 SAMPLERS = (("ddpm", 300), ("dpmsolver++", 25))  # the paper protocol (VTA-LDM's ancestral DDPM) and the fast one
 GENERATION_BATCHES = (1, 16)
 EVERY_CHANGE = {"on": False}  # --every-change: comparisons ignore the budget (the CPU test, whatever the load)
+ONLY_CHANGES: dict[str, set[str] | None] = {"names": None}  # --changes: run only these comparisons (None: all)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -163,6 +166,10 @@ def compare(out: dict[str, Any], name: str, deadline: Deadline, needs_s: float, 
     (after / before for rates, before / after for unit "s"). Skipped, and said so, when the section has less than
     `needs_s` seconds left; an error is recorded and the section goes on."""
     table = out.setdefault("changes", {})
+    only = ONLY_CHANGES["names"]
+    if only is not None and name not in only:
+        table[name] = {"status": "skipped", "reason": "not among --changes"}
+        return
     if deadline.left() < needs_s and not EVERY_CHANGE["on"]:
         table[name] = {"status": "skipped", "reason": f"budget: {deadline.left():.0f} s left, needs ~{needs_s:.0f} s"}
     else:
@@ -469,7 +476,7 @@ def stage_one_knobs(out: dict[str, Any], cfg: Any, encoders: Any, batch: list[di
 
 
 def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted: int, deadline: Deadline,
-                    log: Callable[[str], None]) -> dict[str, Any]:
+                    log: Callable[[str], None], compile_runs: bool = False) -> dict[str, Any]:
     from preprocess import manifest
     from preprocess.config import PRESETS
     from preprocess.nouns import NounCache
@@ -508,7 +515,11 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
     with peak_memory(device, out, "end_to_end_peak_memory_gib"):
         summary = run(cfg, clips, root / "shards", None, progress=False, encoders=encoders)
     out["end_to_end"] = {"clips": summary.written, "failed": dict(summary.failed), "seconds": round(summary.wall_seconds, 2),
-                         "clips_per_second": round(summary.written / summary.wall_seconds, 3)}
+                         "clips_per_second": round(summary.written / summary.wall_seconds, 3),
+                         # of those seconds: until the first batch reached the encoders, after the last left them
+                         "startup_seconds": round(summary.startup_seconds, 2),
+                         "finishing_seconds": round(summary.drain_seconds, 2),
+                         "steady_clips_per_second": round(summary.steady_clips_per_second, 3)}
 
     dataset = DecodeDataset(clips, cfg)
     decode_seconds, decoded = timed(lambda: [dataset[i] for i in range(len(dataset))], device)
@@ -523,22 +534,25 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
     out["encoders_alone"] = {"clips": len(decoded), "seconds": round(encode_seconds, 2),
                              "clips_per_second": round(len(decoded) / encode_seconds, 3)}
     out["ratio_end_to_end_over_encoders"] = round(out["end_to_end"]["clips_per_second"] / out["encoders_alone"]["clips_per_second"], 3)
+    # the same between the first and the last batch: what the ratio approaches over a long run (VGGSound)
+    out["ratio_steady_over_encoders"] = round(out["end_to_end"]["steady_clips_per_second"] / out["encoders_alone"]["clips_per_second"], 3)
     log(f"stage one: end to end {out['end_to_end']['clips_per_second']} clips/s, encoders alone "
         f"{out['encoders_alone']['clips_per_second']} clips/s ({deadline.left():.0f} s left)")
     few = 4 if deadline.left() > 0 else 2  # fewer clips once the section's budget is spent
     out["per_model"] = per_model_costs(encoders, batches[0][:few], nouns[0][:few], device, repeats=2)
     guarded("grounding_profile", out, log, lambda: grounding_profile(encoders, batches[0][:2], nouns[0][:2], device))
     stage_one_knobs(out, cfg, encoders, batches[0][:2], nouns[0][:2], device, deadline, log)
-    stage_one_changes(out, cfg, encoders, clips, batches[0][:few], nouns[0][:few], root, device, deadline, log)
+    stage_one_changes(out, cfg, encoders, clips, batches[0][:few], nouns[0][:few], root, device, deadline, log,
+                      compile_runs)
     return out
 
 
 def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[Any], batch: list[dict[str, Any]],
                       nouns: list[list[str]], root: Path, device: torch.device, deadline: Deadline,
-                      log: Callable[[str], None]) -> None:
+                      log: Callable[[str], None], compile_runs: bool = False) -> None:
     """Before/after of the stage-one changes: the fused deformable attention kernel, SAM's relative positions
     folded into query and key, batched grounding, half precision, tensors from the decoding workers, the
-    background shard writer."""
+    background shard writer; with `compile_runs`, torch.compile of Grounding DINO and SAM's image encoder."""
     from benchmarks.worker_transfer import clips_per_second as transfer_rate
     from preprocess.pipeline import run
 
@@ -663,6 +677,42 @@ def stage_one_changes(out: dict[str, Any], cfg: Any, encoders: Any, clips: list[
                 "before": ("writer inline", rates[False]), "after": ("background writer", rates[True])}
 
     compare(out, "background_shard_writer", deadline, 2.4 * out["end_to_end"]["seconds"], log, writer)
+
+    def compiled_grounding() -> dict[str, Any]:
+        if not compile_runs:
+            return {"skipped": "torch.compile runs only with --compile (minutes of compilation)"}
+        if grounder.static_shapes:
+            return {"skipped": "the preset already compiles"}
+
+        def grounding_with_sam() -> list[Any]:
+            return grounder.detections(few_frames, nouns[:2])
+
+        before = frames_per_second(grounding_with_sam, few_count)
+        grounder.static_shapes = True  # the reference: eager models on the compiled run's padded shapes
+        modules = [grounder.detector] + ([grounder.sam.vision_encoder] if grounder.sam is not None else [])
+        try:
+            padded = frames_per_second(grounding_with_sam, few_count)
+            reference = grounding_with_sam()
+            start = time.perf_counter()
+            grounder.compile_models()
+            found = grounding_with_sam()  # compiles this pass's shapes
+            compile_seconds = round(time.perf_counter() - start, 1)
+            after = frames_per_second(grounding_with_sam, few_count)
+        finally:  # back to eager models on unpadded frames for whatever runs next
+            grounder.static_shapes = False
+            for module in modules:
+                module._compiled_call_impl = None  # what nn.Module.compile set
+        differences = {key: round(max((getattr(a, key) - getattr(b, key)).abs().max().item()
+                                      for a, b in zip(found, reference)), 6) for key in ("detector", "iou")}
+        return {"unit": "frames/s", "frames": few_count, "compile_seconds": compile_seconds,
+                "eager_static_shapes_frames_per_second": padded,
+                "max_abs_difference_vs_eager_static": differences,
+                "note": "Grounding DINO + SAM on the same frames; --compile pads each frame to its orientation's "
+                        "canvas, each pass's frame count and prompt to a few sizes",
+                "before": ("eager, frames at their own size", before),
+                "after": ("torch.compile, static shapes", after)}
+
+    compare(out, "torch_compile", deadline, 240 if compile_runs else 0, log, compiled_grounding)
 
 
 def per_model_costs(encoders: Any, batch: list[dict[str, Any]], nouns: list[list[str]], device: torch.device,
@@ -1087,11 +1137,16 @@ def sampling_profile(out: dict[str, Any], sample: Callable[..., torch.Tensor], d
     the largest of GENERATION_BATCHES), launched one by one (under a CUDA graph the profiler sees one launch)."""
     if deadline.left() < 15 and not EVERY_CHANGE["on"]:
         return {"skipped": f"budget: {deadline.left():.0f} s left"}
-    probe = out.get("sampling_batch", {})
-    batch = int(probe.get("sampling_batch") or GENERATION_BATCHES[-1]) if probe.get("status") == "ok" else GENERATION_BATCHES[-1]
+    batch = evaluation_batch(out)
     sample(batch, "ddpm", 1, graph=False)  # warm-up (cuDNN autotuning at this batch)
     kernels, what = profile_top(lambda: sample(batch, "ddpm", 2, graph=False), device, 15)
     return {"batch": batch, "steps": 2, "top_kernels": kernels, "time": what}
+
+
+def evaluation_batch(out: dict[str, Any]) -> int:
+    """The sampling batch evaluation's probe chose in this run, else the largest of GENERATION_BATCHES."""
+    probe = out.get("sampling_batch", {})
+    return int(probe.get("sampling_batch") or GENERATION_BATCHES[-1]) if probe.get("status") == "ok" else GENERATION_BATCHES[-1]
 
 
 def release_graphs(model: Any) -> None:
@@ -1124,7 +1179,8 @@ def sampling_batch_probe(model: Any, spec: Any, bf16: bool, device: torch.device
 def generation_changes(out: dict[str, Any], model: Any, fast: Any, sample: Callable[..., torch.Tensor], bf16: bool,
                        device: torch.device, deadline: Deadline, log: Callable[[str], None], compile_runs: bool) -> None:
     """Before/after of the sampling changes on the headline case, DPM-Solver++-25 at batch 1 (sampling seconds);
-    CUDA graphs also at batch 16 (the evaluation batch). Each comparison states both settings in full."""
+    CUDA graphs and channels_last also at batch 16; torch.compile also on DDPM steps at evaluation's sampling batch
+    (the 300-step protocol). Each comparison states both settings in full."""
     from train.speed import speed_up
 
     cuda = device.type == "cuda"
@@ -1210,6 +1266,37 @@ def generation_changes(out: dict[str, Any], model: Any, fast: Any, sample: Calla
                     "after": (f"torch.compile mode={mode or 'default'}", seconds()), "compile_seconds": compile_seconds}
         return run
 
+    def compiled_at_evaluation_batch() -> dict[str, Any]:
+        """The 300-step protocol's cost: DDPM steps at evaluation's batch, its default (CUDA graph) vs compiled."""
+        if not compile_runs:
+            return {"skipped": "torch.compile runs only with --compile (minutes of compilation)"}
+        batch, steps = evaluation_batch(out), 5
+
+        def per_step(**settings: Any) -> float:
+            sample(batch, "ddpm", 2, **settings)  # warm-up (graph capture, compilation)
+            return timed(lambda: sample(batch, "ddpm", steps, **settings), device)[0] / steps
+
+        before = per_step()
+        release_graphs(fast)
+        speed_up(fast, compile=True)
+        try:
+            start = time.perf_counter()
+            sample(batch, "ddpm", 1, graph=False)
+            synchronize(device)
+            compile_seconds = round(time.perf_counter() - start, 1)
+            after = per_step(graph=False)
+        finally:
+            fast.unet._compiled_call_impl = None  # what nn.Module.compile set: the rows below compile their own way
+        return {"unit": "s", "batch": batch, "steps_timed": steps, "compile_seconds": compile_seconds,
+                "note": "seconds per guided DDPM step of the whole batch; 300 steps per clip = 300 x s / batch",
+                "seconds_per_clip_300_steps": {"before": round(before * 300 / batch, 3),
+                                               "after": round(after * 300 / batch, 3)},
+                "before": ("evaluation's default: bf16, weights cast once, channels_last on CUDA, CUDA graph",
+                           round(before, 5)),
+                "after": ("the same, torch.compile mode=default instead of the CUDA graph", round(after, 5))}
+
+    compare(out, "torch_compile_evaluation_batch", deadline, 150 if compile_runs else 0, log,
+            compiled_at_evaluation_batch)
     compare(out, "torch_compile", deadline, 120 if compile_runs else 0, log, compiled(None))
     compare(out, "torch_compile_reduce_overhead", deadline, 90 if compile_runs and cuda else 0, log,
             compiled("reduce-overhead"))
@@ -1349,7 +1436,10 @@ def markdown(results: dict[str, Any]) -> str:
                   f"{one['synthetic_videos'].get('clip_seconds')} s, {one['frames_per_clip']} frames/clip, grounding input {one['grounding_input']}, SAM {one['use_sam']}, "
                   f"{one['decode_workers']} decode workers; parameters (M): {one['parameters_m']}",
                   f"- end to end: **{e2e['clips_per_second']} clips/s**; encoders alone: **{alone['clips_per_second']} clips/s** "
-                  f"(ratio {one['ratio_end_to_end_over_encoders']}); peak memory {fmt(one.get('end_to_end_peak_memory_gib'))} GiB", ""]
+                  f"(ratio {one['ratio_end_to_end_over_encoders']}); peak memory {fmt(one.get('end_to_end_peak_memory_gib'))} GiB",
+                  f"- of the end-to-end time: start-up {fmt(e2e.get('startup_seconds'))} s (until the first batch reached the "
+                  f"encoders), finishing {fmt(e2e.get('finishing_seconds'))} s; in between {fmt(e2e.get('steady_clips_per_second'))} "
+                  f"clips/s (ratio {fmt(one.get('ratio_steady_over_encoders'))}: what a long run approaches)", ""]
         per = one.get("per_model", {})
         rows = [(k, v) for k, v in per.items() if isinstance(v, dict) and "seconds_per_clip" in v]
         if rows:
@@ -1450,10 +1540,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every-change", action="store_true",
                         help="run every before/after comparison even past the budget (the slow test, on a loaded machine)")
     parser.add_argument("--compile", action="store_true",
-                        help="also measure torch.compile (and CUDA graphs) in training and generation: minutes of compilation, "
-                             "best as a second run: --sections training generation --compile")
+                        help="also measure torch.compile (and CUDA graphs) in stage one, training and generation: minutes "
+                             "of compilation, best as a second run: --sections training generation --compile")
+    parser.add_argument("--changes", nargs="+", default=None, metavar="NAME",
+                        help="run only these before/after comparisons (their names in the JSON's 'changes' tables, "
+                             "e.g. torch_compile torch_compile_evaluation_batch); the others are recorded as skipped")
     args = parser.parse_args(argv)
     EVERY_CHANGE["on"] = args.every_change
+    ONLY_CHANGES["names"] = set(args.changes) if args.changes else None
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     out_dir = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else DEFAULT_OUT)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1489,7 +1583,8 @@ def main(argv: list[str] | None = None) -> int:
             share = SECTION_SHARES[name] / sum(SECTION_SHARES[s] for s in args.sections)
             deadline = Deadline(left * share)
             section = {
-                "stage_one": functools.partial(bench_stage_one, args.preset, device, root, clips, deadline, log),
+                "stage_one": functools.partial(bench_stage_one, args.preset, device, root, clips, deadline, log,
+                                               args.compile),
                 "training": functools.partial(bench_training, args.preset, device, root, steps, deadline,
                                               results.get("device", {}), log, args.compile),
                 "generation": functools.partial(bench_generation, args.preset, device, deadline, log, args.compile),

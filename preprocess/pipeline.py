@@ -290,6 +290,11 @@ class Summary:
     resumed: int = 0
     failed: collections.Counter[str] = field(default_factory=collections.Counter)
     wall_seconds: float = 0.0
+    # of wall_seconds: until the first batch of decoded clips reached the encoders (output checks, decoding workers
+    # starting, the first clips decoded), and after the last batch left them (the writer finishing, workers stopping):
+    # costs of a run, not of a clip, which a long run spreads thin
+    startup_seconds: float = 0.0
+    drain_seconds: float = 0.0
     shards: list[str] = field(default_factory=list)
 
     @property
@@ -302,8 +307,17 @@ class Summary:
         return [
             f"written {self.written} clips into {len(self.shards)} new shards; already done before this run: {self.resumed}",
             f"failed or skipped: {sum(self.failed.values())} ({failed}); see failures.jsonl",
-            f"wall time {self.wall_seconds:.1f} s, {self.clips_per_second:.2f} clips/s",
+            f"wall time {self.wall_seconds:.1f} s, {self.clips_per_second:.2f} clips/s (start-up {self.startup_seconds:.1f} s, "
+            f"finishing {self.drain_seconds:.1f} s; in between {self.steady_clips_per_second:.2f} clips/s)",
         ]
+
+    @property
+    def steady_clips_per_second(self) -> float:
+        """Clips per second between the first batch reaching the encoders and the last leaving them: the rate a long
+        run approaches (its start-up and finishing spread over many clips)."""
+        seconds = self.wall_seconds - self.startup_seconds - self.drain_seconds
+        done = self.written + sum(self.failed.values())
+        return done / seconds if seconds > 0 else 0.0
 
 
 def build_meta(cfg: FeatureConfig, checksums: dict[str, str], vae_scaling_factor: float) -> dict[str, Any]:
@@ -640,8 +654,11 @@ def run(
         print(f"warning: {why_not}", file=sys.stderr)
     sink = ShardSink(out_dir, rank, cfg, threaded=threaded_writer)
     items = decode_clips(todo, cfg, tensors, prefetch, out_dir / f".decoding-{rank:03d}")
+    last_batch_done = None
     try:
         for batch in _batches(items, cfg.batch_clips, record_failure):
+            if last_batch_done is None:
+                summary.startup_seconds = time.perf_counter() - started
             nouns = [nouns_of(item["clip"].caption) for item in batch]
             features = encoders.encode(batch, nouns)
             samples = []
@@ -660,6 +677,7 @@ def run(
             sink.put(samples)
             bar.update(len(samples))  # a failed clip was counted by record_failure
             bar.set_postfix(failed=sum(summary.failed.values()))
+            last_batch_done = time.perf_counter()
     finally:
         # every sample handed to the sink is complete, so closing makes the shards in progress visible; only a
         # writer interrupted half-way through a sample drops its shard (ShardSink._write)
@@ -670,6 +688,8 @@ def run(
             summary.written = sink.written
             bar.close()
             summary.wall_seconds = time.perf_counter() - started
+            if last_batch_done is not None:
+                summary.drain_seconds = summary.wall_seconds - (last_batch_done - started)
     return summary
 
 

@@ -88,6 +88,21 @@ def test_speedups_read_rates_and_seconds_the_right_way_round(monkeypatch):
     assert changes["broken"]["status"] == "error" and "ZeroDivisionError" in changes["broken"]["error"]
 
 
+def test_changes_runs_only_the_comparisons_named(monkeypatch):
+    monkeypatch.setitem(gpu_bench.EVERY_CHANGE, "on", False)
+    monkeypatch.setitem(gpu_bench.ONLY_CHANGES, "names", {"wanted"})
+    ran: list[str] = []
+
+    def job(name: str):
+        return lambda: ran.append(name) or {"unit": "s", "before": ("a", 2.0), "after": ("b", 1.0)}
+
+    out: dict = {}
+    for name in ("wanted", "other"):
+        gpu_bench.compare(out, name, gpu_bench.Deadline(60), 0, print, job(name))
+    assert ran == ["wanted"] and out["changes"]["wanted"]["speedup"] == 2.0
+    assert out["changes"]["other"] == {"status": "skipped", "reason": "not among --changes"}
+
+
 def test_floors_leave_the_wanted_share_of_scores_below_them():
     scores = np.random.default_rng(0).uniform(0.0, 1.0, size=(41, 8))  # noun-frames of one clip
     chosen = gpu_bench.floors_for_skip_fractions(scores, [0.0, 0.5, 0.8, 1.0])

@@ -187,6 +187,36 @@ def test_the_background_writer_writes_what_the_inline_one_does(five_clips, tmp_p
             assert np.array_equal(left, right) if isinstance(left, np.ndarray) else left == right
 
 
+def test_the_summary_separates_start_up_and_finishing_from_the_steady_rate(five_clips, tmp_path, monkeypatch):
+    """A slow first decode is start-up, a slow last write is finishing; the rate in between leaves both out."""
+    from preprocess import pipeline
+
+    decode, write = pipeline.DecodeDataset.__getitem__, pipeline.ShardSink._write
+    calls = {"decode": 0, "write": 0}
+
+    def slow_first_decode(self, index):
+        calls["decode"] += 1
+        if calls["decode"] == 1:
+            time.sleep(1.0)
+        return decode(self, index)
+
+    def slow_last_write(self, samples):
+        calls["write"] += 1
+        if calls["write"] == 3:  # 5 clips in batches of 2: the third batch is the last
+            time.sleep(1.0)
+        return write(self, samples)
+
+    monkeypatch.setattr(pipeline.DecodeDataset, "__getitem__", slow_first_decode)
+    monkeypatch.setattr(pipeline.ShardSink, "_write", slow_last_write)
+    summary = run_stage_one(five_clips, tmp_path / "out", threaded=True)
+    assert summary.written == 5 and calls["write"] == 3
+    assert summary.startup_seconds >= 1.0 and summary.drain_seconds >= 1.0
+    assert summary.startup_seconds + summary.drain_seconds < summary.wall_seconds
+    steady = 5 / (summary.wall_seconds - summary.startup_seconds - summary.drain_seconds)
+    assert summary.steady_clips_per_second == pytest.approx(steady) and steady > summary.clips_per_second
+    assert re.search(r"\(start-up \d+\.\d s, finishing 1\.\d s; in between \d+\.\d\d clips/s\)$", summary.lines()[-1])
+
+
 def test_out_of_memory_halving_writes_the_shards_of_an_uninterrupted_run(five_clips, tmp_path, monkeypatch, caplog):
     """CLIP and Grounding DINO + SAM run out of memory above 3 frames a pass: every clip is still written once, each
     member equal to a run that never ran out (within float rounding, as frames are regrouped into other batches)."""
