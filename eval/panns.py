@@ -287,6 +287,9 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], pa
         if value.is_floating_point() and (bool(torch.isnan(value).any())
                                           or (key in learnt and not bool(torch.isfinite(value).all()))):
             raise ValueError(f"{path}: {key} holds NaN or infinity (a damaged checkpoint)")
+        if key in own and own[key].is_floating_point() and not value.is_floating_point():  # load_state_dict would cast it
+            raise ValueError(f"{path}: {key} is stored as {value.dtype}, where {type(model).__name__} has float "
+                             "values (not a trained checkpoint)")
     for key in fixed_keys:
         if key in state and state[key].shape == own[key].shape:
             gap = float((state[key].float() - own[key].float()).abs().max())

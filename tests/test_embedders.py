@@ -133,6 +133,10 @@ def test_damaged_checkpoints_are_one_line_naming_file_and_tensor(tmp_path):
     torch.save({"model": {1: torch.zeros(1)}}, tmp_path / CNN14_FILE)
     with pytest.raises(ValueError, match=rf"{CNN14_FILE}: expected a state dict"):
         load_cnn14(tmp_path, config=TINY_CNN14)
+    # integers where the weights are float: load_state_dict cast them without a word
+    torch.save({"model": {**state, key: state[key].round().to(torch.int64)}}, tmp_path / CNN14_FILE)
+    with pytest.raises(ValueError, match=rf"{CNN14_FILE}: {key} is stored as torch.int64, where Cnn14 has float"):
+        load_cnn14(tmp_path, config=TINY_CNN14)
 
 
 def test_cnn14_rejects_too_short_input():

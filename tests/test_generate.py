@@ -589,6 +589,8 @@ def test_a_damaged_run_folder_is_one_line_before_any_memory_is_taken(run_dir, tm
     allocate the absurd model."""
     import shutil
 
+    import safetensors.torch
+
     from train import load_model
 
     def damaged(name: str) -> Path:
@@ -615,6 +617,15 @@ def test_a_damaged_run_folder_is_one_line_before_any_memory_is_taken(run_dir, tm
     with pytest.raises(ValueError, match=r"ema\.safetensors: not the weights of the model in .*config\.json") as error:
         load_model(huge)
     assert "\n" not in str(error.value) and "of other shapes" in str(error.value)
+
+    integers = damaged("integers")  # the right names and shapes, but integer tensors where the weights are float
+    weights = integers / "model" / "ema.safetensors"
+    state = safetensors.torch.load_file(str(weights))
+    state = {name: tensor.round().to(torch.int32) if name.endswith("conv_in.weight") else tensor
+             for name, tensor in state.items()}
+    safetensors.torch.save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"ema\.safetensors: .*conv_in\.weight is stored as I32, where the model has float"):
+        load_model(integers)
 
     video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
     assert cli_main(["generate", str(video), "--model", str(huge), "--out", str(tmp_path / "out"), "--steps", "2",

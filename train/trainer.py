@@ -781,11 +781,18 @@ def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cp
     except (ValueError, TypeError) as error:  # sizes the UNet cannot be built with (e.g. not divisible by its groups)
         raise ValueError(f"{config_path}: describes no buildable model ({one_line(error)})") from None
     expected = {name: tuple(tensor.shape) for name, tensor in shell.state_dict().items()}
+    floating = {name for name, tensor in shell.state_dict().items() if tensor.is_floating_point()}
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
             stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            dtypes = {name: str(handle.get_slice(name).get_dtype()) for name in handle.keys()}
     except (OSError, safetensors.SafetensorError) as error:
         raise ValueError(f"{path}: unreadable ({one_line(error)})") from None
+    # load_state_dict would cast integers or booleans into float weights without a word: not a trained model's file
+    not_float = sorted(name for name in floating & set(dtypes) if not dtypes[name].startswith(("F", "BF")))
+    if not_float:
+        raise ValueError(f"{path}: {not_float[0]} is stored as {dtypes[not_float[0]]}, where the model has float "
+                         f"weights ({len(not_float)} such tensors): not the weights of a trained model")
     if stored != expected:
         missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
         shapes = sorted(k for k in set(stored) & set(expected) if stored[k] != expected[k])
