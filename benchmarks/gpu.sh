@@ -5,10 +5,11 @@
 #   1. on a machine with PyPI:  bash benchmarks/fetch_gpu_wheels.sh   # the missing wheels -> .whl/ (~65 MB, git-ignored)
 #   2. copy the repository with .whl/ to the GPU node and run there:
 #        OUT=/some/folder bash benchmarks/gpu.sh
-#      then, as a second run, the torch.compile and CUDA-graph comparisons (minutes of compilation each):
-#        OUT=/some/folder bash benchmarks/gpu.sh --sections training generation --compile
-#      or only the compiled-vs-eager rows of all three stages (each section still takes its headline numbers first):
+#      then, as a second run, the torch.compile comparisons (minutes of compilation each), e.g. only the
+#      compiled-vs-eager rows of all three stages (each section still takes its headline numbers first):
 #        OUT=/some/folder bash benchmarks/gpu.sh --compile --clips 4 --changes torch_compile torch_compile_evaluation_batch
+#      or every comparison of training and generation, max-autotune and reduce-overhead included:
+#        OUT=/some/folder bash benchmarks/gpu.sh --sections training generation --compile
 #   3. results in $OUT: gpu_bench.json (every number), gpu_bench.md (summary), gpu_bench.log, nvidia-smi.txt;
 #      copy them into benchmarks/results/ and record the summary with benchmarks.results.write_section.
 #      The CUDA-only tests (the fused deformable attention kernel compiled, CUDA-graph sampling):

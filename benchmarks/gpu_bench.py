@@ -74,6 +74,7 @@ SAMPLERS = (("ddpm", 300), ("dpmsolver++", 25))  # the paper protocol (VTA-LDM's
 GENERATION_BATCHES = (1, 16)
 EVERY_CHANGE = {"on": False}  # --every-change: comparisons ignore the budget (the CPU test, whatever the load)
 ONLY_CHANGES: dict[str, set[str] | None] = {"names": None}  # --changes: run only these comparisons (None: all)
+COMPARED: set[str] = set()  # every comparison name met in this run (a --changes name never met is a typo)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -166,6 +167,7 @@ def compare(out: dict[str, Any], name: str, deadline: Deadline, needs_s: float, 
     (after / before for rates, before / after for unit "s"). Skipped, and said so, when the section has less than
     `needs_s` seconds left; an error is recorded and the section goes on."""
     table = out.setdefault("changes", {})
+    COMPARED.add(name)
     only = ONLY_CHANGES["names"]
     if only is not None and name not in only:
         table[name] = {"status": "skipped", "reason": "not among --changes"}
@@ -519,7 +521,9 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
                          # of those seconds: until the first batch reached the encoders, after the last left them
                          "startup_seconds": round(summary.startup_seconds, 2),
                          "finishing_seconds": round(summary.drain_seconds, 2),
-                         "steady_clips_per_second": round(summary.steady_clips_per_second, 3)}
+                         # written / the seconds in between, as clips_per_second is written / all seconds
+                         "steady_clips_per_second": round(summary.written / max(
+                             summary.wall_seconds - summary.startup_seconds - summary.drain_seconds, 1e-9), 3)}
 
     dataset = DecodeDataset(clips, cfg)
     decode_seconds, decoded = timed(lambda: [dataset[i] for i in range(len(dataset))], device)
@@ -1541,13 +1545,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="run every before/after comparison even past the budget (the slow test, on a loaded machine)")
     parser.add_argument("--compile", action="store_true",
                         help="also measure torch.compile (and CUDA graphs) in stage one, training and generation: minutes "
-                             "of compilation, best as a second run: --sections training generation --compile")
+                             "of compilation, best as a second run, e.g. only the compiled rows of all three stages: "
+                             "--compile --clips 4 --changes torch_compile torch_compile_evaluation_batch")
     parser.add_argument("--changes", nargs="+", default=None, metavar="NAME",
                         help="run only these before/after comparisons (their names in the JSON's 'changes' tables, "
                              "e.g. torch_compile torch_compile_evaluation_batch); the others are recorded as skipped")
     args = parser.parse_args(argv)
     EVERY_CHANGE["on"] = args.every_change
     ONLY_CHANGES["names"] = set(args.changes) if args.changes else None
+    COMPARED.clear()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     out_dir = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else DEFAULT_OUT)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1593,6 +1599,10 @@ def main(argv: list[str] | None = None) -> int:
             save()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    unknown = sorted((ONLY_CHANGES["names"] or set()) - COMPARED)
+    if unknown:  # a name no section compares: said in the JSON, the log and the exit code
+        results["meta"]["unknown_changes"] = unknown
+        log(f"--changes: no comparison is named {', '.join(unknown)} (known here: {', '.join(sorted(COMPARED))})")
     save()
     summary = markdown(results)
     print("\n" + summary)
@@ -1600,7 +1610,7 @@ def main(argv: list[str] | None = None) -> int:
         record_results(results)
     log_file.close()
     failed = [name for name in ["device", *args.sections] if results.get(name, {}).get("status") != "ok"]
-    return 1 if failed else 0
+    return 1 if failed or unknown else 0
 
 
 if __name__ == "__main__":

@@ -584,17 +584,19 @@ class Grounder(_Batched, FrozenModule):
             self.sam.vision_encoder.compile(dynamic=False)
 
     def _pass_size(self, count: int) -> int:
-        """With static shapes, the frame count a pass of `count` frames is padded to: the next multiple of a
-        quarter of the frame batch (so at most 4 sizes per batch size, and a tail pass wastes under a quarter)."""
+        """With static shapes, the frame count a pass of `count` (<= the batch) frames is padded to: the next
+        multiple of a quarter of the current frame batch, at most the batch itself (so at most 5 sizes per batch
+        size, and a tail pass wastes under a quarter)."""
         if not self.static_shapes:
             return count
         step = max(1, -(-self.batch // 4))
-        return -(-count // step) * step
+        return max(count, min(self.batch, -(-count // step) * step))
 
     def _padded_size(self, frame_size: tuple[int, ...]) -> tuple[int, int]:
         """(height, width) of the detector input a frame of `frame_size` (height, width) becomes: the size Grounding
         DINO's processor resizes it to; with static shapes, the canvas of its orientation (`image_size`'s short x
-        long side, turned when height > width), or larger where the processor's rounding passes it by a pixel.
+        long side, turned when height > width), or larger where the processor's resize passes it (a frame whose
+        short side already equals the rounded target is left as it is: 360 x 1334 stays so at 800 x 1333).
         `detections` runs only frames of one padded size together, so no frame is padded to a batch mate's."""
         short, long = self.image_size["shortest_edge"], self.image_size["longest_edge"]
         height, width = get_size_with_aspect_ratio((int(frame_size[0]), int(frame_size[1])), short, long)

@@ -290,9 +290,10 @@ class Summary:
     resumed: int = 0
     failed: collections.Counter[str] = field(default_factory=collections.Counter)
     wall_seconds: float = 0.0
-    # of wall_seconds: until the first batch of decoded clips reached the encoders (output checks, decoding workers
-    # starting, the first clips decoded), and after the last batch left them (the writer finishing, workers stopping):
-    # costs of a run, not of a clip, which a long run spreads thin
+    # of wall_seconds: until the first batch of decoded clips reached the encoders (building the encoders unless
+    # given, output checks, decoding workers starting, the first clips decoded), and after the last batch left them
+    # (the writer finishing, workers stopping): costs of a run, not of a clip, which a long run spreads thin. A
+    # compiled detector's compilation (--compile) happens on the first passes, so it counts in between.
     startup_seconds: float = 0.0
     drain_seconds: float = 0.0
     shards: list[str] = field(default_factory=list)

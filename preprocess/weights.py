@@ -103,7 +103,7 @@ def fetch(out: Path, timeout_s: float = HUB_TIMEOUT_S, endpoint: str | None = No
 
 # ----------------------------------------------------------------------------------- check
 def check(weights: Path, cfg: FeatureConfig, load: bool = False) -> bool:
-    """Print one line per expected entry (checksum or MISSING); with `load`, build every encoder from it."""
+    """Print one line per expected entry (checksum, MISSING or WRONG); with `load`, build every encoder from it."""
     ok = True
     for name, relative, is_folder in expected_entries(cfg):
         path = weights / relative
@@ -111,7 +111,7 @@ def check(weights: Path, cfg: FeatureConfig, load: bool = False) -> bool:
             checksum = sha256_dir(require_model_dir(path, name)) if is_folder else sha256_file(require_file(path, name))
             print(f"{name:<15} {checksum}  {path}")
         except FileNotFoundError as error:
-            print(f"{name:<15} MISSING  {error}")
+            print(f"{name:<15} {'MISSING' if not path.exists() else 'WRONG'}  {error}")  # WRONG: e.g. a folder for a file
             ok = False
     if ok and load:
         import torch

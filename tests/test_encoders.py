@@ -559,6 +559,18 @@ def test_static_shapes_pad_each_pass_to_a_few_shapes_without_changing_scores(mon
     assert got[4].detector.shape == (3, 2) and bool(((got[4].detector >= 0) & (got[4].detector <= 1)).all())
 
 
+def test_static_passes_never_exceed_the_frame_batch() -> None:
+    """A pass is padded to a multiple of a quarter of the batch, but never past the batch: a batch the free memory
+    or an out-of-memory halving sized (10, 37, ...) is what fits."""
+    grounder = Grounder.from_config(CFG.replace(frame_batch=10), None, CPU)
+    grounder.static_shapes = True
+    for batch in (10, 37, 5, 3, 1):
+        grounder.batch = batch
+        sizes = [grounder._pass_size(count) for count in range(1, batch + 1)]
+        assert all(count <= size <= batch for count, size in zip(range(1, batch + 1), sizes))
+        assert len(set(sizes)) <= 5 and sizes[-1] == batch
+
+
 def test_a_processor_that_resizes_past_the_canvas_pads_to_the_pass_instead(monkeypatch) -> None:
     """Another transformers version may round a frame's resize a pixel past the canvas, which its pad refuses:
     that pass is padded to its own largest frame instead (a shape more to compile), with the same scores."""
