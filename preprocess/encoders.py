@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import pickle
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 import numpy as np
 import open_clip
 import torch
+import transformers
 from safetensors import SafetensorError
 from torch import nn
 from torchvision.transforms import InterpolationMode
@@ -45,6 +47,7 @@ from transformers import (
     SamProcessor,
 )
 from transformers.image_transforms import get_size_with_aspect_ratio
+from transformers.models.grounding_dino import modeling_grounding_dino as grounding_dino_modeling
 
 from common.devices import half_dtype
 from common.frozen import FrozenModule, chunks, random_init_checksum, seeded
@@ -557,6 +560,9 @@ class Grounder(_Batched, FrozenModule):
             except deformable.KernelError as error:
                 raise deformable.KernelError(error.reason, PYTORCH_HINT) from None
             deformable.use_fused_deformable_attention(detector)
+        problem = text_positions_problem(detector)
+        if problem:  # features still made, but not comparable with other versions': said once per build
+            log.warning("transformers %s: %s", getattr(transformers, "__version__", "?"), problem)
         grounder = cls(detector, image_processor, tokenizer, image_size, sam, sam_image_processor, cfg.frame_batch,
                        checksum, sam_floor=cfg.sam_floor, static_shapes=cfg.compile)
         grounder = grounder.to(device=device, dtype=half_dtype(cfg.half, device))
@@ -772,6 +778,42 @@ def _check_grounding_tokenizer(tokenizer: Any, detector: GroundingDinoForObjectD
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{folder}: Grounding DINO needs a fast tokenizer (offset mapping); found {type(tokenizer)}")
     ids = tokenizer.convert_tokens_to_ids(list(GROUNDING_DELIMITERS))
-    expected = detector.model.special_tokens.tolist()
+    expected = _delimiter_ids(detector)
     if ids != expected:
         raise ValueError(f"{folder}: tokenizer ids of {GROUNDING_DELIMITERS} are {ids}, the model splits at {expected}")
+
+
+def _delimiter_ids(detector: GroundingDinoForObjectDetection) -> list[int]:
+    """The token ids Grounding DINO splits phrases at: the model's `special_tokens` buffer (transformers >= 5.24),
+    else the module's SPECIAL_TOKENS, which earlier versions use directly."""
+    buffer = getattr(detector.model, "special_tokens", None)
+    if isinstance(buffer, torch.Tensor):
+        return [int(i) for i in buffer.tolist()]
+    return list(grounding_dino_modeling.SPECIAL_TOKENS)
+
+
+# Text position ids of "[CLS] a b . c . d e . [SEP]" in the original Grounding DINO: each phrase counts from 0, its
+# closing delimiter included; [CLS] and [SEP] get 0. transformers 5.17 gives each delimiter 0 instead.
+_PROBE_IDS = [101, 2000, 2001, 1012, 2002, 1012, 2003, 2004, 1012, 102]
+_ORIGINAL_POSITIONS = [0, 0, 1, 2, 0, 1, 0, 1, 2, 0]
+
+
+def text_positions_problem(detector: GroundingDinoForObjectDetection) -> str | None:
+    """Why this transformers' Grounding DINO numbers its text positions unlike the original model (None: it does as
+    the original). Such a version scores every noun slightly differently, so features made with it do not match
+    those of other versions."""
+    make = grounding_dino_modeling.generate_masks_with_special_tokens_and_transfer_map
+    ids = torch.tensor([_PROBE_IDS])
+    try:
+        if "special_tokens" in inspect.signature(make).parameters:
+            _, positions = make(ids, special_tokens=torch.tensor(_delimiter_ids(detector)))
+        else:
+            _, positions = make(ids)
+    except (TypeError, ValueError, RuntimeError) as error:
+        return f"its text position ids could not be checked ({type(error).__name__}: {error})"
+    got = [int(i) for i in positions[0].tolist()]
+    if got == _ORIGINAL_POSITIONS:
+        return None
+    return (f"its Grounding DINO numbers the text positions of {_PROBE_IDS} as {got}, the original model as "
+            f"{_ORIGINAL_POSITIONS}, so every detector score differs slightly from other versions' (transformers 4.57 "
+            "and 5.24 number them as the original)")

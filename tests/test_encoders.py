@@ -13,6 +13,7 @@ import re
 import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import open_clip
@@ -409,6 +410,31 @@ def test_size_mismatches_raise(saved: tuple[Path, dict[str, object]], tmp_path: 
     GroundingDinoProcessor(image_processor=models["image_processor"], tokenizer=shuffled).save_pretrained(folder)
     with pytest.raises(ValueError, match=r"grounding-dino: tokenizer ids of .* are \[2, 3, 5, 6\]"):
         Grounder.from_config(LOADED.replace(use_sam=False), tmp_path, CPU)
+    # transformers before 5.24 has no special_tokens buffer on the model: the module's constant is what it splits at
+    older = SimpleNamespace(model=SimpleNamespace())  # what the check reads of such a detector
+    with pytest.raises(ValueError, match=r"tokenizer ids of .* are \[2, 3, 5, 6\], the model splits at \[101, 102, 1012, 1029\]"):
+        encoders._check_grounding_tokenizer(shuffled, older, folder)  # type: ignore[arg-type]
+
+
+def test_a_transformers_that_numbers_text_positions_unlike_the_original_is_named(monkeypatch, caplog) -> None:
+    """transformers 5.17 gives each phrase delimiter position 0 (the original model and 4.57/5.24 count it in its
+    phrase): every detector score moves slightly, so stage one says so when it builds the detector."""
+    from transformers.models.grounding_dino import modeling_grounding_dino as modeling
+
+    detector = Grounder.from_config(CFG.replace(use_sam=False), None, CPU).detector
+    assert encoders.text_positions_problem(detector) is None  # this transformers numbers them as the original
+    original = modeling.generate_masks_with_special_tokens_and_transfer_map
+
+    def delimiters_at_zero(input_ids, special_tokens=None):  # 5.17's numbering, through today's signature
+        mask, positions = original(input_ids, special_tokens=special_tokens)
+        return mask, torch.where(torch.isin(input_ids, special_tokens), 0, positions)
+
+    monkeypatch.setattr(modeling, "generate_masks_with_special_tokens_and_transfer_map", delimiters_at_zero)
+    problem = encoders.text_positions_problem(detector)
+    assert problem is not None and "[0, 0, 1, 0, 0, 0, 0, 1, 0, 0]" in problem
+    with caplog.at_level("WARNING"):
+        Grounder.from_config(CFG.replace(use_sam=False), None, CPU)
+    assert any("numbers the text positions" in r.getMessage() for r in caplog.records)
 
 
 def test_fetch_without_hub_fails_fast_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
