@@ -419,22 +419,39 @@ def test_size_mismatches_raise(saved: tuple[Path, dict[str, object]], tmp_path: 
 def test_a_transformers_that_numbers_text_positions_unlike_the_original_is_named(monkeypatch, caplog) -> None:
     """transformers 5.17 gives each phrase delimiter position 0 (the original model and 4.57/5.24 count it in its
     phrase): every detector score moves slightly, so stage one says so when it builds the detector."""
+    import transformers
+    from packaging import version
     from transformers.models.grounding_dino import modeling_grounding_dino as modeling
 
+    delimiters = torch.tensor(modeling.SPECIAL_TOKENS)
+
+    def original(input_ids, special_tokens=None):  # the original model's numbering (the mask is not looked at)
+        positions = torch.zeros_like(input_ids)
+        for row, ids in enumerate(input_ids.tolist()):
+            start = 0
+            for col, token in enumerate(ids):
+                if token in modeling.SPECIAL_TOKENS:  # a phrase ends here, its delimiter counted in it
+                    if 0 < col < len(ids) - 1:
+                        positions[row, start: col + 1] = torch.arange(col + 1 - start)
+                    start = col + 1
+        return None, positions
+
+    def delimiters_at_zero(input_ids, special_tokens=None):  # transformers 5.17's numbering
+        _, positions = original(input_ids)
+        return None, torch.where(torch.isin(input_ids, delimiters), 0, positions)
+
     detector = Grounder.from_config(CFG.replace(use_sam=False), None, CPU).detector
-    assert encoders.text_positions_problem(detector) is None  # this transformers numbers them as the original
-    original = modeling.generate_masks_with_special_tokens_and_transfer_map
-
-    def delimiters_at_zero(input_ids, special_tokens=None):  # 5.17's numbering, through today's signature
-        mask, positions = original(input_ids, special_tokens=special_tokens)
-        return mask, torch.where(torch.isin(input_ids, special_tokens), 0, positions)
-
+    monkeypatch.setattr(modeling, "generate_masks_with_special_tokens_and_transfer_map", original)
+    assert encoders.text_positions_problem(detector) is None
     monkeypatch.setattr(modeling, "generate_masks_with_special_tokens_and_transfer_map", delimiters_at_zero)
     problem = encoders.text_positions_problem(detector)
     assert problem is not None and "[0, 0, 1, 0, 0, 0, 0, 1, 0, 0]" in problem
     with caplog.at_level("WARNING"):
         Grounder.from_config(CFG.replace(use_sam=False), None, CPU)
     assert any("numbers the text positions" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()  # the installed version's own function, through its own signature: 4.57 and 5.24 agree
+    if version.parse(transformers.__version__) >= version.parse("5.24"):
+        assert encoders.text_positions_problem(detector) is None
 
 
 def test_fetch_without_hub_fails_fast_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
