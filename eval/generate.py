@@ -100,10 +100,14 @@ def check_decoder_checkpoint(folder: str | Path, checksum: str, weights: Path | 
                         f"but {where} hold {checksum[:12]}...: give the --weights folder stage one used")
 
 
-def write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
-    """16-bit PCM mono WAV written to a temporary name and renamed (a crash never leaves half a WAV)."""
+def write_wav(path: Path, waveform: np.ndarray, sample_rate: int, software: str = "") -> None:
+    """16-bit PCM mono WAV written to a temporary name and renamed (a crash never leaves half a WAV); `software`,
+    when given, goes into its INFO chunk (ISFT), where a later run recognises its own files."""
     tmp = path.with_name(path.name + ".tmp")
-    soundfile.write(tmp, np.clip(waveform, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+    with soundfile.SoundFile(tmp, "w", sample_rate, 1, "PCM_16", format="WAV") as handle:
+        if software:
+            handle.software = software
+        handle.write(np.clip(waveform, -1.0, 1.0))
     os.replace(tmp, path)
 
 

@@ -400,10 +400,10 @@ def _packets_end(path: Path, index: int) -> float:
 
 def probe_video(path: str | Path) -> dict[str, Any]:
     """Container facts via PyAV: duration (s), fps, width/height as displayed (after rotation), rotation
-    (counter-clockwise degrees in {0, 90, 180, 270}), codec name, has_audio, and start: the timestamp (s) of the
-    video stream's first frame, t = 0 of `decode_frames` (not 0 where another stream starts earlier, or where the
-    timestamps start at 3600 s). Decodes one frame (the rotation lives in the display matrix that FFmpeg attaches
-    to decoded frames)."""
+    (counter-clockwise degrees in {0, 90, 180, 270}), codec name, has_audio, format (the demuxer's name), and start:
+    the timestamp (s) of the video stream's first frame, t = 0 of `decode_frames` (not 0 where another stream
+    starts earlier, or where the timestamps start at 3600 s). Decodes one frame (the rotation lives in the display
+    matrix that FFmpeg attaches to decoded frames)."""
     path = Path(path)
     _check_file(path)
     with _open_pyav(path) as container:
@@ -437,4 +437,5 @@ def probe_video(path: str | Path) -> dict[str, Any]:
             "rotation": rotation,
             "codec": stream.codec_context.codec.canonical_name,  # "av1", not the decoder "libdav1d"
             "has_audio": bool(container.streams.audio),
+            "format": container.format.name,  # the demuxer: "image2", "png_pipe"... for still images
         }

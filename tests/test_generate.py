@@ -455,8 +455,8 @@ def test_webm_outputs_and_paths_ffmpeg_could_misread(run_dir, tmp_path, capsys):
 
 
 def test_lists_of_videos(run_dir, tmp_path, capsys):
-    """A .txt list: blank lines and '#' comments skipped, CRLF line ends read; a list that cannot be read stops
-    the run before any model loads; a folder without videos is one warning."""
+    """A .txt list: blank lines and '#' comments skipped, CRLF line ends read; a list that cannot be read is one
+    error line and the other inputs still get sound; a folder without videos is one warning."""
     video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
     listing = tmp_path / "videos.txt"
     listing.write_bytes(f"# the videos\r\n\r\n{video}\r\n{tmp_path / 'gone.mp4'}\r\n".encode())
@@ -465,8 +465,10 @@ def test_lists_of_videos(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {tmp_path / 'gone.mp4'}: file not found"]
     assert (tmp_path / "out" / "v.wav").exists()
-    assert cli_main(["generate", str(tmp_path / "nothing.txt"), *common]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nothing.txt'}: cannot read the list of videos (No such file or directory)"
+    assert cli_main(["generate", str(tmp_path / "nothing.txt"), str(video), "--out", str(tmp_path / "out3"), *common]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"error: {tmp_path / 'nothing.txt'}: cannot read the list of videos (No such file or directory)"
+    assert (tmp_path / "out3" / "v.wav").exists() and "1 of 1 videos have sound" in captured.out
     (tmp_path / "empty").mkdir()
     assert cli_main(["generate", str(tmp_path / "empty"), "--out", str(tmp_path / "out2"), *common]) == 0
     assert capsys.readouterr().err.startswith(f"warning: {tmp_path / 'empty'}: this folder names no video")
@@ -652,3 +654,48 @@ def test_encoders_other_than_the_ones_stage_one_used_are_refused(run_dir, tmp_pa
     err = capsys.readouterr().err
     assert f"{features}: the model was trained on clip features of checkpoint 000000000000..." in err
     assert "Traceback" not in err
+
+
+def test_files_of_the_users_in_the_output_folder_are_never_overwritten(run_dir, tmp_path, capsys):
+    """Only both outputs of a video mark it done; a lone copy with sound, or a WAV this command did not write
+    (its INFO chunk says so), is someone else's file: that video fails in one line and the file is left as it was.
+    A WAV of an interrupted run of this command (written, not yet muxed) is made again."""
+    import hashlib
+
+    common = ["--model", str(run_dir), "--steps", "2", "--caption", "dog", "--no-progress"]
+    out = tmp_path / "out"
+    out.mkdir()
+    first, second, third = (media.make_video(tmp_path / f"{name}.mp4", seconds=2.0, audio=None) for name in "abc")
+    (out / "a.mp4").write_bytes(b"the user's own video")
+    soundfile.write(out / "b.wav", np.zeros(1600), 16000)  # the user's own WAV
+    digest = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in ("a.mp4", "b.wav")}
+    assert cli_main(["generate", str(first), str(second), str(third), "--out", str(out), *common]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {first}: {out / 'a.mp4'} exists and is not from an earlier run of this command (no a.wav "
+                      "beside it); move it or give another --out",
+                      f"error: {second}: {out / 'b.wav'} exists and was not written by this command; move it or give "
+                      "another --out"]
+    assert {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in digest} == digest
+    assert (out / "c.mp4").exists() and (out / "c.wav").exists()
+    (out / "c.mp4").unlink()  # as a run killed between writing the WAV and muxing leaves it
+    assert cli_main(["generate", str(third), "--out", str(out), *common]) == 0
+    assert (out / "c.mp4").exists()
+
+
+def test_bad_device_guidance_and_still_images_are_one_line(run_dir, tmp_path, capsys):
+    video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
+    common = ["--model", str(run_dir), "--steps", "2", "--caption", "dog", "--no-progress", "--out", str(tmp_path / "o")]
+    assert cli_main(["generate", str(video), *common, "--device", "bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --device bogus: ") and "\n" not in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        assert cli_main(["generate", str(video), *common, "--device", "cuda"]) == 2
+        assert capsys.readouterr().err.strip() == "error: --device cuda: no CUDA device is available here"
+    assert cli_main(["generate", str(video), *common, "--guidance", "nan"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --guidance must be a finite number (got nan)"
+    image = tmp_path / "still.png"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "color=c=red:s=64x48", "-frames:v", "1", str(image)],
+                   check=True)
+    assert cli_main(["generate", str(image), *common]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {image}: a still image (png_pipe), not a video" and not (tmp_path / "o" / "still.wav").exists()

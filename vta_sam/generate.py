@@ -216,13 +216,33 @@ def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int
     tmp.replace(out)
 
 
+WAV_SOFTWARE = "vta-sam generate"  # written into each WAV's INFO chunk: what marks a WAV as this command's
+
+
+def foreign_output(out_video: Path, out_wav: Path) -> str | None:
+    """Why an output path holds a file this command must not overwrite (None: free, or its own unfinished work).
+    The WAV is written first and carries WAV_SOFTWARE, then the copy with sound: so a WAV without that mark, or a
+    copy without its WAV beside it, is someone else's file."""
+    if out_video.exists() and not out_wav.exists():
+        return f"{out_video} exists and is not from an earlier run of this command (no {out_wav.name} beside it)"
+    if out_wav.exists():
+        try:
+            with soundfile.SoundFile(out_wav) as existing:
+                ours = existing.software.startswith(WAV_SOFTWARE)
+        except (soundfile.SoundFileError, RuntimeError, OSError):
+            ours = False
+        if not ours:
+            return f"{out_wav} exists and was not written by this command"
+    return None
+
+
 def output_paths(video: Path, out: Path, many: bool) -> tuple[Path, Path]:
     """(video with sound, wav). `--out` is a folder, or with one input a file name ending in a video suffix.
     The copy keeps the input's container, except WebM (whose audio must be Vorbis/Opus) and those that take no AAC
     (MPEG program streams, Ogg, ASF): Matroska instead."""
     if not many and out.suffix.lower() in VIDEO_SUFFIXES:
         return out, out.with_suffix(".wav")
-    suffix = ".mkv" if video.suffix.lower() in (".webm", *NO_AAC_SUFFIXES) else video.suffix.lower()
+    suffix = ".mkv" if video.suffix.lower() in (".webm", ".gif", *NO_AAC_SUFFIXES) else video.suffix.lower()
     return out / f"{video.stem}{suffix}", out / f"{video.stem}.wav"
 
 
@@ -245,7 +265,14 @@ class SoundGenerator:
         source, meta = features_meta(Path(options.model), self.train_config)
         # compiling the detector was a speed choice of stage one's machine (minutes per shape): not for a few videos
         self.features = feature_config(source, meta).replace(device=options.device, compile=False)
-        device = resolve_device(self.features.device)
+        try:
+            device = resolve_device(self.features.device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError("no CUDA device is available here")
+            if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+        except (RuntimeError, ValueError) as error:  # torch's "Expected one of cpu, cuda, ..." among them
+            raise GenerateError(f"--device {options.device}: {str(error).splitlines()[0]}") from None
         try:
             self.precision = resolve_precision(options.precision, device)
         except ValueError as error:
@@ -399,11 +426,13 @@ def write_explanation(path: Path, waveform: np.ndarray, sample_rate: int, explai
 
 
 # ----------------------------------------------------------------------------------- command line
-def expand_inputs(paths: list[Path]) -> list[Path]:
-    """Files as given; folders contribute their videos (sorted); a .txt file lists one video per line (paths relative
-    to the current folder; blank lines and lines starting with '#' are skipped). A list that cannot be read is a
-    GenerateError; a folder or list without videos, one warning line."""
+def expand_inputs(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """(videos, problems). Files as given; folders contribute their videos (sorted); a .txt file lists one video per
+    line (paths relative to the current folder; blank lines and lines starting with '#' are skipped). A list that
+    cannot be read is one problem line (the other inputs still go on); a folder or list without videos, one
+    warning line."""
     videos: list[Path] = []
+    problems: list[str] = []
     for path in paths:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
@@ -412,7 +441,8 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
                 lines = path.read_text(encoding="utf-8-sig").splitlines()
             except (OSError, UnicodeDecodeError) as error:
                 reason = error.strerror if isinstance(error, OSError) else f"not UTF-8 text, byte {error.start}"
-                raise GenerateError(f"{path}: cannot read the list of videos ({reason})") from None
+                problems.append(f"{path}: cannot read the list of videos ({reason})")
+                continue
             found = [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
         else:
             found = [path]
@@ -420,7 +450,7 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
             kind = "folder" if path.is_dir() else "list"
             print(f"warning: {path}: this {kind} names no video (suffixes {' '.join(VIDEO_SUFFIXES)})", file=sys.stderr)
         videos.extend(found)
-    return videos
+    return videos, problems
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -457,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Sound for every video given. A video that fails (unreadable input, or an output that cannot be written:
     folder, WAV, muxed copy) is one line on stderr naming it and the reason, and the remaining videos are still
-    tried; the exit code is 1 when any failed. Finished outputs of an earlier run are kept and skipped. Of two
+    tried; the exit code is 1 when any failed. Finished outputs of an earlier run are kept and skipped; a file in an
+    output's place that this command did not write (`foreign_output`) is left alone and fails that video. Of two
     videos that would write the same output names (a/x.mp4 and b/x.mp4 into one folder, or x.mp4 and x.webm, which
     share x.wav), the later one fails that way and the first keeps its outputs."""
     from eval.generate import write_wav
@@ -472,11 +503,16 @@ def main(argv: list[str] | None = None) -> int:
         if not value >= low:  # also NaN
             print(f"error: {flag} must be at least {low} (got {value})", file=sys.stderr)
             return 2
+    if not math.isfinite(options.guidance):
+        print(f"error: --guidance must be a finite number (got {options.guidance})", file=sys.stderr)
+        return 2
     if shutil.which("ffmpeg") is None:
         print("error: ffmpeg not found (install Debian's ffmpeg: apt-get install ffmpeg)", file=sys.stderr)
         return 2
+    videos, problems = expand_inputs(args.videos)
+    for unreadable in problems:
+        print(f"error: {unreadable}", file=sys.stderr)
     try:
-        videos = expand_inputs(args.videos)
         generator = SoundGenerator(options)
     except GenerateError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -485,8 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --overlap must be shorter than a window ({generator.features.window_seconds} s; got "
               f"{options.overlap})", file=sys.stderr)
         return 2
-    many = len(videos) > 1 or any(p.is_dir() for p in args.videos)
-    failed = 0
+    many = len(videos) > 1 or any(p.is_dir() or p.suffix.lower() == ".txt" for p in args.videos)
+    failed = len(problems)
     claimed: dict[Path, Path] = {}  # output file -> the video of this call that writes it
     for video in tqdm(videos, unit="video", disable=args.no_progress, desc="generate"):
         out_video, out_wav = output_paths(video, options.out, many)
@@ -503,8 +539,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if out_video.exists() and out_wav.exists():
             continue  # finished by an earlier run
+        foreign = foreign_output(out_video, out_wav)
+        if foreign:  # a file of the user's where an output goes: never overwritten
+            failed += 1
+            tqdm.write(f"error: {video}: {foreign}; move it or give another --out", file=sys.stderr)
+            continue
         try:
             probe = probe_video(video)
+            if probe["format"] == "image2" or probe["format"].endswith("_pipe"):
+                raise GenerateError(f"{video}: a still image ({probe['format']}), not a video")
             problem = container_problem(probe["codec"], out_video)
             if problem:
                 raise GenerateError(f"{video}: cannot write {out_video} ({problem})")
@@ -513,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             if not np.isfinite(waveform).all():  # a damaged checkpoint: never write (and mux) full-scale noise
                 raise GenerateError(f"{video}: the model made non-finite audio (check {options.model}/model and the "
                                     "VAE and vocoder weights)")
-            write_wav(out_wav, waveform, generator.features.sample_rate)
+            write_wav(out_wav, waveform, generator.features.sample_rate, software=WAV_SOFTWARE)
             mux(video, out_wav, out_video, probe["start"], probe["index"])
             if options.explain:
                 write_explanation(out_video.with_suffix(".explain.png"), waveform, generator.features.sample_rate, explain)
@@ -527,6 +570,6 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             reason = getattr(error, "error_string", None) or str(error)
             tqdm.write(f"error: {video}: cannot write {out_wav} ({reason.rstrip('.')})", file=sys.stderr)
-    done = len(videos) - failed
+    done = len(videos) + len(problems) - failed
     print(f"{done} of {len(videos)} videos have sound in {options.out}" + (f"; {failed} failed (see above)" if failed else ""))
     return 1 if failed else 0
