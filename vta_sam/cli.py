@@ -36,3 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "verify":
         rest = ["verify", *rest]
     return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":  # `python -m vta_sam.cli ...` as `python -m vta_sam ...`
+    raise SystemExit(main())
