@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --overlap must be shorter than a window ({generator.features.window_seconds} s; got "
               f"{options.overlap})", file=sys.stderr)
         return 2
-    many = len(videos) > 1 or any(p.is_dir() or p.suffix.lower() == ".txt" for p in args.videos)
+    many = len(videos) > 1 or any(p.is_dir() for p in args.videos)
     failed = len(problems)
     claimed: dict[Path, Path] = {}  # output file -> the video of this call that writes it
     for video in tqdm(videos, unit="video", disable=args.no_progress, desc="generate"):
