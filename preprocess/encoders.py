@@ -598,6 +598,11 @@ class Grounder(_Batched, FrozenModule):
         step = max(1, -(-self.batch // 4))
         return max(count, min(self.batch, -(-count // step) * step))
 
+    def _fill(self, count: int) -> int:
+        """How many copies of a pass's last frame pad its `count` frames to `_pass_size` (0 without static shapes);
+        their results are dropped."""
+        return self._pass_size(count) - count
+
     def _padded_size(self, frame_size: tuple[int, ...]) -> tuple[int, int]:
         """(height, width) of the detector input a frame of `frame_size` (height, width) becomes: the size Grounding
         DINO's processor resizes it to; with static shapes, the canvas of its orientation (`image_size`'s short x
@@ -658,9 +663,10 @@ class Grounder(_Batched, FrozenModule):
                 return [score.float().cpu() for score in scores], ious
             return one_pass
 
+        sizes = [self._padded_size(clip.shape[1:3]) for clip in frames]  # a clip's frames share their size
         groups: dict[tuple[int, int], list[tuple[int, int]]] = {}  # frames padded to one size: one group
         for i, t in jobs:
-            groups.setdefault(self._padded_size(frames[i].shape[1:3]), []).append((i, t))
+            groups.setdefault(sizes[i], []).append((i, t))
         for group in groups.values():
             start = 0
             for scores, ious in self.batches.map(len(group), run(group)):
@@ -679,9 +685,8 @@ class Grounder(_Batched, FrozenModule):
     def _detect(self, images: list[torch.Tensor], prompts: list[GroundingPrompt]) -> tuple[list[torch.Tensor],
                                                                                      list[torch.Tensor]]:
         """Per image: (K,) noun probabilities and (K, 4) xyxy boxes (pixels of the input frame) of the best query."""
-        real = len(images)
-        if self._pass_size(real) > real:  # static shapes: copies of the last frame fill the pass, results dropped
-            extra = self._pass_size(real) - real
+        real, extra = len(images), self._fill(len(images))
+        if extra:  # static shapes
             scores, boxes = self._detect(images + images[-1:] * extra, prompts + prompts[-1:] * extra)
             return scores[:real], boxes[:real]
         if len(images) == 1 and self.image_size["shortest_edge"] < 128:
@@ -755,10 +760,9 @@ class Grounder(_Batched, FrozenModule):
     def _box_iou(self, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> list[torch.Tensor]:
         """SAM's predicted IoU for one mask per box (multimask_output=False); all boxes of a frame in one prompt."""
         assert self.sam is not None and self.sam_image_processor is not None
-        real = len(images)
-        if self._pass_size(real) > real:  # static shapes: copies of the last frame fill the pass, results dropped
-            extra = self._pass_size(real) - real
-            return self._box_iou(images + images[-1:] * extra, boxes + boxes[-1:] * extra)[:real]
+        extra = self._fill(len(images))
+        if extra:  # static shapes
+            return self._box_iou(images + images[-1:] * extra, boxes + boxes[-1:] * extra)[:len(images)]
         inputs = self.sam_image_processor(images=images, input_data_format="channels_last", device=self.device,
                                           return_tensors="pt")
         # SAM's processor scales boxes by (resized / original) per axis; so do we, on the tensors it returns

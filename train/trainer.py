@@ -780,12 +780,14 @@ def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cp
             shell = VTASAM(config, spec)
     except (ValueError, TypeError) as error:  # sizes the UNet cannot be built with (e.g. not divisible by its groups)
         raise ValueError(f"{config_path}: describes no buildable model ({one_line(error)})") from None
-    expected = {name: tuple(tensor.shape) for name, tensor in shell.state_dict().items()}
-    floating = {name for name, tensor in shell.state_dict().items() if tensor.is_floating_point()}
+    shell_state = shell.state_dict()
+    expected = {name: tuple(tensor.shape) for name, tensor in shell_state.items()}
+    floating = {name for name, tensor in shell_state.items() if tensor.is_floating_point()}
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
-            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-            dtypes = {name: str(handle.get_slice(name).get_dtype()) for name in handle.keys()}
+            slices = {name: handle.get_slice(name) for name in handle.keys()}
+            stored = {name: tuple(piece.get_shape()) for name, piece in slices.items()}
+            dtypes = {name: str(piece.get_dtype()) for name, piece in slices.items()}
     except (OSError, safetensors.SafetensorError) as error:
         raise ValueError(f"{path}: unreadable ({one_line(error)})") from None
     # load_state_dict would cast integers or booleans into float weights without a word: not a trained model's file
