@@ -34,6 +34,17 @@ def decoded_frames(container: Any, stream: Any, skipped: list[str]) -> Iterator[
         yield from frames
 
 
+def quiet_decord() -> Any:
+    """The decord module, its bundled FFmpeg's log switched off (process-wide for that copy of FFmpeg, not
+    PyAV's): it would print demuxer messages such as '[matroska,webm @ 0x..] Read error' straight to stderr,
+    next to the one-line errors that already name the file and the reason. decord's exceptions still say what it
+    fails on. ImportError where decord is not installed."""
+    import decord
+
+    decord.logging.set_level(decord.logging.QUIET)
+    return decord
+
+
 def pyav_reason(error: av.FFmpegError) -> str:
     """FFmpeg's own explanation when PyAV logged one (e.g. 'moov atom not found'), else the error text."""
     log = error.log  # (level, component, message) of FFmpeg's last error, when the log was on

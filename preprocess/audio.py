@@ -20,7 +20,7 @@ import av
 import numpy as np
 import soxr  # librosa's resampler, installed with it
 
-from common.ffmpeg import video_stream
+from common.ffmpeg import quiet_decord, video_stream
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def _decord_lead(path: str | Path) -> float:
 
 
 def _decode_decord(path: str | Path, first: int, stop: int, sample_rate: int) -> np.ndarray | None:
-    import decord
+    decord = quiet_decord()
 
     try:
         # mono=True is FFmpeg's weighted downmix, not our average; mono=False is broken in decord 0.6.0 for more

@@ -35,7 +35,7 @@ import av.logging
 import cv2
 import numpy as np
 
-from common.ffmpeg import decoded_frames, pyav_reason, video_stream
+from common.ffmpeg import decoded_frames, pyav_reason, quiet_decord, video_stream
 
 Backend = Literal["auto", "decord", "pyav"]
 # A frame counts as shown at time t when its timestamp is <= t + EPSILON: decord's timestamps are float32
@@ -218,7 +218,7 @@ def _decord_size(height: int, width: int, header: _Header | None, short_side: in
 
 
 def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, short_side: int) -> DecodedFrames:
-    import decord
+    decord = quiet_decord()
 
     header = _read_header(path)
     if header is not None and header.refused:

@@ -456,7 +456,7 @@ def test_webm_outputs_and_paths_ffmpeg_could_misread(run_dir, tmp_path, capsys):
 
 def test_lists_of_videos(run_dir, tmp_path, capsys):
     """A .txt list: blank lines and '#' comments skipped, CRLF line ends read; a list that cannot be read is one
-    error line and the other inputs still get sound; a folder without videos is one warning."""
+    error line and the other inputs still get sound; so is a folder without videos (exit code 1)."""
     video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
     listing = tmp_path / "videos.txt"
     listing.write_bytes(f"# the videos\r\n\r\n{video}\r\n{tmp_path / 'gone.mp4'}\r\n".encode())
@@ -470,8 +470,27 @@ def test_lists_of_videos(run_dir, tmp_path, capsys):
     assert captured.err.strip() == f"error: {tmp_path / 'nothing.txt'}: cannot read the list of videos (No such file or directory)"
     assert (tmp_path / "out3" / "v.wav").exists() and "1 of 1 videos have sound" in captured.out
     (tmp_path / "empty").mkdir()
-    assert cli_main(["generate", str(tmp_path / "empty"), "--out", str(tmp_path / "out2"), *common]) == 0
-    assert capsys.readouterr().err.startswith(f"warning: {tmp_path / 'empty'}: this folder names no video")
+    assert cli_main(["generate", str(tmp_path / "empty"), "--out", str(tmp_path / "out2"), *common]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {tmp_path / 'empty'}: this folder names no video")
+    assert captured.out.startswith("0 videos have sound") and not (tmp_path / "out2").exists()
+    assert cli_main(["generate", str(tmp_path / "empty"), str(video), "--out", str(tmp_path / "out4"), *common]) == 1
+    assert (tmp_path / "out4" / "v.wav").exists() and "1 of 1 videos have sound" in capsys.readouterr().out
+
+
+def test_a_caption_without_nouns_is_said_once(run_dir, tmp_path, capsys):
+    """A caption in which the tagger finds no noun grounds no object: the sound comes from the frames alone, and
+    the command says so in one warning line (once, not per video), where it used to say nothing."""
+    videos = [media.make_video(tmp_path / f"v{i}.mp4", seconds=1.0, audio=None) for i in range(2)]
+    common = ["--model", str(run_dir), "--steps", "2", "--no-progress", "--out", str(tmp_path / "out")]
+    assert cli_main(["generate", *map(str, videos), "--caption", "very quickly", *common]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("warning:")] == [
+        "warning: the caption 'very quickly' has no noun that the tagger finds: the sound is conditioned on the "
+        "frames alone (no objects are grounded)"]
+    assert (tmp_path / "out" / "v1.wav").exists()
+    assert cli_main(["generate", str(videos[0]), "--caption", "a dog", *common[:-1], str(tmp_path / "dog")]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_ffmpeg_error_reason():

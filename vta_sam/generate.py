@@ -429,8 +429,7 @@ def write_explanation(path: Path, waveform: np.ndarray, sample_rate: int, explai
 def expand_inputs(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """(videos, problems). Files as given; folders contribute their videos (sorted); a .txt file lists one video per
     line (paths relative to the current folder; blank lines and lines starting with '#' are skipped). A list that
-    cannot be read is one problem line (the other inputs still go on); a folder or list without videos, one
-    warning line."""
+    cannot be read, and a folder or list that names no video, is one problem line (the other inputs still go on)."""
     videos: list[Path] = []
     problems: list[str] = []
     for path in paths:
@@ -448,7 +447,7 @@ def expand_inputs(paths: list[Path]) -> tuple[list[Path], list[str]]:
             found = [path]
         if not found:
             kind = "folder" if path.is_dir() else "list"
-            print(f"warning: {path}: this {kind} names no video (suffixes {' '.join(VIDEO_SUFFIXES)})", file=sys.stderr)
+            problems.append(f"{path}: this {kind} names no video (suffixes {' '.join(VIDEO_SUFFIXES)})")
         videos.extend(found)
     return videos, problems
 
@@ -512,11 +511,17 @@ def main(argv: list[str] | None = None) -> int:
     videos, problems = expand_inputs(args.videos)
     for unreadable in problems:
         print(f"error: {unreadable}", file=sys.stderr)
+    if not videos:  # nothing to do: no model is loaded
+        print(f"0 videos have sound in {options.out}; {len(problems)} input(s) named none (see above)")
+        return 1
     try:
         generator = SoundGenerator(options)
     except GenerateError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if options.caption and not generator.nouns(options.caption):
+        print(f"warning: the caption {options.caption!r} has no noun that the tagger finds: the sound is conditioned "
+              "on the frames alone (no objects are grounded)", file=sys.stderr)
     if not options.overlap < generator.features.window_seconds:
         print(f"error: --overlap must be shorter than a window ({generator.features.window_seconds} s; got "
               f"{options.overlap})", file=sys.stderr)
