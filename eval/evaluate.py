@@ -36,13 +36,14 @@ import torch
 
 import shards
 from common.devices import resolve_device
+from common.lock import FolderBusy, folder_lock
 from common.versions import software_versions
 from eval.benchmark_embed import benchmark_sets
 from eval.clips import EvalError, clip_selection, evaluation_clips, missing_wav_failures, read_split, wav_path, write_clip_ids
 from eval.config import EvalConfig
 from eval.embed import PANNS_VGGISH, embedder_protocol, generated_embeddings, load_embedders, reference_audio, reference_set
 from eval.generate import generate, generation_protocol, manifest_notes, read_manifest, standing_failures, unique_failures
-from eval.registry import metric_protocol, select_metrics
+from eval.registry import Metric, metric_protocol, select_metrics
 from eval.report import Results, write_outputs
 from eval.score import score
 
@@ -52,13 +53,21 @@ log = logging.getLogger(__name__)
 
 def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Generate (unless config.generate is off), measure, and write config.json, results.json, report.md and
-    figure.png into config.output_dir. Returns the results (results.json's content)."""
+    figure.png into config.output_dir. Returns the results (results.json's content). One evaluation at a time
+    writes into a folder (`common.lock.folder_lock`): a second one given the same folder stops with one line."""
     try:
         selected = select_metrics(config.metrics)
     except ValueError as error:
         raise EvalError(str(error)) from None
+    try:
+        with folder_lock(config.output_dir, "evaluation"):
+            return _evaluate(config, selected, progress)
+    except FolderBusy as error:
+        raise EvalError(str(error)) from None
+
+
+def _evaluate(config: EvalConfig, selected: tuple[Metric, ...], progress: bool) -> dict[str, Any]:
     out_dir = config.output_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. the clips
     try:

@@ -254,7 +254,7 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
     """
     out_dir = config.output_dir
     (out_dir / WAV_DIR).mkdir(parents=True, exist_ok=True)
-    for stale in (out_dir / WAV_DIR).glob("*.tmp"):  # left by a killed run
+    for stale in (out_dir / WAV_DIR).glob("*.tmp"):  # left by a killed run (`evaluate` holds the folder's lock)
         stale.unlink()
     device = resolve_device(config.device)
     try:

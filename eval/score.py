@@ -9,10 +9,13 @@ reason; a metric `--metrics` did not select is null with the reason 'not selecte
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
+
+import numpy as np
 
 import shards
 from eval.config import EvalConfig
@@ -91,6 +94,11 @@ def audio_scores(reference: Embeddings, generated: Embeddings, expected: int, mi
         errors: dict[str, str] = {}
         values.update(audio_metrics(reference, generated, errors, group))
         reasons.update({k: f"computation failed ({v})" for k, v in errors.items()})
+        for metric in group:  # NaN or an infinity is no score (and no JSON): null, saying so
+            value = values.get(metric.name)
+            if isinstance(value, float | np.floating) and not math.isfinite(value):
+                values[metric.name] = None
+                reasons.setdefault(metric.name, f"computation gave {float(value)} (a statistic overflowed or was undefined)")
     return values, reasons
 
 

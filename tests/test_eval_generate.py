@@ -506,6 +506,23 @@ def test_a_run_refused_for_its_settings_leaves_the_earlier_runs_files(tiny_run, 
     assert {name: (out / name).read_text() for name in before} == before
 
 
+def test_a_second_evaluation_into_a_busy_folder_stops_before_writing(tiny_run, tmp_path):
+    """While one evaluation writes into a folder, a second one given it stops with one line and touches nothing:
+    generation deletes a killed run's unfinished WAVs (`*.tmp`), which would be the first run's files in flight."""
+    from common.lock import folder_lock
+
+    out = tmp_path / "out"
+    (out / "wav").mkdir(parents=True)
+    in_flight = out / "wav" / "x.wav.tmp"  # the first run's WAV being written
+    in_flight.write_bytes(b"RIFF")
+    with folder_lock(out, "evaluation"):
+        with pytest.raises(EvalError, match=f"^{out}: another evaluation is writing into this folder"):
+            evaluate(config_for(tiny_run, out, metrics="fd", figure_clips=0, av_align=False), progress=False)
+        assert in_flight.exists() and sorted(p.name for p in out.rglob("*")) == [".lock", "wav", "x.wav.tmp"]
+    results = evaluate(config_for(tiny_run, out, metrics="fd", figure_clips=0, av_align=False), progress=False)
+    assert not in_flight.exists() and results["counts"]["paired"] == results["counts"]["clips"] > 0
+
+
 def test_a_wav_that_cannot_be_written_fails_its_clip_only(tiny_run, tmp_path, monkeypatch):
     """An id too long for a file name (or any refusal of one file) was a traceback that ended the run; now that clip
     is a 'generate' failure and the others are written. A full disk still stops the run, in one line."""

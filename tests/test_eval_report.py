@@ -279,6 +279,33 @@ def test_a_failing_metric_is_null_with_its_reason(tiny_run, generated, tmp_path)
     assert set(reasons) == {"fd"}
 
 
+def test_a_non_finite_metric_is_null_with_its_reason(monkeypatch):
+    """A metric that comes out NaN or infinite without raising (the metrics refuse non-finite embeddings, so this
+    takes a statistic that overflows) is null with a reason, as a failing one is; results.json used to show null
+    with no reason."""
+    import eval.score
+
+    rng = np.random.default_rng(0)
+
+    def embedding() -> AudioEmbedding:
+        return AudioEmbedding(rng.standard_normal(4), rng.dirichlet(np.ones(5)), rng.standard_normal((3, 8)),
+                              rng.standard_normal(5))
+
+    reference = {f"c{i}": embedding() for i in range(12)}
+    generated_set = {f"c{i}": embedding() for i in range(12)}
+    real = eval.score.audio_metrics
+
+    def overflowing(*args, **kwargs):
+        return {**real(*args, **kwargs), "fd": np.float64("inf"), "kl": float("nan")}
+
+    monkeypatch.setattr(eval.score, "audio_metrics", overflowing)
+    metrics, reasons = audio_scores(reference, generated_set, 12, 0.9)
+    assert (metrics["fd"], metrics["kl"]) == (None, None)
+    assert reasons == {"fd": "computation gave inf (a statistic overflowed or was undefined)",
+                       "kl": "computation gave nan (a statistic overflowed or was undefined)"}
+    assert all(isinstance(metrics[k], float) and math.isfinite(metrics[k]) for k in ("fad", "inception_score"))
+
+
 def test_reference_audio_streams_in_shard_order(tmp_path):
     """Two ranks with ids round-robin (as stage one writes them): the audio is read in shard order, one clip at a
     time, and a changed clip changes its hash alone."""

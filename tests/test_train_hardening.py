@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import shards
 from tests.test_train_run import _state, run
 from tests.test_train_support import one_thread, write_shards  # noqa: F401
 
@@ -198,3 +199,39 @@ def test_a_torn_run_config_is_one_line(tmp_path, capsys, data):
     assert run(data, out, "--max-steps", "4", *FLAGS) == 2
     assert "config.json: unreadable" in one_error_line(capsys)
     assert not list(out.rglob("*.tmp"))  # the run's own files are written through a temporary name and renamed
+
+
+def test_a_second_training_into_a_busy_folder_stops_at_once(tmp_path, capsys, data):
+    """While one training holds the output folder, a second one given it stops with one line before writing: its
+    checkpoints would interleave with the first's. Once the folder is free, the same command resumes."""
+    from common.lock import folder_lock
+
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with folder_lock(out, "training"):  # what the first training holds while it runs
+        assert run(data, out, "--max-steps", "4", *FLAGS) == 2
+        assert one_error_line(capsys) == (f"error: {out}: another training is writing into this folder; wait for it "
+                                          "to end, or choose another folder")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 0
+    assert (out / "checkpoints/step_00000004").is_dir()
+
+
+def test_a_clip_found_twice_is_refused_before_training(tmp_path, capsys, data):
+    """A folder assembled by hand can hold a clip twice (here in two shards); it would be trained twice as often
+    as the others, so training refuses it in one line before any step. Stage one never writes one twice."""
+    from tests.conftest import make_sample
+    from tests.test_train_support import SPEC
+
+    writer = shards.ShardWriter(data, "train", 7, 4)
+    meta, arrays, waveform = make_sample(SPEC, "clip0_1", seed=5, split="train")
+    writer.write(shards.encode_sample(SPEC, meta, arrays, waveform))
+    writer.close()
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 2
+    assert one_error_line(capsys) == (f"error: {data}: clip 'clip0_1' is in split 'train' 2 times; it would be "
+                                      f"trained more often than the others (python -m shards verify {data} names "
+                                      "the shards)")
+    assert not (out / "checkpoints").exists()

@@ -19,6 +19,7 @@ line reaches the command line without the worker's traceback.
 
 from __future__ import annotations
 
+import collections
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -54,11 +55,21 @@ def check_shards(config: TrainConfig) -> tuple[shards.ShardSpec, list[Path]]:
 
 
 def count_split(folder: Path, split: str) -> int:
-    """Samples whose json says `split`, reading only the small json members of each shard."""
+    """Samples whose json says `split`, reading only the small json members of each shard. A clip id found twice is
+    refused (DataError): that clip would be trained twice as often as the others (stage one never writes one twice;
+    a folder assembled by hand can hold one)."""
     try:
-        return len(shards.read_split(folder, split))
+        metas = shards.read_split(folder, split)
     except shards.ShardFormatError as error:
         raise DataError(str(error)) from None
+    counts = collections.Counter(meta.id for meta in metas)
+    repeated = [clip_id for clip_id, count in counts.items() if count > 1]
+    if repeated:
+        raise DataError(f"{folder}: clip {repeated[0]!r} is in split {split!r} {counts[repeated[0]]} times"
+                        + (f" ({len(repeated)} clips repeated)" if len(repeated) > 1 else "")
+                        + f"; it would be trained more often than the others (python -m shards verify {folder} "
+                        "names the shards)")
+    return len(metas)
 
 
 def to_example(sample: dict[str, Any], threshold: float) -> dict[str, Any]:

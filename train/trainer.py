@@ -48,6 +48,7 @@ from accelerate.utils.constants import RNG_STATE_NAME
 
 import shards
 from common.devices import tune_backends
+from common.lock import FolderBusy, folder_lock
 from common.weights import sha256_file
 from shards import ShardSpec
 from train import data
@@ -716,6 +717,17 @@ def train(config: TrainConfig, log: Any = print) -> int:
     config = resolve_global_batch(config, world_size)
     spec, paths, count = check_inputs(config, world_size)
     accelerator = make_accelerator(config)
+    # one training per output folder: a second one would interleave its checkpoints with the first's
+    lock = folder_lock(Path(config.output), "training") if accelerator.is_main_process else contextlib.nullcontext()
+    try:
+        with lock:
+            return _train(config, accelerator, spec, paths, count, log)
+    except FolderBusy as error:
+        raise ConfigError(str(error)) from None
+
+
+def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths: list[Path], count: int,
+           log: Any) -> int:
     if accelerator.is_main_process:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         fingerprint = data_fingerprint(Path(config.shards), paths)
