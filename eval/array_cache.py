@@ -6,7 +6,8 @@ Layout: attribute `protocol` (JSON: everything the arrays depend on) plus readab
 one group per clip under `clips/` holding one dataset per array, with the attributes `id`, the sha256 of what the
 clip was computed from (its reference audio or its source video; attribute name per cache) and `complete` (set
 last, so a clip cut short by a crash is dropped on the next run). A file of another protocol is rebuilt; a clip
-whose source hash changed is computed again.
+whose source hash changed is computed again, and so is one whose arrays are missing, non-finite or not floating
+point (`damage`: a file edited or written by something else), with a warning.
 
 A clip that could not be computed (an undecodable video) is cached as a failure with its reason and source hash,
 so a later run reports it again without retrying it until its source changes.
@@ -27,7 +28,7 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -114,23 +115,48 @@ def _write(handle: h5py.File, clip_id: str, arrays: Mapping[str, np.ndarray], di
     handle.flush()
 
 
+def damage(arrays: Arrays, keys: Collection[str]) -> str | None:
+    """Why a cached clip's arrays cannot be what was computed (None: they can): a name of `keys` missing, or an
+    array that is not finite floating point (every cached array is an embedding or logits)."""
+    for key in keys:
+        if key not in arrays:
+            return f"no {key!r}"
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        if not np.issubdtype(value.dtype, np.floating):
+            return f"{key!r} is {value.dtype}, not floating point"
+        if not np.isfinite(value).all():
+            return f"{key!r} holds NaN or infinity"
+    return None
+
+
 def cached_arrays(path: str | Path, protocol: Mapping[str, Any], wanted: Mapping[str, str | None],
                   compute: Callable[[list[str]], Iterable[tuple[str, Arrays | str]]],
                   header: Mapping[str, Any] | None = None,
-                  digest_attr: str = "source_sha256") -> tuple[dict[str, Arrays], dict[str, str]]:
+                  digest_attr: str = "source_sha256", keys: Collection[str] = ()) -> tuple[dict[str, Arrays], dict[str, str]]:
     """({clip id: arrays}, {clip id: why it failed}) for the clips of `wanted` ({id: sha256 of its source, or
     None}), from the cache at `path` where present and current, else from `compute(ids still to do)`, which
     yields (id, arrays) or (id, failure reason) in any order. A failure is cached too (with its source hash): it
     is returned again, not recomputed, until its source changes. `header`: readable copies of protocol values
-    written as file attributes; `digest_attr`: the clip attribute holding the source hash.
+    written as file attributes; `digest_attr`: the clip attribute holding the source hash; `keys`: the arrays
+    every computed clip has. A cached clip that lacks one, or holds an array that is not finite floating point
+    (`damage`: a file edited or written by something else), is computed again, with a warning.
 
     New clips are added in place to a whole file of the same protocol (each clip flushed, `complete` set last);
     a file of another protocol, or none, is built in `<path>.partial` and renamed over `<path>` when whole."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
+    warned: set[str] = set()
 
     def current(cached: Mapping[str, Cached], clip_id: str) -> bool:
-        return clip_id in cached and (wanted[clip_id] is None or cached[clip_id][1] == wanted[clip_id])
+        if clip_id not in cached or (wanted[clip_id] is not None and cached[clip_id][1] != wanted[clip_id]):
+            return False
+        arrays, _, failure = cached[clip_id]
+        problem = None if failure is not None else damage(arrays, keys)
+        if problem is not None and clip_id not in warned:
+            warned.add(clip_id)
+            log.warning("%s: cached clip %r is damaged (%s); computing it again", path, clip_id, problem)
+        return problem is None
 
     def result(cached: Mapping[str, Cached]) -> tuple[dict[str, Arrays], dict[str, str]]:
         done = [clip_id for clip_id in wanted if current(cached, clip_id)]
@@ -159,7 +185,7 @@ def cached_arrays(path: str | Path, protocol: Mapping[str, Any], wanted: Mapping
             for name in [n for n, g in handle["clips"].items() if not g.attrs.get("complete", False)]:
                 del handle["clips"][name]  # cut short by a crash
             todo = [clip_id for clip_id in wanted if not current(resumed, clip_id)]
-            changed = sum(clip_id in resumed for clip_id in todo)
+            changed = sum(clip_id in resumed and clip_id not in warned for clip_id in todo)
             if changed:
                 log.warning("%s: the source of %d cached clips changed; computing them again", path, changed)
             if resumed:

@@ -93,7 +93,7 @@ def passt_sets(config: EvalConfig, model: Any, reference: ReferenceAudio, clips:
                                  "reference audio")
 
     wanted = {clip_id: reference.hashes[clip_id] for clip_id in reference.ids}
-    cached, _ = cached_arrays(_cache_path(config, "passt", protocol), protocol, wanted, compute)
+    cached, _ = cached_arrays(_cache_path(config, "passt", protocol), protocol, wanted, compute, keys=("logits", "embedding"))
     generated = dict(passt_outputs(model, generated_waves(config.output_dir, clips, failures), duration,
                                    config.batch_size, len(clips), progress, "generated audio"))
     return {c.id: cached[c.id] for c in clips if c.id in cached}, generated
@@ -155,7 +155,8 @@ def source_video_set(config: EvalConfig, name: str, model: Any, clips: list[shar
     protocol = {"cache_version": CACHE_VERSION, name: model.protocol(), "window": "min(duration, clip)",
                 "video_frames": "ffmpeg fps filter rule, short side 224 bicubic"}
     wanted = {c.id: video_digest(c, _window(config, c)) for c in clips}
-    arrays, failed = cached_arrays(_cache_path(config, f"video-{name}", protocol), protocol, wanted, compute)
+    arrays, failed = cached_arrays(_cache_path(config, f"video-{name}", protocol), protocol, wanted, compute,
+                                   keys=("video",))
     failures += [{"id": clip_id, "stage": f"{name}_video", "reason": reason} for clip_id, reason in failed.items()]
     return arrays
 

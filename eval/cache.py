@@ -96,5 +96,5 @@ def ground_truth_embeddings(
                                               progress, audio_protocol):
             yield clip_id, {key: np.asarray(getattr(embedding, key), dtype=np.float32) for key in DATASETS}
 
-    arrays, _ = cached_arrays(path, protocol, wanted, compute, header, DIGEST_ATTR)  # embedding never fails a clip
+    arrays, _ = cached_arrays(path, protocol, wanted, compute, header, DIGEST_ATTR, DATASETS)  # never fails a clip
     return {clip_id: _embedding(arrays[clip_id]) for clip_id in wanted}
