@@ -42,8 +42,12 @@ def table_main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text, encoding="utf-8")
+        except OSError as error:
+            print(f"error: {args.out}: cannot write the table ({error.strerror or error})", file=sys.stderr)
+            return 2
         print(f"table of {len(args.folders)} runs written to {args.out}")
     else:
         print(text, end="")
@@ -76,6 +80,9 @@ def run(config: EvalConfig, args: argparse.Namespace) -> int:
     except (EvalError, ShardFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the WAVs and cached embeddings written so far are kept
+        print(f"\ninterrupted: run the same command again to go on ({config.output_dir})", file=sys.stderr)
+        return 130
     for columns in selected_tables(results):
         print(table([results], columns=columns), end="")
     print(f"results: {config.output_dir / RESULTS_FILE}")

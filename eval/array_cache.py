@@ -93,7 +93,7 @@ def _matching(path: Path, protocol: Mapping[str, Any], digest_attr: str) -> dict
                 log.info("%s: protocol or checkpoint changed, rebuilding the cache", path)
                 return None
             return read_arrays(handle, digest_attr)
-    except (OSError, KeyError) as error:  # a file cut short by a crash no longer opens
+    except (OSError, KeyError, AttributeError, TypeError) as error:  # cut short by a crash; `clips` not a group
         log.warning("%s: unreadable (%s), discarding it", path, error)
         return None
 

@@ -186,6 +186,10 @@ class ShardAudio:
         self.folder, self.split, self.ids = folder, split, list(ids)
         self.stream = iterate_reference_audio(folder, split, self.ids)
         self.where = f"{folder} (split {split})"
+        try:
+            self.sample_rate = shards.read_spec(folder).sample_rate
+        except shards.ShardFormatError as error:
+            raise EvalError(str(error)) from None
 
     def __call__(self, clip_id: str) -> np.ndarray:
         for restart in (False, True):
@@ -194,9 +198,13 @@ class ShardAudio:
             for found, data in self.stream:
                 if found == clip_id:
                     try:
-                        return soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)[0]
+                        waveform, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)
                     except (soundfile.LibsndfileError, RuntimeError) as error:
                         raise EvalError(f"{self.where}: clip {clip_id!r} has an unreadable flac member ({error})") from None
+                    if rate != self.sample_rate:  # it would be embedded as audio of the schema's rate
+                        raise EvalError(f"{self.where}: clip {clip_id!r} has a flac member of {rate} Hz, the folder's "
+                                        f"schema says {self.sample_rate} Hz")
+                    return waveform
         raise EvalError(f"{self.where}: clip {clip_id!r} not found")
 
 

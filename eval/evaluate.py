@@ -59,6 +59,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         selected = select_metrics(config.metrics)
     except ValueError as error:
         raise EvalError(str(error)) from None
+    if config.output_dir.exists() and not config.output_dir.is_dir():
+        raise EvalError(f"{config.output_dir}: exists and is not a folder; give --output a folder")
     try:
         with folder_lock(config.output_dir, "evaluation"):
             return _evaluate(config, selected, progress)

@@ -130,10 +130,23 @@ def load_results(folder: str | Path) -> dict[str, Any]:
     for name, metric in BY_NAME.items():
         if name in results:
             try:
+                _measured(results[name])
                 metric.cell(results[name])
             except (TypeError, ValueError, AttributeError, KeyError):
                 raise ValueError(f"{path}: {name} is not a measurement ({str(results[name])[:60]!r})") from None
     return results
+
+
+def _measured(value: Any) -> None:
+    """TypeError or ValueError where a metric's value (a number, null, or a summary object of numbers) holds what no
+    evaluation writes: true/false, or NaN and infinities (which it writes as null; Python's JSON reads them)."""
+    if isinstance(value, bool):
+        raise TypeError("a boolean")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("not finite")
+    if isinstance(value, dict):
+        for item in value.values():
+            _measured(item)
 
 
 # ----------------------------------------------------------------------------------------------------------------

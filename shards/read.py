@@ -52,7 +52,7 @@ def _members(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, s
     keys = 0
     last = None
     try:
-        with tarfile.open(path, "r") as tar:
+        with tarfile.open(path, "r:") as tar:  # plain tar, as shards are written ("r" lists every codec it tried)
             for member in tar:
                 key, ext = check_member(path, member, SAMPLE_KEYS)
                 if key != last:

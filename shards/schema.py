@@ -279,9 +279,11 @@ def _decode_member(name: str, data: bytes, spec: ShardSpec | None = None) -> Any
         import soundfile
 
         try:
-            waveform, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)
+            waveform, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)
         except (RuntimeError, ValueError, TypeError, soundfile.SoundFileError) as error:
             raise ShardFormatError(f"member 'flac' is not readable FLAC ({error})") from None
+        if spec is not None and rate != spec.sample_rate:  # its samples would be read as the schema's rate
+            raise ShardFormatError(f"member 'flac' is {rate} Hz, the folder's schema says {spec.sample_rate} Hz")
         return waveform
     raise ShardFormatError(f"unknown member {name!r}: refusing to decode it (only {', '.join(SAMPLE_KEYS)})")
 

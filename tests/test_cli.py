@@ -51,3 +51,37 @@ def test_eval_paper_protocol_flags_reach_the_config(tmp_path, capsys):
     assert chosen["weights"] == str(tmp_path / "w")  # --weights stays the stage-one weights folder
     assert main(["eval", "--max-clips", "-1", "--dry-run"]) == 2
     assert "max_clips" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_training_or_evaluation_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C ended training and evaluation with a KeyboardInterrupt traceback of about 30 lines; now one line
+    saying how to go on, and the shell's exit code for an interrupt."""
+    import eval.evaluate
+    import train.trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.trainer, "train", interrupted)
+    monkeypatch.setattr(eval.evaluate, "evaluate", interrupted)
+    assert main(["train", "--output", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted: run the same command again to resume from the last "
+                                               f"checkpoint in {tmp_path / 'run'}/checkpoints")
+    assert main(["eval", "--output", str(tmp_path / "ev")]) == 130
+    assert capsys.readouterr().err.strip() == f"interrupted: run the same command again to go on ({tmp_path / 'ev'})"
+
+
+def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
+    """`python -m eval --output FILE` and `python -m eval table ... --out FOLDER` ended in tracebacks."""
+    from eval.__main__ import main as eval_main
+
+    taken = tmp_path / "taken"
+    taken.write_text("notes")
+    assert main(["eval", "--output", str(taken), "--run", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {taken}: exists and is not a folder; give --output a folder"
+    assert taken.read_text() == "notes"
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "results.json").write_text('{"fd": 1.0}')
+    assert eval_main(["table", str(tmp_path / "ev"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path}: cannot write the table (") and "\n" not in err

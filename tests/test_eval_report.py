@@ -306,6 +306,18 @@ def test_a_non_finite_metric_is_null_with_its_reason(monkeypatch):
     assert all(isinstance(metrics[k], float) and math.isfinite(metrics[k]) for k in ("fad", "inception_score"))
 
 
+def test_one_clip_is_too_few_for_every_embedding_metric_and_says_so_plainly():
+    """With one clip per set, every embedding metric is null; the reason said "a Frechet distance needs at least 2
+    clips" also for KL and the Inception score, which are no Frechet distances."""
+    rng = np.random.default_rng(0)
+    one = {"c0": AudioEmbedding(rng.standard_normal(4), rng.dirichlet(np.ones(5)), rng.standard_normal((3, 8)),
+                                rng.standard_normal(5))}
+    metrics, reasons = audio_scores(one, one, 1, 0.9)
+    assert set(reasons) == {"fd", "fad", "kl", "kl_sigmoid", "kl_panns", "inception_score"}
+    assert all(metrics[name] is None for name in reasons)
+    assert set(reasons.values()) == {"needs at least 2 clips per set (1 reference, 1 generated)"}
+
+
 def test_reference_audio_streams_in_shard_order(tmp_path):
     """Two ranks with ids round-robin (as stage one writes them): the audio is read in shard order, one clip at a
     time, and a changed clip changes its hash alone."""
@@ -451,7 +463,11 @@ def test_damaged_results_json_is_one_line_naming_it(tmp_path, capsys):
     path = folder / "results.json"
     for content, reason in (("[1, 2]", "not a JSON object"), ('{"fd": {"x": 1}}', "fd is not a measurement"),
                             ('{"fd": "abc"}', "fd is not a measurement"), ('{"counts": []}', "counts is not an object"),
-                            ('{"av_align": "high"}', "av_align is not a measurement")):
+                            ('{"av_align": "high"}', "av_align is not a measurement"),
+                            # what no evaluation writes (it writes NaN as null), though Python's JSON reads it
+                            ('{"fd": NaN}', "fd is not a measurement"), ('{"fd": -Infinity}', "fd is not a measurement"),
+                            ('{"fd": 1e400}', "fd is not a measurement"), ('{"kl": true}', "kl is not a measurement"),
+                            ('{"av_align": {"mean": NaN, "n": 3}}', "av_align is not a measurement")):
         path.write_text(content)
         with pytest.raises(ValueError, match=rf"results\.json: {reason}"):
             load_results(folder)

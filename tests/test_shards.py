@@ -551,6 +551,23 @@ def _symlink_member(path, members: dict[str, bytes], link: str):
         tar.addfile(info)
 
 
+@pytest.mark.parametrize("content, reason", [(b"", "empty file"), (b"not a tar at all" * 64, "invalid header")])
+def test_a_shard_that_is_no_tar_is_one_line(tmp_path, spec, content, reason):
+    """A shard without a record that is empty or no tar: one line naming it. tarfile's auto-detecting mode listed
+    every codec it had tried (gz, bz2, xz, tar), five lines; shards are plain tar."""
+    from train.data import DataError, count_split
+
+    write_meta(tmp_path, spec)
+    (tmp_path / "train-000-000000.tar").write_bytes(content)
+    expected = f"{tmp_path / 'train-000-000000.tar'}: unreadable shard ({reason})"
+    with pytest.raises(shards.ShardFormatError) as caught:
+        shards.read_split(tmp_path, "train")
+    assert str(caught.value) == expected
+    with pytest.raises(DataError) as caught_in_training:
+        count_split(tmp_path, "train")
+    assert str(caught_in_training.value) == expected
+
+
 @pytest.mark.parametrize("hostile, message", [
     ("huge", "declares shape (1000000, 1000000)"),
     ("symlink", "member 'a.json' is a symlink, not a regular file"),
@@ -587,6 +604,28 @@ def test_the_huge_header_is_refused_before_any_allocation(spec):
         shards.decode_sample({"clip.npy": fitting}, spec)
 
 
+def _flac_at(rate: int, spec) -> bytes:
+    """A FLAC of the schema's length that says it is `rate` Hz: read as the schema's rate, it would be other audio."""
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(spec.num_samples, np.float32), rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def test_reference_audio_of_another_rate_is_refused_by_evaluation(tmp_path, spec):
+    """Evaluation reads the reference audio's flac members itself (to embed them): one at another rate than the
+    schema's is refused, naming the clip, where it was embedded as if it were the schema's rate."""
+    from eval.clips import EvalError
+    from eval.embed import ShardAudio
+
+    write_meta(tmp_path, spec)
+    _tar_with(tmp_path / "test-000-000000.tar", {**_good_members(spec, "a"), "a.flac": _flac_at(8000, spec)})
+    with pytest.raises(EvalError, match=f"clip 'a' has a flac member of 8000 Hz, the folder's schema says "
+                                        f"{spec.sample_rate} Hz"):
+        ShardAudio(tmp_path, "train", ["a"])("a")
+
+
 def test_verify_reports_each_bad_json_and_flac_in_one_line(tmp_path, spec, capsys):
     write_meta(tmp_path, spec)
     members: dict[str, bytes] = {}
@@ -598,14 +637,16 @@ def test_verify_reports_each_bad_json_and_flac_in_one_line(tmp_path, spec, capsy
         sample[f"{key}.json"] = bad if isinstance(bad, bytes) else json.dumps(bad).encode()
         members |= sample
     members |= {**_good_members(spec, "garbage", seed=9), "garbage.flac": b"fLaC not really"}
+    members |= {**_good_members(spec, "rate", seed=11), "rate.flac": _flac_at(44100, spec)}
     members |= _good_members(spec, "fine", seed=10)
     _tar_with(tmp_path / "train-000-000000.tar", members)
     assert shards_main(["verify", str(tmp_path)]) == 1  # returns: no traceback escapes
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("problem: ")]
-    assert len(lines) == 5, lines
-    for line, key, reason in zip(lines, [*bad_jsons, "garbage"],
-                                 ["json lacks id", "not an object", "'valid_frames'", "not JSON", "not readable FLAC"]):
+    assert len(lines) == 6, lines
+    for line, key, reason in zip(lines, [*bad_jsons, "garbage", "rate"],
+                                 ["json lacks id", "not an object", "'valid_frames'", "not JSON", "not readable FLAC",
+                                  f"member 'flac' is 44100 Hz, the folder's schema says {spec.sample_rate} Hz"]):
         assert f"train-000-000000.tar: sample '{key}'" in line and reason in line, line
     assert "train: 1 samples" in out  # the shard is read on past each bad sample
 

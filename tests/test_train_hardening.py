@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import shards
+from tests.conftest import make_sample
 from tests.test_train_run import _state, run
-from tests.test_train_support import one_thread, write_shards  # noqa: F401
+from tests.test_train_support import SPEC, one_thread, write_shards  # noqa: F401
 
 FLAGS = ["--checkpoint-every", "2"]
 
@@ -222,9 +223,6 @@ def test_a_second_training_into_a_busy_folder_stops_at_once(tmp_path, capsys, da
 def test_a_clip_found_twice_is_refused_before_training(tmp_path, capsys, data):
     """A folder assembled by hand can hold a clip twice (here in two shards); it would be trained twice as often
     as the others, so training refuses it in one line before any step. Stage one never writes one twice."""
-    from tests.conftest import make_sample
-    from tests.test_train_support import SPEC
-
     writer = shards.ShardWriter(data, "train", 7, 4)
     meta, arrays, waveform = make_sample(SPEC, "clip0_1", seed=5, split="train")
     writer.write(shards.encode_sample(SPEC, meta, arrays, waveform))
@@ -235,3 +233,54 @@ def test_a_clip_found_twice_is_refused_before_training(tmp_path, capsys, data):
                                       f"trained more often than the others (python -m shards verify {data} names "
                                       "the shards)")
     assert not (out / "checkpoints").exists()
+
+
+def test_a_resume_with_another_worker_count_or_changed_shards_is_refused(tmp_path, capsys, data):
+    """Data positions are kept per DataLoader worker: another --num-workers would repeat some samples of the epoch
+    and skip others, so it is refused; so are shard files changed at the same path (the fingerprint was compared
+    only when the path changed, and then overwritten). The same settings and data resume."""
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 0
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "4", *FLAGS, "--num-workers", "2") == 2
+    assert "trained with other num_workers (data positions are kept per DataLoader worker" in one_error_line(capsys)
+    recorded = json.loads((out / "config.json").read_text())["data_fingerprint"]
+    extra = shards.ShardWriter(data, "train", 7, 4)
+    meta, arrays, waveform = make_sample(SPEC, "added", seed=5, split="train")
+    extra.write(shards.encode_sample(SPEC, meta, arrays, waveform))
+    extra.close()
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 2
+    assert f"trained with other shards (the shard files in {data} changed: names or sizes)" in one_error_line(capsys)
+    assert json.loads((out / "config.json").read_text())["data_fingerprint"] == recorded  # not overwritten
+    for path in data.glob("train-007-*"):
+        path.unlink()
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 0
+
+
+@pytest.mark.parametrize("case", ["foreign files", "foreign config", "output is a file", "checkpoints is a file"])
+def test_an_output_folder_of_someone_else_is_never_written(tmp_path, capsys, data, case):
+    """Training wrote its config.json and model/ over whatever the --output folder held: a folder with files but no
+    training run's config.json is refused, and so is a file where the folder or one of its parts goes (which
+    failed with a traceback, or at the first checkpoint). Nothing there changes."""
+    out = tmp_path / "run"
+    if case == "output is a file":
+        out.write_text("notes")
+    elif case == "checkpoints is a file":
+        assert run(data, out, "--max-steps", "2", *FLAGS) == 0
+        shutil.rmtree(out / "checkpoints")
+        (out / "checkpoints").write_text("not a folder")
+    else:
+        (out / "model").mkdir(parents=True)
+        (out / "model" / "ema.safetensors").write_text("precious")
+        if case == "foreign config":
+            (out / "config.json").write_text('{"my": "notes"}')
+    before = {p: p.read_bytes() for p in ([out] if out.is_file() else out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 2
+    err = one_error_line(capsys)
+    assert {"foreign files": f"{out}: holds model but no training run (no config.json)",
+            "foreign config": f"{out / 'config.json'}: not a training run's configuration",
+            "output is a file": f"{out}: exists and is not a folder",
+            "checkpoints is a file": f"{out / 'checkpoints'}: a file where the run's checkpoints folder goes"}[case] in err
+    after = {p: p.read_bytes() for p in ([out] if out.is_file() else out.rglob("*")) if p.is_file()}
+    assert after == before

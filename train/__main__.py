@@ -29,6 +29,11 @@ def run(config: TrainConfig, args: argparse.Namespace) -> int:
         if main_rank:
             print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # complete checkpoints are kept; one cut short is never loaded
+        if main_rank:
+            print(f"\ninterrupted: run the same command again to resume from the last checkpoint in "
+                  f"{config.output}/checkpoints", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

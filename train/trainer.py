@@ -48,7 +48,7 @@ from accelerate.utils.constants import RNG_STATE_NAME
 
 import shards
 from common.devices import tune_backends
-from common.lock import FolderBusy, folder_lock
+from common.lock import LOCK_FILE, FolderBusy, folder_lock
 from common.weights import sha256_file
 from shards import ShardSpec
 from train import data
@@ -67,7 +67,9 @@ if TYPE_CHECKING:
 # change too when the data there is the same: `data_fingerprint`)
 # (global_batch: what it trains is the grad_accumulation it resolves to (`resolve_global_batch`), which is compared;
 # a run saved before the field existed, or with the accumulation given by hand, resumes when that agrees)
-RESUMABLE_CHANGES = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps", "num_workers",
+# (not num_workers: a rank's data position is kept per DataLoader worker, and the workers share out its shards, so
+# another count would repeat some samples of the epoch and skip others)
+RESUMABLE_CHANGES = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps",
                      "compile", "output", "record_ranks", "global_batch"}
 # ...except these when the run's learning rate decays to 0 at its last step (lr_schedule linear or cosine)
 RUN_LENGTH = {"max_steps", "epochs"}
@@ -179,14 +181,39 @@ def data_fingerprint(folder: Path, paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+RUN_PARTS = ("checkpoints", "logs", "model")  # the folders training writes into its output folder
+RUN_CONFIG_FIELDS = ("shards", "output", "learning_rate", "seed")  # what every run's config.json has had
+
+
+def check_output_folder(output: Path) -> None:
+    """ConfigError unless `output` can take this run's files without overwriting someone else's: absent, empty, or
+    a training run's folder (its config.json, `saved_config`, is checked by the caller). A folder holding files
+    but no config.json is another program's (or a user's), and a file where the folder or one of its parts
+    (RUN_PARTS) goes would fail the run at its first checkpoint."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"{output}: exists and is not a folder; give --output a folder")
+    if not output.is_dir():
+        return
+    if not (output / "config.json").exists():
+        held = sorted(p.name for p in output.iterdir() if p.name != LOCK_FILE)
+        if held:
+            shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            raise ConfigError(f"{output}: holds {shown} but no training run (no config.json); give a new or empty "
+                              "--output")
+    for part in RUN_PARTS:
+        if (output / part).exists() and not (output / part).is_dir():
+            raise ConfigError(f"{output / part}: a file where the run's {part} folder goes; move it away")
+
+
 def saved_config(path: Path) -> dict[str, Any]:
     """A run folder's config.json as this version reads it (fields it lacks take what they meant then), as JSON."""
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ConfigError(f"{path}: unreadable ({error}); restore it or train into another --output") from None
-    if not isinstance(old, dict):
-        raise ConfigError(f"{path}: not a training configuration (a JSON object)")
+    if not isinstance(old, dict) or not all(name in old for name in RUN_CONFIG_FIELDS):
+        raise ConfigError(f"{path}: not a training run's configuration (no {', '.join(RUN_CONFIG_FIELDS)}); "
+                          "give a new or empty --output")
     try:
         return {**old, **json.loads(json.dumps(TrainConfig.from_dict(old).to_dict()))}
     except (TypeError, ValueError):
@@ -240,18 +267,28 @@ def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[
     if count < world_size * config.batch_size * config.grad_accumulation:
         raise ConfigError(f"{config.shards}: {count} sample(s) of split {config.split!r}, fewer than one step needs "
                           f"({world_size} ranks x batch {config.batch_size} x accumulation {config.grad_accumulation})")
-    saved = Path(config.output) / "config.json"
+    output = Path(config.output)
+    check_output_folder(output)
+    saved = output / "config.json"
     if saved.exists():
         old = saved_config(saved)
         mine = json.loads(json.dumps(config.to_dict()))
         # a decaying learning rate reaches 0 at the run's last step: that step is part of what is trained
         fixed = RUN_LENGTH if config.lr_schedule != "constant" else set()
         differs = sorted(k for k in mine if (k not in RESUMABLE_CHANGES or k in fixed) and old.get(k) != mine[k])
-        if "shards" in differs and old.get("data_fingerprint") == data_fingerprint(Path(config.shards), paths):
+        recorded, fingerprint = old.get("data_fingerprint"), data_fingerprint(Path(config.shards), paths)
+        if "shards" in differs and recorded == fingerprint:
             differs.remove("shards")  # the same data at another path (a moved or copied folder)
+        changed_data = "shards" not in differs and recorded is not None and recorded != fingerprint
+        if changed_data:  # the same path, other files: the epochs and data positions would not be the run's
+            differs = sorted([*differs, "shards"])
         if differs and latest_checkpoint(Path(config.output)) is not None:
             reason = (f" (its learning rate decays to 0 at its last step, --lr-schedule {config.lr_schedule})"
                       if set(differs) <= fixed else "")
+            if changed_data:
+                reason += f" (the shard files in {config.shards} changed: names or sizes)"
+            if "num_workers" in differs:
+                reason += " (data positions are kept per DataLoader worker: another count would repeat samples)"
             if "grad_accumulation" in differs and config.global_batch:
                 reason += (f" (--global-batch {config.global_batch} derives grad_accumulation {config.grad_accumulation} "
                            f"here; it was {old.get('grad_accumulation')})")
