@@ -115,12 +115,20 @@ def _write(handle: h5py.File, clip_id: str, arrays: Mapping[str, np.ndarray], di
     handle.flush()
 
 
-def damage(arrays: Arrays, keys: Collection[str]) -> str | None:
-    """Why a cached clip's arrays cannot be what was computed (None: they can): a name of `keys` missing, or an
-    array that is not finite floating point (every cached array is an embedding or logits)."""
+Shape = tuple[int | None, ...]  # an array's expected shape; None: any length on that axis
+
+
+def damage(arrays: Arrays, keys: Collection[str] | Mapping[str, Shape]) -> str | None:
+    """Why a cached clip's arrays cannot be what was computed (None: they can): a name of `keys` missing, an array
+    of another shape than `keys` gives it (when `keys` maps names to shapes), or one that is not finite floating
+    point (every cached array is an embedding or logits)."""
     for key in keys:
         if key not in arrays:
             return f"no {key!r}"
+        want = keys[key] if isinstance(keys, Mapping) else None
+        shape = np.shape(arrays[key])
+        if want is not None and (len(shape) != len(want) or any(w not in (None, n) for w, n in zip(want, shape))):
+            return f"{key!r} has shape {shape}, not {tuple('any' if w is None else w for w in want)}"
     for key, value in arrays.items():
         value = np.asarray(value)
         if not np.issubdtype(value.dtype, np.floating):
@@ -133,14 +141,16 @@ def damage(arrays: Arrays, keys: Collection[str]) -> str | None:
 def cached_arrays(path: str | Path, protocol: Mapping[str, Any], wanted: Mapping[str, str | None],
                   compute: Callable[[list[str]], Iterable[tuple[str, Arrays | str]]],
                   header: Mapping[str, Any] | None = None,
-                  digest_attr: str = "source_sha256", keys: Collection[str] = ()) -> tuple[dict[str, Arrays], dict[str, str]]:
+                  digest_attr: str = "source_sha256", keys: Collection[str] | Mapping[str, Shape] = ()
+                  ) -> tuple[dict[str, Arrays], dict[str, str]]:
     """({clip id: arrays}, {clip id: why it failed}) for the clips of `wanted` ({id: sha256 of its source, or
     None}), from the cache at `path` where present and current, else from `compute(ids still to do)`, which
     yields (id, arrays) or (id, failure reason) in any order. A failure is cached too (with its source hash): it
     is returned again, not recomputed, until its source changes. `header`: readable copies of protocol values
     written as file attributes; `digest_attr`: the clip attribute holding the source hash; `keys`: the arrays
-    every computed clip has. A cached clip that lacks one, or holds an array that is not finite floating point
-    (`damage`: a file edited or written by something else), is computed again, with a warning.
+    every computed clip has (or a map of them to their shapes). A cached clip that lacks one, holds one of another
+    shape, or one that is not finite floating point (`damage`: a file edited or written by something else), is
+    computed again, with a warning.
 
     New clips are added in place to a whole file of the same protocol (each clip flushed, `complete` set last);
     a file of another protocol, or none, is built in `<path>.partial` and renamed over `<path>` when whole."""

@@ -96,5 +96,8 @@ def ground_truth_embeddings(
                                               progress, audio_protocol):
             yield clip_id, {key: np.asarray(getattr(embedding, key), dtype=np.float32) for key in DATASETS}
 
-    arrays, _ = cached_arrays(path, protocol, wanted, compute, header, DIGEST_ATTR, DATASETS)  # never fails a clip
+    classes = cnn14.config.classes_num
+    shapes = {"cnn14_embedding": (cnn14.config.embed_dim,), "cnn14_probs": (classes,), "cnn14_logits": (classes,),
+              "vggish": (None, vggish.config.embed_dim)}
+    arrays, _ = cached_arrays(path, protocol, wanted, compute, header, DIGEST_ATTR, shapes)  # never fails a clip
     return {clip_id: _embedding(arrays[clip_id]) for clip_id in wanted}

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import queue
-import re
 import shutil
 import signal
 import sys
@@ -189,32 +188,58 @@ def _worker_init(_: int) -> None:
         info.dataset._exit_if_orphaned()
 
 
-_WORKER_DIED = re.compile(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited unexpectedly")
+class _WorkerDied(Exception):
+    """Raised in the main thread by `decode_clips`' SIGCHLD handler, only while it waits for the next decoded clip,
+    when a decoding worker has died."""
 
 
-def _died_on(error: RuntimeError, markers: Path, iterator: Any) -> dict[int, str] | None:
-    """{index of the clip: reason} for the decoding workers `error` reports dead, from the notes they left in
-    `markers`; None when `error` is not a worker's death, or a worker died between clips (then it was not a file
-    that killed it: out of memory, a signal from outside)."""
-    match = _WORKER_DIED.search(str(error))
-    if match is None:
-        return None
-    exit_codes = {w.pid: w.exitcode for w in getattr(iterator, "_workers", [])}  # multiprocessing.Process objects
+class _WaitGuard:
+    """decode_clips' SIGCHLD handler (`on_child`). PyTorch's raises a worker's death wherever the main thread happens
+    to be (in the encoders, half-way through handing samples to the writer); this one raises it only while the
+    main thread waits for a clip (`waiting`). That wait must be interruptible: a worker killed half-way through
+    writing a clip into the pipe (its queue's feeder thread writes while the worker decodes the next clip) leaves
+    a message whose read would never end, since this process holds the pipe's other end. A death while the main
+    thread is elsewhere is found before its next read (`_dead_workers`)."""
+
+    def __init__(self, iterator: Any) -> None:
+        self.iterator = iterator
+        self.waiting = False
+
+    def on_child(self, signum: int, frame: Any) -> None:
+        if self.waiting and _dead_workers(self.iterator):
+            raise _WorkerDied
+
+
+def _dead_workers(iterator: Any) -> dict[int, int]:
+    """{pid: exit code} of the DataLoader iterator's workers that have ended with an error or a signal (a worker
+    ends with 0 only when the iterator shuts it down)."""
+    dead = {}
+    for worker in getattr(iterator, "_workers", []):  # multiprocessing.Process objects
+        code = worker.exitcode  # reaps it (waitpid, WNOHANG) when it has ended
+        if code not in (None, 0):
+            dead[worker.pid] = code
+    return dead
+
+
+def _died_on(dead: dict[int, int], markers: Path) -> dict[int, str]:
+    """{index of the clip: reason} for the decoding workers `dead` ({pid: exit code}), from the notes they left in
+    `markers`. FeatureError when one died between clips (its note is empty): then it was not a file that killed it
+    (out of memory, a signal from outside), and no clip is to blame."""
     died: dict[int, str] = {}
-    for pid in (int(text) for text in match.group(1).replace(",", " ").split()):
+    for pid, code in dead.items():
         try:
             note = (markers / str(pid)).read_text().strip()
         except OSError:
             note = ""
-        if not note:
-            return None
-        code = exit_codes.get(pid)
-        how = "it died" if code is None else f"exit code {code}"
-        if code is not None and code < 0:
+        how = f"exit code {code}"
+        if code < 0:
             try:
                 how = f"killed by {signal.Signals(-code).name}"
             except ValueError:  # a real-time signal without a name
                 how = f"killed by signal {-code}"
+        if not note:
+            raise FeatureError(f"a decoding worker (pid {pid}) died between clips ({how}): not a file's doing (out of "
+                               "memory? a signal from outside?); run the same command again to go on")
         died[int(note)] = (f"the decoding worker died while decoding this file ({how}): a crash in the video or audio "
                            "decoder; were it the machine (out of memory), delete this line and run again")
     return died
@@ -250,30 +275,40 @@ def decode_clips(clips: list[Clip], cfg: FeatureConfig, tensors: bool, prefetch:
                 persistent_workers=False,
             )
             iterator = iter(loader)  # PyTorch installs its SIGCHLD handler here, once per process
+            guard = _WaitGuard(iterator)
             sigchld = None
             if markers is not None and threading.current_thread() is threading.main_thread():
-                # That handler raises a worker's death asynchronously, wherever this thread happens to be (in the
-                # encoders, half-way through handing samples to the writer); without it the death is raised by
-                # next() below (within MP_STATUS_CHECK_INTERVAL, 5 s), where it can be handled. Put back below.
-                sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                sigchld = signal.signal(signal.SIGCHLD, guard.on_child)  # put back below
             delivered = 0
-            died: dict[int, str] | None = None
+            died: dict[int, str] = {}
             try:
                 while True:
-                    try:
-                        item = next(iterator)
-                    except StopIteration:
-                        return
-                    except RuntimeError as error:
-                        if markers is None or (died := _died_on(error, markers, iterator)) is None:
-                            raise
+                    dead = _dead_workers(iterator) if markers is not None else {}
+                    if not dead:
+                        try:
+                            guard.waiting = True
+                            item = next(iterator)
+                        except StopIteration:
+                            return
+                        except (_WorkerDied, RuntimeError, OSError):
+                            # also DataLoader's "worker exited unexpectedly", and a clip whose shared tensors the
+                            # dead worker can no longer hand over (ConnectionResetError)
+                            dead = _dead_workers(iterator) if markers is not None else {}
+                            if not dead:
+                                raise
+                        finally:
+                            guard.waiting = False
+                    if dead:
+                        assert markers is not None
+                        died = _died_on(dead, markers)
                         break
                     delivered += 1
                     yield item
             finally:
-                del iterator  # shuts its workers down
+                guard.waiting = False
                 if sigchld is not None:
                     signal.signal(signal.SIGCHLD, sigchld)
+                del guard, iterator  # shuts its workers down
             for index, reason in sorted(died.items()):
                 clip = remaining[index]
                 yield {"clip": clip, "error": ("video", f"{clip.path}: {reason}")}

@@ -354,8 +354,8 @@ def test_cache_of_another_audio_protocol_or_an_older_version_is_rebuilt(tmp_path
 
 
 def test_a_damaged_cached_clip_is_computed_again(tmp_path, tiny_models, caplog):
-    """A complete clip in a cache of the right protocol whose arrays were removed, made NaN or replaced by
-    integers (a file edited or written by something else) is computed again with a warning, never handed to
+    """A complete clip in a cache of the right protocol whose arrays were removed, made NaN, or replaced by
+    integers or by an array of another shape (a file edited or written by something else) is computed again with a warning, never handed to
     the metrics: a missing array used to end evaluation with a KeyError traceback."""
     cnn14, vggish = tiny_models
     calls: list[str] = []
@@ -371,17 +371,21 @@ def test_a_damaged_cached_clip_is_computed_again(tmp_path, tiny_models, caplog):
         handle["clips/id=c1/cnn14_probs"][0] = np.nan
         del handle["clips/id=c2/cnn14_logits"]
         handle["clips/id=c2"].create_dataset("cnn14_logits", data=np.zeros(527, np.int64))
+        del handle["clips/id=c3/vggish"]
+        handle["clips/id=c3"].create_dataset("vggish", data=np.zeros((1, 64), np.float32))
     calls.clear()
     with caplog.at_level("WARNING"):
         again = ground_truth_embeddings(path, ["c0", "c1", "c2", "c3"], load, cnn14, vggish, SR, 1.0, progress=False)
-    assert calls == ["c0", "c1", "c2"]
+    assert calls == ["c0", "c1", "c2", "c3"]
     warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
     assert warnings == [f"{path}: cached clip 'c0' is damaged (no 'vggish'); computing it again",
                         f"{path}: cached clip 'c1' is damaged ('cnn14_probs' holds NaN or infinity); computing it again",
                         f"{path}: cached clip 'c2' is damaged ('cnn14_logits' is int64, not floating point); "
+                        "computing it again",
+                        f"{path}: cached clip 'c3' is damaged ('vggish' has shape (1, 64), not ('any', 128)); "
                         "computing it again"]
     assert not any("source" in r.getMessage() for r in caplog.records)
-    for clip_id in ("c0", "c1", "c2"):
+    for clip_id in ("c0", "c1", "c2", "c3"):
         for key in ("cnn14_embedding", "cnn14_probs", "vggish", "cnn14_logits"):
             np.testing.assert_allclose(getattr(again[clip_id], key), getattr(first[clip_id], key), rtol=1e-5, atol=1e-6)
     calls.clear()

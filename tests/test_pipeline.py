@@ -553,6 +553,60 @@ def test_a_file_that_crashes_a_decoding_worker_costs_only_that_clip(tmp_path, mo
     assert again.written == 0 and again.resumed == 6 and not again.failed
 
 
+@pytest.mark.parametrize("tensors", [False, True], ids=["numpy", "shared tensors"])
+def test_a_worker_killed_while_its_last_clip_is_half_sent_costs_only_its_clip(tmp_path, monkeypatch, tensors):
+    """A worker hands a decoded clip over in a message (with numpy hand-over, as when shared memory is short, its
+    frames and waveform: about 1 MB) that its queue's feeder thread writes into the pipe while the worker decodes
+    the next clip. When that next clip kills the worker, the
+    message is cut off half-way; the main process, busy encoding meanwhile, then waited forever reading it (it
+    holds the pipe's other end itself). Now the death is found before the read: the crashing clip is a failure
+    naming its file, the cut-off one is decoded again, and nothing hangs."""
+    import faulthandler
+    import resource
+
+    from preprocess import pipeline
+    from preprocess.config import PRESETS
+    from preprocess.manifest import from_folder
+
+    videos = tmp_path / "videos"
+    for i in range(4):
+        media.make_video(videos / f"clip{i}.mp4", seconds=10.24, audio="tone")  # a whole window of audio
+    real = pipeline.decode_frames
+
+    def crashing(path, *args, **kwargs):
+        if Path(path).name == "clip2.mp4":
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+            faulthandler.disable()
+            os.abort()  # in the worker process (forked: it has this patch)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "decode_frames", crashing)
+    cfg = PRESETS["tiny"].replace(num_workers=1, device="cpu")
+
+    class Hangs(BaseException):  # not an Exception: DataLoader turns those into "worker exited unexpectedly"
+        pass
+
+    def too_long(signum, frame):
+        raise Hangs("decode_clips still waits after 60 s")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(60)
+    items = []
+    try:
+        for item in pipeline.decode_clips(from_folder(videos), cfg, tensors, 2, tmp_path / ".decoding"):
+            items.append(item)
+            time.sleep(1.0)  # the encoders' time: the worker decodes ahead and its feeder waits on the full pipe
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert sorted(item["clip"].id for item in items) == [f"clip{i}" for i in range(4)]
+    failed = {item["clip"].id: item["error"] for item in items if "error" in item}
+    assert list(failed) == ["clip2"] and failed["clip2"][0] == "video"
+    assert failed["clip2"][1].startswith(f"{videos / 'clip2.mp4'}: the decoding worker died while decoding this file "
+                                         "(killed by SIGABRT)")
+    assert all(len(item["frames"]) > 0 for item in items if "error" not in item)
+
+
 def test_non_finite_audio_or_features_cost_only_their_clip(tmp_path, monkeypatch):
     """Float PCM audio holding NaN and inf (a crafted or broken file), and a model output that overflowed on one
     clip: each is that clip's failure, named; the shard writer's schema check no longer stops the run (which
