@@ -21,12 +21,21 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> this process's CUDA device (LOCAL_RANK modulo the device count) when CUDA is there, else cpu."""
+    """'auto' -> this process's CUDA device (LOCAL_RANK modulo the device count) when CUDA is there, else cpu.
+    ValueError, one line, for a name torch does not know and for a CUDA device this machine does not have."""
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:  # "Expected one of cpu, cuda, ... device type at start of device string: ..."
+        raise ValueError(f"device {name!r}: {str(error).splitlines()[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA device is available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def half_dtype(half: bool, device: torch.device) -> torch.dtype:

@@ -59,6 +59,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         selected = select_metrics(config.metrics)
     except ValueError as error:
         raise EvalError(str(error)) from None
+    try:
+        resolve_device(config.device)
+    except ValueError as error:
+        raise EvalError(f"--{error}") from None
     if config.output_dir.exists() and not config.output_dir.is_dir():
         raise EvalError(f"{config.output_dir}: exists and is not a folder; give --output a folder")
     try:

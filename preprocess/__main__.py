@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     clips, duplicates = manifest.dedupe(clips)
+    if args.limit is not None and args.limit < 0:
+        print(f"error: --limit must be 0 or more (got {args.limit})", file=sys.stderr)
+        return 2
     if args.limit is not None:
         clips = sorted(clips, key=lambda c: c.id)[: args.limit]
     if args.dry_run:
@@ -121,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FeatureError, TaggerUnavailableError, FileNotFoundError, OutOfMemory) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what was written is kept (the shard in progress is closed, the writer finishes)
+        print(f"\ninterrupted: run the same command again to go on ({out_dir})", file=sys.stderr)
+        return 130
     if duplicates:
         print(f"note: {duplicates} repeated manifest rows were ignored")
     print_summary(summary)

@@ -15,6 +15,10 @@ from audio_models.config import MEL_BINS, MEL_FRAMES, AudioModelConfig
 from common.config import ConfigMethods
 from shards import ShardSpec
 
+MAX_FRAMES = 10_000  # frames per clip (fps x window_seconds): the paper samples 41
+# the audio a shard can hold: FLAC's range is wider, but the mel front end and the VAE want speech-band rates and up
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
+
 # What a config (a meta.json's "config") written before a field existed stands for: the value those runs used.
 BEFORE_FIELD: dict[str, Any] = {
     "sam_floor": 0.0,  # SAM refined every detection
@@ -71,8 +75,19 @@ class FeatureConfig(ConfigMethods):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.fps <= 0 or self.window_seconds <= 0:
-            raise ValueError("fps and window_seconds must be positive")
+        if not (math.isfinite(self.fps) and math.isfinite(self.window_seconds)) or self.fps <= 0 or self.window_seconds <= 0:
+            raise ValueError(f"fps and window_seconds must be positive numbers (got {self.fps}, {self.window_seconds})")
+        if self.window_seconds * self.fps > MAX_FRAMES:
+            raise ValueError(f"fps x window_seconds gives {self.window_seconds * self.fps:.0f} frames per clip; at most "
+                             f"{MAX_FRAMES}")
+        if not MIN_SAMPLE_RATE <= self.sample_rate <= MAX_SAMPLE_RATE:
+            raise ValueError(f"sample_rate must be in [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}] Hz, got {self.sample_rate}")
+        for name in ("frame_short_side", "embed_dim", "grounding_short_side", "grounding_long_side", "latent_channels",
+                     "vae_downsample", "batch_clips", "frame_batch", "shard_max_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be 0 (decode in this process) or more, got {self.num_workers}")
         if self.max_nouns < 1:
             raise ValueError("max_nouns must be at least 1")
         if self.max_memory_gib < 0:

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,14 +46,18 @@ def _index_videos(video_dir: Path) -> dict[str, Path]:
         for entry in entries:
             stem, suffix = os.path.splitext(entry.name)
             if suffix.lower() in VIDEO_SUFFIXES:
-                if entry.is_file():
+                try:
+                    is_file = entry.is_file()
+                except OSError:  # a symbolic link loop (ELOOP), a name too long once resolved
+                    is_file = False
+                if is_file:
                     found.setdefault(stem, []).append(entry.name)
                 else:
                     unusable.append(entry.name)
     if unusable:
         unusable.sort()
-        print(f"warning: {video_dir}: {len(unusable)} entries named like videos are not files (a broken link or a "
-              f"folder) and are left out: {', '.join(unusable[:3])}{' ...' if len(unusable) > 3 else ''}", file=sys.stderr)
+        print(f"warning: {video_dir}: {len(unusable)} entries named like videos are not files (a broken link, a link "
+              f"loop or a folder) and are left out: {', '.join(unusable[:3])}{' ...' if len(unusable) > 3 else ''}", file=sys.stderr)
     shared = {stem: sorted(names) for stem, names in found.items() if len(names) > 1}
     if shared:
         examples = "; ".join(f"{names[0]} (not {', '.join(names[1:])})" for _, names in sorted(shared.items())[:3])
@@ -71,9 +76,7 @@ def from_vggsound_csv(csv_path: Path, video_dir: Path) -> list[Clip]:
         raise ManifestError(f"{csv_path}: CSV not found")
     index = _index_videos(video_dir)
     clips: list[Clip] = []
-    reader = csv.reader(io.StringIO(_read_text(csv_path), newline=""))  # a quoted label may hold a newline
-    for row in reader:
-        line_number = reader.line_num
+    for line_number, row in _csv_rows(csv_path, _read_text(csv_path)):
         if not row or row[0].startswith("#") or (line_number == 1 and row[0].strip().lower() in {"youtube_id", "ytid", "id"}):
             continue
         if len(row) < 4:
@@ -107,6 +110,17 @@ def _read_text(path: Path) -> str:
         raise ManifestError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
 
 
+def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each row of a CSV text (a quoted field may hold a newline); ManifestError naming the
+    line for what the csv module refuses (a field over its 128 kB limit, a NUL byte)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as error:
+        raise ManifestError(f"{path}:{reader.line_num}: not readable as CSV ({error})") from None
+
+
 def _read_captions(captions_path: Path) -> dict[str, str]:
     """A JSON object {stem: caption} or a CSV with rows `stem_or_filename,caption`. A JSON null is no caption."""
     if not captions_path.is_file():
@@ -117,6 +131,8 @@ def _read_captions(captions_path: Path) -> dict[str, str]:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise ManifestError(f"{captions_path}: not valid JSON ({error})") from None
+        except RecursionError:
+            raise ManifestError(f"{captions_path}: not valid JSON (nested too deeply)") from None
         if not isinstance(data, dict):
             raise ManifestError(f"{captions_path}: expected a JSON object mapping video name to caption")
         bad = next((k for k, v in data.items() if v is not None and not isinstance(v, str)), None)
@@ -124,7 +140,7 @@ def _read_captions(captions_path: Path) -> dict[str, str]:
             raise ManifestError(f"{captions_path}: the caption of {bad!r} is a {type(data[bad]).__name__}, not a string")
         return {Path(str(k)).stem: v or "" for k, v in data.items()}
     captions = {}
-    for row in csv.reader(io.StringIO(text, newline="")):
+    for _, row in _csv_rows(captions_path, text):
         if len(row) >= 2 and not row[0].startswith("#"):
             captions[Path(row[0].strip()).stem] = row[1].strip()
     return captions

@@ -415,6 +415,8 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FeatureError(f"{path}: unreadable ({error}); move it away to start over") from None
+    except OSError as error:  # a folder of that name
+        raise FeatureError(f"{path}: unreadable ({error.strerror or error}); move it away to start over") from None
     if not isinstance(old, dict):
         raise FeatureError(f"{path}: unreadable (not a JSON object); move it away to start over")
     config: dict[str, Any] = old["config"] if isinstance(old.get("config"), dict) else {}
@@ -660,7 +662,16 @@ def run(
     except ManifestError as error:
         raise FeatureError(str(error)) from None
     nouns_of = NounCache(cfg.tagger, cfg.max_nouns)  # fails early when the tagger is unavailable
-    device = resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as error:
+        raise FeatureError(f"--{error}") from None
+    if out_dir.exists() and not out_dir.is_dir():  # before any model is built
+        raise FeatureError(f"{out_dir}: exists and is not a folder; give --out a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file where a folder above it goes, no permission
+        raise FeatureError(f"{out_dir}: cannot be made ({error.strerror or error})") from None
     try:
         encoders = encoders or Encoders(cfg, weights_dir, device)
     except ValueError as error:  # a checkpoint refused or of the wrong size: the loaders name file and reason

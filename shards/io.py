@@ -170,10 +170,14 @@ def unrecorded_shards(directory: str | os.PathLike[str]) -> list[Path]:
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one line with a single O_APPEND write (atomic for concurrent writers on a local disk)."""
+    """Append one line with a single O_APPEND write (atomic for concurrent writers on a local disk). A file whose
+    last line a crash cut short (no newline at its end) gets one first, so the new line is not glued onto it."""
     line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
         os.write(fd, line)
         os.fsync(fd)
     finally:
@@ -181,15 +185,18 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; a line torn by a crash is skipped, and so is a line that is not a JSON object
-    (with a warning: every reader expects objects)."""
+    """Records of a JSON-lines file; a line that is not JSON (cut short by a crash, or edited) is skipped, and so is
+    one that is not a JSON object (every reader expects objects), each with a warning naming file and line."""
     if not path.exists():
         return []
     records = []
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
-        except (ValueError, RecursionError):  # a torn line; JSONDecodeError is a ValueError
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+            log.warning("%s:%d: not JSON (a line cut short by a crash?); skipped", path, number)
             continue
         if isinstance(record, dict):
             records.append(record)

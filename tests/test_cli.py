@@ -85,3 +85,39 @@ def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
     assert eval_main(["table", str(tmp_path / "ev"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path}: cannot write the table (") and "\n" not in err
+
+
+def test_stage_one_refuses_bad_values_and_outputs_in_one_line(tmp_path, capsys, monkeypatch):
+    """Each was a traceback (or, for --limit -1, all clips but the last processed without a word): a bad --device,
+    an --out that is a file, a negative --limit, values that failed later (NaN fps, a negative worker count),
+    and Ctrl-C."""
+    import preprocess.pipeline
+    from tests import media
+
+    videos = tmp_path / "videos"
+    media.make_video(videos / "a.mp4", seconds=1.0, audio="tone")
+    taken = tmp_path / "taken"
+    taken.write_text("notes")
+    common = ["features", "--videos", str(videos), "--no-progress"]
+    cases = [
+        (["--out", str(tmp_path / "o1"), "--device", "bogus"], "error: --device 'bogus': Expected one of"),
+        (["--out", str(taken)], f"error: {taken}: exists and is not a folder; give --out a folder"),
+        (["--out", str(taken / "sub")], f"error: {taken / 'sub'}: cannot be made (Not a directory)"),
+        (["--out", str(tmp_path / "o2"), "--limit", "-1"], "error: --limit must be 0 or more (got -1)"),
+        (["--out", str(tmp_path / "o3"), "--fps", "nan"], "error: fps and window_seconds must be positive numbers"),
+        (["--out", str(tmp_path / "o4"), "--num-workers", "-1"], "error: num_workers must be 0"),
+    ]
+    for extra, start in cases:
+        assert main([*common, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(start) and "\n" not in err, err
+    assert taken.read_text() == "notes"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preprocess.pipeline, "run", interrupted)
+    assert main([*common, "--out", str(tmp_path / "o5")]) == 130
+    assert capsys.readouterr().err.strip() == f"interrupted: run the same command again to go on ({tmp_path / 'o5'})"
+    assert main(["eval", "--device", "bogus", "--output", str(tmp_path / "ev")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --device 'bogus': Expected one of")

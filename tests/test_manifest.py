@@ -148,9 +148,30 @@ def test_names_of_videos_that_are_not_files_are_reported(tmp_path, capsys):
     (tmp_path / "a.mp4").write_bytes(b"x")
     (tmp_path / "gone.mp4").symlink_to(tmp_path / "missing.mp4")
     (tmp_path / "folder.mkv").mkdir()
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")  # resolving it fails (ELOOP): it was a traceback
     assert [c.id for c in from_folder(tmp_path)] == ["a"]
-    assert capsys.readouterr().err.strip() == (f"warning: {tmp_path}: 2 entries named like videos are not files (a broken "
-                                               "link or a folder) and are left out: folder.mkv, gone.mp4")
+    assert capsys.readouterr().err.strip() == (f"warning: {tmp_path}: 3 entries named like videos are not files (a broken "
+                                               "link, a link loop or a folder) and are left out: folder.mkv, gone.mp4, "
+                                               "loop.mp4")
+
+
+def test_captions_and_csv_files_the_parsers_refuse_are_one_line(tmp_path):
+    """JSON nested too deeply for the parser (RecursionError) and a CSV field over the csv module's 128 kB limit
+    (csv.Error) ended stage one with a traceback."""
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "a.mp4").write_bytes(b"x")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ManifestError, match=r"^.*deep\.json: not valid JSON \(nested too deeply\)$"):
+        from_folder(tmp_path / "v", deep)
+    huge = tmp_path / "huge.csv"
+    huge.write_text("a.mp4,fine\n" + "b.mp4," + "x" * 200_000 + "\n")
+    with pytest.raises(ManifestError, match=r"huge\.csv:2: not readable as CSV \(field larger than field limit"):
+        from_folder(tmp_path / "v", huge)
+    rows = tmp_path / "vgg.csv"
+    rows.write_text("a,0," + "y" * 200_000 + ",train\n")
+    with pytest.raises(ManifestError, match=r"vgg\.csv:1: not readable as CSV"):
+        from_vggsound_csv(rows, tmp_path / "v")
 
 
 def test_rows_of_one_clip_id_that_disagree_are_reported(tmp_path, capsys):

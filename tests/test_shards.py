@@ -156,12 +156,17 @@ def test_verify_refuses_another_schema_version(tmp_path, spec):
         shards.read_spec(tmp_path)
 
 
-def test_jsonl_survives_a_torn_line(tmp_path):
+def test_jsonl_survives_a_torn_line(tmp_path, caplog):
+    """A line cut short by a crash is skipped with a warning naming it, and the next record is not glued onto it
+    (it was, and was lost with it: the clip was then tried again)."""
     path = tmp_path / "failures.jsonl"
     shards.append_jsonl(path, {"id": "a", "stage": "video"})
     with open(path, "a") as handle:
         handle.write('{"id": "b", "sta')  # killed mid-line
     assert shards.read_jsonl(path) == [{"id": "a", "stage": "video"}]
+    assert f"{path}:2: not JSON (a line cut short by a crash?); skipped" in caplog.text
+    shards.append_jsonl(path, {"id": "c", "stage": "video"})
+    assert shards.read_jsonl(path) == [{"id": "a", "stage": "video"}, {"id": "c", "stage": "video"}]
 
 
 def test_object_embedding_is_eq1():
