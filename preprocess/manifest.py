@@ -98,6 +98,7 @@ def from_vggsound_csv(csv_path: Path, video_dir: Path) -> list[Clip]:
         else:
             path, offset = None, 0.0
         clips.append(Clip(clip_id, path, offset, label, label, split))
+    clips = usable_ids(clips, csv_path)
     check_sample_keys(clips, csv_path)
     return clips
 
@@ -155,6 +156,7 @@ def from_folder(video_dir: Path, captions_path: Path | None = None, split: str =
     if captions_path:
         _check_coverage(captions_path, captions, index)
     clips = [Clip(stem, path, 0.0, captions.get(stem, ""), captions.get(stem, ""), split) for stem, path in sorted(index.items())]
+    clips = usable_ids(clips, video_dir)
     check_sample_keys(clips, video_dir)
     return clips
 
@@ -199,6 +201,20 @@ def _differences(kept: Clip, dropped: Clip) -> str:
     if "label" in names and kept.caption == kept.label and dropped.caption == dropped.label:
         names.remove("caption")
     return ", ".join(f"{name} {getattr(kept, name)} kept, {getattr(dropped, name)} left out" for name in names)
+
+
+def usable_ids(clips: list[Clip], source: object) -> list[Clip]:
+    """The clips whose ids can name a clip (`shards.id_problem`); each other one is left out with a warning line
+    naming it and why (a video named 'x .mp4' or with a line break in its name), and the others go on."""
+    kept = []
+    for clip in clips:
+        problem = id_problem(clip.id)
+        if problem:
+            print(f"warning: {source}: clip id {clip.id!r} {problem}; left out (rename the video or the manifest's id)",
+                  file=sys.stderr)
+        else:
+            kept.append(clip)
+    return kept
 
 
 def check_sample_keys(clips: list[Clip], source: object) -> None:

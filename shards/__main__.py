@@ -11,6 +11,8 @@ from pathlib import Path
 import shards
 from shards.stream import decode_checked, read_raw
 
+MAX_SHOWN = 100  # problem lines printed; the count says how many there are
+
 
 def verify(directory: Path) -> tuple[dict[str, int], list[str]]:
     """Counts of valid samples per split, and one line per problem found (a bad sample is one line and the shard is
@@ -56,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
     counts, problems = verify(args.directory)
     failures = shards.read_jsonl(args.directory / shards.FAILURES_FILE)
-    for line in problems:
+    for line in problems[:MAX_SHOWN]:
         print(f"problem: {line}")
+    if len(problems) > MAX_SHOWN:  # a meta.json of another preset makes every sample a problem: 200k lines
+        print(f"problem: ... and {len(problems) - MAX_SHOWN} more (the first {MAX_SHOWN} are shown)")
     for split, n in sorted(counts.items()):
         print(f"{split}: {n} samples")
     unrecorded = shards.unrecorded_shards(args.directory)

@@ -36,7 +36,7 @@ def test_verify_goes_to_the_shards_tool(tmp_path, capsys):
 def test_a_value_the_config_refuses_is_one_line(tmp_path, capsys):
     assert main(["features", "--videos", str(tmp_path), "--fps", "-1", "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "error: fps and window_seconds must be positive"
+    assert err.strip() == "error: fps and window_seconds must be positive numbers (got -1.0, 10.24)"
 
 
 def test_eval_paper_protocol_flags_reach_the_config(tmp_path, capsys):

@@ -189,3 +189,16 @@ def test_rows_of_one_clip_id_that_disagree_are_reported(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "warning: 2 manifest rows share a clip id with an earlier, different row and are left out (the first row is "
         "used): x_001700 (start 1700.0 kept, 1700.5 left out); y_000003 (label cat kept, car left out)")
+
+
+def test_a_video_whose_name_cannot_be_an_id_is_left_out_alone(tmp_path, capsys):
+    """A name ending in a space or holding a line break cannot name a clip (ids name files and lines): that video is
+    left out with a warning line, and the others go on (the whole run used to stop)."""
+    for name in ("a.mp4", "trailing .mp4", "new\nline.mp4", "b.mp4"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [c.id for c in from_folder(tmp_path)] == ["a", "b"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {tmp_path}: clip id 'new\\nline' holds a line break or a NUL (ids name files and lines); left out "
+        "(rename the video or the manifest's id)",
+        f"warning: {tmp_path}: clip id 'trailing ' begins or ends with white space; left out (rename the video or the "
+        "manifest's id)"]

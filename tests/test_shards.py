@@ -147,6 +147,24 @@ def test_verify_counts_samples_and_reports_duplicates(tmp_path, spec, capsys):
     assert "clip c1 also in" in out and "train: 2 samples" in out
 
 
+def test_verify_shows_at_most_a_hundred_problems(tmp_path, spec, capsys, monkeypatch):
+    """A folder where every sample has a problem (a meta.json of another preset: ~200k on VGGSound) printed one
+    line per sample; now the first hundred and how many more, and the count line has them all."""
+    import shards.__main__ as tool
+
+    monkeypatch.setattr(tool, "MAX_SHOWN", 3)
+    write_meta(tmp_path, spec)
+    for rank in (0, 1):
+        writer = shards.ShardWriter(tmp_path, "train", rank=rank, max_samples=5)
+        for i in range(5):
+            writer.write(shards.encode_sample(spec, *make_sample(spec, f"c{i}", seed=i)))  # every id twice
+        writer.close()
+    assert shards_main(["verify", str(tmp_path)]) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("problem")]
+    assert len(lines) == 4 and lines[-1] == "problem: ... and 2 more (the first 3 are shown)"
+    assert all("also in" in line for line in lines[:3])
+
+
 def test_verify_refuses_another_schema_version(tmp_path, spec):
     write_meta(tmp_path, spec)
     meta = json.loads((tmp_path / shards.META_FILE).read_text())
