@@ -288,13 +288,21 @@ def test_audio_metrics_of_a_set_with_itself(tiny_models):
     assert different["kl_pairs"] == 4 and abs(different["kl_sigmoid"]) > 1e-3  # may be negative: sigmoids do not sum to 1
 
 
-def test_cache_reuses_extends_and_rebuilds(tmp_path, tiny_models):
-    cnn14, vggish = tiny_models
-    calls: list[str] = []
+def noise_loader(calls: list[str]):
+    """`load_audio` for ground_truth_embeddings: one second of noise seeded by the id's number ('c3': 3), noting
+    each id it is asked for in `calls`."""
 
     def load(clip_id: str) -> np.ndarray:
         calls.append(clip_id)
         return noise(int(clip_id[1:]), seconds=1.0)
+
+    return load
+
+
+def test_cache_reuses_extends_and_rebuilds(tmp_path, tiny_models):
+    cnn14, vggish = tiny_models
+    calls: list[str] = []
+    load = noise_loader(calls)
 
     path = tmp_path / "gt.h5"
     first = ground_truth_embeddings(path, ["c0", "c1", "c2"], load, cnn14, vggish, SR, 1.0, progress=False)
@@ -355,14 +363,11 @@ def test_cache_of_another_audio_protocol_or_an_older_version_is_rebuilt(tmp_path
 
 def test_a_damaged_cached_clip_is_computed_again(tmp_path, tiny_models, caplog):
     """A complete clip in a cache of the right protocol whose arrays were removed, made NaN, or replaced by
-    integers or by an array of another shape (a file edited or written by something else) is computed again with a warning, never handed to
-    the metrics: a missing array used to end evaluation with a KeyError traceback."""
+    integers or by an array of another shape (a file edited or written by something else) is computed again with
+    a warning, never handed to the metrics: a missing array used to end evaluation with a KeyError traceback."""
     cnn14, vggish = tiny_models
     calls: list[str] = []
-
-    def load(clip_id: str) -> np.ndarray:
-        calls.append(clip_id)
-        return noise(int(clip_id[1:]), seconds=1.0)
+    load = noise_loader(calls)
 
     path = tmp_path / "gt.h5"
     first = ground_truth_embeddings(path, ["c0", "c1", "c2", "c3"], load, cnn14, vggish, SR, 1.0, progress=False)
@@ -412,10 +417,7 @@ def test_cache_survives_a_crash_and_distrusts_partial_clips(tmp_path, tiny_model
         group.attrs["id"] = "c2"
         group.create_dataset("cnn14_embedding", data=np.full(TINY_CNN14.embed_dim, 99.0, np.float32))
     calls: list[str] = []
-
-    def load(clip_id: str) -> np.ndarray:
-        calls.append(clip_id)
-        return noise(int(clip_id[1:]), seconds=1.0)
+    load = noise_loader(calls)
 
     result = ground_truth_embeddings(path, ids, load, cnn14, vggish, SR, 1.0, progress=False)
     assert calls == ["c2"] and path.exists() and not partial.exists()
