@@ -283,21 +283,22 @@ def decode_clips(clips: list[Clip], cfg: FeatureConfig, tensors: bool, prefetch:
             died: dict[int, str] = {}
             try:
                 while True:
-                    dead = _dead_workers(iterator) if markers is not None else {}
-                    if not dead:
-                        try:
-                            guard.waiting = True
+                    dead: dict[int, int] = {}
+                    try:
+                        guard.waiting = True  # first: a death from here on is raised, or found just below
+                        dead = _dead_workers(iterator) if markers is not None else {}
+                        if not dead:
                             item = next(iterator)
-                        except StopIteration:
-                            return
-                        except (_WorkerDied, RuntimeError, OSError):
-                            # also DataLoader's "worker exited unexpectedly", and a clip whose shared tensors the
-                            # dead worker can no longer hand over (ConnectionResetError)
-                            dead = _dead_workers(iterator) if markers is not None else {}
-                            if not dead:
-                                raise
-                        finally:
-                            guard.waiting = False
+                    except StopIteration:
+                        return
+                    except (_WorkerDied, RuntimeError, OSError):
+                        # also DataLoader's "worker exited unexpectedly", and a clip whose shared tensors the dead
+                        # worker can no longer hand over (ConnectionResetError)
+                        dead = _dead_workers(iterator) if markers is not None else {}
+                        if not dead:
+                            raise
+                    finally:
+                        guard.waiting = False
                     if dead:
                         assert markers is not None
                         died = _died_on(dead, markers)

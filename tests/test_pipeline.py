@@ -553,14 +553,18 @@ def test_a_file_that_crashes_a_decoding_worker_costs_only_that_clip(tmp_path, mo
     assert again.written == 0 and again.resumed == 6 and not again.failed
 
 
-@pytest.mark.parametrize("tensors", [False, True], ids=["numpy", "shared tensors"])
-def test_a_worker_killed_while_its_last_clip_is_half_sent_costs_only_its_clip(tmp_path, monkeypatch, tensors):
+@pytest.mark.parametrize(("tensors", "slow_check"), [(False, False), (True, False), (False, True)],
+                         ids=["numpy", "shared tensors", "death during the check"])
+def test_a_worker_killed_while_its_last_clip_is_half_sent_costs_only_its_clip(tmp_path, monkeypatch, tensors,
+                                                                             slow_check):
     """A worker hands a decoded clip over in a message (with numpy hand-over, as when shared memory is short, its
     frames and waveform: about 1 MB) that its queue's feeder thread writes into the pipe while the worker decodes
     the next clip. When that next clip kills the worker, the
     message is cut off half-way; the main process, busy encoding meanwhile, then waited forever reading it (it
     holds the pipe's other end itself). Now the death is found before the read: the crashing clip is a failure
-    naming its file, the cut-off one is decoded again, and nothing hangs."""
+    naming its file, the cut-off one is decoded again, and nothing hangs. `slow_check`: the check for dead workers
+    takes 1.5 s (the worker dies during it, after it looked), so only the SIGCHLD handler can stop the read that
+    follows: it must already be armed during the check."""
     import faulthandler
     import resource
 
@@ -581,6 +585,15 @@ def test_a_worker_killed_while_its_last_clip_is_half_sent_costs_only_its_clip(tm
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "decode_frames", crashing)
+    if slow_check:
+        real_check = pipeline._dead_workers
+
+        def late(iterator):
+            dead = real_check(iterator)
+            time.sleep(1.5)
+            return dead
+
+        monkeypatch.setattr(pipeline, "_dead_workers", late)
     cfg = PRESETS["tiny"].replace(num_workers=1, device="cpu")
 
     class Hangs(BaseException):  # not an Exception: DataLoader turns those into "worker exited unexpectedly"
@@ -595,7 +608,9 @@ def test_a_worker_killed_while_its_last_clip_is_half_sent_costs_only_its_clip(tm
     try:
         for item in pipeline.decode_clips(from_folder(videos), cfg, tensors, 2, tmp_path / ".decoding"):
             items.append(item)
-            time.sleep(1.0)  # the encoders' time: the worker decodes ahead and its feeder waits on the full pipe
+            # the encoders' time (with slow_check, the check's): the worker decodes ahead while its feeder waits on
+            # the full pipe
+            time.sleep(0.0 if slow_check else 1.0)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
