@@ -6,8 +6,8 @@ Layout: attribute `protocol` (JSON: everything the arrays depend on) plus readab
 one group per clip under `clips/` holding one dataset per array, with the attributes `id`, the sha256 of what the
 clip was computed from (its reference audio or its source video; attribute name per cache) and `complete` (set
 last, so a clip cut short by a crash is dropped on the next run). A file of another protocol is rebuilt; a clip
-whose source hash changed is computed again, and so is one whose arrays are missing, non-finite or not floating
-point (`damage`: a file edited or written by something else), with a warning.
+whose source hash changed is computed again, and so is one whose arrays are missing, of the wrong shape or not
+floating point (`damage`: a file edited or written by something else), with a warning.
 
 A clip that could not be computed (an undecodable video) is cached as a failure with its reason and source hash,
 so a later run reports it again without retrying it until its source changes.
@@ -120,8 +120,9 @@ Shape = tuple[int | None, ...]  # an array's expected shape; None: any length on
 
 def damage(arrays: Arrays, keys: Collection[str] | Mapping[str, Shape]) -> str | None:
     """Why a cached clip's arrays cannot be what was computed (None: they can): a name of `keys` missing, an array
-    of another shape than `keys` gives it (when `keys` maps names to shapes), or one that is not finite floating
-    point (every cached array is an embedding or logits)."""
+    of another shape than `keys` gives it (when `keys` maps names to shapes), or one that is not floating point
+    (every cached array is an embedding or logits). NaN is no sign of damage: an embedder can give it (a float16
+    overflow), and the metrics refuse it with a reason naming the clip."""
     for key in keys:
         if key not in arrays:
             return f"no {key!r}"
@@ -133,8 +134,6 @@ def damage(arrays: Arrays, keys: Collection[str] | Mapping[str, Shape]) -> str |
         value = np.asarray(value)
         if not np.issubdtype(value.dtype, np.floating):
             return f"{key!r} is {value.dtype}, not floating point"
-        if not np.isfinite(value).all():
-            return f"{key!r} holds NaN or infinity"
     return None
 
 
@@ -149,8 +148,8 @@ def cached_arrays(path: str | Path, protocol: Mapping[str, Any], wanted: Mapping
     is returned again, not recomputed, until its source changes. `header`: readable copies of protocol values
     written as file attributes; `digest_attr`: the clip attribute holding the source hash; `keys`: the arrays
     every computed clip has (or a map of them to their shapes). A cached clip that lacks one, holds one of another
-    shape, or one that is not finite floating point (`damage`: a file edited or written by something else), is
-    computed again, with a warning.
+    shape, or one that is not floating point (`damage`: a file edited or written by something else), is computed
+    again, with a warning.
 
     New clips are added in place to a whole file of the same protocol (each clip flushed, `complete` set last);
     a file of another protocol, or none, is built in `<path>.partial` and renamed over `<path>` when whole."""
@@ -158,31 +157,39 @@ def cached_arrays(path: str | Path, protocol: Mapping[str, Any], wanted: Mapping
     partial = path.with_name(path.name + ".partial")
     warned: set[str] = set()
 
+    def trusted(cached: dict[str, Cached] | None, where: Path) -> dict[str, Cached] | None:
+        """The clips read from a file, less those `damage` finds fault with (said once each); clips computed by
+        this call are not checked: what the embedder gave is what the metrics judge."""
+        if cached is None:
+            return None
+        kept = {}
+        for clip_id, entry in cached.items():
+            problem = None if entry[2] is not None else damage(entry[0], keys)
+            if problem is None:
+                kept[clip_id] = entry
+            elif clip_id not in warned:
+                warned.add(clip_id)
+                log.warning("%s: cached clip %r is damaged (%s); computing it again", where, clip_id, problem)
+        return kept
+
     def current(cached: Mapping[str, Cached], clip_id: str) -> bool:
-        if clip_id not in cached or (wanted[clip_id] is not None and cached[clip_id][1] != wanted[clip_id]):
-            return False
-        arrays, _, failure = cached[clip_id]
-        problem = None if failure is not None else damage(arrays, keys)
-        if problem is not None and clip_id not in warned:
-            warned.add(clip_id)
-            log.warning("%s: cached clip %r is damaged (%s); computing it again", path, clip_id, problem)
-        return problem is None
+        return clip_id in cached and (wanted[clip_id] is None or cached[clip_id][1] == wanted[clip_id])
 
     def result(cached: Mapping[str, Cached]) -> tuple[dict[str, Arrays], dict[str, str]]:
         done = [clip_id for clip_id in wanted if current(cached, clip_id)]
         return ({clip_id: cached[clip_id][0] for clip_id in done if cached[clip_id][2] is None},
                 {clip_id: str(cached[clip_id][2]) for clip_id in done if cached[clip_id][2] is not None})
 
-    finished = _matching(path, protocol, digest_attr)
+    finished = trusted(_matching(path, protocol, digest_attr), path)
     if finished is not None and all(current(finished, clip_id) for clip_id in wanted):
         return result(finished)
     path.parent.mkdir(parents=True, exist_ok=True)
     with build_lock(path):
-        finished = _matching(path, protocol, digest_attr)  # another process may have built it meanwhile
+        finished = trusted(_matching(path, protocol, digest_attr), path)  # another process may have built it meanwhile
         if finished is not None and all(current(finished, clip_id) for clip_id in wanted):
             return result(finished)
         target = path if finished is not None else partial  # a whole file grows in place
-        resumed = finished if finished is not None else _matching(partial, protocol, digest_attr)
+        resumed = finished if finished is not None else trusted(_matching(partial, protocol, digest_attr), partial)
         if resumed is None and partial.exists():
             partial.unlink()
         with h5py.File(target, "a") as handle:

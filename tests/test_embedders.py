@@ -362,9 +362,9 @@ def test_cache_of_another_audio_protocol_or_an_older_version_is_rebuilt(tmp_path
 
 
 def test_a_damaged_cached_clip_is_computed_again(tmp_path, tiny_models, caplog):
-    """A complete clip in a cache of the right protocol whose arrays were removed, made NaN, or replaced by
-    integers or by an array of another shape (a file edited or written by something else) is computed again with
-    a warning, never handed to the metrics: a missing array used to end evaluation with a KeyError traceback."""
+    """A complete clip in a cache of the right protocol whose arrays were removed, or replaced by integers or by
+    arrays of another shape (a file edited or written by something else) is computed again with a warning, never
+    handed to the metrics: a missing array used to end evaluation with a KeyError traceback."""
     cnn14, vggish = tiny_models
     calls: list[str] = []
     load = noise_loader(calls)
@@ -373,7 +373,8 @@ def test_a_damaged_cached_clip_is_computed_again(tmp_path, tiny_models, caplog):
     first = ground_truth_embeddings(path, ["c0", "c1", "c2", "c3"], load, cnn14, vggish, SR, 1.0, progress=False)
     with h5py.File(path, "a") as handle:
         del handle["clips/id=c0/vggish"]
-        handle["clips/id=c1/cnn14_probs"][0] = np.nan
+        del handle["clips/id=c1/cnn14_probs"]
+        handle["clips/id=c1"].create_dataset("cnn14_probs", data=np.zeros(500, np.float32))
         del handle["clips/id=c2/cnn14_logits"]
         handle["clips/id=c2"].create_dataset("cnn14_logits", data=np.zeros(527, np.int64))
         del handle["clips/id=c3/vggish"]
@@ -384,7 +385,8 @@ def test_a_damaged_cached_clip_is_computed_again(tmp_path, tiny_models, caplog):
     assert calls == ["c0", "c1", "c2", "c3"]
     warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
     assert warnings == [f"{path}: cached clip 'c0' is damaged (no 'vggish'); computing it again",
-                        f"{path}: cached clip 'c1' is damaged ('cnn14_probs' holds NaN or infinity); computing it again",
+                        f"{path}: cached clip 'c1' is damaged ('cnn14_probs' has shape (500,), not (527,)); "
+                        "computing it again",
                         f"{path}: cached clip 'c2' is damaged ('cnn14_logits' is int64, not floating point); "
                         "computing it again",
                         f"{path}: cached clip 'c3' is damaged ('vggish' has shape (1, 64), not ('any', 128)); "
@@ -396,6 +398,23 @@ def test_a_damaged_cached_clip_is_computed_again(tmp_path, tiny_models, caplog):
     calls.clear()
     ground_truth_embeddings(path, ["c0", "c1", "c2", "c3"], load, cnn14, vggish, SR, 1.0, progress=False)
     assert calls == []  # repaired in the file
+
+
+def test_what_the_embedder_computes_is_returned_as_it_is(tmp_path, caplog):
+    """A clip the embedder gives NaN for (a float16 overflow) is returned as it is, now and from the cache, for the
+    metrics to refuse with a reason naming it; not dropped as 'damaged' and recomputed on every run."""
+    from eval.array_cache import cached_arrays
+
+    def compute(todo):
+        for clip_id in todo:
+            yield clip_id, {"video": np.full(3, np.nan if clip_id == "b" else 1.0, np.float32)}
+
+    for _ in range(2):
+        with caplog.at_level("WARNING"):
+            arrays, failed = cached_arrays(tmp_path / "c.h5", {"v": 1}, {"a": None, "b": None}, compute, keys=("video",))
+        assert sorted(arrays) == ["a", "b"] and not failed and np.isnan(arrays["b"]["video"]).all()
+        assert "damaged" not in caplog.text
+        caplog.clear()
 
 
 def test_cache_survives_a_crash_and_distrusts_partial_clips(tmp_path, tiny_models):

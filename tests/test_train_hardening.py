@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -209,13 +210,13 @@ def test_a_second_training_into_a_busy_folder_stops_at_once(tmp_path, capsys, da
 
     out = tmp_path / "run"
     assert run(data, out, "--max-steps", "2", *FLAGS) == 0
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     capsys.readouterr()
     with folder_lock(out, "training"):  # what the first training holds while it runs
         assert run(data, out, "--max-steps", "4", *FLAGS) == 2
-        assert one_error_line(capsys) == (f"error: {out}: another training is writing into this folder; wait for it "
-                                          "to end, or choose another folder")
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+        assert one_error_line(capsys) == (f"error: {out}: another training is writing into this folder (pid "
+                                          f"{os.getpid()}); wait for it to end, or choose another folder")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
     assert run(data, out, "--max-steps", "4", *FLAGS) == 0
     assert (out / "checkpoints/step_00000004").is_dir()
 
@@ -284,3 +285,14 @@ def test_an_output_folder_of_someone_else_is_never_written(tmp_path, capsys, dat
             "checkpoints is a file": f"{out / 'checkpoints'}: a file where the run's checkpoints folder goes"}[case] in err
     after = {p: p.read_bytes() for p in ([out] if out.is_file() else out.rglob("*")) if p.is_file()}
     assert after == before
+
+
+def test_what_this_project_leaves_before_config_json_is_no_foreign_file(tmp_path, data):
+    """An evaluation run before training makes <run>/eval (its default output) with its lock; a first start killed
+    while writing config.json leaves config.json.tmp. Neither makes the folder someone else's."""
+    out = tmp_path / "run"
+    (out / "eval").mkdir(parents=True)
+    (out / "eval" / ".lock").write_bytes(b"")
+    (out / "config.json.tmp").write_text('{"cut sh')
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 0
+    assert (out / "checkpoints/step_00000002").is_dir()

@@ -186,16 +186,19 @@ RUN_CONFIG_FIELDS = ("shards", "output", "learning_rate", "seed")  # what every 
 
 
 def check_output_folder(output: Path) -> None:
-    """ConfigError unless `output` can take this run's files without overwriting someone else's: absent, empty, or
-    a training run's folder (its config.json, `saved_config`, is checked by the caller). A folder holding files
-    but no config.json is another program's (or a user's), and a file where the folder or one of its parts
-    (RUN_PARTS) goes would fail the run at its first checkpoint."""
+    """ConfigError unless `output` can take this run's files without overwriting someone else's: absent, empty (of
+    all but what this project puts there before config.json), or a training run's folder (its config.json,
+    `saved_config`, is checked by the caller). A folder holding other files but no config.json is another
+    program's (or a user's), and a file where the folder or one of its parts (RUN_PARTS) goes would fail the run
+    at its first checkpoint."""
     if output.exists() and not output.is_dir():
         raise ConfigError(f"{output}: exists and is not a folder; give --output a folder")
     if not output.is_dir():
         return
     if not (output / "config.json").exists():
-        held = sorted(p.name for p in output.iterdir() if p.name != LOCK_FILE)
+        # not someone else's: the lock, config.json.tmp (a first start killed while writing it, or another rank's
+        # first start writing it now), and eval/ (evaluation's default folder, made by an evaluation run too early)
+        held = sorted(p.name for p in output.iterdir() if p.name not in (LOCK_FILE, "config.json.tmp", "eval"))
         if held:
             shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
             raise ConfigError(f"{output}: holds {shown} but no training run (no config.json); give a new or empty "
