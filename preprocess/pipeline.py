@@ -444,15 +444,17 @@ def _warn(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
 
-def completed_ids(out_dir: Path) -> set[str]:
-    """Sample keys of clips in complete shards (any rank) or recorded in failures.jsonl.
+def completed_ids(out_dir: Path) -> dict[str, str | None]:
+    """Sample keys of clips in complete shards (any rank) or recorded in failures.jsonl, each with the split it was
+    made for (from the shard's file name, or the failure record's "split"; None where that does not say).
 
     Bad input here is reported, one warning line each, never a crash: a shard that cannot be read (a zero-byte
     `.tar` left by a copy interrupted elsewhere, a torn one) is left in place untouched and its clips are not
     counted as done, so they are written again into new shards; a failures.jsonl line that is not an object
     with a clip id is skipped (its clip, if any, is tried again)."""
-    done: set[str] = set()
+    done: dict[str, str | None] = {}
     for path in shards.list_shards(out_dir):
+        split = path.name.split("-", 1)[0]  # list_shards' names are {split}-{rank}-{index}.tar (no '-' in a split)
         try:
             keys = shards.shard_keys(path)
         # any error: shards/ owns the tar format (today tarfile's errors); counting no clip of the shard as done
@@ -463,7 +465,7 @@ def completed_ids(out_dir: Path) -> set[str]:
             _warn(f"{path}: unreadable shard ({reason}); its clips are not counted as done and are written again "
                   "into new shards: move the file away once this run is over")
             continue
-        done.update(keys)
+        done.update(dict.fromkeys(keys, split))
     failures = out_dir / shards.FAILURES_FILE
     try:
         records = shards.read_jsonl(failures)
@@ -475,7 +477,8 @@ def completed_ids(out_dir: Path) -> set[str]:
         if key is None:
             _warn(f"{failures}: skipped a line without a clip id: {json.dumps(record)[:200]}")
             continue
-        done.add(key)
+        recorded = record.get("split")
+        done.setdefault(key, recorded if isinstance(recorded, str) else None)
     return done
 
 
@@ -683,6 +686,12 @@ def run(
     shards.remove_partial(out_dir, rank)
     done = completed_ids(out_dir)
     todo = [c for c in mine if shards.sample_key(c.id) not in done]
+    elsewhere = [c for c in mine if done.get(shards.sample_key(c.id), c.split) not in (None, c.split)]
+    if elsewhere:  # a clip is made once per folder: resuming skips it by its key, whatever split it went to
+        first = elsewhere[0]
+        _warn(f"{out_dir}: {len(elsewhere)} clip(s) of this manifest are there already for another split (e.g. "
+              f"{first.id}: {done[shards.sample_key(first.id)]} there, {first.split} now); they are kept as they are: "
+              f"give another --out to make them for split {first.split}")
     summary.resumed = len(mine) - len(todo)
 
     failures_path = out_dir / shards.FAILURES_FILE

@@ -174,6 +174,27 @@ def run_stage_one(videos: Path, out: Path, threaded: bool, captions: Path | None
     return run(cfg, from_folder(videos, captions), out, None, progress=False, threaded_writer=threaded)
 
 
+def test_a_rerun_for_another_split_says_its_clips_are_there_already(five_clips, tmp_path, capsys):
+    """Resuming skips a clip by its key, whatever split it was made for: a rerun into the same folder with another
+    split wrote nothing and said "already done". It still writes nothing (a clip is made once per folder), but it
+    says which clips went to which split, and what to do."""
+    from preprocess.config import PRESETS
+    from preprocess.manifest import from_folder
+    from preprocess.pipeline import run
+
+    cfg = PRESETS["tiny"].replace(num_workers=0, batch_clips=2, shard_max_samples=2, device="cpu")
+    first = run(cfg, from_folder(five_clips, split="train"), tmp_path / "out", None, progress=False)
+    assert first.written == 5
+    capsys.readouterr()
+    again = run(cfg, from_folder(five_clips, split="test"), tmp_path / "out", None, progress=False)
+    assert again.written == 0 and again.resumed == 5
+    assert (f"warning: {tmp_path / 'out'}: 5 clip(s) of this manifest are there already for another split (e.g. clip0: "
+            "train there, test now); they are kept as they are: give another --out to make them for split test"
+            ) in capsys.readouterr().err
+    run(cfg, from_folder(five_clips, split="train"), tmp_path / "out", None, progress=False)
+    assert "another split" not in capsys.readouterr().err
+
+
 def test_the_background_writer_writes_what_the_inline_one_does(five_clips, tmp_path):
     inline = run_stage_one(five_clips, tmp_path / "inline", threaded=False)
     threaded = run_stage_one(five_clips, tmp_path / "threaded", threaded=True)
