@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,10 @@ class FolderBusy(RuntimeError):
     """Another process holds the folder's lock."""
 
 
-def _holder(handle: object) -> int | None:
+def _holder(handle: IO[bytes]) -> int | None:
     """The pid the lock file names (None when it names none)."""
     try:
-        text = os.pread(handle.fileno(), 32, 0).decode("ascii", "replace").strip()  # type: ignore[attr-defined]
+        text = os.pread(handle.fileno(), 32, 0).decode("ascii", "replace").strip()
         return int(text) if text.isdigit() else None
     except OSError:
         return None

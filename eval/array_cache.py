@@ -202,7 +202,7 @@ def cached_arrays(path: str | Path, protocol: Mapping[str, Any], wanted: Mapping
             for name in [n for n, g in handle["clips"].items() if not g.attrs.get("complete", False)]:
                 del handle["clips"][name]  # cut short by a crash
             todo = [clip_id for clip_id in wanted if not current(resumed, clip_id)]
-            changed = sum(clip_id in resumed and clip_id not in warned for clip_id in todo)
+            changed = sum(clip_id in resumed for clip_id in todo)  # damaged clips were dropped by `trusted`
             if changed:
                 log.warning("%s: the source of %d cached clips changed; computing them again", path, changed)
             if resumed:

@@ -72,7 +72,7 @@ def pairing_refusal(reference: Mapping[str, Any], generated: Mapping[str, Any], 
         return (f"only {count} of {expected} clips ({fraction:.0%}) have {paired_on or 'a readable generated WAV'}, "
                 f"below min_paired {min_paired:.0%}")
     if len(generated) < min_clips or len(reference) < min_clips:
-        return (f"needs at least {min_clips} clips per set ({len(reference)} reference, {len(generated)} generated)")
+        return f"needs at least {min_clips} clips per set ({len(reference)} reference, {len(generated)} generated)"
     return None
 
 
