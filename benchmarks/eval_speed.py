@@ -1,5 +1,5 @@
-"""Evaluation speed on the CPU: seconds of audio generated per second of compute with the tiny model, for the
-paper's protocol sampler (DDIM, 300 steps) and for DPM-Solver++ at 25 steps, and the Frechet distance (Cnn14
+"""Evaluation speed on the CPU: seconds of audio generated per second of compute with the tiny model, for DDIM at
+the paper's 300 steps (the paper preset samples with DDPM, whose steps cost the same) and for DPM-Solver++ at 25 steps, and the Frechet distance (Cnn14
 embeddings, FD) between the two samplers' outputs on the same clips. Writes a section of benchmarks/RESULTS.md.
 
     python -m benchmarks.eval_speed [--clips 4] [--run runs/demo] [--shards data/shards/demo]

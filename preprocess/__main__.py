@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--videos", type=Path, help="video folder")
     source.add_argument("--captions", type=Path, help="without --csv: captions for the folder's videos (JSON or CSV name,caption)")
     source.add_argument("--split", default="train", help="without --csv: split name given to the folder's videos")
-    parser.add_argument("--out", type=Path, help=f"output folder for shards, meta.json, failures.jsonl (default {DEMO_OUT})")
+    parser.add_argument("--out", type=Path, help=f"output folder for shards, meta.json, failures.jsonl (default {DEMO_OUT} with the tiny preset, "
+                        "data/shards/<preset> with another)")
     parser.add_argument("--weights", type=Path, default=Path("weights"), help="weights folder (see README); unused with --random-init")
     parser.add_argument("--rank", type=int, help="this process's rank (default: RANK / SLURM variables, else 0)")
     parser.add_argument("--world-size", type=int, help="number of processes sharing the manifest")
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if not DEMO_CSV.exists():
             print(f"error: {DEMO_CSV} not found: run `make features` (or `python -m preprocess.demo --out data/demo`) first", file=sys.stderr)
             return 2
-    out_dir = args.out or DEMO_OUT
+    out_dir = args.out or (DEMO_OUT if cfg.preset == "tiny" else Path("data/shards") / cfg.preset)
     try:
         rank, world_size = distributed_rank(args)
     except ValueError as error:

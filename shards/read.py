@@ -67,22 +67,24 @@ def _members(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, s
         raise ShardFormatError(f"{path}: shard holds {keys} samples, its record says {record['samples']}")
 
 
-def _meta(path: Path, data: bytes) -> SampleMeta:
+def _meta(path: Path, key: str, data: bytes) -> SampleMeta:
+    """The SampleMeta of sample `key`'s json member; ShardFormatError naming the shard and the sample."""
     try:
         found = json.loads(data)
     except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError; too deep or too many digits
-        raise ShardFormatError(f"{path}: a json member is not JSON ({type(error).__name__}: {error})") from None
+        raise ShardFormatError(f"{path}: sample {key!r}: its json member is not JSON ({type(error).__name__}: "
+                               f"{error})") from None
     try:
         return SampleMeta.from_json(found)
     except ShardFormatError as error:
-        raise ShardFormatError(f"{path}: {error}") from None
+        raise ShardFormatError(f"{path}: sample {key!r}: {error}") from None
 
 
 def iter_meta(paths: Iterable[Path]) -> Iterator[SampleMeta]:
     """The `SampleMeta` of every sample of these shards, in order (only json members are read)."""
     for path in paths:
-        for _, _, data in _members(path, lambda ext: ext == META_KEY):
-            yield _meta(path, data)
+        for key, _, data in _members(path, lambda ext: ext == META_KEY):
+            yield _meta(path, key, data)
 
 
 def read_split(folder: Folder, split: str) -> list[SampleMeta]:
@@ -97,23 +99,23 @@ def iter_split(folder: Folder, split: str, ids: Collection[str] | None = None) -
     spec = read_spec(folder)
     for path in split_shards(folder, split):
         for raw in read_raw(path, spec):
-            meta = _meta(path, raw[META_KEY])  # only the json is parsed for the samples left out
+            meta = _meta(path, raw["__key__"], raw[META_KEY])  # only the json is parsed for the samples left out
             if meta.split == split and (wanted is None or meta.id in wanted):
                 yield decode_checked(raw, spec)
 
 
-def _samples(path: Path, exts: Collection[str]) -> Iterator[dict[str, bytes]]:
-    """The members `exts` of each sample of one shard, grouped by sample ({ext: bytes}). WebDataset keeps a sample's
+def _samples(path: Path, exts: Collection[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(sample key, {ext: bytes}) of each sample of one shard, with its members `exts`. WebDataset keeps a sample's
     members together, so a sample is complete when the key changes."""
     key: str | None = None
     found: dict[str, bytes] = {}
     for name, ext, data in _members(path, lambda ext: ext in exts):
-        if name != key and found:
-            yield found
+        if name != key and found and key is not None:
+            yield key, found
             found = {}
         key, found[ext] = name, data
-    if found:
-        yield found
+    if found and key is not None:
+        yield key, found
 
 
 def iter_member(folder: Folder, split: str, member: str, ids: Collection[str] | None = None
@@ -122,10 +124,10 @@ def iter_member(folder: Folder, split: str, member: str, ids: Collection[str] | 
     in shard order, reading only the json and that member."""
     wanted = None if ids is None else set(ids)
     for path in split_shards(_require_folder(folder), split):
-        for found in _samples(path, (META_KEY, member)):
+        for key, found in _samples(path, (META_KEY, member)):
             if META_KEY not in found or member not in found:
                 continue
-            meta = _meta(path, found[META_KEY])
+            meta = _meta(path, key, found[META_KEY])
             if meta.split == split and (wanted is None or meta.id in wanted):
                 yield meta, found[member]
 

@@ -735,3 +735,32 @@ def test_sample_json_values_that_would_break_their_readers_are_refused():
 
     with pytest.raises(ManifestError, match=r"videos/: clip id 'a\\u2028b' holds a line break"):
         check_sample_keys([Clip("a\u2028b", None, 0.0, "", "", "train")], "videos/")
+
+
+@pytest.mark.parametrize("bad", [b"{torn", b'{"id": "b", "split": "train"}'])
+def test_a_bad_json_member_found_while_listing_a_split_names_shard_and_sample(tmp_path, spec, bad):
+    """Counting a split reads only the json members; one that is not JSON, or not a sample's metadata, names the
+    shard and the sample's key (a shard holds thousands), in every reader that lists samples."""
+    from shards.stream import record_path
+
+    write_split(tmp_path, spec, {"train": ["a", "b"]})
+    (path,) = shards.list_shards(tmp_path, "train")
+    members = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            data = tar.extractfile(member).read()
+            if member.name.endswith(".json") and b'"b"' in data:
+                key, data = member.name.rsplit(".", 1)[0], bad
+            members.append((member.name, data))
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    record_path(path).unlink()  # the record would (rightly) refuse the altered size first
+    readers = (lambda: shards.read_split(tmp_path, "train"), lambda: list(shards.iter_split(tmp_path, "train")),
+               lambda: list(shards.iter_member(tmp_path, "train", "flac")))
+    for read in readers:
+        with pytest.raises(shards.ShardFormatError) as caught:
+            read()
+        assert str(caught.value).startswith(f"{path}: sample {key!r}: "), caught.value

@@ -103,8 +103,54 @@ def test_a_tampered_optimizer_file_is_refused_by_the_restricted_unpickler(tmp_pa
     rewrite_manifest(checkpoint, "optimizer.bin")
     capsys.readouterr()
     assert run(data, out, "--max-steps", "4", *FLAGS) == 2
-    assert "step_00000002: does not load (UnpicklingError" in one_error_line(capsys)
+    err = one_error_line(capsys)
+    # the file is named, and the reason for the refusal is given, not cut off behind torch's general advice
+    assert f"{checkpoint / 'optimizer.bin'}: does not load (UnpicklingError: the restricted unpickler refused" in err
+    assert "open" in err.split("refused the file:", 1)[1], err
     assert not marker.exists()
+
+
+def rewrite_safetensors(path: Path, change, metadata: dict[str, str] | None = None) -> None:
+    """Rewrite a safetensors file with change(tensors) and rewrite its checkpoint's manifest to agree."""
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(str(path))
+    safetensors.torch.save_file(change(tensors), str(path), metadata=metadata)
+    rewrite_manifest(path.parent, path.name)
+
+
+def as_integers(tensors):
+    return {k: v.to(torch.int32) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def one_nan(tensors):
+    name = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    return tensors
+
+
+@pytest.mark.parametrize(("name", "change", "metadata", "expected"), [
+    ("model.safetensors", as_integers, {"format": "pt"}, "is stored as I32, where the model has float weights"),
+    ("ema.safetensors", as_integers, {"format": "pt"}, "is stored as I32, where the model has float weights"),
+    ("model.safetensors", one_nan, {"format": "pt"}, "holds NaN or infinite values (the run diverged"),
+    ("ema.safetensors", one_nan, {"format": "pt"}, "holds NaN or infinite values (the run diverged"),
+    ("rng_rank0.safetensors", dict, None, "does not load (ValueError: no 'scalars' metadata entry"),
+])
+def test_a_checkpoint_that_agrees_with_its_manifest_but_not_with_training_is_one_line_naming_the_file(
+        tmp_path, capsys, data, name, change, metadata, expected):
+    """Files rewritten together with their manifest pass the checksum; what training could never have written (float
+    weights stored as integers, which load_state_dict would cast without a word; NaN weights, with which every step
+    would be skipped; a generator file without its scalars) is refused in one line naming the file, not loaded."""
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 0
+    checkpoint = out / "checkpoints/step_00000002"
+    rewrite_safetensors(checkpoint / name, change, metadata)
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 2
+    err = one_error_line(capsys)
+    assert err.startswith(f"error: {checkpoint / name}: ") and expected in err, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
 
 
 def empty(path: Path) -> None:

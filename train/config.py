@@ -81,7 +81,7 @@ class TrainConfig(ConfigMethods):
     object_threshold: float = field(default=0.0, metadata={"help": "in [0, 1]: p_tk counts as 0 in Eq. (1) where Grounding DINO's score of noun k's box in frame t (detector.npy, before SAM's IoU) is below this; version-1 shards threshold p_tk itself; 0 keeps every detection (the ablation)"})
     # --- conditioning (Tables III and IV of the paper) ---------------------------------------
     inputs: Inputs = field(default="V+O", metadata={"help": f"conditions used, one of {INPUTS} (T: caption, V: video frames, O: objects)"})
-    scheme: Scheme = field(default="Z@V+O", metadata={"help": f"how V and O enter the UNet, one of {SCHEMES} (see train.model.route)"})
+    scheme: Scheme = field(default="Z@V+O", metadata={"help": f"how V and O enter the UNet, one of {SCHEMES} (see train.config.route)"})
     frame_positions: bool = field(default=False, metadata={"help": "add a sinusoidal embedding of the frame index to per-frame key tokens (VTA-LDM: off)"})
     # --- model -----------------------------------------------------------------------------
     block_channels: tuple[int, ...] = field(default=(32, 64), metadata={"help": "UNet channels per resolution"})
@@ -180,6 +180,8 @@ PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(),
     "paper": TrainConfig(
         preset="paper",
+        shards="data/shards/paper",  # where `python -m preprocess --preset paper` writes and evaluation reads
+        output="runs/paper",
         num_workers=4,
         shuffle_buffer=1000,
         embed_dim=768,  # CLIP ViT-L/14

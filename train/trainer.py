@@ -77,6 +77,7 @@ COMPLETE = "complete"  # marker file written last into a checkpoint folder
 MANIFEST = "manifest.json"  # {"format": CHECKPOINT_FORMAT, "step": N, "files": {name: {"size", "sha256"}}}
 CHECKPOINT_FORMAT = 1
 EMA_FILE = "ema.safetensors"
+MODEL_FILE = "model.safetensors"  # accelerate's name for the weights of its one prepared model
 PROGRESS_FILE = "progress.json"
 STEP_FOLDER = re.compile(r"step_\d{8}")  # a checkpoint; step_N.tmp is being written, step_N.broken was set aside
 SCALING_TOLERANCE = 1e-6  # relative: the VAE scaling factors of the shards and of the run agree
@@ -345,8 +346,14 @@ def save_rng_state(path: Path) -> None:
 def load_rng_state(path: Path) -> None:
     """Restore what `save_rng_state` wrote (CUDA generators: those of the devices present both then and now)."""
     with safetensors.safe_open(str(path), framework="pt") as f:
-        scalars = json.loads(f.metadata()["scalars"])
+        metadata = f.metadata() or {}
+        if "scalars" not in metadata:
+            raise ValueError("no 'scalars' metadata entry: not a file written by training")
+        scalars = json.loads(metadata["scalars"])
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
+    absent = [name for name in ("python", "numpy", "torch") if name not in tensors]
+    if absent or not isinstance(scalars, dict):
+        raise ValueError(f"lacks the {absent[0]} generator state" if absent else "its 'scalars' entry is not an object")
     random.setstate((int(scalars["python_version"]), tuple(int(x) for x in tensors["python"].tolist()),
                      scalars["python_gauss"]))
     np.random.set_state((str(scalars["numpy_kind"]), tensors["numpy"].numpy().astype(np.uint32),
@@ -539,8 +546,17 @@ def start_run(config: TrainConfig, spec: ShardSpec, accelerator: Accelerator, lo
 
 def one_line(error: BaseException, limit: int = 300) -> str:
     """The error's type and message on one line (its lines joined: load_state_dict's first line alone says only
-    'Error(s) in loading state_dict'), cut at `limit` characters."""
-    text = " ".join(str(error).split())
+    'Error(s) in loading state_dict'), cut at `limit` characters. A file refused by torch's restricted unpickler
+    (`torch.load(weights_only=True)`) gives the reason for the refusal, which its message puts after a paragraph of
+    advice longer than the limit."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch bolds part of its advice with terminal escapes
+    if text.startswith("Weights only load failed"):
+        # the reason is after "WeightsUnpickler error:" (torch 2.6+) or in the paragraph after the advice (others)
+        paragraphs = text.split("WeightsUnpickler error:", 1)[1:] or text.split("\n\n")[1:]
+        reasons = [part for part in paragraphs if part.strip() and not part.strip().startswith("Check the documentation")]
+        reason = reasons[0].split("\n\n")[0].split(" Please use `torch.serialization")[0] if reasons else text
+        text = f"the restricted unpickler refused the file: {reason}"
+    text = " ".join(text.split())
     return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
@@ -575,19 +591,87 @@ def resume(run: Run, log: Any) -> None:
                           "folder away to train from the start")
 
 
+def accelerate_culprit(checkpoint: Path) -> str | None:
+    """The first of accelerate's files in a checkpoint that does not load on its own (safetensors files opened,
+    torch.save files unpickled with weights_only=True), or None when each loads alone (then they disagree with the
+    model or optimizer instead). Only called after accelerate's load_state failed, to name the file."""
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.name == MODEL_FILE:
+                safetensors.torch.load_file(str(path), device="cpu")
+            elif path.suffix == ".bin":
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - whatever stops it loading makes it the culprit
+            return path.name
+    return None
+
+
+def non_float_tensor(path: Path, floating: set[str]) -> str | None:
+    """A message when a safetensors file stores one of the `floating` tensor names as integers or booleans (which
+    load_state_dict would cast into float weights without a word), else None. Unreadable files are left to the loader."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            dtypes = {name: str(handle.get_slice(name).get_dtype()) for name in handle.keys()}  # noqa: SIM118
+    except (OSError, safetensors.SafetensorError):
+        return None
+    bad = sorted(name for name in floating & set(dtypes) if not dtypes[name].startswith(("F", "BF")))
+    if not bad:
+        return None
+    return (f"{bad[0]} is stored as {dtypes[bad[0]]}, where the model has float weights ({len(bad)} such tensors): not "
+            "the weights of a trained model")
+
+
+def non_finite_tensor(tensors: Iterator[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating tensor holding NaN or an infinity, or None."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, torch.Tensor]]:
+    for index, state in enumerate(optimizer.state.values()):
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                yield f"parameter {index} {key}", value
+
+
 def load_checkpoint(run: Run, checkpoint: Path) -> None:
     """Load a verified checkpoint into the run: accelerate's files with weights_only=True, the rest from safetensors
-    and JSON (module docstring); ConfigError (one line) when one of them does not load."""
+    and JSON (module docstring). ConfigError (one line naming the file) when one of them does not load, when the
+    weights are stored as integers, or when the weights, EMA or optimizer state hold NaN or infinities (a run that
+    diverged before the checkpoint: resuming would only skip every step)."""
     accelerator, rank = run.accelerator, run.accelerator.process_index
+    model = accelerator.unwrap_model(run.model)
+    floating = {name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    for name in (MODEL_FILE, EMA_FILE):
+        problem = non_float_tensor(checkpoint / name, floating)
+        if problem:
+            raise ConfigError(f"{checkpoint / name}: {problem}")
     try:
         accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
-        run.ema.load_state_dict(safetensors.torch.load_file(str(checkpoint / EMA_FILE), device=str(accelerator.device)))
-        run.progress.load_state_dict(json.loads((checkpoint / PROGRESS_FILE).read_text(encoding="utf-8")))
-        load_rng_state(checkpoint / rng_file(rank))
-        positions = json.loads((checkpoint / data_file(rank)).read_text(encoding="utf-8"))
+    except Exception as error:  # any failure of accelerate's loaders (a refused pickle, a shape or key mismatch...)
+        culprit = accelerate_culprit(checkpoint)
+        where = checkpoint / culprit if culprit else f"{checkpoint} (model.safetensors, optimizer.bin, scheduler.bin)"
+        raise ConfigError(f"{where}: does not load ({one_line(error)})") from None
+    name = EMA_FILE
+    try:
+        run.ema.load_state_dict(safetensors.torch.load_file(str(checkpoint / name), device=str(accelerator.device)))
+        name = PROGRESS_FILE
+        run.progress.load_state_dict(json.loads((checkpoint / name).read_text(encoding="utf-8")))
+        name = rng_file(rank)
+        load_rng_state(checkpoint / name)
+        name = data_file(rank)
+        positions = json.loads((checkpoint / name).read_text(encoding="utf-8"))
         run.positions = {int(w): (int(p[0]), int(p[1])) for w, p in positions.items()}
-    except Exception as error:  # any failure of the loaders (a refused pickle, a shape or key mismatch...): one line
-        raise ConfigError(f"{checkpoint}: does not load ({one_line(error)})") from None
+    except Exception as error:  # any failure of the loaders (a shape or key mismatch, a malformed file...): one line
+        raise ConfigError(f"{checkpoint / name}: does not load ({one_line(error)})") from None
+    for name, tensors in ((MODEL_FILE, model.named_parameters()), (EMA_FILE, run.ema.named_parameters()),
+                          ("optimizer.bin", optimizer_tensors(run.optimizer))):
+        bad = non_finite_tensor(tensors)
+        if bad:
+            raise ConfigError(f"{checkpoint / name}: {bad} holds NaN or infinite values (the run diverged before this "
+                              "checkpoint); move this step folder away to resume from the one before it")
     run.resumed_from = checkpoint
 
 
@@ -834,19 +918,14 @@ def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cp
         raise ValueError(f"{config_path}: describes no buildable model ({one_line(error)})") from None
     shell_state = shell.state_dict()
     expected = {name: tuple(tensor.shape) for name, tensor in shell_state.items()}
-    floating = {name for name, tensor in shell_state.items() if tensor.is_floating_point()}
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
-            slices = {name: handle.get_slice(name) for name in handle.keys()}
-            stored = {name: tuple(piece.get_shape()) for name, piece in slices.items()}
-            dtypes = {name: str(piece.get_dtype()) for name, piece in slices.items()}
+            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
     except (OSError, safetensors.SafetensorError) as error:
         raise ValueError(f"{path}: unreadable ({one_line(error)})") from None
-    # load_state_dict would cast integers or booleans into float weights without a word: not a trained model's file
-    not_float = sorted(name for name in floating & set(dtypes) if not dtypes[name].startswith(("F", "BF")))
+    not_float = non_float_tensor(path, {name for name, tensor in shell_state.items() if tensor.is_floating_point()})
     if not_float:
-        raise ValueError(f"{path}: {not_float[0]} is stored as {dtypes[not_float[0]]}, where the model has float "
-                         f"weights ({len(not_float)} such tensors): not the weights of a trained model")
+        raise ValueError(f"{path}: {not_float}")
     if stored != expected:
         missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
         shapes = sorted(k for k in set(stored) & set(expected) if stored[k] != expected[k])
