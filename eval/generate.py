@@ -323,14 +323,15 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
         bar.update(len(batch))
         batch.clear()
 
-    for sample in iterate_split_samples(config.shards, config.split, todo):
-        # the conditions exactly as training derives them (`shards.conditions`)
-        batch.append({"id": sample[shards.META_KEY]["id"], **shards.sample_conditions(sample, train_config.object_threshold)})
-        if len(batch) == sampling:
+    with bar:  # closed (its line ended) also when an error stops generation
+        for sample in iterate_split_samples(config.shards, config.split, todo):
+            # the conditions exactly as training derives them (`shards.conditions`)
+            batch.append({"id": sample[shards.META_KEY]["id"],
+                          **shards.sample_conditions(sample, train_config.object_threshold)})
+            if len(batch) == sampling:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
-    bar.close()
     return info
 
 

@@ -329,6 +329,8 @@ def validate(spec: ShardSpec, meta: dict[str, Any], arrays: dict[str, np.ndarray
         values = arrays[key] if key in spec.array_keys else None  # present: checked above
         if values is not None and values.size and (values.min() < 0 or values.max() > 1):
             raise ShardFormatError(f"{clip_id}: {key} outside [0, 1]")
+    if "latent_std.npy" in arrays and arrays["latent_std.npy"].size and arrays["latent_std.npy"].min() < 0:
+        raise ShardFormatError(f"{clip_id}: latent_std.npy has negative values (a standard deviation is >= 0)")
     if DETECTOR_KEY in spec.array_keys:
         product = arrays[DETECTOR_KEY].astype(np.float32) * arrays[IOU_KEY].astype(np.float32)
         # each factor and the product are float16: 2e-3 covers their rounding (half an ulp at 1 is 2.4e-4)

@@ -523,7 +523,7 @@ def test_a_second_evaluation_into_a_busy_folder_stops_before_writing(tiny_run, t
     assert not in_flight.exists() and results["counts"]["paired"] == results["counts"]["clips"] > 0
 
 
-def test_a_wav_that_cannot_be_written_fails_its_clip_only(tiny_run, tmp_path, monkeypatch):
+def test_a_wav_that_cannot_be_written_fails_its_clip_only(tiny_run, tmp_path, monkeypatch, capsys):
     """An id too long for a file name (or any refusal of one file) was a traceback that ended the run; now that clip
     is a 'generate' failure and the others are written. A full disk still stops the run, in one line."""
     import errno
@@ -548,5 +548,8 @@ def test_a_wav_that_cannot_be_written_fails_its_clip_only(tiny_run, tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(eval_generate, "write_wav", full)
+    capsys.readouterr()
     with pytest.raises(EvalError, match="No space left on device"):
-        generate(config_for(tiny_run, tmp_path / "b"), clips, progress=False)
+        generate(config_for(tiny_run, tmp_path / "b"), clips, progress=True)
+    drawn = capsys.readouterr().err
+    assert "generating" in drawn and drawn.endswith("\n"), repr(drawn[-200:])  # the bar's line is ended for the error

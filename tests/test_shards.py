@@ -81,6 +81,7 @@ def test_round_trip_through_a_shard(tmp_path, spec):
         (lambda m, a: a.update({"iou.npy": a["iou.npy"] + 1.5}), "iou.npy outside [0, 1]"),
         (lambda m, a: a.update({"detector.npy": a["detector.npy"] - 1.5}), "detector.npy outside [0, 1]"),
         (lambda m, a: a.update({"probs.npy": a["detector.npy"]}), "probs.npy is not detector.npy * iou.npy"),
+        (lambda m, a: a.update({"latent_std.npy": -np.abs(a["latent_std.npy"]) - 0.1}), "latent_std.npy has negative"),
     ],
 )
 def test_validation_rejects_samples_off_the_schema(spec, change, message):

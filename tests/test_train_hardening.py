@@ -342,3 +342,24 @@ def test_what_this_project_leaves_before_config_json_is_no_foreign_file(tmp_path
     (out / "config.json.tmp").write_text('{"cut sh')
     assert run(data, out, "--max-steps", "2", *FLAGS) == 0
     assert (out / "checkpoints/step_00000002").is_dir()
+
+
+def test_an_error_during_training_starts_its_own_line_after_the_progress_bar(tmp_path, capsys, data, monkeypatch):
+    """A data error after some steps (e.g. a damaged sample) is printed after the progress bar's line is ended;
+    it used to be glued to the end of the bar."""
+    import train.trainer as trainer
+    from train.data import DataError
+
+    real_step, calls = trainer.train_step, []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise DataError("shard-x.tar: sample 'k': damaged")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", failing_step)
+    assert run(data, tmp_path / "run", "--max-steps", "4", *FLAGS) == 2
+    err = capsys.readouterr().err
+    assert "train:" in err  # the bar was drawn
+    assert err.split("\n")[-2] == "error: shard-x.tar: sample 'k': damaged", repr(err[-300:])

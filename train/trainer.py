@@ -776,11 +776,16 @@ class Bookkeeping:
             self.checkpoint(export=False)
         if run.accelerator.is_main_process:
             self.export()
-            if self.writer is not None:
-                self.writer.close()
             self.log(f"done: step {run.progress.step}, {run.progress.skipped} skipped step(s); EMA and raw weights in "
                      f"{run.output / 'model'}")
+        self.close()
+
+    def close(self) -> None:
+        """End the progress bar's line and flush the TensorBoard events: also when training stops on an error, whose
+        line would otherwise land on the bar's."""
         self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class RankRecorder:
@@ -863,7 +868,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths
     stream = iter(data.make_loader(paths, config, run.positions, pin_memory=accelerator.device.type == "cuda"))
     scheduler = noise_scheduler(config)
     books = Bookkeeping(run, count, log)
-    with RankRecorder(run.output, rank) if config.record_ranks else contextlib.nullcontext() as ranks:
+    with contextlib.closing(books), RankRecorder(run.output, rank) if config.record_ranks else contextlib.nullcontext() as ranks:
 
         def micro_batches() -> Iterator[dict[str, Any]]:
             while True:
