@@ -482,6 +482,21 @@ def completed_ids(out_dir: Path) -> dict[str, str | None]:
     return done
 
 
+def stored_captions(out_dir: Path, keys: set[str]) -> dict[str, str]:
+    """The caption each sample key of `keys` was made with, read from the json members of the folder's shards (a
+    shard that cannot be read is passed over: `completed_ids` has warned about it)."""
+    found: dict[str, str] = {}
+    for path in shards.list_shards(out_dir):
+        try:
+            for meta in shards.iter_meta([path]):
+                key = shards.sample_key(meta.id)
+                if key in keys:
+                    found[key] = meta.caption
+        except Exception:  # noqa: BLE001 - as in completed_ids: its clips are made again, nothing to compare
+            continue
+    return found
+
+
 # ----------------------------------------------------------------------------------- encoding
 class Encoders:
     """The frozen models of stage one, built once per process (`audio=False`: the visual ones only, for generation)."""
@@ -692,6 +707,16 @@ def run(
         _warn(f"{out_dir}: {len(elsewhere)} clip(s) of this manifest are there already for another split (e.g. "
               f"{first.id}: {done[shards.sample_key(first.id)]} there, {first.split} now); they are kept as they are: "
               f"give another --out to make them for split {first.split}")
+    wanted = {shards.sample_key(c.id): c for c in mine if shards.sample_key(c.id) in done}
+    if wanted:  # captions fixed in the manifest after a first run reach only the clips not made yet
+        stored = stored_captions(out_dir, set(wanted))
+        changed = [wanted[key] for key, caption in stored.items() if caption != wanted[key].caption]
+        if changed:
+            first = changed[0]
+            _warn(f"{out_dir}: {len(changed)} clip(s) there were made with another caption than this manifest gives "
+                  f"(e.g. {first.id}: {stored[shards.sample_key(first.id)]!r} there, {first.caption!r} now); they "
+                  "are kept as they are: give another --out (or move their shards away) to make them with these "
+                  "captions")
     summary.resumed = len(mine) - len(todo)
 
     failures_path = out_dir / shards.FAILURES_FILE

@@ -195,6 +195,28 @@ def test_a_rerun_for_another_split_says_its_clips_are_there_already(five_clips, 
     assert "another split" not in capsys.readouterr().err
 
 
+def test_a_rerun_with_other_captions_says_which_clips_keep_their_old_ones(five_clips, tmp_path, capsys):
+    """Captions corrected in the manifest after a run reach only the clips not made yet; the rerun said nothing
+    about the others. It now warns how many were made with another caption, with an example, and what to do."""
+    from preprocess.config import PRESETS
+    from preprocess.manifest import from_folder
+    from preprocess.pipeline import run
+
+    cfg = PRESETS["tiny"].replace(num_workers=0, batch_clips=2, shard_max_samples=2, device="cpu")
+    first = tmp_path / "first.csv"
+    first.write_text("".join(f"clip{i},a dog barks\n" for i in range(5)))
+    assert run(cfg, from_folder(five_clips, first), tmp_path / "out", None, progress=False).written == 5
+    capsys.readouterr()
+    run(cfg, from_folder(five_clips, first), tmp_path / "out", None, progress=False)
+    assert "another caption" not in capsys.readouterr().err
+    fixed = tmp_path / "fixed.csv"
+    fixed.write_text("".join(f"clip{i},{'a cat meows' if i in (1, 3) else 'a dog barks'}\n" for i in range(5)))
+    again = run(cfg, from_folder(five_clips, fixed), tmp_path / "out", None, progress=False)
+    assert again.written == 0 and again.resumed == 5
+    assert (f"warning: {tmp_path / 'out'}: 2 clip(s) there were made with another caption than this manifest gives "
+            "(e.g. clip1: 'a dog barks' there, 'a cat meows' now)") in capsys.readouterr().err
+
+
 def test_the_background_writer_writes_what_the_inline_one_does(five_clips, tmp_path):
     inline = run_stage_one(five_clips, tmp_path / "inline", threaded=False)
     threaded = run_stage_one(five_clips, tmp_path / "threaded", threaded=True)
