@@ -39,7 +39,16 @@ from common.devices import resolve_device
 from common.lock import FolderBusy, folder_lock
 from common.versions import software_versions
 from eval.benchmark_embed import benchmark_sets
-from eval.clips import EvalError, clip_selection, evaluation_clips, missing_wav_failures, read_split, wav_path, write_clip_ids
+from eval.clips import (
+    EvalError,
+    clip_selection,
+    evaluation_clips,
+    iterate_split_samples,
+    missing_wav_failures,
+    read_split,
+    wav_path,
+    write_clip_ids,
+)
 from eval.config import EvalConfig
 from eval.embed import PANNS_VGGISH, embedder_protocol, generated_embeddings, load_embedders, reference_audio, reference_set
 from eval.generate import generate, generation_protocol, manifest_notes, read_manifest, standing_failures, unique_failures
@@ -70,6 +79,20 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             return _evaluate(config, selected, progress)
     except FolderBusy as error:
         raise EvalError(str(error)) from None
+
+
+def check_samples(config: EvalConfig, ids: list[str], progress: bool) -> None:
+    """Decode, and so validate against the schema, the samples of the clips `ids`: those generation did not decode
+    (with --no-generate, or whose WAV exists), before anything is scored or written. A bad sample is one EvalError
+    naming shard and sample, as it would be when generating for it; found only by the figure, after results.json,
+    it used to stop the run half-reported."""
+    if not ids:
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(ids), unit="clip", desc="checking samples", disable=not progress) as bar:
+        for _ in iterate_split_samples(config.shards, config.split, ids):
+            bar.update(1)
 
 
 def _evaluate(config: EvalConfig, selected: tuple[Metric, ...], progress: bool) -> dict[str, Any]:
@@ -104,6 +127,7 @@ def _evaluate(config: EvalConfig, selected: tuple[Metric, ...], progress: bool) 
     notes = manifest_notes(config, manifest)
     if not config.generate:
         record_run()
+    check_samples(config, [c.id for c in clips if c.id not in set(generation.get("decoded", ()))], progress)
     failures = standing_failures(out_dir, clips)
     failures += missing_wav_failures(out_dir, clips, failures, config.generate)
     missing_wavs = sum(not wav_path(out_dir, c.id).exists() for c in clips)

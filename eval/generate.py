@@ -248,7 +248,8 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
     manifest; `claimed` is called once the folder is known to take this run's WAVs, before any is generated.
     Returns {"manifest": the settings of the folder's WAVs, "written": WAVs written by this call, "speed": the
     sampling batch (measured on CUDA with --sampling-batch 0: `measure_sampling_batch`), whether CUDA graphs
-    replay the sampler step, the device}.
+    replay the sampler step, the device; "decoded": the ids of the clips whose samples were decoded (and so
+    validated against the schema)}.
 
     Clips whose audio comes out non-finite are recorded in <output>/generation_failures.jsonl, not written.
     """
@@ -278,10 +279,11 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
     graphs = config.cuda_graphs and device.type == "cuda" and not config.compile
     speed: dict[str, Any] = {"sampling_batch": config.sampling_batch or config.batch_size, "cuda_graphs": graphs,
                              "device": str(device)}
-    info: dict[str, Any] = {"manifest": manifest, "written": 0, "speed": speed}
+    info: dict[str, Any] = {"manifest": manifest, "written": 0, "speed": speed, "decoded": []}
 
     by_id = {c.id: c for c in clips}
     todo = [c.id for c in clips if not wav_path(out_dir, c.id).exists()]
+    info["decoded"] = todo  # their samples are decoded, and so validated, on the way
     if not todo:
         return info
     if config.sampling_batch == 0 and device.type == "cuda" and not config.compile:  # compiling per batch: minutes

@@ -479,3 +479,44 @@ def test_damaged_results_json_is_one_line_naming_it(tmp_path, capsys):
     path.write_text('{"shards": "s", "split": "test", "clips": 3}')
     with pytest.raises(ValueError, match=r"results\.json: clips is not a list of clip ids"):
         load_run(folder)
+
+
+def test_a_damaged_sample_is_found_before_scoring_without_generating(tiny_run, generated, tmp_path, capsys):  # noqa: F811
+    """With --no-generate (or every WAV there) no sample was decoded before the figure, which found a damaged one
+    after results.json was written: the run stopped half-reported. Every clip's sample is now checked before
+    scoring: one line naming shard and sample, and nothing written."""
+    import io
+    import tarfile
+
+    from shards.stream import record_path
+
+    data, run = tiny_run
+    copy = tmp_path / "shards"
+    shutil.copytree(data, copy)
+    victim = TEST_IDS[1]
+    path = next(p for p in shards.list_shards(copy, "test") if shards.sample_key(victim) in shards.shard_keys(p))
+    members = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            payload = tar.extractfile(member).read()
+            if member.name == f"{shards.sample_key(victim)}.probs.npy":
+                probs = np.load(io.BytesIO(payload)).copy()
+                probs.flat[0] = np.nan
+                buffer = io.BytesIO()
+                np.save(buffer, probs)
+                payload = buffer.getvalue()
+            members.append((member.name, payload))
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    record_path(path).unlink()  # as a folder written before shard records: the sample itself must be refused
+    out = tmp_path / "eval"
+    shutil.copytree(generated / "wav", out / "wav")
+    capsys.readouterr()
+    assert eval_main(["--run", str(run), "--shards", str(copy), "--output", str(out), "--no-generate",
+                      "--cache-dir", str(tmp_path / "cache"), "--figure-clips", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "probs.npy has non-finite values" in err, err
+    assert not (out / "results.json").exists() and not (out / "report.md").exists()
