@@ -3,11 +3,19 @@ ffmpeg program: paths it cannot misread, and the line of its error output that s
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import av
+
+# decord's own C++ log line: '[20:00:37] /path/to/src/video/video_reader.cc:83: ERROR opening: x.mp4, Invalid data'
+DECORD_LOG_LINE = re.compile(rb"^\[\d{2}:\d{2}:\d{2}\] \S+\.(?:cc|h|hpp|cpp):\d+: ")
 
 
 def video_stream(container: Any) -> Any:
@@ -43,6 +51,35 @@ def quiet_decord() -> Any:
 
     decord.logging.set_level(decord.logging.QUIET)
     return decord
+
+
+@contextlib.contextmanager
+def decord_log_dropped() -> Iterator[None]:
+    """Run decord calls with its own C++ log lines ('[hh:mm:ss] .../video_reader.cc:83: ERROR opening: ...') kept
+    off stderr: decord writes them to file descriptor 2 from C++, where `quiet_decord` cannot reach, next to the
+    one-line error that already names the file and the reason (decord's exception carries the same text). File
+    descriptor 2 goes to a temporary file meanwhile; whatever else was written there (Python's own stderr, another
+    thread's) is written back afterwards, in order. Without a usable descriptor 2 the calls run as they are."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = b"".join(line for line in capture.read().splitlines(keepends=True) if not DECORD_LOG_LINE.match(line))
+            with contextlib.suppress(OSError):
+                while kept:
+                    kept = kept[os.write(2, kept):]
 
 
 def pyav_reason(error: av.FFmpegError) -> str:

@@ -35,7 +35,7 @@ import av.logging
 import cv2
 import numpy as np
 
-from common.ffmpeg import decoded_frames, pyav_reason, quiet_decord, video_stream
+from common.ffmpeg import decoded_frames, decord_log_dropped, pyav_reason, quiet_decord, video_stream
 
 Backend = Literal["auto", "decord", "pyav"]
 # A frame counts as shown at time t when its timestamp is <= t + EPSILON: decord's timestamps are float32
@@ -369,7 +369,8 @@ def decode_frames(
     _check_file(path)
     if backend in ("auto", "decord"):
         try:
-            return _decode_decord(path, start, times_array, window, short_side)
+            with decord_log_dropped():
+                return _decode_decord(path, start, times_array, window, short_side)
         except VideoDecodeError:
             raise  # decord read the timestamps: the verdict (zero duration, start past the end) stands
         except Exception as error:  # noqa: BLE001 - decord raises RuntimeError, DECORDError, AssertionError...

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 
 import av
@@ -141,6 +143,26 @@ def test_decord_prints_nothing_of_its_own_on_a_damaged_file(files: dict[str, Pat
     result = decode_frames(files["truncated"], 0.0, [0.5, 1.0], WINDOW, 96)
     assert len(result.frames) == 2
     assert capfd.readouterr().err == ""
+
+
+def test_decords_own_log_lines_stay_off_stderr_and_nothing_else_is_lost(tmp_path: Path,
+                                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    """decord's C++ code printed '[hh:mm:ss] .../video_reader.cc:83: ERROR opening: <file>, ...' on stderr before
+    the project's one-line error said the same; now only that one line is left. Other output written to stderr
+    meanwhile is kept, in order."""
+    from common.ffmpeg import decord_log_dropped
+
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video at all" * 10)
+    capfd.readouterr()
+    with pytest.raises(VideoDecodeError, match="junk.mp4"):
+        decode_frames(junk, 0.0, [0.5], WINDOW, 96)
+    assert capfd.readouterr().err == ""
+    with decord_log_dropped():
+        print("kept 1", file=sys.stderr)
+        os.write(2, b"[20:00:37] /src/video/video_reader.cc:83: ERROR opening: x.mp4, Invalid data\n")
+        os.write(2, b"kept 2\n")
+    assert capfd.readouterr().err == "kept 1\nkept 2\n"
 
 
 def test_truncated_file_without_header_is_an_error(files: dict[str, Path]) -> None:
