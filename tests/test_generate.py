@@ -706,10 +706,10 @@ def test_bad_device_guidance_and_still_images_are_one_line(run_dir, tmp_path, ca
     common = ["--model", str(run_dir), "--steps", "2", "--caption", "dog", "--no-progress", "--out", str(tmp_path / "o")]
     assert cli_main(["generate", str(video), *common, "--device", "bogus"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --device bogus: ") and "\n" not in err and "Traceback" not in err
+    assert err.startswith("error: --device 'bogus': ") and "\n" not in err and "Traceback" not in err
     if not torch.cuda.is_available():
         assert cli_main(["generate", str(video), *common, "--device", "cuda"]) == 2
-        assert capsys.readouterr().err.strip() == "error: --device cuda: no CUDA device is available here"
+        assert capsys.readouterr().err.strip() == "error: --device 'cuda': no CUDA device is available here"
     assert cli_main(["generate", str(video), *common, "--guidance", "nan"]) == 2
     assert capsys.readouterr().err.strip() == "error: --guidance must be a finite number (got nan)"
     image = tmp_path / "still.png"

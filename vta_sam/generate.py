@@ -268,7 +268,7 @@ class SoundGenerator:
         try:
             device = resolve_device(self.features.device)
         except ValueError as error:
-            raise GenerateError(f"--device {options.device}: {str(error).split(': ', 1)[-1]}") from None
+            raise GenerateError(f"--{error}") from None  # as stage one and evaluation say it
         try:
             self.precision = resolve_precision(options.precision, device)
         except ValueError as error:
