@@ -6,11 +6,15 @@ user provides (`--weights`); its layout is in README.md (`python -m preprocess.w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,35 @@ def sha256_dir(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def weight_file_problem(path: Path) -> str | None:
+    """What a quick look finds wrong with a weight file, without loading it (None: nothing found): an empty file, a
+    safetensors file whose header does not read or does not fit the file, a torch zip archive with a damaged
+    member. A legacy (non-zip) torch file is only loaded, never opened here."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file"
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (OSError, SafetensorError) as error:
+            return f"not a readable safetensors file ({' '.join(str(error).split())[:200]})"
+        return None
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError) as error:
+            return f"a damaged torch zip archive ({error})"
+        if damaged is not None:
+            return f"a damaged torch zip archive (member {damaged} fails its CRC)"
+    return None
+
+
 def require_file(path: Path, what: str) -> Path:
     """`path` if it is a file; a one-line error if it is absent or is something else (a folder)."""
     if path.exists() and not path.is_file():
@@ -65,6 +98,8 @@ def require_file(path: Path, what: str) -> Path:
 
 def require_model_dir(path: Path, what: str) -> Path:
     """A Hugging Face style model folder: config.json plus at least one weight file."""
+    if path.exists() and not path.is_dir():
+        raise FileNotFoundError(f"{what} at {path} is a file, not a model folder: see the weights layout in README.md")
     if not (path / "config.json").is_file():
         raise missing_weights(path / "config.json", what)
     if not any(is_weight_file(p) for p in path.iterdir()):
@@ -95,14 +130,62 @@ def load_pretrained_parts(load: Callable[..., Any], folder: Path, what: str) -> 
         raise _load_error(folder, what, error) from None
 
 
+@contextlib.contextmanager
+def _quiet_loaders() -> Iterator[None]:
+    """transformers' and diffusers' own output while loading off: their progress bar ('Loading weights') and their
+    load report (a paragraph per missing, unexpected or mismatched tensor), which `load_pretrained_model` says in
+    its one line or its warnings instead."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    saved = [(module, module.get_verbosity(), module.is_progress_bar_enabled())
+             for module in (transformers_logging, diffusers_logging)]
+    for module, _, _ in saved:
+        module.set_verbosity_error()
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, verbosity, bar in saved:
+            module.set_verbosity(verbosity)
+            if bar:
+                module.enable_progress_bar()
+
+
+def _config_problem(load: Callable[..., Any], folder: Path) -> str | None:
+    """A config.json of another kind of model than the class `load` belongs to (transformers' model_type,
+    diffusers' _class_name), which from_pretrained would build anyway: None when it agrees, or says nothing."""
+    owner = getattr(load, "__self__", None)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None  # from_pretrained says what is wrong with it
+    if not isinstance(config, dict) or owner is None:
+        return None
+    expected = getattr(getattr(owner, "config_class", None), "model_type", None)
+    if isinstance(expected, str) and expected and "model_type" in config and config["model_type"] != expected:
+        return f"model_type {config['model_type']!r}, where {owner.__name__} needs {expected!r}"
+    diffusers_model = expected is None and hasattr(owner, "config_name")
+    if diffusers_model and "_class_name" in config and config["_class_name"] != owner.__name__:
+        return f"_class_name {config['_class_name']!r}, where {owner.__name__} is loaded"
+    return None
+
+
 def load_pretrained_model(load: Callable[..., Any], folder: Path, what: str) -> Any:
     """`load(folder, local_files_only=True)`: a transformers or diffusers model's from_pretrained, with a damaged
     or incomplete folder as one ValueError line naming it: an unreadable or truncated weight file, a config.json
-    that is not JSON or of the wrong shape, tensors whose shapes differ from the config's, and learnt tensors
-    (parameters) that the weights lack, which from_pretrained would leave at random values with a note. Buffers
-    the weights lack and tensors the model does not use are logged as warnings."""
+    that is not JSON, of the wrong shape or of another kind of model (`_config_problem`), tensors whose shapes
+    differ from the config's (named), learnt tensors (parameters) that the weights lack, which from_pretrained
+    would leave at random values with a note, and weights that loaded but are no trained model's
+    (`loaded_weights_problem`). Buffers the weights lack and tensors the model does not use are logged as
+    warnings; the loaders' own progress bar and report stay off (`_quiet_loaders`)."""
+    problem = _config_problem(load, folder)
+    if problem:
+        raise ValueError(f"{folder / 'config.json'}: {problem}: not a {what} folder")
     try:
-        model, info = load(folder, local_files_only=True, output_loading_info=True)
+        with _quiet_loaders():
+            # mismatched sizes are named below from the loading info, instead of a "see the report above" error
+            model, info = load(folder, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, JSONDecodeError, RuntimeError (shapes)...
         raise _load_error(folder, what, error) from None
     parameters = {name for name, _ in model.named_parameters()}
@@ -115,8 +198,55 @@ def load_pretrained_model(load: Callable[..., Any], folder: Path, what: str) -> 
         raise ValueError(f"{folder}: the {what} weights {kind} {len(absent or mismatched)} of the model's tensors "
                          f"({', '.join(shown)}{', ...' if len(absent or mismatched) > 3 else ''}): a damaged or "
                          "different checkpoint")
+    problem = loaded_weights_problem(model, folder)
+    if problem:
+        raise ValueError(f"{folder}: the {what} weights are not a trained model's ({problem}): a damaged checkpoint")
     if set(missing) - set(absent):
         log.warning("%s: %s weights lack buffers %s (model defaults used)", folder, what, sorted(set(missing) - set(absent))[:3])
     if info.get("unexpected_keys"):
         log.warning("%s: %s weights hold tensors the model does not use: %s", folder, what, sorted(info["unexpected_keys"])[:3])
     return model
+
+
+def state_dict_problem(model: torch.nn.Module, state: Mapping[str, Any]) -> str | None:
+    """What makes `state` not a checkpoint of `model`, found before anything is loaded (None: nothing): a tensor
+    of another shape (which helpers such as open_clip's would interpolate into place, and load_state_dict would
+    refuse in a paragraph), integers or booleans where the model has float weights (load_state_dict casts them
+    without a word), NaN or infinite values. Missing and unexpected names are left to a strict load_state_dict."""
+    own = model.state_dict()
+    for name, tensor in state.items():
+        target = own.get(name)
+        if target is None or not isinstance(tensor, torch.Tensor):
+            continue
+        if tuple(tensor.shape) != tuple(target.shape):
+            return f"{name} is {list(tensor.shape)}, the model's {list(target.shape)}"
+        if target.is_floating_point() and not tensor.is_floating_point():
+            return f"{name} is stored as {tensor.dtype}, where the model has float weights"
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"{name} holds NaN or infinite values"
+    return None
+
+
+def loaded_weights_problem(model: torch.nn.Module, folder: Path) -> str | None:
+    """What makes a model loaded by from_pretrained from `folder` unusable although it loaded (None: nothing): a
+    floating tensor holding NaN or infinities, or a float weight that a safetensors file of the folder stores as
+    integers or booleans (from_pretrained casts them without a word)."""
+    state = model.state_dict()
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"{name} holds NaN or infinite values"
+    floating = {name for name, tensor in state.items() if tensor.is_floating_point()}
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                dtypes = {name: str(handle.get_slice(name).get_dtype()) for name in handle.keys()}  # noqa: SIM118
+        except (OSError, SafetensorError):
+            continue  # it loaded: read by other means, nothing more to learn here
+        for name, dtype in sorted(dtypes.items()):
+            if dtype.startswith(("F", "BF")):
+                continue
+            if name in floating or any(key.endswith("." + name) or name.endswith("." + key) for key in floating):
+                return f"{file.name}: {name} is stored as {dtype}, where the model has float weights"
+    return None

@@ -106,9 +106,11 @@ def _build(name: str, folder: Path | None, device: torch.device, size: str, seed
 
 def load_embedders(config: EvalConfig, needed: set[str] | None = None, device: torch.device | None = None) -> Embedders:
     """The embedders `needed` (default: Cnn14 and VGGish), each from its official file in `embedder_weights`
-    when it is there, else with seeded random weights when `random_embedders` is on, else unavailable: a missing
-    file is one line naming it (its metrics are null with that line; the others still run). A file that is there
-    but cannot be loaded is an EvalError. `device`: where to build them (default: the config's device)."""
+    when it is there (built at the official size: `random_embedder_size` is the size of random ones only), else
+    with seeded random weights when `random_embedders` is on, else unavailable: a missing file is one line naming
+    it (its metrics are null with that line; the others still run). A file that is there but cannot be loaded,
+    and a folder or a broken link where the file goes, is an EvalError. `device`: where to build them (default:
+    the config's device)."""
     needed = set(PANNS_VGGISH) if needed is None else set(needed)
     if needed & set(PANNS_VGGISH):
         needed |= set(PANNS_VGGISH)  # one pass computes both
@@ -119,9 +121,12 @@ def load_embedders(config: EvalConfig, needed: set[str] | None = None, device: t
         file, description = CHECKPOINTS[name]
         path = folder / file
         try:
-            if path.is_file():
-                out.models[name] = _build(name, folder, device, config.random_embedder_size, config.embedder_seed)
+            if path.is_file():  # the official file: the official architecture, whatever random_embedder_size says
+                out.models[name] = _build(name, folder, device, "paper", config.embedder_seed)
                 continue
+            if path.exists() or path.is_symlink():  # a folder, a broken link or a loop where the file goes
+                kind = "a folder" if path.is_dir() else "not a readable regular file"
+                raise EvalError(f"{path}: {description} is {kind}, not a checkpoint file (README, Weights)")
             if not config.random_embedders:
                 out.unavailable[name] = (f"{path}: {description} missing; put the official file there (README, "
                                          "Weights) or pass --random-embedders (numbers then not comparable)")

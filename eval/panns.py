@@ -327,8 +327,12 @@ def build_weighted(make: Callable[[], ModelT], weights_dir: str | Path | None, c
     path = Path(weights_dir) / checkpoint_name
     if not path.is_file():
         raise missing_weights(path, description)
-    model = make()
-    state = read_state_dict(path) if read is None else read(path, model)
+    if read is None:  # the file first: a damaged one is refused before a large model is built (ImageBind: 5 GB)
+        state = read_state_dict(path)
+        model = make()
+    else:
+        model = make()
+        state = read(path, model)
     load_state_dict_checked(model, state, path, fixed_keys)
     return model, sha256_file(path)
 

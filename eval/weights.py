@@ -16,7 +16,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from common.weights import sha256_file
+from common.weights import sha256_file, weight_file_problem
 from eval.embed import CHECKPOINTS
 
 # embedder -> where its official file is published (the address its reference code downloads it from)
@@ -90,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     missing = 0
     for file, _ in CHECKPOINTS.values():
         path = args.out / file
-        if path.is_file():
+        problem = weight_file_problem(path) if path.is_file() else "a folder, not a file" if path.is_dir() else None
+        if problem:
+            missing += 1
+            print(f"{path}: WRONG, {problem}")
+        elif path.is_file():
             print(f"{path}: {path.stat().st_size} bytes, sha256 {sha256_file(path)}")
         else:
             missing += 1

@@ -58,6 +58,7 @@ from common.weights import (
     require_model_dir,
     sha256_dir,
     sha256_file,
+    state_dict_problem,
     weights_folder,
 )
 from preprocess.config import FeatureConfig
@@ -366,19 +367,50 @@ def _load_open_clip(model_name: str, path: Path, torchscript: bool = False) -> n
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TorchScript archive")
-            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+            state = open_clip.factory.load_state_dict(str(path), weights_only=True)
+        state = _open_clip_layout(model, state)
     except SafetensorError as error:
         raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
     except (pickle.UnpicklingError, EOFError) as error:
         reason = str(error).split(".")[0] or type(error).__name__
         raise ValueError(f"{path}: refused, not a plain tensor checkpoint (loading it would run code from the file; "
                          f"{reason})") from None
-    except RuntimeError as error:  # size mismatches and missing/unexpected keys from load_state_dict
+    except RuntimeError as error:
         if _looks_like_torchscript(path):  # torch.load refuses TorchScript with weights_only=True
             raise ValueError(_TORCHSCRIPT_REFUSED.format(path=path)) from None
+        raise ValueError(f"{path}: not a readable checkpoint ({' '.join(str(error).split())[:300]})") from None
+    except (StopIteration, AttributeError, TypeError, KeyError):  # an empty file of tensors, a list, ...
+        raise ValueError(f"{path}: holds no state dict of tensors (a CLIP checkpoint maps names to tensors)") from None
+    problem = state_dict_problem(model, state)
+    if problem:
+        raise ValueError(f"{path}: checkpoint does not fit open_clip model {model_name} ({problem}; another CLIP "
+                         "variant, or a damaged file)")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:  # missing/unexpected keys
         details = " ".join(str(error).split())
         raise ValueError(f"{path}: checkpoint does not fit open_clip model {model_name} ({details[:300]})") from None
     return model
+
+
+def _open_clip_layout(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict in the names and scalar shapes of `model`, as open_clip's `load_checkpoint` converts it (third
+    party layouts, the older text-tower names, logit_scale/logit_bias as scalar or 1-d, position ids that newer
+    text towers do not keep), but without its interpolation of positional embeddings of another length: a
+    checkpoint of another image size or context length is another model, refused by `state_dict_problem`."""
+    state = open_clip.factory.convert_state_dict(model, state)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = open_clip.factory.convert_to_custom_text_state_dict(state)
+    for name in ("logit_scale", "logit_bias"):
+        own = getattr(model, name, None)
+        if name in state and isinstance(own, torch.Tensor) and own.ndim != state[name].ndim and state[name].numel() == 1:
+            state[name] = state[name].reshape(own.shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
+        state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+    position_ids = "text.transformer.embeddings.position_ids"
+    if position_ids in state and not hasattr(model, position_ids):
+        del state[position_ids]
+    return state
 
 
 _TORCHSCRIPT_REFUSED = ("{path}: a TorchScript archive (OpenAI's original CLIP format); loading one executes code from "

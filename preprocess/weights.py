@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common.weights import require_file, require_model_dir, sha256_dir, sha256_file
+from common.weights import is_weight_file, require_file, require_model_dir, sha256_dir, sha256_file, weight_file_problem
 from preprocess.config import PRESETS, FeatureConfig
 
 _PAPER = PRESETS["paper"]
@@ -109,6 +109,13 @@ def check(weights: Path, cfg: FeatureConfig, load: bool = False) -> bool:
         path = weights / relative
         try:
             checksum = sha256_dir(require_model_dir(path, name)) if is_folder else sha256_file(require_file(path, name))
+            files = sorted(p for p in path.rglob("*") if is_weight_file(p)) if is_folder else [path]
+            problems = [(file, weight_file_problem(file)) for file in files]
+            damaged = [(file, problem) for file, problem in problems if problem]
+            if damaged:
+                print(f"{name:<15} WRONG  {damaged[0][0]}: {damaged[0][1]}")
+                ok = False
+                continue
             print(f"{name:<15} {checksum}  {path}")
         except FileNotFoundError as error:
             print(f"{name:<15} {'MISSING' if not path.exists() else 'WRONG'}  {error}")  # WRONG: e.g. a folder for a file

@@ -513,3 +513,37 @@ def test_generated_stereo_wav_is_read_by_the_audio_protocol(tmp_path, tiny_model
     # mean-cut averages the channels: silence here, another embedding
     silent = generated_embeddings(tmp_path, clips, cnn14, vggish, 2.5, [], False)  # type: ignore[arg-type]
     assert not np.allclose(silent["x"].cnn14_logits, ours["x"].cnn14_logits, atol=1e-3)
+
+
+def test_an_official_file_is_built_at_the_official_size_whatever_the_random_size(tmp_path, monkeypatch):
+    """The demo preset's random embedders are tiny; the official Cnn14 file in its weights folder was built at
+    that size and refused ("does not fit Cnn14"). An official file now always gets the official architecture
+    (here a stand-in "paper" size, to stay fast); a folder where the file goes is one line, not 'missing'."""
+    from eval.clips import EvalError
+    from eval.embed import load_embedders
+    from eval.panns import Cnn14Config
+
+    official = Cnn14Config(channels=(8, 8, 16, 16, 32, 32))
+    monkeypatch.setitem(CNN14_CONFIGS, "paper", official)
+    monkeypatch.setitem(VGGISH_CONFIGS, "paper", VGGISH_CONFIGS["tiny"])
+    torch.save({"iteration": 1, "model": load_cnn14(None, config=official, seed=4).state_dict()}, tmp_path / CNN14_FILE)
+    config = EvalConfig(embedder_weights=str(tmp_path), random_embedder_size="tiny", random_embedders=True)
+    embedders = load_embedders(config, {"cnn14"}, torch.device("cpu"))
+    assert embedders.models["cnn14"].config == official and "cnn14" not in embedders.random
+    assert embedders.models["cnn14"].checkpoint_id == sha256_file(tmp_path / CNN14_FILE)
+    assert "vggish" in embedders.random  # no file: random, at the configured size
+
+    (tmp_path / VGGISH_FILE).mkdir()
+    with pytest.raises(EvalError, match=rf"{VGGISH_FILE}: .* is a folder, not a checkpoint file"):
+        load_embedders(config, {"cnn14"}, torch.device("cpu"))
+
+
+def test_a_damaged_official_file_is_refused_before_the_model_is_built(tmp_path):
+    """A zero-byte imagebind_huge.pth took a minute and 5 GB (the model was built first) before its one line."""
+    from eval.panns import build_weighted
+
+    (tmp_path / "x.pth").write_bytes(b"")
+    built = []
+    with pytest.raises(ValueError, match="x.pth"):
+        build_weighted(lambda: built.append("model"), tmp_path, "x.pth", "X checkpoint", 0)
+    assert built == []

@@ -281,12 +281,14 @@ def test_every_metric_with_random_embedders(clips_with_videos, tmp_path):
     assert again["counts"]["ib_pairs"] == 2 and isinstance(again["desync"], float)
 
 
-def test_missing_weights_null_only_their_metrics(clips_with_videos, tmp_path, caplog):
+def test_missing_weights_null_only_their_metrics(clips_with_videos, tmp_path, caplog, monkeypatch):
     from eval.passt import PASST_CONFIGS, load_passt
     from eval.registry import NOT_SELECTED
 
     weights = tmp_path / "weights"
     weights.mkdir()
+    # an official file is built at the official ("paper") size: here that size is the tiny one, to stay fast
+    monkeypatch.setitem(PASST_CONFIGS, "paper", PASST_CONFIGS["tiny"])
     passt = load_passt(None, config=PASST_CONFIGS["tiny"], seed=3)  # an 'official' file for PaSST only
     torch.save(passt.model.net.state_dict(), weights / "passt-s-f128-p16-s10-ap.476-swa.pt")
     config = benchmark_config(clips_with_videos, tmp_path / "out", metrics="fd_passt,ib_score,desync,kl",
