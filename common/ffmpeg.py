@@ -90,6 +90,12 @@ def pyav_reason(error: av.FFmpegError) -> str:
     return error.strerror or str(error)
 
 
+def media_path(path: Path | str) -> str:
+    """`path` as FFmpeg's libraries (PyAV, decord) should be given it: absolute, so that a relative name with a
+    colon ('a:b.mp4') is not read as protocol 'a' (an absolute path starts with '/', which no protocol name holds)."""
+    return os.path.abspath(path)
+
+
 def file_url(path: Path | str) -> str:
     """`path` as ffmpeg's file: URL: a bare 'a:b.mp4' would be read as protocol 'a', and '-x.mp4' as an option."""
     return f"file:{path}"

@@ -28,7 +28,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from common.ffmpeg import decoded_frames, video_stream
+from common.ffmpeg import decoded_frames, media_path, video_stream
 
 # a frame counts as inside the window when it starts at most this much before `start` (timestamp rounding)
 START_TOLERANCE = 1e-3
@@ -85,7 +85,7 @@ def window_frames(path: str | Path, start: float, duration: float, rates: Mappin
     times: list[Fraction] = []  # exact timestamps, as the filter rescales integer pts
     frames: list[np.ndarray] = []
     try:
-        with av.open(str(path)) as container:
+        with av.open(media_path(path)) as container:
             if not container.streams.video:
                 raise VideoReadError(f"{path}: no video stream")
             stream = video_stream(container)  # the one stage one and generation read, not a cover picture

@@ -20,7 +20,7 @@ import av
 import numpy as np
 import soxr  # librosa's resampler, installed with it
 
-from common.ffmpeg import quiet_decord, video_stream
+from common.ffmpeg import media_path, quiet_decord, video_stream
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _open_audio(path: str | Path) -> Iterator[tuple[Any, Any]]:
     """(container, its audio stream (`_audio_stream`) or None), the container closed on exit; AudioDecodeError
     when the file does not open."""
     try:
-        container = av.open(str(path))
+        container = av.open(media_path(path))
     except (av.FFmpegError, OSError) as error:
         raise AudioDecodeError(path, error) from None
     with container:
@@ -296,7 +296,7 @@ def _decord_lead(path: str | Path) -> float:
     """Seconds from the audio's first sample to t = 0 of the video's clock (negative when the audio starts later):
     decord counts samples from the first decoded one. 0 when the header does not say (or cannot be read)."""
     try:
-        container = av.open(str(path))
+        container = av.open(media_path(path))
     except (av.FFmpegError, OSError):
         return 0.0  # decord gives the verdict
     with container:
@@ -312,7 +312,7 @@ def _decode_decord(path: str | Path, first: int, stop: int, sample_rate: int) ->
     try:
         # mono=True is FFmpeg's weighted downmix, not our average; mono=False is broken in decord 0.6.0 for more
         # than one channel (channels come out shifted against each other, 5.1 holds NaN and garbage).
-        reader = decord.AudioReader(str(path), ctx=decord.cpu(0), sample_rate=sample_rate, mono=True)
+        reader = decord.AudioReader(media_path(path), ctx=decord.cpu(0), sample_rate=sample_rate, mono=True)
     except decord.DECORDError as error:
         if "Can't find audio stream" in str(error):
             return None

@@ -35,7 +35,7 @@ import av.logging
 import cv2
 import numpy as np
 
-from common.ffmpeg import decoded_frames, decord_log_dropped, pyav_reason, quiet_decord, video_stream
+from common.ffmpeg import decoded_frames, decord_log_dropped, media_path, pyav_reason, quiet_decord, video_stream
 
 Backend = Literal["auto", "decord", "pyav"]
 # A frame counts as shown at time t when its timestamp is <= t + EPSILON: decord's timestamps are float32
@@ -122,7 +122,7 @@ def _available(path: Path, start: float, end: float, window: float) -> float:
 
 def _open_pyav(path: Path) -> av.container.InputContainer:
     try:
-        return av.open(str(path), metadata_errors="ignore")
+        return av.open(media_path(path), metadata_errors="ignore")
     except av.FFmpegError:
         pass
     # Open again with FFmpeg's error log switched on, only to name the cause in the message
@@ -131,7 +131,7 @@ def _open_pyav(path: Path) -> av.container.InputContainer:
     av.logging.set_level(av.logging.ERROR)
     try:
         with av.logging.Capture():
-            container = av.open(str(path), metadata_errors="ignore")
+            container = av.open(media_path(path), metadata_errors="ignore")
     except av.FFmpegError as error:
         raise VideoDecodeError(f"{path}: cannot be decoded ({pyav_reason(error)})") from None
     finally:
@@ -160,7 +160,7 @@ def _read_header(path: Path) -> _Header | None:
     announces 2**30 frames. A count far above duration x fps, or above MAX_HEADER_FRAMES, goes to PyAV instead,
     which reads frames as they come; so do the containers whose frames decord misplaces."""
     try:
-        container = av.open(str(path), metadata_errors="ignore")
+        container = av.open(media_path(path), metadata_errors="ignore")
     except av.FFmpegError:
         return None
     with container:
@@ -224,7 +224,7 @@ def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, s
     if header is not None and header.refused:
         raise DecordRefused(header.refused)
     # One thread: with more, decord 0.6.0 stops after ~11 frames of VP9 (dmlc/decord#246).
-    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    reader = decord.VideoReader(media_path(path), ctx=decord.cpu(0), num_threads=1)
     try:
         count = len(reader)
         fps = float(reader.get_avg_fps())
@@ -308,10 +308,15 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
         try:
             for frame in decoded_frames(container, stream, skipped):
                 if frame.pts is None:
-                    continue
-                if origin is None:  # no start_time in the header: the first frame defines t = 0
-                    origin = float(frame.time)
-                t = float(frame.time) - origin
+                    if stream.start_time is not None:  # the stream has timestamps: this frame is damaged
+                        continue
+                    # a raw elementary stream (no timestamps at all, decoded from its start): each frame follows
+                    # the one before by its duration, or one frame period
+                    t = last_end if previous is not None else 0.0
+                else:
+                    if origin is None:  # no start_time in the header: the first frame defines t = 0
+                        origin = float(frame.time)
+                    t = float(frame.time) - origin
                 if previous is not None:
                     if t < previous_time:  # out-of-order output of a damaged stream: keep time moving forward
                         continue
@@ -391,12 +396,21 @@ def _packets_end(path: Path, index: int) -> float:
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
         try:
             for packet in container.demux(stream):
-                if packet.pts is not None and time_base:
-                    step = packet.duration * time_base if packet.duration else 1.0 / max(fps, 1e-6)
-                    end = max(end, packet.pts * time_base + step)
+                if not packet.size:  # the demuxer's closing empty packet
+                    continue
+                step = packet.duration * time_base if packet.duration and time_base else 1.0 / max(fps, 1e-6)
+                # a raw stream's packets carry no timestamps: each follows the one before
+                begin = packet.pts * time_base if packet.pts is not None and time_base else end
+                end = max(end, begin + step)
         except av.FFmpegError:
             pass
     return end
+
+
+# demuxers whose stream duration FFmpeg guesses from the bit rate (raw elementary streams, MPEG program streams): a
+# 3 s MPEG-1 stream read as 0.01 s; their duration comes from the packets instead
+GUESSED_DURATION = frozenset({"mpegvideo", "mpeg", "h264", "hevc", "vvc", "m4v", "cavsvideo", "avs2", "avs3", "vc1",
+                              "h261", "h263", "dirac", "obu", "mjpeg", "mjpeg_2000", "rawvideo"})
 
 
 def probe_video(path: str | Path) -> dict[str, Any]:
@@ -414,7 +428,7 @@ def probe_video(path: str | Path) -> dict[str, Any]:
         start = 0.0
         if stream.start_time is not None and stream.time_base is not None:
             start = float(stream.start_time * stream.time_base)
-        if stream.duration is not None and stream.time_base is not None:
+        if stream.duration is not None and stream.time_base is not None and container.format.name not in GUESSED_DURATION:
             duration = float(stream.duration * stream.time_base)
         else:  # Matroska/WebM: the container's duration is its longest stream's (often the audio): the packets say
             duration = _packets_end(path, stream.index) - start
@@ -424,6 +438,9 @@ def probe_video(path: str | Path) -> dict[str, Any]:
             rotation = 90 * _first_quarter_turns(container, stream)
         except av.FFmpegError as error:
             raise VideoDecodeError(f"{path}: cannot be decoded ({pyav_reason(error)})") from None
+        if stream.codec_context.height <= 0 or stream.codec_context.width <= 0:  # e.g. animated WebP in FFmpeg 5
+            raise VideoDecodeError(f"{path}: no picture size in the stream's header "
+                                   f"({stream.codec_context.width}x{stream.codec_context.height})")
         height, width = _target_size(stream.codec_context.height, stream.codec_context.width, 1 << 30,
                                      _stretch(pixel_aspect(stream), 0))  # as displayed: anamorphic pixels
         if rotation in (90, 270):

@@ -718,3 +718,97 @@ def test_bad_device_guidance_and_still_images_are_one_line(run_dir, tmp_path, ca
     assert cli_main(["generate", str(image), *common]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"error: {image}: a still image (png_pipe), not a video" and not (tmp_path / "o" / "still.wav").exists()
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *args], check=True, capture_output=True)
+
+
+def test_odd_inputs_get_sound_of_their_length_and_a_crash_fails_one_video_only(run_dir, tmp_path, capsys, monkeypatch):
+    """An MPEG-1 elementary stream (FFmpeg guesses 0.01 s from its bit rate) and a raw H.264 stream named .mp4 (no
+    timestamps: 'zero duration') get sound of their real length; VP8 in a file named .mp4 is written as Matroska
+    (found by a trial mux before any sound is made, not after); a relative name with a colon opens (FFmpeg read it
+    as a protocol); AVI gets PCM (AAC would start 64 ms late there); the same file named twice is done once; and a
+    failure no check foresaw (here: a ZeroDivisionError, as an animated WebP's 0x0 size gave) fails its video in
+    one line while the videos after it still get sound."""
+    import vta_sam.generate as generate
+
+    lavfi = ["-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-t", "3"]
+    _ffmpeg(*lavfi, "-c:v", "mpeg1video", "-f", "mpeg1video", str(tmp_path / "elementary.mpg"))
+    _ffmpeg(*lavfi, "-c:v", "libx264", "-f", "h264", str(tmp_path / "raw.mp4"))
+    _ffmpeg(*lavfi, "-c:v", "libvpx", "-f", "matroska", str(tmp_path / "vp8.mp4"))
+    _ffmpeg(*lavfi, "-c:v", "mjpeg", str(tmp_path / "m.avi"))
+    media.make_video(tmp_path / "a:b.mp4", seconds=2.0, audio=None)
+    crash, after = (media.make_video(tmp_path / f"{name}.mp4", seconds=2.0, audio=None) for name in ("crash", "zafter"))
+    real_probe = generate.probe_video
+
+    def probe(path):
+        if Path(path).name == "crash.mp4":
+            raise ZeroDivisionError("division by zero")
+        return real_probe(path)
+
+    monkeypatch.setattr(generate, "probe_video", probe)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    names = ["elementary.mpg", "raw.mp4", "vp8.mp4", "m.avi", "a:b.mp4", "./a:b.mp4", "crash.mp4", "zafter.mp4"]
+    assert cli_main(["generate", *names, "--model", str(run_dir), "--out", str(out), "--steps", "2", "--caption",
+                     "dog", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: crash.mp4: failed unexpectedly (ZeroDivisionError: division by zero)"], captured.err
+    assert f"note: vp8.mp4: .mp4 cannot hold its vp8 video; writing {out / 'vp8.mkv'}" in captured.err
+    assert "6 of 7 videos have sound" in captured.out
+    for name in ("elementary", "raw", "vp8"):
+        assert soundfile.info(out / f"{name}.wav").duration == pytest.approx(3.0, abs=0.05), name
+    assert (out / "elementary.mkv").exists() and (out / "vp8.mkv").exists() and not (out / "vp8.mp4").exists()
+    assert (out / "a:b.mp4").exists() and (out / "zafter.mp4").exists() and not (out / "crash.wav").exists()
+    audio = next(s for s in ffprobe(out / "m.avi")["streams"] if s["codec_type"] == "audio")
+    assert audio["codec_name"] == "pcm_s16le"
+
+
+def test_outputs_and_options_that_cannot_work_are_refused_before_any_model(run_dir, tmp_path, capsys):
+    """Both outputs there but not this command's were taken for finished work; --out x.wav made a folder x.wav;
+    --overlap near a window's length made a window every few frames (hours); a file as --out for several videos
+    failed each video with 'File exists'."""
+    video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
+    common = ["--model", str(run_dir), "--steps", "2", "--caption", "dog", "--no-progress"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "v.mp4").write_text("USER")
+    (out / "v.wav").write_text("USER")
+    assert cli_main(["generate", str(video), "--out", str(out), *common]) == 1
+    assert f"error: {video}: {out / 'v.wav'} exists and was not written by this command" in capsys.readouterr().err
+    assert (out / "v.mp4").read_text() == "USER"
+    (tmp_path / "a_file").write_text("notes")
+    other = media.make_video(tmp_path / "w.mp4", seconds=2.0, audio=None)
+    for videos, flags, message in (([video], ["--out", str(tmp_path / "x.wav")], "give a video file name or a folder"),
+                                   ([video], ["--out", str(out), "--overlap", "6"], "--overlap must be at most half a window (5.12 s"),
+                                   ([video, other], ["--out", str(tmp_path / "a_file")], "a file, not a folder (with several videos")):
+        assert cli_main(["generate", *map(str, videos), *flags, *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --") and message in err and "\n" not in err, err
+    assert not (tmp_path / "x.wav").exists() and (tmp_path / "a_file").read_text() == "notes"
+
+
+def test_ctrl_c_is_exit_130_with_how_to_go_on_and_no_partial_file(run_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C was a KeyboardInterrupt traceback and exit 1; the same command goes on where it stopped."""
+    import vta_sam.generate as generate
+
+    videos = [media.make_video(tmp_path / f"{name}.mp4", seconds=2.0, audio=None) for name in ("a", "b")]
+    common = ["--model", str(run_dir), "--steps", "2", "--caption", "dog", "--no-progress"]
+    out = tmp_path / "out"
+    real_mux = generate.mux
+
+    def interrupted(video, wav, target, *args, **kwargs):
+        if Path(video).name == "b.mp4" and not kwargs.get("first_frame_only"):
+            raise KeyboardInterrupt
+        return real_mux(video, wav, target, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "mux", interrupted)
+    assert cli_main(["generate", *map(str, videos), "--out", str(out), *common]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted: run the same command again to go on" in err
+    assert (out / "a.mp4").exists() and not (out / "b.mp4").exists()
+    monkeypatch.setattr(generate, "mux", real_mux)
+    assert cli_main(["generate", *map(str, videos), "--out", str(out), *common]) == 0
+    assert (out / "b.mp4").exists() and not list(out.glob("*.partial*"))

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,7 @@ def check_checkpoints(meta: dict[str, Any], found: dict[str, str], source: Path,
                                 f"but {where} hold {checksum[:12]}...: give the --weights folder stage one used")
 
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".oga", ".opus", ".wma")  # not a video's name
 WEBM_VIDEO_CODECS = ("vp8", "vp9", "av1")  # all that WebM holds, with Opus or Vorbis audio
 # containers that take no AAC: an input in one of them gets its copy with sound as Matroska
 NO_AAC_SUFFIXES = (".mpg", ".mpeg", ".ogv", ".wmv")
@@ -197,23 +200,59 @@ def container_problem(codec: str, out: Path) -> str | None:
     return None
 
 
-def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int | None = None) -> None:
+def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int | None = None,
+        first_frame_only: bool = False) -> None:
     """Copy the video stream bit for bit, replace every audio track by `wav`: AAC, or Opus in WebM. The WAV starts
     with the first frame, whose timestamp is `video_start` (`probe_video`'s start): the input's timestamps are kept
     (-copyts) and the WAV's are moved to the picture's, so the two stay together also where the old audio
     started before the picture. `stream`: the index of the video stream to copy (`probe_video`'s index, the one
-    the sound was made for), else the first."""
-    tmp = out.with_name(out.stem + ".partial" + out.suffix)
-    webm = out.suffix.lower() == ".webm"
-    command = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-copyts", "-i", file_url(video), "-itsoffset",
+    the sound was made for), else the first. `first_frame_only`: a trial that writes (and deletes) a copy of the
+    first frame, to learn before any sound is made whether the container takes the stream (GenerateError if not).
+    Audio: AAC; Opus in WebM; 16-bit PCM in AVI, which cannot mark AAC's priming samples."""
+    tmp = out.with_name(out.stem + (".check" if first_frame_only else ".partial") + out.suffix)
+    suffix = out.suffix.lower()
+    # AVI cannot mark AAC's priming samples to be skipped (the sound would start 64 ms late): PCM there
+    audio = (["-c:a", "libopus", "-b:a", "192k"] if suffix == ".webm" else ["-c:a", "pcm_s16le"] if suffix == ".avi"
+             else ["-c:a", "aac", "-b:a", "192k"])
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-copyts", "-fflags", "+genpts", "-i", file_url(video), "-itsoffset",
                f"{video_start:.6f}", "-i", file_url(wav), "-map", "0:v:0" if stream is None else f"0:{stream}", "-map", "1:a:0",
-               "-c:v", "copy", "-c:a", "libopus" if webm else "aac", "-b:a", "192k"]
-    command += ["-movflags", "+faststart"] if out.suffix.lower() in {".mp4", ".mov", ".m4v"} else []
-    result = subprocess.run([*command, file_url(tmp)], capture_output=True, text=True)
-    if result.returncode != 0:
+               "-c:v", "copy", *audio]
+    command += ["-movflags", "+faststart"] if suffix in {".mp4", ".mov", ".m4v"} else []
+    command += ["-frames:v", "1"] if first_frame_only else []
+    try:
+        result = subprocess.run([*command, file_url(tmp)], capture_output=True, text=True)
+    except BaseException:  # Ctrl-C: ffmpeg got it too; its partial file goes
         tmp.unlink(missing_ok=True)
+        raise
+    if result.returncode != 0 or first_frame_only:
+        tmp.unlink(missing_ok=True)
+    if result.returncode != 0:
         raise GenerateError(f"{video}: cannot write {out} ({error_reason(result.stderr)})")
-    tmp.replace(out)
+    if not first_frame_only:
+        tmp.replace(out)
+
+
+def writable_container(video: Path, out_video: Path, out_wav: Path, probe: dict[str, Any], silence: Path,
+                       named: bool) -> Path:
+    """Where the copy with sound goes, once a trial mux of the first frame (`mux(first_frame_only=True)`, with the
+    short WAV `silence`) shows that its container takes the video stream: `out_video`, or, for a name taken from
+    the input's (VP8 or Theora in a file named .mp4, ProRes in .mov as .mp4...), the same name as Matroska, which
+    takes nearly every codec (said in a note). GenerateError before any sound is made when neither does, or when
+    the user named the output file (`named`)."""
+    try:
+        mux(video, silence, out_video, probe["start"], probe["index"], first_frame_only=True)
+        return out_video
+    except GenerateError:
+        if named or out_video.suffix.lower() == ".mkv":
+            raise
+    fallback = out_video.with_suffix(".mkv")
+    foreign = foreign_output(fallback, out_wav)
+    if foreign:
+        raise GenerateError(f"{video}: {foreign}; move it or give another --out")
+    mux(video, silence, fallback, probe["start"], probe["index"], first_frame_only=True)
+    tqdm.write(f"note: {video}: {out_video.suffix} cannot hold its {probe['codec']} video; writing {fallback}",
+               file=sys.stderr)
+    return fallback
 
 
 WAV_SOFTWARE = "vta-sam generate"  # written into each WAV's INFO chunk: what marks a WAV as this command's
@@ -424,8 +463,9 @@ def write_explanation(path: Path, waveform: np.ndarray, sample_rate: int, explai
 # ----------------------------------------------------------------------------------- command line
 def expand_inputs(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """(videos, problems). Files as given; folders contribute their videos (sorted); a .txt file lists one video per
-    line (paths relative to the current folder; blank lines and lines starting with '#' are skipped). A list that
-    cannot be read, and a folder or list that names no video, is one problem line (the other inputs still go on)."""
+    line (paths relative to the current folder; blank lines and lines starting with '#' are skipped); a file named
+    twice is taken once. A list that cannot be read, and a folder or list that names no video, is one problem line
+    (the other inputs still go on)."""
     videos: list[Path] = []
     problems: list[str] = []
     for path in paths:
@@ -445,7 +485,10 @@ def expand_inputs(paths: list[Path]) -> tuple[list[Path], list[str]]:
             kind = "folder" if path.is_dir() else "list"
             problems.append(f"{path}: this {kind} names no video (suffixes {' '.join(VIDEO_SUFFIXES)})")
         videos.extend(found)
-    return videos, problems
+    unique: dict[Path, Path] = {}  # the same file named twice (x.mp4 ./x.mp4, a folder and a file in it): once
+    for video in videos:
+        unique.setdefault(Path(os.path.abspath(video)), video)
+    return list(unique.values()), problems
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=defaults.guidance, help="classifier-free guidance scale")
     parser.add_argument("--sampler", choices=("ddim", "ddpm", "dpmsolver++"), default=defaults.sampler, help="sampler")
-    parser.add_argument("--overlap", type=float, default=defaults.overlap, help="seconds of crossfade between windows")
+    parser.add_argument("--overlap", type=float, default=defaults.overlap,
+                        help="seconds of crossfade between windows (at most half a window)")
     parser.add_argument("--window-batch", type=int, default=defaults.window_batch,
                         help=f"windows of a video processed together (default {defaults.window_batch}): lower it if a long "
                              "video runs out of memory; the audio is the same")
@@ -485,9 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     tried; the exit code is 1 when any failed. Finished outputs of an earlier run are kept and skipped; a file in an
     output's place that this command did not write (`foreign_output`) is left alone and fails that video. Of two
     videos that would write the same output names (a/x.mp4 and b/x.mp4 into one folder, or x.mp4 and x.webm, which
-    share x.wav), the later one fails that way and the first keeps its outputs."""
-    from eval.generate import write_wav
-
+    share x.wav), the later one fails that way and the first keeps its outputs. Bad options, a model that does not
+    load and an --out that cannot be the output are exit code 2 before any video is tried; Ctrl-C is 130."""
     args = build_parser().parse_args(argv)
     options = GenerateOptions(model=args.model, out=args.out, caption=args.caption, seed=args.seed, steps=args.steps,
                               guidance=args.guidance, sampler=args.sampler, overlap=args.overlap, weights=args.weights,
@@ -500,6 +543,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if not math.isfinite(options.guidance):
         print(f"error: --guidance must be a finite number (got {options.guidance})", file=sys.stderr)
+        return 2
+    out_suffix = options.out.suffix.lower()
+    if out_suffix in AUDIO_SUFFIXES:
+        print(f"error: --out {options.out}: give a video file name or a folder (the WAV is written beside the "
+              f"video, as {options.out.with_suffix('.wav').name} for a video named {options.out.stem}.mp4)",
+              file=sys.stderr)
         return 2
     if shutil.which("ffmpeg") is None:
         print("error: ffmpeg not found (install Debian's ffmpeg: apt-get install ffmpeg)", file=sys.stderr)
@@ -518,59 +567,96 @@ def main(argv: list[str] | None = None) -> int:
     if options.caption and not generator.nouns(options.caption):
         print(f"warning: the caption {options.caption!r} has no noun that the tagger finds: the sound is conditioned "
               "on the frames alone (no objects are grounded)", file=sys.stderr)
-    if not options.overlap < generator.features.window_seconds:
-        print(f"error: --overlap must be shorter than a window ({generator.features.window_seconds} s; got "
+    if not options.overlap <= generator.features.window_seconds / 2:  # more: windows every few frames, for hours
+        print(f"error: --overlap must be at most half a window ({generator.features.window_seconds / 2:g} s; got "
               f"{options.overlap})", file=sys.stderr)
         return 2
     many = len(videos) > 1 or any(p.is_dir() for p in args.videos)
+    if (many or out_suffix not in VIDEO_SUFFIXES) and options.out.exists() and not options.out.is_dir():
+        print(f"error: --out {options.out}: a file, not a folder (with {'several videos' if many else 'this name'} "
+              "--out is the folder the outputs go to)", file=sys.stderr)
+        return 2
     failed = len(problems)
     claimed: dict[Path, Path] = {}  # output file -> the video of this call that writes it
-    for video in tqdm(videos, unit="video", disable=args.no_progress, desc="generate"):
-        out_video, out_wav = output_paths(video, options.out, many)
-        earlier = claimed.get(out_wav) or claimed.get(out_video)
-        if earlier is not None:  # a/x.mp4 and b/x.mp4, or x.mp4 and x.webm: the same output names
-            failed += 1
-            tqdm.write(f"error: {video}: its output {out_wav.name} would overwrite that of {earlier}; rename one "
-                       "or give them separate --out folders", file=sys.stderr)
-            continue
-        claimed |= {out_wav: video, out_video: video}
-        if video.resolve() in (out_video.resolve(), out_wav.resolve()):  # `--out .` in the video's own folder
-            failed += 1
-            tqdm.write(f"error: {video}: its output would replace the video itself; give another --out", file=sys.stderr)
-            continue
-        if out_video.exists() and out_wav.exists():
-            continue  # finished by an earlier run
-        foreign = foreign_output(out_video, out_wav)
-        if foreign:  # a file of the user's where an output goes: never overwritten
-            failed += 1
-            tqdm.write(f"error: {video}: {foreign}; move it or give another --out", file=sys.stderr)
-            continue
-        try:
-            probe = probe_video(video)
-            if probe["format"] == "image2" or probe["format"].endswith("_pipe"):
-                raise GenerateError(f"{video}: a still image ({probe['format']}), not a video")
-            problem = container_problem(probe["codec"], out_video)
-            if problem:
-                raise GenerateError(f"{video}: cannot write {out_video} ({problem})")
-            out_video.parent.mkdir(parents=True, exist_ok=True)
-            waveform, explain = generator.audio(video, options.caption, probe)
-            if not np.isfinite(waveform).all():  # a damaged checkpoint: never write (and mux) full-scale noise
-                raise GenerateError(f"{video}: the model made non-finite audio (check {options.model}/model and the "
-                                    "VAE and vocoder weights)")
-            write_wav(out_wav, waveform, generator.features.sample_rate, software=WAV_SOFTWARE)
-            mux(video, out_wav, out_video, probe["start"], probe["index"])
-            if options.explain:
-                write_explanation(out_video.with_suffix(".explain.png"), waveform, generator.features.sample_rate, explain)
-        except (GenerateError, VideoDecodeError) as error:
-            failed += 1
-            tqdm.write(f"error: {error}", file=sys.stderr)
-        except OSError as error:
-            failed += 1
-            tqdm.write(f"error: {video}: cannot write {error.filename or out_video} ({error.strerror})", file=sys.stderr)
-        except soundfile.SoundFileError as error:  # libsndfile's own error for a WAV it cannot create
-            failed += 1
-            reason = getattr(error, "error_string", None) or str(error)
-            tqdm.write(f"error: {video}: cannot write {out_wav} ({reason.rstrip('.')})", file=sys.stderr)
+    try:
+        failed += _generate_all(generator, videos, options, many, claimed, args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run the same command again to go on (the videos that have sound in {options.out} "
+              "are kept and skipped)", file=sys.stderr)
+        return 130
     done = len(videos) + len(problems) - failed
     print(f"{done} of {len(videos)} videos have sound in {options.out}" + (f"; {failed} failed (see above)" if failed else ""))
     return 1 if failed else 0
+
+
+def _generate_all(generator: SoundGenerator, videos: list[Path], options: GenerateOptions, many: bool,
+                  claimed: dict[Path, Path], no_progress: bool) -> int:
+    """`main`'s loop over the videos; returns how many failed (each said in one line)."""
+    from eval.generate import write_wav
+
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="vta-sam-generate-") as scratch:
+        silence = Path(scratch) / "silence.wav"  # the sound of the trial muxes (`mux(first_frame_only=True)`)
+        write_wav(silence, np.zeros(generator.features.sample_rate // 10, np.float32), generator.features.sample_rate)
+        for video in tqdm(videos, unit="video", disable=no_progress, desc="generate"):
+            try:
+                failed += not _generate_one(generator, video, options, many, claimed, silence)
+            except Exception as error:  # noqa: BLE001 - a failure no check foresaw: this video fails, the others go on
+                failed += 1
+                reason = " ".join(str(error).split())[:300]
+                tqdm.write(f"error: {video}: failed unexpectedly ({type(error).__name__}: {reason})", file=sys.stderr)
+    return failed
+
+
+def _generate_one(generator: SoundGenerator, video: Path, options: GenerateOptions, many: bool,
+                  claimed: dict[Path, Path], silence: Path) -> bool:
+    """Sound for one video (False: it failed, said in one line)."""
+    from eval.generate import write_wav
+
+    out_video, out_wav = output_paths(video, options.out, many)
+    earlier = claimed.get(out_wav) or claimed.get(out_video)
+    if earlier is not None:  # a/x.mp4 and b/x.mp4, or x.mp4 and x.webm: the same output names
+        tqdm.write(f"error: {video}: its output {out_wav.name} would overwrite that of {earlier}; rename one "
+                   "or give them separate --out folders", file=sys.stderr)
+        return False
+    claimed |= {out_wav: video, out_video: video}
+    if video.resolve() in (out_video.resolve(), out_wav.resolve()):  # `--out .` in the video's own folder
+        tqdm.write(f"error: {video}: its output would replace the video itself; give another --out", file=sys.stderr)
+        return False
+    named = not many and options.out.suffix.lower() in VIDEO_SUFFIXES  # the user chose the container
+    for candidate in (out_video,) if named else (out_video, out_video.with_suffix(".mkv")):
+        if candidate.exists() and out_wav.exists() and foreign_output(candidate, out_wav) is None:
+            return True  # finished by an earlier run
+    foreign = foreign_output(out_video, out_wav)
+    if foreign:  # a file of the user's where an output goes: never overwritten
+        tqdm.write(f"error: {video}: {foreign}; move it or give another --out", file=sys.stderr)
+        return False
+    try:
+        probe = probe_video(video)
+        if probe["format"] == "image2" or probe["format"].endswith("_pipe"):
+            raise GenerateError(f"{video}: a still image ({probe['format']}), not a video")
+        problem = container_problem(probe["codec"], out_video)
+        if problem:
+            raise GenerateError(f"{video}: cannot write {out_video} ({problem})")
+        out_video.parent.mkdir(parents=True, exist_ok=True)
+        out_video = writable_container(video, out_video, out_wav, probe, silence, named)
+        claimed[out_video] = video
+        waveform, explain = generator.audio(video, options.caption, probe)
+        if not np.isfinite(waveform).all():  # a damaged checkpoint: never write (and mux) full-scale noise
+            raise GenerateError(f"{video}: the model made non-finite audio (with --guidance {options.guidance:g}; "
+                                f"check {options.model}/model and the VAE and vocoder weights)")
+        write_wav(out_wav, waveform, generator.features.sample_rate, software=WAV_SOFTWARE)
+        mux(video, out_wav, out_video, probe["start"], probe["index"])
+        if options.explain:
+            write_explanation(out_video.with_suffix(".explain.png"), waveform, generator.features.sample_rate, explain)
+    except (GenerateError, VideoDecodeError) as error:
+        tqdm.write(f"error: {error}", file=sys.stderr)
+        return False
+    except OSError as error:
+        tqdm.write(f"error: {video}: cannot write {error.filename or out_video} ({error.strerror})", file=sys.stderr)
+        return False
+    except soundfile.SoundFileError as error:  # libsndfile's own error for a WAV it cannot create
+        reason = getattr(error, "error_string", None) or str(error)
+        tqdm.write(f"error: {video}: cannot write {out_wav} ({reason.rstrip('.')})", file=sys.stderr)
+        return False
+    return True
