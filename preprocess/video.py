@@ -106,7 +106,9 @@ def _check_request(path: Path, start: float, times: np.ndarray, window: float, s
 
 def _check_file(path: Path) -> None:
     if not path.is_file():
-        raise VideoDecodeError(f"{path}: file not found")
+        kind = ("a folder" if path.is_dir() else "not a regular file (a pipe, a device...)" if path.exists()
+                else "a broken link" if path.is_symlink() else None)
+        raise VideoDecodeError(f"{path}: {kind}, not a video file" if kind else f"{path}: file not found")
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"{path}: empty file")
 

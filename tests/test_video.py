@@ -444,3 +444,21 @@ def test_square_stored_anamorphic_frames_turned_a_quarter(tmp_path: Path) -> Non
                     "h264_metadata=sample_aspect_ratio=2/1", str(plain_wide)], check=True)
     result = decode_frames(plain_wide, 0.0, [0.05], WINDOW, 96, backend="decord")
     assert result.backend == "decord" and result.frames.shape == (1, 64, 128, 3)
+
+
+def test_a_folder_a_pipe_and_an_audio_file_with_a_cover_are_said_as_such(tmp_path: Path) -> None:
+    """Each said "file not found" or "no frame could be decoded"."""
+    import subprocess
+
+    (tmp_path / "folder.mp4").mkdir()
+    os.mkfifo(tmp_path / "pipe.mp4")
+    cover = tmp_path / "cover.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=d=2", "-f", "lavfi", "-i",
+                    "testsrc2=size=64x64:d=0.04", "-map", "0:a", "-map", "1:v", "-c:a", "aac", "-c:v", "mjpeg",
+                    "-disposition:v:0", "attached_pic", str(cover)], check=True)
+    for name, reason in (("folder.mp4", "a folder, not a video file"), ("pipe.mp4", "not a regular file"),
+                         ("cover.mp4", "no video stream")):
+        with pytest.raises(VideoDecodeError, match=reason):
+            decode_frames(tmp_path / name, 0.0, [0.5], WINDOW, 96)
+        with pytest.raises(VideoDecodeError, match=reason):
+            probe_video(tmp_path / name)
