@@ -171,6 +171,40 @@ def _config_problem(load: Callable[..., Any], folder: Path) -> str | None:
     return None
 
 
+def _shape_problem(load: Callable[..., Any], folder: Path) -> str | None:
+    """A tensor whose shape in the folder's safetensors files differs from the one config.json gives it, found
+    with the model built on the meta device (no memory) before from_pretrained builds it for real: a config.json
+    with absurd sizes (block_out_channels 10**9) would otherwise take their memory first; also a config.json that
+    builds no model. None when they agree, or when this cannot be told here (no safetensors file)."""
+    from safetensors import SafetensorError, safe_open
+
+    owner = getattr(load, "__self__", None)
+    stored: dict[str, tuple[int, ...]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                stored.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})  # noqa: SIM118
+        except (OSError, SafetensorError):
+            return None
+    if owner is None or not stored:
+        return None
+    try:
+        with _quiet_loaders(), torch.device("meta"):
+            config_class = getattr(owner, "config_class", None)
+            if config_class is not None:  # transformers
+                model = owner(config_class.from_pretrained(folder, local_files_only=True))
+            else:  # diffusers
+                model = owner.from_config(owner.load_config(folder, local_files_only=True))
+    except Exception as error:  # noqa: BLE001 - from_pretrained builds the same model: it would fail as well, or
+        # first take the memory of absurd sizes ("Storage size calculation overflowed", or tens of GB)
+        return f"config.json describes no model that can be built ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+    built = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for name, shape in sorted(stored.items()):
+        if name in built and built[name] != shape:
+            return f"{name} is {list(shape)} in the weights, {list(built[name])} by config.json"
+    return None
+
+
 def load_pretrained_model(load: Callable[..., Any], folder: Path, what: str) -> Any:
     """`load(folder, local_files_only=True)`: a transformers or diffusers model's from_pretrained, with a damaged
     or incomplete folder as one ValueError line naming it: an unreadable or truncated weight file, a config.json
@@ -182,6 +216,9 @@ def load_pretrained_model(load: Callable[..., Any], folder: Path, what: str) -> 
     problem = _config_problem(load, folder)
     if problem:
         raise ValueError(f"{folder / 'config.json'}: {problem}: not a {what} folder")
+    problem = _shape_problem(load, folder)
+    if problem:
+        raise ValueError(f"{folder}: the {what} weights do not fit its config.json ({problem})")
     try:
         with _quiet_loaders():
             # mismatched sizes are named below from the loading info, instead of a "see the report above" error

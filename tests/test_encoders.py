@@ -755,11 +755,20 @@ def test_damaged_model_folders_are_one_line(saved: tuple[Path, dict[str, object]
         state = load_file(weights_file)
         config = (folder / "config.json").read_text()
         capfd.readouterr()
-        for damage in ("truncated", "config", "lacking", "transposed", "kind"):
+        for damage in ("truncated", "config", "lacking", "transposed", "kind", "absurd"):
             if damage == "truncated":
                 weights_file.write_bytes(whole[: len(whole) // 2])
             elif damage == "config":
                 (folder / "config.json").write_text("[]")
+            elif damage == "absurd":  # sizes whose memory from_pretrained would take before finding the mismatch
+                changed = json.loads(config)
+                key = next(k for k in ("block_out_channels", "hidden_size", "d_model", "upsample_initial_channel")
+                           if k in changed or k in changed.get("vision_config", {}))
+                if key in changed:
+                    changed[key] = [10**9] * len(changed[key]) if isinstance(changed[key], list) else 10**9
+                else:
+                    changed["vision_config"][key] = 10**9
+                (folder / "config.json").write_text(json.dumps(changed))
             elif damage == "kind":  # e.g. SAM's config.json in the Grounding DINO folder
                 kind = "_class_name" if "_class_name" in json.loads(config) else "model_type"
                 (folder / "config.json").write_text(json.dumps({**json.loads(config), kind: "something_else"}))
@@ -776,7 +785,9 @@ def test_damaged_model_folders_are_one_line(saved: tuple[Path, dict[str, object]
             if damage == "lacking":
                 assert "lack" in str(error.value) and fragment in str(error.value), str(error.value)
             if damage == "transposed":  # the tensor is named, not "see the report above"
-                assert "have other shapes for 1" in str(error.value) and victim in str(error.value), str(error.value)
+                assert f"{victim} is [" in str(error.value) and "by config.json" in str(error.value), str(error.value)
+            if damage == "absurd":  # refused from the config alone, before any of that memory is taken
+                assert "describes no model that can be built" in str(error.value) or "by config.json" in str(error.value)
             if damage == "kind":
                 assert "something_else" in str(error.value) and "not a " in str(error.value), str(error.value)
             # transformers' and diffusers' own report and progress bar stay off: the one line says it all
