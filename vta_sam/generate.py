@@ -447,8 +447,9 @@ def write_explanation(path: Path, waveform: np.ndarray, sample_rate: int, explai
     ax_probs.set_ylabel("p(noun seen)")
     if explain["nouns"]:
         ax_probs.legend(loc="upper right", fontsize="small", ncol=min(4, len(explain["nouns"])))
-    mel = librosa.power_to_db(librosa.feature.melspectrogram(y=waveform, sr=sample_rate, n_fft=1024, hop_length=160, n_mels=64))
-    ax_spec.imshow(mel, origin="lower", aspect="auto", extent=(0, len(waveform) / sample_rate, 0, 64), cmap="magma")
+    padded = np.pad(waveform, (0, max(0, 1024 - len(waveform))))  # a video shorter than one FFT (librosa warns)
+    mel = librosa.power_to_db(librosa.feature.melspectrogram(y=padded, sr=sample_rate, n_fft=1024, hop_length=160, n_mels=64))
+    ax_spec.imshow(mel, origin="lower", aspect="auto", extent=(0, len(padded) / sample_rate, 0, 64), cmap="magma")
     ax_spec.set_ylabel("mel bin")
     ax_spec.set_xlabel("time (s)")
     ax_spec.set_title("generated audio")
