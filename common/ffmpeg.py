@@ -63,26 +63,33 @@ def decord_log_dropped() -> Iterator[None]:
     one-line error that already names the file and the reason (decord's exception carries the same text). File
     descriptor 2 goes to a temporary file meanwhile; whatever else was written there (Python's own stderr, another
     thread's) is written back afterwards, in order. Without a usable descriptor 2 the calls run as they are."""
-    try:
-        sys.stderr.flush()
+    try:  # any failure to set this up (stderr closed, no room for a temporary file): the calls run as they are
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            sys.stderr.flush()  # None when the process has no stderr
         saved = os.dup(2)
-    except (OSError, ValueError):
+    except OSError:
         yield
         return
-    with tempfile.TemporaryFile() as capture:
+    try:
+        capture = tempfile.TemporaryFile()
         os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            kept = b"".join(line for line in capture.read().splitlines(keepends=True) if not DECORD_LOG_LINE.match(line))
-            with contextlib.suppress(OSError):
-                while kept:
-                    kept = kept[os.write(2, kept):]
+    except OSError:
+        os.close(saved)
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        capture.seek(0)
+        kept = b"".join(line for line in capture.read().splitlines(keepends=True) if not DECORD_LOG_LINE.match(line))
+        capture.close()
+        with contextlib.suppress(OSError):
+            while kept:
+                kept = kept[os.write(2, kept):]
 
 
 def pyav_reason(error: av.FFmpegError) -> str:
@@ -94,9 +101,11 @@ def pyav_reason(error: av.FFmpegError) -> str:
 
 
 def media_path(path: Path | str) -> str:
-    """`path` as FFmpeg's libraries (PyAV, decord) should be given it: absolute, so that a relative name with a
-    colon ('a:b.mp4') is not read as protocol 'a' (an absolute path starts with '/', which no protocol name holds)."""
-    return os.path.abspath(path)
+    """`path` as FFmpeg's libraries (PyAV, decord) should be given it: a relative one behind './', so that a name
+    with a colon ('a:b.mp4') is not read as protocol 'a' ('/' is in no protocol name). Not made absolute, which
+    would fold 'link/..' by its text instead of by the file system."""
+    text = os.fspath(path)
+    return text if os.path.isabs(text) or text.startswith(("./", "../")) else os.path.join(os.curdir, text)
 
 
 def file_url(path: Path | str) -> str:

@@ -75,7 +75,11 @@ def weight_file_problem(path: Path) -> str | None:
         except (OSError, SafetensorError) as error:
             return f"not a readable safetensors file ({' '.join(str(error).split())[:200]})"
         return None
-    if zipfile.is_zipfile(path):
+    with open(path, "rb") as handle:
+        zipped = handle.read(4) == b"PK\x03\x04"  # torch.save's archive
+    if zipped and not zipfile.is_zipfile(path):  # its directory is at the end: a file cut short has none
+        return "a torch zip archive cut short (no central directory)"
+    if zipped:
         try:
             with zipfile.ZipFile(path) as archive:
                 damaged = archive.testzip()
@@ -141,7 +145,7 @@ def _quiet_loaders() -> Iterator[None]:
     saved = [(module, module.get_verbosity(), module.is_progress_bar_enabled())
              for module in (transformers_logging, diffusers_logging)]
     for module, _, _ in saved:
-        module.set_verbosity_error()
+        module.set_verbosity(module.CRITICAL)  # diffusers says a missing .safetensors as an ERROR before .bin
         module.disable_progress_bar()
     try:
         yield

@@ -104,10 +104,14 @@ def write_wav(path: Path, waveform: np.ndarray, sample_rate: int, software: str 
     """16-bit PCM mono WAV written to a temporary name and renamed (a crash never leaves half a WAV); `software`,
     when given, goes into its INFO chunk (ISFT), where a later run recognises its own files."""
     tmp = path.with_name(path.name + ".tmp")
-    with soundfile.SoundFile(tmp, "w", sample_rate, 1, "PCM_16", format="WAV") as handle:
-        if software:
-            handle.software = software
-        handle.write(np.clip(waveform, -1.0, 1.0))
+    try:
+        with soundfile.SoundFile(tmp, "w", sample_rate, 1, "PCM_16", format="WAV") as handle:
+            if software:
+                handle.software = software
+            handle.write(np.clip(waveform, -1.0, 1.0))
+    except BaseException:  # also Ctrl-C: no half-written file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -86,9 +86,9 @@ def window_frames(path: str | Path, start: float, duration: float, rates: Mappin
     frames: list[np.ndarray] = []
     try:
         with av.open(media_path(path)) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"{path}: no video stream")
             stream = video_stream(container)  # the one stage one and generation read, not a cover picture
+            if stream is None:  # none, or only an audio file's cover picture
+                raise VideoReadError(f"{path}: no video stream")
             stream.thread_type = "AUTO"
             # `start` counts from the file's start time, as ffmpeg's -ss does (a file's first timestamp need not be 0)
             first = Fraction(container.start_time, 1_000_000) if container.start_time is not None else Fraction(0)

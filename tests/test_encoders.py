@@ -885,3 +885,12 @@ def test_weights_check_without_loading_finds_empty_and_damaged_files(saved: tupl
             expected = "is a file, not a model folder"
         assert weights_folder.main(["check", "--weights", str(copy), "--preset", "tiny"]) == 1
         assert expected in capsys.readouterr().out, damage
+
+
+def test_a_torn_torch_zip_is_found_without_loading(tmp_path: Path) -> None:
+    """A .pt/.pth/.bin cut short has no zip directory: `check` without --load printed its checksum as if whole."""
+    path = tmp_path / "w.pth"
+    torch.save({"a": torch.randn(1000, 100)}, path)
+    assert weights.weight_file_problem(path) is None
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert weights.weight_file_problem(path) == "a torch zip archive cut short (no central directory)"

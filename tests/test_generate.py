@@ -779,6 +779,8 @@ def test_outputs_and_options_that_cannot_work_are_refused_before_any_model(run_d
     assert cli_main(["generate", str(video), "--out", str(out), *common]) == 1
     assert f"error: {video}: {out / 'v.wav'} exists and was not written by this command" in capsys.readouterr().err
     assert (out / "v.mp4").read_text() == "USER"
+    (out / "w.check.mp4").write_text("USER")  # a name a trial mux once used for its scratch copy
+    (out / "w.partial.mp4").unlink(missing_ok=True)
     (tmp_path / "a_file").write_text("notes")
     other = media.make_video(tmp_path / "w.mp4", seconds=2.0, audio=None)
     for videos, flags, message in (([video], ["--out", str(tmp_path / "x.wav")], "give a video file name or a folder"),
@@ -788,6 +790,8 @@ def test_outputs_and_options_that_cannot_work_are_refused_before_any_model(run_d
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: --") and message in err and "\n" not in err, err
     assert not (tmp_path / "x.wav").exists() and (tmp_path / "a_file").read_text() == "notes"
+    assert cli_main(["generate", str(other), "--out", str(out), *common]) == 0
+    assert (out / "w.check.mp4").read_text() == "USER" and (out / "w.mp4").exists()
 
 
 def test_ctrl_c_is_exit_130_with_how_to_go_on_and_no_partial_file(run_dir, tmp_path, capsys, monkeypatch):

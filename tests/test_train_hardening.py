@@ -363,3 +363,18 @@ def test_an_error_during_training_starts_its_own_line_after_the_progress_bar(tmp
     err = capsys.readouterr().err
     assert "train:" in err  # the bar was drawn
     assert err.split("\n")[-2] == "error: shard-x.tar: sample 'k': damaged", repr(err[-300:])
+
+
+def test_a_plain_pickle_refused_by_the_restricted_unpickler_keeps_its_reason(tmp_path):
+    """torch says this refusal after an empty 'WeightsUnpickler error:' line: the reason was cut to nothing."""
+    import pickle
+
+    from train.trainer import one_line
+
+    path = tmp_path / "x.bin"
+    path.write_bytes(pickle.dumps({"x": 1}, protocol=4))
+    with pytest.raises(Exception) as caught:
+        torch.load(path, weights_only=True)
+    line = one_line(caught.value)
+    assert line.startswith("UnpicklingError: the restricted unpickler refused the file: ") and len(line) > 70, line
+    assert not line.endswith("file: ")

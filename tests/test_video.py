@@ -462,3 +462,26 @@ def test_a_folder_a_pipe_and_an_audio_file_with_a_cover_are_said_as_such(tmp_pat
             decode_frames(tmp_path / name, 0.0, [0.5], WINDOW, 96)
         with pytest.raises(VideoDecodeError, match=reason):
             probe_video(tmp_path / name)
+    from eval.video_frames import VideoReadError, window_frames
+
+    with pytest.raises(VideoReadError, match="cover.mp4: no video stream"):  # evaluation's reader: not an AttributeError
+        window_frames(cover, 0.0, 1.0, {"a": 4}, 0)
+
+
+def test_media_paths_keep_the_file_systems_reading_and_decord_runs_without_stderr(files: dict[str, Path],
+                                                                                  tmp_path: Path) -> None:
+    """A relative name goes behind './' (not made absolute: 'link/..' is resolved by the file system, not folded
+    by its text); with the process's stderr closed, decord still decodes (the fd-2 redirection must not fail it
+    into the PyAV fallback)."""
+    import subprocess
+
+    from common.ffmpeg import media_path
+
+    assert media_path("a:b.mp4") == "./a:b.mp4" and media_path("link/../x.mp4") == "./link/../x.mp4"
+    assert media_path("/abs/x.mp4") == "/abs/x.mp4" and media_path("../x.mp4") == "../x.mp4"
+    script = ("import sys; from preprocess.video import decode_frames; "
+              f"r = decode_frames({str(files['normal'])!r}, 0.0, [0.5], 2.0, 32); print(r.backend)")
+    result = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, check=True, cwd=Path(__file__).resolve().parent.parent,
+                            preexec_fn=lambda: os.close(2))
+    assert result.stdout.strip() == "decord"

@@ -32,7 +32,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -554,8 +554,8 @@ def one_line(error: BaseException, limit: int = 300) -> str:
         # the reason is after "WeightsUnpickler error:" (torch 2.6+) or in the paragraph after the advice (others)
         paragraphs = text.split("WeightsUnpickler error:", 1)[1:] or text.split("\n\n")[1:]
         reasons = [part for part in paragraphs if part.strip() and not part.strip().startswith("Check the documentation")]
-        reason = reasons[0].split("\n\n")[0].split(" Please use `torch.serialization")[0] if reasons else text
-        text = f"the restricted unpickler refused the file: {reason}"
+        reason = reasons[0].strip().split("\n\n")[0].split(" Please use `torch.serialization")[0] if reasons else ""
+        text = f"the restricted unpickler refused the file: {reason.strip() or text}"
     text = " ".join(text.split())
     return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
@@ -621,7 +621,7 @@ def non_float_tensor(path: Path, floating: set[str]) -> str | None:
             "the weights of a trained model")
 
 
-def non_finite_tensor(tensors: Iterator[tuple[str, torch.Tensor]]) -> str | None:
+def non_finite_tensor(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     """The name of the first floating tensor holding NaN or an infinity, or None."""
     for name, tensor in tensors:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -666,7 +666,7 @@ def load_checkpoint(run: Run, checkpoint: Path) -> None:
         run.positions = {int(w): (int(p[0]), int(p[1])) for w, p in positions.items()}
     except Exception as error:  # any failure of the loaders (a shape or key mismatch, a malformed file...): one line
         raise ConfigError(f"{checkpoint / name}: does not load ({one_line(error)})") from None
-    for name, tensors in ((MODEL_FILE, model.named_parameters()), (EMA_FILE, run.ema.named_parameters()),
+    for name, tensors in ((MODEL_FILE, model.state_dict().items()), (EMA_FILE, run.ema.state_dict().items()),
                           ("optimizer.bin", optimizer_tensors(run.optimizer))):
         bad = non_finite_tensor(tensors)
         if bad:

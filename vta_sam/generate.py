@@ -206,10 +206,12 @@ def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int
     with the first frame, whose timestamp is `video_start` (`probe_video`'s start): the input's timestamps are kept
     (-copyts) and the WAV's are moved to the picture's, so the two stay together also where the old audio
     started before the picture. `stream`: the index of the video stream to copy (`probe_video`'s index, the one
-    the sound was made for), else the first. `first_frame_only`: a trial that writes (and deletes) a copy of the
-    first frame, to learn before any sound is made whether the container takes the stream (GenerateError if not).
+    the sound was made for), else the first. `first_frame_only`: a trial that writes (beside `wav`, a scratch
+    folder's file) and deletes a copy of the first frame, to learn before any sound is made whether the container
+    takes the stream (GenerateError if not).
     Audio: AAC; Opus in WebM; 16-bit PCM in AVI, which cannot mark AAC's priming samples."""
-    tmp = out.with_name(out.stem + (".check" if first_frame_only else ".partial") + out.suffix)
+    # a trial writes beside its WAV (a scratch folder), never where a file of the user's could have its name
+    tmp = wav.parent / f"trial{out.suffix}" if first_frame_only else out.with_name(out.stem + ".partial" + out.suffix)
     suffix = out.suffix.lower()
     # AVI cannot mark AAC's priming samples to be skipped (the sound would start 64 ms late): PCM there
     audio = (["-c:a", "libopus", "-b:a", "192k"] if suffix == ".webm" else ["-c:a", "pcm_s16le"] if suffix == ".avi"
@@ -242,17 +244,22 @@ def writable_container(video: Path, out_video: Path, out_wav: Path, probe: dict[
     try:
         mux(video, silence, out_video, probe["start"], probe["index"], first_frame_only=True)
         return out_video
-    except GenerateError:
-        if named or out_video.suffix.lower() == ".mkv":
+    except GenerateError as error:
+        if named:
             raise
-    fallback = out_video.with_suffix(".mkv")
-    foreign = foreign_output(fallback, out_wav)
-    if foreign:
-        raise GenerateError(f"{video}: {foreign}; move it or give another --out")
-    mux(video, silence, fallback, probe["start"], probe["index"], first_frame_only=True)
-    tqdm.write(f"note: {video}: {out_video.suffix} cannot hold its {probe['codec']} video; writing {fallback}",
-               file=sys.stderr)
-    return fallback
+        first = error
+    # Matroska takes nearly every codec; MP4 takes a raw stream without timestamps, which Matroska refuses
+    for fallback in (out_video.with_suffix(suffix) for suffix in (".mkv", ".mp4") if suffix != out_video.suffix.lower()):
+        if foreign_output(fallback, out_wav):
+            continue
+        try:
+            mux(video, silence, fallback, probe["start"], probe["index"], first_frame_only=True)
+        except GenerateError:
+            continue
+        tqdm.write(f"note: {video}: {out_video.suffix} cannot hold its {probe['codec']} video; writing {fallback}",
+                   file=sys.stderr)
+        return fallback
+    raise first
 
 
 WAV_SOFTWARE = "vta-sam generate"  # written into each WAV's INFO chunk: what marks a WAV as this command's
@@ -486,9 +493,9 @@ def expand_inputs(paths: list[Path]) -> tuple[list[Path], list[str]]:
             kind = "folder" if path.is_dir() else "list"
             problems.append(f"{path}: this {kind} names no video (suffixes {' '.join(VIDEO_SUFFIXES)})")
         videos.extend(found)
-    unique: dict[Path, Path] = {}  # the same file named twice (x.mp4 ./x.mp4, a folder and a file in it): once
+    unique: dict[Path, Path] = {}  # the same file named twice (x.mp4 ./x.mp4, a link to it...): once
     for video in videos:
-        unique.setdefault(Path(os.path.abspath(video)), video)
+        unique.setdefault(Path(os.path.realpath(video)), video)
     return list(unique.values()), problems
 
 
@@ -625,9 +632,8 @@ def _generate_one(generator: SoundGenerator, video: Path, options: GenerateOptio
         tqdm.write(f"error: {video}: its output would replace the video itself; give another --out", file=sys.stderr)
         return False
     named = not many and options.out.suffix.lower() in VIDEO_SUFFIXES  # the user chose the container
-    for candidate in (out_video,) if named else (out_video, out_video.with_suffix(".mkv")):
-        if candidate.exists() and out_wav.exists() and foreign_output(candidate, out_wav) is None:
-            return True  # finished by an earlier run
+    if out_video.exists() and out_wav.exists() and foreign_output(out_video, out_wav) is None:
+        return True  # finished by an earlier run (one written to a fallback container is made again)
     foreign = foreign_output(out_video, out_wav)
     if foreign:  # a file of the user's where an output goes: never overwritten
         tqdm.write(f"error: {video}: {foreign}; move it or give another --out", file=sys.stderr)
