@@ -34,3 +34,21 @@ def make_sample(spec: shards.ShardSpec, clip_id: str, num_nouns: int = 2, seed: 
     arrays["probs.npy"] = arrays["detector.npy"].astype(np.float32) * arrays["iou.npy"].astype(np.float32)
     waveform = (0.3 * np.sin(np.arange(spec.sample_rate) * 2 * np.pi * 440 / spec.sample_rate)).astype(np.float32)
     return meta, {k: arrays[k] for k in spec.array_keys}, waveform
+
+
+def rewrite_shard(path, change) -> None:
+    """Rewrite the shard at `path` with each member's bytes replaced by change(name, data), and delete its record
+    (as in a folder written before shard records), so that readers must find a damaged sample by itself."""
+    import io
+    import tarfile
+
+    from shards.stream import record_path
+
+    with tarfile.open(path) as tar:
+        members = [(member.name, change(member.name, tar.extractfile(member).read())) for member in tar]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    record_path(path).unlink()

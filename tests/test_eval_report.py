@@ -486,32 +486,25 @@ def test_a_damaged_sample_is_found_before_scoring_without_generating(tiny_run, g
     after results.json was written: the run stopped half-reported. Every clip's sample is now checked before
     scoring: one line naming shard and sample, and nothing written."""
     import io
-    import tarfile
 
-    from shards.stream import record_path
+    from tests.conftest import rewrite_shard
 
     data, run = tiny_run
     copy = tmp_path / "shards"
     shutil.copytree(data, copy)
     victim = TEST_IDS[1]
     path = next(p for p in shards.list_shards(copy, "test") if shards.sample_key(victim) in shards.shard_keys(p))
-    members = []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            payload = tar.extractfile(member).read()
-            if member.name == f"{shards.sample_key(victim)}.probs.npy":
-                probs = np.load(io.BytesIO(payload)).copy()
-                probs.flat[0] = np.nan
-                buffer = io.BytesIO()
-                np.save(buffer, probs)
-                payload = buffer.getvalue()
-            members.append((member.name, payload))
-    with tarfile.open(path, "w") as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    record_path(path).unlink()  # as a folder written before shard records: the sample itself must be refused
+
+    def nan_probs(name: str, payload: bytes) -> bytes:
+        if name != f"{shards.sample_key(victim)}.probs.npy":
+            return payload
+        probs = np.load(io.BytesIO(payload)).copy()
+        probs.flat[0] = np.nan
+        buffer = io.BytesIO()
+        np.save(buffer, probs)
+        return buffer.getvalue()
+
+    rewrite_shard(path, nan_probs)
     out = tmp_path / "eval"
     shutil.copytree(generated / "wav", out / "wav")
     capsys.readouterr()
