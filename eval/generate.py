@@ -109,8 +109,9 @@ def write_wav(path: Path, waveform: np.ndarray, sample_rate: int, software: str 
             if software:
                 handle.software = software
             handle.write(np.clip(waveform, -1.0, 1.0))
-    except BaseException:  # also Ctrl-C: no half-written file stays behind
-        tmp.unlink(missing_ok=True)
+    except BaseException:  # also Ctrl-C: no half-written file stays behind (but never a folder of that name)
+        if tmp.is_file():
+            tmp.unlink()
         raise
     os.replace(tmp, path)
 
