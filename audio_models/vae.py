@@ -13,7 +13,7 @@ from audio_models.config import MEL_BINS, MEL_FRAMES, AudioModelConfig
 from audio_models.random_configs import vae_config
 from common.devices import half_dtype
 from common.frozen import FrozenModule, chunks, random_init_checksum, seeded
-from common.weights import load_pretrained_model, require_model_dir, sha256_dir, weights_folder
+from common.weights import load_pretrained_model, require_model_dir, sha256_configs, sha256_dir, weights_folder
 
 
 class AudioVAE(FrozenModule):
@@ -24,6 +24,7 @@ class AudioVAE(FrozenModule):
     """
 
     vae: Any  # diffusers AutoencoderKL (its config and methods are not visible to type checkers)
+    config_checksum: str | None = None  # of the folder's config.json (`sha256_configs`); None for random init
 
     def __init__(self, vae: Any, batch: int, checksum: str) -> None:
         super().__init__()
@@ -47,6 +48,7 @@ class AudioVAE(FrozenModule):
             folder = weights_folder(weights_dir, "AudioLDM VAE") / cfg.audioldm_dir / "vae"
             vae = load_pretrained_model(AutoencoderKL.from_pretrained, require_model_dir(folder, "AudioLDM VAE"), "AudioLDM VAE")
             checksum, where = sha256_dir(folder), str(folder)
+            config_checksum = sha256_configs(folder)
         config = vae.config
         downsample = 2 ** (len(config.block_out_channels) - 1)
         found = (config.in_channels, config.latent_channels, downsample)
@@ -56,7 +58,10 @@ class AudioVAE(FrozenModule):
         vae = vae.to(device)
         if not config.get("force_upcast", True):  # diffusers' mark of VAEs unreliable in float16: keep those float32
             vae = vae.to(dtype=half_dtype(cfg.half, device))
-        return cls(vae, cfg.batch_clips, checksum)
+        encoder = cls(vae, cfg.batch_clips, checksum)
+        if not cfg.random_init:
+            encoder.config_checksum = config_checksum
+        return encoder
 
     @torch.inference_mode()
     def encode(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

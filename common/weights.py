@@ -90,6 +90,36 @@ def weight_file_problem(path: Path) -> str | None:
     return None
 
 
+CONFIG_SUFFIXES = (".json", ".txt", ".model")  # config.json, preprocessor and tokenizer files (vocab.txt, spm .model)
+
+
+def sha256_configs(path: str | Path) -> str | None:
+    """Hex sha256 over the files of a model folder (or one file) that shape the model or its inputs without being
+    weights: config.json, the preprocessor's and tokenizer's files (`CONFIG_SUFFIXES`, recursively, hidden ones
+    left out), each JSON file canonicalised (key order and spacing do not count); None when there are none.
+
+    The weights' checksum (`sha256_dir`) leaves these out, and a config.json that changes an activation function or
+    a tokenizer that splits otherwise gives other features from the same weights: stage one records this digest
+    beside the weights' (`meta.json` "config_checksum"), and generation and evaluation compare it."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix in CONFIG_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        data = file.read_bytes()
+        if file.suffix == ".json":
+            try:
+                data = json.dumps(json.loads(data), sort_keys=True, separators=(",", ":")).encode()
+            except (ValueError, RecursionError):
+                pass  # not JSON: its bytes
+        name = file.name if file == root else file.relative_to(root).as_posix()
+        digest.update(f"{name}:{hashlib.sha256(data).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
 def require_file(path: Path, what: str) -> Path:
     """`path` if it is a file; a one-line error if it is absent or is something else (a folder)."""
     if path.exists() and not path.is_file():

@@ -90,14 +90,20 @@ def load_decoder(cfg: AudioModelConfig, weights_dir: Path | None, device: torch.
         raise EvalError(str(error).splitlines()[0]) from None
 
 
-def check_decoder_checkpoint(folder: str | Path, checksum: str, weights: Path | None) -> None:
+def check_decoder_checkpoint(folder: str | Path, checksum: str, weights: Path | None,
+                             config_checksum: str | None = None) -> None:
     """EvalError unless the VAE loaded here is the one whose latents the shards hold (meta.json's
-    models.vae.checksum): another AudioLDM VAE of the same shapes would decode them into other audio, silently."""
-    want = shards.recorded_model(shards.read_meta(folder), "vae").get("checksum")
+    models.vae.checksum, and its config_checksum where recorded): another AudioLDM VAE of the same shapes, or the
+    same weights under another config.json, would decode them into other audio, silently."""
+    recorded = shards.recorded_model(shards.read_meta(folder), "vae")
+    want = recorded.get("checksum")
+    where = f"the weights in {weights}" if weights is not None else "the random-init VAE"
     if want is not None and want != checksum:
-        where = f"the weights in {weights}" if weights is not None else "the random-init VAE"
         raise EvalError(f"{Path(folder) / shards.META_FILE}: the latents were made by VAE checkpoint {str(want)[:12]}..., "
                         f"but {where} hold {checksum[:12]}...: give the --weights folder stage one used")
+    if shards.config_differs(recorded, config_checksum):
+        raise EvalError(f"{Path(folder) / shards.META_FILE}: the latents were made by a VAE with another config.json "
+                        f"than {where} hold (same weights): give the --weights folder stage one used")
 
 
 def write_wav(path: Path, waveform: np.ndarray, sample_rate: int, software: str = "") -> None:
@@ -276,7 +282,7 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
     audio = audio_model_config(config.shards)
     weights = None if audio.random_init else Path(config.weights)
     decoder = load_decoder(audio, weights, device, train_config.vae_scaling_factor)
-    check_decoder_checkpoint(config.shards, decoder.checksum, weights)
+    check_decoder_checkpoint(config.shards, decoder.checksum, weights, decoder.vae.config_checksum)
     manifest = generation_manifest(config, train_config, decoder, spec, precision_name(precision))
     claim_wav_dir(out_dir, manifest)
     if claimed is not None:

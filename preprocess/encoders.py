@@ -56,6 +56,7 @@ from common.weights import (
     load_pretrained_parts,
     require_file,
     require_model_dir,
+    sha256_configs,
     sha256_dir,
     sha256_file,
     state_dict_problem,
@@ -212,6 +213,7 @@ class CLIPEncoder(_Batched, FrozenModule):
     model: Any  # open_clip CLIP or CustomTextCLIP
     mean: torch.Tensor
     std: torch.Tensor
+    config_checksum: str | None = None  # of open_clip_config.json beside the checkpoint (`sha256_configs`), if any
 
     def __init__(self, model: nn.Module, tokenizer: Any, preprocess_cfg: dict[str, Any], batch: int,
                  checksum: str) -> None:
@@ -246,10 +248,14 @@ class CLIPEncoder(_Batched, FrozenModule):
             path = require_file(weights_folder(weights_dir, "CLIP") / cfg.clip_checkpoint, "CLIP checkpoint")
             model = _load_open_clip(cfg.clip_model, path, cfg.clip_torchscript)
             checksum, where = sha256_file(path), str(path)
+            sidecar = path.parent / "open_clip_config.json"
+            config_checksum = sha256_configs(sidecar) if sidecar.is_file() else None
         dtype = half_dtype(cfg.half, device)
         model = model.to(device=device, dtype=dtype)
         preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
         encoder = cls(model, open_clip.get_tokenizer(cfg.clip_model), preprocess_cfg, cfg.frame_batch, checksum)
+        if not cfg.random_init:
+            encoder.config_checksum = config_checksum
         if encoder.embed_dim != cfg.embed_dim:
             raise ValueError(f"{where}: CLIP embedding size is {encoder.embed_dim}, the config says "
                              f"embed_dim={cfg.embed_dim}")
@@ -514,6 +520,8 @@ class Grounder(_Batched, FrozenModule):
     frame batched with a larger one), so scores move slightly against an unpadded frame.
     """
 
+    config_checksum: str | None = None  # of the folders' config, processor and tokenizer files (random init: None)
+
     def __init__(self, detector: GroundingDinoForObjectDetection, image_processor: GroundingDinoImageProcessor,
                  tokenizer: Any, image_size: dict[str, int], sam: SamModel | None,
                  sam_image_processor: SamImageProcessor | None, batch: int, checksum: str,
@@ -570,12 +578,14 @@ class Grounder(_Batched, FrozenModule):
             image_processor, tokenizer = processor.image_processor, processor.tokenizer
             detector = load_pretrained_model(GroundingDinoForObjectDetection.from_pretrained, folder, "Grounding DINO")
             digests = [f"grounding-dino:{sha256_dir(folder)}"]
+            config_digests = [f"grounding-dino:{sha256_configs(folder)}"]
             if cfg.use_sam:
                 sam_folder = require_model_dir(root / cfg.sam_dir, "SAM")
                 sam = load_pretrained_model(SamModel.from_pretrained, sam_folder, "SAM")
                 sam_image_processor = load_pretrained_parts(SamProcessor.from_pretrained, sam_folder,
                                                             "SAM processor").image_processor
                 digests.append(f"sam:{sha256_dir(sam_folder)}")
+                config_digests.append(f"sam:{sha256_configs(sam_folder)}")
             checksum = hashlib.sha256("\n".join(digests).encode()).hexdigest()
             _check_grounding_tokenizer(tokenizer, detector, folder)
         if sam is not None and cfg.sam_rel_pos == "folded":
@@ -598,6 +608,8 @@ class Grounder(_Batched, FrozenModule):
         grounder = cls(detector, image_processor, tokenizer, image_size, sam, sam_image_processor, cfg.frame_batch,
                        checksum, sam_floor=cfg.sam_floor, static_shapes=cfg.compile)
         grounder = grounder.to(device=device, dtype=half_dtype(cfg.half, device))
+        if not cfg.random_init:  # the folders' config, processor and tokenizer files (`sha256_configs`)
+            grounder.config_checksum = hashlib.sha256("\n".join(config_digests).encode()).hexdigest()
         if cfg.compile:
             grounder.compile_models()
         return grounder

@@ -357,7 +357,19 @@ class Summary:
         return done / seconds if seconds > 0 else 0.0
 
 
-def build_meta(cfg: FeatureConfig, checksums: dict[str, str], vae_scaling_factor: float) -> dict[str, Any]:
+def build_meta(cfg: FeatureConfig, checksums: dict[str, str], vae_scaling_factor: float,
+               config_checksums: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """meta.json's content. Each model's entry has the checksum of its weights and "config_checksum": that of its
+    config, preprocessor and tokenizer files (`common.weights.sha256_configs`), which shape the features without
+    being weights; null for a random-init model and a CLIP file without open_clip_config.json. (A folder written
+    before this field existed has no such key: `shards.config_differs` then compares nothing.)"""
+    models: dict[str, dict[str, Any]] = {
+        "clip": {"name": cfg.clip_model, "checksum": checksums["clip"]},
+        "grounding": {"name": "GroundingDinoForObjectDetection" + (" + SamModel" if cfg.use_sam else ""), "checksum": checksums["grounding"]},
+        "vae": {"name": "AudioLDM AutoencoderKL", "checksum": checksums["vae"], "scaling_factor": vae_scaling_factor},
+    }
+    for name, config_checksum in (config_checksums or {}).items():
+        models[name]["config_checksum"] = config_checksum
     return {
         "schema_version": shards.SCHEMA_VERSION,
         "spec": cfg.shard_spec().to_dict(),
@@ -369,11 +381,7 @@ def build_meta(cfg: FeatureConfig, checksums: dict[str, str], vae_scaling_factor
             "n_fft": 1024, "hop": 160, "window": 1024, "n_mels": 64, "fmin": 0, "fmax": 8000,
             "mel_frames": 1024, "front_end": "AudioLDM (mean removed, peak 0.5, pad, peak 0.5; log magnitude mel)",
         },
-        "models": {
-            "clip": {"name": cfg.clip_model, "checksum": checksums["clip"]},
-            "grounding": {"name": "GroundingDinoForObjectDetection" + (" + SamModel" if cfg.use_sam else ""), "checksum": checksums["grounding"]},
-            "vae": {"name": "AudioLDM AutoencoderKL", "checksum": checksums["vae"], "scaling_factor": vae_scaling_factor},
-        },
+        "models": models,
         # which nouns a VGGSound label is grounded with (informational: not part of the "made differently" check)
         "label_nouns": {"file": LABEL_NOUNS_FILE.name, "sha256": label_nouns_sha256()},
         "software": software_versions(),
@@ -436,6 +444,8 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
         recorded = models.get(model)
         if not isinstance(recorded, dict) or recorded.get("checksum") != info["checksum"]:
             differences.append(f"{model} checkpoint differs")
+        elif "config_checksum" in info and shards.config_differs(recorded, info["config_checksum"]):
+            differences.append(f"{model} configuration differs (config.json, preprocessor or tokenizer files)")
     if differences:
         raise FeatureError(f"{path}: this folder holds features made differently ({'; '.join(differences)}); use another --out")
 
@@ -516,6 +526,12 @@ class Encoders:
     def checksums(self) -> dict[str, str]:
         sums = {"clip": self.clip_encoder.checksum, "grounding": self.grounder.checksum}
         return sums | ({"vae": self.vae.checksum} if self.vae is not None else {})
+
+    @property
+    def config_checksums(self) -> dict[str, str | None]:
+        """Of each model's config, preprocessor and tokenizer files (None: random init, or none beside CLIP's file)."""
+        sums = {"clip": self.clip_encoder.config_checksum, "grounding": self.grounder.config_checksum}
+        return sums | ({"vae": self.vae.config_checksum} if self.vae is not None else {})
 
     def texts(self, texts: list[str]) -> dict[str, np.ndarray]:
         """CLIP text embeddings, each distinct text encoded once (LRU of 50k texts bounds memory)."""
@@ -697,7 +713,8 @@ def run(
         raise FeatureError(str(error)) from None
     if encoders.vae is None:
         raise FeatureError("stage one needs the audio VAE (Encoders built with audio=False)")
-    prepare_output(out_dir, build_meta(cfg, encoders.checksums, encoders.vae.scaling_factor), rank)
+    prepare_output(out_dir, build_meta(cfg, encoders.checksums, encoders.vae.scaling_factor, encoders.config_checksums),
+                   rank)
     shards.remove_partial(out_dir, rank)
     done = completed_ids(out_dir)
     todo = [c for c in mine if shards.sample_key(c.id) not in done]

@@ -10,6 +10,7 @@ from shards.io import (
     META_FILE,
     ShardWriter,
     append_jsonl,
+    config_differs,
     iterate_samples,
     list_shards,
     orphan_records,
@@ -49,7 +50,7 @@ from shards.schema import (
 __all__ = [
     "ARRAY_KEYS", "AUDIO_KEY", "CONDITIONS", "CONDITION_NAMES", "Condition", "DETECTOR_KEY", "FAILURES_FILE",
     "FEATURE_DTYPE", "IOU_KEY", "META_FIELDS", "META_FILE", "META_KEY", "PROBS_KEY", "READ_VERSIONS", "SAMPLE_KEYS",
-    "SCHEMA_VERSION", "SampleMeta", "ShardFormatError", "ShardSpec", "ShardWriter", "append_jsonl", "decode_sample",
+    "SCHEMA_VERSION", "SampleMeta", "ShardFormatError", "ShardSpec", "ShardWriter", "append_jsonl", "config_differs", "decode_sample",
     "encode_sample", "id_problem", "iter_member", "iter_meta", "iter_split", "iterate_samples", "list_shards", "object_embedding",
     "orphan_records", "read_jsonl", "read_meta", "read_spec", "read_split", "recorded_model", "remove_partial", "sample_conditions", "sample_key",
     "sample_stream", "shard_keys", "shard_name", "split_shards", "stack_conditions", "unrecorded_shards", "validate",

@@ -227,6 +227,13 @@ def recorded_model(meta: dict[str, Any], name: str) -> dict[str, Any]:
     return entry if isinstance(entry, dict) else {}
 
 
+def config_differs(recorded: dict[str, Any], config_checksum: str | None) -> bool:
+    """Whether a model loaded now, whose config files have `config_checksum` (None: none), differs from
+    `recorded_model`'s record in its config, preprocessor or tokenizer files. A record without "config_checksum"
+    (a folder written before it was recorded) compares nothing."""
+    return "config_checksum" in recorded and recorded["config_checksum"] != config_checksum
+
+
 def read_spec(directory: str | os.PathLike[str]) -> ShardSpec:
     meta = read_meta(directory)
     if "spec" not in meta:

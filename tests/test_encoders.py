@@ -894,3 +894,31 @@ def test_a_torn_torch_zip_is_found_without_loading(tmp_path: Path) -> None:
     assert weights.weight_file_problem(path) is None
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert weights.weight_file_problem(path) == "a torch zip archive cut short (no central directory)"
+
+
+def test_config_files_have_their_own_checksum(saved: tuple[Path, dict[str, object]], tmp_path: Path) -> None:
+    """The weights' checksum leaves config, preprocessor and tokenizer files out, so a config.json that changes an
+    activation function (other features from the same weights) went unnoticed by generation and evaluation. Their
+    own checksum ignores JSON key order and spacing, weight files and hidden files, and follows any value."""
+    root, _ = saved
+    copy = tmp_path / "w"
+    shutil.copytree(root, copy)
+    folder = copy / LOADED.grounding_dir
+    before = weights.sha256_configs(folder)
+    weights_before = weights.sha256_dir(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(reversed(list(config.items()))), indent=4))
+    (folder / ".notes.json").write_text("{}")
+    assert weights.sha256_configs(folder) == before  # the same JSON, reordered and re-spaced
+    (folder / "config.json").write_text(json.dumps({**config, "activation_function": "gelu"}))
+    assert weights.sha256_configs(folder) != before and weights.sha256_dir(folder) == weights_before
+    grounder = Grounder.from_config(LOADED.replace(use_sam=False), copy, CPU)
+    assert grounder.config_checksum is not None
+    assert Grounder.from_config(CFG.replace(use_sam=False), None, CPU).config_checksum is None  # random init
+    assert AudioVAE.from_config(LOADED.audio_models(), copy, CPU).config_checksum == weights.sha256_configs(
+        copy / LOADED.audioldm_dir / "vae")
+    clip = CLIPEncoder.from_config(LOADED, copy, CPU)
+    assert clip.config_checksum is None  # no open_clip_config.json beside the checkpoint
+    sidecar = (copy / LOADED.clip_checkpoint).parent / "open_clip_config.json"
+    sidecar.write_text(json.dumps({"model_cfg": {}, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5]}}))
+    assert CLIPEncoder.from_config(LOADED, copy, CPU).config_checksum == weights.sha256_configs(sidecar)

@@ -698,3 +698,34 @@ def test_non_finite_audio_or_features_cost_only_their_clip(tmp_path, monkeypatch
     assert re.fullmatch(rf"{re.escape(str(videos / 'nan_audio.mkv'))}: \d+ audio samples in the window are NaN or infinite",
                         recorded["nan_audio"]["reason"])
     assert recorded["clip1"]["reason"].endswith("clip1.mp4: non-finite values in clip.npy")
+
+
+def test_other_model_config_files_are_features_made_differently(tmp_path):
+    """Same weights, another config.json (or tokenizer, or CLIP's open_clip_config.json): stage one's resume,
+    generation and evaluation refuse it where the folder recorded it; a folder written before the config checksum
+    existed compares nothing."""
+    from eval.clips import EvalError
+    from eval.generate import check_decoder_checkpoint
+    from preprocess.config import PRESETS
+    from preprocess.pipeline import FeatureError, build_meta, prepare_output
+    from vta_sam.generate import GenerateError, check_checkpoints
+
+    sums = {"clip": "c", "grounding": "g", "vae": "v"}
+    configs = {"clip": None, "grounding": "g-config", "vae": "v-config"}
+    prepare_output(tmp_path / "new", build_meta(PRESETS["tiny"], sums, 1.0, configs), rank=0)
+    prepare_output(tmp_path / "new", build_meta(PRESETS["tiny"], sums, 1.0, configs), rank=0)  # the same: resumes
+    with pytest.raises(FeatureError, match="grounding configuration differs"):
+        prepare_output(tmp_path / "new", build_meta(PRESETS["tiny"], sums, 1.0, {**configs, "grounding": "other"}), rank=0)
+    with pytest.raises(FeatureError, match="clip configuration differs"):  # a sidecar added since
+        prepare_output(tmp_path / "new", build_meta(PRESETS["tiny"], sums, 1.0, {**configs, "clip": "sidecar"}), rank=0)
+    prepare_output(tmp_path / "old", build_meta(PRESETS["tiny"], sums, 1.0), rank=0)  # as written before the field
+    prepare_output(tmp_path / "old", build_meta(PRESETS["tiny"], sums, 1.0, configs), rank=0)
+
+    meta = json.loads((tmp_path / "new" / "meta.json").read_text())
+    check_checkpoints(meta, sums, tmp_path, None, configs)
+    with pytest.raises(GenerateError, match="grounding features made with other config, preprocessor or tokenizer"):
+        check_checkpoints(meta, sums, tmp_path, None, {**configs, "grounding": "other"})
+    check_decoder_checkpoint(tmp_path / "new", "v", None, "v-config")
+    with pytest.raises(EvalError, match="a VAE with another config.json"):
+        check_decoder_checkpoint(tmp_path / "new", "v", None, "other")
+    check_decoder_checkpoint(tmp_path / "old", "v", None, "other")

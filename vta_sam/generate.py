@@ -172,16 +172,24 @@ def feature_config(path: Path, meta: dict[str, Any]) -> FeatureConfig:
         raise GenerateError(f"{path}: unreadable config ({error})") from None
 
 
-def check_checkpoints(meta: dict[str, Any], found: dict[str, str], source: Path, weights: Path | None) -> None:
+def check_checkpoints(meta: dict[str, Any], found: dict[str, str], source: Path, weights: Path | None,
+                      configs: dict[str, str | None] | None = None) -> None:
     """GenerateError unless each model checksum stage one recorded (`meta.json`'s models) is the one loaded here:
     another CLIP, Grounding DINO/SAM or VAE of the same shapes would load and give the model conditions (or
-    latents decoded) unlike those it was trained on, with no error anywhere else."""
+    latents decoded) unlike those it was trained on, with no error anywhere else. `configs`: the checksums of the
+    loaded models' config, preprocessor and tokenizer files, compared where stage one recorded them (a config.json
+    that changes an activation function changes the features as much)."""
+    where = f"the weights in {weights}" if weights is not None else "this run's random-init models"
     for name, checksum in found.items():
-        want = shards.recorded_model(meta, name).get("checksum")
+        recorded = shards.recorded_model(meta, name)
+        want = recorded.get("checksum")
         if want is not None and want != checksum:
-            where = f"the weights in {weights}" if weights is not None else "this run's random-init models"
             raise GenerateError(f"{source}: the model was trained on {name} features of checkpoint {str(want)[:12]}..., "
                                 f"but {where} hold {checksum[:12]}...: give the --weights folder stage one used")
+        if configs is not None and name in configs and shards.config_differs(recorded, configs[name]):
+            raise GenerateError(f"{source}: the model was trained on {name} features made with other config, "
+                                f"preprocessor or tokenizer files than {where} hold (same weights): give the --weights "
+                                "folder stage one used")
 
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".oga", ".opus", ".wma")  # not a video's name
@@ -340,7 +348,8 @@ class SoundGenerator:
             self.decoder = Decoder(self.features.audio_models(), weights, device, self.train_config.vae_scaling_factor)
         except (FileNotFoundError, ValueError, OSError) as error:
             raise GenerateError(str(error).splitlines()[0]) from None
-        check_checkpoints(meta, {**self.encoders.checksums, "vae": self.decoder.checksum}, source, weights)
+        check_checkpoints(meta, {**self.encoders.checksums, "vae": self.decoder.checksum}, source, weights,
+                          {**self.encoders.config_checksums, "vae": self.decoder.vae.config_checksum})
         self.nouns = NounCache(self.features.tagger, self.features.max_nouns)
         self.vocabulary = vocabulary(self.features.tagger)
         self._vocabulary_embeddings: torch.Tensor | None = None  # (V, D) CLIP text embeddings, computed on first use
