@@ -247,8 +247,9 @@ def writable_container(video: Path, out_video: Path, out_wav: Path, probe: dict[
     """Where the copy with sound goes, once a trial mux of the first frame (`mux(first_frame_only=True)`, with the
     short WAV `silence`) shows that its container takes the video stream: `out_video`, or, for a name taken from
     the input's (VP8 or Theora in a file named .mp4, ProRes in .mov as .mp4...), the same name as Matroska, which
-    takes nearly every codec (said in a note). GenerateError before any sound is made when neither does, or when
-    the user named the output file (`named`)."""
+    takes nearly every codec, else as MP4, which takes a raw stream without timestamps (said in a note).
+    GenerateError with the first trial's reason, before any sound is made, when none does, or when the user named
+    the output file (`named`)."""
     try:
         mux(video, silence, out_video, probe["start"], probe["index"], first_frame_only=True)
         return out_video
@@ -656,7 +657,9 @@ def _generate_one(generator: SoundGenerator, video: Path, options: GenerateOptio
             raise GenerateError(f"{video}: cannot write {out_video} ({problem})")
         out_video.parent.mkdir(parents=True, exist_ok=True)
         out_video = writable_container(video, out_video, out_wav, probe, silence, named)
-        claimed[out_video] = video
+        if claimed.setdefault(out_video, video) != video:  # the fallback name is another input's output
+            raise GenerateError(f"{video}: its output {out_video.name} would overwrite that of {claimed[out_video]}; "
+                                "rename one or give them separate --out folders")
         waveform, explain = generator.audio(video, options.caption, probe)
         if not np.isfinite(waveform).all():  # a damaged checkpoint: never write (and mux) full-scale noise
             raise GenerateError(f"{video}: the model made non-finite audio (with --guidance {options.guidance:g}; "
