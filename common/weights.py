@@ -298,26 +298,45 @@ def state_dict_problem(model: torch.nn.Module, state: Mapping[str, Any]) -> str 
     return None
 
 
+def _stored_dtypes(folder: Path) -> dict[str, dict[str, str]]:
+    """{file name: {tensor name: dtype}} of the weight files from_pretrained reads in `folder`: its safetensors
+    files (from their headers), else its torch .bin files (memory-mapped, with the restricted unpickler); a file
+    that cannot be read this way is left out (it loaded: read by other means)."""
+    from safetensors import SafetensorError, safe_open
+
+    found: dict[str, dict[str, str]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                found[file.name] = {name: str(handle.get_slice(name).get_dtype()) for name in handle.keys()}  # noqa: SIM118
+        except (OSError, SafetensorError):
+            continue
+    if found or any(folder.glob("*.safetensors")):
+        return found
+    for file in sorted(folder.glob("*.bin")):
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - a legacy (non-zip) file cannot be memory-mapped: not looked into
+            continue
+        if isinstance(state, dict):
+            found[file.name] = {str(name): str(tensor.dtype).removeprefix("torch.") for name, tensor in state.items()
+                                if isinstance(tensor, torch.Tensor)}
+    return found
+
+
 def loaded_weights_problem(model: torch.nn.Module, folder: Path) -> str | None:
     """What makes a model loaded by from_pretrained from `folder` unusable although it loaded (None: nothing): a
-    floating tensor holding NaN or infinities, or a float weight that a safetensors file of the folder stores as
-    integers or booleans (from_pretrained casts them without a word)."""
+    floating tensor holding NaN or infinities, or a float weight that a weight file of the folder (safetensors, or
+    a torch .bin without them) stores as integers or booleans (from_pretrained casts them without a word)."""
     state = model.state_dict()
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return f"{name} holds NaN or infinite values"
     floating = {name for name, tensor in state.items() if tensor.is_floating_point()}
-    from safetensors import SafetensorError, safe_open
-
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                dtypes = {name: str(handle.get_slice(name).get_dtype()) for name in handle.keys()}  # noqa: SIM118
-        except (OSError, SafetensorError):
-            continue  # it loaded: read by other means, nothing more to learn here
+    for file, dtypes in _stored_dtypes(folder).items():
         for name, dtype in sorted(dtypes.items()):
-            if dtype.startswith(("F", "BF")):
+            if dtype.startswith(("F", "BF", "float", "bfloat")):
                 continue
             if name in floating or any(key.endswith("." + name) or name.endswith("." + key) for key in floating):
-                return f"{file.name}: {name} is stored as {dtype}, where the model has float weights"
+                return f"{file}: {name} is stored as {dtype}, where the model has float weights"
     return None

@@ -922,3 +922,21 @@ def test_config_files_have_their_own_checksum(saved: tuple[Path, dict[str, objec
     sidecar = (copy / LOADED.clip_checkpoint).parent / "open_clip_config.json"
     sidecar.write_text(json.dumps({"model_cfg": {}, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5]}}))
     assert CLIPEncoder.from_config(LOADED, copy, CPU).config_checksum == weights.sha256_configs(sidecar)
+
+
+def test_integer_weights_in_a_torch_bin_folder_are_refused_too(saved: tuple[Path, dict[str, object]], tmp_path: Path,
+                                                               capfd: pytest.CaptureFixture[str]) -> None:
+    """A folder with only diffusion_pytorch_model.bin (the format `make weights` falls back to) loaded integer
+    weights cast to float: the dtype check read safetensors headers only. diffusers' ERROR line about the missing
+    .safetensors stays off too."""
+    _, models = saved
+    folder = tmp_path / LOADED.audioldm_dir / "vae"
+    models["vae"].save_pretrained(folder, safe_serialization=False)
+    (path,) = folder.glob("*.bin")
+    state = torch.load(path, weights_only=True)
+    AudioVAE.from_config(LOADED.audio_models(), tmp_path, CPU)  # whole: loads
+    torch.save({k: v.to(torch.int32) if v.is_floating_point() else v for k, v in state.items()}, path)
+    capfd.readouterr()
+    with pytest.raises(ValueError, match=rf"{path.name}: .* is stored as int32, where the model has float weights"):
+        AudioVAE.from_config(LOADED.audio_models(), tmp_path, CPU)
+    assert capfd.readouterr().err == ""
