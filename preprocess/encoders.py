@@ -62,6 +62,7 @@ from common.weights import (
     state_dict_problem,
     weights_folder,
 )
+from preprocess import model_configs
 from preprocess.config import FeatureConfig
 from preprocess.model_configs import TINY_BERT_VOCAB, random_configs
 from preprocess.sam_attention import FoldedRelPosAttention, use_folded_rel_pos
@@ -588,6 +589,8 @@ class Grounder(_Batched, FrozenModule):
                 config_digests.append(f"sam:{sha256_configs(sam_folder)}")
             checksum = hashlib.sha256("\n".join(digests).encode()).hexdigest()
             _check_grounding_tokenizer(tokenizer, detector, folder)
+            if cfg.preset == "paper":
+                _warn_if_not_the_papers(detector, sam, root / cfg.grounding_dir, root / cfg.sam_dir)
         if sam is not None and cfg.sam_rel_pos == "folded":
             use_folded_rel_pos(sam)
         if cfg.deformable_attention == "triton":
@@ -819,6 +822,23 @@ class Grounder(_Batched, FrozenModule):
                        input_boxes=padded.to(self.dtype), multimask_output=False)
         iou = out.iou_scores[..., 0].float()  # (B, K)
         return [iou[b, : len(box)] for b, box in enumerate(boxes)]
+
+
+def _warn_if_not_the_papers(detector: GroundingDinoForObjectDetection, sam: SamModel | None, folder: Path,
+                            sam_folder: Path) -> None:
+    """A warning per model whose checkpoint is another variant than the paper preset's (Grounding DINO Swin-B for
+    Swin-T, SAM ViT-H for ViT-B): it loads and works, and the checksum pins it for generation, but the features
+    are not the paper's."""
+    checks: list[tuple[str, Path, Any, Any, tuple[str, ...]]] = [
+        ("Grounding DINO", folder, detector.config, model_configs.paper_grounding_dino_config(),
+         model_configs.GROUNDING_DINO_VARIANT_FIELDS)]
+    if sam is not None:
+        checks.append(("SAM", sam_folder, sam.config, model_configs.paper_sam_config(), model_configs.SAM_VARIANT_FIELDS))
+    for name, where, config, reference, fields in checks:
+        differences = model_configs.variant_differences(config, reference, fields)
+        if differences:
+            log.warning("%s: this %s is not the paper preset's (%s): the features will not be the paper's",
+                        where, name, "; ".join(differences[:3]))
 
 
 def _check_grounding_tokenizer(tokenizer: Any, detector: GroundingDinoForObjectDetection, folder: Path) -> None:

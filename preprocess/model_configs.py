@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from transformers import (
     BertConfig,
@@ -89,6 +89,24 @@ def paper_grounding_dino_config() -> GroundingDinoConfig:
         encoder_attention_heads=8, decoder_attention_heads=8, num_queries=900, num_feature_levels=4,
         encoder_n_points=4, decoder_n_points=4, max_text_len=256, two_stage=True,
     )
+
+
+# the fields that tell the paper's checkpoints from their larger or smaller siblings (Swin-B for Swin-T, ViT-H
+# for ViT-B): `variant_differences` names those a loaded checkpoint does not share with the paper preset's
+GROUNDING_DINO_VARIANT_FIELDS = ("backbone_config.embed_dim", "backbone_config.depths", "backbone_config.num_heads",
+                                 "text_config.hidden_size", "d_model", "num_queries")
+SAM_VARIANT_FIELDS = ("vision_config.hidden_size", "vision_config.num_hidden_layers", "vision_config.global_attn_indexes")
+
+
+def variant_differences(config: Any, reference: Any, fields: tuple[str, ...]) -> list[str]:
+    """'field value (the paper's value)' for each dotted `fields` path where `config` differs from `reference`."""
+    def get(obj: Any, path: str) -> Any:
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        return list(obj) if isinstance(obj, tuple) else obj
+
+    return [f"{field} {get(config, field)!r} (the paper's {get(reference, field)!r})" for field in fields
+            if get(config, field) != get(reference, field)]
 
 
 # ----------------------------------------------------------------------------------- SAM

@@ -940,3 +940,20 @@ def test_integer_weights_in_a_torch_bin_folder_are_refused_too(saved: tuple[Path
     with pytest.raises(ValueError, match=rf"{path.name}: .* is stored as int32, where the model has float weights"):
         AudioVAE.from_config(LOADED.audio_models(), tmp_path, CPU)
     assert capfd.readouterr().err == ""
+
+
+def test_another_variant_than_the_papers_is_said_under_the_paper_preset(saved: tuple[Path, dict[str, object]],
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """SAM ViT-H or Grounding DINO Swin-B in the weights folder loaded under the paper preset without a word (the
+    checksum pins it, but the features are not the paper's). The tiny checkpoints stand in for another variant."""
+    root, _ = saved
+    with caplog.at_level("WARNING", logger="preprocess.encoders"):
+        Grounder.from_config(LOADED, root, CPU)
+    assert "not the paper preset's" not in caplog.text  # the tiny preset compares nothing
+    with caplog.at_level("WARNING", logger="preprocess.encoders"):
+        Grounder.from_config(LOADED.replace(preset="paper"), root, CPU)
+    assert f"{root / LOADED.sam_dir}: this SAM is not the paper preset's (vision_config.hidden_size" in caplog.text
+    assert f"{root / LOADED.grounding_dir}: this Grounding DINO is not the paper preset's (" in caplog.text
+    for paper, fields in ((model_configs.paper_sam_config(), model_configs.SAM_VARIANT_FIELDS),
+                          (model_configs.paper_grounding_dino_config(), model_configs.GROUNDING_DINO_VARIANT_FIELDS)):
+        assert model_configs.variant_differences(paper, paper, fields) == []  # the paper's own: no warning
