@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -205,21 +205,53 @@ def _config_problem(load: Callable[..., Any], folder: Path) -> str | None:
     return None
 
 
-def _shape_problem(load: Callable[..., Any], folder: Path) -> str | None:
-    """A tensor whose shape in the folder's safetensors files differs from the one config.json gives it, found
-    with the model built on the meta device (no memory) before from_pretrained builds it for real: a config.json
-    with absurd sizes (block_out_channels 10**9) would otherwise take their memory first; also a config.json that
-    builds no model. None when they agree, or when this cannot be told here (no safetensors file)."""
-    from safetensors import SafetensorError, safe_open
+def safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} of a safetensors file, from its header alone (no tensor data is read); the
+    dtype as safetensors names it ("F32", "BF16", "I32"...). OSError or safetensors.SafetensorError when the file
+    does not read."""
+    from safetensors import safe_open
 
+    header: dict[str, tuple[str, tuple[int, ...]]] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+            piece = handle.get_slice(name)
+            header[name] = (str(piece.get_dtype()), tuple(piece.get_shape()))
+    return header
+
+
+def is_float_dtype(dtype: str) -> bool:
+    """Whether a dtype name is a floating one: safetensors' ("F16", "BF16") or torch's ("float16", "bfloat16")."""
+    return dtype.startswith(("F", "BF", "float", "bfloat"))
+
+
+def non_finite_tensor(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating tensor of (name, tensor) pairs holding NaN or an infinity, or None."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def _folder_headers(folder: Path) -> dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None:
+    """{file name: `safetensors_header`} of a model folder's safetensors files ({} without any), read once for
+    the checks before and after from_pretrained; None when one does not read (from_pretrained says why)."""
+    from safetensors import SafetensorError
+
+    try:
+        return {file.name: safetensors_header(file) for file in sorted(folder.glob("*.safetensors"))}
+    except (OSError, SafetensorError):
+        return None
+
+
+def _shape_problem(load: Callable[..., Any], folder: Path,
+                   headers: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None) -> str | None:
+    """A tensor whose shape in the folder's safetensors files (`headers`) differs from the one config.json gives
+    it, found with the model built on the meta device (no memory) before from_pretrained builds it for real: a
+    config.json with absurd sizes (block_out_channels 10**9) would otherwise take their memory first; also a
+    config.json that builds no model. None when they agree, or when this cannot be told here (no safetensors
+    file, or one that does not read)."""
     owner = getattr(load, "__self__", None)
-    stored: dict[str, tuple[int, ...]] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                stored.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})  # noqa: SIM118
-        except (OSError, SafetensorError):
-            return None
+    stored = {name: shape for header in (headers or {}).values() for name, (_, shape) in header.items()}
     if owner is None or not stored:
         return None
     try:
@@ -250,7 +282,8 @@ def load_pretrained_model(load: Callable[..., Any], folder: Path, what: str) -> 
     problem = _config_problem(load, folder)
     if problem:
         raise ValueError(f"{folder / 'config.json'}: {problem}: not a {what} folder")
-    problem = _shape_problem(load, folder)
+    headers = _folder_headers(folder)
+    problem = _shape_problem(load, folder, headers)
     if problem:
         raise ValueError(f"{folder}: the {what} weights do not fit its config.json ({problem})")
     try:
@@ -269,7 +302,7 @@ def load_pretrained_model(load: Callable[..., Any], folder: Path, what: str) -> 
         raise ValueError(f"{folder}: the {what} weights {kind} {len(absent or mismatched)} of the model's tensors "
                          f"({', '.join(shown)}{', ...' if len(absent or mismatched) > 3 else ''}): a damaged or "
                          "different checkpoint")
-    problem = loaded_weights_problem(model, folder)
+    problem = loaded_weights_problem(model, folder, headers)
     if problem:
         raise ValueError(f"{folder}: the {what} weights are not a trained model's ({problem}): a damaged checkpoint")
     if set(missing) - set(absent):
@@ -298,21 +331,16 @@ def state_dict_problem(model: torch.nn.Module, state: Mapping[str, Any]) -> str 
     return None
 
 
-def _stored_dtypes(folder: Path) -> dict[str, dict[str, str]]:
+def _stored_dtypes(folder: Path, headers: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None
+                   ) -> dict[str, dict[str, str]]:
     """{file name: {tensor name: dtype}} of the weight files from_pretrained reads in `folder`: its safetensors
-    files (from their headers), else its torch .bin files (memory-mapped, with the restricted unpickler); a file
-    that cannot be read this way is left out (it loaded: read by other means)."""
-    from safetensors import SafetensorError, safe_open
-
+    files (their `headers`), else its torch .bin files (memory-mapped, with the restricted unpickler); a file that
+    cannot be read this way is left out (it loaded: read by other means)."""
+    if headers is None:  # a safetensors file that does not read: from_pretrained refused it before this is asked
+        return {}
+    if headers:
+        return {file: {name: dtype for name, (dtype, _) in header.items()} for file, header in headers.items()}
     found: dict[str, dict[str, str]] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                found[file.name] = {name: str(handle.get_slice(name).get_dtype()) for name in handle.keys()}  # noqa: SIM118
-        except (OSError, SafetensorError):
-            continue
-    if found or any(folder.glob("*.safetensors")):
-        return found
     for file in sorted(folder.glob("*.bin")):
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -324,18 +352,20 @@ def _stored_dtypes(folder: Path) -> dict[str, dict[str, str]]:
     return found
 
 
-def loaded_weights_problem(model: torch.nn.Module, folder: Path) -> str | None:
+def loaded_weights_problem(model: torch.nn.Module, folder: Path,
+                           headers: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None) -> str | None:
     """What makes a model loaded by from_pretrained from `folder` unusable although it loaded (None: nothing): a
-    floating tensor holding NaN or infinities, or a float weight that a weight file of the folder (safetensors, or
-    a torch .bin without them) stores as integers or booleans (from_pretrained casts them without a word)."""
+    floating tensor holding NaN or infinities, or a float weight that a weight file of the folder (safetensors,
+    whose `headers` were read before loading, or a torch .bin without them) stores as integers or booleans
+    (from_pretrained casts them without a word)."""
     state = model.state_dict()
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return f"{name} holds NaN or infinite values"
+    bad = non_finite_tensor(state.items())
+    if bad:
+        return f"{bad} holds NaN or infinite values"
     floating = {name for name, tensor in state.items() if tensor.is_floating_point()}
-    for file, dtypes in _stored_dtypes(folder).items():
+    for file, dtypes in _stored_dtypes(folder, headers).items():
         for name, dtype in sorted(dtypes.items()):
-            if dtype.startswith(("F", "BF", "float", "bfloat")):
+            if is_float_dtype(dtype):
                 continue
             if name in floating or any(key.endswith("." + name) or name.endswith("." + key) for key in floating):
                 return f"{file}: {name} is stored as {dtype}, where the model has float weights"

@@ -32,7 +32,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,7 +49,7 @@ from accelerate.utils.constants import RNG_STATE_NAME
 import shards
 from common.devices import tune_backends
 from common.lock import LOCK_FILE, FolderBusy, folder_lock
-from common.weights import sha256_file
+from common.weights import is_float_dtype, non_finite_tensor, safetensors_header, sha256_file
 from shards import ShardSpec
 from train import data
 from train.config import TrainConfig
@@ -606,27 +606,15 @@ def accelerate_culprit(checkpoint: Path) -> str | None:
     return None
 
 
-def non_float_tensor(path: Path, floating: set[str]) -> str | None:
-    """A message when a safetensors file stores one of the `floating` tensor names as integers or booleans (which
-    load_state_dict would cast into float weights without a word), else None. Unreadable files are left to the loader."""
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as handle:
-            dtypes = {name: str(handle.get_slice(name).get_dtype()) for name in handle.keys()}  # noqa: SIM118
-    except (OSError, safetensors.SafetensorError):
-        return None
-    bad = sorted(name for name in floating & set(dtypes) if not dtypes[name].startswith(("F", "BF")))
+def non_float_tensor(header: dict[str, tuple[str, tuple[int, ...]]], floating: set[str]) -> str | None:
+    """A message when a safetensors file (its `common.weights.safetensors_header`) stores one of the `floating`
+    tensor names as integers or booleans (which load_state_dict would cast into float weights without a word),
+    else None."""
+    bad = sorted(name for name in floating & set(header) if not is_float_dtype(header[name][0]))
     if not bad:
         return None
-    return (f"{bad[0]} is stored as {dtypes[bad[0]]}, where the model has float weights ({len(bad)} such tensors): not "
-            "the weights of a trained model")
-
-
-def non_finite_tensor(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
-    """The name of the first floating tensor holding NaN or an infinity, or None."""
-    for name, tensor in tensors:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
+    return (f"{bad[0]} is stored as {header[bad[0]][0]}, where the model has float weights ({len(bad)} such tensors): "
+            "not the weights of a trained model")
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, torch.Tensor]]:
@@ -645,7 +633,10 @@ def load_checkpoint(run: Run, checkpoint: Path) -> None:
     model = accelerator.unwrap_model(run.model)
     floating = {name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
     for name in (MODEL_FILE, EMA_FILE):
-        problem = non_float_tensor(checkpoint / name, floating)
+        try:
+            problem = non_float_tensor(safetensors_header(checkpoint / name), floating)
+        except (OSError, safetensors.SafetensorError):
+            continue  # the loaders below say what is wrong with it
         if problem:
             raise ConfigError(f"{checkpoint / name}: {problem}")
     try:
@@ -924,11 +915,11 @@ def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cp
     shell_state = shell.state_dict()
     expected = {name: tuple(tensor.shape) for name, tensor in shell_state.items()}
     try:
-        with safetensors.safe_open(str(path), framework="pt") as handle:
-            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+        header = safetensors_header(path)
     except (OSError, safetensors.SafetensorError) as error:
         raise ValueError(f"{path}: unreadable ({one_line(error)})") from None
-    not_float = non_float_tensor(path, {name for name, tensor in shell_state.items() if tensor.is_floating_point()})
+    stored = {name: shape for name, (_, shape) in header.items()}
+    not_float = non_float_tensor(header, {name for name, tensor in shell_state.items() if tensor.is_floating_point()})
     if not_float:
         raise ValueError(f"{path}: {not_float}")
     if stored != expected:
