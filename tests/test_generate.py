@@ -767,7 +767,8 @@ def test_odd_inputs_get_sound_of_their_length_and_a_crash_fails_one_video_only(r
 
 
 def test_outputs_and_options_that_cannot_work_are_refused_before_any_model(run_dir, tmp_path, capsys):
-    """Both outputs there but not this command's were taken for finished work; --out x.wav made a folder x.wav;
+    """Both outputs there but not this command's were taken for finished work (and a user's <stem>.partial.mp4
+    was overwritten by the copy on its way to its name); --out x.wav made a folder x.wav;
     --overlap near a window's length made a window every few frames (hours); a file as --out for several videos
     failed each video with 'File exists'."""
     video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
@@ -780,7 +781,7 @@ def test_outputs_and_options_that_cannot_work_are_refused_before_any_model(run_d
     assert f"error: {video}: {out / 'v.wav'} exists and was not written by this command" in capsys.readouterr().err
     assert (out / "v.mp4").read_text() == "USER"
     (out / "w.check.mp4").write_text("USER")  # a name a trial mux once used for its scratch copy
-    (out / "w.partial.mp4").unlink(missing_ok=True)
+    (out / "w.partial.mp4").write_text("USER")  # the name the copy was once written into before its rename
     (tmp_path / "a_file").write_text("notes")
     other = media.make_video(tmp_path / "w.mp4", seconds=2.0, audio=None)
     for videos, flags, message in (([video], ["--out", str(tmp_path / "x.wav")], "give a video file name or a folder"),
@@ -792,6 +793,8 @@ def test_outputs_and_options_that_cannot_work_are_refused_before_any_model(run_d
     assert not (tmp_path / "x.wav").exists() and (tmp_path / "a_file").read_text() == "notes"
     assert cli_main(["generate", str(other), "--out", str(out), *common]) == 0
     assert (out / "w.check.mp4").read_text() == "USER" and (out / "w.mp4").exists()
+    assert (out / "w.partial.mp4").read_text() == "USER"
+    assert sorted(p.name for p in out.iterdir()) == ["v.mp4", "v.wav", "w.check.mp4", "w.mp4", "w.partial.mp4", "w.wav"]
 
 
 def test_ctrl_c_is_exit_130_with_how_to_go_on_and_no_partial_file(run_dir, tmp_path, capsys, monkeypatch):

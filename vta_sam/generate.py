@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -218,8 +219,10 @@ def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int
     folder's file) and deletes a copy of the first frame, to learn before any sound is made whether the container
     takes the stream (GenerateError if not).
     Audio: AAC; Opus in WebM; 16-bit PCM in AVI, which cannot mark AAC's priming samples."""
-    # a trial writes beside its WAV (a scratch folder), never where a file of the user's could have its name
-    tmp = wav.parent / f"trial{out.suffix}" if first_frame_only else out.with_name(out.stem + ".partial" + out.suffix)
+    # a trial writes beside its WAV (a scratch folder); the copy into a hidden file of a random name beside `out`
+    # (ffmpeg makes it with the user's umask), renamed over `out` when whole: never into a file of the user's
+    tmp = (wav.parent / f"trial{out.suffix}" if first_frame_only
+           else out.with_name(f".{out.stem}.{secrets.token_hex(6)}.partial{out.suffix}"))
     suffix = out.suffix.lower()
     # AVI cannot mark AAC's priming samples to be skipped (the sound would start 64 ms late): PCM there
     audio = (["-c:a", "libopus", "-b:a", "192k"] if suffix == ".webm" else ["-c:a", "pcm_s16le"] if suffix == ".avi"
