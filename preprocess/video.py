@@ -309,16 +309,15 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
         skipped: list[str] = []
         try:
             for frame in decoded_frames(container, stream, skipped):
-                if frame.pts is None:
-                    if stream.start_time is not None:  # the stream has timestamps: this frame is damaged
-                        continue
-                    # a raw elementary stream (no timestamps at all, decoded from its start): each frame follows
-                    # the one before by its duration, or one frame period
+                if frame.pts is None and stream.start_time is not None:  # the stream has timestamps: a damaged frame
+                    continue
+                if stream.start_time is None:
+                    # a raw elementary stream, decoded from its start: its timestamps, where there are any, are the
+                    # parser's guesses (MPEG-1/2's are a frame late from the second or the first frame on): each
+                    # frame follows the one before by its duration, or one frame period
                     t = last_end if previous is not None else 0.0
                 else:
-                    if origin is None:  # no start_time in the header: the first frame defines t = 0
-                        origin = float(frame.time)
-                    t = float(frame.time) - origin
+                    t = float(frame.time) - (origin or 0.0)
                 if previous is not None:
                     if t < previous_time:  # out-of-order output of a damaged stream: keep time moving forward
                         continue
@@ -401,8 +400,10 @@ def _packets_end(path: Path, index: int) -> float:
                 if not packet.size:  # the demuxer's closing empty packet
                     continue
                 step = packet.duration * time_base if packet.duration and time_base else 1.0 / max(fps, 1e-6)
-                # a raw stream's packets carry no timestamps: each follows the one before
-                begin = packet.pts * time_base if packet.pts is not None and time_base else end
+                # a raw stream's packets carry no timestamps, or the parser's guesses (a frame late in MPEG-1/2):
+                # each follows the one before
+                raw = stream.start_time is None or packet.pts is None or not time_base
+                begin = end if raw else packet.pts * time_base
                 end = max(end, begin + step)
         except av.FFmpegError:
             pass

@@ -485,3 +485,20 @@ def test_media_paths_keep_the_file_systems_reading_and_decord_runs_without_stder
                             text=True, check=True, cwd=Path(__file__).resolve().parent.parent,
                             preexec_fn=lambda: os.close(2))
     assert result.stdout.strip() == "decord"
+
+
+@pytest.mark.parametrize("codec", ["mpeg1video", "mpeg2video"])
+def test_raw_mpeg_elementary_streams_are_timed_by_counting_frames(tmp_path: Path, codec: str) -> None:
+    """A raw MPEG-1/2 stream has no timestamps of its own, only the parser's guesses, which run a frame late (from
+    the second frame on in MPEG-1, from the first in MPEG-2): its frames came out a frame late and it lasted a
+    frame (40 ms) too long, in decoding and in probe_video (whose length vta-sam generate gives its sound)."""
+    import subprocess
+
+    source = media.make_video(tmp_path / "source.mp4", seconds=2.0, fps=25, audio=None)
+    raw = tmp_path / "raw.m2v"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(source), "-c:v", codec, "-q:v", "2", "-f", codec, str(raw)],
+                   check=True)
+    assert probe_video(raw)["duration"] == pytest.approx(2.0, abs=1e-6)
+    decoded = decode_frames(raw, 0.0, [(k + 0.5) / 25 for k in range(60)], WINDOW, 64)
+    assert decoded.duration == pytest.approx(2.0, abs=1e-6)
+    assert [media.frame_index(frame) for frame in decoded.frames] == list(range(50))
