@@ -57,12 +57,15 @@ def quiet_decord() -> Any:
 
 
 @contextlib.contextmanager
-def decord_log_dropped() -> Iterator[None]:
+def decord_log_dropped(log_file: Path | None = None) -> Iterator[None]:
     """Run decord calls with its own C++ log lines ('[hh:mm:ss] .../video_reader.cc:83: ERROR opening: ...') kept
     off stderr: decord writes them to file descriptor 2 from C++, where `quiet_decord` cannot reach, next to the
     one-line error that already names the file and the reason (decord's exception carries the same text). File
     descriptor 2 goes to a temporary file meanwhile; whatever else was written there (Python's own stderr, another
-    thread's) is written back afterwards, in order. Without a usable descriptor 2 the calls run as they are."""
+    thread's) is written back afterwards, in order. Without a usable descriptor 2 the calls run as they are.
+
+    `log_file`: that temporary file, named, for a process that may die in the calls (a native decoder's abort): what
+    it printed last (`last_words`) stays there for the process that started it. Emptied when the calls return."""
     try:  # any failure to set this up (stderr closed, no room for a temporary file): the calls run as they are
         with contextlib.suppress(AttributeError, OSError, ValueError):
             sys.stderr.flush()  # None when the process has no stderr
@@ -71,7 +74,7 @@ def decord_log_dropped() -> Iterator[None]:
         yield
         return
     try:
-        capture = tempfile.TemporaryFile()
+        capture = tempfile.TemporaryFile() if log_file is None else open(log_file, "w+b")  # noqa: SIM115 - closed below
         os.dup2(capture.fileno(), 2)
     except OSError:
         os.close(saved)
@@ -86,10 +89,28 @@ def decord_log_dropped() -> Iterator[None]:
         os.close(saved)
         capture.seek(0)
         kept = b"".join(line for line in capture.read().splitlines(keepends=True) if not DECORD_LOG_LINE.match(line))
+        if log_file is not None:
+            with contextlib.suppress(OSError):
+                capture.truncate(0)
         capture.close()
         with contextlib.suppress(OSError):
             while kept:
                 kept = kept[os.write(2, kept):]
+
+
+def last_words(log_file: Path, limit: int = 300) -> str:
+    """What a process that died in `decord_log_dropped`'s calls printed last into its `log_file` ("terminate called
+    after throwing an instance of 'std::bad_alloc' what(): std::bad_alloc"), in one line of at most `limit`
+    characters: the last two lines before Python's fault report, if any (else its first line), leaving out
+    decord's own log lines; '' when there is nothing or the file cannot be read."""
+    try:
+        lines = log_file.read_bytes().splitlines()
+    except OSError:
+        return ""
+    said = [line for line in lines if line.strip() and not DECORD_LOG_LINE.match(line)]
+    report = next((i for i, line in enumerate(said) if line.startswith(b"Fatal Python error")), len(said))
+    chosen = said[max(0, report - 2):report] or said[report:report + 1]
+    return " ".join(b" ".join(chosen).decode("utf-8", "replace").split())[:limit]
 
 
 def pyav_reason(error: av.FFmpegError) -> str:

@@ -34,6 +34,7 @@ import shards
 from audio_models.front_end import MelFrontEnd, audioldm_waveform
 from audio_models.vae import AudioVAE
 from common.devices import resolve_device
+from common.ffmpeg import last_words
 from common.versions import software_versions
 from preprocess.audio import AudioDecodeError, decode_audio
 from preprocess.config import BEFORE_FIELD, FeatureConfig
@@ -76,6 +77,9 @@ def shared_memory_room(cfg: FeatureConfig, prefetch: int, folder: str = "/dev/sh
     return False, (f"{folder}: {free / 2**20:.0f} MiB free, the decoding workers may queue ~{needed / 2**20:.0f} MiB of "
                    "frames; handing them over as numpy arrays (slower; give the container more shared memory, e.g. "
                    "docker --shm-size 16g, or lower --num-workers)")
+
+
+LAST_WORDS = ".stderr"  # beside a worker's note (named by its pid): what decord printed while it ran (a crash's message)
 
 
 class DecodeDataset(Dataset):
@@ -123,7 +127,9 @@ class DecodeDataset(Dataset):
         if clip.path is None:
             return {"clip": clip, "error": ("input", "video file not found in the video folder")}
         try:
-            video = decode_frames(clip.path, clip.start, self.times, cfg.window_seconds, cfg.frame_short_side)
+            log_file = None if self.markers is None else self.markers / f"{os.getpid()}{LAST_WORDS}"
+            video = decode_frames(clip.path, clip.start, self.times, cfg.window_seconds, cfg.frame_short_side,
+                                  log_file=log_file)
         except VideoDecodeError as error:
             return {"clip": clip, "error": ("video", str(error))}
         if len(video.frames) == 0:
@@ -240,8 +246,10 @@ def _died_on(dead: dict[int, int], markers: Path) -> dict[int, str]:
         if not note:
             raise FeatureError(f"a decoding worker (pid {pid}) died between clips ({how}): not a file's doing (out of "
                                "memory? a signal from outside?); run the same command again to go on")
-        died[int(note)] = (f"the decoding worker died while decoding this file ({how}): a crash in the video or audio "
-                           "decoder; were it the machine (out of memory), delete this line and run again")
+        said = last_words(markers / f"{pid}{LAST_WORDS}")  # a crash in decord: its message, held off stderr
+        died[int(note)] = (f"the decoding worker died while decoding this file ({how}"
+                           + (f"; it printed: {said}" if said else "") + "): a crash in the video or audio decoder; "
+                           "were it the machine (out of memory), delete this line and run again")
     return died
 
 

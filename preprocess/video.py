@@ -360,12 +360,14 @@ def decode_frames(
     short_side: int,
     *,
     backend: Backend = "auto",
+    log_file: Path | None = None,
 ) -> DecodedFrames:
     """Frames on screen at `start + t` for each t in `times` (seconds, increasing) that lies inside the video.
 
     duration = min(window, end of the last frame - start); only times < duration yield a frame, so a
     short clip returns fewer frames (the pipeline pads). `backend="auto"` tries decord and falls back to
-    PyAV on any decord failure; "decord" / "pyav" force one (tests, benchmarks).
+    PyAV on any decord failure; "decord" / "pyav" force one (tests, benchmarks). `log_file`: where decord's stderr
+    is held while it runs (`common.ffmpeg.decord_log_dropped`), for a process that may die in it.
     Raises VideoDecodeError (`<file>: <reason>`) for a missing or empty file, a file that is not media,
     one without a video stream, zero duration, or `start` beyond the end.
     """
@@ -375,7 +377,7 @@ def decode_frames(
     _check_file(path)
     if backend in ("auto", "decord"):
         try:
-            with decord_log_dropped():
+            with decord_log_dropped(log_file):
                 return _decode_decord(path, start, times_array, window, short_side)
         except VideoDecodeError:
             raise  # decord read the timestamps: the verdict (zero duration, start past the end) stands

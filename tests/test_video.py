@@ -502,3 +502,17 @@ def test_raw_mpeg_elementary_streams_are_timed_by_counting_frames(tmp_path: Path
     decoded = decode_frames(raw, 0.0, [(k + 0.5) / 25 for k in range(60)], WINDOW, 64)
     assert decoded.duration == pytest.approx(2.0, abs=1e-6)
     assert [media.frame_index(frame) for frame in decoded.frames] == list(range(50))
+
+
+def test_last_words_are_the_crash_message_not_decords_log_or_pythons_fault_report(tmp_path: Path) -> None:
+    from common.ffmpeg import last_words
+
+    log = tmp_path / "123.stderr"
+    log.write_bytes(b"[10:00:00] /src/video/video_reader.cc:83: ERROR opening\n"
+                    b"terminate called after throwing an instance of 'std::bad_alloc'\n  what():  std::bad_alloc\n"
+                    b"Fatal Python error: Aborted\n\nCurrent thread 0x01 (most recent call first):\n  File \"x.py\"\n")
+    assert last_words(log) == "terminate called after throwing an instance of 'std::bad_alloc' what(): std::bad_alloc"
+    log.write_bytes(b"Fatal Python error: Segmentation fault\n\nCurrent thread 0x01:\n  File \"x.py\"\n")
+    assert last_words(log) == "Fatal Python error: Segmentation fault"
+    log.write_bytes(b"[10:00:00] /src/video/video_reader.cc:83: ERROR opening\n")
+    assert last_words(log) == "" and last_words(tmp_path / "missing") == ""
