@@ -110,18 +110,30 @@ def embed_clips(
     total: int | None = None,
     progress: bool = True,
     audio_protocol: AudioProtocol = "mean-cut",
-) -> Iterator[tuple[str, AudioEmbedding]]:
+) -> Iterator[tuple[str, AudioEmbedding | str]]:
     """Embed (clip id, waveform at `sample_rate`) pairs, `batch_size` clips per Cnn14 forward pass; yields
-    (id, AudioEmbedding) in input order. Waveforms go through `prepare_waveform(..., duration, audio_protocol)`.
-    Clips of different lengths (duration None) are batched by length, since padding would change Cnn14's time
-    pooling."""
+    (id, AudioEmbedding) in input order, or (id, why it cannot be embedded): shorter, once prepared, than Cnn14
+    takes (the protocols that never pad: av-benchmark, and mean-cut without a duration), or an output that is not
+    finite (samples so far outside [-1, 1] that the log-mel overflows, or damaged embedder weights). Waveforms go
+    through `prepare_waveform(..., duration, audio_protocol)`. Clips of different lengths (duration None) are
+    batched by length, since padding would change Cnn14's time pooling."""
     if cnn14.config.sample_rate != vggish.config.sample_rate:
         raise ValueError("Cnn14 and VGGish must share a sample rate")
     rate = cnn14.config.sample_rate
+    shortest = cnn14.config.min_samples
     iterator = iter(clips)
     with tqdm(total=total, disable=not progress, unit="clip", desc="embedding audio") as bar:
         while batch := list(islice(iterator, batch_size)):
-            waves = [prepare_waveform(w, sample_rate, rate, duration, audio_protocol) for _, w in batch]
+            prepared = [(clip_id, prepare_waveform(w, sample_rate, rate, duration, audio_protocol)) for clip_id, w in batch]
+            for clip_id, wave in prepared:
+                if wave.size < shortest:
+                    yield clip_id, (f"too short for Cnn14 under the {audio_protocol} audio protocol ({wave.size} "
+                                    f"samples at {rate} Hz; it takes at least {shortest}, {shortest / rate:.2f} s)")
+            batch = [(clip_id, wave) for clip_id, wave in prepared if wave.size >= shortest]
+            bar.update(len(prepared) - len(batch))
+            if not batch:
+                continue
+            waves = [wave for _, wave in batch]
             embeddings: list[np.ndarray] = [np.empty(0)] * len(batch)
             probs: list[np.ndarray] = [np.empty(0)] * len(batch)
             logits: list[np.ndarray] = [np.empty(0)] * len(batch)
@@ -134,6 +146,11 @@ def embed_clips(
             patches = [waveform_to_patches(w, rate, vggish.config) for w in waves]
             flat = vggish.embed_log_mel_patches(np.concatenate(patches))
             splits = np.cumsum([len(p) for p in patches])[:-1]
-            for (clip_id, _), e, p, lg, v in zip(batch, embeddings, probs, logits, np.split(flat, splits)):
-                yield clip_id, AudioEmbedding(cnn14_embedding=e, cnn14_probs=p, vggish=v, cnn14_logits=lg)
+            for (clip_id, wave), e, p, lg, v in zip(batch, embeddings, probs, logits, np.split(flat, splits)):
+                if all(np.isfinite(x).all() for x in (e, p, lg, v)):
+                    yield clip_id, AudioEmbedding(cnn14_embedding=e, cnn14_probs=p, vggish=v, cnn14_logits=lg)
+                else:
+                    peak = float(np.abs(wave).max())
+                    why = "far outside [-1, 1]" if peak > 1 else "within [-1, 1]: damaged embedder weights?"
+                    yield clip_id, f"the Cnn14/VGGish output for it is not finite (its peak sample is {peak:.3g}, {why})"
             bar.update(len(batch))

@@ -74,6 +74,7 @@ def ground_truth_embeddings(
     source: Mapping[str, Any] | None = None,
     audio_hashes: Mapping[str, str] | None = None,
     audio_protocol: AudioProtocol = "mean-cut",
+    failed: dict[str, str] | None = None,
 ) -> dict[str, AudioEmbedding]:
     """Embeddings of the reference clips `ids`, from the cache at `path` where present and computed otherwise.
 
@@ -82,7 +83,9 @@ def ground_truth_embeddings(
     (see `cache_protocol`; the audio protocol also decides how `load_audio`'s waveforms are prepared).
     `audio_hashes[id]`, when given, is the sha256 of the clip's reference audio now: it is stored with the clip,
     and a cached clip stored with another hash is embedded again. Returns {id: AudioEmbedding} for the requested
-    ids; clips cached earlier for other ids are kept in the file.
+    ids that could be embedded; a clip that cannot (`embed_clips`: too short for the protocol, an output that is not
+    finite) is cached with its reason, which goes into `failed` ({id: reason}) when given. Clips cached earlier
+    for other ids are kept in the file.
     """
     protocol = cache_protocol(cnn14, vggish, duration, source, audio_protocol)
     hashes = dict(audio_hashes or {})
@@ -94,10 +97,13 @@ def ground_truth_embeddings(
         waves = ((clip_id, load_audio(clip_id)) for clip_id in todo)
         for clip_id, embedding in embed_clips(waves, cnn14, vggish, sample_rate, duration, batch_size, len(todo),
                                               progress, audio_protocol):
-            yield clip_id, {key: np.asarray(getattr(embedding, key), dtype=np.float32) for key in DATASETS}
+            yield clip_id, (embedding if isinstance(embedding, str)  # why it cannot be embedded: cached as such
+                            else {key: np.asarray(getattr(embedding, key), dtype=np.float32) for key in DATASETS})
 
     classes = cnn14.config.classes_num
     shapes = {"cnn14_embedding": (cnn14.config.embed_dim,), "cnn14_probs": (classes,), "cnn14_logits": (classes,),
               "vggish": (None, vggish.config.embed_dim)}
-    arrays, _ = cached_arrays(path, protocol, wanted, compute, header, DIGEST_ATTR, shapes)  # never fails a clip
-    return {clip_id: _embedding(arrays[clip_id]) for clip_id in wanted}
+    arrays, why = cached_arrays(path, protocol, wanted, compute, header, DIGEST_ATTR, shapes)
+    if failed is not None:
+        failed.update(why)
+    return {clip_id: _embedding(arrays[clip_id]) for clip_id in wanted if clip_id in arrays}

@@ -229,17 +229,19 @@ def reference_fingerprint(hashes: dict[str, str]) -> str:
 
 
 def reference_embeddings(config: EvalConfig, ids: list[str], cnn14: Cnn14, vggish: VGGish, sample_rate: int,
-                         hashes: dict[str, str], progress: bool) -> dict[str, AudioEmbedding]:
+                         hashes: dict[str, str], progress: bool,
+                         failed: dict[str, str] | None = None) -> dict[str, AudioEmbedding]:
     """Ground-truth embeddings through the HDF5 cache; one file per (split, protocol) so that switching
     embedders does not rebuild another protocol's cache. `ids` in shard order (the audio streams in it);
-    the result keeps that order. The protocol names the shards' config and rate; `hashes` check each clip."""
+    the result keeps that order, less the clips that cannot be embedded (their reasons into `failed`). The
+    protocol names the shards' config and rate; `hashes` check each clip."""
     source = {"shards_config_sha256": shards_config_sha256(config.shards), "sample_rate": sample_rate}
     protocol = cache.cache_protocol(cnn14, vggish, config.metric_duration, source, config.audio_protocol)
     digest = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
     path = config.cache_folder / f"{config.split}-{digest}.h5"
     return cache.ground_truth_embeddings(path, ids, ShardAudio(config.shards, config.split, ids), cnn14, vggish,
                                          sample_rate, config.metric_duration, progress=progress, source=source,
-                                         audio_hashes=hashes, audio_protocol=config.audio_protocol)
+                                         audio_hashes=hashes, audio_protocol=config.audio_protocol, failed=failed)
 
 
 @dataclass(frozen=True)
@@ -266,11 +268,16 @@ def reference_audio(config: EvalConfig, in_shard_order: list[shards.SampleMeta],
 
 
 def reference_set(config: EvalConfig, reference: ReferenceAudio, clips: list[shards.SampleMeta], cnn14: Cnn14,
-                  vggish: VGGish, progress: bool) -> dict[str, AudioEmbedding]:
-    """The reference PANNs/VGGish embeddings of `clips`, in their order."""
+                  vggish: VGGish, failures: list[dict[str, str]], progress: bool) -> dict[str, AudioEmbedding]:
+    """The reference PANNs/VGGish embeddings of `clips`, in their order; a clip whose reference audio cannot be
+    embedded (too short for the audio protocol) is appended to `failures` (stage 'embed_reference')."""
+    failed: dict[str, str] = {}
     embeddings = reference_embeddings(config, reference.ids, cnn14, vggish, reference.sample_rate, reference.hashes,
-                                      progress)
-    return {c.id: embeddings[c.id] for c in clips}  # back to id order
+                                      progress, failed)
+    where = f"{config.shards} (split {config.split})"
+    failures += [{"id": clip_id, "stage": "embed_reference", "reason": f"{where}: clip {clip_id!r}: its reference audio "
+                  f"is {reason}"} for clip_id, reason in failed.items()]
+    return {c.id: embeddings[c.id] for c in clips if c.id in embeddings}  # back to id order
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,7 +302,8 @@ def generated_waves(out_dir: Path, clips: list[shards.SampleMeta],
 def generated_embeddings(out_dir: Path, clips: list[shards.SampleMeta], cnn14: Cnn14, vggish: VGGish,
                          duration: float | None, failures: list[dict[str, str]], progress: bool,
                          audio_protocol: AudioProtocol = "mean-cut") -> dict[str, AudioEmbedding]:
-    """Embeddings of the generated WAVs that exist and can be read; unreadable ones are appended to `failures`.
+    """Embeddings of the generated WAVs that exist and can be read and embedded; the others are appended to
+    `failures` (stages 'read_wav' and 'embed_audio': too short for the audio protocol, an output not finite).
 
     `read_wav` averages channels; under the audioldm-eval protocol a WAV with several channels is read again for
     its first channel. A WAV at another rate than the embedders' is resampled here, so under audioldm-eval its
@@ -314,4 +322,11 @@ def generated_embeddings(out_dir: Path, clips: list[shards.SampleMeta], cnn14: C
                 waveform = librosa.resample(waveform, orig_sr=found, target_sr=rate, res_type=RESAMPLER)
             yield clip_id, waveform
 
-    return dict(embed_clips(waves(), cnn14, vggish, rate, duration, progress=progress, audio_protocol=audio_protocol))
+    embedded: dict[str, AudioEmbedding] = {}
+    for clip_id, embedding in embed_clips(waves(), cnn14, vggish, rate, duration, progress=progress,
+                                          audio_protocol=audio_protocol):
+        if isinstance(embedding, str):
+            failures.append({"id": clip_id, "stage": "embed_audio", "reason": f"{wav_path(out_dir, clip_id)}: {embedding}"})
+        else:
+            embedded[clip_id] = embedding
+    return embedded

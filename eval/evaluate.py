@@ -143,7 +143,7 @@ def _evaluate(config: EvalConfig, selected: tuple[Metric, ...], progress: bool) 
         reference = reference_audio(config, in_shard_order, clips, spec.sample_rate)
     if reference is not None and usable & set(PANNS_VGGISH):
         cnn14, vggish = embedders.models["cnn14"], embedders.models["vggish"]
-        panns = reference_set(config, reference, clips, cnn14, vggish, progress)
+        panns = reference_set(config, reference, clips, cnn14, vggish, failures, progress)
         generated = generated_embeddings(out_dir, clips, cnn14, vggish, config.metric_duration, failures, progress,
                                          config.audio_protocol)
         sets.update({name: (panns, generated) for name in PANNS_VGGISH})

@@ -135,16 +135,14 @@ def generated_inception_score(reference: Embeddings, generated: Embeddings, coun
 
     The rows are taken in the order audioldm_eval and av-benchmark read the generated folder, sorted
     '<clip id>.wav' names, before their seeded shuffle, so that the splits hold the same clips as there; the std
-    over the splits goes to counts['<prefix>_std']. A set of fewer clips than splits (the reference then gives
-    NaN: an empty split) is scored with one clip per split, and counts['<prefix>_splits'] says how many were used.
+    over the splits goes to counts['<prefix>_std']. A set of fewer clips than splits is refused (ValueError; the
+    reference gives NaN there, an empty split): the registry's min_clips keeps such a set from coming here.
     """
     ids = sorted(generated, key=lambda clip_id: f"{clip_id}.wav")
     counts[f"{prefix}_clips"] = len(ids)
-    if not ids:
-        raise ValueError("no generated clip to score")
-    splits = counts[f"{prefix}_splits"] = min(IS_SPLITS, len(ids))
-    logits = np.stack([logits_of(generated[k]) for k in ids])
-    mean, counts[f"{prefix}_std"] = inception_score(logits, splits=splits)
+    counts[f"{prefix}_splits"] = IS_SPLITS
+    logits = np.stack([logits_of(generated[k]) for k in ids]) if ids else np.zeros((0, 1))
+    mean, counts[f"{prefix}_std"] = inception_score(logits, splits=IS_SPLITS)
     return mean
 
 
@@ -259,9 +257,9 @@ METRICS: tuple[Metric, ...] = (
            counts=("inception_score_clips", "inception_score_splits", "inception_score_std"),
            protocol={"inception_score": {"probabilities": "softmax(fc_audioset)", "set": "generated",
                                          "splits": IS_SPLITS, "shuffle_seed": IS_SHUFFLE_SEED}},
-           note=f"IS: Inception score of the generated clips on PANNs ({IS_SPLITS} splits, or one per clip below "
-                f"{IS_SPLITS} clips; mean over the splits).",
-           describe=describe_inception_score, groups=("paper", AV), titles={AV: "IS-PANNs"}),
+           note=f"IS: Inception score of the generated clips on PANNs ({IS_SPLITS} splits, mean over the splits; none "
+                f"below {IS_SPLITS} clips, where a split of one clip would score 1 whatever the audio).",
+           describe=describe_inception_score, groups=("paper", AV), titles={AV: "IS-PANNs"}, min_clips=IS_SPLITS),
     Metric("av_align", "AV-Align", "higher", None, av_align_scores, counts=("videos_missing",),
            protocol={"av_align": AV_ALIGN_PROTOCOL}, cell=mean_ci,
            note="AV-Align: mean ± half-width of the 95% confidence interval over clips; AV-Align by the 2025 rule "
@@ -284,7 +282,7 @@ METRICS: tuple[Metric, ...] = (
            counts=("is_passt_clips", "is_passt_splits", "is_passt_std"),
            protocol={"is_passt": {"probabilities": "softmax(PaSST logits)", "set": "generated",
                                   "splits": IS_SPLITS, "shuffle_seed": IS_SHUFFLE_SEED}}, groups=(AV,),
-           describe=partial(describe_inception_score, name="is_passt", model="PaSST")),
+           describe=partial(describe_inception_score, name="is_passt", model="PaSST"), min_clips=IS_SPLITS),
     Metric("ib_score", "IB-score", "higher", "imagebind", imagebind_score, counts=("ib_pairs",), cell=ib_cell,
            min_clips=1, groups=(AV,), paired_on="a source-video embedding and a generated WAV",
            protocol={"ib_score": {"video": "source window at 0.5 fps (ffmpeg fps filter), resized to 224 (bicubic), "

@@ -69,7 +69,7 @@ def pairing_refusal(reference: Mapping[str, Any], generated: Mapping[str, Any], 
     count = len(set(reference) & set(generated)) if paired_on else len(generated)
     fraction = count / expected if expected else 0.0
     if fraction < min_paired:
-        return (f"only {count} of {expected} clips ({fraction:.0%}) have {paired_on or 'a readable generated WAV'}, "
+        return (f"only {count} of {expected} clips ({fraction:.0%}) have {paired_on or 'a generated WAV that could be embedded'}, "
                 f"below min_paired {min_paired:.0%}")
     if len(generated) < min_clips or len(reference) < min_clips:
         return f"needs at least {min_clips} clips per set ({len(reference)} reference, {len(generated)} generated)"

@@ -278,8 +278,9 @@ def test_audio_metrics_of_a_set_with_itself(tiny_models):
     assert same["inception_score_clips"] == same["inception_score_splits"] == 10
     errors: dict[str, str] = {}
     few = audio_metrics(dict(list(clips.items())[:4]), dict(list(clips.items())[:4]), errors)
-    # fewer clips than splits: one clip per split (the reference would give NaN), and the count says so
-    assert few["inception_score"] == pytest.approx(1.0) and few["inception_score_splits"] == 4 and not errors
+    # fewer clips than splits: no score (the reference gives NaN; one clip per split would score 1 whatever the audio)
+    assert few["inception_score"] is None and list(errors) == ["inception_score"]
+    assert "needs at least 10 clips (one per split), got 4" in errors.pop("inception_score")
     assert isinstance(few["kl_sigmoid"], float)
     other = dict(embed_clips([(f"c{i}", sine(300.0 * (i + 1))) for i in range(4)], cnn14, vggish, SR, 2.0,
                              progress=False))
@@ -297,6 +298,30 @@ def noise_loader(calls: list[str]):
         return noise(int(clip_id[1:]), seconds=1.0)
 
     return load
+
+
+def test_reference_audio_too_short_for_its_protocol_is_a_cached_failure(tmp_path, tiny_models):
+    """Reference audio that a protocol never pads (here mean-cut without a duration), shorter than Cnn14 takes,
+    stopped the evaluation with Cnn14's ValueError; now it is that clip's failure, cached with its reason."""
+    cnn14, vggish = tiny_models
+    calls: list[str] = []
+
+    def load(clip_id: str) -> np.ndarray:
+        calls.append(clip_id)
+        return noise(int(clip_id[1:]), seconds=0.05 if clip_id == "c1" else 1.0)
+
+    path = tmp_path / "gt.h5"
+    failed: dict[str, str] = {}
+    first = ground_truth_embeddings(path, ["c0", "c1", "c2"], load, cnn14, vggish, SR, None, progress=False,
+                                    failed=failed)
+    assert list(first) == ["c0", "c2"] and calls == ["c0", "c1", "c2"]
+    assert failed == {"c1": "too short for Cnn14 under the mean-cut audio protocol (800 samples at 16000 Hz; it "
+                            "takes at least 4960, 0.31 s)"}
+    calls.clear()
+    again: dict[str, str] = {}
+    assert list(ground_truth_embeddings(path, ["c0", "c1", "c2"], load, cnn14, vggish, SR, None, progress=False,
+                                        failed=again)) == ["c0", "c2"]
+    assert calls == [] and again == failed
 
 
 def test_cache_reuses_extends_and_rebuilds(tmp_path, tiny_models):

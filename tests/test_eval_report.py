@@ -69,10 +69,10 @@ def test_results_report_and_figure(tiny_run, generated, tmp_path):  # noqa: F811
         assert isinstance(results[metric], float) and math.isfinite(results[metric]), metric
     assert results["kl_sigmoid"] != results["kl"]
     assert results["counts"]["paired"] == 4 and results["failures"] == []
-    # IS: four clips are scored in four splits of one clip each, exp(0) = 1 per split
-    assert results["inception_score"] == pytest.approx(1.0)
-    assert results["counts"]["inception_score_clips"] == results["counts"]["inception_score_splits"] == 4
-    assert "inception_score" not in results["null_reasons"]
+    # IS: four clips in ten splits would leave splits empty, and a split of one clip scores exp(0) = 1 whatever
+    # the audio (it was reported as 1.000): no score, saying why
+    assert results["inception_score"] is None and "inception_score_clips" not in results["counts"]
+    assert results["null_reasons"]["inception_score"] == "needs at least 10 clips per set (4 reference, 4 generated)"
     # AV-Align on the two clips whose video exists, with its spread; the two others are counted as missing
     av = results["av_align"]
     assert av["n"] + av["n_excluded"] == len(VIDEO_IDS) and av["videos_missing"] == 2
@@ -85,7 +85,7 @@ def test_results_report_and_figure(tiny_run, generated, tmp_path):  # noqa: F811
     report = (out / "report.md").read_text()
     assert report.splitlines()[0] == f"**{NOT_COMPARABLE}**" and not results["comparable"]
     assert "| run (V+O) |" in report
-    assert "- AV-Align (2023 rule) over" in report and "- IS (PANNs Cnn14, softmax of the logits, generated clips only) over 4 clips in 4 splits" in report
+    assert "- AV-Align (2023 rule) over" in report and "- IS not computed: needs at least 10 clips per set" in report
     assert "| KL ↓ | KL-sigmoid ↓ | IS ↑ | AV-Align ↑ | AV-Align 2023 ↑ |" in report
     # how it sampled: --batch-size clips at a time on the CPU, no CUDA graph
     assert results["generation"]["speed"] == {"sampling_batch": 2, "cuda_graphs": False, "device": "cpu"}
@@ -133,6 +133,31 @@ def test_missing_clips_are_counted_and_refused_below_the_fraction(tiny_run, gene
     loose = evaluate(config_for(tiny_run, tmp_path / "loose", generate=False, figure_clips=0, min_paired=0.5),
                      progress=False)
     assert isinstance(loose["fd"], float) and loose["counts"]["kl_pairs"] == 2
+
+
+@pytest.mark.parametrize("protocol", ["av-benchmark", "mean-cut"])
+def test_a_wav_panns_cannot_take_fails_its_clip_not_the_run(tiny_run, generated, tmp_path, protocol):  # noqa: F811
+    """A WAV of 800 samples under a protocol that never pads (av-benchmark; mean-cut with --duration 0) stopped
+    the run with Cnn14's ValueError traceback; a float WAV of samples near 1e20 made the Cnn14 outputs infinite
+    and nulled FD, KL and IS for every clip, blaming the embedder's weights."""
+    import soundfile
+
+    shutil.copytree(generated / "wav", tmp_path / "out" / "wav")
+    short, loud = wav_path(tmp_path / "out", "t1"), wav_path(tmp_path / "out", "t2")
+    waveform, rate = soundfile.read(short, dtype="float32")
+    soundfile.write(short, waveform[:800], rate)
+    soundfile.write(loud, waveform * 1e20, rate, subtype="FLOAT")
+    changes = {"audio_protocol": protocol} | ({"duration": 0.0} if protocol == "mean-cut" else {})
+    results = evaluate(config_for(tiny_run, tmp_path / "out", generate=False, figure_clips=0, min_paired=0.5,
+                                  **changes), progress=False)
+    failed = {f["id"]: f for f in results["failures"]}
+    assert sorted(failed) == ["t1", "t2"] and {f["stage"] for f in failed.values()} == {"embed_audio"}
+    assert failed["t1"]["reason"] == (f"{short}: too short for Cnn14 under the {protocol} audio protocol (800 samples at "
+                                      "16000 Hz; it takes at least 4960, 0.31 s)")
+    assert failed["t2"]["reason"].startswith(f"{loud}: the Cnn14/VGGish output for it is not finite (its peak sample is")
+    assert "far outside [-1, 1]" in failed["t2"]["reason"]
+    assert results["counts"]["kl_pairs"] == 2
+    assert all(isinstance(results[m], float) and math.isfinite(results[m]) for m in ("fd", "fad", "kl", "kl_sigmoid"))
 
 
 def test_unreadable_wav_is_recorded_not_silenced(tiny_run, generated, tmp_path):  # noqa: F811
@@ -296,7 +321,8 @@ def test_a_non_finite_metric_is_null_with_its_reason(monkeypatch):
     real = eval.score.audio_metrics
 
     def overflowing(*args, **kwargs):
-        return {**real(*args, **kwargs), "fd": np.float64("inf"), "kl": float("nan")}
+        result = real(*args, **kwargs)  # one group of metrics (same min_clips) at a time
+        return result | {k: v for k, v in (("fd", np.float64("inf")), ("kl", float("nan"))) if k in result}
 
     monkeypatch.setattr(eval.score, "audio_metrics", overflowing)
     metrics, reasons = audio_scores(reference, generated_set, 12, 0.9)
@@ -315,6 +341,7 @@ def test_one_clip_is_too_few_for_every_embedding_metric_and_says_so_plainly():
     metrics, reasons = audio_scores(one, one, 1, 0.9)
     assert set(reasons) == {"fd", "fad", "kl", "kl_sigmoid", "kl_panns", "inception_score"}
     assert all(metrics[name] is None for name in reasons)
+    assert reasons.pop("inception_score") == "needs at least 10 clips per set (1 reference, 1 generated)"
     assert set(reasons.values()) == {"needs at least 2 clips per set (1 reference, 1 generated)"}
 
 
@@ -371,7 +398,7 @@ COUNTS_KEYS = ["clips", "failed_clips", "failures", "kl_pairs", "min_paired", "n
 # added with the metric variants and the audio protocol
 NEW_RESULTS_KEYS = ["av_align_2023", "av_align_2023_per_clip", "inception_score", "kl_sigmoid"]
 NEW_PROTOCOL_KEYS = ["audio_protocol", "av_align_2023", "inception_score"]
-NEW_COUNTS_KEYS = ["inception_score_clips", "inception_score_splits", "inception_score_std"]
+NEW_COUNTS_KEYS: list[str] = []  # the Inception score's (inception_score_clips, ...) come with 10 clips or more
 SUMMARY_KEYS = ["ci95_high", "ci95_low", "mean", "n", "n_excluded", "sem", "std", "videos_missing"]
 
 

@@ -57,10 +57,18 @@ def test_frechet_of_identical_sets_is_zero():
     assert frechet_distance(x, x + 1.0) == pytest.approx(16.0, rel=1e-9)  # a shift of the mean only
 
 
-def test_frechet_with_singular_covariance_stays_finite():
-    # 6 embeddings in 32 dimensions: rank-deficient covariances, as FD on a small set has
+def test_frechet_with_singular_covariance_stays_finite_and_quiet():
+    """6 embeddings in 32 dimensions: rank-deficient covariances, as FD on any set of fewer clips than dimensions
+    has (scipy's 'Matrix is singular' LinAlgWarning went to stderr on every such evaluation)."""
+    import warnings
+
     x = np.random.default_rng(3).standard_normal((6, 32))
-    distance = frechet_distance(x, x)
+    y = np.maximum(np.random.default_rng(4).standard_normal((6, 32)), 0.0)  # ReLU'd, as Cnn14's relu(fc1)
+    y[:, :4] = 0.0  # units no clip of the set excites: an exactly singular covariance
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distance = frechet_distance(x, x)
+        assert math.isfinite(frechet_distance(x, y))
     assert math.isfinite(distance) and abs(distance) < 1e-3
 
 
