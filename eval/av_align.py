@@ -10,12 +10,13 @@ cannot follow, a dead worker) is a failure with its reason, and the other clips 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 import shards
@@ -64,15 +65,34 @@ def av_align_window(video: str, start: float, duration: float, wav: str) -> dict
     both rules: {results.json key: score} (`RULE_METRICS`).
 
     Frame i of the file is at i / fps; the window keeps frames with start <= i / fps < start + duration and
-    video peak times are shifted to the window's clock (the audio starts at `start`).
+    video peak times are shifted to the window's clock (the audio starts at `start`). Audio past the window's
+    end (a WAV longer than its clip) is left out: no frame could match its peaks. ValueError naming the video
+    when it holds fewer than 90% of the window's frames (a file shorter than the clip the shards recorded: its
+    missing frames would score as motion that never matches).
     """
     waveform, rate = read_wav(Path(wav))
+    waveform = waveform[:math.ceil(duration * rate)]
     frames, fps = read_gray_frames(video)
     first, stop = math.ceil(start * fps - 1e-6), math.ceil((start + duration) * fps - 1e-6)
+    seen = 0
+
+    def counted() -> Iterator[np.ndarray]:  # the window's frames, streamed (not held: ~280 MB for 10 s of 720p)
+        nonlocal seen
+        for frame in islice(frames, first, stop):
+            seen += 1
+            yield frame
+
+    magnitudes = None
     try:
-        magnitudes = optical_flow_magnitudes(islice(frames, first, stop))
+        magnitudes = optical_flow_magnitudes(counted())
+    except ValueError:
+        if seen:  # not the empty window said below
+            raise
     finally:
         frames.close()  # releases the capture when the window ends before the file does
+    if magnitudes is None or seen < 0.9 * (stop - first):
+        raise ValueError(f"{video}: {seen} frames in the window [{start:g}, {start + duration:g}) s where "
+                         f"{stop - first} were expected at {fps:g} fps: the video is shorter than its clip")
     scores = av_align_rules(audio_peaks(waveform, rate), magnitudes, fps, offset=first / fps - start)
     return {RULE_METRICS[rule]: score for rule, score in scores.items()}
 

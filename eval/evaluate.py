@@ -51,7 +51,16 @@ from eval.clips import (
 )
 from eval.config import EvalConfig
 from eval.embed import PANNS_VGGISH, embedder_protocol, generated_embeddings, load_embedders, reference_audio, reference_set
-from eval.generate import generate, generation_protocol, manifest_notes, read_manifest, standing_failures, unique_failures
+from eval.generate import (
+    generate,
+    generated_rate,
+    generation_protocol,
+    manifest_notes,
+    read_manifest,
+    standing_failures,
+    unique_failures,
+    wav_notes,
+)
 from eval.registry import Metric, metric_protocol, select_metrics
 from eval.report import Results, write_outputs
 from eval.score import score
@@ -125,6 +134,7 @@ def _evaluate(config: EvalConfig, selected: tuple[Metric, ...], progress: bool) 
     generation = generate(config, clips, progress, claimed=record_run) if config.generate else {}
     manifest = generation["manifest"] if config.generate else read_manifest(out_dir)
     notes = manifest_notes(config, manifest)
+    notes += wav_notes(out_dir, clips, generated_rate(out_dir, clips, manifest))
     if not config.generate:
         record_run()
     decoded = set(generation.get("decoded", ()))

@@ -422,6 +422,36 @@ def manifest_notes(config: EvalConfig, manifest: dict[str, Any] | None) -> list[
     return []
 
 
+WAV_FORMATS = ("WAV", "WAVEX", "RF64", "W64")  # libsndfile's names of the WAV family
+
+
+def wav_notes(out_dir: Path, clips: list[shards.SampleMeta], rate: int | None) -> list[str]:
+    """What the WAVs' headers say that results.json's protocol does not: WAVs at another rate than `rate` (the
+    generated_sample_rate recorded; they are resampled for each embedder, and drawn at their own rate), and files
+    named .wav that are another format (libsndfile reads MP3, FLAC or Ogg too: a lossy copy is then scored).
+    One line each, with a count and an example; unreadable WAVs are left to the failures."""
+    other_rate: list[tuple[Path, int]] = []
+    other_format: list[tuple[Path, str]] = []
+    for clip in clips:
+        path = wav_path(out_dir, clip.id)
+        try:
+            info = soundfile.info(path)
+        except (soundfile.LibsndfileError, RuntimeError, OSError):
+            continue
+        if rate is not None and info.samplerate != rate:
+            other_rate.append((path, int(info.samplerate)))
+        if info.format not in WAV_FORMATS:
+            other_format.append((path, str(info.format)))
+    notes = []
+    if other_rate:
+        notes.append(f"{len(other_rate)} WAV(s) are at another rate than {rate} Hz (e.g. {other_rate[0][0]}: "
+                     f"{other_rate[0][1]} Hz); each was resampled for the embedders")
+    if other_format:
+        notes.append(f"{len(other_format)} file(s) named .wav are another format (e.g. {other_format[0][0]}: "
+                     f"{other_format[0][1]}); they were decoded and scored as they are")
+    return notes
+
+
 def generated_rate(out_dir: Path, clips: list[shards.SampleMeta], manifest: dict[str, Any] | None) -> int | None:
     """The rate of the generated WAVs: the manifest's, else the first readable WAV's header (None: no WAV)."""
     if manifest is not None and "sample_rate" in manifest:

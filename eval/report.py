@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import librosa
 import numpy as np
 
 import shards
+from eval.audio_embedding import RESAMPLER
 from eval.clips import WAV_DIR, iterate_split_samples, read_wav, wav_path
 from eval.config import EvalConfig
 from eval.figures import FigureClip, mel_figure
@@ -257,8 +259,9 @@ def report_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure_clips(config: EvalConfig, clips: list[shards.SampleMeta]) -> list[FigureClip]:
-    """The first `config.figure_clips` clips with a readable WAV, with their ground truth and probabilities."""
+def figure_clips(config: EvalConfig, clips: list[shards.SampleMeta], sample_rate: int) -> list[FigureClip]:
+    """The first `config.figure_clips` clips with a readable WAV, with their ground truth and probabilities; the
+    generated audio at `sample_rate` (the shards', the ground truth's: a WAV at another rate is resampled)."""
     out_dir = config.output_dir
     chosen: dict[str, np.ndarray] = {}
     for clip in clips:
@@ -267,9 +270,12 @@ def figure_clips(config: EvalConfig, clips: list[shards.SampleMeta]) -> list[Fig
             break
         if path.exists():
             try:
-                chosen[clip.id] = read_wav(path)[0]
+                waveform, rate = read_wav(path)
             except ValueError:  # already listed among the failures
                 continue
+            if rate != sample_rate:
+                waveform = librosa.resample(waveform, orig_sr=rate, target_sr=sample_rate, res_type=RESAMPLER)
+            chosen[clip.id] = waveform
     found: dict[str, FigureClip] = {}
     for sample in iterate_split_samples(config.shards, config.split, chosen):
         meta = sample["json"]
@@ -287,8 +293,9 @@ def write_outputs(out_dir: Path, results: Results, config: EvalConfig, clips: li
     _atomic_write(out_dir / RESULTS_FILE, json.dumps(content, indent=2, sort_keys=True) + "\n")
     _atomic_write(out_dir / REPORT_FILE, report_markdown(content))
     if config.figure_clips:
-        chosen = figure_clips(config, clips)
+        rate = shards.read_spec(config.shards).sample_rate
+        chosen = figure_clips(config, clips, rate)
         if chosen:
             tmp = out_dir / (FIGURE_FILE + ".tmp.png")
-            mel_figure(tmp, chosen, results.protocol["generated_sample_rate"], results.protocol["window_seconds"])
+            mel_figure(tmp, chosen, rate, results.protocol["window_seconds"])
             os.replace(tmp, out_dir / FIGURE_FILE)

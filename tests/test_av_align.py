@@ -162,3 +162,24 @@ def test_unreadable_video_raises(tmp_path):
     bad.write_bytes(b"not a video")
     with pytest.raises(ValueError, match="bad.mp4"):
         read_gray_frames(bad)
+
+
+def test_window_of_a_clip_leaves_out_audio_past_its_end_and_refuses_a_short_video(tmp_path):
+    """A WAV longer than its clip scored its peaks past the window as unmatched (a 60 s WAV for a 7.6 s clip: a
+    tenth of the score); a video shorter than its clip scored 0 as if measured."""
+    import soundfile
+
+    from eval.av_align import av_align_window
+
+    video = write_jumping_square(tmp_path / "v.avi", fps=25, frames=75, jumps={10, 30, 50})
+    audio = clicks([0.4, 1.2, 2.0], 3.0)
+    soundfile.write(tmp_path / "fits.wav", audio, AUDIO_RATE)
+    soundfile.write(tmp_path / "long.wav", np.concatenate([audio, clicks([0.5 * k for k in range(1, 40)], 20.0)]),
+                    AUDIO_RATE)
+    fits = av_align_window(str(video), 0.0, 3.0, str(tmp_path / "fits.wav"))
+    assert fits["av_align"] == pytest.approx(1.0)
+    assert av_align_window(str(video), 0.0, 3.0, str(tmp_path / "long.wav")) == fits
+    short = write_jumping_square(tmp_path / "short.avi", fps=25, frames=25, jumps={10})
+    for start in (0.0, 2.0):  # one second of a three-second window; a window past the end
+        with pytest.raises(ValueError, match=r"short\.avi: (25|0) frames in the window .* where 75 were expected at 25 fps"):
+            av_align_window(str(short), start, 3.0, str(tmp_path / "fits.wav"))

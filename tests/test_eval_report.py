@@ -160,6 +160,31 @@ def test_a_wav_panns_cannot_take_fails_its_clip_not_the_run(tiny_run, generated,
     assert all(isinstance(results[m], float) and math.isfinite(results[m]) for m in ("fd", "fad", "kl", "kl_sigmoid"))
 
 
+def test_wavs_at_another_rate_or_in_another_format_are_noted_and_drawn_at_their_rate(tiny_run, generated,  # noqa: F811
+                                                                                      tmp_path):
+    """WAVs at another rate than the manifest's were scored without a word and drawn in figure.png as if at the
+    manifest's rate (a 48 kHz WAV stretched 3x); a FLAC named .wav was scored silently."""
+    import librosa
+    import soundfile
+
+    from eval.report import figure_clips
+
+    shutil.copytree(generated / "wav", tmp_path / "out" / "wav")
+    fast, flac = wav_path(tmp_path / "out", "t1"), wav_path(tmp_path / "out", "t2")
+    original, rate = soundfile.read(fast, dtype="float32")
+    soundfile.write(fast, librosa.resample(original, orig_sr=rate, target_sr=48000), 48000)
+    audio, _ = soundfile.read(flac, dtype="float32")
+    soundfile.write(flac, audio, rate, format="FLAC")
+    config = config_for(tiny_run, tmp_path / "out", generate=False, figure_clips=0, min_paired=0.5)
+    results = evaluate(config, progress=False)
+    assert results["generation"]["notes"] == [
+        f"1 WAV(s) are at another rate than {rate} Hz (e.g. {fast}: 48000 Hz); each was resampled for the embedders",
+        f"1 file(s) named .wav are another format (e.g. {flac}: FLAC); they were decoded and scored as they are"]
+    drawn = {clip.id: clip for clip in figure_clips(dataclasses.replace(config, figure_clips=4),
+                                                    read_split(config.shards, "test"), rate)}
+    assert drawn["t1"].generated.shape == original.shape  # at the shards' rate, as the ground truth beside it
+
+
 def test_unreadable_wav_is_recorded_not_silenced(tiny_run, generated, tmp_path):  # noqa: F811
     shutil.copytree(generated / "wav", tmp_path / "out" / "wav")
     broken = wav_path(tmp_path / "out", "t1")
