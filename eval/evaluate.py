@@ -29,7 +29,12 @@ checksum the manifest records, and 'sampler_schedule' the timesteps of the manif
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,10 +67,11 @@ from eval.generate import (
     wav_notes,
 )
 from eval.registry import Metric, metric_protocol, select_metrics
-from eval.report import Results, write_outputs
+from eval.report import FIGURE_FILE, REPORT_FILE, RESULTS_FILE, Results, write_outputs
 from eval.score import score
 
 CONFIG_FILE = "config.json"
+SUPERSEDED = "superseded"  # where the results of a run with other settings go when the next one starts
 log = logging.getLogger(__name__)
 
 
@@ -88,6 +94,35 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             return _evaluate(config, selected, progress)
     except FolderBusy as error:
         raise EvalError(str(error)) from None
+
+
+def supersede_results(out_dir: Path, config: EvalConfig, clips: list[shards.SampleMeta]) -> None:
+    """Move results.json, report.md and figure.png of a run made with other settings or clips than this one into
+    `superseded/<their time>/` as this run starts: config.json and clip_ids.txt are about to say this run's, and
+    a run that then fails must not leave the folder's results describing other clips than its clip_ids.txt."""
+    path = out_dir / RESULTS_FILE
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not JSON: not this run's either
+        old = None
+    if (isinstance(old, dict) and old.get("config") == json.loads(config.to_json())
+            and old.get("clips") == [c.id for c in clips]):
+        return  # this run's own: replaced when this run ends
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(path.stat().st_mtime))
+    folder = out_dir / SUPERSEDED / stamp
+    for n in itertools.count(2):  # two runs within a second
+        try:
+            folder.mkdir(parents=True)
+            break
+        except FileExistsError:
+            folder = out_dir / SUPERSEDED / f"{stamp}-{n}"
+    for name in (RESULTS_FILE, REPORT_FILE, FIGURE_FILE):
+        if (out_dir / name).exists():
+            os.replace(out_dir / name, folder / name)
+    log.warning("warning: %s: the results of the run before this one (other settings or clips) moved to %s", out_dir,
+                folder)
 
 
 def check_samples(config: EvalConfig, ids: list[str], progress: bool) -> None:
@@ -121,6 +156,7 @@ def _evaluate(config: EvalConfig, selected: tuple[Metric, ...], progress: bool) 
         """config.json and clip_ids.txt, once this run is known to go ahead (a run refused for its settings must
         not replace an earlier run's list, which other systems are scored on with --clip-ids); before generating,
         so that another run can take the same clips meanwhile."""
+        supersede_results(out_dir, config, clips)
         (out_dir / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
         write_clip_ids(out_dir, clips)
 
@@ -192,5 +228,4 @@ def _evaluate(config: EvalConfig, selected: tuple[Metric, ...], progress: bool) 
         config=config.to_dict(),
         per_clip=scores.per_clip,
     )
-    write_outputs(out_dir, results, config, clips, progress)
-    return results.to_dict()
+    return write_outputs(out_dir, results, config, clips, progress)

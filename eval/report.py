@@ -14,9 +14,11 @@ between rows are listed under the table (a knob a row's file predates is taken a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ import numpy as np
 
 import shards
 from eval.audio_embedding import RESAMPLER
-from eval.clips import WAV_DIR, iterate_split_samples, read_wav, wav_path
+from eval.clips import WAV_DIR, EvalError, iterate_split_samples, read_wav, wav_path
 from eval.config import EvalConfig
 from eval.figures import FigureClip, mel_figure
 from eval.registry import BY_NAME, METRICS, NOT_SELECTED, TABLES, select_metrics, tables_for
@@ -94,10 +96,20 @@ class Results:
         }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _atomic_write(path: Path, text: str | Callable[[Path], Any]) -> None:
+    """`text` (or what `text(temporary path)` writes) into `path` through a temporary file renamed over it;
+    EvalError naming `path` when it cannot be written (a folder of that name, no room, no permission)."""
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)  # matplotlib picks the format by the suffix
+    try:
+        if isinstance(text, str):
+            tmp.write_text(text, encoding="utf-8")
+        else:
+            text(tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise EvalError(f"{path}: cannot be written ({error.strerror or error})") from None
 
 
 def _json_safe(value: Any) -> Any:
@@ -287,8 +299,9 @@ def figure_clips(config: EvalConfig, clips: list[shards.SampleMeta], sample_rate
 
 
 def write_outputs(out_dir: Path, results: Results, config: EvalConfig, clips: list[shards.SampleMeta],
-                  progress: bool = True) -> None:
-    """results.json, report.md and (with config.figure_clips > 0 and some WAV) figure.png, each atomically."""
+                  progress: bool = True) -> dict[str, Any]:
+    """results.json, report.md and (with config.figure_clips > 0 and some WAV) figure.png, each atomically;
+    returns what results.json holds (NaN and infinities as None)."""
     content = _json_safe(results.to_dict())
     _atomic_write(out_dir / RESULTS_FILE, json.dumps(content, indent=2, sort_keys=True) + "\n")
     _atomic_write(out_dir / REPORT_FILE, report_markdown(content))
@@ -296,6 +309,6 @@ def write_outputs(out_dir: Path, results: Results, config: EvalConfig, clips: li
         rate = shards.read_spec(config.shards).sample_rate
         chosen = figure_clips(config, clips, rate)
         if chosen:
-            tmp = out_dir / (FIGURE_FILE + ".tmp.png")
-            mel_figure(tmp, chosen, rate, results.protocol["window_seconds"])
-            os.replace(tmp, out_dir / FIGURE_FILE)
+            _atomic_write(out_dir / FIGURE_FILE,
+                          lambda tmp: mel_figure(tmp, chosen, rate, results.protocol["window_seconds"]))
+    return content

@@ -565,3 +565,50 @@ def test_a_damaged_sample_is_found_before_scoring_without_generating(tiny_run, g
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and "probs.npy has non-finite values" in err, err
     assert not (out / "results.json").exists() and not (out / "report.md").exists()
+
+
+def test_a_run_with_other_clips_moves_the_results_before_it_aside_and_one_clip_prints_no_nan(  # noqa: F811
+        tiny_run, generated, tmp_path, monkeypatch, capsys):
+    """A rerun with other clips that then failed left results.json, report.md and figure.png describing the clips
+    before, beside a clip_ids.txt that no longer listed them; a single clip printed 'x ± nan' to the console."""
+    import eval.evaluate
+
+    out = tmp_path / "out"
+    shutil.copytree(generated / "wav", out / "wav")
+    config = config_for(tiny_run, out, generate=False, figure_clips=1)
+    evaluate(config, progress=False)
+    assert (out / "figure.png").exists()
+    before = (out / "results.json").read_text()
+
+    def failing(*args, **kwargs):
+        raise EvalError("scoring failed")
+
+    monkeypatch.setattr(eval.evaluate, "score", failing)
+    with pytest.raises(EvalError, match="scoring failed"):
+        evaluate(dataclasses.replace(config, max_clips=1), progress=False)
+    assert (out / "clip_ids.txt").read_text().split() == ["t0"]
+    assert not (out / "results.json").exists() and not (out / "report.md").exists()
+    [moved] = (out / "superseded").iterdir()
+    assert (moved / "results.json").read_text() == before and {p.name for p in moved.iterdir()} == {
+        "results.json", "report.md", "figure.png"}
+    monkeypatch.undo()
+    one_clip = ["--run", str(config.run), "--shards", str(config.shards), "--output", str(out), "--no-generate",
+                "--steps", "2", "--cache-dir", str(config.cache_folder), "--max-clips", "1", "--figure-clips", "0",
+                "--min-paired", "0", "--quiet"]
+    assert eval_main(one_clip) == 0
+    printed = capsys.readouterr().out
+    assert "nan" not in printed.lower() and json.loads((out / "results.json").read_text())["clips"] == ["t0"]
+    assert eval_main(one_clip) == 0
+    assert len(list((out / "superseded").iterdir())) == 1  # the same run's results: replaced, not moved
+
+
+def test_an_output_file_that_cannot_be_written_is_one_line(tiny_run, generated, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    shutil.copytree(generated / "wav", out / "wav")
+    (out / "figure.png").mkdir()
+    config = config_for(tiny_run, out, generate=False, figure_clips=1)
+    assert eval_main(["--run", str(config.run), "--shards", str(config.shards), "--output", str(out), "--no-generate",
+                      "--steps", "2", "--cache-dir", str(config.cache_folder), "--figure-clips", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {out / 'figure.png'}: cannot be written (Is a directory)", err
+    assert "Traceback" not in "\n".join(err) and not list(out.glob("*.tmp*"))
