@@ -52,12 +52,12 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, what: str) -> Iterator[None]:
-    """Hold `folder`/.lock exclusively while the block runs; FolderBusy at once when a running process holds it.
-    `what` names the command in the message ("training", "evaluation"). A file system without locks runs
-    unlocked."""
+def folder_lock(folder: Path, what: str, name: str = LOCK_FILE) -> Iterator[None]:
+    """Hold `folder`/`name` (.lock) exclusively while the block runs; FolderBusy at once when a running process
+    holds it. `what` names the command in the message ("training", "evaluation"). A file system without locks
+    runs unlocked."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a+b") as handle:
+    with open(folder / name, "a+b") as handle:
         locked = True
         deadline = None
         while True:

@@ -35,6 +35,7 @@ from audio_models.front_end import MelFrontEnd, audioldm_waveform
 from audio_models.vae import AudioVAE
 from common.devices import resolve_device
 from common.ffmpeg import last_words
+from common.lock import FolderBusy, folder_lock
 from common.versions import software_versions
 from preprocess.audio import AudioDecodeError, decode_audio
 from preprocess.config import BEFORE_FIELD, FeatureConfig
@@ -715,6 +716,20 @@ def run(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file where a folder above it goes, no permission
         raise FeatureError(f"{out_dir}: cannot be made ({error.strerror or error})") from None
+    # one process per rank: two of one rank would write the same shard names and delete each other's partial
+    # shards and notes (two launches without --rank, a requeued job while the first still runs)
+    try:
+        with folder_lock(out_dir, f"stage one of rank {rank}", f".lock-rank{rank:03d}"):
+            return _run(cfg, mine, out_dir, weights_dir, rank, device, nouns_of, progress, encoders, threaded_writer,
+                        started, summary)
+    except FolderBusy as error:
+        raise FeatureError(f"{error} (processes sharing a folder each need their own --rank)") from None
+
+
+def _run(cfg: FeatureConfig, mine: list[Clip], out_dir: Path, weights_dir: Path | None, rank: int, device: torch.device,
+         nouns_of: NounCache, progress: bool, encoders: Encoders | None, threaded_writer: bool, started: float,
+         summary: Summary) -> Summary:
+    """`run` once it holds the folder's lock of its rank."""
     try:
         encoders = encoders or Encoders(cfg, weights_dir, device)
     except ValueError as error:  # a checkpoint refused or of the wrong size: the loaders name file and reason

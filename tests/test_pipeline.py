@@ -174,6 +174,40 @@ def run_stage_one(videos: Path, out: Path, threaded: bool, captions: Path | None
     return run(cfg, from_folder(videos, captions), out, None, progress=False, threaded_writer=threaded)
 
 
+def test_two_processes_of_one_rank_in_one_folder_are_refused(five_clips, tmp_path):
+    """Two stage-one processes of one rank (two launches without --rank, a requeued job while the first still ran)
+    wrote the same shard names and deleted each other's partial shards: clips written twice, which no rerun
+    repaired. The second now stops before writing anything; another rank of the same folder still runs."""
+    import subprocess
+    import sys
+
+    from preprocess.pipeline import FeatureError
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from pathlib import Path; "
+                               "from common.lock import folder_lock\n"
+                               f"with folder_lock(Path({str(out)!r}), 'stage one of rank 0', '.lock-rank000'):\n"
+                               "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(FeatureError) as refused:
+            run_stage_one(five_clips, out, threaded=False)
+        assert str(refused.value) == (f"{out}: another stage one of rank 0 is writing into this folder (pid "
+                                      f"{holder.pid}); wait for it to end, or choose another folder (processes "
+                                      "sharing a folder each need their own --rank)")
+        assert sorted(p.name for p in out.iterdir()) == [".lock-rank000"]
+        from preprocess.config import PRESETS
+        from preprocess.manifest import from_folder
+        from preprocess.pipeline import run
+
+        cfg = PRESETS["tiny"].replace(num_workers=0, batch_clips=2, shard_max_samples=2, device="cpu")
+        other = run(cfg, from_folder(five_clips), out, None, rank=1, world_size=2, progress=False)
+        assert other.written > 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_rerun_for_another_split_says_its_clips_are_there_already(five_clips, tmp_path, capsys):
     """Resuming skips a clip by its key, whatever split it was made for: a rerun into the same folder with another
     split wrote nothing and said "already done". It still writes nothing (a clip is made once per folder), but it
@@ -578,7 +612,8 @@ def test_a_file_that_crashes_a_decoding_worker_costs_only_that_clip(tmp_path, mo
     assert processed_ids(tmp_path / "out") == [f"clip{i}" for i in (0, 1, 3, 4, 5)]  # in order, none twice
     reason = failures(tmp_path / "out")["clip2"]["reason"]
     assert reason.startswith(f"{videos / 'clip2.mp4'}: the decoding worker died while decoding this file (killed by SIGABRT)")
-    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []  # the workers' notes are removed
+    # the workers' notes are removed; the rank's lock file stays (empty, as every lock file)
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == [".lock-rank000"]
 
     others = tmp_path / "others"  # a run that never met the file writes the same samples
     others.mkdir()
@@ -624,7 +659,7 @@ def test_a_crash_in_decord_keeps_what_it_printed_in_the_failure(tmp_path, monkey
     reason = failures(tmp_path / "out")["clip1"]["reason"]
     assert ("(killed by SIGABRT; it printed: terminate called after throwing an instance of 'std::bad_alloc' what(): "
             "std::bad_alloc)") in reason, reason
-    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == [".lock-rank000"]
 
 
 @pytest.mark.parametrize(("tensors", "slow_check"), [(False, False), (True, False), (False, True)],
