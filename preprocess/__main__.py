@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     if duplicates:
         print(f"note: {duplicates} repeated manifest rows were ignored")
     print_summary(summary)
+    if summary.failed and not summary.written:  # e.g. a --videos folder holding none of the manifest's files
+        print(f"error: no clip of this run could be made ({sum(summary.failed.values())} failed: see "
+              f"{out_dir / 'failures.jsonl'})", file=sys.stderr)
+        return 1
     return 0
 
 

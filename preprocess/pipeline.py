@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -463,9 +463,11 @@ def _warn(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
 
-def completed_ids(out_dir: Path) -> dict[str, str | None]:
+def completed_ids(out_dir: Path, retry: Collection[str] = (), retried: set[str] | None = None) -> dict[str, str | None]:
     """Sample keys of clips in complete shards (any rank) or recorded in failures.jsonl, each with the split it was
-    made for (from the shard's file name, or the failure record's "split"; None where that does not say).
+    made for (from the shard's file name, or the failure record's "split"; None where that does not say). A clip
+    recorded only as failed for a missing video file (stage 'input') whose key is in `retry` (its file is there
+    now) is not done: it goes into `retried` and is tried again.
 
     Bad input here is reported, one warning line each, never a crash: a shard that cannot be read (a zero-byte
     `.tar` left by a copy interrupted elsewhere, a torn one) is left in place untouched and its clips are not
@@ -490,15 +492,22 @@ def completed_ids(out_dir: Path) -> dict[str, str | None]:
         records = shards.read_jsonl(failures)
     except (OSError, UnicodeDecodeError) as error:
         raise FeatureError(f"{failures}: unreadable ({error}); move it away to try its clips again") from None
+    missing: set[str] = set()  # failed for a missing file that is there now
+    failed: dict[str, str | None] = {}
     for record in records:
         clip_id = record.get("id") if isinstance(record, dict) else None
         key = shards.sample_key(clip_id) if isinstance(clip_id, str) and clip_id else None
         if key is None:
             _warn(f"{failures}: skipped a line without a clip id: {json.dumps(record)[:200]}")
             continue
+        if record.get("stage") == "input" and key in retry:
+            missing.add(key)
+            continue
         recorded = record.get("split")
-        done.setdefault(key, recorded if isinstance(recorded, str) else None)
-    return done
+        failed.setdefault(key, recorded if isinstance(recorded, str) else None)
+    if retried is not None:
+        retried.update(missing - done.keys() - failed.keys())  # not if it was written, or failed otherwise since
+    return failed | done
 
 
 def stored_captions(out_dir: Path, keys: set[str]) -> dict[str, str]:
@@ -739,7 +748,11 @@ def _run(cfg: FeatureConfig, mine: list[Clip], out_dir: Path, weights_dir: Path 
     prepare_output(out_dir, build_meta(cfg, encoders.checksums, encoders.vae.scaling_factor, encoders.config_checksums),
                    rank)
     shards.remove_partial(out_dir, rank)
-    done = completed_ids(out_dir)
+    retried: set[str] = set()
+    done = completed_ids(out_dir, {shards.sample_key(c.id) for c in mine if c.path is not None}, retried)
+    if retried:
+        print(f"note: {len(retried)} clip(s) recorded as failed for a missing video file have one now: trying them "
+              "again", file=sys.stderr)
     todo = [c for c in mine if shards.sample_key(c.id) not in done]
     elsewhere = [c for c in mine if done.get(shards.sample_key(c.id), c.split) not in (None, c.split)]
     if elsewhere:  # a clip is made once per folder: resuming skips it by its key, whatever split it went to

@@ -14,9 +14,10 @@ from shards.stream import decode_checked, read_raw
 MAX_SHOWN = 100  # problem lines printed; the count says how many there are
 
 
-def verify(directory: Path) -> tuple[dict[str, int], list[str]]:
+def verify(directory: Path, ids: set[str] | None = None) -> tuple[dict[str, int], list[str]]:
     """Counts of valid samples per split, and one line per problem found (a bad sample is one line and the shard is
-    read on; a bad member or a shard that disagrees with its record ends that shard's reading)."""
+    read on; a bad member or a shard that disagrees with its record ends that shard's reading). `ids`, when given,
+    receives the clip id of every valid sample."""
     problems: list[str] = []
     counts: collections.Counter[str] = collections.Counter()
     try:
@@ -43,6 +44,8 @@ def verify(directory: Path) -> tuple[dict[str, int], list[str]]:
                 if clip_id in seen:
                     problems.append(f"{path.name}: clip {clip_id} also in {seen[clip_id]}")
                 seen[clip_id] = path.name
+                if ids is not None:
+                    ids.add(clip_id)
                 counts[sample[shards.META_KEY]["split"]] += 1
         except (shards.ShardFormatError, tarfile.TarError, OSError, ValueError) as error:
             problems.append(str(error) if str(error).startswith(str(path)) else f"{path.name}: {error}")
@@ -56,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("directory", type=Path)
     args = parser.parse_args(argv)
 
-    counts, problems = verify(args.directory)
-    failures = shards.read_jsonl(args.directory / shards.FAILURES_FILE)
+    made: set[str] = set()
+    counts, problems = verify(args.directory, made)
+    # a clip's last record, unless it was made since (a clip whose video file was missing, tried again)
+    last = {r.get("id"): r for r in shards.read_jsonl(args.directory / shards.FAILURES_FILE) if isinstance(r, dict)}
+    failures = [record for clip_id, record in last.items() if clip_id not in made]
     for line in problems[:MAX_SHOWN]:
         print(f"problem: {line}")
     if len(problems) > MAX_SHOWN:  # a meta.json of another preset makes every sample a problem: 200k lines

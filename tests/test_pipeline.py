@@ -104,7 +104,7 @@ def test_every_odd_file_is_processed_or_recorded(odd_media, tmp_path, capsys):
 def test_an_output_folder_of_other_features_is_refused(odd_media, tmp_path, capsys):
     out = tmp_path / "shards"
     args = ["--videos", str(odd_media), "--out", str(out), "--limit", "1", *FAST]
-    assert features_main(args) == 0
+    assert features_main(args) == 1  # its one clip fails (no clip made: exit 1), and meta.json is written
     assert features_main([*args, "--fps", "1.0"]) == 2
     assert "meta.json: this folder holds features made differently (fps: 2.0 there vs 1.0 now)" in capsys.readouterr().err
     # a folder stage one wrote with schema version 1 (no detector.npy / iou.npy) is not extended with version 2
@@ -206,6 +206,30 @@ def test_two_processes_of_one_rank_in_one_folder_are_refused(five_clips, tmp_pat
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_clips_whose_video_was_missing_are_tried_again_once_it_is_there(five_clips, tmp_path, capsys):
+    """A manifest given the wrong --videos folder recorded every clip as failed ('input': file not found), exited
+    0, and a rerun with the right folder made nothing: the failures were 'done' for good."""
+    from shards.__main__ import main as verify_main
+
+    csv = tmp_path / "m.csv"
+    csv.write_text("".join(f"clip{i},0,dog barking,train\n" for i in range(3)))
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert features_main(["--csv", str(csv), "--videos", str(tmp_path / "empty"), "--out", str(out), *FAST]) == 1
+    captured = capsys.readouterr()
+    assert f"error: no clip of this run could be made (3 failed: see {out / 'failures.jsonl'})" in captured.err
+    assert features_main(["--csv", str(csv), "--videos", str(five_clips), "--out", str(out), *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "note: 3 clip(s) recorded as failed for a missing video file have one now: trying them again" in captured.err
+    assert "written 3 clips" in captured.out
+    assert processed_ids(out) == ["clip0_000000", "clip1_000000", "clip2_000000"]
+    assert verify_main(["verify", str(out)]) == 0
+    assert "valid samples: 3; problems: 0; recorded failures: 0" in capsys.readouterr().out
+    assert features_main(["--csv", str(csv), "--videos", str(five_clips), "--out", str(out), *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "trying them again" not in captured.err and "written 0 clips" in captured.out
 
 
 def test_a_rerun_for_another_split_says_its_clips_are_there_already(five_clips, tmp_path, capsys):
