@@ -128,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # what was written is kept (the shard in progress is closed, the writer finishes)
         print(f"\ninterrupted: run the same command again to go on ({out_dir})", file=sys.stderr)
         return 130
+    except SystemExit as stop:  # SIGTERM, as above
+        if stop.code == 128 + signal.SIGTERM:
+            print(f"\nterminated (SIGTERM): run the same command again to go on ({out_dir})", file=sys.stderr)
+        raise
+    except OSError as error:  # writing the shards: a full disk, a folder that went away (reading is per clip)
+        where = error.filename or out_dir
+        print(f"error: {where}: {error.strerror or error}; the complete shards are kept: free the cause and run the "
+              "same command again", file=sys.stderr)
+        return 2
     if duplicates:
         print(f"note: {duplicates} repeated manifest rows were ignored")
     print_summary(summary)

@@ -667,8 +667,13 @@ class ShardSink:
             self.queue.put(None)
             self.thread.join()
         completed: list[Path] = []
-        for writer in self.writers.values():
-            writer.close()
+        for writer in self.writers.values():  # every split's, also after one fails (a full disk)
+            try:
+                writer.close()
+            except BaseException as error:  # noqa: BLE001 - raised below, after the other writers are closed
+                self.written -= writer.pending  # lost with the shard
+                writer.abort()
+                self.error = self.error or error
             completed.extend(writer.completed)
         self.writers.clear()
         if self.error is not None:

@@ -10,6 +10,7 @@ the next run deletes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -121,11 +122,14 @@ class ShardWriter:
         self.flush()
 
     def abort(self) -> None:
-        """Drop the shard in progress (a write failed half-way, so it may hold a partial sample)."""
+        """Drop the shard in progress (a write failed half-way, so it may hold a partial sample). Never raises: the
+        error that made the caller abort is the one to report (closing a file on a full disk fails again)."""
         if self._tar is not None:
-            self._file.close()
-            assert self._tmp is not None
-            self._tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError, ValueError):
+                self._file.close()
+            if self._tmp is not None:
+                with contextlib.suppress(OSError):
+                    self._tmp.unlink(missing_ok=True)
             self._tar = self._file = self._tmp = self._hashing = None
 
 

@@ -232,6 +232,50 @@ def test_clips_whose_video_was_missing_are_tried_again_once_it_is_there(five_cli
     assert "trying them again" not in captured.err and "written 0 clips" in captured.out
 
 
+def test_a_full_disk_is_one_line_and_a_rerun_goes_on(five_clips, tmp_path, monkeypatch, capsys):
+    """A disk that filled up while a shard was written gave four chained tracebacks ending in 'write to closed
+    file': closing the aborted shard's file failed again, so its temporary file stayed and the sink then flushed
+    the closed writer. Now: one line, the complete shards kept, no partial file, and the same command goes on."""
+    import errno
+
+    import shards.io
+
+    opened: list[str] = []
+
+    class FullDisk:
+        """A shard file on a disk that is full from the second shard on: writes fail, and so does close."""
+
+        def __init__(self, path, mode):
+            self.file, self.full = open(path, mode), len(opened) >= 1  # noqa: SIM115
+            opened.append(str(path))
+
+        def write(self, data):
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def close(self):
+            self.file.close()
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    monkeypatch.setattr(shards.io, "open", FullDisk, raising=False)
+    out = tmp_path / "out"
+    args = ["--videos", str(five_clips), "--out", str(out), "--shard-max-samples", "2", *FAST]
+    assert features_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {out}: No space left on device; the complete shards are kept: free the cause and run the "
+                   "same command again"], err
+    assert "Traceback" not in "\n".join(err) and not list(out.glob("*.tmp"))
+    assert processed_ids(out) == ["clip0", "clip1"]
+    monkeypatch.undo()
+    assert features_main(args) == 0
+    assert sorted(processed_ids(out)) == [f"clip{i}" for i in range(5)]
+
+
 def test_a_rerun_for_another_split_says_its_clips_are_there_already(five_clips, tmp_path, capsys):
     """Resuming skips a clip by its key, whatever split it was made for: a rerun into the same folder with another
     split wrote nothing and said "already done". It still writes nothing (a clip is made once per folder), but it
@@ -393,6 +437,8 @@ def test_sigterm_keeps_every_clip_already_encoded(tmp_path):
     process.wait(timeout=60)
     kept = processed_ids(out)
     assert process.returncode == 128 + signal.SIGTERM
+    assert process.stderr is not None  # it said nothing; now, what to do
+    assert f"terminated (SIGTERM): run the same command again to go on ({out})" in process.stderr.read().decode()
     # the shard in progress was closed, not dropped: more than the 4 clips of the shard complete before the signal
     assert 4 < len(kept) < 10, kept
     assert not list(out.glob("*.tmp")) and verify_main(["verify", str(out)]) == 0
