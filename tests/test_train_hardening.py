@@ -378,3 +378,44 @@ def test_a_plain_pickle_refused_by_the_restricted_unpickler_keeps_its_reason(tmp
     line = one_line(caught.value)
     assert line.startswith("UnpicklingError: the restricted unpickler refused the file: ") and len(line) > 70, line
     assert not line.endswith("file: ")
+
+
+@pytest.mark.parametrize("where", ["ema", "export"])
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, capsys, data, monkeypatch,
+                                                                                where):
+    """A disk that filled up while a checkpoint (or the exported weights) was written was a SafetensorError
+    traceback, and the half-written step_N.tmp held its space until step N came again. Now one line, nothing
+    partial left, and the same command resumes from the checkpoint before."""
+    import errno
+
+    import safetensors.torch
+
+    import train.trainer as trainer
+
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 0
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, metadata=None):
+        name = Path(filename).name
+        if (where == "ema" and name.startswith("ema.safetensors") and "step_00000004" in str(filename)) or \
+                (where == "export" and Path(filename).parent.name == "model" and name.startswith("raw.")):
+            Path(filename).write_bytes(b"half")
+            raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                              'message: "No space left on device" })')
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(trainer.safetensors.torch, "save_file", full)
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 2
+    printed = capsys.readouterr().err
+    assert "Traceback" not in printed
+    err = printed.strip().splitlines()[-1]  # after the progress bar's line
+    what = out / ("checkpoints/step_00000004" if where == "ema" else "model/raw.safetensors")
+    assert err.startswith(f"error: {what}: cannot be written (Error while serializing: IoError(Os {{ code: 28"), err
+    assert err.endswith("the checkpoints and weights before it are kept: free the cause and run the same command again")
+    assert not [p for p in out.rglob("*.tmp")] and errno.ENOSPC == 28
+    assert (out / "checkpoints/step_00000002").is_dir()
+    monkeypatch.undo()
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 0
+    assert (out / "checkpoints/step_00000004").is_dir() and (out / "model/raw.safetensors").is_file()

@@ -415,11 +415,42 @@ def resolved_json(config: TrainConfig, spec: ShardSpec, **extra: Any) -> str:
     return json.dumps({**config.to_dict(), "spec": spec.to_dict(), **extra}, indent=2, sort_keys=True) + "\n"
 
 
+class WriteFailed(ConfigError):
+    """A checkpoint or weights file that could not be written (`writing`), with the reason alone in `reason`."""
+
+    def __init__(self, what: Path, reason: str):
+        super().__init__(f"{what}: cannot be written ({reason}); the checkpoints and weights before it are kept: free "
+                         "the cause and run the same command again")
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def writing(tmp: Path, what: Path) -> Iterator[None]:
+    """Around the writing of `tmp` (a file or a folder, renamed into `what` when whole): a failure to write (a full
+    disk: OSError, or safetensors' own error) removes `tmp`, which would hold the space until that step came again,
+    and is one WriteFailed naming `what`; what was complete before stays."""
+    try:
+        yield
+    except (OSError, safetensors.SafetensorError, WriteFailed) as error:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        if isinstance(error, WriteFailed):  # a file inside `tmp`
+            reason = error.reason
+        elif isinstance(error, OSError) and error.strerror:
+            reason = error.strerror
+        else:
+            reason = " ".join(str(error).split())[:200]
+        raise WriteFailed(what, reason) from None
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write to path.tmp, then rename: a reader (or a resumed run) never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with writing(tmp, path):
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def save_weights(model: torch.nn.Module, path: Path, float32: bool = True) -> None:
@@ -427,8 +458,9 @@ def save_weights(model: torch.nn.Module, path: Path, float32: bool = True) -> No
     renamed (readers never see half a file)."""
     tensors = {k: (v.detach().float() if float32 else v.detach()).cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with writing(tmp, path):
+        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
 
 
 def export_model(ema: VTASAM, raw: torch.nn.Module, config: TrainConfig, spec: ShardSpec, output: Path) -> None:
@@ -469,17 +501,19 @@ def save_checkpoint(accelerator: Accelerator, output: Path, progress: Progress, 
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    (tmp / f"{RNG_STATE_NAME}_{rank}.pkl").unlink(missing_ok=True)  # a pickle: kept in rng_rank<r>.safetensors instead
-    save_rng_state(tmp / rng_file(rank))
-    (tmp / data_file(rank)).write_text(json.dumps({str(w): list(p) for w, p in positions.items()}), encoding="utf-8")
-    if accelerator.is_main_process:
-        save_weights(ema, tmp / EMA_FILE, float32=False)
-        (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()), encoding="utf-8")
+    with writing(tmp, final):
+        accelerator.save_state(str(tmp))
+        (tmp / f"{RNG_STATE_NAME}_{rank}.pkl").unlink(missing_ok=True)  # a pickle: kept in rng_rank<r>.safetensors
+        save_rng_state(tmp / rng_file(rank))
+        (tmp / data_file(rank)).write_text(json.dumps({str(w): list(p) for w, p in positions.items()}), encoding="utf-8")
+        if accelerator.is_main_process:
+            save_weights(ema, tmp / EMA_FILE, float32=False)
+            (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()), encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_manifest(tmp, progress.step)
-        (tmp / COMPLETE).write_text(str(progress.step), encoding="utf-8")
+        with writing(tmp, final):
+            write_manifest(tmp, progress.step)
+            (tmp / COMPLETE).write_text(str(progress.step), encoding="utf-8")
         for skipped in step_folders(output):
             if skipped.name >= final.name:
                 set_aside(skipped)
