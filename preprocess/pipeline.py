@@ -811,7 +811,9 @@ def _run(cfg: FeatureConfig, mine: list[Clip], out_dir: Path, weights_dir: Path 
                 meta = shards.SampleMeta(
                     id=clip.id, caption=clip.caption, label=clip.label, split=clip.split,
                     duration=round(float(item["duration"]), 4), valid_frames=len(item["frames"]),
-                    nouns=tuple(clip_nouns), source=str(clip.path), start=clip.start, silent=item["silent"],
+                    # absolute: evaluation reads the source video from wherever it runs
+                    nouns=tuple(clip_nouns), source=str(Path(clip.path).absolute()), start=clip.start,
+                    silent=item["silent"],
                 )
                 samples.append((meta.to_json(), arrays, item["waveform"]))
             sink.put(samples)

@@ -276,6 +276,16 @@ def test_a_full_disk_is_one_line_and_a_rerun_goes_on(five_clips, tmp_path, monke
     assert sorted(processed_ids(out)) == [f"clip{i}" for i in range(5)]
 
 
+def test_the_source_recorded_is_absolute(five_clips, tmp_path, monkeypatch):
+    """A relative --videos folder was recorded as given, so evaluation run from another folder found no source
+    video for any clip (AV-Align, IB-score and DeSync all 'videos missing')."""
+    monkeypatch.chdir(five_clips.parent)
+    out = tmp_path / "out"
+    assert features_main(["--videos", five_clips.name, "--out", str(out), "--limit", "1", *FAST]) == 0
+    [meta] = shards.iter_meta(shards.list_shards(out))
+    assert meta.source == str(five_clips / "clip0.mp4")
+
+
 def test_a_rerun_for_another_split_says_its_clips_are_there_already(five_clips, tmp_path, capsys):
     """Resuming skips a clip by its key, whatever split it was made for: a rerun into the same folder with another
     split wrote nothing and said "already done". It still writes nothing (a clip is made once per folder), but it
