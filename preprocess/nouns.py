@@ -21,7 +21,7 @@ from common.weights import sha256_file
 
 NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
 VERB_TAGS = frozenset({"VB", "VBP", "VBZ"})
-_WORD = re.compile(r"[A-Za-z][A-Za-z'\-]*")
+_WORD = re.compile(r"[^\W\d_](?:[^\W\d_]|['\-])*")  # a letter of any script, then letters, apostrophes, hyphens
 NLTK_TAGGER_RESOURCE = "averaged_perceptron_tagger_eng"
 # -ing words that name things; any other -ing word opening a label is its action ("playing bass drum")
 ING_NOUNS = frozenset(
@@ -40,8 +40,10 @@ class TaggerUnavailableError(RuntimeError):
 
 
 def tokenize(caption: str) -> list[str]:
-    """Lower-cased words; punctuation splits clauses ("male speech, man speaking")."""
-    return _WORD.findall(caption.lower())
+    """Lower-cased words of any script ("café", not "caf"), a possessive's "'s" or "'" dropped ("dog's" is "dog");
+    punctuation splits clauses ("male speech, man speaking")."""
+    words = (re.sub(r"'s?$", "", word) for word in _WORD.findall(caption.lower()))
+    return [word for word in words if word]
 
 
 def _nltk_tagger() -> Tagger:

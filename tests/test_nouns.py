@@ -116,6 +116,17 @@ def test_free_text_uses_the_tagger():
     assert caption_nouns("playing drum kit loudly") != ["drum kit"]
 
 
+def test_words_of_any_script_stay_whole_and_a_possessive_is_its_noun():
+    """Only ASCII letters made words: "café" was the noun "caf", "piñata" the nouns "pi" and "ata" (each grounded and
+    embedded); "dog's" was a noun of its own beside "dog"."""
+    from preprocess.nouns import tokenize
+
+    assert tokenize("Café crowd at the piñata; Zürich's fjord, the dogs' bowl") == [
+        "café", "crowd", "at", "the", "piñata", "zürich", "fjord", "the", "dogs", "bowl"]
+    assert tagged_nouns("café crowd cheering at the piñata") == ["café", "crowd", "piñata"]
+    assert tagged_nouns("dog's bark, a dog") == ["dog", "bark"]
+
+
 def test_max_nouns_caps_table_nouns():
     assert caption_nouns("forging swords") == ["sword", "hammer", "anvil"]
     assert caption_nouns("forging swords", max_nouns=2) == ["sword", "hammer"]
