@@ -290,7 +290,8 @@ def test_a_resume_with_another_worker_count_or_changed_shards_is_refused(tmp_pat
     assert run(data, out, "--max-steps", "2", *FLAGS) == 0
     capsys.readouterr()
     assert run(data, out, "--max-steps", "4", *FLAGS, "--num-workers", "2") == 2
-    assert "trained with other num_workers (data positions are kept per DataLoader worker" in one_error_line(capsys)
+    assert ("trained with other num_workers (num_workers 0 there vs 2 now) (data positions are kept per DataLoader "
+            "worker") in one_error_line(capsys)
     recorded = json.loads((out / "config.json").read_text())["data_fingerprint"]
     extra = shards.ShardWriter(data, "train", 7, 4)
     meta, arrays, waveform = make_sample(SPEC, "added", seed=5, split="train")

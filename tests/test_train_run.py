@@ -102,7 +102,8 @@ def test_a_decaying_learning_rate_resumes_exactly_and_fixes_the_run_length(tmp_p
     capsys.readouterr()
     assert run(data, out, "--max-steps", "6", *flags[2:]) == 2
     err = capsys.readouterr().err.strip()
-    assert "other max_steps (its learning rate decays to 0 at its last step" in err and len(err.splitlines()) == 1
+    assert "other max_steps (max_steps 4 there vs 6 now) (its learning rate decays to 0 at its last step" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_a_run_saved_before_snr_weighting_and_lr_schedule_resumes(tmp_path):

@@ -296,7 +296,10 @@ def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[
             if "grad_accumulation" in differs and config.global_batch:
                 reason += (f" (--global-batch {config.global_batch} derives grad_accumulation {config.grad_accumulation} "
                            f"here; it was {old.get('grad_accumulation')})")
-            raise ConfigError(f"{saved}: the run there was trained with other {', '.join(differs)}{reason}; "
+            values = [f"{k} {json.dumps(old.get(k))} there vs {json.dumps(mine[k])} now" for k in differs
+                      if k in mine and k != "shards"][:4]  # the path alone says little about shards: the reasons do
+            shown = f" ({'; '.join(values)})" if values else ""
+            raise ConfigError(f"{saved}: the run there was trained with other {', '.join(differs)}{shown}{reason}; "
                               "use another --output or the same settings to resume")
     return spec, paths, count
 
