@@ -510,19 +510,53 @@ def completed_ids(out_dir: Path, retry: Collection[str] = (), retried: set[str] 
     return failed | done
 
 
-def stored_captions(out_dir: Path, keys: set[str]) -> dict[str, str]:
-    """The caption each sample key of `keys` was made with, read from the json members of the folder's shards (a
-    shard that cannot be read is passed over: `completed_ids` has warned about it)."""
-    found: dict[str, str] = {}
+def stored_meta(out_dir: Path, keys: set[str]) -> dict[str, shards.SampleMeta]:
+    """The json member of each sample key of `keys`, read from the folder's shards (a shard that cannot be read is
+    passed over: `completed_ids` has warned about it)."""
+    found: dict[str, shards.SampleMeta] = {}
     for path in shards.list_shards(out_dir):
         try:
             for meta in shards.iter_meta([path]):
                 key = shards.sample_key(meta.id)
                 if key in keys:
-                    found[key] = meta.caption
+                    found[key] = meta
         except Exception:  # noqa: BLE001 - as in completed_ids: its clips are made again, nothing to compare
             continue
     return found
+
+
+def source_stamp(path: Path) -> str:
+    """"<size>:<mtime in ns>" of a video file (SampleMeta.source_stamp): a file replaced at the same path has
+    another one; "" when it cannot be read."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def warn_about_changes(out_dir: Path, wanted: dict[str, Clip]) -> None:
+    """Say which clips already in the folder (`wanted`, by sample key) were made with another caption than the
+    manifest gives now, or from a video file replaced since at the same path; they are kept as they are (a clip
+    is made once per folder)."""
+    stored = stored_meta(out_dir, set(wanted))
+    changed = [wanted[key] for key, meta in stored.items() if meta.caption != wanted[key].caption]
+    if changed:  # captions fixed in the manifest after a first run reach only the clips not made yet
+        first = changed[0]
+        _warn(f"{out_dir}: {len(changed)} clip(s) there were made with another caption than this manifest gives "
+              f"(e.g. {first.id}: {stored[shards.sample_key(first.id)].caption!r} there, {first.caption!r} now); "
+              "they are kept as they are: give another --out (or move their shards away) to make them with these "
+              "captions")
+    replaced = []
+    for key, meta in stored.items():
+        path = wanted[key].path
+        if meta.source_stamp and path is not None and meta.source == str(path.absolute()) \
+                and source_stamp(path) not in ("", meta.source_stamp):
+            replaced.append(wanted[key])
+    if replaced:
+        _warn(f"{out_dir}: {len(replaced)} clip(s) there were made from a video file that has changed since (its size "
+              f"or modification time; e.g. {replaced[0].path}); they are kept as they are: give another --out (or "
+              "move their shards away) to make them from the files as they are now")
 
 
 # ----------------------------------------------------------------------------------- encoding
@@ -766,15 +800,8 @@ def _run(cfg: FeatureConfig, mine: list[Clip], out_dir: Path, weights_dir: Path 
               f"{first.id}: {done[shards.sample_key(first.id)]} there, {first.split} now); they are kept as they are: "
               f"give another --out to make them for split {first.split}")
     wanted = {shards.sample_key(c.id): c for c in mine if shards.sample_key(c.id) in done}
-    if wanted:  # captions fixed in the manifest after a first run reach only the clips not made yet
-        stored = stored_captions(out_dir, set(wanted))
-        changed = [wanted[key] for key, caption in stored.items() if caption != wanted[key].caption]
-        if changed:
-            first = changed[0]
-            _warn(f"{out_dir}: {len(changed)} clip(s) there were made with another caption than this manifest gives "
-                  f"(e.g. {first.id}: {stored[shards.sample_key(first.id)]!r} there, {first.caption!r} now); they "
-                  "are kept as they are: give another --out (or move their shards away) to make them with these "
-                  "captions")
+    if wanted:
+        warn_about_changes(out_dir, wanted)
     summary.resumed = len(mine) - len(todo)
 
     failures_path = out_dir / shards.FAILURES_FILE
@@ -813,7 +840,7 @@ def _run(cfg: FeatureConfig, mine: list[Clip], out_dir: Path, weights_dir: Path 
                     duration=round(float(item["duration"]), 4), valid_frames=len(item["frames"]),
                     # absolute: evaluation reads the source video from wherever it runs
                     nouns=tuple(clip_nouns), source=str(Path(clip.path).absolute()), start=clip.start,
-                    silent=item["silent"],
+                    silent=item["silent"], source_stamp=source_stamp(Path(clip.path)),
                 )
                 samples.append((meta.to_json(), arrays, item["waveform"]))
             sink.put(samples)

@@ -75,6 +75,7 @@ class SampleMeta:
     source: str  # path of the original video
     start: float = 0.0  # seconds into `source` where the window starts
     silent: bool = False  # the window's audio is silence (peak under 1e-6)
+    source_stamp: str = ""  # "<size>:<mtime in ns>" of `source` when the sample was made ("" in older shards)
 
     @classmethod
     def from_json(cls, data: Any) -> SampleMeta:
@@ -91,7 +92,8 @@ class SampleMeta:
                           valid_frames=_typed(data, "valid_frames", int),
                           nouns=tuple(_typed(n, "nouns", str) for n in _typed(data, "nouns", list)),
                           source=_typed(data, "source", str), start=float(_typed(data, "start", (int, float), 0.0)),
-                          silent=_typed(data, "silent", bool, False))
+                          silent=_typed(data, "silent", bool, False),
+                          source_stamp=_typed(data, "source_stamp", str, ""))
         except TypeError as error:
             raise ShardFormatError(f"{clip_id}: json {error}") from None
         meta = cls(**fields)
@@ -116,7 +118,7 @@ def _typed(data: Any, name: str, kind: type | tuple[type, ...], default: Any = N
     return value
 
 
-# fields every json member must have (start and silent came later: readers default them)
+# fields every json member must have (start, silent and source_stamp came later: readers default them)
 META_FIELDS = tuple(f.name for f in dataclasses.fields(SampleMeta) if f.default is dataclasses.MISSING)
 
 

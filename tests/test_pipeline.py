@@ -286,6 +286,26 @@ def test_the_source_recorded_is_absolute(five_clips, tmp_path, monkeypatch):
     assert meta.source == str(five_clips / "clip0.mp4")
 
 
+def test_a_video_replaced_since_its_clip_was_made_is_said_on_the_rerun(five_clips, tmp_path, capsys):
+    """A video file replaced at the same path kept its old features without a word: resuming skips a clip by its
+    id. The sample now records the file's size and modification time, and a rerun says which clips changed."""
+    videos = tmp_path / "videos"
+    shutil.copytree(five_clips, videos)
+    out = tmp_path / "out"
+    assert run_stage_one(videos, out, threaded=False).written == 5
+    [meta] = [m for m in shards.iter_meta(shards.list_shards(out)) if m.id == "clip1"]
+    stat = (videos / "clip1.mp4").stat()
+    assert meta.source_stamp == f"{stat.st_size}:{stat.st_mtime_ns}"
+    capsys.readouterr()
+    assert run_stage_one(videos, out, threaded=False).written == 0
+    assert "changed since" not in capsys.readouterr().err  # nothing changed: nothing said
+    media.make_video(videos / "clip1.mp4", seconds=3.0, audio="tone")  # another video at the same path
+    assert run_stage_one(videos, out, threaded=False).written == 0
+    err = capsys.readouterr().err
+    assert (f"warning: {out}: 1 clip(s) there were made from a video file that has changed since (its size or "
+            f"modification time; e.g. {videos / 'clip1.mp4'}); they are kept as they are") in err
+
+
 def test_a_rerun_for_another_split_says_its_clips_are_there_already(five_clips, tmp_path, capsys):
     """Resuming skips a clip by its key, whatever split it was made for: a rerun into the same folder with another
     split wrote nothing and said "already done". It still writes nothing (a clip is made once per folder), but it

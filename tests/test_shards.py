@@ -221,12 +221,16 @@ def write_split(directory, spec, ids_by_split: dict[str, list[str]], max_samples
 
 def test_sample_meta_round_trip_and_refusals():
     meta = shards.SampleMeta(id="a", caption="dog", label="x", split="test", duration=2.5, valid_frames=3,
-                             nouns=("dog",), source="/v.mp4", start=1.0, silent=True)
+                             nouns=("dog",), source="/v.mp4", start=1.0, silent=True, source_stamp="12:34")
     assert shards.SampleMeta.from_json(json.loads(json.dumps(meta.to_json()))) == meta
     assert set(meta.to_json()) == {"id", "caption", "label", "split", "duration", "valid_frames", "nouns", "source",
-                                   "start", "silent"}
-    older = {k: v for k, v in meta.to_json().items() if k not in ("start", "silent")}  # written before they existed
+                                   "start", "silent", "source_stamp"}
+    # written before they existed
+    older = {k: v for k, v in meta.to_json().items() if k not in ("start", "silent", "source_stamp")}
     assert shards.SampleMeta.from_json(older).start == 0.0 and not shards.SampleMeta.from_json(older).silent
+    assert shards.SampleMeta.from_json(older).source_stamp == ""
+    with pytest.raises(shards.ShardFormatError, match="source_stamp"):
+        shards.SampleMeta.from_json(meta.to_json() | {"source_stamp": 12})
     with pytest.raises(shards.ShardFormatError, match="json lacks id"):
         shards.SampleMeta.from_json({k: v for k, v in older.items() if k != "id"})
     with pytest.raises(shards.ShardFormatError, match="not an object"):
