@@ -184,3 +184,25 @@ def test_non_finite_losses_skip_steps_then_stop(tmp_path, capsys, monkeypatch):
     assert kept == ["step_00000002"]
     after = safetensors.torch.load_file(str(out / "checkpoints/step_00000002/model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--log-every", "0"], "log_every must be at least 1, got 0"),
+    (["--train-timesteps", "0"], "train_timesteps must be at least 1, got 0"),
+    (["--num-workers", "-1"], "num_workers and max_steps must be >= 0, got -1 and 300"),
+    (["--max-steps", "-1"], "num_workers and max_steps must be >= 0, got 0 and -1"),
+    (["--norm-groups", "0"], "norm_groups must be at least 1, got 0"),
+    (["--block-channels", "0", "0"], "block_channels must be positive multiples of norm_groups (8), got [0, 0]"),
+    (["--adam-betas", "0.9"], "adam_betas must be two numbers in [0, 1), got [0.9]"),
+    (["--learning-rate", "nan"], "learning_rate must be a finite number > 0, got nan"),
+    (["--vae-scaling-factor", "0"], "vae_scaling_factor must be a finite number > 0, got 0.0"),
+    (["--beta-start", "nan"], "beta_start must be a finite number > 0, got nan"),
+    (["--grad-clip", "nan"], "grad_clip must be a finite number > 0, got nan"),
+    (["--ema-decay", "2"], "ema_decay must be in [0, 1], got 2.0"),
+])
+def test_values_that_failed_deep_inside_a_run_are_refused_at_once(flags, message, capsys):
+    """Each passed --dry-run and then failed after the first step (ZeroDivisionError, torch's ValueError, 20 steps
+    of NaN losses) or trained something meaningless (latents scaled to 0, an untrained model exported)."""
+    assert main(["--dry-run", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message}", err

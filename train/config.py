@@ -9,6 +9,7 @@ training code it builds on (VTA-LDM's and Tango's train.py / models.py).
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
@@ -165,6 +166,40 @@ class TrainConfig(ConfigMethods):
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Values that passed --dry-run and failed deep inside a run (a ZeroDivisionError after the first step, a
+        torch ValueError, 20 steps of NaN losses), or trained something meaningless (a scaling factor of 0, an
+        untrained model exported at --max-steps -1): refused here, in one line."""
+        at_least_one = {"log_every": self.log_every, "train_timesteps": self.train_timesteps,
+                        "norm_groups": self.norm_groups, "layers_per_block": self.layers_per_block,
+                        "max_bad_steps": self.max_bad_steps, "shuffle_buffer": self.shuffle_buffer,
+                        "epochs": self.epochs, "cross_attention_dim": self.cross_attention_dim}
+        for name, value in at_least_one.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.num_workers < 0 or self.max_steps < 0:
+            raise ValueError(f"num_workers and max_steps must be >= 0, got {self.num_workers} and {self.max_steps}")
+        if any(c < 1 or c % self.norm_groups for c in self.block_channels):
+            raise ValueError(f"block_channels must be positive multiples of norm_groups ({self.norm_groups}), got "
+                             f"{list(self.block_channels)}")
+        if any(h < 1 for h in self.attention_heads):
+            raise ValueError(f"attention_heads must be at least 1, got {list(self.attention_heads)}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        positive = {"learning_rate": self.learning_rate, "grad_clip": self.grad_clip,
+                    "vae_scaling_factor": self.vae_scaling_factor, "beta_start": self.beta_start,
+                    "beta_end": self.beta_end}
+        for name, number in positive.items():
+            if not (math.isfinite(number) and number > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {number!r}")
+        if not self.beta_start < self.beta_end < 1:
+            raise ValueError(f"beta_start < beta_end < 1 is needed, got {self.beta_start!r} and {self.beta_end!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
