@@ -12,6 +12,7 @@ for the systems published since (MMAudio and later): every test clip, 8 s, its a
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ AudioProtocol = Literal["mean-cut", "audioldm-eval", "av-benchmark"]  # how audi
 AUDIO_PROTOCOLS: tuple[str, ...] = typing.get_args(AudioProtocol)
 ModelWeights = Literal["ema", "raw"]
 MODEL_WEIGHTS: tuple[str, ...] = typing.get_args(ModelWeights)
+
+
+MAX_DURATION = 600.0  # seconds: far beyond any clip's window (10.24 s), short of the memory a typo would ask for
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,15 @@ class EvalConfig(ConfigMethods):
             raise ValueError(f"min_paired must be a fraction in [0, 1], got {self.min_paired}")
         if self.duration < 0 or self.max_clips < 0 or self.figure_clips < 0 or self.peak < 0:
             raise ValueError("duration, max_clips, figure_clips and peak must not be negative")
+        # NaN passed every check above and failed after all the WAVs were generated (or made every clip's audio
+        # non-finite and exited 0); a duration of hours asked for petabytes
+        if not (math.isfinite(self.guidance) and math.isfinite(self.peak) and math.isfinite(self.duration)):
+            raise ValueError(f"guidance, peak and duration must be finite numbers, got {self.guidance!r}, "
+                             f"{self.peak!r} and {self.duration!r}")
+        if self.duration > MAX_DURATION:
+            raise ValueError(f"duration must be at most {MAX_DURATION:g} s, got {self.duration:g}")
+        if self.peak > 1:
+            raise ValueError(f"peak must be at most 1 (full scale; 0 keeps the vocoder's level), got {self.peak:g}")
 
     @property
     def output_dir(self) -> Path:

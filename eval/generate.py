@@ -274,6 +274,9 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
     except ValueError as error:
         raise EvalError(str(error)) from None
     model, train_config = load_run(config.run, device, config.model_weights)
+    if config.steps > train_config.train_timesteps:  # DDIM/DDPM raised from diffusers; DPM-Solver++ repeated steps
+        raise EvalError(f"--steps {config.steps}: {config.run} was trained with {train_config.train_timesteps} "
+                        "timesteps; a sampler visits at most that many")
     tune_backends(device)
     lower_precision_weights(model, precision)  # this model only samples, always under autocast to `precision`
     speed_up(model, sampling_channels_last(config.channels_last, device), config.compile)

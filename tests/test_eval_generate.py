@@ -553,3 +553,27 @@ def test_a_wav_that_cannot_be_written_fails_its_clip_only(tiny_run, tmp_path, mo
         generate(config_for(tiny_run, tmp_path / "b"), clips, progress=True)
     drawn = capsys.readouterr().err
     assert "generating" in drawn and drawn.endswith("\n"), repr(drawn[-200:])  # the bar's line is ended for the error
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"guidance": float("nan")}, "guidance, peak and duration must be finite numbers, got nan, 0.0 and 10.0"),
+    ({"peak": float("inf")}, "guidance, peak and duration must be finite numbers, got 3.0, inf and 10.0"),
+    ({"duration": 1e12}, "duration must be at most 600 s, got 1e+12"),
+    ({"peak": 2.0}, "peak must be at most 1 (full scale; 0 keeps the vocoder's level), got 2"),
+])
+def test_values_that_failed_after_generating_are_refused_first(changes, message):
+    """NaN guidance made every clip's audio non-finite and exited 0; an infinite peak wrote square waves; a NaN or
+    huge duration failed after every WAV was generated (NaN to integer, 56.8 PiB asked for)."""
+    with pytest.raises(ValueError) as refused:
+        PRESETS["demo"].replace(**changes)
+    assert str(refused.value) == message
+
+
+def test_more_steps_than_the_model_was_trained_with_is_one_line(tiny_run, tmp_path):
+    """DDIM and DDPM raised diffusers' ValueError traceback; DPM-Solver++ visited each timestep five times."""
+    for sampler in ("ddim", "dpmsolver++"):
+        with pytest.raises(EvalError, match=r"--steps 5000: .* was trained with 1000 timesteps; a sampler visits at "
+                                             "most that many"):
+            generate(config_for(tiny_run, tmp_path / sampler, steps=5000, sampler=sampler),
+                     select_clips(read_split(tiny_run[0], "test"), 0), progress=False)
+        assert not (tmp_path / sampler / "wav").exists() or not list((tmp_path / sampler / "wav").glob("*.wav"))

@@ -766,6 +766,16 @@ def test_odd_inputs_get_sound_of_their_length_and_a_crash_fails_one_video_only(r
     assert audio["codec_name"] == "pcm_s16le"
 
 
+def test_more_steps_than_the_model_was_trained_with_is_refused(run_dir, tmp_path, capsys):
+    """DPM-Solver++ (the default sampler here) at --steps 5000 visited each of the 1000 timesteps five times."""
+    video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
+    assert cli_main(["generate", str(video), "--model", str(run_dir), "--out", str(tmp_path / "o"), "--steps", "5000",
+                     "--caption", "dog", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --steps 5000: the model was trained with 1000 timesteps; a "
+                                               "sampler visits at most that many")
+    assert not (tmp_path / "o").exists()
+
+
 def test_outputs_and_options_that_cannot_work_are_refused_before_any_model(run_dir, tmp_path, capsys):
     """Both outputs there but not this command's were taken for finished work (and a user's <stem>.partial.mp4
     was overwritten by the copy on its way to its name); --out x.wav made a folder x.wav;

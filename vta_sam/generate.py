@@ -320,6 +320,9 @@ class SoundGenerator:
             raise GenerateError(f"{error} (train a model first: make train)") from None
         except ValueError as error:  # a damaged run folder: one line naming the file
             raise GenerateError(str(error)) from None
+        if options.steps > self.train_config.train_timesteps:  # DPM-Solver++ visited each timestep several times
+            raise GenerateError(f"--steps {options.steps}: the model was trained with {self.train_config.train_timesteps}"
+                                " timesteps; a sampler visits at most that many")
         source, meta = features_meta(Path(options.model), self.train_config)
         # compiling the detector was a speed choice of stage one's machine (minutes per shape): not for a few videos
         self.features = feature_config(source, meta).replace(device=options.device, compile=False)
