@@ -212,6 +212,8 @@ def safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]
     from safetensors import safe_open
 
     header: dict[str, tuple[str, tuple[int, ...]]] = {}
+    with open(path, "rb"):  # safetensors says FileNotFoundError for every failure to open (a permission denied too)
+        pass
     with safe_open(str(path), framework="pt") as handle:
         for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
             piece = handle.get_slice(name)

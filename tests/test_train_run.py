@@ -206,3 +206,26 @@ def test_values_that_failed_deep_inside_a_run_are_refused_at_once(flags, message
     assert main(["--dry-run", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {message}", err
+
+
+def test_exported_weights_are_readable_by_others_as_the_umask_allows(tmp_path):
+    """safetensors writes its files 0600: another user of a shared group or a container's uid could not load the
+    model ('unreadable (FileNotFoundError ...)', safetensors' word for a permission denied)."""
+    import os
+    import stat
+
+    from common.weights import safetensors_header
+    from tests.test_train_support import write_shards
+
+    write_shards(tmp_path / "shards", num_shards=1, per_shard=8)
+    old = os.umask(0o022)
+    try:
+        assert run(tmp_path / "shards", tmp_path / "run", "--max-steps", "1") == 0
+    finally:
+        os.umask(old)
+    for name in ("ema.safetensors", "raw.safetensors", "config.json"):
+        assert stat.S_IMODE((tmp_path / "run" / "model" / name).stat().st_mode) == 0o644, name
+    denied = tmp_path / "denied.safetensors"
+    denied.mkdir()  # opening it fails otherwise than 'not found'
+    with pytest.raises(IsADirectoryError):
+        safetensors_header(denied)

@@ -463,7 +463,15 @@ def save_weights(model: torch.nn.Module, path: Path, float32: bool = True) -> No
     tmp = path.with_name(path.name + ".tmp")
     with writing(tmp, path):
         safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors makes its files 0600: others could not load the model
         os.replace(tmp, path)
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def export_model(ema: VTASAM, raw: torch.nn.Module, config: TrainConfig, spec: ShardSpec, output: Path) -> None:
