@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     embeddings = {}
     for sampler, folder in outputs.items():
         waves = ((c.id, soundfile.read(wav_path(folder, c.id), dtype="float32")[0]) for c in clips)
-        found = dict(embed_clips(waves, cnn14, vggish, 16000, base.metric_duration, progress=False))
-        embeddings[sampler] = np.stack([found[c.id].cnn14_embedding for c in clips])
+        found = {clip_id: embedding for clip_id, embedding in embed_clips(waves, cnn14, vggish, 16000,
+                                                                          base.metric_duration, progress=False)
+                 if not isinstance(embedding, str)}  # a reason: the clip could not be embedded
+        embeddings[sampler] = np.stack([found[c.id].cnn14_embedding for c in clips if c.id in found])
     fd = frechet_distance(embeddings["ddim"], embeddings["dpmsolver++"])
     which = "random-weight tiny Cnn14 (not comparable to published FD)" if random_weights else "official Cnn14"
     body = "\n".join([

@@ -14,9 +14,18 @@ import sys
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
 
 Config = TypeVar("Config")
+
+
+def path_argument(text: str) -> Path:
+    """An argparse `type` for paths: an empty one is refused (Path('') is '.', so `--out ''` wrote into the current
+    folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
 
 
 class ConfigMethods:

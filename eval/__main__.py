@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from common.config import config_main
+from common.config import config_main, path_argument
 from eval.config import PRESETS, EvalConfig
 
 
 def table_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval table",
                                      description="Gather the results.json of several evaluations into one Markdown table.")
-    parser.add_argument("folders", nargs="+", type=Path, help="evaluation output folders (each holds results.json)")
+    parser.add_argument("folders", nargs="+", type=path_argument, help="evaluation output folders (each holds results.json)")
     parser.add_argument("--names", nargs="+", help="row names, one per folder (default: '<run> (<inputs>)')")
-    parser.add_argument("--out", type=Path, help="write the table here (default: print it)")
+    parser.add_argument("--out", type=path_argument, help="write the table here (default: print it)")
     parser.add_argument("--columns", choices=("paper", "av-benchmark"), default="paper",
                         help="the paper's columns (FD, FAD, KL, KL-sigmoid, IS, AV-Align, AV-Align 2023) or "
                              "av-benchmark's (FD-PaSST, FD-PANNs, FD-VGG, KL-PANNs, KL-PaSST, IS-PANNs, IS-PaSST, "

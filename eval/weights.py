@@ -16,6 +16,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from common.config import path_argument
 from common.weights import sha256_file, weight_file_problem
 from eval.embed import CHECKPOINTS
 
@@ -79,7 +80,7 @@ def fetch(folder: Path, timeout_s: float = TIMEOUT_S) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.weights", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("list", "fetch", "check"))
-    parser.add_argument("--out", type=Path, default=Path("weights/eval"), help="the embedder weights folder")
+    parser.add_argument("--out", type=path_argument, default=Path("weights/eval"), help="the embedder weights folder")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds to wait for each server")
     args = parser.parse_args(argv)
     if args.command == "list":

@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from common.config import add_config_arguments, config_from_args
+from common.config import add_config_arguments, config_from_args, path_argument
 from preprocess.config import PRESETS
 
 DEMO_CSV = Path("data/demo/vggsound.csv")
@@ -58,13 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         "AudioLDM-VAE features to WebDataset shards. With no input arguments it processes the bundled demo set.",
     )
     source = parser.add_argument_group("input (a VGGSound CSV + video folder, or a folder of videos)")
-    source.add_argument("--csv", type=Path, help="VGGSound-style CSV: youtube_id,start_seconds,label,split")
-    source.add_argument("--videos", type=Path, help="video folder")
-    source.add_argument("--captions", type=Path, help="without --csv: captions for the folder's videos (JSON or CSV name,caption)")
+    source.add_argument("--csv", type=path_argument, help="VGGSound-style CSV: youtube_id,start_seconds,label,split")
+    source.add_argument("--videos", type=path_argument, help="video folder")
+    source.add_argument("--captions", type=path_argument, help="without --csv: captions for the folder's videos (JSON or CSV name,caption)")
     source.add_argument("--split", default="train", help="without --csv: split name given to the folder's videos")
-    parser.add_argument("--out", type=Path, help=f"output folder for shards, meta.json, failures.jsonl (default {DEMO_OUT} with the tiny preset, "
+    parser.add_argument("--out", type=path_argument, help=f"output folder for shards, meta.json, failures.jsonl (default {DEMO_OUT} with the tiny preset, "
                         "data/shards/<preset> with another)")
-    parser.add_argument("--weights", type=Path, default=Path("weights"), help="weights folder (see README); unused with --random-init")
+    parser.add_argument("--weights", type=path_argument, default=Path("weights"), help="weights folder (see README); unused with --random-init")
     parser.add_argument("--rank", type=int, help="this process's rank (default: RANK / SLURM variables, else 0)")
     parser.add_argument("--world-size", type=int, help="number of processes sharing the manifest")
     parser.add_argument("--limit", type=int, help="process at most this many clips of the manifest (first by id)")

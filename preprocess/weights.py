@@ -15,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from common.config import path_argument
 from common.weights import is_weight_file, require_file, require_model_dir, sha256_dir, sha256_file, weight_file_problem
 from preprocess.config import PRESETS, FeatureConfig
 
@@ -146,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     fetch_parser = commands.add_parser("fetch", help="download the paper checkpoints from the Hugging Face Hub")
-    fetch_parser.add_argument("--out", type=Path, default=Path("weights"), help="weights folder to fill")
+    fetch_parser.add_argument("--out", type=path_argument, default=Path("weights"), help="weights folder to fill")
     fetch_parser.add_argument("--timeout", type=float, default=HUB_TIMEOUT_S, help="seconds to wait for the hub")
     fetch_parser.add_argument("--endpoint", default=None, help="hub address (a mirror); default: huggingface_hub's")
     check_parser = commands.add_parser("check", help="verify a weights folder and print its checksums")
-    check_parser.add_argument("--weights", type=Path, required=True, help="weights folder")
+    check_parser.add_argument("--weights", type=path_argument, required=True, help="weights folder")
     check_parser.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="config whose paths to check")
     check_parser.add_argument("--load", action="store_true", help="also build every model from the folder")
     check_parser.add_argument("--clip-torchscript", action="store_true",

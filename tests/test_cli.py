@@ -121,3 +121,27 @@ def test_stage_one_refuses_bad_values_and_outputs_in_one_line(tmp_path, capsys, 
     assert capsys.readouterr().err.strip() == f"interrupted: run the same command again to go on ({tmp_path / 'o5'})"
     assert main(["eval", "--device", "bogus", "--output", str(tmp_path / "ev")]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --device 'bogus': Expected one of")
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, capsys, monkeypatch):
+    """`--out ''` is Path('') = '.': stage one wrote meta.json and its shards into the current folder, vta-sam generate
+    its video and WAV."""
+    import pytest
+
+    monkeypatch.chdir(tmp_path)
+    for argv in (["features", "--out", ""], ["generate", "v.mp4", "--out", ""], ["eval", "table", "", "--out", "x"]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        assert "an empty path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_python_m_vta_sam_generate_runs_the_command():
+    """It imported the module and exited 0, doing nothing (the README lists it among the runnable modules)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "vta_sam.generate", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "--steps" in result.stdout, result.stderr

@@ -567,8 +567,8 @@ def test_a_damaged_sample_is_found_before_scoring_without_generating(tiny_run, g
     assert not (out / "results.json").exists() and not (out / "report.md").exists()
 
 
-def test_a_run_with_other_clips_moves_the_results_before_it_aside_and_one_clip_prints_no_nan(  # noqa: F811
-        tiny_run, generated, tmp_path, monkeypatch, capsys):
+def test_a_run_with_other_clips_moves_the_results_before_it_aside_and_one_clip_prints_no_nan(
+        tiny_run, generated, tmp_path, monkeypatch, capsys):  # noqa: F811
     """A rerun with other clips that then failed left results.json, report.md and figure.png describing the clips
     before, beside a clip_ids.txt that no longer listed them; a single clip printed 'x ± nan' to the console."""
     import eval.evaluate

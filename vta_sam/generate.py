@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import shards
+from common.config import path_argument
 from common.devices import PRECISIONS, resolve_device, resolve_precision, tune_backends
 from common.ffmpeg import error_reason, file_url
 from preprocess.config import FeatureConfig
@@ -518,13 +519,13 @@ def expand_inputs(paths: list[Path]) -> tuple[list[Path], list[str]]:
 def build_parser() -> argparse.ArgumentParser:
     defaults = GenerateOptions()
     parser = argparse.ArgumentParser(prog="vta-sam generate", description="Add synchronized sound to videos.")
-    parser.add_argument("videos", nargs="+", type=Path, help="video files, folders of videos, or .txt lists of videos")
+    parser.add_argument("videos", nargs="+", type=path_argument, help="video files, folders of videos, or .txt lists of videos")
     parser.add_argument("--caption", help="what sounds (its nouns are grounded); default: ground the VGGSound nouns "
                         "CLIP finds most similar to the frames")
     parser.add_argument("--ground-all", action="store_true",
                         help="without --caption: ground all VGGSound nouns, not CLIP's shortlist (~19 prompts, not 1)")
-    parser.add_argument("--model", type=Path, default=defaults.model, help=f"trained run folder (default {defaults.model})")
-    parser.add_argument("--out", type=Path, default=defaults.out, help="output folder, or with one video an output file name")
+    parser.add_argument("--model", type=path_argument, default=defaults.model, help=f"trained run folder (default {defaults.model})")
+    parser.add_argument("--out", type=path_argument, default=defaults.out, help="output folder, or with one video an output file name")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=defaults.guidance, help="classifier-free guidance scale")
@@ -534,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window-batch", type=int, default=defaults.window_batch,
                         help=f"windows of a video processed together (default {defaults.window_batch}): lower it if a long "
                              "video runs out of memory; the audio is the same")
-    parser.add_argument("--weights", type=Path, default=defaults.weights, help="weights folder (models without random init)")
+    parser.add_argument("--weights", type=path_argument, default=defaults.weights, help="weights folder (models without random init)")
     parser.add_argument("--device", default=defaults.device, help="'auto', 'cpu' or 'cuda[:N]'")
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                         help="UNet precision while sampling (auto: bf16 on CUDA, fp32 on the CPU)")
@@ -685,3 +686,7 @@ def _generate_one(generator: SoundGenerator, video: Path, options: GenerateOptio
         tqdm.write(f"error: {video}: cannot write {out_wav} ({reason.rstrip('.')})", file=sys.stderr)
         return False
     return True
+
+
+if __name__ == "__main__":  # `python -m vta_sam.generate VIDEO ...` as `vta-sam generate VIDEO ...`
+    raise SystemExit(main())

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.config import path_argument
 from eval.listen.report import DEFAULT_THRESHOLD, build_report, to_markdown, write_report
 from eval.listen.server import make_server
 from eval.listen.store import RatingStore
@@ -38,10 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     parser.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
     parser.add_argument(
-        "--work", type=Path, default=Path("runs/listen"), help="folder for the muxed videos (and the database)"
+        "--work", type=path_argument, default=Path("runs/listen"), help="folder for the muxed videos (and the database)"
     )
     parser.add_argument(
-        "--db", type=Path, default=None, help="SQLite database of the ratings (default: WORK/ratings.sqlite)"
+        "--db", type=path_argument, default=None, help="SQLite database of the ratings (default: WORK/ratings.sqlite)"
     )
     parser.add_argument("--jobs", type=int, default=None, help="parallel ffmpeg processes (default: CPU count)")
     parser.add_argument(
@@ -51,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep every track's level (default: same RMS loudness for all, peaks under -1 dBFS)",
     )
     parser.add_argument("--prepare-only", action="store_true", help="mux the videos and set up the database, then exit")
-    parser.add_argument("--report", type=Path, metavar="DB", help="print and write the results table of this database")
+    parser.add_argument("--report", type=path_argument, metavar="DB", help="print and write the results table of this database")
     parser.add_argument(
-        "--out", type=Path, default=None, help="folder for the report's .md and .json (default: the DB's folder)"
+        "--out", type=path_argument, default=None, help="folder for the report's .md and .json (default: the DB's folder)"
     )
     parser.add_argument(
         "--screen-threshold",
