@@ -28,6 +28,12 @@ def path_argument(text: str) -> Path:
     return Path(text)
 
 
+def os_error_line(error: OSError, where: object) -> str:
+    """The one line a command prints for an OSError it did not foresee (a folder it may not write, a file it may
+    not read): the file the system names, else `where`, and the system's reason."""
+    return f"error: {error.filename or where}: {error.strerror or error}"
+
+
 class ConfigMethods:
     """Methods of a frozen config dataclass: `replace`, `to_dict`, `from_dict` (its inverse: JSON lists become
     tuples, fields this version does not know are ignored) and `to_json` (what every run writes next to its

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.config import config_main, path_argument
+from common.config import config_main, os_error_line, path_argument
 from eval.config import PRESETS, EvalConfig
 
 
@@ -82,6 +82,9 @@ def run(config: EvalConfig, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # the WAVs and cached embeddings written so far are kept
         print(f"\ninterrupted: run the same command again to go on ({config.output_dir})", file=sys.stderr)
         return 130
+    except OSError as error:  # an output or cache folder it may not write, a file it may not read
+        print(os_error_line(error, config.output_dir), file=sys.stderr)
+        return 2
     for columns in selected_tables(results):
         print(table([results], columns=columns), end="")
     print(f"results: {config.output_dir / RESULTS_FILE}")

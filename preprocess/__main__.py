@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from common.config import add_config_arguments, config_from_args, path_argument
+from common.config import add_config_arguments, config_from_args, os_error_line, path_argument
 from preprocess.config import PRESETS
 
 DEMO_CSV = Path("data/demo/vggsound.csv")
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except manifest.ManifestError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a manifest, captions file or video folder it may not read
+        print(os_error_line(error, args.csv or args.videos), file=sys.stderr)
+        return 2
     clips, duplicates = manifest.dedupe(clips)
     if args.limit is not None and args.limit < 0:
         print(f"error: --limit must be 0 or more (got {args.limit})", file=sys.stderr)
@@ -133,9 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nterminated (SIGTERM): run the same command again to go on ({out_dir})", file=sys.stderr)
         raise
     except OSError as error:  # writing the shards: a full disk, a folder that went away (reading is per clip)
-        where = error.filename or out_dir
-        print(f"error: {where}: {error.strerror or error}; the complete shards are kept: free the cause and run the "
-              "same command again", file=sys.stderr)
+        print(f"{os_error_line(error, out_dir)}; the complete shards are kept: free the cause and run the same "
+              "command again", file=sys.stderr)
         return 2
     if duplicates:
         print(f"note: {duplicates} repeated manifest rows were ignored")

@@ -145,3 +145,27 @@ def test_python_m_vta_sam_generate_runs_the_command():
     result = subprocess.run([sys.executable, "-m", "vta_sam.generate", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "--steps" in result.stdout, result.stderr
+
+
+def test_a_folder_or_file_it_may_not_use_is_one_line_in_every_stage(tmp_path, capsys, monkeypatch):
+    """A read-only run folder (PermissionError from the lock), an unreadable manifest, a file where the embedding
+    cache's folder goes: each was a traceback and exit 1."""
+    import errno
+
+    import preprocess.manifest
+    import train.trainer
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(train.trainer, "folder_lock", denied)
+    from tests.test_train_support import write_shards
+
+    write_shards(tmp_path / "shards", num_shards=1, per_shard=8)
+    assert main(["train", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {tmp_path / 'run'}: Permission denied"
+    csv = tmp_path / "m.csv"
+    csv.write_text("a,0,dog,train\n")
+    monkeypatch.setattr(preprocess.manifest, "_read_text", denied)
+    assert main(["features", "--csv", str(csv), "--videos", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {csv}: Permission denied"

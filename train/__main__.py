@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from common.config import config_main
+from common.config import config_main, os_error_line
 from train.config import PRESETS, TrainConfig
 
 
@@ -28,6 +28,10 @@ def run(config: TrainConfig, args: argparse.Namespace) -> int:
     except (DataError, ConfigError) as error:
         if main_rank:
             print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a run folder it may not write, shards it may not read
+        if main_rank:
+            print(os_error_line(error, config.output), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # complete checkpoints are kept; one cut short is never loaded
         if main_rank:
