@@ -512,3 +512,19 @@ def test_deeply_nested_json_is_a_400(tmp_path: Path, fake) -> None:
                                       headers={"Content-Type": "application/json"})
             assert status == 400 and b"nested too deeply" in data
         assert api(server, "POST", "/api/listener", {"listener": "ann"})[0] == 200
+
+
+def test_a_file_that_is_no_database_and_a_port_out_of_range_are_one_line(tmp_path: Path, fake,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--db naming another kind of file was sqlite3's traceback; --port 70000 failed in bind() after every video
+    was muxed."""
+    root, run_dirs, _ = fake
+    notes = tmp_path / "notes.sqlite"
+    notes.write_text("not a database, but long enough for SQLite to read its header: " * 4)
+    args = [*map(str, run_dirs), "--work", str(root / "work"), "--prepare-only"]
+    assert main([*args, "--db", str(notes)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {notes}: not a ratings database (") and "\n" not in err, err
+    with pytest.raises(SystemExit):
+        main([*args, "--port", "70000"])
+    assert "argument --port: 70000 is not a port (0-65535; 0: any free port)" in capsys.readouterr().err

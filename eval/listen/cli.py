@@ -10,6 +10,7 @@ muxed videos are reused.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -130,8 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either RUN_DIR... (run a test) or --report DB, not both")
     if args.report is None and not args.runs:
         parser.error("give the evaluation run folders to compare, or --report DB")
+    if not 0 <= args.port <= 65535:  # found only after every video was muxed (bind's OverflowError)
+        parser.error(f"argument --port: {args.port} is not a port (0-65535; 0: any free port)")
     try:
         return report(args) if args.report is not None else serve(args)
+    except sqlite3.DatabaseError as error:  # --db names a file that is no SQLite database
+        db = args.report or args.db or args.work / "ratings.sqlite"
+        print(f"error: {db}: not a ratings database ({error})", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
