@@ -39,7 +39,7 @@ def _index_videos(video_dir: Path) -> dict[str, Path]:
     files share a stem (x.mp4 and x.mov), the first by name is used, whatever order the directory lists them in,
     and one warning line names them."""
     if not video_dir.is_dir():
-        raise ManifestError(f"{video_dir}: video folder not found")
+        raise ManifestError(f"{video_dir}: {'a file, not a folder' if video_dir.exists() else 'video folder not found'}")
     found: dict[str, list[str]] = {}
     unusable: list[str] = []  # named like a video but not a file: a broken link, a folder
     with os.scandir(video_dir) as entries:
@@ -73,7 +73,7 @@ def from_vggsound_csv(csv_path: Path, video_dir: Path) -> list[Clip]:
     holds the whole video (window from start_seconds). Clip ids are `{ytid}_{start:06d}`.
     """
     if not csv_path.is_file():
-        raise ManifestError(f"{csv_path}: CSV not found")
+        raise ManifestError(f"{csv_path}: {'a folder, not a CSV file' if csv_path.is_dir() else 'CSV not found'}")
     index = _index_videos(video_dir)
     clips: list[Clip] = []
     for line_number, row in _csv_rows(csv_path, _read_text(csv_path)):
@@ -125,7 +125,8 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
 def _read_captions(captions_path: Path) -> dict[str, str]:
     """A JSON object {stem: caption} or a CSV with rows `stem_or_filename,caption`. A JSON null is no caption."""
     if not captions_path.is_file():
-        raise ManifestError(f"{captions_path}: captions file not found")
+        raise ManifestError(f"{captions_path}: "
+                            f"{'a folder, not a captions file' if captions_path.is_dir() else 'captions file not found'}")
     text = _read_text(captions_path)
     if captions_path.suffix.lower() == ".json":
         try:

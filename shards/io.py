@@ -213,6 +213,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(directory) / META_FILE
     if not path.exists():
+        if not Path(directory).is_dir():
+            raise ShardFormatError(f"{directory}: {'not a folder' if Path(directory).exists() else 'folder not found'}")
         raise ShardFormatError(f"{path}: missing (not a stage-one output folder?)")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))

@@ -39,6 +39,8 @@ def split_shards(folder: Folder, split: str) -> list[Path]:
 def _require_folder(folder: Folder) -> Path:
     folder = Path(folder)
     if not (folder / META_FILE).exists():
+        if not folder.is_dir():
+            raise ShardFormatError(f"{folder}: {'not a folder' if folder.exists() else 'folder not found'}")
         raise ShardFormatError(f"{folder / META_FILE}: missing (not a stage-one output folder?)")
     return folder
 

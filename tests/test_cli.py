@@ -169,3 +169,14 @@ def test_a_folder_or_file_it_may_not_use_is_one_line_in_every_stage(tmp_path, ca
     monkeypatch.setattr(preprocess.manifest, "_read_text", denied)
     assert main(["features", "--csv", str(csv), "--videos", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {csv}: Permission denied"
+
+
+def test_a_folder_given_as_a_file_and_a_missing_folder_are_said_as_such(tmp_path, capsys):
+    """A folder given as the CSV or the captions file was 'not found'; so was a missing shards folder's meta.json."""
+    (tmp_path / "videos").mkdir()
+    assert main(["features", "--csv", str(tmp_path / "videos"), "--videos", str(tmp_path / "videos")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'videos'}: a folder, not a CSV file"
+    assert main(["features", "--videos", str(tmp_path / "videos"), "--captions", str(tmp_path / "videos")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'videos'}: a folder, not a captions file"
+    assert main(["verify", str(tmp_path / "nowhere")]) == 1
+    assert f"{tmp_path / 'nowhere'}: folder not found" in capsys.readouterr().out

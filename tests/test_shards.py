@@ -266,8 +266,11 @@ def test_readers_name_the_broken_shard(tmp_path, spec):
     from shards.stream import record_path
 
     write_split(tmp_path, spec, {"test": ["t0", "t1"]}, max_samples=1)
-    with pytest.raises(shards.ShardFormatError, match="meta.json: missing"):
+    with pytest.raises(shards.ShardFormatError, match="nowhere: folder not found"):  # was 'meta.json: missing'
         shards.read_split(tmp_path / "nowhere", "test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(shards.ShardFormatError, match="meta.json: missing"):
+        shards.read_split(tmp_path / "empty", "test")
     broken = shards.list_shards(tmp_path)[1]
     broken.write_bytes(broken.read_bytes()[:700])  # cut inside the first member's data: its record says so
     with pytest.raises(shards.ShardFormatError, match=rf"{broken.name}: shard has 700 bytes, its record says"):
