@@ -75,7 +75,11 @@ def _argument_type(annotation: Any, value: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, presets: dict[str, Any], default_preset: str, title: str) -> None:
-    """`--preset` plus one `--field-name` flag per field of the presets' dataclass; unset flags keep the preset."""
+    """`--preset` plus one `--field-name` flag per field of the presets' dataclass; unset flags keep the preset. A
+    parser without a usage line of its own gets a short one: argparse's own lists every flag (some 40 lines printed
+    above each error)."""
+    if parser.usage is None and not any(action.option_strings == [] for action in parser._actions):
+        parser.usage = "%(prog)s [options] (--help lists them)"
     parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
                         help=f"named starting configuration (default: {default_preset})")
     default = presets[default_preset]

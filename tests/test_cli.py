@@ -180,3 +180,14 @@ def test_a_folder_given_as_a_file_and_a_missing_folder_are_said_as_such(tmp_path
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'videos'}: a folder, not a captions file"
     assert main(["verify", str(tmp_path / "nowhere")]) == 1
     assert f"{tmp_path / 'nowhere'}: folder not found" in capsys.readouterr().out
+
+
+def test_a_bad_flag_value_is_two_lines_not_a_page_of_usage(capsys):
+    """argparse printed every flag of the stage (33-40 lines) above its one error line."""
+    import pytest
+
+    for argv in (["features", "--fps", "abc"], ["train", "--batch-size", "x"], ["eval", "--steps", "x"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 and err[0].endswith("[options] (--help lists them)") and "error: argument" in err[1], err
