@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -805,6 +806,33 @@ def test_outputs_and_options_that_cannot_work_are_refused_before_any_model(run_d
     assert (out / "w.check.mp4").read_text() == "USER" and (out / "w.mp4").exists()
     assert (out / "w.partial.mp4").read_text() == "USER"
     assert sorted(p.name for p in out.iterdir()) == ["v.mp4", "v.wav", "w.check.mp4", "w.mp4", "w.partial.mp4", "w.wav"]
+
+
+def test_sigterm_stops_as_ctrl_c_does_and_leaves_no_scratch_folder(run_dir, tmp_path, capsys, monkeypatch):
+    """SIGTERM (a job's time limit, `timeout`) killed the command at once: its scratch folder stayed in the
+    temporary folder."""
+    import signal
+    import tempfile
+
+    import vta_sam.generate as generate
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    video = media.make_video(tmp_path / "a.mp4", seconds=2.0, audio=None)
+    real_mux = generate.mux
+
+    def terminated(video, wav, target, *args, **kwargs):
+        if not kwargs.get("first_frame_only"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_mux(video, wav, target, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "mux", terminated)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert cli_main(["generate", str(video), "--out", str(tmp_path / "out"), "--model", str(run_dir), "--steps", "2",
+                     "--caption", "dog", "--no-progress"]) == 130
+    assert "interrupted: run the same command again to go on" in capsys.readouterr().err
+    assert list((tmp_path / "tmp").iterdir()) == [] and signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_ctrl_c_is_exit_130_with_how_to_go_on_and_no_partial_file(run_dir, tmp_path, capsys, monkeypatch):

@@ -15,9 +15,11 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -603,15 +605,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failed = len(problems)
     claimed: dict[Path, Path] = {}  # output file -> the video of this call that writes it
+    # SIGTERM (a job's time limit, `timeout`) as Ctrl-C: the scratch folder and a half-written copy are removed
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         failed += _generate_all(generator, videos, options, many, claimed, args.no_progress)
     except KeyboardInterrupt:
         print(f"\ninterrupted: run the same command again to go on (the videos that have sound in {options.out} "
               "are kept and skipped)", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     done = len(videos) + len(problems) - failed
     print(f"{done} of {len(videos)} videos have sound in {options.out}" + (f"; {failed} failed (see above)" if failed else ""))
     return 1 if failed else 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _generate_all(generator: SoundGenerator, videos: list[Path], options: GenerateOptions, many: bool,
