@@ -822,11 +822,13 @@ def _run(cfg: FeatureConfig, mine: list[Clip], out_dir: Path, weights_dir: Path 
     sink = ShardSink(out_dir, rank, cfg, threaded=threaded_writer)
     items = decode_clips(todo, cfg, tensors, prefetch, out_dir / f".decoding-{rank:03d}")
     last_batch_done = None
+    nounless: list[Clip] = []
     try:
         for batch in _batches(items, cfg.batch_clips, record_failure):
             if last_batch_done is None:
                 summary.startup_seconds = time.perf_counter() - started
             nouns = [nouns_of(item["clip"].caption) for item in batch]
+            nounless += [item["clip"] for item, found in zip(batch, nouns) if not found]
             features = encoders.encode(batch, nouns)
             samples = []
             for item, arrays, clip_nouns in zip(batch, features, nouns):
@@ -859,6 +861,9 @@ def _run(cfg: FeatureConfig, mine: list[Clip], out_dir: Path, weights_dir: Path 
             summary.wall_seconds = time.perf_counter() - started
             if last_batch_done is not None:
                 summary.drain_seconds = summary.wall_seconds - (last_batch_done - started)
+    if nounless:  # said once, at the end: the tagger runs as the batches come
+        _warn(f"{len(nounless)} clip(s) have a caption in which the tagger finds no noun (e.g. {nounless[0].id}: "
+              f"{nounless[0].caption!r}): their object embedding is zero, nothing of them was grounded")
     return summary
 
 

@@ -306,6 +306,17 @@ def test_a_video_replaced_since_its_clip_was_made_is_said_on_the_rerun(five_clip
             f"modification time; e.g. {videos / 'clip1.mp4'}); they are kept as they are") in err
 
 
+def test_captions_without_a_noun_are_said_once(five_clips, tmp_path, capsys):
+    """A caption in which the tagger finds no noun (another script's words, only stopwords) gave a zero object
+    embedding without a word; vta-sam generate warned about the same caption."""
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"clip1": "and then of it", "clip3": "lo que sea", "clip0": "a dog barking"}))
+    run_stage_one(five_clips, tmp_path / "out", threaded=False, captions=captions)
+    err = [line for line in capsys.readouterr().err.splitlines() if "finds no noun" in line]
+    assert len(err) == 1 and err[0].startswith("warning: ") and " clip(s) have a caption in which the tagger" in err[0]
+    assert "e.g. clip1: 'and then of it'" in err[0]
+
+
 def test_a_rerun_for_another_split_says_its_clips_are_there_already(five_clips, tmp_path, capsys):
     """Resuming skips a clip by its key, whatever split it was made for: a rerun into the same folder with another
     split wrote nothing and said "already done". It still writes nothing (a clip is made once per folder), but it
