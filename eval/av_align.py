@@ -33,6 +33,10 @@ from eval.metrics import (
     summarize,
 )
 
+MIN_WINDOW_FRAMES = 0.9  # fewest of a window's frames its video must hold (else the clip fails)
+# both rules: the audio is cut at the clip's window, a video short of its window is a failure (results.json
+# rows measured before these rules lack the keys, so a table flags them as measured otherwise)
+WINDOW_RULES = {"audio": "cut at the clip's window", "min_window_frames": MIN_WINDOW_FRAMES}
 AV_ALIGN_PROTOCOL = {
     "method": "Yariv et al. 2024 (2025 version): Farneback flow at the native fps, librosa onsets, one-to-one "
               "matching; clips with no peak on either side excluded",
@@ -40,6 +44,7 @@ AV_ALIGN_PROTOCOL = {
     "match_window_frames": 1,  # an audio peak matches a video peak within 1/fps seconds
     "onset_sample_rate": ONSET_SAMPLE_RATE,
     "farneback": list(FARNEBACK_PARAMS),
+    **WINDOW_RULES,
 }
 AV_ALIGN_2023_PROTOCOL = {
     "method": "Yariv et al. 2024 (2023 version, TempoTokens av_align.py at 34d9502): Farneback flow at the native "
@@ -50,6 +55,7 @@ AV_ALIGN_2023_PROTOCOL = {
     "match_window_frames": 1,
     "onset_sample_rate": ONSET_SAMPLE_RATE,
     "farneback": list(FARNEBACK_PARAMS),
+    **WINDOW_RULES,
 }
 RULE_METRICS = {"2025": "av_align", "2023": "av_align_2023"}  # AV-Align rule -> its results.json key
 
@@ -90,7 +96,7 @@ def av_align_window(video: str, start: float, duration: float, wav: str) -> dict
             raise
     finally:
         frames.close()  # releases the capture when the window ends before the file does
-    if magnitudes is None or seen < 0.9 * (stop - first):
+    if magnitudes is None or seen < MIN_WINDOW_FRAMES * (stop - first):
         raise ValueError(f"{video}: {seen} frames in the window [{start:g}, {start + duration:g}) s where "
                          f"{stop - first} were expected at {fps:g} fps: the video is shorter than its clip")
     scores = av_align_rules(audio_peaks(waveform, rate), magnitudes, fps, offset=first / fps - start)

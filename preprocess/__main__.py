@@ -136,13 +136,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nterminated (SIGTERM): run the same command again to go on ({out_dir})", file=sys.stderr)
         raise
     except OSError as error:  # writing the shards: a full disk, a folder that went away (reading is per clip)
-        print(f"{os_error_line(error, out_dir)}; the complete shards are kept: free the cause and run the same "
-              "command again", file=sys.stderr)
+        print(f"{os_error_line(error, out_dir)}; what was written is kept: run the same command again once the "
+              "cause is gone", file=sys.stderr)
         return 2
     if duplicates:
         print(f"note: {duplicates} repeated manifest rows were ignored")
     print_summary(summary)
-    if summary.failed and not summary.written:  # e.g. a --videos folder holding none of the manifest's files
+    # a --videos folder holding none of the manifest's files: every clip of a first run missing (not a resumed run
+    # whose last clips are bad files, nor a rank whose share is)
+    if set(summary.failed) == {"input"} and not summary.written and not summary.resumed:
         print(f"error: no clip of this run could be made ({sum(summary.failed.values())} failed: see "
               f"{out_dir / 'failures.jsonl'})", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ handles free text.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +22,6 @@ from common.weights import sha256_file
 
 NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
 VERB_TAGS = frozenset({"VB", "VBP", "VBZ"})
-_WORD = re.compile(r"[^\W\d_](?:[^\W\d_]|['\-])*")  # a letter of any script, then letters, apostrophes, hyphens
 NLTK_TAGGER_RESOURCE = "averaged_perceptron_tagger_eng"
 # -ing words that name things; any other -ing word opening a label is its action ("playing bass drum")
 ING_NOUNS = frozenset(
@@ -40,9 +40,18 @@ class TaggerUnavailableError(RuntimeError):
 
 
 def tokenize(caption: str) -> list[str]:
-    """Lower-cased words of any script ("café", not "caf"), a possessive's "'s" or "'" dropped ("dog's" is "dog");
-    punctuation splits clauses ("male speech, man speaking")."""
-    words = (re.sub(r"'s?$", "", word) for word in _WORD.findall(caption.lower()))
+    """Lower-cased words of any script ("café", not "caf"; the combining vowel signs of Devanagari or Thai inside
+    a word), a possessive's "'s" or "'" dropped ("dog's" is "dog"); punctuation splits clauses ("male speech, man
+    speaking"). A word starts with a letter and goes on with letters, combining marks, apostrophes and hyphens."""
+    words: list[str] = []
+    current: list[str] = []
+    for char in unicodedata.normalize("NFC", caption.lower()) + " ":
+        kind = unicodedata.category(char)
+        if kind.startswith("L") or (current and (kind.startswith("M") or char in "'-")):
+            current.append(char)
+        elif current:
+            words.append(re.sub(r"'s?$", "", "".join(current)))
+            current = []
     return [word for word in words if word]
 
 

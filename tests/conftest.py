@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -52,3 +58,18 @@ def rewrite_shard(path, change) -> None:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     record_path(path).unlink()
+
+
+@contextlib.contextmanager
+def lock_holder(folder: Path, what: str, name: str = ".lock") -> Iterator[subprocess.Popen]:
+    """Another process holding `folder`/`name` (`common.lock.folder_lock`) while the block runs; killed after it."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from pathlib import Path; "
+                               "from common.lock import folder_lock\n"
+                               f"with folder_lock(Path({str(folder)!r}), {what!r}, {name!r}):\n"
+                               "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

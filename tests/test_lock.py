@@ -9,6 +9,7 @@ import time
 import pytest
 
 from common.lock import FolderBusy, folder_lock
+from tests.conftest import lock_holder
 
 
 def test_a_held_folder_refuses_a_second_holder_and_is_free_after(tmp_path):
@@ -24,18 +25,10 @@ def test_a_held_folder_refuses_a_second_holder_and_is_free_after(tmp_path):
 def test_a_killed_holder_leaves_the_folder_free(tmp_path):
     """The lock goes with the process: a run killed while holding it leaves nothing to clean up."""
     folder = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from common.lock import folder_lock\n"
-                               f"with folder_lock(Path({str(folder)!r}), 'training'):\n"
-                               "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with lock_holder(folder, "training"):
         with pytest.raises(FolderBusy):  # another process holds it
             with folder_lock(folder, "training"):
                 pass
-    finally:
-        holder.kill()
-        holder.wait()
     with folder_lock(folder, "training"):
         pass
 

@@ -124,6 +124,8 @@ def test_words_of_any_script_stay_whole_and_a_possessive_is_its_noun():
     assert tokenize("Café crowd at the piñata; Zürich's fjord, the dogs' bowl") == [
         "café", "crowd", "at", "the", "piñata", "zürich", "fjord", "the", "dogs", "bowl"]
     assert tagged_nouns("café crowd cheering at the piñata") == ["café", "crowd", "piñata"]
+    # combining vowel signs stay inside their word (not one-letter fragments); decomposed accents are composed
+    assert tokenize("हिन्दी गाना") == ["हिन्दी", "गाना"] and tokenize("cafe\u0301") == ["café"]
     assert tagged_nouns("dog's bark, a dog") == ["dog", "bark"]
 
 

@@ -175,7 +175,9 @@ class TrainConfig(ConfigMethods):
         at_least_one = {"log_every": self.log_every, "train_timesteps": self.train_timesteps,
                         "norm_groups": self.norm_groups, "layers_per_block": self.layers_per_block,
                         "max_bad_steps": self.max_bad_steps, "shuffle_buffer": self.shuffle_buffer,
-                        "epochs": self.epochs, "cross_attention_dim": self.cross_attention_dim}
+                        "cross_attention_dim": self.cross_attention_dim}
+        if not self.max_steps:  # epochs decide the run's length only then
+            at_least_one["epochs"] = self.epochs
         for name, value in at_least_one.items():
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -194,8 +196,8 @@ class TrainConfig(ConfigMethods):
         for name, number in positive.items():
             if not (math.isfinite(number) and number > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {number!r}")
-        if not self.beta_start < self.beta_end < 1:
-            raise ValueError(f"beta_start < beta_end < 1 is needed, got {self.beta_start!r} and {self.beta_end!r}")
+        if not self.beta_start <= self.beta_end < 1:
+            raise ValueError(f"beta_start <= beta_end < 1 is needed, got {self.beta_start!r} and {self.beta_end!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not 0 <= self.ema_decay <= 1:

@@ -430,22 +430,28 @@ class WriteFailed(ConfigError):
 @contextlib.contextmanager
 def writing(tmp: Path, what: Path) -> Iterator[None]:
     """Around the writing of `tmp` (a file or a folder, renamed into `what` when whole): a failure to write (a full
-    disk: OSError, or safetensors' own error) removes `tmp`, which would hold the space until that step came again,
-    and is one WriteFailed naming `what`; what was complete before stays."""
+    disk: OSError, safetensors' own error, torch.save's RuntimeError) removes `tmp`, which would hold the space
+    until that step came again, and is one WriteFailed naming `what`; what was complete before stays."""
     try:
         yield
-    except (OSError, safetensors.SafetensorError, WriteFailed) as error:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError, safetensors.SafetensorError) as error:
         if isinstance(error, WriteFailed):  # a file inside `tmp`
             reason = error.reason
         elif isinstance(error, OSError) and error.strerror:
             reason = error.strerror
+        elif isinstance(error, RuntimeError) and not any(mark in str(error) for mark in TORCH_WRITE_FAILURES):
+            raise  # not a write that failed
         else:
             reason = " ".join(str(error).split())[:200]
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise WriteFailed(what, reason) from None
+
+
+# what torch.save's RuntimeError says when its file cannot be written (PyTorchStreamWriter on a full disk)
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container", "file write failed", "unexpected pos")
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -237,15 +237,15 @@ def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int
     command += ["-frames:v", "1"] if first_frame_only else []
     try:
         result = subprocess.run([*command, file_url(tmp)], capture_output=True, text=True)
-    except BaseException:  # Ctrl-C: ffmpeg got it too; its partial file goes
+        if result.returncode != 0:
+            raise GenerateError(f"{video}: cannot write {out} ({error_reason(result.stderr)})")
+        if not first_frame_only:
+            tmp.replace(out)
+    except BaseException:  # Ctrl-C or SIGTERM (ffmpeg got it too), ffmpeg's failure: its partial file goes
         tmp.unlink(missing_ok=True)
         raise
-    if result.returncode != 0 or first_frame_only:
+    if first_frame_only:
         tmp.unlink(missing_ok=True)
-    if result.returncode != 0:
-        raise GenerateError(f"{video}: cannot write {out} ({error_reason(result.stderr)})")
-    if not first_frame_only:
-        tmp.replace(out)
 
 
 def writable_container(video: Path, out_video: Path, out_wav: Path, probe: dict[str, Any], silence: Path,

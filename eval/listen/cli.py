@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return report(args) if args.report is not None else serve(args)
     except sqlite3.DatabaseError as error:  # --db names a file that is no SQLite database
         db = args.report or args.db or args.work / "ratings.sqlite"
-        print(f"error: {db}: not a ratings database ({error})", file=sys.stderr)
+        what = "not a ratings database" if "not a database" in str(error) else "SQLite"
+        print(f"error: {db}: {what} ({error})", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
