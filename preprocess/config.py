@@ -90,8 +90,8 @@ class FeatureConfig(ConfigMethods):
             raise ValueError(f"num_workers must be 0 (decode in this process) or more, got {self.num_workers}")
         if self.max_nouns < 1:
             raise ValueError("max_nouns must be at least 1")
-        if self.max_memory_gib < 0:
-            raise ValueError("max_memory_gib must be 0 (no cap) or positive")
+        if not (self.max_memory_gib >= 0 and math.isfinite(self.max_memory_gib)):  # NaN passed `< 0`
+            raise ValueError(f"max_memory_gib must be 0 (no cap) or a positive number, got {self.max_memory_gib!r}")
         if not 0.0 <= self.sam_floor <= 1.0:
             raise ValueError(f"sam_floor must be in [0, 1], got {self.sam_floor!r}")
 

@@ -106,6 +106,8 @@ def test_stage_one_refuses_bad_values_and_outputs_in_one_line(tmp_path, capsys, 
         (["--out", str(tmp_path / "o2"), "--limit", "-1"], "error: --limit must be 0 or more (got -1)"),
         (["--out", str(tmp_path / "o3"), "--fps", "nan"], "error: fps and window_seconds must be positive numbers"),
         (["--out", str(tmp_path / "o4"), "--num-workers", "-1"], "error: num_workers must be 0"),
+        (["--out", str(tmp_path / "o5"), "--max-memory-gib", "nan"],
+         "error: max_memory_gib must be 0 (no cap) or a positive number, got nan"),
     ]
     for extra, start in cases:
         assert main([*common, *extra]) == 2, extra
