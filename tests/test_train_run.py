@@ -218,13 +218,14 @@ def test_exported_weights_are_readable_by_others_as_the_umask_allows(tmp_path):
     from tests.test_train_support import write_shards
 
     write_shards(tmp_path / "shards", num_shards=1, per_shard=8)
-    old = os.umask(0o022)
-    try:
-        assert run(tmp_path / "shards", tmp_path / "run", "--max-steps", "1") == 0
-    finally:
-        os.umask(old)
-    for name in ("ema.safetensors", "raw.safetensors", "config.json"):
-        assert stat.S_IMODE((tmp_path / "run" / "model" / name).stat().st_mode) == 0o644, name
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            assert run(tmp_path / "shards", tmp_path / f"run{umask}", "--max-steps", "1") == 0
+        finally:
+            os.umask(old)
+        for name in ("ema.safetensors", "raw.safetensors", "config.json"):
+            assert stat.S_IMODE((tmp_path / f"run{umask}" / "model" / name).stat().st_mode) == mode, (umask, name)
     denied = tmp_path / "denied.safetensors"
     denied.mkdir()  # opening it fails otherwise than 'not found'
     with pytest.raises(IsADirectoryError):

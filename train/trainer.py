@@ -474,7 +474,14 @@ def save_weights(model: torch.nn.Module, path: Path, float32: bool = True) -> No
 
 
 def current_umask() -> int:
-    """The process's file-creation mask (read by setting it and setting it back)."""
+    """The process's file-creation mask: from /proc/self/status on Linux, else read by setting it and setting it
+    back (a file another thread creates at that instant gets 022)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
