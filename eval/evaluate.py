@@ -72,6 +72,9 @@ from eval.score import score
 
 CONFIG_FILE = "config.json"
 SUPERSEDED = "superseded"  # where the results of a run with other settings go when the next one starts
+# settings that change where a run writes, how many processes measure AV-Align or its figure, never a number: a
+# rerun that differs only in them replaces its results in place
+UNMEASURED = frozenset({"output", "cache_dir", "workers", "figure_clips"})
 log = logging.getLogger(__name__)
 
 
@@ -107,7 +110,10 @@ def supersede_results(out_dir: Path, config: EvalConfig, clips: list[shards.Samp
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # unreadable, not JSON: not this run's either
         old = None
-    if (isinstance(old, dict) and old.get("config") == json.loads(config.to_json())
+    def measured(settings: Any) -> Any:  # less what cannot change a number (UNMEASURED)
+        return {k: v for k, v in settings.items() if k not in UNMEASURED} if isinstance(settings, dict) else settings
+
+    if (isinstance(old, dict) and measured(old.get("config")) == measured(json.loads(config.to_json()))
             and old.get("clips") == [c.id for c in clips]):
         return  # this run's own: replaced when this run ends
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(path.stat().st_mtime))

@@ -599,6 +599,7 @@ def test_a_run_with_other_clips_moves_the_results_before_it_aside_and_one_clip_p
     printed = capsys.readouterr().out
     assert "nan" not in printed.lower() and json.loads((out / "results.json").read_text())["clips"] == ["t0"]
     assert eval_main(one_clip) == 0
+    assert eval_main([*one_clip, "--workers", "2"]) == 0  # a setting that changes no number
     assert len(list((out / "superseded").iterdir())) == 1  # the same run's results: replaced, not moved
 
 
