@@ -81,6 +81,7 @@ class Metric:
     per_clip: bool = False  # results.json holds '<name>_per_clip'
     groups: tuple[str, ...] = ("paper",)  # the --metrics groups it belongs to
     min_clips: int = 2  # fewest clips per set it can be computed on (a Frechet distance needs 2)
+    generated_only: bool = False  # computed on the generated set alone (the Inception score): min_clips is its
     paired_on: str = ""  # set: min_paired counts the clips in both sets, which hold this (e.g. a source video)
     titles: Mapping[str, str] = field(default_factory=dict)  # its column title in another group's table
 
@@ -259,7 +260,8 @@ METRICS: tuple[Metric, ...] = (
                                          "splits": IS_SPLITS, "shuffle_seed": IS_SHUFFLE_SEED}},
            note=f"IS: Inception score of the generated clips on PANNs ({IS_SPLITS} splits, mean over the splits; none "
                 f"below {IS_SPLITS} clips, where a split of one clip would score 1 whatever the audio).",
-           describe=describe_inception_score, groups=("paper", AV), titles={AV: "IS-PANNs"}, min_clips=IS_SPLITS),
+           describe=describe_inception_score, groups=("paper", AV), titles={AV: "IS-PANNs"}, min_clips=IS_SPLITS,
+           generated_only=True),
     Metric("av_align", "AV-Align", "higher", None, av_align_scores, counts=("videos_missing",),
            protocol={"av_align": AV_ALIGN_PROTOCOL}, cell=mean_ci,
            note="AV-Align: mean ± half-width of the 95% confidence interval over clips; AV-Align by the 2025 rule "
@@ -282,7 +284,8 @@ METRICS: tuple[Metric, ...] = (
            counts=("is_passt_clips", "is_passt_splits", "is_passt_std"),
            protocol={"is_passt": {"probabilities": "softmax(PaSST logits)", "set": "generated",
                                   "splits": IS_SPLITS, "shuffle_seed": IS_SHUFFLE_SEED}}, groups=(AV,),
-           describe=partial(describe_inception_score, name="is_passt", model="PaSST"), min_clips=IS_SPLITS),
+           describe=partial(describe_inception_score, name="is_passt", model="PaSST"), min_clips=IS_SPLITS,
+           generated_only=True),
     Metric("ib_score", "IB-score", "higher", "imagebind", imagebind_score, counts=("ib_pairs",), cell=ib_cell,
            min_clips=1, groups=(AV,), paired_on="a source-video embedding and a generated WAV",
            protocol={"ib_score": {"video": "source window at 0.5 fps (ffmpeg fps filter), resized to 224 (bicubic), "

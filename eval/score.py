@@ -63,15 +63,19 @@ def audio_metrics(reference: Embeddings, generated: Embeddings, errors: dict[str
 
 
 def pairing_refusal(reference: Mapping[str, Any], generated: Mapping[str, Any], expected: int,
-                    min_paired: float, min_clips: int = 2, paired_on: str = "") -> str | None:
+                    min_paired: float, min_clips: int = 2, paired_on: str = "", generated_only: bool = False
+                    ) -> str | None:
     """Why the embedding metrics cannot be trusted on these sets (None: they can). With `paired_on`, the clips
-    counted are those in both sets (each has `paired_on`), else those with a generated embedding."""
+    counted are those in both sets (each has `paired_on`), else those with a generated embedding. `generated_only`:
+    the metric uses the generated set alone, which alone needs `min_clips`."""
     count = len(set(reference) & set(generated)) if paired_on else len(generated)
     fraction = count / expected if expected else 0.0
     if fraction < min_paired:
         return (f"only {count} of {expected} clips ({fraction:.0%}) have {paired_on or 'a generated WAV that could be embedded'}, "
                 f"below min_paired {min_paired:.0%}")
-    if len(generated) < min_clips or len(reference) < min_clips:
+    if generated_only and len(generated) < min_clips:
+        return f"needs at least {min_clips} generated clips ({len(generated)})"
+    if not generated_only and (len(generated) < min_clips or len(reference) < min_clips):
         return f"needs at least {min_clips} clips per set ({len(reference)} reference, {len(generated)} generated)"
     return None
 
@@ -83,8 +87,8 @@ def audio_scores(reference: Embeddings, generated: Embeddings, expected: int, mi
     metrics = tuple(m for m in METRICS if m.embedder in PANNS_VGGISH) if metrics is None else metrics
     values: dict[str, Any] = {}
     reasons: dict[str, str] = {}
-    for rule in dict.fromkeys((m.min_clips, m.paired_on) for m in metrics):
-        group = tuple(m for m in metrics if (m.min_clips, m.paired_on) == rule)
+    for rule in dict.fromkeys((m.min_clips, m.paired_on, m.generated_only) for m in metrics):
+        group = tuple(m for m in metrics if (m.min_clips, m.paired_on, m.generated_only) == rule)
         reason = pairing_refusal(reference, generated, expected, min_paired, *rule)
         if reason is not None:
             values.update(dict.fromkeys([m.name for m in group]))

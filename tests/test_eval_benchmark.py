@@ -255,7 +255,7 @@ def test_every_metric_with_random_embedders(clips_with_videos, tmp_path):
         assert isinstance(results[name], float), (name, results["null_reasons"].get(name))
     for name in ("inception_score", "is_passt"):  # ten splits need ten clips
         assert results[name] is None
-        assert results["null_reasons"][name] == "needs at least 10 clips per set (4 reference, 4 generated)"
+        assert results["null_reasons"][name] == "needs at least 10 generated clips (4)"
     assert -1.0 <= results["ib_score"] <= 1.0 and 0.0 <= results["desync"] <= 2.0
     assert results["counts"]["ib_pairs"] == 3 and results["counts"]["desync_clips"] == 3  # n0 has no video
     assert results["counts"]["benchmark_videos_missing"] == 1

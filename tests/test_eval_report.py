@@ -72,7 +72,7 @@ def test_results_report_and_figure(tiny_run, generated, tmp_path):  # noqa: F811
     # IS: four clips in ten splits would leave splits empty, and a split of one clip scores exp(0) = 1 whatever
     # the audio (it was reported as 1.000): no score, saying why
     assert results["inception_score"] is None and "inception_score_clips" not in results["counts"]
-    assert results["null_reasons"]["inception_score"] == "needs at least 10 clips per set (4 reference, 4 generated)"
+    assert results["null_reasons"]["inception_score"] == "needs at least 10 generated clips (4)"
     # AV-Align on the two clips whose video exists, with its spread; the two others are counted as missing
     av = results["av_align"]
     assert av["n"] + av["n_excluded"] == len(VIDEO_IDS) and av["videos_missing"] == 2
@@ -85,7 +85,7 @@ def test_results_report_and_figure(tiny_run, generated, tmp_path):  # noqa: F811
     report = (out / "report.md").read_text()
     assert report.splitlines()[0] == f"**{NOT_COMPARABLE}**" and not results["comparable"]
     assert "| run (V+O) |" in report
-    assert "- AV-Align (2023 rule) over" in report and "- IS not computed: needs at least 10 clips per set" in report
+    assert "- AV-Align (2023 rule) over" in report and "- IS not computed: needs at least 10 generated clips" in report
     assert "| KL ↓ | KL-sigmoid ↓ | IS ↑ | AV-Align ↑ | AV-Align 2023 ↑ |" in report
     # how it sampled: --batch-size clips at a time on the CPU, no CUDA graph
     assert results["generation"]["speed"] == {"sampling_batch": 2, "cuda_graphs": False, "device": "cpu"}
@@ -366,7 +366,7 @@ def test_one_clip_is_too_few_for_every_embedding_metric_and_says_so_plainly():
     metrics, reasons = audio_scores(one, one, 1, 0.9)
     assert set(reasons) == {"fd", "fad", "kl", "kl_sigmoid", "kl_panns", "inception_score"}
     assert all(metrics[name] is None for name in reasons)
-    assert reasons.pop("inception_score") == "needs at least 10 clips per set (1 reference, 1 generated)"
+    assert reasons.pop("inception_score") == "needs at least 10 generated clips (1)"
     assert set(reasons.values()) == {"needs at least 2 clips per set (1 reference, 1 generated)"}
 
 
@@ -613,3 +613,20 @@ def test_an_output_file_that_cannot_be_written_is_one_line(tiny_run, generated, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: {out / 'figure.png'}: cannot be written (Is a directory)", err
     assert "Traceback" not in "\n".join(err) and not list(out.glob("*.tmp*"))
+
+
+def test_the_inception_score_needs_ten_generated_clips_whatever_the_reference_holds():
+    """It uses the generated set alone, but was refused when the reference set held fewer than 10 clips (a
+    reference clip too short to embed took it down)."""
+    rng = np.random.default_rng(0)
+
+    def embedding() -> AudioEmbedding:
+        return AudioEmbedding(rng.standard_normal(4), rng.dirichlet(np.ones(5)), rng.standard_normal((3, 8)),
+                              rng.standard_normal(5))
+
+    generated_set = {f"c{i}": embedding() for i in range(10)}
+    reference = {f"c{i}": embedding() for i in range(9)}
+    metrics, reasons = audio_scores(reference, generated_set, 10, 0.5)
+    assert isinstance(metrics["inception_score"], float) and "inception_score" not in reasons
+    metrics, reasons = audio_scores(reference, dict(list(generated_set.items())[:9]), 10, 0.5)
+    assert metrics["inception_score"] is None and reasons["inception_score"] == "needs at least 10 generated clips (9)"
