@@ -276,7 +276,7 @@ def reference_set(config: EvalConfig, reference: ReferenceAudio, clips: list[sha
                                       progress, failed)
     where = f"{config.shards} (split {config.split})"
     failures += [{"id": clip_id, "stage": "embed_reference", "reason": f"{where}: clip {clip_id!r}: its reference audio "
-                  f"is {reason}"} for clip_id, reason in failed.items()]
+                  f"cannot be embedded: {reason}"} for clip_id, reason in failed.items()]
     return {c.id: embeddings[c.id] for c in clips if c.id in embeddings}  # back to id order
 
 

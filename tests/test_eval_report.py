@@ -630,3 +630,15 @@ def test_the_inception_score_needs_ten_generated_clips_whatever_the_reference_ho
     assert isinstance(metrics["inception_score"], float) and "inception_score" not in reasons
     metrics, reasons = audio_scores(reference, dict(list(generated_set.items())[:9]), 10, 0.5)
     assert metrics["inception_score"] is None and reasons["inception_score"] == "needs at least 10 generated clips (9)"
+
+
+def test_reference_audio_too_short_for_the_protocol_is_each_clip_s_failure(tiny_run, generated, tmp_path):  # noqa: F811
+    """Cut to 0.2 s (av-benchmark never pads), every reference and generated clip is too short for Cnn14: each is
+    listed once per side, the metrics are null with their reason, and nothing stops the run."""
+    results, _ = measure(tiny_run, generated, tmp_path / "out", audio_protocol="av-benchmark", duration=0.2,
+                         min_paired=0.5)
+    stages = sorted({(f["id"], f["stage"]) for f in results["failures"]})
+    assert stages == sorted((clip_id, stage) for clip_id in TEST_IDS for stage in ("embed_audio", "embed_reference"))
+    reference = next(f["reason"] for f in results["failures"] if f["stage"] == "embed_reference")
+    assert "its reference audio cannot be embedded: too short for Cnn14 under the av-benchmark audio protocol" in reference
+    assert results["fd"] is None and "only 0 of 4 clips" in results["null_reasons"]["fd"]
