@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -329,18 +330,24 @@ def test_a_failing_metric_is_null_with_its_reason(tiny_run, generated, tmp_path)
     assert set(reasons) == {"fd"}
 
 
+def random_embeddings(seed: int = 0) -> Callable[[], AudioEmbedding]:
+    """A maker of random AudioEmbeddings (4-d Cnn14 embedding, 5 classes, three 8-d VGGish patches)."""
+    rng = np.random.default_rng(seed)
+
+    def embedding() -> AudioEmbedding:
+        return AudioEmbedding(rng.standard_normal(4), rng.dirichlet(np.ones(5)), rng.standard_normal((3, 8)),
+                              rng.standard_normal(5))
+
+    return embedding
+
+
 def test_a_non_finite_metric_is_null_with_its_reason(monkeypatch):
     """A metric that comes out NaN or infinite without raising (the metrics refuse non-finite embeddings, so this
     takes a statistic that overflows) is null with a reason, as a failing one is; results.json used to show null
     with no reason."""
     import eval.score
 
-    rng = np.random.default_rng(0)
-
-    def embedding() -> AudioEmbedding:
-        return AudioEmbedding(rng.standard_normal(4), rng.dirichlet(np.ones(5)), rng.standard_normal((3, 8)),
-                              rng.standard_normal(5))
-
+    embedding = random_embeddings()
     reference = {f"c{i}": embedding() for i in range(12)}
     generated_set = {f"c{i}": embedding() for i in range(12)}
     real = eval.score.audio_metrics
@@ -618,12 +625,7 @@ def test_an_output_file_that_cannot_be_written_is_one_line(tiny_run, generated, 
 def test_the_inception_score_needs_ten_generated_clips_whatever_the_reference_holds():
     """It uses the generated set alone, but was refused when the reference set held fewer than 10 clips (a
     reference clip too short to embed took it down)."""
-    rng = np.random.default_rng(0)
-
-    def embedding() -> AudioEmbedding:
-        return AudioEmbedding(rng.standard_normal(4), rng.dirichlet(np.ones(5)), rng.standard_normal((3, 8)),
-                              rng.standard_normal(5))
-
+    embedding = random_embeddings()
     generated_set = {f"c{i}": embedding() for i in range(10)}
     reference = {f"c{i}": embedding() for i in range(9)}
     metrics, reasons = audio_scores(reference, generated_set, 10, 0.5)
