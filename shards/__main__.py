@@ -44,11 +44,11 @@ def verify(directory: Path, ids: set[str] | None = None) -> tuple[dict[str, int]
                 if clip_id in seen:
                     problems.append(f"{path.name}: clip {clip_id} also in {seen[clip_id]}")
                 seen[clip_id] = path.name
-                if ids is not None:
-                    ids.add(clip_id)
                 counts[sample[shards.META_KEY]["split"]] += 1
         except (shards.ShardFormatError, tarfile.TarError, OSError, ValueError) as error:
             problems.append(str(error) if str(error).startswith(str(path)) else f"{path.name}: {error}")
+    if ids is not None:
+        ids.update(seen)
     return dict(counts), problems
 
 

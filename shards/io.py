@@ -210,12 +210,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------- reading
+def require_stage_one_folder(directory: str | os.PathLike[str]) -> Path:
+    """`directory` as a Path when it holds a meta.json; ShardFormatError saying what it is otherwise (no folder,
+    a file, a folder without meta.json)."""
+    folder = Path(directory)
+    if not (folder / META_FILE).exists():
+        if not folder.is_dir():
+            raise ShardFormatError(f"{folder}: {'not a folder' if folder.exists() else 'folder not found'}")
+        raise ShardFormatError(f"{folder / META_FILE}: missing (not a stage-one output folder?)")
+    return folder
+
+
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(directory) / META_FILE
-    if not path.exists():
-        if not Path(directory).is_dir():
-            raise ShardFormatError(f"{directory}: {'not a folder' if Path(directory).exists() else 'folder not found'}")
-        raise ShardFormatError(f"{path}: missing (not a stage-one output folder?)")
+    path = require_stage_one_folder(directory) / META_FILE
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -23,7 +23,7 @@ from typing import Any
 
 import webdataset as wds
 
-from shards.io import META_FILE, list_shards, read_spec
+from shards.io import list_shards, read_spec, require_stage_one_folder
 from shards.schema import META_KEY, SAMPLE_KEYS, SampleMeta, ShardFormatError, ShardSpec
 from shards.stream import check_member, checked_record, decode_checked, read_raw
 
@@ -34,15 +34,6 @@ def split_shards(folder: Folder, split: str) -> list[Path]:
     """Shards that may hold `split`: stage one names its shards after the split (`{split}-...tar`); a folder whose
     shards are named otherwise is read whole (samples are then selected by their json 'split')."""
     return list_shards(folder, split) or list_shards(folder)
-
-
-def _require_folder(folder: Folder) -> Path:
-    folder = Path(folder)
-    if not (folder / META_FILE).exists():
-        if not folder.is_dir():
-            raise ShardFormatError(f"{folder}: {'not a folder' if folder.exists() else 'folder not found'}")
-        raise ShardFormatError(f"{folder / META_FILE}: missing (not a stage-one output folder?)")
-    return folder
 
 
 def _members(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes]]:
@@ -91,13 +82,13 @@ def iter_meta(paths: Iterable[Path]) -> Iterator[SampleMeta]:
 
 def read_split(folder: Folder, split: str) -> list[SampleMeta]:
     """The samples of `split` in a stage-one output folder, in shard order (only json members are read)."""
-    return [meta for meta in iter_meta(split_shards(_require_folder(folder), split)) if meta.split == split]
+    return [meta for meta in iter_meta(split_shards(require_stage_one_folder(folder), split)) if meta.split == split]
 
 
 def iter_split(folder: Folder, split: str, ids: Collection[str] | None = None) -> Iterator[dict[str, Any]]:
     """Decoded samples of `split` (only the clips `ids` when given), in shard order."""
     wanted = None if ids is None else set(ids)
-    folder = _require_folder(folder)
+    folder = require_stage_one_folder(folder)
     spec = read_spec(folder)
     for path in split_shards(folder, split):
         for raw in read_raw(path, spec):
@@ -125,7 +116,7 @@ def iter_member(folder: Folder, split: str, member: str, ids: Collection[str] | 
     """(meta, bytes of `member`) of each sample of `split` (only the clips `ids` when given) that has that member,
     in shard order, reading only the json and that member."""
     wanted = None if ids is None else set(ids)
-    for path in split_shards(_require_folder(folder), split):
+    for path in split_shards(require_stage_one_folder(folder), split):
         for key, found in _samples(path, (META_KEY, member)):
             if META_KEY not in found or member not in found:
                 continue

@@ -738,14 +738,11 @@ def test_a_file_that_crashes_a_decoding_worker_costs_only_that_clip(tmp_path, mo
     assert again.written == 0 and again.resumed == 6 and not again.failed
 
 
-def test_a_crash_in_decord_keeps_what_it_printed_in_the_failure(tmp_path, monkeypatch):
+def test_a_crash_in_decord_keeps_what_it_printed_in_the_failure(five_clips, tmp_path, monkeypatch):
     """A native crash while decord's stderr is held in a temporary file (to keep its own log lines off the
     terminal) lost the crash's message with the file: the failure said only 'killed by SIGABRT'."""
     from preprocess import video
 
-    videos = tmp_path / "videos"
-    for i in range(3):
-        media.make_video(videos / f"clip{i}.mp4", seconds=2.0, audio="tone")
     real = video._decode_decord
 
     def crashing(path, *args, **kwargs):
@@ -756,8 +753,8 @@ def test_a_crash_in_decord_keeps_what_it_printed_in_the_failure(tmp_path, monkey
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(video, "_decode_decord", crashing)
-    summary = run_stage_one(videos, tmp_path / "out", threaded=True, num_workers=1)
-    assert summary.written == 2 and summary.failed == {"video": 1}
+    summary = run_stage_one(five_clips, tmp_path / "out", threaded=True, num_workers=1)
+    assert summary.written == 4 and summary.failed == {"video": 1}
     reason = failures(tmp_path / "out")["clip1"]["reason"]
     assert ("(killed by SIGABRT; it printed: terminate called after throwing an instance of 'std::bad_alloc' what(): "
             "std::bad_alloc)") in reason, reason
