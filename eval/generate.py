@@ -52,7 +52,7 @@ from eval.clips import WAV_DIR, EvalError, iterate_split_samples, shards_config_
 from eval.config import MODEL_WEIGHTS, EvalConfig, ModelWeights
 from train.config import TrainConfig
 from train.denoiser import release_graphs
-from train.diffusion import sampling_scheduler
+from train.diffusion import sampling_scheduler, steps_problem
 from train.speed import lower_precision_weights, sampling_channels_last, speed_up
 
 MANIFEST_FILE = "manifest.json"  # in WAV_DIR: the settings that made its WAVs
@@ -274,9 +274,9 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
     except ValueError as error:
         raise EvalError(str(error)) from None
     model, train_config = load_run(config.run, device, config.model_weights)
-    if config.steps > train_config.train_timesteps:  # DDIM/DDPM raised from diffusers; DPM-Solver++ repeated steps
-        raise EvalError(f"--steps {config.steps}: {config.run} was trained with {train_config.train_timesteps} "
-                        "timesteps; a sampler visits at most that many")
+    problem = steps_problem(train_config, config.steps)
+    if problem:
+        raise EvalError(f"--steps {config.steps}: {config.run}: {problem}")
     tune_backends(device)
     lower_precision_weights(model, precision)  # this model only samples, always under autocast to `precision`
     speed_up(model, sampling_channels_last(config.channels_last, device), config.compile)

@@ -38,6 +38,14 @@ def noise_scheduler(config: TrainConfig) -> DDPMScheduler:
     )
 
 
+def steps_problem(config: TrainConfig, steps: int) -> str | None:
+    """Why a sampler cannot take `steps` steps with a model trained as `config` says (None: it can): more steps
+    than training timesteps (DDIM and DDPM raise diffusers' error, DPM-Solver++ visits each timestep again)."""
+    if steps > config.train_timesteps:
+        return f"the model was trained with {config.train_timesteps} timesteps; a sampler visits at most that many"
+    return None
+
+
 def sampling_scheduler(config: TrainConfig, kind: str) -> DDIMScheduler | DDPMScheduler | DPMSolverMultistepScheduler:
     common = dict(
         num_train_timesteps=config.train_timesteps,

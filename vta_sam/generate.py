@@ -37,6 +37,7 @@ from preprocess.config import FeatureConfig
 from preprocess.manifest import VIDEO_SUFFIXES
 from preprocess.nouns import NounCache, caption_nouns
 from preprocess.video import DecodedFrames, VideoDecodeError, decode_frames, probe_video
+from train.diffusion import steps_problem
 from train.speed import lower_precision_weights, sampling_channels_last, speed_up
 
 VOCABULARY_FILE = Path(__file__).resolve().parents[1] / "preprocess" / "assets" / "vggsound_labels.txt"
@@ -323,9 +324,9 @@ class SoundGenerator:
             raise GenerateError(f"{error} (train a model first: make train)") from None
         except ValueError as error:  # a damaged run folder: one line naming the file
             raise GenerateError(str(error)) from None
-        if options.steps > self.train_config.train_timesteps:  # DPM-Solver++ visited each timestep several times
-            raise GenerateError(f"--steps {options.steps}: the model was trained with {self.train_config.train_timesteps}"
-                                " timesteps; a sampler visits at most that many")
+        problem = steps_problem(self.train_config, options.steps)
+        if problem:
+            raise GenerateError(f"--steps {options.steps}: {problem}")
         source, meta = features_meta(Path(options.model), self.train_config)
         # compiling the detector was a speed choice of stage one's machine (minutes per shape): not for a few videos
         self.features = feature_config(source, meta).replace(device=options.device, compile=False)
