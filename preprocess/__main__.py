@@ -118,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from preprocess.encoders import OutOfMemory
     from preprocess.nouns import TaggerUnavailableError
-    from preprocess.pipeline import FeatureError, print_summary, run
+    from preprocess.pipeline import STOP_SIGNALS, FeatureError, print_summary, run
 
-    # SLURM and friends stop jobs with SIGTERM: turn it into an exception so the shard in progress is closed
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SLURM and friends stop jobs with SIGTERM (SIGUSR1 ahead of a time limit with `--signal=USR1@<seconds>`): an
+    # exception, so that the shard in progress is closed; the decoding workers ignore both (`pipeline.STOP_SIGNALS`)
+    previous = {signum: signal.signal(signum, lambda signum, frame: sys.exit(128 + signum)) for signum in STOP_SIGNALS}
     weights_dir = None if cfg.random_init else args.weights
     try:
         summary = run(cfg, clips, out_dir, weights_dir, rank, world_size, progress=not args.no_progress)
@@ -131,14 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # what was written is kept (the shard in progress is closed, the writer finishes)
         print(f"\ninterrupted: run the same command again to go on ({out_dir})", file=sys.stderr)
         return 130
-    except SystemExit as stop:  # SIGTERM, as above
-        if stop.code == 128 + signal.SIGTERM:
-            print(f"\nterminated (SIGTERM): run the same command again to go on ({out_dir})", file=sys.stderr)
+    except SystemExit as stop:  # SIGTERM or SIGUSR1, as above
+        if stop.code in {128 + signum for signum in STOP_SIGNALS}:
+            name = signal.Signals(int(stop.code) - 128).name
+            print(f"\nterminated ({name}): run the same command again to go on ({out_dir})", file=sys.stderr)
         raise
     except OSError as error:  # writing the shards: a full disk, a folder that went away (reading is per clip)
         print(f"{os_error_line(error, out_dir)}; what was written is kept: run the same command again once the "
               "cause is gone", file=sys.stderr)
         return 2
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if duplicates:
         print(f"note: {duplicates} repeated manifest rows were ignored")
     print_summary(summary)

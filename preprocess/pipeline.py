@@ -185,11 +185,20 @@ def _die_with_parent() -> None:
         return
 
 
+# the signals on which `python -m preprocess` closes its shards and exits (SIGTERM: scancel, a preemption, a time
+# limit; SIGUSR1: SLURM's `--signal=USR1@<seconds>`)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 def _worker_init(_: int) -> None:
-    """Set up one decoding worker: a single thread (the encoders in the main process want the cores), and death
-    with the parent, so a SIGKILLed run leaves no worker behind holding shared memory."""
+    """Set up one decoding worker: a single thread (the encoders in the main process want the cores); death with the
+    parent, so a SIGKILLed run leaves no worker behind holding shared memory; and STOP_SIGNALS ignored, for the parent
+    to act on: a scheduler signals the job's whole process group, and a worker that died of the signal broke off the
+    parent's orderly stop with DataLoader's "worker is killed by signal" traceback."""
     torch.set_num_threads(1)
     _die_with_parent()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     info = torch.utils.data.get_worker_info()
     if info is not None and isinstance(info.dataset, DecodeDataset):
         info.dataset._exit_if_orphaned()

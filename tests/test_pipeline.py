@@ -457,19 +457,47 @@ def test_a_writing_error_is_raised_and_earlier_shards_survive(five_clips, tmp_pa
     assert verify_main(["verify", str(out)]) == 0
 
 
-def test_sigterm_keeps_every_clip_already_encoded(tmp_path):
+class _SignalsItself(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        os.kill(os.getpid(), (signal.SIGTERM, signal.SIGUSR1)[index])
+        return os.getpid()
+
+
+def test_a_decoding_worker_outlives_the_stop_signals_its_parent_acts_on():
+    """A scheduler signals the whole process group: the decoding workers leave SIGTERM and SIGUSR1 to the main
+    process, which closes its shards and then shuts them down."""
+    from preprocess.pipeline import _worker_init
+
+    loader = torch.utils.data.DataLoader(_SignalsItself(), batch_size=None, num_workers=1, worker_init_fn=_worker_init)
+    pids = list(loader)
+    assert len(pids) == 2 and pids[0] != os.getpid()
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["main-process", "process-group"])
+def test_sigterm_keeps_every_clip_already_encoded(tmp_path, group):
+    """SIGUSR1 to the main process, or SIGTERM to every process of the job as a scheduler sends it: decoding workers
+    that died of it printed DataLoader's "worker is killed by signal: Terminated" traceback on the way out."""
     command, out, process = start_stage_one(tmp_path, clips=10, shard_size=4)
     deadline = time.monotonic() + 120
     # wait for the second shard to be in progress (its .tmp appears when its first sample is written)
     while not (shards.list_shards(out) and list(out.glob("*.tar.tmp"))) and time.monotonic() < deadline \
             and process.poll() is None:
         time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
+    signum = signal.SIGTERM if group else signal.SIGUSR1  # SLURM's `--signal=USR1@<seconds>`, to the main process
+    if group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     process.wait(timeout=60)
     kept = processed_ids(out)
-    assert process.returncode == 128 + signal.SIGTERM
+    assert process.returncode == 128 + signum
     assert process.stderr is not None  # it said nothing; now, what to do
-    assert f"terminated (SIGTERM): run the same command again to go on ({out})" in process.stderr.read().decode()
+    said = process.stderr.read().decode()
+    assert f"terminated ({signal.Signals(signum).name}): run the same command again to go on ({out})" in said
+    assert "Traceback" not in said, said
     # the shard in progress was closed, not dropped: more than the 4 clips of the shard complete before the signal
     assert 4 < len(kept) < 10, kept
     assert not list(out.glob("*.tmp")) and verify_main(["verify", str(out)]) == 0

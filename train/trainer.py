@@ -31,6 +31,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -81,6 +83,10 @@ MODEL_FILE = "model.safetensors"  # accelerate's name for the weights of its one
 PROGRESS_FILE = "progress.json"
 STEP_FOLDER = re.compile(r"step_\d{8}")  # a checkpoint; step_N.tmp is being written, step_N.broken was set aside
 SCALING_TOLERANCE = 1e-6  # relative: the VAE scaling factors of the shards and of the run agree
+# signals that stop a run at the next step boundary with a checkpoint of that step: SIGTERM (scancel, a preemption, a
+# job's time limit, torchrun and accelerate passing one on) and SIGUSR1 (SLURM's `--signal=USR1@<seconds>`, sent ahead
+# of the time limit)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class ConfigError(RuntimeError):
@@ -751,6 +757,39 @@ def optimizer_step(run: Run, step_loss: torch.Tensor, grad_norm: torch.Tensor) -
     return finite
 
 
+class StopRequests:
+    """The STOP_SIGNALS this process received while training, as a context manager: on entry (main thread only) each
+    signal's handler notes the signal instead of ending the process, on exit the previous handlers are put back.
+
+    `agreed` is the stop that every rank takes at a step boundary: the largest signal number any rank received, shared
+    by an all-reduce (a signal may reach one rank only, or the ranks at different steps), 0 when none. DataLoader
+    workers ignore these signals (`data.ignore_signals`): a job's whole process group receives them, and a worker
+    that died of one would stop the run before its checkpoint."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self.note) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def note(self, signum: int, frame: object) -> None:
+        self.received = self.received or signum
+
+    def agreed(self, accelerator: Accelerator) -> int:
+        if accelerator.num_processes == 1:
+            return self.received
+        flag = torch.tensor([self.received], device=accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+
 class Bookkeeping:
     """Everything after an optimizer step that is not training: TensorBoard scalars and the progress bar (main
     process), checkpoints with the EMA export, and the stop after config.max_bad_steps non-finite steps in a row."""
@@ -817,6 +856,19 @@ class Bookkeeping:
     def export(self) -> None:
         run = self.run
         export_model(run.ema, run.accelerator.unwrap_model(run.model), run.config, run.spec, run.output)
+
+    def stop(self, signum: int) -> None:
+        """Stop on a signal (`StopRequests`): a checkpoint of the step reached, unless it has one or none was taken, then
+        the line that says how to go on. The weights in model/ stay those of the last export (writing them could
+        outlast the time a scheduler leaves between its signal and SIGKILL)."""
+        run, step = self.run, self.run.progress.step
+        if step not in (0, self.last_saved):
+            self.checkpoint(export=False)
+        self.close()
+        if run.accelerator.is_main_process:
+            saved = latest_checkpoint(run.output)
+            self.log(f"stopped by {signal.Signals(signum).name} at step {step}"
+                     f"{f'; resume state in {saved}' if saved else ''}: run the same command again to go on")
 
     def finish(self) -> None:
         """The final checkpoint (unless this step has one), the weights export and the closing log line."""
@@ -887,7 +939,8 @@ def train_step(run: Run, micro_batches: Iterator[dict[str, Any]], scheduler: DDP
 
 
 def train(config: TrainConfig, log: Any = print) -> int:
-    """Train until config.max_steps (or epochs); returns the process exit code (0 ok, 1 stopped).
+    """Train until config.max_steps (or epochs); returns the process exit code (0 ok, 1 stopped, 128 + the signal
+    number when a STOP_SIGNALS signal stopped it at a step boundary with a checkpoint: `StopRequests`).
 
     config.global_batch > 0 sets grad_accumulation for the number of ranks launched (`resolve_global_batch`); the
     resolved config is what config.json records and what a resumed run is compared with."""
@@ -898,14 +951,14 @@ def train(config: TrainConfig, log: Any = print) -> int:
     # one training per output folder: a second one would interleave its checkpoints with the first's
     lock = folder_lock(Path(config.output), "training") if accelerator.is_main_process else contextlib.nullcontext()
     try:
-        with lock:
-            return _train(config, accelerator, spec, paths, count, log)
+        with lock, StopRequests() as stops:
+            return _train(config, accelerator, spec, paths, count, log, stops)
     except FolderBusy as error:
         raise ConfigError(str(error)) from None
 
 
 def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths: list[Path], count: int,
-           log: Any) -> int:
+           log: Any, stops: StopRequests) -> int:
     if accelerator.is_main_process:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         fingerprint = data_fingerprint(Path(config.shards), paths)
@@ -914,7 +967,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths
         log(global_batch_line(config, accelerator.num_processes))
     run = start_run(config, spec, accelerator, log, count)
     progress, rank = run.progress, accelerator.process_index
-    stream = iter(data.make_loader(paths, config, run.positions, pin_memory=accelerator.device.type == "cuda"))
+    stream = iter(data.make_loader(paths, config, run.positions, pin_memory=accelerator.device.type == "cuda",
+                                   ignored_signals=STOP_SIGNALS))
     scheduler = noise_scheduler(config)
     books = Bookkeeping(run, count, log)
     with contextlib.closing(books), RankRecorder(run.output, rank) if config.record_ranks else contextlib.nullcontext() as ranks:
@@ -928,6 +982,10 @@ def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths
 
         batches = micro_batches()
         while progress.step < books.total_steps:
+            signum = stops.agreed(accelerator)
+            if signum:
+                books.stop(signum)
+                return 128 + signum
             stepped, step_loss, grad_norm = train_step(run, batches, scheduler)
             if not books.after_step(stepped, step_loss, grad_norm):
                 return 1
