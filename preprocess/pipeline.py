@@ -472,11 +472,13 @@ def _warn(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
 
-def completed_ids(out_dir: Path, retry: Collection[str] = (), retried: set[str] | None = None) -> dict[str, str | None]:
+def completed_ids(out_dir: Path, retry: Collection[str] = (), retried: set[str] | None = None,
+                  stored: dict[str, shards.SampleMeta] | None = None) -> dict[str, str | None]:
     """Sample keys of clips in complete shards (any rank) or recorded in failures.jsonl, each with the split it was
     made for (from the shard's file name, or the failure record's "split"; None where that does not say). A clip
     recorded only as failed for a missing video file (stage 'input') whose key is in `retry` (its file is there
-    now) is not done: it goes into `retried` and is tried again.
+    now) is not done: it goes into `retried` and is tried again. `stored` receives the SampleMeta of each clip in
+    the shards (read in the same pass: `shards.shard_index`), for `warn_about_changes`.
 
     Bad input here is reported, one warning line each, never a crash: a shard that cannot be read (a zero-byte
     `.tar` left by a copy interrupted elsewhere, a torn one) is left in place untouched and its clips are not
@@ -486,7 +488,7 @@ def completed_ids(out_dir: Path, retry: Collection[str] = (), retried: set[str] 
     for path in shards.list_shards(out_dir):
         split = path.name.split("-", 1)[0]  # list_shards' names are {split}-{rank}-{index}.tar (no '-' in a split)
         try:
-            keys = shards.shard_keys(path)
+            index = shards.shard_index(path)
         # any error: shards/ owns the tar format (today tarfile's errors); counting no clip of the shard as done
         # is the safe answer to all of them
         except Exception as error:  # noqa: BLE001
@@ -495,7 +497,9 @@ def completed_ids(out_dir: Path, retry: Collection[str] = (), retried: set[str] 
             _warn(f"{path}: unreadable shard ({reason}); its clips are not counted as done and are written again "
                   "into new shards: move the file away once this run is over")
             continue
-        done.update(dict.fromkeys(keys, split))
+        done.update(dict.fromkeys(index, split))
+        if stored is not None:
+            stored.update((key, meta) for key, meta in index.items() if meta is not None)
     failures = out_dir / shards.FAILURES_FILE
     try:
         records = shards.read_jsonl(failures)
@@ -519,21 +523,6 @@ def completed_ids(out_dir: Path, retry: Collection[str] = (), retried: set[str] 
     return failed | done
 
 
-def stored_meta(out_dir: Path, keys: set[str]) -> dict[str, shards.SampleMeta]:
-    """The json member of each sample key of `keys`, read from the folder's shards (a shard that cannot be read is
-    passed over: `completed_ids` has warned about it)."""
-    found: dict[str, shards.SampleMeta] = {}
-    for path in shards.list_shards(out_dir):
-        try:
-            for meta in shards.iter_meta([path]):
-                key = shards.sample_key(meta.id)
-                if key in keys:
-                    found[key] = meta
-        except Exception:  # noqa: BLE001 - as in completed_ids: its clips are made again, nothing to compare
-            continue
-    return found
-
-
 def source_stamp(path: Path) -> str:
     """"<size>:<mtime in ns>" of a video file (SampleMeta.source_stamp): a file replaced at the same path has
     another one; "" when it cannot be read."""
@@ -544,11 +533,11 @@ def source_stamp(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def warn_about_changes(out_dir: Path, wanted: dict[str, Clip]) -> None:
-    """Say which clips already in the folder (`wanted`, by sample key) were made with another caption than the
-    manifest gives now, or from a video file replaced since at the same path; they are kept as they are (a clip
-    is made once per folder)."""
-    stored = stored_meta(out_dir, set(wanted))
+def warn_about_changes(out_dir: Path, wanted: dict[str, Clip], stored: dict[str, shards.SampleMeta]) -> None:
+    """Say which clips already in the folder (`wanted`, by sample key; `stored`: their SampleMeta in its shards, from
+    `completed_ids`) were made with another caption than the manifest gives now, or from a video file replaced since
+    at the same path; they are kept as they are (a clip is made once per folder)."""
+    stored = {key: meta for key, meta in stored.items() if key in wanted}
     changed = [wanted[key] for key, meta in stored.items() if meta.caption != wanted[key].caption]
     if changed:  # captions fixed in the manifest after a first run reach only the clips not made yet
         first = changed[0]
@@ -797,7 +786,8 @@ def _run(cfg: FeatureConfig, mine: list[Clip], out_dir: Path, weights_dir: Path 
                    rank)
     shards.remove_partial(out_dir, rank)
     retried: set[str] = set()
-    done = completed_ids(out_dir, {shards.sample_key(c.id) for c in mine if c.path is not None}, retried)
+    stored: dict[str, shards.SampleMeta] = {}
+    done = completed_ids(out_dir, {shards.sample_key(c.id) for c in mine if c.path is not None}, retried, stored)
     if retried:
         print(f"note: {len(retried)} clip(s) recorded as failed for a missing video file have one now: trying them "
               "again", file=sys.stderr)
@@ -810,7 +800,7 @@ def _run(cfg: FeatureConfig, mine: list[Clip], out_dir: Path, weights_dir: Path 
               f"give another --out to make them for split {first.split}")
     wanted = {shards.sample_key(c.id): c for c in mine if shards.sample_key(c.id) in done}
     if wanted:
-        warn_about_changes(out_dir, wanted)
+        warn_about_changes(out_dir, wanted, stored)
     summary.resumed = len(mine) - len(todo)
 
     failures_path = out_dir / shards.FAILURES_FILE

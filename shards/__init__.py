@@ -19,11 +19,10 @@ from shards.io import (
     read_spec,
     recorded_model,
     remove_partial,
-    shard_keys,
     shard_name,
     unrecorded_shards,
 )
-from shards.read import iter_member, iter_meta, iter_split, read_split, sample_stream, split_shards
+from shards.read import iter_member, iter_meta, iter_split, read_split, sample_stream, shard_index, split_shards
 from shards.schema import (
     ARRAY_KEYS,
     AUDIO_KEY,
@@ -53,6 +52,6 @@ __all__ = [
     "SCHEMA_VERSION", "SampleMeta", "ShardFormatError", "ShardSpec", "ShardWriter", "append_jsonl", "config_differs", "decode_sample",
     "encode_sample", "id_problem", "iter_member", "iter_meta", "iter_split", "iterate_samples", "list_shards", "object_embedding",
     "orphan_records", "read_jsonl", "read_meta", "read_spec", "read_split", "recorded_model", "remove_partial", "sample_conditions", "sample_key",
-    "sample_stream", "shard_keys", "shard_name", "split_shards", "stack_conditions", "unrecorded_shards", "validate",
+    "sample_stream", "shard_index", "shard_name", "split_shards", "stack_conditions", "unrecorded_shards", "validate",
     "validate_decoded",
 ]

@@ -15,14 +15,13 @@ import json
 import logging
 import os
 import re
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
-from shards.schema import META_KEY, ShardFormatError, ShardSpec
+from shards.schema import ShardFormatError, ShardSpec
 from shards.stream import RECORD_SUFFIX, HashingWriter, decode_checked, read_raw, record_path, write_record
 
 log = logging.getLogger(__name__)
@@ -47,17 +46,6 @@ def list_shards(directory: str | os.PathLike[str], split: str | None = None) -> 
         if match and (split is None or match["split"] == split):
             found.append(path)
     return found
-
-
-def shard_keys(path: Path) -> list[str]:
-    """Sample keys in a shard, read from the tar index alone (no member is decoded)."""
-    keys: list[str] = []
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if ext == META_KEY:
-                keys.append(key)
-    return keys
 
 
 class ShardWriter:

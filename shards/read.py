@@ -1,6 +1,8 @@
 """Reading shard folders: the one way the stages open shard files.
 
 - `iter_meta` / `read_split`: the `SampleMeta` of every sample (of a split), reading only the small json members.
+- `shard_index`: the sample keys of one shard with their `SampleMeta`, forgiving a json member that does not parse
+  (what stage one's resume counts as made).
 - `iter_split`: decoded samples of a split (optionally only some clip ids), in shard order.
 - `iter_member`: (meta, raw bytes of one member) per sample of a split, e.g. the `flac` of the clips still to embed,
   reading only the json and that member (tarfile seeks over the features).
@@ -13,6 +15,7 @@ A shard that cannot be read is a `ShardFormatError` naming the file and the reas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -58,6 +61,29 @@ def _members(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, s
         raise ShardFormatError(f"{path}: unreadable shard ({error})") from None
     if record is not None and keys != record["samples"]:
         raise ShardFormatError(f"{path}: shard holds {keys} samples, its record says {record['samples']}")
+
+
+MAX_META_BYTES = 1 << 24  # a json member larger than this is not stage one's (its SampleMeta is a few KiB)
+
+
+def shard_index(path: Path) -> dict[str, SampleMeta | None]:
+    """The sample keys of one shard, in tar order, each with its SampleMeta (None where its json member does not parse
+    or is larger than MAX_META_BYTES), in one pass over the tar headers and the small json members (tarfile seeks over
+    the features). A key counts when its json member is there: unlike `iter_meta`, neither the shard's record nor its
+    other member names are checked (stage one's resume, which must not make a clip twice). Errors opening or walking
+    the tar propagate (tarfile's errors, OSError)."""
+    index: dict[str, SampleMeta | None] = {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if ext != META_KEY:
+                continue
+            index[key] = None
+            handle = tar.extractfile(member) if member.size <= MAX_META_BYTES else None
+            if handle is not None:
+                with contextlib.suppress(ShardFormatError):
+                    index[key] = _meta(path, key, handle.read())
+    return index
 
 
 def _meta(path: Path, key: str, data: bytes) -> SampleMeta:

@@ -552,7 +552,7 @@ def test_a_damaged_sample_is_found_before_scoring_without_generating(tiny_run, g
     copy = tmp_path / "shards"
     shutil.copytree(data, copy)
     victim = TEST_IDS[1]
-    path = next(p for p in shards.list_shards(copy, "test") if shards.sample_key(victim) in shards.shard_keys(p))
+    path = next(p for p in shards.list_shards(copy, "test") if shards.sample_key(victim) in shards.shard_index(p))
 
     def nan_probs(name: str, payload: bytes) -> bytes:
         if name != f"{shards.sample_key(victim)}.probs.npy":

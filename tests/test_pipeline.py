@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -328,7 +329,7 @@ def test_a_rerun_for_another_split_says_its_clips_are_there_already(five_clips, 
     assert "another split" not in capsys.readouterr().err
 
 
-def test_a_rerun_with_other_captions_says_which_clips_keep_their_old_ones(five_clips, tmp_path, capsys):
+def test_a_rerun_with_other_captions_says_which_clips_keep_their_old_ones(five_clips, tmp_path, capsys, monkeypatch):
     """Captions corrected in the manifest after a run reach only the clips not made yet; the rerun said nothing
     about the others. It now warns how many were made with another caption, with an example, and what to do."""
     from preprocess.config import PRESETS
@@ -344,8 +345,18 @@ def test_a_rerun_with_other_captions_says_which_clips_keep_their_old_ones(five_c
     assert "another caption" not in capsys.readouterr().err
     fixed = tmp_path / "fixed.csv"
     fixed.write_text("".join(f"clip{i},{'a cat meows' if i in (1, 3) else 'a dog barks'}\n" for i in range(5)))
+    opened = []
+    real_open = tarfile.open
+
+    def counting_open(name=None, *args, **kwargs):
+        opened.append(Path(name).name)
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile, "open", counting_open)
     again = run(cfg, from_folder(five_clips, fixed), tmp_path / "out", None, progress=False)
     assert again.written == 0 and again.resumed == 5
+    # what is done and what it was made with come from one pass over the shards (they were read twice)
+    assert sorted(opened) == sorted(p.name for p in shards.list_shards(tmp_path / "out")) and len(opened) == 3
     assert (f"warning: {tmp_path / 'out'}: 2 clip(s) there were made with another caption than this manifest gives "
             "(e.g. clip1: 'a dog barks' there, 'a cat meows' now)") in capsys.readouterr().err
 

@@ -64,7 +64,30 @@ def test_round_trip_through_a_shard(tmp_path, spec):
         product = sample["detector.npy"].astype(np.float32) * sample["iou.npy"].astype(np.float32)
         np.testing.assert_allclose(sample["probs.npy"], product, atol=1e-3)
         np.testing.assert_allclose(sample["flac"], waveform, atol=1 / 2**15)
-    assert sorted(shards.shard_keys(shards.list_shards(tmp_path)[0])) == sorted(shards.sample_key(i) for i in list(originals)[:2])
+    first = shards.list_shards(tmp_path)[0]
+    index = shards.shard_index(first)
+    assert sorted(index) == sorted(shards.sample_key(i) for i in list(originals)[:2])
+    assert all(meta is not None and meta.caption == originals[meta.id][0]["caption"] for meta in index.values())
+
+
+def test_a_shard_index_keeps_a_key_whose_json_member_does_not_parse(tmp_path):
+    """Stage one's resume counts a clip as made when its json member is there, parsed or not (else it is made
+    again, and the folder holds it twice); only what parses is compared with the manifest."""
+    import io
+    import tarfile
+
+    good = {"id": "a", "caption": "a dog", "label": "", "split": "train", "duration": 1.0, "valid_frames": 2,
+            "nouns": ["dog"], "source": "/v/a.mp4"}
+    path = tmp_path / "train-000-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("a.json", json.dumps(good).encode()), ("a.flac", b"x"), ("b.json", b"{not json"),
+                           ("c.json", b"[1, 2]"), ("c.flac", b"y")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    index = shards.shard_index(path)
+    assert list(index) == ["a", "b", "c"] and index["b"] is None and index["c"] is None
+    assert index["a"] is not None and index["a"].id == "a"
 
 
 @pytest.mark.parametrize(
