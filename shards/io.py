@@ -100,10 +100,11 @@ class ShardWriter:
         final = self.directory / shard_name(self.split, self.rank, self.index)
         write_record(final, self._count, self._hashing.sha256.hexdigest(), self._hashing.size)
         os.replace(self._tmp, final)
-        _fsync_directory(self.directory)
+        # visible from here on: counted as written before the directory's fsync, which may still fail (EIO)
         self._tar = self._file = self._tmp = self._hashing = None
         self.index += 1
         self.completed.append(final)
+        _fsync_directory(self.directory)
         return final
 
     def close(self) -> None:

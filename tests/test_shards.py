@@ -159,6 +159,30 @@ def test_killed_writer_leaves_nothing_a_reader_accepts(tmp_path, spec):
     assert writer.flush().name == "train-003-000001.tar"
 
 
+def test_a_failed_directory_fsync_after_the_rename_counts_the_shard_as_written(tmp_path, spec, monkeypatch):
+    """The shard is visible once renamed; a failing fsync of its folder (EIO) after that left the writer holding it
+    as pending, so stage one's summary counted its samples as lost and a retry of the flush failed again."""
+    import errno
+
+    import shards.io
+
+    write_meta(tmp_path, spec)
+    writer = shards.ShardWriter(tmp_path, "train", rank=0, max_samples=10)
+    for i in range(2):
+        writer.write(shards.encode_sample(spec, *make_sample(spec, f"c{i}", seed=i)))
+
+    def failing(directory):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(shards.io, "_fsync_directory", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        writer.flush()
+    assert writer.pending == 0 and [p.name for p in writer.completed] == ["train-000-000000.tar"]
+    assert writer.flush() is None  # nothing left to write
+    monkeypatch.undo()
+    assert shards_main(["verify", str(tmp_path)]) == 0
+
+
 def test_verify_counts_samples_and_reports_duplicates(tmp_path, spec, capsys):
     write_meta(tmp_path, spec)
     for rank in (0, 1):
