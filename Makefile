@@ -10,16 +10,18 @@ ARGS ?=
 .PHONY: help setup demo features weights verify train eval listen test test-slow lint bench clean
 
 help:
+	@echo "make setup      create .venv with the pinned packages (+ Debian's ffmpeg); every target below runs it first"
 	@echo "make demo       set up, then run the whole pipeline (features, verify, train, eval) on the bundled synthetic demo set"
 	@echo "make test       fast CPU tests (slow ones: make test-slow)"
 	@echo "make features   stage one (ARGS='--csv ... --videos ... --out ... --preset paper')"
 	@echo "make train      stage two (ARGS='--preset paper --shards ... --output ...'); run again to resume"
 	@echo "make eval       generate audio for the test split and report FD / FAD / KL / AV-Align (ARGS='--preset paper ...'; --metrics all adds av-benchmark's)"
 	@echo "make listen     blinded listening test (ARGS='runs/a/eval runs/b/eval'); report: ARGS='--report DB'"
-	@echo "make weights    fetch real checkpoints into weights/ and weights/eval/ (needs network access; lists what is missing)"
+	@echo "make weights    fetch real checkpoints into weights/ and weights/eval/, and nltk's tagger data (needs network access; lists what is missing)"
 	@echo "make verify     check the demo shards against their schema"
 	@echo "make lint       ruff + mypy"
 	@echo "make bench      CPU benchmarks -> benchmarks/RESULTS.md"
+	@echo "make clean      remove the demo's shards and run (data/shards/demo, runs/demo)"
 
 $(STAMP): requirements.txt setup.cfg pyproject.toml
 	@command -v ffmpeg >/dev/null || { echo "installing Debian's ffmpeg"; \
@@ -62,6 +64,7 @@ listen: $(STAMP)
 
 weights: $(STAMP)
 	-$(PY) -m preprocess.weights fetch --out weights
+	-$(PY) -m nltk.downloader -q averaged_perceptron_tagger_eng
 	$(PY) -m eval.weights list --out weights/eval
 	$(PY) -m eval.weights fetch --out weights/eval
 

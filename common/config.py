@@ -74,15 +74,31 @@ def _argument_type(annotation: Any, value: Any) -> tuple[Any, dict[str, Any]]:
     return type(value), {}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, presets: dict[str, Any], default_preset: str, title: str) -> None:
-    """`--preset` plus one `--field-name` flag per field of the presets' dataclass; unset flags keep the preset. A
+def named_preset(argv: list[str] | None, presets: dict[str, Any], default_preset: str) -> str:
+    """The preset that `--preset NAME` / `--preset=NAME` names in argv (sys.argv[1:] when None), else the default;
+    a name that is not a preset also gives the default (the parser then refuses it)."""
+    args = sys.argv[1:] if argv is None else argv
+    named = default_preset
+    for index, arg in enumerate(args):
+        if arg == "--preset" and index + 1 < len(args):
+            named = args[index + 1]
+        elif arg.startswith("--preset="):
+            named = arg.partition("=")[2]
+    return named if named in presets else default_preset
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, presets: dict[str, Any], default_preset: str, title: str,
+                         argv: list[str] | None = None) -> None:
+    """`--preset` plus one `--field-name` flag per field of the presets' dataclass; unset flags keep the preset. Each
+    flag's help shows its value in the preset that argv names (`--preset paper --help` shows the paper values). A
     parser without a usage line of its own gets a short one: argparse's own lists every flag (some 40 lines printed
     above each error)."""
     if parser.usage is None and not any(action.option_strings == [] for action in parser._actions):
         parser.usage = "%(prog)s [options] (--help lists them)"
     parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
-                        help=f"named starting configuration (default: {default_preset})")
-    default = presets[default_preset]
+                        help=f"named starting configuration (default: {default_preset}; with --help, the values shown "
+                             "are those of the preset given)")
+    default = presets[named_preset(argv, presets, default_preset)]
     group = parser.add_argument_group(title)
     cls = type(default)
     hints = typing.get_type_hints(cls)
@@ -120,7 +136,7 @@ def config_main(parser: argparse.ArgumentParser, presets: dict[str, Any], defaul
     """The shape of `python -m train` and `python -m eval`: the config flags plus `--dry-run` (print the resolved
     config as JSON and stop); a refused value is one error line and exit 2; otherwise `run(config, args)`."""
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
-    add_config_arguments(parser, presets, default_preset, title)
+    add_config_arguments(parser, presets, default_preset, title, argv)
     args = parser.parse_args(argv)
     config = config_from_args(presets, args)
     if config is None:

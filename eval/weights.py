@@ -80,7 +80,7 @@ def fetch(folder: Path, timeout_s: float = TIMEOUT_S) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.weights", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("list", "fetch", "check"))
-    parser.add_argument("--out", type=path_argument, default=Path("weights/eval"), help="the embedder weights folder")
+    parser.add_argument("--out", type=path_argument, default=Path("weights/eval"), help="the embedder weights folder (default weights/eval)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds to wait for each server")
     args = parser.parse_args(argv)
     if args.command == "list":

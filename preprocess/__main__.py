@@ -51,7 +51,7 @@ def _rank_and_size(args: argparse.Namespace) -> tuple[int, int]:
     return 0, 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m preprocess",
         description="Stage one of VTA-SAM: decode videos and write per-frame CLIP, Grounding-DINO/SAM and "
@@ -70,14 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="process at most this many clips of the manifest (first by id)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and the work to do, then stop")
-    add_config_arguments(parser, PRESETS, "tiny", "stage-one configuration (overrides the preset)")
+    add_config_arguments(parser, PRESETS, "tiny", "stage-one configuration (overrides the preset)", argv)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from preprocess import manifest
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     cfg = config_from_args(PRESETS, args)
     if cfg is None:
         return 2

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -165,14 +165,25 @@ def tagged_nouns(caption: str, tagger: str = "pattern", max_nouns: int | None = 
     return nouns[:max_nouns] if max_nouns is not None else nouns
 
 
-class NounCache:
-    """Finds each distinct caption's nouns once (captions repeat: VGGSound has 309 labels for 200k clips)."""
+def needs_tagger(captions: Iterable[str]) -> bool:
+    """Whether any of these captions is free text (not a VGGSound label of the reviewed table)."""
+    table = label_nouns()
+    return any(caption_key(caption) not in table for caption in captions)
 
-    def __init__(self, tagger: str, max_nouns: int):
+
+class NounCache:
+    """Finds each distinct caption's nouns once (captions repeat: VGGSound has 309 labels for 200k clips).
+
+    The tagger is loaded at once, so that a missing one fails before any clip is decoded; given the run's `captions`,
+    only when one of them needs it (captions that are all VGGSound labels take their nouns from the table, and run
+    without nltk's tagger data)."""
+
+    def __init__(self, tagger: str, max_nouns: int, captions: Iterable[str] | None = None):
         self.tagger = tagger
         self.max_nouns = max_nouns
-        get_tagger(tagger)  # fail early, before any clip is decoded
-        label_nouns()  # likewise for a damaged label table
+        label_nouns()  # fail early for a damaged label table
+        if captions is None or needs_tagger(captions):
+            get_tagger(tagger)
         self._cache: dict[str, list[str]] = {}
 
     def __call__(self, caption: str) -> list[str]:

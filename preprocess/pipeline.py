@@ -361,7 +361,8 @@ class Summary:
         failed = ", ".join(f"{stage}: {n}" for stage, n in sorted(self.failed.items())) or "none"
         return [
             f"written {self.written} clips into {len(self.shards)} new shards; already done before this run: {self.resumed}",
-            f"failed or skipped: {sum(self.failed.values())} ({failed}); see failures.jsonl",
+            f"failed or skipped: {sum(self.failed.values())} ({failed})"
+            f"{'; see failures.jsonl' if self.failed else ''}",
             f"wall time {self.wall_seconds:.1f} s, {self.clips_per_second:.2f} clips/s (start-up {self.startup_seconds:.1f} s, "
             f"finishing {self.drain_seconds:.1f} s; in between {self.steady_clips_per_second:.2f} clips/s)",
         ]
@@ -751,7 +752,8 @@ def run(
         mine = partition(clips, rank, world_size)
     except ManifestError as error:
         raise FeatureError(str(error)) from None
-    nouns_of = NounCache(cfg.tagger, cfg.max_nouns)  # fails early when the tagger is unavailable
+    # fails early when a caption needs the tagger and it is unavailable
+    nouns_of = NounCache(cfg.tagger, cfg.max_nouns, (clip.caption for clip in mine))
     try:
         device = resolve_device(cfg.device)
     except ValueError as error:

@@ -121,6 +121,9 @@ def check(weights: Path, cfg: FeatureConfig, load: bool = False) -> bool:
         except FileNotFoundError as error:
             print(f"{name:<15} {'MISSING' if not path.exists() else 'WRONG'}  {error}")  # WRONG: e.g. a folder for a file
             ok = False
+    if not ok and cfg.random_init:
+        print("note: this preset builds its models with random weights (random_init) and reads none of these; the "
+              "check is for its sizes' checkpoints, loaded with --no-random-init")
     if ok and load:
         import torch
 

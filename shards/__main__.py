@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shards", description="Tools for VTA-SAM feature shards.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("verify", help="check every sample against the schema in DIR/meta.json and print counts")
-    check.add_argument("directory", type=Path)
+    check.add_argument("directory", type=Path, help="a stage-one output folder (meta.json and its shards)")
     args = parser.parse_args(argv)
 
     made: set[str] = set()

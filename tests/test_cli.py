@@ -193,3 +193,21 @@ def test_a_bad_flag_value_is_two_lines_not_a_page_of_usage(capsys):
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 2 and err[0].endswith("[options] (--help lists them)") and "error: argument" in err[1], err
+
+
+def test_help_shows_the_values_of_the_preset_given(capsys):
+    """`--preset paper --help` showed the tiny preset's values ("(tiny preset: 0.001)" for the paper's 3e-05)."""
+    import pytest
+
+    from preprocess.config import PRESETS as FEATURES
+    from train.config import PRESETS as TRAINING
+
+    for args, flag, preset in ((["train", "--preset", "paper"], "learning-rate", TRAINING["paper"].learning_rate),
+                               (["train"], "learning-rate", TRAINING["tiny"].learning_rate),
+                               (["features", "--preset=paper"], "fps", FEATURES["paper"].fps)):
+        with pytest.raises(SystemExit):
+            main([*args, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        name = "paper" if "paper" in " ".join(args) else "tiny"
+        shown = text.split(f"--{flag} ", 1)[1][:300]  # the flag's help
+        assert f"({name} preset: {preset!r})" in shown, shown

@@ -83,6 +83,9 @@ MODEL_FILE = "model.safetensors"  # accelerate's name for the weights of its one
 PROGRESS_FILE = "progress.json"
 STEP_FOLDER = re.compile(r"step_\d{8}")  # a checkpoint; step_N.tmp is being written, step_N.broken was set aside
 SCALING_TOLERANCE = 1e-6  # relative: the VAE scaling factors of the shards and of the run agree
+# why a run folder may have no model/ yet: a run stopped (SIGTERM, Ctrl-C) before its first export
+NOT_EXPORTED = ("no weights exported yet: training writes them every --checkpoint-every steps and at its end; run "
+                "the same training command again to go on")
 # signals that stop a run at the next step boundary with a checkpoint of that step: SIGTERM (scancel, a preemption, a
 # job's time limit, torchrun and accelerate passing one on) and SIGUSR1 (SLURM's `--signal=USR1@<seconds>`, sent ahead
 # of the time limit)
@@ -1009,7 +1012,7 @@ def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cp
         if weights == "raw" and (folder / "ema.safetensors").exists():
             raise FileNotFoundError(f"{path}: missing (the run exported only its EMA weights; train or resume it once "
                                     "more to export the raw weights)")
-        raise FileNotFoundError(f"{path}: missing (has the run saved a checkpoint yet?)")
+        raise FileNotFoundError(f"{path}: missing ({NOT_EXPORTED})")
     config_path = folder / "config.json"
     try:
         resolved = json.loads(config_path.read_text(encoding="utf-8"))
@@ -1018,7 +1021,7 @@ def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cp
         config = TrainConfig.from_dict(resolved)
         spec = ShardSpec.from_dict(resolved["spec"])
     except FileNotFoundError:
-        raise FileNotFoundError(f"{config_path}: missing (has the run saved a checkpoint yet?)") from None
+        raise FileNotFoundError(f"{config_path}: missing ({NOT_EXPORTED})") from None
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:  # JSONDecodeError too
         raise ValueError(f"{config_path}: unreadable ({one_line(error)})") from None
     # the file's tensor names and shapes against the model's, before the model takes memory: a config with

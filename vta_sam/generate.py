@@ -528,18 +528,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ground-all", action="store_true",
                         help="without --caption: ground all VGGSound nouns, not CLIP's shortlist (~19 prompts, not 1)")
     parser.add_argument("--model", type=path_argument, default=defaults.model, help=f"trained run folder (default {defaults.model})")
-    parser.add_argument("--out", type=path_argument, default=defaults.out, help="output folder, or with one video an output file name")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=defaults.guidance, help="classifier-free guidance scale")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm", "dpmsolver++"), default=defaults.sampler, help="sampler")
+    parser.add_argument("--out", type=path_argument, default=defaults.out, help=f"output folder, or with one video an output file name (default {defaults.out})")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"sampling seed (default {defaults.seed})")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"denoising steps (default {defaults.steps})")
+    parser.add_argument("--guidance", type=float, default=defaults.guidance, help=f"classifier-free guidance scale (default {defaults.guidance})")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm", "dpmsolver++"), default=defaults.sampler,
+                        help=f"sampler (default {defaults.sampler})")
     parser.add_argument("--overlap", type=float, default=defaults.overlap,
-                        help="seconds of crossfade between windows (at most half a window)")
+                        help=f"seconds of crossfade between windows, at most half a window (default {defaults.overlap})")
     parser.add_argument("--window-batch", type=int, default=defaults.window_batch,
                         help=f"windows of a video processed together (default {defaults.window_batch}): lower it if a long "
                              "video runs out of memory; the audio is the same")
-    parser.add_argument("--weights", type=path_argument, default=defaults.weights, help="weights folder (models without random init)")
-    parser.add_argument("--device", default=defaults.device, help="'auto', 'cpu' or 'cuda[:N]'")
+    parser.add_argument("--weights", type=path_argument, default=defaults.weights, help=f"weights folder, for models without random init (default {defaults.weights})")
+    parser.add_argument("--device", default=defaults.device, help="'auto' (cuda when there, the default), 'cpu' or 'cuda[:N]'")
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                         help="UNet precision while sampling (auto: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet first (pays off over many videos)")

@@ -32,15 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
         "runs", nargs="*", metavar="RUN_DIR", help="evaluation run folders (results.json + wav/) to compare"
     )
     parser.add_argument(
-        "--clips", type=int, default=30, help="number of test clips, drawn at random from those every run has"
+        "--clips", type=int, default=30, help="number of test clips, drawn at random from those every run has (default 30)"
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the clip draw and of every listener's random order"
+        "--seed", type=int, default=0, help="seed of the clip draw and of every listener's random order (default 0)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    parser.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
+    parser.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port; default 8765)")
     parser.add_argument(
-        "--work", type=path_argument, default=Path("runs/listen"), help="folder for the muxed videos (and the database)"
+        "--work", type=path_argument, default=Path("runs/listen"), help="folder for the muxed videos and the database (default runs/listen)"
     )
     parser.add_argument(
         "--db", type=path_argument, default=None, help="SQLite database of the ratings (default: WORK/ratings.sqlite)"
