@@ -28,7 +28,7 @@ import webdataset as wds
 
 from shards.io import list_shards, read_spec, require_stage_one_folder
 from shards.schema import META_KEY, SAMPLE_KEYS, SampleMeta, ShardFormatError, ShardSpec
-from shards.stream import check_member, checked_record, decode_checked, read_raw
+from shards.stream import MAX_JSON_BYTES, check_member, checked_record, decode_checked, member_limit, read_raw
 
 Folder = str | os.PathLike[str]
 
@@ -48,13 +48,17 @@ def _members(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, s
     keys = 0
     last = None
     try:
-        with tarfile.open(path, "r:") as tar:  # plain tar, as shards are written ("r" lists every codec it tried)
+        with _no_memory_error(path), tarfile.open(path, "r:") as tar:  # plain tar, as shards are written
             for member in tar:
                 key, ext = check_member(path, member, SAMPLE_KEYS)
                 if key != last:
                     keys, last = keys + 1, key
                 if not wanted(ext):
                     continue
+                limit = member_limit(ext, None)
+                if limit is not None and member.size > limit:  # tarfile would allocate what the header claims
+                    raise ShardFormatError(f"{path}: sample {key!r}: member {ext!r} has {member.size} bytes, more "
+                                           f"than the schema allows ({limit})")
                 handle = tar.extractfile(member)
                 yield key, ext, handle.read() if handle is not None else b""
     except (tarfile.TarError, OSError) as error:
@@ -63,23 +67,30 @@ def _members(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, s
         raise ShardFormatError(f"{path}: shard holds {keys} samples, its record says {record['samples']}")
 
 
-MAX_META_BYTES = 1 << 24  # a json member larger than this is not stage one's (its SampleMeta is a few KiB)
+@contextlib.contextmanager
+def _no_memory_error(path: Path) -> Iterator[None]:
+    """A tar header that claims a huge size (a GNU long name of 2**45 bytes: tarfile reads it whole) as the shard's
+    ShardFormatError, not a MemoryError traceback."""
+    try:
+        yield
+    except MemoryError:
+        raise ShardFormatError(f"{path}: unreadable shard (a tar header claims more bytes than memory holds)") from None
 
 
 def shard_index(path: Path) -> dict[str, SampleMeta | None]:
     """The sample keys of one shard, in tar order, each with its SampleMeta (None where its json member does not parse
-    or is larger than MAX_META_BYTES), in one pass over the tar headers and the small json members (tarfile seeks over
+    or is larger than the schema allows), in one pass over the tar headers and the small json members (tarfile seeks over
     the features). A key counts when its json member is there: unlike `iter_meta`, neither the shard's record nor its
     other member names are checked (stage one's resume, which must not make a clip twice). Errors opening or walking
     the tar propagate (tarfile's errors, OSError)."""
     index: dict[str, SampleMeta | None] = {}
-    with tarfile.open(path, "r") as tar:
+    with _no_memory_error(path), tarfile.open(path, "r") as tar:
         for member in tar:
             key, _, ext = member.name.partition(".")
             if ext != META_KEY:
                 continue
             index[key] = None
-            handle = tar.extractfile(member) if member.size <= MAX_META_BYTES else None
+            handle = tar.extractfile(member) if member.size <= MAX_JSON_BYTES else None
             if handle is not None:
                 with contextlib.suppress(ShardFormatError):
                     index[key] = _meta(path, key, handle.read())

@@ -808,3 +808,24 @@ def test_a_bad_json_member_found_while_listing_a_split_names_shard_and_sample(tm
         with pytest.raises(shards.ShardFormatError) as caught:
             read()
         assert str(caught.value).startswith(f"{path}: sample {key!r}: "), caught.value
+
+
+@pytest.mark.parametrize("kind", ["member", "long-name"])
+def test_a_tar_header_claiming_a_huge_size_is_the_shards_error_not_a_memory_error(tmp_path, spec, kind):
+    """tarfile reads what a header claims: a json member (or a GNU long name) of 2**45 bytes was a MemoryError
+    traceback in training and evaluation, which read the json members of a folder's shards."""
+    write_meta(tmp_path, spec)
+    path = tmp_path / "train-000-000000.tar"
+    if kind == "member":
+        info = tarfile.TarInfo("x.json")
+        info.size = 1 << 45
+        path.write_bytes(info.tobuf(tarfile.GNU_FORMAT) + b"{}" + b"\0" * 1022)
+    else:
+        info = tarfile.TarInfo("././@LongLink")
+        info.type, info.size = tarfile.GNUTYPE_LONGNAME, 1 << 45
+        path.write_bytes(info.tobuf(tarfile.GNU_FORMAT) + b"x.json" + b"\0" * 1018)
+    with pytest.raises(shards.ShardFormatError, match=str(path)):
+        shards.read_split(tmp_path, "train")
+    # stage one's resume: an error it reports as an unreadable shard (the json member is never read whole)
+    with pytest.raises(shards.ShardFormatError if kind == "long-name" else OSError):
+        shards.shard_index(path)
