@@ -430,3 +430,27 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_partial_checkpoint(t
     monkeypatch.undo()
     assert run(data, out, "--max-steps", "4", *FLAGS) == 0
     assert (out / "checkpoints/step_00000004").is_dir() and (out / "model/raw.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    ("progress.json", '{"step": -100, "skipped": 0, "samples": 8}', "counters must be whole numbers >= 0, got -100"),
+    ("progress.json", '{"step": 7, "skipped": 0, "samples": 8}', "step 7 is not the step of its folder"),
+    ("progress.json", '{"step": 2.5, "skipped": 0, "samples": 8}', "counters must be whole numbers >= 0, got 2.5"),
+    ("data_rank0.json", '{"0": [0, -5]}', "a data position below 0"),
+])
+def test_counters_and_positions_training_never_writes_are_one_line(tmp_path, capsys, data, name, text, expected):
+    """A progress.json rewritten with its manifest and a negative step resumed at step -100: the good checkpoints were
+    set aside as broken (step folders compared as strings), 44 unprunable step_-00000NN folders were written and the
+    run ended in a ZeroDivisionError; a negative data position was a traceback from inside webdataset."""
+    from train.trainer import write_manifest
+
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 0
+    checkpoint = out / "checkpoints/step_00000002"
+    (checkpoint / name).write_text(text)
+    write_manifest(checkpoint, 2)
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 2
+    err = one_error_line(capsys)
+    assert err.startswith(f"error: {checkpoint / name}: does not load (ValueError: ") and expected in err, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]

@@ -246,7 +246,12 @@ class Progress:
         return {"step": self.step, "skipped": self.skipped, "samples": self.samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.skipped, self.samples = (int(state[name]) for name in ("step", "skipped", "samples"))
+        """ValueError for a counter that is not a whole number >= 0."""
+        values = [state[name] for name in ("step", "skipped", "samples")]
+        bad = [value for value in values if isinstance(value, bool) or not isinstance(value, int) or value < 0]
+        if bad:
+            raise ValueError(f"counters must be whole numbers >= 0, got {bad[0]!r}")
+        self.step, self.skipped, self.samples = values
 
 
 @torch.no_grad()
@@ -717,11 +722,15 @@ def load_checkpoint(run: Run, checkpoint: Path) -> None:
         run.ema.load_state_dict(safetensors.torch.load_file(str(checkpoint / name), device=str(accelerator.device)))
         name = PROGRESS_FILE
         run.progress.load_state_dict(json.loads((checkpoint / name).read_text(encoding="utf-8")))
+        if f"step_{run.progress.step:08d}" != checkpoint.name:
+            raise ValueError(f"step {run.progress.step} is not the step of its folder")
         name = rng_file(rank)
         load_rng_state(checkpoint / name)
         name = data_file(rank)
         positions = json.loads((checkpoint / name).read_text(encoding="utf-8"))
         run.positions = {int(w): (int(p[0]), int(p[1])) for w, p in positions.items()}
+        if any(min(worker, *position) < 0 for worker, position in run.positions.items()):
+            raise ValueError(f"a data position below 0: {positions}")
     except Exception as error:  # any failure of the loaders (a shape or key mismatch, a malformed file...): one line
         raise ConfigError(f"{checkpoint / name}: does not load ({one_line(error)})") from None
     for name, tensors in ((MODEL_FILE, model.state_dict().items()), (EMA_FILE, run.ema.state_dict().items()),
