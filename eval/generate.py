@@ -402,11 +402,16 @@ def run_info(run: str | Path, model_weights: ModelWeights = "ema") -> dict[str, 
     return info
 
 
+def spec_differences(trained: shards.ShardSpec, given: shards.ShardSpec) -> list[str]:
+    """"<field> <trained> vs <given>" for each shape a model's conditions and latents depend on that differs."""
+    fields = ("num_frames", "embed_dim", "latent_channels", "latent_time", "latent_freq", "sample_rate")
+    return [f"{name} {getattr(trained, name)} vs {getattr(given, name)}" for name in fields
+            if getattr(trained, name) != getattr(given, name)]
+
+
 def check_compatible(config: EvalConfig, trained: shards.ShardSpec, test: shards.ShardSpec) -> None:
     """The model must have been trained on features shaped like the test shards'."""
-    fields = ("num_frames", "embed_dim", "latent_channels", "latent_time", "latent_freq", "sample_rate")
-    differs = [f"{name} {getattr(trained, name)} vs {getattr(test, name)}" for name in fields
-               if getattr(trained, name) != getattr(test, name)]
+    differs = spec_differences(trained, test)
     if differs:
         raise EvalError(f"{Path(config.shards) / shards.META_FILE}: the run {config.run} was trained on other features "
                         f"({', '.join(differs)})")

@@ -349,6 +349,25 @@ def test_features_made_with_compiled_detectors_generate_without_compiling(run_di
     assert code == 0 and (tmp_path / "out" / "a.wav").exists()
 
 
+def test_stage_one_settings_of_other_shapes_than_the_model_was_trained_on_are_refused(run_dir, tmp_path, capsys):
+    """The stage-one settings (model/features.json, or the shards' meta.json of an older run) were not compared with
+    the model's: at another frame rate the model got 2x the frames it was trained on, and made sound without a word."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    path = run / "model" / "features.json"
+    features = json.loads(path.read_text())
+    features["config"]["fps"] = 2 * features["config"]["fps"]
+    path.write_text(json.dumps(features))
+    video = media.make_video(tmp_path / "a.mp4", seconds=2.0, audio=None)
+    code = cli_main(["generate", str(video), "--model", str(run), "--out", str(tmp_path / "out"), "--steps", "2",
+                     "--caption", "dog", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not (tmp_path / "out").exists(), err
+    assert err.startswith(f"error: {path}: the model was trained on other features (num_frames ") and "\n" not in err
+
+
 def test_a_video_too_narrow_to_ground_is_one_line_and_the_others_go_on(run_dir, tmp_path, capsys):
     sliver = media.make_video(tmp_path / "sliver.mp4", seconds=2.0, size=(16, 4000), audio=None)
     normal = media.make_video(tmp_path / "normal.mp4", seconds=2.0, audio=None)

@@ -330,6 +330,12 @@ class SoundGenerator:
         source, meta = features_meta(Path(options.model), self.train_config)
         # compiling the detector was a speed choice of stage one's machine (minutes per shape): not for a few videos
         self.features = feature_config(source, meta).replace(device=options.device, compile=False)
+        from eval.generate import spec_differences
+
+        differs = spec_differences(self.model.spec, self.features.shard_spec())
+        if differs:  # e.g. the shards' meta.json of a run without features.json, remade since with other settings
+            raise GenerateError(f"{source}: the model was trained on other features ({', '.join(differs)}, trained vs "
+                                "this file): give the model's own stage-one settings")
         try:
             device = resolve_device(self.features.device)
         except ValueError as error:
