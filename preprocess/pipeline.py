@@ -147,6 +147,12 @@ class DecodeDataset(Dataset):
         if not np.isfinite(waveform).all():  # float PCM can hold them; every feature of the window would be NaN
             bad = int(np.count_nonzero(~np.isfinite(waveform)))
             return {"clip": clip, "error": ("audio", f"{clip.path}: {bad} audio samples in the window are NaN or infinite")}
+        # sound past the last frame is padding, as the frames there are (SampleMeta.duration): a video whose audio
+        # track runs on (3 s of picture, 8 s of sound) would teach the model sound over blank frames
+        picture = round(min(video.duration, cfg.window_seconds) * cfg.sample_rate)
+        if len(waveform) > picture:
+            waveform = waveform.copy()
+            waveform[picture:] = 0.0
         if self.front_end is None:
             self.front_end = MelFrontEnd(sample_rate=cfg.sample_rate)
         normalised = audioldm_waveform(waveform, cfg.num_samples)

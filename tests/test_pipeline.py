@@ -175,6 +175,22 @@ def run_stage_one(videos: Path, out: Path, threaded: bool, captions: Path | None
     return run(cfg, from_folder(videos, captions), out, None, progress=False, threaded_writer=threaded)
 
 
+def test_sound_past_the_last_frame_is_padding_like_the_frames(tmp_path):
+    """A video of 3 s of picture and 8 s of sound: the sample said duration 3 s, but its FLAC and latents held 8 s
+    of sound, over frames that are zeros; training would learn sound from no picture."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=10:duration=3", "-f", "lavfi",
+                    "-i", "sine=frequency=440:duration=8:sample_rate=16000", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                    "-c:a", "aac", str(videos / "long_sound.mp4")], check=True)
+    run_stage_one(videos, tmp_path / "out", threaded=False)
+    [sample] = shards.iterate_samples(shards.list_shards(tmp_path / "out"))
+    meta, flac = sample["json"], sample["flac"]
+    assert abs(meta["duration"] - 3.0) < 0.15
+    cut = round((meta["duration"] + 0.05) * 16000)
+    assert np.abs(flac[cut:]).max() == 0.0 and np.abs(flac[: round(2.5 * 16000)]).max() > 0.1
+
+
 def test_two_processes_of_one_rank_in_one_folder_are_refused(five_clips, tmp_path):
     """Two stage-one processes of one rank (two launches without --rank, a requeued job while the first still ran)
     wrote the same shard names and deleted each other's partial shards: clips written twice, which no rerun
