@@ -73,10 +73,19 @@ def stored_protocol(handle: h5py.File) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
+MAX_ARRAY_BYTES = 1 << 28  # a cached embedding or logits array is KiB; a dataset declared larger is damage, unread
+
+
 def read_arrays(handle: h5py.File, digest_attr: str = "source_sha256") -> dict[str, Cached]:
-    """The complete clips of an open cache file: {id: (arrays, source sha256 or None, failure reason or None)}."""
+    """The complete clips of an open cache file: {id: (arrays, source sha256 or None, failure reason or None)}. A
+    clip with a dataset declared larger than MAX_ARRAY_BYTES is left out (computed again): h5py would allocate, and
+    fill, all that the header claims (the cache travels with a shards folder someone hands over)."""
     out: dict[str, Cached] = {}
     for group in handle["clips"].values():
+        if any(getattr(group[key], "nbytes", 0) > MAX_ARRAY_BYTES for key in group):
+            log.warning("%s: clip %s: a cached array claims more than %d bytes: damaged, computed again",
+                        handle.filename, group.attrs.get("id"), MAX_ARRAY_BYTES)
+            continue
         if group.attrs.get("complete", False):
             digest, failure = group.attrs.get(digest_attr), group.attrs.get("failure")
             out[str(group.attrs["id"])] = ({key: group[key][()] for key in group}, None if digest is None else str(digest),

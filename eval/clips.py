@@ -117,7 +117,7 @@ def read_clip_ids(path: str | Path) -> list[str]:
     """The ids of a clip-id file, one per line (blank lines skipped, spaces around an id dropped), in file order;
     EvalError naming the file when it is missing, unreadable, empty or lists an id twice."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # a BOM (Windows editors) is not part of an id
     except FileNotFoundError:
         raise EvalError(f"{path}: clip-id file missing") from None
     except (OSError, UnicodeDecodeError) as error:

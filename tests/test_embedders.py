@@ -442,6 +442,30 @@ def test_what_the_embedder_computes_is_returned_as_it_is(tmp_path, caplog):
         caplog.clear()
 
 
+def test_a_cached_array_declared_huge_is_computed_again_not_allocated(tmp_path, caplog):
+    """A dataset declared (2**40, 3) in a 40 KB file: h5py allocated what the header claims before any shape check, a
+    MemoryError traceback (or, at a few GB, memory filled with fill values)."""
+    from eval.array_cache import cached_arrays
+
+    calls: list[str] = []
+
+    def compute(todo):
+        for clip_id in todo:
+            calls.append(clip_id)
+            yield clip_id, {"video": np.ones(3, np.float32)}
+
+    path = tmp_path / "c.h5"
+    cached_arrays(path, {"v": 1}, {"a": None, "b": None}, compute, keys=("video",))
+    with h5py.File(path, "a") as handle:
+        del handle["clips/id=a/video"]
+        handle["clips/id=a"].create_dataset("video", shape=(2**40, 3), dtype="f4", chunks=(1, 3))
+    calls.clear()
+    with caplog.at_level("WARNING"):
+        arrays, failed = cached_arrays(path, {"v": 1}, {"a": None, "b": None}, compute, keys=("video",))
+    assert calls == ["a"] and not failed and arrays["a"]["video"].shape == (3,)
+    assert "clip a: a cached array claims more than" in caplog.text
+
+
 def test_cache_survives_a_crash_and_distrusts_partial_clips(tmp_path, tiny_models):
     cnn14, vggish = tiny_models
     path = tmp_path / "gt.h5"

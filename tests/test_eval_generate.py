@@ -263,6 +263,8 @@ def test_a_clip_id_list_defines_the_set(tmp_path):
     config = EvalConfig(max_clips=1, clip_ids=str(tmp_path / "ids.txt"), shards="data/x")
     (tmp_path / "ids.txt").write_text("d\n\n  a \n", encoding="utf-8")
     assert [c.id for c in evaluation_clips(config, split)] == ["a", "d"]  # the list wins over max_clips; id order
+    (tmp_path / "ids.txt").write_text("\ufeffd\r\na\r\n", encoding="utf-8")  # a Windows editor's BOM and CRLF
+    assert [c.id for c in evaluation_clips(config, split)] == ["a", "d"]
     for text, message in (("a\nzz\nd\nyy\n", r"ids.txt: 2 of its 4 clip ids are not in split 'test' of data/x: 'zz', 'yy'$"),
                           ("a\nd\na\n", r"ids.txt: clip id 'a' is listed twice"),
                           ("\n \n", r"ids.txt: no clip id in it")):
