@@ -583,6 +583,45 @@ def test_the_sound_goes_with_the_video_it_was_made_for(run_dir, tmp_path, capsys
     assert video_stream_hash(out / "covered.mkv") == video_stream_hash(video)
 
 
+@pytest.mark.parametrize("caption", ["dog", None])
+def test_frames_held_do_not_grow_with_the_videos_length(run_dir, tmp_path, monkeypatch, caption):
+    """Every window's frames were decoded and held before the first was encoded (and, without a caption, joined
+    into a second copy): a 2-hour video at the paper's frame size would have held about 100 GB. Now at most the
+    window batch and the windows kept between passes are alive, whatever the length; the audio is the same as
+    from a list of every window's frames."""
+    import gc
+    import weakref
+
+    import vta_sam.generate as generate_module
+    from preprocess.video import DecodedFrames
+
+    decoded_refs: list[weakref.ref[DecodedFrames]] = []
+    decode = generate_module.decode_frames
+
+    def tracked(*args, **kwargs):
+        decoded = decode(*args, **kwargs)
+        decoded_refs.append(weakref.ref(decoded))
+        return decoded
+
+    generator = SoundGenerator(GenerateOptions(model=run_dir, device="cpu", steps=2, window_batch=1))
+    visual = generator.encoders.visual
+    most = []
+
+    def visual_counting(*args, **kwargs):
+        gc.collect()
+        most.append(sum(ref() is not None for ref in decoded_refs))
+        return visual(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "decode_frames", tracked)
+    monkeypatch.setattr(generator.encoders, "visual", visual_counting)
+    video = media.make_video(tmp_path / "long.mp4", seconds=60.0, fps=5, audio=None)
+    waveform, explain = generator.audio(video, caption)
+    assert len(explain["starts"]) == len(most) == 8  # 60 s in windows of 10.24 s at a hop of 8.24 s: one per batch
+    assert max(most) <= 2, most  # the batch's window and the one kept between passes
+    assert len(waveform) == round(60.0 * generator.features.sample_rate) and waveform.std() > 1e-3
+    assert explain["frames"] == []  # thumbnails only for --explain
+
+
 def test_the_window_batch_bounds_memory_without_changing_the_audio(run_dir, tmp_path, capsys):
     """A 25 s video has three windows: one at a time or all three together, each window draws its noise from its
     own generator, so the audio is the same; bad values of the numeric options are one line and exit code 2."""

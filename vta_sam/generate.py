@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,40 +119,82 @@ def vocabulary(tagger: str) -> list[str]:
     return nouns
 
 
+def best_similarity(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """(V,): each text's cosine similarity to the image most like it (L2-normalised embeddings)."""
+    images = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
+    texts = torch.nn.functional.normalize(text_embeddings.float(), dim=-1)
+    return (texts @ images.T).amax(1)
+
+
 def shortlist(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, size: int) -> list[int]:
     """Indices (ascending) of the `size` texts most similar to any of the images: cosine similarity of the
     L2-normalised embeddings, each text scored by its best frame (an object seen in one frame counts)."""
-    images = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
-    texts = torch.nn.functional.normalize(text_embeddings.float(), dim=-1)
-    best = (texts @ images.T).amax(1)  # (V,)
+    best = best_similarity(image_embeddings, text_embeddings)
     return sorted(best.topk(min(size, len(best))).indices.tolist())
 
 
-def decode_windows(video: Path, duration: float, cfg: FeatureConfig, overlap: float) -> tuple[float, list[float], list[DecodedFrames]]:
-    """(duration, window starts, each window's frames): the windows cover the video's frames, and `duration`, the
-    length the audio gets, is where they end.
+class Windows:
+    """A video's windows, decoded as they are needed: iterating gives (index, start, frames) in order, and may be
+    repeated (the caption-free path reads the frames three times: CLIP's shortlist, the grounding of its nouns,
+    the features). The frames of at most `keep` windows are held between passes; the others are decoded again,
+    so memory does not grow with the video's length.
 
-    `duration` comes in as the container's claim, which can be more than the file holds: a download cut short
-    after an intact mp4 header still announces every frame, and a container's duration can be its longer audio
-    track's. The first window whose frames end before it should tells the real end; the windows are then laid out
-    again over that length (a window that keeps its start is not decoded twice), so no audio is made for seconds
-    without a picture. A video shorter than the first sampling time (half a frame slot) gets its first frame in
-    the first slot."""
-    window = cfg.window_seconds
-    done: dict[float, DecodedFrames] = {}
-    while True:
-        starts = window_starts(duration, window, overlap)
-        for start in starts:
-            if start not in done:
-                done[start] = decode_frames(video, start, cfg.frame_times(), window, cfg.frame_short_side)
-                if not len(done[start].frames):  # shorter than the first sampling time: its first frame stands in
-                    done[start] = decode_frames(video, start, [0.0], window, cfg.frame_short_side)
-            end = start + done[start].duration
-            if end < min(start + window, duration) - END_TOLERANCE:
-                break  # the frames stop at `end`
-        else:
-            return duration, starts, [done[start] for start in starts]
-        duration = end
+    The first pass lays the windows out. `duration` comes in as the container's claim, which can be more than the
+    file holds: a download cut short after an intact mp4 header still announces every frame, and a container's
+    duration can be its longer audio track's. The first window whose frames end before it should tells the real
+    end; the windows not yet given are then laid out again over that length (`starts`, `duration`: final once a
+    pass has ended), so no audio is made for seconds without a picture. A video shorter than the first sampling
+    time (half a frame slot) gets its first frame in the first slot."""
+
+    def __init__(self, video: Path, duration: float, cfg: FeatureConfig, overlap: float, keep: int = 0):
+        self.video, self.duration, self.cfg, self.overlap, self.keep = video, duration, cfg, overlap, keep
+        self.starts: list[float] = []
+        self.planned = False
+        self.kept: dict[float, DecodedFrames] = {}
+
+    def _decode(self, start: float) -> DecodedFrames:
+        cfg = self.cfg
+        decoded = decode_frames(self.video, start, cfg.frame_times(), cfg.window_seconds, cfg.frame_short_side)
+        if not len(decoded.frames):  # shorter than the first sampling time: its first frame stands in
+            decoded = decode_frames(self.video, start, [0.0], cfg.window_seconds, cfg.frame_short_side)
+        return decoded
+
+    def _given(self, start: float, decoded: DecodedFrames) -> DecodedFrames:
+        if len(self.kept) < self.keep:
+            self.kept[start] = decoded
+        return decoded
+
+    def __iter__(self) -> Iterator[tuple[int, float, DecodedFrames]]:
+        if self.planned:
+            for index, start in enumerate(self.starts):
+                yield index, start, self.kept.get(start) or self._decode(start)
+            return
+        window, duration = self.cfg.window_seconds, self.duration
+        given: list[float] = []
+        early: dict[float, DecodedFrames] = {}  # a window that ended early, kept in case the new layout keeps it
+        while True:
+            # the windows already given keep their places: the frames reached their ends
+            todo = [start for start in window_starts(duration, window, self.overlap)
+                    if not given or start > given[-1] + END_TOLERANCE]
+            for start in todo:
+                decoded = early.pop(start, None) or self._decode(start)
+                end = start + decoded.duration
+                if end < min(start + window, duration) - END_TOLERANCE:  # the frames stop at `end`
+                    early[start] = decoded
+                    duration = end
+                    break
+                given.append(start)
+                yield len(given) - 1, start, self._given(start, decoded)
+            else:
+                self.starts, self.duration, self.planned = given, duration, True
+                return
+
+
+def decode_windows(video: Path, duration: float, cfg: FeatureConfig, overlap: float) -> tuple[float, list[float], list[DecodedFrames]]:
+    """(duration, window starts, each window's frames) of a whole video at once (`Windows`, every frame held)."""
+    windows = Windows(video, duration, cfg, overlap)
+    decoded = [frames for _, _, frames in windows]
+    return windows.duration, windows.starts, decoded
 
 
 def features_meta(run: Path, train_config: Any) -> tuple[Path, dict[str, Any]]:
@@ -378,65 +421,85 @@ class SoundGenerator:
             self._vocabulary_embeddings = self.encoders.clip_encoder.encode_texts(self.vocabulary).float().cpu()
         return self._vocabulary_embeddings
 
-    def _nouns(self, frames: list[np.ndarray]) -> tuple[list[str], str]:
+    def _nouns(self, windows: Iterable[np.ndarray]) -> tuple[list[str], str]:
         """Without a caption: CLIP shortlists the `shortlist_size` vocabulary nouns most similar to the video's
         frames, Grounding DINO grounds them in one prompt (one pass per frame batch), and the max_nouns nouns seen
         with the highest probability are kept; the caption becomes their list. With `ground_all` the whole
-        vocabulary is grounded instead, NOUN_CHUNK nouns per prompt."""
-        every = torch.from_numpy(np.concatenate(frames))  # (T_all, H, W, 3): all windows' frames
+        vocabulary is grounded instead, NOUN_CHUNK nouns per prompt. `windows`: each window's frames, read once per
+        pass (a list, or a video's `Windows` read window by window), so only the best score of each noun is held."""
         if self.options.ground_all:
             candidates = self.vocabulary
         else:
-            image_embeddings = self.encoders.clip_encoder.encode_frames(every)
-            size = shortlist_size(self.features.max_nouns)
-            candidates = [self.vocabulary[i] for i in shortlist(image_embeddings, self.vocabulary_embeddings(), size)]
+            similar = None
+            for frames in windows:
+                best = best_similarity(self.encoders.clip_encoder.encode_frames(torch.from_numpy(frames)),
+                                       self.vocabulary_embeddings())
+                similar = best if similar is None else torch.maximum(similar, best)
+            assert similar is not None, "a video has at least one window"
+            size = min(shortlist_size(self.features.max_nouns), len(similar))
+            candidates = [self.vocabulary[i] for i in sorted(similar.topk(size).indices.tolist())]
         chunks = [candidates[i : i + NOUN_CHUNK] for i in range(0, len(candidates), NOUN_CHUNK)]
-        probabilities = self.encoders.grounder.probabilities([every] * len(chunks), chunks)
-        best = torch.cat([p.amax(0) for p in probabilities])  # (C,): highest probability over all frames
-        top = best.topk(min(self.features.max_nouns, len(best))).indices.tolist()
+        seen = None
+        for frames in windows:
+            every = torch.from_numpy(frames)
+            probabilities = self.encoders.grounder.probabilities([every] * len(chunks), chunks)
+            best = torch.cat([p.amax(0) for p in probabilities])  # (C,): highest probability over the frames
+            seen = best if seen is None else torch.maximum(seen, best)
+        assert seen is not None
+        top = seen.topk(min(self.features.max_nouns, len(seen))).indices.tolist()
         nouns = [candidates[i] for i in sorted(top)]
         return nouns, ", ".join(nouns)
 
     def audio(self, video: Path, caption: str | None,
               probe: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        """The waveform for the whole video (exactly its duration) and what an --explain figure shows. `probe`: the
-        video's `probe_video`, when the caller has it (it reads every packet of a Matroska file)."""
+        """The waveform for the whole video (exactly its duration) and what an --explain figure shows (thumbnails
+        of the frames when --explain is on). `probe`: the video's `probe_video`, when the caller has it (it reads
+        every packet of a Matroska file). The video is read a window batch at a time (`Windows`): memory does not
+        grow with its length."""
         cfg = self.features
         duration = (probe or probe_video(video))["duration"]
         if duration <= 0:
             raise GenerateError(f"{video}: zero duration")
-        duration, starts, decoded = decode_windows(video, duration, cfg, self.options.overlap)
-        shapes = {tuple(d.frames.shape[1:3]) for d in decoded if len(d.frames)}
-        shape_errors = [error for height, width in shapes if (error := cfg.frame_shape_error(height, width))]
-        if shape_errors:
-            raise GenerateError(f"{video}: {shape_errors[0]}")
-        frames = [d.frames for d in decoded]
+        batch_size = self.options.window_batch
+        windows = Windows(video, duration, cfg, self.options.overlap, keep=batch_size)
         if caption:
             nouns = self.nouns(caption)
         else:
-            nouns, caption = self._nouns(frames)
+            nouns, caption = self._nouns(_FramesOf(windows, video, cfg))
         import train
         from eval.generate import clip_seed
 
-        # window i draws its noise from its own generator, so its audio does not depend on the window batch
-        generators = [torch.Generator(self.device).manual_seed(clip_seed(self.options.seed, str(i))) for i in range(len(frames))]
-        features: list[dict[str, np.ndarray]] = []
-        waves: list[np.ndarray] = []
-        for first in range(0, len(frames), self.options.window_batch):
-            group = slice(first, first + self.options.window_batch)
-            count = len(frames[group])
-            group_features = self.encoders.visual(frames[group], [caption] * count, [nouns] * count)
-            latents = train.sample(self.model, self._conditions(group_features), steps=self.options.steps,
-                                   guidance=self.options.guidance, scheduler=self.options.sampler,  # type: ignore[arg-type]
-                                   generator=generators[group], precision=self.precision,
-                                   cuda_graph=self.options.cuda_graphs)
-            waves.extend(self.decoder(latents))  # (count, samples)
-            features.extend(group_features)
         rate = cfg.sample_rate
-        pieces = [w[: round(d.duration * rate)] for w, d in zip(waves, decoded)]
-        total = round(duration * rate)
-        waveform = join_windows(pieces, starts, total, rate)
-        explain = {"starts": starts, "frames": frames, "features": features, "nouns": nouns, "caption": caption,
+        pieces: list[np.ndarray] = []
+        shown: list[np.ndarray] = []
+        probabilities: list[dict[str, np.ndarray]] = []
+        batch: list[DecodedFrames] = []
+
+        def flush() -> None:
+            # window i draws its noise from its own generator, so its audio does not depend on the window batch
+            first = len(pieces)
+            generators = [torch.Generator(self.device).manual_seed(clip_seed(self.options.seed, str(first + i)))
+                          for i in range(len(batch))]
+            features = self.encoders.visual([d.frames for d in batch], [caption] * len(batch), [nouns] * len(batch))
+            latents = train.sample(self.model, self._conditions(features), steps=self.options.steps,
+                                   guidance=self.options.guidance, scheduler=self.options.sampler,  # type: ignore[arg-type]
+                                   generator=generators, precision=self.precision, cuda_graph=self.options.cuda_graphs)
+            for wave, decoded, feature in zip(self.decoder(latents), batch, features):  # (count, samples)
+                pieces.append(wave[: round(decoded.duration * rate)])
+                probabilities.append({"probs.npy": feature["probs.npy"]})
+                if self.options.explain:
+                    shown.append(thumbnails(decoded.frames))
+            batch.clear()
+
+        for _, _, decoded in _FramesOf(windows, video, cfg).decoded():
+            batch.append(decoded)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+        duration, starts = windows.duration, windows.starts
+        waveform = join_windows(pieces, starts, round(duration * rate), rate)
+        explain = {"starts": starts, "frames": shown, "features": probabilities, "nouns": nouns, "caption": caption,
                    "frame_times": cfg.frame_times(), "duration": duration}
         return waveform, explain
 
@@ -445,6 +508,34 @@ class SoundGenerator:
         (the features carry detector.npy, so the object threshold applies to the detector score there too)."""
         threshold = self.train_config.object_threshold
         return shards.stack_conditions([shards.sample_conditions(f, threshold) for f in features], self.device)
+
+
+class _FramesOf:
+    """A video's `Windows` as its frames, each window's checked for a shape the detector can ground (GenerateError
+    naming the video otherwise)."""
+
+    def __init__(self, windows: Windows, video: Path, cfg: FeatureConfig):
+        self.windows, self.video, self.cfg = windows, video, cfg
+
+    def decoded(self) -> Iterator[tuple[int, float, DecodedFrames]]:
+        for index, start, decoded in self.windows:
+            if len(decoded.frames):
+                error = self.cfg.frame_shape_error(*decoded.frames.shape[1:3])
+                if error:
+                    raise GenerateError(f"{self.video}: {error}")
+            yield index, start, decoded
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (decoded.frames for _, _, decoded in self.decoded())
+
+
+THUMBNAIL_SIDE = 96  # pixels, the short side of the frames an --explain figure keeps
+
+
+def thumbnails(frames: np.ndarray) -> np.ndarray:
+    """(T, h, w, 3) copies of (T, H, W, 3) frames with a short side near THUMBNAIL_SIDE (every s-th pixel)."""
+    step = max(1, min(frames.shape[1:3]) // THUMBNAIL_SIDE) if len(frames) else 1
+    return np.ascontiguousarray(frames[:, ::step, ::step])
 
 
 def write_explanation(path: Path, waveform: np.ndarray, sample_rate: int, explain: dict[str, Any]) -> None:
