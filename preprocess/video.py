@@ -23,9 +23,10 @@ decord's own timestamps: an edit list's lead-in, no timestamps at all).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -219,18 +220,58 @@ def _decord_size(height: int, width: int, header: _Header | None, short_side: in
     return _target_size(height, width, short_side, _stretch(aspect, int(turned)))
 
 
-def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, short_side: int) -> DecodedFrames:
-    decord = quiet_decord()
+@dataclass
+class _OpenReader:
+    """A decord reader with what it read at opening: frame count, average rate, every frame's [begin, end] (s)."""
 
+    key: tuple[str, int, int]  # (path, size, modification time): the file it read
+    reader: Any
+    count: int
+    fps: float
+    stamps: np.ndarray
+
+
+_open_readers: list[_OpenReader] | None = None  # while `reading_windows` runs: the reader kept open
+
+
+@contextlib.contextmanager
+def reading_windows() -> Iterator[None]:
+    """Keep the last video's decord reader open across `decode_frames` calls: a long video read window by window
+    (vta-sam generate) was indexed again for every window (decord reads every packet's timestamp when it opens a
+    file), a cost that grew with the square of its length. Stage one, which reads each clip once, does not use it."""
+    global _open_readers
+    previous, _open_readers = _open_readers, []
+    try:
+        yield
+    finally:
+        _open_readers = previous
+
+
+def _decord_reader(path: Path) -> _OpenReader:
+    decord = quiet_decord()
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if _open_readers:
+        if _open_readers[0].key == key:
+            return _open_readers[0]
+        _open_readers.clear()  # one video at a time: its reader (an FFmpeg context and the index) goes
+    # One thread: with more, decord 0.6.0 stops after ~11 frames of VP9 (dmlc/decord#246).
+    reader = decord.VideoReader(media_path(path), ctx=decord.cpu(0), num_threads=1)
+    count = len(reader)
+    stamps = np.asarray(reader.get_frame_timestamp(np.arange(count)), dtype=np.float64)  # (count, [begin, end]) s
+    opened = _OpenReader(key, reader, count, float(reader.get_avg_fps()), stamps)
+    if _open_readers is not None:
+        _open_readers.append(opened)
+    return opened
+
+
+def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, short_side: int) -> DecodedFrames:
     header = _read_header(path)
     if header is not None and header.refused:
         raise DecordRefused(header.refused)
-    # One thread: with more, decord 0.6.0 stops after ~11 frames of VP9 (dmlc/decord#246).
-    reader = decord.VideoReader(media_path(path), ctx=decord.cpu(0), num_threads=1)
+    opened = _decord_reader(path)
+    reader, count, fps, stamps = opened.reader, opened.count, opened.fps, opened.stamps
     try:
-        count = len(reader)
-        fps = float(reader.get_avg_fps())
-        stamps = np.asarray(reader.get_frame_timestamp(np.arange(count)), dtype=np.float64)  # (count, [begin, end]) s
         begins = stamps[:, 0]
         if begins[0] < -1e6:  # decord's "no timestamp" (AVI with packed B-frames): it cannot place the frames
             raise DecordRefused("decord has no timestamps for its frames")
@@ -258,7 +299,7 @@ def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, s
             shape = reader[0].shape
             size = _decord_size(shape[0], shape[1], header, short_side)
     finally:
-        del reader  # decord frees its FFmpeg context in __del__
+        del reader, opened  # decord frees its FFmpeg context in __del__ (unless `reading_windows` keeps it)
     frames = np.stack(resized) if resized else np.zeros((0, *size, 3), np.uint8)
     return DecodedFrames(frames=frames, duration=duration, native_fps=fps, backend="decord")
 

@@ -516,3 +516,36 @@ def test_last_words_are_the_crash_message_not_decords_log_or_pythons_fault_repor
     assert last_words(log) == "Fatal Python error: Segmentation fault"
     log.write_bytes(b"[10:00:00] /src/video/video_reader.cc:83: ERROR opening\n")
     assert last_words(log) == "" and last_words(tmp_path / "missing") == ""
+
+
+def test_windows_of_one_video_share_one_decord_reader_and_decode_the_same(tmp_path, monkeypatch):
+    """vta-sam generate reads a long video window by window; decord indexed the whole file again for each window
+    (a cost that grew with the square of the length: 600 s for the 874 windows of a 2-hour video). Inside
+    `reading_windows` one reader serves every window of the video, and the frames are those of a fresh reader."""
+    import decord
+
+    from preprocess.video import reading_windows
+
+    video = media.make_video(tmp_path / "long.mp4", seconds=30.0, fps=10, audio=None)
+    other = media.make_video(tmp_path / "other.mp4", seconds=12.0, fps=10, audio=None)
+    times = [0.25 + 0.5 * i for i in range(20)]
+    starts = [0.0, 8.24, 16.48, 19.76]
+    fresh = [decode_frames(video, start, times, 10.24, 64, backend="decord") for start in starts]
+    opened = []
+    real = decord.VideoReader
+
+    class Counting(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            opened.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(decord, "VideoReader", Counting)
+    with reading_windows():
+        for _ in range(3):  # three passes, as a caption-free video is read
+            shared = [decode_frames(video, start, times, 10.24, 64, backend="decord") for start in starts]
+            for a, b in zip(fresh, shared):
+                assert b.backend == "decord" and b.duration == a.duration and np.array_equal(a.frames, b.frames)
+        decode_frames(other, 0.0, times, 10.24, 64, backend="decord")  # another video: its own reader
+    assert len(opened) == 2
+    decode_frames(video, 0.0, times, 10.24, 64, backend="decord")
+    assert len(opened) == 3  # outside, each call opens its own (stage one reads each clip once)

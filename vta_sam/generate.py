@@ -37,7 +37,7 @@ from common.ffmpeg import error_reason, file_url
 from preprocess.config import FeatureConfig
 from preprocess.manifest import VIDEO_SUFFIXES
 from preprocess.nouns import NounCache, caption_nouns
-from preprocess.video import DecodedFrames, VideoDecodeError, decode_frames, probe_video
+from preprocess.video import DecodedFrames, VideoDecodeError, decode_frames, probe_video, reading_windows
 from train.diffusion import steps_problem
 from train.speed import lower_precision_weights, sampling_channels_last, speed_up
 
@@ -456,6 +456,10 @@ class SoundGenerator:
         of the frames when --explain is on). `probe`: the video's `probe_video`, when the caller has it (it reads
         every packet of a Matroska file). The video is read a window batch at a time (`Windows`): memory does not
         grow with its length."""
+        with reading_windows():  # one decord reader for all of the video's windows and passes
+            return self._audio(video, caption, probe)
+
+    def _audio(self, video: Path, caption: str | None, probe: dict[str, Any] | None) -> tuple[np.ndarray, dict[str, Any]]:
         cfg = self.features
         duration = (probe or probe_video(video))["duration"]
         if duration <= 0:
