@@ -37,9 +37,18 @@ class AudioModelConfig:
 
     @classmethod
     def from_features(cls, features: Mapping[str, Any]) -> AudioModelConfig:
-        """From a stage-one config as a dict (a FeatureConfig's `to_dict`, or the "config" of a meta.json)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in features.items() if k in names})
+        """From a stage-one config as a dict (a FeatureConfig's `to_dict`, or the "config" of a meta.json); TypeError
+        naming the field whose value has another type than the field's (a "16000" for the sample rate)."""
+        kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in features:
+                continue
+            value, allowed = features[field.name], kinds[str(field.type)]
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise TypeError(f"field {field.name!r} is {value!r}, expected {field.type}")
+            values[field.name] = value
+        return cls(**values)
 
     @property
     def hop(self) -> int:

@@ -77,7 +77,14 @@ def audio_model_config(folder: str | Path) -> AudioModelConfig:
     if "config" not in meta:
         raise EvalError(f"{Path(folder) / shards.META_FILE}: no stage-one 'config' in it; cannot tell which AudioLDM "
                         "VAE and vocoder decode these latents")
-    return AudioModelConfig.from_features(meta["config"])
+    config = meta["config"]
+    try:
+        if not isinstance(config, dict):
+            raise TypeError(f"'config' is a {type(config).__name__}, not an object")
+        return AudioModelConfig.from_features(config)
+    except (TypeError, ValueError) as error:  # a field of another type (huggingface_hub's strict dataclasses too)
+        reason = " ".join(str(error).split())[:300]
+        raise EvalError(f"{Path(folder) / shards.META_FILE}: unreadable stage-one config ({reason})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any, Literal, Self
 from audio_models.config import MEL_BINS, MEL_FRAMES, AudioModelConfig
 from common.config import ConfigMethods
 from shards import ShardSpec
+from shards.schema import MAX_WINDOW_SECONDS
 
 MAX_FRAMES = 10_000  # frames per clip (fps x window_seconds): the paper samples 41
 # the audio a shard can hold: FLAC's range is wider, but the mel front end and the VAE want speech-band rates and up
@@ -77,6 +78,8 @@ class FeatureConfig(ConfigMethods):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not (math.isfinite(self.fps) and math.isfinite(self.window_seconds)) or self.fps <= 0 or self.window_seconds <= 0:
             raise ValueError(f"fps and window_seconds must be positive numbers (got {self.fps}, {self.window_seconds})")
+        if self.window_seconds > MAX_WINDOW_SECONDS:
+            raise ValueError(f"window_seconds must be at most {MAX_WINDOW_SECONDS} (got {self.window_seconds})")
         if self.window_seconds * self.fps > MAX_FRAMES:
             raise ValueError(f"fps x window_seconds gives {self.window_seconds * self.fps:.0f} frames per clip; at most "
                              f"{MAX_FRAMES}")

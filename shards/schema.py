@@ -122,6 +122,9 @@ def _typed(data: Any, name: str, kind: type | tuple[type, ...], default: Any = N
 META_FIELDS = tuple(f.name for f in dataclasses.fields(SampleMeta) if f.default is dataclasses.MISSING)
 
 
+MAX_WINDOW_SECONDS = 3600  # a window's audio is held whole (the paper's: 10.24 s)
+
+
 @dataclass(frozen=True)
 class ShardSpec:
     """Shapes every sample must have; derived from the stage-one config, stored in meta.json."""
@@ -138,7 +141,7 @@ class ShardSpec:
 
     def __post_init__(self) -> None:
         if self.schema_version not in READ_VERSIONS:
-            raise ShardFormatError(f"shards have schema version {self.schema_version}; this code reads versions "
+            raise ShardFormatError(f"shards have schema version {self.schema_version!r}; this code reads versions "
                                    f"{', '.join(map(str, READ_VERSIONS))}")
         sizes = ("num_frames", "embed_dim", "max_nouns", "latent_channels", "latent_time", "latent_freq", "sample_rate")
         for name in sizes:
@@ -146,8 +149,10 @@ class ShardSpec:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_nouns" else 1):
                 raise ShardFormatError(f"spec {name} must be a positive integer, got {value!r}")
         window = self.window_seconds
-        if not isinstance(window, (int, float)) or isinstance(window, bool) or not math.isfinite(window) or window <= 0:
-            raise ShardFormatError(f"spec window_seconds must be a positive number of seconds, got {window!r}")
+        if not isinstance(window, (int, float)) or isinstance(window, bool) or not math.isfinite(window) or window <= 0 \
+                or window > MAX_WINDOW_SECONDS:
+            raise ShardFormatError(f"spec window_seconds must be a positive number of seconds up to {MAX_WINDOW_SECONDS}, "
+                                   f"got {window!r}")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -579,3 +580,20 @@ def test_more_steps_than_the_model_was_trained_with_is_one_line(tiny_run, tmp_pa
             generate(config_for(tiny_run, tmp_path / sampler, steps=5000, sampler=sampler),
                      select_clips(read_split(tiny_run[0], "test"), 0), progress=False)
         assert not (tmp_path / sampler / "wav").exists() or not list((tmp_path / sampler / "wav").glob("*.wav"))
+
+
+@pytest.mark.parametrize(("config", "expected"), [([1, 2], "'config' is a list, not an object"),
+                                                  ({"sample_rate": "16000"}, "field 'sample_rate' is '16000', expected int")])
+def test_a_stage_one_config_of_other_types_is_one_line(tmp_path, config, expected):
+    """A meta.json whose config is not an object, or holds a field of another type, was an AttributeError or
+    huggingface_hub's StrictDataclassFieldValidationError traceback in evaluation."""
+    from eval.generate import audio_model_config
+    from preprocess.config import PRESETS as FEATURES
+    from tests.test_train_support import SPEC, write_meta
+
+    write_meta(tmp_path, SPEC)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["config"] = config if isinstance(config, list) else {**FEATURES["tiny"].to_dict(), **config}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(EvalError, match=f"meta.json: unreadable stage-one config \\({re.escape(expected)}\\)$"):
+        audio_model_config(tmp_path)

@@ -220,6 +220,15 @@ def test_verify_refuses_another_schema_version(tmp_path, spec):
     (tmp_path / shards.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(shards.ShardFormatError, match="schema version 999"):
         shards.read_spec(tmp_path)
+    meta["spec"]["schema_version"] = "2"  # a string: said as one, not as the version it reads
+    (tmp_path / shards.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(shards.ShardFormatError, match="schema version '2'; this code reads versions 1, 2"):
+        shards.read_spec(tmp_path)
+    # a window no stage one makes: its audio (held whole) would be refused only when evaluation drew its figure
+    meta["spec"] |= {"schema_version": spec.schema_version, "window_seconds": 1e300}
+    (tmp_path / shards.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(shards.ShardFormatError, match="window_seconds must be a positive number of seconds up to 3600"):
+        shards.read_spec(tmp_path)
 
 
 def test_jsonl_survives_a_torn_line(tmp_path, caplog):
