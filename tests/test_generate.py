@@ -697,6 +697,10 @@ def test_a_damaged_run_folder_is_one_line_before_any_memory_is_taken(run_dir, tm
     with pytest.raises(ValueError, match=r"ema\.safetensors: not the weights of the model in .*config\.json") as error:
         load_model(huge)
     assert "\n" not in str(error.value) and "of other shapes" in str(error.value)
+    config["block_channels"] = [10**9 * 8] * len(config["block_channels"])  # no tensor that large: torch's RuntimeError
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: describes no buildable model \(RuntimeError: "):
+        load_model(huge)
 
     integers = damaged("integers")  # the right names and shapes, but integer tensors where the weights are float
     weights = integers / "model" / "ema.safetensors"
@@ -711,7 +715,7 @@ def test_a_damaged_run_folder_is_one_line_before_any_memory_is_taken(run_dir, tm
     assert cli_main(["generate", str(video), "--model", str(huge), "--out", str(tmp_path / "out"), "--steps", "2",
                      "--caption", "ball", "--no-progress"]) != 0
     err = capsys.readouterr().err
-    assert "not the weights of the model" in err and "Traceback" not in err
+    assert "describes no buildable model (RuntimeError: " in err and "Traceback" not in err
 
 
 def test_encoders_other_than_the_ones_stage_one_used_are_refused(run_dir, tmp_path, capsys):

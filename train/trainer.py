@@ -1038,7 +1038,8 @@ def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cp
     try:
         with torch.device("meta"):
             shell = VTASAM(config, spec)
-    except (ValueError, TypeError) as error:  # sizes the UNet cannot be built with (e.g. not divisible by its groups)
+    # sizes the UNet cannot be built with (not divisible by its groups; too large for a tensor: torch's RuntimeError)
+    except (ValueError, TypeError, RuntimeError) as error:
         raise ValueError(f"{config_path}: describes no buildable model ({one_line(error)})") from None
     shell_state = shell.state_dict()
     expected = {name: tuple(tensor.shape) for name, tensor in shell_state.items()}
