@@ -465,6 +465,12 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
     ]
     if old.get("schema_version") != meta["schema_version"]:
         differences.insert(0, f"schema_version: {old.get('schema_version')} there vs {meta['schema_version']} now")
+    # the shapes every sample is checked against, which the config makes: said where the config does not explain
+    # them (an edited spec made `verify` and training refuse every sample this run added)
+    spec: dict[str, Any] = old["spec"] if isinstance(old.get("spec"), dict) else {}
+    if not differences:
+        differences = [f"spec {name}: {spec.get(name)!r} there vs {value!r} now" for name, value in meta["spec"].items()
+                       if spec.get(name) != value]
     for model, info in meta["models"].items():
         recorded = models.get(model)
         if not isinstance(recorded, dict) or recorded.get("checksum") != info["checksum"]:

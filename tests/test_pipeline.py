@@ -114,6 +114,12 @@ def test_an_output_folder_of_other_features_is_refused(odd_media, tmp_path, caps
     (out / shards.META_FILE).write_text(json.dumps(meta))
     assert features_main(args) == 2
     assert "this folder holds features made differently (schema_version: 1 there vs 2 now)" in capsys.readouterr().err
+    # the same config with an edited spec: resumed before, and every sample it then wrote was refused by verify
+    meta["schema_version"] = meta["spec"]["schema_version"] = 2
+    meta["spec"]["num_frames"] += 1
+    (out / shards.META_FILE).write_text(json.dumps(meta))
+    assert features_main(args) == 2
+    assert "this folder holds features made differently (spec num_frames: 21 there vs 20 now)" in capsys.readouterr().err
 
 
 def test_ranks_write_disjoint_shards(odd_media, tmp_path):
