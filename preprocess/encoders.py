@@ -498,6 +498,24 @@ def sam_refined(scores: torch.Tensor, floor: float) -> torch.Tensor:
     return (scores >= floor) | (scores.to(_STORED).float() >= floor)
 
 
+def sam_processor_problem(processor: Any, image_size: int) -> str | None:
+    """Why a SAM image processor cannot feed a SAM whose image encoder takes `image_size` pixels (None: it can): a
+    padded size or longest edge of another size (the model refuses every image, a traceback in the first batch), or
+    a mean and deviation that are not three numbers each."""
+    pad = getattr(processor, "pad_size", None)
+    pad_size = (getattr(pad, "height", None), getattr(pad, "width", None)) if pad is not None else (None, None)
+    longest = getattr(getattr(processor, "size", None), "longest_edge", None)
+    if pad_size != (image_size, image_size) or longest != image_size:
+        return (f"pads images to {pad_size[0]}x{pad_size[1]} (longest edge {longest}), where the model takes "
+                f"{image_size}x{image_size}")
+    for name in ("image_mean", "image_std"):
+        value = getattr(processor, name, None)
+        if not (isinstance(value, (list, tuple)) and len(value) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            return f"has {name} {value!r}, not three numbers"
+    return None
+
+
 class Grounder(_Batched, FrozenModule):
     """p_tk: the probability that caption noun k is seen in frame t (Grounding DINO, optionally times SAM's IoU).
 
@@ -585,6 +603,10 @@ class Grounder(_Batched, FrozenModule):
                 sam = load_pretrained_model(SamModel.from_pretrained, sam_folder, "SAM")
                 sam_image_processor = load_pretrained_parts(SamProcessor.from_pretrained, sam_folder,
                                                             "SAM processor").image_processor
+                problem = sam_processor_problem(sam_image_processor, sam.config.vision_config.image_size)
+                if problem:
+                    raise ValueError(f"{sam_folder}: its preprocessor config {problem}; give the folder's own "
+                                     "processor files")
                 digests.append(f"sam:{sha256_dir(sam_folder)}")
                 config_digests.append(f"sam:{sha256_configs(sam_folder)}")
             checksum = hashlib.sha256("\n".join(digests).encode()).hexdigest()

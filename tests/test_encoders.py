@@ -957,3 +957,27 @@ def test_another_variant_than_the_papers_is_said_under_the_paper_preset(saved: t
     for paper, fields in ((model_configs.paper_sam_config(), model_configs.SAM_VARIANT_FIELDS),
                           (model_configs.paper_grounding_dino_config(), model_configs.GROUNDING_DINO_VARIANT_FIELDS)):
         assert model_configs.variant_differences(paper, paper, fields) == []  # the paper's own: no warning
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"size": {"longest_edge": 96}, "pad_size": {"height": 96, "width": 96}},
+     "pads images to 96x96 (longest edge 96), where the model takes 64x64"),
+    ({"image_mean": "abc"}, "has image_mean 'abc', not three numbers"),
+])
+def test_a_sam_processor_of_another_size_is_refused_when_loading(saved: tuple[Path, dict[str, object]],
+                                                                tmp_path: Path, change: dict[str, object],
+                                                                expected: str) -> None:
+    """A SAM processor_config.json of another size (or a mean that is no numbers) loaded, passed `weights check
+    --load`, and stage one then died in its first batch with transformers' "Input image size (96*96) doesn't match
+    model (64*64)" traceback."""
+    import shutil
+
+    root, _ = saved
+    copy = tmp_path / "weights"
+    shutil.copytree(root, copy)
+    path = copy / LOADED.sam_dir / "processor_config.json"
+    data = json.loads(path.read_text())
+    data["image_processor"].update(change)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"its preprocessor config {re.escape(expected)}; give the folder's own"):
+        Grounder.from_config(LOADED, copy, torch.device("cpu"))
