@@ -140,11 +140,18 @@ def _read_captions(captions_path: Path) -> dict[str, str]:
         bad = next((k for k, v in data.items() if v is not None and not isinstance(v, str)), None)
         if bad is not None:
             raise ManifestError(f"{captions_path}: the caption of {bad!r} is a {type(data[bad]).__name__}, not a string")
-        return {Path(str(k)).stem: v or "" for k, v in data.items()}
-    captions = {}
-    for _, row in _csv_rows(captions_path, text):
-        if len(row) >= 2 and not row[0].startswith("#"):
-            captions[Path(row[0].strip()).stem] = row[1].strip()
+        pairs = [(str(k), v or "") for k, v in data.items()]
+    else:
+        pairs = [(row[0].strip(), row[1].strip()) for _, row in _csv_rows(captions_path, text)
+                 if len(row) >= 2 and not row[0].startswith("#")]
+    captions: dict[str, str] = {}
+    named: dict[str, str] = {}
+    for name, caption in pairs:
+        stem = Path(name).stem
+        if stem in captions and captions[stem] != caption:  # "x.mp4" and "x", or "a/x.mp4" and "b/x.mkv"
+            raise ManifestError(f"{captions_path}: {named[stem]!r} and {name!r} both name video {stem!r}, with other "
+                                f"captions ({captions[stem]!r}, {caption!r}); keep one")
+        captions[stem], named[stem] = caption, name
     return captions
 
 

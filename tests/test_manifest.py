@@ -125,6 +125,17 @@ def test_captions_json_values(tmp_path, capsys):
     captions.write_text(json.dumps({"a": "dog", "b": ["cat"]}))
     with pytest.raises(ManifestError, match=r"captions.json: the caption of 'b' is a list, not a string"):
         from_folder(tmp_path, captions)
+    # two names of one video with other captions: the last won without a word
+    captions.write_text(json.dumps({"a.mp4": "dog", "other/a.mkv": "cat", "b": "owl", "b.mp4": "owl"}))
+    with pytest.raises(ManifestError, match=r"captions.json: 'a.mp4' and 'other/a.mkv' both name video 'a', with "
+                                            r"other captions \('dog', 'cat'\); keep one$"):
+        from_folder(tmp_path, captions)
+    rows = tmp_path / "captions.csv"
+    rows.write_text("a.mp4,dog\nb,owl\nb.mp4,owl\na,cat\n")  # the same caption twice is one
+    with pytest.raises(ManifestError, match=r"captions.csv: 'a.mp4' and 'a' both name video 'a'"):
+        from_folder(tmp_path, rows)
+    rows.write_text("a.mp4,dog\nb,owl\nb.mp4,owl\n")
+    assert [c.caption for c in from_folder(tmp_path, rows)] == ["dog", "owl", ""]
 
 
 def test_captions_that_miss_the_videos_are_reported(tmp_path, capsys):
