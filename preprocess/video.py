@@ -453,6 +453,35 @@ def _packets_end(path: Path, index: int) -> float:
     return end
 
 
+MAX_TIMESTAMP_STEP = 60.0  # seconds between a transport stream's successive video packets: more is a jump
+
+
+def timestamp_jump(path: str | Path, index: int) -> tuple[float, float] | None:
+    """(where, by how much) the timestamps of stream `index` first jump by more than MAX_TIMESTAMP_STEP seconds between
+    successive packets (decode order; read from the packets alone), None when they never do. Transport streams joined
+    from two recordings, or from an encoder that restarted, jump; FFmpeg reads a jump back as a 26-hour jump forward
+    (its 33-bit clock wrapping), so the video seems to last a day. ffmpeg's command line mends such jumps when it
+    remuxes (`-dts_delta_threshold`); the frames here are placed by their timestamps as they are."""
+    previous: float | None = None
+    with _open_pyav(Path(path)) as container:
+        stream = container.streams[index]
+        time_base = float(stream.time_base or 0.0)
+        if not time_base:
+            return None
+        try:
+            for packet in container.demux(stream):
+                stamp = packet.dts if packet.dts is not None else packet.pts
+                if stamp is None or not packet.size:
+                    continue
+                now = stamp * time_base
+                if previous is not None and abs(now - previous) > MAX_TIMESTAMP_STEP:
+                    return previous, now - previous
+                previous = now
+        except av.FFmpegError:
+            pass
+    return None
+
+
 # demuxers whose stream duration FFmpeg guesses from the bit rate (raw elementary streams, MPEG program streams): a
 # 3 s MPEG-1 stream read as 0.01 s; their duration comes from the packets instead
 GUESSED_DURATION = frozenset({"mpegvideo", "mpeg", "h264", "hevc", "vvc", "m4v", "cavsvideo", "avs2", "avs3", "vc1",

@@ -368,6 +368,32 @@ def test_stage_one_settings_of_other_shapes_than_the_model_was_trained_on_are_re
     assert err.startswith(f"error: {path}: the model was trained on other features (num_frames ") and "\n" not in err
 
 
+def test_a_transport_stream_whose_timestamps_jump_is_one_line(run_dir, tmp_path, capsys):
+    """Two recordings joined into one MPEG-TS, the second's clock behind the first's: FFmpeg read the jump back as a
+    26-hour jump forward, and generate planned 11,572 windows for 8 s of video (memory grew until it was killed).
+    Such a file is refused in one line saying how to mend it; a plain transport stream still gets its sound."""
+    import subprocess
+
+    def segment(name: str, offset: float) -> Path:
+        path = tmp_path / name
+        subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=10:duration=4", "-c:v",
+                        "libx264", "-pix_fmt", "yuv420p", "-f", "mpegts", "-output_ts_offset", str(offset), str(path)],
+                       check=True)
+        return path
+
+    first, second = segment("a.ts", 100), segment("b.ts", 0)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    out = tmp_path / "out"
+    common = ["--model", str(run_dir), "--out", str(out), "--steps", "2", "--caption", "dog", "--no-progress"]
+    assert cli_main(["generate", str(joined), str(first), *common]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith(f"error: {joined}: its timestamps jump by +") and \
+        "remux it first, e.g. ffmpeg -i joined.ts -c copy fixed.mp4" in err[0], err
+    assert not (out / "joined.wav").exists()
+    assert len(soundfile.read(out / "a.wav")[0]) == round(4.0 * 16000)
+
+
 def test_a_video_too_narrow_to_ground_is_one_line_and_the_others_go_on(run_dir, tmp_path, capsys):
     sliver = media.make_video(tmp_path / "sliver.mp4", seconds=2.0, size=(16, 4000), audio=None)
     normal = media.make_video(tmp_path / "normal.mp4", seconds=2.0, audio=None)
