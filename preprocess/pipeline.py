@@ -42,7 +42,7 @@ from preprocess.config import BEFORE_FIELD, FeatureConfig
 from preprocess.encoders import CLIPEncoder, Grounder, cap_cuda_memory
 from preprocess.manifest import Clip
 from preprocess.nouns import LABEL_NOUNS_FILE, NounCache, label_nouns_sha256
-from preprocess.video import VideoDecodeError, decode_frames
+from preprocess.video import VideoDecodeError, decode_frames, is_still_image, probe_video
 
 # Fields that must agree between runs writing into one output folder (batch sizes, devices may differ). A field
 # missing from an older meta.json compares as the value those runs used (`preprocess.config.BEFORE_FIELD`).
@@ -133,6 +133,15 @@ class DecodeDataset(Dataset):
                                   log_file=log_file)
         except VideoDecodeError as error:
             return {"clip": clip, "error": ("video", str(error))}
+        if len(video.frames) == 0:
+            try:
+                still = is_still_image(probe_video(clip.path)["format"])
+                if not still:  # shorter than the first sampling time: its first frame stands in (as in vta-sam generate)
+                    video = decode_frames(clip.path, clip.start, [0.0], cfg.window_seconds, cfg.frame_short_side)
+            except VideoDecodeError:
+                still = False
+            if still:
+                return {"clip": clip, "error": ("video", f"{clip.path}: a still image, not a video")}
         if len(video.frames) == 0:
             return {"clip": clip, "error": ("video", f"{clip.path}: no frame inside the window")}
         shape_error = cfg.frame_shape_error(*video.frames.shape[1:3])

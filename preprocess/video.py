@@ -453,6 +453,11 @@ def _packets_end(path: Path, index: int) -> float:
     return end
 
 
+def is_still_image(format_name: str) -> bool:
+    """Whether FFmpeg's demuxer `format_name` (probe_video's "format") reads a still image: image2, jpeg_pipe..."""
+    return format_name == "image2" or format_name.endswith("_pipe")
+
+
 MAX_TIMESTAMP_STEP = 60.0  # seconds between a transport stream's successive video packets: more is a jump
 
 

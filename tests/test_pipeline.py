@@ -197,6 +197,26 @@ def test_sound_past_the_last_frame_is_padding_like_the_frames(tmp_path):
     assert np.abs(flac[cut:]).max() == 0.0 and np.abs(flac[: round(2.5 * 16000)]).max() > 0.1
 
 
+def test_a_single_frame_video_is_made_and_a_still_image_is_said_to_be_one(tmp_path):
+    """A 0.1 s video of one frame, shorter than the first sampling time, was "no frame inside the window" (vta-sam
+    generate gave it sound): its first frame now stands in, as there. A JPEG named .mp4 said the same; it is now
+    "a still image"."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=10:duration=0.1", "-f", "lavfi",
+                    "-i", "sine=frequency=440:duration=0.1:sample_rate=16000", "-c:v", "libx264",
+                    "-pix_fmt", "yuv420p", "-c:a", "aac", str(videos / "one_frame.mp4")], check=True)
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64", "-frames:v", "1", "-f", "image2",
+                    str(videos / "photo.mp4")], check=True)
+    summary = run_stage_one(videos, tmp_path / "out", threaded=False)
+    assert summary.written == 1
+    [sample] = shards.iterate_samples(shards.list_shards(tmp_path / "out"))
+    assert sample["json"]["id"] == "one_frame" and sample["json"]["valid_frames"] == 1
+    assert sample["clip.npy"][0].any() and not sample["clip.npy"][1:].any()
+    [failed] = failures(tmp_path / "out").values()
+    assert (failed["id"], failed["stage"], failed["reason"]) == ("photo", "video", f"{videos / 'photo.mp4'}: a still image, not a video")
+
+
 def test_two_processes_of_one_rank_in_one_folder_are_refused(five_clips, tmp_path):
     """Two stage-one processes of one rank (two launches without --rank, a requeued job while the first still ran)
     wrote the same shard names and deleted each other's partial shards: clips written twice, which no rerun

@@ -41,6 +41,7 @@ from preprocess.video import (
     DecodedFrames,
     VideoDecodeError,
     decode_frames,
+    is_still_image,
     probe_video,
     reading_windows,
     timestamp_jump,
@@ -779,7 +780,7 @@ def _generate_one(generator: SoundGenerator, video: Path, options: GenerateOptio
         return False
     try:
         probe = probe_video(video)
-        if probe["format"] == "image2" or probe["format"].endswith("_pipe"):
+        if is_still_image(probe["format"]):
             raise GenerateError(f"{video}: a still image ({probe['format']}), not a video")
         jump = timestamp_jump(video, probe["index"]) if probe["format"] in JUMPING_FORMATS else None
         if jump is not None:  # its windows would span the jump: a day of them for a jump back
