@@ -368,6 +368,33 @@ def test_stage_one_settings_of_other_shapes_than_the_model_was_trained_on_are_re
     assert err.startswith(f"error: {path}: the model was trained on other features (num_frames ") and "\n" not in err
 
 
+def test_a_copy_that_would_lose_the_videos_rotation_is_refused(run_dir, tmp_path, capsys):
+    """A phone video (a display matrix turning it 90°) given sound as .mkv: ffmpeg 5 writes no rotation into
+    Matroska, so the copy played sideways without a word. The trial copy shows it before any sound is made; .mp4
+    keeps the rotation."""
+    import subprocess
+
+    from preprocess.video import probe_video
+
+    plain = media.make_video(tmp_path / "plain.mp4", seconds=2.0, audio=None)
+    turned = tmp_path / "turned.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(plain), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(turned)],
+                   check=True)
+    assert probe_video(turned)["rotation"] in (90, 270)
+    common = ["--model", str(run_dir), "--steps", "2", "--caption", "dog", "--no-progress"]
+    out = tmp_path / "out"
+    out.mkdir()
+    code = cli_main(["generate", str(turned), "--out", str(out / "copy.mkv"), *common])
+    err = capsys.readouterr().err
+    if code == 0:  # a newer ffmpeg writes rotation into Matroska: then the copy must hold it
+        assert probe_video(out / "copy.mkv")["rotation"] == probe_video(turned)["rotation"]
+    else:
+        assert code == 1 and f"copy.mkv (a .mkv copy would lose the video's {probe_video(turned)['rotation']}° " in err
+        assert not list(out.iterdir())  # refused before any sound was made
+    assert cli_main(["generate", str(turned), "--out", str(out / "copy.mp4"), *common]) == 0
+    assert probe_video(out / "copy.mp4")["rotation"] == probe_video(turned)["rotation"]
+
+
 def test_a_transport_stream_whose_timestamps_jump_is_one_line(run_dir, tmp_path, capsys):
     """Two recordings joined into one MPEG-TS, the second's clock behind the first's: FFmpeg read the jump back as a
     26-hour jump forward, and generate planned 11,572 windows for 8 s of video (memory grew until it was killed).

@@ -266,14 +266,15 @@ def container_problem(codec: str, out: Path) -> str | None:
 
 
 def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int | None = None,
-        first_frame_only: bool = False) -> None:
+        first_frame_only: bool = False, rotation: int = 0) -> None:
     """Copy the video stream bit for bit, replace every audio track by `wav`: AAC, or Opus in WebM. The WAV starts
     with the first frame, whose timestamp is `video_start` (`probe_video`'s start): the input's timestamps are kept
     (-copyts) and the WAV's are moved to the picture's, so the two stay together also where the old audio
     started before the picture. `stream`: the index of the video stream to copy (`probe_video`'s index, the one
     the sound was made for), else the first. `first_frame_only`: a trial that writes (beside `wav`, a scratch
     folder's file) and deletes a copy of the first frame, to learn before any sound is made whether the container
-    takes the stream (GenerateError if not).
+    takes the stream (GenerateError if not), and, given the video's `rotation` (`probe_video`'s), whether the copy
+    keeps it (ffmpeg 5 writes no rotation into Matroska, WebM, AVI or MPEG-TS: the copy would play turned).
     Audio: AAC; Opus in WebM; 16-bit PCM in AVI, which cannot mark AAC's priming samples."""
     # a trial writes beside its WAV (a scratch folder); the copy into a hidden file of a random name beside `out`
     # (ffmpeg makes it with the user's umask), renamed over `out` when whole: never into a file of the user's
@@ -292,6 +293,9 @@ def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int
         result = subprocess.run([*command, file_url(tmp)], capture_output=True, text=True)
         if result.returncode != 0:
             raise GenerateError(f"{video}: cannot write {out} ({error_reason(result.stderr)})")
+        if first_frame_only and rotation and _rotation(tmp) not in (None, rotation):
+            raise GenerateError(f"{video}: cannot write {out} (a {out.suffix} copy would lose the video's {rotation}° "
+                                "rotation and play turned: name the output .mp4 or .mov)")
         if not first_frame_only:
             tmp.replace(out)
     except BaseException:  # Ctrl-C or SIGTERM (ffmpeg got it too), ffmpeg's failure: its partial file goes
@@ -299,6 +303,14 @@ def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int
         raise
     if first_frame_only:
         tmp.unlink(missing_ok=True)
+
+
+def _rotation(video: Path) -> int | None:
+    """`probe_video`'s rotation of a file, None when it cannot tell."""
+    try:
+        return int(probe_video(video)["rotation"])
+    except VideoDecodeError:
+        return None
 
 
 def writable_container(video: Path, out_video: Path, out_wav: Path, probe: dict[str, Any], silence: Path,
@@ -310,7 +322,7 @@ def writable_container(video: Path, out_video: Path, out_wav: Path, probe: dict[
     GenerateError with the first trial's reason, before any sound is made, when none does, or when the user named
     the output file (`named`)."""
     try:
-        mux(video, silence, out_video, probe["start"], probe["index"], first_frame_only=True)
+        mux(video, silence, out_video, probe["start"], probe["index"], first_frame_only=True, rotation=probe["rotation"])
         return out_video
     except GenerateError as error:
         if named:
@@ -321,11 +333,12 @@ def writable_container(video: Path, out_video: Path, out_wav: Path, probe: dict[
         if foreign_output(fallback, out_wav):
             continue
         try:
-            mux(video, silence, fallback, probe["start"], probe["index"], first_frame_only=True)
+            mux(video, silence, fallback, probe["start"], probe["index"], first_frame_only=True,
+                rotation=probe["rotation"])
         except GenerateError:
             continue
-        tqdm.write(f"note: {video}: {out_video.suffix} cannot hold its {probe['codec']} video; writing {fallback}",
-                   file=sys.stderr)
+        tqdm.write(f"note: {video}: {out_video.suffix} cannot hold its {probe['codec']} video"
+                   f"{' with its rotation' if probe['rotation'] else ''}; writing {fallback}", file=sys.stderr)
         return fallback
     raise first
 
