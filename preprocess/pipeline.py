@@ -205,6 +205,20 @@ def _die_with_parent() -> None:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def _kill_workers(iterator: Any) -> None:
+    """SIGKILL a DataLoader iterator's live worker processes (what they were decoding is made again on resume), first
+    taking their pids off PyTorch's SIGCHLD check, which would report each death as "DataLoader worker (pid N) is
+    killed by signal" from the iterator's __del__ (a traceback on stderr)."""
+    if getattr(iterator, "_worker_pids_set", False):
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+    for worker in getattr(iterator, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+
+
 def _worker_init(_: int) -> None:
     """Set up one decoding worker: a single thread (the encoders in the main process want the cores); death with the
     parent, so a SIGKILLed run leaves no worker behind holding shared memory; and STOP_SIGNALS ignored, for the parent
@@ -342,6 +356,10 @@ def decode_clips(clips: list[Clip], cfg: FeatureConfig, tensors: bool, prefetch:
                 guard.waiting = False
                 if sigchld is not None:
                     signal.signal(signal.SIGCHLD, sigchld)
+                if sys.exc_info()[0] is not None:
+                    # leaving on a signal or an error: the workers ignore SIGTERM (STOP_SIGNALS), and DataLoader's
+                    # shutdown would wait up to 5 s for each busy one before the shard in progress is closed
+                    _kill_workers(iterator)
                 del guard, iterator  # shuts its workers down
             for index, reason in sorted(died.items()):
                 clip = remaining[index]

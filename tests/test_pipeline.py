@@ -529,6 +529,37 @@ def test_a_decoding_worker_outlives_the_stop_signals_its_parent_acts_on():
     assert len(pids) == 2 and pids[0] != os.getpid()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # "worker killed" from DataLoader's __del__
+def test_leaving_on_a_signal_does_not_wait_for_busy_decoding_workers(tmp_path, monkeypatch):
+    """The workers ignore SIGTERM (their parent closes the shard in progress, then stops them); DataLoader's shutdown
+    waited up to 5 s for each busy one and then sent them the SIGTERM they ignore: 8 workers on long files took 40 s,
+    past SLURM's 30 s before SIGKILL, and the shard in progress was lost. Leaving on an exception kills them."""
+    from preprocess.config import PRESETS
+    from preprocess.manifest import from_folder
+    from preprocess.pipeline import DecodeDataset, decode_clips
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(4):
+        (videos / f"v{i}.mp4").write_bytes(b"x")
+    monkeypatch.setattr(DecodeDataset, "_decode", lambda self, index: time.sleep(20) or {})  # a slow file, in a worker
+    cfg = PRESETS["tiny"].replace(num_workers=2, device="cpu")
+    clips = decode_clips(from_folder(videos), cfg, tensors=False, prefetch=1, markers=tmp_path / "markers")
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)  # what stage one's SIGTERM handler does
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(SystemExit):
+            next(clips)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 6  # 2 s, then the workers are gone at once (not 2 x 5 s of joining)
+
+
 @pytest.mark.parametrize("group", [False, True], ids=["main-process", "process-group"])
 def test_sigterm_keeps_every_clip_already_encoded(tmp_path, group):
     """SIGUSR1 to the main process, or SIGTERM to every process of the job as a scheduler sends it: decoding workers
