@@ -368,6 +368,41 @@ def test_stage_one_settings_of_other_shapes_than_the_model_was_trained_on_are_re
     assert err.startswith(f"error: {path}: the model was trained on other features (num_frames ") and "\n" not in err
 
 
+def test_nltk_data_is_needed_only_for_a_free_text_caption(run_dir, tmp_path, capsys, monkeypatch):
+    """A model whose stage one tagged with nltk (the paper preset) stopped without nltk's tagger data even without a
+    caption, whose nouns come from VGGSound's labels, and did so with a TaggerUnavailableError traceback."""
+    import shutil
+
+    import nltk
+
+    from preprocess import nouns as nouns_module
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    path = run / "model" / "features.json"
+    features = json.loads(path.read_text())
+    features["config"]["tagger"] = "nltk"
+    path.write_text(json.dumps(features))
+
+    def not_found(*args, **kwargs):
+        raise LookupError("not found")
+
+    monkeypatch.setattr(nltk.data, "find", not_found)
+    nouns_module.get_tagger.cache_clear()  # a tagger loaded by another test would be taken from the cache
+    try:
+        video = media.make_video(tmp_path / "a.mp4", seconds=2.0, audio=None)
+        common = ["--model", str(run), "--steps", "2", "--no-progress"]
+        assert cli_main(["generate", str(video), "--out", str(tmp_path / "out"), *common]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        assert cli_main(["generate", str(video), "--out", str(tmp_path / "out2"), "--caption", "a man hammers a nail",
+                         *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: nltk's tagger data 'averaged_perceptron_tagger_eng' is not installed") \
+            and "\n" not in err and "Traceback" not in err, err
+    finally:
+        nouns_module.get_tagger.cache_clear()
+
+
 def test_a_copy_that_would_lose_the_videos_rotation_is_refused(run_dir, tmp_path, capsys):
     """A phone video (a display matrix turning it 90°) given sound as .mkv: ffmpeg 5 writes no rotation into
     Matroska, so the copy played sideways without a word. The trial copy shows it before any sound is made; .mp4

@@ -36,7 +36,7 @@ from common.devices import PRECISIONS, resolve_device, resolve_precision, tune_b
 from common.ffmpeg import error_reason, file_url
 from preprocess.config import FeatureConfig
 from preprocess.manifest import VIDEO_SUFFIXES
-from preprocess.nouns import NounCache, caption_nouns
+from preprocess.nouns import NounCache, TaggerUnavailableError, caption_nouns
 from preprocess.video import (
     DecodedFrames,
     VideoDecodeError,
@@ -432,7 +432,11 @@ class SoundGenerator:
             raise GenerateError(str(error).splitlines()[0]) from None
         check_checkpoints(meta, {**self.encoders.checksums, "vae": self.decoder.checksum}, source, weights,
                           {**self.encoders.config_checksums, "vae": self.decoder.vae.config_checksum})
-        self.nouns = NounCache(self.features.tagger, self.features.max_nouns)
+        try:  # the tagger only for a caption that needs it (without one, the nouns are VGGSound labels')
+            self.nouns = NounCache(self.features.tagger, self.features.max_nouns,
+                                   [options.caption] if options.caption else [])
+        except TaggerUnavailableError as error:
+            raise GenerateError(str(error)) from None
         self.vocabulary = vocabulary(self.features.tagger)
         self._vocabulary_embeddings: torch.Tensor | None = None  # (V, D) CLIP text embeddings, computed on first use
         self.device = device
