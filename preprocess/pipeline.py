@@ -513,12 +513,13 @@ def _warn(line: str) -> None:
 
 
 def completed_ids(out_dir: Path, retry: Collection[str] = (), retried: set[str] | None = None,
-                  stored: dict[str, shards.SampleMeta] | None = None) -> dict[str, str | None]:
+                  stored: dict[str, shards.SampleMeta] | None = None, mine: Collection[str] = ()) -> dict[str, str | None]:
     """Sample keys of clips in complete shards (any rank) or recorded in failures.jsonl, each with the split it was
     made for (from the shard's file name, or the failure record's "split"; None where that does not say). A clip
     recorded only as failed for a missing video file (stage 'input') whose key is in `retry` (its file is there
-    now) is not done: it goes into `retried` and is tried again. `stored` receives the SampleMeta of each clip in
-    the shards (read in the same pass: `shards.shard_index`), for `warn_about_changes`.
+    now) is not done: it goes into `retried` and is tried again. `stored` receives the SampleMeta of each clip of
+    `mine` (sample keys: this rank's) in the shards, read in the same pass (`shards.shard_index`), for
+    `warn_about_changes`.
 
     Bad input here is reported, one warning line each, never a crash: a shard that cannot be read (a zero-byte
     `.tar` left by a copy interrupted elsewhere, a torn one) is left in place untouched and its clips are not
@@ -539,7 +540,7 @@ def completed_ids(out_dir: Path, retry: Collection[str] = (), retried: set[str] 
             continue
         done.update(dict.fromkeys(index, split))
         if stored is not None:
-            stored.update((key, meta) for key, meta in index.items() if meta is not None)
+            stored.update((key, meta) for key, meta in index.items() if meta is not None and key in mine)
     failures = out_dir / shards.FAILURES_FILE
     try:
         records = shards.read_jsonl(failures)
@@ -828,7 +829,8 @@ def _run(cfg: FeatureConfig, mine: list[Clip], out_dir: Path, weights_dir: Path 
     shards.remove_partial(out_dir, rank)
     retried: set[str] = set()
     stored: dict[str, shards.SampleMeta] = {}
-    done = completed_ids(out_dir, {shards.sample_key(c.id) for c in mine if c.path is not None}, retried, stored)
+    done = completed_ids(out_dir, {shards.sample_key(c.id) for c in mine if c.path is not None}, retried, stored,
+                         {shards.sample_key(c.id) for c in mine})
     if retried:
         print(f"note: {len(retried)} clip(s) recorded as failed for a missing video file have one now: trying them "
               "again", file=sys.stderr)
