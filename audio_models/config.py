@@ -40,7 +40,7 @@ class AudioModelConfig:
         """From a stage-one config as a dict (a FeatureConfig's `to_dict`, or the "config" of a meta.json); TypeError
         naming the field whose value has another type than the field's (a "16000" for the sample rate)."""
         kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
-        values = {}
+        values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             if field.name not in features:
                 continue
