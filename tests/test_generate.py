@@ -508,24 +508,33 @@ def decodable_end(path: Path) -> float:
 
 def test_windows_end_where_the_frames_end_not_where_the_header_says(tmp_path):
     """A download cut short after an intact mp4 header announces 24 s; the frames stop about half-way. The windows
-    are laid out again over the frames that exist, and every one of them is full of frames."""
+    are laid out again over the frames that exist, and every one of them is full of frames; a second pass over the
+    windows (kept or decoded again) gives the same ones."""
     from preprocess.config import FeatureConfig
-    from vta_sam.generate import decode_windows
+    from vta_sam.generate import Windows
+
+    def decode_windows(video, claimed):
+        windows = Windows(video, claimed, config, overlap=2.0, keep=1)
+        first = [(start, d.duration, d.frames) for _, start, d in windows]
+        again = [(start, d.duration, d.frames) for _, start, d in windows]
+        assert [(s, d) for s, d, _ in first] == [(s, d) for s, d, _ in again]
+        assert all(np.array_equal(a[2], b[2]) for a, b in zip(first, again))
+        return windows.duration, windows.starts, first
 
     video = media.make_truncated(tmp_path / "cut.mp4", seconds=24.0, audio=None)
     config = FeatureConfig()
     claimed = 24.0
     end = decodable_end(video)
     assert 10.5 < end < 20  # more than one window, well short of the claim
-    duration, starts, decoded = decode_windows(video, claimed, config, overlap=2.0)
+    duration, starts, decoded = decode_windows(video, claimed)
     assert duration == pytest.approx(end, abs=1e-3)
-    assert starts == window_starts(duration, config.window_seconds, 2.0)
-    assert all(d.duration == pytest.approx(config.window_seconds) for d in decoded)
-    assert all(len(d.frames) == len(config.frame_times()) for d in decoded)
+    assert starts == window_starts(duration, config.window_seconds, 2.0) == [start for start, _, _ in decoded]
+    assert all(seconds == pytest.approx(config.window_seconds) for _, seconds, _ in decoded)
+    assert all(len(frames) == len(config.frame_times()) for _, _, frames in decoded)
 
     # a complete video keeps its duration and is decoded once per window
     whole = media.make_video(tmp_path / "whole.mp4", seconds=24.0, audio=None)
-    duration, starts, decoded = decode_windows(whole, 24.0, config, overlap=2.0)
+    duration, starts, decoded = decode_windows(whole, 24.0)
     assert duration == 24.0 and starts == window_starts(24.0, config.window_seconds, 2.0)
 
 

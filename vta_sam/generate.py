@@ -199,13 +199,6 @@ class Windows:
                 return
 
 
-def decode_windows(video: Path, duration: float, cfg: FeatureConfig, overlap: float) -> tuple[float, list[float], list[DecodedFrames]]:
-    """(duration, window starts, each window's frames) of a whole video at once (`Windows`, every frame held)."""
-    windows = Windows(video, duration, cfg, overlap)
-    decoded = [frames for _, _, frames in windows]
-    return windows.duration, windows.starts, decoded
-
-
 def features_meta(run: Path, train_config: Any) -> tuple[Path, dict[str, Any]]:
     """The stage-one meta.json the model was trained on (its config and its models' checksums): the run's copy,
     model/features.json, else the shards' meta.json; with the file it came from."""
