@@ -28,7 +28,15 @@ import webdataset as wds
 
 from shards.io import list_shards, read_spec, require_stage_one_folder
 from shards.schema import META_KEY, SAMPLE_KEYS, SampleMeta, ShardFormatError, ShardSpec
-from shards.stream import MAX_JSON_BYTES, check_member, checked_record, decode_checked, member_limit, read_raw
+from shards.stream import (
+    MAX_JSON_BYTES,
+    check_member,
+    checked_record,
+    decode_checked,
+    member_limit,
+    read_raw,
+    unreadable,
+)
 
 Folder = str | os.PathLike[str]
 
@@ -62,7 +70,7 @@ def _members(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, s
                 handle = tar.extractfile(member)
                 yield key, ext, handle.read() if handle is not None else b""
     except (tarfile.TarError, OSError) as error:
-        raise ShardFormatError(f"{path}: unreadable shard ({error})") from None
+        raise unreadable(path, error) from None
     if record is not None and keys != record["samples"]:
         raise ShardFormatError(f"{path}: shard holds {keys} samples, its record says {record['samples']}")
 

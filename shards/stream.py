@@ -99,6 +99,22 @@ def read_record(shard: Path) -> dict[str, Any] | None:
     return record
 
 
+# the first bytes of a compressed file: a shard someone gzip'd is named as such, not as a tar with a bad checksum
+COMPRESSIONS = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def unreadable(path: Path, reason: object) -> ShardFormatError:
+    """The error for a shard the tar reader refused, saying so when the file is compressed (shards are plain tar)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+    except OSError:
+        head = b""
+    kind = next((name for magic, name in COMPRESSIONS.items() if head.startswith(magic)), None)
+    note = f"; the file is {kind}-compressed, and shards are plain tar files" if kind else ""
+    return ShardFormatError(f"{path}: unreadable shard ({reason}){note}")
+
+
 def checked_record(path: Path) -> dict[str, Any] | None:
     """The shard's record (`read_record`) after checking the shard's size against it: ShardFormatError naming the
     shard when it was cut short (also exactly at a sample's end, where a tar reader sees a whole archive) or
@@ -185,10 +201,8 @@ def read_raw(path: Path, spec: ShardSpec | None = None) -> Iterator[dict[str, An
                     yield finish()
                     count += 1
             reader.drain()
-    except tarfile.TarError as error:
-        raise ShardFormatError(f"{path}: unreadable shard ({error})") from None
-    except OSError as error:
-        raise ShardFormatError(f"{path}: unreadable shard ({error})") from None
+    except (tarfile.TarError, OSError) as error:
+        raise unreadable(path, error) from None
     if record is not None and count != record["samples"]:
         raise ShardFormatError(f"{path}: shard holds {count} samples, its record says {record['samples']}")
     if record is not None and reader.sha256.hexdigest() != record["sha256"]:

@@ -337,6 +337,14 @@ def test_readers_name_the_broken_shard(tmp_path, spec):
     _tar_with(broken, {"t1.json": b"[1, 2]"})
     with pytest.raises(shards.ShardFormatError, match=rf"{broken.name}: .*not an object"):
         shards.read_split(tmp_path, "test")
+    # someone gzip'd it: the reader said only "bad checksum" or "invalid header"
+    import gzip
+
+    broken.write_bytes(gzip.compress(shards.list_shards(tmp_path)[0].read_bytes()))
+    for read in (lambda: shards.read_split(tmp_path, "test"), lambda: list(shards.iter_split(tmp_path, "test"))):
+        with pytest.raises(shards.ShardFormatError, match=rf"{broken.name}: unreadable shard \(.*\); the file is "
+                                                          "gzip-compressed, and shards are plain tar files$"):
+            read()
 
 
 def test_a_shard_cut_at_a_samples_end_is_not_read_as_a_shorter_one(tmp_path, spec):
