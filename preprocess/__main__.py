@@ -116,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
                           "duplicate_rows_dropped": duplicates, "out": str(out_dir), "rank": rank, "world_size": world_size}, indent=2))
         return 0
 
+    from common.signals import STOP_SIGNALS
     from preprocess.encoders import OutOfMemory
     from preprocess.nouns import TaggerUnavailableError
-    from preprocess.pipeline import STOP_SIGNALS, FeatureError, print_summary, run
+    from preprocess.pipeline import FeatureError, print_summary, run
 
     # SLURM and friends stop jobs with SIGTERM (SIGUSR1 ahead of a time limit with `--signal=USR1@<seconds>`): an
-    # exception, so that the shard in progress is closed; the decoding workers ignore both (`pipeline.STOP_SIGNALS`)
+    # exception, so that the shard in progress is closed; the decoding workers ignore both (`common.signals`)
     previous = {signum: signal.signal(signum, lambda signum, frame: sys.exit(128 + signum)) for signum in STOP_SIGNALS}
     weights_dir = None if cfg.random_init else args.weights
     try:

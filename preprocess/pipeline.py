@@ -36,6 +36,7 @@ from audio_models.vae import AudioVAE
 from common.devices import resolve_device
 from common.ffmpeg import last_words
 from common.lock import FolderBusy, folder_lock
+from common.signals import ignore_stop_signals
 from common.versions import software_versions
 from preprocess.audio import AudioDecodeError, decode_audio
 from preprocess.config import BEFORE_FIELD, FeatureConfig
@@ -200,11 +201,6 @@ def _die_with_parent() -> None:
         return
 
 
-# the signals on which `python -m preprocess` closes its shards and exits (SIGTERM: scancel, a preemption, a time
-# limit; SIGUSR1: SLURM's `--signal=USR1@<seconds>`)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
 def _kill_workers(iterator: Any) -> None:
     """SIGKILL a DataLoader iterator's live worker processes (what they were decoding is made again on resume), first
     taking their pids off PyTorch's SIGCHLD check, which would report each death as "DataLoader worker (pid N) is
@@ -221,13 +217,11 @@ def _kill_workers(iterator: Any) -> None:
 
 def _worker_init(_: int) -> None:
     """Set up one decoding worker: a single thread (the encoders in the main process want the cores); death with the
-    parent, so a SIGKILLed run leaves no worker behind holding shared memory; and STOP_SIGNALS ignored, for the parent
-    to act on: a scheduler signals the job's whole process group, and a worker that died of the signal broke off the
-    parent's orderly stop with DataLoader's "worker is killed by signal" traceback."""
+    parent, so a SIGKILLed run leaves no worker behind holding shared memory; and the stop signals left to the parent
+    (`common.signals`)."""
     torch.set_num_threads(1)
     _die_with_parent()
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    ignore_stop_signals()
     info = torch.utils.data.get_worker_info()
     if info is not None and isinstance(info.dataset, DecodeDataset):
         info.dataset._exit_if_orphaned()
@@ -357,7 +351,7 @@ def decode_clips(clips: list[Clip], cfg: FeatureConfig, tensors: bool, prefetch:
                 if sigchld is not None:
                     signal.signal(signal.SIGCHLD, sigchld)
                 if sys.exc_info()[0] is not None:
-                    # leaving on a signal or an error: the workers ignore SIGTERM (STOP_SIGNALS), and DataLoader's
+                    # leaving on a signal or an error: the workers ignore SIGTERM (common.signals), and DataLoader's
                     # shutdown would wait up to 5 s for each busy one before the shard in progress is closed
                     _kill_workers(iterator)
                 del guard, iterator  # shuts its workers down

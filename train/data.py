@@ -20,9 +20,7 @@ line reaches the command line without the worker's traceback.
 from __future__ import annotations
 
 import collections
-import functools
 import random
-import signal
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import shards
+from common import signals
 from train.config import TrainConfig
 
 
@@ -154,19 +153,13 @@ class _Loader(DataLoader):
             yield batch
 
 
-def ignore_signals(signums: tuple[int, ...], worker: int) -> None:
-    """A DataLoader worker's set-up: these signals are ignored (the process that owns the worker decides)."""
-    for signum in signums:
-        signal.signal(signum, signal.SIG_IGN)
-
-
 def make_loader(paths: list[Path], config: TrainConfig, start: dict[int, tuple[int, int]] | None = None,
-                pin_memory: bool = False, ignored_signals: tuple[int, ...] = ()) -> DataLoader:
+                pin_memory: bool = False, ignore_stop_signals: bool = False) -> DataLoader:
     """Batches for one rank; batch["position"] = (worker, epoch, batches consumed incl. this one).
 
     pin_memory (on CUDA): batches land in page-locked memory, so that `.to(device, non_blocking=True)` copies
-    them while the GPU still works on the previous step. ignored_signals: signals the workers ignore (the training
-    loop stops on them itself; a job's whole process group receives them)."""
+    them while the GPU still works on the previous step. ignore_stop_signals: the workers ignore
+    `common.signals.STOP_SIGNALS` (the training loop stops on them itself; a job's whole process group receives them)."""
     return _Loader(
         ShardStream(paths, config, start),
         batch_size=None,  # the stream batches itself so that positions are per worker
@@ -174,7 +167,7 @@ def make_loader(paths: list[Path], config: TrainConfig, start: dict[int, tuple[i
         persistent_workers=False,
         prefetch_factor=2 if config.num_workers else None,
         pin_memory=pin_memory,
-        worker_init_fn=functools.partial(ignore_signals, ignored_signals) if ignored_signals else None,
+        worker_init_fn=signals.ignore_stop_signals if ignore_stop_signals else None,
         # its own generator: iter() draws a worker base seed, which must not consume the global RNG that
         # a resumed run restores (the noise draws would shift by one)
         generator=torch.Generator().manual_seed(config.seed),

@@ -51,6 +51,7 @@ from accelerate.utils.constants import RNG_STATE_NAME
 import shards
 from common.devices import tune_backends
 from common.lock import LOCK_FILE, FolderBusy, folder_lock
+from common.signals import STOP_SIGNALS
 from common.weights import is_float_dtype, non_finite_tensor, safetensors_header, sha256_file
 from shards import ShardSpec
 from train import data
@@ -86,10 +87,6 @@ SCALING_TOLERANCE = 1e-6  # relative: the VAE scaling factors of the shards and 
 # why a run folder may have no model/ yet: a run stopped (SIGTERM, Ctrl-C) before its first export
 NOT_EXPORTED = ("no weights exported yet: training writes them every --checkpoint-every steps and at its end; run "
                 "the same training command again to go on")
-# signals that stop a run at the next step boundary with a checkpoint of that step: SIGTERM (scancel, a preemption, a
-# job's time limit, torchrun and accelerate passing one on) and SIGUSR1 (SLURM's `--signal=USR1@<seconds>`, sent ahead
-# of the time limit)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class ConfigError(RuntimeError):
@@ -775,7 +772,7 @@ class StopRequests:
 
     `agreed` is the stop that every rank takes at a step boundary: the largest signal number any rank received, shared
     by an all-reduce (a signal may reach one rank only, or the ranks at different steps), 0 when none. DataLoader
-    workers ignore these signals (`data.ignore_signals`): a job's whole process group receives them, and a worker
+    workers ignore these signals (`common.signals`): a job's whole process group receives them, and a worker
     that died of one would stop the run before its checkpoint."""
 
     def __init__(self) -> None:
@@ -980,7 +977,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths
     run = start_run(config, spec, accelerator, log, count)
     progress, rank = run.progress, accelerator.process_index
     stream = iter(data.make_loader(paths, config, run.positions, pin_memory=accelerator.device.type == "cuda",
-                                   ignored_signals=STOP_SIGNALS))
+                                   ignore_stop_signals=True))
     scheduler = noise_scheduler(config)
     books = Bookkeeping(run, count, log)
     with contextlib.closing(books), RankRecorder(run.output, rank) if config.record_ranks else contextlib.nullcontext() as ranks:
