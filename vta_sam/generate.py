@@ -135,11 +135,15 @@ def best_similarity(image_embeddings: torch.Tensor, text_embeddings: torch.Tenso
     return (texts @ images.T).amax(1)
 
 
+def highest(scores: torch.Tensor, size: int) -> list[int]:
+    """Indices (ascending) of the `size` highest of (V,) scores (all of them when there are fewer)."""
+    return sorted(scores.topk(min(size, len(scores))).indices.tolist())
+
+
 def shortlist(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, size: int) -> list[int]:
     """Indices (ascending) of the `size` texts most similar to any of the images: cosine similarity of the
     L2-normalised embeddings, each text scored by its best frame (an object seen in one frame counts)."""
-    best = best_similarity(image_embeddings, text_embeddings)
-    return sorted(best.topk(min(size, len(best))).indices.tolist())
+    return highest(best_similarity(image_embeddings, text_embeddings), size)
 
 
 class Windows:
@@ -455,8 +459,7 @@ class SoundGenerator:
                                        self.vocabulary_embeddings())
                 similar = best if similar is None else torch.maximum(similar, best)
             assert similar is not None, "a video has at least one window"
-            size = min(shortlist_size(self.features.max_nouns), len(similar))
-            candidates = [self.vocabulary[i] for i in sorted(similar.topk(size).indices.tolist())]
+            candidates = [self.vocabulary[i] for i in highest(similar, shortlist_size(self.features.max_nouns))]
         chunks = [candidates[i : i + NOUN_CHUNK] for i in range(0, len(candidates), NOUN_CHUNK)]
         seen = None
         for frames in windows:
@@ -465,8 +468,7 @@ class SoundGenerator:
             best = torch.cat([p.amax(0) for p in probabilities])  # (C,): highest probability over the frames
             seen = best if seen is None else torch.maximum(seen, best)
         assert seen is not None
-        top = seen.topk(min(self.features.max_nouns, len(seen))).indices.tolist()
-        nouns = [candidates[i] for i in sorted(top)]
+        nouns = [candidates[i] for i in highest(seen, self.features.max_nouns)]
         return nouns, ", ".join(nouns)
 
     def audio(self, video: Path, caption: str | None,
