@@ -13,7 +13,6 @@ ground-truth audio (the `flac` member) of every selected clip, embedded once per
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -203,13 +202,9 @@ class ShardAudio:
             for found, data in self.stream:
                 if found == clip_id:
                     try:
-                        waveform, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)
-                    except (soundfile.LibsndfileError, RuntimeError) as error:
-                        raise EvalError(f"{self.where}: clip {clip_id!r} has an unreadable flac member ({error})") from None
-                    if rate != self.sample_rate:  # it would be embedded as audio of the schema's rate
-                        raise EvalError(f"{self.where}: clip {clip_id!r} has a flac member of {rate} Hz, the folder's "
-                                        f"schema says {self.sample_rate} Hz")
-                    return waveform
+                        return shards.read_flac(data, self.sample_rate)
+                    except shards.ShardFormatError as error:
+                        raise EvalError(f"{self.where}: clip {clip_id!r}: {error}") from None
         raise EvalError(f"{self.where}: clip {clip_id!r} not found")
 
 

@@ -41,6 +41,7 @@ from shards.schema import (
     decode_sample,
     encode_sample,
     id_problem,
+    read_flac,
     sample_key,
     validate,
     validate_decoded,
@@ -51,7 +52,7 @@ __all__ = [
     "FEATURE_DTYPE", "IOU_KEY", "META_FIELDS", "META_FILE", "META_KEY", "PROBS_KEY", "READ_VERSIONS", "SAMPLE_KEYS",
     "SCHEMA_VERSION", "SampleMeta", "ShardFormatError", "ShardSpec", "ShardWriter", "append_jsonl", "config_differs", "decode_sample",
     "encode_sample", "id_problem", "iter_member", "iter_meta", "iter_split", "iterate_samples", "list_shards", "object_embedding",
-    "orphan_records", "read_jsonl", "read_meta", "read_spec", "read_split", "recorded_model", "remove_partial", "sample_conditions", "sample_key",
+    "orphan_records", "read_flac", "read_jsonl", "read_meta", "read_spec", "read_split", "recorded_model", "remove_partial", "sample_conditions", "sample_key",
     "sample_stream", "shard_index", "shard_name", "split_shards", "stack_conditions", "unrecorded_shards", "validate",
     "validate_decoded",
 ]

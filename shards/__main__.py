@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import shards
+from shards.io import SHARD_PATTERN
 from shards.stream import decode_checked, read_raw
 
 MAX_SHOWN = 100  # problem lines printed; the count says how many there are
@@ -33,6 +34,7 @@ def verify(directory: Path, ids: set[str] | None = None) -> tuple[dict[str, int]
     for leftover in shards.orphan_records(directory):
         problems.append(f"{leftover}: record of a shard an interrupted run never completed (the next run deletes it)")
     for path in paths:
+        named = SHARD_PATTERN.match(path.name)  # list_shards keeps only stage one's names
         try:
             for raw in read_raw(path, spec):
                 try:
@@ -44,7 +46,13 @@ def verify(directory: Path, ids: set[str] | None = None) -> tuple[dict[str, int]
                 if clip_id in seen:
                     problems.append(f"{path.name}: clip {clip_id} also in {seen[clip_id]}")
                 seen[clip_id] = path.name
-                counts[sample[shards.META_KEY]["split"]] += 1
+                split = sample[shards.META_KEY]["split"]
+                if named and split != named["split"]:  # readers take a split's shards by name: never read
+                    problems.append(f"{path.name}: clip {clip_id} says split {split!r} in a {named['split']!r} shard "
+                                    f"(training and evaluation read a split's shards by their name: it would never "
+                                    f"be read as {split!r})")
+                    continue
+                counts[split] += 1
         except (shards.ShardFormatError, tarfile.TarError, OSError, ValueError) as error:
             problems.append(str(error) if str(error).startswith(str(path)) else f"{path.name}: {error}")
     if ids is not None:

@@ -283,16 +283,32 @@ def _decode_member(name: str, data: bytes, spec: ShardSpec | None = None) -> Any
         except ValueError as error:  # object arrays need pickle: refused
             raise ShardFormatError(f"member {name!r} is not a plain npy array ({error})") from None
     if name == AUDIO_KEY:
-        import soundfile
-
-        try:
-            waveform, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)
-        except (RuntimeError, ValueError, TypeError, soundfile.SoundFileError) as error:
-            raise ShardFormatError(f"member 'flac' is not readable FLAC ({error})") from None
-        if spec is not None and rate != spec.sample_rate:  # its samples would be read as the schema's rate
-            raise ShardFormatError(f"member 'flac' is {rate} Hz, the folder's schema says {spec.sample_rate} Hz")
-        return waveform
+        return read_flac(data, None if spec is None else spec.sample_rate)
     raise ShardFormatError(f"unknown member {name!r}: refusing to decode it (only {', '.join(SAMPLE_KEYS)})")
+
+
+FLAC_MAGIC = b"fLaC"
+AUDIO_MAGICS = {b"RIFF": "WAV", b"RF64": "WAV", b"OggS": "Ogg", b"ID3": "MP3", b"\xff\xfb": "MP3", b"FORM": "AIFF"}
+
+
+def read_flac(data: bytes, sample_rate: int | None) -> np.ndarray:
+    """The float32 mono waveform of a `flac` member; ShardFormatError when it is not FLAC (soundfile would read a WAV
+    or an Ogg file just as well: stage one writes FLAC only, so another format is a file put there by hand), not
+    mono, or (given `sample_rate`) of another rate, whose samples would be read as the schema's rate."""
+    import soundfile
+
+    if not data.startswith(FLAC_MAGIC):
+        kind = next((name for magic, name in AUDIO_MAGICS.items() if data.startswith(magic)), None)
+        raise ShardFormatError(f"member 'flac' is not FLAC ({f'a {kind} file' if kind else 'no fLaC signature'})")
+    try:
+        waveform, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)
+    except (RuntimeError, ValueError, TypeError, soundfile.SoundFileError) as error:
+        raise ShardFormatError(f"member 'flac' is not readable FLAC ({error})") from None
+    if sample_rate is not None and rate != sample_rate:
+        raise ShardFormatError(f"member 'flac' is {rate} Hz, the folder's schema says {sample_rate} Hz")
+    if waveform.ndim != 1:
+        raise ShardFormatError(f"member 'flac' has {waveform.shape[1]} channels, the schema says mono")
+    return waveform
 
 
 def decode_sample(raw: dict[str, Any], spec: ShardSpec | None = None) -> dict[str, Any]:

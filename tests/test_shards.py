@@ -195,6 +195,20 @@ def test_verify_counts_samples_and_reports_duplicates(tmp_path, spec, capsys):
     assert "clip c1 also in" in out and "train: 2 samples" in out
 
 
+def test_verify_reports_a_sample_whose_split_is_not_its_shards(tmp_path, spec, capsys):
+    """Training and evaluation take a split's shards by their name: a clip saying 'test' inside a train shard is read
+    by neither, and verify counted it as a valid test sample."""
+    write_meta(tmp_path, spec)
+    writer = shards.ShardWriter(tmp_path, "train", rank=0, max_samples=5)
+    for i, split in enumerate(("train", "test")):
+        writer.write(shards.encode_sample(spec, *make_sample(spec, f"c{i}", seed=i, split=split)))
+    writer.close()
+    assert shards_main(["verify", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "train-000-000000.tar: clip c1 says split 'test' in a 'train' shard" in out
+    assert "train: 1 samples" in out and "test:" not in out
+
+
 def test_verify_shows_at_most_a_hundred_problems(tmp_path, spec, capsys, monkeypatch):
     """A folder where every sample has a problem (a meta.json of another preset: ~200k on VGGSound) printed one
     line per sample; now the first hundred and how many more, and the count line has them all."""
@@ -699,12 +713,14 @@ def test_the_huge_header_is_refused_before_any_allocation(spec):
         shards.decode_sample({"clip.npy": fitting}, spec)
 
 
-def _flac_at(rate: int, spec) -> bytes:
-    """A FLAC of the schema's length that says it is `rate` Hz: read as the schema's rate, it would be other audio."""
+def _flac_at(rate: int, spec, audio_format: str = "FLAC", channels: int = 1) -> bytes:
+    """Audio of the schema's length that says it is `rate` Hz (0: the schema's rate; read as the schema's rate, another
+    would be other audio), in `audio_format` (stage one writes FLAC only), with `channels` channels."""
     import soundfile
 
     buffer = io.BytesIO()
-    soundfile.write(buffer, np.zeros(spec.num_samples, np.float32), rate, format="FLAC", subtype="PCM_16")
+    soundfile.write(buffer, np.zeros((spec.num_samples, channels), np.float32), rate or spec.sample_rate,
+                    format=audio_format, subtype="PCM_16")
     return buffer.getvalue()
 
 
@@ -716,8 +732,11 @@ def test_reference_audio_of_another_rate_is_refused_by_evaluation(tmp_path, spec
 
     write_meta(tmp_path, spec)
     _tar_with(tmp_path / "test-000-000000.tar", {**_good_members(spec, "a"), "a.flac": _flac_at(8000, spec)})
-    with pytest.raises(EvalError, match=f"clip 'a' has a flac member of 8000 Hz, the folder's schema says "
+    with pytest.raises(EvalError, match=f"clip 'a': member 'flac' is 8000 Hz, the folder's schema says "
                                         f"{spec.sample_rate} Hz"):
+        ShardAudio(tmp_path, "train", ["a"])("a")
+    _tar_with(tmp_path / "test-000-000000.tar", {**_good_members(spec, "a"), "a.flac": _flac_at(0, spec, "WAV")})
+    with pytest.raises(EvalError, match="clip 'a': member 'flac' is not FLAC \\(a WAV file\\)"):
         ShardAudio(tmp_path, "train", ["a"])("a")
 
 
@@ -733,15 +752,18 @@ def test_verify_reports_each_bad_json_and_flac_in_one_line(tmp_path, spec, capsy
         members |= sample
     members |= {**_good_members(spec, "garbage", seed=9), "garbage.flac": b"fLaC not really"}
     members |= {**_good_members(spec, "rate", seed=11), "rate.flac": _flac_at(44100, spec)}
+    members |= {**_good_members(spec, "wav", seed=12), "wav.flac": _flac_at(0, spec, "WAV")}  # soundfile reads it
+    members |= {**_good_members(spec, "stereo", seed=13), "stereo.flac": _flac_at(0, spec, channels=2)}
     members |= _good_members(spec, "fine", seed=10)
     _tar_with(tmp_path / "train-000-000000.tar", members)
     assert shards_main(["verify", str(tmp_path)]) == 1  # returns: no traceback escapes
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("problem: ")]
-    assert len(lines) == 6, lines
-    for line, key, reason in zip(lines, [*bad_jsons, "garbage", "rate"],
+    assert len(lines) == 8, lines
+    for line, key, reason in zip(lines, [*bad_jsons, "garbage", "rate", "wav", "stereo"],
                                  ["json lacks id", "not an object", "'valid_frames'", "not JSON", "not readable FLAC",
-                                  f"member 'flac' is 44100 Hz, the folder's schema says {spec.sample_rate} Hz"]):
+                                  f"member 'flac' is 44100 Hz, the folder's schema says {spec.sample_rate} Hz",
+                                  "member 'flac' is not FLAC (a WAV file)", "member 'flac' has 2 channels"]):
         assert f"train-000-000000.tar: sample '{key}'" in line and reason in line, line
     assert "train: 1 samples" in out  # the shard is read on past each bad sample
 
