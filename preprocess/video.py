@@ -312,84 +312,133 @@ def _rgb(frame: av.VideoFrame) -> np.ndarray:
     return np.rot90(image, k=quarter_turns) if quarter_turns else image
 
 
+# How far before `start` the PyAV path seeks, tried in turn until the first frame decoded lies at or before the
+# first time asked for; after the last, the file is decoded from its first frame. MPEG transport and program streams
+# seek to a byte position near the time, not to the keyframe before it: the decoder's first picture was 0.5-1 s late
+# (every time before it got that later picture), or none came at all (a whole-file GOP).
+SEEK_MARGINS = (0.0, 2.0, 10.0)
+SEEK_FROM = 1.0  # seconds: a start before this is decoded from the file's first frame
+
+
+@dataclass
+class _Walk:
+    """What one pass over the decoded frames found (`_walk_pyav`)."""
+
+    picked: list[np.ndarray]
+    previous: av.VideoFrame | None  # the last frame kept
+    previous_rgb: np.ndarray | None  # it as displayed, once needed
+    last_end: float
+    damage: str | None
+    skipped: list[str]
+    size: tuple[int, int] | None
+
+
 def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, short_side: int) -> DecodedFrames:
-    with _open_pyav(path) as container:
+    with contextlib.ExitStack() as stack:
+        container = stack.enter_context(_open_pyav(path))
         stream = video_stream(container)
         if stream is None:
             raise VideoDecodeError(f"{path}: no video stream")
-        aspect = pixel_aspect(stream)
-        size: tuple[int, int] | None = None
-
-        def shown(frame: av.VideoFrame) -> np.ndarray:
-            """The frame as displayed, at the output size (fixed by the first: a stream may change size)."""
-            nonlocal size
-            image = _rgb(frame)
-            if size is None:
-                turns = _quarter_turns(frame)
-                height, width = image.shape[:2]
-                size = _target_size(height, width, short_side, _stretch(aspect, turns))
-            return _resize(image, size)
-
         # One thread, like decord: clips are decoded in parallel by DataLoader workers, and frame threads in
         # each would oversubscribe the cores (single-threaded, both take ~0.2 s per 10 s 360p H.264 clip).
         stream.thread_count = 1
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
         time_base = float(stream.time_base or 0.0)
         origin = None if stream.start_time is None or not time_base else stream.start_time * time_base
-        if start > 1.0 and origin is not None:
-            # Jump to the keyframe at or before `start` instead of decoding the whole prefix.
-            container.seek(round((origin + start) / time_base), stream=stream, backward=True, any_frame=False)
-
         targets = start + times + EPSILON  # seconds from the first frame
-        picked: list[np.ndarray] = []
-        previous: av.VideoFrame | None = None
-        previous_rgb: np.ndarray | None = None
-        previous_time = 0.0
-        last_end = -math.inf
-        damage: str | None = None
-        skipped: list[str] = []
-        try:
-            for frame in decoded_frames(container, stream, skipped):
-                if frame.pts is None and stream.start_time is not None:  # the stream has timestamps: a damaged frame
-                    continue
-                if stream.start_time is None:
-                    # a raw elementary stream, decoded from its start: its timestamps, where there are any, are the
-                    # parser's guesses (MPEG-1/2's are a frame late from the second or the first frame on): each
-                    # frame follows the one before by its duration, or one frame period
-                    t = last_end if previous is not None else 0.0
-                else:
-                    t = float(frame.time) - (origin or 0.0)
-                if previous is not None:
-                    if t < previous_time:  # out-of-order output of a damaged stream: keep time moving forward
-                        continue
-                    # Times before `frame` shows show the previous frame (times before the first frame: the first).
-                    while len(picked) < len(targets) and targets[len(picked)] < t:
-                        if previous_rgb is None:
-                            previous_rgb = shown(previous)
-                        picked.append(previous_rgb)
-                previous, previous_rgb, previous_time = frame, None, t
-                step = float(frame.duration) * time_base if frame.duration else 1.0 / max(fps, 1e-6)
-                last_end = t + step
-                if t >= start + window or (len(picked) == len(targets) and last_end >= start + window):
+        walk, sought = None, False
+        if start > SEEK_FROM and origin is not None:
+            for margin in SEEK_MARGINS:  # jump to the keyframe at or before `start` instead of decoding the prefix
+                if start - margin <= SEEK_FROM:
                     break
-        except av.FFmpegError as error:
-            damage = pyav_reason(error)  # keep every frame decoded before the damage
+                sought = True
+                container.seek(round((origin + start - margin) / time_base), stream=stream, backward=True,
+                               any_frame=False)
+                walk = _walk_pyav(path, container, stream, targets, start + window, short_side, first_by=targets[0])
+                if walk is not None and walk.previous is not None:
+                    break
+                walk = None  # landed too late, or past every keyframe: nothing decoded
+        if walk is None and sought:  # from the file's first frame, in a container opened afresh (a raw stream
+            container.close()         # cannot seek back to its start)
+            container = stack.enter_context(_open_pyav(path))
+            stream = video_stream(container)
+            stream.thread_count = 1
+        if walk is None:
+            walk = _walk_pyav(path, container, stream, targets, start + window, short_side)
+        assert walk is not None  # a pass without `first_by` always returns
+        previous = walk.previous
         if previous is None:
-            why = damage or (skipped[0] if skipped else None)
+            why = walk.damage or (walk.skipped[0] if walk.skipped else None)
             reason = f"no frame could be decoded ({why})" if why else "no frame could be decoded"
             raise VideoDecodeError(f"{path}: {reason}")
-        duration = _available(path, start, last_end, window)
+        duration = _available(path, start, walk.last_end, window)
         # less EPSILON: with timestamps from 3600 s, 3605.9 - 3600 + 0.1 is 6.000000000000091, not 6
         n_valid = int(np.count_nonzero(times < duration - EPSILON))
+        picked = walk.picked
         while len(picked) < n_valid:  # times after the last frame's start but before its end
-            if previous_rgb is None:
-                previous_rgb = shown(previous)
-            picked.append(previous_rgb)
+            if walk.previous_rgb is None:
+                walk.previous_rgb = _shown(previous, walk, short_side, pixel_aspect(stream))
+            picked.append(walk.previous_rgb)
         picked = picked[:n_valid]
         if not picked:
-            empty = shown(previous)  # the size of the frames there would be
+            empty = _shown(previous, walk, short_side, pixel_aspect(stream))  # the size of the frames there would be
     frames = np.stack(picked) if picked else np.zeros((0, *empty.shape[:2], 3), np.uint8)
     return DecodedFrames(frames=frames, duration=duration, native_fps=fps, backend="pyav")
+
+
+def _shown(frame: av.VideoFrame, walk: _Walk, short_side: int, aspect: float) -> np.ndarray:
+    """The frame as displayed, at the output size (fixed by the walk's first: a stream may change size)."""
+    image = _rgb(frame)
+    if walk.size is None:
+        height, width = image.shape[:2]
+        walk.size = _target_size(height, width, short_side, _stretch(aspect, _quarter_turns(frame)))
+    return _resize(image, walk.size)
+
+
+def _walk_pyav(path: Path, container: Any, stream: Any, targets: np.ndarray, end: float, short_side: int,
+               first_by: float | None = None) -> _Walk | None:
+    """The frames on screen at each of `targets` (seconds from the first frame), decoded from where the container
+    stands up to `end`. `first_by`: the pass is given up (None) when its first frame begins after this time (a seek
+    that landed too late; one that decodes nothing ends with no `previous`). Frames are resized as they are picked, so the pass holds the picked frames only.
+    VideoDecodeError when the timestamps of a transport stream jump (`jump_problem`) before `end`."""
+    aspect = pixel_aspect(stream)
+    fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+    time_base = float(stream.time_base or 0.0)
+    origin = None if stream.start_time is None or not time_base else stream.start_time * time_base
+    jumping = container.format.name in JUMPING_FORMATS
+    walk = _Walk(picked=[], previous=None, previous_rgb=None, last_end=-math.inf, damage=None, skipped=[], size=None)
+    previous_time = 0.0
+    try:
+        for frame in decoded_frames(container, stream, walk.skipped):
+            if frame.pts is None and stream.start_time is not None:  # the stream has timestamps: a damaged frame
+                continue
+            if stream.start_time is None:
+                # a raw elementary stream, decoded from its start: its timestamps, where there are any, are the
+                # parser's guesses (MPEG-1/2's are a frame late from the second or the first frame on): each
+                # frame follows the one before by its duration, or one frame period
+                t = walk.last_end if walk.previous is not None else 0.0
+            else:
+                t = float(frame.time) - (origin or 0.0)
+            if walk.previous is None and first_by is not None and t > first_by:
+                return None
+            if walk.previous is not None:
+                if jumping and abs(t - previous_time) > MAX_TIMESTAMP_STEP:
+                    raise VideoDecodeError(jump_problem(path, previous_time, t - previous_time))
+                if t < previous_time:  # out-of-order output of a damaged stream: keep time moving forward
+                    continue
+                # Times before `frame` shows show the previous frame (times before the first frame: the first).
+                while len(walk.picked) < len(targets) and targets[len(walk.picked)] < t:
+                    if walk.previous_rgb is None:
+                        walk.previous_rgb = _shown(walk.previous, walk, short_side, aspect)
+                    walk.picked.append(walk.previous_rgb)
+            walk.previous, walk.previous_rgb, previous_time = frame, None, t
+            step = float(frame.duration) * time_base if frame.duration else 1.0 / max(fps, 1e-6)
+            walk.last_end = t + step
+            if t >= end or (len(walk.picked) == len(targets) and walk.last_end >= end):
+                break
+    except av.FFmpegError as error:
+        walk.damage = pyav_reason(error)  # keep every frame decoded before the damage
+    return walk
 
 
 # ----------------------------------------------------------------------------------- public
@@ -459,6 +508,13 @@ def is_still_image(format_name: str) -> bool:
 
 
 MAX_TIMESTAMP_STEP = 60.0  # seconds between a transport stream's successive video packets: more is a jump
+JUMPING_FORMATS = ("mpegts",)  # demuxers whose timestamps may jump (`timestamp_jump`)
+
+
+def jump_problem(path: Path, where: float, by: float) -> str:
+    """The one line refusing a video whose timestamps jump by `by` seconds after `where` seconds (of its own)."""
+    return (f"{path}: its timestamps jump by {by:+.0f} s after {where:.1f} s (recordings joined into one stream, or a "
+            f"restarted encoder); remux it first, e.g. ffmpeg -i {path.name} -c copy fixed.mp4")
 
 
 def timestamp_jump(path: str | Path, index: int) -> tuple[float, float] | None:

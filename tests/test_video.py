@@ -549,3 +549,43 @@ def test_windows_of_one_video_share_one_decord_reader_and_decode_the_same(tmp_pa
     assert len(opened) == 2
     decode_frames(video, 0.0, times, 10.24, 64, backend="decord")
     assert len(opened) == 3  # outside, each call opens its own (stage one reads each clip once)
+
+
+@pytest.mark.parametrize("gop", [10, None])  # a keyframe each second; one for the whole file (x264's 250 frames)
+def test_a_window_of_a_transport_stream_starts_at_its_time(tmp_path: Path, gop: int | None) -> None:
+    """MPEG-TS seeks to a byte position near the time, not to the keyframe before it: the first picture decoded
+    after the seek came 0.5-1 s late (the window's first times all showed it), and with one keyframe for the whole
+    file nothing decoded ('no frame could be decoded'). The seek now backs off until the first picture is in time."""
+    import subprocess
+
+    source = media.make_video(tmp_path / "source.ts", seconds=8.0, fps=10, audio=None, gop=gop)
+    clip = tmp_path / "clip.ts"  # broadcast clocks do not start at zero
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(source), "-c", "copy", "-f", "mpegts", "-output_ts_offset", "100",
+                    str(clip)], check=True)
+    for start in (2.0, 5.35):
+        result = decode_frames(clip, start, [0.0, 0.5, 1.0], 1.5, 96)
+        first = math.floor(start * 10 + 1e-6)  # frame i shows from i / 10 s
+        assert [media.frame_index(f) for f in result.frames] == [first, first + 5, first + 10], start
+
+
+def test_a_window_across_a_timestamp_jump_is_refused(tmp_path: Path) -> None:
+    """Two recordings joined into one MPEG-TS, the second's clock behind the first's (FFmpeg reads it as a 26-hour
+    jump forward): a window across the jump showed the last frame before it until the window's end, and stage one
+    made its features from that frozen picture. Such a window is refused, naming the jump; one before it is read."""
+    import subprocess
+
+    def segment(name: str, offset: float) -> Path:
+        made = media.make_video(tmp_path / f"{name}.mp4", seconds=4.0, fps=10, audio=None, gop=10)
+        path = tmp_path / f"{name}.ts"
+        subprocess.run(["ffmpeg", "-v", "error", "-i", str(made), "-c", "copy", "-f", "mpegts", "-output_ts_offset",
+                        str(offset), str(path)], check=True)
+        return path
+
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(segment("a", 100).read_bytes() + segment("b", 0).read_bytes())
+    before = decode_frames(joined, 0.0, [0.0, 1.0, 2.0, 3.0], 3.5, 96)
+    assert [media.frame_index(f) for f in before.frames] == [0, 10, 20, 30]
+    for start, window in ((0.0, 10.24), (2.0, 3.0), (6.0, 2.0)):  # across the jump at 4 s, and wholly after it
+        with pytest.raises(VideoDecodeError, match=rf"{joined}: its timestamps jump by \+\d+ s after 3\.9 s "
+                                                   r"\(recordings joined.*remux it first"):
+            decode_frames(joined, start, [0.0, 0.5], window, 96)

@@ -38,10 +38,12 @@ from preprocess.config import FeatureConfig
 from preprocess.manifest import VIDEO_SUFFIXES
 from preprocess.nouns import NounCache, TaggerUnavailableError, caption_nouns
 from preprocess.video import (
+    JUMPING_FORMATS,
     DecodedFrames,
     VideoDecodeError,
     decode_frames,
     is_still_image,
+    jump_problem,
     probe_video,
     reading_windows,
     timestamp_jump,
@@ -53,7 +55,6 @@ VOCABULARY_FILE = Path(__file__).resolve().parents[1] / "preprocess" / "assets" 
 # a video whose frames end this much before the container's duration is cut there (below a frame interval even at 240
 # fps, and far above the rounding of timestamps: decord's are float32)
 END_TOLERANCE = 0.004
-JUMPING_FORMATS = ("mpegts",)  # demuxers whose timestamps may jump (preprocess.video.timestamp_jump)
 NOUN_CHUNK = 16  # vocabulary nouns per Grounding DINO prompt (its text encoder takes 256 tokens at most)
 
 
@@ -796,9 +797,7 @@ def _generate_one(generator: SoundGenerator, video: Path, options: GenerateOptio
             raise GenerateError(f"{video}: a still image ({probe['format']}), not a video")
         jump = timestamp_jump(video, probe["index"]) if probe["format"] in JUMPING_FORMATS else None
         if jump is not None:  # its windows would span the jump: a day of them for a jump back
-            raise GenerateError(f"{video}: its timestamps jump by {jump[1]:+.0f} s after {jump[0] - probe['start']:.1f} s "
-                                "(recordings joined into one stream, or a restarted encoder); remux it first, e.g. "
-                                f"ffmpeg -i {video.name} -c copy fixed.mp4")
+            raise GenerateError(jump_problem(video, jump[0] - probe["start"], jump[1]))
         problem = container_problem(probe["codec"], out_video)
         if problem:
             raise GenerateError(f"{video}: cannot write {out_video} ({problem})")
