@@ -5,17 +5,23 @@
 #   1. on a machine with PyPI:  bash benchmarks/fetch_gpu_wheels.sh   # the missing wheels -> .whl/ (~65 MB, git-ignored)
 #   2. copy the repository with .whl/ to the GPU node and run there:
 #        OUT=/some/folder bash benchmarks/gpu.sh
-#      then, as a second run, the torch.compile comparisons (minutes of compilation each), e.g. only the
-#      compiled-vs-eager rows of all three stages (each section still takes its headline numbers first):
-#        OUT=/some/folder bash benchmarks/gpu.sh --compile --clips 4 --changes torch_compile torch_compile_evaluation_batch
-#      or every comparison of training and generation, max-autotune and reduce-overhead included:
+#      then, as a second run, a torch.compile comparison (minutes of compilation each; a section still takes its
+#      headline numbers first, and a comparison that would not fit in its section's share of the budget is skipped,
+#      so name one section per run), e.g. the 300-step protocol compiled at evaluation's batch:
+#        OUT=/some/folder bash benchmarks/gpu.sh --sections generation --compile --changes torch_compile_evaluation_batch
+#      or training compiled (default mode), or the grounding step compiled (--clips 4: fewer headline clips):
+#        OUT=/some/folder bash benchmarks/gpu.sh --sections training --compile --changes torch_compile
+#        OUT=/some/folder bash benchmarks/gpu.sh --sections stage_one --compile --clips 4 --changes torch_compile
+#      or every comparison of training and generation, max-autotune and reduce-overhead included (a longer budget):
 #        OUT=/some/folder bash benchmarks/gpu.sh --sections training generation --compile
 #   3. results in $OUT: gpu_bench.json (every number), gpu_bench.md (summary), gpu_bench.log, nvidia-smi.txt;
 #      copy them into benchmarks/results/ and record the summary with benchmarks.results.write_section.
 #      The CUDA-only tests (the fused deformable attention kernel compiled, CUDA-graph sampling):
 #        OUT=/some/folder bash benchmarks/gpu.sh --gpu-tests            # -> gpu_tests.txt, about a minute
 # It needs at most ~8 minutes: the pip install (~20 s), then gpu_bench.py with a 420 s budget for its sections,
-# under a hard `timeout` of 470 s (whatever was measured by then is in the JSON: it is rewritten after each section).
+# under a hard `timeout` of 470 s (whatever was measured by then is in the JSON: it is rewritten at each log line,
+# a section cut off in the middle marked "running"). Each section's share of the budget is taken from what is left
+# when it starts, so one that overruns shortens the next.
 #
 # Elsewhere:
 #   bash benchmarks/gpu.sh --cpu      # the same script on the CPU with the tiny models (~2-3 min; the slow test)
@@ -51,5 +57,5 @@ if [ "${1:-}" = "--gpu-tests" ]; then  # the CUDA-only tests (pytest -m gpu), ab
 fi
 timeout 470 "$PYTHON" -m benchmarks.gpu_bench --preset paper --out "$OUT_DIR" "$@"
 status=$?
-[ $status -eq 124 ] && echo "gpu.sh: stopped at the 470 s limit; $OUT_DIR/gpu_bench.json holds the sections finished before"
+[ $status -eq 124 ] && echo "gpu.sh: stopped at the 470 s limit; $OUT_DIR/gpu_bench.json holds what was measured by then"
 exit $status

@@ -3,7 +3,8 @@
     python -m benchmarks.gpu_bench                               # paper preset on the GPU (via benchmarks/gpu.sh)
     python -m benchmarks.gpu_bench --preset tiny --device cpu    # the same code on the CPU in ~2 minutes
 
-Sections (each guarded: a failure is recorded in the JSON and the next section still runs; each has a time budget):
+Sections (each guarded: a failure is recorded in the JSON beside what the section had measured, and the next section
+still runs; each has its share of the budget left when it starts; the JSON is rewritten at each log line):
 - device: name, versions, the datasheet dense bf16 peak (table below) and a measured bf16 matmul rate.
 - stage_one: clips/s end to end (`preprocess.pipeline.run`: decode workers, CLIP, Grounding DINO, SAM, VAE, shard
   write) on synthetic demo clips (paper: 10.24 s each, the 41 frames at 4 fps of a VGGSound clip), next to the
@@ -11,7 +12,7 @@ Sections (each guarded: a failure is recorded in the JSON and the next section s
   (torch.utils.flop_counter: matmuls, convolutions and attention only; Grounding DINO's deformable sampling is not
   counted) and peak GPU memory; the grounding step with SAM on every detection vs SAM floors that skip 50% and
   80% of the noun-frames; the grounding step at Grounding DINO input short sides 480, 600 and 800; the encoders
-  under a 24 GiB memory cap (CUDA only).
+  under a 24 GiB memory cap (CUDA only). The cap and the changes come before the SAM floors and input sizes.
 - training: samples/s of the stage-two step (the trainer's `train.diffusion.training_loss`: forward, min-SNR loss;
   then backward, clip, AdamW and the trainer's EMA update `train.trainer.ema_update`; bf16 autocast as the paper
   preset's accelerate run) fed from shards (`train.data.make_loader`) vs one batch held in memory, and model FLOPs
@@ -100,6 +101,12 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+def warm_seconds(job: Callable[[], Any], device: torch.device, repeats: int = 2) -> tuple[float, Any]:
+    """Median seconds of `repeats` timed calls after a warm-up (cuDNN autotuning of new shapes), and a result."""
+    result = job()
+    return float(np.median([timed(job, device)[0] for _ in range(repeats)])), result
+
+
 def count_flops(fn: Callable[[], Any]) -> float:
     """FLOPs of one call as torch's FlopCounterMode counts them (matmul, conv, attention; forward and backward)."""
     with FlopCounterMode(display=False) as counter:
@@ -144,18 +151,23 @@ class Deadline:
         return self.end - time.monotonic()
 
 
-def guarded(name: str, results: dict[str, Any], log: Callable[[str], None], fn: Callable[[], dict[str, Any]]) -> None:
-    """Run one section; on any exception record it (type, message, traceback tail) and carry on."""
+def guarded(name: str, results: dict[str, Any], log: Callable[[str], None],
+            fn: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+    """Run one section into results[name], the dict `fn` is given to fill ("status": "running" meanwhile, so that a
+    save while it runs, or a run killed by its time limit, keeps what it has measured); on any exception record it
+    (type, message, traceback tail) beside the numbers it had, and carry on."""
     log(f"== {name}")
     start = time.perf_counter()
+    section: dict[str, Any] = {"status": "running"}
+    results[name] = section
     try:
-        section = {"status": "ok", **fn()}
+        section.update(fn(section) or {})
+        section["status"] = "ok"
     except Exception as error:  # noqa: BLE001 - one broken section must not lose the others' numbers
         tail = traceback.format_exc().strip().splitlines()[-12:]
-        section = {"status": "error", "error": f"{type(error).__name__}: {error}"[:800], "traceback": tail}
+        section.update({"status": "error", "error": f"{type(error).__name__}: {error}"[:800], "traceback": tail})
         log("\n".join(tail))
     section["wall_seconds"] = round(time.perf_counter() - start, 2)
-    results[name] = section
     log(json.dumps(section, indent=1, default=str)[:3000])
 
 
@@ -302,7 +314,7 @@ def grounding_sizes(short_side: int, long_side: int, shorts: tuple[int, ...] = G
 
 def stage_one_knobs(out: dict[str, Any], cfg: Any, encoders: Any, batch: list[dict[str, Any]], nouns: list[list[str]],
                     device: torch.device, deadline: Deadline, log: Callable[[str], None]) -> None:
-    """Three knobs of stage one, each on the same few pre-decoded clips and each through `compare` (a failure or a
+    """Two knobs of stage one, each on the same few pre-decoded clips and each through `compare` (a failure or a
     spent budget is recorded and the next one runs):
 
     - out["sam_floor"]: the grounding step (`Grounder.detections`) with SAM on every detection (floor 0) vs floors
@@ -312,11 +324,8 @@ def stage_one_knobs(out: dict[str, Any], cfg: Any, encoders: Any, batch: list[di
       are replaced, after it ran, by seeded uniform draws, so that SAM's share of the work, which follows the
       scores alone, is measured at the stated fractions. The end-to-end numbers keep the preset's floor.
     - out["grounding_sizes"]: clips/s of the grounding step at each input size of `grounding_sizes`, vs the
-      preset's own size.
-    - out["memory_cap"]: on CUDA, the encoders under `max_memory_gib` = MEMORY_CAP_GIB, set up as
-      `preprocess.pipeline.Encoders` does (`cap_cuda_memory`, then each model's first frame batch from the free
-      memory; `AdaptiveBatch` halves a pass that runs out of memory): completed, clips/s, peak memory."""
-    from preprocess.encoders import OutOfMemory, cap_cuda_memory, sam_refined
+      preset's own size."""
+    from preprocess.encoders import sam_refined
 
     grounder = encoders.grounder
     frames = [torch.as_tensor(item["frames"]) for item in batch]  # (T, H, W, 3) uint8 each
@@ -326,9 +335,7 @@ def stage_one_knobs(out: dict[str, Any], cfg: Any, encoders: Any, batch: list[di
     run_s = 1.3 * per_clip * clips  # one grounding run on these clips, with a margin
 
     def seconds(job: Callable[[], Any], repeats: int = 2) -> tuple[float, Any]:
-        """Median seconds of `repeats` timed calls after a warm-up (cuDNN autotuning of new shapes), and a result."""
-        result = job()
-        return float(np.median([timed(job, device)[0] for _ in range(repeats)])), result
+        return warm_seconds(job, device, repeats)
 
     # ---- SAM floor
     out["preset_sam_floor"] = cfg.sam_floor
@@ -436,7 +443,16 @@ def stage_one_knobs(out: dict[str, Any], cfg: Any, encoders: Any, batch: list[di
         compare(entries, f"{size[0]}x{size[1]}", deadline, run_s * (2 if rates else 4), log, size_entry(size))
     out["grounding_sizes"] = [{"short_side": s, "long_side": lg, **entries["changes"][f"{s}x{lg}"]} for s, lg in sizes]
 
-    # ---- memory cap
+
+def stage_one_memory_cap(out: dict[str, Any], cfg: Any, encoders: Any, batch: list[dict[str, Any]],
+                         nouns: list[list[str]], device: torch.device, deadline: Deadline, log: Callable[[str], None]) -> None:
+    """out["memory_cap"]: on CUDA, the encoders under `max_memory_gib` = MEMORY_CAP_GIB, set up as
+    `preprocess.pipeline.Encoders` does (`cap_cuda_memory`, then each model's first frame batch from the free memory;
+    `AdaptiveBatch` halves a pass that runs out of memory): completed, clips/s, peak memory; through `compare`."""
+    from preprocess.encoders import OutOfMemory, cap_cuda_memory
+
+    grounder = encoders.grounder
+    clips = len(batch)
     out["memory_cap_gib"] = MEMORY_CAP_GIB
     models = (encoders.clip_encoder, grounder)
 
@@ -444,7 +460,7 @@ def stage_one_knobs(out: dict[str, Any], cfg: Any, encoders: Any, batch: list[di
         if device.type != "cuda":
             return {"skipped": "the memory cap is CUDA-only (torch.cuda.set_per_process_memory_fraction; no CUDA)"}
         encode = functools.partial(encoders.encode, batch, nouns)
-        before, _ = seconds(encode, 1)  # uncapped, the same clips
+        before, _ = warm_seconds(encode, device, 1)  # uncapped, the same clips
         sizes_before = [m.batch for m in models]
         entry: dict[str, Any] = {"completed": False}
         torch.cuda.empty_cache()
@@ -456,7 +472,7 @@ def stage_one_knobs(out: dict[str, Any], cfg: Any, encoders: Any, batch: list[di
                     model.batches.fit_free_memory(device, model.gib_per_frame, MEMORY_CAP_GIB)
                 entry["frame_batch_start"] = {"clip": models[0].batch, "grounding": models[1].batch}
                 try:
-                    after, _ = seconds(encode, 1)  # the warm-up is the run that halves on out-of-memory
+                    after, _ = warm_seconds(encode, device, 1)  # the warm-up is the run that halves on out-of-memory
                     entry["completed"] = True
                 except (OutOfMemory, torch.OutOfMemoryError) as error:  # the latter: a model without halving
                     after, entry["error"] = 0.0, str(error)[:300]
@@ -472,13 +488,13 @@ def stage_one_knobs(out: dict[str, Any], cfg: Any, encoders: Any, batch: list[di
                 "before": ("no cap", round(clips / before, 4)), "after": (f"max_memory_gib={MEMORY_CAP_GIB:g}", rate_after)}
 
     encode_s = clips / max(out.get("encoders_alone", {}).get("clips_per_second", 1.0), 1e-3)
-    entries = {}
+    entries: dict[str, Any] = {}
     compare(entries, "memory_cap", deadline, 4 * encode_s * 1.5, log, capped)
     out["memory_cap"] = entries["changes"]["memory_cap"]
 
 
-def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted: int, deadline: Deadline,
-                    log: Callable[[str], None], compile_runs: bool = False) -> dict[str, Any]:
+def bench_stage_one(out: dict[str, Any], preset: str, device: torch.device, root: Path, clips_wanted: int,
+                    deadline: Deadline, log: Callable[[str], None], compile_runs: bool = False) -> dict[str, Any]:
     from preprocess import manifest
     from preprocess.config import PRESETS
     from preprocess.nouns import NounCache
@@ -488,10 +504,10 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
     workers = min(PRESETS[preset].num_workers, max(1, (os.cpu_count() or 2) // 2)) if paper else 1
     cfg = PRESETS[preset].replace(random_init=True, random_size=preset, tagger="pattern", device=str(device),
                                   num_workers=workers, shard_max_samples=1000)
-    out: dict[str, Any] = {"preset": preset, "random_size": cfg.random_size, "clip_model": cfg.clip_model, "fps": cfg.fps,
-                           "frames_per_clip": cfg.num_frames, "grounding_input": [cfg.grounding_short_side, cfg.grounding_long_side],
-                           "use_sam": cfg.use_sam, "batch_clips": cfg.batch_clips, "frame_batch": cfg.frame_batch,
-                           "decode_workers": workers, "half": cfg.half and device.type == "cuda"}
+    out.update({"preset": preset, "random_size": cfg.random_size, "clip_model": cfg.clip_model, "fps": cfg.fps,
+                "frames_per_clip": cfg.num_frames, "grounding_input": [cfg.grounding_short_side, cfg.grounding_long_side],
+                "use_sam": cfg.use_sam, "batch_clips": cfg.batch_clips, "frame_batch": cfg.frame_batch,
+                "decode_workers": workers, "half": cfg.half and device.type == "cuda"})
     size, fps = ((640, 360), 25) if paper else ((96, 96), 12)
     # paper: every clip fills the 10.24 s window (41 frames at 4 fps, as a VGGSound clip); tiny: shorter clips
     clip_seconds = cfg.window_seconds if paper else TINY_CLIP_SECONDS
@@ -544,10 +560,12 @@ def bench_stage_one(preset: str, device: torch.device, root: Path, clips_wanted:
         f"{out['encoders_alone']['clips_per_second']} clips/s ({deadline.left():.0f} s left)")
     few = 4 if deadline.left() > 0 else 2  # fewer clips once the section's budget is spent
     out["per_model"] = per_model_costs(encoders, batches[0][:few], nouns[0][:few], device, repeats=2)
-    guarded("grounding_profile", out, log, lambda: grounding_profile(encoders, batches[0][:2], nouns[0][:2], device))
-    stage_one_knobs(out, cfg, encoders, batches[0][:2], nouns[0][:2], device, deadline, log)
+    # what no GPU run has measured yet comes first (the cap is a target of its own); the knobs, measured before, last
+    stage_one_memory_cap(out, cfg, encoders, batches[0][:2], nouns[0][:2], device, deadline, log)
     stage_one_changes(out, cfg, encoders, clips, batches[0][:few], nouns[0][:few], root, device, deadline, log,
                       compile_runs)
+    guarded("grounding_profile", out, log, lambda _: grounding_profile(encoders, batches[0][:2], nouns[0][:2], device))
+    stage_one_knobs(out, cfg, encoders, batches[0][:2], nouns[0][:2], device, deadline, log)
     return out
 
 
@@ -851,7 +869,7 @@ def profile_top(job: Callable[[], Any], device: torch.device, count: int = 10) -
     return top_ops(profiler.key_averages(), device, count), what
 
 
-def bench_training(preset: str, device: torch.device, root: Path, steps: int, deadline: Deadline,
+def bench_training(out: dict[str, Any], preset: str, device: torch.device, root: Path, steps: int, deadline: Deadline,
                    device_info: dict[str, Any], log: Callable[[str], None], compile_runs: bool = False) -> dict[str, Any]:
     import copy
 
@@ -886,13 +904,13 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
 
     optimizer = adamw(fused=cuda)  # the trainer's choice
     scheduler = noise_scheduler(config)
-    out: dict[str, Any] = {"preset": preset, "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-                           "batch_size": config.batch_size, "latent": list(spec.latent_shape), "frames": spec.num_frames,
-                           "precision": "bf16 autocast" if bf16 else "float32", "loader_workers": workers,
-                           "pin_memory": cuda, "fused_adamw": cuda, "channels_last": config.channels_last,
-                           "compile": config.compile,
-                           "includes": "the trainer's training_loss (forward, min-SNR loss), backward, grad clip, AdamW step, "
-                                       "EMA update (train.trainer.ema_update)"}
+    out.update({"preset": preset, "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                "batch_size": config.batch_size, "latent": list(spec.latent_shape), "frames": spec.num_frames,
+                "precision": "bf16 autocast" if bf16 else "float32", "loader_workers": workers,
+                "pin_memory": cuda, "fused_adamw": cuda, "channels_last": config.channels_last,
+                "compile": config.compile,
+                "includes": "the trainer's training_loss (forward, min-SNR loss), backward, grad clip, AdamW step, "
+                            "EMA update (train.trainer.ema_update)"})
 
     def loss_of(batch: dict[str, Any], use_bf16: bool = bf16) -> torch.Tensor:
         """The trainer's step loss (`train.diffusion.training_loss`); bf16 autocast as accelerate's (CUDA only)."""
@@ -1046,8 +1064,8 @@ def bench_training(preset: str, device: torch.device, root: Path, steps: int, de
 
 
 # ----------------------------------------------------------------------------------- generation
-def bench_generation(preset: str, device: torch.device, deadline: Deadline, log: Callable[[str], None],
-                     compile_runs: bool = False) -> dict[str, Any]:
+def bench_generation(out: dict[str, Any], preset: str, device: torch.device, deadline: Deadline,
+                     log: Callable[[str], None], compile_runs: bool = False) -> dict[str, Any]:
     import copy
 
     import shards
@@ -1071,10 +1089,10 @@ def bench_generation(preset: str, device: torch.device, deadline: Deadline, log:
     speed_up(fast, sampling_channels_last(True, device))
     decoder = Decoder(features.audio_models(), None, device, config.vae_scaling_factor)
     tune_backends(device)  # as evaluation does
-    out: dict[str, Any] = {"preset": preset, "guidance": 3.0, "clip_seconds": spec.window_seconds,
-                           "unet_precision": "bf16 autocast, matmul weights cast once" if bf16 else "float32",
-                           "cuda_graphs": graphs, "channels_last": fast.channels_last,
-                           "decoder": "AudioLDM VAE decoder (float32) + HiFi-GAN (float32)", "runs": []}
+    out.update({"preset": preset, "guidance": 3.0, "clip_seconds": spec.window_seconds,
+                "unet_precision": "bf16 autocast, matmul weights cast once" if bf16 else "float32",
+                "cuda_graphs": graphs, "channels_last": fast.channels_last,
+                "decoder": "AudioLDM VAE decoder (float32) + HiFi-GAN (float32)", "runs": []})
 
     def conditions(batch: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(batch)
@@ -1130,7 +1148,7 @@ def bench_generation(preset: str, device: torch.device, deadline: Deadline, log:
     except Exception as error:  # noqa: BLE001 - the runs above must not be lost with it
         out["sampling_batch"] = {"status": "error", "error": f"{type(error).__name__}: {error}"[:500]}
         release_graphs(fast)
-    guarded("sampling_profile", out, log, lambda: sampling_profile(out, sample, device, deadline))
+    guarded("sampling_profile", out, log, lambda _: sampling_profile(out, sample, device, deadline))
     generation_changes(out, model, fast, sample, bf16, device, deadline, log, compile_runs)
     return out
 
@@ -1321,6 +1339,10 @@ def met(value: float, sign: str, wanted: float) -> bool:
     return {">=": value >= wanted, "<=": value <= wanted, "<": value < wanted}[sign]
 
 
+# generation's comparisons whose "after" is not DPM-Solver++-25's sampling seconds at batch 1 (the latency target)
+NOT_DPM_BATCH_ONE = frozenset({"cuda_graphs_batch16", "channels_last_batch16", "torch_compile_evaluation_batch"})
+
+
 def target_values(results: dict[str, Any]) -> list[float | None]:
     """The measured value of each of TARGETS (None where its section did not run)."""
     one, tr, gen = (results.get(k, {}) for k in ("stage_one", "training", "generation"))
@@ -1332,7 +1354,7 @@ def target_values(results: dict[str, Any]) -> list[float | None]:
     dpm = None
     if fast:
         sampling = [fast[0]["sample_seconds"]] + [c["after"][1] for name, c in gen.get("changes", {}).items()
-                                                  if c.get("status") == "ok" and name != "cuda_graphs_batch16"]
+                                                  if c.get("status") == "ok" and name not in NOT_DPM_BATCH_ONE]
         dpm = round(min(sampling), 3)
     valid_mfus = [m for m in mfus if m is not None]
     return [(one.get("end_to_end") or {}).get("clips_per_second"), one.get("ratio_end_to_end_over_encoders"),
@@ -1545,8 +1567,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run every before/after comparison even past the budget (the slow test, on a loaded machine)")
     parser.add_argument("--compile", action="store_true",
                         help="also measure torch.compile (and CUDA graphs) in stage one, training and generation: minutes "
-                             "of compilation, best as a second run, e.g. only the compiled rows of all three stages: "
-                             "--compile --clips 4 --changes torch_compile torch_compile_evaluation_batch")
+                             "of compilation, best as a second run of one section, e.g. the 300-step protocol compiled: "
+                             "--sections generation --compile --changes torch_compile_evaluation_batch")
     parser.add_argument("--changes", nargs="+", default=None, metavar="NAME",
                         help="run only these before/after comparisons (their names in the JSON's 'changes' tables, "
                              "e.g. torch_compile torch_compile_evaluation_batch); the others are recorded as skipped")
@@ -1563,37 +1585,48 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.train_steps or (30 if paper else 5)
     started = time.perf_counter()
     log_file = open(out_dir / "gpu_bench.log", "a", encoding="utf-8")
+    results: dict[str, Any] = {"meta": {"preset": args.preset, "device": str(device), "budget_s": budget,
+                                        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                                        "sections": args.sections, "compile": args.compile, "argv": argv}}
+
+    def save_json() -> None:
+        """gpu_bench.json as it stands (a section still running says so): written at each log line, so a run killed
+        by its time limit keeps every number it had logged."""
+        results["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
+        results["meta"]["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        target = out_dir / "gpu_bench.json"
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+
+    def save() -> None:
+        save_json()
+        (out_dir / "gpu_bench.md").write_text(markdown(results) + "\n", encoding="utf-8")
 
     def log(message: str) -> None:
         stamped = f"[{time.perf_counter() - started:7.1f} s] {message}"
         print(stamped, flush=True)
         log_file.write(stamped + "\n")
         log_file.flush()
+        save_json()
 
-    results: dict[str, Any] = {"meta": {"preset": args.preset, "device": str(device), "budget_s": budget,
-                                        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                                        "sections": args.sections, "compile": args.compile, "argv": argv}}
-
-    def save() -> None:
-        results["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
-        results["meta"]["load_average"] = [round(x, 2) for x in os.getloadavg()]
-        (out_dir / "gpu_bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-        (out_dir / "gpu_bench.md").write_text(markdown(results) + "\n", encoding="utf-8")
-
-    guarded("device", results, log, lambda: bench_device(device))
+    guarded("device", results, log, lambda _: bench_device(device))
     save()
-    left = budget - (time.perf_counter() - started)
     with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
         root = Path(tmp)
-        for name in args.sections:
-            share = SECTION_SHARES[name] / sum(SECTION_SHARES[s] for s in args.sections)
-            deadline = Deadline(left * share)
-            section = {
-                "stage_one": functools.partial(bench_stage_one, args.preset, device, root, clips, deadline, log,
-                                               args.compile),
-                "training": functools.partial(bench_training, args.preset, device, root, steps, deadline,
-                                              results.get("device", {}), log, args.compile),
-                "generation": functools.partial(bench_generation, args.preset, device, deadline, log, args.compile),
+        for i, name in enumerate(args.sections):
+            # this section's share of what is left now: time a section leaves unused goes to the next ones, and time
+            # one overruns is taken from them, so the budget holds for the whole run
+            left = budget - (time.perf_counter() - started)
+            share = SECTION_SHARES[name] / sum(SECTION_SHARES[s] for s in args.sections[i:])
+            deadline = Deadline(max(left, 0.0) * share)
+            common = {"preset": args.preset, "device": device, "deadline": deadline, "log": log,
+                      "compile_runs": args.compile}
+            section = {  # each is given its section's dict to fill
+                "stage_one": functools.partial(bench_stage_one, root=root, clips_wanted=clips, **common),
+                "training": functools.partial(bench_training, root=root, steps=steps,
+                                              device_info=results.get("device", {}), **common),
+                "generation": functools.partial(bench_generation, **common),
             }[name]
             guarded(name, results, log, section)
             save()

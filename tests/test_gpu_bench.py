@@ -232,3 +232,68 @@ def test_part_timers_count_a_shared_module_once_in_the_outer_part(monkeypatch):
     with grounding_cost.part_timers(model, parts, seconds, details={"one head": ("class_embed.0",)}):
         model(torch.zeros(1))
     assert seconds == {"decoder": 12.0, "heads": 2.0, "one head": 2.0}  # details count every call
+
+
+def test_the_latency_target_reads_dpm_at_batch_one_only():
+    """torch_compile_evaluation_batch's "after" is seconds per DDPM step at evaluation's batch (0.3-0.4 s on an
+    H200, as DPM-Solver++-25 at batch 1 is): the summary took it for the latency target."""
+    runs = [{"sampler": "dpmsolver++", "batch": 1, "sample_seconds": 0.9}]
+    changes = {"cuda_graphs": {"status": "ok", "after": ("graphs", 0.6)},
+               "channels_last_batch16": {"status": "ok", "after": ("channels_last", 0.05)},
+               "torch_compile_evaluation_batch": {"status": "ok", "after": ("compiled", 0.01)},
+               "cuda_graphs_batch16": {"status": "ok", "after": ("graphs", 0.02)}}
+    assert gpu_bench.target_values({"generation": {"runs": runs, "changes": changes}})[-1] == 0.6
+
+
+def test_a_section_keeps_its_numbers_when_it_fails_or_is_cut_off(tmp_path, monkeypatch):
+    """A section's numbers were recorded when it returned: an exception late in a section lost all of them, and a
+    run killed by its time limit (`timeout`) lost the section it was in from gpu_bench.json. Each section now fills
+    its dict as it goes, and the JSON is written at each log line."""
+    results: dict = {}
+
+    def failing(out):
+        out["measured"] = 1.5
+        raise RuntimeError("late failure")
+
+    gpu_bench.guarded("stage_one", results, lambda message: None, failing)
+    assert results["stage_one"]["measured"] == 1.5 and results["stage_one"]["status"] == "error"
+
+    seen = {}
+
+    def cut_off(out, log, **ignored):
+        out["end_to_end"] = {"clips_per_second": 0.5}
+        log("stage one: measured")
+        seen.update(json.loads((tmp_path / "gpu_bench.json").read_text()))
+        raise KeyboardInterrupt  # as a time limit's signal ends the process
+
+    monkeypatch.setattr(gpu_bench, "bench_device", lambda device: {"name": "cpu"})
+    monkeypatch.setattr(gpu_bench, "bench_stage_one", cut_off)
+    monkeypatch.setattr(gpu_bench, "markdown", lambda results: "")
+    with pytest.raises(KeyboardInterrupt):
+        gpu_bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--sections", "stage_one"])
+    assert seen["stage_one"] == {"status": "running", "end_to_end": {"clips_per_second": 0.5}}
+
+
+def test_a_section_gets_what_the_ones_before_it_left(monkeypatch, tmp_path):
+    """Each section's deadline was its share of the budget left before the first: one that overran took the time
+    of the next ones, and time one left unused was lost. Now each gets its share of what is left when it starts."""
+    given = {}
+    clock = [0.0]
+    monkeypatch.setattr(gpu_bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(gpu_bench.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(gpu_bench, "bench_device", lambda device: {"name": "cpu"})
+
+    def section(name, spends):
+        def run(out, deadline, **ignored):
+            given[name] = deadline.left()
+            clock[0] += spends
+            return {}
+        return run
+
+    monkeypatch.setattr(gpu_bench, "bench_stage_one", section("stage_one", 150.0))  # overruns its 40 of 100
+    monkeypatch.setattr(gpu_bench, "bench_training", section("training", 0.0))
+    monkeypatch.setattr(gpu_bench, "bench_generation", section("generation", 0.0))
+    monkeypatch.setattr(gpu_bench, "markdown", lambda results: "")
+    gpu_bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--budget-s", "100"])
+    assert given["stage_one"] == pytest.approx(40.0)
+    assert given["training"] == 0.0 and given["generation"] == 0.0  # the overrun left nothing
