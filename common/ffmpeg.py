@@ -30,18 +30,27 @@ def video_stream(container: Any) -> Any:
     return best if best in moving else moving[0]
 
 
-def decoded_frames(container: Any, stream: Any, skipped: list[str]) -> Iterator[av.VideoFrame]:
+def decoded_frames(container: Any, stream: Any, skipped: list[str], give_up_after: float | None = None
+                   ) -> Iterator[av.VideoFrame]:
     """The stream's decoded frames from where the container stands (after a seek: from there). A packet the decoder
     refuses is skipped (its reason appended to `skipped`), as the ffmpeg program does: Theora codes an unchanged
     frame as an empty packet, which FFmpeg's decoder answers with EINVAL (a still scene gave 10 frames of 120, and
     the clip ended after its first), and one damaged packet should not end a clip. An error of the demuxer (a file
-    cut short) ends the frames: it is raised."""
+    cut short) ends the frames: it is raised. `give_up_after` (seconds on the stream's clock): the frames end when
+    a packet stamped later than this is read before any frame came out (a seek past the last keyframe before a
+    time: nothing would decode until the next keyframe, maybe the file's end)."""
+    time_base = float(stream.time_base or 0.0)
+    produced = False
     for packet in container.demux(stream):
+        stamp = packet.pts if packet.pts is not None else packet.dts
+        if give_up_after is not None and not produced and stamp is not None and stamp * time_base > give_up_after:
+            return
         try:
             frames = packet.decode()
         except av.FFmpegError as error:
             skipped.append(pyav_reason(error))
             continue
+        produced = produced or bool(frames)
         yield from frames
 
 

@@ -17,8 +17,13 @@ Frames are brought to their displayed shape (anamorphic pixels: `pixel_aspect`) 
 the displayed size) to a short side <= `short_side`, with OpenCV's INTER_AREA (INTER_LINEAR along an axis an
 anamorphic frame is widened on), as they are decoded: a window never holds all its full-size frames (4K: 25 MB
 each). decord's own resize (`width=`/`height=`) is not used because decord 0.6.0 fails on some sizes (48x32:
-"DECORDArrayCopyFromTo: The size must exactly match"). Files decord gets wrong go to PyAV (`_read_header`, and
+"DECORDArrayCopyFromTo: The size must exactly match"). Files decord gets wrong go to PyAV (`_read_header`: MPEG
+program and transport streams, H.264/HEVC whose keyframes are not all IDR pictures, absurd frame counts; and
 decord's own timestamps: an edit list's lead-in, no timestamps at all).
+
+PyAV seeks to the keyframe before a window's start, backing off where the container's seek lands late (MPEG
+transport and program streams seek by bytes: `_seek_margins`); a transport stream whose timestamps jump
+(`timestamp_jump`) is read from its start, and a window that reaches the jump is refused.
 """
 
 from __future__ import annotations
@@ -156,12 +161,27 @@ class _Header:
     stored: tuple[int, int]  # (width, height) of the stored frames, before any rotation
 
 
+_header_cache: dict[tuple[str, int, int], _Header | None] = {}
+
+
 def _read_header(path: Path) -> _Header | None:
-    """What decord's path needs from the header (PyAV, nothing decoded); None when PyAV cannot open the file
-    (left to decord). `refused`: decord 0.6.0 sizes its frame index by the frame count the header announces, and
-    an absurd count ends the whole process (C++ std::bad_alloc, no exception to catch): an AVI written to a pipe
-    announces 2**30 frames. A count far above duration x fps, or above MAX_HEADER_FRAMES, goes to PyAV instead,
-    which reads frames as they come; so do the containers whose frames decord misplaces."""
+    """`_header_of`, read once per file version (the last few kept): each window of a long video asks."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _header_cache:
+        if len(_header_cache) >= 8:
+            _header_cache.pop(next(iter(_header_cache)))
+        _header_cache[key] = _header_of(path)
+    return _header_cache[key]
+
+
+def _header_of(path: Path) -> _Header | None:
+    """What decord's path needs from the header (PyAV; at most the first frame decoded); None when PyAV cannot open
+    the file (left to decord). `refused`: decord 0.6.0 sizes its frame index by the frame count the header
+    announces, and an absurd count ends the whole process (C++ std::bad_alloc, no exception to catch): an AVI
+    written to a pipe announces 2**30 frames. A count far above duration x fps, or above MAX_HEADER_FRAMES, goes to
+    PyAV instead, which reads frames as they come; so do the containers and streams whose frames decord misplaces
+    (`_recovery_keyframes`)."""
     try:
         container = av.open(media_path(path), metadata_errors="ignore")
     except av.FFmpegError:
@@ -187,7 +207,66 @@ def _read_header(path: Path) -> _Header | None:
         plausible = 4 * seconds * fps + 1000 if seconds > 0 and fps > 0 else MAX_HEADER_FRAMES
         if frames > min(plausible, MAX_HEADER_FRAMES):
             return dataclasses.replace(header, refused=f"its header announces {frames} frames for {seconds:.1f} s at {fps:g} fps")
+        recovery = _recovery_keyframes(container, stream)
+        if recovery:
+            return dataclasses.replace(header, refused=recovery)
     return header
+
+
+# NAL unit types of the pictures a decoder can start from with nothing before them (IDR); another keyframe is a
+# recovery point: open GOP (H.264 I-frames with a recovery-point SEI, HEVC CRA/BLA pictures) or intra refresh
+IDR_NAL_TYPES = {"h264": frozenset({5}), "hevc": frozenset({19, 20})}
+CODEC_NAMES = {"h264": "H.264", "hevc": "HEVC"}
+KEYFRAME_SCAN_SECONDS = 30.0  # of packets read for `_recovery_keyframes` (x264's 250-frame GOP at 10 fps: 25 s)
+
+
+def _recovery_keyframes(container: Any, stream: Any) -> str | None:
+    """Why decord would misplace an H.264 or HEVC stream's frames: a keyframe within its first KEYFRAME_SCAN_SECONDS
+    that is not an IDR picture (read from the packets' NAL unit types, nothing decoded). decord 0.6.0 seeks to such a
+    keyframe as if the pictures shown before it did not need the GOP before: open-GOP HEVC (x265's default) came
+    back up to 2 s off in Matroska, 4 frames in MP4; H.264 with intra refresh 10 frames off, some pictures broken;
+    open-GOP H.264 two frames. None for other codecs, IDR keyframes only, or packets that cannot be read."""
+    codec = stream.codec_context.name
+    if codec not in IDR_NAL_TYPES:
+        return None
+    extradata = bytes(stream.codec_context.extradata or b"")
+    # avcC / hvcC (MP4, Matroska): NAL units prefixed by their length, whose byte count the record gives; else Annex B
+    at = {"h264": 4, "hevc": 21}[codec]
+    length_size = (extradata[at] & 3) + 1 if len(extradata) > at and extradata[0] == 1 else 0
+    time_base = float(stream.time_base or 0.0)
+    first = None
+    try:
+        for packet in container.demux(stream):
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            if stamp is not None and time_base:
+                first = stamp * time_base if first is None else first
+                if stamp * time_base - first > KEYFRAME_SCAN_SECONDS:
+                    break
+            if not packet.is_keyframe or not packet.size:
+                continue
+            types = _nal_types(bytes(packet), length_size, codec)
+            if types and not types & IDR_NAL_TYPES[codec]:
+                return (f"its {CODEC_NAMES[codec]} keyframes are not all IDR pictures (open GOP or intra refresh), "
+                        "whose frames decord misplaces")
+    except av.FFmpegError:
+        return None
+    return None
+
+
+def _nal_types(data: bytes, length_size: int, codec: str) -> set[int]:
+    """The NAL unit types in one packet: length-prefixed units (`length_size` bytes) or Annex B start codes (0)."""
+    starts: list[int] = []
+    if length_size:
+        at = 0
+        while at + length_size < len(data):
+            starts.append(at + length_size)
+            at += length_size + int.from_bytes(data[at : at + length_size], "big")
+    else:
+        at = data.find(b"\x00\x00\x01")
+        while at >= 0 and at + 3 < len(data):
+            starts.append(at + 3)
+            at = data.find(b"\x00\x00\x01", at + 3)
+    return {(data[i] & 0x1F) if codec == "h264" else (data[i] >> 1) & 0x3F for i in starts if i < len(data)}
 
 
 def _quarter_turns(frame: av.VideoFrame) -> int:
@@ -312,12 +391,23 @@ def _rgb(frame: av.VideoFrame) -> np.ndarray:
     return np.rot90(image, k=quarter_turns) if quarter_turns else image
 
 
-# How far before `start` the PyAV path seeks, tried in turn until the first frame decoded lies at or before the
-# first time asked for; after the last, the file is decoded from its first frame. MPEG transport and program streams
-# seek to a byte position near the time, not to the keyframe before it: the decoder's first picture was 0.5-1 s late
-# (every time before it got that later picture), or none came at all (a whole-file GOP).
-SEEK_MARGINS = (0.0, 2.0, 10.0)
+# The PyAV path seeks to `start`, then further back (each margin thrice the last), until the first frame decoded
+# lies at or before the first time asked for; when the margin reaches the file's start, it decodes from its first
+# frame. MPEG transport and program streams seek to a byte position near the time, not to the keyframe before it:
+# the decoder's first picture was 0.5-1 s late (every time before it got that later picture), or none came at all
+# (a GOP longer than the margin). A pass that lands too late stops at its first frame, or (nothing decoding) once
+# its packets are DECODER_DELAY past the time.
+FIRST_MARGIN = 2.0
 SEEK_FROM = 1.0  # seconds: a start before this is decoded from the file's first frame
+DECODER_DELAY = 2.0  # seconds of packets a decoder may take in before its first picture (B-frame reordering)
+
+
+def _seek_margins(start: float) -> Iterator[float]:
+    """0, FIRST_MARGIN, 3 x that, ... while `start` less the margin is past SEEK_FROM."""
+    margin = 0.0
+    while start - margin > SEEK_FROM:
+        yield margin
+        margin = margin * 3 if margin else FIRST_MARGIN
 
 
 @dataclass
@@ -346,18 +436,24 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
         time_base = float(stream.time_base or 0.0)
         origin = None if stream.start_time is None or not time_base else stream.start_time * time_base
         targets = start + times + EPSILON  # seconds from the first frame
+        seekable = origin is not None
+        if origin is not None and container.format.name in JUMPING_FORMATS:
+            jump = _timestamp_jump_of(path, stream.index)
+            if jump is not None:  # a seek by time may land on either side of it: frames are read from the start
+                where = jump[0] - origin
+                if start + window > where:
+                    raise VideoDecodeError(jump_problem(path, where, jump[1]))
+                seekable = False
         walk, sought = None, False
-        if start > SEEK_FROM and origin is not None:
-            for margin in SEEK_MARGINS:  # jump to the keyframe at or before `start` instead of decoding the prefix
-                if start - margin <= SEEK_FROM:
-                    break
-                sought = True
-                container.seek(round((origin + start - margin) / time_base), stream=stream, backward=True,
-                               any_frame=False)
-                walk = _walk_pyav(path, container, stream, targets, start + window, short_side, first_by=targets[0])
-                if walk is not None and walk.previous is not None:
-                    break
-                walk = None  # landed too late, or past every keyframe: nothing decoded
+        for margin in _seek_margins(start) if seekable else ():
+            # the keyframe at or before `start` instead of decoding the prefix
+            sought = True
+            container.seek(round(((origin or 0.0) + start - margin) / time_base), stream=stream, backward=True,
+                           any_frame=False)
+            walk = _walk_pyav(path, container, stream, targets, start + window, short_side, first_by=targets[0])
+            if walk is not None and walk.previous is not None:
+                break
+            walk = None  # landed too late, or past every keyframe: nothing decoded
         if walk is None and sought:  # from the file's first frame, in a container opened afresh (a raw stream
             container.close()         # cannot seek back to its start)
             container = stack.enter_context(_open_pyav(path))
@@ -409,7 +505,8 @@ def _walk_pyav(path: Path, container: Any, stream: Any, targets: np.ndarray, end
     walk = _Walk(picked=[], previous=None, previous_rgb=None, last_end=-math.inf, damage=None, skipped=[], size=None)
     previous_time = 0.0
     try:
-        for frame in decoded_frames(container, stream, walk.skipped):
+        give_up = None if first_by is None or origin is None else origin + first_by + DECODER_DELAY
+        for frame in decoded_frames(container, stream, walk.skipped, give_up):
             if frame.pts is None and stream.start_time is not None:  # the stream has timestamps: a damaged frame
                 continue
             if stream.start_time is None:
@@ -422,7 +519,7 @@ def _walk_pyav(path: Path, container: Any, stream: Any, targets: np.ndarray, end
             if walk.previous is None and first_by is not None and t > first_by:
                 return None
             if walk.previous is not None:
-                if jumping and abs(t - previous_time) > MAX_TIMESTAMP_STEP:
+                if jumping and _jumps(t - previous_time):
                     raise VideoDecodeError(jump_problem(path, previous_time, t - previous_time))
                 if t < previous_time:  # out-of-order output of a damaged stream: keep time moving forward
                     continue
@@ -508,7 +605,30 @@ def is_still_image(format_name: str) -> bool:
 
 
 MAX_TIMESTAMP_STEP = 60.0  # seconds between a transport stream's successive video packets: more is a jump
+MAX_STEP_BACK = 1.0  # seconds a transport stream's timestamps may step back (damage): more is a jump (a restart)
 JUMPING_FORMATS = ("mpegts",)  # demuxers whose timestamps may jump (`timestamp_jump`)
+
+
+def _jumps(step: float) -> bool:
+    """Whether a step between successive timestamps of a transport stream is a jump: forward by more than
+    MAX_TIMESTAMP_STEP (a clock set back reads as 26 hours forward once FFmpeg unwraps its 33 bits), or back by more
+    than MAX_STEP_BACK (an encoder restarted a few seconds behind)."""
+    return step > MAX_TIMESTAMP_STEP or step < -MAX_STEP_BACK
+
+
+_jump_cache: dict[tuple[str, int, int, int], tuple[float, float] | None] = {}
+
+
+def _timestamp_jump_of(path: Path, index: int) -> tuple[float, float] | None:
+    """`timestamp_jump`, read once per file version (the last few kept): every window of a long transport stream
+    asks, and the answer takes a pass over all its packets."""
+    stat = path.stat()
+    key = (str(path.resolve()), index, stat.st_size, stat.st_mtime_ns)
+    if key not in _jump_cache:
+        if len(_jump_cache) >= 8:
+            _jump_cache.pop(next(iter(_jump_cache)))
+        _jump_cache[key] = timestamp_jump(path, index)
+    return _jump_cache[key]
 
 
 def jump_problem(path: Path, where: float, by: float) -> str:
@@ -518,12 +638,14 @@ def jump_problem(path: Path, where: float, by: float) -> str:
 
 
 def timestamp_jump(path: str | Path, index: int) -> tuple[float, float] | None:
-    """(where, by how much) the timestamps of stream `index` first jump by more than MAX_TIMESTAMP_STEP seconds between
-    successive packets (decode order; read from the packets alone), None when they never do. Transport streams joined
-    from two recordings, or from an encoder that restarted, jump; FFmpeg reads a jump back as a 26-hour jump forward
-    (its 33-bit clock wrapping), so the video seems to last a day. ffmpeg's command line mends such jumps when it
-    remuxes (`-dts_delta_threshold`); the frames here are placed by their timestamps as they are."""
+    """(where, by how much) the timestamps of stream `index` first jump (`_jumps`) between successive packets (decode
+    order; read from the packets alone), None when they never do; where: the latest presentation time before the
+    jump (on the stream's clock). Transport streams joined from two recordings, or from an encoder that restarted,
+    jump; FFmpeg may read a jump back as a 26-hour jump forward (its 33-bit clock wrapping), so the video seems to
+    last a day. ffmpeg's command line mends such jumps when it remuxes (`-dts_delta_threshold`); the frames here are
+    placed by their timestamps as they are."""
     previous: float | None = None
+    shown = -math.inf
     with _open_pyav(Path(path)) as container:
         stream = container.streams[index]
         time_base = float(stream.time_base or 0.0)
@@ -535,9 +657,11 @@ def timestamp_jump(path: str | Path, index: int) -> tuple[float, float] | None:
                 if stamp is None or not packet.size:
                     continue
                 now = stamp * time_base
-                if previous is not None and abs(now - previous) > MAX_TIMESTAMP_STEP:
-                    return previous, now - previous
+                if previous is not None and _jumps(now - previous):
+                    return (shown if shown > -math.inf else previous), now - previous
                 previous = now
+                if packet.pts is not None:  # where: the latest frame shown before the jump (decoding runs ahead)
+                    shown = max(shown, packet.pts * time_base)
         except av.FFmpegError:
             pass
     return None

@@ -568,10 +568,13 @@ def test_a_window_of_a_transport_stream_starts_at_its_time(tmp_path: Path, gop: 
         assert [media.frame_index(f) for f in result.frames] == [first, first + 5, first + 10], start
 
 
-def test_a_window_across_a_timestamp_jump_is_refused(tmp_path: Path) -> None:
-    """Two recordings joined into one MPEG-TS, the second's clock behind the first's (FFmpeg reads it as a 26-hour
-    jump forward): a window across the jump showed the last frame before it until the window's end, and stage one
-    made its features from that frozen picture. Such a window is refused, naming the jump; one before it is read."""
+@pytest.mark.parametrize("second_offset, jump", [(0, r"\+\d+"), (91, "-13")])
+def test_a_window_across_a_timestamp_jump_is_refused(tmp_path: Path, second_offset: float, jump: str) -> None:
+    """Two recordings joined into one MPEG-TS, the second's clock behind the first's: 104 s behind, FFmpeg reads it
+    as a 26-hour jump forward; 13 s behind (an encoder restarted), as 13 s back. A window across the jump showed the
+    last frame before it until the window's end (stage one made its features from that frozen picture); with the
+    jump back, a seek landed in the second recording, whose frames were returned for the first's times. A window
+    across or after the jump is refused, naming it; one before it is read from the file's start."""
     import subprocess
 
     def segment(name: str, offset: float) -> Path:
@@ -582,10 +585,58 @@ def test_a_window_across_a_timestamp_jump_is_refused(tmp_path: Path) -> None:
         return path
 
     joined = tmp_path / "joined.ts"
-    joined.write_bytes(segment("a", 100).read_bytes() + segment("b", 0).read_bytes())
+    joined.write_bytes(segment("a", 100).read_bytes() + segment("b", second_offset).read_bytes())
     before = decode_frames(joined, 0.0, [0.0, 1.0, 2.0, 3.0], 3.5, 96)
     assert [media.frame_index(f) for f in before.frames] == [0, 10, 20, 30]
+    later = decode_frames(joined, 2.05, [0.0, 0.5, 1.0], 1.5, 96)
+    assert [media.frame_index(f) for f in later.frames] == [20, 25, 30]
     for start, window in ((0.0, 10.24), (2.0, 3.0), (6.0, 2.0)):  # across the jump at 4 s, and wholly after it
-        with pytest.raises(VideoDecodeError, match=rf"{joined}: its timestamps jump by \+\d+ s after 3\.9 s "
+        with pytest.raises(VideoDecodeError, match=rf"{joined}: its timestamps jump by {jump} s after 3\.9 s "
                                                    r"\(recordings joined.*remux it first"):
             decode_frames(joined, start, [0.0, 0.5], window, 96)
+
+
+def test_a_pass_past_every_keyframe_stops_soon_after_its_time(tmp_path: Path) -> None:
+    """A transport stream with one keyframe, sought to 4 s: nothing decodes until the file's end, and each backed-off
+    seek read every remaining packet before giving up. With `give_up_after` the pass stops once its packets are
+    past that time, having made no frame."""
+    import av
+
+    from common.ffmpeg import decoded_frames
+
+    path = media.make_video(tmp_path / "clip.ts", seconds=20.0, fps=10, audio=None)  # x264: one keyframe in 250
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        origin = float(stream.start_time * stream.time_base)
+        container.seek(round((origin + 4.0) / stream.time_base), stream=stream, backward=True, any_frame=False)
+        read: list[float] = []
+
+        class Counting:  # the container, noting the time of each packet it hands over
+            def demux(self, *args):
+                for packet in container.demux(*args):
+                    if packet.pts is not None:
+                        read.append(float(packet.pts * stream.time_base) - origin)
+                    yield packet
+
+        assert list(decoded_frames(Counting(), stream, [], give_up_after=origin + 6.0)) == []
+    assert read and max(read) < 7.0  # not the 16 s of packets after the seek
+
+
+@pytest.mark.parametrize("name, encoder", [
+    ("open_gop_hevc.mkv", ["-c:v", "libx265", "-x265-params", "keyint=50:log-level=error"]),  # x265: open GOP
+    ("open_gop_hevc.mp4", ["-c:v", "libx265", "-x265-params", "keyint=50:log-level=error", "-tag:v", "hvc1"]),
+    ("intra_refresh.mp4", ["-c:v", "libx264", "-x264-params", "intra-refresh=1:keyint=50"]),
+])
+def test_keyframes_that_are_no_idr_pictures_go_to_pyav(tmp_path: Path, name: str, encoder: list[str]) -> None:
+    """decord 0.6.0 seeks to an open GOP's or an intra refresh's keyframe as if the frames shown before it were
+    whole: x265's default open GOP in Matroska came back 46 frames early (4 for 50), in MP4 4 frames late; H.264
+    with intra refresh 15 frames late. Such streams are read with PyAV, at the frames shown at each time."""
+    import subprocess
+
+    source = media.make_video(tmp_path / "source.mp4", seconds=24.0, fps=25, audio=None, gop=1)
+    path = tmp_path / name
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(source), *encoder, "-pix_fmt", "yuv420p", str(path)], check=True)
+    times = [0.0, 1.1, 2.1, 8.0, 9.92]
+    result = decode_frames(path, 2.0, times, 10.24, 96)
+    assert [media.frame_index(f) for f in result.frames] == [math.floor((2.0 + t) * 25 + 1e-6) % 256 for t in times]
+    assert result.backend == "pyav"
