@@ -540,6 +540,7 @@ class Grounder(_Batched, FrozenModule):
     """
 
     config_checksum: str | None = None  # of the folders' config, processor and tokenizer files (random init: None)
+    _warned_cut = False  # a prompt past the text encoder's length was said once (`prompt`)
 
     def __init__(self, detector: GroundingDinoForObjectDetection, image_processor: GroundingDinoImageProcessor,
                  tokenizer: Any, image_size: dict[str, int], sam: SamModel | None,
@@ -686,18 +687,31 @@ class Grounder(_Batched, FrozenModule):
         return max(height, canvas[0]), max(width, canvas[1])
 
     def prompt(self, nouns: Sequence[str]) -> GroundingPrompt:
-        """Tokenise "noun1 . noun2 ." and find each noun's tokens through the fast tokenizer's offset mapping."""
+        """Tokenise "noun1 . noun2 ." and find each noun's tokens through the fast tokenizer's offset mapping.
+
+        A noun with nothing left once cleaned is left out of the text (its span is empty: it scores 0); so is a noun
+        whose closing '.' falls past the text encoder's `max_text_len` tokens (a partly kept noun would be scored on
+        some of its pieces), with one warning per process."""
         text, char_spans = "", []
         for noun in nouns:
-            # lower case as Grounding DINO was trained; a '.' inside a noun would split it into two phrases
-            clean = " ".join(noun.lower().replace(".", " ").split())
+            # lower case as Grounding DINO was trained; a '.' or '?' inside a noun (its phrase delimiters) would
+            # split it into two phrases
+            clean = " ".join(noun.lower().replace(".", " ").replace("?", " ").split())
             char_spans.append((len(text), len(text) + len(clean)))
-            text += clean + " . "
-        encoding = self.tokenizer(text.strip(), return_offsets_mapping=True, truncation=True,
+            if clean:
+                text += clean + " . "
+        encoding = self.tokenizer(text.rstrip(), return_offsets_mapping=True, truncation=True,
                                   max_length=self.detector.config.max_text_len)
         offsets = encoding["offset_mapping"]
+        kept = max((e for _, e in offsets), default=0)  # characters of the text the tokens cover
         spans = [[i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+                 if end > start and kept >= end + 2 else []  # its " ." kept
                  for start, end in char_spans]
+        cut = [noun for noun, (start, end) in zip(nouns, char_spans) if end > start and kept < end + 2]
+        if cut and not Grounder._warned_cut:
+            Grounder._warned_cut = True
+            log.warning("a Grounding DINO prompt is longer than its %d tokens: %d noun(s) left out (%s), scored 0",
+                        self.detector.config.max_text_len, len(cut), ", ".join(cut[:3]))
         return GroundingPrompt(list(encoding["input_ids"]), spans)
 
     @torch.inference_mode()

@@ -16,9 +16,12 @@ the object threshold needs no new shards. Adding a condition: one row here, its 
 encoder in stage one.
 
 The object threshold applies to Grounding DINO's score before SAM's IoU multiplies it (`detector.npy`, schema
-version 2), as Grounding DINO keeps a box (IDEA-Research/GroundingDINO, groundingdino/util/inference.py:
-`predict` keeps the boxes whose highest token score passes `box_threshold`); p_tk itself stays the product. A
-version-1 sample has no detector score: the threshold then applies to p_tk, with one warning per process.
+version 2), as Grounding DINO's `box_threshold` does (IDEA-Research/GroundingDINO, groundingdino/util/inference.py:
+`predict` keeps the boxes whose highest token score passes it; there the highest over all the prompt's tokens,
+here d_tk, the best box's highest score on noun k's own tokens); p_tk itself stays the product. Below the SAM floor
+the shards were made with, p_tk is the unrefined score (stage one sent SAM nothing there), so a threshold below the
+floor counts those noun-frames unrefined (training says so). A version-1 sample has no detector score: the
+threshold then applies to p_tk, with one warning per process.
 """
 
 from __future__ import annotations

@@ -981,3 +981,26 @@ def test_a_sam_processor_of_another_size_is_refused_when_loading(saved: tuple[Pa
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=f"its preprocessor config {re.escape(expected)}; give the folder's own"):
         Grounder.from_config(LOADED, copy, torch.device("cpu"))
+
+
+def test_a_prompt_keeps_each_noun_on_its_own_tokens(grounder: Grounder, caplog) -> None:
+    """An empty noun shifted the offsets of every noun after it (the text was stripped of its leading ' . ', the
+    spans were not): 'x' after it got no token and scored 0. A '?' (a phrase delimiter of Grounding DINO, as '.')
+    stayed inside its noun's span. A noun cut off by the text encoder's length kept the pieces that fit."""
+    tokens_of = grounder.tokenizer.convert_ids_to_tokens
+    prompt = grounder.prompt(["", "dog", "cat?"])
+    tokens = tokens_of(prompt.input_ids)
+    assert prompt.spans[0] == [] and [tokens[i] for i in prompt.spans[1]] == ["dog"]
+    assert [tokens[i] for i in prompt.spans[2]] == ["cat"] and "?" not in tokens
+    assert tokens.count(".") == 2  # one delimiter per noun the text holds
+
+    limit = grounder.detector.config.max_text_len
+    many = [f"noun{i}" for i in range(limit)]  # far past the limit: the last fit whole, then one partly, then none
+    with caplog.at_level("WARNING"):
+        long = grounder.prompt(many)
+    assert len(long.input_ids) == limit
+    tokens = tokens_of(long.input_ids)
+    whole = [k for k, span in enumerate(long.spans) if span]
+    assert whole == list(range(len(whole))) and 0 < len(whole) < limit
+    assert all("".join(tokens[i] for i in long.spans[k]).replace("##", "") == many[k] for k in whole)
+    assert "longer than its" in caplog.text and "left out" in caplog.text

@@ -57,3 +57,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("stage_one, threshold, noted", [
+    ({"use_sam": True, "sam_floor": 0.1}, 0.0, True),  # the ablation on shards whose SAM skipped low scores
+    ({"use_sam": True, "sam_floor": 0.1}, 0.35, False),  # the paper's threshold: above the floor
+    ({"use_sam": True, "sam_floor": 0.0}, 0.0, False),  # SAM refined everything
+    ({"use_sam": False, "sam_floor": 0.1}, 0.0, False),  # no SAM at all: nothing to refine
+    ({}, 0.0, False),  # a folder that does not say
+])
+def test_a_threshold_below_the_sam_floor_is_said(tmp_path, stage_one, threshold, noted):
+    """Noun-frames scored under the shards' SAM floor never went through SAM: at an object threshold below the floor
+    they count with their unrefined score, which the ablation at --object-threshold 0 did not say."""
+    from train.trainer import sam_floor_note
+
+    (tmp_path / shards.META_FILE).write_text(json.dumps({"spec": {}, "config": stage_one}))
+    note = sam_floor_note(PRESETS["tiny"].replace(shards=str(tmp_path), object_threshold=threshold))
+    assert (note is not None) == noted
+    if noted:
+        assert note.startswith("note: object threshold 0 is below the shards' SAM floor 0.1") and "--sam-floor 0" in note

@@ -178,6 +178,25 @@ def check_scaling_factor(config: TrainConfig, meta_path: Path) -> None:
                           f"{factor})")
 
 
+def sam_floor_note(config: TrainConfig) -> str | None:
+    """A line when the object threshold is below the SAM floor the shards were made with (meta.json: config.sam_floor,
+    with use_sam): stage one sent SAM only the noun-frames scored at or above the floor, so below it p_tk is the
+    detector's score unrefined, not its product with SAM's IoU (an ablation at --object-threshold 0 wants shards made
+    with --sam-floor 0). None otherwise, or when meta.json does not say."""
+    try:
+        stage_one = shards.read_meta(config.shards).get("config")
+    except shards.ShardFormatError:
+        return None
+    if not isinstance(stage_one, dict) or stage_one.get("use_sam") is False:
+        return None
+    floor = stage_one.get("sam_floor")
+    if not isinstance(floor, (int, float)) or isinstance(floor, bool) or config.object_threshold >= floor:
+        return None
+    return (f"note: object threshold {config.object_threshold:g} is below the shards' SAM floor {floor:g}: noun-frames "
+            f"scored under {floor:g} count with their detector score unrefined by SAM (stage one skipped them); for "
+            "SAM's refinement everywhere, make the shards with --sam-floor 0")
+
+
 def data_fingerprint(folder: Path, paths: list[Path]) -> str:
     """SHA-256 over the shard folder's meta.json (byte for byte) and the names and sizes of its shard files: unchanged
     when the folder is copied or moved, changed by another stage-one run or a shard added, removed or rewritten to
@@ -974,6 +993,9 @@ def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths
         write_atomically(Path(config.output) / "config.json",
                          resolved_json(config, spec, data_fingerprint=fingerprint, world_size=accelerator.num_processes))
         log(global_batch_line(config, accelerator.num_processes))
+        floor_note = sam_floor_note(config)
+        if floor_note:
+            log(floor_note)
     run = start_run(config, spec, accelerator, log, count)
     progress, rank = run.progress, accelerator.process_index
     stream = iter(data.make_loader(paths, config, run.positions, pin_memory=accelerator.device.type == "cuda",
