@@ -1633,7 +1633,11 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     unknown = sorted((ONLY_CHANGES["names"] or set()) - COMPARED)
-    if unknown:  # a name no section compares: said in the JSON, the log and the exit code
+    failed = [name for name in ["device", *args.sections] if results.get(name, {}).get("status") != "ok"]
+    if unknown and failed:  # a section that stopped early may not have reached the comparison: not a typo
+        results["meta"]["changes_not_reached"] = unknown
+        log(f"--changes: {', '.join(unknown)} not reached ({', '.join(failed)} stopped early)")
+    elif unknown:  # a name no section compares: said in the JSON, the log and the exit code
         results["meta"]["unknown_changes"] = unknown
         log(f"--changes: no comparison is named {', '.join(unknown)} (known here: {', '.join(sorted(COMPARED))})")
     save()
@@ -1642,7 +1646,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.results_md:
         record_results(results)
     log_file.close()
-    failed = [name for name in ["device", *args.sections] if results.get(name, {}).get("status") != "ok"]
     return 1 if failed or unknown else 0
 
 

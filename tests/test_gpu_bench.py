@@ -297,3 +297,29 @@ def test_a_section_gets_what_the_ones_before_it_left(monkeypatch, tmp_path):
     gpu_bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--budget-s", "100"])
     assert given["stage_one"] == pytest.approx(40.0)
     assert given["training"] == 0.0 and given["generation"] == 0.0  # the overrun left nothing
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_changes_name_not_reached_is_no_typo(tmp_path, monkeypatch, fails):
+    """A section that failed before its comparisons left the name unmet: it was reported as a name no section
+    compares. It is 'not reached' then; a name met nowhere in a run whose sections all finished is still unknown."""
+    monkeypatch.setattr(gpu_bench, "COMPARED", set())
+    monkeypatch.setitem(gpu_bench.ONLY_CHANGES, "names", None)  # main sets them: put back afterwards
+    monkeypatch.setitem(gpu_bench.EVERY_CHANGE, "on", False)
+    monkeypatch.setattr(gpu_bench, "bench_device", lambda device: {"name": "cpu"})
+    monkeypatch.setattr(gpu_bench, "markdown", lambda results: "")
+
+    def generation(out, **ignored):
+        if fails:
+            raise RuntimeError("before its comparisons")
+        return {}
+
+    monkeypatch.setattr(gpu_bench, "bench_generation", generation)
+    code = gpu_bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--sections", "generation",
+                           "--changes", "torch_compile_evaluation_batch"])
+    meta = json.loads((tmp_path / "gpu_bench.json").read_text())["meta"]
+    assert code == 1
+    if fails:
+        assert meta["changes_not_reached"] == ["torch_compile_evaluation_batch"] and "unknown_changes" not in meta
+    else:
+        assert meta["unknown_changes"] == ["torch_compile_evaluation_batch"] and "changes_not_reached" not in meta
