@@ -1028,11 +1028,14 @@ def bench_training(out: dict[str, Any], preset: str, device: torch.device, root:
 
     compare(out, "fused_adamw", deadline, 20, log, adamw_change)
 
+    layout = {"name": "channels_last" if config.channels_last else "NCHW"}  # the model's, for the labels below
+
     def channels_last_change() -> dict[str, Any]:
         if config.channels_last:
             return {"skipped": "the preset already trains in channels_last"}
         before = at_target()
         speed_up(model, channels_last=True)  # in place: the comparisons below include it
+        layout["name"] = "channels_last"
         optimizer.state.clear()  # moments made again in the new layout (fused AdamW needs the parameters' layout)
         return mfu_pair("contiguous (NCHW)", before, "channels_last (NHWC)", at_target())
 
@@ -1051,7 +1054,7 @@ def bench_training(out: dict[str, Any], preset: str, device: torch.device, root:
             step(big, optimizer)  # compiles forward and backward
             synchronize(device)
             compile_seconds = round(time.perf_counter() - start, 1)
-            label = "eager" if mode is None else "torch.compile mode=default (previous row)"
+            label = f"eager, {layout['name']}" if mode is None else "torch.compile mode=default (previous row)"
             result = mfu_pair(label, before, f"torch.compile mode={mode or 'default'}", at_target())
             return result | {"compile_seconds": compile_seconds}
         return run

@@ -41,12 +41,13 @@ def _holder(handle: IO[bytes]) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of that id exists on this machine (another user's counts too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process of that pid
+    except (PermissionError, OverflowError):  # someone else's process of that pid; an id no process can have
         return True
     return True
 
@@ -66,7 +67,7 @@ def folder_lock(folder: Path, what: str, name: str = LOCK_FILE) -> Iterator[None
                 break
             except BlockingIOError:
                 holder = _holder(handle)
-                if holder is None or _alive(holder):
+                if holder is None or alive(holder):
                     raise FolderBusy(f"{folder}: another {what} is writing into this folder"
                                      + (f" (pid {holder})" if holder is not None else "")
                                      + "; wait for it to end, or choose another folder") from None

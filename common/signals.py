@@ -9,7 +9,10 @@ stop (training ended with no checkpoint, stage one printed DataLoader's "worker 
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
+from collections.abc import Callable, Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -18,3 +21,39 @@ def ignore_stop_signals(worker: int | None = None) -> None:
     """Ignore STOP_SIGNALS in this process (a DataLoader `worker_init_fn`: the process that owns the worker acts)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def exit_on_stop_signals() -> Iterator[None]:
+    """Inside, STOP_SIGNALS raise SystemExit(128 + the signal), so that the work in progress is closed as on an error
+    (`finally` blocks, a shard or a file being written) instead of the process dying at once; the handlers that were
+    there are put back after."""
+    previous = {signum: signal.signal(signum, lambda signum, frame: sys.exit(128 + signum)) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stopped_by(code: object) -> str | None:
+    """The name of the stop signal a SystemExit code of `exit_on_stop_signals` stands for, None for any other code."""
+    if isinstance(code, int) and code - 128 in {int(signum) for signum in STOP_SIGNALS}:
+        return signal.Signals(code - 128).name
+    return None
+
+
+def interruptible(main: Callable[[], int | None]) -> int:
+    """main()'s exit code, where a Ctrl-C that reaches this far is one line and the shell's code for it (130), not a
+    traceback: one pressed while the command still loads its modules (seconds of torch and transformers), before
+    its own handling, which says how to go on, begins."""
+    try:
+        return int(main() or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def exit_with(main: Callable[[], int | None]) -> None:
+    """sys.exit with `interruptible(main)`: the `python -m <package>` entry points."""
+    sys.exit(interruptible(main))

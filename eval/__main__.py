@@ -69,13 +69,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(config: EvalConfig, args: argparse.Namespace) -> int:
+    from common.signals import exit_on_stop_signals, stopped_by
     from eval.clips import EvalError
     from eval.evaluate import evaluate
     from eval.report import RESULTS_FILE, selected_tables, table
     from shards import ShardFormatError
 
     try:
-        results = evaluate(config, progress=not args.quiet)
+        with exit_on_stop_signals():  # a scheduler's SIGTERM: the file being written is dropped, as on Ctrl-C
+            results = evaluate(config, progress=not args.quiet)
+    except SystemExit as stop:
+        name = stopped_by(stop.code)
+        if name:
+            print(f"\nterminated ({name}): run the same command again to go on ({config.output_dir})", file=sys.stderr)
+        raise
     except (EvalError, ShardFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -92,4 +99,6 @@ def run(config: EvalConfig, args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.signals import exit_with
+
+    exit_with(main)

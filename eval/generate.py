@@ -29,6 +29,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import io
 import json
 import os
 import time
@@ -115,13 +116,18 @@ def check_decoder_checkpoint(folder: str | Path, checksum: str, weights: Path | 
 
 def write_wav(path: Path, waveform: np.ndarray, sample_rate: int, software: str = "") -> None:
     """16-bit PCM mono WAV written to a temporary name and renamed (a crash never leaves half a WAV); `software`,
-    when given, goes into its INFO chunk (ISFT), where a later run recognises its own files."""
+    when given, goes into its INFO chunk (ISFT), where a later run recognises its own files. The WAV is made in
+    memory and written by Python, so a full or read-only disk is an OSError with its errno (libsndfile says only
+    'System error')."""
+    buffer = io.BytesIO()
+    with soundfile.SoundFile(buffer, "w", sample_rate, 1, "PCM_16", format="WAV") as handle:
+        if software:
+            handle.software = software
+        handle.write(np.clip(waveform, -1.0, 1.0))
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with soundfile.SoundFile(tmp, "w", sample_rate, 1, "PCM_16", format="WAV") as handle:
-            if software:
-                handle.software = software
-            handle.write(np.clip(waveform, -1.0, 1.0))
+        with open(tmp, "wb") as file:
+            file.write(buffer.getvalue())
     except BaseException:  # also Ctrl-C: no half-written file stays behind (but never a folder of that name)
         if tmp.is_file():
             tmp.unlink()
@@ -337,7 +343,7 @@ def generate(config: EvalConfig, clips: list[shards.SampleMeta], progress: bool 
             except OSError as error:  # e.g. an id too long for a file name: this clip fails, the others go on
                 with contextlib.suppress(OSError):
                     target.with_name(target.name + ".tmp").unlink(missing_ok=True)
-                if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # no other WAV would be written
+                if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):  # nor the next
                     raise EvalError(f"{target}: cannot write ({error.strerror})") from None
                 shards.append_jsonl(failures_path, {"id": clip_id, "stage": "generate",
                                                     "reason": f"cannot write {target.name} ({error.strerror or error})"})

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -116,17 +115,17 @@ def main(argv: list[str] | None = None) -> int:
                           "duplicate_rows_dropped": duplicates, "out": str(out_dir), "rank": rank, "world_size": world_size}, indent=2))
         return 0
 
-    from common.signals import STOP_SIGNALS
+    from common.signals import exit_on_stop_signals, stopped_by
     from preprocess.encoders import OutOfMemory
     from preprocess.nouns import TaggerUnavailableError
     from preprocess.pipeline import FeatureError, print_summary, run
 
+    weights_dir = None if cfg.random_init else args.weights
     # SLURM and friends stop jobs with SIGTERM (SIGUSR1 ahead of a time limit with `--signal=USR1@<seconds>`): an
     # exception, so that the shard in progress is closed; the decoding workers ignore both (`common.signals`)
-    previous = {signum: signal.signal(signum, lambda signum, frame: sys.exit(128 + signum)) for signum in STOP_SIGNALS}
-    weights_dir = None if cfg.random_init else args.weights
     try:
-        summary = run(cfg, clips, out_dir, weights_dir, rank, world_size, progress=not args.no_progress)
+        with exit_on_stop_signals():
+            summary = run(cfg, clips, out_dir, weights_dir, rank, world_size, progress=not args.no_progress)
     except (FeatureError, TaggerUnavailableError, FileNotFoundError, OutOfMemory) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -134,17 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: run the same command again to go on ({out_dir})", file=sys.stderr)
         return 130
     except SystemExit as stop:  # SIGTERM or SIGUSR1, as above
-        if stop.code in {128 + signum for signum in STOP_SIGNALS}:
-            name = signal.Signals(int(stop.code) - 128).name
+        name = stopped_by(stop.code)
+        if name:
             print(f"\nterminated ({name}): run the same command again to go on ({out_dir})", file=sys.stderr)
         raise
     except OSError as error:  # writing the shards: a full disk, a folder that went away (reading is per clip)
         print(f"{os_error_line(error, out_dir)}; what was written is kept: run the same command again once the "
               "cause is gone", file=sys.stderr)
         return 2
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if duplicates:
         print(f"note: {duplicates} repeated manifest rows were ignored")
     print_summary(summary)
@@ -158,4 +154,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from common.signals import exit_with
+
+    exit_with(main)

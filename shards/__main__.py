@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import tarfile
 from pathlib import Path
 
@@ -93,4 +92,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.signals import exit_with
+
+    exit_with(main)

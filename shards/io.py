@@ -15,9 +15,10 @@ import json
 import logging
 import os
 import re
+import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import webdataset as wds
 
@@ -116,10 +117,21 @@ class ShardWriter:
         if self._tar is not None:
             with contextlib.suppress(OSError, ValueError):
                 self._file.close()
+            # the dropped tar stream flushes what it buffers when it is collected: into nothing, not the closed file
+            # ("Exception ignored in: <function _Stream.__del__> ... write to closed file" after the error's line)
+            if self._hashing is not None:
+                self._hashing.file = typing.cast(BinaryIO, _Discard())
             if self._tmp is not None:
                 with contextlib.suppress(OSError):
                     self._tmp.unlink(missing_ok=True)
             self._tar = self._file = self._tmp = self._hashing = None
+
+
+class _Discard:
+    """A write-only file that keeps nothing."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vta_sam.cli import COMMANDS, main
 
 
@@ -65,8 +67,14 @@ def test_ctrl_c_in_training_or_evaluation_is_one_line_and_exit_130(tmp_path, cap
     monkeypatch.setattr(train.trainer, "train", interrupted)
     monkeypatch.setattr(eval.evaluate, "evaluate", interrupted)
     assert main(["train", "--output", str(tmp_path / "run")]) == 130
-    assert capsys.readouterr().err.strip() == (f"interrupted: run the same command again to resume from the last "
-                                               f"checkpoint in {tmp_path / 'run'}/checkpoints")
+    # before its first checkpoint: it said 'resume from the last checkpoint in run/checkpoints', where there was none
+    assert capsys.readouterr().err.strip() == ("interrupted: run the same command again to start again (no "
+                                               "checkpoint was written yet)")
+    saved = tmp_path / "run" / "checkpoints" / "step_00000004"
+    saved.mkdir(parents=True)
+    (saved / "complete").touch()
+    assert main(["train", "--output", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err.strip() == f"interrupted: run the same command again to resume from {saved}"
     assert main(["eval", "--output", str(tmp_path / "ev")]) == 130
     assert capsys.readouterr().err.strip() == f"interrupted: run the same command again to go on ({tmp_path / 'ev'})"
 
@@ -211,3 +219,38 @@ def test_help_shows_the_values_of_the_preset_given(capsys):
         name = "paper" if "paper" in " ".join(args) else "tiny"
         shown = text.split(f"--{flag} ", 1)[1][:300]  # the flag's help
         assert f"({name} preset: {preset!r})" in shown, shown
+
+
+def test_ctrl_c_while_a_command_loads_is_one_line(capsys, monkeypatch):
+    """Ctrl-C in the seconds a command spends importing torch and transformers, before its own handling, ended in a
+    KeyboardInterrupt traceback and exit 1; now one line and the shell's exit code for an interrupt."""
+    import importlib
+
+    def loading(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", loading)
+    assert main(["features", "--help"]) == 130
+    assert capsys.readouterr().err == "\ninterrupted\n"
+
+
+def test_sigterm_to_evaluation_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM ended evaluation at once and silently (exit 143), where stage one, training and generate
+    each say how to go on; it now stops as Ctrl-C does (the file being written dropped), with that line, and the
+    signal's exit code. The handler that was there before is put back."""
+    import os
+    import signal
+
+    import eval.evaluate
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal should have stopped evaluation")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(eval.evaluate, "evaluate", signalled)
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--output", str(tmp_path / "ev")])
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == f"terminated (SIGTERM): run the same command again to go on ({tmp_path / 'ev'})"
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -597,3 +597,26 @@ def test_a_stage_one_config_of_other_types_is_one_line(tmp_path, config, expecte
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(EvalError, match=f"meta.json: unreadable stage-one config \\({re.escape(expected)}\\)$"):
         audio_model_config(tmp_path)
+
+
+def test_a_full_disk_reaches_write_wavs_caller_as_the_os_error(tmp_path, monkeypatch):
+    """libsndfile wrote the WAV itself and said only 'System error' (a LibsndfileError, no OSError) on a full or
+    read-only disk: evaluation's one-line stop for a full disk never saw it, and the run ended in a traceback. The
+    WAV is now made in memory and written by Python: the OSError keeps its errno, and no .tmp stays."""
+    import errno
+
+    def full(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(eval_generate, "open", full, raising=False)  # the module's `open`, before the builtin
+    target = tmp_path / "clip.wav"
+    with pytest.raises(OSError) as caught:
+        eval_generate.write_wav(target, np.zeros(1600, np.float32), 16000, software="vta-sam")
+    assert caught.value.errno == errno.ENOSPC and not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    eval_generate.write_wav(target, np.full(1600, 0.5, np.float32), 16000, software="vta-sam")
+    data, rate = soundfile.read(target)
+    assert rate == 16000 and len(data) == 1600 and abs(data[0] - 0.5) < 1e-4
+    assert soundfile.SoundFile(target).software.startswith("vta-sam")  # the INFO chunk a later run recognises

@@ -234,9 +234,9 @@ def test_an_unwritable_output_is_one_line(run_dir, tmp_path, capsys):
 
 
 def test_a_wav_that_cannot_be_written_is_one_line_and_the_others_go_on(run_dir, tmp_path, capsys):
-    """libsndfile's error (not an OSError) for one video's WAV: one line naming the video and the WAV, the
-    next video still gets its sound, exit code 1. A folder where the WAV's temporary file goes blocks it even
-    for root, unlike a read-only folder."""
+    """A WAV that cannot be written: one line naming the video, the file and the reason (libsndfile said only
+    'System error'; the WAV is now written by Python), the next video still gets its sound, exit code 1. A folder
+    where the WAV's temporary file goes blocks it even for root, unlike a read-only folder."""
     first = media.make_video(tmp_path / "a.mp4", seconds=2.0, audio=None)
     second = media.make_video(tmp_path / "b.mp4", seconds=2.0, audio=None)
     out = tmp_path / "out"
@@ -245,7 +245,7 @@ def test_a_wav_that_cannot_be_written_is_one_line_and_the_others_go_on(run_dir, 
                      "--steps", "2", "--caption", "ball", "--no-progress"]) == 1
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {first}: cannot write {out / 'a.wav'} (System error)"]
+    assert errors == [f"error: {first}: cannot write {out / 'a.wav.tmp'} (Is a directory)"]
     assert "Traceback" not in captured.err
     assert (out / "b.mp4").exists() and (out / "b.wav").exists()
     assert not (out / "a.mp4").exists() and not (out / "a.wav").exists()
@@ -1016,3 +1016,24 @@ def test_ctrl_c_is_exit_130_with_how_to_go_on_and_no_partial_file(run_dir, tmp_p
     monkeypatch.setattr(generate, "mux", real_mux)
     assert cli_main(["generate", *map(str, videos), "--out", str(out), *common]) == 0
     assert (out / "b.mp4").exists() and not list(out.glob("*.partial*"))
+
+
+def test_a_killed_runs_partial_copy_is_removed_and_a_live_ones_kept(tmp_path):
+    """SIGKILL while ffmpeg wrote the copy left `.<stem>.<random>.partial.mp4`, a copy of the whole video stream,
+    and the next run made a new one beside it. Its name now carries the writer's pid: the next run removes copies
+    whose process is gone, never a live one's or a file of the user's."""
+    import subprocess as sp
+
+    from vta_sam.generate import remove_dead_partials
+
+    dead = sp.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "clip.mp4"
+    killed = tmp_path / f".clip.{dead.pid}-0123456789ab.partial.mp4"
+    live = tmp_path / f".clip.{os.getpid()}-0123456789ab.partial.mp4"
+    user = tmp_path / ".clip.partial.mp4"
+    other = tmp_path / f".other.{dead.pid}-0123456789ab.partial.mp4"
+    for path in (killed, live, user, other):
+        path.write_bytes(b"x")
+    assert remove_dead_partials(out) == [killed]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, user, other))

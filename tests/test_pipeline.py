@@ -1007,3 +1007,20 @@ def test_other_model_config_files_are_features_made_differently(tmp_path):
     with pytest.raises(EvalError, match="a VAE with another config.json"):
         check_decoder_checkpoint(tmp_path / "new", "v", None, "other")
     check_decoder_checkpoint(tmp_path / "old", "v", None, "other")
+
+
+def test_a_killed_ranks_temporary_meta_json_is_removed(tmp_path):
+    """A rank killed between writing its temporary meta.json and linking it left `.meta.json.<rank>.<pid>.<id>.tmp`
+    for good; the next run removes those of processes that are gone (a live rank's is its own to remove)."""
+    import subprocess
+
+    from preprocess.pipeline import prepare_output
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / f".{shards.META_FILE}.0.{gone.pid}.{'a' * 32}.tmp"
+    live = tmp_path / f".{shards.META_FILE}.1.{os.getpid()}.{'b' * 32}.tmp"
+    for path in (dead, live):
+        path.write_text("{}")
+    prepare_output(tmp_path, _meta(), rank=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([shards.META_FILE, live.name])

@@ -868,3 +868,19 @@ def test_a_tar_header_claiming_a_huge_size_is_the_shards_error_not_a_memory_erro
     # stage one's resume: an error it reports as an unreadable shard (the json member is never read whole)
     with pytest.raises(shards.ShardFormatError if kind == "long-name" else OSError):
         shards.shard_index(path)
+
+
+def test_an_aborted_shard_says_nothing_when_collected(tmp_path, spec, monkeypatch):
+    """After a full disk stopped stage one, its one-line error was followed by 'Exception ignored in: <function
+    _Stream.__del__> ... ValueError: write to closed file': the dropped tar stream flushed into the closed file."""
+    import gc
+    import sys
+
+    caught: list = []
+    monkeypatch.setattr(sys, "unraisablehook", caught.append)
+    writer = shards.ShardWriter(tmp_path, "train", rank=0, max_samples=5)
+    writer.write(shards.encode_sample(spec, *make_sample(spec, "a")))
+    writer.abort()
+    del writer
+    gc.collect()
+    assert caught == [] and not list(tmp_path.iterdir())

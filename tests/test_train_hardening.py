@@ -454,3 +454,21 @@ def test_counters_and_positions_training_never_writes_are_one_line(tmp_path, cap
     err = one_error_line(capsys)
     assert err.startswith(f"error: {checkpoint / name}: does not load (ValueError: ") and expected in err, err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
+
+
+@pytest.mark.parametrize("free, full", [(0, True), (1 << 40, False)])
+def test_a_torch_write_failure_says_when_the_disk_is_full(tmp_path, monkeypatch, free, full):
+    """torch.save on a full disk says only '[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598':
+    the line now says the disk is full when it is (and only then)."""
+    import collections
+    import shutil
+
+    import train.trainer as trainer
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 41, (1 << 41) - free, free))
+    with pytest.raises(trainer.WriteFailed) as caught:
+        with trainer.writing(tmp_path / "optimizer.bin.tmp", tmp_path / "optimizer.bin"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert caught.value.reason.startswith("No space left on device: [enforce fail") == full
+    assert caught.value.reason.endswith("unexpected pos 704 vs 598")

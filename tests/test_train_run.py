@@ -230,3 +230,21 @@ def test_exported_weights_are_readable_by_others_as_the_umask_allows(tmp_path):
     denied.mkdir()  # opening it fails otherwise than 'not found'
     with pytest.raises(IsADirectoryError):
         safetensors_header(denied)
+
+
+def test_a_half_written_checkpoint_of_a_killed_run_is_removed(tmp_path, capsys):
+    """SIGKILL while checkpoints/step_N.tmp was written (a scheduler's kill after its grace period) left the folder,
+    a resume state's size, for good: no step folder, so never loaded or pruned. Resuming removes it, and TensorBoard
+    is told to drop the killed run's events past the checkpoint (logged again)."""
+    data = tmp_path / "shards"
+    write_shards(data, num_shards=2, per_shard=5, splits=("train", "train", "train", "train", "test"))
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "2", "--checkpoint-every", "2") == 0
+    half = out / "checkpoints" / "step_00000003.tmp"
+    half.mkdir()
+    (half / "optimizer.bin").write_bytes(b"\0" * 1000)
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "4", "--checkpoint-every", "2") == 0
+    assert not half.exists() and "removed 1 checkpoint folder(s) an interrupted run left half written " \
+        "(step_00000003.tmp)" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from common.config import config_main, os_error_line
 from train.config import PRESETS, TrainConfig
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(config: TrainConfig, args: argparse.Namespace) -> int:
     from train.data import DataError
-    from train.trainer import ConfigError, train
+    from train.trainer import ConfigError, latest_checkpoint, train
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
@@ -35,10 +36,13 @@ def run(config: TrainConfig, args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:  # complete checkpoints are kept; one cut short is never loaded
         if main_rank:
-            print(f"\ninterrupted: run the same command again to resume from the last checkpoint in "
-                  f"{config.output}/checkpoints", file=sys.stderr)
+            saved = latest_checkpoint(Path(config.output))
+            print("\ninterrupted: run the same command again to " + (f"resume from {saved}" if saved else
+                  "start again (no checkpoint was written yet)"), file=sys.stderr)
         return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.signals import exit_with
+
+    exit_with(main)

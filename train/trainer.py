@@ -83,6 +83,7 @@ EMA_FILE = "ema.safetensors"
 MODEL_FILE = "model.safetensors"  # accelerate's name for the weights of its one prepared model
 PROGRESS_FILE = "progress.json"
 STEP_FOLDER = re.compile(r"step_\d{8}")  # a checkpoint; step_N.tmp is being written, step_N.broken was set aside
+PARTIAL_FOLDER = re.compile(r"step_\d{8}\.tmp")
 SCALING_TOLERANCE = 1e-6  # relative: the VAE scaling factors of the shards and of the run agree
 # why a run folder may have no model/ yet: a run stopped (SIGTERM, Ctrl-C) before its first export
 NOT_EXPORTED = ("no weights exported yet: training writes them every --checkpoint-every steps and at its end; run "
@@ -340,6 +341,18 @@ def step_folders(output: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if STEP_FOLDER.fullmatch(p.name)) if folder.is_dir() else []
 
 
+def remove_partial_checkpoints(output: Path) -> list[Path]:
+    """Delete the checkpoints/step_N.tmp folders a killed run left (SIGKILL while one was written, as a scheduler
+    sends after its grace period): no step folder, never loaded or pruned, each the size of a resume state. Only the
+    run holding the folder's lock calls this, so none is being written."""
+    folder = output / "checkpoints"
+    partial = sorted(p for p in folder.iterdir() if p.is_dir() and PARTIAL_FOLDER.fullmatch(p.name)) \
+        if folder.is_dir() else []
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
 def complete_checkpoints(output: Path) -> list[Path]:
     """Checkpoint folders with their `complete` marker, oldest first."""
     return [p for p in step_folders(output) if (p / COMPLETE).exists()]
@@ -471,13 +484,26 @@ def writing(tmp: Path, what: Path) -> Iterator[None]:
             reason = error.strerror
         elif isinstance(error, RuntimeError) and not any(mark in str(error) for mark in TORCH_WRITE_FAILURES):
             raise  # not a write that failed
-        else:
+        else:  # torch's or safetensors' own words ('unexpected pos 2314688 vs 2314576'): say when the disk is full
             reason = " ".join(str(error).split())[:200]
+            if _nearly_full(tmp.parent):
+                reason = f"No space left on device: {reason}"
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         raise WriteFailed(what, reason) from None
+
+
+FULL_BELOW = 16 << 20  # bytes free under which a write that failed without an errno is said to have met a full disk
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Whether the file system of `folder` has less than FULL_BELOW bytes free (False when that cannot be read)."""
+    try:
+        return shutil.disk_usage(folder).free < FULL_BELOW
+    except OSError:
+        return False
 
 
 # what torch.save's RuntimeError says when its file cannot be written (PyTorchStreamWriter on a full disk)
@@ -658,6 +684,11 @@ def resume(run: Run, log: Any) -> None:
     and so picks the same checkpoint. ConfigError (one line) when checkpoints exist but none is usable, for a
     checkpoint of the older pickled format, and when a checkpoint that matched its manifest still does not load."""
     accelerator = run.accelerator
+    if accelerator.is_main_process:
+        removed = remove_partial_checkpoints(run.output)
+        if removed:
+            log(f"removed {len(removed)} checkpoint folder(s) an interrupted run left half written "
+                f"({', '.join(p.name for p in removed)})")
     # noise, timesteps and dropped conditions differ per rank; a resumed run restores these generators instead
     set_seed(run.config.seed + 1000 * accelerator.process_index)
     problems = []
@@ -832,7 +863,9 @@ class Bookkeeping:
         if main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run.output / "logs"))
+            # a resumed run logs again the steps after its checkpoint: TensorBoard drops the killed run's events
+            # from that step on (purge_step), so no step shows twice
+            self.writer = SummaryWriter(str(run.output / "logs"), purge_step=run.progress.step or None)
             log(f"{count} {config.split} samples, {self.steps_per_epoch} steps per epoch, training to step "
                 f"{self.total_steps} on {accelerator.num_processes} process(es), {accelerator.device}, mixed precision "
                 f"{accelerator.mixed_precision}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from common.signals import interruptible
+
 # command -> (module whose main(argv) runs it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("preprocess.__main__", "stage one: videos -> feature shards (make features)"),
@@ -32,10 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"vta-sam: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
     if command == "verify":
         rest = ["verify", *rest]
-    return int(module.main(rest) or 0)
+    return interruptible(lambda: importlib.import_module(COMMANDS[command][0]).main(rest))
 
 
 if __name__ == "__main__":  # `python -m vta_sam.cli ...` as `python -m vta_sam ...`

@@ -10,9 +10,11 @@ video is written with the video stream copied bit for bit and the new audio as A
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -34,6 +36,7 @@ import shards
 from common.config import path_argument
 from common.devices import PRECISIONS, resolve_device, resolve_precision, tune_backends
 from common.ffmpeg import error_reason, file_url
+from common.lock import alive
 from preprocess.config import FeatureConfig
 from preprocess.manifest import VIDEO_SUFFIXES
 from preprocess.nouns import NounCache, TaggerUnavailableError, caption_nouns
@@ -263,6 +266,22 @@ def container_problem(codec: str, out: Path) -> str | None:
     return None
 
 
+def remove_dead_partials(out: Path) -> list[Path]:
+    """Delete the hidden partial copies of `out` (`.<stem>.<pid>-<random>.partial<suffix>`, `mux`'s) whose process is
+    gone: a run killed while ffmpeg wrote (SIGKILL: no cleanup ran) left a copy of the whole video stream. A live
+    process's copy is left alone."""
+    pattern = re.compile(rf"\.{re.escape(out.stem)}\.(\d+)-[0-9a-f]{{12}}\.partial{re.escape(out.suffix)}")
+    removed = []
+    with contextlib.suppress(OSError):
+        for path in out.parent.iterdir():
+            found = pattern.fullmatch(path.name)
+            if found and path.is_file() and not alive(int(found[1])):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
 def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int | None = None,
         first_frame_only: bool = False, rotation: int = 0) -> None:
     """Copy the video stream bit for bit, replace every audio track by `wav`: AAC, or Opus in WebM. The WAV starts
@@ -276,8 +295,10 @@ def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int
     Audio: AAC; Opus in WebM; 16-bit PCM in AVI, which cannot mark AAC's priming samples."""
     # a trial writes beside its WAV (a scratch folder); the copy into a hidden file of a random name beside `out`
     # (ffmpeg makes it with the user's umask), renamed over `out` when whole: never into a file of the user's
+    if not first_frame_only:
+        remove_dead_partials(out)
     tmp = (wav.parent / f"trial{out.suffix}" if first_frame_only
-           else out.with_name(f".{out.stem}.{secrets.token_hex(6)}.partial{out.suffix}"))
+           else out.with_name(f".{out.stem}.{os.getpid()}-{secrets.token_hex(6)}.partial{out.suffix}"))
     suffix = out.suffix.lower()
     # AVI cannot mark AAC's priming samples to be skipped (the sound would start 64 ms late): PCM there
     audio = (["-c:a", "libopus", "-b:a", "192k"] if suffix == ".webm" else ["-c:a", "pcm_s16le"] if suffix == ".avi"
