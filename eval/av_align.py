@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 import shards
+from common.signals import ignore_stop_signals
 from eval.clips import read_wav, wav_path
 from eval.metrics import (
     FARNEBACK_PARAMS,
@@ -126,7 +127,10 @@ def av_align_scores(out_dir: Path, clips: list[shards.SampleMeta], workers: int,
         return {name: {"skipped": reason, "videos_missing": missing} for name in RULE_METRICS.values()}
     jobs = [(c.source, c.start, c.duration, str(wav_path(out_dir, c.id))) for c in with_video]
     scores: dict[str, dict[str, float]] = {name: {} for name in RULE_METRICS.values()}
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    # the workers leave a scheduler's SIGTERM to this process (`common.signals`), which stops without waiting for
+    # the clips still queued
+    pool = ProcessPoolExecutor(workers, initializer=ignore_stop_signals) if workers > 1 else None
+    finished = False
     try:
         futures = [pool.submit(measure, *job) if pool else job for job in jobs]
         for clip, future in tqdm(zip(with_video, futures), total=len(jobs), unit="clip", desc="AV-Align",
@@ -138,9 +142,10 @@ def av_align_scores(out_dir: Path, clips: list[shards.SampleMeta], workers: int,
                     scores[name][clip.id] = value
             except Exception as error:  # one bad clip (cv2.error, BrokenProcessPool, ...) must not end the run
                 failures.append({"id": clip.id, "stage": "av_align", "reason": error_line(error)})
+        finished = True
     finally:
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=not finished)  # Ctrl-C, a stop signal: the queued clips are dropped
     return {name: {**summarize(values.values()), "videos_missing": missing,
                    "per_clip": {k: (None if math.isnan(v) else v) for k, v in values.items()}}
             for name, values in scores.items()}

@@ -36,7 +36,7 @@ from audio_models.front_end import MelFrontEnd, audioldm_waveform
 from audio_models.vae import AudioVAE
 from common.devices import resolve_device
 from common.ffmpeg import last_words
-from common.lock import FolderBusy, alive, folder_lock
+from common.lock import FolderBusy, folder_lock
 from common.signals import ignore_stop_signals
 from common.versions import software_versions
 from preprocess.audio import AudioDecodeError, decode_audio
@@ -447,10 +447,11 @@ def prepare_output(out_dir: Path, meta: dict[str, Any], rank: int) -> None:
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / shards.META_FILE
-    leftover = re.compile(rf"\.{re.escape(shards.META_FILE)}\.\d+\.(\d+)\.[0-9a-f]{{32}}\.tmp")
-    for old in out_dir.glob(f".{shards.META_FILE}.*.tmp"):  # of a rank killed between writing and linking it
-        found = leftover.fullmatch(old.name)
-        if found and not alive(int(found[1])):
+    # this rank's own, of a run killed between writing and linking it (the caller holds the rank's lock: no live
+    # process of this rank writes one; another rank's, maybe on another machine, is not ours to judge)
+    leftover = re.compile(rf"\.{re.escape(shards.META_FILE)}\.{rank}\.\d+\.[0-9a-f]{{32}}\.tmp")
+    for old in out_dir.glob(f".{shards.META_FILE}.{rank}.*.tmp"):
+        if leftover.fullmatch(old.name):
             old.unlink(missing_ok=True)
     if not path.exists():
         tmp = out_dir / f".{shards.META_FILE}.{rank}.{os.getpid()}.{uuid.uuid4().hex}.tmp"

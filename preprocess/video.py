@@ -159,6 +159,7 @@ class _Header:
     refused: str | None  # why decord must not open the file
     aspect: float  # pixel_aspect of the video stream
     stored: tuple[int, int]  # (width, height) of the stored frames, before any rotation
+    lead: float = 0.0  # seconds before a time that decoding must start from (`_recovery_keyframes`)
 
 
 _header_cache: dict[tuple[str, int, int], _Header | None] = {}
@@ -207,9 +208,9 @@ def _header_of(path: Path) -> _Header | None:
         plausible = 4 * seconds * fps + 1000 if seconds > 0 and fps > 0 else MAX_HEADER_FRAMES
         if frames > min(plausible, MAX_HEADER_FRAMES):
             return dataclasses.replace(header, refused=f"its header announces {frames} frames for {seconds:.1f} s at {fps:g} fps")
-        recovery = _recovery_keyframes(container, stream)
+        recovery, spacing = _recovery_keyframes(container, stream)
         if recovery:
-            return dataclasses.replace(header, refused=recovery)
+            return dataclasses.replace(header, refused=recovery, lead=spacing)
     return header
 
 
@@ -220,37 +221,46 @@ CODEC_NAMES = {"h264": "H.264", "hevc": "HEVC"}
 KEYFRAME_SCAN_SECONDS = 30.0  # of packets read for `_recovery_keyframes` (x264's 250-frame GOP at 10 fps: 25 s)
 
 
-def _recovery_keyframes(container: Any, stream: Any) -> str | None:
+def _recovery_keyframes(container: Any, stream: Any) -> tuple[str | None, float]:
     """Why decord would misplace an H.264 or HEVC stream's frames: a keyframe within its first KEYFRAME_SCAN_SECONDS
-    that is not an IDR picture (read from the packets' NAL unit types, nothing decoded). decord 0.6.0 seeks to such a
-    keyframe as if the pictures shown before it did not need the GOP before: open-GOP HEVC (x265's default) came
-    back up to 2 s off in Matroska, 4 frames in MP4; H.264 with intra refresh 10 frames off, some pictures broken;
-    open-GOP H.264 two frames. None for other codecs, IDR keyframes only, or packets that cannot be read."""
+    that is not an IDR picture (read from the packets' NAL unit types, nothing decoded), and then the longest time
+    between two keyframes there: the picture at a recovery point may be whole only a keyframe interval later (intra
+    refresh), so decoding starts that much before a time. decord 0.6.0 seeks to such a keyframe as if the pictures
+    shown before it did not need the GOP before: open-GOP HEVC (x265's default) came back up to 2 s off in Matroska,
+    4 frames in MP4; H.264 with intra refresh 10 frames off, some pictures broken; open-GOP H.264 two frames.
+    (None, 0) for other codecs, IDR keyframes only, or packets that cannot be read."""
     codec = stream.codec_context.name
     if codec not in IDR_NAL_TYPES:
-        return None
+        return None, 0.0
     extradata = bytes(stream.codec_context.extradata or b"")
     # avcC / hvcC (MP4, Matroska): NAL units prefixed by their length, whose byte count the record gives; else Annex B
     at = {"h264": 4, "hevc": 21}[codec]
     length_size = (extradata[at] & 3) + 1 if len(extradata) > at and extradata[0] == 1 else 0
     time_base = float(stream.time_base or 0.0)
     first = None
+    keyframes: list[float] = []
+    recovery = False
     try:
         for packet in container.demux(stream):
             stamp = packet.pts if packet.pts is not None else packet.dts
-            if stamp is not None and time_base:
-                first = stamp * time_base if first is None else first
-                if stamp * time_base - first > KEYFRAME_SCAN_SECONDS:
+            now = stamp * time_base if stamp is not None and time_base else None
+            if now is not None:
+                first = now if first is None else first
+                if now - first > KEYFRAME_SCAN_SECONDS:
                     break
             if not packet.is_keyframe or not packet.size:
                 continue
+            if now is not None:
+                keyframes.append(now)
             types = _nal_types(bytes(packet), length_size, codec)
-            if types and not types & IDR_NAL_TYPES[codec]:
-                return (f"its {CODEC_NAMES[codec]} keyframes are not all IDR pictures (open GOP or intra refresh), "
-                        "whose frames decord misplaces")
+            recovery = recovery or bool(types and not types & IDR_NAL_TYPES[codec])
     except av.FFmpegError:
-        return None
-    return None
+        return None, 0.0
+    if not recovery:
+        return None, 0.0
+    spacing = max(np.diff(sorted(keyframes)), default=KEYFRAME_SCAN_SECONDS)
+    return (f"its {CODEC_NAMES[codec]} keyframes are not all IDR pictures (open GOP or intra refresh), whose frames "
+            "decord misplaces"), float(spacing)
 
 
 def _nal_types(data: bytes, length_size: int, codec: str) -> set[int]:
@@ -402,12 +412,12 @@ SEEK_FROM = 1.0  # seconds: a start before this is decoded from the file's first
 DECODER_DELAY = 2.0  # seconds of packets a decoder may take in before its first picture (B-frame reordering)
 
 
-def _seek_margins(start: float) -> Iterator[float]:
-    """0, FIRST_MARGIN, 3 x that, ... while `start` less the margin is past SEEK_FROM."""
-    margin = 0.0
-    while start - margin > SEEK_FROM:
-        yield margin
-        margin = margin * 3 if margin else FIRST_MARGIN
+def _seek_margins(start: float, lead: float = 0.0) -> Iterator[float]:
+    """`lead`, then FIRST_MARGIN more, 3 x that more, ... while `start` less the margin is past SEEK_FROM."""
+    extra = 0.0
+    while start - (lead + extra) > SEEK_FROM:
+        yield lead + extra
+        extra = extra * 3 if extra else FIRST_MARGIN
 
 
 @dataclass
@@ -444,8 +454,9 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
                 if start + window > where:
                     raise VideoDecodeError(jump_problem(path, where, jump[1]))
                 seekable = False
+        header = _read_header(path)  # where decoding must start before a time (intra refresh)
         walk, sought = None, False
-        for margin in _seek_margins(start) if seekable else ():
+        for margin in _seek_margins(start, header.lead if header else 0.0) if seekable else ():
             # the keyframe at or before `start` instead of decoding the prefix
             sought = True
             container.seek(round(((origin or 0.0) + start - margin) / time_base), stream=stream, backward=True,
@@ -495,7 +506,8 @@ def _walk_pyav(path: Path, container: Any, stream: Any, targets: np.ndarray, end
                first_by: float | None = None) -> _Walk | None:
     """The frames on screen at each of `targets` (seconds from the first frame), decoded from where the container
     stands up to `end`. `first_by`: the pass is given up (None) when its first frame begins after this time (a seek
-    that landed too late; one that decodes nothing ends with no `previous`). Frames are resized as they are picked, so the pass holds the picked frames only.
+    that landed too late; one that decodes nothing ends with no `previous`). Frames are resized as they are picked,
+    so the pass holds the picked frames only.
     VideoDecodeError when the timestamps of a transport stream jump (`jump_problem`) before `end`."""
     aspect = pixel_aspect(stream)
     fps = float(stream.average_rate or stream.guessed_rate or 0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
 import tarfile
 from pathlib import Path
 
@@ -92,6 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from common.signals import exit_with
-
-    exit_with(main)
+    sys.exit(main())

@@ -644,3 +644,35 @@ def test_reference_audio_too_short_for_the_protocol_is_each_clip_s_failure(tiny_
     reference = next(f["reason"] for f in results["failures"] if f["stage"] == "embed_reference")
     assert "its reference audio cannot be embedded: too short for Cnn14 under the av-benchmark audio protocol" in reference
     assert results["fd"] is None and "only 0 of 4 clips" in results["null_reasons"]["fd"]
+
+
+def slow_marking(video: str, start: float, duration: float, wav: str) -> dict[str, float]:
+    """AV-Align stand-in that notes each clip it measures (one line in $AV_ALIGN_MARKS) and takes 0.2 s."""
+    import time
+
+    with open(os.environ["AV_ALIGN_MARKS"], "a") as marks:
+        marks.write(wav + "\n")
+    time.sleep(0.2)
+    return {"av_align": 0.5, "av_align_2023": 0.5}
+
+
+def test_a_stop_signal_drops_the_queued_av_align_clips(tiny_run, generated, tmp_path, monkeypatch):  # noqa: F811
+    """SIGTERM (made a SystemExit by `exit_on_stop_signals`) during AV-Align waited for every queued clip before
+    evaluation stopped (the pool's shutdown waited; its workers, forked with the handler, ran on): on a test set
+    of thousands, until the scheduler's SIGKILL. The workers ignore the signal and the queued clips are dropped."""
+    import signal
+    import threading
+
+    from common.signals import exit_on_stop_signals
+
+    marks = tmp_path / "marks.txt"
+    monkeypatch.setenv("AV_ALIGN_MARKS", str(marks))
+    clips = select_clips(read_split(tiny_run[0], "test"), 0) * 20
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit) as stop, exit_on_stop_signals():
+        timer.start()
+        av_align_scores(generated, clips, 2, [], False, measure=slow_marking)
+    timer.join()
+    assert stop.value.code == 128 + signal.SIGTERM
+    measured = len(marks.read_text().splitlines())
+    assert 0 < measured < len(clips) // 4, measured  # of the 40 clips with a WAV, only those already begun

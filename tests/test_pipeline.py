@@ -1011,16 +1011,13 @@ def test_other_model_config_files_are_features_made_differently(tmp_path):
 
 def test_a_killed_ranks_temporary_meta_json_is_removed(tmp_path):
     """A rank killed between writing its temporary meta.json and linking it left `.meta.json.<rank>.<pid>.<id>.tmp`
-    for good; the next run removes those of processes that are gone (a live rank's is its own to remove)."""
-    import subprocess
-
+    for good; the next run of that rank (which holds the rank's lock) removes its own, never another rank's (which
+    may be running on another machine, where its pid says nothing here)."""
     from preprocess.pipeline import prepare_output
 
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    dead = tmp_path / f".{shards.META_FILE}.0.{gone.pid}.{'a' * 32}.tmp"
-    live = tmp_path / f".{shards.META_FILE}.1.{os.getpid()}.{'b' * 32}.tmp"
-    for path in (dead, live):
+    mine = tmp_path / f".{shards.META_FILE}.0.{os.getpid()}.{'a' * 32}.tmp"
+    other = tmp_path / f".{shards.META_FILE}.1.999999999.{'b' * 32}.tmp"
+    for path in (mine, other):
         path.write_text("{}")
     prepare_output(tmp_path, _meta(), rank=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([shards.META_FILE, live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([shards.META_FILE, other.name])

@@ -234,8 +234,7 @@ def test_exported_weights_are_readable_by_others_as_the_umask_allows(tmp_path):
 
 def test_a_half_written_checkpoint_of_a_killed_run_is_removed(tmp_path, capsys):
     """SIGKILL while checkpoints/step_N.tmp was written (a scheduler's kill after its grace period) left the folder,
-    a resume state's size, for good: no step folder, so never loaded or pruned. Resuming removes it, and TensorBoard
-    is told to drop the killed run's events past the checkpoint (logged again)."""
+    a resume state's size, for good: no step folder, so never loaded or pruned. Resuming removes it."""
     data = tmp_path / "shards"
     write_shards(data, num_shards=2, per_shard=5, splits=("train", "train", "train", "train", "test"))
     out = tmp_path / "run"

@@ -626,11 +626,14 @@ def test_a_pass_past_every_keyframe_stops_soon_after_its_time(tmp_path: Path) ->
     ("open_gop_hevc.mkv", ["-c:v", "libx265", "-x265-params", "keyint=50:log-level=error"]),  # x265: open GOP
     ("open_gop_hevc.mp4", ["-c:v", "libx265", "-x265-params", "keyint=50:log-level=error", "-tag:v", "hvc1"]),
     ("intra_refresh.mp4", ["-c:v", "libx264", "-x264-params", "intra-refresh=1:keyint=50"]),
+    ("intra_refresh.mkv", ["-c:v", "libx264", "-x264-params", "intra-refresh=1:keyint=50"]),
 ])
 def test_keyframes_that_are_no_idr_pictures_go_to_pyav(tmp_path: Path, name: str, encoder: list[str]) -> None:
     """decord 0.6.0 seeks to an open GOP's or an intra refresh's keyframe as if the frames shown before it were
     whole: x265's default open GOP in Matroska came back 46 frames early (4 for 50), in MP4 4 frames late; H.264
-    with intra refresh 15 frames late. Such streams are read with PyAV, at the frames shown at each time."""
+    with intra refresh 15 frames late. Such streams are read with PyAV, at the frames shown at each time; with
+    intra refresh the picture after a recovery point is whole only a keyframe interval later (a window starting
+    just after one got green frames), so PyAV starts decoding that much earlier."""
     import subprocess
 
     source = media.make_video(tmp_path / "source.mp4", seconds=24.0, fps=25, audio=None, gop=1)
@@ -640,3 +643,7 @@ def test_keyframes_that_are_no_idr_pictures_go_to_pyav(tmp_path: Path, name: str
     result = decode_frames(path, 2.0, times, 10.24, 96)
     assert [media.frame_index(f) for f in result.frames] == [math.floor((2.0 + t) * 25 + 1e-6) % 256 for t in times]
     assert result.backend == "pyav"
+    for start in (14.1, 14.69):  # just after a keyframe (every 2 s)
+        late = decode_frames(path, start, [0.0, 0.2, 0.52, 1.04], 2.5, 96)
+        assert [media.frame_index(f) for f in late.frames] == [math.floor((start + t) * 25 + 1e-6) % 256
+                                                                for t in (0.0, 0.2, 0.52, 1.04)], start
