@@ -29,7 +29,6 @@ transport and program streams seek by bytes: `_seek_margins`); a transport strea
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -191,27 +190,27 @@ def _header_of(path: Path) -> _Header | None:
         stream = video_stream(container)
         if stream is None:
             return None
-        header = _Header(None, pixel_aspect(stream), (stream.codec_context.width, stream.codec_context.height))
-        if header.aspect != 1.0 and header.stored[0] == header.stored[1] and _quarter_turned(container, stream):
+        aspect, stored = pixel_aspect(stream), (stream.codec_context.width, stream.codec_context.height)
+        refused = None
+        if aspect != 1.0 and stored[0] == stored[1] and _quarter_turned(container, stream):
             # decord turns the frames by their display matrix; `_decord_size` tells from their shape whether the
             # stored width became the height, which a square frame does not show
-            return dataclasses.replace(header, refused="its square-stored frames of non-square pixels are turned a quarter")
-        if set(container.format.name.split(",")) & DECORD_MISPLACED_FORMATS:
-            return dataclasses.replace(
-                header, refused=f"decord misplaces the frames of {container.format.name} (MPEG program and transport streams)")
-        frames = stream.frames  # 0: not in the header (Matroska, WebM)
-        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-        if stream.duration is not None and stream.time_base is not None:
-            seconds = float(stream.duration * stream.time_base)
+            refused = "its square-stored frames of non-square pixels are turned a quarter"
+        elif set(container.format.name.split(",")) & DECORD_MISPLACED_FORMATS:
+            refused = f"decord misplaces the frames of {container.format.name} (MPEG program and transport streams)"
         else:
-            seconds = (container.duration or 0) / av.time_base
-        plausible = 4 * seconds * fps + 1000 if seconds > 0 and fps > 0 else MAX_HEADER_FRAMES
-        if frames > min(plausible, MAX_HEADER_FRAMES):
-            return dataclasses.replace(header, refused=f"its header announces {frames} frames for {seconds:.1f} s at {fps:g} fps")
-        recovery, spacing = _recovery_keyframes(container, stream)
-        if recovery:
-            return dataclasses.replace(header, refused=recovery, lead=spacing)
-    return header
+            frames = stream.frames  # 0: not in the header (Matroska, WebM)
+            fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+            if stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                seconds = (container.duration or 0) / av.time_base
+            plausible = 4 * seconds * fps + 1000 if seconds > 0 and fps > 0 else MAX_HEADER_FRAMES
+            if frames > min(plausible, MAX_HEADER_FRAMES):
+                refused = f"its header announces {frames} frames for {seconds:.1f} s at {fps:g} fps"
+        # also where decord is refused for another reason: PyAV's seeks need the lead (intra refresh in MPEG-TS)
+        recovery, lead = _recovery_keyframes(container, stream)
+        return _Header(refused or recovery, aspect, stored, lead)
 
 
 # NAL unit types of the pictures a decoder can start from with nothing before them (IDR); another keyframe is a

@@ -627,6 +627,7 @@ def test_a_pass_past_every_keyframe_stops_soon_after_its_time(tmp_path: Path) ->
     ("open_gop_hevc.mp4", ["-c:v", "libx265", "-x265-params", "keyint=50:log-level=error", "-tag:v", "hvc1"]),
     ("intra_refresh.mp4", ["-c:v", "libx264", "-x264-params", "intra-refresh=1:keyint=50"]),
     ("intra_refresh.mkv", ["-c:v", "libx264", "-x264-params", "intra-refresh=1:keyint=50"]),
+    ("intra_refresh.ts", ["-c:v", "libx264", "-x264-params", "intra-refresh=1:keyint=50"]),  # PyAV anyway: the lead
 ])
 def test_keyframes_that_are_no_idr_pictures_go_to_pyav(tmp_path: Path, name: str, encoder: list[str]) -> None:
     """decord 0.6.0 seeks to an open GOP's or an intra refresh's keyframe as if the frames shown before it were
