@@ -64,6 +64,7 @@ def one_thread():
     ({"use_sam": True, "sam_floor": 0.1}, 0.35, False),  # the paper's threshold: above the floor
     ({"use_sam": True, "sam_floor": 0.0}, 0.0, False),  # SAM refined everything
     ({"use_sam": False, "sam_floor": 0.1}, 0.0, False),  # no SAM at all: nothing to refine
+    ({"use_sam": True, "sam_floor": 0.1, "random_init": True}, 0.0, False),  # the demo's random detector
     ({}, 0.0, False),  # a folder that does not say
 ])
 def test_a_threshold_below_the_sam_floor_is_said(tmp_path, stage_one, threshold, noted):
@@ -71,6 +72,7 @@ def test_a_threshold_below_the_sam_floor_is_said(tmp_path, stage_one, threshold,
     they count with their unrefined score, which the ablation at --object-threshold 0 did not say."""
     from train.trainer import sam_floor_note
 
+    stage_one = {"random_init": False, **stage_one} if stage_one else stage_one  # trained weights unless said
     (tmp_path / shards.META_FILE).write_text(json.dumps({"spec": {}, "config": stage_one}))
     note = sam_floor_note(PRESETS["tiny"].replace(shards=str(tmp_path), object_threshold=threshold))
     assert (note is not None) == noted

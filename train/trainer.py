@@ -183,12 +183,13 @@ def sam_floor_note(config: TrainConfig) -> str | None:
     """A line when the object threshold is below the SAM floor the shards were made with (meta.json: config.sam_floor,
     with use_sam): stage one sent SAM only the noun-frames scored at or above the floor, so below it p_tk is the
     detector's score unrefined, not its product with SAM's IoU (an ablation at --object-threshold 0 wants shards made
-    with --sam-floor 0). None otherwise, or when meta.json does not say."""
+    with --sam-floor 0). None otherwise, when meta.json does not say, or for random-weight detectors (the tiny
+    preset's demo: their scores mean nothing)."""
     try:
         stage_one = shards.read_meta(config.shards).get("config")
     except shards.ShardFormatError:
         return None
-    if not isinstance(stage_one, dict) or stage_one.get("use_sam") is False:
+    if not isinstance(stage_one, dict) or stage_one.get("use_sam") is False or stage_one.get("random_init") is not False:
         return None
     floor = stage_one.get("sam_floor")
     if not isinstance(floor, (int, float)) or isinstance(floor, bool) or config.object_threshold >= floor:
