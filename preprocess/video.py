@@ -29,6 +29,7 @@ transport and program streams seek by bytes: `_seek_margins`); a transport strea
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -161,18 +162,22 @@ class _Header:
     lead: float = 0.0  # seconds before a time that decoding must start from (`_recovery_keyframes`)
 
 
-_header_cache: dict[tuple[str, int, int], _Header | None] = {}
+FileVersion = tuple[str, int, int]  # (resolved path, size, modification time): a rewritten file is another version
+
+
+def _file_version(path: Path) -> FileVersion:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 def _read_header(path: Path) -> _Header | None:
     """`_header_of`, read once per file version (the last few kept): each window of a long video asks."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _header_cache:
-        if len(_header_cache) >= 8:
-            _header_cache.pop(next(iter(_header_cache)))
-        _header_cache[key] = _header_of(path)
-    return _header_cache[key]
+    return _header_of_version(_file_version(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _header_of_version(version: FileVersion) -> _Header | None:
+    return _header_of(Path(version[0]))
 
 
 def _header_of(path: Path) -> _Header | None:
@@ -337,8 +342,7 @@ def reading_windows() -> Iterator[None]:
 
 def _decord_reader(path: Path) -> _OpenReader:
     decord = quiet_decord()
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = _file_version(path)
     if _open_readers:
         if _open_readers[0].key == key:
             return _open_readers[0]
@@ -447,7 +451,7 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
         targets = start + times + EPSILON  # seconds from the first frame
         seekable = origin is not None
         if origin is not None and container.format.name in JUMPING_FORMATS:
-            jump = _timestamp_jump_of(path, stream.index)
+            jump = timestamp_jump(path, stream.index)
             if jump is not None:  # a seek by time may land on either side of it: frames are read from the start
                 where = jump[0] - origin
                 if start + window > where:
@@ -627,21 +631,6 @@ def _jumps(step: float) -> bool:
     return step > MAX_TIMESTAMP_STEP or step < -MAX_STEP_BACK
 
 
-_jump_cache: dict[tuple[str, int, int, int], tuple[float, float] | None] = {}
-
-
-def _timestamp_jump_of(path: Path, index: int) -> tuple[float, float] | None:
-    """`timestamp_jump`, read once per file version (the last few kept): every window of a long transport stream
-    asks, and the answer takes a pass over all its packets."""
-    stat = path.stat()
-    key = (str(path.resolve()), index, stat.st_size, stat.st_mtime_ns)
-    if key not in _jump_cache:
-        if len(_jump_cache) >= 8:
-            _jump_cache.pop(next(iter(_jump_cache)))
-        _jump_cache[key] = timestamp_jump(path, index)
-    return _jump_cache[key]
-
-
 def jump_problem(path: Path, where: float, by: float) -> str:
     """The one line refusing a video whose timestamps jump by `by` seconds after `where` seconds (of its own)."""
     return (f"{path}: its timestamps jump by {by:+.0f} s after {where:.1f} s (recordings joined into one stream, or a "
@@ -654,10 +643,16 @@ def timestamp_jump(path: str | Path, index: int) -> tuple[float, float] | None:
     jump (on the stream's clock). Transport streams joined from two recordings, or from an encoder that restarted,
     jump; FFmpeg may read a jump back as a 26-hour jump forward (its 33-bit clock wrapping), so the video seems to
     last a day. ffmpeg's command line mends such jumps when it remuxes (`-dts_delta_threshold`); the frames here are
-    placed by their timestamps as they are."""
+    placed by their timestamps as they are. Read once per file version (the last few kept): every window of a long
+    transport stream asks, and the answer takes a pass over all its packets."""
+    return _timestamp_jump_of_version(_file_version(Path(path)), index)
+
+
+@functools.lru_cache(maxsize=8)
+def _timestamp_jump_of_version(version: FileVersion, index: int) -> tuple[float, float] | None:
     previous: float | None = None
     shown = -math.inf
-    with _open_pyav(Path(path)) as container:
+    with _open_pyav(Path(version[0])) as container:
         stream = container.streams[index]
         time_base = float(stream.time_base or 0.0)
         if not time_base:

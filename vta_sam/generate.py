@@ -841,10 +841,6 @@ def _generate_one(generator: SoundGenerator, video: Path, options: GenerateOptio
     except OSError as error:
         tqdm.write(f"error: {video}: cannot write {error.filename or out_video} ({error.strerror})", file=sys.stderr)
         return False
-    except soundfile.SoundFileError as error:  # libsndfile's own error for a WAV it cannot create
-        reason = getattr(error, "error_string", None) or str(error)
-        tqdm.write(f"error: {video}: cannot write {out_wav} ({reason.rstrip('.')})", file=sys.stderr)
-        return False
     return True
 
 
