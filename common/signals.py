@@ -24,23 +24,22 @@ def ignore_stop_signals(worker: int | None = None) -> None:
 
 
 @contextlib.contextmanager
-def exit_on_stop_signals() -> Iterator[None]:
+def exit_on_stop_signals(output: object) -> Iterator[None]:
     """Inside, STOP_SIGNALS raise SystemExit(128 + the signal), so that the work in progress is closed as on an error
-    (`finally` blocks, a shard or a file being written) instead of the process dying at once; the handlers that were
-    there are put back after."""
+    (`finally` blocks, a shard or a file being written) instead of the process dying at once; such an exit leaving
+    says in one line how to go on (`output`: the folder the job writes). The handlers that were there are put back
+    after."""
     previous = {signum: signal.signal(signum, lambda signum, frame: sys.exit(128 + signum)) for signum in STOP_SIGNALS}
     try:
         yield
+    except SystemExit as stop:
+        if isinstance(stop.code, int) and stop.code - 128 in {int(signum) for signum in STOP_SIGNALS}:
+            name = signal.Signals(stop.code - 128).name
+            print(f"\nterminated ({name}): run the same command again to go on ({output})", file=sys.stderr)
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def stopped_by(code: object) -> str | None:
-    """The name of the stop signal a SystemExit code of `exit_on_stop_signals` stands for, None for any other code."""
-    if isinstance(code, int) and code - 128 in {int(signum) for signum in STOP_SIGNALS}:
-        return signal.Signals(code - 128).name
-    return None
 
 
 def interruptible(main: Callable[[], int | None]) -> int:

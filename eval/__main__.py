@@ -69,20 +69,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(config: EvalConfig, args: argparse.Namespace) -> int:
-    from common.signals import exit_on_stop_signals, stopped_by
+    from common.signals import exit_on_stop_signals
     from eval.clips import EvalError
     from eval.evaluate import evaluate
     from eval.report import RESULTS_FILE, selected_tables, table
     from shards import ShardFormatError
 
     try:
-        with exit_on_stop_signals():  # a scheduler's SIGTERM: the file being written is dropped, as on Ctrl-C
+        # a scheduler's SIGTERM: the file being written is dropped, as on Ctrl-C
+        with exit_on_stop_signals(config.output_dir):
             results = evaluate(config, progress=not args.quiet)
-    except SystemExit as stop:
-        name = stopped_by(stop.code)
-        if name:
-            print(f"\nterminated ({name}): run the same command again to go on ({config.output_dir})", file=sys.stderr)
-        raise
     except (EvalError, ShardFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                           "duplicate_rows_dropped": duplicates, "out": str(out_dir), "rank": rank, "world_size": world_size}, indent=2))
         return 0
 
-    from common.signals import exit_on_stop_signals, stopped_by
+    from common.signals import exit_on_stop_signals
     from preprocess.encoders import OutOfMemory
     from preprocess.nouns import TaggerUnavailableError
     from preprocess.pipeline import FeatureError, print_summary, run
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     # SLURM and friends stop jobs with SIGTERM (SIGUSR1 ahead of a time limit with `--signal=USR1@<seconds>`): an
     # exception, so that the shard in progress is closed; the decoding workers ignore both (`common.signals`)
     try:
-        with exit_on_stop_signals():
+        with exit_on_stop_signals(out_dir):
             summary = run(cfg, clips, out_dir, weights_dir, rank, world_size, progress=not args.no_progress)
     except (FeatureError, TaggerUnavailableError, FileNotFoundError, OutOfMemory) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -132,11 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # what was written is kept (the shard in progress is closed, the writer finishes)
         print(f"\ninterrupted: run the same command again to go on ({out_dir})", file=sys.stderr)
         return 130
-    except SystemExit as stop:  # SIGTERM or SIGUSR1, as above
-        name = stopped_by(stop.code)
-        if name:
-            print(f"\nterminated ({name}): run the same command again to go on ({out_dir})", file=sys.stderr)
-        raise
     except OSError as error:  # writing the shards: a full disk, a folder that went away (reading is per clip)
         print(f"{os_error_line(error, out_dir)}; what was written is kept: run the same command again once the "
               "cause is gone", file=sys.stderr)

@@ -669,7 +669,7 @@ def test_a_stop_signal_drops_the_queued_av_align_clips(tiny_run, generated, tmp_
     monkeypatch.setenv("AV_ALIGN_MARKS", str(marks))
     clips = select_clips(read_split(tiny_run[0], "test"), 0) * 20
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
-    with pytest.raises(SystemExit) as stop, exit_on_stop_signals():
+    with pytest.raises(SystemExit) as stop, exit_on_stop_signals(tmp_path):
         timer.start()
         av_align_scores(generated, clips, 2, [], False, measure=slow_marking)
     timer.join()
