@@ -457,7 +457,8 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
                 if start + window > where:
                     raise VideoDecodeError(jump_problem(path, where, jump[1]))
                 seekable = False
-        header = _read_header(path)  # where decoding must start before a time (intra refresh)
+        seekable = seekable and start > SEEK_FROM
+        header = _read_header(path) if seekable else None  # where decoding must start before a time (intra refresh)
         walk, sought = None, False
         for margin in _seek_margins(start, header.lead if header else 0.0) if seekable else ():
             # the keyframe at or before `start` instead of decoding the prefix
