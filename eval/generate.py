@@ -114,17 +114,17 @@ def check_decoder_checkpoint(folder: str | Path, checksum: str, weights: Path | 
                         f"than {where} hold (same weights): give the --weights folder stage one used")
 
 
-def write_wav(path: Path, waveform: np.ndarray, sample_rate: int, software: str = "") -> None:
-    """16-bit PCM mono WAV written to a temporary name and renamed (a crash never leaves half a WAV); `software`,
-    when given, goes into its INFO chunk (ISFT), where a later run recognises its own files. The WAV is made in
-    memory and written by Python, so a full or read-only disk is an OSError with its errno (libsndfile says only
-    'System error')."""
+def write_wav(path: Path, waveform: np.ndarray, sample_rate: int, software: str = "", tmp: Path | None = None) -> None:
+    """16-bit PCM mono WAV written to a temporary name (`tmp`, else `<name>.tmp`: a name of its own where another
+    process may write the same file) and renamed (a crash never leaves half a WAV); `software`, when given, goes
+    into its INFO chunk (ISFT), where a later run recognises its own files. The WAV is made in memory and written
+    by Python, so a full or read-only disk is an OSError with its errno (libsndfile says only 'System error')."""
     buffer = io.BytesIO()
     with soundfile.SoundFile(buffer, "w", sample_rate, 1, "PCM_16", format="WAV") as handle:
         if software:
             handle.software = software
         handle.write(np.clip(waveform, -1.0, 1.0))
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp or path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as file:
             file.write(buffer.getvalue())

@@ -233,14 +233,19 @@ def test_an_unwritable_output_is_one_line(run_dir, tmp_path, capsys):
     assert "cannot write" in capsys.readouterr().err
 
 
-def test_a_wav_that_cannot_be_written_is_one_line_and_the_others_go_on(run_dir, tmp_path, capsys):
+def test_a_wav_that_cannot_be_written_is_one_line_and_the_others_go_on(run_dir, tmp_path, capsys, monkeypatch):
     """A WAV that cannot be written: one line naming the video, the file and the reason (libsndfile said only
     'System error'; the WAV is now written by Python), the next video still gets its sound, exit code 1. A folder
     where the WAV's temporary file goes blocks it even for root, unlike a read-only folder."""
+    import vta_sam.generate as generate
+
     first = media.make_video(tmp_path / "a.mp4", seconds=2.0, audio=None)
     second = media.make_video(tmp_path / "b.mp4", seconds=2.0, audio=None)
     out = tmp_path / "out"
     (out / "a.wav.tmp").mkdir(parents=True)
+    partial_path = generate.partial_path
+    monkeypatch.setattr(generate, "partial_path",
+                        lambda path: out / "a.wav.tmp" if path.name == "a.wav" else partial_path(path))
     assert cli_main(["generate", str(first), str(second), "--model", str(run_dir), "--out", str(out),
                      "--steps", "2", "--caption", "ball", "--no-progress"]) == 1
     captured = capsys.readouterr()
@@ -1037,3 +1042,26 @@ def test_a_killed_runs_partial_copy_is_removed_and_a_live_ones_kept(tmp_path):
         path.write_bytes(b"x")
     assert remove_dead_partials(out) == [killed]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, user, other))
+
+
+def test_the_wav_is_written_under_a_name_of_this_process_own(run_dir, tmp_path, capsys):
+    """Two runs given one output folder (one per GPU, say) both wrote `<stem>.wav.tmp`: the second truncated the
+    first's file while it was renamed, and its own rename then failed. The WAV now goes through a hidden partial
+    name of the writer's own, as the video copy does; a killed run's partial WAV is removed by the next run, a
+    live one's is kept."""
+    import subprocess as sp
+
+    video = media.make_video(tmp_path / "a.mp4", seconds=2.0, audio=None)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = sp.Popen(["true"])
+    dead.wait()
+    killed = out / f".a.{dead.pid}-0123456789ab.partial.wav"
+    live = out / f".a.{os.getppid()}-0123456789ab.partial.wav"
+    other = out / "a.wav.tmp"  # what another writer of the same WAV used to be writing
+    for path in (killed, live, other):
+        path.write_bytes(b"OTHER")
+    assert cli_main(["generate", str(video), "--out", str(out), "--model", str(run_dir), "--steps", "2",
+                     "--caption", "dog", "--no-progress"]) == 0
+    assert other.read_bytes() == b"OTHER" and live.read_bytes() == b"OTHER" and not killed.exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(["a.mp4", "a.wav", other.name, live.name])

@@ -266,10 +266,16 @@ def container_problem(codec: str, out: Path) -> str | None:
     return None
 
 
+def partial_path(out: Path) -> Path:
+    """A hidden name of this process's own beside `out` (`.<stem>.<pid>-<random>.partial<suffix>`), where `out` is
+    written before it is renamed over `out`: two runs given one output folder never write into one file."""
+    return out.with_name(f".{out.stem}.{os.getpid()}-{secrets.token_hex(6)}.partial{out.suffix}")
+
+
 def remove_dead_partials(out: Path) -> list[Path]:
-    """Delete the hidden partial copies of `out` (`.<stem>.<pid>-<random>.partial<suffix>`, `mux`'s) whose process is
-    gone: a run killed while ffmpeg wrote (SIGKILL: no cleanup ran) left a copy of the whole video stream. A live
-    process's copy is left alone."""
+    """Delete the partial copies of `out` (`partial_path`'s) whose process is gone: a run killed while ffmpeg wrote
+    (SIGKILL: no cleanup ran) left a copy of the whole video stream, or a WAV. A live process's copy is left
+    alone."""
     pattern = re.compile(rf"\.{re.escape(out.stem)}\.(\d+)-[0-9a-f]{{12}}\.partial{re.escape(out.suffix)}")
     removed = []
     with contextlib.suppress(OSError):
@@ -297,8 +303,7 @@ def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int
     # (ffmpeg makes it with the user's umask), renamed over `out` when whole: never into a file of the user's
     if not first_frame_only:
         remove_dead_partials(out)
-    tmp = (wav.parent / f"trial{out.suffix}" if first_frame_only
-           else out.with_name(f".{out.stem}.{os.getpid()}-{secrets.token_hex(6)}.partial{out.suffix}"))
+    tmp = wav.parent / f"trial{out.suffix}" if first_frame_only else partial_path(out)
     suffix = out.suffix.lower()
     # AVI cannot mark AAC's priming samples to be skipped (the sound would start 64 ms late): PCM there
     audio = (["-c:a", "libopus", "-b:a", "192k"] if suffix == ".webm" else ["-c:a", "pcm_s16le"] if suffix == ".avi"
@@ -831,7 +836,8 @@ def _generate_one(generator: SoundGenerator, video: Path, options: GenerateOptio
         if not np.isfinite(waveform).all():  # a damaged checkpoint: never write (and mux) full-scale noise
             raise GenerateError(f"{video}: the model made non-finite audio (with --guidance {options.guidance:g}; "
                                 f"check {options.model}/model and the VAE and vocoder weights)")
-        write_wav(out_wav, waveform, generator.features.sample_rate, software=WAV_SOFTWARE)
+        remove_dead_partials(out_wav)
+        write_wav(out_wav, waveform, generator.features.sample_rate, software=WAV_SOFTWARE, tmp=partial_path(out_wav))
         mux(video, out_wav, out_video, probe["start"], probe["index"])
         if options.explain:
             write_explanation(out_video.with_suffix(".explain.png"), waveform, generator.features.sample_rate, explain)
