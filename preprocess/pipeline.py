@@ -626,12 +626,12 @@ class Encoders:
         return sums | ({"vae": self.vae.config_checksum} if self.vae is not None else {})
 
     def texts(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """CLIP text embeddings, each distinct text encoded once (LRU of 50k texts bounds memory)."""
-        missing = sorted({t for t in texts if t not in self._text_cache})
-        if missing:
-            embedded = self.clip_encoder.encode_texts(missing).float().cpu().numpy()
-            for text, vector in zip(missing, embedded):
-                self._text_cache[text] = vector
+        """CLIP text embeddings, each distinct text encoded once (LRU of 50k texts bounds memory) and alone: in a
+        batch, its last bits would depend on its batch mates (the kernels a batch's shape picks), so a resumed
+        stage one, or a video generated after others, would condition on slightly other numbers. A few
+        milliseconds per new text on a GPU, the same work on a CPU."""
+        for text in sorted({t for t in texts if t not in self._text_cache}):
+            self._text_cache[text] = self.clip_encoder.encode_texts([text])[0].float().cpu().numpy()
         for text in texts:
             self._text_cache.move_to_end(text)
         while len(self._text_cache) > 50_000:

@@ -1004,3 +1004,18 @@ def test_a_prompt_keeps_each_noun_on_its_own_tokens(grounder: Grounder, caplog) 
     assert whole == list(range(len(whole))) and 0 < len(whole) < limit
     assert all("".join(tokens[i] for i in long.spans[k]).replace("##", "") == many[k] for k in whole)
     assert "longer than its" in caplog.text and "left out" in caplog.text
+
+
+def test_a_text_embedding_does_not_depend_on_the_texts_encoded_with_it():
+    """Texts were encoded in one batch of whatever was new: a caption's embedding then differed in its last bits
+    with its batch mates, so `vta-sam generate` without a caption gave a video another WAV (by one 16-bit step)
+    after other videos than alone, and a resumed stage one other text embeddings. Each text is encoded alone."""
+    from preprocess.pipeline import Encoders
+
+    cfg = PRESETS["tiny"].replace(device="cpu")
+    alone = Encoders(cfg, None, torch.device("cpu"), audio=False)
+    crowded = Encoders(cfg, None, torch.device("cpu"), audio=False)
+    crowded.texts(["a man singing loudly", "car"])
+    mates = crowded.texts(["dog", "ball barking", "a man singing loudly", "car", "x", "cat"])
+    assert np.array_equal(alone.texts(["dog"])["dog"], mates["dog"])
+    assert np.array_equal(alone.texts(["car"])["car"], mates["car"])
