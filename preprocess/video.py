@@ -535,7 +535,9 @@ def _walk_pyav(path: Path, container: Any, stream: Any, targets: np.ndarray, end
             if walk.previous is None and first_by is not None and t > first_by:
                 return None
             if walk.previous is not None:
-                if jumping and _jumps(t - previous_time):
+                # a step back: a restart (`timestamp_jump`, asked before any pass, also tells a held picture, which
+                # steps forward, from a jump forward)
+                if jumping and t - previous_time < -MAX_STEP_BACK:
                     raise VideoDecodeError(jump_problem(path, previous_time, t - previous_time))
                 if t < previous_time:  # out-of-order output of a damaged stream: keep time moving forward
                     continue
@@ -643,7 +645,9 @@ def timestamp_jump(path: str | Path, index: int) -> tuple[float, float] | None:
     order; read from the packets alone), None when they never do; where: the latest presentation time before the
     jump (on the stream's clock). Transport streams joined from two recordings, or from an encoder that restarted,
     jump; FFmpeg may read a jump back as a 26-hour jump forward (its 33-bit clock wrapping), so the video seems to
-    last a day. ffmpeg's command line mends such jumps when it remuxes (`-dts_delta_threshold`); the frames here are
+    last a day. A long step forward that the packets of the file's other streams (its sound) bridge, none of
+    them further apart than MAX_TIMESTAMP_STEP, is a picture held on screen, not a jump (a joined recording's
+    sound jumps with its picture); without other streams it cannot be told from a jump, and counts as one. ffmpeg's command line mends such jumps when it remuxes (`-dts_delta_threshold`); the frames here are
     placed by their timestamps as they are. Read once per file version (the last few kept): every window of a long
     transport stream asks, and the answer takes a pass over all its packets."""
     return _timestamp_jump_of_version(_file_version(Path(path)), index)
@@ -653,20 +657,26 @@ def timestamp_jump(path: str | Path, index: int) -> tuple[float, float] | None:
 def _timestamp_jump_of_version(version: FileVersion, index: int) -> tuple[float, float] | None:
     previous: float | None = None
     shown = -math.inf
+    reached = -math.inf  # the latest time the packets of `index` and the other streams reach without a jump
     with _open_pyav(Path(version[0])) as container:
         stream = container.streams[index]
         time_base = float(stream.time_base or 0.0)
         if not time_base:
             return None
         try:
-            for packet in container.demux(stream):
+            for packet in container.demux():
                 stamp = packet.dts if packet.dts is not None else packet.pts
-                if stamp is None or not packet.size:
+                if stamp is None or not packet.size or packet.stream.time_base is None:
                     continue
-                now = stamp * time_base
-                if previous is not None and _jumps(now - previous):
+                now = float(stamp * packet.stream.time_base)
+                if packet.stream.index != index:  # no further from the last bridged time than a step may be
+                    if reached < now <= reached + MAX_TIMESTAMP_STEP:
+                        reached = now
+                    continue
+                if previous is not None and _jumps(now - previous) and not (
+                        previous < now <= max(previous, reached) + MAX_TIMESTAMP_STEP):
                     return (shown if shown > -math.inf else previous), now - previous
-                previous = now
+                previous, reached = now, max(reached, now)
                 if packet.pts is not None:  # where: the latest frame shown before the jump (decoding runs ahead)
                     shown = max(shown, packet.pts * time_base)
         except av.FFmpegError:

@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from preprocess.video import Backend, VideoDecodeError, decode_frames, probe_video
+from preprocess.video import Backend, VideoDecodeError, decode_frames, probe_video, timestamp_jump
 from tests import media
 
 BACKENDS: tuple[Backend, ...] = ("decord", "pyav", "auto")
@@ -594,6 +594,34 @@ def test_a_window_across_a_timestamp_jump_is_refused(tmp_path: Path, second_offs
         with pytest.raises(VideoDecodeError, match=rf"{joined}: its timestamps jump by {jump} s after 3\.9 s "
                                                    r"\(recordings joined.*remux it first"):
             decode_frames(joined, start, [0.0, 0.5], window, 96)
+
+
+def test_a_picture_held_over_a_minute_with_sound_going_on_is_not_a_jump(tmp_path: Path) -> None:
+    """A transport stream whose picture stays still for 70 s (variable frame rate) while its sound goes on was
+    refused as a timestamp jump, in stage one and in `vta-sam generate`. The sound's packets bridge the step, so the
+    still picture is shown for its 70 s; without sound the step cannot be told from a jump, and still counts as
+    one."""
+    import subprocess
+
+    made = media.make_video(tmp_path / "a.mp4", seconds=4.0, fps=10, audio=None, gop=10)
+
+    def held(name: str, sound: bool) -> Path:
+        path = tmp_path / name
+        audio = ["-f", "lavfi", "-i", "sine=frequency=440:duration=80"] if sound else []
+        subprocess.run(["ffmpeg", "-v", "error", "-i", str(made), *audio, "-vf", "setpts='if(gte(N,20),PTS+70/TB,PTS)'",
+                        "-fps_mode", "passthrough", "-c:v", "libx264", "-g", "10", *(["-c:a", "aac"] if sound else []),
+                        "-f", "mpegts", str(path)], check=True)
+        return path
+
+    still = held("still.ts", sound=True)
+    index = probe_video(still)["index"]
+    assert timestamp_jump(still, index) is None
+    assert [media.frame_index(f) for f in decode_frames(still, 1.0, [0.0, 0.9, 30.0], 31.0, 96).frames] == [10, 19, 19]
+    assert [media.frame_index(f) for f in decode_frames(still, 71.0, [0.0, 1.0, 1.5], 2.0, 96).frames] == [19, 20, 25]
+    silent = held("silent.ts", sound=False)
+    assert timestamp_jump(silent, probe_video(silent)["index"]) is not None
+    with pytest.raises(VideoDecodeError, match="its timestamps jump by"):
+        decode_frames(silent, 71.0, [0.0], 2.0, 96)
 
 
 def test_a_pass_past_every_keyframe_stops_soon_after_its_time(tmp_path: Path) -> None:
