@@ -1065,3 +1065,26 @@ def test_the_wav_is_written_under_a_name_of_this_process_own(run_dir, tmp_path, 
                      "--caption", "dog", "--no-progress"]) == 0
     assert other.read_bytes() == b"OTHER" and live.read_bytes() == b"OTHER" and not killed.exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(["a.mp4", "a.wav", other.name, live.name])
+
+
+def test_a_model_missing_from_the_weights_folder_is_one_line(run_dir, tmp_path, capsys):
+    """A run whose features came from real checkpoints, given a weights folder without CLIP (or no weights folder
+    at all): the message was right but came after a 21-line traceback, with exit 1; the VAE's absence was already
+    one line."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    path = run / "model" / "features.json"
+    features = json.loads(path.read_text())
+    features["config"]["random_init"] = False
+    path.write_text(json.dumps(features))
+    (tmp_path / "weights").mkdir()
+    video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
+    assert cli_main(["generate", str(video), "--model", str(run), "--out", str(tmp_path / "out"), "--steps", "2",
+                     "--caption", "ball", "--weights", str(tmp_path / "weights"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [line for line in err.splitlines()
+                                                                  if line.startswith("error: ")]
+    assert "CLIP" in err and str(tmp_path / "weights") in err

@@ -440,6 +440,8 @@ class SoundGenerator:
         weights = None if self.features.random_init else options.weights
         try:
             self.encoders = Encoders(self.features, weights, device, audio=False)
+        except FileNotFoundError as error:  # a model missing from the weights folder (or no weights folder)
+            raise GenerateError(str(error).splitlines()[0]) from None
         except ValueError as error:
             from preprocess.deformable import KernelError
 
