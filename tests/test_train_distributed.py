@@ -18,9 +18,9 @@ from tests.test_train_support import write_shards
 REPO = Path(__file__).resolve().parents[1]
 
 
-def launch(launcher: list[str], shard_dir: Path, out: Path) -> subprocess.CompletedProcess:
+def launch(launcher: list[str], shard_dir: Path, out: Path, steps: int = 8) -> subprocess.CompletedProcess:
     command = [*launcher, "-m", "train", "--shards", str(shard_dir), "--output", str(out), *SMALL,
-               "--max-steps", "8", "--checkpoint-every", "4", "--record-ranks"]
+               "--max-steps", str(steps), "--checkpoint-every", "4", "--record-ranks"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -51,6 +51,11 @@ def test_torchrun_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stdout
     check_two_ranks(tmp_path / "run", ids)
+    # resumed on two CPU ranks: their device is "cpu:0", which safetensors refused to load the EMA onto
+    again = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                   tmp_path / "shards", tmp_path / "run", steps=10)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "run/checkpoints/step_00000010").is_dir()
 
 
 @pytest.mark.slow
@@ -62,3 +67,24 @@ def test_accelerate_launch_two_processes(tmp_path):
     result = launch(launcher, tmp_path / "shards", tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     check_two_ranks(tmp_path / "run", ids)
+
+
+def test_a_bad_shard_only_rank_one_reads_is_named(tmp_path):
+    """Rank 1 found a damaged shard and exited without a word (only rank 0 printed errors): the output was rank 0's
+    gloo traceback. The rank that finds an error in its own data says it, in one line naming the shard."""
+    import random
+    import tarfile
+
+    write_shards(tmp_path / "shards", num_shards=4, per_shard=4)
+    urls = sorted(str(p) for p in (tmp_path / "shards").glob("*.tar"))
+    random.Random("0-0").shuffle(urls)  # epoch 0's shard order (seed 0); rank 1 reads every second one from the 2nd
+    damaged = Path(urls[1])
+    with tarfile.open(damaged) as tar:
+        member = max(tar.getmembers(), key=lambda m: m.size)  # the largest feature array of the shard
+    data = bytearray(damaged.read_bytes())
+    data[member.offset_data + member.size - 8] ^= 0xFF  # one of its values: only the shard's checksum tells
+    damaged.write_bytes(bytes(data))
+    result = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                    tmp_path / "shards", tmp_path / "run")
+    assert result.returncode != 0
+    assert f"error: {damaged}" in result.stderr, result.stderr[-3000:]

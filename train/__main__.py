@@ -27,7 +27,7 @@ def run(config: TrainConfig, args: argparse.Namespace) -> int:
     try:
         return train(config, log=print if main_rank else lambda *_: None)
     except (DataError, ConfigError) as error:
-        if main_rank:
+        if main_rank or getattr(error, "own_rank", False):  # what every rank finds alike, rank 0 alone says
             print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a run folder it may not write, shards it may not read

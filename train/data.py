@@ -35,7 +35,12 @@ from train.config import TrainConfig
 
 
 class DataError(RuntimeError):
-    """Unusable training data: the message is one line naming the folder and the reason."""
+    """Unusable training data: the message is one line naming the folder and the reason. `own_rank`: found in this
+    rank's own data (a shard only it reads), so this rank says it, not only rank 0."""
+
+    def __init__(self, message: str, own_rank: bool = False):
+        super().__init__(message)
+        self.own_rank = own_rank
 
 
 def check_shards(config: TrainConfig) -> tuple[shards.ShardSpec, list[Path]]:
@@ -149,7 +154,7 @@ class _Loader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         for batch in super().__iter__():
             if "error" in batch:
-                raise DataError(batch["error"])
+                raise DataError(batch["error"], own_rank=True)
             yield batch
 
 

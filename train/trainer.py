@@ -91,7 +91,12 @@ NOT_EXPORTED = ("no weights exported yet: training writes them every --checkpoin
 
 
 class ConfigError(RuntimeError):
-    """A configuration that does not fit the data or the run folder (one line)."""
+    """A configuration that does not fit the data or the run folder (one line). `own_rank`: found in a file of this
+    rank's own (its RNG state or data position), so this rank says it, not only rank 0."""
+
+    def __init__(self, message: str, own_rank: bool = False):
+        super().__init__(message)
+        self.own_rank = own_rank
 
 
 class BrokenCheckpoint(Exception):
@@ -767,7 +772,8 @@ def load_checkpoint(run: Run, checkpoint: Path) -> None:
         raise ConfigError(f"{where}: does not load ({one_line(error)})") from None
     name = EMA_FILE
     try:
-        run.ema.load_state_dict(safetensors.torch.load_file(str(checkpoint / name), device=str(accelerator.device)))
+        # read onto the CPU (a CPU rank's device reads "cpu:0", which safetensors refuses), copied into the EMA's
+        run.ema.load_state_dict(safetensors.torch.load_file(str(checkpoint / name), device="cpu"))
         name = PROGRESS_FILE
         run.progress.load_state_dict(json.loads((checkpoint / name).read_text(encoding="utf-8")))
         if f"step_{run.progress.step:08d}" != checkpoint.name:
@@ -780,7 +786,8 @@ def load_checkpoint(run: Run, checkpoint: Path) -> None:
         if any(min(worker, *position) < 0 for worker, position in run.positions.items()):
             raise ValueError(f"a data position below 0: {positions}")
     except Exception as error:  # any failure of the loaders (a shape or key mismatch, a malformed file...): one line
-        raise ConfigError(f"{checkpoint / name}: does not load ({one_line(error)})") from None
+        raise ConfigError(f"{checkpoint / name}: does not load ({one_line(error)})",
+                          own_rank=name in (rng_file(rank), data_file(rank))) from None
     for name, tensors in ((MODEL_FILE, model.state_dict().items()), (EMA_FILE, run.ema.state_dict().items()),
                           ("optimizer.bin", optimizer_tensors(run.optimizer))):
         bad = non_finite_tensor(tensors)
@@ -795,7 +802,8 @@ def next_batch(stream: Iterator[dict[str, Any]], run: Run) -> tuple[dict[str, An
     try:
         batch = next(stream)
     except StopIteration:
-        raise data.DataError(f"{run.config.shards}: rank {run.accelerator.process_index} ran out of data") from None
+        raise data.DataError(f"{run.config.shards}: rank {run.accelerator.process_index} ran out of data",
+                             own_rank=True) from None
     worker, epoch, consumed = (int(x) for x in batch["position"])
     run.positions[worker] = (epoch, consumed)
     return batch, epoch
