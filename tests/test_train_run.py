@@ -66,6 +66,13 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    # TensorBoard shows every step once: the resumed run's purge marker drops only the killed run's steps after its
+    # checkpoint (it dropped the checkpoint's step 2 too)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "b/logs"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4]
     # the step-2 state differs from step 4 (the comparison above is not vacuous)
     early = _state(tmp_path / "b/checkpoints/step_00000002")
     assert any(not torch.equal(early[k], b[k]) for k in b if k.startswith("model."))

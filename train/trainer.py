@@ -872,9 +872,9 @@ class Bookkeeping:
         if main:
             from torch.utils.tensorboard import SummaryWriter
 
-            # a resumed run logs again the steps after its checkpoint: TensorBoard drops the killed run's events
-            # from that step on (purge_step), so no step shows twice
-            self.writer = SummaryWriter(str(run.output / "logs"), purge_step=run.progress.step or None)
+            # a resumed run logs again the steps after its checkpoint (a start again, all of them): TensorBoard drops
+            # the killed run's events of those steps (purge_step), so no step shows twice and none goes missing
+            self.writer = SummaryWriter(str(run.output / "logs"), purge_step=run.progress.step + 1)
             log(f"{count} {config.split} samples, {self.steps_per_epoch} steps per epoch, training to step "
                 f"{self.total_steps} on {accelerator.num_processes} process(es), {accelerator.device}, mixed precision "
                 f"{accelerator.mixed_precision}")
