@@ -61,7 +61,7 @@ def test_a_run_records_its_global_batch_and_resumes_with_the_same_command(tmp_pa
     capsys.readouterr()
     assert run(data, out, "--max-steps", "3", "--global-batch", "8", "--checkpoint-every", "1") == 2  # would train x 4
     err = capsys.readouterr().err.strip()
-    assert "other grad_accumulation" in err and "derives grad_accumulation 4 here; it was 2" in err, err
+    assert "other grad_accumulation" in err and "derives grad_accumulation 4 here with 1 rank(s); it was 2 with 1 rank(s)" in err, err
     assert len(err.splitlines()) == 1
 
 

@@ -233,9 +233,12 @@ def test_a_checkpoint_of_another_process_count_is_one_line_on_every_rank(tmp_pat
     for name in ("rng_rank0.safetensors", "data_rank0.json"):  # as if a rank 1 had written its files too
         shutil.copy(checkpoint / name, checkpoint / name.replace("rank0", "rank1"))
         rewrite_manifest(checkpoint, name.replace("rank0", "rank1"))
+    record = json.loads((out / "config.json").read_text()) | {"world_size": 2}  # as the two processes wrote it
+    (out / "config.json").write_text(json.dumps(record))
     capsys.readouterr()
     assert run(data, out, "--max-steps", "4", *FLAGS) == 2
     assert "written by 2 process(es), this run has 1" in one_error_line(capsys)
+    assert json.loads((out / "config.json").read_text()) == record  # the refused run rewrote it with world_size 1
 
 
 def test_a_torn_run_config_is_one_line(tmp_path, capsys, data):

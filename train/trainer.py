@@ -331,8 +331,9 @@ def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[
             if "num_workers" in differs:
                 reason += " (data positions are kept per DataLoader worker: another count would repeat samples)"
             if "grad_accumulation" in differs and config.global_batch:
+                before = f" with {old['world_size']} rank(s)" if isinstance(old.get("world_size"), int) else ""
                 reason += (f" (--global-batch {config.global_batch} derives grad_accumulation {config.grad_accumulation} "
-                           f"here; it was {old.get('grad_accumulation')})")
+                           f"here with {world_size} rank(s); it was {old.get('grad_accumulation')}{before})")
             values = [f"{k} {json.dumps(old.get(k))} there vs {json.dumps(mine[k])} now" for k in differs
                       if k in mine and k != "shards"][:4]  # the path alone says little about shards: the reasons do
             shown = f" ({'; '.join(values)})" if values else ""
@@ -1029,8 +1030,8 @@ def train(config: TrainConfig, log: Any = print) -> int:
 
 def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths: list[Path], count: int,
            log: Any, stops: StopRequests) -> int:
+    run = start_run(config, spec, accelerator, log, count)  # a checkpoint it cannot resume: config.json as it was
     if accelerator.is_main_process:
-        Path(config.output).mkdir(parents=True, exist_ok=True)
         fingerprint = data_fingerprint(Path(config.shards), paths)
         write_atomically(Path(config.output) / "config.json",
                          resolved_json(config, spec, data_fingerprint=fingerprint, world_size=accelerator.num_processes))
@@ -1038,7 +1039,6 @@ def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths
         floor_note = sam_floor_note(config)
         if floor_note:
             log(floor_note)
-    run = start_run(config, spec, accelerator, log, count)
     progress, rank = run.progress, accelerator.process_index
     stream = iter(data.make_loader(paths, config, run.positions, pin_memory=accelerator.device.type == "cuda",
                                    ignore_stop_signals=True))
