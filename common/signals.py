@@ -10,6 +10,9 @@ stop (training ended with no checkpoint, stage one printed DataLoader's "worker 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -17,10 +20,36 @@ from collections.abc import Callable, Iterator
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
 def ignore_stop_signals(worker: int | None = None) -> None:
     """Ignore STOP_SIGNALS in this process (a DataLoader `worker_init_fn`: the process that owns the worker acts)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a no-op elsewhere or without libc): a worker that
+    ignores the stop signals would otherwise outlive a SIGKILLed job, holding its files, its shared memory and its
+    folder's lock, and the same command could not go on. The request is tied to the parent thread that started the
+    worker (the one iterating a DataLoader, or submitting to a ProcessPoolExecutor). `parent`: the pid that started it; a worker
+    whose parent died before the request exits at once."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
+def pool_worker(parent: int) -> None:
+    """A worker pool's `initializer` (with initargs=(os.getpid(),)): it dies with the job and leaves the stop signals
+    to it."""
+    die_with_parent(parent)
+    ignore_stop_signals()
 
 
 @contextlib.contextmanager

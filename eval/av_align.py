@@ -10,6 +10,7 @@ cannot follow, a dead worker) is a failure with its reason, and the other clips 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
@@ -20,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 import shards
-from common.signals import ignore_stop_signals
+from common.signals import pool_worker
 from eval.clips import read_wav, wav_path
 from eval.metrics import (
     FARNEBACK_PARAMS,
@@ -128,8 +129,8 @@ def av_align_scores(out_dir: Path, clips: list[shards.SampleMeta], workers: int,
     jobs = [(c.source, c.start, c.duration, str(wav_path(out_dir, c.id))) for c in with_video]
     scores: dict[str, dict[str, float]] = {name: {} for name in RULE_METRICS.values()}
     # the workers leave a scheduler's SIGTERM to this process (`common.signals`), which stops without waiting for
-    # the clips still queued
-    pool = ProcessPoolExecutor(workers, initializer=ignore_stop_signals) if workers > 1 else None
+    # the clips still queued, and die with it (SIGKILLed, it left them holding the folder's lock)
+    pool = ProcessPoolExecutor(workers, initializer=pool_worker, initargs=(os.getpid(),)) if workers > 1 else None
     finished = False
     try:
         futures = [pool.submit(measure, *job) if pool else job for job in jobs]

@@ -8,8 +8,6 @@ skips clips already in complete shards or in failures.jsonl.
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import os
@@ -37,7 +35,7 @@ from audio_models.vae import AudioVAE
 from common.devices import resolve_device
 from common.ffmpeg import last_words
 from common.lock import FolderBusy, folder_lock
-from common.signals import ignore_stop_signals
+from common.signals import die_with_parent, ignore_stop_signals
 from common.versions import software_versions
 from preprocess.audio import AudioDecodeError, decode_audio
 from preprocess.config import BEFORE_FIELD, FeatureConfig
@@ -185,23 +183,6 @@ def _identity(item: Any) -> Any:
     return item
 
 
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies; a no-op elsewhere or without libc.
-
-    The request is tied to the parent thread that forked the worker, which is the thread iterating the
-    DataLoader. A parent that died before the request is caught by `DecodeDataset._exit_if_orphaned`."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-
-
 def _kill_workers(iterator: Any) -> None:
     """SIGKILL a DataLoader iterator's live worker processes (what they were decoding is made again on resume), first
     taking their pids off PyTorch's SIGCHLD check, which would report each death as "DataLoader worker (pid N) is
@@ -221,7 +202,7 @@ def _worker_init(_: int) -> None:
     parent, so a SIGKILLed run leaves no worker behind holding shared memory; and the stop signals left to the parent
     (`common.signals`)."""
     torch.set_num_threads(1)
-    _die_with_parent()
+    die_with_parent()  # a parent that died before the request: `DecodeDataset._exit_if_orphaned`
     ignore_stop_signals()
     info = torch.utils.data.get_worker_info()
     if info is not None and isinstance(info.dataset, DecodeDataset):

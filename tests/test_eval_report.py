@@ -676,3 +676,52 @@ def test_a_stop_signal_drops_the_queued_av_align_clips(tiny_run, generated, tmp_
     assert stop.value.code == 128 + signal.SIGTERM
     measured = len(marks.read_text().splitlines())
     assert 0 < measured < len(clips) // 4, measured  # of the 40 clips with a WAV, only those already begun
+
+
+def sleeping_marking(video: str, start: float, duration: float, wav: str) -> dict[str, float]:
+    """AV-Align stand-in that notes its process id (one line in $AV_ALIGN_MARKS) and sleeps for a minute."""
+    import time
+
+    with open(os.environ["AV_ALIGN_MARKS"], "a") as marks:
+        marks.write(f"{os.getpid()}\n")
+    time.sleep(60)
+    return {"av_align": 0.5, "av_align_2023": 0.5}
+
+
+def test_av_align_workers_die_with_a_killed_evaluation(tiny_run, generated, tmp_path):  # noqa: F811
+    """SIGKILL during AV-Align left its pool's workers running (they ignore SIGTERM), holding the evaluation
+    folder's lock: the same command then waited 60 s and gave up. They now die with the evaluation."""
+    import subprocess
+    import sys
+    import time
+
+    marks = tmp_path / "marks.txt"
+    script = ("import sys; from pathlib import Path; from eval.av_align import av_align_scores; "
+              "from eval.clips import read_split, select_clips; from tests.test_eval_report import sleeping_marking; "
+              "clips = select_clips(read_split(Path(sys.argv[1]), 'test'), 0); "
+              "av_align_scores(Path(sys.argv[2]), clips, 2, [], False, measure=sleeping_marking)")
+    env = {**os.environ, "AV_ALIGN_MARKS": str(marks), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    job = subprocess.Popen([sys.executable, "-c", script, str(tiny_run[0]), str(generated)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while (not marks.exists() or len(marks.read_text().split()) < 2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = [int(pid) for pid in marks.read_text().split()]
+        assert len(workers) == 2
+    finally:
+        job.kill()
+        job.wait()
+
+    def running(pid: int) -> bool:  # a zombie no init reaps counts as gone
+        try:
+            return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if running(pid)]
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left
