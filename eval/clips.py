@@ -47,12 +47,47 @@ def wav_path(out_dir: Path, clip_id: str) -> Path:
     return out_dir / WAV_DIR / (clip_id.replace("/", "_") + ".wav")
 
 
+def wav_cut_short(path: Path) -> str | None:
+    """Why a RIFF/RF64 WAV holds fewer sample bytes than its data chunk declares (a copy or a write cut short, which
+    libsndfile reads as a shorter sound without a word), else None; also None for other files and for the sizes
+    a WAV written to a pipe declares (0, or 0xFFFFFFFF: unknown)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+                return None
+            size = os.fstat(file.fileno()).st_size
+            position, long_size = 12, None
+            while position + 8 <= size:
+                file.seek(position)
+                chunk = file.read(8)
+                declared = int.from_bytes(chunk[4:8], "little")
+                if chunk[:4] == b"ds64":  # RF64: the data chunk's real size (its own field reads 0xFFFFFFFF)
+                    ds64 = file.read(16)
+                    long_size = int.from_bytes(ds64[8:16], "little") if len(ds64) == 16 else None
+                elif chunk[:4] == b"data":
+                    if head[:4] == b"RF64" and declared == 0xFFFFFFFF and long_size is not None:
+                        declared = long_size
+                    held = size - position - 8
+                    if declared in (0, 0xFFFFFFFF) or held >= declared:
+                        return None
+                    return f"its data chunk is cut short: {held} of {declared} bytes"
+                position += 8 + declared + (declared & 1)
+    except OSError:
+        return None  # soundfile says why it cannot read it
+    return None
+
+
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """(samples,) float32 mono and its rate; ValueError naming the file when it cannot be used."""
+    """(samples,) float32 mono and its rate; ValueError naming the file when it cannot be used (also a WAV that
+    holds less sound than its header declares: `wav_cut_short`)."""
     try:
         waveform, rate = soundfile.read(path, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
         raise ValueError(f"{path}: unreadable WAV ({error})") from None
+    cut = wav_cut_short(path)
+    if cut:
+        raise ValueError(f"{path}: {cut}")
     if waveform.shape[0] == 0:
         raise ValueError(f"{path}: empty WAV")
     if not np.isfinite(waveform).all():  # a float WAV can hold NaN or infinity: the embedders would pass it on
@@ -69,6 +104,23 @@ def missing_wav_failures(out_dir: Path, clips: list[shards.SampleMeta], failures
     why = "not written by this run's generation" if generated else "generation was off (--no-generate)"
     return [{"id": c.id, "stage": "missing_wav", "reason": f"{wav_path(out_dir, c.id)}: no generated WAV ({why})"}
             for c in clips if c.id not in listed and not wav_path(out_dir, c.id).exists()]
+
+
+def unreadable_wav_failures(out_dir: Path, clips: list[shards.SampleMeta], failures: list[dict[str, Any]]
+                            ) -> list[dict[str, Any]]:
+    """A failure record (stage 'read_wav') for each clip whose WAV exists but `read_wav` refuses, whatever metrics
+    are measured (only the audio embedders' pass recorded them: with AV-Align alone such a clip counted as paired)."""
+    listed = {(f.get("id"), f.get("stage")) for f in failures}
+    records = []
+    for clip in clips:
+        path = wav_path(out_dir, clip.id)
+        if (clip.id, "read_wav") in listed or not path.exists():
+            continue
+        try:
+            read_wav(path)
+        except ValueError as error:
+            records.append({"id": clip.id, "stage": "read_wav", "reason": str(error)})
+    return records
 
 
 def read_split(folder: str | Path, split: str) -> list[shards.SampleMeta]:

@@ -51,6 +51,7 @@ from eval.clips import (
     iterate_split_samples,
     missing_wav_failures,
     read_split,
+    unreadable_wav_failures,
     wav_path,
     write_clip_ids,
 )
@@ -183,6 +184,7 @@ def _evaluate(config: EvalConfig, selected: tuple[Metric, ...], progress: bool) 
     check_samples(config, [c.id for c in clips if c.id not in decoded], progress)
     failures = standing_failures(out_dir, clips)
     failures += missing_wav_failures(out_dir, clips, failures, config.generate)
+    failures += unreadable_wav_failures(out_dir, clips, failures)
     missing_wavs = sum(not wav_path(out_dir, c.id).exists() for c in clips)
 
     # 3. embeddings (only the passes whose metrics can be computed)

@@ -725,3 +725,49 @@ def test_av_align_workers_die_with_a_killed_evaluation(tiny_run, generated, tmp_
     for pid in left:
         os.kill(pid, 9)
     assert not left
+
+
+def test_a_wav_cut_short_is_refused_naming_the_file(tmp_path):
+    """A WAV whose data chunk holds a third of the bytes its header declares was read as a shorter clip, padded and
+    scored without a word. WAVs written to a pipe (sizes unknown), RF64 and chunks after the data stay readable."""
+    import subprocess
+
+    import soundfile
+
+    from eval.clips import read_wav
+
+    sound = np.sin(np.arange(16000, dtype=np.float32) * 0.05) * 0.5
+    for name, kind in (("whole.wav", "WAV"), ("whole64.wav", "RF64")):
+        soundfile.write(tmp_path / name, sound, 16000, subtype="PCM_16", format=kind)
+        assert read_wav(tmp_path / name)[0].shape == (16000,)
+        data = (tmp_path / name).read_bytes()
+        cut = tmp_path / f"cut_{name}"
+        cut.write_bytes(data[: len(data) // 3])
+        with pytest.raises(ValueError, match=rf"^{cut}: its data chunk is cut short: \d+ of 32000 bytes$"):
+            read_wav(cut)
+    piped = tmp_path / "piped.wav"
+    subprocess.run(f"ffmpeg -v error -f lavfi -i sine=duration=1 -f wav pipe:1 > {piped}", shell=True, check=True)
+    listed = tmp_path / "listed.wav"  # ffmpeg writes a LIST chunk before the data
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=duration=1", str(listed)], check=True)
+    for path in (piped, listed):
+        assert read_wav(path)[0].shape == (44100,)
+
+
+def test_an_unreadable_wav_is_a_failure_whatever_the_metrics(tiny_run, generated, tmp_path):  # noqa: F811
+    """With AV-Align alone (no audio embedder pass) an empty, NaN or cut-short WAV was left out without a record
+    and counted as paired."""
+    import soundfile
+
+    out = tmp_path / "eval"
+    shutil.copytree(generated / "wav", out / "wav")
+    first, second, third = TEST_IDS[:3]
+    soundfile.write(wav_path(out, first), np.zeros(0, np.float32), 16000)
+    soundfile.write(wav_path(out, second), np.full(1600, np.nan, np.float32), 16000, subtype="FLOAT")
+    data = wav_path(out, third).read_bytes()
+    wav_path(out, third).write_bytes(data[: len(data) // 2])
+    config = config_for(tiny_run, out, generate=False, figure_clips=0, metrics="av_align,av_align_2023")
+    results = evaluate(config, progress=False)
+    unreadable = {f["id"]: f["reason"] for f in results["failures"] if f["stage"] == "read_wav"}
+    assert sorted(unreadable) == sorted([first, second, third])
+    assert "cut short" in unreadable[third] and str(wav_path(out, third)) in unreadable[third]
+    assert results["counts"]["paired"] == len(TEST_IDS) - 3
