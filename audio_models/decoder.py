@@ -9,14 +9,15 @@ import torch
 
 from audio_models.config import AudioModelConfig
 from audio_models.vae import AudioVAE
-from audio_models.vocoder import load_vocoder
+from audio_models.vocoder import load_vocoder, vocoder_checksums
 
 
 class Decoder:
     """Scaled latents (as the diffusion model samples them) -> 16 kHz waveforms.
 
     `scaling_factor` is the training run's `vae_scaling_factor`: latents are divided by it before the VAE.
-    `checksum` names the VAE's weights (recorded in WAV manifests)."""
+    `checksum` names the VAE's weights, `vocoder_checksum` the vocoder's, `config_checksums` the config files of
+    both (None: random init); all are recorded in WAV manifests."""
 
     def __init__(self, cfg: AudioModelConfig, weights_dir: Path | None, device: torch.device, scaling_factor: float):
         self.vae = AudioVAE.from_config(cfg, weights_dir, device)
@@ -24,6 +25,8 @@ class Decoder:
         self.scaling_factor = scaling_factor
         self.sample_rate = cfg.sample_rate
         self.checksum = self.vae.checksum
+        self.vocoder_checksum, vocoder_config = vocoder_checksums(cfg, weights_dir)
+        self.config_checksums = {"vae": self.vae.config_checksum, "vocoder": vocoder_config}
 
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor) -> np.ndarray:

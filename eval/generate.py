@@ -31,6 +31,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import time
 import typing
@@ -57,7 +58,12 @@ from train.diffusion import sampling_scheduler, steps_problem
 from train.speed import lower_precision_weights, sampling_channels_last, speed_up
 
 MANIFEST_FILE = "manifest.json"  # in WAV_DIR: the settings that made its WAVs
+log = logging.getLogger(__name__)
+
 MANIFEST_VERSION = 2  # 2: the UNet's sampling precision is recorded
+# recorded since (an older manifest without them is taken to say this run's, with a warning; a version bump would
+# refuse every folder made before): the vocoder's weights and the decoder's config files
+LATER_MANIFEST_KEYS = frozenset({"vocoder", "decoder_configs"})
 GENERATION_FAILURES = "generation_failures.jsonl"
 SAMPLING_BATCHES = (4, 8, 16, 32, 64)  # tried by `measure_sampling_batch` (--sampling-batch 0 on CUDA)
 PROBE_STEPS = 4
@@ -219,6 +225,7 @@ def generation_manifest(config: EvalConfig, train_config: Any, decoder: Decoder,
     manifest = {
         "manifest_version": MANIFEST_VERSION, **run_info(config.run, config.model_weights),
         "vae": decoder.checksum, "vae_scaling_factor": train_config.vae_scaling_factor,
+        "vocoder": decoder.vocoder_checksum, "decoder_configs": decoder.config_checksums,
         "object_threshold": train_config.object_threshold,
         "shards_config_sha256": shards_config_sha256(config.shards), "split": config.split,
         "sampler": config.sampler, "steps": config.steps, "guidance": config.guidance, "seed": config.seed,
@@ -249,9 +256,14 @@ def claim_wav_dir(out_dir: Path, manifest: dict[str, Any]) -> None:
     unknown, so it is refused as well. An empty folder takes the new manifest whatever the old one said.
     """
     wav_dir = out_dir / WAV_DIR
-    existing = read_manifest(out_dir)
+    existing = recorded = read_manifest(out_dir)
     has_wavs = any(wav_dir.glob("*.wav"))
     fix = f"choose another --output or delete {wav_dir}"
+    unrecorded = sorted(LATER_MANIFEST_KEYS - existing.keys()) if existing is not None else []
+    if has_wavs and existing is not None and unrecorded:  # written before these were recorded: cannot be told apart
+        log.warning("warning: %s does not record %s (written by an older version): its WAVs are taken as made with "
+                    "this run's", wav_dir / MANIFEST_FILE, ", ".join(unrecorded))
+        existing = {**existing, **{k: manifest.get(k) for k in unrecorded}}
     if has_wavs and existing is None:
         raise EvalError(f"{wav_dir}: holds WAVs but no {MANIFEST_FILE}, so the settings that made them are unknown; {fix}")
     if has_wavs and existing != manifest:
@@ -260,7 +272,7 @@ def claim_wav_dir(out_dir: Path, manifest: dict[str, Any]) -> None:
                    if existing.get(k) != manifest.get(k)]
         raise EvalError(f"{wav_dir / MANIFEST_FILE}: its WAVs were generated with other settings "
                         f"({', '.join(differs)}); {fix}")
-    if existing != manifest:
+    if recorded != manifest:
         tmp = wav_dir / (MANIFEST_FILE + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, wav_dir / MANIFEST_FILE)

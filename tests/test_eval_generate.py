@@ -206,6 +206,21 @@ def test_manifest_refuses_to_mix_settings(tiny_run, tmp_path):
     manifest.write_text(json.dumps(edited))
     with pytest.raises(EvalError, match="checkpoint_sha256"):
         generate(config, clips, progress=False)
+    # the vocoder is recorded (WAVs of two vocoders were mixed without a word); a manifest written before it was
+    # recorded is taken as this run's, and then records it
+    for key in ("vocoder", "decoder_configs"):
+        edited = json.loads(before)
+        edited[key] = "0" * 64
+        manifest.write_text(json.dumps(edited))
+        with pytest.raises(EvalError, match=key):
+            generate(config, clips, progress=False)
+    older = {k: v for k, v in json.loads(before).items() if k not in ("vocoder", "decoder_configs")}
+    manifest.write_text(json.dumps(older))
+    generate(config, clips, progress=False)
+    assert json.loads(manifest.read_text()) == json.loads(before)
+    assert json.loads(before)["vocoder"] == "random-init(seed=0)"
+    edited = json.loads(before)
+    edited["checkpoint_sha256"] = "0" * 64
     # WAVs with no manifest: unknown settings, refused; an emptied folder takes the new settings
     manifest.unlink()
     with pytest.raises(EvalError, match="no manifest.json"):
