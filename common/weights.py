@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,19 @@ def _shape_problem(load: Callable[..., Any], folder: Path,
     return None
 
 
+def _layer_pattern(name: str) -> str:
+    """A tensor's name with its layer indices blanked ('encoder.layers.3.fc1.weight' -> 'encoder.layers.#.fc1.weight')."""
+    return re.sub(r"(?<=\.)\d+(?=\.)", "#", name)
+
+
+def _unbuilt_layers(model: Any, unexpected: Iterable[str]) -> list[str]:
+    """The unused tensors of a checkpoint that belong to more layers of the model's own kinds than its config builds
+    (a config.json with fewer layers or blocks than the weights: loading used the first ones and dropped the rest),
+    sorted; tensors of other names (what a checkpoint may carry beside the model) are not among them."""
+    built = {_layer_pattern(name) for name in model.state_dict()}
+    return sorted(key for key in unexpected if re.search(r"\.\d+\.", key) and _layer_pattern(key) in built)
+
+
 def load_pretrained_model(load: Callable[..., Any], folder: Path, what: str) -> Any:
     """`load(folder, local_files_only=True)`: a transformers or diffusers model's from_pretrained, with a damaged
     or incomplete folder as one ValueError line naming it: an unreadable or truncated weight file, a config.json
@@ -309,6 +323,11 @@ def load_pretrained_model(load: Callable[..., Any], folder: Path, what: str) -> 
         raise ValueError(f"{folder}: the {what} weights are not a trained model's ({problem}): a damaged checkpoint")
     if set(missing) - set(absent):
         log.warning("%s: %s weights lack buffers %s (model defaults used)", folder, what, sorted(set(missing) - set(absent))[:3])
+    extra = _unbuilt_layers(model, info.get("unexpected_keys") or ())
+    if extra:
+        raise ValueError(f"{folder}: the {what} weights hold {len(extra)} tensors of layers its config.json does not "
+                         f"build ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}): config.json describes a "
+                         "smaller model than its weights")
     if info.get("unexpected_keys"):
         log.warning("%s: %s weights hold tensors the model does not use: %s", folder, what, sorted(info["unexpected_keys"])[:3])
     return model

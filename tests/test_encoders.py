@@ -1019,3 +1019,23 @@ def test_a_text_embedding_does_not_depend_on_the_texts_encoded_with_it():
     mates = crowded.texts(["dog", "ball barking", "a man singing loudly", "car", "x", "cat"])
     assert np.array_equal(alone.texts(["dog"])["dog"], mates["dog"])
     assert np.array_equal(alone.texts(["car"])["car"], mates["car"])
+
+
+@pytest.mark.parametrize("folder, edit", [
+    ("sam", lambda c: c["vision_config"].update(num_hidden_layers=c["vision_config"]["num_hidden_layers"] - 1)),
+    ("audioldm/vocoder", lambda c: c.update(resblock_dilation_sizes=[d[:-1] for d in c["resblock_dilation_sizes"]])),
+])
+def test_a_config_with_fewer_layers_than_its_weights_is_refused(tmp_path, folder, edit):
+    """A config.json building fewer layers than its weights hold loaded the first ones and dropped the rest with a
+    log warning: `weights check --load` said "loaded every model", and stage one made features with a cut SAM."""
+    from common.weights import load_pretrained_model
+
+    _save_tiny_weights(tmp_path)
+    path = tmp_path / folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    model_class = SamModel if folder == "sam" else SpeechT5HifiGan
+    with pytest.raises(ValueError, match=rf"^{tmp_path / folder}: the x weights hold \d+ tensors of layers its "
+                                         r"config.json does not build \(.*\): config.json describes a smaller model"):
+        load_pretrained_model(model_class.from_pretrained, tmp_path / folder, "x")
