@@ -58,6 +58,22 @@ def sha256_dir(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """The error's type and message on one line (its lines joined: load_state_dict's first line alone says only
+    'Error(s) in loading state_dict'), cut at `limit` characters. A file refused by torch's restricted unpickler
+    (`torch.load(weights_only=True)`) gives the reason for the refusal, which its message puts after a paragraph of
+    advice longer than the limit."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch bolds part of its advice with terminal escapes
+    if text.startswith("Weights only load failed"):
+        # the reason is after "WeightsUnpickler error:" (torch 2.6+) or in the paragraph after the advice (others)
+        paragraphs = text.split("WeightsUnpickler error:", 1)[1:] or text.split("\n\n")[1:]
+        reasons = [part for part in paragraphs if part.strip() and not part.strip().startswith("Check the documentation")]
+        reason = reasons[0].strip().split("\n\n")[0].split(" Please use `torch.serialization")[0] if reasons else ""
+        text = f"the restricted unpickler refused the file: {reason.strip() or text}"
+    text = " ".join(text.split())
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 def weight_file_problem(path: Path) -> str | None:
     """What a quick look finds wrong with a weight file, without loading it (None: nothing found): an empty file, a
     safetensors file whose header does not read or does not fit the file, a torch zip archive with a damaged
@@ -235,13 +251,36 @@ def non_finite_tensor(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None
     return None
 
 
+# the single weight files from_pretrained reads (transformers', diffusers'), safetensors first
+STANDARD_WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
+                         "diffusion_pytorch_model.bin")
+
+
+def read_weight_files(folder: Path) -> list[Path]:
+    """The weight files of a model folder that from_pretrained reads: the shards an index (`*.index.json`) lists,
+    else the first standard single file there (`STANDARD_WEIGHT_FILES`), else every weight file (a folder of other
+    names, which from_pretrained refuses itself). Another file beside them (a stale copy) is not one of them."""
+    for name in STANDARD_WEIGHT_FILES:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            try:
+                listed = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+                return sorted({folder / str(shard) for shard in listed if (folder / str(shard)).is_file()})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return sorted(p for p in folder.iterdir() if is_weight_file(p))  # from_pretrained says what is wrong
+        if (folder / name).is_file():
+            return [folder / name]
+    return sorted(p for p in folder.iterdir() if is_weight_file(p))
+
+
 def _folder_headers(folder: Path) -> dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None:
-    """{file name: `safetensors_header`} of a model folder's safetensors files ({} without any), read once for
-    the checks before and after from_pretrained; None when one does not read (from_pretrained says why)."""
+    """{file name: `safetensors_header`} of the safetensors files from_pretrained reads in a model folder
+    (`read_weight_files`; {} without any), read once for the checks before and after from_pretrained; None when
+    one does not read (from_pretrained says why)."""
     from safetensors import SafetensorError
 
     try:
-        return {file.name: safetensors_header(file) for file in sorted(folder.glob("*.safetensors"))}
+        return {file.name: safetensors_header(file) for file in read_weight_files(folder) if file.suffix == ".safetensors"}
     except (OSError, SafetensorError):
         return None
 
@@ -298,6 +337,10 @@ def load_pretrained_model(load: Callable[..., Any], folder: Path, what: str) -> 
     problem = _config_problem(load, folder)
     if problem:
         raise ValueError(f"{folder / 'config.json'}: {problem}: not a {what} folder")
+    for file in read_weight_files(folder):  # empty, cut short: named as such (from_pretrained says "Unable to load")
+        problem = weight_file_problem(file)
+        if problem:
+            raise ValueError(f"{file}: {problem}")
     headers = _folder_headers(folder)
     problem = _shape_problem(load, folder, headers)
     if problem:
@@ -362,7 +405,7 @@ def _stored_dtypes(folder: Path, headers: dict[str, dict[str, tuple[str, tuple[i
     if headers:
         return {file: {name: dtype for name, (dtype, _) in header.items()} for file, header in headers.items()}
     found: dict[str, dict[str, str]] = {}
-    for file in sorted(folder.glob("*.bin")):
+    for file in (file for file in read_weight_files(folder) if file.suffix == ".bin"):
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001 - a legacy (non-zip) file cannot be memory-mapped: not looked into

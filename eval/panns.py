@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.weights import missing_weights, sha256_file
+from common.weights import missing_weights, one_line, sha256_file, weight_file_problem
 
 log = logging.getLogger(__name__)
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -257,12 +257,14 @@ class Cnn14(nn.Module):
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint: a bare state dict, or a dict with 'model' holding one (the PANNs layout)."""
+    problem = weight_file_problem(path)  # empty, cut short: said as such
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors, truncated files: one line naming the file (torch's unpickling
-        # messages span several lines: they are joined into one)
-        reason = " ".join(str(error).split())
-        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(error).__name__}: {reason})") from None
+    except Exception as error:  # pickle errors: one line naming the file and the reason (a refused pickle's is
+        # after a paragraph of torch's advice)
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({one_line(error)})") from None
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if (not isinstance(state, dict) or not all(isinstance(k, str) for k in state)
             or not all(isinstance(v, torch.Tensor) for v in state.values())):

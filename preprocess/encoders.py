@@ -60,6 +60,7 @@ from common.weights import (
     sha256_dir,
     sha256_file,
     state_dict_problem,
+    weight_file_problem,
     weights_folder,
 )
 from preprocess import model_configs
@@ -368,6 +369,9 @@ def _load_open_clip(model_name: str, path: Path, torchscript: bool = False) -> n
     with _quiet_open_clip():
         model = open_clip.create_model(model_name, device="cpu", force_quick_gelu=quick_gelu,
                                        force_preprocess_cfg=preprocess_cfg)
+    problem = weight_file_problem(path)  # empty, cut short: said as such (an empty .pt read as a refused pickle)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     if torchscript:
         _load_torchscript_state(model, model_name, path)
         return model

@@ -1039,3 +1039,43 @@ def test_a_config_with_fewer_layers_than_its_weights_is_refused(tmp_path, folder
     with pytest.raises(ValueError, match=rf"^{tmp_path / folder}: the x weights hold \d+ tensors of layers its "
                                          r"config.json does not build \(.*\): config.json describes a smaller model"):
         load_pretrained_model(model_class.from_pretrained, tmp_path / folder, "x")
+
+
+class _RunsCode:
+    def __reduce__(self):  # unpickling it would call os.system
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_checkpoint_files_that_do_not_load_say_why_in_one_line(tmp_path):
+    """An evaluation embedder's file that would run code gave a 650-character torch paragraph advising
+    weights_only=False; an empty CLIP .pt was called a refused pickle; a cut-short VAE said only 'Unable to load
+    weights'; a stale extra .safetensors beside a vocoder's weights got the folder refused for its config.json."""
+    from common.weights import load_pretrained_model
+    from eval.panns import read_state_dict
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"a": _RunsCode()}, evil)
+    with pytest.raises(ValueError) as refused:
+        read_state_dict(evil)
+    message = str(refused.value)
+    assert message.startswith(f"{evil}: cannot be read as a PyTorch checkpoint (UnpicklingError: the restricted "
+                              "unpickler refused the file:") and "system" in message and "weights_only" not in message
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"^{empty}: empty file$"):
+        read_state_dict(empty)
+
+    _save_tiny_weights(tmp_path / "w")
+    (tmp_path / "w/clip/empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.pt: empty file$"):
+        CLIPEncoder.from_config(LOADED.replace(clip_checkpoint="clip/empty.pt"), tmp_path / "w", CPU)
+    vae = tmp_path / "w/audioldm/vae/diffusion_pytorch_model.safetensors"
+    vae.write_bytes(vae.read_bytes()[: vae.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"^{vae}: not a readable safetensors file"):
+        load_pretrained_model(AutoencoderKL.from_pretrained, vae.parent, "AudioLDM VAE")
+    vocoder = tmp_path / "w/audioldm/vocoder"
+    save_file({"conv_post.bias": torch.zeros(2)}, vocoder / "old.safetensors")  # not read by from_pretrained
+    assert isinstance(load_pretrained_model(SpeechT5HifiGan.from_pretrained, vocoder, "AudioLDM vocoder"),
+                      SpeechT5HifiGan)

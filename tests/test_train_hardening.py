@@ -373,7 +373,7 @@ def test_a_plain_pickle_refused_by_the_restricted_unpickler_keeps_its_reason(tmp
     """torch says this refusal after an empty 'WeightsUnpickler error:' line: the reason was cut to nothing."""
     import pickle
 
-    from train.trainer import one_line
+    from common.weights import one_line
 
     path = tmp_path / "x.bin"
     path.write_bytes(pickle.dumps({"x": 1}, protocol=4))

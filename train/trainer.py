@@ -52,7 +52,7 @@ import shards
 from common.devices import tune_backends
 from common.lock import LOCK_FILE, FolderBusy, folder_lock
 from common.signals import STOP_SIGNALS
-from common.weights import is_float_dtype, non_finite_tensor, safetensors_header, sha256_file
+from common.weights import is_float_dtype, non_finite_tensor, one_line, safetensors_header, sha256_file
 from shards import ShardSpec
 from train import data
 from train.config import TrainConfig
@@ -663,22 +663,6 @@ def start_run(config: TrainConfig, spec: ShardSpec, accelerator: Accelerator, lo
     run = Run(config, spec, accelerator, prepared, ema.to(accelerator.device), optimizer, lr_schedule)
     resume(run, log)
     return run
-
-
-def one_line(error: BaseException, limit: int = 300) -> str:
-    """The error's type and message on one line (its lines joined: load_state_dict's first line alone says only
-    'Error(s) in loading state_dict'), cut at `limit` characters. A file refused by torch's restricted unpickler
-    (`torch.load(weights_only=True)`) gives the reason for the refusal, which its message puts after a paragraph of
-    advice longer than the limit."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch bolds part of its advice with terminal escapes
-    if text.startswith("Weights only load failed"):
-        # the reason is after "WeightsUnpickler error:" (torch 2.6+) or in the paragraph after the advice (others)
-        paragraphs = text.split("WeightsUnpickler error:", 1)[1:] or text.split("\n\n")[1:]
-        reasons = [part for part in paragraphs if part.strip() and not part.strip().startswith("Check the documentation")]
-        reason = reasons[0].strip().split("\n\n")[0].split(" Please use `torch.serialization")[0] if reasons else ""
-        text = f"the restricted unpickler refused the file: {reason.strip() or text}"
-    text = " ".join(text.split())
-    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def resume(run: Run, log: Any) -> None:
