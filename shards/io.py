@@ -261,7 +261,7 @@ def read_spec(directory: str | os.PathLike[str]) -> ShardSpec:
 
 
 def iterate_samples(paths: list[Path] | list[str], spec: ShardSpec | None = None) -> Iterator[dict[str, Any]]:
-    """Decode the samples of some shards in order (one process; the trainer's stream is `shards.read.sample_stream`).
+    """Decode the samples of some shards in order (one process; the trainer's streams are `shards.read.range_stream`).
 
     Every shard is read by `shards.stream.read_raw` (members refused, records checked); given the folder's spec,
     each sample is validated against it too. Errors name the shard and the sample key."""

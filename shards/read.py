@@ -6,8 +6,8 @@
 - `iter_split`: decoded samples of a split (optionally only some clip ids), in shard order.
 - `iter_member`: (meta, raw bytes of one member) per sample of a split, e.g. the `flac` of the clips still to embed,
   reading only the json and that member (tarfile seeks over the features).
-- `sample_stream`: the WebDataset pipeline of decoded samples of a split that the trainer's data loader wraps
-  (shuffled shards and buffer, split across ranks and workers).
+- `split_counts` / `range_stream`: the trainer's data streams: decoded samples of one range of a split's samples
+  in a given shard order, through a shuffle buffer.
 
 A shard that cannot be read is a `ShardFormatError` naming the file and the reason. Decoded samples come through
 `shards.stream.read_raw` (members refused, shard records checked) and are validated against the folder's spec.
@@ -16,15 +16,14 @@ A shard that cannot be read is a `ShardFormatError` naming the file and the reas
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
 import tarfile
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-
-import webdataset as wds
 
 from shards.io import list_shards, read_spec, require_stage_one_folder
 from shards.schema import META_KEY, SAMPLE_KEYS, SampleMeta, ShardFormatError, ShardSpec
@@ -179,32 +178,62 @@ def _split_of(raw: dict[str, Any]) -> str:
         raise ShardFormatError(f"{raw.get('__url__', '?')}: sample {raw.get('__key__')!r}: json: {error}") from None
 
 
-class _Pipeline(wds.DataPipeline, wds.compat.FluidInterface):
-    """A webdataset pipeline with the fluid methods (`select`, `shuffle`, `slice`, `map`)."""
+def split_counts(paths: Iterable[Path], split: str) -> list[int]:
+    """How many samples of `split` each shard holds, reading only the json members."""
+    return [sum(1 for meta in iter_meta([path]) if meta.split == split) for path in paths]
 
 
-def _read_shards(spec: ShardSpec | None) -> Callable[[Iterable[dict[str, Any]]], Iterator[dict[str, Any]]]:
-    def stage(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for source in sources:
-            yield from read_raw(Path(source["url"]), spec)
-    return stage
+def _in_range(shards: Sequence[tuple[str | Path, int]], split: str, start: int, stop: int,
+              spec: ShardSpec | None) -> Iterator[dict[str, Any]]:
+    """Raw samples number [start, stop) of `split` in the concatenation of `shards`, each given with its count of
+    the split's samples: the shards before and after the range are not opened; a shard the range starts in is read
+    from its beginning (a tar streams), one it ends in up to the range's end (its record is then checked by the
+    reader of its end). ShardFormatError when a shard holds fewer samples of the split than its count."""
+    offset = 0
+    for url, count in shards:
+        path = Path(url)
+        if offset + count > start and offset < stop:
+            index, end = offset, min(stop, offset + count)
+            for raw in read_raw(path, spec):
+                if _split_of(raw) != split:
+                    continue
+                if index >= end:
+                    break
+                if index >= start:
+                    yield raw
+                index += 1
+            if index < end:
+                raise ShardFormatError(f"{path}: holds {index - offset} samples of split {split!r}, {count} when this "
+                                       "stream began (the shard changed since)")
+        offset += count
 
 
-def sample_stream(urls: list[str], split: str, shuffle_buffer: int, seed: str, skip: int = 0,
-                  spec: ShardSpec | None = None) -> wds.DataPipeline:
-    """Decoded samples of `split` from `urls` in the given shard order: each rank takes every world-th shard
-    (`wds.split_by_node`), each DataLoader worker every n-th of those (`wds.split_by_worker`); then a shuffle
-    buffer of `shuffle_buffer` samples drawn with `random.Random(f"{seed}-{rank}-{worker}")`, and the first
-    `skip` samples dropped before decoding (a resumed epoch). Shards are read by `shards.stream.read_raw` (refused
+def _shuffled(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """`items` through a shuffle buffer of `size` items (1: in order), drawn with `rng`."""
+    buffer: list[Any] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= max(1, size):
+            pick = rng.randrange(len(buffer))
+            buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def range_stream(shards: Sequence[tuple[str | Path, int]], split: str, start: int, stop: int, shuffle_buffer: int,
+                 seed: str, take: int | None = None, skip: int = 0, spec: ShardSpec | None = None
+                 ) -> Iterator[dict[str, Any]]:
+    """Decoded samples number [start, stop) of `split` in the concatenation of `shards` (in the order given, each
+    with its count of the split's samples: `split_counts`), through a shuffle buffer of `shuffle_buffer` samples
+    drawn with `random.Random(seed)`; the first `take` of those (all: None), of which the first `skip` are dropped
+    before decoding (a resumed stream); the rest of the range is read after them, undecoded. The trainer gives each of its data streams one range of an epoch's samples,
+    so that every sample is read by exactly one stream. Shards are read by `shards.stream.read_raw` (refused
     members, missing members and a shard that disagrees with its record are errors naming it); members are decoded
-    by `decode_sample` (never webdataset's `.decode()`, which unpickles) and, given the folder's `spec`, each sample
-    is validated against it: a bad sample is a ShardFormatError naming its shard and key, never dropped."""
-    rank, _, worker, _ = wds.utils.pytorch_worker_info()
-    # the caller orders the shards (identically on every rank); fewer shards than workers leaves some without any
-    dataset = _Pipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, _read_shards(spec))
-    return (
-        dataset.select(lambda raw: _split_of(raw) == split)
-        .shuffle(shuffle_buffer, rng=random.Random(f"{seed}-{rank}-{worker}"))
-        .slice(skip, None)
-        .map(lambda raw: decode_checked(raw, spec))
-    )
+    by `decode_sample` (never unpickled) and, given the folder's `spec`, each sample is validated against it: a bad
+    sample is a ShardFormatError naming its shard and key, never dropped."""
+    raws = _shuffled(_in_range(shards, split, start, stop, spec), shuffle_buffer, random.Random(seed))
+    for raw in itertools.islice(raws, skip, take):
+        yield decode_checked(raw, spec)
+    for _ in raws:  # the rest of the range is read, not decoded: a shard read to its end is checked against its record
+        pass

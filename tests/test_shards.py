@@ -377,20 +377,29 @@ def test_a_shard_cut_at_a_samples_end_is_not_read_as_a_shorter_one(tmp_path, spe
         shards.read_split(tmp_path, "test")
 
 
-def test_sample_stream_selects_the_split_and_skips(tmp_path, spec):
+def test_range_stream_reads_one_range_of_a_split_and_skips(tmp_path, spec):
     import random
 
-    write_split(tmp_path, spec, {"train": ["a", "b", "c", "d"], "test": ["t0"]})
-    urls = [str(p) for p in shards.list_shards(tmp_path)]
-    everything = [s["json"]["id"] for s in shards.sample_stream(urls, "train", shuffle_buffer=1, seed="0")]
-    assert everything == ["a", "b", "c", "d"]  # a buffer of one keeps the order
-    shuffled = [s["json"]["id"] for s in shards.sample_stream(urls, "train", shuffle_buffer=8, seed="0")]
-    assert sorted(shuffled) == everything
-    assert shuffled == [s["json"]["id"] for s in shards.sample_stream(urls, "train", shuffle_buffer=8, seed="0")]
-    resumed = [s["json"]["id"] for s in shards.sample_stream(urls, "train", shuffle_buffer=8, seed="0", skip=3)]
-    assert resumed == shuffled[3:]
-    random.Random(0).shuffle(urls)  # the caller's shard order is kept
-    assert all(isinstance(s["clip.npy"], np.ndarray) for s in shards.sample_stream(urls, "test", 1, "0"))
+    write_split(tmp_path, spec, {"train": ["a", "b", "c", "d", "e"], "test": ["t0"]})  # shards of 2, 2, 1
+    paths = shards.list_shards(tmp_path)
+    index = list(zip(paths, shards.split_counts(paths, "train")))
+    assert [count for _, count in index] == [0, 2, 2, 1]  # the test shard first
+
+    def ids(start, stop, buffer=1, **kw):
+        return [s["json"]["id"] for s in shards.range_stream(index, "train", start, stop, buffer, "0", spec=spec, **kw)]
+
+    everything = ids(0, 5)
+    assert everything == ["a", "b", "c", "d", "e"]  # a buffer of one keeps the order
+    assert ids(0, 2) + ids(2, 3) + ids(3, 5) == everything  # ranges that split a shard: each sample once
+    shuffled = ids(0, 5, buffer=8)
+    assert sorted(shuffled) == everything and shuffled == ids(0, 5, buffer=8)
+    assert ids(0, 5, buffer=8, skip=3) == shuffled[3:] and ids(0, 5, buffer=8, take=4, skip=1) == shuffled[1:4]
+    random.Random(1).shuffle(index)  # the caller's shard order is kept
+    order = [s["json"]["id"] for s in shards.range_stream(index, "train", 0, 5, 1, "0")]
+    assert sorted(order) == everything
+    assert all(isinstance(s["clip.npy"], np.ndarray) for s in shards.range_stream(index, "train", 0, 5, 1, "0"))
+    with pytest.raises(shards.ShardFormatError, match="holds 2 samples of split 'train', 3 when this stream began"):
+        list(shards.range_stream([(p, c + 1 if c == 2 else c) for p, c in index], "train", 0, 6, 1, "0"))
 
 
 def test_conditions_table_derives_every_condition(spec):

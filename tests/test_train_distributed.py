@@ -13,14 +13,14 @@ import safetensors.torch
 import torch
 
 from tests.test_train_run import SMALL
-from tests.test_train_support import write_shards
+from tests.test_train_support import write_shards, write_uneven_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def launch(launcher: list[str], shard_dir: Path, out: Path, steps: int = 8) -> subprocess.CompletedProcess:
+def launch(launcher: list[str], shard_dir: Path, out: Path, steps: int = 8, *extra: str) -> subprocess.CompletedProcess:
     command = [*launcher, "-m", "train", "--shards", str(shard_dir), "--output", str(out), *SMALL,
-               "--max-steps", str(steps), "--checkpoint-every", "4", "--record-ranks"]
+               "--max-steps", str(steps), "--checkpoint-every", "4", "--record-ranks", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -88,3 +88,22 @@ def test_a_bad_shard_only_rank_one_reads_is_named(tmp_path):
                     tmp_path / "shards", tmp_path / "run")
     assert result.returncode != 0
     assert f"error: {damaged}" in result.stderr, result.stderr[-3000:]
+
+
+def test_two_processes_with_workers_read_uneven_shards_once_per_epoch(tmp_path):
+    """19 samples in shards of 1 to 5 (and one of another split), 2 ranks x 2 workers x batch 2: 2 batches per
+    stream and epoch, so 4 steps an epoch of 16 samples; every sample at most once in each epoch (whole-shard
+    streams trained some clips three times in two epochs, others once)."""
+    ids = write_uneven_shards(tmp_path / "shards")
+    result = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                    tmp_path / "shards", tmp_path / "run", 8, "--num-workers", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = collections.Counter()
+    for rank in (0, 1):
+        for line in (tmp_path / f"run/ranks/ids_rank{rank}.txt").read_text().splitlines():
+            epoch, _, clip = line.split()[:3]
+            seen[(epoch, clip)] += 1
+    assert set(seen.values()) == {1}
+    for epoch in ("0", "1"):
+        clips = [clip for e, clip in seen if e == epoch]
+        assert len(clips) == 16 and set(clips) <= set(ids)

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 import shards
-from tests.test_train_support import SPEC, one_thread, write_meta, write_shards  # noqa: F401
+from tests.test_train_support import SPEC, one_thread, write_meta, write_shards, write_uneven_shards  # noqa: F401
 from train import load_model, trainer
 from train.__main__ import main
 
@@ -254,3 +254,44 @@ def test_a_half_written_checkpoint_of_a_killed_run_is_removed(tmp_path, capsys):
     assert not half.exists() and "removed 1 checkpoint folder(s) an interrupted run left half written " \
         "(step_00000003.tmp)" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_with_workers_a_run_resumed_at_any_step_sees_the_batches_of_an_uninterrupted_one(tmp_path):
+    """The DataLoader takes batches from its workers in turn starting with worker 0: a run stopped after an odd
+    number of batches with two workers resumed with the streams' batches on other steps (weights off by 6e-4).
+    A resumed loader now starts with the stream the uninterrupted run would have asked next."""
+    data = tmp_path / "shards"
+    write_shards(data, num_shards=3, per_shard=4)
+    flags = ["--num-workers", "2", "--checkpoint-every", "7"]
+    assert run(data, tmp_path / "a", "--max-steps", "12", *flags) == 0
+    assert run(data, tmp_path / "b", "--max-steps", "7", *flags) == 0
+    assert run(data, tmp_path / "b", "--max-steps", "12", *flags) == 0
+    a, b = _state(tmp_path / "a/checkpoints/step_00000012"), _state(tmp_path / "b/checkpoints/step_00000012")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_every_sample_is_read_once_per_epoch_whatever_the_shard_sizes(tmp_path):
+    """Streams that each took whole shards ran through epochs at their own pace when shards differed in size (a
+    shard smaller than a batch, one holding only another split, counts not divisible by the streams): some clips
+    were trained three times as often as others in two epochs, a stream could stop for good, and a rank could run
+    out of data mid-run. Each of the 2 ranks x 2 workers streams now reads one range of the epoch's samples."""
+    from train.config import TrainConfig
+    from train.data import ShardStream, split_index
+
+    data = tmp_path / "shards"
+    ids = write_uneven_shards(data)
+    paths = shards.list_shards(data)
+    index = split_index(paths, "train", data)
+    assert sum(count for _, count in index) == len(ids) == 19
+    config = TrainConfig(shards=str(data), batch_size=2, shuffle_buffer=4, num_workers=2)
+    for epoch in range(3):
+        seen: list[list[str]] = []
+        for rank in range(2):
+            stream = ShardStream(paths, config, rank=rank, world=2, index=index)
+            assert stream.batches_per_epoch() == 2  # 19 // (4 streams x batch 2)
+            for number in range(2):
+                seen.append([example["id"] for example in stream.epoch_samples(epoch, number, 0)])
+        assert [len(found) for found in seen] == [4, 4, 4, 4]  # the same number of batches from every stream
+        every = [clip for found in seen for clip in found]
+        assert len(set(every)) == len(every) == 16 and set(every) <= set(ids)  # once each; 3 left out this epoch

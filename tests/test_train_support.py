@@ -49,6 +49,23 @@ def write_shards(folder: Path, spec: shards.ShardSpec = SPEC, num_shards: int = 
     return ids
 
 
+def write_uneven_shards(folder: Path, spec: shards.ShardSpec = SPEC) -> list[str]:
+    """Shards of 3, 3, 5, 1, 4 and 3 train samples and one of 2 test samples (19 train samples): a shard smaller than a
+    batch, one without a sample of the split, counts that no number of streams divides. Returns the train ids."""
+    write_meta(folder, spec)
+    ids = []
+    for rank, (size, split) in enumerate([(3, "train"), (3, "train"), (5, "train"), (1, "train"), (2, "test"),
+                                          (4, "train"), (3, "train")]):
+        writer = shards.ShardWriter(folder, "train", rank, size)
+        for i in range(size):
+            clip_id = f"clip{rank}_{i}"
+            meta, arrays, waveform = make_sample(spec, clip_id, seed=10 * rank + i, split=split)
+            writer.write(shards.encode_sample(spec, meta, arrays, waveform))
+            ids += [clip_id] if split == "train" else []
+        writer.close()
+    return ids
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Run the tiny models single-threaded: on a shared 2-core machine, OpenMP's spinning threads make a

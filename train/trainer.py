@@ -293,8 +293,9 @@ def ema_decay(config: TrainConfig, step: int) -> float:
     return min(config.ema_decay, (1 + step) / (10 + step))
 
 
-def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[Path], int]:
-    """Everything that can be wrong with the data or the run folder, before any training starts."""
+def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[Path], list[tuple[Path, int]]]:
+    """Everything that can be wrong with the data or the run folder, before any training starts. Returns the spec,
+    the shards and their counts of the split's samples (`data.split_index`)."""
     spec, paths = data.check_shards(config)
     meta = Path(config.shards) / "meta.json"
     for name in ("embed_dim", "num_frames"):
@@ -302,12 +303,16 @@ def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[
             raise ConfigError(f"{meta}: shards have {name} {getattr(spec, name)}, the {config.preset!r} preset expects "
                               f"{getattr(config, name)} (pick the preset of the features or pass --{name.replace('_', '-')})")
     check_scaling_factor(config, meta)
-    if len(paths) < world_size:
-        raise ConfigError(f"{config.shards}: {len(paths)} shard(s) for {world_size} ranks (each rank needs at least one)")
-    count = data.count_split(Path(config.shards), config.split)
+    index = data.split_index(paths, config.split, Path(config.shards))
+    count = sum(found for _, found in index)
     if count < world_size * config.batch_size * config.grad_accumulation:
         raise ConfigError(f"{config.shards}: {count} sample(s) of split {config.split!r}, fewer than one step needs "
                           f"({world_size} ranks x batch {config.batch_size} x accumulation {config.grad_accumulation})")
+    if data.epoch_batches(count, world_size, config.num_workers, config.batch_size) == 0:
+        workers = max(1, config.num_workers)
+        raise ConfigError(f"{config.shards}: {count} sample(s) of split {config.split!r}, fewer than one batch for each "
+                          f"of the {world_size * workers} data streams ({world_size} ranks x {workers} DataLoader "
+                          f"workers x batch {config.batch_size}); give fewer --num-workers")
     output = Path(config.output)
     check_output_folder(output)
     saved = output / "config.json"
@@ -339,7 +344,7 @@ def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[
             shown = f" ({'; '.join(values)})" if values else ""
             raise ConfigError(f"{saved}: the run there was trained with other {', '.join(differs)}{shown}{reason}; "
                               "use another --output or the same settings to resume")
-    return spec, paths, count
+    return spec, paths, index
 
 
 def step_folders(output: Path) -> list[Path]:
@@ -847,12 +852,12 @@ class Bookkeeping:
     """Everything after an optimizer step that is not training: TensorBoard scalars and the progress bar (main
     process), checkpoints with the EMA export, and the stop after config.max_bad_steps non-finite steps in a row."""
 
-    def __init__(self, run: Run, count: int, log: Any):
+    def __init__(self, run: Run, count: int, trained: int, log: Any):
         from tqdm.auto import tqdm
 
         self.run, self.log = run, log
         config, accelerator, main = run.config, run.accelerator, run.accelerator.is_main_process
-        self.steps_per_epoch, self.total_steps = run_length(config, count, run.samples_per_step)
+        self.steps_per_epoch, self.total_steps = run_length(config, trained, run.samples_per_step)
         self.writer = None
         if main:
             from torch.utils.tensorboard import SummaryWriter
@@ -860,7 +865,9 @@ class Bookkeeping:
             # a resumed run logs again the steps after its checkpoint (a start again, all of them): TensorBoard drops
             # the killed run's events of those steps (purge_step), so no step shows twice and none goes missing
             self.writer = SummaryWriter(str(run.output / "logs"), purge_step=run.progress.step + 1)
-            log(f"{count} {config.split} samples, {self.steps_per_epoch} steps per epoch, training to step "
+            left = (f" ({count - trained} left out of each epoch, other ones each time: each data stream gives the "
+                    "same number of full batches)" if trained < count else "")
+            log(f"{count} {config.split} samples{left}, {self.steps_per_epoch} steps per epoch, training to step "
                 f"{self.total_steps} on {accelerator.num_processes} process(es), {accelerator.device}, mixed precision "
                 f"{accelerator.mixed_precision}")
         self.bar = tqdm(total=self.total_steps, initial=run.progress.step, disable=not main, desc="train")
@@ -1001,20 +1008,25 @@ def train(config: TrainConfig, log: Any = print) -> int:
     resolved config is what config.json records and what a resumed run is compared with."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     config = resolve_global_batch(config, world_size)
-    spec, paths, count = check_inputs(config, world_size)
+    spec, paths, index = check_inputs(config, world_size)
     accelerator = make_accelerator(config)
     # one training per output folder: a second one would interleave its checkpoints with the first's
     lock = folder_lock(Path(config.output), "training") if accelerator.is_main_process else contextlib.nullcontext()
     try:
         with lock, StopRequests() as stops:
-            return _train(config, accelerator, spec, paths, count, log, stops)
+            return _train(config, accelerator, spec, paths, index, log, stops)
     except FolderBusy as error:
         raise ConfigError(str(error)) from None
 
 
-def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths: list[Path], count: int,
-           log: Any, stops: StopRequests) -> int:
-    run = start_run(config, spec, accelerator, log, count)  # a checkpoint it cannot resume: config.json as it was
+def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths: list[Path],
+           index: list[tuple[Path, int]], log: Any, stops: StopRequests) -> int:
+    count = sum(found for _, found in index)
+    world = accelerator.num_processes
+    # what an epoch trains: the same number of batches from each data stream (`train.data`)
+    trained = (data.epoch_batches(count, world, config.num_workers, config.batch_size)
+               * data.streams(world, config.num_workers) * config.batch_size)
+    run = start_run(config, spec, accelerator, log, trained)  # a checkpoint it cannot resume: config.json as it was
     if accelerator.is_main_process:
         fingerprint = data_fingerprint(Path(config.shards), paths)
         write_atomically(Path(config.output) / "config.json",
@@ -1025,9 +1037,9 @@ def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths
             log(floor_note)
     progress, rank = run.progress, accelerator.process_index
     stream = iter(data.make_loader(paths, config, run.positions, pin_memory=accelerator.device.type == "cuda",
-                                   ignore_stop_signals=True))
+                                   ignore_stop_signals=True, rank=rank, world=world, index=index))
     scheduler = noise_scheduler(config)
-    books = Bookkeeping(run, count, log)
+    books = Bookkeeping(run, count, trained, log)
     with contextlib.closing(books), RankRecorder(run.output, rank) if config.record_ranks else contextlib.nullcontext() as ranks:
 
         def micro_batches() -> Iterator[dict[str, Any]]:
