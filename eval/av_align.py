@@ -4,7 +4,8 @@ results.json 'av_align', and the 2023 one a paper of 2024 most likely used, 'av_
 flow per clip. The score of one clip: `eval.metrics`.
 
 A clip whose source video is missing is left out (counted); a clip whose measurement fails (a video OpenCV
-cannot follow, a dead worker) is a failure with its reason, and the other clips are still measured.
+cannot follow, a WAV too short for the onset detection, a dead worker) is a failure with its reason, and the other
+clips are still measured.
 """
 
 from __future__ import annotations
@@ -76,10 +77,14 @@ def av_align_window(video: str, start: float, duration: float, wav: str) -> dict
     video peak times are shifted to the window's clock (the audio starts at `start`). Audio past the window's
     end (a WAV longer than its clip) is left out: no frame could match its peaks. ValueError naming the video
     when it holds fewer than 90% of the window's frames (a file shorter than the clip the shards recorded: its
-    missing frames would score as motion that never matches).
+    missing frames would score as motion that never matches), and naming the WAV when its audio in the window is
+    shorter than the onset detection's frame (`audio_peaks`: librosa would find no onset, scoring 0 as if measured).
     """
     waveform, rate = read_wav(Path(wav))
-    waveform = waveform[:math.ceil(duration * rate)]
+    try:  # before the optical flow, the costly part
+        peaks = audio_peaks(waveform[:math.ceil(duration * rate)], rate)
+    except ValueError as error:
+        raise ValueError(f"{wav}: {error}") from None
     frames, fps = read_gray_frames(video)
     first, stop = math.ceil(start * fps - 1e-6), math.ceil((start + duration) * fps - 1e-6)
     seen = 0
@@ -101,7 +106,7 @@ def av_align_window(video: str, start: float, duration: float, wav: str) -> dict
     if magnitudes is None or seen < MIN_WINDOW_FRAMES * (stop - first):
         raise ValueError(f"{video}: {seen} frames in the window [{start:g}, {start + duration:g}) s where "
                          f"{stop - first} were expected at {fps:g} fps: the video is shorter than its clip")
-    scores = av_align_rules(audio_peaks(waveform, rate), magnitudes, fps, offset=first / fps - start)
+    scores = av_align_rules(peaks, magnitudes, fps, offset=first / fps - start)
     return {RULE_METRICS[rule]: score for rule, score in scores.items()}
 
 

@@ -11,10 +11,12 @@ with the cached video features into the clip's two DeSync values (first and last
 
 The window of a clip is --duration seconds from its start, or the clip's own length when that is shorter (counted:
 'video_windows_shortened'; av-benchmark would drop such a clip). A clip whose source video is missing has no
-ImageBind/Synchformer pair (counted: 'benchmark_videos_missing'). A video that cannot give its window's frames
-(stage '<embedder>_video', cached with its reason and reported again until the file changes) or a WAV an embedder
-cannot take, e.g. too short (stage '<embedder>_audio'), is a failure of that clip and embedder alone; the other
-clips are still measured.
+ImageBind/Synchformer pair (counted: 'benchmark_videos_missing'). A window shorter than an embedder needs
+(ImageBind 4 s: two frames at 0.5 fps; Synchformer 4.8 s: 14 segments for DeSync; from each model's config) is
+decided before any model runs (stage '<embedder>_window'). A video that cannot give its window's frames (stage
+'<embedder>_video', cached with its reason and reported again until the file changes) or a WAV an embedder cannot
+take, e.g. too short (stage '<embedder>_audio'), is a failure of that clip and embedder alone; the other clips are
+still measured. Each failure is one line naming the video or the WAV.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm import tqdm
 
 import shards
 from eval.array_cache import Arrays, cached_arrays
+from eval.clips import wav_path
 from eval.config import EvalConfig
 from eval.embed import Embedders, ReferenceAudio, ShardAudio, generated_waves
 from eval.video_frames import VideoReadError, window_frames
@@ -152,27 +155,37 @@ def source_video_set(config: EvalConfig, name: str, model: Any, clips: list[shar
             except (VideoReadError, ValueError) as error:
                 yield clip_id, str(error).splitlines()[0]
 
+    def named(clip_id: str, reason: str) -> str:  # a front end's ValueError names no file: the video is added
+        source = by_id[clip_id].source
+        return reason if source in reason else f"{source}: {reason}"
+
     protocol = {"cache_version": CACHE_VERSION, name: model.protocol(), "window": "min(duration, clip)",
                 "video_frames": "ffmpeg fps filter rule, short side 224 bicubic"}
     wanted = {c.id: video_digest(c, _window(config, c)) for c in clips}
     arrays, failed = cached_arrays(_cache_path(config, f"video-{name}", protocol), protocol, wanted, compute,
                                    keys=("video",))
-    failures += [{"id": clip_id, "stage": f"{name}_video", "reason": reason} for clip_id, reason in failed.items()]
+    failures += [{"id": clip_id, "stage": f"{name}_video", "reason": named(clip_id, reason)}
+                 for clip_id, reason in failed.items()]
     return arrays
 
 
 def generated_av(config: EvalConfig, models: dict[str, Any], clips: list[shards.SampleMeta],
                  videos: dict[str, dict[str, Arrays]], failures: list[dict[str, str]],
-                 progress: bool) -> dict[str, dict[str, Arrays]]:
+                 progress: bool, measured: dict[str, set[str]] | None = None) -> dict[str, dict[str, Arrays]]:
     """{embedder: {clip id: arrays}} of the generated WAVs: ImageBind {'audio': (D,)} for every readable WAV;
-    Synchformer {'desync': (2,)} for every readable WAV whose clip has source-video features. A WAV an embedder
-    cannot take (too short) is a failure of that embedder alone."""
+    Synchformer {'desync': (2,)} for every readable WAV whose clip has source-video features. `measured` limits
+    an embedder to the clips whose window it can measure (`window_shortfall`). A WAV an embedder cannot take (too
+    short) is a failure of that embedder alone, naming the WAV."""
     out: dict[str, dict[str, Arrays]] = {name: {} for name in models}
     durations = {c.id: _window(config, c) for c in clips}
+    if measured is not None:
+        clips = [c for c in clips if any(c.id in ids for ids in measured.values())]
     waves = generated_waves(config.output_dir, clips, failures)
     for clip_id, waveform, rate in tqdm(waves, total=len(clips), disable=not progress, unit="clip",
                                         desc="ImageBind/Synchformer, generated audio"):
         for name, model in models.items():
+            if measured is not None and clip_id not in measured[name]:
+                continue
             try:
                 if name == "imagebind":
                     from eval.imagebind import imagebind_audio_input
@@ -182,8 +195,51 @@ def generated_av(config: EvalConfig, models: dict[str, Any], clips: list[shards.
                     out[name][clip_id] = {"desync": desync_of(model, waveform, rate, durations[clip_id],
                                                               videos[name][clip_id]["video"])}
             except ValueError as error:
-                failures.append({"id": clip_id, "stage": f"{name}_audio", "reason": str(error).splitlines()[0]})
+                failures.append({"id": clip_id, "stage": f"{name}_audio",
+                                 "reason": f"{wav_path(config.output_dir, clip_id)}: {str(error).splitlines()[0]}"})
     return out
+
+
+def window_shortfall(name: str, model: Any, seconds: float) -> str | None:
+    """Why embedder `name` cannot measure a clip whose window is `seconds` long (None: it can), from the model's
+    own config: ImageBind needs one clip of consecutive frames at 0.5 fps (4 s), Synchformer 14 segments of
+    video and of audio for DeSync (4.8 s). A shorter window would only fail inside the model's front end."""
+    config = model.config
+    if name == "imagebind":
+        from eval.imagebind import VIDEO_FPS as IB_FPS
+
+        if config.embeds_window(seconds):
+            return None
+        return f"ImageBind needs at least {config.min_video_seconds:g} s ({config.video_frames} frames at {IB_FPS:g} fps)"
+    if config.measures_window(seconds):
+        return None
+    return (f"Synchformer needs at least {config.min_seconds:g} s for DeSync ({config.segments_compared} segments of "
+            f"{config.segment_frames / config.video_fps:g} s every {config.segment_step_frames / config.video_fps:g} s)")
+
+
+def measurable_clips(config: EvalConfig, models: dict[str, Any], clips: list[shards.SampleMeta],
+                  failures: list[dict[str, str]]) -> dict[str, set[str]]:
+    """{embedder: ids of the clips whose window it can measure}, decided before any model runs. A clip with a
+    source video whose window is too short for an embedder is a failure of that embedder (stage
+    '<embedder>_window'), one line naming the video's window and the generated WAV, the clip's length and the
+    embedder's minimum; a clip without a source video is left out silently (counted as missing)."""
+    measured: dict[str, set[str]] = {}
+    for name, model in models.items():
+        measured[name] = set()
+        for clip in clips:
+            seconds = _window(config, clip)
+            reason = window_shortfall(name, model, seconds)
+            if reason is None:
+                measured[name].add(clip.id)
+                continue
+            if not (clip.source and Path(clip.source).is_file()):
+                continue
+            wav = wav_path(config.output_dir, clip.id)
+            files = f"{clip.source} [{clip.start:g}, {clip.start + seconds:g}) s" + (f" and {wav}" if wav.exists() else "")
+            length = (f"the clip is {seconds:g} s long" if seconds >= clip.duration
+                      else f"its window (--duration) is {seconds:g} s long")
+            failures.append({"id": clip.id, "stage": f"{name}_window", "reason": f"{files}: {length} while {reason}"})
+    return measured
 
 
 def desync_of(model: Any, waveform: np.ndarray, rate: int, seconds: float, video: np.ndarray) -> np.ndarray:
@@ -207,9 +263,11 @@ def video_sets(config: EvalConfig, embedders: Embedders, clips: list[shards.Samp
     with_video = [c for c in clips if c.source and Path(c.source).is_file()]
     counts["benchmark_videos_missing"] = len(clips) - len(with_video)
     counts["video_windows_shortened"] = sum(bool(config.duration) and c.duration < config.duration for c in clips)
-    videos = {name: source_video_set(config, name, model, with_video, failures, progress)
+    measured = measurable_clips(config, models, clips, failures)
+    videos = {name: source_video_set(config, name, model, [c for c in with_video if c.id in measured[name]],
+                                     failures, progress)
               for name, model in models.items()}
-    generated = generated_av(config, models, clips, videos, failures, progress)
+    generated = generated_av(config, models, clips, videos, failures, progress, measured)
     return {name: (videos[name], generated[name]) for name in models}
 
 

@@ -18,7 +18,7 @@ not silence; a clip without a WAV after generation is a failure too (stage 'miss
 generation failure already explains it: a missing WAV is listed once; counts 'missing_wavs'); when fewer than
 `min_paired` of the clips have a readable WAV, FD/FAD/KL are null with the reason;
 a metric whose computation fails is null with the error; a clip whose AV-Align fails (a video OpenCV cannot
-follow, a dead worker) is a failure with its reason; a clip whose source video is missing is left out of
+follow, a WAV shorter than the onset detection's 93 ms frame, a dead worker) is a failure with its reason; a clip whose source video is missing is left out of
 AV-Align (counted), and with no video at all AV-Align is null with the reason.
 
 What results.json states about generation comes from <output>/wav/manifest.json (written by `eval.generate`

@@ -148,6 +148,17 @@ class ImageBindConfig:
     def embed_dim(self) -> int:
         return self.out_embed_dim
 
+    @property
+    def min_video_seconds(self) -> float:
+        """The shortest window the vision tower can embed: one clip of `video_frames` consecutive frames at 0.5 fps
+        (4 s), since the video front end keeps the first int(0.5 * seconds) frames."""
+        return self.video_frames / VIDEO_FPS
+
+    def embeds_window(self, seconds: float) -> bool:
+        """Whether a window of `seconds` gives the vision tower at least one clip: int(0.5 * seconds) frames, the
+        count the frame reader keeps (`eval.video_frames.window_frames`), reach `video_frames`."""
+        return int(VIDEO_FPS * seconds) >= self.video_frames
+
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ImageBindModel.__init__."""
         return dataclasses.asdict(self)

@@ -28,6 +28,7 @@ KL_EPS = 1e-6  # added to p_gen inside the log: p_ref log(p_ref / (p_gen + 1e-6)
 IS_SPLITS = 10  # Inception score: audioldm_eval's and av-benchmark's calculate_isc(splits=10)
 IS_SHUFFLE_SEED = 2020  # ... rows shuffled by np.random.RandomState(2020).permutation(N) first (rng_seed=2020)
 ONSET_SAMPLE_RATE = 22050  # librosa.load's default rate: the AV-Align reference loads audio with it
+ONSET_N_FFT = 2048  # librosa's default STFT frame in onset_strength (93 ms at 22050 Hz): the shortest audio it analyses
 FLOW_MIN_MAGNITUDE = 0.1  # AV-Align (2025): a video peak needs a mean flow magnitude >= 0.1 pixel
 FLOW_MIN_MAGNITUDE_2023 = 0.0  # AV-Align (2023): any strict local maximum of the flow magnitude is a peak
 # cv2.calcOpticalFlowFarneback(prev, next, flow, pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags)
@@ -278,16 +279,23 @@ def audio_peaks(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
     """Times (s) of audio onsets: librosa.onset.onset_detect on librosa.onset.onset_strength, all defaults.
 
     The reference reads the file with librosa.load's defaults (mono = mean of the channels, resampled to
-    22050 Hz with soxr_hq); this does the same to an in-memory waveform, (L,) or (channels, L).
+    22050 Hz with soxr_hq); this does the same to an in-memory waveform, (L,) or (channels, L). Audio shorter than
+    one STFT frame (`ONSET_N_FFT` samples at 22050 Hz, 93 ms) is refused with a ValueError: librosa would only warn
+    that the frame is too large and find no onset, which scores the clip 0 as if measured.
     """
     y = np.asarray(waveform, dtype=np.float32)
     if y.ndim == 2:
         y = librosa.to_mono(y)
     if y.ndim != 1 or y.size == 0:
         raise ValueError(f"audio peaks need a non-empty (L,) or (channels, L) waveform, got shape {np.shape(waveform)}")
+    seconds = y.size / sample_rate
     if sample_rate != ONSET_SAMPLE_RATE:
         y = librosa.resample(y, orig_sr=sample_rate, target_sr=ONSET_SAMPLE_RATE, res_type="soxr_hq")
-    envelope = librosa.onset.onset_strength(y=y, sr=ONSET_SAMPLE_RATE)
+    if y.size < ONSET_N_FFT:
+        raise ValueError(f"{seconds * 1000:.3g} ms of audio, shorter than the "
+                         f"{ONSET_N_FFT / ONSET_SAMPLE_RATE * 1000:.3g} ms frame AV-Align's onset detection needs "
+                         f"({y.size} of {ONSET_N_FFT} samples at {ONSET_SAMPLE_RATE} Hz)")
+    envelope = librosa.onset.onset_strength(y=y, sr=ONSET_SAMPLE_RATE, n_fft=ONSET_N_FFT)
     onsets = librosa.onset.onset_detect(onset_envelope=envelope, sr=ONSET_SAMPLE_RATE)
     return librosa.frames_to_time(onsets, sr=ONSET_SAMPLE_RATE)
 

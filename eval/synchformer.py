@@ -115,7 +115,7 @@ def synchformer_audio_input(waveform: np.ndarray, sample_rate: int, duration: fl
             x = _resampler(int(sample_rate))(x)
         x = x[:expected]
     if x.shape[0] != expected:
-        raise ValueError(f"synchformer_audio_input: audio too short for {duration} s "
+        raise ValueError(f"Synchformer audio too short: {x.shape[0] / SAMPLE_RATE:g} s for a window of {duration:g} s "
                          f"({x.shape[0]} of {expected} samples at 16 kHz)")
     return x.clone()
 

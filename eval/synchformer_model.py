@@ -101,6 +101,28 @@ class SynchformerConfig:
         """OFF + video + MOD + audio tokens of the offset transformer: 2 + 14 * (8 + 6) = 198."""
         return 2 + self.segments_compared * (self.video_token_frames + self.audio_grid[1])
 
+    @property
+    def min_frames(self) -> int:
+        """Video frames that give `segments_compared` segments: 16 + 13 x 8 = 120."""
+        return self.segment_frames + (self.segments_compared - 1) * self.segment_step_frames
+
+    @property
+    def min_samples(self) -> int:
+        """Audio samples that give `segments_compared` segments: 10240 + 13 x 5120 = 76800."""
+        return self.segment_samples + (self.segments_compared - 1) * self.segment_step_samples
+
+    @property
+    def min_seconds(self) -> float:
+        """The shortest clip DeSync can measure: `min_frames` at `video_fps` and `min_samples` at `sample_rate`
+        (4.8 s of each), since the offset classifier compares `segments_compared` segments of both."""
+        return max(self.min_frames / self.video_fps, self.min_samples / self.sample_rate)
+
+    def measures_window(self, seconds: float) -> bool:
+        """Whether a window of `seconds` gives both streams `segments_compared` segments, counted as the front
+        ends cut it: int(video_fps * seconds) frames and int(sample_rate * seconds) samples."""
+        return (int(self.video_fps * seconds) >= self.min_frames
+                and int(self.sample_rate * seconds) >= self.min_samples)
+
     def protocol(self) -> dict[str, object]:
         """The knobs the features and the offsets depend on (written into result and cache files)."""
         return {**dataclasses.asdict(self), "features": "per-segment token features (vfeat / afeat extractors)",

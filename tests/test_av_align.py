@@ -183,3 +183,37 @@ def test_window_of_a_clip_leaves_out_audio_past_its_end_and_refuses_a_short_vide
     for start in (0.0, 2.0):  # one second of a three-second window; a window past the end
         with pytest.raises(ValueError, match=r"short\.avi: (25|0) frames in the window .* where 75 were expected at 25 fps"):
             av_align_window(str(short), start, 3.0, str(tmp_path / "fits.wav"))
+
+
+def test_a_wav_too_short_for_the_onset_detection_is_a_failure_naming_it(tmp_path):
+    """Five samples are shorter than librosa's 2048-sample onset frame: librosa warned on the terminal (naming no
+    file), found no onset and the clip scored 0. Now the clip fails, in one line naming the WAV, and nothing warns."""
+    import warnings
+
+    import soundfile
+
+    import shards
+    from eval.av_align import av_align_scores, av_align_window
+
+    video = write_jumping_square(tmp_path / "v.avi", fps=25, frames=75, jumps={10, 30, 50})
+    wav = tmp_path / "out" / "wav" / "c0.wav"
+    wav.parent.mkdir(parents=True)
+    soundfile.write(wav, np.full(5, 0.1, np.float32), AUDIO_RATE)
+    reason = (f"{wav}: 0.312 ms of audio, shorter than the 92.9 ms frame AV-Align's onset detection needs "
+              "(7 of 2048 samples at 22050 Hz)")
+    clip = shards.SampleMeta(id="c0", caption="", label="", split="test", duration=3.0, valid_frames=75, nouns=(),
+                             source=str(video))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError) as raised:
+            av_align_window(str(video), 0.0, 3.0, str(wav))
+        assert str(raised.value) == reason
+        failures: list[dict[str, str]] = []
+        results = av_align_scores(tmp_path / "out", [clip], 1, failures, False)
+    assert failures == [{"id": "c0", "stage": "av_align", "reason": f"ValueError: {reason}"}]
+    assert results["av_align"]["n"] == 0 and results["av_align"]["per_clip"] == {}
+    # a WAV of one frame is measured, without a warning
+    soundfile.write(wav, clicks([0.05], 2048 / 22050), AUDIO_RATE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert set(av_align_window(str(video), 0.0, 3.0, str(wav))) == {"av_align", "av_align_2023"}

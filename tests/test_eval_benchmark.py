@@ -218,8 +218,9 @@ def clips_with_videos(tmp_path_factory) -> Path:
     return make_clips(tmp_path_factory.mktemp("benchmark"))
 
 
-def make_clips(root: Path) -> Path:
-    """Shards of four 6 s test clips (three with a source video) and one generated WAV each, under `root`."""
+def make_clips(root: Path, seconds: float = SECONDS) -> Path:
+    """Shards of four test clips of `seconds` (6 s; three with a source video) and one generated WAV each, under
+    `root`."""
     data = root / "shards"
     data.mkdir(parents=True)
     meta = {"schema_version": shards.SCHEMA_VERSION, "spec": SPEC.to_dict(), "config": dataclasses.asdict(FEATURES)}
@@ -230,13 +231,13 @@ def make_clips(root: Path) -> Path:
         sample_meta, arrays, _ = make_sample(spec=SPEC, clip_id=clip_id, seed=seed, split="test")
         video = root / "videos" / f"{clip_id}.mp4"
         if clip_id.startswith("v"):
-            make_video(video, seconds=SECONDS + 1.0, fps=25, size=(96, 64), audio=None)
-        sample_meta.update(duration=SECONDS, start=0.5, source=str(video))
-        waveform = (0.2 * rng.standard_normal(int(SPEC.sample_rate * SECONDS))).astype(np.float32)
+            make_video(video, seconds=seconds + 1.0, fps=25, size=(96, 64), audio=None)
+        sample_meta.update(duration=seconds, start=0.5, source=str(video))
+        waveform = (0.2 * rng.standard_normal(int(SPEC.sample_rate * seconds))).astype(np.float32)
         writer.write(shards.encode_sample(SPEC, sample_meta, arrays, waveform))
         wav = root / "eval" / "wav" / f"{clip_id}.wav"
         wav.parent.mkdir(parents=True, exist_ok=True)
-        soundfile.write(wav, (0.2 * rng.standard_normal(int(16000 * SECONDS))).astype(np.float32), 16000)
+        soundfile.write(wav, (0.2 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
     writer.close()
     return root
 
@@ -359,11 +360,50 @@ def test_a_bad_video_or_a_short_wav_fails_that_clip_alone(tmp_path):
     assert {("v0", "imagebind_video"), ("v0", "synchformer_video"), ("v1", "imagebind_audio"),
             ("v1", "synchformer_audio")} <= stages
     assert all("\n" not in f["reason"] for f in results["failures"])
+    named = {"v0": str(root / "videos" / "v0.mp4"), "v1": str(tmp_path / "out" / "wav" / "v1.wav")}
+    for failure in results["failures"]:  # each names the file it is about
+        if failure["stage"].endswith(("_video", "_audio")):
+            assert failure["reason"].startswith(f"{named[failure['id']]}: "), failure
+    reasons = {f["stage"]: f["reason"] for f in results["failures"] if f["id"] == "v1"}
+    assert reasons["synchformer_audio"].endswith("Synchformer audio too short: 0.00625 s for a window of 6 s "
+                                                 "(100 of 96000 samples at 16 kHz)")
     assert results["counts"]["ib_pairs"] == 1 and results["counts"]["desync_clips"] == 1  # v2 alone
     # run again: the bad video's failure comes from the cache, reported again, not retried
     again = evaluate(config, progress=False)
     assert ("v0", "imagebind_video") in {(f["id"], f["stage"]) for f in again["failures"]}
     assert again["ib_score"] == results["ib_score"]
+
+
+def test_clips_too_short_for_imagebind_or_synchformer_fail_before_the_models_run(tmp_path, monkeypatch):
+    """2 s clips: ImageBind needs two frames at 0.5 fps (4 s), DeSync 14 segments (4.8 s). Each clip with a video
+    is one failure per embedder naming its video window and WAV, its length and the least the embedder takes, under
+    a stage of its own; no model or decoder is run for them (they failed inside the front ends, naming no file)."""
+    import eval.benchmark_embed as benchmark_embed
+    import eval.imagebind as imagebind
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a clip too short for the embedder reached it")
+
+    for module, name in ((benchmark_embed, "window_frames"), (benchmark_embed, "embed_video"),
+                         (benchmark_embed, "desync_of"), (imagebind, "imagebind_audio_input")):
+        monkeypatch.setattr(module, name, refuse)
+    root = make_clips(tmp_path / "clips", seconds=2.0)
+    out = tmp_path / "out"
+    results = evaluate(benchmark_config(root, out, metrics="ib_score,desync", duration=10.0), progress=False)
+    assert results["ib_score"] is None and results["desync"] is None
+    failures = {(f["id"], f["stage"]): f["reason"] for f in results["failures"]}
+    assert sorted(failures) == [(clip_id, stage) for clip_id in ("v0", "v1", "v2")
+                                for stage in ("imagebind_window", "synchformer_window")]  # n0: no video, counted
+    window = f"{root / 'videos' / 'v0.mp4'} [0.5, 2.5) s and {out / 'wav' / 'v0.wav'}: the clip is 2 s long"
+    assert failures["v0", "imagebind_window"] == f"{window} while ImageBind needs at least 4 s (2 frames at 0.5 fps)"
+    assert failures["v0", "synchformer_window"] == (f"{window} while Synchformer needs at least 4.8 s for DeSync "
+                                                    "(14 segments of 0.64 s every 0.32 s)")
+    assert results["counts"]["benchmark_videos_missing"] == 1
+    # a window cut by --duration says so
+    again = evaluate(benchmark_config(root, tmp_path / "cut", metrics="ib_score", duration=1.5), progress=False)
+    reason = {f["id"]: f["reason"] for f in again["failures"]}["v1"]
+    assert reason.endswith("[0.5, 2) s and " f"{tmp_path / 'cut' / 'wav' / 'v1.wav'}: its window (--duration) is 1.5 s "
+                           "long while ImageBind needs at least 4 s (2 frames at 0.5 fps)")
 
 
 def test_only_what_is_selected_runs(clips_with_videos, tmp_path, monkeypatch):

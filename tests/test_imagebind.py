@@ -245,6 +245,16 @@ def test_video_input_rejects_bad_frames() -> None:
         imagebind_audio_input(np.zeros((16000, 2), np.float32), 16000)
 
 
+def test_shortest_window_is_one_clip_of_frames_at_half_a_frame_per_second() -> None:
+    """The video front end keeps int(0.5 x seconds) frames and a vision clip takes two: 4 s is the least the
+    evaluation lets through (a 2 s clip gives one frame, which `imagebind_video_input` refuses)."""
+    config = IMAGEBIND_CONFIGS["paper"]
+    assert config.min_video_seconds == 4.0
+    assert config.embeds_window(4.0) and not config.embeds_window(3.99)
+    assert dataclasses.replace(config, video_frames=3).min_video_seconds == 6.0
+    assert "min_video_seconds" not in config.model_kwargs()  # not an argument of ImageBindModel
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 4. Checkpoint errors and the score
 # --------------------------------------------------------------------------------------------------------------

@@ -110,6 +110,17 @@ def test_segment_counts(seconds: float, segments: int) -> None:
     assert num_segments(15, 16, 8) == 0 and num_segments(16, 16, 8) == 1
 
 
+def test_shortest_window_for_desync_comes_from_the_config() -> None:
+    """4.8 s gives both streams the 14 segments the offset classifier compares; less gives 13, which DeSync
+    refuses: the evaluation decides this before the model runs, from these numbers."""
+    config = SYNCHFORMER_CONFIGS["paper"]
+    assert (config.min_frames, config.min_samples, config.min_seconds) == (120, 76800, 4.8)
+    assert config.measures_window(4.8) and not config.measures_window(4.79)
+    assert num_segments(int(25 * 4.8), 16, 8) == 14 and num_segments(int(16000 * 4.79), 10240, 5120) == 13
+    fewer = dataclasses.replace(config, segments_compared=4)  # (16 + 3 x 8) / 25
+    assert fewer.min_seconds == pytest.approx(1.6) and fewer.measures_window(1.6) and not fewer.measures_window(1.5)
+
+
 def test_features_of_an_8_second_clip(tiny: Synchformer) -> None:
     rng = np.random.default_rng(3)
     audio = tiny.audio_features(torch.from_numpy(rng.standard_normal((1, 128000)).astype(np.float32)))
