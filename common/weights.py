@@ -290,8 +290,9 @@ def _shape_problem(load: Callable[..., Any], folder: Path,
     """A tensor whose shape in the folder's safetensors files (`headers`) differs from the one config.json gives
     it, found with the model built on the meta device (no memory) before from_pretrained builds it for real: a
     config.json with absurd sizes (block_out_channels 10**9) would otherwise take their memory first; also a
-    config.json that builds no model. None when they agree, or when this cannot be told here (no safetensors
-    file, or one that does not read)."""
+    config.json that builds no model. A tensor that from_pretrained renames while loading is compared with the
+    model's tensor of the new name (`loading_names`). None when they agree, or when this cannot be told here (no
+    safetensors file, or one that does not read)."""
     owner = getattr(load, "__self__", None)
     stored = {name: shape for header in (headers or {}).values() for name, (_, shape) in header.items()}
     if owner is None or not stored:
@@ -307,10 +308,52 @@ def _shape_problem(load: Callable[..., Any], folder: Path,
         # first take the memory of absurd sizes ("Storage size calculation overflowed", or tens of GB)
         return f"config.json describes no model that can be built ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
     built = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    renamed = loading_names(model, stored)
     for name, shape in sorted(stored.items()):
-        if name in built and built[name] != shape:
-            return f"{name} is {list(shape)} in the weights, {list(built[name])} by config.json"
+        target, as_stored = renamed.get(name, (name, True))
+        if as_stored and target in built and built[target] != shape:
+            return f"{name} is {list(shape)} in the weights, {list(built[target])} by config.json"
     return None
+
+
+def loading_names(model: Any, names: Iterable[str]) -> dict[str, tuple[str, bool]]:
+    """{name of a tensor in a checkpoint: (the name of the model's tensor from_pretrained loads it into, whether it
+    loads as it is stored)} for the checkpoint names from_pretrained renames while loading, computed the way it
+    does: transformers' checkpoint conversion mapping of the model class and its sub-models (Grounding DINO's
+    checkpoints store its Swin backbone's `...conv_encoder.model.encoder.layers.0.blocks.0.attention.self.query.weight`,
+    loaded as `...conv_encoder.model.swin.encoder.layers.0.blocks.0.attention.q_proj.weight`; a base-model prefix
+    added or dropped), diffusers' renaming of deprecated attention blocks (`query.weight` as `to_q.weight`). A name loaded by a weight converter
+    (tensors split, fused or stacked into the model's) is not loaded as stored: its shape differs by design. Names
+    loaded under their own name are left out, as are all of them when the loader's renaming cannot be asked."""
+    names = list(names)
+    renamed: dict[str, tuple[str, bool]] = {}
+    try:
+        from transformers import PreTrainedModel
+
+        if isinstance(model, PreTrainedModel):
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+            transforms = get_model_conversion_mapping(model, None, None)
+            renamings = [entry for entry in transforms if isinstance(entry, WeightRenaming)]
+            converters = [entry for entry in transforms if isinstance(entry, WeightConverter)]
+            own = model.state_dict()
+            prefix = model.base_model_prefix
+            for name in names:
+                target, converter = rename_source_key(name, renamings, converters, prefix, own)
+                if target not in own and name in own:  # as from_pretrained: a name of the model's own stays
+                    target, converter = rename_source_key(name, [], [], prefix, own)
+                if target != name or converter is not None:
+                    renamed[name] = (target, converter is None)
+        elif callable(getattr(model, "_fix_state_dict_keys_on_load", None)):  # diffusers
+            from collections import OrderedDict
+
+            fixed = OrderedDict((name, name) for name in names)
+            model._fix_state_dict_keys_on_load(fixed)  # renames the keys in place, each keeping its value
+            renamed = {name: (target, True) for target, name in fixed.items() if target != name}
+    except (ImportError, AttributeError, TypeError, ValueError, KeyError):  # another loader version: names as stored
+        return {}
+    return renamed
 
 
 def _layer_pattern(name: str) -> str:
@@ -421,16 +464,19 @@ def loaded_weights_problem(model: torch.nn.Module, folder: Path,
     """What makes a model loaded by from_pretrained from `folder` unusable although it loaded (None: nothing): a
     floating tensor holding NaN or infinities, or a float weight that a weight file of the folder (safetensors,
     whose `headers` were read before loading, or a torch .bin without them) stores as integers or booleans
-    (from_pretrained casts them without a word)."""
+    (from_pretrained casts them without a word). A stored name is matched to the model's under the name
+    from_pretrained loads it as (`loading_names`: Grounding DINO's Swin backbone is stored under older names),
+    then exactly or by suffix (a base-model prefix more or less)."""
     state = model.state_dict()
     bad = non_finite_tensor(state.items())
     if bad:
         return f"{bad} holds NaN or infinite values"
     floating = {name for name, tensor in state.items() if tensor.is_floating_point()}
     for file, dtypes in _stored_dtypes(folder, headers).items():
-        for name, dtype in sorted(dtypes.items()):
-            if is_float_dtype(dtype):
-                continue
-            if name in floating or any(key.endswith("." + name) or name.endswith("." + key) for key in floating):
-                return f"{file}: {name} is stored as {dtype}, where the model has float weights"
+        integers = sorted(name for name, dtype in dtypes.items() if not is_float_dtype(dtype))
+        renamed = loading_names(model, integers)
+        for name in integers:
+            target = renamed.get(name, (name, True))[0]
+            if target in floating or any(key.endswith("." + target) or target.endswith("." + key) for key in floating):
+                return f"{file}: {name} is stored as {dtypes[name]}, where the model has float weights"
     return None

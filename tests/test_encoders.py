@@ -942,6 +942,59 @@ def test_integer_weights_in_a_torch_bin_folder_are_refused_too(saved: tuple[Path
     assert capfd.readouterr().err == ""
 
 
+SWIN_QUERY = "model.backbone.conv_encoder.model.encoder.layers.0.blocks.0.attention.self.query.weight"
+
+
+def test_weights_under_names_the_loader_renames_are_checked_too(saved: tuple[Path, dict[str, object]],
+                                                                tmp_path: Path) -> None:
+    """from_pretrained renames some stored tensors while loading: transformers loads Grounding DINO's Swin backbone,
+    stored under its older names (`attention.self.query`) by the released checkpoints, as `swin.` ...
+    `attention.q_proj`, and diffusers loads a VAE's attention blocks of the deprecated names (`query`) as `to_q`.
+    The dtype check matched stored names to the model's as they were, so an integer-stored backbone or VAE
+    attention weight loaded cast to float without a word; the shape check before loading skipped them too."""
+    root, _ = saved
+
+    def grounder(folder: Path) -> Grounder:
+        return Grounder.from_config(LOADED.replace(use_sam=False), folder, CPU)
+
+    def swin_as_int(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[SWIN_QUERY] = tensors[SWIN_QUERY].to(torch.int32)
+
+    def swin_resized(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[SWIN_QUERY] = torch.zeros(tensors[SWIN_QUERY].shape[0] + 1, tensors[SWIN_QUERY].shape[1])
+
+    _rewritten(root / LOADED.grounding_dir, tmp_path / "int" / LOADED.grounding_dir, swin_as_int)
+    with pytest.raises(ValueError, match=rf"the Grounding DINO weights are not a trained model's \(model.safetensors: "
+                                         rf"{re.escape(SWIN_QUERY)} is stored as I32, where the model has float weights"):
+        grounder(tmp_path / "int")
+    _rewritten(root / LOADED.grounding_dir, tmp_path / "shape" / LOADED.grounding_dir, swin_resized)
+    with pytest.raises(ValueError, match=rf"weights do not fit its config.json \({re.escape(SWIN_QUERY)} is \["):
+        grounder(tmp_path / "shape")
+
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+    def deprecated_attention(tensors: dict[str, torch.Tensor]) -> None:
+        for name in [name for name in tensors if ".attentions." in name]:
+            stem, _, leaf = name.rpartition(".")
+            for new, old in old_names.items():
+                if stem.endswith("." + new):
+                    tensors[f"{stem.removesuffix(new)}{old}.{leaf}"] = tensors.pop(name)
+
+    vae = f"{LOADED.audioldm_dir}/vae"
+    _rewritten(root / vae, tmp_path / "old" / vae, deprecated_attention)
+    AudioVAE.from_config(LOADED.audio_models(), tmp_path / "old", CPU)  # the deprecated names load as they are
+
+    def deprecated_as_int(tensors: dict[str, torch.Tensor]) -> None:
+        deprecated_attention(tensors)
+        query = "encoder.mid_block.attentions.0.query.weight"
+        tensors[query] = tensors[query].to(torch.int32)
+
+    _rewritten(root / vae, tmp_path / "old_int" / vae, deprecated_as_int)
+    with pytest.raises(ValueError, match=r"encoder.mid_block.attentions.0.query.weight is stored as I32, where the model"):
+        AudioVAE.from_config(LOADED.audio_models(), tmp_path / "old_int", CPU)
+    assert weights.loading_names(AutoencoderKL(**tiny_vae_config(CFG.audio_models())), ["encoder.conv_in.weight"]) == {}
+
+
 def test_another_variant_than_the_papers_is_said_under_the_paper_preset(saved: tuple[Path, dict[str, object]],
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     """SAM ViT-H or Grounding DINO Swin-B in the weights folder loaded under the paper preset without a word (the
