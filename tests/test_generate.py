@@ -53,6 +53,19 @@ def run_dir(tmp_path_factory) -> Path:
     return root / "run"
 
 
+def run_with_features(run_dir: Path, tmp_path: Path, **config: object) -> Path:
+    """A copy of the trained run whose model/features.json records other stage-one settings (`config`)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    path = run / "model" / "features.json"
+    features = json.loads(path.read_text())
+    features["config"].update(config)
+    path.write_text(json.dumps(features))
+    return run
+
+
 def test_windows_cover_the_video_and_end_at_its_end():
     assert window_starts(3.0, 10.24, 2.0) == [0.0]
     starts = window_starts(25.0, 10.24, 2.0)
@@ -308,7 +321,6 @@ def test_cuda_graphs_flag():
 
 
 def test_features_made_with_the_fused_kernel_still_generate_where_it_cannot_run(run_dir, tmp_path, capsys):
-    import shutil
 
     import torch
 
@@ -316,12 +328,7 @@ def test_features_made_with_the_fused_kernel_still_generate_where_it_cannot_run(
 
     if torch.cuda.is_available() and deformable.available():
         pytest.skip("the fused kernel runs here")
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
-    path = run / "model" / "features.json"
-    features = json.loads(path.read_text())
-    features["config"]["deformable_attention"] = "triton"  # stage one ran on a GPU with the fused kernel
-    path.write_text(json.dumps(features))
+    run = run_with_features(run_dir, tmp_path, deformable_attention="triton")  # stage one's GPU had the fused kernel
     video = media.make_video(tmp_path / "a.mp4", seconds=2.0, audio=None)
     code = cli_main(["generate", str(video), "--model", str(run), "--out", str(tmp_path / "out"), "--steps", "2",
                      "--caption", "dog", "--no-progress"])
@@ -334,7 +341,6 @@ def test_features_made_with_the_fused_kernel_still_generate_where_it_cannot_run(
 def test_features_made_with_compiled_detectors_generate_without_compiling(run_dir, tmp_path, monkeypatch):
     """Stage one's --compile is its machine's speed choice (minutes of compilation per shape); generating sound
     for a video grounds with the eager models."""
-    import shutil
 
     from preprocess.encoders import Grounder
 
@@ -342,12 +348,7 @@ def test_features_made_with_compiled_detectors_generate_without_compiling(run_di
         raise AssertionError("vta-sam generate compiled the detector")
 
     monkeypatch.setattr(Grounder, "compile_models", refuse)
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
-    path = run / "model" / "features.json"
-    features = json.loads(path.read_text())
-    features["config"]["compile"] = True
-    path.write_text(json.dumps(features))
+    run = run_with_features(run_dir, tmp_path, compile=True)
     video = media.make_video(tmp_path / "a.mp4", seconds=2.0, audio=None)
     code = cli_main(["generate", str(video), "--model", str(run), "--out", str(tmp_path / "out"), "--steps", "2",
                      "--caption", "dog", "--no-progress"])
@@ -357,14 +358,10 @@ def test_features_made_with_compiled_detectors_generate_without_compiling(run_di
 def test_stage_one_settings_of_other_shapes_than_the_model_was_trained_on_are_refused(run_dir, tmp_path, capsys):
     """The stage-one settings (model/features.json, or the shards' meta.json of an older run) were not compared with
     the model's: at another frame rate the model got 2x the frames it was trained on, and made sound without a word."""
-    import shutil
 
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
+    fps = json.loads((run_dir / "model" / "features.json").read_text())["config"]["fps"]
+    run = run_with_features(run_dir, tmp_path, fps=2 * fps)
     path = run / "model" / "features.json"
-    features = json.loads(path.read_text())
-    features["config"]["fps"] = 2 * features["config"]["fps"]
-    path.write_text(json.dumps(features))
     video = media.make_video(tmp_path / "a.mp4", seconds=2.0, audio=None)
     code = cli_main(["generate", str(video), "--model", str(run), "--out", str(tmp_path / "out"), "--steps", "2",
                      "--caption", "dog", "--no-progress"])
@@ -376,18 +373,12 @@ def test_stage_one_settings_of_other_shapes_than_the_model_was_trained_on_are_re
 def test_nltk_data_is_needed_only_for_a_free_text_caption(run_dir, tmp_path, capsys, monkeypatch):
     """A model whose stage one tagged with nltk (the paper preset) stopped without nltk's tagger data even without a
     caption, whose nouns come from VGGSound's labels, and did so with a TaggerUnavailableError traceback."""
-    import shutil
 
     import nltk
 
     from preprocess import nouns as nouns_module
 
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
-    path = run / "model" / "features.json"
-    features = json.loads(path.read_text())
-    features["config"]["tagger"] = "nltk"
-    path.write_text(json.dumps(features))
+    run = run_with_features(run_dir, tmp_path, tagger="nltk")
 
     def not_found(*args, **kwargs):
         raise LookupError("not found")
@@ -1071,14 +1062,8 @@ def test_a_model_missing_from_the_weights_folder_is_one_line(run_dir, tmp_path, 
     """A run whose features came from real checkpoints, given a weights folder without CLIP (or no weights folder
     at all): the message was right but came after a 21-line traceback, with exit 1; the VAE's absence was already
     one line."""
-    import shutil
 
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
-    path = run / "model" / "features.json"
-    features = json.loads(path.read_text())
-    features["config"]["random_init"] = False
-    path.write_text(json.dumps(features))
+    run = run_with_features(run_dir, tmp_path, random_init=False)
     (tmp_path / "weights").mkdir()
     video = media.make_video(tmp_path / "v.mp4", seconds=2.0, audio=None)
     assert cli_main(["generate", str(video), "--model", str(run), "--out", str(tmp_path / "out"), "--steps", "2",
