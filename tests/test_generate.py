@@ -1024,15 +1024,14 @@ def test_a_killed_runs_partial_copy_is_removed_and_a_live_ones_kept(tmp_path):
 
     dead = sp.Popen(["true"])
     dead.wait()
-    out = tmp_path / "clip.mp4"
     killed = tmp_path / f".clip.{dead.pid}-0123456789ab.partial.mp4"
     live = tmp_path / f".clip.{os.getpid()}-0123456789ab.partial.mp4"
     user = tmp_path / ".clip.partial.mp4"
-    other = tmp_path / f".other.{dead.pid}-0123456789ab.partial.mp4"
+    other = tmp_path / f".other.{dead.pid}-0123456789ab.partial.wav"
     for path in (killed, live, user, other):
         path.write_bytes(b"x")
-    assert remove_dead_partials(out) == [killed]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, user, other))
+    assert sorted(remove_dead_partials(tmp_path)) == sorted([killed, other])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, user))
 
 
 def test_the_wav_is_written_under_a_name_of_this_process_own(run_dir, tmp_path, capsys):

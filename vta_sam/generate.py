@@ -272,15 +272,17 @@ def partial_path(out: Path) -> Path:
     return out.with_name(f".{out.stem}.{os.getpid()}-{secrets.token_hex(6)}.partial{out.suffix}")
 
 
-def remove_dead_partials(out: Path) -> list[Path]:
-    """Delete the partial copies of `out` (`partial_path`'s) whose process is gone: a run killed while ffmpeg wrote
-    (SIGKILL: no cleanup ran) left a copy of the whole video stream, or a WAV. A live process's copy is left
-    alone."""
-    pattern = re.compile(rf"\.{re.escape(out.stem)}\.(\d+)-[0-9a-f]{{12}}\.partial{re.escape(out.suffix)}")
+PARTIAL = re.compile(r"\..+\.(\d+)-[0-9a-f]{12}\.partial\.[^.]+")  # `partial_path`'s names
+
+
+def remove_dead_partials(folder: Path) -> list[Path]:
+    """Delete the partial outputs in `folder` (`partial_path`'s) whose process is gone: a run killed while ffmpeg
+    wrote (SIGKILL: no cleanup ran) left a copy of the whole video stream, or a WAV. A live process's file is left
+    alone. Once per run and folder (a folder of thousands of outputs is listed once, not once per video)."""
     removed = []
     with contextlib.suppress(OSError):
-        for path in out.parent.iterdir():
-            found = pattern.fullmatch(path.name)
+        for path in folder.iterdir():
+            found = PARTIAL.fullmatch(path.name)
             if found and path.is_file() and not alive(int(found[1])):
                 with contextlib.suppress(OSError):
                     path.unlink()
@@ -301,8 +303,6 @@ def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int
     Audio: AAC; Opus in WebM; 16-bit PCM in AVI, which cannot mark AAC's priming samples."""
     # a trial writes beside its WAV (a scratch folder); the copy into a hidden file of a random name beside `out`
     # (ffmpeg makes it with the user's umask), renamed over `out` when whole: never into a file of the user's
-    if not first_frame_only:
-        remove_dead_partials(out)
     tmp = wav.parent / f"trial{out.suffix}" if first_frame_only else partial_path(out)
     suffix = out.suffix.lower()
     # AVI cannot mark AAC's priming samples to be skipped (the sound would start 64 ms late): PCM there
@@ -784,6 +784,7 @@ def _generate_all(generator: SoundGenerator, videos: list[Path], options: Genera
     from eval.generate import write_wav
 
     failed = 0
+    remove_dead_partials(options.out if many or options.out.suffix.lower() not in VIDEO_SUFFIXES else options.out.parent)
     with tempfile.TemporaryDirectory(prefix="vta-sam-generate-") as scratch:
         silence = Path(scratch) / "silence.wav"  # the sound of the trial muxes (`mux(first_frame_only=True)`)
         write_wav(silence, np.zeros(generator.features.sample_rate // 10, np.float32), generator.features.sample_rate)
@@ -838,7 +839,6 @@ def _generate_one(generator: SoundGenerator, video: Path, options: GenerateOptio
         if not np.isfinite(waveform).all():  # a damaged checkpoint: never write (and mux) full-scale noise
             raise GenerateError(f"{video}: the model made non-finite audio (with --guidance {options.guidance:g}; "
                                 f"check {options.model}/model and the VAE and vocoder weights)")
-        remove_dead_partials(out_wav)
         write_wav(out_wav, waveform, generator.features.sample_rate, software=WAV_SOFTWARE, tmp=partial_path(out_wav))
         mux(video, out_wav, out_video, probe["start"], probe["index"])
         if options.explain:
