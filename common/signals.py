@@ -33,16 +33,20 @@ def die_with_parent(parent: int | None = None) -> None:
     """Ask Linux to SIGKILL this process when its parent dies (a no-op elsewhere or without libc): a worker that
     ignores the stop signals would otherwise outlive a SIGKILLed job, holding its files, its shared memory and its
     folder's lock, and the same command could not go on. The request is tied to the parent thread that started the
-    worker (the one iterating a DataLoader, or submitting to a ProcessPoolExecutor). `parent`: the pid that started it; a worker
-    whose parent died before the request exits at once."""
+    worker (the one iterating a DataLoader, or submitting to a ProcessPoolExecutor; with the forkserver start method,
+    the fork server, which ends with the job). `parent`: the job's pid; a worker whose job died before the request
+    exits at once."""
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):
             pass
-    if parent is not None and os.getppid() != parent:
-        os._exit(1)
+    if parent is not None:
+        try:
+            os.kill(parent, 0)
+        except (ProcessLookupError, PermissionError):  # gone (or the id is someone else's process now)
+            os._exit(1)
 
 
 def pool_worker(parent: int) -> None:

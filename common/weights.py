@@ -257,10 +257,12 @@ STANDARD_WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetenso
 
 
 def read_weight_files(folder: Path) -> list[Path]:
-    """The weight files of a model folder that from_pretrained reads: the shards an index (`*.index.json`) lists,
-    else the first standard single file there (`STANDARD_WEIGHT_FILES`), else every weight file (a folder of other
+    """The weight files of a model folder that from_pretrained reads: the first standard single file there
+    (`STANDARD_WEIGHT_FILES`), else the shards its index (`*.index.json`) lists, else every weight file (a folder of other
     names, which from_pretrained refuses itself). Another file beside them (a stale copy) is not one of them."""
     for name in STANDARD_WEIGHT_FILES:
+        if (folder / name).is_file():  # from_pretrained takes a single file before an index beside it
+            return [folder / name]
         index = folder / f"{name}.index.json"
         if index.is_file():
             try:
@@ -268,8 +270,6 @@ def read_weight_files(folder: Path) -> list[Path]:
                 return sorted({folder / str(shard) for shard in listed if (folder / str(shard)).is_file()})
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 return sorted(p for p in folder.iterdir() if is_weight_file(p))  # from_pretrained says what is wrong
-        if (folder / name).is_file():
-            return [folder / name]
     return sorted(p for p in folder.iterdir() if is_weight_file(p))
 
 

@@ -187,8 +187,9 @@ def _in_range(shards: Sequence[tuple[str | Path, int]], split: str, start: int, 
               spec: ShardSpec | None) -> Iterator[dict[str, Any]]:
     """Raw samples number [start, stop) of `split` in the concatenation of `shards`, each given with its count of
     the split's samples: the shards before and after the range are not opened; a shard the range starts in is read
-    from its beginning (a tar streams), one it ends in up to the range's end (its record is then checked by the
-    reader of its end). ShardFormatError when a shard holds fewer samples of the split than its count."""
+    from its beginning (a tar streams: about one shard more per range), one it ends in up to the range's end (its
+    record is then checked by the reader of its end, which reads it whole). ShardFormatError when a shard holds
+    fewer samples of the split than its count."""
     offset = 0
     for url, count in shards:
         path = Path(url)
@@ -197,12 +198,12 @@ def _in_range(shards: Sequence[tuple[str | Path, int]], split: str, start: int, 
             for raw in read_raw(path, spec):
                 if _split_of(raw) != split:
                     continue
-                if index >= end:
-                    break
-                if index >= start:
+                if start <= index < end:
                     yield raw
                 index += 1
-            if index < end:
+                if index >= end and end < offset + count:  # the range ends inside this shard
+                    break
+            if index < end or (end == offset + count and index != end):  # read whole: its count is known
                 raise ShardFormatError(f"{path}: holds {index - offset} samples of split {split!r}, {count} when this "
                                        "stream began (the shard changed since)")
         offset += count

@@ -1132,3 +1132,19 @@ def test_checkpoint_files_that_do_not_load_say_why_in_one_line(tmp_path):
     save_file({"conv_post.bias": torch.zeros(2)}, vocoder / "old.safetensors")  # not read by from_pretrained
     assert isinstance(load_pretrained_model(SpeechT5HifiGan.from_pretrained, vocoder, "AudioLDM vocoder"),
                       SpeechT5HifiGan)
+
+
+def test_the_weight_files_checked_are_the_ones_from_pretrained_reads(tmp_path):
+    """A single model.safetensors is read before an index beside it (transformers 5), an index's shards without a
+    single file, and a stale extra file never."""
+    from common.weights import read_weight_files
+
+    for name in ("model.safetensors", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "old.safetensors"):
+        save_file({"a": torch.zeros(1)}, tmp_path / name)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert read_weight_files(tmp_path) == [tmp_path / "model.safetensors"]
+    (tmp_path / "model.safetensors").unlink()
+    assert read_weight_files(tmp_path) == [tmp_path / "model-00001-of-00002.safetensors",
+                                           tmp_path / "model-00002-of-00002.safetensors"]

@@ -771,3 +771,17 @@ def test_an_unreadable_wav_is_a_failure_whatever_the_metrics(tiny_run, generated
     assert sorted(unreadable) == sorted([first, second, third])
     assert "cut short" in unreadable[third] and str(wav_path(out, third)) in unreadable[third]
     assert results["counts"]["paired"] == len(TEST_IDS) - 3
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_pool_workers_start_under_every_start_method(method):
+    """The check that the job is still alive compared the worker's parent with the job: under forkserver (Python
+    3.14's default on Linux) the parent is the fork server, and every worker exited at once (BrokenProcessPool)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from common.signals import pool_worker
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method), initializer=pool_worker,
+                             initargs=(os.getpid(),)) as pool:
+        assert list(pool.map(abs, [-1, -2, -3])) == [1, 2, 3]

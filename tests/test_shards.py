@@ -400,6 +400,8 @@ def test_range_stream_reads_one_range_of_a_split_and_skips(tmp_path, spec):
     assert all(isinstance(s["clip.npy"], np.ndarray) for s in shards.range_stream(index, "train", 0, 5, 1, "0"))
     with pytest.raises(shards.ShardFormatError, match="holds 2 samples of split 'train', 3 when this stream began"):
         list(shards.range_stream([(p, c + 1 if c == 2 else c) for p, c in index], "train", 0, 6, 1, "0"))
+    with pytest.raises(shards.ShardFormatError, match="holds 2 samples of split 'train', 1 when this stream began"):
+        list(shards.range_stream([(p, c - 1 if c == 2 else c) for p, c in index], "train", 0, 3, 1, "0"))
 
 
 def test_conditions_table_derives_every_condition(spec):

@@ -77,8 +77,8 @@ def test_a_bad_shard_only_rank_one_reads_is_named(tmp_path):
 
     write_shards(tmp_path / "shards", num_shards=4, per_shard=4)
     urls = sorted(str(p) for p in (tmp_path / "shards").glob("*.tar"))
-    random.Random("0-0").shuffle(urls)  # epoch 0's shard order (seed 0); rank 1 reads every second one from the 2nd
-    damaged = Path(urls[1])
+    random.Random("0-0").shuffle(urls)  # epoch 0's shard order (seed 0): rank 1 reads the second half of its samples
+    damaged = Path(urls[2])
     with tarfile.open(damaged) as tar:
         member = max(tar.getmembers(), key=lambda m: m.size)  # the largest feature array of the shard
     data = bytearray(damaged.read_bytes())

@@ -475,3 +475,23 @@ def test_a_torch_write_failure_says_when_the_disk_is_full(tmp_path, monkeypatch,
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     assert caught.value.reason.startswith("No space left on device: [enforce fail") == full
     assert caught.value.reason.endswith("unexpected pos 704 vs 598")
+
+
+def test_data_positions_of_an_older_version_resume_with_a_warning(tmp_path, capsys, data):
+    """An older version recorded {worker: position} of streams that took whole shards; today's positions are per
+    data stream of a sample range, marked as such. An older record resumes, saying that its samples from there on
+    differ from an uninterrupted run's."""
+    from train.trainer import write_manifest
+
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 0
+    checkpoint = out / "checkpoints/step_00000002"
+    recorded = json.loads((checkpoint / "data_rank0.json").read_text())
+    assert set(recorded) == {"streams"}
+    (checkpoint / "data_rank0.json").write_text(json.dumps(recorded["streams"]))  # as an older version wrote it
+    write_manifest(checkpoint, 2)
+    capsys.readouterr()
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 0
+    assert "data positions of an older version" in capsys.readouterr().out
+    assert run(data, tmp_path / "again", "--max-steps", "4", *FLAGS) == 0
+    assert "older version" not in capsys.readouterr().out

@@ -115,7 +115,7 @@ def to_example(sample: dict[str, Any], threshold: float) -> dict[str, Any]:
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"id": [e["id"] for e in examples]}
     for key in examples[0]:
-        if key != "id" and not key.startswith("__"):  # webdataset's map() re-attaches __key__
+        if key != "id" and not key.startswith("__"):
             batch[key] = torch.stack([e[key] for e in examples])
     return batch
 

@@ -70,8 +70,8 @@ if TYPE_CHECKING:
 # change too when the data there is the same: `data_fingerprint`)
 # (global_batch: what it trains is the grad_accumulation it resolves to (`resolve_global_batch`), which is compared;
 # a run saved before the field existed, or with the accumulation given by hand, resumes when that agrees)
-# (not num_workers: a rank's data position is kept per DataLoader worker, and the workers share out its shards, so
-# another count would repeat some samples of the epoch and skip others)
+# (not num_workers: a rank's data position is kept per data stream, one per DataLoader worker, and the streams share
+# out each epoch's samples, so another count would repeat some samples of the epoch and skip others)
 RESUMABLE_CHANGES = {"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "max_bad_steps",
                      "compile", "output", "record_ranks", "global_batch"}
 # ...except these when the run's learning rate decays to 0 at its last step (lr_schedule linear or cosine)
@@ -597,7 +597,8 @@ def save_checkpoint(accelerator: Accelerator, output: Path, progress: Progress, 
         accelerator.save_state(str(tmp))
         (tmp / f"{RNG_STATE_NAME}_{rank}.pkl").unlink(missing_ok=True)  # a pickle: kept in rng_rank<r>.safetensors
         save_rng_state(tmp / rng_file(rank))
-        (tmp / data_file(rank)).write_text(json.dumps({str(w): list(p) for w, p in positions.items()}), encoding="utf-8")
+        (tmp / data_file(rank)).write_text(json.dumps({"streams": {str(w): list(p) for w, p in positions.items()}}),
+                                           encoding="utf-8")
         if accelerator.is_main_process:
             save_weights(ema, tmp / EMA_FILE, float32=False)
             (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()), encoding="utf-8")
@@ -629,8 +630,9 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_schedule: AcceleratedScheduler
     progress: Progress = field(default_factory=Progress)
-    positions: dict[int, tuple[int, int]] = field(default_factory=dict)  # data position per DataLoader worker
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)  # data position per data stream
     resumed_from: Path | None = None  # the checkpoint loaded, None for a fresh run
+    older_positions: bool = False  # the checkpoint's data positions are of whole-shard streams (an older version)
 
     @property
     def output(self) -> Path:
@@ -700,6 +702,10 @@ def resume(run: Run, log: Any) -> None:
         load_checkpoint(run, checkpoint)
         if accelerator.is_main_process:
             log(f"resuming from {checkpoint} at step {run.progress.step}")
+            if run.older_positions:
+                log(f"warning: {checkpoint}: data positions of an older version, whose data streams took whole shards; "
+                    "they are read as positions of today's streams, so the samples from here on are not those an "
+                    "uninterrupted run would have seen (and a run of --epochs may count its steps slightly otherwise)")
         return
     if problems:
         raise ConfigError(f"{run.output / 'checkpoints'}: no usable checkpoint ({'; '.join(problems)}); move the "
@@ -772,6 +778,8 @@ def load_checkpoint(run: Run, checkpoint: Path) -> None:
         load_rng_state(checkpoint / name)
         name = data_file(rank)
         positions = json.loads((checkpoint / name).read_text(encoding="utf-8"))
+        run.older_positions = "streams" not in positions  # {worker: position} of whole-shard streams
+        positions = positions.get("streams", positions)
         run.positions = {int(w): (int(p[0]), int(p[1])) for w, p in positions.items()}
         if any(min(worker, *position) < 0 for worker, position in run.positions.items()):
             raise ValueError(f"a data position below 0: {positions}")
