@@ -193,7 +193,7 @@ def _in_range(shards: Sequence[tuple[str | Path, int]], split: str, start: int, 
     offset = 0
     for url, count in shards:
         path = Path(url)
-        if offset + count > start and offset < stop:
+        if count and offset + count > start and offset < stop:  # a shard of none of the split is not opened
             index, end = offset, min(stop, offset + count)
             for raw in read_raw(path, spec):
                 if _split_of(raw) != split:

@@ -969,7 +969,8 @@ class RankRecorder:
     def __init__(self, output: Path, rank: int):
         self.folder, self.rank = output / "ranks", rank
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.ids = open(self.folder / f"ids_rank{rank}.txt", "a", encoding="utf-8")  # noqa: SIM115 - closed by __exit__
+        self.ids = open(self.folder / f"ids_rank{rank}.txt", "a", buffering=1,  # noqa: SIM115 - closed by __exit__
+                        encoding="utf-8")  # line by line: a killed run keeps the lines of its steps
 
     def __enter__(self) -> RankRecorder:
         return self
