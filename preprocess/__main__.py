@@ -60,7 +60,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     source.add_argument("--csv", type=path_argument, help="VGGSound-style CSV: youtube_id,start_seconds,label,split")
     source.add_argument("--videos", type=path_argument, help="video folder")
     source.add_argument("--captions", type=path_argument, help="without --csv: captions for the folder's videos (JSON or CSV name,caption)")
-    source.add_argument("--split", default="train", help="without --csv: split name given to the folder's videos")
+    source.add_argument("--split", help="without --csv: split name given to the folder's videos (default train)")
     parser.add_argument("--out", type=path_argument, help=f"output folder for shards, meta.json, failures.jsonl (default {DEMO_OUT} with the tiny preset, "
                         "data/shards/<preset> with another)")
     parser.add_argument("--weights", type=path_argument, default=Path("weights"), help="weights folder (see README); unused with --random-init")
@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(PRESETS, args)
     if cfg is None:
         return 2
+    folder_only = [name for name, value in (("--captions", args.captions), ("--split", args.split)) if value is not None]
+    if folder_only and (args.csv is not None or args.videos is None):  # a CSV gives each row's caption and split
+        print(f"error: {' and '.join(folder_only)} apply to a folder of videos (--videos without --csv); a CSV's rows give "
+              "their own labels and splits", file=sys.stderr)
+        return 2
     if args.csv is None and args.videos is None:
         args.csv, args.videos = DEMO_CSV, DEMO_VIDEOS
         if not DEMO_CSV.exists():
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise manifest.ManifestError("--csv needs --videos (the folder holding the clips)")
             clips = manifest.from_vggsound_csv(args.csv, args.videos)
         else:
-            clips = manifest.from_folder(args.videos, args.captions, args.split)
+            clips = manifest.from_folder(args.videos, args.captions, args.split or "train")
     except manifest.ManifestError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -105,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         print(os_error_line(error, args.csv or args.videos), file=sys.stderr)
         return 2
     clips, duplicates = manifest.dedupe(clips)
+    if not clips:  # a folder of files of no video suffix, an empty CSV: exit 0 said nothing
+        print(f"warning: {args.csv or args.videos}: no clip to make (video files: "
+              f"{', '.join(manifest.VIDEO_SUFFIXES)})", file=sys.stderr)
     if args.limit is not None and args.limit < 0:
         print(f"error: --limit must be 0 or more (got {args.limit})", file=sys.stderr)
         return 2

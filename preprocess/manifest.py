@@ -79,9 +79,12 @@ def from_vggsound_csv(csv_path: Path, video_dir: Path) -> list[Clip]:
     for line_number, row in _csv_rows(csv_path, _read_text(csv_path)):
         if not row or row[0].startswith("#") or (line_number == 1 and row[0].strip().lower() in {"youtube_id", "ytid", "id"}):
             continue
-        if len(row) < 4:
-            raise ManifestError(f"{csv_path}:{line_number}: expected `youtube_id,start_seconds,label,split`, got {row}")
-        ytid, start_text, label, split = (field.strip() for field in row[:4])
+        if len(row) != 4:  # a fifth field: a label with an unquoted comma, whose second half would be the split
+            raise ManifestError(f"{csv_path}:{line_number}: expected 4 fields `youtube_id,start_seconds,label,split`, got "
+                                f"{len(row)} {row} (quote a label that holds a comma)")
+        ytid, start_text, label, split = (field.strip() for field in row)
+        if not ytid:
+            raise ManifestError(f"{csv_path}:{line_number}: empty youtube_id")
         try:
             start = float(start_text)
         except ValueError:
@@ -123,7 +126,8 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
 
 
 def _read_captions(captions_path: Path) -> dict[str, str]:
-    """A JSON object {stem: caption} or a CSV with rows `stem_or_filename,caption`. A JSON null is no caption."""
+    """A JSON object {name: caption} or a CSV with rows `name,caption`, a name being a video's stem or file name
+    (`_caption_stem`). A JSON null is no caption."""
     if not captions_path.is_file():
         raise ManifestError(f"{captions_path}: "
                             f"{'a folder, not a captions file' if captions_path.is_dir() else 'captions file not found'}")
@@ -142,17 +146,30 @@ def _read_captions(captions_path: Path) -> dict[str, str]:
             raise ManifestError(f"{captions_path}: the caption of {bad!r} is a {type(data[bad]).__name__}, not a string")
         pairs = [(str(k), v or "") for k, v in data.items()]
     else:
-        pairs = [(row[0].strip(), row[1].strip()) for _, row in _csv_rows(captions_path, text)
-                 if len(row) >= 2 and not row[0].startswith("#")]
+        pairs = []
+        for line_number, row in _csv_rows(captions_path, text):
+            if not row or row[0].startswith("#"):
+                continue
+            if len(row) != 2:  # a caption with an unquoted comma would be cut at it
+                raise ManifestError(f"{captions_path}:{line_number}: expected 2 fields `name,caption`, got {len(row)} "
+                                    f"{row} (quote a caption that holds a comma)")
+            pairs.append((row[0].strip(), row[1].strip()))
     captions: dict[str, str] = {}
     named: dict[str, str] = {}
     for name, caption in pairs:
-        stem = Path(name).stem
+        stem = _caption_stem(name)
         if stem in captions and captions[stem] != caption:  # "x.mp4" and "x", or "a/x.mp4" and "b/x.mkv"
             raise ManifestError(f"{captions_path}: {named[stem]!r} and {name!r} both name video {stem!r}, with other "
                                 f"captions ({captions[stem]!r}, {caption!r}); keep one")
         captions[stem], named[stem] = caption, name
     return captions
+
+
+def _caption_stem(name: str) -> str:
+    """The video stem a captions file's name means: a file name with a video suffix (`x.mp4`, also under a folder)
+    means its stem; any other name is the stem itself (`take.2` is video take.2.mp4, not take.mp4)."""
+    path = Path(name)
+    return path.stem if path.suffix.lower() in VIDEO_SUFFIXES else path.name
 
 
 def from_folder(video_dir: Path, captions_path: Path | None = None, split: str = "train") -> list[Clip]:
@@ -170,11 +187,14 @@ def from_folder(video_dir: Path, captions_path: Path | None = None, split: str =
 
 
 def _check_coverage(captions_path: Path, captions: dict[str, str], index: dict[str, Path]) -> None:
-    """One warning line for the videos the captions file leaves without a caption (their nouns are none, so
-    their object embedding is zero) and one for captions that name no video: both usually mean its names are
-    spelled differently from the files'."""
+    """ManifestError when the captions file names none of the videos; else one warning line for the videos it
+    leaves without a caption (their nouns are none, so their object embedding is zero) and one for captions that
+    name no video: both usually mean its names are spelled differently from the files'."""
     uncaptioned = sorted(stem for stem in index if not captions.get(stem))
     unmatched = sorted(stem for stem in captions if stem not in index)
+    if index and captions and len(unmatched) == len(captions):  # another folder's captions, or names spelled otherwise
+        raise ManifestError(f"{captions_path}: its {len(captions)} captions name none of the {len(index)} videos of the "
+                            f"folder (e.g. {unmatched[0]!r}; names are video stems or file names)")
     for names, what in ((uncaptioned, f"of {len(index)} videos have no caption there"),
                         (unmatched, "captions name no video in the folder")):
         if names:

@@ -558,9 +558,21 @@ def source_stamp(path: Path) -> str:
 
 def warn_about_changes(out_dir: Path, wanted: dict[str, Clip], stored: dict[str, shards.SampleMeta]) -> None:
     """Say which clips already in the folder (`wanted`, by sample key; `stored`: their SampleMeta in its shards, from
-    `completed_ids`) were made with another caption than the manifest gives now, or from a video file replaced since
-    at the same path; they are kept as they are (a clip is made once per folder)."""
+    `completed_ids`) were made with another caption or window start than the manifest gives now, or from a video
+    file replaced since at the same path; they are kept as they are (a clip is made once per folder). A clip of
+    another id under the same sample key (`x.1` made before, `x_1` now) is a FeatureError: it would be taken as
+    made."""
     stored = {key: meta for key, meta in stored.items() if key in wanted}
+    clash = next(((meta.id, wanted[key].id) for key, meta in stored.items() if meta.id != wanted[key].id), None)
+    if clash:
+        raise FeatureError(f"{out_dir}: clip {clash[1]!r} has the shard sample key of clip {clash[0]!r} made there "
+                           "before ('.' and '/' are written as '_'); rename its video (or give another --out)")
+    moved = [wanted[key] for key, meta in stored.items() if abs(meta.start - wanted[key].start) > 1e-6]
+    if moved:  # the same id from another start (1.2 and 1.7 s are both clip x_000001)
+        first = moved[0]
+        _warn(f"{out_dir}: {len(moved)} clip(s) there were made from another window start than this manifest gives "
+              f"(e.g. {first.id}: {stored[shards.sample_key(first.id)].start:g} s there, {first.start:g} s now); they "
+              "are kept as they are: give another --out (or move their shards away) to make them from these starts")
     changed = [wanted[key] for key, meta in stored.items() if meta.caption != wanted[key].caption]
     if changed:  # captions fixed in the manifest after a first run reach only the clips not made yet
         first = changed[0]

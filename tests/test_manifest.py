@@ -213,3 +213,55 @@ def test_a_video_whose_name_cannot_be_an_id_is_left_out_alone(tmp_path, capsys):
         "(rename the video or the manifest's id)",
         f"warning: {tmp_path}: clip id 'trailing ' begins or ends with white space; left out (rename the video or the "
         "manifest's id)"]
+
+
+def test_a_caption_name_with_a_dot_names_its_own_video(tmp_path, capsys):
+    """`take.2` was read as file name take + suffix .2, so its caption went to take.mp4 (and a file naming both was
+    refused as naming one video twice). A name is a video's stem, or a file name with a video suffix."""
+    for name in ("take.mp4", "take.2.mp4", "dog.mkv"):
+        (tmp_path / name).write_bytes(b"x")
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"take.2": "a cat meowing", "take": "a man talking", "dog.mkv": "a dog"}))
+    assert {c.id: c.caption for c in from_folder(tmp_path, captions)} == {
+        "take": "a man talking", "take.2": "a cat meowing", "dog": "a dog"}
+
+
+def test_rows_with_a_field_too_many_are_refused_naming_the_line(tmp_path):
+    """An unquoted comma in a caption cut it short; in a VGGSound row, the label's second half became the split."""
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v/a.mp4").write_bytes(b"x")
+    captions = tmp_path / "captions.csv"
+    captions.write_text("a.mp4,male speech, man speaking\n")
+    with pytest.raises(ManifestError, match=r"captions.csv:1: expected 2 fields `name,caption`, got 3 .*quote a caption"):
+        from_folder(tmp_path / "v", captions)
+    csv = tmp_path / "vgg.csv"
+    csv.write_text("abc,0,dog,train\nabc,0,dog,barking,train\n")
+    with pytest.raises(ManifestError, match=r"vgg.csv:2: expected 4 fields .*got 5 .*quote a label"):
+        from_vggsound_csv(csv, tmp_path / "v")
+    csv.write_text(",5,dog,train\n")
+    with pytest.raises(ManifestError, match=r"vgg.csv:1: empty youtube_id"):
+        from_vggsound_csv(csv, tmp_path / "v")
+
+
+def test_a_captions_file_that_names_no_video_is_refused(tmp_path):
+    """Another folder's captions (or a TSV read as one-field rows) only warned, and every clip was made without
+    nouns."""
+    for i in range(3):
+        (tmp_path / f"clip{i}.mp4").write_bytes(b"x")
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"other0": "a dog", "other1": "a cat"}))
+    with pytest.raises(ManifestError, match=r"its 2 captions name none of the 3 videos of the folder \(e.g. 'other0'"):
+        from_folder(tmp_path, captions)
+
+
+def test_captions_and_split_without_a_folder_of_videos_are_refused(tmp_path, capsys):
+    """With --csv, --captions and --split were dropped without a word (the CSV's rows give labels and splits)."""
+    from preprocess.__main__ import main
+
+    (tmp_path / "v").mkdir()
+    csv = tmp_path / "vgg.csv"
+    csv.write_text("abc,0,dog,train\n")
+    for extra in (["--captions", str(csv)], ["--split", "test"]):
+        assert main(["--csv", str(csv), "--videos", str(tmp_path / "v"), *extra, "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {extra[0]} apply to a folder of videos (--videos without --csv)"), err

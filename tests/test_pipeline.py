@@ -1021,3 +1021,22 @@ def test_a_killed_ranks_temporary_meta_json_is_removed(tmp_path):
         path.write_text("{}")
     prepare_output(tmp_path, _meta(), rank=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([shards.META_FILE, other.name])
+
+
+def test_a_rerun_says_which_clips_have_another_start_and_refuses_a_clip_under_another_ones_key(tmp_path, capsys):
+    """A start changed within one second (the same id) kept the old window without a word; a clip `x_1` made after
+    `x.1` (the same sample key) was taken as made, keeping the other video's sample."""
+    from preprocess.manifest import Clip
+    from preprocess.pipeline import FeatureError, warn_about_changes
+    from tests.conftest import make_sample
+    from tests.test_train_support import SPEC
+
+    meta = shards.SampleMeta.from_json(make_sample(SPEC, "w_000001", split="train")[0] | {"start": 1.2})
+    key = shards.sample_key("w_000001")
+    warn_about_changes(tmp_path, {key: Clip("w_000001", None, 1.7, "", meta.caption, "train")}, {key: meta})
+    assert (f"warning: {tmp_path}: 1 clip(s) there were made from another window start than this manifest gives "
+            "(e.g. w_000001: 1.2 s there, 1.7 s now)") in capsys.readouterr().err
+    other = shards.SampleMeta.from_json(make_sample(SPEC, "x.1", split="train")[0])
+    key = shards.sample_key("x_1")
+    with pytest.raises(FeatureError, match=r"clip 'x_1' has the shard sample key of clip 'x.1' made there before"):
+        warn_about_changes(tmp_path, {key: Clip("x_1", None, 0.0, "", other.caption, "train")}, {key: other})
