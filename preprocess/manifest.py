@@ -72,7 +72,7 @@ def from_vggsound_csv(csv_path: Path, video_dir: Path) -> list[Clip]:
     A file named `{ytid}_{start:06d}.*` holds the trimmed clip (window from 0); a file named `{ytid}.*`
     holds the whole video (window from start_seconds). Clip ids are `{ytid}_{start:06d}`.
     """
-    if not csv_path.is_file():
+    if not csv_path.exists() or csv_path.is_dir():  # a pipe is read (--csv <(...))
         raise ManifestError(f"{csv_path}: {'a folder, not a CSV file' if csv_path.is_dir() else 'CSV not found'}")
     index = _index_videos(video_dir)
     clips: list[Clip] = []
@@ -128,7 +128,7 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
 def _read_captions(captions_path: Path) -> dict[str, str]:
     """A JSON object {name: caption} or a CSV with rows `name,caption`, a name being a video's stem or file name
     (`_caption_stem`). A JSON null is no caption."""
-    if not captions_path.is_file():
+    if not captions_path.exists() or captions_path.is_dir():  # a pipe is read (--captions <(...))
         raise ManifestError(f"{captions_path}: "
                             f"{'a folder, not a captions file' if captions_path.is_dir() else 'captions file not found'}")
     text = _read_text(captions_path)

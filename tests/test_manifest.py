@@ -265,3 +265,21 @@ def test_captions_and_split_without_a_folder_of_videos_are_refused(tmp_path, cap
         assert main(["--csv", str(csv), "--videos", str(tmp_path / "v"), *extra, "--dry-run"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {extra[0]} apply to a folder of videos (--videos without --csv)"), err
+
+
+def test_manifests_given_through_a_pipe_are_read(tmp_path):
+    """`--csv <(...)` and `--captions <(...)` are pipes, not regular files: they were 'not found'."""
+    import os
+    import threading
+
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v/a.mp4").write_bytes(b"x")
+    for name, text, read in (("vgg", "a,0,dog,train\n", lambda p: from_vggsound_csv(p, tmp_path / "v")),
+                             ("cap", "a,a dog\n", lambda p: from_folder(tmp_path / "v", p))):
+        pipe = tmp_path / name
+        os.mkfifo(pipe)
+        writer = threading.Thread(target=lambda pipe=pipe, text=text: pipe.write_text(text))
+        writer.start()
+        clips = read(pipe)
+        writer.join()
+        assert [(c.id, c.caption) for c in clips] in ([("a_000000", "dog")], [("a", "a dog")])
