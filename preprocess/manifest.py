@@ -76,8 +76,12 @@ def from_vggsound_csv(csv_path: Path, video_dir: Path) -> list[Clip]:
         raise ManifestError(f"{csv_path}: {'a folder, not a CSV file' if csv_path.is_dir() else 'CSV not found'}")
     index = _index_videos(video_dir)
     clips: list[Clip] = []
+    first = True  # the first row that is not blank or a comment may be a header
     for line_number, row in _csv_rows(csv_path, _read_text(csv_path)):
-        if not row or row[0].startswith("#") or (line_number == 1 and row[0].strip().lower() in {"youtube_id", "ytid", "id"}):
+        if not row or row[0].startswith("#"):
+            continue
+        header, first = first and row[0].strip().lower() in {"youtube_id", "ytid", "id"}, False
+        if header:
             continue
         if len(row) != 4:  # a fifth field: a label with an unquoted comma, whose second half would be the split
             raise ManifestError(f"{csv_path}:{line_number}: expected 4 fields `youtube_id,start_seconds,label,split`, got "

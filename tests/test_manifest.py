@@ -283,3 +283,10 @@ def test_manifests_given_through_a_pipe_are_read(tmp_path):
         clips = read(pipe)
         writer.join()
         assert [(c.id, c.caption) for c in clips] in ([("a_000000", "dog")], [("a", "a dog")])
+
+
+def test_a_header_row_after_comments_is_a_header(tmp_path):
+    (tmp_path / "v").mkdir()
+    csv = tmp_path / "vgg.csv"
+    csv.write_text("# exported 2026-11-30\n\nyoutube_id,start_seconds,label,split\nabc,3,dog,train\n")
+    assert [c.id for c in from_vggsound_csv(csv, tmp_path / "v")] == ["abc_000003"]
