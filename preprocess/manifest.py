@@ -105,9 +105,23 @@ def from_vggsound_csv(csv_path: Path, video_dir: Path) -> list[Clip]:
         else:
             path, offset = None, 0.0
         clips.append(Clip(clip_id, path, offset, label, label, split))
+    _warn_about_split_case(csv_path, {clip.split for clip in clips})
     clips = usable_ids(clips, csv_path)
     check_sample_keys(clips, csv_path)
     return clips
+
+
+def _warn_about_split_case(source: Path, splits: set[str]) -> None:
+    """One warning line when split names differ only in case (`Train`, `train`): they are separate splits, and
+    training and evaluation read one by its exact name."""
+    by_folded: dict[str, list[str]] = {}
+    for split in sorted(splits):
+        by_folded.setdefault(split.lower(), []).append(split)
+    alike = [names for names in by_folded.values() if len(names) > 1]
+    if alike:
+        print(f"warning: {source}: split names that differ only in case are separate splits "
+              f"({'; '.join(' and '.join(repr(n) for n in names) for names in alike)}); training and evaluation read "
+              "one split by its exact name", file=sys.stderr)
 
 
 def _read_text(path: Path) -> str:

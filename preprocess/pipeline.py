@@ -126,7 +126,9 @@ class DecodeDataset(Dataset):
         clip = self.clips[index]
         cfg = self.cfg
         if clip.path is None:
-            return {"clip": clip, "error": ("input", "video file not found in the video folder")}
+            ytid = clip.id.rsplit("_", 1)[0]  # a CSV row's clip id is {youtube_id}_{start:06d}
+            return {"clip": clip, "error": ("input", f"video file not found in the video folder (no {clip.id}.* or "
+                                                     f"{ytid}.* of a video suffix)")}
         try:
             log_file = None if self.markers is None else self.markers / f"{os.getpid()}{LAST_WORDS}"
             video = decode_frames(clip.path, clip.start, self.times, cfg.window_seconds, cfg.frame_short_side,

@@ -290,3 +290,13 @@ def test_a_header_row_after_comments_is_a_header(tmp_path):
     csv = tmp_path / "vgg.csv"
     csv.write_text("# exported 2026-11-30\n\nyoutube_id,start_seconds,label,split\nabc,3,dog,train\n")
     assert [c.id for c in from_vggsound_csv(csv, tmp_path / "v")] == ["abc_000003"]
+
+
+def test_split_names_differing_in_case_are_warned_about(tmp_path, capsys):
+    (tmp_path / "v").mkdir()
+    csv = tmp_path / "vgg.csv"
+    csv.write_text("abc,3,dog,train\nabd,3,cat,Train\nabe,3,cow,test\n")
+    assert sorted({c.split for c in from_vggsound_csv(csv, tmp_path / "v")}) == ["Train", "test", "train"]
+    assert capsys.readouterr().err.strip() == (f"warning: {csv}: split names that differ only in case are separate "
+                                               "splits ('Train' and 'train'); training and evaluation read one split "
+                                               "by its exact name")

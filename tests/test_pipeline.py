@@ -253,6 +253,8 @@ def test_clips_whose_video_was_missing_are_tried_again_once_it_is_there(five_cli
     assert features_main(["--csv", str(csv), "--videos", str(tmp_path / "empty"), "--out", str(out), *FAST]) == 1
     captured = capsys.readouterr()
     assert f"error: no clip of this run could be made (3 failed: see {out / 'failures.jsonl'})" in captured.err
+    reasons = [json.loads(line)["reason"] for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert "video file not found in the video folder (no clip0_000000.* or clip0.* of a video suffix)" in reasons
     assert features_main(["--csv", str(csv), "--videos", str(five_clips), "--out", str(out), *FAST]) == 0
     captured = capsys.readouterr()
     assert "note: 3 clip(s) recorded as failed for a missing video file have one now: trying them again" in captured.err
