@@ -269,7 +269,7 @@ def read_weight_files(folder: Path) -> list[Path]:
                 listed = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
                 return sorted({folder / str(shard) for shard in listed if (folder / str(shard)).is_file()})
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                return sorted(p for p in folder.iterdir() if is_weight_file(p))  # from_pretrained says what is wrong
+                break  # every weight file: from_pretrained says what is wrong with the index
     return sorted(p for p in folder.iterdir() if is_weight_file(p))
 
 

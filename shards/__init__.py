@@ -22,7 +22,7 @@ from shards.io import (
     shard_name,
     unrecorded_shards,
 )
-from shards.read import iter_member, iter_meta, iter_split, range_stream, read_split, shard_index, split_counts, split_shards
+from shards.read import iter_member, iter_meta, iter_split, range_stream, read_split, shard_index, split_shards
 from shards.schema import (
     ARRAY_KEYS,
     AUDIO_KEY,
@@ -53,6 +53,6 @@ __all__ = [
     "SCHEMA_VERSION", "SampleMeta", "ShardFormatError", "ShardSpec", "ShardWriter", "append_jsonl", "config_differs", "decode_sample",
     "encode_sample", "id_problem", "iter_member", "iter_meta", "iter_split", "iterate_samples", "list_shards", "object_embedding",
     "orphan_records", "range_stream", "read_flac", "read_jsonl", "read_meta", "read_spec", "read_split", "recorded_model", "remove_partial", "sample_conditions", "sample_key",
-    "shard_index", "shard_name", "split_counts", "split_shards", "stack_conditions", "unrecorded_shards", "validate",
+    "shard_index", "shard_name", "split_shards", "stack_conditions", "unrecorded_shards", "validate",
     "validate_decoded",
 ]

@@ -6,7 +6,7 @@
 - `iter_split`: decoded samples of a split (optionally only some clip ids), in shard order.
 - `iter_member`: (meta, raw bytes of one member) per sample of a split, e.g. the `flac` of the clips still to embed,
   reading only the json and that member (tarfile seeks over the features).
-- `split_counts` / `range_stream`: the trainer's data streams: decoded samples of one range of a split's samples
+- `range_stream`: the trainer's data streams: decoded samples of one range of a split's samples
   in a given shard order, through a shuffle buffer.
 
 A shard that cannot be read is a `ShardFormatError` naming the file and the reason. Decoded samples come through
@@ -178,11 +178,6 @@ def _split_of(raw: dict[str, Any]) -> str:
         raise ShardFormatError(f"{raw.get('__url__', '?')}: sample {raw.get('__key__')!r}: json: {error}") from None
 
 
-def split_counts(paths: Iterable[Path], split: str) -> list[int]:
-    """How many samples of `split` each shard holds, reading only the json members."""
-    return [sum(1 for meta in iter_meta([path]) if meta.split == split) for path in paths]
-
-
 def _in_range(shards: Sequence[tuple[str | Path, int]], split: str, start: int, stop: int,
               spec: ShardSpec | None) -> Iterator[dict[str, Any]]:
     """Raw samples number [start, stop) of `split` in the concatenation of `shards`, each given with its count of
@@ -226,7 +221,7 @@ def range_stream(shards: Sequence[tuple[str | Path, int]], split: str, start: in
                  seed: str, take: int | None = None, skip: int = 0, spec: ShardSpec | None = None
                  ) -> Iterator[dict[str, Any]]:
     """Decoded samples number [start, stop) of `split` in the concatenation of `shards` (in the order given, each
-    with its count of the split's samples: `split_counts`), through a shuffle buffer of `shuffle_buffer` samples
+    with its count of the split's samples, from `iter_meta`), through a shuffle buffer of `shuffle_buffer` samples
     drawn with `random.Random(seed)`; the first `take` of those (all: None), of which the first `skip` are dropped
     before decoding (a resumed stream); the rest of the range is read after them, undecoded. The trainer gives each of its data streams one range of an epoch's samples,
     so that every sample is read by exactly one stream. Shards are read by `shards.stream.read_raw` (refused

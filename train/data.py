@@ -101,6 +101,11 @@ def epoch_batches(count: int, world: int, num_workers: int, batch_size: int) -> 
     return count // (streams(world, num_workers) * batch_size)
 
 
+def samples_per_epoch(count: int, world: int, num_workers: int, batch_size: int) -> int:
+    """The samples an epoch of `count` trains: P batches from each data stream."""
+    return epoch_batches(count, world, num_workers, batch_size) * streams(world, num_workers) * batch_size
+
+
 def to_example(sample: dict[str, Any], threshold: float) -> dict[str, Any]:
     """Decoded sample -> the float32 tensors a training step uses: its conditions by name (`shards.conditions`;
     O of Eq. 1 derived here with `threshold`) and the stored VAE posterior."""

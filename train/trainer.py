@@ -1032,9 +1032,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths
            index: list[tuple[Path, int]], log: Any, stops: StopRequests) -> int:
     count = sum(found for _, found in index)
     world = accelerator.num_processes
-    # what an epoch trains: the same number of batches from each data stream (`train.data`)
-    trained = (data.epoch_batches(count, world, config.num_workers, config.batch_size)
-               * data.streams(world, config.num_workers) * config.batch_size)
+    trained = data.samples_per_epoch(count, world, config.num_workers, config.batch_size)  # P batches a stream
     run = start_run(config, spec, accelerator, log, trained)  # a checkpoint it cannot resume: config.json as it was
     if accelerator.is_main_process:
         fingerprint = data_fingerprint(Path(config.shards), paths)
