@@ -18,6 +18,9 @@ from shards import ShardFormatError, id_problem, sample_key
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts",
                   ".3gp", ".ogv", ".wmv")
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # split names become shard file names: {split}-{rank}-{index}.tar
+# start_seconds as written by people and spreadsheets: ASCII digits, an optional fraction, an optional exponent.
+# float() alone also takes '5_0' (50), '\u0665' (an Arabic-Indic 5), 'infinity' and surrounding white space.
+SECONDS = re.compile(r"\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 class ManifestError(ValueError):
@@ -45,6 +48,8 @@ def _index_videos(video_dir: Path) -> dict[str, Path]:
     with os.scandir(video_dir) as entries:
         for entry in entries:
             stem, suffix = os.path.splitext(entry.name)
+            if not suffix and stem.lower() in VIDEO_SUFFIXES:  # '.mp4': a video whose id would be empty
+                stem, suffix = "", stem
             if suffix.lower() in VIDEO_SUFFIXES:
                 try:
                     is_file = entry.is_file()
@@ -89,11 +94,8 @@ def from_vggsound_csv(csv_path: Path, video_dir: Path) -> list[Clip]:
         ytid, start_text, label, split = (field.strip() for field in row)
         if not ytid:
             raise ManifestError(f"{csv_path}:{line_number}: empty youtube_id")
-        try:
-            start = float(start_text)
-        except ValueError:
-            start = math.nan
-        if not math.isfinite(start) or start < 0:
+        start = float(start_text) if SECONDS.fullmatch(start_text) else math.nan
+        if not math.isfinite(start):
             raise ManifestError(f"{csv_path}:{line_number}: start_seconds {start_text!r} is not a number of seconds >= 0")
         if not SPLIT_NAME.match(split):
             raise ManifestError(f"{csv_path}:{line_number}: split {split!r} must be letters, digits or '_'")
@@ -152,17 +154,18 @@ def _read_captions(captions_path: Path) -> dict[str, str]:
     text = _read_text(captions_path)
     if captions_path.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_JsonObject)
         except json.JSONDecodeError as error:
             raise ManifestError(f"{captions_path}: not valid JSON ({error})") from None
         except RecursionError:
             raise ManifestError(f"{captions_path}: not valid JSON (nested too deeply)") from None
-        if not isinstance(data, dict):
+        if not isinstance(data, _JsonObject):
             raise ManifestError(f"{captions_path}: expected a JSON object mapping video name to caption")
-        bad = next((k for k, v in data.items() if v is not None and not isinstance(v, str)), None)
-        if bad is not None:
-            raise ManifestError(f"{captions_path}: the caption of {bad!r} is a {type(data[bad]).__name__}, not a string")
-        pairs = [(str(k), v or "") for k, v in data.items()]
+        for name, value in data:
+            if value is not None and not isinstance(value, str):
+                kind = "object" if isinstance(value, _JsonObject) else type(value).__name__
+                raise ManifestError(f"{captions_path}: the caption of {name!r} is a {kind}, not a string")
+        pairs = [(name, value or "") for name, value in data]  # a key written twice is two pairs (checked below)
     else:
         pairs = []
         for line_number, row in _csv_rows(captions_path, text):
@@ -181,6 +184,11 @@ def _read_captions(captions_path: Path) -> dict[str, str]:
                                 f"captions ({captions[stem]!r}, {caption!r}); keep one")
         captions[stem], named[stem] = caption, name
     return captions
+
+
+class _JsonObject(list[tuple[str, object]]):
+    """A JSON object as its (key, value) pairs in file order: `json.loads` keeps only the last of a key written
+    twice, and a captions file that gives one video two captions is refused, not read as whichever came last."""
 
 
 def _caption_stem(name: str) -> str:

@@ -300,3 +300,47 @@ def test_split_names_differing_in_case_are_warned_about(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"warning: {csv}: split names that differ only in case are separate "
                                                "splits ('Train' and 'train'); training and evaluation read one split "
                                                "by its exact name")
+
+
+def test_start_seconds_are_plain_decimal_numbers(tmp_path):
+    """float() also reads '5_0' as 50 and an Arabic-Indic '\u0665' as 5: a typo became another window, silently."""
+    (tmp_path / "v").mkdir()
+    for name in "abcde":
+        (tmp_path / "v" / f"{name}.mp4").write_bytes(b"x")  # whole videos: the window starts at start_seconds
+    csv = tmp_path / "vgg.csv"
+    csv.write_text("a,30,dog,train\nb,+1.5,dog,train\nc,.5,dog,train\nd,2e1,dog,train\ne,7.,dog,train\n")
+    assert [(c.id, c.start) for c in from_vggsound_csv(csv, tmp_path / "v")] == [
+        ("a_000030", 30.0), ("b_000001", 1.5), ("c_000000", 0.5), ("d_000020", 20.0), ("e_000007", 7.0)]
+    for start in ("5_0", "\u0665", "infinity", "nan", "-1", "1e999", "0x10", "1,5"):
+        csv.write_text(f'a,30,dog,train\nb,"{start}",dog,train\n')
+        with pytest.raises(ManifestError, match=rf"vgg.csv:2: start_seconds {start!r} is not a number of seconds"):
+            from_vggsound_csv(csv, tmp_path / "v")
+
+
+def test_a_captions_json_key_written_twice_with_other_captions_is_refused(tmp_path):
+    """json.loads keeps the last of a repeated key: one of the two captions was dropped without a word."""
+    for name in ("a.mp4", "b.mp4"):
+        (tmp_path / name).write_bytes(b"x")
+    captions = tmp_path / "captions.json"
+    captions.write_text('{"a": "a dog barking", "b": "owl", "a": "a cat"}')
+    with pytest.raises(ManifestError, match=r"captions.json: 'a' and 'a' both name video 'a', with other captions "
+                                            r"\('a dog barking', 'a cat'\); keep one$"):
+        from_folder(tmp_path, captions)
+    captions.write_text('{"a": "a dog", "b": "owl", "a": "a dog"}')  # the same caption twice is one
+    assert [c.caption for c in from_folder(tmp_path, captions)] == ["a dog", "owl"]
+    captions.write_text('{"a": {"text": "a dog"}}')
+    with pytest.raises(ManifestError, match=r"the caption of 'a' is a object, not a string"):
+        from_folder(tmp_path, captions)
+    captions.write_text('[{"a": "a dog"}]')
+    with pytest.raises(ManifestError, match=r"expected a JSON object mapping video name to caption"):
+        from_folder(tmp_path, captions)
+
+
+def test_a_video_named_only_by_its_suffix_is_reported(tmp_path, capsys):
+    """'.mp4' (a video with an empty name) was not seen as a video at all: no clip and no word about it."""
+    for name in ("a.mp4", ".mp4", ".MKV"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [c.id for c in from_folder(tmp_path)] == ["a"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {tmp_path}: 1 clip id(s) have several video files; using the first by name: .MKV (not .mp4)",
+        f"warning: {tmp_path}: clip id '' is empty; left out (rename the video or the manifest's id)"]
