@@ -82,6 +82,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.features_cpu
 	$(PY) -m benchmarks.audio_decode
 	$(PY) -m benchmarks.train_throughput
+	$(PY) -m benchmarks.data_streams
 	$(PY) -m benchmarks.eval_speed
 
 clean:

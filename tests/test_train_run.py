@@ -271,6 +271,26 @@ def test_with_workers_a_run_resumed_at_any_step_sees_the_batches_of_an_uninterru
         assert torch.equal(a[name], b[name]), name
 
 
+def test_an_epochs_streams_read_the_split_and_half_a_shard_each_beyond(tmp_path):
+    """A data stream opens only the shards its range touches, reading the one it starts in from that shard's start
+    (`benchmarks.data_streams` measures the cost): ranges on shard boundaries read each byte of the split once, and
+    ranges inside shards read at most one shard more per stream."""
+    from benchmarks.data_streams import one_epoch
+    from benchmarks.random_shards import write_random_shards
+    from preprocess.config import PRESETS as FEATURE_PRESETS
+    from train.data import split_index
+
+    folder = write_random_shards(tmp_path / "s", FEATURE_PRESETS["tiny"], {"train": 48}, per_shard=8)
+    paths = shards.split_shards(folder, "train")
+    index = split_index(paths, "train", folder)
+    split_bytes = sum(path.stat().st_size for path in paths)
+    one_epoch(folder, index, 1, 4)  # lazy imports and caches out of the way
+    read, decoded, _ = one_epoch(folder, index, 3, 4)  # ranges of 16: on shard boundaries
+    assert decoded == 48 and split_bytes <= read < 1.02 * split_bytes
+    read, decoded, _ = one_epoch(folder, index, 5, 4)  # ranges of 9.6 samples: 4 of 5 start inside a shard
+    assert decoded == 40 and 1.1 * split_bytes < read < split_bytes + 5 * max(p.stat().st_size for p in paths)
+
+
 def test_every_sample_is_read_once_per_epoch_whatever_the_shard_sizes(tmp_path):
     """Streams that each took whole shards ran through epochs at their own pace when shards differed in size (a
     shard smaller than a batch, one holding only another split, counts not divisible by the streams): some clips
