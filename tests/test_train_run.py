@@ -52,7 +52,7 @@ def _state(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {name: value.clone() for name, value in out.items()}  # not views of the files (a test may rewrite them)
 
 
-def test_resume_continues_exactly_where_it_stopped(tmp_path):
+def test_resume_continues_exactly_where_it_stopped(tmp_path, capsys):
     data = tmp_path / "shards"
     write_shards(data, num_shards=2, per_shard=5, splits=("train", "train", "train", "train", "test"))
     # uninterrupted: 4 steps; interrupted: 2 steps, then the same command with --max-steps 4
@@ -85,6 +85,13 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
         assert torch.equal(value, b[f"ema.{name}"]), name
         assert torch.equal(raw.state_dict()[name], b[f"model.{name}"]), name
     assert any(not torch.equal(value, raw.state_dict()[name]) for name, value in model.state_dict().items())
+    assert trainer.exported_step(tmp_path / "b/model/ema.safetensors") == 4 and "cut short" not in capsys.readouterr().err
+    # an export cut short between its two files: the EMA of step 4 beside raw weights of step 2, said on loading
+    trainer.save_weights(raw, tmp_path / "b/model/raw.safetensors", step=2)
+    load_model(tmp_path / "b")
+    assert capsys.readouterr().err == (f"warning: {tmp_path / 'b/model/ema.safetensors'} holds the weights of step 4, "
+                                       "raw.safetensors beside it those of step 2 (an export was cut short); run the "
+                                       "training command again to export both\n")
     (tmp_path / "b/model/raw.safetensors").unlink()  # a run exported before raw weights were
     with pytest.raises(FileNotFoundError, match="raw.safetensors: missing .*train or resume it once more"):
         load_model(tmp_path / "b", weights="raw")

@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -530,13 +531,14 @@ def write_atomically(path: Path, text: str) -> None:
         os.replace(tmp, path)
 
 
-def save_weights(model: torch.nn.Module, path: Path, float32: bool = True) -> None:
+def save_weights(model: torch.nn.Module, path: Path, float32: bool = True, step: int | None = None) -> None:
     """A module's state as float32 safetensors (float32=False: in its own dtypes, bit for bit), written to path.tmp and
-    renamed (readers never see half a file)."""
+    renamed (readers never see half a file); `step`, the training step of the weights, in the file's metadata."""
     tensors = {k: (v.detach().float() if float32 else v.detach()).cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     with writing(tmp, path):
-        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+        metadata = {"format": "pt"} | ({} if step is None else {"step": str(step)})
+        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, 0o666 & ~current_umask())  # safetensors makes its files 0600: others could not load the model
         os.replace(tmp, path)
 
@@ -555,15 +557,17 @@ def current_umask() -> int:
     return mask
 
 
-def export_model(ema: VTASAM, raw: torch.nn.Module, config: TrainConfig, spec: ShardSpec, output: Path) -> None:
+def export_model(ema: VTASAM, raw: torch.nn.Module, config: TrainConfig, spec: ShardSpec, output: Path,
+                 step: int) -> None:
     """model/ema.safetensors (the EMA), model/raw.safetensors (the online weights: VTA-LDM keeps no EMA and evaluates
     these) and model/config.json, each written atomically, and model/features.json: the shards' meta.json (stage-one
     config and checkpoints), so generation can rebuild the same feature extractors after the run folder has moved
-    away from its shards. raw: the unwrapped training model (compiled in place, channels_last or not: same keys)."""
+    away from its shards. raw: the unwrapped training model (compiled in place, channels_last or not: same keys).
+    Both weight files record `step`: an export cut short between them leaves two steps, which `load_model` says."""
     folder = output / "model"
     folder.mkdir(parents=True, exist_ok=True)
-    save_weights(ema, folder / "ema.safetensors")
-    save_weights(raw, folder / "raw.safetensors")
+    save_weights(ema, folder / "ema.safetensors", step=step)
+    save_weights(raw, folder / "raw.safetensors", step=step)
     write_atomically(folder / "config.json", resolved_json(config, spec))
     meta = Path(config.shards) / shards.META_FILE
     if meta.is_file():
@@ -925,7 +929,8 @@ class Bookkeeping:
 
     def export(self) -> None:
         run = self.run
-        export_model(run.ema, run.accelerator.unwrap_model(run.model), run.config, run.spec, run.output)
+        export_model(run.ema, run.accelerator.unwrap_model(run.model), run.config, run.spec, run.output,
+                     run.progress.step)
 
     def stop(self, signum: int) -> None:
         """Stop on a signal (`StopRequests`): a checkpoint of the step reached, unless it has one or none was taken, then
@@ -1073,6 +1078,25 @@ def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths
     return 0
 
 
+def exported_step(path: Path) -> int | None:
+    """The training step recorded in an exported weight file (None: not recorded, or the file does not read)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            step = (file.metadata() or {}).get("step")
+    except (OSError, safetensors.SafetensorError):
+        return None
+    return int(step) if step is not None and step.isdigit() else None
+
+
+def _warn_of_another_step(path: Path, other: Path) -> None:
+    """One warning line when the run's other weight file records another step: an export was cut short between
+    the two (a crash, a full disk), and the file loaded may be the older one."""
+    mine, theirs = exported_step(path), exported_step(other) if other.exists() else None
+    if mine is not None and theirs is not None and mine != theirs:
+        print(f"warning: {path} holds the weights of step {mine}, {other.name} beside it those of step {theirs} (an "
+              "export was cut short); run the training command again to export both", file=sys.stderr)
+
+
 def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
                weights: Literal["ema", "raw"] = "ema") -> tuple[VTASAM, TrainConfig]:
     """A run's model in eval mode: its EMA (model/ema.safetensors, the default) or its raw online weights
@@ -1086,6 +1110,7 @@ def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cp
             raise FileNotFoundError(f"{path}: missing (the run exported only its EMA weights; train or resume it once "
                                     "more to export the raw weights)")
         raise FileNotFoundError(f"{path}: missing ({NOT_EXPORTED})")
+    _warn_of_another_step(path, folder / f"{'raw' if weights == 'ema' else 'ema'}.safetensors")
     config_path = folder / "config.json"
     try:
         resolved = json.loads(config_path.read_text(encoding="utf-8"))
