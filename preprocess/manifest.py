@@ -165,7 +165,7 @@ def _read_captions(captions_path: Path) -> dict[str, str]:
             if value is not None and not isinstance(value, str):
                 kind = "object" if isinstance(value, _JsonObject) else type(value).__name__
                 raise ManifestError(f"{captions_path}: the caption of {name!r} is a {kind}, not a string")
-        pairs = [(name, value or "") for name, value in data]  # a key written twice is two pairs (checked below)
+        pairs = [(name, value if isinstance(value, str) else "") for name, value in data]  # a key twice: two pairs
     else:
         pairs = []
         for line_number, row in _csv_rows(captions_path, text):

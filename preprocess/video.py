@@ -11,7 +11,9 @@ Why two backends (measured with decord 0.6.0 and PyAV on the files in tests/medi
 - decord refuses some partly corrupt files (it fails while indexing) from which PyAV still recovers
   every frame up to the damage, so any decord failure falls back to PyAV, which gives the verdict.
 - decord applies the rotation (display matrix) metadata; PyAV returns the stored frame, so PyAV frames
-  are rotated here by `VideoFrame.rotation` and both backends return a portrait clip as portrait.
+  are turned here by their display matrix and both backends return a portrait clip as portrait. A matrix that
+  mirrors the picture (a selfie camera's, `ffmpeg -display_hflip`) decord reads as a half turn (a mirrored frame
+  came back upside down and mirrored the other way): such files go to PyAV, which flips as the matrix says.
 
 Frames are brought to their displayed shape (anamorphic pixels: `pixel_aspect`) and downscaled (never beyond
 the displayed size) to a short side <= `short_side`, with OpenCV's INTER_AREA (INTER_LINEAR along an axis an
@@ -197,7 +199,10 @@ def _header_of(path: Path) -> _Header | None:
             return None
         aspect, stored = pixel_aspect(stream), (stream.codec_context.width, stream.codec_context.height)
         refused = None
-        if aspect != 1.0 and stored[0] == stored[1] and _quarter_turned(container, stream):
+        orientation = _first_orientation(path, stream.index)
+        if orientation.mirrored:  # decord turns by the matrix's angle alone
+            refused = "its display matrix mirrors the picture, which decord turns instead"
+        elif aspect != 1.0 and stored[0] == stored[1] and orientation.transposed:
             # decord turns the frames by their display matrix; `_decord_size` tells from their shape whether the
             # stored width became the height, which a square frame does not show
             refused = "its square-stored frames of non-square pixels are turned a quarter"
@@ -288,19 +293,56 @@ def _quarter_turns(frame: av.VideoFrame) -> int:
     return round(frame.rotation / 90) % 4
 
 
+@dataclass(frozen=True)
+class _Orientation:
+    """How a stored frame is displayed, by its display matrix rounded to a quarter turn (FFmpeg's matrix
+    [[a, b, u], [c, d, v], [x, y, w]] shows stored pixel (p, q) at (a p + c q + x, b p + d q + y)): transposed
+    (the stored rows become columns), then rows and/or columns reversed. A matrix of determinant < 0 mirrors."""
+
+    transposed: bool = False
+    flip_rows: bool = False
+    flip_columns: bool = False
+
+    @property
+    def mirrored(self) -> bool:
+        return self.transposed != (self.flip_rows != self.flip_columns)
+
+    def show(self, image: np.ndarray) -> np.ndarray:
+        """`image` (H, W, C) as displayed."""
+        shown = image.transpose(1, 0, 2) if self.transposed else image
+        return shown[::-1 if self.flip_rows else 1, ::-1 if self.flip_columns else 1]  # a view
+
+
+def _orientation(frame: av.VideoFrame) -> _Orientation:
+    """The display orientation of a decoded frame (FFmpeg attaches the stream's display matrix to each frame);
+    none without a matrix, or with one that does not read."""
+    for data in frame.side_data:
+        if data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX and len(bytes(data)) == 36:
+            a, b, _, c, d, _, _, _, _ = (float(v) for v in np.frombuffer(bytes(data), dtype="=i4"))
+            if not all(map(math.isfinite, (a, b, c, d))) or max(abs(a), abs(b), abs(c), abs(d)) == 0:
+                break
+            if abs(a) + abs(d) >= abs(b) + abs(c):  # x' = a p, y' = d q
+                return _Orientation(False, d < 0, a < 0)
+            return _Orientation(True, b < 0, c < 0)  # x' = c q, y' = b p: rows of the transposed image are p
+    return _Orientation()
+
+
+def _first_orientation(path: Path, stream_index: int) -> _Orientation:
+    """`_orientation` of the first frame of stream `stream_index` (a container of its own: the header's other
+    reads walk the packets from the start); none when no frame decodes."""
+    try:
+        with av.open(media_path(path), metadata_errors="ignore") as container:
+            frame = next(decoded_frames(container, container.streams[stream_index], []), None)
+    except av.FFmpegError:
+        return _Orientation()
+    return _Orientation() if frame is None else _orientation(frame)
+
+
 def _first_quarter_turns(container: av.container.InputContainer, stream: Any) -> int:
     """`_quarter_turns` of the stream's first frame (the display matrix comes with the decoded frames, not the
     header); 0 when no frame decodes. av.FFmpegError when the demuxer fails."""
     frame = next(decoded_frames(container, stream, []), None)
     return 0 if frame is None else _quarter_turns(frame)
-
-
-def _quarter_turned(container: av.container.InputContainer, stream: Any) -> bool:
-    """Whether the first frame is displayed turned by 90 or 270 degrees; False when it cannot be decoded."""
-    try:
-        return _first_quarter_turns(container, stream) % 2 == 1
-    except av.FFmpegError:
-        return False
 
 
 DECORD_CHUNK = 4  # frames decord hands over at a time, resized before the next: 4K frames are 25 MB each
@@ -397,13 +439,6 @@ def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, s
 
 
 # ----------------------------------------------------------------------------------- PyAV
-def _rgb(frame: av.VideoFrame) -> np.ndarray:
-    """The frame as displayed: RGB, rotated by its display matrix (counter-clockwise degrees, as decord does)."""
-    image = frame.to_ndarray(format="rgb24")
-    quarter_turns = _quarter_turns(frame)
-    return np.rot90(image, k=quarter_turns) if quarter_turns else image
-
-
 # The PyAV path seeks to `start`, then further back (each margin thrice the last), until the first frame decoded
 # lies at or before the first time asked for; when the margin reaches the file's start, it decodes from its first
 # frame. MPEG transport and program streams seek to a byte position near the time, not to the keyframe before it:
@@ -434,6 +469,9 @@ class _Walk:
     damage: str | None
     skipped: list[str]
     size: tuple[int, int] | None
+    # the display matrix of the walk's first frame shown (a stream has one; reading a frame's side data ties the
+    # frame in a reference cycle, which kept every full-size frame until the garbage collector ran)
+    orientation: _Orientation | None = None
 
 
 def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, short_side: int) -> DecodedFrames:
@@ -498,11 +536,14 @@ def _decode_pyav(path: Path, start: float, times: np.ndarray, window: float, sho
 
 
 def _shown(frame: av.VideoFrame, walk: _Walk, short_side: int, aspect: float) -> np.ndarray:
-    """The frame as displayed, at the output size (fixed by the walk's first: a stream may change size)."""
-    image = _rgb(frame)
+    """The frame as displayed (RGB, turned and flipped by its display matrix) at the output size (the size and the
+    orientation fixed by the walk's first frame: a stream may change size)."""
+    if walk.orientation is None:
+        walk.orientation = _orientation(frame)
+    image = walk.orientation.show(frame.to_ndarray(format="rgb24"))
     if walk.size is None:
         height, width = image.shape[:2]
-        walk.size = _target_size(height, width, short_side, _stretch(aspect, _quarter_turns(frame)))
+        walk.size = _target_size(height, width, short_side, _stretch(aspect, int(walk.orientation.transposed)))
     return _resize(image, walk.size)
 
 

@@ -676,3 +676,47 @@ def test_keyframes_that_are_no_idr_pictures_go_to_pyav(tmp_path: Path, name: str
         late = decode_frames(path, start, [0.0, 0.2, 0.52, 1.04], 2.5, 96)
         assert [media.frame_index(f) for f in late.frames] == [math.floor((start + t) * 25 + 1e-6) % 256
                                                                 for t in (0.0, 0.2, 0.52, 1.04)], start
+
+
+# The eight display matrices of quarter turns and mirrors, [a, b, c, d] of FFmpeg's [[a, b, u], [c, d, v], [x, y, w]]
+DISPLAY_MATRICES = {"none": (1, 0, 0, 1), "hflip": (-1, 0, 0, 1), "vflip": (1, 0, 0, -1), "half turn": (-1, 0, 0, -1),
+                    "quarter": (0, 1, -1, 0), "three quarters": (0, -1, 1, 0), "transpose": (0, 1, 1, 0),
+                    "anti-transpose": (0, -1, -1, 0)}
+
+
+@pytest.mark.parametrize("name", DISPLAY_MATRICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frames_are_shown_as_their_display_matrix_says_mirrors_too(tmp_path: Path, name: str, backend: Backend) -> None:
+    """A mirrored display matrix (a selfie camera's; `ffmpeg -display_hflip`) was read as a half turn by both
+    backends: the frame came back upside down and mirrored the other way. The reference is the ffmpeg program,
+    which turns and flips by the matrix."""
+    import subprocess
+
+    a, b, c, d = DISPLAY_MATRICES[name]
+    width, height = 96, 64  # decord 0.6.0 cannot copy out some sizes (48x32)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2, : width // 2] = (255, 0, 0)  # a red top-left quarter and a green top-right one
+    image[: height // 2, width // 2 :] = (0, 255, 0)
+    path = tmp_path / "m.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        one = 1 << 16
+        stream.set_display_matrix([a * one, b * one, 0, c * one, d * one, 0, 0, 0, 1 << 30])
+        for i in range(5):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    shown = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-frames:v", "1", "-f", "rawvideo", "-pix_fmt",
+                            "rgb24", "-"], capture_output=True, check=True).stdout
+    side = (height, width) if name in ("none", "hflip", "vflip", "half turn") else (width, height)
+    expected = np.frombuffer(shown, np.uint8).reshape(*side, 3)
+    if backend == "decord" and a * d - b * c < 0:  # decord would turn it: PyAV reads it (backend "auto")
+        with pytest.raises(VideoDecodeError, match="its display matrix mirrors the picture, which decord turns"):
+            decode_frames(path, 0.0, [0.1], WINDOW, 64, backend=backend)
+        return
+    frames = decode_frames(path, 0.0, [0.1], WINDOW, 64, backend=backend).frames
+    assert frames.shape == (1, *side, 3)
+    corners = [(2, 2), (2, -3), (-3, 2), (-3, -3)]
+    assert [tuple(frames[0][r, c] > 128) for r, c in corners] == [tuple(expected[r, c] > 128) for r, c in corners]
