@@ -329,10 +329,13 @@ def _orientation(frame: av.VideoFrame) -> _Orientation:
 
 def _first_orientation(path: Path, stream_index: int) -> _Orientation:
     """`_orientation` of the first frame of stream `stream_index` (a container of its own: the header's other
-    reads walk the packets from the start); none when no frame decodes."""
+    reads walk the packets from the start); none when no frame decodes within the first KEYFRAME_SCAN_SECONDS of
+    packets (a damaged file is not read to its end here)."""
     try:
         with av.open(media_path(path), metadata_errors="ignore") as container:
-            frame = next(decoded_frames(container, container.streams[stream_index], []), None)
+            stream = container.streams[stream_index]
+            first = float(stream.start_time * stream.time_base) if stream.start_time is not None and stream.time_base else 0.0
+            frame = next(decoded_frames(container, stream, [], give_up_after=first + KEYFRAME_SCAN_SECONDS), None)
     except av.FFmpegError:
         return _Orientation()
     return _Orientation() if frame is None else _orientation(frame)
