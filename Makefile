@@ -23,13 +23,16 @@ help:
 	@echo "make bench      CPU benchmarks -> benchmarks/RESULTS.md"
 	@echo "make clean      remove the demo's shards and run (data/shards/demo, runs/demo)"
 
-$(STAMP): requirements.txt setup.cfg pyproject.toml
+$(STAMP): requirements.txt setup.cfg pyproject.toml Makefile
 	@command -v ffmpeg >/dev/null || { echo "installing Debian's ffmpeg"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null) \
 		|| echo "warning: could not install ffmpeg (needed by the tests' media generator and vta-sam generate)"; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	@# the checkout as a path entry (editable_mode=compat), not setuptools' import hook: under the hook, a folder named
+	@# like a package (shards/, train/, eval/) in the folder where `python -m ...` runs took that package's place
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat \
+		2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 	touch $(STAMP)
 
 setup: $(STAMP)

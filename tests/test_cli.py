@@ -157,6 +157,25 @@ def test_python_m_vta_sam_generate_runs_the_command():
     assert result.returncode == 0 and "--steps" in result.stdout, result.stderr
 
 
+def test_python_m_works_from_a_folder_holding_folders_named_like_its_packages(tmp_path):
+    """`python -m train` puts the current folder first on the import path: run from a folder holding `shards/` (stage
+    one's output), `train/` or `eval/` (data or results), those folders, as namespace packages, took the place of the
+    project's packages under the editable install's import hook ("cannot import name 'ShardSpec' from 'shards'",
+    "'train' is a package and cannot be directly executed"). `make setup` installs the checkout as a path entry."""
+    import subprocess
+    import sys
+
+    packages = ("shards", "train", "eval", "common", "preprocess", "audio_models", "vta_sam")
+    for name in packages:
+        (tmp_path / name).mkdir()
+    found = subprocess.run([sys.executable, "-c", f"import {', '.join(packages)}; print([{', '.join(packages)}])"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert found.returncode == 0 and "namespace" not in found.stdout.lower(), found.stdout + found.stderr[-300:]
+    result = subprocess.run([sys.executable, "-m", "vta_sam", "generate", "--help"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and "--steps" in result.stdout, result.stderr[-300:]
+
+
 def test_a_folder_or_file_it_may_not_use_is_one_line_in_every_stage(tmp_path, capsys, monkeypatch):
     """A read-only run folder (PermissionError from the lock), an unreadable manifest, a file where the embedding
     cache's folder goes: each was a traceback and exit 1."""
