@@ -153,7 +153,13 @@ def _open_pyav(path: Path) -> av.container.InputContainer:
 MAX_HEADER_FRAMES = 1 << 24  # 78 hours at 60 fps: a frame count above this in a header is not believed
 # Containers whose frames decord 0.6.0 returns at the wrong times (it seeks by byte position and ignores their
 # clock's start): MPEG-TS (.ts, .m2ts, also when named .mp4) gave frames 16, 21, ... 46, 45, 43 for 0, 5, ... 55
-DECORD_MISPLACED_FORMATS = {"mpegts", "mpeg", "mpegvideo"}
+# ASF/WMV: every timestamp 0 for H.264, WMV1/2 frames up to a second off
+DECORD_MISPLACED_FORMATS = {"mpegts", "mpeg", "mpegvideo", "asf"}
+# The codecs whose frames decord 0.6.0 was checked to place right (against PyAV, frame-numbered files in MP4, MOV,
+# Matroska, WebM, AVI, FLV): any other one is read by PyAV. decord seeking in MPEG-1/2/4 Part 2 with B-frames came
+# back up to 10 frames early in Matroska and 2 late in MP4; H.263+ in Matroska 10 frames off without B-frames;
+# MS-MPEG4, WMV1/2 off by up to a second.
+DECORD_CODECS = {"h264", "hevc", "vp8", "vp9", "av1", "mjpeg", "theora", "flv1", "prores"}
 
 
 @dataclass(frozen=True)
@@ -207,7 +213,9 @@ def _header_of(path: Path) -> _Header | None:
             # stored width became the height, which a square frame does not show
             refused = "its square-stored frames of non-square pixels are turned a quarter"
         elif set(container.format.name.split(",")) & DECORD_MISPLACED_FORMATS:
-            refused = f"decord misplaces the frames of {container.format.name} (MPEG program and transport streams)"
+            refused = f"decord misplaces the frames of {container.format.name} (MPEG program and transport streams, ASF)"
+        elif stream.codec_context.codec.canonical_name not in DECORD_CODECS:
+            refused = f"decord is not trusted to place {stream.codec_context.codec.canonical_name} frames"
         else:
             frames = stream.frames  # 0: not in the header (Matroska, WebM)
             fps = float(stream.average_rate or stream.guessed_rate or 0.0)
@@ -410,8 +418,12 @@ def _decode_decord(path: Path, start: float, times: np.ndarray, window: float, s
     reader, count, fps, stamps = opened.reader, opened.count, opened.fps, opened.stamps
     try:
         begins = stamps[:, 0]
-        if begins[0] < -1e6:  # decord's "no timestamp" (AVI with packed B-frames): it cannot place the frames
+        # decord's "no timestamp" (AVI with packed B-frames: -9.2e15; a Matroska file of a few frames: +9.2e15), or
+        # stamps that do not advance (H.264 in ASF: all 0): it cannot place the frames
+        if not np.all(np.isfinite(stamps)) or np.abs(stamps).max() > 1e6:
             raise DecordRefused("decord has no timestamps for its frames")
+        if count > 1 and begins[-1] <= begins[0]:
+            raise DecordRefused("decord's timestamps of the frames do not advance")
         if begins[0] < -EPSILON:
             # frames before t = 0 are an edit list's lead-in, there only to decode what follows; decord returns
             # them in the place of later ones (frame 26 for 13 after `ffmpeg -ss 1.3 -c copy`): PyAV applies the list

@@ -410,13 +410,14 @@ def test_a_source_slower_than_the_times_repeats_its_frames(files: dict[str, Path
 
 def test_avi_frames_without_timestamps_in_decord_go_to_pyav(tmp_path: Path) -> None:
     """MPEG-4 Part 2 with B-frames in AVI: decord has no timestamps for its frames (a sentinel of -6e17 s) and
-    returned frames 50, 53, 56 for 1, 5, 9; that file is read by PyAV, and the reason says so."""
+    returned frames 50, 53, 56 for 1, 5, 9; that file is read by PyAV, and the reason says so (decord is not given
+    MPEG-4 Part 2 at all now: `test_codecs_and_containers_decord_misplaces_are_read_by_pyav`)."""
     import subprocess
 
     avi = tmp_path / "packed.avi"
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=10:duration=4", "-c:v", "mpeg4",
                     "-bf", "2", str(avi)], check=True)
-    with pytest.raises(VideoDecodeError, match="decord has no timestamps for its frames"):
+    with pytest.raises(VideoDecodeError, match="decord is not trusted to place mpeg4 frames"):
         decode_frames(avi, 0.0, [0.15, 0.55], WINDOW, 96, backend="decord")
     assert decode_frames(avi, 0.0, [0.15, 0.55], WINDOW, 96).backend == "pyav"
 
@@ -720,3 +721,36 @@ def test_frames_are_shown_as_their_display_matrix_says_mirrors_too(tmp_path: Pat
     assert frames.shape == (1, *side, 3)
     corners = [(2, 2), (2, -3), (-3, 2), (-3, -3)]
     assert [tuple(frames[0][r, c] > 128) for r, c in corners] == [tuple(expected[r, c] > 128) for r, c in corners]
+
+
+@pytest.mark.parametrize("name, args", [
+    ("mpeg4_bf.mkv", ["-c:v", "mpeg4", "-q:v", "2", "-bf", "2"]),  # decord: up to 10 frames early
+    ("mpeg2_bf.mp4", ["-c:v", "mpeg2video", "-q:v", "2", "-bf", "2"]),  # decord: 2 frames late
+    ("h263p.mkv", ["-c:v", "h263p", "-q:v", "2", "-vf", "scale=128:96"]),  # decord: 10 frames early
+    ("wmv2.wmv", ["-c:v", "wmv2", "-q:v", "2"]),  # decord: up to a second off
+    ("h264.wmv", ["-c:v", "libx264", "-crf", "12"]),  # decord: every timestamp 0, "start beyond the end (0.04 s)"
+])
+def test_codecs_and_containers_decord_misplaces_are_read_by_pyav(tmp_path: Path, name: str, args: list[str]) -> None:
+    """decord placed these frames wrongly when it seeks (33 of stage one's 41 frames wrong for MPEG-4 Part 2 with
+    B-frames in Matroska), silently; it is now trusted only with the codecs checked against PyAV."""
+    import subprocess
+
+    source = media.make_video(tmp_path / "src.mp4", seconds=6.0, fps=25, audio=None, gop=1)
+    path = tmp_path / name
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(source), *args, str(path)], check=True)
+    times = [0.1 + 0.37 * i for i in range(12)]
+    result = decode_frames(path, 1.0, times, WINDOW, 64)
+    assert result.backend == "pyav"
+    assert [media.frame_index(f) for f in result.frames] == [math.floor((1.0 + t) * 25) for t in times]
+
+
+def test_a_matroska_file_of_one_frame_is_one_frame_long(tmp_path: Path) -> None:
+    """decord's 'no timestamp' is +9.2e15 there (-9.2e15 in AVI): it claimed the whole window, four copies of the
+    frame for four times."""
+    import subprocess
+
+    source = media.make_video(tmp_path / "src.mp4", seconds=1.0, fps=10, audio=None)
+    path = tmp_path / "one.mkv"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(source), "-frames:v", "1", str(path)], check=True)
+    result = decode_frames(path, 0.0, [0.05, 1.0, 5.0, 9.0], WINDOW, 64)
+    assert result.duration == pytest.approx(0.1) and len(result.frames) == 1
