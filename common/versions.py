@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
-SOFTWARE = ("torch", "torchvision", "transformers", "diffusers", "open_clip_torch", "webdataset", "decord", "av",
+SOFTWARE = ("vta-sam", "torch", "torchvision", "transformers", "diffusers", "open_clip_torch", "webdataset", "decord", "av",
             "numpy", "scipy", "librosa", "soxr", "soundfile", "opencv-python-headless", "h5py", "accelerate")
 
 

@@ -273,3 +273,13 @@ def test_sigterm_to_evaluation_says_how_to_go_on(tmp_path, capsys, monkeypatch):
     assert stop.value.code == 128 + signal.SIGTERM
     assert capsys.readouterr().err.strip() == f"terminated (SIGTERM): run the same command again to go on ({tmp_path / 'ev'})"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib import metadata
+
+    from common.versions import software_versions
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"vta-sam {metadata.version('vta-sam')}\n"
+    assert software_versions()["vta-sam"] == metadata.version("vta-sam")  # recorded in meta.json and results.json

@@ -754,3 +754,12 @@ def test_a_matroska_file_of_one_frame_is_one_frame_long(tmp_path: Path) -> None:
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(source), "-frames:v", "1", str(path)], check=True)
     result = decode_frames(path, 0.0, [0.05, 1.0, 5.0, 9.0], WINDOW, 64)
     assert result.duration == pytest.approx(0.1) and len(result.frames) == 1
+
+
+def test_without_decord_pyav_reads_everything(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """decord has x86-64 wheels only, and the package does not require it elsewhere (aarch64, Apple silicon):
+    every video is then read by PyAV, the same frames."""
+    expected = decode_frames(files["normal"], 0.0, [0.25, 1.25], WINDOW, 40, backend="pyav").frames
+    monkeypatch.setitem(sys.modules, "decord", None)  # `import decord` raises ImportError
+    result = decode_frames(files["normal"], 0.0, [0.25, 1.25], WINDOW, 40)
+    assert result.backend == "pyav" and np.array_equal(result.frames, expected)

@@ -20,7 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def usage() -> str:
-    lines = ["usage: vta-sam <command> [options]   (vta-sam <command> --help for its options)", "", "commands:"]
+    lines = ["usage: vta-sam <command> [options]   (vta-sam <command> --help for its options; vta-sam --version)", "",
+             "commands:"]
     lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -30,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in {"-h", "--help"}:
         print(usage())
         return 0 if args else 2
+    if args[0] == "--version":
+        from vta_sam import __version__
+
+        print(f"vta-sam {__version__}")
+        return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         print(f"vta-sam: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
