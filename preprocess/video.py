@@ -20,8 +20,9 @@ the displayed size) to a short side <= `short_side`, with OpenCV's INTER_AREA (I
 anamorphic frame is widened on), as they are decoded: a window never holds all its full-size frames (4K: 25 MB
 each). decord's own resize (`width=`/`height=`) is not used because decord 0.6.0 fails on some sizes (48x32:
 "DECORDArrayCopyFromTo: The size must exactly match"). Files decord gets wrong go to PyAV (`_read_header`: MPEG
-program and transport streams, H.264/HEVC whose keyframes are not all IDR pictures, absurd frame counts; and
-decord's own timestamps: an edit list's lead-in, no timestamps at all).
+program and transport streams, ASF, codecs outside DECORD_CODECS, H.264/HEVC whose keyframes are not all IDR
+pictures, mirroring display matrices, absurd frame counts; and decord's own timestamps: an edit list's lead-in, no
+timestamps at all, timestamps that do not advance).
 
 PyAV seeks to the keyframe before a window's start, backing off where the container's seek lands late (MPEG
 transport and program streams seek by bytes: `_seek_margins`); a transport stream whose timestamps jump
