@@ -31,8 +31,10 @@ transport and program streams seek by bytes: `_seek_margins`); a transport strea
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import heapq
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -563,6 +565,36 @@ def _shown(frame: av.VideoFrame, walk: _Walk, short_side: int, aspect: float) ->
     return _resize(image, walk.size)
 
 
+# ASF stores a timestamp per packet in decoding order, not the picture's presentation time: with B-frames, the
+# frames a decoder puts out in display order carry them out of order (40, 120, 160, 80 ms), and frames read by
+# them came 1-3 frames early. There, the k-th frame out takes the k-th smallest timestamp, looking this many
+# frames ahead (H.264 reorders at most 16).
+DECODING_ORDER_FORMATS = ("asf",)
+REORDER_DEPTH = 16
+
+
+def _presentation_stamps(frames: Iterator[av.VideoFrame], reorder: int) -> Iterator[tuple[av.VideoFrame, int | None]]:
+    """Each frame with its presentation timestamp (None: it has none). `reorder` > 0: the timestamps are the
+    packets' in decoding order (DECODING_ORDER_FORMATS), and the k-th frame out takes the k-th smallest of them,
+    looked up to `reorder` frames ahead (those frames are held meanwhile)."""
+    if not reorder:
+        for frame in frames:
+            yield frame, frame.pts
+        return
+    held: collections.deque[av.VideoFrame] = collections.deque()
+    stamps: list[int] = []
+    for frame in frames:
+        held.append(frame)
+        if frame.pts is not None:
+            heapq.heappush(stamps, frame.pts)
+        if len(held) > reorder:
+            out = held.popleft()
+            yield out, heapq.heappop(stamps) if out.pts is not None and stamps else None
+    while held:
+        out = held.popleft()
+        yield out, heapq.heappop(stamps) if out.pts is not None and stamps else None
+
+
 def _walk_pyav(path: Path, container: Any, stream: Any, targets: np.ndarray, end: float, short_side: int,
                first_by: float | None = None) -> _Walk | None:
     """The frames on screen at each of `targets` (seconds from the first frame), decoded from where the container
@@ -579,8 +611,9 @@ def _walk_pyav(path: Path, container: Any, stream: Any, targets: np.ndarray, end
     previous_time = 0.0
     try:
         give_up = None if first_by is None or origin is None else origin + first_by + DECODER_DELAY
-        for frame in decoded_frames(container, stream, walk.skipped, give_up):
-            if frame.pts is None and stream.start_time is not None:  # the stream has timestamps: a damaged frame
+        reorder = REORDER_DEPTH if container.format.name in DECODING_ORDER_FORMATS else 0
+        for frame, stamp in _presentation_stamps(decoded_frames(container, stream, walk.skipped, give_up), reorder):
+            if stamp is None and stream.start_time is not None:  # the stream has timestamps: a damaged frame
                 continue
             if stream.start_time is None:
                 # a raw elementary stream, decoded from its start: its timestamps, where there are any, are the
@@ -588,7 +621,8 @@ def _walk_pyav(path: Path, container: Any, stream: Any, targets: np.ndarray, end
                 # frame follows the one before by its duration, or one frame period
                 t = walk.last_end if walk.previous is not None else 0.0
             else:
-                t = float(frame.time) - (origin or 0.0)
+                assert stamp is not None  # a stream with timestamps: frames without one were skipped above
+                t = stamp * time_base - (origin or 0.0)
             if walk.previous is None and first_by is not None and t > first_by:
                 return None
             if walk.previous is not None:

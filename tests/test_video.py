@@ -763,3 +763,20 @@ def test_without_decord_pyav_reads_everything(files: dict[str, Path], monkeypatc
     monkeypatch.setitem(sys.modules, "decord", None)  # `import decord` raises ImportError
     result = decode_frames(files["normal"], 0.0, [0.25, 1.25], WINDOW, 40)
     assert result.backend == "pyav" and np.array_equal(result.frames, expected)
+
+
+def test_asf_frames_with_b_frames_are_placed_by_their_presentation_order(tmp_path: Path) -> None:
+    """ASF's timestamps are the packets' in decoding order: with B-frames, the frames a decoder puts out carry them
+    out of order (40, 120, 160, 80 ms), and PyAV's frames came 1-3 frames early (26 for 28)."""
+    import subprocess
+
+    source = media.make_video(tmp_path / "src.mp4", seconds=6.0, fps=25, audio=None, gop=1)
+    path = tmp_path / "b.wmv"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(source), "-f", "lavfi", "-i", "sine=d=6", "-c:v", "libx264",
+                    "-crf", "12", "-bf", "3", "-c:a", "wmav2", "-shortest", str(path)], check=True)
+    frames = [3, 10, 28, 34, 53, 71, 100]
+    times = [(k + 0.5) / 25 - 1.0 for k in frames]  # the middle of each frame's time, from a start of 1 s
+    result = decode_frames(path, 1.0, [t for t in times if t >= 0], WINDOW, 64)
+    assert [media.frame_index(f) for f in result.frames] == [k for k, t in zip(frames, times) if t >= 0]
+    result = decode_frames(path, 0.0, [(k + 0.5) / 25 for k in frames], WINDOW, 64)
+    assert [media.frame_index(f) for f in result.frames] == frames
