@@ -352,11 +352,12 @@ def _first_orientation(path: Path, stream_index: int) -> _Orientation:
     return _Orientation() if frame is None else _orientation(frame)
 
 
-def _first_quarter_turns(container: av.container.InputContainer, stream: Any) -> int:
-    """`_quarter_turns` of the stream's first frame (the display matrix comes with the decoded frames, not the
-    header); 0 when no frame decodes. av.FFmpegError when the demuxer fails."""
+def _first_turns(container: av.container.InputContainer, stream: Any) -> tuple[int, bool]:
+    """(`_quarter_turns`, whether the display matrix mirrors) of the stream's first frame (the display matrix comes
+    with the decoded frames, not the header); (0, False) when no frame decodes. av.FFmpegError when the demuxer
+    fails."""
     frame = next(decoded_frames(container, stream, []), None)
-    return 0 if frame is None else _quarter_turns(frame)
+    return (0, False) if frame is None else (_quarter_turns(frame), _orientation(frame).mirrored)
 
 
 DECORD_CHUNK = 4  # frames decord hands over at a time, resized before the next: 4K frames are 25 MB each
@@ -783,7 +784,7 @@ GUESSED_DURATION = frozenset({"mpegvideo", "mpeg", "h264", "hevc", "vvc", "m4v",
 
 def probe_video(path: str | Path) -> dict[str, Any]:
     """Container facts via PyAV: duration (s), fps, width/height as displayed (after rotation), rotation
-    (counter-clockwise degrees in {0, 90, 180, 270}), codec name, has_audio, format (the demuxer's name), and start:
+    (counter-clockwise degrees in {0, 90, 180, 270}), mirrored (the display matrix also mirrors), codec name, has_audio, format (the demuxer's name), and start:
     the timestamp (s) of the video stream's first frame, t = 0 of `decode_frames` (not 0 where another stream
     starts earlier, or where the timestamps start at 3600 s). Decodes one frame (the rotation lives in the display
     matrix that FFmpeg attaches to decoded frames)."""
@@ -803,7 +804,8 @@ def probe_video(path: str | Path) -> dict[str, Any]:
             if duration <= 0 and container.duration is not None:
                 duration = (container.duration + (container.start_time or 0)) / av.time_base - start
         try:
-            rotation = 90 * _first_quarter_turns(container, stream)
+            turns, mirrored = _first_turns(container, stream)
+            rotation = 90 * turns
         except av.FFmpegError as error:
             raise VideoDecodeError(f"{path}: cannot be decoded ({pyav_reason(error)})") from None
         if stream.codec_context.height <= 0 or stream.codec_context.width <= 0:  # e.g. animated WebP in FFmpeg 5
@@ -821,6 +823,7 @@ def probe_video(path: str | Path) -> dict[str, Any]:
             "width": width,
             "height": height,
             "rotation": rotation,
+            "mirrored": mirrored,  # the display matrix mirrors the picture (rotation: the angle it turns by)
             "codec": stream.codec_context.codec.canonical_name,  # "av1", not the decoder "libdav1d"
             "has_audio": bool(container.streams.audio),
             "format": container.format.name,  # the demuxer: "image2", "png_pipe"... for still images

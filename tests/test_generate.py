@@ -7,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import soundfile
@@ -424,6 +425,37 @@ def test_a_copy_that_would_lose_the_videos_rotation_is_refused(run_dir, tmp_path
         assert not list(out.iterdir())  # refused before any sound was made
     assert cli_main(["generate", str(turned), "--out", str(out / "copy.mp4"), *common]) == 0
     assert probe_video(out / "copy.mp4")["rotation"] == probe_video(turned)["rotation"]
+
+
+def test_a_copy_that_would_lose_the_videos_mirroring_is_refused(run_dir, tmp_path, capsys):
+    """A display matrix that flips the picture upside down (no turn: rotation 0) was not looked at: a .mkv copy
+    (ffmpeg 5 writes no display matrix into Matroska) played mirrored without a word."""
+    from preprocess.video import probe_video
+
+    plain = media.make_video(tmp_path / "plain.mp4", seconds=2.0, audio=None)
+    flipped = tmp_path / "flipped.mp4"
+    with av.open(str(plain)) as source, av.open(str(flipped), "w") as target:
+        stream = target.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = source.streams.video[0].width, source.streams.video[0].height, "yuv420p"
+        stream.set_display_matrix([1 << 16, 0, 0, 0, -(1 << 16), 0, 0, 0, 1 << 30])  # rows reversed
+        for frame in source.decode(video=0):
+            frame.pict_type = av.video.frame.PictureType.NONE
+            target.mux(stream.encode(frame))
+        target.mux(stream.encode())
+    probe = probe_video(flipped)
+    assert (probe["rotation"], probe["mirrored"]) == (0, True)
+    common = ["--model", str(run_dir), "--steps", "2", "--caption", "dog", "--no-progress"]
+    out = tmp_path / "out"
+    out.mkdir()
+    code = cli_main(["generate", str(flipped), "--out", str(out / "copy.mkv"), *common])
+    err = capsys.readouterr().err
+    if code == 0:  # a newer ffmpeg writes the display matrix into Matroska: then the copy must hold it
+        assert probe_video(out / "copy.mkv")["mirrored"]
+    else:
+        assert code == 1 and "copy.mkv (a .mkv copy would lose the video's mirroring and play mirrored" in err
+        assert not list(out.iterdir())  # refused before any sound was made
+    assert cli_main(["generate", str(flipped), "--out", str(out / "copy.mp4"), *common]) == 0
+    assert probe_video(out / "copy.mp4")["mirrored"]
 
 
 def test_a_transport_stream_whose_timestamps_jump_is_one_line(run_dir, tmp_path, capsys):

@@ -291,15 +291,16 @@ def remove_dead_partials(folder: Path) -> list[Path]:
 
 
 def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int | None = None,
-        first_frame_only: bool = False, rotation: int = 0) -> None:
+        first_frame_only: bool = False, rotation: int = 0, mirrored: bool = False) -> None:
     """Copy the video stream bit for bit, replace every audio track by `wav`: AAC, or Opus in WebM. The WAV starts
     with the first frame, whose timestamp is `video_start` (`probe_video`'s start): the input's timestamps are kept
     (-copyts) and the WAV's are moved to the picture's, so the two stay together also where the old audio
     started before the picture. `stream`: the index of the video stream to copy (`probe_video`'s index, the one
     the sound was made for), else the first. `first_frame_only`: a trial that writes (beside `wav`, a scratch
     folder's file) and deletes a copy of the first frame, to learn before any sound is made whether the container
-    takes the stream (GenerateError if not), and, given the video's `rotation` (`probe_video`'s), whether the copy
-    keeps it (ffmpeg 5 writes no rotation into Matroska, WebM, AVI or MPEG-TS: the copy would play turned).
+    takes the stream (GenerateError if not), and, given the video's `rotation` and `mirrored` (`probe_video`'s),
+    whether the copy keeps them (ffmpeg 5 writes no display matrix into Matroska, WebM, AVI or MPEG-TS: the copy
+    would play turned or mirrored).
     Audio: AAC; Opus in WebM; 16-bit PCM in AVI, which cannot mark AAC's priming samples."""
     # a trial writes beside its WAV (a scratch folder); the copy into a hidden file of a random name beside `out`
     # (ffmpeg makes it with the user's umask), renamed over `out` when whole: never into a file of the user's
@@ -317,9 +318,10 @@ def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int
         result = subprocess.run([*command, file_url(tmp)], capture_output=True, text=True)
         if result.returncode != 0:
             raise GenerateError(f"{video}: cannot write {out} ({error_reason(result.stderr)})")
-        if first_frame_only and rotation and _rotation(tmp) not in (None, rotation):
-            raise GenerateError(f"{video}: cannot write {out} (a {out.suffix} copy would lose the video's {rotation}° "
-                                "rotation and play turned: name the output .mp4 or .mov)")
+        if first_frame_only and (rotation or mirrored) and _turns(tmp) not in (None, (rotation, mirrored)):
+            lost = f"{rotation}° rotation and play turned" if rotation and not mirrored else "mirroring and play mirrored"
+            raise GenerateError(f"{video}: cannot write {out} (a {out.suffix} copy would lose the video's {lost}: name "
+                                "the output .mp4 or .mov)")
         if not first_frame_only:
             tmp.replace(out)
     except BaseException:  # Ctrl-C or SIGTERM (ffmpeg got it too), ffmpeg's failure: its partial file goes
@@ -329,12 +331,13 @@ def mux(video: Path, wav: Path, out: Path, video_start: float = 0.0, stream: int
         tmp.unlink(missing_ok=True)
 
 
-def _rotation(video: Path) -> int | None:
-    """`probe_video`'s rotation of a file, None when it cannot tell."""
+def _turns(video: Path) -> tuple[int, bool] | None:
+    """`probe_video`'s (rotation, mirrored) of a file, None when it cannot tell."""
     try:
-        return int(probe_video(video)["rotation"])
+        probe = probe_video(video)
     except VideoDecodeError:
         return None
+    return int(probe["rotation"]), bool(probe["mirrored"])
 
 
 def writable_container(video: Path, out_video: Path, out_wav: Path, probe: dict[str, Any], silence: Path,
@@ -346,7 +349,8 @@ def writable_container(video: Path, out_video: Path, out_wav: Path, probe: dict[
     GenerateError with the first trial's reason, before any sound is made, when none does, or when the user named
     the output file (`named`)."""
     try:
-        mux(video, silence, out_video, probe["start"], probe["index"], first_frame_only=True, rotation=probe["rotation"])
+        mux(video, silence, out_video, probe["start"], probe["index"], first_frame_only=True, rotation=probe["rotation"],
+            mirrored=probe["mirrored"])
         return out_video
     except GenerateError as error:
         if named:
@@ -358,11 +362,12 @@ def writable_container(video: Path, out_video: Path, out_wav: Path, probe: dict[
             continue
         try:
             mux(video, silence, fallback, probe["start"], probe["index"], first_frame_only=True,
-                rotation=probe["rotation"])
+                rotation=probe["rotation"], mirrored=probe["mirrored"])
         except GenerateError:
             continue
         tqdm.write(f"note: {video}: {out_video.suffix} cannot hold its {probe['codec']} video"
-                   f"{' with its rotation' if probe['rotation'] else ''}; writing {fallback}", file=sys.stderr)
+                   f"{' with its rotation' if probe['rotation'] or probe['mirrored'] else ''}; writing {fallback}",
+                   file=sys.stderr)
         return fallback
     raise first
 
