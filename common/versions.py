@@ -6,7 +6,8 @@ import platform
 from importlib import metadata
 
 SOFTWARE = ("vta-sam", "torch", "torchvision", "transformers", "diffusers", "open_clip_torch", "webdataset", "decord", "av",
-            "numpy", "scipy", "librosa", "soxr", "soundfile", "opencv-python-headless", "h5py", "accelerate")
+            "numpy", "scipy", "librosa", "soxr", "soundfile", "opencv-python-headless", "h5py", "accelerate", "torchaudio",
+            "timm", "hear21passt")  # the last three shape the av-benchmark metrics
 
 
 def software_versions() -> dict[str, str]:
