@@ -209,7 +209,10 @@ def _header_of(path: Path) -> _Header | None:
         aspect, stored = pixel_aspect(stream), (stream.codec_context.width, stream.codec_context.height)
         refused = None
         orientation = _first_orientation(path, stream.index)
-        if orientation.mirrored:  # decord turns by the matrix's angle alone
+        moving = [v for v in container.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
+        if len(moving) > 1:  # decord picks its own (MP4: by bitrate; Matroska: the first), not `video_stream`'s
+            refused = f"it holds {len(moving)} video streams, of which decord may read another than the one chosen"
+        elif orientation.mirrored:  # decord turns by the matrix's angle alone
             refused = "its display matrix mirrors the picture, which decord turns instead"
         elif aspect != 1.0 and stored[0] == stored[1] and orientation.transposed:
             # decord turns the frames by their display matrix; `_decord_size` tells from their shape whether the

@@ -194,13 +194,16 @@ class ShardSpec:
 def id_problem(clip_id: str) -> str | None:
     """Why `clip_id` cannot name a clip (None: it can). Ids name files and lines of files (a WAV per clip,
     clip_ids.txt, JSON-lines records): an id must be non-empty, hold no character that ends a line (\n, \r, \x85,
-    \u2028...) and no NUL, and not begin or end with white space (a line is stripped when read back)."""
+    \u2028...), no NUL and no lone surrogate, and not begin or end with white space (a line is stripped when read
+    back)."""
     if not clip_id:
         return "is empty"
     if "\x00" in clip_id or any(len(f"x{c}x".splitlines()) > 1 for c in clip_id):
         return "holds a line break or a NUL (ids name files and lines)"
     if clip_id != clip_id.strip():
         return "begins or ends with white space"
+    if any("\ud800" <= c <= "\udfff" for c in clip_id):  # a JSON escape, or a file name not in UTF-8 (surrogateescape)
+        return "holds a lone surrogate (not text that files and terminals can write)"
     return None
 
 
@@ -291,6 +294,10 @@ FLAC_MAGIC = b"fLaC"
 AUDIO_MAGICS = {b"RIFF": "WAV", b"RF64": "WAV", b"OggS": "Ogg", b"ID3": "MP3", b"\xff\xfb": "MP3", b"FORM": "AIFF"}
 
 
+FLAC_BLOCK = 1 << 16  # samples read at a time
+FLAC_MAX_FRAMES = 1 << 24  # 17 minutes at 16 kHz: far beyond any window; a member decoding to more is refused
+
+
 def read_flac(data: bytes, sample_rate: int | None) -> np.ndarray:
     """The float32 mono waveform of a `flac` member; ShardFormatError when it is not FLAC (soundfile would read a WAV
     or an Ogg file just as well: stage one writes FLAC only, so another format is a file put there by hand), not
@@ -300,14 +307,28 @@ def read_flac(data: bytes, sample_rate: int | None) -> np.ndarray:
     if not data.startswith(FLAC_MAGIC):
         kind = next((name for magic, name in AUDIO_MAGICS.items() if data.startswith(magic)), None)
         raise ShardFormatError(f"member 'flac' is not FLAC ({f'a {kind} file' if kind else 'no fLaC signature'})")
+    blocks: list[np.ndarray] = []
     try:
-        waveform, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)
+        with soundfile.SoundFile(io.BytesIO(data)) as file:
+            if sample_rate is not None and file.samplerate != sample_rate:
+                raise ShardFormatError(f"member 'flac' is {file.samplerate} Hz, the folder's schema says {sample_rate} Hz")
+            if file.channels != 1:
+                raise ShardFormatError(f"member 'flac' has {file.channels} channels, the schema says mono")
+            # read in blocks, not at once: soundfile sizes a whole read by the header's frame count, and a forged
+            # STREAMINFO claiming 2**36 frames asked for 256 GiB (MemoryError) whatever the member's few bytes hold
+            total = 0
+            while True:
+                blocks.append(file.read(FLAC_BLOCK, dtype="float32"))
+                total += len(blocks[-1])
+                if len(blocks[-1]) < FLAC_BLOCK or total > FLAC_MAX_FRAMES:
+                    break
+    except ShardFormatError:
+        raise
     except (RuntimeError, ValueError, TypeError, soundfile.SoundFileError) as error:
         raise ShardFormatError(f"member 'flac' is not readable FLAC ({error})") from None
-    if sample_rate is not None and rate != sample_rate:
-        raise ShardFormatError(f"member 'flac' is {rate} Hz, the folder's schema says {sample_rate} Hz")
-    if waveform.ndim != 1:
-        raise ShardFormatError(f"member 'flac' has {waveform.shape[1]} channels, the schema says mono")
+    waveform = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+    if len(waveform) > FLAC_MAX_FRAMES:
+        raise ShardFormatError(f"member 'flac' holds more than {FLAC_MAX_FRAMES} samples")
     return waveform
 
 

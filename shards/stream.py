@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tarfile
 from collections.abc import Iterator
 from math import prod
@@ -121,9 +122,13 @@ def checked_record(path: Path) -> dict[str, Any] | None:
     altered."""
     record = read_record(path)
     try:
-        size = path.stat().st_size
+        status = path.stat()
     except OSError as error:
         raise ShardFormatError(f"{path}: unreadable shard ({error})") from None
+    if not stat.S_ISREG(status.st_mode):  # a pipe would block its reader, a device (/dev/zero) never end
+        kind = "a folder" if stat.S_ISDIR(status.st_mode) else "a pipe" if stat.S_ISFIFO(status.st_mode) else "a device"
+        raise ShardFormatError(f"{path}: {kind}, not a shard file")
+    size = status.st_size
     if record is not None and size != record["bytes"]:
         raise ShardFormatError(f"{path}: shard has {size} bytes, its record says {record['bytes']} (cut short or "
                                f"altered after it was written)")
@@ -172,6 +177,7 @@ def read_raw(path: Path, spec: ShardSpec | None = None) -> Iterator[dict[str, An
     allowed, required = _allowed(spec), _required(spec)
     count = 0
     sample: dict[str, Any] = {}
+    seen: set[str] = set()  # the keys of the samples read
 
     def finish() -> dict[str, Any]:
         missing = [k for k in required if k not in sample]
@@ -192,7 +198,10 @@ def read_raw(path: Path, spec: ShardSpec | None = None) -> Iterator[dict[str, An
                     if sample and key != sample["__key__"]:
                         yield finish()
                         count += 1
+                        seen.add(sample["__key__"])
                         sample = {}
+                    if not sample and key in seen:  # another sample of a key already read (or a member split off)
+                        raise ShardFormatError(f"{path}: sample {key!r} appears twice in the shard")
                     if ext in sample:
                         raise ShardFormatError(f"{path}: sample {key!r}: member {ext!r} appears twice")
                     handle = tar.extractfile(member)

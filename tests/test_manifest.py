@@ -344,3 +344,16 @@ def test_a_video_named_only_by_its_suffix_is_reported(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"warning: {tmp_path}: 1 clip id(s) have several video files; using the first by name: .MKV (not .mp4)",
         f"warning: {tmp_path}: clip id '' is empty; left out (rename the video or the manifest's id)"]
+
+
+def test_a_video_whose_name_is_not_utf8_is_left_out_alone(tmp_path, capsys):
+    """A file name that is not UTF-8 reads as a lone surrogate ('caf\\udce9'): such an id broke printing it and
+    writing it as text (verify ended in a UnicodeEncodeError traceback)."""
+    import os
+
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / os.fsdecode(b"caf\xe9.mp4")).write_bytes(b"x")
+    assert [c.id for c in from_folder(tmp_path)] == ["a"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {tmp_path}: clip id 'caf\\udce9' holds a lone surrogate (not text that files and terminals can "
+        "write); left out (rename the video or the manifest's id)"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import pickle
 import re
 import tarfile
@@ -895,3 +896,53 @@ def test_an_aborted_shard_says_nothing_when_collected(tmp_path, spec, monkeypatc
     del writer
     gc.collect()
     assert caught == [] and not list(tmp_path.iterdir())
+
+
+def test_a_flac_header_claiming_billions_of_samples_is_the_shards_error_not_a_memory_error():
+    """soundfile sizes a whole read by the STREAMINFO's sample count: a forged count of 2**36 - 1 in a small member
+    (within the size limits) asked for 256 GiB, a MemoryError traceback in verify and training."""
+    from shards.schema import _flac_bytes
+
+    data = bytearray(_flac_bytes(np.zeros(16000, np.float32), 16000))
+    at = 18  # fLaC, the block header, then 10 bytes of block and frame sizes: rate, channels, bits and 36-bit count
+    data[at:at + 8] = (int.from_bytes(data[at:at + 8], "big") | (1 << 36) - 1).to_bytes(8, "big")
+    with pytest.raises(shards.ShardFormatError, match="member 'flac'"):
+        shards.read_flac(bytes(data), 16000)
+    assert len(shards.read_flac(_flac_bytes(np.zeros(16000, np.float32), 16000), 16000)) == 16000
+
+
+def test_a_key_written_twice_in_a_shard_is_refused(tmp_path, spec, capsys):
+    """A second sample under a key already read (its json naming another clip, so no id repeats) was read as one
+    more sample: those features trained twice per epoch. Stage one never writes a key twice."""
+    write_meta(tmp_path, spec)
+    first, other = _good_members(spec, "a"), _good_members(spec, "b", seed=1)
+    again = dict(first)
+    meta = json.loads(again["a.json"])
+    again["a.json"] = json.dumps({**meta, "id": "a2"}).encode()
+    shard = tmp_path / "train-000-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for members in (first, other, again):
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    lines = _verify_lines(tmp_path, capsys)
+    assert len(lines) == 1 and shard.name in lines[0] and "sample 'a' appears twice in the shard" in lines[0]
+    with pytest.raises(shards.ShardFormatError, match="sample 'a' appears twice in the shard"):
+        list(shards.iter_split(tmp_path, "train"))
+
+
+@pytest.mark.parametrize("kind", ["pipe", "device"])
+def test_a_shard_name_on_a_pipe_or_a_device_is_one_line_not_a_hang(tmp_path, spec, capsys, kind):
+    """A FIFO named like a shard blocked verify and training forever in open(); a link to /dev/zero was read
+    forever by verify and counted as an empty shard by training."""
+    write_split(tmp_path, spec, {"train": ["a", "b"]})
+    shard = tmp_path / "train-000-000001.tar"
+    if kind == "pipe":
+        os.mkfifo(shard)
+    else:
+        shard.symlink_to("/dev/zero")
+    lines = _verify_lines(tmp_path, capsys)
+    assert lines == [f"problem: {shard}: a {kind}, not a shard file"]
+    error = _training_error(tmp_path)
+    assert error == f"{shard}: a {kind}, not a shard file"

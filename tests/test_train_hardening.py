@@ -495,3 +495,32 @@ def test_data_positions_of_an_older_version_resume_with_a_warning(tmp_path, caps
     assert "data positions of an older version" in capsys.readouterr().out
     assert run(data, tmp_path / "again", "--max-steps", "4", *FLAGS) == 0
     assert "older version" not in capsys.readouterr().out
+
+
+def test_an_unexpected_error_with_workers_ends_the_process(tmp_path, data):
+    """DataLoader workers ignore SIGTERM (the training loop stops on it); the interpreter's exit terminates and
+    joins them, and after an error nothing caught in a worker (a forged FLAC's MemoryError: the traceback holds the
+    loader) the process waited for them forever. The loader's workers now end with the training loop."""
+    import subprocess
+    import sys
+
+    from tests.test_train_run import SMALL
+
+    script = f"""
+import sys
+from train import data
+from train.__main__ import main
+
+def fails(*args, **kwargs):
+    raise RuntimeError("not foreseen")
+
+data.to_example = fails  # in the workers (forked)
+sys.exit(main({["--shards", str(data), "--output", str(tmp_path / "out"), *SMALL, "--num-workers", "2",
+                "--max-steps", "2"]!r}))
+"""
+    try:
+        child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                               cwd=Path(__file__).parents[1])
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not end after the error")
+    assert child.returncode == 1 and "RuntimeError: not foreseen" in child.stderr, child.stderr[-800:]

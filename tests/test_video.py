@@ -332,10 +332,12 @@ def test_a_still_picture_track_before_the_video_is_not_the_video(tmp_path: Path)
     both = media.make_covered(tmp_path / "covered.mkv", video)
     with av.open(str(both)) as container:
         assert [s.codec_context.name for s in container.streams.video] == ["png", "h264"]
-    for backend in BACKENDS:
+    for backend in ("pyav", "auto"):
         result = decode_frames(both, 0.0, [0.05, 1.05, 2.95], WINDOW, 96, backend=backend)
         assert [media.frame_index(f) for f in result.frames] == [0, 10, 29], backend
         assert result.duration == pytest.approx(3.0, abs=1e-3)
+    with pytest.raises(VideoDecodeError, match="it holds 2 video streams, of which decord may read another"):
+        decode_frames(both, 0.0, [0.05], WINDOW, 96, backend="decord")  # it picks its own: PyAV reads such files
     probe = probe_video(both)
     assert (probe["index"], probe["codec"], probe["width"]) == (1, "h264", 96)
 
@@ -780,3 +782,19 @@ def test_asf_frames_with_b_frames_are_placed_by_their_presentation_order(tmp_pat
     assert [media.frame_index(f) for f in result.frames] == [k for k, t in zip(frames, times) if t >= 0]
     result = decode_frames(path, 0.0, [(k + 0.5) / 25 for k in frames], WINDOW, 64)
     assert [media.frame_index(f) for f in result.frames] == frames
+
+
+def test_a_file_of_two_video_streams_is_read_from_the_chosen_one(tmp_path: Path) -> None:
+    """decord reads the stream it picks (MP4: by bitrate), not the one the rest of the project uses (`video_stream`:
+    the audio clock, generation's copy): the frames came from the other picture."""
+    import subprocess
+
+    both = tmp_path / "both.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=s=160x96:r=25:d=3", "-f", "lavfi", "-i",
+                    "testsrc2=s=320x192:r=25:d=3", "-map", "0:v", "-map", "1:v", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                    str(both)], check=True)
+    assert probe_video(both)["index"] == 0
+    expected = decode_frames(both, 0.0, [0.15, 1.25], WINDOW, 64, backend="pyav")  # PyAV reads `video_stream`'s
+    result = decode_frames(both, 0.0, [0.15, 1.25], WINDOW, 64)
+    assert result.frames.shape == expected.frames.shape
+    assert np.abs(result.frames.astype(int) - expected.frames.astype(int)).mean() < 3

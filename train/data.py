@@ -212,10 +212,16 @@ class _Loader(DataLoader):
     """A DataLoader that turns a worker's error batch into a DataError in the main process."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
-        for batch in super().__iter__():
-            if "error" in batch:
-                raise DataError(batch["error"], own_rank=True)
-            yield batch
+        batches = super().__iter__()
+        try:
+            for batch in batches:
+                if "error" in batch:
+                    raise DataError(batch["error"], own_rank=True)
+                yield batch
+        finally:  # closed, or an error: the workers go now (they ignore the stop signals that would end them)
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 def make_loader(paths: list[Path], config: TrainConfig, start: dict[int, tuple[int, int]] | None = None,

@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import safetensors
@@ -1052,7 +1052,9 @@ def _train(config: TrainConfig, accelerator: Accelerator, spec: ShardSpec, paths
                                    ignore_stop_signals=True, rank=rank, world=world, index=index))
     scheduler = noise_scheduler(config)
     books = Bookkeeping(run, count, trained, log)
-    with contextlib.closing(books), RankRecorder(run.output, rank) if config.record_ranks else contextlib.nullcontext() as ranks:
+    # the loader's workers end with the loop, also on an error: they ignore SIGTERM, and the interpreter's exit,
+    # which would terminate and join them, waited for them forever while the traceback held the loader
+    with contextlib.closing(cast(Any, stream)), contextlib.closing(books), RankRecorder(run.output, rank) if config.record_ranks else contextlib.nullcontext() as ranks:
 
         def micro_batches() -> Iterator[dict[str, Any]]:
             while True:
