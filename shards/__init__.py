@@ -46,13 +46,14 @@ from shards.schema import (
     validate,
     validate_decoded,
 )
+from shards.stream import read_record
 
 __all__ = [
     "ARRAY_KEYS", "AUDIO_KEY", "CONDITIONS", "CONDITION_NAMES", "Condition", "DETECTOR_KEY", "FAILURES_FILE",
     "FEATURE_DTYPE", "IOU_KEY", "META_FIELDS", "META_FILE", "META_KEY", "PROBS_KEY", "READ_VERSIONS", "SAMPLE_KEYS",
     "SCHEMA_VERSION", "SampleMeta", "ShardFormatError", "ShardSpec", "ShardWriter", "append_jsonl", "config_differs", "decode_sample",
     "encode_sample", "id_problem", "iter_member", "iter_meta", "iter_split", "iterate_samples", "list_shards", "object_embedding",
-    "orphan_records", "range_stream", "read_flac", "read_jsonl", "read_meta", "read_spec", "read_split", "recorded_model", "remove_partial", "sample_conditions", "sample_key",
+    "orphan_records", "range_stream", "read_flac", "read_jsonl", "read_meta", "read_record", "read_spec", "read_split", "recorded_model", "remove_partial", "sample_conditions", "sample_key",
     "shard_index", "shard_name", "split_shards", "stack_conditions", "unrecorded_shards", "validate",
     "validate_decoded",
 ]

@@ -301,7 +301,7 @@ def test_a_resume_with_another_worker_count_or_changed_shards_is_refused(tmp_pat
     extra.write(shards.encode_sample(SPEC, meta, arrays, waveform))
     extra.close()
     assert run(data, out, "--max-steps", "4", *FLAGS) == 2
-    assert f"trained with other shards (the shard files in {data} changed: names or sizes)" in one_error_line(capsys)
+    assert f"trained with other shards (the shard files in {data} changed: names, sizes or contents)" in one_error_line(capsys)
     assert json.loads((out / "config.json").read_text())["data_fingerprint"] == recorded  # not overwritten
     for path in data.glob("train-007-*"):
         path.unlink()
@@ -524,3 +524,32 @@ sys.exit(main({["--shards", str(data), "--output", str(tmp_path / "out"), *SMALL
     except subprocess.TimeoutExpired:
         pytest.fail("the process did not end after the error")
     assert child.returncode == 1 and "RuntimeError: not foreseen" in child.stderr, child.stderr[-800:]
+
+
+def test_a_shard_replaced_by_another_of_the_same_size_is_refused_on_resume(tmp_path, capsys):
+    """The fingerprint held the shards' names and sizes: a shard replaced by one of other clips of the same size
+    (fixed-size members, tar's 512-byte blocks) resumed, training on other data at the saved positions. The
+    checksums of the shards' records are in it now; a run that recorded the older fingerprint still resumes."""
+    from train.trainer import data_fingerprint
+
+    data, other = tmp_path / "shards", tmp_path / "other"
+    write_shards(data, num_shards=2, per_shard=4)
+    writer = shards.ShardWriter(other, "train", 1, 4)  # shard 1's samples under other ids of the same length
+    for i in range(4):
+        meta, arrays, waveform = make_sample(SPEC, f"diff{1}_{i}", seed=100 + i, split="train")
+        writer.write(shards.encode_sample(SPEC, meta, arrays, waveform))
+    writer.close()
+    out = tmp_path / "run"
+    assert run(data, out, "--max-steps", "2", *FLAGS) == 0
+    capsys.readouterr()
+    shard, replacement = sorted(data.glob("*.tar"))[1], sorted(other.glob("*.tar"))[0]
+    assert replacement.stat().st_size == shard.stat().st_size and replacement.read_bytes() != shard.read_bytes()
+    for suffix in ("", ".json"):
+        shutil.copy(f"{replacement}{suffix}", f"{shard}{suffix}")
+    config = json.loads((out / "config.json").read_text())
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 2
+    assert "(the shard files in" in one_error_line(capsys)
+    # a run that recorded the fingerprint of names and sizes alone resumes as before
+    config["data_fingerprint"] = data_fingerprint(data, shards.list_shards(data), checksums=False)
+    (out / "config.json").write_text(json.dumps(config))
+    assert run(data, out, "--max-steps", "4", *FLAGS) == 0

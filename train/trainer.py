@@ -205,13 +205,22 @@ def sam_floor_note(config: TrainConfig) -> str | None:
             "SAM's refinement everywhere, make the shards with --sam-floor 0")
 
 
-def data_fingerprint(folder: Path, paths: list[Path]) -> str:
-    """SHA-256 over the shard folder's meta.json (byte for byte) and the names and sizes of its shard files: unchanged
-    when the folder is copied or moved, changed by another stage-one run or a shard added, removed or rewritten to
-    another size (no shard is read: cheap for any data size). A run's config.json keeps it as "data_fingerprint"."""
+def data_fingerprint(folder: Path, paths: list[Path], checksums: bool = True) -> str:
+    """SHA-256 over the shard folder's meta.json (byte for byte) and the names, sizes and (`checksums`) recorded
+    SHA-256 of its shard files: unchanged when the folder is copied or moved, changed by another stage-one run or a
+    shard added, removed or replaced, also by another of the same size (the checksum its record holds: no shard is
+    read, cheap for any data size). A run's config.json keeps it as "data_fingerprint"; runs before checksums were
+    folded in kept the one of `checksums=False`."""
     digest = hashlib.sha256((folder / shards.META_FILE).read_bytes())
     for path in sorted(paths, key=lambda p: p.name):
-        digest.update(f"\n{path.name} {path.stat().st_size}".encode())
+        line = f"\n{path.name} {path.stat().st_size}"
+        if checksums:
+            try:
+                record = shards.read_record(path)
+            except shards.ShardFormatError:
+                record = None  # the readers say what is wrong with it
+            line += f" {record['sha256']}" if record else ""
+        digest.update(line.encode())
     return digest.hexdigest()
 
 
@@ -323,17 +332,18 @@ def check_inputs(config: TrainConfig, world_size: int) -> tuple[ShardSpec, list[
         # a decaying learning rate reaches 0 at the run's last step: that step is part of what is trained
         fixed = RUN_LENGTH if config.lr_schedule != "constant" else set()
         differs = sorted(k for k in mine if (k not in RESUMABLE_CHANGES or k in fixed) and old.get(k) != mine[k])
-        recorded, fingerprint = old.get("data_fingerprint"), data_fingerprint(Path(config.shards), paths)
-        if "shards" in differs and recorded == fingerprint:
+        recorded = old.get("data_fingerprint")
+        fingerprints = {data_fingerprint(Path(config.shards), paths, checksums) for checksums in (True, False)}
+        if "shards" in differs and recorded in fingerprints:
             differs.remove("shards")  # the same data at another path (a moved or copied folder)
-        changed_data = "shards" not in differs and recorded is not None and recorded != fingerprint
+        changed_data = "shards" not in differs and recorded is not None and recorded not in fingerprints
         if changed_data:  # the same path, other files: the epochs and data positions would not be the run's
             differs = sorted([*differs, "shards"])
         if differs and latest_checkpoint(Path(config.output)) is not None:
             reason = (f" (its learning rate decays to 0 at its last step, --lr-schedule {config.lr_schedule})"
                       if set(differs) <= fixed else "")
             if changed_data:
-                reason += f" (the shard files in {config.shards} changed: names or sizes)"
+                reason += f" (the shard files in {config.shards} changed: names, sizes or contents)"
             if "num_workers" in differs:
                 reason += " (data positions are kept per DataLoader worker: another count would repeat samples)"
             if "grad_accumulation" in differs and config.global_batch:
