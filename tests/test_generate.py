@@ -458,6 +458,24 @@ def test_a_copy_that_would_lose_the_videos_mirroring_is_refused(run_dir, tmp_pat
     assert probe_video(out / "copy.mp4")["mirrored"]
 
 
+def test_an_animated_png_is_refused_before_its_sound_is_made(run_dir, tmp_path, capsys):
+    """An animated PNG's one-frame trial copy passed through the image muxer; the whole copy then failed ('Cannot
+    write more than one file with the same name') after the sound was made. Its copy goes to Matroska, whose trial
+    says at once that no container here takes the APNG stream (a copy never re-encodes the picture)."""
+    anim = tmp_path / "anim.png"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=s=96x64:r=10:d=2", "-plays", "0", "-f", "apng",
+                    str(anim)], check=True)
+    out = tmp_path / "out"
+    code = cli_main(["generate", str(anim), "--out", str(out), "--model", str(run_dir), "--steps", "2", "--caption", "dog",
+                     "--no-progress"])
+    err = capsys.readouterr().err
+    if code == 0:  # an ffmpeg whose Matroska takes APNG
+        assert sorted(path.name for path in out.iterdir()) == ["anim.mkv", "anim.wav"]
+    else:
+        assert code == 1 and f"error: {anim}: cannot write {out / 'anim.mkv'} (" in err, err
+        assert "Cannot write more than one file" not in err and not list(out.glob("*.wav"))  # before the sound
+
+
 def test_a_transport_stream_whose_timestamps_jump_is_one_line(run_dir, tmp_path, capsys):
     """Two recordings joined into one MPEG-TS, the second's clock behind the first's: FFmpeg read the jump back as a
     26-hour jump forward, and generate planned 11,572 windows for 8 s of video (memory grew until it was killed).

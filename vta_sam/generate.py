@@ -254,6 +254,9 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".oga", ".opu
 WEBM_VIDEO_CODECS = ("vp8", "vp9", "av1")  # all that WebM holds, with Opus or Vorbis audio
 # containers that take no AAC: an input in one of them gets its copy with sound as Matroska
 NO_AAC_SUFFIXES = (".mpg", ".mpeg", ".ogv", ".wmv")
+# animated pictures: their muxers take no sound, and a one-frame trial copy through the image muxer passes where
+# the whole copy fails ("Cannot write more than one file with the same name"), after the sound was made
+PICTURE_SUFFIXES = (".gif", ".png", ".apng", ".webp")
 
 
 def container_problem(codec: str, out: Path) -> str | None:
@@ -394,11 +397,11 @@ def foreign_output(out_video: Path, out_wav: Path) -> str | None:
 
 def output_paths(video: Path, out: Path, many: bool) -> tuple[Path, Path]:
     """(video with sound, wav). `--out` is a folder, or with one input a file name ending in a video suffix.
-    The copy keeps the input's container, except WebM (whose audio must be Vorbis/Opus) and those that take no AAC
-    (MPEG program streams, Ogg, ASF): Matroska instead."""
+    The copy keeps the input's container, except WebM (whose audio must be Vorbis/Opus), animated pictures (GIF,
+    APNG, WebP) and those that take no AAC (MPEG program streams, Ogg, ASF): Matroska instead."""
     if not many and out.suffix.lower() in VIDEO_SUFFIXES:
         return out, out.with_suffix(".wav")
-    suffix = ".mkv" if video.suffix.lower() in (".webm", ".gif", *NO_AAC_SUFFIXES) else video.suffix.lower()
+    suffix = ".mkv" if video.suffix.lower() in (".webm", *PICTURE_SUFFIXES, *NO_AAC_SUFFIXES) else video.suffix.lower()
     return out / f"{video.stem}{suffix}", out / f"{video.stem}.wav"
 
 
