@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     if unrecorded:
         print(f"note: {len(unrecorded)} shard(s) without records (written before shards carried them): their sample "
               "count and checksum cannot be checked")
+    ignored = sorted(path.name for path in args.directory.glob("*.tar") if not SHARD_PATTERN.match(path.name))
+    if ignored:  # a renamed shard ("x copy.tar") is read by no stage: its samples are not trained
+        print(f"note: {len(ignored)} .tar file(s) not named like shards ({{split}}-{{rank}}-{{index}}.tar) are read by no "
+              f"stage: {', '.join(ignored[:3])}{' ...' if len(ignored) > 3 else ''}")
     if counts:  # the spec was read
         version = shards.read_spec(args.directory).schema_version
         print(f"schema version {version}" + ("" if version == shards.SCHEMA_VERSION else

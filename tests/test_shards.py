@@ -946,3 +946,15 @@ def test_a_shard_name_on_a_pipe_or_a_device_is_one_line_not_a_hang(tmp_path, spe
     assert lines == [f"problem: {shard}: a {kind}, not a shard file"]
     error = _training_error(tmp_path)
     assert error == f"{shard}: a {kind}, not a shard file"
+
+
+def test_verify_names_tar_files_no_stage_reads(tmp_path, spec, capsys):
+    """A shard renamed by hand ('train-000-000000 copy.tar') was passed over without a word: its samples are
+    trained by no run."""
+    write_split(tmp_path, spec, {"train": ["a", "b", "c"]})
+    shard = shards.list_shards(tmp_path)[0]
+    for suffix in ("", ".json"):  # the shard and its record
+        shard.with_name(shard.name + suffix).rename(tmp_path / f"train-000-000000 copy.tar{suffix}")
+    assert shards_main(["verify", str(tmp_path)]) == 0
+    assert ("note: 1 .tar file(s) not named like shards ({split}-{rank}-{index}.tar) are read by no stage: "
+            "train-000-000000 copy.tar") in capsys.readouterr().out.splitlines()
