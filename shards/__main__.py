@@ -66,11 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("verify", help="check every sample against the schema in DIR/meta.json and print counts")
     check.add_argument("directory", type=Path, help="a stage-one output folder (meta.json and its shards)")
     args = parser.parse_args(argv)
+    try:
+        return _verify_command(args.directory)
+    except OSError as error:  # a folder or failures.jsonl it may not read, a folder where a file should be
+        print(f"error: {error.filename or args.directory}: unreadable ({error.strerror or error})", file=sys.stderr)
+        return 1
 
+
+def _verify_command(directory: Path) -> int:
+    """`python -m shards verify DIR`: the problems, counts, notes and recorded failures; 1 when there are problems."""
     made: set[str] = set()
-    counts, problems = verify(args.directory, made)
+    counts, problems = verify(directory, made)
     # a clip's last record, unless it was made since (a clip whose video file was missing, tried again)
-    last = {r.get("id"): r for r in shards.read_jsonl(args.directory / shards.FAILURES_FILE) if isinstance(r, dict)}
+    last = {r.get("id"): r for r in shards.read_jsonl(directory / shards.FAILURES_FILE) if isinstance(r, dict)}
     failures = [record for clip_id, record in last.items() if clip_id not in made]
     for line in problems[:MAX_SHOWN]:
         print(f"problem: {line}")
@@ -78,16 +86,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"problem: ... and {len(problems) - MAX_SHOWN} more (the first {MAX_SHOWN} are shown)")
     for split, n in sorted(counts.items()):
         print(f"{split}: {n} samples")
-    unrecorded = shards.unrecorded_shards(args.directory)
+    unrecorded = shards.unrecorded_shards(directory)
     if unrecorded:
         print(f"note: {len(unrecorded)} shard(s) without records (written before shards carried them): their sample "
               "count and checksum cannot be checked")
-    ignored = sorted(path.name for path in args.directory.glob("*.tar") if not SHARD_PATTERN.match(path.name))
+    ignored = sorted(path.name for path in directory.glob("*.tar") if not SHARD_PATTERN.match(path.name))
     if ignored:  # a renamed shard ("x copy.tar") is read by no stage: its samples are not trained
         print(f"note: {len(ignored)} .tar file(s) not named like shards ({{split}}-{{rank}}-{{index}}.tar) are read by no "
               f"stage: {', '.join(ignored[:3])}{' ...' if len(ignored) > 3 else ''}")
     if counts:  # the spec was read
-        version = shards.read_spec(args.directory).schema_version
+        version = shards.read_spec(directory).schema_version
         print(f"schema version {version}" + ("" if version == shards.SCHEMA_VERSION else
               f" (read; stage one now writes {shards.SCHEMA_VERSION}: the object threshold applies to probs.npy)"))
     by_stage = collections.Counter(record.get("stage", "?") for record in failures)

@@ -41,8 +41,9 @@ Folder = str | os.PathLike[str]
 
 
 def split_shards(folder: Folder, split: str) -> list[Path]:
-    """Shards that may hold `split`: stage one names its shards after the split (`{split}-...tar`); a folder whose
-    shards are named otherwise is read whole (samples are then selected by their json 'split')."""
+    """Shards that may hold `split`: stage one names its shards after the split (`{split}-...tar`); a folder with no
+    shard of that name is read whole (samples are then selected by their json 'split'). Files not named like shards
+    (`{name}-{rank}-{index}.tar`) are read by no stage (`shards verify` names them)."""
     return list_shards(folder, split) or list_shards(folder)
 
 

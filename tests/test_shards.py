@@ -958,3 +958,11 @@ def test_verify_names_tar_files_no_stage_reads(tmp_path, spec, capsys):
     assert shards_main(["verify", str(tmp_path)]) == 0
     assert ("note: 1 .tar file(s) not named like shards ({split}-{rank}-{index}.tar) are read by no stage: "
             "train-000-000000 copy.tar") in capsys.readouterr().out.splitlines()
+
+
+def test_a_failures_record_verify_cannot_read_is_one_line(tmp_path, spec, capsys):
+    """failures.jsonl made a folder (or a folder verify may not read: PermissionError) was a traceback."""
+    write_split(tmp_path, spec, {"train": ["a"]})
+    (tmp_path / shards.FAILURES_FILE).mkdir()
+    assert shards_main(["verify", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / shards.FAILURES_FILE}: unreadable (Is a directory)\n"
