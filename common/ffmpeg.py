@@ -18,12 +18,17 @@ import av
 DECORD_LOG_LINE = re.compile(rb"^\[\d{2}:\d{2}:\d{2}\] \S+\.(?:cc|h|hpp|cpp):\d+: ")
 
 
+def moving_video_streams(container: Any) -> list[Any]:
+    """The video streams of an open PyAV container that are not an attached cover picture."""
+    return [stream for stream in container.streams.video if not stream.disposition & av.stream.Disposition.attached_pic]
+
+
 def video_stream(container: Any) -> Any:
     """The video stream every part of the project reads (stage one's frames and audio clock, generation's muxing,
     evaluation's frames) from an open PyAV container: FFmpeg's best one, as the ffmpeg program picks it (not an
     attached cover picture, nor a still-image track stored before the video); None without one (also for an audio
     file whose only picture is its cover). decord picks its own, so stage one gives a file of several to PyAV."""
-    moving = [stream for stream in container.streams.video if not stream.disposition & av.stream.Disposition.attached_pic]
+    moving = moving_video_streams(container)
     if not moving:  # none, or only the cover picture of an audio file: no video to give sound to
         return None
     best = container.streams.best("video")

@@ -46,7 +46,7 @@ import av.logging
 import cv2
 import numpy as np
 
-from common.ffmpeg import decoded_frames, decord_log_dropped, media_path, pyav_reason, quiet_decord, video_stream
+from common.ffmpeg import decoded_frames, decord_log_dropped, media_path, moving_video_streams, pyav_reason, quiet_decord, video_stream
 
 Backend = Literal["auto", "decord", "pyav"]
 # A frame counts as shown at time t when its timestamp is <= t + EPSILON: decord's timestamps are float32
@@ -209,7 +209,7 @@ def _header_of(path: Path) -> _Header | None:
         aspect, stored = pixel_aspect(stream), (stream.codec_context.width, stream.codec_context.height)
         refused = None
         orientation = _first_orientation(path, stream.index)
-        moving = [v for v in container.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
+        moving = moving_video_streams(container)
         if len(moving) > 1:  # decord picks its own (MP4: by bitrate; Matroska: the first), not `video_stream`'s
             refused = f"it holds {len(moving)} video streams, of which decord may read another than the one chosen"
         elif orientation.mirrored:  # decord turns by the matrix's angle alone
